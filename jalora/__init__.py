@@ -1,0 +1,1 @@
+"""jalora: a JAX serving engine for a base model and many Activated-LoRA adapters."""

@@ -1,0 +1,34 @@
+"""Engine errors. The server maps each class to one gRPC status code (server/errors.py)."""
+
+
+class InvalidRequestError(ValueError):
+    """A request or configuration field has a bad value. `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class AdapterNotFoundError(InvalidRequestError):
+    """The named adapter is not loaded (gRPC NOT_FOUND)."""
+
+    def __init__(self, name: str):
+        super().__init__("adapter", f"adapter {name!r} is not loaded")
+        self.name = name
+
+
+class InvocationNotFoundError(InvalidRequestError):
+    """An aLoRA request whose prompt lacks the adapter's invocation sequence (FAILED_PRECONDITION)."""
+
+    def __init__(self, name: str, invocation: list[int]):
+        super().__init__(
+            "prompt",
+            f"prompt does not contain the invocation sequence {invocation} of aLoRA adapter {name!r}; "
+            "append it (jalora.client.with_invocation) before calling the adapter",
+        )
+        self.name = name
+        self.invocation = invocation
+
+
+class CapacityError(RuntimeError):
+    """The engine cannot admit more work right now (gRPC RESOURCE_EXHAUSTED)."""

@@ -1,0 +1,1 @@
+"""Pallas kernels of jalora, each beside its pure-jnp reference."""

@@ -1,0 +1,1 @@
+"""gRPC Generate service of jalora."""
