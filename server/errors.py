@@ -1,0 +1,59 @@
+"""The one place that turns an exception into a gRPC status code and message.
+
+Every RPC handler funnels its failures through `status_for`, so a client sees the same code for the
+same mistake whichever RPC it made, and an unexpected exception becomes INTERNAL for that call only.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from jalora.errors import AdapterNotFoundError, CapacityError, InvalidRequestError, InvocationNotFoundError
+
+logger = logging.getLogger(__name__)
+
+# Trailing-metadata key that names the offending request field of an INVALID_ARGUMENT.
+FIELD_METADATA_KEY = "jalora-field"
+
+
+class AdapterPathError(PermissionError):
+    """LoadAdapter named a path outside the server's adapter roots (PERMISSION_DENIED)."""
+
+
+class ServerOverloadedError(CapacityError):
+    """The admission bound of the server is reached (RESOURCE_EXHAUSTED)."""
+
+
+class EngineFailure(RuntimeError):
+    """The engine raised while stepping; the requests in that step are failed, the server goes on."""
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
+    """Returns (code, message, field) for `exc`; field is the request field at fault, if known."""
+    # Subclasses first: both InvocationNotFoundError and AdapterNotFoundError are InvalidRequestErrors.
+    if isinstance(exc, InvocationNotFoundError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc), exc.field
+    if isinstance(exc, AdapterNotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc), exc.field
+    if isinstance(exc, InvalidRequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field
+    if isinstance(exc, CapacityError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "server is at capacity", None
+    if isinstance(exc, AdapterPathError):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc), "path"
+    if isinstance(exc, FileNotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc), "path"
+    if isinstance(exc, EngineFailure):
+        return grpc.StatusCode.INTERNAL, str(exc), None
+    logger.exception("unexpected error while serving a call", exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", None
+
+
+async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """Ends the call with the status of `exc` (raises, as `context.abort` does)."""
+    code, message, field = status_for(exc)
+    if field is not None:
+        context.set_trailing_metadata(((FIELD_METADATA_KEY, field),))
+    await context.abort(code, message)
