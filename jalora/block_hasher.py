@@ -1,0 +1,41 @@
+"""Base-aligned chained block hashes (DESIGN.md section 2).
+
+hash_j = H(hash_{j-1}, tokens[jB:(j+1)B], key_j), chained from a fixed seed with SHA-256 so hashes
+are reproducible across processes. key_j is None when the whole block precedes the activation index
+`a` ((j+1)*B <= a): such a block holds base-model KV and is shared by the base model and every aLoRA
+adapter. Otherwise key_j is the adapter's content-bound identity.
+"""
+
+import hashlib
+
+import numpy as np
+
+SEED = hashlib.sha256(b"jalora/block-hash/v1").digest()
+
+
+def block_key(j: int, block_size: int, activation_start: int | None, adapter_identity: bytes | None):
+    """The key of block j: None for base KV, else the adapter identity."""
+    if adapter_identity is None or activation_start is None:
+        return None
+    return None if (j + 1) * block_size <= activation_start else adapter_identity
+
+
+def hash_block(prev: bytes, tokens, key: bytes | None) -> bytes:
+    h = hashlib.sha256(prev)
+    h.update(np.asarray(tokens, dtype=np.int64).tobytes())
+    h.update(b"\x00" if key is None else b"\x01" + key)
+    return h.digest()
+
+
+def extend_block_hashes(
+    hashes: list[bytes],
+    token_ids: list[int],
+    block_size: int,
+    activation_start: int | None,
+    adapter_identity: bytes | None,
+) -> None:
+    """Appends to `hashes` the hash of every full block of `token_ids` not hashed yet (O(new blocks))."""
+    for j in range(len(hashes), len(token_ids) // block_size):
+        prev = hashes[j - 1] if j else SEED
+        key = block_key(j, block_size, activation_start, adapter_identity)
+        hashes.append(hash_block(prev, token_ids[j * block_size : (j + 1) * block_size], key))

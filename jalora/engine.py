@@ -1,0 +1,211 @@
+"""LLMEngine: the incremental interface (add_request / step / abort) that LLM and the server drive.
+
+Not thread-safe: one thread owns an engine (the server runs it in its engine thread).
+"""
+
+import os
+import random
+import time
+
+import jax
+import numpy as np
+from tokenizers import Tokenizer
+
+from jalora.adapters import AdapterManager
+from jalora.block_manager import BlockManager
+from jalora.checkpoint import load_model, resolve_dtype
+from jalora.config import ModelConfig
+from jalora.errors import InvalidRequestError
+from jalora.model_runner import ModelRunner
+from jalora.outputs import RequestOutput
+from jalora.request import Request, Status
+from jalora.sampling_params import SamplingParams
+from jalora.scheduler import Scheduler
+
+
+def _kv_blocks_from_memory(cfg: ModelConfig, block_size: int, kv_dtype, fraction: float) -> int | None:
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    free = stats["bytes_limit"] * fraction - stats.get("bytes_in_use", 0)
+    per_block = 2 * cfg.num_layers * block_size * cfg.kv_size * np.dtype(kv_dtype).itemsize
+    return max(int(free // per_block), 1)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: str,
+        dtype="float32",
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        max_model_len: int | None = None,
+        load_format: str = "auto",
+        max_loras: int = 4,
+        max_lora_rank: int = 64,
+        enable_prefix_caching: bool = True,
+        gpu_memory_utilization: float = 0.9,
+        warmup: bool = True,
+        seed: int = 0,
+    ):
+        def need(ok, field, msg):
+            if not ok:
+                raise InvalidRequestError(field, msg)
+
+        need(isinstance(block_size, int) and block_size > 0, "block_size", "must be a positive integer")
+        need(max_num_seqs >= 1, "max_num_seqs", "must be >= 1")
+        need(max_num_batched_tokens >= 1, "max_num_batched_tokens", "must be >= 1")
+        self.model_dir = model
+        self.dtype = resolve_dtype(dtype)
+        self.cfg = ModelConfig.from_dir(model)
+        self.max_model_len = int(max_model_len or self.cfg.max_position_embeddings)
+        need(self.max_model_len >= 2, "max_model_len", "must be >= 2")
+        self.block_size = block_size
+        self.tokenizer = self._load_tokenizer(model)
+        decoder = load_model(model, self.cfg, self.dtype, load_format)
+        if num_kv_blocks is None:
+            num_kv_blocks = _kv_blocks_from_memory(self.cfg, block_size, self.dtype, gpu_memory_utilization)
+        if num_kv_blocks is None:  # CPU: enough for every sequence at full length, capped
+            num_kv_blocks = min(max_num_seqs * -(-self.max_model_len // block_size), 8192)
+        need(num_kv_blocks >= 1, "num_kv_blocks", "must be >= 1")
+        # A lone request must always fit, or it could never finish.
+        self.max_model_len = min(self.max_model_len, num_kv_blocks * block_size)
+        self.num_total_blocks = num_kv_blocks
+        self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(
+            decoder, num_kv_blocks, block_size, max_num_seqs, max_num_batched_tokens, self.max_model_len, self.dtype
+        )
+        self.adapters = AdapterManager(self.cfg, self.runner, max_loras, max_lora_rank, self.dtype, self.encode)
+        self.requests: dict[str, Request] = {}
+        self._aborted: list[RequestOutput] = []
+        self._rng = random.Random(seed)
+        if warmup:
+            self.runner.warmup()
+
+    # -- tokenizer -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _load_tokenizer(model_dir: str) -> Tokenizer | None:
+        path = os.path.join(model_dir, "tokenizer.json")
+        if not os.path.isfile(path):
+            return None
+        try:
+            return Tokenizer.from_file(path)
+        except Exception as e:
+            raise InvalidRequestError("tokenizer.json", f"cannot load {path}: {e}") from e
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidRequestError("prompt", f"{self.model_dir} has no tokenizer.json; pass token ids instead")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, adapter: str | None = None
+    ) -> None:
+        """Validates and queues a request. Raises InvalidRequestError (or a subclass) and changes nothing."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params", "must be a SamplingParams")
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        text = None
+        if isinstance(prompt, str):
+            text = prompt
+            ids = self.encode(prompt)
+        elif isinstance(prompt, list | tuple | np.ndarray):
+            ids = [int(t) for t in prompt]
+            if any(t < 0 or t >= self.cfg.vocab_size for t in ids):
+                raise InvalidRequestError(
+                    "prompt_token_ids", f"token ids must be in [0, {self.cfg.vocab_size}) (the vocabulary)"
+                )
+        else:
+            raise InvalidRequestError("prompt", "must be a string or a list of token ids")
+        if not ids:
+            raise InvalidRequestError("prompt", "is empty")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                "prompt", f"has {len(ids)} tokens; max_model_len is {self.max_model_len} (room for 1 new token)"
+            )
+        slot, identity, activation = self.adapters.resolve(adapter, ids)
+        seed = params.seed if params.seed is not None else self._rng.randrange(2**32)
+        req = Request(
+            request_id, text, ids, params, seed, self.cfg.eos_token_ids, adapter, slot, identity, activation
+        )
+        self.adapters.acquire(adapter)
+        self.requests[request_id] = req
+        self.scheduler.add(req)
+
+    def abort_request(self, request_id: str) -> None:
+        req = self.requests.get(request_id)
+        if req is None or req.status is Status.FINISHED:
+            return
+        self._finish(req, "abort")
+        self._aborted.append(req.output())
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted)
+
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks()
+
+    def _finish(self, req: Request, reason: str) -> None:
+        self.scheduler.finish(req, reason)
+        self.adapters.release(req.adapter_name)
+        del self.requests[req.request_id]
+
+    # -- the step --------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled batch; returns the outputs of requests that produced a token or ended."""
+        outputs, self._aborted = self._aborted, []
+        batch = self.scheduler.schedule()
+        if not batch.requests:
+            return outputs
+        result = self.runner.execute(batch)
+        now = time.monotonic()
+        off = 0
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
+            start = req.num_computed_tokens
+            if req.prompt_logprobs is not None:
+                for j in range(n):
+                    if start + j + 1 < len(req.prompt_token_ids):
+                        req.prompt_logprobs[start + j + 1] = float(result.prompt_logprobs[off + j])
+            off += n
+            req.num_computed_tokens += n
+            self.block_manager.register(req)
+            if req.num_computed_tokens < req.num_tokens:
+                continue  # a prefill chunk: nothing to sample yet
+            self._append_token(req, i, result, now)
+            outputs.append(req.output())
+        return outputs
+
+    def _append_token(self, req: Request, i: int, result, now: float) -> None:
+        tok = int(result.tokens[i])
+        req.output_token_ids.append(tok)
+        req.all_token_ids.append(tok)
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        n = req.params.logprobs
+        if n is not None:
+            lps = {tok: float(result.token_logprobs[i])}
+            for t, lp in zip(result.top_ids[i, :n], result.top_logprobs[i, :n]):
+                lps[int(t)] = float(lp)
+            req.logprobs.append(lps)
+        if self.tokenizer is not None:
+            text = self.decode(req.output_token_ids)
+            if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+                req.text = text
+        if tok in req.stop_ids:
+            self._finish(req, "stop")
+        elif len(req.output_token_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+            self._finish(req, "length")

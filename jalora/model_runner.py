@@ -1,0 +1,191 @@
+"""Turns a scheduled batch into padded arrays and runs the one jitted step on the device.
+
+Shapes are bucketed: the flattened token count T is padded to a power of two (>= 16) and the
+sequence axis to `max_num_seqs`, so the number of compilations stays small and fixed. The KV cache
+is donated into the step and comes back updated in place.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jalora.model import AttentionMetadata, Decoder, LoraBatch
+from jalora.sampler import sample
+from jalora.sampling_params import MAX_LOGPROBS
+from jalora.scheduler import ScheduledBatch
+
+MIN_BUCKET = 16
+
+
+class StepInputs(NamedTuple):
+    token_ids: jax.Array  # i32[T]
+    positions: jax.Array  # i32[T]
+    token_slots: jax.Array  # i32[T] adapter slot per token, -1 = base
+    prompt_targets: jax.Array  # i32[T] next prompt token (for prompt logprobs), -1 = none
+    attn: AttentionMetadata
+    logits_indices: jax.Array  # i32[S] row of each sequence's last token
+    temperature: jax.Array  # f32[S]
+    top_k: jax.Array  # i32[S]
+    top_p: jax.Array  # f32[S]
+    seeds: jax.Array  # u32[S]
+    counters: jax.Array  # i32[S]
+
+
+class StepResult(NamedTuple):
+    tokens: np.ndarray  # i32[S]
+    token_logprobs: np.ndarray  # f32[S]
+    top_ids: np.ndarray | None  # i32[S, MAX_LOGPROBS]
+    top_logprobs: np.ndarray | None  # f32[S, MAX_LOGPROBS]
+    prompt_logprobs: np.ndarray | None  # f32[T]
+
+
+def lora_delta_onehot(x, a, b, lora: LoraBatch):
+    """jnp masked multi-LoRA: x [T, Din], a [n, Din, R], b [n, R, Dout] -> [T, Dout] (f32)."""
+    n = a.shape[0]
+    xa = jnp.einsum("td,ndr->tnr", x, a, preferred_element_type=jnp.float32)
+    onehot = lora.token_slots[:, None] == jnp.arange(n, dtype=jnp.int32)[None, :]
+    xa = jnp.where(onehot[:, :, None], xa, 0.0).astype(b.dtype)
+    return jnp.einsum("tnr,nro->to", xa, b, preferred_element_type=jnp.float32)
+
+
+def token_buckets(max_num_batched_tokens: int) -> list[int]:
+    top = max(MIN_BUCKET, 1 << math.ceil(math.log2(max_num_batched_tokens)))
+    return [1 << i for i in range(int(math.log2(MIN_BUCKET)), int(math.log2(top)) + 1)]
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Decoder,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        kv_dtype,
+    ):
+        cfg = model.cfg
+        self.cfg = cfg
+        self.block_size = block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_pages = -(-max_model_len // block_size)
+        self.buckets = token_buckets(max_num_batched_tokens)
+        self.graphdef, self.state = nnx.split(model)
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(cfg.num_layers)]
+        self.lora_weights: dict = {}  # group -> (A [L, n, Din, R], B [L, n, R, Dout]); see adapters.py
+        self.lora_fn = lora_delta_onehot
+        graphdef = self.graphdef
+
+        def step_fn(state, kv_caches, lora_weights, inp: StepInputs, do_sample, want_logprobs, want_prompt_lp):
+            model = nnx.merge(graphdef, state)
+            lora = LoraBatch(lora_weights, inp.token_slots, None) if lora_weights else None
+            hidden, kv_caches = model(inp.token_ids, inp.positions, kv_caches, inp.attn, lora, self.lora_fn)
+            logits = model.logits(hidden[inp.logits_indices])
+            tokens = sample(
+                logits, inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters, do_sample=do_sample
+            )
+            lp = jax.nn.log_softmax(logits, axis=-1)
+            token_lp = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
+            top = jax.lax.top_k(lp, MAX_LOGPROBS) if want_logprobs else (None, None)
+            prompt_lp = None
+            if want_prompt_lp:
+                all_lp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+                targets = jnp.maximum(inp.prompt_targets, 0)
+                prompt_lp = jnp.take_along_axis(all_lp, targets[:, None], axis=-1)[:, 0]
+            return kv_caches, (tokens, token_lp, top[1], top[0], prompt_lp)
+
+        self._step = jax.jit(
+            step_fn, static_argnames=("do_sample", "want_logprobs", "want_prompt_lp"), donate_argnums=(1,)
+        )
+
+    def bucket(self, num_tokens: int) -> int:
+        for b in self.buckets:
+            if b >= num_tokens:
+                return b
+        raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.buckets[-1]}")
+
+    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, dict]:
+        """Host side: numpy arrays for one step. Work is O(tokens + sequences * pages)."""
+        t = self.bucket(batch.total_tokens)
+        s = self.max_num_seqs
+        bs = self.block_size
+        token_ids = np.zeros(t, np.int32)
+        positions = np.zeros(t, np.int32)
+        slot_mapping = np.full(t, -1, np.int32)
+        token_slots = np.full(t, -1, np.int32)
+        prompt_targets = np.full(t, -1, np.int32)
+        kv_lens = np.zeros(s, np.int32)
+        page_indices = np.zeros((s, self.max_pages), np.int32)
+        cu = np.zeros(s + 1, np.int32)
+        logits_indices = np.zeros(s, np.int32)
+        temperature = np.zeros(s, np.float32)
+        top_k = np.zeros(s, np.int32)
+        top_p = np.ones(s, np.float32)
+        seeds = np.zeros(s, np.uint32)
+        counters = np.zeros(s, np.int32)
+        flags = {"do_sample": False, "want_logprobs": False, "want_prompt_lp": False}
+        off = 0
+        for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
+            start = req.num_computed_tokens
+            pos = np.arange(start, start + n, dtype=np.int32)
+            token_ids[off : off + n] = req.all_token_ids[start : start + n]
+            positions[off : off + n] = pos
+            blocks = np.asarray(req.block_ids, np.int32)
+            slot_mapping[off : off + n] = blocks[pos // bs] * bs + pos % bs
+            if req.adapter_slot >= 0:
+                token_slots[off : off + n] = np.where(pos >= req.activation_start, req.adapter_slot, -1)
+            p = req.params
+            if p.prompt_logprobs:
+                nxt = pos + 1
+                ok = nxt < len(req.prompt_token_ids)
+                prompt_targets[off : off + n][ok] = np.asarray(req.prompt_token_ids)[nxt[ok]]
+                flags["want_prompt_lp"] = True
+            kv_lens[i] = start + n
+            page_indices[i, : len(blocks)] = blocks
+            cu[i + 1] = off + n
+            logits_indices[i] = off + n - 1
+            temperature[i] = p.temperature
+            top_k[i] = p.top_k
+            top_p[i] = p.top_p
+            seeds[i] = req.seed
+            counters[i] = len(req.output_token_ids)
+            flags["do_sample"] |= not p.greedy
+            flags["want_logprobs"] |= p.logprobs is not None
+            off += n
+        cu[len(batch.requests) + 1 :] = off
+        attn = AttentionMetadata(
+            slot_mapping, kv_lens, page_indices, cu, np.array([len(batch.requests)], np.int32)
+        )
+        inp = StepInputs(
+            token_ids, positions, token_slots, prompt_targets, attn, logits_indices,
+            temperature, top_k, top_p, seeds, counters,
+        )  # fmt: skip
+        return inp, flags
+
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        inp, flags = self.prepare(batch)
+        self.kv_caches, out = self._step(self.state, self.kv_caches, self.lora_weights, inp, **flags)
+        tokens, token_lp, top_ids, top_lp, prompt_lp = jax.device_get(out)
+        return StepResult(tokens, token_lp, top_ids, top_lp, prompt_lp)
+
+    def warmup(self, progress: bool = True) -> None:
+        """Compiles the base-model greedy step for every token bucket."""
+        from tqdm import tqdm
+
+        for t in tqdm(self.buckets, desc="jalora warm-up", disable=not progress):
+            fake = _WarmupBatch(t)
+            inp, flags = self.prepare(fake)
+            self.kv_caches, out = self._step(self.state, self.kv_caches, self.lora_weights, inp, **flags)
+            jax.block_until_ready(out)
+
+
+class _WarmupBatch:
+    """A batch of zero sequences padded to `t` tokens: compiles the bucket without touching the cache."""
+
+    def __init__(self, t: int):
+        self.requests, self.num_tokens, self.total_tokens = [], [], t

@@ -1,0 +1,34 @@
+"""On-device sampling: greedy, temperature, top-k, top-p with per-request reproducible keys."""
+
+import jax
+import jax.numpy as jnp
+
+
+def sample(
+    logits,  # f32[S, V]
+    temperature,  # f32[S]; 0 = greedy
+    top_k,  # i32[S]; 0 = off
+    top_p,  # f32[S]; 1 = off
+    seeds,  # u32[S] per-request seed
+    counters,  # i32[S] tokens generated so far (the key of the next draw)
+    do_sample: bool,
+):
+    """Returns i32[S] token ids. A request's draw depends only on (seed, counter, logits)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not do_sample:
+        return greedy
+    v = logits.shape[-1]
+    x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    srt = -jnp.sort(-x, axis=-1)  # descending
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    rank = jnp.arange(v)[None, :]
+    srt = jnp.where(rank < k[:, None], srt, -jnp.inf)
+    probs = jax.nn.softmax(srt, axis=-1)
+    # Keep the smallest prefix of the sorted tokens whose mass reaches top_p (the first always stays).
+    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
+    n_keep = jnp.maximum(jnp.sum(keep & (rank < k[:, None]), axis=-1), 1)
+    threshold = jnp.take_along_axis(srt, (n_keep - 1)[:, None], axis=-1)
+    x = jnp.where(x < threshold, -jnp.inf, x)
+    keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
+    drawn = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)

@@ -1,0 +1,51 @@
+"""Sampling parameters (vLLM's names), validated on construction."""
+
+import dataclasses
+
+from jalora.errors import InvalidRequestError
+
+MAX_LOGPROBS = 20
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k
+    seed: int | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None  # top-n logprobs of each generated token (0 = only the sampled one)
+    prompt_logprobs: bool = False
+
+    def __post_init__(self):
+        def check(ok, field, msg):
+            if not ok:
+                raise InvalidRequestError(field, msg)
+
+        check(isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
+        check(self.temperature >= 0, "temperature", "must be >= 0")
+        check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 disables)")
+        check(
+            self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**32),
+            "seed",
+            "must be None or an integer in [0, 2**32)",
+        )
+        check(
+            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            "logprobs",
+            f"must be None or an integer in [0, {MAX_LOGPROBS}]",
+        )
+        if self.stop_token_ids is not None:
+            check(
+                all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+                "stop_token_ids",
+                "must be non-negative integers",
+            )
+            self.stop_token_ids = list(self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,96 @@
+"""Continuous batching: who runs this step and how many tokens each.
+
+Running requests go first (decode tokens and unfinished prefill chunks), then waiting ones, all under
+one token budget, so prefill chunks and decode tokens share a step. When blocks run out, the most
+recently admitted running request is preempted: its blocks are released (their hashes stay in the
+prefix cache) and it is recomputed later from its prompt plus what it generated so far.
+"""
+
+import dataclasses
+import time
+from collections import deque
+
+from jalora.block_manager import BlockManager
+from jalora.request import Request, Status
+
+
+@dataclasses.dataclass
+class ScheduledBatch:
+    requests: list[Request]
+    num_tokens: list[int]  # new tokens of each request this step
+    preempted: list[Request]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _preempt(self, req: Request) -> None:
+        self.bm.release(req)
+        req.num_computed_tokens = 0
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        batch = ScheduledBatch([], [], [])
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            while not self.bm.allocate(req, req.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                batch.requests.append(req)
+                batch.num_tokens.append(n)
+                budget -= n
+                i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
+            req = self.waiting[0]
+            cached = self.bm.lookup(req)
+            n = min(req.num_tokens - cached, budget)
+            if not self.bm.allocate(req, cached + n):
+                self.bm.release(req)
+                break
+            self.waiting.popleft()
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = time.monotonic()
+                req.num_cached_tokens = cached
+            req.num_computed_tokens = cached
+            req.status = Status.RUNNING
+            self.running.append(req)
+            batch.requests.append(req)
+            batch.num_tokens.append(n)
+            budget -= n
+        return batch
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Ends `req` (running or waiting) and returns its blocks at once."""
+        req.finish_reason = reason
+        req.status = Status.FINISHED
+        req.metrics.finished_time = time.monotonic()
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.bm.release(req)

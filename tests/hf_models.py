@@ -1,0 +1,69 @@
+"""Tiny random HF checkpoints and the transformers/PEFT oracle used by the parity tests."""
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+FAMILIES = ("llama", "granite", "mistral")
+VOCAB = 97
+
+
+def config_dict(family: str) -> dict:
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        eos_token_id=VOCAB - 1,
+        bos_token_id=1,
+    )
+    if family == "granite":
+        base.update(
+            embedding_multiplier=3.0,
+            attention_multiplier=0.2,
+            residual_multiplier=0.5,
+            logits_scaling=2.5,
+            tie_word_embeddings=True,
+        )
+    if family == "mistral":
+        base.update(sliding_window=24)
+    return base
+
+
+def make_model(path: str, family: str, seed: int = 0) -> str:
+    """Writes a random float32 model of `family` to `path` (config.json + model.safetensors)."""
+    torch.manual_seed(seed)
+    cfg = AutoConfig.for_model(family, **config_dict(family))
+    model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    with torch.no_grad():  # larger-than-default weights make tokens depend on the input
+        for p in model.parameters():
+            p.normal_(0.0, 0.3 if p.dim() > 1 else 0.1).add_(1.0 if p.dim() == 1 else 0.0)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load_oracle(path: str):
+    model = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, attn_implementation="eager")
+    return model.eval()
+
+
+@torch.no_grad()
+def oracle_prompt_logprobs(model, ids: list[int]) -> list[float]:
+    """log p(ids[i] | ids[:i]) for i >= 1."""
+    logits = model(torch.tensor([ids])).logits[0].float()
+    lp = torch.log_softmax(logits, -1)
+    return [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+
+
+@torch.no_grad()
+def oracle_greedy(model, ids: list[int], n: int) -> list[int]:
+    out = model.generate(
+        torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+        attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+    )  # fmt: skip
+    return out[0, len(ids) :].tolist()
