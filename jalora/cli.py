@@ -108,17 +108,12 @@ def _connect(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from jalora.client import with_invocation
-
     with _connect(args) as client:
         prompt: str | list[int] = args.prompt
         if args.token_ids:
             prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
         if args.adapter and args.with_invocation:
-            info = client.adapter(args.adapter)
-            if isinstance(prompt, str) and info.invocation_string is None:
-                prompt = client.tokenize(prompt)
-            prompt = with_invocation(prompt, info)
+            prompt = client.with_invocation(prompt, args.adapter)
         last = None
         for chunk in client.generate_stream(
             prompt,

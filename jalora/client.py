@@ -151,8 +151,8 @@ def with_invocation(prompt: str | Sequence[int], adapter: AdapterInfo) -> str | 
     if isinstance(prompt, str):
         if adapter.invocation_string is None:
             raise ValueError(
-                f"adapter {adapter.name!r} has no invocation string; pass the prompt as token ids "
-                "(Client.tokenize) to append its invocation tokens"
+                f"adapter {adapter.name!r} has no invocation string; pass the prompt as token ids, "
+                "or use Client.with_invocation, which tokenizes it on the server"
             )
         return prompt + adapter.invocation_string
     if not adapter.invocation_tokens:
@@ -358,6 +358,16 @@ class Client:
         except grpc.RpcError as err:
             raise _server_error(err) from None
 
+    def with_invocation(
+        self, prompt: str | Sequence[int], adapter: str | AdapterInfo, *, timeout: float | None = None
+    ) -> str | list[int]:
+        """Like `with_invocation`, but a text prompt whose adapter has no invocation string is
+        tokenized by the server and returned as token ids with the invocation tokens appended."""
+        info = adapter if isinstance(adapter, AdapterInfo) else self.adapter(adapter, timeout=timeout)
+        if isinstance(prompt, str) and info.invocation_string is None:
+            prompt = self.tokenize(prompt, timeout=timeout)
+        return with_invocation(prompt, info)
+
     def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
         msg = self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest(), timeout)
         return [_adapter_info(a) for a in msg.adapters]
@@ -475,6 +485,15 @@ class AsyncClient:
             return await method(request, timeout=self._timeout(timeout))
         except grpc.RpcError as err:
             raise _server_error(err) from None
+
+    async def with_invocation(
+        self, prompt: str | Sequence[int], adapter: str | AdapterInfo, *, timeout: float | None = None
+    ) -> str | list[int]:
+        """See Client.with_invocation."""
+        info = adapter if isinstance(adapter, AdapterInfo) else await self.adapter(adapter, timeout=timeout)
+        if isinstance(prompt, str) and info.invocation_string is None:
+            prompt = await self.tokenize(prompt, timeout=timeout)
+        return with_invocation(prompt, info)
 
     async def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
         msg = await self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest(), timeout)
