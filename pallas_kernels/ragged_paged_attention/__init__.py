@@ -1,6 +1,87 @@
+"""Ragged paged attention: one call for a mixed batch of prefill chunks and decode tokens.
+
+`ragged_paged_attention` dispatches once by platform (`jax.default_backend()`): the Pallas GPU
+kernel on CUDA, the Pallas TPU kernel (RPA design) on TPU, the pure-jnp reference elsewhere. An
+explicit `impl` picks one; the kernels run on CPU only with `interpret=True` (tests).
+"""
+
+import jax
+
+from pallas_kernels.ragged_paged_attention.common import validate_inputs, validate_write_inputs
 from pallas_kernels.ragged_paged_attention.reference import (
     ragged_paged_attention_reference,
     write_kv_reference,
 )
 
-__all__ = ["ragged_paged_attention_reference", "write_kv_reference"]
+_IMPLS = ("reference", "gpu", "tpu")
+
+
+def default_impl() -> str:
+    backend = jax.default_backend()
+    return {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(backend, "reference")
+
+
+def ragged_paged_attention(
+    q,  # [T, Hq, D]
+    k_pages,  # [num_blocks, block_size, Hkv, D]
+    v_pages,  # [num_blocks, block_size, Hkv, D]
+    kv_lens,  # i32[S] context length of each sequence, this step's tokens included
+    page_indices,  # i32[S, P] cache blocks of each sequence, in order
+    cu_q_lens,  # i32[S + 1] query row offsets
+    num_seqs,  # i32[] or i32[1] number of valid sequences (<= S)
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    impl: str | None = None,
+    interpret=False,
+    **tuning,
+):
+    """Attention output [T, Hq, D] in q's dtype; padding rows past cu_q_lens[num_seqs] are zero.
+
+    impl: None (pick by backend), "reference", "gpu" or "tpu". interpret: run a Pallas kernel in
+    interpret mode (True; for "tpu" also a `pltpu.InterpretParams`). `tuning` goes to the kernel
+    (block sizes, splits; see gpu.py / tpu.py).
+    """
+    if impl is None:
+        impl = default_impl()
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS} or None, got {impl!r}")
+    if impl != "reference" and not interpret and impl != default_impl():
+        raise ValueError(f"impl={impl!r} cannot run on backend {jax.default_backend()!r} without interpret")
+    args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
+    kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    if impl == "reference":
+        validate_inputs(*args, **kw)
+        return ragged_paged_attention_reference(*args, **kw)
+    if impl == "gpu":
+        from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
+
+        return ragged_paged_attention_gpu(*args, **kw, interpret=bool(interpret), **tuning)
+    from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention_tpu
+
+    return ragged_paged_attention_tpu(*args, **kw, interpret=interpret, **tuning)
+
+
+def write_kv(
+    k_pages,  # [num_blocks, block_size, Hkv, D]
+    v_pages,  # [num_blocks, block_size, Hkv, D]
+    k,  # [T, Hkv, D] new keys of this step
+    v,  # [T, Hkv, D]
+    slot_mapping,  # i32[T] flat slot (block * block_size + offset); -1 = padding, not written
+):
+    """Scatter this step's K/V into the paged cache; returns (k_pages, v_pages).
+
+    Under jit with the caches donated XLA updates them in place (a scatter, no copy of the cache).
+    """
+    validate_write_inputs(k_pages, v_pages, k, v, slot_mapping)
+    return write_kv_reference(k_pages, v_pages, k, v, slot_mapping)
+
+
+__all__ = [
+    "default_impl",
+    "ragged_paged_attention",
+    "ragged_paged_attention_reference",
+    "write_kv",
+    "write_kv_reference",
+]

@@ -1,0 +1,282 @@
+"""Ragged paged attention for GPUs: a Pallas kernel through the Triton lowering.
+
+One launch serves a mixed batch of prefill chunks and decode tokens. The grid is
+(query block, kv head, kv split). A query block holds `block_q` tokens of ONE sequence times the
+`g = Hq / Hkv` query heads that share a kv head, so each K/V tile is read once for the whole GQA
+group (decode rows of a group become the M dimension of the matmul). The blocks are laid out by a
+few tiny XLA ops before the launch (`q_block_metadata`): the Triton lowering has no scalar
+prefetch, so the kernel reads its block's sequence id, first row, kv_len and page-table row from
+global memory and gathers K/V rows by page index (`k_ref.at[rows]` becomes pointer arithmetic).
+
+Per block the kv tiles split in three ranges: a masked head (sliding-window edge), an unmasked
+body (every key <= the block's first query position and inside the window, so no mask and no
+select), and a masked tail (causal diagonal and kv_len). With `num_kv_splits > 1` (decode, few
+sequences, long context: too few programs to fill 132 SMs) every program covers a slice of the
+tiles and writes an unnormalised partial (acc, m, l); a small XLA combine merges the splits.
+
+Why Triton and not Mosaic GPU: see the numbers in bench/notes_attention.md. In short, the Triton
+lowering compiles on JAX 0.10 and 0.11, runs the interpret-mode tests on CPU, and gathers pages of
+any block size with plain pointer arithmetic; the Mosaic GPU path (TMA + wgmma) needs TMA
+descriptors per page and warp specialisation to pay off, which did not fit the time and device
+budget of this issue. Measured on the H200 (bench/results/attention.json): see the notes file.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.ragged_paged_attention.common import (
+    q_block_metadata,
+    validate_inputs,
+    zero_padding_rows,
+)
+
+_LOG2E = math.log2(math.e)
+_MASKED = -1e30  # finite: an all-masked row must not turn exp2(m_old - m_new) into NaN
+_NUM_SMS = 132  # H100/H200; only used to pick a default split count
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _kernel(
+    blk_seq_ref,  # i32[NB] sequence of each query block, -1 = unused block
+    blk_q0_ref,  # i32[NB] first query row of each block
+    kv_lens_ref,  # i32[S]
+    cu_q_lens_ref,  # i32[S + 1]
+    page_indices_ref,  # i32[S * P] (flattened)
+    q_ref,  # [T * Hq, D] (flattened)
+    k_ref,  # [num_blocks * block_size * Hkv, D] (flattened)
+    v_ref,  # [num_blocks * block_size * Hkv, D]
+    *out_refs,  # splits == 1: o [T * Hq, D]; else acc f32[splits * T * Hq, D], m, l f32[splits * T * Hq]
+    num_q_heads: int,
+    num_kv_heads: int,
+    block_size: int,
+    pages_per_seq: int,
+    block_m: int,
+    block_q: int,
+    block_k: int,
+    num_splits: int,
+    num_rows: int,  # T * Hq
+    scale_log2: float,  # sm_scale * log2(e)
+    sm_scale: float,
+    sliding_window: int | None,
+    soft_cap: float | None,
+):
+    b = pl.program_id(0)
+    h = pl.program_id(1)
+    split = pl.program_id(2)
+    seq = blk_seq_ref[b]
+    g = num_q_heads // num_kv_heads
+
+    @pl.when(seq >= 0)
+    def _():
+        q0 = blk_q0_ref[b]
+        seq_start = cu_q_lens_ref[seq]
+        seq_end = cu_q_lens_ref[seq + 1]
+        kv_len = kv_lens_ref[seq]
+        q_len = seq_end - seq_start
+
+        m_idx = jnp.arange(block_m, dtype=jnp.int32)
+        d_idx = jnp.arange(q_ref.shape[1], dtype=jnp.int32)
+        tok = q0 + m_idx // g
+        row_valid = (tok < seq_end) & (m_idx < block_q * g)
+        q_rows = tok * num_q_heads + h * g + m_idx % g
+        q = plgpu.load(q_ref.at[q_rows[:, None], d_idx[None, :]], mask=row_valid[:, None], other=0.0)  # [BM, D]
+        q_pos = kv_len - q_len + (tok - seq_start)  # [BM]
+
+        first_pos = kv_len - q_len + (q0 - seq_start)
+        last_pos = kv_len - q_len + (jnp.minimum(q0 + block_q, seq_end) - 1 - seq_start)
+        hi = jnp.minimum(kv_len, last_pos + 1)
+        lo = 0 if sliding_window is None else jnp.maximum(0, first_pos - sliding_window + 1)
+        t_lo = lo // block_k
+        t_hi = (hi + block_k - 1) // block_k
+        if num_splits == 1:
+            my_lo, my_hi = t_lo, t_hi
+        else:
+            per = (t_hi - t_lo + num_splits - 1) // num_splits
+            my_lo = jnp.minimum(t_lo + split * per, t_hi)
+            my_hi = jnp.minimum(my_lo + per, t_hi)
+        # Tiles in [full_lo, full_hi) need no mask: all keys <= first_pos (< kv_len) and in window.
+        full_hi = (first_pos + 1) // block_k
+        full_lo = 0 if sliding_window is None else (last_pos - sliding_window + 1 + block_k - 1) // block_k
+        a = jnp.clip(full_lo, my_lo, my_hi)
+        c = jnp.clip(full_hi, a, my_hi)
+
+        k_off = jnp.arange(block_k, dtype=jnp.int32)
+        page_base = seq * pages_per_seq
+
+        def tile(j, carry, masked):
+            acc, m_i, l_i = carry
+            kpos = j * block_k + k_off
+            slot = jnp.minimum(kpos // block_size, pages_per_seq - 1)
+            pages = plgpu.load(page_indices_ref.at[page_base + slot])
+            rows = (pages * block_size + kpos % block_size) * num_kv_heads + h
+            if masked:
+                kmask = kpos < kv_len
+                k = plgpu.load(k_ref.at[rows[:, None], d_idx[None, :]], mask=kmask[:, None], other=0.0)
+                v = plgpu.load(v_ref.at[rows[:, None], d_idx[None, :]], mask=kmask[:, None], other=0.0)
+            else:
+                k = plgpu.load(k_ref.at[rows[:, None], d_idx[None, :]])
+                v = plgpu.load(v_ref.at[rows[:, None], d_idx[None, :]])
+            s = plgpu.dot(q, k, trans_b=True)  # f32 [BM, BK]
+            if soft_cap is None:
+                s = s * scale_log2
+            else:
+                s = (soft_cap * _LOG2E) * jnp.tanh(s * (sm_scale / soft_cap))
+            if masked:
+                valid = (kpos[None, :] < kv_len) & (kpos[None, :] <= q_pos[:, None])
+                if sliding_window is not None:
+                    valid &= kpos[None, :] > q_pos[:, None] - sliding_window
+                s = jnp.where(valid, s, _MASKED)
+            m_new = jnp.maximum(m_i, jnp.max(s, axis=1))
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s - m_new[:, None])
+            if masked:
+                p = jnp.where(valid, p, 0.0)
+            l_new = l_i * alpha + jnp.sum(p, axis=1)
+            acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+            return acc, m_new, l_new
+
+        d = q_ref.shape[1]
+        carry = (
+            jnp.zeros((block_m, d), jnp.float32),
+            jnp.full((block_m,), _MASKED, jnp.float32),
+            jnp.zeros((block_m,), jnp.float32),
+        )
+        masked_tile = functools.partial(tile, masked=True)
+        carry = jax.lax.fori_loop(my_lo, a, masked_tile, carry)
+        carry = jax.lax.fori_loop(a, c, functools.partial(tile, masked=False), carry)
+        acc, m_i, l_i = jax.lax.fori_loop(c, my_hi, masked_tile, carry)
+
+        if num_splits == 1:
+            (o_ref,) = out_refs
+            out = acc / jnp.where(l_i == 0.0, 1.0, l_i)[:, None]
+            plgpu.store(o_ref.at[q_rows[:, None], d_idx[None, :]], out.astype(o_ref.dtype), mask=row_valid[:, None])
+        else:
+            acc_ref, m_ref, l_ref = out_refs
+            prow = split * num_rows + q_rows
+            plgpu.store(acc_ref.at[prow[:, None], d_idx[None, :]], acc, mask=row_valid[:, None])
+            plgpu.store(m_ref.at[prow], m_i, mask=row_valid)
+            plgpu.store(l_ref.at[prow], l_i, mask=row_valid)
+
+
+def default_num_kv_splits(num_tokens: int, num_seqs: int, num_kv_heads: int, block_q: int, max_kv: int) -> int:
+    """Enough programs to fill the SMs about twice when the batch is decode-shaped and long."""
+    programs = min(num_seqs, -(-num_tokens // block_q)) * num_kv_heads
+    if programs >= 2 * _NUM_SMS:
+        return 1
+    want = _next_pow2(-(-2 * _NUM_SMS // max(programs, 1)))
+    return int(max(1, min(want, 16, max_kv // 512)))
+
+
+def ragged_paged_attention_gpu(
+    q,  # [T, Hq, D]
+    k_pages,  # [num_blocks, block_size, Hkv, D]
+    v_pages,  # [num_blocks, block_size, Hkv, D]
+    kv_lens,  # i32[S] context length of each sequence, this step's tokens included
+    page_indices,  # i32[S, P] cache blocks of each sequence, in order
+    cu_q_lens,  # i32[S + 1] query row offsets
+    num_seqs,  # i32[] or i32[1] number of valid sequences (<= S)
+    *,
+    sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
+    block_m: int | None = None,
+    block_k: int | None = None,
+    num_kv_splits: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+    interpret: bool = False,
+):
+    """Attention output [T, Hq, D] in q's dtype; same semantics as the reference.
+
+    Tuning knobs (all static, None = heuristic): block_m query rows per program (block_q tokens x
+    the GQA group), block_k keys per tile, num_kv_splits (flash-decoding style split of the
+    context), num_warps, num_stages.
+    """
+    validate_inputs(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                    sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+    t, hq, d = q.shape
+    nb_cache, bs, hkv, _ = k_pages.shape
+    s, p = page_indices.shape
+    g = hq // hkv
+    if d & (d - 1) or d < 16:
+        raise ValueError(f"q head_dim must be a power of two >= 16 for the GPU kernel, got {d}")
+    decode_like = t <= s
+    if block_m is None:
+        block_m = 16 if decode_like else 128
+    block_m = max(_next_pow2(block_m), _next_pow2(g), 16)
+    block_q = block_m // g
+    if block_k is None:
+        block_k = 64 if decode_like else 64
+    block_k = max(_next_pow2(block_k), 16)
+    num_q_blocks = -(-t // block_q) + min(s, t)
+    if num_kv_splits is None:
+        num_kv_splits = default_num_kv_splits(t, s, hkv, block_q, p * bs)
+    if num_warps is None:
+        num_warps = 4 if block_m <= 64 else 8
+    if num_stages is None:
+        num_stages = 3 if d <= 128 else 2
+
+    blk_seq, blk_q0 = q_block_metadata(kv_lens, cu_q_lens, num_seqs, block_q=block_q,
+                                       num_blocks=num_q_blocks)
+    rows = t * hq
+    kernel = functools.partial(
+        _kernel,
+        num_q_heads=hq,
+        num_kv_heads=hkv,
+        block_size=bs,
+        pages_per_seq=p,
+        block_m=block_m,
+        block_q=block_q,
+        block_k=block_k,
+        num_splits=num_kv_splits,
+        num_rows=rows,
+        scale_log2=float(sm_scale) * _LOG2E,
+        sm_scale=float(sm_scale),
+        sliding_window=sliding_window,
+        soft_cap=None if soft_cap is None else float(soft_cap),
+    )
+    if num_kv_splits == 1:
+        out_shape = [jax.ShapeDtypeStruct((rows, d), q.dtype)]
+    else:
+        out_shape = [
+            jax.ShapeDtypeStruct((num_kv_splits * rows, d), jnp.float32),
+            jax.ShapeDtypeStruct((num_kv_splits * rows,), jnp.float32),
+            jax.ShapeDtypeStruct((num_kv_splits * rows,), jnp.float32),
+        ]
+    outs = pl.pallas_call(
+        kernel,
+        grid=(num_q_blocks, hkv, num_kv_splits),
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="ragged_paged_attention",
+    )(
+        blk_seq,
+        blk_q0,
+        kv_lens,
+        cu_q_lens,
+        page_indices.reshape(s * p),
+        q.reshape(rows, d),
+        k_pages.reshape(nb_cache * bs * hkv, d),
+        v_pages.reshape(nb_cache * bs * hkv, d),
+    )
+    if num_kv_splits == 1:
+        out = outs[0].reshape(t, hq, d)
+    else:
+        acc, m_part, l_part = outs
+        acc = acc.reshape(num_kv_splits, rows, d)
+        m_part = m_part.reshape(num_kv_splits, rows)
+        l_part = l_part.reshape(num_kv_splits, rows)
+        w = jnp.exp2(m_part - jnp.max(m_part, axis=0)[None])
+        denom = jnp.sum(w * l_part, axis=0)
+        out = jnp.sum(w[..., None] * acc, axis=0) / jnp.where(denom == 0.0, 1.0, denom)[:, None]
+        out = out.astype(q.dtype).reshape(t, hq, d)
+    return zero_padding_rows(out, cu_q_lens, num_seqs)
