@@ -201,11 +201,15 @@ class LLMEngine:
             for t, lp in zip(result.top_ids[i, :n], result.top_logprobs[i, :n]):
                 lps[int(t)] = float(lp)
             req.logprobs.append(lps)
+        reason = None
+        if tok in req.stop_ids:
+            reason = "stop"
+        elif len(req.output_token_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+            reason = "length"
         if self.tokenizer is not None:
             text = self.decode(req.output_token_ids)
-            if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            # An incomplete UTF-8 sequence at the end waits for the next token, unless there is none.
+            if reason is not None or not text.endswith("\ufffd"):
                 req.text = text
-        if tok in req.stop_ids:
-            self._finish(req, "stop")
-        elif len(req.output_token_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
-            self._finish(req, "length")
+        if reason is not None:
+            self._finish(req, reason)

@@ -1,0 +1,87 @@
+"""Bad input gets an InvalidRequestError naming the field, and the engine keeps serving."""
+
+import json
+import os
+import shutil
+
+import pytest
+
+from jalora import LLM, InvalidRequestError, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return LLM(tiny_models["llama"], num_kv_blocks=32, max_num_seqs=4, max_model_len=128, warmup=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"logprobs": 99}, "logprobs"),
+        ({"seed": -3}, "seed"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+    ],
+)
+def test_sampling_params_name_the_field(kwargs, field):
+    with pytest.raises(InvalidRequestError) as e:
+        SamplingParams(**kwargs)
+    assert e.value.field == field and field in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "prompt, field",
+    [
+        ([], "prompt"),
+        ([5, 97], "prompt_token_ids"),
+        ([5, -1], "prompt_token_ids"),
+        (list(range(2, 90)) * 2, "prompt"),  # 176 tokens > max_model_len 128
+        ("text but the model has no tokenizer", "prompt"),
+        (3.5, "prompt"),
+    ],
+)
+def test_bad_prompts_leave_engine_serving(llm, prompt, field):
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate([prompt], SamplingParams(max_tokens=2))
+    assert e.value.field == field
+    assert not llm.engine.requests
+    (ok,) = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2))
+    assert len(ok.token_ids) == 2
+    assert llm.engine.num_free_blocks() == llm.engine.num_total_blocks
+
+
+def test_one_bad_prompt_in_a_batch_adds_nothing(llm):
+    with pytest.raises(InvalidRequestError):
+        llm.generate([[3, 4], [], [5]], SamplingParams(max_tokens=2))
+    assert not llm.engine.requests and not llm.engine.has_unfinished_requests()
+
+
+def test_engine_config_errors(tiny_models, tmp_path):
+    path = tiny_models["llama"]
+    with pytest.raises(InvalidRequestError, match="dtype"):
+        LLM(path, dtype="float8", warmup=False)
+    with pytest.raises(InvalidRequestError, match="load_format"):
+        LLM(path, load_format="pickle", warmup=False)
+    with pytest.raises(InvalidRequestError, match="model"):
+        LLM(str(tmp_path / "nowhere"), warmup=False)
+    broken = tmp_path / "broken"
+    shutil.copytree(path, broken)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(InvalidRequestError, match="config.json"):
+        LLM(str(broken), warmup=False)
+    cfg = json.loads(open(os.path.join(path, "config.json")).read())
+    cfg["hidden_size"] = 128  # weights no longer fit the config
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InvalidRequestError, match="model.safetensors"):
+        LLM(str(broken), warmup=False)
+    (broken / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(InvalidRequestError, match="model_type"):
+        LLM(str(broken), warmup=False)
+    os.remove(broken / "model.safetensors")
+    (broken / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    with pytest.raises(InvalidRequestError, match="model"):
+        LLM(str(broken), warmup=False)

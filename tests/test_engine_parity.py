@@ -1,0 +1,73 @@
+"""The engine against transformers (torch, CPU, float32) on tiny random Llama, Granite and Mistral models."""
+
+import numpy as np
+import pytest
+
+from jalora import LLM, SamplingParams
+from tests import hf_models
+
+# Shorter than a block, exact multiples of block_size (16), and spanning many blocks (chunked too:
+# max_num_batched_tokens=64 splits the 70- and 100-token prompts over several steps).
+PROMPT_LENS = (5, 16, 32, 70, 100)
+GREEDY = SamplingParams(max_tokens=16, prompt_logprobs=True, ignore_eos=True)
+
+
+def prompt_of(n: int, salt: int = 0) -> list[int]:
+    rng = np.random.default_rng(n * 31 + salt)
+    return rng.integers(2, hf_models.VOCAB - 1, size=n).tolist()
+
+
+@pytest.fixture(scope="module", params=hf_models.FAMILIES)
+def family(request, tiny_models):
+    path = tiny_models[request.param]
+    llm = LLM(path, num_kv_blocks=96, max_num_seqs=8, max_num_batched_tokens=64, warmup=False)
+    oracle = hf_models.load_oracle(path)
+    expected = {
+        n: (hf_models.oracle_prompt_logprobs(oracle, prompt_of(n)), hf_models.oracle_greedy(oracle, prompt_of(n), 16))
+        for n in PROMPT_LENS
+    }
+    return request.param, llm, expected
+
+
+def check(out, n, expected):
+    ref_lp, ref_tokens = expected[n]
+    assert out.prompt_logprobs[0] is None
+    diff = np.max(np.abs(np.asarray(out.prompt_logprobs[1:]) - np.asarray(ref_lp)))
+    assert diff <= 1e-4, f"prompt of {n} tokens: prompt logprobs differ by {diff}"
+    assert out.token_ids == ref_tokens, f"prompt of {n} tokens: greedy tokens differ"
+    assert out.finish_reason == "length"
+
+
+def test_each_prompt_alone(family):
+    _, llm, expected = family
+    for n in PROMPT_LENS:
+        (out,) = llm.generate([prompt_of(n)], GREEDY)
+        check(out, n, expected)
+
+
+def test_all_prompts_batched(family):
+    _, llm, expected = family
+    outs = llm.generate([prompt_of(n) for n in PROMPT_LENS], GREEDY)
+    for n, out in zip(PROMPT_LENS, outs):
+        check(out, n, expected)
+    assert llm.engine.num_free_blocks() == llm.engine.num_total_blocks
+
+
+def test_top_logprobs_match_oracle(tiny_models):
+    import torch
+
+    path = tiny_models["llama"]
+    llm = LLM(path, num_kv_blocks=32, max_num_seqs=4, max_num_batched_tokens=64, warmup=False)
+    ids = prompt_of(20)
+    (out,) = llm.generate([ids], SamplingParams(max_tokens=3, logprobs=5, ignore_eos=True))
+    oracle = hf_models.load_oracle(path)
+    with torch.no_grad():
+        seq = ids + out.token_ids[:-1]
+        lp = torch.log_softmax(oracle(torch.tensor([seq])).logits[0].float(), -1)
+    for k, step_lps in enumerate(out.logprobs):
+        row = lp[len(ids) - 1 + k]
+        top = torch.topk(row, 5)
+        assert set(top.indices.tolist()) <= set(step_lps)
+        for t, v in step_lps.items():
+            assert abs(v - row[t].item()) <= 1e-4
+        assert out.token_ids[k] == top.indices[0].item()  # greedy = top-1
