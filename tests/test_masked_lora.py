@@ -15,6 +15,7 @@ from pallas_kernels.masked_lora import (
     masked_lora,
     masked_lora_add,
     masked_lora_reference,
+    packed_to_block_diagonal,
     segments_to_token_slots,
 )
 
@@ -188,7 +189,7 @@ def test_kernel_fused_qkv_block_diagonal(impl):
     """q/k/v fused as the engine does: A concatenated along R, B block-diagonal, GQA widths."""
     rng = np.random.default_rng(3)
     n, t, din, r = 3, 48, 64, 8
-    widths = (64, 16, 16)  # Dq > Dk = Dv
+    widths = (64, 16, 8)  # Dq > Dk > Dv: unequal, so a column block would straddle if not split
     a = rng.standard_normal((n, din, 3 * r)) / 8
     b = np.zeros((n, 3 * r, sum(widths)))
     col = 0
@@ -200,7 +201,17 @@ def test_kernel_fused_qkv_block_diagonal(impl):
     slots = _runs(rng, t, n)
     segs = build_lora_segments(slots, t)
     out = masked_lora(x, a, b, segs, impl=impl, interpret=_interpret(impl))
-    assert _rel(out, _f64(x, a, b, slots)) < 1e-2
+    ref = _f64(x, a, b, slots)
+    assert _rel(out, ref) < 1e-2
+    # The packed layout: each projection's B side by side, [n, r, Dq + Dk + Dv], no zero blocks.
+    packed = jnp.concatenate(
+        [b[:, i * r : (i + 1) * r, sum(widths[:i]) : sum(widths[: i + 1])] for i in range(3)], axis=2
+    )
+    np.testing.assert_array_equal(packed_to_block_diagonal(packed, widths), b)
+    out_p = masked_lora(x, a, packed, segs, out_widths=widths, impl=impl, interpret=_interpret(impl))
+    assert _rel(out_p, ref) < 1e-2
+    with pytest.raises(ValueError, match="lora_b"):
+        masked_lora(x, a, packed, segs, out_widths=(64, 16, 15))
 
 
 @pytest.mark.parametrize("impl", KERNELS)

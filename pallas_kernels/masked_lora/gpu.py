@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -63,9 +64,11 @@ def _shrink_kernel(
         def body(i, acc):
             k0 = ks * k_chunk + i * bk
             k_mask = (k0 + jnp.arange(bk)) < din
-            xb = plgpu.load(x_ref.at[pl.ds(row0, bt), pl.ds(k0, bk)], mask=row_mask[:, None] & k_mask[None, :], other=0)
+            xb = plgpu.load(
+                x_ref.at[pl.ds(row0, bt), pl.ds(k0, bk)], mask=row_mask[:, None] & k_mask[None, :], other=0.0
+            )
             ab = plgpu.load(
-                a_ref.at[slot, pl.ds(k0, bk), pl.ds(zero, rp)], mask=k_mask[:, None] & r_mask[None, :], other=0
+                a_ref.at[slot, pl.ds(k0, bk), pl.ds(zero, rp)], mask=k_mask[:, None] & r_mask[None, :], other=0.0
             )
             return acc + plgpu.dot(xb.astype(ab.dtype), ab)
 
@@ -79,40 +82,54 @@ def _expand_kernel(
     work_start_ref,  # i32[max_work]
     work_end_ref,  # i32[max_work]
     num_work_ref,  # i32[1]
+    col_table_ref,  # i32[n_blocks, 3] per column block: first column, end column, first rank of h
     h_ref,  # f32[k_splits, T, rp]
-    b_ref,  # [num_slots, R, Dout]
+    b_ref,  # [num_slots, R_b, Dout] (R_b = R, or R / len(out_widths) when packed)
     y_in_ref,  # [T, Dout] aliased with y_ref
     y_ref,  # [T, Dout] out
     *,
     bt: int,
     bn: int,
-    rp: int,
+    rpb: int,
     accumulate: bool,
 ):
     del y_in_ref  # same buffer as y_ref
     w, nb = pl.program_id(0), pl.program_id(1)
-    r, dout = b_ref.shape[1], b_ref.shape[2]
+    r_b = b_ref.shape[1]
     k_splits = h_ref.shape[0]
 
     @pl.when(w < num_work_ref[0])
     def _():
         row0, slot, row_mask = _item(w, work_tile_ref, work_slot_ref, work_start_ref, work_end_ref, bt)
-        n0 = nb * bn
-        n_mask = (n0 + jnp.arange(bn)) < dout
-        r_mask = jnp.arange(rp) < r
+        n0, n_end, r0 = col_table_ref[nb, 0], col_table_ref[nb, 1], col_table_ref[nb, 2]
+        n_mask = (n0 + jnp.arange(bn)) < n_end
+        r_mask = jnp.arange(rpb) < r_b
         zero = nb * 0
 
         def add_split(k, acc):
-            return acc + plgpu.load(h_ref.at[k, pl.ds(row0, bt), :], mask=row_mask[:, None], other=0.0)
+            part = h_ref.at[k, pl.ds(row0, bt), pl.ds(r0, rpb)]
+            return acc + plgpu.load(part, mask=row_mask[:, None] & r_mask[None, :], other=0.0)
 
-        h = jax.lax.fori_loop(0, k_splits, add_split, jnp.zeros((bt, rp), jnp.float32))
-        bb = plgpu.load(b_ref.at[slot, pl.ds(zero, rp), pl.ds(n0, bn)], mask=r_mask[:, None] & n_mask[None, :], other=0)
+        h = jax.lax.fori_loop(0, k_splits, add_split, jnp.zeros((bt, rpb), jnp.float32))
+        bb = plgpu.load(
+            b_ref.at[slot, pl.ds(zero, rpb), pl.ds(n0, bn)], mask=r_mask[:, None] & n_mask[None, :], other=0.0
+        )
         delta = plgpu.dot(h.astype(bb.dtype), bb)  # f32 [bt, bn]
         out_mask = row_mask[:, None] & n_mask[None, :]
         y_tile = y_ref.at[pl.ds(row0, bt), pl.ds(n0, bn)]
         if accumulate:
-            delta = delta + plgpu.load(y_tile, mask=out_mask, other=0).astype(jnp.float32)
+            delta = delta + plgpu.load(y_tile, mask=out_mask, other=0.0).astype(jnp.float32)
         plgpu.store(y_tile, delta.astype(y_ref.dtype), mask=out_mask)
+
+
+def column_table(out_widths: tuple[int, ...], rank_per_width: int, bn: int) -> np.ndarray:
+    """i32[n_blocks, 3]: column blocks of width <= bn that never straddle two projections."""
+    rows, col = [], 0
+    for i, width in enumerate(out_widths):
+        for c in range(0, width, bn):
+            rows.append((col + c, col + min(c + bn, width), i * rank_per_width))
+        col += width
+    return np.asarray(rows, np.int32)
 
 
 def _compiler_params(num_warps: int, num_stages: int):
@@ -121,7 +138,16 @@ def _compiler_params(num_warps: int, num_stages: int):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("accumulate", "interpret", "block_n", "block_k", "k_chunk", "num_warps", "num_stages"),
+    static_argnames=(
+        "out_widths",
+        "accumulate",
+        "interpret",
+        "block_n",
+        "block_k",
+        "k_chunk",
+        "num_warps",
+        "num_stages",
+    ),
 )
 def masked_lora_gpu(
     x,  # [T, Din]
@@ -130,6 +156,7 @@ def masked_lora_gpu(
     segments: LoraSegments,  # jnp arrays, block_tokens >= 16 and a power of two
     y,  # [T, Dout] base output (accumulate=True) or zeros (the delta); aliased to the result
     *,
+    out_widths: tuple[int, ...] | None = None,
     accumulate: bool = True,
     interpret: bool = False,
     block_n: int = 128,
@@ -138,9 +165,15 @@ def masked_lora_gpu(
     num_warps: int = 4,
     num_stages: int = 2,
 ):
-    """y + masked LoRA delta on the work list's rows ([T, Dout], y.dtype); other rows keep y."""
+    """y + masked LoRA delta on the work list's rows ([T, Dout], y.dtype); other rows keep y.
+
+    out_widths: packed layout of a fused projection: output columns split in len(out_widths) blocks,
+    block i uses ranks [i*R_b, (i+1)*R_b) of A and lora_b is [num_slots, R_b, Dout] (no zero blocks).
+    """
     t, din = x.shape
-    r, dout = lora_b.shape[1], lora_b.shape[2]
+    r, dout = lora_a.shape[2], lora_b.shape[2]
+    out_widths = out_widths or (dout,)
+    r_b = lora_b.shape[1]
     bt = segments.block_tokens
     if bt < 16 or bt & (bt - 1):
         raise ValueError(f"segments.block_tokens must be a power of two >= 16 on GPU, got {bt}")
@@ -149,7 +182,9 @@ def masked_lora_gpu(
     k_chunk = max(bk, min(k_chunk, -(-din // bk) * bk))
     k_chunk -= k_chunk % bk
     k_splits = -(-din // k_chunk)
-    bn = min(block_n, max(16, _next_pow2(dout)))
+    rpb = max(16, _next_pow2(r_b))
+    bn = min(block_n, max(16, _next_pow2(max(out_widths))))
+    col_table = jnp.asarray(column_table(tuple(out_widths), r_b if len(out_widths) > 1 else 0, bn))
     max_work = segments.work_tile.shape[0]
     meta = (segments.work_tile, segments.work_slot, segments.work_start, segments.work_end, segments.num_work)
     meta = tuple(m.astype(jnp.int32) for m in meta)
@@ -163,11 +198,11 @@ def masked_lora_gpu(
         name="masked_lora_shrink",
     )(*meta, x, lora_a)
     return pl.pallas_call(
-        functools.partial(_expand_kernel, bt=bt, bn=bn, rp=rp, accumulate=accumulate),
+        functools.partial(_expand_kernel, bt=bt, bn=bn, rpb=rpb, accumulate=accumulate),
         out_shape=jax.ShapeDtypeStruct((t, dout), y.dtype),
-        grid=(max_work, pl.cdiv(dout, bn)),
-        input_output_aliases={len(meta) + 2: 0},
+        grid=(max_work, col_table.shape[0]),
+        input_output_aliases={len(meta) + 3: 0},
         compiler_params=_compiler_params(num_warps, num_stages),
         interpret=interpret,
         name="masked_lora_expand",
-    )(*meta, h_part, lora_b, y)
+    )(*meta, col_table, h_part, lora_b, y)

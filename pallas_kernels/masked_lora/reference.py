@@ -32,7 +32,27 @@ def masked_lora_reference(
     return jax.lax.fori_loop(0, lora_a.shape[0], one_slot, acc).astype(x.dtype)
 
 
-def validate_inputs(x, lora_a, lora_b, segments: LoraSegments, y=None):
+def packed_to_block_diagonal(
+    lora_b,  # [num_slots, R_b, sum(out_widths)] packed fused-projection B
+    out_widths: tuple[int, ...],
+):
+    """[num_slots, len(out_widths) * R_b, Dout] block-diagonal B: projection i reads ranks i*R_b..."""
+    n, r_b, dout = lora_b.shape
+    cols = jnp.arange(dout)
+    proj = sum((cols >= c).astype(jnp.int32) for c in _cumsum(out_widths)[:-1])  # [Dout]
+    blocks = [jnp.where((proj == i)[None, None, :], lora_b, 0) for i in range(len(out_widths))]
+    return jnp.concatenate(blocks, axis=1).reshape(n, len(out_widths) * r_b, dout)
+
+
+def _cumsum(widths):
+    out, acc = [], 0
+    for w in widths:
+        acc += w
+        out.append(acc)
+    return out
+
+
+def validate_inputs(x, lora_a, lora_b, segments: LoraSegments, y=None, out_widths=None):
     """Static checks (shapes, dtypes); raises ValueError naming the offending argument."""
     if x.ndim != 2:
         raise ValueError(f"x must be [T, Din], got shape {x.shape}")
@@ -44,8 +64,16 @@ def validate_inputs(x, lora_a, lora_b, segments: LoraSegments, y=None):
     n, a_din, r = lora_a.shape
     if a_din != din:
         raise ValueError(f"lora_a must have Din={din} (x.shape[1]), got shape {lora_a.shape}")
-    if lora_b.shape[:2] != (n, r):
-        raise ValueError(f"lora_b must be [{n}, {r}, Dout] to match lora_a, got shape {lora_b.shape}")
+    if out_widths is None:
+        if lora_b.shape[:2] != (n, r):
+            raise ValueError(f"lora_b must be [{n}, {r}, Dout] to match lora_a, got shape {lora_b.shape}")
+    else:
+        k = len(out_widths)
+        if k < 1 or r % k or lora_b.shape != (n, r // k, sum(out_widths)):
+            raise ValueError(
+                f"lora_b must be packed [{n}, R/{k}, sum(out_widths)={sum(out_widths)}] for out_widths="
+                f"{tuple(out_widths)} and R={r}, got shape {lora_b.shape}"
+            )
     for name, arr in (("x", x), ("lora_a", lora_a), ("lora_b", lora_b)):
         if not jnp.issubdtype(arr.dtype, jnp.floating):
             raise ValueError(f"{name} must be floating point, got {arr.dtype}")
