@@ -10,6 +10,7 @@ import zlib
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
@@ -115,23 +116,29 @@ def _hf_param(cfg: ModelConfig, name: str, reader: _TensorReader):
     raise AssertionError(f"no HF mapping for {name}")
 
 
-def _dummy_param(name: str, shape, dtype):
-    if name.endswith("norm"):
+def _dummy_param(key_data, shape, dtype, is_norm: bool):
+    if is_norm:
         return jnp.ones(shape, dtype)
-    key = jax.random.fold_in(jax.random.key(0), zlib.crc32(name.encode()))
+    key = jax.random.fold_in(jax.random.key(0), key_data)
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def load_model(model_dir: str, cfg: ModelConfig, dtype, load_format: str = "auto") -> Decoder:
+def load_model(
+    model_dir: str, cfg: ModelConfig, dtype, load_format: str = "auto", attention_impl: str | None = None
+) -> Decoder:
     """Decoder with weights from `model_dir` ("auto"/"safetensors") or deterministic random ("dummy")."""
     dtype = resolve_dtype(dtype)
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype))
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype, attention_impl))
     graphdef, abs_state = nnx.split(abstract)
     if load_format == "dummy":
-        make = jax.jit(_dummy_param, static_argnums=(0, 1, 2))
-        state = jax.tree_util.tree_map_with_path(
-            lambda p, x: make(_path_name(p), tuple(x.shape), x.dtype), abs_state
-        )
+        # Made on the device, one compilation per distinct shape; the name seeds each tensor.
+        make = jax.jit(_dummy_param, static_argnums=(1, 2, 3))
+
+        def dummy(path, x):
+            name = _path_name(path)
+            return make(np.uint32(zlib.crc32(name.encode())), tuple(x.shape), x.dtype, name.endswith("norm"))
+
+        state = jax.tree_util.tree_map_with_path(dummy, abs_state)
     elif load_format in ("auto", "safetensors"):
         reader = _TensorReader(model_dir, dtype)
         state = jax.tree_util.tree_map_with_path(lambda p, x: _hf_param(cfg, _path_name(p), reader), abs_state)

@@ -97,8 +97,9 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention_impl: str | None = None):
         self.cfg = cfg
+        self.attention_impl = attention_impl  # None: the kernel for this platform (reference on CPU)
         self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype)
         self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
         self.norm = _param((cfg.hidden_size,), dtype)
@@ -151,6 +152,7 @@ class Decoder(nnx.Module):
                 attn.num_seqs,
                 sm_scale=cfg.sm_scale,
                 sliding_window=cfg.sliding_window,
+                impl=self.attention_impl,
             )
             o = proj(o.reshape(t, cfg.q_size), layer.w_o, layer.b_o, "o")
             x = x + o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + o

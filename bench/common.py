@@ -1,0 +1,103 @@
+"""Shared by the benchmarks: run metadata, hardware ceilings measured in the same run, result files."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+# Granite-3.2-8B-Instruct shapes (the aLoRA paper's base model).
+GRANITE_8B = {
+    "architectures": ["GraniteForCausalLM"],
+    "model_type": "granite",
+    "vocab_size": 49155,
+    "hidden_size": 4096,
+    "intermediate_size": 12800,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000000.0,
+    "embedding_multiplier": 12.0,
+    "attention_multiplier": 0.0078125,
+    "residual_multiplier": 0.22,
+    "logits_scaling": 16.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+
+
+def git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=here, text=True).strip()
+    except Exception:
+        return os.environ.get("JALORA_COMMIT", "unknown")
+
+
+def run_metadata() -> dict:
+    dev = jax.devices()[0]
+    return {
+        "device": getattr(dev, "device_kind", str(dev)),
+        "platform": dev.platform,
+        "jax_version": jax.__version__,
+        "commit": git_commit(),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_model_dir(path: str, config: dict) -> str:
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return path
+
+
+def timeit(fn, warmup: int = 2, iters: int = 10) -> float:
+    """Median seconds of fn() (fn must block until its device work is done)."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def measure_ceilings() -> dict:
+    """Device-to-device copy bandwidth (read + write bytes) and bf16 matmul rate, on random data."""
+    n = 1 << 30  # 2 GiB of bf16 per buffer, far beyond L2
+    src = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    copy = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
+    t_copy = timeit(lambda: copy(src).block_until_ready())
+    m = 8192
+    a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
+    b = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
+    mm = jax.jit(lambda a, b: a @ b)
+    t_mm = timeit(lambda: mm(a, b).block_until_ready())
+    return {
+        "hbm_copy_GBps": 2 * n * 2 / t_copy / 1e9,
+        "bf16_matmul_TFLOPs": 2 * m**3 / t_mm / 1e12,
+    }
+
+
+def save(name: str, result: dict) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, name)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(result, f, indent=2)
+    return path
