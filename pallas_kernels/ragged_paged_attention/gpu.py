@@ -40,6 +40,11 @@ _MASKED = -1e30  # finite: an all-masked row must not turn exp2(m_old - m_new) i
 _NUM_SMS = 132  # H100/H200; only used to pick a default split count
 
 
+def _dot(a, b, b_contract: int):
+    """f32-accumulated a @ b (b_contract=0) or a @ b.T (b_contract=1)."""
+    return jax.lax.dot_general(a, b, (((1,), (b_contract,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
@@ -124,7 +129,7 @@ def _kernel(
             else:
                 k = plgpu.load(k_ref.at[rows[:, None], d_idx[None, :]])
                 v = plgpu.load(v_ref.at[rows[:, None], d_idx[None, :]])
-            s = plgpu.dot(q, k, trans_b=True)  # f32 [BM, BK]
+            s = _dot(q, k, 1)  # f32 [BM, BK]
             if soft_cap is None:
                 s = s * scale_log2
             else:
@@ -140,7 +145,7 @@ def _kernel(
             if masked:
                 p = jnp.where(valid, p, 0.0)
             l_new = l_i * alpha + jnp.sum(p, axis=1)
-            acc = acc * alpha[:, None] + plgpu.dot(p.astype(v.dtype), v)
+            acc = acc * alpha[:, None] + _dot(p.astype(v.dtype), v, 0)
             return acc, m_new, l_new
 
         d = q_ref.shape[1]
@@ -168,7 +173,8 @@ def _kernel(
 
 def default_num_kv_splits(num_tokens: int, num_seqs: int, num_kv_heads: int, block_q: int, max_kv: int) -> int:
     """Enough programs to fill the SMs about twice when the batch is decode-shaped and long."""
-    programs = min(num_seqs, -(-num_tokens // block_q)) * num_kv_heads
+    # Every non-empty sequence owns at least one query block.
+    programs = max(-(-num_tokens // block_q), min(num_seqs, num_tokens)) * num_kv_heads
     if programs >= 2 * _NUM_SMS:
         return 1
     want = _next_pow2(-(-2 * _NUM_SMS // max(programs, 1)))

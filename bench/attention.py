@@ -1,0 +1,311 @@
+"""Ragged paged attention on the GPU: decode bandwidth and prefill TFLOP/s against measured ceilings.
+
+    python bench/attention.py [--quick] [--out bench/results/attention.json]
+
+- copy: a device-to-device elementwise pass over 4 GiB (bytes read + written) = the HBM ceiling
+  of this run.
+- decode: batch B of one-token queries over contexts of C tokens (Hq 32, Hkv 8, D 128, bf16,
+  block_size 16, pages scattered at random). Bytes = K + V of every context token + q + out.
+  GB/s and % of the copy bandwidth.
+- prefill: one causal chunk of N tokens (kv_len = N), same heads. FLOPs = 4 * N * N / 2 * Hq * D
+  (causal half), the same count for every implementation: our kernel, cuDNN flash attention
+  (`jax.nn.dot_product_attention(implementation="cudnn")` on dense [1, N, H, D]) and the jnp
+  reference (skipped where its [N, Hq, N] f32 scores would not fit).
+- variants: a few tiling choices of our kernel, so the defaults are picked with numbers.
+
+Each timing is the median of 5 runs of a jitted loop of `iters` dependent calls (the next call's
+q = q + 0 * out, so nothing is hoisted), per call. Writes JSON with device, versions, commit,
+command line and every number; prints a markdown table at the end.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
+from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+DTYPE = jnp.bfloat16
+SM_SCALE = 1.0 / D**0.5
+INTERPRET = False  # --smoke: run the whole script on CPU with tiny shapes (checks the script itself)
+
+
+def bench_loop(fn, q, *rest, iters, reps=5):
+    """Seconds per call of fn(q, *rest), fn's output shaped like q."""
+
+    @jax.jit
+    def loop(q, *rest):
+        def body(_, qc):
+            return qc + (fn(qc, *rest) * 0).astype(qc.dtype)
+
+        return jax.lax.fori_loop(0, iters, body, q)
+
+    jax.block_until_ready(loop(q, *rest))  # compile + warm up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(loop(q, *rest))
+        times.append((time.perf_counter() - t0) / iters)
+    return float(np.median(times))
+
+
+def copy_bandwidth(nbytes=4 << 30):
+    x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + jnp.bfloat16(1))
+    jax.block_until_ready(f(x))
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x))
+        times.append(time.perf_counter() - t0)
+    del x
+    return 2 * nbytes / float(np.median(times)) / 1e9  # read + write
+
+
+def paged_inputs(key, batch, q_len, ctx, bs):
+    """q [B*q_len, HQ, D]; every sequence has kv_len = ctx and its last q_len tokens as queries."""
+    p = -(-ctx // bs)
+    nblk = batch * p
+    kq, kk, kv, kp = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (batch * q_len, HQ, D), DTYPE)
+    k_pages = jax.random.normal(kk, (nblk, bs, HKV, D), DTYPE)
+    v_pages = jax.random.normal(kv, (nblk, bs, HKV, D), DTYPE)
+    pages = jax.random.permutation(kp, nblk).astype(jnp.int32).reshape(batch, p)
+    kv_lens = jnp.full((batch,), ctx, jnp.int32)
+    cu = jnp.arange(batch + 1, dtype=jnp.int32) * q_len
+    return q, k_pages, v_pages, kv_lens, pages, cu, jnp.int32(batch)
+
+
+def kernel_fn(**tuning):
+    return lambda q, *rest: ragged_paged_attention(q, *rest, sm_scale=SM_SCALE, impl="gpu",
+                                                       interpret=INTERPRET, **tuning)
+
+
+def rel_err(a, b):
+    a = np.asarray(a, np.float32)
+    b = np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)), float(np.abs(a - b).max())
+
+
+def run_decode(results, copy_gbs, batches, ctxs, bs, max_tokens, iters):
+    key = jax.random.key(1)
+    for b in batches:
+        for c in ctxs:
+            row = dict(batch=b, context=c, block_size=bs)
+            if b * c > max_tokens:
+                row["skipped"] = f"B*ctx > {max_tokens} tokens of KV (memory/time budget)"
+                results["decode"].append(row)
+                continue
+            try:
+                args = paged_inputs(key, b, 1, c, bs)
+                nbytes = b * c * HKV * D * 2 * 2 + 2 * args[0].size * 2
+                t = bench_loop(kernel_fn(), *args, iters=iters)
+                row.update(ms=t * 1e3, gbs=nbytes / t / 1e9, pct_copy=100 * nbytes / t / 1e9 / copy_gbs)
+                del args
+            except Exception as e:  # record and go on: one failure must not lose the run
+                row["error"] = f"{type(e).__name__}: {e}"[:500]
+            print("decode", row, flush=True)
+            results["decode"].append(row)
+
+
+def run_prefill(results, n, bs, iters, variants):
+    key = jax.random.key(2)
+    args = paged_inputs(key, 1, n, n, bs)
+    q, k_pages, v_pages = args[0], args[1], args[2]
+    # Dense copies for cuDNN: the same keys in sequence order.
+    k_dense = k_pages[args[4][0]].reshape(1, -1, HKV, D)[:, :n]
+    v_dense = v_pages[args[4][0]].reshape(1, -1, HKV, D)[:, :n]
+    flops = 4 * n * n / 2 * HQ * D
+    row = dict(tokens=n, block_size=bs, flops=flops)
+
+    def cudnn(qq, kd, vd):
+        o = jax.nn.dot_product_attention(qq[None], kd, vd, is_causal=True, scale=SM_SCALE,
+                                         implementation="cudnn")
+        return o[0]
+
+    try:
+        t = bench_loop(cudnn, q, k_dense, v_dense, iters=iters)
+        row.update(cudnn_ms=t * 1e3, cudnn_tflops=flops / t / 1e12)
+    except Exception as e:
+        row["cudnn_error"] = f"{type(e).__name__}: {e}"[:500]
+    best = None
+    for tuning in variants:
+        name = ",".join(f"{k}={v}" for k, v in tuning.items()) or "default"
+        try:
+            t = bench_loop(kernel_fn(**tuning), *args, iters=iters)
+            tf = flops / t / 1e12
+            row.setdefault("variants", {})[name] = dict(ms=t * 1e3, tflops=tf)
+            if best is None or tf > best[1]:
+                best = (name, tf, t)
+        except Exception as e:
+            row.setdefault("variants", {})[name] = dict(error=f"{type(e).__name__}: {e}"[:500])
+        print("prefill", n, name, row["variants"][name], flush=True)
+    if best:
+        row.update(kernel_best=best[0], kernel_ms=best[2] * 1e3, kernel_tflops=best[1])
+        if "cudnn_tflops" in row:
+            row["pct_cudnn"] = 100 * best[1] / row["cudnn_tflops"]
+    # Correctness on the device: kernel (default tiling) against cuDNN on the same inputs.
+    try:
+        out = jax.jit(kernel_fn())(*args)
+        ref = jax.jit(cudnn)(q, k_dense, v_dense)
+        row["rel_err_vs_cudnn"], row["max_abs_vs_cudnn"] = rel_err(out, ref)
+    except Exception as e:
+        row["check_error"] = f"{type(e).__name__}: {e}"[:500]
+    # jnp reference: scores are f32 [N, Hkv, g, N] plus temporaries.
+    if 4 * n * n * HQ * 3 < 100e9:
+        try:
+            ref_fn = lambda qq, *rest: ragged_paged_attention_reference(qq, *rest, sm_scale=SM_SCALE)
+            t = bench_loop(ref_fn, *args, iters=max(1, iters // 4), reps=3)
+            row.update(reference_ms=t * 1e3, reference_tflops=flops / t / 1e12)
+        except Exception as e:
+            row["reference_error"] = f"{type(e).__name__}: {e}"[:300]
+    else:
+        row["reference_skipped"] = "f32 scores [N, Hq, N] would not fit in HBM"
+    print("prefill", row, flush=True)
+    results["prefill"].append(row)
+
+
+def check_mixed(results):
+    """Mixed prefill chunks + decode rows with window and soft cap, kernel vs reference on device."""
+    rng = np.random.default_rng(0)
+    bs, s, p = 16, 6, 64
+    q_lens = np.array([1, 300, 1, 0, 77, 1], np.int32)
+    kv_lens = np.array([1000, 300, 17, 5, 1024, 640], np.int32)
+    t = int(q_lens.sum()) + 7
+    q = jnp.asarray(rng.standard_normal((t, HQ, D)), DTYPE)
+    k = jnp.asarray(rng.standard_normal((s * p, bs, HKV, D)), DTYPE)
+    v = jnp.asarray(rng.standard_normal((s * p, bs, HKV, D)), DTYPE)
+    pages = jnp.asarray(rng.permutation(s * p).reshape(s, p), jnp.int32)
+    cu = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    args = (q, k, v, jnp.asarray(kv_lens), pages, cu, jnp.int32(s))
+    out = {}
+    for kw in (dict(), dict(sliding_window=128, soft_cap=30.0)):
+        name = ",".join(kw) or "plain"
+        ref = ragged_paged_attention_reference(*args, sm_scale=SM_SCALE, **kw)
+        for tuning in (dict(), dict(num_kv_splits=4)):
+            got = jax.jit(lambda *a, kw=kw, tu=tuning: ragged_paged_attention(
+                *a, sm_scale=SM_SCALE, impl="gpu", interpret=INTERPRET, **kw, **tu))(*args)
+            rel, mx = rel_err(got, ref)
+            pad_zero = bool(np.all(np.asarray(got[int(q_lens.sum()):], np.float32) == 0))
+            out[f"{name}/{tuning or 'default'}"] = dict(rel_err=rel, max_abs=mx, padding_zero=pad_zero)
+    results["mixed_check"] = out
+    print("mixed check", out, flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="a few shapes only")
+    ap.add_argument("--out", default="bench/results/attention.json")
+    ap.add_argument("--git-commit", default=None, help="used when git is not available")
+    ap.add_argument("--skip-variants", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode, CPU")
+    args = ap.parse_args()
+    global INTERPRET
+    INTERPRET = args.smoke
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except Exception:
+        commit = args.git_commit
+    dev = jax.devices()[0]
+    results = dict(
+        command=" ".join([sys.executable, *sys.argv]),
+        device=getattr(dev, "device_kind", str(dev)),
+        jax_version=jax.__version__,
+        git_commit=commit,
+        shapes=dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype="bfloat16"),
+        decode=[],
+        prefill=[],
+    )
+    print(results, flush=True)
+    t_start = time.time()
+    copy_gbs = copy_bandwidth(64 << 20 if args.smoke else 4 << 30)
+    results["copy_gbs_read_plus_write"] = copy_gbs
+    print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    try:
+        check_mixed(results)
+    except Exception:
+        results["mixed_check_error"] = traceback.format_exc()[-2000:]
+        print(results["mixed_check_error"], flush=True)
+
+    if args.smoke:
+        batches, ctxs = [2], [64, 128]
+    elif args.quick:
+        batches, ctxs = [8, 64], [4096, 16384]
+    else:
+        batches, ctxs = [1, 8, 32, 128, 256], [1024, 4096, 16384, 65536]
+    run_decode(results, copy_gbs, batches, ctxs, bs=16, max_tokens=4 << 20, iters=2 if args.smoke else 20)
+    dump(results, args.out)
+    if not args.skip_variants:
+        sweep = [dict(block_k=32), dict(block_k=128), dict(num_stages=2), dict(num_stages=4),
+                 dict(num_kv_splits=1), dict(num_kv_splits=16)]
+        for b, c, tunings in [(2, 128, sweep)] if args.smoke else [
+                (8, 16384, sweep), (128, 4096, [dict(block_k=128), dict(num_stages=4)])]:
+            args_d = paged_inputs(jax.random.key(3), b, 1, c, 16)
+            nbytes = b * c * HKV * D * 4
+            for tuning in tunings:
+                name = f"B={b},ctx={c}," + ",".join(f"{k}={v}" for k, v in tuning.items())
+                try:
+                    t = bench_loop(kernel_fn(**tuning), *args_d, iters=2 if args.smoke else 20)
+                    results.setdefault("decode_variants", {})[name] = dict(
+                        ms=t * 1e3, gbs=nbytes / t / 1e9, pct_copy=100 * nbytes / t / 1e9 / copy_gbs)
+                except Exception as e:
+                    results.setdefault("decode_variants", {})[name] = dict(error=f"{type(e).__name__}: {e}"[:300])
+                print(name, results["decode_variants"][name], flush=True)
+            del args_d
+    variants = [dict()]
+    if not args.skip_variants:
+        variants += [dict(block_m=64), dict(block_k=32), dict(block_k=128, num_stages=2),
+                     dict(num_warps=4), dict(block_m=64, num_warps=4, num_stages=4)]
+    dump(results, args.out)
+    n1, n2 = (128, 256) if args.smoke else (8192, 32768)
+    run_prefill(results, n1, 16, iters=2 if args.smoke else 10, variants=variants)
+    dump(results, args.out)
+    best8k = results["prefill"][-1].get("kernel_best", "default")
+    best = variants[[(",".join(f"{k}={v}" for k, v in t.items()) or "default") for t in variants].index(best8k)]
+    run_prefill(results, n2, 16, iters=1 if args.smoke else 3, variants=[best])
+    results["wall_s"] = time.time() - t_start
+    dump(results, args.out)
+    print(markdown(results))
+
+
+def dump(results, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+def markdown(r):
+    lines = [f"device {r['device']}, jax {r['jax_version']}, commit {str(r['git_commit'])[:10]}, "
+             f"copy {r['copy_gbs_read_plus_write']:.0f} GB/s", "",
+             "| decode B | context | ms | GB/s | % of copy |", "| --- | --- | --- | --- | --- |"]
+    for row in r["decode"]:
+        if "gbs" in row:
+            lines.append(f"| {row['batch']} | {row['context']} | {row['ms']:.3f} | {row['gbs']:.0f} | "
+                         f"{row['pct_copy']:.0f}% |")
+        else:
+            lines.append(f"| {row['batch']} | {row['context']} | - | - | "
+                         f"{row.get('skipped') or row.get('error', '')[:60]} |")
+    lines += ["", "| prefill tokens | kernel TFLOP/s | cuDNN TFLOP/s | % of cuDNN | reference TFLOP/s |",
+              "| --- | --- | --- | --- | --- |"]
+    for row in r["prefill"]:
+        ref = f"{row['reference_tflops']:.1f}" if "reference_tflops" in row else "skipped (OOM)"
+        lines.append(f"| {row['tokens']} | {row.get('kernel_tflops', float('nan')):.0f} | "
+                     f"{row.get('cudnn_tflops', float('nan')):.0f} | {row.get('pct_cudnn', float('nan')):.0f}% | "
+                     f"{ref} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
