@@ -53,7 +53,6 @@ def make_alora(
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    model.name_or_path = model.config._name_or_path = os.path.basename(os.path.normpath(model_dir))
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -72,14 +71,16 @@ def make_alora(
     readme = os.path.join(out_dir, "README.md")  # PEFT's empty model card: not part of the format
     if os.path.exists(readme):
         os.remove(readme)
+    path = os.path.join(out_dir, "adapter_config.json")
+    with open(path) as f:
+        saved = json.load(f)
+    # PEFT records the local path it loaded the base from; keep the files free of this machine's paths.
+    saved["base_model_name_or_path"] = os.path.basename(os.path.normpath(model_dir))
     if invocation_string is not None:
-        path = os.path.join(out_dir, "adapter_config.json")
-        with open(path) as f:
-            saved = json.load(f)
         saved["invocation_string"] = invocation_string
-        with open(path, "w") as f:
-            json.dump(saved, f, indent=2, sort_keys=True)
-            f.write("\n")
+    with open(path, "w") as f:
+        json.dump(saved, f, indent=2, sort_keys=True)
+        f.write("\n")
     return str(out_dir)
 
 
