@@ -18,10 +18,13 @@ from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parent / "default"
 
-# name -> (invocation string, targeted modules, seed). Different targets exercise both LoRA groups.
+# name -> (invocation string, targeted modules, seed). Granite-style role markers: the special tokens
+# keep the tokenizer from merging the invocation with the text before it, so text prompts work too.
+# Different targets exercise the attention and the MLP adapter groups.
 JUDGES = {
-    "certainty": ("\n<judge:certainty>", ["q_proj", "k_proj", "v_proj", "o_proj"], 1),
-    "safety": ("\n<judge:safety>", ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], 2),
+    "certainty": ("<|start_of_role|>certainty<|end_of_role|>", ["q_proj", "k_proj", "v_proj", "o_proj"], 1),
+    "hallucination": ("<|start_of_role|>hallucination<|end_of_role|>", ["q_proj", "v_proj"], 2),
+    "safety": ("<|start_of_role|>safety<|end_of_role|>", ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], 3),
 }
 RANK = 8
 ALPHA = 16
@@ -76,6 +79,8 @@ def make_alora(
         saved = json.load(f)
     # PEFT records the local path it loaded the base from; keep the files free of this machine's paths.
     saved["base_model_name_or_path"] = os.path.basename(os.path.normpath(model_dir))
+    if isinstance(saved.get("target_modules"), list):  # PEFT keeps them in a set: fix the order
+        saved["target_modules"] = sorted(saved["target_modules"])
     if invocation_string is not None:
         saved["invocation_string"] = invocation_string
     with open(path, "w") as f:
