@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from server.errors import EngineFailure, ServerOverloadedError
+from server.errors import EngineFailure, ServerOverloadedError, ServerShuttingDownError
 
 logger = logging.getLogger(__name__)
 
@@ -208,23 +208,32 @@ class EngineWorker:
 
     def _run(self) -> None:
         while True:
-            # Block while idle; once requests are in flight only take what is already queued.
-            busy = bool(self._trackers) or self._engine_busy()
             try:
-                command = self._commands.get(block=not busy)
+                if not self._iterate():
+                    return
+            except Exception:  # a bug here must not silence every stream: log and go on
+                logger.exception("engine loop iteration failed")
+
+    def _iterate(self) -> bool:
+        """One loop turn: take commands, then step if anything is in flight. False once stopped."""
+        # Block while idle; once requests are in flight only take what is already queued.
+        busy = bool(self._trackers) or self._engine_busy()
+        try:
+            command = self._commands.get(block=not busy)
+        except queue.Empty:
+            command = None
+        while command is not None:
+            if command is _STOP:
+                self._abort_all(ServerShuttingDownError("the server is shutting down"))
+                return False
+            self._handle(command)
+            try:
+                command = self._commands.get_nowait()
             except queue.Empty:
                 command = None
-            while command is not None:
-                if command is _STOP:
-                    self._abort_all(EngineFailure("server is shutting down"))
-                    return
-                self._handle(command)
-                try:
-                    command = self._commands.get_nowait()
-                except queue.Empty:
-                    command = None
-            if self._trackers or self._engine_busy():
-                self._step()
+        if self._trackers or self._engine_busy():
+            self._step()
+        return True
 
     def _engine_busy(self) -> bool:
         try:
@@ -240,7 +249,7 @@ class EngineWorker:
             try:
                 self.engine.add_request(request_id, prompt, params, adapter=adapter)
             except Exception as exc:  # reported to that request only
-                loop.call_soon_threadsafe(stream._push, exc)
+                _post(loop, stream._push, exc)
                 return
             self._trackers[request_id] = _Tracker(stream, received, loop)
         elif kind == "abort":
@@ -254,7 +263,7 @@ class EngineWorker:
                 result, error = fn(self.llm), None
             except Exception as exc:  # handed to the caller
                 result, error = None, exc
-            loop.call_soon_threadsafe(_resolve, future, result, error)
+            _post(loop, _resolve, future, result, error)
 
     def _step(self) -> None:
         try:
@@ -283,7 +292,7 @@ class EngineWorker:
             # The engine forgot requests without finishing them: do not leave their streams hanging.
             self._abort_all(EngineFailure("engine dropped the request"))
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_deliver, items)
+            _post(loop, _deliver, items)
 
     def _safe_abort(self, request_id: str) -> None:
         try:
@@ -294,7 +303,7 @@ class EngineWorker:
     def _abort_all(self, error: BaseException) -> None:
         for request_id, tracker in list(self._trackers.items()):
             self._safe_abort(request_id)
-            tracker.loop.call_soon_threadsafe(tracker.stream._push, error)
+            _post(tracker.loop, tracker.stream._push, error)
         self._trackers.clear()
         # Drain the engine's own final outputs of the aborted requests so their blocks are freed.
         for _ in range(4):
@@ -305,6 +314,14 @@ class EngineWorker:
             except Exception:
                 logger.exception("engine step failed while draining aborted requests")
                 break
+
+
+def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """Schedules fn(*args) on `loop`; a loop that has closed (its caller is gone) is not an error."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        logger.debug("event loop closed; dropping a result")
 
 
 def _deliver(items: list[tuple[RequestStream, Delta | BaseException]]) -> None:

@@ -26,6 +26,10 @@ class ServerOverloadedError(CapacityError):
     """The admission bound of the server is reached (RESOURCE_EXHAUSTED)."""
 
 
+class ServerShuttingDownError(RuntimeError):
+    """The server stopped while the request ran (UNAVAILABLE: the client may retry elsewhere)."""
+
+
 class EngineFailure(RuntimeError):
     """The engine raised while stepping; the requests in that step are failed, the server goes on."""
 
@@ -45,6 +49,8 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
         return grpc.StatusCode.PERMISSION_DENIED, str(exc), "path"
     if isinstance(exc, FileNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc), "path"
+    if isinstance(exc, ServerShuttingDownError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc), None
     if isinstance(exc, EngineFailure):
         return grpc.StatusCode.INTERNAL, str(exc), None
     logger.exception("unexpected error while serving a call", exc_info=exc)
