@@ -136,6 +136,9 @@ def qkv_with_lora(mode, x, w, lora, slots, segs):
     a, b, packed = lora
     if mode == "kernel_add_packed":
         return masked_lora_add(base, x, a, packed, segs, out_widths=(DQ, DKV, DKV))
+    if mode.startswith("kernel_add_cfg"):  # kernel_add_cfg<block_n>_<k_chunk>: tuning variants
+        bn, kc = (int(v) for v in mode[len("kernel_add_cfg") :].split("_"))
+        return masked_lora_gpu(x, a, b, segs, base, accumulate=True, block_n=bn, k_chunk=kc)
     if mode == "kernel_add":
         return masked_lora_add(base, x, a, b, segs)
     if mode == "kernel_delta":
@@ -267,6 +270,11 @@ def run_stack(t, slots, max_segments, modes, layers, rounds, calls, base, loras)
     return med, samples
 
 
+def _kernel_cfg(bn, kc, x, a, b, p, s, g):
+    zeros = jnp.zeros((x.shape[0], b.shape[2]), x.dtype)
+    return masked_lora_gpu(x, a, b, g, zeros, accumulate=False, block_n=bn, k_chunk=kc)
+
+
 def run_kernel_compare(cases, loras, rounds, calls):
     """Delta of one fused-qkv LoRA, 40 layers' adapter weights (one call each) in one jit."""
     results = []
@@ -277,16 +285,10 @@ def run_kernel_compare(cases, loras, rounds, calls):
         impls = {
             "kernel": lambda x, a, b, p, s, g: masked_lora(x, a, b, g),
             "kernel_packed": lambda x, a, b, p, s, g: masked_lora(x, a, p, g, out_widths=(DQ, DKV, DKV)),
-            "kernel_bn256": lambda x, a, b, p, s, g: masked_lora_gpu(
-                x,
-                a,
-                b,
-                g,
-                jnp.zeros((x.shape[0], b.shape[2]), x.dtype),
-                accumulate=False,
-                block_n=256,
-                k_chunk=1024,
-            ),
+            **{
+                f"kernel_cfg{bn}_{kc}": functools.partial(_kernel_cfg, bn, kc)
+                for bn, kc in ((256, 1024), (64, 256), (128, 256), (64, 512))
+            },
             "ragged_dot": lambda x, a, b, p, s, g: lora_ragged_dot(x, a, b, s),
             "one_hot": lambda x, a, b, p, s, g: lora_one_hot(x, a, b, s),
         }
@@ -295,7 +297,7 @@ def run_kernel_compare(cases, loras, rounds, calls):
             return [impl(x, a, b, p, s, g) for a, b, p in loras]
 
         if jax.default_backend() != "gpu":
-            del impls["kernel_bn256"]
+            impls = {k: v for k, v in impls.items() if not k.startswith("kernel_cfg")}
         fns = {k: jax.jit(functools.partial(over_layers, f)) for k, f in impls.items()}
         args = {k: (x, loras, slots_j, segs) for k in impls}
         med, _ = bench_interleaved(fns, args, rounds, calls)
@@ -319,6 +321,7 @@ def main():
     p.add_argument("--check", action="store_true", help="compare the GPU kernel with the reference first")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 rounds: plumbing test on a CPU")
     p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--parts", default="a,b,c", help="which of a (decode), b (prefill), c (kernel vs) to run")
     p.add_argument("--compare-layers", type=int, default=8, help="adapter weight sets timed in (c)")
     args = p.parse_args()
     if args.smoke:
@@ -375,34 +378,39 @@ def main():
     loras = make_qkv_lora(jax.random.key(1), layers)
     jax.block_until_ready((base, loras))
 
+    parts = set(args.parts.split(","))
     modes_a = ["base", "kernel_add", "kernel_add_packed", "kernel_delta", "one_hot", "ragged_dot"]
-    med_a, samp_a = run_stack(DECODE_SEQS, decode_slots(), 64, modes_a, layers, rounds, 10, base, loras)
-    result["decode"] = dict(
-        tokens=DECODE_SEQS,
-        sequences=DECODE_SEQS,
-        adapters=NUM_ADAPTERS,
-        max_segments=64,
-        ms=med_a,
-        overhead_vs_base={m: med_a[m] / med_a["base"] - 1 for m in modes_a[1:]},
-        samples_ms=samp_a,
-        goal_overhead=0.10,
-    )
-    print("decode:", json.dumps(result["decode"]["ms"]), flush=True)
-    save()
+    if jax.default_backend() == "gpu":
+        modes_a += ["kernel_add_cfg64_256"]
+    if "a" in parts:
+        med_a, samp_a = run_stack(DECODE_SEQS, decode_slots(), 64, modes_a, layers, rounds, 10, base, loras)
+        result["decode"] = dict(
+            tokens=DECODE_SEQS,
+            sequences=DECODE_SEQS,
+            adapters=NUM_ADAPTERS,
+            max_segments=64,
+            ms=med_a,
+            overhead_vs_base={m: med_a[m] / med_a["base"] - 1 for m in modes_a[1:] if m in med_a},
+            samples_ms=samp_a,
+            goal_overhead=0.10,
+        )
+        print("decode:", json.dumps(result["decode"]["ms"]), flush=True)
+        save()
 
-    modes_b = ["base", "kernel_add", "kernel_add_packed", "kernel_delta"]
-    med_b, samp_b = run_stack(PREFILL_T, prefill_slots(), 64, modes_b, layers, max(3, rounds - 2), 2, base, loras)
-    result["prefill"] = dict(
-        tokens=PREFILL_T,
-        adapted_tokens=PREFILL_ACTIVE,
-        max_segments=64,
-        ms=med_b,
-        overhead_vs_base={m: med_b[m] / med_b["base"] - 1 for m in modes_b[1:]},
-        samples_ms=samp_b,
-        goal_overhead=0.02,
-    )
-    print("prefill:", json.dumps(result["prefill"]["ms"]), flush=True)
-    save()
+    if "b" in parts:
+        modes_b = ["base", "kernel_add", "kernel_add_packed", "kernel_delta"]
+        med_b, samp_b = run_stack(PREFILL_T, prefill_slots(), 64, modes_b, layers, max(3, rounds - 2), 2, base, loras)
+        result["prefill"] = dict(
+            tokens=PREFILL_T,
+            adapted_tokens=PREFILL_ACTIVE,
+            max_segments=64,
+            ms=med_b,
+            overhead_vs_base={m: med_b[m] / med_b["base"] - 1 for m in modes_b[1:] if m in med_b},
+            samples_ms=samp_b,
+            goal_overhead=0.02,
+        )
+        print("prefill:", json.dumps(result["prefill"]["ms"]), flush=True)
+        save()
     del base
 
     dense = np.repeat(np.arange(NUM_ADAPTERS, dtype=np.int32), DENSE_T // NUM_ADAPTERS)
@@ -411,31 +419,36 @@ def main():
         (f"prefill_{PREFILL_T}_tail{PREFILL_ACTIVE}", PREFILL_T, prefill_slots()),
         (f"prefill_{DENSE_T}_all_adapted", DENSE_T, dense),
     ]
-    result["kernel_vs"] = run_kernel_compare(cases, loras[: args.compare_layers], rounds, 3)
-    save()
+    if "c" in parts:
+        result["kernel_vs"] = run_kernel_compare(cases, loras[: args.compare_layers], rounds, 3)
+        save()
     print_table(result)
 
 
 def print_table(r):
-    d, p = r["decode"], r["prefill"]
+    d, p = r.get("decode"), r.get("prefill")
     print(f"\n{r['device']}, jax {r['jax_version']}, commit {r['git_commit'][:10]}; {r['what']}\n")
     print("| workload (projection stack) | base ms | + LoRA ms: kernel add | packed add | delta | goal |")
     print("|---|---|---|---|---|---|")
-    for name, x in (
-        (f"(a) decode {d['tokens']} seqs, 8 aLoRA r=32 q/k/v", d),
-        (f"(b) prefill {p['tokens']}, last {p['adapted_tokens']} adapted", p),
-    ):
+    rows = []
+    if d:
+        rows.append((f"(a) decode {d['tokens']} seqs, 8 aLoRA r=32 q/k/v", d))
+    if p:
+        rows.append((f"(b) prefill {p['tokens']}, last {p['adapted_tokens']} adapted", p))
+    for name, x in rows:
         ms, o = x["ms"], x["overhead_vs_base"]
         cells = [
             f"{ms[m]:.3f} ({o[m]:+.1%})" if m in o else "failed"
             for m in ("kernel_add", "kernel_add_packed", "kernel_delta")
         ]
         print(f"| {name} | {ms['base']:.3f} | " + " | ".join(cells) + f" | <= {x['goal_overhead']:.0%} |")
-    o = d["overhead_vs_base"]
+    o = d["overhead_vs_base"] if d else {}
     print(
         f"\n(a) with the one-hot einsum: {o.get('one_hot', float('nan')):+.1%}; "
         f"with ragged_dot: {o.get('ragged_dot', float('nan')):+.1%}\n"
     )
+    if "kernel_vs" not in r:
+        return
     keys = sorted({k[: -len("_us_per_call")] for c in r["kernel_vs"] for k in c if k.endswith("_us_per_call")})
     print("| (c) fused-qkv delta, us per call | " + " | ".join(keys) + " | kernel weight GB/s |")
     print("|---" * (len(keys) + 2) + "|")
