@@ -51,7 +51,8 @@ def bench_prefill(llm, n: int, reps: int) -> dict:
 def bench_decode(llm, batch: int, context: int, steps: int) -> dict:
     engine = llm.engine
     cfg = engine.cfg
-    params = SamplingParams(max_tokens=steps + 8, ignore_eos=True)
+    # Early requests decode while later ones prefill: leave room so none finishes inside the window.
+    params = SamplingParams(max_tokens=steps + 8 + batch, ignore_eos=True)
     ids = [f"dec-{batch}-{i}" for i in range(batch)]
     for i, rid in enumerate(ids):
         engine.add_request(rid, prompt(context, cfg.vocab_size, 100 + i), params)
@@ -91,7 +92,7 @@ def main(argv=None) -> dict:
     ceilings = measure_ceilings() if meta["platform"] == "gpu" else {}
     cfg = GRANITE_8B if args.preset == "granite-8b" else TINY
     model_dir = write_model_dir(tempfile.mkdtemp(prefix="jalora-bench-"), cfg)
-    max_len = max(args.prefill + [args.context + args.decode_steps]) + 32
+    max_len = max(args.prefill + [args.context + args.decode_steps + max(args.decode_batches)]) + 32
     llm = LLM(
         model_dir, dtype="bfloat16", load_format="dummy", max_num_seqs=max(args.decode_batches),
         max_num_batched_tokens=max(args.prefill + [2048]), max_model_len=max_len, enable_prefix_caching=False,
