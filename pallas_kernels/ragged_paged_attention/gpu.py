@@ -14,11 +14,15 @@ select), and a masked tail (causal diagonal and kv_len). With `num_kv_splits > 1
 sequences, long context: too few programs to fill 132 SMs) every program covers a slice of the
 tiles and writes an unnormalised partial (acc, m, l); a small XLA combine merges the splits.
 
-Why Triton and not Mosaic GPU: see the numbers in bench/notes_attention.md. In short, the Triton
-lowering compiles on JAX 0.10 and 0.11, runs the interpret-mode tests on CPU, and gathers pages of
-any block size with plain pointer arithmetic; the Mosaic GPU path (TMA + wgmma) needs TMA
-descriptors per page and warp specialisation to pay off, which did not fit the time and device
-budget of this issue. Measured on the H200 (bench/results/attention.json): see the notes file.
+Why the Triton lowering and not Mosaic GPU (measured on one H200, JAX 0.11.2, bf16, Hq 32 / Hkv 8,
+D 128, block_size 16, bench/results/attention.json): the Triton-lowered kernel compiles on JAX
+0.10 and 0.11, runs the interpret-mode tests on CPU, and gathers pages of any block size with
+plain pointer arithmetic. It reads 2.8-4.2 TB/s of KV in decode (B >= 8, context >= 16k; B >= 128
+at 4k), i.e. at the HBM limit, so a Mosaic rewrite would buy nothing there. Prefill reaches 276
+TFLOP/s at 8k and 333 at 32k tokens, 50% / 56% of cuDNN flash attention (552 / 591) and 7x the
+jnp reference (38). That gap is where Mosaic GPU (TMA page copies + wgmma + warp specialisation,
+as in jax's attention_mgpu.py) would pay; it needs one TMA descriptor walk per page and did not
+fit this issue's device budget (9 minutes, two runs), so it is the next step, not done.
 """
 
 import functools
@@ -228,7 +232,9 @@ def ragged_paged_attention_gpu(
     if num_warps is None:
         num_warps = 4  # H200, 8k prefill: 4 warps 272 TFLOP/s, 8 warps 245 (bench/results/attention_run1.json)
     if num_stages is None:
-        num_stages = 3 if d <= 128 else 2
+        # H200 decode B=8: 2 stages 79% / 120% of the copy ceiling at 4k / 16k context, 3 stages
+        # 64% / 94%; prefill keeps 3 (bench/results/attention.json).
+        num_stages = 2 if decode_like or d > 128 else 3
 
     blk_seq, blk_q0 = q_block_metadata(kv_lens, cu_q_lens, num_seqs, block_q=block_q,
                                        num_blocks=num_q_blocks)
