@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jalora.config import ModelConfig
+from pallas_kernels.masked_lora import LoraSegments, masked_lora_add
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv
 
 # Adapted projection groups, in the order the step walks them. Each maps to the HF module names
@@ -32,11 +33,15 @@ class AttentionMetadata(NamedTuple):
 
 
 class LoraBatch(NamedTuple):
-    """Adapter stacks (scaling folded into B, ranks zero-padded) and this step's token slots."""
+    """Adapter stacks (scaling folded into B, ranks zero-padded) and this step's adapted-token runs."""
 
     weights: dict  # group -> (A f[L, n, Din, R], B f[L, n, R, Dout])
-    token_slots: jax.Array  # i32[T] adapter slot of each token, -1 = base weights
-    segments: object  # kernel segment metadata for token_slots (pallas_kernels.masked_lora), or None
+    segments: LoraSegments  # runs of tokens per adapter slot; base tokens belong to none
+
+
+def masked_lora_fn(y, x, a, b, lora: LoraBatch):
+    """y [T, Dout] + the LoRA delta of adapted tokens only (the platform's masked multi-LoRA kernel)."""
+    return masked_lora_add(y, x, a, b, lora.segments)
 
 
 def rms_norm(x, w, eps):
@@ -112,7 +117,7 @@ class Decoder(nnx.Module):
         kv_caches,  # list over layers of (K, V), each [num_blocks, block_size, Hkv, D]
         attn: AttentionMetadata,
         lora: LoraBatch | None,
-        lora_fn: Callable | None = None,
+        lora_fn: Callable = masked_lora_fn,
     ):
         """Returns (hidden [T, D] after the final norm, new kv_caches)."""
         cfg = self.cfg
@@ -128,10 +133,11 @@ class Decoder(nnx.Module):
                 y = jnp.dot(h, w[...], preferred_element_type=jnp.float32)
                 if b is not None:
                     y = y + b[...].astype(jnp.float32)
+                y = y.astype(h.dtype)
                 if lora is not None and group in lora.weights:
                     a_stack, b_stack = lora.weights[group]
-                    y = y + lora_fn(h, a_stack[_i], b_stack[_i], lora).astype(jnp.float32)
-                return y.astype(h.dtype)
+                    y = lora_fn(y, h, a_stack[_i], b_stack[_i], lora)
+                return y
 
             h = rms_norm(x, layer.input_norm[...], cfg.rms_norm_eps)
             qkv = proj(h, layer.w_qkv, layer.b_qkv, "qkv")

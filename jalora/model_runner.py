@@ -17,6 +17,7 @@ from jalora.model import AttentionMetadata, Decoder, LoraBatch
 from jalora.sampler import sample
 from jalora.sampling_params import MAX_LOGPROBS
 from jalora.scheduler import ScheduledBatch
+from pallas_kernels.masked_lora import LoraSegments, build_lora_segments
 
 MIN_BUCKET = 16
 
@@ -24,7 +25,7 @@ MIN_BUCKET = 16
 class StepInputs(NamedTuple):
     token_ids: jax.Array  # i32[T]
     positions: jax.Array  # i32[T]
-    token_slots: jax.Array  # i32[T] adapter slot per token, -1 = base
+    lora_segments: LoraSegments | None  # adapted-token runs; None when no token of the step is adapted
     prompt_targets: jax.Array  # i32[T] next prompt token (for prompt logprobs), -1 = none
     attn: AttentionMetadata
     logits_indices: jax.Array  # i32[S] row of each sequence's last token
@@ -41,15 +42,6 @@ class StepResult(NamedTuple):
     top_ids: np.ndarray | None  # i32[S, MAX_LOGPROBS]
     top_logprobs: np.ndarray | None  # f32[S, MAX_LOGPROBS]
     prompt_logprobs: np.ndarray | None  # f32[T]
-
-
-def lora_delta_onehot(x, a, b, lora: LoraBatch):
-    """jnp masked multi-LoRA: x [T, Din], a [n, Din, R], b [n, R, Dout] -> [T, Dout] (f32)."""
-    n = a.shape[0]
-    xa = jnp.einsum("td,ndr->tnr", x, a, preferred_element_type=jnp.float32)
-    onehot = lora.token_slots[:, None] == jnp.arange(n, dtype=jnp.int32)[None, :]
-    xa = jnp.where(onehot[:, :, None], xa, 0.0).astype(b.dtype)
-    return jnp.einsum("tnr,nro->to", xa, b, preferred_element_type=jnp.float32)
 
 
 def token_buckets(max_num_batched_tokens: int) -> list[int]:
@@ -78,13 +70,12 @@ class ModelRunner:
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(cfg.num_layers)]
         self.lora_weights: dict = {}  # group -> (A [L, n, Din, R], B [L, n, R, Dout]); see adapters.py
-        self.lora_fn = lora_delta_onehot
         graphdef = self.graphdef
 
         def step_fn(state, kv_caches, lora_weights, inp: StepInputs, do_sample, want_logprobs, want_prompt_lp):
             model = nnx.merge(graphdef, state)
-            lora = LoraBatch(lora_weights, inp.token_slots, None) if lora_weights else None
-            hidden, kv_caches = model(inp.token_ids, inp.positions, kv_caches, inp.attn, lora, self.lora_fn)
+            lora = LoraBatch(lora_weights, inp.lora_segments) if inp.lora_segments is not None else None
+            hidden, kv_caches = model(inp.token_ids, inp.positions, kv_caches, inp.attn, lora)
             logits = model.logits(hidden[inp.logits_indices])
             tokens = sample(
                 logits, inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters, do_sample=do_sample
@@ -161,8 +152,11 @@ class ModelRunner:
         attn = AttentionMetadata(
             slot_mapping, kv_lens, page_indices, cu, np.array([len(batch.requests)], np.int32)
         )
+        segments = None
+        if (token_slots >= 0).any():  # base-only steps skip the LoRA path entirely (another compilation)
+            segments = build_lora_segments(token_slots, max_segments=s)
         inp = StepInputs(
-            token_ids, positions, token_slots, prompt_targets, attn, logits_indices,
+            token_ids, positions, segments, prompt_targets, attn, logits_indices,
             temperature, top_k, top_p, seeds, counters,
         )  # fmt: skip
         return inp, flags

@@ -82,6 +82,10 @@ class Scheduler:
             batch.requests.append(req)
             batch.num_tokens.append(n)
             budget -= n
+        # Equal adapter slots side by side: the masked multi-LoRA kernel then walks fewer, longer runs.
+        order = sorted(range(len(batch.requests)), key=lambda k: batch.requests[k].adapter_slot)
+        batch.requests = [batch.requests[k] for k in order]
+        batch.num_tokens = [batch.num_tokens[k] for k in order]
         return batch
 
     def finish(self, req: Request, reason: str) -> None:

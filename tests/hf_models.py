@@ -67,3 +67,58 @@ def oracle_greedy(model, ids: list[int], n: int) -> list[int]:
         attention_mask=torch.ones(1, len(ids), dtype=torch.long),
     )  # fmt: skip
     return out[0, len(ids) :].tolist()
+
+
+ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(
+    base_path: str, out: str, targets, r: int = 8, alpha: float = 16, invocation=None, seed: int = 0, **extra
+) -> str:
+    """A PEFT (a)LoRA adapter with random A and B, written by PEFT itself."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = load_oracle(base_path)
+    cfg = LoraConfig(
+        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+        alora_invocation_tokens=invocation,
+        **extra,
+    )  # fmt: skip
+    peft_model = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.normal_(0.0, 0.15)
+    peft_model.save_pretrained(out)
+    return out
+
+
+def load_peft_oracle(base_path: str, adapter_path: str):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_oracle(base_path), adapter_path).eval()
+
+
+@torch.no_grad()
+def oracle_run(model, ids: list[int], n: int, activation: int | None = None):
+    """(prompt logprobs, n greedy tokens, logprob of each) without a KV cache, the aLoRA activation fixed."""
+    seq = list(ids)
+    kwargs = {}
+
+    def logits_of(seq):
+        if activation is not None:
+            kwargs["alora_offsets"] = [len(seq) - activation]
+        return model(torch.tensor([seq]), **kwargs).logits[0].float()
+
+    lp = torch.log_softmax(logits_of(seq), -1)
+    prompt_lps = [lp[i - 1, ids[i]].item() for i in range(1, len(ids))]
+    tokens, token_lps = [], []
+    for _ in range(n):
+        row = lp[len(seq) - 1]
+        t = int(torch.argmax(row))
+        tokens.append(t)
+        token_lps.append(row[t].item())
+        seq.append(t)
+        lp = torch.log_softmax(logits_of(seq), -1)
+    return prompt_lps, tokens, token_lps
