@@ -75,18 +75,23 @@ def timeit(fn, warmup: int = 2, iters: int = 10) -> float:
 
 
 def measure_ceilings() -> dict:
-    """Device-to-device copy bandwidth (read + write bytes) and bf16 matmul rate, on random data."""
-    n = 1 << 30  # 2 GiB of bf16 per buffer, far beyond L2
+    """HBM bandwidth (a copy: read + write bytes; a reduction: read bytes) and the bf16 matmul rate."""
+    n = 1 << 30  # 2 GiB of bf16, far beyond L2
     src = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
     copy = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
     t_copy = timeit(lambda: copy(src).block_until_ready())
+    read = jax.jit(lambda a: jnp.sum(a.reshape(-1, 4096).astype(jnp.float32), axis=0))
+    t_read = timeit(lambda: read(src).block_until_ready())
     m = 8192
     a = jax.random.normal(jax.random.key(1), (m, m), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(2), (m, m), jnp.bfloat16)
     mm = jax.jit(lambda a, b: a @ b)
     t_mm = timeit(lambda: mm(a, b).block_until_ready())
+    copy_bw, read_bw = 2 * n * 2 / t_copy / 1e9, n * 2 / t_read / 1e9
     return {
-        "hbm_copy_GBps": 2 * n * 2 / t_copy / 1e9,
+        "hbm_copy_GBps": copy_bw,
+        "hbm_read_GBps": read_bw,
+        "hbm_GBps": max(copy_bw, read_bw),  # the roofline's bandwidth: the best we measured
         "bf16_matmul_TFLOPs": 2 * m**3 / t_mm / 1e12,
     }
 

@@ -38,14 +38,14 @@ def _default_adapters(model_dir: Path) -> list[tuple[str, str]]:
 # ---- serve ---------------------------------------------------------------------------------------
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _build_llm(args: argparse.Namespace):
+    """The engine `serve` and `demo` run: the model, its adapters and the adapter roots."""
     from jalora import LLM
-    from server.app import JaloraServer
 
     model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
     if not (model_dir / "config.json").is_file():
-        print(f"jalora serve: {model_dir} has no config.json", file=sys.stderr)
-        return 2
+        print(f"jalora {args.command}: {model_dir} has no config.json", file=sys.stderr)
+        return None, model_dir, []
     adapters = list(args.adapter)
     roots = list(args.adapter_root)
     if args.model is None:  # the embedded default: its judges, and its adapters folder as root
@@ -68,6 +68,15 @@ def _serve(args: argparse.Namespace) -> int:
         info = llm.load_adapter(name, path)
         inv = f" invocation={info.invocation_tokens}" if info.invocation_tokens else ""
         print(f"jalora: adapter {name} ({info.kind}, r={info.rank}){inv}", file=sys.stderr, flush=True)
+    return llm, model_dir, roots
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from server.app import JaloraServer
+
+    llm, model_dir, roots = _build_llm(args)
+    if llm is None:
+        return 2
 
     async def run() -> None:
         server = JaloraServer(
@@ -190,6 +199,19 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    """`jalora serve` on a free loopback port, in this process, and the pipeline against it over gRPC."""
+    from server.app import ServerThread
+
+    llm, model_dir, roots = _build_llm(args)
+    if llm is None:
+        return 2
+    with ServerThread(llm, host=args.host, port=0, adapter_roots=roots, model_name=str(model_dir)) as server:
+        print(f"jalora serving on {server.target}", flush=True)
+        args.target = server.target
+        return _pipeline(args)
+
+
 # ---- entry point ---------------------------------------------------------------------------------
 
 
@@ -199,28 +221,40 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the server to be SERVING")
 
 
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help=f"HF model directory (default: the embedded {DEFAULT_MODEL_DIR})")
+    p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR",
+                   help="load a PEFT (a)LoRA adapter at start (repeatable)")  # fmt: skip
+    p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
+                   help="LoadAdapter accepts only paths under these (repeatable)")  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-loras", type=int, default=4)
+    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--no-prefix-caching", action="store_true")
+
+
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--question", default=DEFAULT_QUESTION)
+    p.add_argument("--judge", action="append", default=[], help="adapter name (default: every aLoRA)")
+    p.add_argument("--max-tokens", type=int, default=24, help="tokens of the base answer")
+    p.add_argument("--judge-max-tokens", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=1, help="repeat the pipeline (later rounds hit the cache)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jalora", description=__doc__.split("\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve a model and its adapters over gRPC")
-    s.add_argument("--model", help=f"HF model directory (default: the embedded {DEFAULT_MODEL_DIR})")
-    s.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR",
-                   help="load a PEFT (a)LoRA adapter at start (repeatable)")  # fmt: skip
-    s.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
-                   help="LoadAdapter accepts only paths under these (repeatable)")  # fmt: skip
-    s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051, help="0 picks a free port")
-    s.add_argument("--dtype", default="float32")
-    s.add_argument("--block-size", type=int, default=16)
-    s.add_argument("--num-kv-blocks", type=int, default=None)
-    s.add_argument("--max-num-seqs", type=int, default=64)
-    s.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    s.add_argument("--max-model-len", type=int, default=None)
-    s.add_argument("--max-loras", type=int, default=4)
-    s.add_argument("--max-lora-rank", type=int, default=64)
-    s.add_argument("--no-prefix-caching", action="store_true")
+    _engine_args(s)
     s.add_argument("--max-pending-requests", type=int, default=256,
                    help="requests in flight before new ones get RESOURCE_EXHAUSTED")  # fmt: skip
     s.add_argument("--grace", type=float, default=5.0, help="seconds running calls get at shutdown")
@@ -241,13 +275,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_generate)
 
     p = sub.add_parser("pipeline", help="base answers, then aLoRA judges score the answer over gRPC")
-    p.add_argument("--question", default=DEFAULT_QUESTION)
-    p.add_argument("--judge", action="append", default=[], help="adapter name (default: every aLoRA)")
-    p.add_argument("--max-tokens", type=int, default=24, help="tokens of the base answer")
-    p.add_argument("--judge-max-tokens", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=1, help="repeat the pipeline (later rounds hit the cache)")
+    _pipeline_args(p)
     _client_args(p)
     p.set_defaults(func=_pipeline)
+
+    d = sub.add_parser("demo", help="serve (default: the embedded model) on a free port and run the pipeline")
+    _engine_args(d)
+    _pipeline_args(d)
+    d.add_argument("--timeout", type=float, default=600.0, help="deadline of each call, seconds")
+    d.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the server to be SERVING")
+    d.set_defaults(func=_demo, rounds=2)
     return parser
 
 

@@ -91,3 +91,15 @@ def test_bad_adapter_argument_is_a_usage_error():
     with pytest.raises(SystemExit) as exit_:
         cli.main(["serve", "--adapter", "no-equals-sign"])
     assert exit_.value.code == 2
+
+
+def test_demo_serves_and_runs_the_pipeline_in_one_command():
+    """The Quickstart's main job: `jalora demo` (server on a free port + pipeline over gRPC)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jalora.cli", "demo"], capture_output=True, text=True, env=env, cwd="/", timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^jalora serving on 127\.0\.0\.1:\d+$", proc.stdout, re.M)
+    reused = re.search(r"judges reused (\d+)/(\d+) prompt tokens", proc.stdout)
+    assert reused and int(reused.group(1)) > 0, proc.stdout
