@@ -102,7 +102,10 @@ def main(argv=None) -> dict:
     rng = np.random.default_rng(0)
     low = 1
     runs = []
-    for _ in range(args.repeat):  # earlier passes compile every shape; the last one is reported
+    meta = {**run_metadata(), "model": args.model, "answer_len": answer_len, "eval_len": args.eval_len}
+    name = args.out or f"pipeline_{args.model}.json"
+    start = time.perf_counter()
+    for rep in range(args.repeat):  # earlier passes compile every shape; the last one is reported
         runs = []
         for n in prompt_lens:
             for kind in ("alora", "lora"):
@@ -111,9 +114,12 @@ def main(argv=None) -> dict:
                 res = run_pipeline(llm, prompt, answer_len, args.eval_len, kind, invocations)
                 res.update(prompt_len=n, kind=kind, pipeline_s=time.perf_counter() - t0)
                 runs.append(res)
-    result = {**run_metadata(), "model": args.model, "answer_len": answer_len, "eval_len": args.eval_len,
-              "runs": runs}  # fmt: skip
-    path = save(args.out or f"pipeline_{args.model}.json", result)
+                print(f"pass {rep} prompt {n} {kind}: {res['pipeline_s']:.2f} s "
+                      f"(elapsed {time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+            # Saved as it goes, so a run cut short still leaves its numbers (the pass is recorded).
+            save(name, {**meta, "pass": rep, "passes": args.repeat, "runs": runs})
+    result = {**meta, "pass": args.repeat - 1, "passes": args.repeat, "runs": runs}
+    path = save(name, result)
     print("| prompt | judge | kind | prompt tokens | cached | prefill computed | saved | TTFT ms | e2e ms |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in runs:

@@ -15,12 +15,18 @@ import sys
 import tempfile
 import time
 
-import jax
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import GRANITE_8B, measure_ceilings, run_metadata, save, timeit, write_model_dir  # noqa: E402
+from bench.common import (  # noqa: E402
+    GRANITE_8B,
+    measure_ceilings,
+    replay_step_seconds,
+    run_metadata,
+    save,
+    write_model_dir,
+)
 from jalora import LLM, SamplingParams  # noqa: E402
 
 TINY = {**GRANITE_8B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -68,16 +74,7 @@ def bench_decode(llm, batch: int, context: int, steps: int) -> dict:
         outs = engine.step()
         ts.append(time.perf_counter() - t0)
         assert len(outs) == batch
-    # The same step replayed on the device alone (inputs prepared once): what host work costs on top.
-    batch_now = engine.scheduler.schedule()
-    inp, flags = engine.runner.prepare(batch_now)
-    runner = engine.runner
-
-    def replay():
-        runner.kv_caches, out = runner._step(runner.state, runner.kv_caches, runner.lora_weights, inp, **flags)
-        jax.block_until_ready(out)
-
-    device_t = timeit(replay, warmup=2, iters=steps)
+    device_t = replay_step_seconds(engine, steps)  # the same step without host work
     for rid in ids:
         engine.abort_request(rid)
     engine.step()

@@ -22,17 +22,40 @@ from pallas_kernels.masked_lora.segments import (
     segments_to_token_slots,
 )
 
-_IMPLS = ("reference", "gpu", "tpu")
+_IMPLS = ("reference", "onehot", "gpu", "tpu")
+
+# Steps of at most this many token rows (decode-sized buckets) take the one-hot path on GPU: there
+# the whole LoRA work is T * slots * (Din + Dout) * R MACs, a few hundred MFLOP per layer, and the
+# kernel's two launches per projection cost more than that work (H200: bench/results/lora.json,
+# one-hot 27.7 us vs kernel 37.2 us per fused-qkv call at 64 tokens over 8 adapters). Larger steps,
+# where pre-activation prefill tokens live, use the kernel, which gives slot -1 rows no work at all.
+ONEHOT_MAX_TOKENS = 128
 
 
-def _pick_impl(impl, interpret):
+def _pick_impl(impl, interpret, num_tokens: int | None = None):
     if impl is None:
         impl = {"gpu": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "reference")
+        if impl == "gpu" and num_tokens is not None and num_tokens <= ONEHOT_MAX_TOKENS:
+            impl = "onehot"
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS} or None, got {impl!r}")
-    if impl != "reference" and not interpret and jax.default_backend() != impl:
+    if impl not in ("reference", "onehot") and not interpret and jax.default_backend() != impl:
         raise ValueError(f"impl={impl!r} needs a {impl} backend or interpret=True")
     return impl
+
+
+def masked_lora_onehot(
+    x,  # [T, Din]
+    lora_a,  # [num_slots, Din, R]
+    lora_b,  # [num_slots, R, Dout] block-diagonal form
+    token_slots,  # i32[T] slot per row, -1 = none
+):
+    """f32 delta [T, Dout]: shrink against every slot, keep each row's own slot, one expand (XLA)."""
+    n = lora_a.shape[0]
+    xa = jnp.einsum("td,ndr->tnr", x, lora_a, preferred_element_type=jnp.float32)
+    mine = token_slots[:, None, None] == jnp.arange(n, dtype=jnp.int32)[None, :, None]
+    xa = jnp.where(mine, xa, 0.0).astype(lora_b.dtype)
+    return jnp.einsum("tnr,nro->to", xa, lora_b, preferred_element_type=jnp.float32)
 
 
 def _widths(out_widths):
@@ -54,7 +77,7 @@ def masked_lora_add(
     output (or donated), only the adapted rows are read and written."""
     segments = jax.tree.map(jnp.asarray, segments)
     validate_inputs(x, lora_a, lora_b, segments, y=y, out_widths=out_widths)
-    impl = _pick_impl(impl, interpret)
+    impl = _pick_impl(impl, interpret, num_tokens=x.shape[0])
     if impl == "gpu":
         from pallas_kernels.masked_lora.gpu import masked_lora_gpu
 
@@ -75,7 +98,8 @@ def masked_lora_add(
 
         return masked_lora_tpu(x, lora_a, lora_b, segments, y, interpret=interpret)
     slots = segments_to_token_slots(segments, x.shape[0])
-    delta = masked_lora_reference(x, lora_a, lora_b, slots)
+    ref = masked_lora_onehot if impl == "onehot" else masked_lora_reference
+    delta = ref(x, lora_a, lora_b, slots)
     return (y.astype(jnp.float32) + delta.astype(jnp.float32)).astype(y.dtype)
 
 
@@ -103,7 +127,7 @@ def masked_lora(
     """
     segments = jax.tree.map(jnp.asarray, segments)
     validate_inputs(x, lora_a, lora_b, segments, out_widths=out_widths)
-    impl = _pick_impl(impl, interpret)
+    impl = _pick_impl(impl, interpret, num_tokens=x.shape[0])
     t, dout = x.shape[0], lora_b.shape[2]
     if impl == "gpu":
         from pallas_kernels.masked_lora.gpu import masked_lora_gpu
@@ -125,10 +149,13 @@ def masked_lora(
         from pallas_kernels.masked_lora.tpu import masked_lora_tpu
 
         return masked_lora_tpu(x, lora_a, lora_b, segments, jnp.zeros((t, dout), x.dtype), interpret=interpret)
-    return masked_lora_reference(x, lora_a, lora_b, segments_to_token_slots(segments, t))
+    ref = masked_lora_onehot if impl == "onehot" else masked_lora_reference
+    return ref(x, lora_a, lora_b, segments_to_token_slots(segments, t)).astype(x.dtype)
 
 
 __all__ = [
+    "ONEHOT_MAX_TOKENS",
+    "masked_lora_onehot",
     "DEFAULT_BLOCK_TOKENS",
     "LoraSegments",
     "build_lora_segments",
