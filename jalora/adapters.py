@@ -23,7 +23,13 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from jalora.config import ModelConfig
-from jalora.errors import AdapterNotFoundError, InvalidRequestError, InvocationNotFoundError
+from jalora.errors import (
+    AdapterInUseError,
+    AdapterNotFoundError,
+    CapacityError,
+    InvalidRequestError,
+    InvocationNotFoundError,
+)
 
 # group -> its member modules, in fused order
 GROUPS = {"qkv": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate_up": ("gate_proj", "up_proj"),
@@ -160,7 +166,7 @@ class AdapterManager:
         for slot in range(self.max_loras):
             if slot not in used:
                 return slot
-        raise InvalidRequestError("adapter", f"all {self.max_loras} adapter slots are in use (max_loras)")
+        raise CapacityError(f"all {self.max_loras} adapter slots are in use (max_loras); unload one first")
 
     def _ensure_group(self, group: str) -> None:
         if group in self.runner.lora_weights:
@@ -224,7 +230,7 @@ class AdapterManager:
         if name not in self.by_name:
             raise AdapterNotFoundError(name)
         if self.in_flight.get(name):
-            _reject("name", f"adapter {name!r} has {self.in_flight[name]} requests in flight")
+            raise AdapterInUseError(name, self.in_flight[name])
         del self.by_name[name]
 
     def resolve(self, name: str | None, ids: list[int]) -> tuple[int, bytes | None, int | None]:

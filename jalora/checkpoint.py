@@ -124,11 +124,16 @@ def _dummy_param(key_data, shape, dtype, is_norm: bool):
 
 
 def load_model(
-    model_dir: str, cfg: ModelConfig, dtype, load_format: str = "auto", attention_impl: str | None = None
+    model_dir: str,
+    cfg: ModelConfig,
+    dtype,
+    load_format: str = "auto",
+    attention_impl: str | None = None,
+    attention_interpret: bool = False,
 ) -> Decoder:
     """Decoder with weights from `model_dir` ("auto"/"safetensors") or deterministic random ("dummy")."""
     dtype = resolve_dtype(dtype)
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype, attention_impl))
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype, attention_impl, attention_interpret))
     graphdef, abs_state = nnx.split(abstract)
     if load_format == "dummy":
         # Made on the device, one compilation per distinct shape; the name seeds each tensor.

@@ -51,6 +51,7 @@ class LLMEngine:
         warmup: bool = True,
         seed: int = 0,
         attention_impl: str | None = None,
+        attention_interpret: bool = False,
     ):
         def need(ok, field, msg):
             if not ok:
@@ -66,7 +67,7 @@ class LLMEngine:
         need(self.max_model_len >= 2, "max_model_len", "must be >= 2")
         self.block_size = block_size
         self.tokenizer = self._load_tokenizer(model)
-        decoder = load_model(model, self.cfg, self.dtype, load_format, attention_impl)
+        decoder = load_model(model, self.cfg, self.dtype, load_format, attention_impl, attention_interpret)
         if num_kv_blocks is None:
             num_kv_blocks = _kv_blocks_from_memory(self.cfg, block_size, self.dtype, gpu_memory_utilization)
         if num_kv_blocks is None:  # CPU: enough for every sequence at full length, capped

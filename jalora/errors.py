@@ -17,8 +17,20 @@ class AdapterNotFoundError(InvalidRequestError):
         self.name = name
 
 
-class InvocationNotFoundError(InvalidRequestError):
-    """An aLoRA request whose prompt lacks the adapter's invocation sequence (FAILED_PRECONDITION)."""
+class PreconditionError(InvalidRequestError):
+    """A well-formed request that the engine's current state cannot serve (gRPC FAILED_PRECONDITION)."""
+
+
+class AdapterInUseError(PreconditionError):
+    """Unloading an adapter that requests still use."""
+
+    def __init__(self, name: str, in_flight: int):
+        super().__init__("name", f"adapter {name!r} has {in_flight} requests in flight; unload it when they end")
+        self.name = name
+
+
+class InvocationNotFoundError(PreconditionError):
+    """An aLoRA request whose prompt lacks the adapter's invocation sequence."""
 
     def __init__(self, name: str, invocation: list[int]):
         super().__init__(

@@ -102,9 +102,12 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, cfg: ModelConfig, dtype=jnp.float32, attention_impl: str | None = None):
+    def __init__(
+        self, cfg: ModelConfig, dtype=jnp.float32, attention_impl: str | None = None, attention_interpret=False
+    ):
         self.cfg = cfg
         self.attention_impl = attention_impl  # None: the kernel for this platform (reference on CPU)
+        self.attention_interpret = attention_interpret  # run a Pallas kernel in interpret mode (CPU tests)
         self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype)
         self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
         self.norm = _param((cfg.hidden_size,), dtype)
@@ -126,6 +129,11 @@ class Decoder(nnx.Module):
             x = x * cfg.embedding_multiplier
         inv_freq = rope_inv_freq(cfg)
         t = token_ids.shape[0]
+        interpret = self.attention_interpret
+        if interpret and self.attention_impl == "tpu":
+            from jax.experimental.pallas import tpu as pltpu
+
+            interpret = pltpu.InterpretParams()
         new_caches = []
         for i, layer in enumerate(self.layers):
 
@@ -159,6 +167,7 @@ class Decoder(nnx.Module):
                 sm_scale=cfg.sm_scale,
                 sliding_window=cfg.sliding_window,
                 impl=self.attention_impl,
+                interpret=interpret,
             )
             o = proj(o.reshape(t, cfg.q_size), layer.w_o, layer.b_o, "o")
             x = x + o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + o

@@ -10,7 +10,7 @@ import logging
 
 import grpc
 
-from jalora.errors import AdapterNotFoundError, CapacityError, InvalidRequestError, InvocationNotFoundError
+from jalora.errors import AdapterNotFoundError, CapacityError, InvalidRequestError, PreconditionError
 
 logger = logging.getLogger(__name__)
 
@@ -36,8 +36,8 @@ class EngineFailure(RuntimeError):
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
     """Returns (code, message, field) for `exc`; field is the request field at fault, if known."""
-    # Subclasses first: both InvocationNotFoundError and AdapterNotFoundError are InvalidRequestErrors.
-    if isinstance(exc, InvocationNotFoundError):
+    # Subclasses first: PreconditionError and AdapterNotFoundError are InvalidRequestErrors.
+    if isinstance(exc, PreconditionError):  # a missing invocation, an adapter still in use
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc), exc.field
     if isinstance(exc, AdapterNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc), exc.field

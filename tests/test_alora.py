@@ -286,3 +286,21 @@ def test_eviction_under_small_cache_keeps_outputs_exact(twin_engines, setup):
         outs = cached.generate(prompts, GEN, adapter="alora_qkv")
         for p, o in zip(prompts, outs):
             check(o, expect(oracles, "alora_qkv", p, 60), "evicting cache")
+
+
+def test_unload_in_flight_and_full_slots_are_refused(setup):
+    from jalora.errors import AdapterInUseError, CapacityError
+
+    _, _, paths, llm, _ = setup
+    engine = llm.engine
+    engine.add_request("busy", ctx(20, 61) + INV, GEN, adapter="alora_qkv")
+    with pytest.raises(AdapterInUseError, match="in flight"):
+        llm.unload_adapter("alora_qkv")
+    engine.abort_request("busy")
+    engine.step()
+    llm.load_adapter("fourth", paths["lora_all"])  # max_loras=4: every slot taken now
+    with pytest.raises(CapacityError, match="max_loras"):
+        llm.load_adapter("fifth", paths["lora_all"])
+    llm.unload_adapter("fourth")
+    assert sorted(i.name for i in llm.list_adapters()) == ["alora_all", "alora_qkv", "lora_all"]
+    assert engine.num_free_blocks() == engine.num_total_blocks

@@ -71,3 +71,19 @@ def test_top_logprobs_match_oracle(tiny_models):
         for t, v in step_lps.items():
             assert abs(v - row[t].item()) <= 1e-4
         assert out.token_ids[k] == top.indices[0].item()  # greedy = top-1
+
+
+@pytest.mark.parametrize("impl", ["gpu", "tpu"])
+@pytest.mark.parametrize("family_name", ["llama", "mistral"])
+def test_engine_with_pallas_attention_kernels(tiny_models, impl, family_name):
+    """The engine with the GPU / TPU attention kernel (interpret mode) stays within the parity bounds."""
+    path = tiny_models[family_name]
+    llm = LLM(path, num_kv_blocks=32, max_num_seqs=4, max_num_batched_tokens=32, warmup=False,
+              attention_impl=impl, attention_interpret=True)  # fmt: skip
+    oracle = hf_models.load_oracle(path)
+    prompts = [prompt_of(5, 1), prompt_of(40, 2)]  # 40 tokens: two prefill chunks, past the window (24)
+    outs = llm.generate(prompts, SamplingParams(max_tokens=8, prompt_logprobs=True, ignore_eos=True))
+    for ids, out in zip(prompts, outs):
+        ref = hf_models.oracle_prompt_logprobs(oracle, ids)
+        assert np.max(np.abs(np.asarray(out.prompt_logprobs[1:]) - np.asarray(ref))) <= 1e-4
+        assert out.token_ids == hf_models.oracle_greedy(oracle, ids, 8)
