@@ -289,7 +289,7 @@ def test_adapter_management_and_path_roots(server, client, built):
         return err.value.code.name
 
     assert code_of(client.load_adapter, name, name) == "INVALID_ARGUMENT"  # already loaded
-    assert code_of(client.load_adapter, "fifth", dirs["plain"]) == "INVALID_ARGUMENT"  # max_loras slots full
+    assert code_of(client.load_adapter, "fifth", dirs["plain"]) == "RESOURCE_EXHAUSTED"  # max_loras slots full
     client.unload_adapter(name)
     assert client.load_adapter("judge_c_abs", dirs[name]).identity == info.identity  # absolute path
     client.unload_adapter("judge_c_abs")
