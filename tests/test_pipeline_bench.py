@@ -1,0 +1,97 @@
+"""Pure helpers of bench/pipeline_bench.py (the benchmark itself is not run by the test suite)."""
+
+import numpy as np
+import pytest
+
+from bench.pipeline_bench import (
+    concurrent_batch,
+    merge,
+    merge_rows,
+    percentiles,
+    poisson_arrivals,
+    run_pipelines,
+    warm_len,
+)
+
+
+def test_poisson_arrivals_rate_and_order():
+    a = poisson_arrivals(20.0, 4000, seed=1)
+    assert len(a) == 4000 and a[0] == 0.0
+    assert all(x <= y for x, y in zip(a, a[1:]))
+    assert np.mean(np.diff(a)) == pytest.approx(1 / 20.0, rel=0.05)
+    assert poisson_arrivals(5.0, 10, seed=3) == poisson_arrivals(5.0, 10, seed=3)
+    assert poisson_arrivals(5.0, 0) == []
+
+
+def test_percentiles():
+    p = percentiles(range(1, 101))
+    assert p["p50"] == pytest.approx(50.5) and p["p90"] == pytest.approx(90.1) and p["p99"] == pytest.approx(99.01)
+    assert percentiles([]) == {"p50": None, "p90": None, "p99": None}
+    assert percentiles([None, 2.0]) == {"p50": 2.0, "p90": 2.0, "p99": 2.0}
+
+
+def test_warm_len_keeps_chunk_remainders():
+    assert warm_len(4096, 8192) == 4096
+    assert warm_len(65536, 8192) == 8192
+    assert warm_len(16384 + 258, 8192) == 8192 + 258
+    for n in (100, 8193, 70000):
+        assert warm_len(n, 8192) % 8192 == n % 8192 or n <= 8192
+
+
+def test_concurrent_batch():
+    assert concurrent_batch(670_000, 65_810, 64) == 10
+    assert concurrent_batch(1000, 5000, 64) == 1
+    assert concurrent_batch(10**7, 100, 64) == 64
+
+
+def test_merge_rows_and_parts():
+    key = lambda r: (r["n"], r["k"])  # noqa: E731
+    old = [{"n": 1, "k": "a", "v": 0}, {"n": 2, "k": "a", "v": 0}]
+    new = [{"n": 2, "k": "a", "v": 1}, {"n": 3, "k": "a", "v": 1}]
+    assert [(r["n"], r["v"]) for r in merge_rows(old, new, key)] == [(1, 0), (2, 1), (3, 1)]
+    o = {"parts": {"C": {"prompt": 256, "rows": [{"kind": "alora", "rate": 4.0}], "run": {"c": 1}}}}
+    n = {"C": {"prompt": 256, "rows": [{"kind": "alora", "rate": 8.0}], "run": {"c": 2}}}
+    parts = merge(o, n)
+    assert [r["rate"] for r in parts["C"]["rows"]] == [4.0, 8.0] and parts["C"]["runs"] == [{"c": 1}, {"c": 2}]
+    n2 = {"C": {"prompt": 512, "rows": [{"kind": "alora", "rate": 8.0}], "run": {"c": 3}}}
+    assert [r["rate"] for r in merge(o, n2)["C"]["rows"]] == [8.0]  # another setup replaces the part
+
+
+class _Out:
+    def __init__(self, rid, n):
+        self.request_id, self.finished, self.token_ids = rid, True, list(range(n))
+
+
+class _FakeEngine:
+    """Finishes every request one step after it is added, with max_tokens tokens."""
+
+    def __init__(self):
+        self.pending, self.added = [], []
+
+    def add_request(self, rid, prompt, params, adapter):
+        self.pending.append((rid, params))
+        self.added.append((rid, len(prompt), adapter))
+
+    def has_unfinished_requests(self):
+        return bool(self.pending)
+
+    def step(self):
+        outs = [_Out(rid, p) for rid, p in self.pending]
+        self.pending = []
+        return outs
+
+    def abort_request(self, rid):
+        self.pending = [(r, p) for r, p in self.pending if r != rid]
+
+
+def test_run_pipelines_stages_and_arrivals():
+    def pipe(i):
+        (base,) = yield [([1] * 4, 3, None)]
+        judges = yield [([1] * (4 + len(base.token_ids)), 2, f"j{k}") for k in range(2)]
+        return {"i": i, "judge_tokens": [len(j.token_ids) for j in judges]}
+
+    eng = _FakeEngine()
+    res = run_pipelines(eng, [pipe(i) for i in range(3)], arrivals=[0.02, 0.0, 0.01])
+    assert [r["result"] for r in res] == [{"i": i, "judge_tokens": [2, 2]} for i in range(3)]
+    assert all(r["end"] >= r["start"] for r in res)
+    assert len(eng.added) == 9 and eng.added[0][1] == 4 and {a for _, n, a in eng.added if n == 7} == {"j0", "j1"}
