@@ -54,6 +54,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import GRANITE_8B, RESULTS, save, write_model_dir  # noqa: E402
 from bench.pipeline import TINY, write_adapter  # noqa: E402
+from bench.report import pipeline_bench_tables  # noqa: E402
 
 PARTS = ("ceilings", "A", "Aconc", "B", "C", "baseline")
 QKV = ["q_proj", "k_proj", "v_proj"]
@@ -93,10 +94,6 @@ def merge_rows(old: list, new: list, key) -> list:
     """Rows of `old` whose key is not in `new`, then `new`, sorted by key (a split run replaces what it redid)."""
     keys = {key(r) for r in new}
     return sorted([r for r in old if key(r) not in keys] + list(new), key=key)
-
-
-def ratio(a, b):
-    return None if not a or b is None else b / a
 
 
 # -- sizes ----------------------------------------------------------------------------------------------
@@ -605,121 +602,6 @@ def run_hf_child(args) -> dict:
 # -- output --------------------------------------------------------------------------------------------------
 
 
-def tables(r: dict) -> list[str]:
-    """Markdown tables of every part present in the result (shared with bench/report.py's reading)."""
-    parts = r.get("parts", {})
-    out = []
-    ms = lambda x: "-" if x is None else f"{x * 1e3:.1f}"  # noqa: E731
-    xr = lambda x: "-" if x is None else f"{x:.1f}x"  # noqa: E731
-    if "A" in parts:
-        a = parts["A"]
-        out += [f"A. base -> adapter, one pipeline at a time (answer {a['answer_len']}, evaluation {a['eval_len']}):",
-                "", "| prompt | kind | judge prompt | cached | hit | queue ms | prefill ms | decode ms | TTFT ms | "
-                "e2e ms | pipeline ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for x in a["rows"]:
-            j = x["judge"]
-            out.append(f"| {x['prompt_len']} | {x['kind']} | {j['prompt_tokens']} | {j['cached_tokens']} | "
-                       f"{j['hit_rate']:.0%} | {ms(j['queue_s'])} | {ms(j['prefill_s'])} | {ms(j['decode_s'])} | "
-                       f"{ms(j['ttft_s'])} | {ms(j['e2e_s'])} | {ms(x['pipeline_s'])} |")  # fmt: skip
-        out += [""] + ratio_table(a["rows"], lambda x: x["judge"]["ttft_s"], lambda x: x["judge"]["e2e_s"],
-                                  parts.get("Aconc"))  # fmt: skip
-    if "Aconc" in parts:
-        c = parts["Aconc"]
-        out += ["", f"A, concurrent: {c['batch']} pipelines at once (KV capacity {c['kv_tokens']} tokens / longest "
-                f"sequence {c['longest_seq']}):", "", "| prompt | kind | judge TTFT ms (mean) | judge e2e ms (mean) | "
-                "judge queue ms | hit | wall s | pipelines/s | preemptions |", "|---|---|---|---|---|---|---|---|---|"]
-        for x in c["rows"]:
-            out.append(f"| {x['prompt_len']} | {x['kind']} | {ms(x['judge_ttft_s_mean'])} | "
-                       f"{ms(x['judge_e2e_s_mean'])} | "
-                       f"{ms(x['judge_queue_s_mean'])} | {x['judge_hit_rate_mean']:.0%} | {x['wall_s']:.2f} | "
-                       f"{x['pipelines_per_s']:.2f} | {x['preemptions']} |")  # fmt: skip
-    if "B" in parts:
-        b = parts["B"]
-        out += ["", f"B. base -> {b['judges']} adapters in parallel -> base consolidation ({b['consolidation_len']} "
-                "tokens):", "", "| prompt | kind | pipeline ms | judges (parallel) ms | slowest judge TTFT ms | "
-                "consolidation ms | judge hit | LoRA / aLoRA |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        by = {(x["prompt_len"], x["kind"]): x for x in b["rows"]}
-        for x in b["rows"]:
-            a = by.get((x["prompt_len"], "alora"))
-            rr = ratio(a["pipeline_s"], x["pipeline_s"]) if a and x["kind"] == "lora" else None
-            out.append(f"| {x['prompt_len']} | {x['kind']} | {ms(x['pipeline_s'])} | {ms(x['judges_wall_s'])} | "
-                       f"{ms(x['judge_ttft_max_s'])} | {ms(x['consolidation']['e2e_s'])} | "
-                       f"{x['judge_hit_rate_mean']:.0%} | {xr(rr)} |")  # fmt: skip
-    if "C" in parts:
-        c = parts["C"]
-        out += ["", f"C. Poisson arrivals: prompt {c['prompt']}, answer {c['answer']}, evaluation {c['eval']}, "
-                f"{c['pipelines']} pipelines per rate, KV cache capped at {c['kv_blocks']} blocks "
-                f"({c['kv_pipelines']} pipelines' worth), {c['time_limit_s']:.0f} s limit per rate:", "",
-                "| kind | rate /s | done | pipelines/s | p50 ms | p90 ms | p99 ms | judge TTFT p50 ms | hit (mean) | "
-                "hit (p10) | preemptions |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
-        for x in c["rows"]:
-            p, t = x["latency"], x["judge_ttft"]
-            hit = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
-            out.append(f"| {x['kind']} | {x['rate']:g} | {x['completed']}/{x['offered']} | {x['completed_per_s']:.2f} "
-                       f"| {ms(p['p50'])} | {ms(p['p90'])} | {ms(p['p99'])} | {ms(t['p50'])} | "
-                       f"{hit(x['hit_rate_mean'])} | {hit(x['hit_rate_p10'])} | {x['preemptions']} |")  # fmt: skip
-    if "baseline" in parts:
-        out += [""] + baseline_table(parts["baseline"], parts.get("A"))
-    if "ceilings" in parts and parts["ceilings"].get("ceilings"):
-        ce = parts["ceilings"]
-        c = ce["ceilings"]
-        out += ["", f"Ceilings (same run): bf16 matmul {c['bf16_matmul_TFLOPs']:.0f} TFLOP/s, HBM {c['hbm_GBps']:.0f} "
-                "GB/s.", "", "| prefill tokens | TFLOP/s | MFU (vs measured matmul) |", "|---|---|---|"]
-        for p in ce["prefill"]:
-            out.append(f"| {p['prompt_tokens']} | {p['TFLOPs']:.0f} | {p['mfu_vs_measured_matmul']:.0%} |")
-        out += ["", "| decode batch (1k context) | step ms | device-only ms | roofline ms | x roofline |",
-                "|---|---|---|---|---|"]
-        for d in ce["decode"]:
-            out.append(f"| {d['batch']} | {ms(d['step_seconds'])} | {ms(d['device_step_seconds'])} | "
-                       f"{ms(d['roofline_seconds'])} | {d['step_over_roofline']:.2f} |")
-    return out
-
-
-def ratio_table(rows, ttft, e2e, conc=None) -> list[str]:
-    """LoRA / aLoRA ratios per prompt length (single pipeline, and concurrent if present)."""
-    by = {(x["prompt_len"], x["kind"]): x for x in rows}
-    cby = {(x["prompt_len"], x["kind"]): x for x in conc["rows"]} if conc else {}
-    out = ["| prompt | TTFT LoRA / aLoRA | e2e LoRA / aLoRA | concurrent TTFT ratio | concurrent e2e ratio |",
-           "|---|---|---|---|---|"]
-    f = lambda v: "-" if v is None else f"{v:.1f}x"  # noqa: E731
-    for n in sorted({x["prompt_len"] for x in rows}):
-        a, lo = by.get((n, "alora")), by.get((n, "lora"))
-        if not a or not lo:
-            continue
-        ca, cl = cby.get((n, "alora")), cby.get((n, "lora"))
-        ct = ratio(ca["judge_ttft_s_mean"], cl["judge_ttft_s_mean"]) if ca and cl else None
-        ce = ratio(ca["judge_e2e_s_mean"], cl["judge_e2e_s_mean"]) if ca and cl else None
-        out.append(f"| {n} | {f(ratio(ttft(a), ttft(lo)))} | {f(ratio(e2e(a), e2e(lo)))} | {f(ct)} | {f(ce)} |")
-    return out
-
-
-def baseline_table(b: dict, a_part: dict | None) -> list[str]:
-    if "error" in b.get("peft", {}):
-        return [f"Baseline: transformers + PEFT failed: {b['peft']['error']}"]
-    peft, jal = b["peft"], b.get("jalora_throughput", {})
-    ms = lambda x: "-" if x is None else f"{x * 1e3:.1f}"  # noqa: E731
-    out = [f"Baseline: transformers {peft['transformers']} + PEFT {peft['peft']} on {peft['device']} "
-           f"({peft['dtype']}, attention {peft['attn_implementation']}); PEFT aLoRA reuses the base's past_key_values.",
-           "", "| prompt | kind | PEFT judge TTFT ms | PEFT judge e2e ms | PEFT pipeline ms | jalora judge TTFT ms | "
-           "jalora pipeline ms | pipeline PEFT / jalora |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    jby = {(x["prompt_len"], x["kind"]): x for x in (a_part or {}).get("rows", [])}
-    for x in peft["rows"]:
-        j = jby.get((x["prompt_len"], x["kind"]))
-        jt = j["judge"]["ttft_s"] if j else None
-        jp = j["pipeline_s"] if j else None
-        rr = f"{x['pipeline_s'] / jp:.1f}x" if jp else "-"
-        out.append(f"| {x['prompt_len']} | {x['kind']} | {ms(x['judge'].get('ttft_s'))} | {ms(x['judge']['e2e_s'])} | "
-                   f"{ms(x['pipeline_s'])} | {ms(jt)} | {ms(jp)} | {rr} |")  # fmt: skip
-    out += ["", f"Pipeline throughput, {b['tp_pipelines']} concurrent pipelines, prompt {b['tp_prompt']}:", "",
-            "| kind | PEFT batched pipelines/s | jalora pipelines/s | jalora / PEFT |", "|---|---|---|---|"]
-    for kind in KINDS:
-        p, q = peft["throughput"].get(kind), jal.get(kind)
-        if p and q:
-            out.append(f"| {kind} | {p['pipelines_per_s']:.2f} | {q['pipelines_per_s']:.2f} | "
-                       f"{q['pipelines_per_s'] / p['pipelines_per_s']:.1f}x |")
-    return out
-
-
 def plots(r: dict, stem: str) -> list[str]:
     try:
         import matplotlib
@@ -820,6 +702,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--num-kv-blocks", type=int, help="default: from device memory (GPU), 512 (--quick)")
     ap.add_argument("--compile-cache", default=os.path.join(tempfile.gettempdir(), "jalora-jax-cache"),
                     help="JAX persistent compilation cache ('' to disable)")  # fmt: skip
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="skip compiling every bucket up front (then the first measurements include compilation)")
     ap.add_argument("--out", default=None, help="result file name (default pipeline_bench_<model>.json)")
     ap.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -866,7 +750,8 @@ def main(argv=None) -> dict:
             print("ceilings: GPU only (measure_ceilings allocates 2 GiB buffers); CPU runs the engine half only")
     cfg = TINY if args.model == "tiny" else GRANITE_8B
     bench = Bench(args, sz, cfg)
-    bench.warm()
+    if not args.no_warmup:
+        bench.warm()
     common = {"warmup_s": bench.warmup_s, "kv_tokens": bench.kv_tokens(), "max_model_len": bench.engine.max_model_len}
     if "ceilings" in parts:
         res = bench.ceilings(ceil) if ceil else bench.engine_only_ceilings()
@@ -892,7 +777,7 @@ def main(argv=None) -> dict:
               "parts": merge(old, new), "seconds": time.perf_counter() - t_start}  # fmt: skip
     save(name, result)
     print()
-    print("\n".join(tables(result)))
+    print("\n".join(pipeline_bench_tables(result)))
     stem = os.path.splitext(name)[0]
     written = plots(result, stem)
     out_dir = os.environ.get("OUT")

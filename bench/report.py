@@ -110,6 +110,188 @@ def pipeline(r) -> list[str]:
     return out
 
 
+def pipeline_bench_tables(r: dict) -> list[str]:
+    """Every part of bench/pipeline_bench.py's result (also printed by that script at the end of a run)."""
+    parts = r.get("parts", {})
+    out = []
+    ms = lambda x: "-" if x is None else f"{x * 1e3:.1f}"  # noqa: E731
+    xr = lambda x: "-" if x is None else f"{x:.1f}x"  # noqa: E731
+    out += pb_goals(r)
+    if "A" in parts:
+        a = parts["A"]
+        out += ["", f"Run: {provenance(parts['A']['run'])}.", ""]
+        out += [f"A. base -> adapter, one pipeline at a time (answer {a['answer_len']}, evaluation {a['eval_len']}):",
+                "", "| prompt | kind | judge prompt | cached | hit | queue ms | prefill ms | decode ms | TTFT ms | "
+                "e2e ms | pipeline ms |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for x in a["rows"]:
+            j = x["judge"]
+            out.append(f"| {x['prompt_len']} | {x['kind']} | {j['prompt_tokens']} | {j['cached_tokens']} | "
+                       f"{j['hit_rate']:.0%} | {ms(j['queue_s'])} | {ms(j['prefill_s'])} | {ms(j['decode_s'])} | "
+                       f"{ms(j['ttft_s'])} | {ms(j['e2e_s'])} | {ms(x['pipeline_s'])} |")  # fmt: skip
+        out += [""] + pb_ratio_table(a["rows"], lambda x: x["judge"]["ttft_s"], lambda x: x["judge"]["e2e_s"],
+                                  parts.get("Aconc"))  # fmt: skip
+    if "Aconc" in parts:
+        c = parts["Aconc"]
+        out += ["", f"Run: {provenance(parts['Aconc']['run'])}.", ""]
+        out += ["", f"A, concurrent: {c['batch']} pipelines at once (KV capacity {c['kv_tokens']} tokens / longest "
+                f"sequence {c['longest_seq']}):", "", "| prompt | kind | judge TTFT ms (mean) | judge e2e ms (mean) | "
+                "judge queue ms | hit | wall s | pipelines/s | preemptions |", "|---|---|---|---|---|---|---|---|---|"]
+        for x in c["rows"]:
+            out.append(f"| {x['prompt_len']} | {x['kind']} | {ms(x['judge_ttft_s_mean'])} | "
+                       f"{ms(x['judge_e2e_s_mean'])} | "
+                       f"{ms(x['judge_queue_s_mean'])} | {x['judge_hit_rate_mean']:.0%} | {x['wall_s']:.2f} | "
+                       f"{x['pipelines_per_s']:.2f} | {x['preemptions']} |")  # fmt: skip
+    if "B" in parts:
+        b = parts["B"]
+        out += ["", f"Run: {provenance(parts['B']['run'])}.", ""]
+        out += ["", f"B. base -> {b['judges']} adapters in parallel -> base consolidation ({b['consolidation_len']} "
+                "tokens):", "", "| prompt | kind | pipeline ms | judges (parallel) ms | slowest judge TTFT ms | "
+                "consolidation ms | judge hit | LoRA / aLoRA |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        by = {(x["prompt_len"], x["kind"]): x for x in b["rows"]}
+        for x in b["rows"]:
+            a = by.get((x["prompt_len"], "alora"))
+            rr = ratio(a["pipeline_s"], x["pipeline_s"]) if a and x["kind"] == "lora" else None
+            out.append(f"| {x['prompt_len']} | {x['kind']} | {ms(x['pipeline_s'])} | {ms(x['judges_wall_s'])} | "
+                       f"{ms(x['judge_ttft_max_s'])} | {ms(x['consolidation']['e2e_s'])} | "
+                       f"{x['judge_hit_rate_mean']:.0%} | {xr(rr)} |")  # fmt: skip
+    if "C" in parts:
+        c = parts["C"]
+        out += ["", f"Run: {provenance(parts['C']['run'])}.", ""]
+        out += ["", f"C. Poisson arrivals: prompt {c['prompt']}, answer {c['answer']}, evaluation {c['eval']}, "
+                f"{c['pipelines']} pipelines per rate, KV cache capped at {c['kv_blocks']} blocks "
+                f"({c['kv_pipelines']} pipelines' worth), {c['time_limit_s']:.0f} s limit per rate:", "",
+                "| kind | rate /s | done | pipelines/s | p50 ms | p90 ms | p99 ms | judge TTFT p50 ms | hit (mean) | "
+                "hit (p10) | preemptions |", "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for x in c["rows"]:
+            p, t = x["latency"], x["judge_ttft"]
+            hit = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+            out.append(f"| {x['kind']} | {x['rate']:g} | {x['completed']}/{x['offered']} | {x['completed_per_s']:.2f} "
+                       f"| {ms(p['p50'])} | {ms(p['p90'])} | {ms(p['p99'])} | {ms(t['p50'])} | "
+                       f"{hit(x['hit_rate_mean'])} | {hit(x['hit_rate_p10'])} | {x['preemptions']} |")  # fmt: skip
+    if "baseline" in parts:
+        out += ["", f"Run: {provenance(parts['baseline']['run'])}.", ""]
+        out += pb_baseline_table(parts["baseline"], parts.get("A"))
+    if "ceilings" in parts:
+        ce = parts["ceilings"]
+        c = ce["ceilings"]
+        out += ["", f"Run: {provenance(ce['run'])}.", ""]
+        pct = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
+        head = (f"Ceilings (same run): bf16 matmul {c['bf16_matmul_TFLOPs']:.0f} TFLOP/s, HBM {c['hbm_GBps']:.0f} GB/s."
+                if c else "Ceilings: not measured on this device (GPU only); the engine side only.")  # fmt: skip
+        out += ["", head, "", "| prefill tokens | TFLOP/s | MFU (vs measured matmul) | vs 790 TFLOP/s |",
+                "|---|---|---|---|"]
+        for p in ce["prefill"]:
+            out.append(f"| {p['prompt_tokens']} | {p['TFLOPs']:.2f} | {pct(p.get('mfu_vs_measured_matmul'))} | "
+                       f"{p['TFLOPs'] / REF_MATMUL_TFLOPS:.0%} |")
+        out += ["", "| decode batch | context | step ms | device-only ms | roofline ms | x roofline |",
+                "|---|---|---|---|---|---|"]
+        for d in ce["decode"]:
+            xr_ = d.get("step_over_roofline")
+            out.append(f"| {d['batch']} | {d['context']} | {ms(d['step_seconds'])} | {ms(d['device_step_seconds'])} | "
+                       f"{ms(d.get('roofline_seconds'))} | {'-' if xr_ is None else f'{xr_:.2f}'} |")
+    return out
+
+
+def pb_ratio_table(rows, ttft, e2e, conc=None) -> list[str]:
+    """LoRA / aLoRA ratios per prompt length (single pipeline, and concurrent if present)."""
+    by = {(x["prompt_len"], x["kind"]): x for x in rows}
+    cby = {(x["prompt_len"], x["kind"]): x for x in conc["rows"]} if conc else {}
+    out = ["| prompt | TTFT LoRA / aLoRA | e2e LoRA / aLoRA | concurrent TTFT ratio | concurrent e2e ratio |",
+           "|---|---|---|---|---|"]
+    f = lambda v: "-" if v is None else f"{v:.1f}x"  # noqa: E731
+    for n in sorted({x["prompt_len"] for x in rows}):
+        a, lo = by.get((n, "alora")), by.get((n, "lora"))
+        if not a or not lo:
+            continue
+        ca, cl = cby.get((n, "alora")), cby.get((n, "lora"))
+        ct = ratio(ca["judge_ttft_s_mean"], cl["judge_ttft_s_mean"]) if ca and cl else None
+        ce = ratio(ca["judge_e2e_s_mean"], cl["judge_e2e_s_mean"]) if ca and cl else None
+        out.append(f"| {n} | {f(ratio(ttft(a), ttft(lo)))} | {f(ratio(e2e(a), e2e(lo)))} | {f(ct)} | {f(ce)} |")
+    return out
+
+
+def pb_baseline_table(b: dict, a_part: dict | None) -> list[str]:
+    if "error" in b.get("peft", {}):
+        return [f"Baseline: transformers + PEFT failed: {b['peft']['error']}"]
+    peft, jal = b["peft"], b.get("jalora_throughput", {})
+    ms = lambda x: "-" if x is None else f"{x * 1e3:.1f}"  # noqa: E731
+    out = [f"Baseline: transformers {peft['transformers']} + PEFT {peft['peft']} on {peft['device']} "
+           f"({peft['dtype']}, attention {peft['attn_implementation']}); PEFT aLoRA reuses the base's past_key_values.",
+           "", "| prompt | kind | PEFT judge TTFT ms | PEFT judge e2e ms | PEFT pipeline ms | jalora judge TTFT ms | "
+           "jalora pipeline ms | pipeline PEFT / jalora |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    jby = {(x["prompt_len"], x["kind"]): x for x in (a_part or {}).get("rows", [])}
+    for x in peft["rows"]:
+        j = jby.get((x["prompt_len"], x["kind"]))
+        jt = j["judge"]["ttft_s"] if j else None
+        jp = j["pipeline_s"] if j else None
+        rr = f"{x['pipeline_s'] / jp:.1f}x" if jp else "-"
+        out.append(f"| {x['prompt_len']} | {x['kind']} | {ms(x['judge'].get('ttft_s'))} | {ms(x['judge']['e2e_s'])} | "
+                   f"{ms(x['pipeline_s'])} | {ms(jt)} | {ms(jp)} | {rr} |")  # fmt: skip
+    out += ["", f"Pipeline throughput, {b['tp_pipelines']} concurrent pipelines, prompt {b['tp_prompt']}:", "",
+            "| kind | PEFT batched pipelines/s | jalora pipelines/s | jalora / PEFT |", "|---|---|---|---|"]
+    for kind in ("alora", "lora"):
+        p, q = peft["throughput"].get(kind), jal.get(kind)
+        if p and q:
+            out.append(f"| {kind} | {p['pipelines_per_s']:.2f} | {q['pipelines_per_s']:.2f} | "
+                       f"{q['pipelines_per_s'] / p['pipelines_per_s']:.1f}x |")
+    return out
+
+
+
+
+def ratio(a, b):
+    """b / a, or None when either is missing."""
+    return None if not a or b is None else b / a
+
+
+def pb_goals(r: dict) -> list[str]:
+    """Issue 7's goals against the measured numbers; a missed goal says by how much."""
+    parts, rows = r.get("parts", {}), []
+
+    def row(what, value, goal, higher=True):
+        if value is None:
+            return
+        ok = value >= goal if higher else value <= goal
+        miss = "met" if ok else f"missed by {goal / value if higher else value / goal:.2f}x"
+        rows.append(f"| {what} | {value:.2f} | {'>=' if higher else '<='} {goal:g} | {miss} |")
+
+    if "A" in parts:
+        by = {(x["prompt_len"], x["kind"]): x for x in parts["A"]["rows"]}
+        ns = sorted(n for n, k in by if k == "alora" and (n, "lora") in by)
+        if ns:
+            a, lo = by[(ns[-1], "alora")]["judge"], by[(ns[-1], "lora")]["judge"]
+            row(f"adapter TTFT, LoRA / aLoRA at {ns[-1]} (x)", ratio(a["ttft_s"], lo["ttft_s"]), 100)
+            row(f"adapter e2e, LoRA / aLoRA at {ns[-1]} (x)", ratio(a["e2e_s"], lo["e2e_s"]), 58)
+    b = parts.get("baseline")
+    if b and "throughput" in b.get("peft", {}):
+        best = max(v["pipelines_per_s"] for v in b["peft"]["throughput"].values())
+        jal = b.get("jalora_throughput", {}).get("alora")
+        if jal:
+            row(f"pipelines/s, jalora aLoRA / best PEFT ({b['tp_pipelines']} concurrent) (x)",
+                jal["pipelines_per_s"] / best, 20)  # fmt: skip
+    ce = parts.get("ceilings")
+    if ce and ce.get("ceilings"):
+        pre = [p for p in ce["prefill"] if p["prompt_tokens"] == 8192]
+        if pre:
+            row("prefill 8k, fraction of the measured matmul rate", pre[0]["mfu_vs_measured_matmul"], 0.6)
+        dec = [d for d in ce["decode"] if d["batch"] == 1]
+        if dec:
+            row("batch-1 decode step / roofline (x)", dec[0]["step_over_roofline"], 1.15, higher=False)
+    if not rows:
+        return []
+    where = "CPU smoke run (tiny model): the goals are for the H200" if r.get("quick") else r.get("device")
+    return [f"Goals of issue 7 ({where}):", "", "| measure | value | goal | |", "|---|---|---|---|", *rows, ""]
+
+
+def pipeline_bench_section(r) -> list[str]:
+    """bench/pipeline_bench.py: every part, each with the run that produced it; plots beside the JSON."""
+    shapes = "tiny random model (CPU smoke sizes)" if r.get("quick") else "Granite-3.2-8B shapes, dummy bf16 weights"
+    out = [f"{shapes}; aLoRA r=32 (base-aligned reuse) vs LoRA r=8 (recompute) on "
+           f"q/k/v ({provenance(r)}; parts of a split run carry their own run line). Plots: "
+           f"`bench/results/pipeline_bench_{r['model']}_A.png`, `..._C.png`.", ""]
+    return out + pipeline_bench_tables(r)
+
+
 def summary(tp, att, step) -> list[str]:
     """The reading of the tables, with every number taken from the results."""
     out = []
@@ -160,6 +342,8 @@ def render() -> str:
         ("### Masked multi-LoRA (issue 5)", lora, ("lora.json", "lora_step.json")),
         ("### Base -> aLoRA judges on the H200", pipeline, ("pipeline_granite-8b.json",)),
         ("### Base -> aLoRA judges on the CPU (tiny model)", pipeline, ("pipeline_tiny.json",)),
+        ("### The aLoRA serving paper's pipelines on the H200 (issue 7)", pipeline_bench_section,
+         ("pipeline_bench_granite-8b.json",)),
     ]
     for title, fn, names in sections:
         data = [load(n) for n in names]
