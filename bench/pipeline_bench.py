@@ -80,11 +80,6 @@ def percentiles(values, qs=(50, 90, 99)) -> dict:
     return {f"p{q}": (float(np.percentile(vals, q)) if vals else None) for q in qs}
 
 
-def warm_len(n: int, chunk: int) -> int:
-    """A shorter prompt that leaves the same chunk remainders as `n` (so the same token buckets compile)."""
-    return n if n <= chunk else chunk + n % chunk
-
-
 def concurrent_batch(kv_tokens: int, longest: int, max_num_seqs: int) -> int:
     """The paper's batch: KV-cache capacity / longest sequence of the sweep, at least 1, at most max_num_seqs."""
     return max(1, min(kv_tokens // longest, max_num_seqs))

@@ -10,7 +10,6 @@ from bench.pipeline_bench import (
     percentiles,
     poisson_arrivals,
     run_pipelines,
-    warm_len,
 )
 
 
@@ -28,14 +27,6 @@ def test_percentiles():
     assert p["p50"] == pytest.approx(50.5) and p["p90"] == pytest.approx(90.1) and p["p99"] == pytest.approx(99.01)
     assert percentiles([]) == {"p50": None, "p90": None, "p99": None}
     assert percentiles([None, 2.0]) == {"p50": 2.0, "p90": 2.0, "p99": 2.0}
-
-
-def test_warm_len_keeps_chunk_remainders():
-    assert warm_len(4096, 8192) == 4096
-    assert warm_len(65536, 8192) == 8192
-    assert warm_len(16384 + 258, 8192) == 8192 + 258
-    for n in (100, 8193, 70000):
-        assert warm_len(n, 8192) % 8192 == n % 8192 or n <= 8192
 
 
 def test_concurrent_batch():
