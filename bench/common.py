@@ -105,8 +105,7 @@ def replay_step_seconds(engine, iters: int) -> float:
     inp, flags = runner.prepare(engine.scheduler.schedule())
 
     def replay():
-        runner.kv_caches, out = runner._step(runner.state, runner.kv_caches, runner.lora_weights, inp, **flags)
-        jax.block_until_ready(out)
+        jax.block_until_ready(runner._run(inp, flags))
 
     return timeit(replay, warmup=2, iters=iters)
 

@@ -68,6 +68,7 @@ def _build_llm(args: argparse.Namespace):
         info = llm.load_adapter(name, path)
         inv = f" invocation={info.invocation_tokens}" if info.invocation_tokens else ""
         print(f"jalora: adapter {name} ({info.kind}, r={info.rank}){inv}", file=sys.stderr, flush=True)
+    llm.engine.warmup_adapters()
     return llm, model_dir, roots
 
 

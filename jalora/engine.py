@@ -88,6 +88,12 @@ class LLMEngine:
         if warmup:
             self.runner.warmup()
 
+    def warmup_adapters(self, progress: bool = True) -> None:
+        """Compiles the adapted-step variant of every bucket (call after loading adapters; a server
+        does, so the first adapter request does not pay a compilation)."""
+        if self.runner.lora_weights:
+            self.runner.warmup(progress, lora=True)
+
     # -- tokenizer -------------------------------------------------------------------------------
 
     @staticmethod

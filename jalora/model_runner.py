@@ -161,21 +161,29 @@ class ModelRunner:
         )  # fmt: skip
         return inp, flags
 
+    def _run(self, inp: StepInputs, flags: dict):
+        # Base-only steps get no adapter stacks at all, so loading an adapter never changes (and
+        # recompiles) their variant.
+        weights = self.lora_weights if inp.lora_segments is not None else {}
+        self.kv_caches, out = self._step(self.state, self.kv_caches, weights, inp, **flags)
+        return out
+
     def execute(self, batch: ScheduledBatch) -> StepResult:
         inp, flags = self.prepare(batch)
-        self.kv_caches, out = self._step(self.state, self.kv_caches, self.lora_weights, inp, **flags)
+        out = self._run(inp, flags)
         tokens, token_lp, top_ids, top_lp, prompt_lp = jax.device_get(out)
         return StepResult(tokens, token_lp, top_ids, top_lp, prompt_lp)
 
-    def warmup(self, progress: bool = True) -> None:
-        """Compiles the base-model greedy step for every token bucket."""
+    def warmup(self, progress: bool = True, lora: bool = False) -> None:
+        """Compiles the greedy step for every token bucket: base-only, or with the adapter path."""
         from tqdm import tqdm
 
-        for t in tqdm(self.buckets, desc="jalora warm-up", disable=not progress):
-            fake = _WarmupBatch(t)
-            inp, flags = self.prepare(fake)
-            self.kv_caches, out = self._step(self.state, self.kv_caches, self.lora_weights, inp, **flags)
-            jax.block_until_ready(out)
+        desc = "jalora warm-up (adapters)" if lora else "jalora warm-up"
+        for t in tqdm(self.buckets, desc=desc, disable=not progress):
+            inp, flags = self.prepare(_WarmupBatch(t))
+            if lora:  # every padding row in slot 0: the shapes of any adapted step of this bucket
+                inp = inp._replace(lora_segments=build_lora_segments(np.zeros(t, np.int32), self.max_num_seqs))
+            jax.block_until_ready(self._run(inp, flags))
 
 
 class _WarmupBatch:

@@ -48,3 +48,14 @@ def test_unreachable_server_raises_typed_error():
                 await client.list_adapters()
 
     asyncio.run(run())
+
+
+def test_client_import_does_not_load_jax():
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys, jalora.client; print('jax' in sys.modules)"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "False"
