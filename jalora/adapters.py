@@ -20,7 +20,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors import safe_open
 
 from jalora.config import ModelConfig
 from jalora.errors import (
@@ -95,8 +95,9 @@ def read_peft_adapter(path: str, cfg: ModelConfig, max_rank: int, encode) -> tup
     r = acfg.get("r")
     if not isinstance(r, int) or not 1 <= r <= max_rank:
         _reject("adapter_config.json", f"r={r!r} must be an integer in [1, max_lora_rank={max_rank}]")
-    try:
-        tensors = load_file(w_path)
+    try:  # through JAX arrays: numpy alone cannot read bfloat16, a common PEFT dtype
+        with safe_open(w_path, framework="flax") as f:
+            tensors = {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
     except Exception as e:
         _reject("adapter_model.safetensors", f"cannot read {w_path}: {e}")
     dims = _module_dims(cfg)
@@ -133,7 +134,10 @@ def invocation_of(acfg: dict, encode) -> tuple[list[int] | None, str | None]:
             _reject("adapter_config.json", "alora_invocation_tokens must be a list of token ids")
         return list(tokens), string
     if string:  # legacy aLoRA configs carry the string only
-        return encode(string, add_special_tokens=False), string
+        try:
+            return encode(string, add_special_tokens=False), string
+        except InvalidRequestError as e:
+            _reject("adapter_config.json", f"invocation_string needs the base model's tokenizer: {e}")
     return None, None
 
 

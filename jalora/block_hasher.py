@@ -14,10 +14,20 @@ SEED = hashlib.sha256(b"jalora/block-hash/v1").digest()
 
 
 def block_key(j: int, block_size: int, activation_start: int | None, adapter_identity: bytes | None):
-    """The key of block j: None for base KV, else the adapter identity."""
+    """The key of block j: None for base KV, else the adapter identity.
+
+    The block that straddles the activation index also carries the offset of `a` inside it: the same
+    tokens activated at another offset hold other KV (an invocation can occur twice in one block).
+    Every later block inherits the distinction through the chain.
+    """
     if adapter_identity is None or activation_start is None:
         return None
-    return None if (j + 1) * block_size <= activation_start else adapter_identity
+    start = j * block_size
+    if start + block_size <= activation_start:
+        return None
+    if start < activation_start:
+        return adapter_identity + (activation_start - start).to_bytes(4, "little")
+    return adapter_identity
 
 
 def hash_block(prev: bytes, tokens, key: bytes | None) -> bytes:

@@ -1,8 +1,9 @@
 """KV-cache blocks: refcounts, the prefix cache (hash -> block) and LRU eviction.
 
 A block with refcount 0 keeps its KV and its hash until it is reused for something else, so a later
-request with the same prefix finds it. Free blocks sit in one ordered dict in eviction order; a
-finished request releases its blocks tail first, so the leaves of a hash chain go before its root.
+request with the same prefix finds it. Free blocks sit in one ordered dict in eviction order: blocks
+that hold nothing findable first, then cached blocks least recently used first; a finished request
+releases its blocks tail first, so the leaves of a hash chain go before its root.
 """
 
 from collections import OrderedDict
@@ -98,6 +99,8 @@ class BlockManager:
             self.ref_count[block] -= 1
             if self.ref_count[block] == 0:
                 self.free[block] = None
+                if self.block_hash[block] is None:  # holds nothing findable: reuse it before any cached block
+                    self.free.move_to_end(block, last=False)
         req.block_ids = []
         req.num_registered_blocks = 0
 

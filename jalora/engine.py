@@ -131,6 +131,8 @@ class LLMEngine:
             text = prompt
             ids = self.encode(prompt)
         elif isinstance(prompt, list | tuple | np.ndarray):
+            if not all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in prompt):
+                raise InvalidRequestError("prompt_token_ids", "must be integers")
             ids = [int(t) for t in prompt]
             if any(t < 0 or t >= self.cfg.vocab_size for t in ids):
                 raise InvalidRequestError(
@@ -179,7 +181,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.requests:
             return outputs
-        result = self.runner.execute(batch)
+        try:
+            result = self.runner.execute(batch)
+        except BaseException:
+            self._aborted = outputs + self._aborted  # still owed to the caller; it may abort the rest
+            raise
         now = time.monotonic()
         off = 0
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):

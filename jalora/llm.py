@@ -30,21 +30,28 @@ class LLM:
         if len(params) != n or len(adapters) != n:
             raise ValueError("sampling_params and adapter lists must have one entry per prompt")
         ids = [f"llm-{next(self._ids)}" for _ in range(n)]
-        added = []
+        added: set[str] = set()
         try:
             for rid, prompt, p, a in zip(ids, prompts, params, adapters):
                 self.engine.add_request(rid, prompt, p, a)
-                added.append(rid)
+                added.add(rid)
         except Exception:
             for rid in added:
                 self.engine.abort_request(rid)
             self.engine.step()  # drains the abort outputs
             raise
         final: dict[str, RequestOutput] = {}
-        while len(final) < n:
-            for out in self.engine.step():
-                if out.finished:
-                    final[out.request_id] = out
+        try:
+            while len(final) < n:
+                for out in self.engine.step():
+                    if out.finished and out.request_id in added:
+                        final[out.request_id] = out
+        except BaseException:  # an error or Ctrl-C mid-run: end this call's requests, free their blocks
+            for rid in ids:
+                if rid not in final:
+                    self.engine.abort_request(rid)
+            self.engine.step()
+            raise
         return [final[rid] for rid in ids]
 
     def load_adapter(self, name: str, path: str) -> AdapterInfo:

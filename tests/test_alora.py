@@ -201,6 +201,30 @@ def test_unsupported_adapters_are_rejected(setup, tmp_path, edit_config, edit_we
     assert [i.name for i in llm.list_adapters()] == before
 
 
+def test_bfloat16_adapter_file_loads(setup, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    _, _, paths, llm, _ = setup
+    bf16 = _corrupt(paths["alora_qkv"], tmp_path / "bf16")
+    w_path = os.path.join(bf16, "adapter_model.safetensors")
+    tensors = load_file(w_path)
+    save_file({k: v.to(torch.bfloat16) for k, v in tensors.items()}, w_path)
+    rounded = _corrupt(paths["alora_qkv"], tmp_path / "rounded")  # the same values stored as float32
+    save_file({k: v.to(torch.bfloat16).float() for k, v in tensors.items()}, os.path.join(rounded, w_path[-25:]))
+    prompt = ctx(30, 71) + INV
+    outs = []
+    for name, path in (("bf16", bf16), ("rounded", rounded)):
+        info = llm.load_adapter(name, path)
+        assert info.kind == "alora" and info.rank == 8
+        outs.append(llm.generate([prompt], GEN, adapter=name)[0])
+        llm.unload_adapter(name)
+    assert outs[0].token_ids == outs[1].token_ids
+    # the second call reuses the first one's base blocks: other shapes, same values up to rounding
+    got = [[lp[t] for lp, t in zip(o.logprobs, o.token_ids)] for o in outs]
+    assert np.max(np.abs(np.subtract(*got))) <= 1e-5
+
+
 def test_load_errors(setup, tmp_path):
     _, _, paths, llm, _ = setup
     with pytest.raises(InvalidRequestError, match="does not exist"):

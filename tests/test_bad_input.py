@@ -25,6 +25,12 @@ def llm(tiny_models):
         ({"logprobs": 99}, "logprobs"),
         ({"seed": -3}, "seed"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop_token_ids": 5}, "stop_token_ids"),
+        ({"temperature": None}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_p": "0.5"}, "top_p"),
+        ({"max_tokens": 2.0}, "max_tokens"),
+        ({"top_k": True}, "top_k"),
     ],
 )
 def test_sampling_params_name_the_field(kwargs, field):
@@ -42,6 +48,9 @@ def test_sampling_params_name_the_field(kwargs, field):
         (list(range(2, 90)) * 2, "prompt"),  # 176 tokens > max_model_len 128
         ("text but the model has no tokenizer", "prompt"),
         (3.5, "prompt"),
+        (["a"], "prompt_token_ids"),
+        ([[1, 2]], "prompt_token_ids"),
+        ([1.7, 2], "prompt_token_ids"),
     ],
 )
 def test_bad_prompts_leave_engine_serving(llm, prompt, field):

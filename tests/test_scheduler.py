@@ -47,6 +47,26 @@ def test_block_manager_refcounts_return_to_total(ops):
     assert all(c == 0 for c in bm.ref_count)
 
 
+def test_blocks_holding_nothing_findable_are_evicted_before_cached_prefixes():
+    bm = BlockManager(num_blocks=4, block_size=2)
+    a = make_request("a", [1, 2, 3])  # one full block (cached) + a partial one (nothing to find)
+    assert bm.allocate(a, 3)
+    a.num_computed_tokens = 3
+    bm.register(a)
+    bm.release(a)
+    c = make_request("c", [7, 8, 9])
+    assert bm.lookup(c) == 0 and bm.allocate(c, 3)
+    c.num_computed_tokens = 3
+    bm.register(c)
+    bm.release(c)
+    d = make_request("d", [4, 5, 6, 7])  # needs two blocks: must take the two partial ones
+    assert bm.lookup(d) == 0 and bm.allocate(d, 4)
+    bm.release(d)
+    again = make_request("a2", [1, 2, 3])
+    assert bm.lookup(again) == 2  # a's prefix survived
+    bm.release(again)
+
+
 @pytest.fixture(scope="module")
 def small_llm(tiny_models):
     # 10 blocks of 4 tokens: a few requests of ~20 tokens overflow it and force preemption.
@@ -66,6 +86,29 @@ def test_preemption_gives_same_greedy_tokens(small_llm, tiny_models):
         (alone,) = roomy.generate([prompt], params)
         assert out.token_ids == alone.token_ids
     assert small_llm.engine.num_free_blocks() == small_llm.engine.num_total_blocks
+
+
+def test_interrupted_generate_frees_everything(small_llm):
+    engine = small_llm.engine
+    real = engine.runner.execute
+    calls = {"n": 0}
+
+    def flaky(batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(batch)
+
+    engine.runner.execute = flaky
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            small_llm.generate([[3, 4, 5], [6, 7]], SamplingParams(max_tokens=5))
+    finally:
+        engine.runner.execute = real
+    assert not engine.requests and not engine.has_unfinished_requests()
+    assert engine.num_free_blocks() == engine.num_total_blocks
+    (out,) = small_llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2))
+    assert len(out.token_ids) == 2
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
