@@ -185,6 +185,10 @@ class LLMEngine:
             result = self.runner.execute(batch)
         except BaseException:
             self._aborted = outputs + self._aborted  # still owed to the caller; it may abort the rest
+            if self.runner.kv_cache_lost():  # donated into a step that failed on the device
+                self.block_manager.reset_prefix_cache()  # no cached block holds its KV any more
+                for req in list(self.scheduler.running):  # their computed KV is gone: recompute
+                    self.scheduler.preempt(req)
             raise
         now = time.monotonic()
         off = 0

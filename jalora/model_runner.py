@@ -168,6 +168,13 @@ class ModelRunner:
         self.kv_caches, out = self._step(self.state, self.kv_caches, weights, inp, **flags)
         return out
 
+    def kv_cache_lost(self) -> bool:
+        """After a failed step: True if the donated cache is gone; a zeroed one then replaces it."""
+        if not any(k.is_deleted() or v.is_deleted() for k, v in self.kv_caches):
+            return False
+        self.kv_caches = [(jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)) for k, v in self.kv_caches]
+        return True
+
     def execute(self, batch: ScheduledBatch) -> StepResult:
         inp, flags = self.prepare(batch)
         out = self._run(inp, flags)

@@ -40,6 +40,12 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def preempt(self, req: Request) -> None:
+        """Back to the waiting queue's front, blocks released; it is recomputed when scheduled again."""
+        if req in self.running:
+            self.running.remove(req)
+        self._preempt(req)
+
     def _preempt(self, req: Request) -> None:
         self.bm.release(req)
         req.num_computed_tokens = 0

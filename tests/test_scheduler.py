@@ -111,6 +111,40 @@ def test_interrupted_generate_frees_everything(small_llm):
     assert len(out.token_ids) == 2
 
 
+def test_step_failing_after_the_cache_was_donated_recovers(small_llm):
+    """A device error inside the step loses the donated KV cache: the engine rebuilds it, forgets the
+    prefix cache, recomputes the running requests, and their outputs stay exact."""
+    engine = small_llm.engine
+    prompts = [[3, 4, 5, 6, 7], [8, 9, 10]]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = small_llm.generate(prompts, params)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"crash-{i}", p, params)
+    engine.step()  # both prefilled, one token each
+    real = engine.runner._step
+
+    def failing(state, kv_caches, *args, **kwargs):
+        for k, v in kv_caches:  # what donation into a failing device computation leaves behind
+            k.delete()
+            v.delete()
+        raise RuntimeError("device error")
+
+    engine.runner._step = failing
+    try:
+        with pytest.raises(RuntimeError, match="device error"):
+            engine.step()
+    finally:
+        engine.runner._step = real
+    assert engine.block_manager.num_cached_blocks() == 0
+    done = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.token_ids
+    assert [done[f"crash-{i}"] for i in range(2)] == [w.token_ids for w in want]
+    assert engine.num_free_blocks() == engine.num_total_blocks
+
+
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.lists(
