@@ -9,6 +9,8 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jalora.sampling_params import SamplingParams
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 # Granite-3.2-8B-Instruct shapes (the aLoRA paper's base model).
@@ -32,6 +34,11 @@ GRANITE_8B = {
     "bos_token_id": 0,
     "eos_token_id": 0,
 }
+
+
+# The same family at toy size, for CPU smoke runs of the benchmarks.
+TINY = {**GRANITE_8B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
 
 
 def git_commit() -> str:
@@ -108,6 +115,36 @@ def replay_step_seconds(engine, iters: int) -> float:
         jax.block_until_ready(runner._run(inp, flags))
 
     return timeit(replay, warmup=2, iters=iters)
+
+
+def decode_step_seconds(engine, prompts, adapters, steps: int) -> tuple[float, float]:
+    """(median engine.step() seconds, median device-only seconds) once every request is decoding.
+
+    Requests are prefilled (chunked) until each has its first token, 3 steps warm the decode bucket,
+    then `steps` steps are timed; all requests are aborted afterwards.
+    """
+    # Early requests decode while later ones prefill: leave room so none finishes inside the window.
+    params = SamplingParams(max_tokens=steps + 16 + len(prompts), ignore_eos=True)
+    ids = [f"decode-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+    for rid, p, a in zip(ids, prompts, adapters):
+        engine.add_request(rid, p, params, a)
+    started = set()
+    while len(started) < len(ids):
+        started |= {o.request_id for o in engine.step() if o.token_ids}
+    for _ in range(3):
+        engine.step()
+    ts = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        outs = engine.step()
+        ts.append(time.perf_counter() - t0)
+        assert len(outs) == len(ids)
+    device_t = replay_step_seconds(engine, steps)  # the same step without host work
+    for rid in ids:
+        engine.abort_request(rid)
+    engine.step()
+    ts.sort()
+    return ts[len(ts) // 2], device_t
 
 
 def save(name: str, result: dict) -> str:

@@ -19,33 +19,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import GRANITE_8B, replay_step_seconds, run_metadata, save, write_model_dir  # noqa: E402
-from bench.pipeline import TINY, write_adapter  # noqa: E402
+from bench.common import GRANITE_8B, TINY, decode_step_seconds, run_metadata, save, write_model_dir  # noqa: E402
+from bench.pipeline import write_adapter  # noqa: E402
 from jalora import LLM, SamplingParams  # noqa: E402
 from pallas_kernels.masked_lora import ONEHOT_MAX_TOKENS  # noqa: E402
-
-
-def decode_step_time(llm, prompts, adapters, steps: int) -> float:
-    engine = llm.engine
-    params = SamplingParams(max_tokens=steps + 16 + len(prompts), ignore_eos=True)
-    ids = [f"d{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
-    for rid, p, a in zip(ids, prompts, adapters):
-        engine.add_request(rid, p, params, a)
-    started = set()
-    while len(started) < len(ids):
-        started |= {o.request_id for o in engine.step() if o.token_ids}
-    for _ in range(3):
-        engine.step()
-    ts = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step()
-        ts.append(time.perf_counter() - t0)
-    device_t = replay_step_seconds(engine, steps)
-    for rid in ids:
-        engine.abort_request(rid)
-    engine.step()
-    return float(np.median(ts)), device_t
 
 
 def prefill_time(llm, prompt, adapter, reps: int) -> float:
@@ -84,9 +61,9 @@ def main(argv=None) -> dict:
     prompts = [rng.integers(1, v - 20, args.context - 2).tolist() + invocations[i % args.adapters]
                for i in range(args.batch)]  # fmt: skip
     names = [f"a{i % args.adapters}" for i in range(args.batch)]
-    base_decode, base_device = decode_step_time(llm, prompts, [None] * args.batch, args.steps)
-    lora_decode, lora_device = decode_step_time(llm, prompts, names, args.steps)
-    base_decode2, _ = decode_step_time(llm, prompts, [None] * args.batch, args.steps)  # drift check
+    base_decode, base_device = decode_step_seconds(llm.engine, prompts, [None] * args.batch, args.steps)
+    lora_decode, lora_device = decode_step_seconds(llm.engine, prompts, names, args.steps)
+    base_decode2, _ = decode_step_seconds(llm.engine, prompts, [None] * args.batch, args.steps)  # drift check
     long = rng.integers(1, v - 20, args.prefill - 16).tolist() + [5] * 14 + invocations[0]
     base_prefill = prefill_time(llm, long, None, reps=3)
     lora_prefill = prefill_time(llm, long, "a0", reps=3)

@@ -21,18 +21,16 @@ from safetensors.numpy import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import GRANITE_8B, run_metadata, save, write_model_dir  # noqa: E402
+from bench.common import GRANITE_8B, TINY, run_metadata, save, write_model_dir  # noqa: E402
 from jalora import LLM, SamplingParams  # noqa: E402
 
-TINY = {**GRANITE_8B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
 JUDGES = ("certainty", "hallucination", "safety")
 
 
 def write_adapter(path: str, cfg: dict, r: int, targets: list[str], invocation: list[int] | None, seed: int):
     """A PEFT-format adapter with random weights (what a trained intrinsic looks like to the engine)."""
     rng = np.random.default_rng(seed)
-    d, heads, kv, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], 0
+    d, heads, kv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = d // heads
     out = {"q_proj": heads * hd, "k_proj": kv * hd, "v_proj": kv * hd}
     tensors = {}

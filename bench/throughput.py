@@ -21,16 +21,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
     GRANITE_8B,
+    TINY,
+    decode_step_seconds,
     measure_ceilings,
-    replay_step_seconds,
     run_metadata,
     save,
     write_model_dir,
 )
 from jalora import LLM, SamplingParams  # noqa: E402
-
-TINY = {**GRANITE_8B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2}  # fmt: skip
 
 
 def prompt(n: int, vocab: int, seed: int) -> list[int]:
@@ -58,27 +56,8 @@ def bench_prefill(llm, n: int, reps: int) -> dict:
 def bench_decode(llm, batch: int, context: int, steps: int) -> dict:
     engine = llm.engine
     cfg = engine.cfg
-    # Early requests decode while later ones prefill: leave room so none finishes inside the window.
-    params = SamplingParams(max_tokens=steps + 8 + batch, ignore_eos=True)
-    ids = [f"dec-{batch}-{i}" for i in range(batch)]
-    for i, rid in enumerate(ids):
-        engine.add_request(rid, prompt(context, cfg.vocab_size, 100 + i), params)
-    started = set()
-    while len(started) < batch:  # prefill everything (chunked) until each request has its first token
-        started |= {o.request_id for o in engine.step() if o.token_ids}
-    for _ in range(3):  # compile + warm the decode bucket
-        engine.step()
-    ts = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        outs = engine.step()
-        ts.append(time.perf_counter() - t0)
-        assert len(outs) == batch
-    device_t = replay_step_seconds(engine, steps)  # the same step without host work
-    for rid in ids:
-        engine.abort_request(rid)
-    engine.step()
-    t = float(np.median(ts))
+    prompts = [prompt(context, cfg.vocab_size, 100 + i) for i in range(batch)]
+    t, device_t = decode_step_seconds(engine, prompts, [None] * batch, steps)
     itemsize = np.dtype(engine.dtype).itemsize
     weight_bytes = cfg.num_params() * itemsize
     kv_bytes = batch * (context + 4 + steps / 2) * cfg.num_layers * 2 * cfg.kv_size * itemsize

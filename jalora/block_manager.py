@@ -64,9 +64,6 @@ class BlockManager:
         req.num_registered_blocks = len(hits)
         return len(hits) * self.block_size
 
-    def can_allocate(self, req: Request, num_tokens: int) -> bool:
-        return self.blocks_needed(req, num_tokens) <= len(self.free)
-
     def blocks_needed(self, req: Request, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(req.block_ids))
 
