@@ -161,6 +161,11 @@ class AdapterManager:
         self.by_name: dict[str, tuple[int, AdapterInfo, bytes]] = {}
         self.in_flight: dict[str, int] = {}
         self._set_slot = jax.jit(lambda stack, slot, value: stack.at[:, slot].set(value), donate_argnums=(0,))
+        # A_flat [L, Din, n*R]: slot s owns columns s*R..(s+1)*R (the one-hot path's layout).
+        self._set_cols = jax.jit(
+            lambda stack, slot, value: jax.lax.dynamic_update_slice(stack, value, (0, 0, slot * value.shape[2])),
+            donate_argnums=(0,),
+        )
 
     def infos(self) -> list[AdapterInfo]:
         return [info for _, info, _ in self.by_name.values()]
@@ -184,6 +189,7 @@ class AdapterManager:
         self.runner.lora_weights[group] = (
             jnp.zeros((*shape, din, r), self.dtype),
             jnp.zeros((*shape, r, dout), self.dtype),
+            jnp.zeros((self.cfg.num_layers, din, self.max_loras * r), self.dtype),
         )
 
     def load(self, name: str, path: str) -> AdapterInfo:
@@ -200,7 +206,7 @@ class AdapterManager:
         for group in {MODULE_GROUP[m] for m in targets}:
             self._ensure_group(group)
         dims = _module_dims(self.cfg)
-        for group, (a_stack, b_stack) in list(self.runner.lora_weights.items()):
+        for group, (a_stack, b_stack, a_flat) in list(self.runner.lora_weights.items()):
             a = np.zeros((self.cfg.num_layers, *a_stack.shape[2:]), np.float32)
             b = np.zeros((self.cfg.num_layers, *b_stack.shape[2:]), np.float32)
             out = 0
@@ -212,9 +218,11 @@ class AdapterManager:
                         a[layer, :, k * self.max_rank : k * self.max_rank + r] = la.T
                         b[layer, k * self.max_rank : k * self.max_rank + r, out : out + width] = lb.T * scaling
                 out += width
+            a = jnp.asarray(a, self.dtype)
             self.runner.lora_weights[group] = (
-                self._set_slot(a_stack, slot, jnp.asarray(a, self.dtype)),
+                self._set_slot(a_stack, slot, a),
                 self._set_slot(b_stack, slot, jnp.asarray(b, self.dtype)),
+                self._set_cols(a_flat, slot, a),
             )
         info = AdapterInfo(
             name=name,

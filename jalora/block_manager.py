@@ -8,7 +8,7 @@ releases its blocks tail first, so the leaves of a hash chain go before its root
 
 from collections import OrderedDict
 
-from jalora.request import Request
+from jalora.request import BlockIds, Request
 
 
 class BlockManager:
@@ -60,7 +60,7 @@ class BlockManager:
             hits.append(block)
         for block in hits:
             self._take(block)
-        req.block_ids = hits
+        req.block_ids = BlockIds(hits)
         req.num_registered_blocks = len(hits)
         return len(hits) * self.block_size
 
@@ -98,7 +98,7 @@ class BlockManager:
                 self.free[block] = None
                 if self.block_hash[block] is None:  # holds nothing findable: reuse it before any cached block
                     self.free.move_to_end(block, last=False)
-        req.block_ids = []
+        req.block_ids = BlockIds()
         req.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> None:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jalora.config import ModelConfig
-from pallas_kernels.masked_lora import LoraSegments, masked_lora_add
+from pallas_kernels.masked_lora import LoraSegments, masked_lora_add, masked_lora_onehot_flat
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv
 
 # Adapted projection groups, in the order the step walks them. Each maps to the HF module names
@@ -33,15 +33,23 @@ class AttentionMetadata(NamedTuple):
 
 
 class LoraBatch(NamedTuple):
-    """Adapter stacks (scaling folded into B, ranks zero-padded) and this step's adapted-token runs."""
+    """Adapter stacks (scaling folded into B, ranks zero-padded) and this step's adapted tokens."""
 
-    weights: dict  # group -> (A f[L, n, Din, R], B f[L, n, R, Dout])
-    segments: LoraSegments  # runs of tokens per adapter slot; base tokens belong to none
+    weights: dict  # group -> (A f[L, n, Din, R], B f[L, n, R, Dout], A_flat f[L, Din, n*R])
+    token_slots: jax.Array  # i32[T] adapter slot of each token row, -1 = base token or padding
+    segments: LoraSegments | None  # runs of tokens per slot for the kernels; None = one-hot path
 
 
-def masked_lora_fn(y, x, a, b, lora: LoraBatch):
-    """y [T, Dout] + the LoRA delta of adapted tokens only (the platform's masked multi-LoRA kernel)."""
-    return masked_lora_add(y, x, a, b, lora.segments)
+def masked_lora_fn(y, x, a, b, a_flat, lora: LoraBatch):
+    """y [T, Dout] + the LoRA delta of adapted tokens only.
+
+    With segments: the platform's masked multi-LoRA kernel (slot -1 rows cost nothing; long prefills).
+    Without: two dense matmuls against every slot, masked per row (decode-sized steps and the CPU).
+    """
+    if lora.segments is not None:
+        return masked_lora_add(y, x, a, b, lora.segments)
+    delta = masked_lora_onehot_flat(x, a_flat, b, lora.token_slots)
+    return (y.astype(jnp.float32) + delta).astype(y.dtype)
 
 
 def rms_norm(x, w, eps):
@@ -143,8 +151,8 @@ class Decoder(nnx.Module):
                     y = y + b[...].astype(jnp.float32)
                 y = y.astype(h.dtype)
                 if lora is not None and group in lora.weights:
-                    a_stack, b_stack = lora.weights[group]
-                    y = lora_fn(y, h, a_stack[_i], b_stack[_i], lora)
+                    a_stack, b_stack, a_flat = lora.weights[group]
+                    y = lora_fn(y, h, a_stack[_i], b_stack[_i], a_flat[_i], lora)
                 return y
 
             h = rms_norm(x, layer.input_norm[...], cfg.rms_norm_eps)

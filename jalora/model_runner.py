@@ -17,7 +17,7 @@ from jalora.model import AttentionMetadata, Decoder, LoraBatch
 from jalora.sampler import sample
 from jalora.sampling_params import MAX_LOGPROBS
 from jalora.scheduler import ScheduledBatch
-from pallas_kernels.masked_lora import LoraSegments, build_lora_segments
+from pallas_kernels.masked_lora import ONEHOT_MAX_TOKENS, LoraSegments, build_lora_segments
 
 MIN_BUCKET = 16
 
@@ -25,7 +25,8 @@ MIN_BUCKET = 16
 class StepInputs(NamedTuple):
     token_ids: jax.Array  # i32[T]
     positions: jax.Array  # i32[T]
-    lora_segments: LoraSegments | None  # adapted-token runs; None when no token of the step is adapted
+    lora_slots: jax.Array | None  # i32[T] adapter slot per token (-1 = none); None: no token is adapted
+    lora_segments: LoraSegments | None  # adapted-token runs for the kernels; None: one-hot path or no LoRA
     prompt_targets: jax.Array  # i32[T] next prompt token (for prompt logprobs), -1 = none
     attn: AttentionMetadata
     logits_indices: jax.Array  # i32[S] row of each sequence's last token
@@ -42,6 +43,37 @@ class StepResult(NamedTuple):
     top_ids: np.ndarray | None  # i32[S, MAX_LOGPROBS]
     top_logprobs: np.ndarray | None  # f32[S, MAX_LOGPROBS]
     prompt_logprobs: np.ndarray | None  # f32[T]
+
+
+def pack_inputs(inp: StepInputs) -> tuple[np.ndarray, tuple]:
+    """One int32 buffer holding every host array of a step, and its (static) layout.
+
+    A step's inputs then cross to the device in one transfer instead of one per array (about 15 small
+    copies, each with its own host-side cost). Every field is a 4-byte type (int32, uint32, float32)
+    and travels bit-for-bit; `unpack_inputs` slices and bitcasts it back inside the jitted step.
+    """
+    leaves, treedef = jax.tree.flatten(inp)
+    parts, shapes = [], []
+    for x in leaves:
+        x = np.asarray(x)
+        if x.dtype.itemsize != 4:
+            raise TypeError(f"step inputs must be 4-byte types, got {x.dtype}")
+        parts.append(x.reshape(-1).view(np.int32))
+        shapes.append((x.shape, x.dtype.str))
+    return np.concatenate(parts), (treedef, tuple(shapes))
+
+
+def unpack_inputs(packed, layout: tuple) -> StepInputs:
+    treedef, shapes = layout
+    leaves, off = [], 0
+    for shape, dtype in shapes:
+        n = math.prod(shape)
+        x = packed[off : off + n]
+        off += n
+        if np.dtype(dtype) != np.int32:
+            x = jax.lax.bitcast_convert_type(x, np.dtype(dtype))
+        leaves.append(x.reshape(shape))
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def token_buckets(max_num_batched_tokens: int) -> list[int]:
@@ -66,15 +98,26 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_pages = -(-max_model_len // block_size)
         self.buckets = token_buckets(max_num_batched_tokens)
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        # The parameters cross into the step as a flat list: flattening the nnx.State pytree on every
+        # call cost ~0.6 ms of host time per step for 40 layers (bench/profile_step.py).
+        self.params, self.params_def = jax.tree.flatten(state)
+        # Which masked-LoRA form a step takes: the kernels walk host-built segments (slot -1 rows cost
+        # nothing, for prefills); decode-sized steps on GPU, and every step on CPU, take the one-hot
+        # matmuls, which need only the per-token slots (no segment building on the host).
+        backend = jax.default_backend()
+        self.segments_above = {"gpu": ONEHOT_MAX_TOKENS, "tpu": 0}.get(backend)
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(cfg.num_layers)]
         self.lora_weights: dict = {}  # group -> (A [L, n, Din, R], B [L, n, R, Dout]); see adapters.py
-        graphdef = self.graphdef
+        graphdef, params_def = self.graphdef, self.params_def
 
-        def step_fn(state, kv_caches, lora_weights, inp: StepInputs, do_sample, want_logprobs, want_prompt_lp):
-            model = nnx.merge(graphdef, state)
-            lora = LoraBatch(lora_weights, inp.lora_segments) if inp.lora_segments is not None else None
+        def step_fn(params, kv_caches, lora_weights, packed, layout, do_sample, want_logprobs, want_prompt_lp):
+            inp: StepInputs = unpack_inputs(packed, layout)
+            model = nnx.merge(graphdef, jax.tree.unflatten(params_def, params))
+            lora = None
+            if inp.lora_slots is not None:
+                lora = LoraBatch(lora_weights, inp.lora_slots, inp.lora_segments)
             hidden, kv_caches = model(inp.token_ids, inp.positions, kv_caches, inp.attn, lora)
             logits = model.logits(hidden[inp.logits_indices])
             tokens = sample(
@@ -91,7 +134,7 @@ class ModelRunner:
             return kv_caches, (tokens, token_lp, top[1], top[0], prompt_lp)
 
         self._step = jax.jit(
-            step_fn, static_argnames=("do_sample", "want_logprobs", "want_prompt_lp"), donate_argnums=(1,)
+            step_fn, static_argnames=("layout", "do_sample", "want_logprobs", "want_prompt_lp"), donate_argnums=(1,)
         )
 
     def bucket(self, num_tokens: int) -> int:
@@ -101,71 +144,96 @@ class ModelRunner:
         raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.buckets[-1]}")
 
     def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, dict]:
-        """Host side: numpy arrays for one step. Work is O(tokens + sequences * pages)."""
+        """Host side: numpy arrays for one step, built with a few vectorised numpy ops per step (a Python
+        loop with per-request numpy calls cost 1.3 ms at 64 decoding sequences)."""
         t = self.bucket(batch.total_tokens)
         s = self.max_num_seqs
         bs = self.block_size
-        token_ids = np.zeros(t, np.int32)
-        positions = np.zeros(t, np.int32)
-        slot_mapping = np.full(t, -1, np.int32)
-        token_slots = np.full(t, -1, np.int32)
-        prompt_targets = np.full(t, -1, np.int32)
-        kv_lens = np.zeros(s, np.int32)
-        page_indices = np.zeros((s, self.max_pages), np.int32)
+        reqs = batch.requests
+        k = len(reqs)
+        ns = np.asarray(batch.num_tokens, np.int32)
+        total = int(ns.sum())
+        starts = np.fromiter((r.num_computed_tokens for r in reqs), np.int32, count=k)
         cu = np.zeros(s + 1, np.int32)
-        logits_indices = np.zeros(s, np.int32)
-        temperature = np.zeros(s, np.float32)
-        top_k = np.zeros(s, np.int32)
-        top_p = np.ones(s, np.float32)
-        seeds = np.zeros(s, np.uint32)
-        counters = np.zeros(s, np.int32)
-        flags = {"do_sample": False, "want_logprobs": False, "want_prompt_lp": False}
-        off = 0
-        for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
-            start = req.num_computed_tokens
-            pos = np.arange(start, start + n, dtype=np.int32)
-            token_ids[off : off + n] = req.all_token_ids[start : start + n]
-            positions[off : off + n] = pos
-            blocks = np.asarray(req.block_ids, np.int32)
-            slot_mapping[off : off + n] = blocks[pos // bs] * bs + pos % bs
-            if req.adapter_slot >= 0:
-                token_slots[off : off + n] = np.where(pos >= req.activation_start, req.adapter_slot, -1)
-            p = req.params
-            if p.prompt_logprobs:
-                nxt = pos + 1
-                ok = nxt < len(req.prompt_token_ids)
-                prompt_targets[off : off + n][ok] = np.asarray(req.prompt_token_ids)[nxt[ok]]
-                flags["want_prompt_lp"] = True
-            kv_lens[i] = start + n
-            page_indices[i, : len(blocks)] = blocks
-            cu[i + 1] = off + n
-            logits_indices[i] = off + n - 1
-            temperature[i] = p.temperature
-            top_k[i] = p.top_k
-            top_p[i] = p.top_p
-            seeds[i] = req.seed
-            counters[i] = len(req.output_token_ids)
-            flags["do_sample"] |= not p.greedy
-            flags["want_logprobs"] |= p.logprobs is not None
-            off += n
-        cu[len(batch.requests) + 1 :] = off
-        attn = AttentionMetadata(
-            slot_mapping, kv_lens, page_indices, cu, np.array([len(batch.requests)], np.int32)
+        np.cumsum(ns, out=cu[1 : k + 1])
+        cu[k + 1 :] = total
+        seq_of_tok = np.repeat(np.arange(k, dtype=np.int32), ns)
+        pos = np.arange(total, dtype=np.int32) - cu[seq_of_tok] + starts[seq_of_tok]
+
+        token_ids = np.zeros(t, np.int32)
+        if k == total:  # every request adds one token (decode)
+            token_ids[:k] = [r.all_token_ids[st] for r, st in zip(reqs, starts.tolist())]
+        else:
+            token_ids[:total] = [tok for r, st, n in zip(reqs, starts.tolist(), ns.tolist())
+                                 for tok in r.all_token_ids[st : st + n]]  # fmt: skip
+        positions = np.zeros(t, np.int32)
+        positions[:total] = pos
+
+        tables = [r.block_ids.as_array() for r in reqs]
+        num_blocks = np.fromiter((a.shape[0] for a in tables), np.int32, count=k)
+        page_indices = np.zeros((s, self.max_pages), np.int32)
+        flat_blocks = np.concatenate(tables) if tables else np.zeros(0, np.int32)
+        block_row = np.repeat(np.arange(k, dtype=np.int32), num_blocks)
+        block_col = np.arange(flat_blocks.shape[0], dtype=np.int32) - np.repeat(
+            np.cumsum(num_blocks) - num_blocks, num_blocks
         )
-        segments = None
+        page_indices[block_row, block_col] = flat_blocks
+        slot_mapping = np.full(t, -1, np.int32)
+        slot_mapping[:total] = page_indices[seq_of_tok, pos // bs] * bs + pos % bs
+
+        adapter_slot = np.fromiter((r.adapter_slot for r in reqs), np.int32, count=k)
+        token_slots = np.full(t, -1, np.int32)
+        if (adapter_slot >= 0).any():
+            act = np.fromiter((r.activation_start or 0 for r in reqs), np.int32, count=k)
+            token_slots[:total] = np.where(pos >= act[seq_of_tok], adapter_slot[seq_of_tok], -1)
+
+        params = [r.params for r in reqs]
+        prompt_targets = np.full(t, -1, np.int32)
+        flags = {
+            "do_sample": any(not p.greedy for p in params),
+            "want_logprobs": any(p.logprobs is not None for p in params),
+            "want_prompt_lp": any(p.prompt_logprobs for p in params),
+        }
+        if flags["want_prompt_lp"]:
+            for i, r in enumerate(reqs):
+                if r.params.prompt_logprobs:
+                    nxt = pos[cu[i] : cu[i + 1]] + 1
+                    ok = nxt < len(r.prompt_token_ids)
+                    prompt_targets[cu[i] : cu[i + 1]][ok] = np.asarray(r.prompt_token_ids)[nxt[ok]]
+
+        def per_seq(values, dtype, fill):
+            out = np.full(s, fill, dtype)
+            out[:k] = values
+            return out
+
+        kv_lens = per_seq(starts + ns, np.int32, 0)
+        logits_indices = per_seq(cu[1 : k + 1] - 1, np.int32, 0)
+        temperature = per_seq([p.temperature for p in params], np.float32, 0.0)
+        top_k = per_seq([p.top_k for p in params], np.int32, 0)
+        top_p = per_seq([p.top_p for p in params], np.float32, 1.0)
+        seeds = per_seq([r.seed for r in reqs], np.uint32, 0)
+        counters = per_seq([len(r.output_token_ids) for r in reqs], np.int32, 0)
+        attn = AttentionMetadata(slot_mapping, kv_lens, page_indices, cu, np.array([k], np.int32))
+        lora_slots, segments = None, None
         if (token_slots >= 0).any():  # base-only steps skip the LoRA path entirely (another compilation)
-            segments = build_lora_segments(token_slots, max_segments=s)
+            lora_slots, segments = self._lora_inputs(token_slots)
         inp = StepInputs(
-            token_ids, positions, segments, prompt_targets, attn, logits_indices,
+            token_ids, positions, lora_slots, segments, prompt_targets, attn, logits_indices,
             temperature, top_k, top_p, seeds, counters,
         )  # fmt: skip
         return inp, flags
 
+    def _lora_inputs(self, token_slots: np.ndarray) -> tuple[np.ndarray, LoraSegments | None]:
+        if self.segments_above is None or token_slots.shape[0] <= self.segments_above:
+            return token_slots, None
+        return token_slots, build_lora_segments(token_slots, max_segments=self.max_num_seqs)
+
     def _run(self, inp: StepInputs, flags: dict):
         # Base-only steps get no adapter stacks at all, so loading an adapter never changes (and
         # recompiles) their variant.
-        weights = self.lora_weights if inp.lora_segments is not None else {}
-        self.kv_caches, out = self._step(self.state, self.kv_caches, weights, inp, **flags)
+        weights = self.lora_weights if inp.lora_slots is not None else {}
+        packed, layout = pack_inputs(inp)
+        self.kv_caches, out = self._step(self.params, self.kv_caches, weights, packed, layout=layout, **flags)
         return out
 
     def kv_cache_lost(self) -> bool:
@@ -189,7 +257,8 @@ class ModelRunner:
         for t in tqdm(self.buckets, desc=desc, disable=not progress):
             inp, flags = self.prepare(_WarmupBatch(t))
             if lora:  # every padding row in slot 0: the shapes of any adapted step of this bucket
-                inp = inp._replace(lora_segments=build_lora_segments(np.zeros(t, np.int32), self.max_num_seqs))
+                slots, segments = self._lora_inputs(np.zeros(t, np.int32))
+                inp = inp._replace(lora_slots=slots, lora_segments=segments)
             jax.block_until_ready(self._run(inp, flags))
 
 

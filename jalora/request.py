@@ -3,9 +3,28 @@
 import enum
 import time
 
+import numpy as np
+
 from jalora.block_hasher import extend_block_hashes
 from jalora.outputs import RequestMetrics, RequestOutput
 from jalora.sampling_params import SamplingParams
+
+
+class BlockIds(list):
+    """A request's cache blocks in order. While the request holds them the list only grows (the block
+    manager replaces the whole object on admission and release), so `as_array` extends a cached numpy
+    copy instead of converting the whole list every step."""
+
+    __slots__ = ("_array",)
+
+    def as_array(self) -> np.ndarray:
+        arr = getattr(self, "_array", None)
+        if arr is None or arr.shape[0] != len(self):
+            done = 0 if arr is None else arr.shape[0]
+            tail = np.asarray(self[done:], np.int32)
+            arr = tail if arr is None else np.concatenate([arr, tail])
+            self._array = arr
+        return arr
 
 
 class Status(enum.Enum):
@@ -43,7 +62,7 @@ class Request:
         self.status = Status.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
-        self.block_ids: list[int] = []
+        self.block_ids = BlockIds()
         self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0  # leading blocks already published to the prefix cache
         self.finish_reason: str | None = None

@@ -59,8 +59,14 @@ FULL = SamplingParams(max_tokens=16, prompt_logprobs=True, logprobs=0, ignore_eo
 GEN = SamplingParams(max_tokens=16, logprobs=0, ignore_eos=True)
 
 
-def test_mixed_batch_matches_peft(setup):
+@pytest.mark.parametrize("lora_path", ["onehot", "segments"])
+def test_mixed_batch_matches_peft(setup, lora_path):
+    """Both masked-LoRA forms of the step: one-hot matmuls over per-token slots (decode-sized steps on
+    GPU, the CPU default) and the segment path the kernels take (here with the jnp reference)."""
     _, _, _, llm, oracles = setup
+    runner = llm.engine.runner
+    saved = runner.segments_above
+    runner.segments_above = 0 if lora_path == "segments" else None
     cases = [  # (adapter, prompt, activation index or None)
         (None, ctx(40, 1), None),
         ("lora_all", ctx(37, 2), 0),
@@ -69,7 +75,10 @@ def test_mixed_batch_matches_peft(setup):
         ("alora_all", ctx(21, 6) + INV_ALL + ctx(3, 7) + INV_ALL, 26),  # the last occurrence counts
         ("alora_all", ctx(50, 8) + INV_ALL, 50),
     ]
-    outs = llm.generate([c[1] for c in cases], FULL, adapter=[c[0] for c in cases])
+    try:
+        outs = llm.generate([c[1] for c in cases], FULL, adapter=[c[0] for c in cases])
+    finally:
+        runner.segments_above = saved
     for (adapter, ids, a), out in zip(cases, outs):
         assert out.activation_start == a
         check(out, expect(oracles, adapter, ids, None if adapter in (None, "lora_all") else a), f"{adapter} a={a}")

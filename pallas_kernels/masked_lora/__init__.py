@@ -44,6 +44,31 @@ def _pick_impl(impl, interpret, num_tokens: int | None = None):
     return impl
 
 
+def masked_lora_onehot_flat(
+    x,  # [T, Din]
+    lora_a_flat,  # [Din, num_slots * R]: every slot's A side by side (slot s = columns s*R..(s+1)*R)
+    lora_b,  # [num_slots, R, Dout] block-diagonal form
+    token_slots,  # i32[T] slot per row, -1 = none
+):
+    """f32 delta [T, Dout] as two plain matmuls (XLA): x @ A_all, zero every column block but the
+    row's own slot, @ B_all. The flat A layout makes the shrink one [T, Din] x [Din, n*R] GEMM with no
+    transpose or batch dimension; B [n, R, Dout] is [n*R, Dout] as is. Decode-sized steps only: the
+    work is T * n * R * (Din + Dout) MACs whatever the slots."""
+    n, r, dout = lora_b.shape
+    if lora_a_flat.ndim != 2 or lora_a_flat.shape != (x.shape[1], n * r):
+        raise ValueError(f"lora_a_flat must be [Din={x.shape[1]}, n*R={n * r}], got shape {lora_a_flat.shape}")
+    xa = jnp.dot(x, lora_a_flat, preferred_element_type=jnp.float32)  # [T, n*R]
+    col_slot = jnp.arange(n * r, dtype=jnp.int32) // r
+    xa = jnp.where(token_slots[:, None] == col_slot[None, :], xa, 0.0).astype(lora_b.dtype)
+    return jnp.dot(xa, lora_b.reshape(n * r, dout), preferred_element_type=jnp.float32)
+
+
+def flatten_lora_a(lora_a):
+    """[..., n, Din, R] -> [..., Din, n*R], the layout of `masked_lora_onehot_flat`."""
+    *lead, n, din, r = lora_a.shape
+    return jnp.moveaxis(lora_a, -3, -2).reshape(*lead, din, n * r)
+
+
 def masked_lora_onehot(
     x,  # [T, Din]
     lora_a,  # [num_slots, Din, R]
@@ -51,11 +76,7 @@ def masked_lora_onehot(
     token_slots,  # i32[T] slot per row, -1 = none
 ):
     """f32 delta [T, Dout]: shrink against every slot, keep each row's own slot, one expand (XLA)."""
-    n = lora_a.shape[0]
-    xa = jnp.einsum("td,ndr->tnr", x, lora_a, preferred_element_type=jnp.float32)
-    mine = token_slots[:, None, None] == jnp.arange(n, dtype=jnp.int32)[None, :, None]
-    xa = jnp.where(mine, xa, 0.0).astype(lora_b.dtype)
-    return jnp.einsum("tnr,nro->to", xa, lora_b, preferred_element_type=jnp.float32)
+    return masked_lora_onehot_flat(x, flatten_lora_a(lora_a), lora_b, token_slots)
 
 
 def _widths(out_widths):
@@ -156,6 +177,8 @@ def masked_lora(
 __all__ = [
     "ONEHOT_MAX_TOKENS",
     "masked_lora_onehot",
+    "masked_lora_onehot_flat",
+    "flatten_lora_a",
     "DEFAULT_BLOCK_TOKENS",
     "LoraSegments",
     "build_lora_segments",
