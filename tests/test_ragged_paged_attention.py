@@ -112,6 +112,9 @@ GPU_CASES = {
     # GQA 4, block size 128, bf16, window + cap
     "g4_bs128_bf16": dict(t=32, s=3, p=2, bs=128, hq=4, hkv=1, d=64, window=100, cap=10.0,
                           dtype=jnp.bfloat16),
+    # decode-shaped with no split count given: the grid has 12 splits, the device uses
+    # split_rule(num_seqs * Hkv) of them (empty ranges write neutral partials)
+    "g4_decode_dynamic_splits": dict(t=4, s=8, p=12, bs=16, hq=8, hkv=2, d=64, tuning=(("block_k", 16),)),
     # GQA 6 (not a power of two), tiles of 32 keys over pages of 16
     "g6_bs16_bk32": dict(t=12, s=3, p=4, bs=16, hq=6, hkv=1, d=64, tuning=(("block_k", 32),)),
 }
@@ -184,3 +187,20 @@ def test_write_kv_skips_padding_slots():
     np.testing.assert_array_equal(nk[1, 1], k[0])
     np.testing.assert_array_equal(nk[2, 3], k[2])
     np.testing.assert_array_equal(nk[2, 3 - 1], k_pages[2, 2])  # neighbours untouched
+
+
+def test_decode_split_rule():
+    from pallas_kernels.ragged_paged_attention.gpu import decode_grid_splits, split_rule
+
+    assert [int(split_rule(n)) for n in (8, 64, 65, 256, 512, 1024, 1025)] == [16, 16, 4, 4, 2, 2, 1]
+    assert int(split_rule(jnp.int32(32))) == 16  # traced form, as in the kernel
+    assert decode_grid_splits(16, 8, max_kv=65536, block_k=64) == 16  # bucket 16 may hold one sequence
+    assert decode_grid_splits(64, 8, max_kv=65536, block_k=64) == 2  # > 32 sequences
+    assert decode_grid_splits(16, 8, max_kv=128, block_k=64) == 2  # never more splits than key tiles
+
+
+def test_dynamic_splits_use_fewer_programs_than_the_grid():
+    """16 kv heads x 6 sequences = 96 programs: split_rule wants 4 of the 8 splits the grid holds, so
+    half the split programs get empty ranges; the combine must still equal the reference."""
+    cfg = dict(t=8, s=8, p=8, bs=16, hq=16, hkv=16, d=16, tuning=(("block_k", 16),))
+    _check("gpu", (6, [1, 1, 1, 1, 1, 1], [128, 1, 77, 16, 100, 33], 3), cfg, cfg["tuning"])

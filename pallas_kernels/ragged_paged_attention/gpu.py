@@ -12,7 +12,10 @@ Per block the kv tiles split in three ranges: a masked head (sliding-window edge
 body (every key <= the block's first query position and inside the window, so no mask and no
 select), and a masked tail (causal diagonal and kv_len). With `num_kv_splits > 1` (decode, few
 sequences, long context: too few programs to fill 132 SMs) every program covers a slice of the
-tiles and writes an unnormalised partial (acc, m, l); a small XLA combine merges the splits.
+tiles and writes an unnormalised partial (acc, m, l); a small XLA combine merges the splits. A
+decode-shaped step (T <= S) launches the most splits its bucket can want and each program reads the
+step's real sequence count to decide how many of them work (`split_rule`): batch 1 and batch 64 pad
+to the same shapes but want 16 and 2 splits.
 
 Why the Triton lowering and not Mosaic GPU (measured on one H200, JAX 0.11.2, bf16, Hq 32 / Hkv 8,
 D 128, block_size 16, bench/results/attention.json): the Triton-lowered kernel compiles on JAX
@@ -27,6 +30,7 @@ fit this issue's device budget (9 minutes, two runs), so it is the next step, no
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +46,9 @@ from pallas_kernels.ragged_paged_attention.common import (
 _LOG2E = math.log2(math.e)
 _MASKED = -1e30  # finite: an all-masked row must not turn exp2(m_old - m_new) into NaN
 _NUM_SMS = 132  # H100/H200; only used to pick a default split count
+# Decode-shaped steps pick their kv-split count on the device from the real number of sequences
+# (`split_rule`); JALORA_RPA_DYNAMIC_SPLITS=0 restores the static heuristic.
+DYNAMIC_SPLITS = os.environ.get("JALORA_RPA_DYNAMIC_SPLITS", "1") != "0"
 
 
 def _dot(a, b, b_contract: int):
@@ -58,6 +65,7 @@ def _kernel(
     blk_q0_ref,  # i32[NB] first query row of each block
     kv_lens_ref,  # i32[S]
     cu_q_lens_ref,  # i32[S + 1]
+    num_seqs_ref,  # i32[1]
     page_indices_ref,  # i32[S * P] (flattened)
     q_ref,  # [T * Hq, D] (flattened)
     k_ref,  # [num_blocks * block_size * Hkv, D] (flattened)
@@ -71,6 +79,7 @@ def _kernel(
     block_q: int,
     block_k: int,
     num_splits: int,
+    dynamic_splits: bool,  # use only split_rule(num_seqs * Hkv) of the num_splits programs
     num_rows: int,  # T * Hq
     scale_log2: float,  # sm_scale * log2(e)
     sm_scale: float,
@@ -108,7 +117,10 @@ def _kernel(
         if num_splits == 1:
             my_lo, my_hi = t_lo, t_hi
         else:
-            per = (t_hi - t_lo + num_splits - 1) // num_splits
+            used = num_splits
+            if dynamic_splits:  # programs past `used` get an empty range and write a neutral partial
+                used = jnp.minimum(split_rule(num_seqs_ref[0] * num_kv_heads), num_splits)
+            per = (t_hi - t_lo + used - 1) // used
             my_lo = jnp.minimum(t_lo + split * per, t_hi)
             my_hi = jnp.minimum(my_lo + per, t_hi)
         # Tiles in [full_lo, full_hi) need no mask: all keys <= first_pos (< kv_len) and in window.
@@ -175,6 +187,27 @@ def _kernel(
             plgpu.store(l_ref.at[prow], l_i, mask=row_valid)
 
 
+def split_rule(programs):
+    """kv splits per query block for `programs` (real query blocks x kv heads) at decode shapes.
+
+    Measured on the H200 at the engine's padded step shapes (bench/results/attention_splits.json,
+    Hq 32 / Hkv 8, D 128): batch 1 and 4 are fastest with 16 splits (64k context: 157 us vs 486 us
+    with the old fixed heuristic), batch 16 with 4, batch 64 with 2 (8k: 526 us vs 648 us). Works on
+    Python ints and on traced int32 scalars (the kernel applies it to the step's real num_seqs).
+    """
+    if isinstance(programs, int):  # static use (grid size): stay in Python, jit would trace jnp.where
+        return 16 if programs <= 64 else 4 if programs <= 256 else 2 if programs <= 1024 else 1
+    return jnp.where(programs <= 64, 16, jnp.where(programs <= 256, 4, jnp.where(programs <= 1024, 2, 1)))
+
+
+def decode_grid_splits(num_tokens: int, num_kv_heads: int, max_kv: int, block_k: int) -> int:
+    """Static kv-split grid size of a decode-shaped step: what `split_rule` asks for at the fewest
+    sequences such a step can hold (a bucket of T > 16 rows holds more than T/2 decode rows)."""
+    fewest = 1 if num_tokens <= 16 else num_tokens // 2 + 1
+    tiles = max(1, -(-max_kv // block_k))
+    return max(1, min(split_rule(fewest * num_kv_heads), tiles))
+
+
 def default_num_kv_splits(num_tokens: int, num_seqs: int, num_kv_heads: int, block_q: int, max_kv: int) -> int:
     """Enough programs to fill the SMs about twice when the batch is decode-shaped and long."""
     # Every non-empty sequence owns at least one query block.
@@ -227,7 +260,11 @@ def ragged_paged_attention_gpu(
         block_k = 64 if decode_like else 64
     block_k = max(_next_pow2(block_k), 16)
     num_q_blocks = -(-t // block_q) + min(s, t)
-    if num_kv_splits is None:
+    dynamic_splits = num_kv_splits is None and decode_like and DYNAMIC_SPLITS
+    if dynamic_splits:
+        num_kv_splits = decode_grid_splits(t, hkv, p * bs, block_k)
+        dynamic_splits = num_kv_splits > 1
+    elif num_kv_splits is None:
         num_kv_splits = default_num_kv_splits(t, s, hkv, block_q, p * bs)
     if num_warps is None:
         num_warps = 4  # H200, 8k prefill: 4 warps 272 TFLOP/s, 8 warps 245 (bench/results/attention_run1.json)
@@ -249,6 +286,7 @@ def ragged_paged_attention_gpu(
         block_q=block_q,
         block_k=block_k,
         num_splits=num_kv_splits,
+        dynamic_splits=dynamic_splits,
         num_rows=rows,
         scale_log2=float(sm_scale) * _LOG2E,
         sm_scale=float(sm_scale),
@@ -275,6 +313,7 @@ def ragged_paged_attention_gpu(
         blk_q0,
         kv_lens,
         cu_q_lens,
+        jnp.asarray(num_seqs, jnp.int32).reshape(1),
         page_indices.reshape(s * p),
         q.reshape(rows, d),
         k_pages.reshape(nb_cache * bs * hkv, d),
