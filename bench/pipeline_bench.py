@@ -748,29 +748,31 @@ def main(argv=None) -> dict:
     if not args.no_warmup:
         bench.warm()
     common = {"warmup_s": bench.warmup_s, "kv_tokens": bench.kv_tokens(), "max_model_len": bench.engine.max_model_len}
-    if "ceilings" in parts:
-        res = bench.ceilings(ceil) if ceil else bench.engine_only_ceilings()
-        new["ceilings"] = {**res, "run": run()}
-    if "A" in parts:
-        new["A"] = {**bench.part_a(), "run": run()}
-    if "Aconc" in parts:
-        new["Aconc"] = {**bench.part_aconc(), "run": run()}
-    if "B" in parts:
-        new["B"] = {**bench.part_b(), "run": run()}
-    if "baseline" in parts:
-        new["baseline"] = {"peft": peft_res, "jalora_throughput": bench.throughput(),
-                           "tp_pipelines": sz["tp_pipelines"],
-                           "tp_prompt": sz["tp_prompt"], "hf_prompts": sz["hf_prompts"], "run": run()}  # fmt: skip
-    if "C" in parts:
-        new["C"] = {**bench.part_c(), "run": run()}
     name = args.out or f"pipeline_bench_{args.model}.json"
     path = os.path.join(RESULTS, name)
     old = json.load(open(path)) if os.path.isfile(path) else None
     if old and (old.get("model") != args.model or old.get("quick") != args.quick):
         old = None  # never mix a CPU smoke run with a GPU run
-    result = {**meta, "model": args.model, "quick": args.quick, "sizes": sz, **common,
-              "parts": merge(old, new), "seconds": time.perf_counter() - t_start}  # fmt: skip
-    save(name, result)
+
+    def flush() -> dict:
+        """Saves what is measured so far: a run cut short by a time limit keeps its finished parts."""
+        result = {**meta, "model": args.model, "quick": args.quick, "sizes": sz, **common,
+                  "parts": merge(old, new), "seconds": time.perf_counter() - t_start}  # fmt: skip
+        save(name, result)
+        return result
+
+    steps = [("ceilings", lambda: bench.ceilings(ceil) if ceil else bench.engine_only_ceilings()),
+             ("A", bench.part_a), ("Aconc", bench.part_aconc), ("B", bench.part_b),
+             ("baseline", lambda: {"peft": peft_res, "jalora_throughput": bench.throughput(),
+                                   "tp_pipelines": sz["tp_pipelines"], "tp_prompt": sz["tp_prompt"],
+                                   "hf_prompts": sz["hf_prompts"]}),
+             ("C", bench.part_c)]  # fmt: skip
+    for part, fn in steps:
+        if part in parts:
+            new[part] = {**fn(), "run": run()}
+            flush()
+            print(f"[{time.perf_counter() - t_start:.0f} s] part {part} done", flush=True)
+    result = flush()
     print()
     print("\n".join(pipeline_bench_tables(result)))
     stem = os.path.splitext(name)[0]
