@@ -197,7 +197,9 @@ def split_rule(programs):
     """
     if isinstance(programs, int):  # static use (grid size): stay in Python, jit would trace jnp.where
         return 16 if programs <= 64 else 4 if programs <= 256 else 2 if programs <= 1024 else 1
-    return jnp.where(programs <= 64, 16, jnp.where(programs <= 256, 4, jnp.where(programs <= 1024, 2, 1)))
+    # Comparisons cast to int and summed: the Triton lowering mis-types a select of scalar constants.
+    over = [(programs > n).astype(jnp.int32) for n in (64, 256, 1024)]
+    return 16 - 12 * over[0] - 2 * over[1] - over[2]
 
 
 def decode_grid_splits(num_tokens: int, num_kv_heads: int, max_kv: int, block_k: int) -> int:
