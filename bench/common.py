@@ -42,6 +42,9 @@ TINY = {**GRANITE_8B, "vocab_size": 512, "hidden_size": 64, "intermediate_size":
 
 
 def git_commit() -> str:
+    """JALORA_COMMIT if set (the device machine's copy of the tree may carry a stale .git), else git's HEAD."""
+    if os.environ.get("JALORA_COMMIT"):
+        return os.environ["JALORA_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         return subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=here, text=True).strip()
