@@ -161,7 +161,7 @@ class ModelRunner:
         pos = np.arange(total, dtype=np.int32) - cu[seq_of_tok] + starts[seq_of_tok]
 
         token_ids = np.zeros(t, np.int32)
-        if k == total:  # every request adds one token (decode)
+        if (ns == 1).all():  # every request adds one token (decode)
             token_ids[:k] = [r.all_token_ids[st] for r, st in zip(reqs, starts.tolist())]
         else:
             token_ids[:total] = [tok for r, st, n in zip(reqs, starts.tolist(), ns.tolist())
