@@ -714,6 +714,8 @@ def main(argv=None) -> dict:
         with open(args.hf_worker, "w") as f:
             json.dump(res, f)
         return res
+    if args.tp_passes < 1:
+        ap.error("--tp-passes must be >= 1")
     parts = [p for p in args.parts.split(",") if p]
     bad = [p for p in parts if p not in PARTS]
     if bad:

@@ -178,6 +178,8 @@ class ModelRunner:
             np.cumsum(num_blocks) - num_blocks, num_blocks
         )
         page_indices[block_row, block_col] = flat_blocks
+        if total and not (pos // bs < num_blocks[seq_of_tok]).all():  # the scheduler allocates first
+            raise RuntimeError("a scheduled token has no cache block (block table shorter than its position)")
         slot_mapping = np.full(t, -1, np.int32)
         slot_mapping[:total] = page_indices[seq_of_tok, pos // bs] * bs + pos % bs
 

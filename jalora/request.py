@@ -19,6 +19,8 @@ class BlockIds(list):
 
     def as_array(self) -> np.ndarray:
         arr = getattr(self, "_array", None)
+        if arr is not None and arr.shape[0] > len(self):  # shrunk (not done by the block manager): rebuild
+            arr = None
         if arr is None or arr.shape[0] != len(self):
             done = 0 if arr is None else arr.shape[0]
             tail = np.asarray(self[done:], np.int32)
