@@ -109,7 +109,7 @@ class ModelRunner:
         self.segments_above = {"gpu": ONEHOT_MAX_TOKENS, "tpu": 0}.get(backend)
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(cfg.num_layers)]
-        self.lora_weights: dict = {}  # group -> (A [L, n, Din, R], B [L, n, R, Dout]); see adapters.py
+        self.lora_weights: dict = {}  # group -> (A [L, n, Din, R], B [L, n, R, Dout], A_flat [L, Din, n*R])
         graphdef, params_def = self.graphdef, self.params_def
 
         def step_fn(params, kv_caches, lora_weights, packed, layout, do_sample, want_logprobs, want_prompt_lp):
@@ -161,11 +161,8 @@ class ModelRunner:
         pos = np.arange(total, dtype=np.int32) - cu[seq_of_tok] + starts[seq_of_tok]
 
         token_ids = np.zeros(t, np.int32)
-        if (ns == 1).all():  # every request adds one token (decode)
-            token_ids[:k] = [r.all_token_ids[st] for r, st in zip(reqs, starts.tolist())]
-        else:
-            token_ids[:total] = [tok for r, st, n in zip(reqs, starts.tolist(), ns.tolist())
-                                 for tok in r.all_token_ids[st : st + n]]  # fmt: skip
+        token_ids[:total] = [tok for r, st, n in zip(reqs, starts.tolist(), ns.tolist())
+                             for tok in r.all_token_ids[st : st + n]]  # fmt: skip
         positions = np.zeros(t, np.int32)
         positions[:total] = pos
 
@@ -178,10 +175,11 @@ class ModelRunner:
             np.cumsum(num_blocks) - num_blocks, num_blocks
         )
         page_indices[block_row, block_col] = flat_blocks
-        if total and not (pos // bs < num_blocks[seq_of_tok]).all():  # the scheduler allocates first
+        page = pos // bs
+        if total and not (page < num_blocks[seq_of_tok]).all():  # the scheduler allocates first
             raise RuntimeError("a scheduled token has no cache block (block table shorter than its position)")
         slot_mapping = np.full(t, -1, np.int32)
-        slot_mapping[:total] = page_indices[seq_of_tok, pos // bs] * bs + pos % bs
+        slot_mapping[:total] = page_indices[seq_of_tok, page] * bs + pos % bs
 
         adapter_slot = np.fromiter((r.adapter_slot for r in reqs), np.int32, count=k)
         token_slots = np.full(t, -1, np.int32)
@@ -218,17 +216,18 @@ class ModelRunner:
         attn = AttentionMetadata(slot_mapping, kv_lens, page_indices, cu, np.array([k], np.int32))
         lora_slots, segments = None, None
         if (token_slots >= 0).any():  # base-only steps skip the LoRA path entirely (another compilation)
-            lora_slots, segments = self._lora_inputs(token_slots)
+            lora_slots, segments = token_slots, self._lora_segments(token_slots)
         inp = StepInputs(
             token_ids, positions, lora_slots, segments, prompt_targets, attn, logits_indices,
             temperature, top_k, top_p, seeds, counters,
         )  # fmt: skip
         return inp, flags
 
-    def _lora_inputs(self, token_slots: np.ndarray) -> tuple[np.ndarray, LoraSegments | None]:
+    def _lora_segments(self, token_slots: np.ndarray) -> LoraSegments | None:
+        """The kernels' segments for this step, or None where it takes the one-hot path."""
         if self.segments_above is None or token_slots.shape[0] <= self.segments_above:
-            return token_slots, None
-        return token_slots, build_lora_segments(token_slots, max_segments=self.max_num_seqs)
+            return None
+        return build_lora_segments(token_slots, max_segments=self.max_num_seqs)
 
     def _run(self, inp: StepInputs, flags: dict):
         # Base-only steps get no adapter stacks at all, so loading an adapter never changes (and
@@ -259,8 +258,8 @@ class ModelRunner:
         for t in tqdm(self.buckets, desc=desc, disable=not progress):
             inp, flags = self.prepare(_WarmupBatch(t))
             if lora:  # every padding row in slot 0: the shapes of any adapted step of this bucket
-                slots, segments = self._lora_inputs(np.zeros(t, np.int32))
-                inp = inp._replace(lora_slots=slots, lora_segments=segments)
+                slots = np.zeros(t, np.int32)
+                inp = inp._replace(lora_slots=slots, lora_segments=self._lora_segments(slots))
             jax.block_until_ready(self._run(inp, flags))
 
 

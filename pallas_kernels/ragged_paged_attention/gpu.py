@@ -195,11 +195,13 @@ def split_rule(programs):
     with the old fixed heuristic), batch 16 with 4, batch 64 with 2 (8k: 526 us vs 648 us). Works on
     Python ints and on traced int32 scalars (the kernel applies it to the step's real num_seqs).
     """
-    if isinstance(programs, int):  # static use (grid size): stay in Python, jit would trace jnp.where
-        return 16 if programs <= 64 else 4 if programs <= 256 else 2 if programs <= 1024 else 1
-    # Comparisons cast to int and summed: the Triton lowering mis-types a select of scalar constants.
-    over = [(programs > n).astype(jnp.int32) for n in (64, 256, 1024)]
-    return 16 - 12 * over[0] - 2 * over[1] - over[2]
+    # 16 splits, minus `fewer` past each bound: comparisons cast to int and summed, because the Triton
+    # lowering mis-types a select of scalar constants; Python ints (the grid size) stay Python ints.
+    splits = 16
+    for bound, fewer in ((64, 12), (256, 2), (1024, 1)):
+        over = programs > bound
+        splits = splits - fewer * (over if isinstance(programs, int) else over.astype(jnp.int32))
+    return splits
 
 
 def decode_grid_splits(num_tokens: int, num_kv_heads: int, max_kv: int, block_k: int) -> int:
