@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import GRANITE_8B, TINY, decode_step_seconds, run_metadata, save, write_model_dir  # noqa: E402
-from bench.pipeline import write_adapter  # noqa: E402
+from bench.pipeline import load_qkv_aloras  # noqa: E402
 from jalora import LLM, SamplingParams  # noqa: E402
 from pallas_kernels.masked_lora import ONEHOT_MAX_TOKENS  # noqa: E402
 
@@ -53,10 +53,7 @@ def main(argv=None) -> dict:
               max_num_batched_tokens=max(args.prefill, 2048), max_model_len=max(args.prefill, args.context + 512) + 64,
               max_loras=args.adapters, max_lora_rank=32, enable_prefix_caching=False, warmup=False)  # fmt: skip
     v = cfg["vocab_size"]
-    invocations = [[v - 2 - i, v - 1] for i in range(args.adapters)]
-    for i in range(args.adapters):
-        path = write_adapter(os.path.join(root, f"a{i}"), cfg, 32, ["q_proj", "k_proj", "v_proj"], invocations[i], i)
-        llm.load_adapter(f"a{i}", path)
+    invocations = load_qkv_aloras(llm, root, cfg, args.adapters)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, v - 20, args.context - 2).tolist() + invocations[i % args.adapters]
                for i in range(args.batch)]  # fmt: skip

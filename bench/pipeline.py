@@ -48,6 +48,17 @@ def write_adapter(path: str, cfg: dict, r: int, targets: list[str], invocation: 
     return path
 
 
+def load_qkv_aloras(llm, root: str, cfg: dict, n: int, rank: int = 32) -> list[list[int]]:
+    """Loads aLoRA adapters a0..a{n-1} (random weights, rank `rank` on q/k/v) into `llm`; adapter i is
+    invoked by [V-2-i, V-1], two tokens no random prompt of the benchmarks holds. Returns the invocations."""
+    v = cfg["vocab_size"]
+    invocations = [[v - 2 - i, v - 1] for i in range(n)]
+    for i, inv in enumerate(invocations):
+        path = write_adapter(os.path.join(root, f"a{i}"), cfg, rank, ["q_proj", "k_proj", "v_proj"], inv, i)
+        llm.load_adapter(f"a{i}", path)
+    return invocations
+
+
 def timed(out) -> dict:
     m = out.metrics
     return {
