@@ -111,11 +111,12 @@ def replay_step_seconds(engine, iters: int) -> float:
 
     Call while requests are running; the replays rewrite the same cache slots, then the caller aborts.
     """
-    runner = engine.runner
-    inp, flags = runner.prepare(engine.scheduler.schedule())
+    runner, queued = engine.runner, engine._inflight  # async scheduling: the step still on the device
+    inp, flags = runner.prepare(engine.scheduler.schedule(), queued and queued.step_id)
+    prev = None if queued is None else queued.out[0]
 
     def replay():
-        jax.block_until_ready(runner._run(inp, flags))
+        jax.block_until_ready(runner._run(inp, flags, prev))
 
     return timeit(replay, warmup=2, iters=iters)
 

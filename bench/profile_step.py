@@ -97,6 +97,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--hlo", default=None, help="also write the compiled decode step's HLO text here")
+    ap.add_argument("--sync", action="store_true", help="no async scheduling (read each step back before the next)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cfg = GRANITE_8B if args.preset == "granite-8b" else TINY
@@ -106,6 +107,7 @@ def main(argv=None) -> dict:
               max_num_batched_tokens=2048, max_model_len=args.context + args.steps + 256,
               max_loras=max(args.adapters, 1), max_lora_rank=32, enable_prefix_caching=False, warmup=False)  # fmt: skip
     engine = llm.engine
+    engine.async_scheduling = not args.sync
     v = cfg["vocab_size"]
     invocations = load_qkv_aloras(llm, root, cfg, args.adapters)
     rng = np.random.default_rng(0)
@@ -125,7 +127,7 @@ def main(argv=None) -> dict:
     timer.wrap(engine.scheduler, "schedule", "schedule")
     timer.wrap(engine.runner, "prepare", "prepare")
     timer.wrap(engine.runner, "_run", "dispatch")
-    timer.wrap(engine.runner, "execute", "execute")  # prepare + dispatch + waiting for the tokens
+    timer.wrap(engine.runner, "fetch", "wait+copy back")
     ts = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
@@ -133,7 +135,6 @@ def main(argv=None) -> dict:
         ts.append(time.perf_counter() - t0)
     step_s = float(np.median(ts))
     host = {k: v / args.steps * 1e3 for k, v in timer.total.items()}
-    host["wait+copy back"] = host.pop("execute") - host["prepare"] - host["dispatch"]
     host["other (engine bookkeeping)"] = float(np.mean(ts)) * 1e3 - sum(host.values())
 
     trace_dir = os.path.join(root, "trace")
@@ -144,11 +145,12 @@ def main(argv=None) -> dict:
     device = device_summary(trace_dir, args.steps, args.top)
 
     if args.hlo:
-        inp, flags = engine.runner.prepare(engine.scheduler.schedule())
-        weights = engine.runner.lora_weights if inp.lora_slots is not None else {}
+        runner, queued = engine.runner, engine._inflight
+        inp, flags = runner.prepare(engine.scheduler.schedule(), queued and queued.step_id)
+        weights = runner.lora_weights if inp.lora_slots is not None else {}
         packed, layout = pack_inputs(inp)
-        runner = engine.runner
-        text = runner._step.lower(runner.params, runner.kv_caches, weights, packed, layout=layout, **flags)
+        prev = runner._no_prev_tokens
+        text = runner._step.lower(runner.params, runner.kv_caches, weights, packed, prev, layout=layout, **flags)
         with open(args.hlo, "w") as f:
             f.write(text.compile().as_text())
     for i in range(args.batch):
@@ -156,7 +158,8 @@ def main(argv=None) -> dict:
     engine.step()
 
     result = {**run_metadata(), "preset": args.preset, "batch": args.batch, "adapters": args.adapters,
-              "context": args.context, "steps": args.steps, "step_ms_median": step_s * 1e3,
+              "context": args.context, "steps": args.steps, "async_scheduling": not args.sync,
+              "step_ms_median": step_s * 1e3,
               "host_ms_per_step": host, "device": device}  # fmt: skip
     name = args.out or f"profile_step_b{args.batch}_a{args.adapters}.json"
     save(name, result)

@@ -75,11 +75,13 @@ class BlockManager:
         req.block_ids.extend(self._new_block() for _ in range(need))
         return True
 
-    def register(self, req: Request) -> None:
-        """Publishes `req`'s newly completed full blocks to the prefix cache."""
+    def register(self, req: Request, upto: int | None = None) -> None:
+        """Publishes `req`'s newly completed full blocks to the prefix cache: those within its first
+        `upto` tokens (default: all it has computed) whose token ids the host knows."""
         if not self.enable_prefix_caching:
             return
-        full = req.num_computed_tokens // self.block_size
+        done = req.num_computed_tokens if upto is None else min(upto, req.num_computed_tokens)
+        full = min(done, req.num_tokens) // self.block_size
         if full <= req.num_registered_blocks:
             return
         hashes = req.update_block_hashes(self.block_size)

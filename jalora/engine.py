@@ -3,6 +3,7 @@
 Not thread-safe: one thread owns an engine (the server runs it in its engine thread).
 """
 
+import dataclasses
 import os
 import random
 import time
@@ -21,6 +22,17 @@ from jalora.outputs import RequestOutput
 from jalora.request import Request, Status
 from jalora.sampling_params import SamplingParams
 from jalora.scheduler import Scheduler
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A step on the device whose results the host has not read yet."""
+
+    step_id: int
+    requests: list[Request]
+    num_tokens: list[int]
+    starts: list[int]  # each request's num_computed_tokens before the step
+    out: tuple  # the step's device outputs
 
 
 def _kv_blocks_from_memory(cfg: ModelConfig, block_size: int, kv_dtype, fraction: float) -> int | None:
@@ -52,6 +64,7 @@ class LLMEngine:
         seed: int = 0,
         attention_impl: str | None = None,
         attention_interpret: bool = False,
+        async_scheduling: bool = True,
     ):
         def need(ok, field, msg):
             if not ok:
@@ -77,7 +90,7 @@ class LLMEngine:
         self.max_model_len = min(self.max_model_len, num_kv_blocks * block_size)
         self.num_total_blocks = num_kv_blocks
         self.block_manager = BlockManager(num_kv_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len)
         self.runner = ModelRunner(
             decoder, num_kv_blocks, block_size, max_num_seqs, max_num_batched_tokens, self.max_model_len, self.dtype
         )
@@ -85,6 +98,12 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._aborted: list[RequestOutput] = []
         self._rng = random.Random(seed)
+        # Async scheduling: step N+1 is scheduled and enqueued before step N's tokens are read back,
+        # so the host's work (scheduling, input building, dispatch, output handling) overlaps the
+        # device's instead of adding to it. Outputs then come one step() call later.
+        self.async_scheduling = async_scheduling
+        self._inflight: _InFlight | None = None
+        self._step_ids = 0
         if warmup:
             self.runner.warmup()
 
@@ -163,7 +182,7 @@ class LLMEngine:
         self._aborted.append(req.output())
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._aborted)
+        return self.scheduler.has_unfinished() or bool(self._aborted) or self._inflight is not None
 
     def num_free_blocks(self) -> int:
         return self.block_manager.num_free_blocks()
@@ -176,36 +195,84 @@ class LLMEngine:
     # -- the step --------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one scheduled batch; returns the outputs of requests that produced a token or ended."""
+        """Runs one scheduled batch; returns the outputs of requests that produced a token or ended.
+
+        With async scheduling this enqueues the next batch, then reads back the previous one: the
+        outputs returned are the previous step's."""
         outputs, self._aborted = self._aborted, []
         batch = self.scheduler.schedule()
-        if not batch.requests:
-            return outputs
+        prev, new = self._inflight, None
         try:
-            result = self.runner.execute(batch)
-        except BaseException:
+            if batch.requests:
+                new = self._dispatch(batch, prev)
+        except BaseException:  # nothing of the new step is queued; the previous one stays queued
             self._aborted = outputs + self._aborted  # still owed to the caller; it may abort the rest
-            if self.runner.kv_cache_lost():  # donated into a step that failed on the device
-                self.block_manager.reset_prefix_cache()  # no cached block holds its KV any more
-                for req in list(self.scheduler.running):  # their computed KV is gone: recompute
-                    self.scheduler.preempt(req)
+            self._after_failure([])
             raise
-        now = time.monotonic()
-        off = 0
+        done = prev if self.async_scheduling else new
+        self._inflight = new if self.async_scheduling else None
+        try:
+            if done is not None:
+                outputs += self._process(done)
+        except BaseException:  # results lost: both steps' tokens are recomputed
+            self._aborted = outputs + self._aborted
+            self._inflight = None
+            self._after_failure([s for s in (new, prev) if s is not None])
+            raise
+        return outputs
+
+    def _dispatch(self, batch, prev: _InFlight | None) -> _InFlight:
+        self._step_ids += 1
+        step = _InFlight(
+            self._step_ids, batch.requests, batch.num_tokens, [r.num_computed_tokens for r in batch.requests], ()
+        )
+        step.out = self.runner.dispatch(
+            batch, None if prev is None else prev.out, None if prev is None else prev.step_id
+        )
+        # From here on the step's KV writes are queued on the device: count them as computed (the
+        # next step is scheduled on top of them), and note the tokens it will sample.
         for i, (req, n) in enumerate(zip(batch.requests, batch.num_tokens)):
-            start = req.num_computed_tokens
+            req.num_computed_tokens += n
+            if req.num_computed_tokens >= req.num_tokens_with_pending:
+                req.pending.append((step.step_id, i))
+        return step
+
+    def _process(self, step: _InFlight) -> list[RequestOutput]:
+        """Reads a step's results back and applies them to its requests (those still alive)."""
+        result = self.runner.fetch(step.out)
+        now = time.monotonic()
+        outputs = []
+        off = 0
+        for i, (req, n, start) in enumerate(zip(step.requests, step.num_tokens, step.starts)):
+            lo, off = off, off + n
+            if req.status is Status.FINISHED:  # aborted, or ended while this step was queued
+                continue
             if req.prompt_logprobs is not None:
                 for j in range(n):
                     if start + j + 1 < len(req.prompt_token_ids):
-                        req.prompt_logprobs[start + j + 1] = float(result.prompt_logprobs[off + j])
-            off += n
-            req.num_computed_tokens += n
-            self.block_manager.register(req)
-            if req.num_computed_tokens < req.num_tokens:
-                continue  # a prefill chunk: nothing to sample yet
+                        req.prompt_logprobs[start + j + 1] = float(result.prompt_logprobs[lo + j])
+            if req.status is Status.RUNNING:  # publish its blocks this step completed (not a later one's)
+                self.block_manager.register(req, start + n)
+            if not req.pending or req.pending[0][0] != step.step_id:
+                continue  # a prefill chunk: nothing sampled
+            req.pending.pop(0)
             self._append_token(req, i, result, now)
             outputs.append(req.output())
         return outputs
+
+    def _after_failure(self, dropped: list[_InFlight]) -> None:
+        """After a failed step() call: forget the steps whose results will not be read, newest first
+        (their requests recompute those tokens), and if the donated cache is gone, recompute every
+        running request."""
+        for step in dropped:
+            for req, n, start in zip(step.requests, step.num_tokens, step.starts):
+                req.pending = [p for p in req.pending if p[0] != step.step_id]
+                if req.status is Status.RUNNING and req.num_computed_tokens == start + n:
+                    req.num_computed_tokens = start
+        if self.runner.kv_cache_lost():  # donated into a step that failed on the device
+            self.block_manager.reset_prefix_cache()  # no cached block holds its KV any more
+            for req in list(self.scheduler.running):  # their computed KV is gone: recompute
+                self.scheduler.preempt(req)
 
     def _append_token(self, req: Request, i: int, result, now: float) -> None:
         tok = int(result.tokens[i])

@@ -24,6 +24,7 @@ MIN_BUCKET = 16
 
 class StepInputs(NamedTuple):
     token_ids: jax.Array  # i32[T]
+    token_src: jax.Array  # i32[T] row of the previous step's sampled tokens to feed instead, -1 = token_ids
     positions: jax.Array  # i32[T]
     lora_slots: jax.Array | None  # i32[T] adapter slot per token (-1 = none); None: no token is adapted
     lora_segments: LoraSegments | None  # adapted-token runs for the kernels; None: one-hot path or no LoRA
@@ -112,13 +113,17 @@ class ModelRunner:
         self.lora_weights: dict = {}  # group -> (A [L, n, Din, R], B [L, n, R, Dout], A_flat [L, Din, n*R])
         graphdef, params_def = self.graphdef, self.params_def
 
-        def step_fn(params, kv_caches, lora_weights, packed, layout, do_sample, want_logprobs, want_prompt_lp):
+        def step_fn(
+            params, kv_caches, lora_weights, packed, prev_tokens, layout, do_sample, want_logprobs, want_prompt_lp
+        ):
             inp: StepInputs = unpack_inputs(packed, layout)
             model = nnx.merge(graphdef, jax.tree.unflatten(params_def, params))
             lora = None
             if inp.lora_slots is not None:
                 lora = LoraBatch(lora_weights, inp.lora_slots, inp.lora_segments)
-            hidden, kv_caches = model(inp.token_ids, inp.positions, kv_caches, inp.attn, lora)
+            # Async scheduling: tokens sampled by the previous step are fed from its device output.
+            token_ids = jnp.where(inp.token_src >= 0, prev_tokens[jnp.maximum(inp.token_src, 0)], inp.token_ids)
+            hidden, kv_caches = model(token_ids, inp.positions, kv_caches, inp.attn, lora)
             logits = model.logits(hidden[inp.logits_indices])
             tokens = sample(
                 logits, inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters, do_sample=do_sample
@@ -136,6 +141,7 @@ class ModelRunner:
         self._step = jax.jit(
             step_fn, static_argnames=("layout", "do_sample", "want_logprobs", "want_prompt_lp"), donate_argnums=(1,)
         )
+        self._no_prev_tokens = jnp.zeros((max_num_seqs,), jnp.int32)  # prev_tokens when nothing is pending
 
     def bucket(self, num_tokens: int) -> int:
         for b in self.buckets:
@@ -143,9 +149,12 @@ class ModelRunner:
                 return b
         raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.buckets[-1]}")
 
-    def prepare(self, batch: ScheduledBatch) -> tuple[StepInputs, dict]:
+    def prepare(self, batch: ScheduledBatch, prev_step: int | None = None) -> tuple[StepInputs, dict]:
         """Host side: numpy arrays for one step, built with a few vectorised numpy ops per step (a Python
-        loop with per-request numpy calls cost 1.3 ms at 64 decoding sequences)."""
+        loop with per-request numpy calls cost 1.3 ms at 64 decoding sequences).
+
+        A request's pending token (sampled by step `prev_step`, still on the device) is fed from that
+        step's output: its row goes into `token_src`."""
         t = self.bucket(batch.total_tokens)
         s = self.max_num_seqs
         bs = self.block_size
@@ -161,8 +170,20 @@ class ModelRunner:
         pos = np.arange(total, dtype=np.int32) - cu[seq_of_tok] + starts[seq_of_tok]
 
         token_ids = np.zeros(t, np.int32)
-        token_ids[:total] = [tok for r, st, n in zip(reqs, starts.tolist(), ns.tolist())
-                             for tok in r.all_token_ids[st : st + n]]  # fmt: skip
+        token_src = np.full(t, -1, np.int32)
+        if any(r.pending for r in reqs):
+            known = []
+            for i, (r, st, n) in enumerate(zip(reqs, starts.tolist(), ns.tolist())):
+                ids = r.all_token_ids[st : st + n]
+                for j, (step, row) in enumerate(r.pending[: n - len(ids)]):  # scheduled, not known yet
+                    if step != prev_step:
+                        raise RuntimeError(f"request {r.request_id} waits on step {step}, not {prev_step}")
+                    token_src[cu[i] + len(ids) + j] = row
+                known += ids + [0] * (n - len(ids))
+            token_ids[:total] = known
+        else:
+            token_ids[:total] = [tok for r, st, n in zip(reqs, starts.tolist(), ns.tolist())
+                                 for tok in r.all_token_ids[st : st + n]]  # fmt: skip
         positions = np.zeros(t, np.int32)
         positions[:total] = pos
 
@@ -212,13 +233,13 @@ class ModelRunner:
         top_k = per_seq([p.top_k for p in params], np.int32, 0)
         top_p = per_seq([p.top_p for p in params], np.float32, 1.0)
         seeds = per_seq([r.seed for r in reqs], np.uint32, 0)
-        counters = per_seq([len(r.output_token_ids) for r in reqs], np.int32, 0)
+        counters = per_seq([len(r.output_token_ids) + len(r.pending) for r in reqs], np.int32, 0)
         attn = AttentionMetadata(slot_mapping, kv_lens, page_indices, cu, np.array([k], np.int32))
         lora_slots, segments = None, None
         if (token_slots >= 0).any():  # base-only steps skip the LoRA path entirely (another compilation)
             lora_slots, segments = token_slots, self._lora_segments(token_slots)
         inp = StepInputs(
-            token_ids, positions, lora_slots, segments, prompt_targets, attn, logits_indices,
+            token_ids, token_src, positions, lora_slots, segments, prompt_targets, attn, logits_indices,
             temperature, top_k, top_p, seeds, counters,
         )  # fmt: skip
         return inp, flags
@@ -229,12 +250,13 @@ class ModelRunner:
             return None
         return build_lora_segments(token_slots, max_segments=self.max_num_seqs)
 
-    def _run(self, inp: StepInputs, flags: dict):
+    def _run(self, inp: StepInputs, flags: dict, prev_tokens: jax.Array | None = None):
         # Base-only steps get no adapter stacks at all, so loading an adapter never changes (and
         # recompiles) their variant.
         weights = self.lora_weights if inp.lora_slots is not None else {}
         packed, layout = pack_inputs(inp)
-        self.kv_caches, out = self._step(self.params, self.kv_caches, weights, packed, layout=layout, **flags)
+        prev = self._no_prev_tokens if prev_tokens is None else prev_tokens
+        self.kv_caches, out = self._step(self.params, self.kv_caches, weights, packed, prev, layout=layout, **flags)
         return out
 
     def kv_cache_lost(self) -> bool:
@@ -244,11 +266,24 @@ class ModelRunner:
         self.kv_caches = [(jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)) for k, v in self.kv_caches]
         return True
 
-    def execute(self, batch: ScheduledBatch) -> StepResult:
-        inp, flags = self.prepare(batch)
-        out = self._run(inp, flags)
+    def dispatch(self, batch: ScheduledBatch, prev: tuple | None = None, prev_step: int | None = None) -> tuple:
+        """Enqueues one step on the device and returns its outputs (device arrays) without waiting;
+        `prev` is the previous step's outputs, whose sampled tokens feed this step's pending ones."""
+        inp, flags = self.prepare(batch, prev_step)
+        out = self._run(inp, flags, None if prev is None else prev[0])
+        for x in out:
+            if x is not None:
+                x.copy_to_host_async()  # the copy back starts as soon as the step ends
+        return out
+
+    @staticmethod
+    def fetch(out: tuple) -> StepResult:
+        """Waits for a dispatched step and brings its results to the host."""
         tokens, token_lp, top_ids, top_lp, prompt_lp = jax.device_get(out)
         return StepResult(tokens, token_lp, top_ids, top_lp, prompt_lp)
+
+    def execute(self, batch: ScheduledBatch) -> StepResult:
+        return self.fetch(self.dispatch(batch))
 
     def warmup(self, progress: bool = True, lora: bool = False) -> None:
         """Compiles the greedy step for every token bucket: base-only, or with the adapter path."""

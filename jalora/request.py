@@ -67,6 +67,10 @@ class Request:
         self.block_ids = BlockIds()
         self.block_hashes: list[bytes] = []
         self.num_registered_blocks = 0  # leading blocks already published to the prefix cache
+        # Async scheduling: (step id, row) of each token sampled by a step whose results the host has
+        # not read yet, oldest first. The next step already feeds such a token (from the previous
+        # step's output on the device).
+        self.pending: list[tuple[int, int]] = []
         self.finish_reason: str | None = None
         self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[float | None] | None = (
@@ -77,7 +81,20 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Tokens whose ids the host knows (prompt + outputs appended so far)."""
         return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.all_token_ids) + len(self.pending)
+
+    def ends_with_pending(self, max_model_len: int) -> bool:
+        """True if a pending token is bound to end the request (its length limit), so nothing should
+        be scheduled after it."""
+        if not self.pending:
+            return False
+        k = len(self.pending)
+        return len(self.output_token_ids) + k >= self.params.max_tokens or self.num_tokens + k >= max_model_len
 
     def update_block_hashes(self, block_size: int) -> list[bytes]:
         extend_block_hashes(

@@ -4,6 +4,11 @@ Running requests go first (decode tokens and unfinished prefill chunks), then wa
 one token budget, so prefill chunks and decode tokens share a step. When blocks run out, the most
 recently admitted running request is preempted: its blocks are released (their hashes stay in the
 prefix cache) and it is recomputed later from its prompt plus what it generated so far.
+
+With async scheduling the next step is scheduled while the previous one is still on the device: a
+request whose token from that step is pending counts it as known (the step feeds it from the previous
+step's output on the device), unless that token is bound to end the request by length. A preempted
+request with a pending token waits until the token has come back before it is admitted again.
 """
 
 import dataclasses
@@ -26,8 +31,11 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+    ):
         self.bm = block_manager
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -59,7 +67,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            n = min(req.num_tokens_with_pending - req.num_computed_tokens, budget)
+            if n <= 0 or req.ends_with_pending(self.max_model_len):
+                i += 1  # nothing to compute until its pending token is back (which may end it)
+                continue
             while not self.bm.allocate(req, req.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -73,6 +84,8 @@ class Scheduler:
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
             req = self.waiting[0]
+            if req.pending:  # preempted with a token still on the device: admit it later
+                break
             cached = self.bm.lookup(req)
             n = min(req.num_tokens - cached, budget)
             if not self.bm.allocate(req, cached + n):

@@ -88,27 +88,33 @@ def test_preemption_gives_same_greedy_tokens(small_llm, tiny_models):
     assert small_llm.engine.num_free_blocks() == small_llm.engine.num_total_blocks
 
 
-def test_interrupted_generate_frees_everything(small_llm):
+@pytest.mark.parametrize("async_scheduling", [True, False])
+@pytest.mark.parametrize("where", ["dispatch", "fetch"])
+def test_interrupted_generate_frees_everything(small_llm, where, async_scheduling):
+    """Ctrl-C while a step is enqueued or read back (with another step still queued, in async mode):
+    the call's requests end, every block comes back, and the engine keeps working."""
     engine = small_llm.engine
-    real = engine.runner.execute
+    engine.async_scheduling = async_scheduling
+    real = getattr(engine.runner, where)
     calls = {"n": 0}
 
-    def flaky(batch):
+    def flaky(*args):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real(batch)
+        return real(*args)
 
-    engine.runner.execute = flaky
+    setattr(engine.runner, where, flaky)
     try:
         with pytest.raises(KeyboardInterrupt):
             small_llm.generate([[3, 4, 5], [6, 7]], SamplingParams(max_tokens=5))
     finally:
-        engine.runner.execute = real
+        setattr(engine.runner, where, real)
     assert not engine.requests and not engine.has_unfinished_requests()
     assert engine.num_free_blocks() == engine.num_total_blocks
     (out,) = small_llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2))
     assert len(out.token_ids) == 2
+    engine.async_scheduling = True
 
 
 def test_step_failing_after_the_cache_was_donated_recovers(small_llm):
@@ -172,3 +178,82 @@ def test_finish_and_abort_mix_frees_every_block(small_llm, reqs):
     assert finished == {f"mix-{i}" for i in range(len(reqs))}
     assert engine.num_free_blocks() == engine.num_total_blocks
     assert not engine.requests
+
+
+def _run_engine(engine, work, abort_at=None):
+    """Adds `work` [(prompt, params)], steps to completion (aborting request `abort_at` = (index, step)),
+    returns {request id: (token ids, logprobs, prompt logprobs, finish reason)}."""
+    for i, (prompt, params) in enumerate(work):
+        engine.add_request(f"w-{i}", prompt, params)
+    done, step = {}, 0
+    while engine.has_unfinished_requests():
+        if abort_at is not None and abort_at[1] == step:
+            engine.abort_request(f"w-{abort_at[0]}")
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = (out.token_ids, out.logprobs, out.prompt_logprobs, out.finish_reason)
+        step += 1
+        assert step < 1000
+    assert engine.num_free_blocks() == engine.num_total_blocks
+    return done
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.integers(0, 2**31), st.integers(-1, 5))
+def test_async_scheduling_matches_sync(small_llm, seed, abort_step):
+    """Async scheduling (the next step enqueued before the last one's tokens are read, its tokens fed
+    on the device) gives exactly the tokens, logprobs and finish reasons of the synchronous loop:
+    seeded sampling, stop tokens hit at random, length limits, prefix sharing, chunked prefill, and
+    preemption (10 blocks of 4 tokens overflow)."""
+    rng = np.random.default_rng(seed)
+    shared = rng.integers(2, 90, size=8).tolist()
+    work = []
+    for i in range(5):
+        prompt = (shared if i % 2 else []) + rng.integers(2, 90, size=int(rng.integers(1, 14))).tolist()
+        params = SamplingParams(
+            max_tokens=int(rng.integers(1, 9)),
+            temperature=float(rng.choice([0.0, 1.0])),
+            seed=int(rng.integers(0, 1000)),
+            stop_token_ids=rng.integers(2, 90, size=6).tolist(),
+            logprobs=2 if i == 1 else None,
+            prompt_logprobs=i == 2,
+        )
+        work.append((prompt, params))
+    abort_at = None if abort_step < 0 else (int(rng.integers(0, 5)), abort_step)
+    engine = small_llm.engine
+    results = {}
+    for mode in (False, True):
+        engine.async_scheduling = mode
+        engine.block_manager.reset_prefix_cache()
+        results[mode] = _run_engine(engine, work, abort_at)
+    engine.async_scheduling = True
+    if abort_at is not None:  # the abort lands at a different point of its generation in each mode
+        for mode in results:
+            assert results[mode].pop(f"w-{abort_at[0]}")[3] in ("abort", "stop", "length")
+    assert results[True].keys() == results[False].keys()
+    for rid, (tokens, logprobs, prompt_lp, reason) in results[True].items():
+        want_tokens, want_lp, want_prompt_lp, want_reason = results[False][rid]
+        assert (tokens, reason) == (want_tokens, want_reason), rid
+        # Batches differ between the modes (so do padded shapes and float sums): logprobs to 1e-5.
+        if logprobs is not None:
+            assert [sorted(d) for d in logprobs] == [sorted(d) for d in want_lp]
+            for d, w in zip(logprobs, want_lp):
+                np.testing.assert_allclose([d[k] for k in sorted(d)], [w[k] for k in sorted(w)], rtol=1e-5)
+        if prompt_lp is not None:
+            np.testing.assert_allclose(
+                np.array(prompt_lp[1:], float), np.array(want_prompt_lp[1:], float), rtol=1e-5, atol=1e-5
+            )
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_blocks_of_a_finished_request_are_reused(small_llm, async_scheduling):
+    """A request that ends at its first token still publishes its prompt's full blocks (async
+    scheduling reads that step back after the request is already over)."""
+    engine = small_llm.engine
+    engine.async_scheduling = async_scheduling
+    engine.block_manager.reset_prefix_cache()
+    prompt = list(range(40, 53))  # 13 tokens: 3 full blocks of 4
+    small_llm.generate([prompt], SamplingParams(max_tokens=1))
+    (out,) = small_llm.generate([prompt + [7]], SamplingParams(max_tokens=1))
+    engine.async_scheduling = True
+    assert out.num_cached_tokens == 12
