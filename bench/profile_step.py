@@ -97,7 +97,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--hlo", default=None, help="also write the compiled decode step's HLO text here")
-    ap.add_argument("--sync", action="store_true", help="no async scheduling (read each step back before the next)")
+    ap.add_argument("--modes", nargs="+", choices=("async", "sync"), default=["async", "sync"],
+                    help="scheduling modes to time, in order (sync: each step read back before the next); the "
+                         "device trace is taken in the first")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     cfg = GRANITE_8B if args.preset == "granite-8b" else TINY
@@ -107,14 +109,13 @@ def main(argv=None) -> dict:
               max_num_batched_tokens=2048, max_model_len=args.context + args.steps + 256,
               max_loras=max(args.adapters, 1), max_lora_rank=32, enable_prefix_caching=False, warmup=False)  # fmt: skip
     engine = llm.engine
-    engine.async_scheduling = not args.sync
     v = cfg["vocab_size"]
     invocations = load_qkv_aloras(llm, root, cfg, args.adapters)
     rng = np.random.default_rng(0)
     tail = lambda i: invocations[i % args.adapters] if args.adapters else [7, 7]  # noqa: E731
     prompts = [rng.integers(1, v - 20, args.context - 2).tolist() + tail(i) for i in range(args.batch)]
     names = [f"a{i % args.adapters}" if args.adapters else None for i in range(args.batch)]
-    params = SamplingParams(max_tokens=3 * args.steps + 16, ignore_eos=True)
+    params = SamplingParams(max_tokens=(len(args.modes) + 3) * args.steps + 16, ignore_eos=True)
     for i, (p, a) in enumerate(zip(prompts, names)):
         engine.add_request(f"r{i}", p, params, a)
     started = set()
@@ -128,16 +129,24 @@ def main(argv=None) -> dict:
     timer.wrap(engine.runner, "prepare", "prepare")
     timer.wrap(engine.runner, "_run", "dispatch")
     timer.wrap(engine.runner, "fetch", "wait+copy back")
-    ts = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        engine.step()
-        ts.append(time.perf_counter() - t0)
-    step_s = float(np.median(ts))
-    host = {k: v / args.steps * 1e3 for k, v in timer.total.items()}
-    host["other (engine bookkeeping)"] = float(np.mean(ts)) * 1e3 - sum(host.values())
+    by_mode = {}
+    for mode in args.modes:
+        engine.async_scheduling = mode == "async"
+        engine.step()  # settle into the mode
+        timer.total.clear()
+        ts = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            engine.step()
+            ts.append(time.perf_counter() - t0)
+        host = {k: v / args.steps * 1e3 for k, v in timer.total.items()}
+        host["other (engine bookkeeping)"] = float(np.mean(ts)) * 1e3 - sum(host.values())
+        by_mode[mode] = {"step_ms_median": float(np.median(ts)) * 1e3, "host_ms_per_step": host}
+    engine.async_scheduling = args.modes[0] == "async"
+    step_s, host = by_mode[args.modes[0]]["step_ms_median"] / 1e3, by_mode[args.modes[0]]["host_ms_per_step"]
 
     trace_dir = os.path.join(root, "trace")
+    engine.step()
     jax.profiler.start_trace(trace_dir)
     for _ in range(args.steps):
         engine.step()
@@ -158,12 +167,14 @@ def main(argv=None) -> dict:
     engine.step()
 
     result = {**run_metadata(), "preset": args.preset, "batch": args.batch, "adapters": args.adapters,
-              "context": args.context, "steps": args.steps, "async_scheduling": not args.sync,
+              "context": args.context, "steps": args.steps, "mode": args.modes[0],
               "step_ms_median": step_s * 1e3,
-              "host_ms_per_step": host, "device": device}  # fmt: skip
+              "host_ms_per_step": host, "by_mode": by_mode, "device": device}  # fmt: skip
     name = args.out or f"profile_step_b{args.batch}_a{args.adapters}.json"
     save(name, result)
-    print(f"step {step_s * 1e3:.2f} ms (median of {args.steps})")
+    for mode, m in by_mode.items():
+        print(f"{mode}: step {m['step_ms_median']:.2f} ms (median of {args.steps})")
+    print(f"{args.modes[0]}:")
     for k, v in host.items():
         print(f"  host {k:28s} {v:8.3f} ms")
     for line, s in device.items():

@@ -209,11 +209,12 @@ class LLMEngine:
             self._aborted = outputs + self._aborted  # still owed to the caller; it may abort the rest
             self._after_failure([])
             raise
-        done = prev if self.async_scheduling else new
+        # Synchronous mode reads the new step back at once (and a step queued before a switch to it).
+        done = [s for s in (prev, None if self.async_scheduling else new) if s is not None]
         self._inflight = new if self.async_scheduling else None
         try:
-            if done is not None:
-                outputs += self._process(done)
+            for s in done:
+                outputs += self._process(s)
         except BaseException:  # results lost: both steps' tokens are recomputed
             self._aborted = outputs + self._aborted
             self._inflight = None
