@@ -250,6 +250,7 @@ class Bench:
         from jalora import LLM
 
         self.args, self.sz, self.cfg = args, sz, cfg
+        self.checkpoint = None  # (part, partial result) -> None: saves a part's rows as they come
         root = tempfile.mkdtemp(prefix="jalora-pipeline-bench-")
         model_dir = write_model_dir(os.path.join(root, "model"), cfg)
         longest = max(sz["prompt_lens"] + sz["b_prompts"]) + sz["answer_len"] + NUM_JUDGES * (2 + sz["eval_len"])
@@ -368,6 +369,12 @@ class Bench:
         per_pipeline = -(-(sz["c_prompt"] + sz["c_answer"] + 2 + sz["c_eval"]) // bs)
         cap = min(self.args.c_kv_pipelines * per_pipeline, eng.num_total_blocks)
         rows = []
+
+        def result() -> dict:
+            return {"prompt": sz["c_prompt"], "answer": sz["c_answer"], "eval": sz["c_eval"],
+                    "pipelines": sz["c_pipelines"], "kv_blocks": cap, "kv_pipelines": self.args.c_kv_pipelines,
+                    "blocks_per_pipeline": per_pipeline, "time_limit_s": sz["c_max_seconds"], "rows": rows}  # fmt: skip
+
         with reserved_blocks(bm, eng.num_total_blocks - cap):
             for kind in self.args.c_kinds:
                 for rate in self.args.c_rates:
@@ -394,10 +401,10 @@ class Bench:
                     print(f"C {kind} rate {rate}/s: {len(ok)}/{len(res)} done in {wall:.1f} s, p50 "
                           f"{fmt_s(p['p50'])} p99 {fmt_s(p['p99'])}, hit {row['hit_rate_mean'] or 0:.0%}, "
                           f"preemptions {row['preemptions']}", flush=True)  # fmt: skip
+                    if self.checkpoint:  # a run cut short by a time limit keeps the rates it finished
+                        self.checkpoint("C", result())
         bm.reset_prefix_cache()
-        return {"prompt": sz["c_prompt"], "answer": sz["c_answer"], "eval": sz["c_eval"],
-                "pipelines": sz["c_pipelines"], "kv_blocks": cap, "kv_pipelines": self.args.c_kv_pipelines,
-                "blocks_per_pipeline": per_pipeline, "time_limit_s": sz["c_max_seconds"], "rows": rows}  # fmt: skip
+        return result()
 
     # -- the jalora side of the baseline's throughput ------------------------------------------------------
 
@@ -779,6 +786,11 @@ def main(argv=None) -> dict:
                                    "tp_pipelines": sz["tp_pipelines"], "tp_prompt": sz["tp_prompt"],
                                    "hf_prompts": sz["hf_prompts"]}),
              ("C", bench.part_c)]  # fmt: skip
+    def checkpoint(part: str, partial: dict) -> None:
+        new[part] = {**partial, "run": run()}
+        flush()
+
+    bench.checkpoint = checkpoint
     for part, fn in steps:
         if part in parts:
             new[part] = {**fn(), "run": run()}
