@@ -714,6 +714,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--tp-passes", type=int, default=1,
                     help="baseline: run jalora's concurrent pipelines this many times, report the last")
     ap.add_argument("--out", default=None, help="result file name (default pipeline_bench_<model>.json)")
+    ap.add_argument("--reuse-peft", action="store_true",
+                    help="baseline: keep the transformers + PEFT numbers of the result file (their run is recorded "
+                         "with them) and measure only jalora's side again")
     ap.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.hf_worker:
@@ -740,7 +743,16 @@ def main(argv=None) -> dict:
     new: dict = {}
 
     # 1. transformers + PEFT first, in a child process, before JAX takes the GPU.
-    peft_res = run_hf_child(args) if "baseline" in parts else None
+    peft_res = None
+    if "baseline" in parts and args.reuse_peft:
+        path = os.path.join(RESULTS, args.out or f"pipeline_bench_{args.model}.json")
+        old_base = (json.load(open(path)).get("parts", {}).get("baseline") if os.path.isfile(path) else None) or {}
+        if "peft" not in old_base:
+            raise SystemExit(f"--reuse-peft: {path} holds no baseline part to reuse")
+        peft_res = {**old_base["peft"], "measured_in_run": old_base.get("peft", {}).get("measured_in_run")
+                    or old_base.get("run")}  # fmt: skip
+    elif "baseline" in parts:
+        peft_res = run_hf_child(args)
     if peft_res is not None and os.environ.get("OUT"):  # kept even if the jalora half runs out of time
         with open(os.path.join(os.environ["OUT"], "peft_baseline.json"), "w") as f:
             json.dump(peft_res, f, indent=2)

@@ -169,7 +169,7 @@ def main(argv=None) -> dict:
     result = {**run_metadata(), "preset": args.preset, "batch": args.batch, "adapters": args.adapters,
               "context": args.context, "steps": args.steps, "mode": args.modes[0],
               "step_ms_median": step_s * 1e3,
-              "host_ms_per_step": host, "by_mode": by_mode, "device": device}  # fmt: skip
+              "host_ms_per_step": host, "by_mode": by_mode, "device_trace": device}  # fmt: skip
     name = args.out or f"profile_step_b{args.batch}_a{args.adapters}.json"
     save(name, result)
     for mode, m in by_mode.items():
