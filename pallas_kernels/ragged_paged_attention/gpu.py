@@ -49,6 +49,10 @@ _NUM_SMS = 132  # H100/H200; only used to pick a default split count
 # Decode-shaped steps pick their kv-split count on the device from the real number of sequences
 # (`split_rule`); JALORA_RPA_DYNAMIC_SPLITS=0 restores the static heuristic.
 DYNAMIC_SPLITS = os.environ.get("JALORA_RPA_DYNAMIC_SPLITS", "1") != "0"
+# split_rule's table: the most splits, then (programs bound, fewer splits past it) pairs.
+SPLIT_RULE = (16, ((64, 12), (256, 2), (1024, 1)))
+# The dynamic rule gives each working split at least this many kv tiles of the sequence.
+MIN_TILES_PER_SPLIT = 1
 
 
 def _dot(a, b, b_contract: int):
@@ -120,6 +124,8 @@ def _kernel(
             used = num_splits
             if dynamic_splits:  # programs past `used` get an empty range and write a neutral partial
                 used = jnp.minimum(split_rule(num_seqs_ref[0] * num_kv_heads), num_splits)
+                if MIN_TILES_PER_SPLIT > 1:
+                    used = jnp.maximum(1, jnp.minimum(used, (t_hi - t_lo) // MIN_TILES_PER_SPLIT))
             per = (t_hi - t_lo + used - 1) // used
             my_lo = jnp.minimum(t_lo + split * per, t_hi)
             my_hi = jnp.minimum(my_lo + per, t_hi)
@@ -197,8 +203,8 @@ def split_rule(programs):
     """
     # 16 splits, minus `fewer` past each bound: comparisons cast to int and summed, because the Triton
     # lowering mis-types a select of scalar constants; Python ints (the grid size) stay Python ints.
-    splits = 16
-    for bound, fewer in ((64, 12), (256, 2), (1024, 1)):
+    splits, bounds = SPLIT_RULE
+    for bound, fewer in bounds:
         over = programs > bound
         splits = splits - fewer * (over if isinstance(programs, int) else over.astype(jnp.int32))
     return splits
@@ -237,6 +243,7 @@ def ragged_paged_attention_gpu(
     block_m: int | None = None,
     block_k: int | None = None,
     num_kv_splits: int | None = None,
+    max_kv_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
     interpret: bool = False,
@@ -245,7 +252,8 @@ def ragged_paged_attention_gpu(
 
     Tuning knobs (all static, None = heuristic): block_m query rows per program (block_q tokens x
     the GQA group), block_k keys per tile, num_kv_splits (flash-decoding style split of the
-    context), num_warps, num_stages.
+    context), max_kv_splits (decode-shaped steps with the dynamic rule: the grid's split count, of
+    which `split_rule` picks how many work), num_warps, num_stages.
     """
     validate_inputs(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                     sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
@@ -266,7 +274,7 @@ def ragged_paged_attention_gpu(
     num_q_blocks = -(-t // block_q) + min(s, t)
     dynamic_splits = num_kv_splits is None and decode_like and DYNAMIC_SPLITS
     if dynamic_splits:
-        num_kv_splits = decode_grid_splits(t, hkv, p * bs, block_k)
+        num_kv_splits = max_kv_splits or decode_grid_splits(t, hkv, p * bs, block_k)
         dynamic_splits = num_kv_splits > 1
     elif num_kv_splits is None:
         num_kv_splits = default_num_kv_splits(t, s, hkv, block_q, p * bs)
