@@ -122,7 +122,10 @@ def replay_step_seconds(engine, iters: int) -> float:
 
 
 def decode_step_seconds(engine, prompts, adapters, steps: int) -> tuple[float, float]:
-    """(median engine.step() seconds, median device-only seconds) once every request is decoding.
+    """(median engine.step() seconds, median replay seconds) once every request is decoding.
+
+    A replay runs the same step again with its inputs prepared once and waits for it: dispatch plus
+    device time, without scheduling, input building or output handling (and without overlap).
 
     Requests are prefilled (chunked) until each has its first token, 3 steps warm the decode bucket,
     then `steps` steps are timed; all requests are aborted afterwards.

@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
     print("| workload | base ms | aLoRA ms | overhead | goal |\n|---|---|---|---|---|")
     print(f"| decode, {args.batch} seqs over {args.adapters} aLoRAs (r=32 qkv), ctx {args.context} | "
           f"{d['base_step_s'] * 1e3:.2f} (again {d['base_step_again_s'] * 1e3:.2f}) | {d['alora_step_s'] * 1e3:.2f} | "
-          f"{d['overhead']:+.1%} (device only {d['device_overhead']:+.1%}; sync loop "
+          f"{d['overhead']:+.1%} (replay {d['device_overhead']:+.1%}; sync loop "
           f"{d['sync']['overhead']:+.1%}) | <= 10% |")  # fmt: skip
     print(f"| prefill {args.prefill} tokens, last 16 adapted | {p['base_s'] * 1e3:.1f} | {p['alora_s'] * 1e3:.1f} | "
           f"{p['overhead']:+.1%} | <= 2% |")  # fmt: skip

@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
     for p in prefill:
         mfu = p.get("mfu_vs_measured_matmul", 0)
         print(f"| {p['prompt_tokens']} | {p['tokens_per_s']:.0f} | {p['TFLOPs']:.1f} | {mfu:.2f} |")
-    print("| decode batch | ctx | step ms | device-only ms | tokens/s | roofline ms | x roofline |")
+    print("| decode batch | ctx | step ms | replay ms | tokens/s | roofline ms | x roofline |")
     print("|---|---|---|---|---|---|---|")
     for d in decode:
         print(f"| {d['batch']} | {d['context']} | {d['step_seconds'] * 1e3:.2f} | {d['device_step_seconds'] * 1e3:.2f} "
