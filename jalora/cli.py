@@ -61,6 +61,7 @@ def _build_llm(args: argparse.Namespace):
         max_loras=max(args.max_loras, len(adapters)),
         max_lora_rank=args.max_lora_rank,
         enable_prefix_caching=not args.no_prefix_caching,
+        async_scheduling=not args.no_async_scheduling,
     )
     print(f"jalora: loading {model_dir}", file=sys.stderr, flush=True)
     llm = LLM(str(model_dir), **engine_args)
@@ -238,6 +239,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-loras", type=int, default=4)
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-async-scheduling", action="store_true",
+                   help="read each step back before enqueuing the next (default: overlap host and device)")
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:

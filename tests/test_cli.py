@@ -103,3 +103,14 @@ def test_demo_serves_and_runs_the_pipeline_in_one_command():
     assert re.search(r"^jalora serving on 127\.0\.0\.1:\d+$", proc.stdout, re.M)
     reused = re.search(r"judges reused (\d+)/(\d+) prompt tokens", proc.stdout)
     assert reused and int(reused.group(1)) > 0, proc.stdout
+
+
+@pytest.mark.parametrize("flag, want", [([], True), (["--no-async-scheduling"], False)])
+def test_engine_flags_reach_the_engine(tiny_models, flag, want):
+    """`serve`/`demo` build their engine from the flags: async scheduling is on unless turned off."""
+    args = cli.build_parser().parse_args(
+        ["serve", "--model", tiny_models["llama"], "--max-model-len", "64", "--max-num-batched-tokens", "16", *flag]
+    )
+    llm, _, _ = cli._build_llm(args)
+    assert llm.engine.async_scheduling is want
+    assert llm.engine.max_model_len == 64
