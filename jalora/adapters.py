@@ -186,10 +186,13 @@ class AdapterManager:
         dout = sum(dims[m][1] for m in members)
         r = self.max_rank * len(members)
         shape = (self.cfg.num_layers, self.max_loras)
+        # The flat copy of A serves only the one-hot path; where every step takes the kernels (TPU:
+        # segments_above == 0) it would be dead weight, one more A stack of HBM.
+        onehot = self.runner.segments_above != 0
         self.runner.lora_weights[group] = (
             jnp.zeros((*shape, din, r), self.dtype),
             jnp.zeros((*shape, r, dout), self.dtype),
-            jnp.zeros((self.cfg.num_layers, din, self.max_loras * r), self.dtype),
+            jnp.zeros((self.cfg.num_layers, din, self.max_loras * r), self.dtype) if onehot else None,
         )
 
     def load(self, name: str, path: str) -> AdapterInfo:
@@ -222,7 +225,7 @@ class AdapterManager:
             self.runner.lora_weights[group] = (
                 self._set_slot(a_stack, slot, a),
                 self._set_slot(b_stack, slot, jnp.asarray(b, self.dtype)),
-                self._set_cols(a_flat, slot, a),
+                None if a_flat is None else self._set_cols(a_flat, slot, a),
             )
         info = AdapterInfo(
             name=name,

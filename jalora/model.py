@@ -35,7 +35,7 @@ class AttentionMetadata(NamedTuple):
 class LoraBatch(NamedTuple):
     """Adapter stacks (scaling folded into B, ranks zero-padded) and this step's adapted tokens."""
 
-    weights: dict  # group -> (A f[L, n, Din, R], B f[L, n, R, Dout], A_flat f[L, Din, n*R])
+    weights: dict  # group -> (A f[L, n, Din, R], B f[L, n, R, Dout], A_flat f[L, Din, n*R] or None)
     token_slots: jax.Array  # i32[T] adapter slot of each token row, -1 = base token or padding
     segments: LoraSegments | None  # runs of tokens per slot for the kernels; None = one-hot path
 
@@ -48,6 +48,8 @@ def masked_lora_fn(y, x, a, b, a_flat, lora: LoraBatch):
     """
     if lora.segments is not None:
         return masked_lora_add(y, x, a, b, lora.segments)
+    if a_flat is None:
+        raise ValueError("the one-hot LoRA path needs the flat A stack (the runner took segments for every step)")
     delta = masked_lora_onehot_flat(x, a_flat, b, lora.token_slots)
     return (y.astype(jnp.float32) + delta).astype(y.dtype)
 
@@ -152,7 +154,7 @@ class Decoder(nnx.Module):
                 y = y.astype(h.dtype)
                 if lora is not None and group in lora.weights:
                     a_stack, b_stack, a_flat = lora.weights[group]
-                    y = lora_fn(y, h, a_stack[_i], b_stack[_i], a_flat[_i], lora)
+                    y = lora_fn(y, h, a_stack[_i], b_stack[_i], None if a_flat is None else a_flat[_i], lora)
                 return y
 
             h = rms_norm(x, layer.input_norm[...], cfg.rms_norm_eps)

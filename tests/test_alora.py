@@ -85,6 +85,20 @@ def test_mixed_batch_matches_peft(setup, lora_path):
     assert llm.engine.num_free_blocks() == llm.engine.num_total_blocks
 
 
+def test_segments_only_runner_keeps_no_flat_a(setup):
+    """Where every step takes the kernels (TPU: segments_above == 0) the adapters get no flat A copy
+    (it would be dead HBM), and adapted steps still match PEFT."""
+    base_path, _, paths, _, oracles = setup
+    llm = LLM(base_path, num_kv_blocks=32, max_num_seqs=2, max_num_batched_tokens=64, max_loras=1,
+              max_lora_rank=16, warmup=False)  # fmt: skip
+    llm.engine.runner.segments_above = 0
+    llm.load_adapter("alora_qkv", paths["alora_qkv"])
+    assert all(a_flat is None for _, _, a_flat in llm.engine.runner.lora_weights.values())
+    prompt = ctx(30, 3) + INV + ctx(5, 4)
+    (out,) = llm.generate([prompt], FULL, adapter="alora_qkv")
+    check(out, expect(oracles, "alora_qkv", prompt, 30), "segments-only runner")
+
+
 def test_cold_and_warm_agree_and_base_blocks_are_reused(setup):
     """Base answers; the aLoRA judges prompt + answer + invocation from the base-filled cache."""
     base_path, _, paths, llm, oracles = setup

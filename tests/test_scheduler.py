@@ -198,7 +198,7 @@ def _run_engine(engine, work, abort_at=None):
     return done
 
 
-@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(0, 2**31), st.integers(-1, 5))
 def test_async_scheduling_matches_sync(small_llm, seed, abort_step):
     """Async scheduling (the next step enqueued before the last one's tokens are read, its tokens fed
