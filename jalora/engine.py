@@ -35,6 +35,10 @@ class _InFlight:
     out: tuple  # the step's device outputs
 
 
+class _DeviceReadError(Exception):
+    """Reading a step's results back failed: the device could not run it (cause attached)."""
+
+
 def _kv_blocks_from_memory(cfg: ModelConfig, block_size: int, kv_dtype, fraction: float) -> int | None:
     dev = jax.devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
@@ -103,6 +107,7 @@ class LLMEngine:
         # device's instead of adding to it. Outputs then come one step() call later.
         self.async_scheduling = async_scheduling
         self._inflight: _InFlight | None = None
+        self._dispatching: _InFlight | None = None
         self._step_ids = 0
         if warmup:
             self.runner.warmup()
@@ -205,20 +210,25 @@ class LLMEngine:
         try:
             if batch.requests:
                 new = self._dispatch(batch, prev)
-        except BaseException:  # nothing of the new step is queued; the previous one stays queued
-            self._aborted = outputs + self._aborted  # still owed to the caller; it may abort the rest
-            self._after_failure([])
+        except BaseException:  # the new step is forgotten (if queued, its requests recompute it); the
+            self._aborted = outputs + self._aborted  # previous one stays queued. Outputs stay owed.
+            self._after_failure([self._dispatching] if self._dispatching else [])
             raise
+        finally:
+            self._dispatching = None
         # Synchronous mode reads the new step back at once (and a step queued before a switch to it).
         done = [s for s in (prev, None if self.async_scheduling else new) if s is not None]
         self._inflight = new if self.async_scheduling else None
         try:
             for s in done:
-                outputs += self._process(s)
-        except BaseException:  # results lost: both steps' tokens are recomputed
-            self._aborted = outputs + self._aborted
+                self._process(s, outputs)
+        except BaseException as e:  # results lost: both steps' tokens are recomputed
+            self._aborted = outputs + self._aborted  # including requests that ended before the error
             self._inflight = None
-            self._after_failure([s for s in (new, prev) if s is not None])
+            device_failed = isinstance(e, _DeviceReadError)
+            self._after_failure([s for s in (new, prev) if s is not None], device_failed)
+            if device_failed:
+                raise e.__cause__ from None
             raise
         return outputs
 
@@ -227,6 +237,7 @@ class LLMEngine:
         step = _InFlight(
             self._step_ids, batch.requests, batch.num_tokens, [r.num_computed_tokens for r in batch.requests], ()
         )
+        self._dispatching = step  # an interruption from here on is rolled back from this record
         step.out = self.runner.dispatch(
             batch, None if prev is None else prev.out, None if prev is None else prev.step_id
         )
@@ -238,11 +249,13 @@ class LLMEngine:
                 req.pending.append((step.step_id, i))
         return step
 
-    def _process(self, step: _InFlight) -> list[RequestOutput]:
+    def _process(self, step: _InFlight, outputs: list[RequestOutput]) -> None:
         """Reads a step's results back and applies them to its requests (those still alive)."""
-        result = self.runner.fetch(step.out)
+        try:
+            result = self.runner.fetch(step.out)
+        except Exception as e:  # the device failed this step (or one it depends on)
+            raise _DeviceReadError() from e
         now = time.monotonic()
-        outputs = []
         off = 0
         for i, (req, n, start) in enumerate(zip(step.requests, step.num_tokens, step.starts)):
             lo, off = off, off + n
@@ -259,18 +272,17 @@ class LLMEngine:
             req.pending.pop(0)
             self._append_token(req, i, result, now)
             outputs.append(req.output())
-        return outputs
 
-    def _after_failure(self, dropped: list[_InFlight]) -> None:
+    def _after_failure(self, dropped: list[_InFlight], device_failed: bool = False) -> None:
         """After a failed step() call: forget the steps whose results will not be read, newest first
-        (their requests recompute those tokens), and if the donated cache is gone, recompute every
-        running request."""
+        (their requests recompute those tokens), and if the donated cache is gone (or a step failed on
+        the device, so the cache cannot be trusted), recompute every running request."""
         for step in dropped:
             for req, n, start in zip(step.requests, step.num_tokens, step.starts):
                 req.pending = [p for p in req.pending if p[0] != step.step_id]
                 if req.status is Status.RUNNING and req.num_computed_tokens == start + n:
                     req.num_computed_tokens = start
-        if self.runner.kv_cache_lost():  # donated into a step that failed on the device
+        if self.runner.kv_cache_lost(device_failed):  # donated into a step that failed on the device
             self.block_manager.reset_prefix_cache()  # no cached block holds its KV any more
             for req in list(self.scheduler.running):  # their computed KV is gone: recompute
                 self.scheduler.preempt(req)

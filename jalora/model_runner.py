@@ -259,9 +259,10 @@ class ModelRunner:
         self.kv_caches, out = self._step(self.params, self.kv_caches, weights, packed, prev, layout=layout, **flags)
         return out
 
-    def kv_cache_lost(self) -> bool:
-        """After a failed step: True if the donated cache is gone; a zeroed one then replaces it."""
-        if not any(k.is_deleted() or v.is_deleted() for k, v in self.kv_caches):
+    def kv_cache_lost(self, device_failed: bool = False) -> bool:
+        """After a failed step: True if the donated cache is gone, or cannot be trusted because a step
+        failed on the device (`device_failed`); a zeroed one then replaces it."""
+        if not device_failed and not any(k.is_deleted() or v.is_deleted() for k, v in self.kv_caches):
             return False
         self.kv_caches = [(jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)) for k, v in self.kv_caches]
         return True

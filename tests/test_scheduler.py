@@ -117,37 +117,79 @@ def test_interrupted_generate_frees_everything(small_llm, where, async_schedulin
     engine.async_scheduling = True
 
 
-def test_step_failing_after_the_cache_was_donated_recovers(small_llm):
-    """A device error inside the step loses the donated KV cache: the engine rebuilds it, forgets the
-    prefix cache, recomputes the running requests, and their outputs stay exact."""
+@pytest.mark.parametrize("failure", ["donated", "read_back"])
+def test_step_failing_on_the_device_recovers(small_llm, failure):
+    """A device error inside the step loses the donated KV cache ("donated"), or surfaces only when a
+    step's results are read back, with the next step already queued on that cache ("read_back"): the
+    engine rebuilds the cache, forgets the prefix cache, recomputes the running requests, and their
+    outputs stay exact."""
     engine = small_llm.engine
     prompts = [[3, 4, 5, 6, 7], [8, 9, 10]]
     params = SamplingParams(max_tokens=6, ignore_eos=True)
     want = small_llm.generate(prompts, params)
     for i, p in enumerate(prompts):
         engine.add_request(f"crash-{i}", p, params)
-    engine.step()  # both prefilled, one token each
-    real = engine.runner._step
+    engine.step()  # both prefilled (and, with async scheduling, still queued)
+    engine.step()
+    if failure == "donated":
+        real, name = engine.runner._step, "_step"
 
-    def failing(state, kv_caches, *args, **kwargs):
-        for k, v in kv_caches:  # what donation into a failing device computation leaves behind
-            k.delete()
-            v.delete()
-        raise RuntimeError("device error")
+        def failing(state, kv_caches, *args, **kwargs):
+            for k, v in kv_caches:  # what donation into a failing device computation leaves behind
+                k.delete()
+                v.delete()
+            raise RuntimeError("device error")
+    else:
+        real, name = engine.runner.fetch, "fetch"
 
-    engine.runner._step = failing
+        def failing(out):
+            raise RuntimeError("device error")
+
+    caches = engine.runner.kv_caches
+    setattr(engine.runner, name, failing)
     try:
         with pytest.raises(RuntimeError, match="device error"):
             engine.step()
     finally:
-        engine.runner._step = real
+        setattr(engine.runner, name, real)
     assert engine.block_manager.num_cached_blocks() == 0
+    assert engine.runner.kv_caches is not caches  # rebuilt, not trusted
     done = {}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 done[out.request_id] = out.token_ids
     assert [done[f"crash-{i}"] for i in range(2)] == [w.token_ids for w in want]
+    assert engine.num_free_blocks() == engine.num_total_blocks
+
+
+def test_outputs_of_a_half_read_step_are_kept(small_llm):
+    """An error while a step's results are applied (here the second request's token) still delivers
+    the first request's final output, on the next step() call."""
+    engine = small_llm.engine
+    engine.add_request("short", [3, 4, 5], SamplingParams(max_tokens=1))
+    engine.add_request("long", [6, 7, 8], SamplingParams(max_tokens=4))
+    real = engine._append_token
+    calls = {"n": 0}
+
+    def flaky(req, *args):
+        calls["n"] += 1
+        if req.request_id == "long" and calls["n"] == 2:
+            raise ValueError("tokenizer broke")
+        return real(req, *args)
+
+    engine._append_token = flaky
+    finished = {}
+    try:
+        with pytest.raises(ValueError, match="tokenizer broke"):
+            for _ in range(3):
+                finished |= {o.request_id: o for o in engine.step() if o.finished}
+    finally:
+        engine._append_token = real
+    while engine.has_unfinished_requests():
+        finished |= {o.request_id: o for o in engine.step() if o.finished}
+    assert finished["short"].token_ids and finished["short"].finish_reason == "length"
+    assert len(finished["long"].token_ids) == 4
     assert engine.num_free_blocks() == engine.num_total_blocks
 
 
