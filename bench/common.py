@@ -107,12 +107,13 @@ def measure_ceilings() -> dict:
 
 
 def replay_step_seconds(engine, iters: int) -> float:
-    """Median device time of the engine's next step, replayed with inputs prepared once (no host work).
+    """Median time of the engine's next step replayed with its inputs prepared once, waiting for each
+    replay: dispatch plus device time, without scheduling, input building or output handling.
 
     Call while requests are running; the replays rewrite the same cache slots, then the caller aborts.
     """
     runner, queued = engine.runner, engine._inflight  # async scheduling: the step still on the device
-    inp, flags = runner.prepare(engine.scheduler.schedule(), queued and queued.step_id)
+    inp, flags = runner.prepare(engine.scheduler.schedule(), None if queued is None else queued.step_id)
     prev = None if queued is None else queued.out[0]
 
     def replay():
@@ -146,12 +147,12 @@ def decode_step_seconds(engine, prompts, adapters, steps: int) -> tuple[float, f
         outs = engine.step()
         ts.append(time.perf_counter() - t0)
         assert len(outs) == len(ids)
-    device_t = replay_step_seconds(engine, steps)  # the same step without host work
+    replay_t = replay_step_seconds(engine, steps)  # the same step: dispatch + device, not overlapped
     for rid in ids:
         engine.abort_request(rid)
     engine.step()
     ts.sort()
-    return ts[len(ts) // 2], device_t
+    return ts[len(ts) // 2], replay_t
 
 
 def save(name: str, result: dict) -> str:

@@ -58,8 +58,9 @@ def main(argv=None) -> dict:
     prompts = [rng.integers(1, v - 20, args.context - 2).tolist() + invocations[i % args.adapters]
                for i in range(args.batch)]  # fmt: skip
     names = [f"a{i % args.adapters}" for i in range(args.batch)]
-    base_decode, base_device = decode_step_seconds(llm.engine, prompts, [None] * args.batch, args.steps)
-    lora_decode, lora_device = decode_step_seconds(llm.engine, prompts, names, args.steps)
+    # *_device_*: replays of the step (dispatch + device, waited on each time; bench.common)
+    base_decode, base_replay = decode_step_seconds(llm.engine, prompts, [None] * args.batch, args.steps)
+    lora_decode, lora_replay = decode_step_seconds(llm.engine, prompts, names, args.steps)
     base_decode2, _ = decode_step_seconds(llm.engine, prompts, [None] * args.batch, args.steps)  # drift check
     llm.engine.async_scheduling = False  # the same, each step read back before the next is enqueued
     base_sync, _ = decode_step_seconds(llm.engine, prompts, [None] * args.batch, args.steps)
@@ -74,8 +75,8 @@ def main(argv=None) -> dict:
         "decode": {"batch": args.batch, "adapters": args.adapters, "rank": 32, "targets": "q,k,v",
                    "context": args.context, "base_step_s": base_decode, "base_step_again_s": base_decode2,
                    "alora_step_s": lora_decode, "overhead": lora_decode / base_decode - 1,
-                   "base_device_step_s": base_device, "alora_device_step_s": lora_device,
-                   "device_overhead": lora_device / base_device - 1, "scheduling": "async",
+                   "base_device_step_s": base_replay, "alora_device_step_s": lora_replay,
+                   "device_overhead": lora_replay / base_replay - 1, "scheduling": "async",
                    "sync": {"base_step_s": base_sync, "alora_step_s": lora_sync, "overhead": lora_sync / base_sync - 1},
                    "lora_impl": f"one-hot at <= {ONEHOT_MAX_TOKENS} token rows, else the Pallas kernel"},
         "prefill": {"tokens": args.prefill, "adapted_tokens": 16, "base_s": base_prefill, "alora_s": lora_prefill,

@@ -26,15 +26,17 @@ later run of some parts replaces only those parts, and rows of the same prompt l
 bench/results/pipeline_bench_<model>_{A,C}.png; markdown tables on stdout (`bench/report.py` renders them
 for the README).
 
-Rough H200 times (Granite-3.2-8B shapes, bf16; from bench/results/pipeline_granite-8b.json and
-throughput.json: base 256-token answer ~2 s, 64k prefill ~10 s; compile time unknown, reported in the JSON
-as `warmup_s`). One device command is limited to 10 minutes, so split it:
+H200 times (Granite-3.2-8B shapes, bf16, bench/results/pipeline_bench_granite-8b.json): warm-up
+(compiling every bucket, base and LoRA) ~270 s, base 256-token answer ~1.45 s, 64k LoRA prefill ~6.4 s.
+One device command is limited to 10 minutes, so split it:
 
-    python bench/pipeline_bench.py --model granite-8b --parts baseline        # ~4 min (PEFT ~2.5, jalora 32x)
-    python bench/pipeline_bench.py --model granite-8b --parts ceilings,A,B    # ~5 min
-    python bench/pipeline_bench.py --model granite-8b --parts Aconc           # ~7 min (batch ~10 at 64k)
-    python bench/pipeline_bench.py --model granite-8b --parts C --c-rates 4 8 12          # ~5 min
-    python bench/pipeline_bench.py --model granite-8b --parts C --c-rates 16 24 32        # ~4 min
+    python bench/pipeline_bench.py --model granite-8b --parts baseline        # ~6 min (PEFT, then jalora 32x)
+    python bench/pipeline_bench.py --model granite-8b --parts ceilings,A,B    # ~6 min
+    python bench/pipeline_bench.py --model granite-8b --parts Aconc           # ~8 min? (batch ~7 at 64k; not run)
+    python bench/pipeline_bench.py --model granite-8b --parts C --c-rates 8 16 32   # 7.5 min
+
+`--parts baseline --reuse-peft` measures only jalora's side again against the stored PEFT numbers (which
+keep their own run record), when the code under test is jalora's.
 
 Each command compiles the step for every token bucket it needs (base and LoRA variants) before measuring;
 `--compile-cache DIR` (default /tmp/jalora-jax-cache) keeps compilations for the next command on the same machine.
@@ -742,14 +744,25 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     new: dict = {}
 
+    name = args.out or f"pipeline_bench_{args.model}.json"
+    path = os.path.join(RESULTS, name)
+    old = None
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+    if old and (old.get("model") != args.model or old.get("quick") != args.quick):
+        old = None  # never mix a CPU smoke run with a GPU run
+
     # 1. transformers + PEFT first, in a child process, before JAX takes the GPU.
     peft_res = None
     if "baseline" in parts and args.reuse_peft:
-        path = os.path.join(RESULTS, args.out or f"pipeline_bench_{args.model}.json")
-        old_base = (json.load(open(path)).get("parts", {}).get("baseline") if os.path.isfile(path) else None) or {}
+        old_base = (old or {}).get("parts", {}).get("baseline") or {}
         if "peft" not in old_base:
-            raise SystemExit(f"--reuse-peft: {path} holds no baseline part to reuse")
-        peft_res = {**old_base["peft"], "measured_in_run": old_base.get("peft", {}).get("measured_in_run")
+            raise SystemExit(f"--reuse-peft: {path} holds no baseline part of a {args.model} run to reuse")
+        stale = [k for k in ("tp_pipelines", "tp_prompt", "hf_prompts") if old_base.get(k) != sz[k]]
+        if stale:
+            raise SystemExit(f"--reuse-peft: the stored PEFT run used other {', '.join(stale)}; measure it again")
+        peft_res = {**old_base["peft"], "measured_in_run": old_base["peft"].get("measured_in_run")
                     or old_base.get("run")}  # fmt: skip
     elif "baseline" in parts:
         peft_res = run_hf_child(args)
@@ -779,11 +792,6 @@ def main(argv=None) -> dict:
     if not args.no_warmup:
         bench.warm()
     common = {"warmup_s": bench.warmup_s, "kv_tokens": bench.kv_tokens(), "max_model_len": bench.engine.max_model_len}
-    name = args.out or f"pipeline_bench_{args.model}.json"
-    path = os.path.join(RESULTS, name)
-    old = json.load(open(path)) if os.path.isfile(path) else None
-    if old and (old.get("model") != args.model or old.get("quick") != args.quick):
-        old = None  # never mix a CPU smoke run with a GPU run
 
     def flush() -> dict:
         """Saves what is measured so far: a run cut short by a time limit keeps its finished parts."""
@@ -798,6 +806,7 @@ def main(argv=None) -> dict:
                                    "tp_pipelines": sz["tp_pipelines"], "tp_prompt": sz["tp_prompt"],
                                    "hf_prompts": sz["hf_prompts"]}),
              ("C", bench.part_c)]  # fmt: skip
+
     def checkpoint(part: str, partial: dict) -> None:
         new[part] = {**partial, "run": run()}
         flush()

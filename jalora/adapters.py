@@ -188,7 +188,8 @@ class AdapterManager:
         shape = (self.cfg.num_layers, self.max_loras)
         # The flat copy of A serves only the one-hot path; where every step takes the kernels (TPU:
         # segments_above == 0) it would be dead weight, one more A stack of HBM.
-        onehot = self.runner.segments_above != 0
+        above = self.runner.segments_above
+        onehot = above is None or above >= self.runner.buckets[0]
         self.runner.lora_weights[group] = (
             jnp.zeros((*shape, din, r), self.dtype),
             jnp.zeros((*shape, r, dout), self.dtype),

@@ -33,6 +33,7 @@ class _InFlight:
     num_tokens: list[int]
     starts: list[int]  # each request's num_computed_tokens before the step
     out: tuple  # the step's device outputs
+    applied: int = 0  # leading requests whose results the host has applied (read back)
 
 
 class _DeviceReadError(Exception):
@@ -205,9 +206,9 @@ class LLMEngine:
         With async scheduling this enqueues the next batch, then reads back the previous one: the
         outputs returned are the previous step's."""
         outputs, self._aborted = self._aborted, []
-        batch = self.scheduler.schedule()
         prev, new = self._inflight, None
         try:
+            batch = self.scheduler.schedule()
             if batch.requests:
                 new = self._dispatch(batch, prev)
         except BaseException:  # the new step is forgotten (if queued, its requests recompute it); the
@@ -259,6 +260,7 @@ class LLMEngine:
         off = 0
         for i, (req, n, start) in enumerate(zip(step.requests, step.num_tokens, step.starts)):
             lo, off = off, off + n
+            step.applied = i
             if req.status is Status.FINISHED:  # aborted, or ended while this step was queued
                 continue
             if req.prompt_logprobs is not None:
@@ -272,13 +274,15 @@ class LLMEngine:
             req.pending.pop(0)
             self._append_token(req, i, result, now)
             outputs.append(req.output())
+        step.applied = len(step.requests)
 
     def _after_failure(self, dropped: list[_InFlight], device_failed: bool = False) -> None:
         """After a failed step() call: forget the steps whose results will not be read, newest first
         (their requests recompute those tokens), and if the donated cache is gone (or a step failed on
         the device, so the cache cannot be trusted), recompute every running request."""
-        for step in dropped:
-            for req, n, start in zip(step.requests, step.num_tokens, step.starts):
+        for step in dropped:  # rows already applied keep their results (and their published blocks)
+            rows = zip(step.requests[step.applied :], step.num_tokens[step.applied :], step.starts[step.applied :])
+            for req, n, start in rows:
                 req.pending = [p for p in req.pending if p[0] != step.step_id]
                 if req.status is Status.RUNNING and req.num_computed_tokens == start + n:
                     req.num_computed_tokens = start

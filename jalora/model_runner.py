@@ -110,7 +110,8 @@ class ModelRunner:
         self.segments_above = {"gpu": ONEHOT_MAX_TOKENS, "tpu": 0}.get(backend)
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(cfg.num_layers)]
-        self.lora_weights: dict = {}  # group -> (A [L, n, Din, R], B [L, n, R, Dout], A_flat [L, Din, n*R])
+        # group -> (A [L, n, Din, R], B [L, n, R, Dout], A_flat [L, Din, n*R] or None: no one-hot path)
+        self.lora_weights: dict = {}
         graphdef, params_def = self.graphdef, self.params_def
 
         def step_fn(
@@ -154,7 +155,8 @@ class ModelRunner:
         loop with per-request numpy calls cost 1.3 ms at 64 decoding sequences).
 
         A request's pending token (sampled by step `prev_step`, still on the device) is fed from that
-        step's output: its row goes into `token_src`."""
+        step's output: its row goes into `token_src` (a short per-request loop, taken by every decode
+        step under async scheduling)."""
         t = self.bucket(batch.total_tokens)
         s = self.max_num_seqs
         bs = self.block_size
@@ -282,9 +284,6 @@ class ModelRunner:
         """Waits for a dispatched step and brings its results to the host."""
         tokens, token_lp, top_ids, top_lp, prompt_lp = jax.device_get(out)
         return StepResult(tokens, token_lp, top_ids, top_lp, prompt_lp)
-
-    def execute(self, batch: ScheduledBatch) -> StepResult:
-        return self.fetch(self.dispatch(batch))
 
     def warmup(self, progress: bool = True, lora: bool = False) -> None:
         """Compiles the greedy step for every token bucket: base-only, or with the adapter path."""

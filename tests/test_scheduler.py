@@ -67,6 +67,14 @@ def test_blocks_holding_nothing_findable_are_evicted_before_cached_prefixes():
     bm.release(again)
 
 
+@pytest.fixture(autouse=True)
+def _async_scheduling_restored(request):
+    """Tests that switch the shared engine to synchronous mode get async scheduling back, even on failure."""
+    yield
+    if "small_llm" in request.fixturenames:
+        request.getfixturevalue("small_llm").engine.async_scheduling = True
+
+
 @pytest.fixture(scope="module")
 def small_llm(tiny_models):
     # 10 blocks of 4 tokens: a few requests of ~20 tokens overflow it and force preemption.
@@ -290,7 +298,8 @@ def test_async_scheduling_matches_sync(small_llm, seed, abort_step):
 @pytest.mark.parametrize("async_scheduling", [True, False])
 def test_blocks_of_a_finished_request_are_reused(small_llm, async_scheduling):
     """A request that ends at its first token still publishes its prompt's full blocks (async
-    scheduling reads that step back after the request is already over)."""
+    scheduling reads its step back one call later; the blocks are published just before its token
+    ends the request)."""
     engine = small_llm.engine
     engine.async_scheduling = async_scheduling
     engine.block_manager.reset_prefix_cache()

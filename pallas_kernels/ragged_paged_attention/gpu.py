@@ -201,7 +201,7 @@ def split_rule(programs):
     with the old fixed heuristic), batch 16 with 4, batch 64 with 2 (8k: 526 us vs 648 us). Works on
     Python ints and on traced int32 scalars (the kernel applies it to the step's real num_seqs).
     """
-    # 16 splits, minus `fewer` past each bound: comparisons cast to int and summed, because the Triton
+    # SPLIT_RULE[0] splits, minus `fewer` past each bound: comparisons cast to int and summed, because the Triton
     # lowering mis-types a select of scalar constants; Python ints (the grid size) stay Python ints.
     splits, bounds = SPLIT_RULE
     for bound, fewer in bounds:
