@@ -36,10 +36,6 @@ class _InFlight:
     applied: int = 0  # leading requests whose results the host has applied (read back)
 
 
-class _DeviceReadError(Exception):
-    """Reading a step's results back failed: the device could not run it (cause attached)."""
-
-
 def _kv_blocks_from_memory(cfg: ModelConfig, block_size: int, kv_dtype, fraction: float) -> int | None:
     dev = jax.devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
@@ -108,7 +104,6 @@ class LLMEngine:
         # device's instead of adding to it. Outputs then come one step() call later.
         self.async_scheduling = async_scheduling
         self._inflight: _InFlight | None = None
-        self._dispatching: _InFlight | None = None
         self._step_ids = 0
         if warmup:
             self.runner.warmup()
@@ -210,37 +205,35 @@ class LLMEngine:
         try:
             batch = self.scheduler.schedule()
             if batch.requests:
-                new = self._dispatch(batch, prev)
+                self._step_ids += 1
+                starts = [r.num_computed_tokens for r in batch.requests]
+                new = _InFlight(self._step_ids, batch.requests, batch.num_tokens, starts, ())
+                self._dispatch(new, batch, prev)
         except BaseException:  # the new step is forgotten (if queued, its requests recompute it); the
             self._aborted = outputs + self._aborted  # previous one stays queued. Outputs stay owed.
-            self._after_failure([self._dispatching] if self._dispatching else [])
+            self._after_failure([new] if new else [])
             raise
-        finally:
-            self._dispatching = None
         # Synchronous mode reads the new step back at once (and a step queued before a switch to it).
         done = [s for s in (prev, None if self.async_scheduling else new) if s is not None]
         self._inflight = new if self.async_scheduling else None
+        reading = False
         try:
             for s in done:
-                self._process(s, outputs)
+                reading = True
+                result = self.runner.fetch(s.out)
+                reading = False
+                self._apply(s, result, outputs)
         except BaseException as e:  # results lost: both steps' tokens are recomputed
             self._aborted = outputs + self._aborted  # including requests that ended before the error
             self._inflight = None
-            device_failed = isinstance(e, _DeviceReadError)
-            self._after_failure([s for s in (new, prev) if s is not None], device_failed)
-            if device_failed:
-                raise e.__cause__ from None
+            # A step that cannot be read back failed on the device (an interrupt while waiting did not).
+            self._after_failure([s for s in (new, prev) if s is not None], reading and isinstance(e, Exception))
             raise
         return outputs
 
-    def _dispatch(self, batch, prev: _InFlight | None) -> _InFlight:
-        self._step_ids += 1
-        step = _InFlight(
-            self._step_ids, batch.requests, batch.num_tokens, [r.num_computed_tokens for r in batch.requests], ()
-        )
-        self._dispatching = step  # an interruption from here on is rolled back from this record
+    def _dispatch(self, step: _InFlight, batch, prev: _InFlight | None) -> None:
         step.out = self.runner.dispatch(
-            batch, None if prev is None else prev.out, None if prev is None else prev.step_id
+            batch, None if prev is None else prev.out[0], None if prev is None else prev.step_id
         )
         # From here on the step's KV writes are queued on the device: count them as computed (the
         # next step is scheduled on top of them), and note the tokens it will sample.
@@ -248,14 +241,9 @@ class LLMEngine:
             req.num_computed_tokens += n
             if req.num_computed_tokens >= req.num_tokens_with_pending:
                 req.pending.append((step.step_id, i))
-        return step
 
-    def _process(self, step: _InFlight, outputs: list[RequestOutput]) -> None:
-        """Reads a step's results back and applies them to its requests (those still alive)."""
-        try:
-            result = self.runner.fetch(step.out)
-        except Exception as e:  # the device failed this step (or one it depends on)
-            raise _DeviceReadError() from e
+    def _apply(self, step: _InFlight, result, outputs: list[RequestOutput]) -> None:
+        """Applies a step's read-back results to its requests (those still alive)."""
         now = time.monotonic()
         off = 0
         for i, (req, n, start) in enumerate(zip(step.requests, step.num_tokens, step.starts)):
@@ -286,7 +274,8 @@ class LLMEngine:
                 req.pending = [p for p in req.pending if p[0] != step.step_id]
                 if req.status is Status.RUNNING and req.num_computed_tokens == start + n:
                     req.num_computed_tokens = start
-        if self.runner.kv_cache_lost(device_failed):  # donated into a step that failed on the device
+        if device_failed or self.runner.kv_cache_deleted():  # donated into a step that failed on the device
+            self.runner.reset_kv_cache()
             self.block_manager.reset_prefix_cache()  # no cached block holds its KV any more
             for req in list(self.scheduler.running):  # their computed KV is gone: recompute
                 self.scheduler.preempt(req)
@@ -306,7 +295,7 @@ class LLMEngine:
         reason = None
         if tok in req.stop_ids:
             reason = "stop"
-        elif len(req.output_token_ids) >= req.params.max_tokens or req.num_tokens >= self.max_model_len:
+        elif req.length_reached(self.max_model_len):
             reason = "length"
         if self.tokenizer is not None:
             text = self.decode(req.output_token_ids)

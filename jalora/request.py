@@ -88,13 +88,14 @@ class Request:
     def num_tokens_with_pending(self) -> int:
         return len(self.all_token_ids) + len(self.pending)
 
+    def length_reached(self, max_model_len: int, extra: int = 0) -> bool:
+        """True if `extra` more tokens bring the request to its length limit (max_tokens or the model's)."""
+        return len(self.output_token_ids) + extra >= self.params.max_tokens or self.num_tokens + extra >= max_model_len
+
     def ends_with_pending(self, max_model_len: int) -> bool:
         """True if a pending token is bound to end the request (its length limit), so nothing should
         be scheduled after it."""
-        if not self.pending:
-            return False
-        k = len(self.pending)
-        return len(self.output_token_ids) + k >= self.params.max_tokens or self.num_tokens + k >= max_model_len
+        return bool(self.pending) and self.length_reached(max_model_len, len(self.pending))
 
     def update_block_hashes(self, block_size: int) -> list[bytes]:
         extend_block_hashes(
