@@ -26,7 +26,7 @@ import jax  # noqa: E402
 from bench.common import GRANITE_8B, TINY, run_metadata, save, write_model_dir  # noqa: E402
 from bench.pipeline import load_qkv_aloras  # noqa: E402
 from jalora import LLM, SamplingParams  # noqa: E402
-from jalora.model_runner import pack_inputs  # noqa: E402
+from jalora.engine.model_runner import pack_inputs  # noqa: E402
 
 
 class PhaseTimer:

@@ -2,8 +2,8 @@
 
 import itertools
 
-from jalora.adapters import AdapterInfo
-from jalora.engine import LLMEngine
+from jalora.adapters.manager import AdapterInfo
+from jalora.engine.llm_engine import LLMEngine
 from jalora.outputs import RequestOutput
 from jalora.sampling_params import SamplingParams
 

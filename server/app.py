@@ -16,16 +16,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from jalora.api import CHANNEL_OPTIONS, DEFAULT_PORT
+from jalora.api.v1 import jalora_pb2, jalora_pb2_grpc
 from server.engine_worker import EngineWorker
-from server.proto.jalora.v1 import jalora_pb2, jalora_pb2_grpc
 from server.servicer import JaloraServicer
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = jalora_pb2.DESCRIPTOR.services_by_name["Jalora"].full_name  # "jalora.v1.Jalora"
-DEFAULT_PORT = 50051
-# Token streams are small, but Tokenize / GetServerInfo answers and long prompts as token ids are not.
-_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 
 def _version() -> str:
@@ -67,8 +65,7 @@ class JaloraServer:
         """Starts serving; returns the bound port (useful with port=0)."""
         server = grpc.aio.server(
             options=[
-                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                *CHANNEL_OPTIONS,
                 ("grpc.so_reuseport", 0),
             ]
         )

@@ -10,12 +10,11 @@ import logging
 
 import grpc
 
+from jalora.api import FIELD_METADATA_KEY
 from jalora.errors import AdapterNotFoundError, CapacityError, InvalidRequestError, PreconditionError
 
 logger = logging.getLogger(__name__)
 
-# Trailing-metadata key that names the offending request field of an INVALID_ARGUMENT.
-FIELD_METADATA_KEY = "jalora-field"
 
 
 class AdapterPathError(PermissionError):

@@ -11,12 +11,12 @@ import grpc
 import jax
 import numpy as np
 
+from jalora.api.v1 import jalora_pb2 as pb
+from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
 from jalora.errors import InvalidRequestError
 from jalora.sampling_params import SamplingParams
 from server.engine_worker import Completion, Delta, EngineWorker
 from server.errors import AdapterPathError, abort_with
-from server.proto.jalora.v1 import jalora_pb2 as pb
-from server.proto.jalora.v1 import jalora_pb2_grpc as pb_grpc
 
 _FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,

@@ -1,0 +1,18 @@
+"""The gRPC contract between jalora's server and its clients.
+
+`v1/jalora.proto` (proto package `jalora.v1`) and the code generated from it (`generate.sh`), plus the
+constants both sides must agree on. Imports nothing but protobuf and grpc, so the server (which
+imports the engine) and the client (which must not) both build on it without a cycle.
+"""
+
+DEFAULT_HOST = "127.0.0.1"  # loopback unless the operator says otherwise
+DEFAULT_PORT = 50051
+DEFAULT_TARGET = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+# Trailing-metadata key that names the offending request field of an INVALID_ARGUMENT.
+FIELD_METADATA_KEY = "jalora-field"
+# Token streams are small, but Tokenize / GetServerInfo answers and long prompts as token ids are not.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = (
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+)

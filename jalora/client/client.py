@@ -1,0 +1,523 @@
+"""Python client of the jalora gRPC server (jalora.v1.Jalora), synchronous and asyncio.
+
+    from jalora.client import Client, with_invocation
+
+    with Client("127.0.0.1:50051") as client:
+        answer = client.generate("What is 2 + 2?", max_tokens=32)
+        judge = client.adapter("judge")
+        verdict = client.generate(with_invocation(answer.prompt_token_ids + answer.token_ids, judge),
+                                  adapter="judge", max_tokens=8)
+        print(verdict.text, verdict.usage.cached_tokens)
+
+Results are typed dataclasses; a failed call raises `ServerError` with the gRPC status code, the
+server's message and, for INVALID_ARGUMENT, the request field at fault.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jalora.api import CHANNEL_OPTIONS, DEFAULT_TARGET, FIELD_METADATA_KEY
+from jalora.api.v1 import jalora_pb2 as pb
+from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
+
+__all__ = [
+    "AdapterInfo",
+    "AsyncClient",
+    "Client",
+    "GenerateChunk",
+    "GenerateResult",
+    "ServerError",
+    "ServerInfo",
+    "Timings",
+    "Usage",
+    "with_invocation",
+]
+
+_FINISH_REASONS = {
+    pb.FINISH_REASON_STOP: "stop",
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_ABORT: "abort",
+}
+
+
+# ---- results -------------------------------------------------------------------------------------
+
+
+class ServerError(Exception):
+    """A call failed. `code` is a grpc.StatusCode; `field` names the bad request field when known."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, field: str | None = None):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+        self.field = field
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    """Seconds, measured by the server from the moment it received the call."""
+
+    queue_seconds: float
+    time_to_first_token_seconds: float
+    total_seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateChunk:
+    """One streamed message: what the last engine step added. `finish_reason` etc. only on the last."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[dict[int, float]] | None = None
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    usage: Usage | None = None
+    activation_index: int | None = None
+    timings: Timings | None = None
+    prompt_logprobs: list[dict[int, float]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateResult:
+    request_id: str
+    prompt_token_ids: list[int] | None  # the ids sent, when the prompt was given as ids
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    activation_index: int | None  # aLoRA: first position of the invocation; None for the base model
+    timings: Timings
+    logprobs: list[dict[int, float]] | None = None
+    prompt_logprobs: list[dict[int, float]] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    kind: str  # "lora" | "alora"
+    invocation_tokens: list[int] | None
+    invocation_string: str | None
+    rank: int
+    targets: list[str]
+    identity: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerInfo:
+    version: str
+    model: str
+    dtype: str
+    platform: str
+    block_size: int
+    num_total_blocks: int
+    num_free_blocks: int
+    max_model_len: int
+    max_num_seqs: int
+    max_loras: int
+    vocab_size: int
+    eos_token_ids: list[int]
+    adapter_roots: list[str]
+    num_running_requests: int
+    max_pending_requests: int
+
+
+def with_invocation(prompt: str | Sequence[int], adapter: AdapterInfo) -> str | list[int]:
+    """`prompt` followed by the adapter's invocation sequence, so that an aLoRA request activates.
+
+    Token-id prompts get the invocation tokens; text prompts get the invocation string. Prefer ids:
+    a tokenizer may merge the string with the text before it, and then the server answers
+    FAILED_PRECONDITION (invocation not found) rather than silently running the base model.
+    """
+    if isinstance(prompt, str):
+        if adapter.invocation_string is None:
+            raise ValueError(
+                f"adapter {adapter.name!r} has no invocation string; pass the prompt as token ids, "
+                "or use Client.with_invocation, which tokenizes it on the server"
+            )
+        return prompt + adapter.invocation_string
+    if not adapter.invocation_tokens:
+        raise ValueError(f"adapter {adapter.name!r} is a {adapter.kind} adapter without invocation tokens")
+    return list(prompt) + list(adapter.invocation_tokens)
+
+
+# ---- proto <-> python ----------------------------------------------------------------------------
+
+
+def _request(
+    prompt: str | Sequence[int],
+    adapter: str | None,
+    params: Any,
+    request_id: str | None,
+    sampling: dict[str, Any],
+) -> pb.GenerateRequest:
+    if params is not None:  # a jalora.SamplingParams (or anything with its attribute names)
+        fields = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos",
+                  "logprobs", "prompt_logprobs")  # fmt: skip
+        sampling = {**{f: getattr(params, f) for f in fields if hasattr(params, f)}, **sampling}
+    sp = pb.SamplingParams()
+    for name, value in sampling.items():
+        if value is None:
+            continue
+        if name == "stop_token_ids":
+            sp.stop_token_ids.extend(value)
+        else:
+            setattr(sp, name, value)
+    msg = pb.GenerateRequest(adapter=adapter or "", sampling=sp, request_id=request_id or "")
+    if isinstance(prompt, str):
+        msg.text = prompt
+    else:
+        msg.token_ids.ids.extend(int(t) for t in prompt)
+    return msg
+
+
+def _logprobs(positions) -> list[dict[int, float]]:
+    return [{e.token_id: e.logprob for e in p.entries} for p in positions]
+
+
+def _chunk(msg: pb.GenerateResponse, want_logprobs: bool) -> GenerateChunk:
+    logprobs = _logprobs(msg.logprobs) if want_logprobs else None
+    if not msg.HasField("completion"):
+        return GenerateChunk(msg.request_id, list(msg.token_ids), msg.text, logprobs)
+    c = msg.completion
+    return GenerateChunk(
+        request_id=msg.request_id,
+        token_ids=list(msg.token_ids),
+        text=msg.text,
+        logprobs=logprobs,
+        finished=True,
+        finish_reason=_FINISH_REASONS.get(c.finish_reason),
+        usage=Usage(c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.cached_tokens),
+        activation_index=c.activation_index if c.HasField("activation_index") else None,
+        timings=Timings(
+            c.timings.queue_seconds, c.timings.time_to_first_token_seconds, c.timings.total_seconds
+        ),
+        prompt_logprobs=_logprobs(c.prompt_logprobs) if len(c.prompt_logprobs) else None,
+    )
+
+
+class _Accumulator:
+    """Folds a stream of chunks into one GenerateResult."""
+
+    def __init__(self, prompt: str | Sequence[int], want_logprobs: bool):
+        self.prompt_token_ids = None if isinstance(prompt, str) else [int(t) for t in prompt]
+        self.token_ids: list[int] = []
+        self.text: list[str] = []
+        self.logprobs: list[dict[int, float]] | None = [] if want_logprobs else None
+        self.last: GenerateChunk | None = None
+
+    def add(self, chunk: GenerateChunk) -> None:
+        self.token_ids.extend(chunk.token_ids)
+        self.text.append(chunk.text)
+        if self.logprobs is not None and chunk.logprobs is not None:
+            self.logprobs.extend(chunk.logprobs)
+        self.last = chunk
+
+    def result(self) -> GenerateResult:
+        last = self.last
+        if last is None or not last.finished:
+            raise ServerError(grpc.StatusCode.UNKNOWN, "the stream ended without a final message")
+        return GenerateResult(
+            request_id=last.request_id,
+            prompt_token_ids=self.prompt_token_ids,
+            token_ids=self.token_ids,
+            text="".join(self.text),
+            finish_reason=last.finish_reason,
+            usage=last.usage,
+            activation_index=last.activation_index,
+            timings=last.timings,
+            logprobs=self.logprobs,
+            prompt_logprobs=last.prompt_logprobs,
+        )
+
+
+def _adapter_info(msg: pb.AdapterInfo) -> AdapterInfo:
+    return AdapterInfo(
+        name=msg.name,
+        kind=msg.kind,
+        invocation_tokens=list(msg.invocation_tokens) or None,
+        invocation_string=msg.invocation_string if msg.HasField("invocation_string") else None,
+        rank=msg.rank,
+        targets=list(msg.targets),
+        identity=msg.identity,
+    )
+
+
+def _server_info(msg: pb.ServerInfo) -> ServerInfo:
+    values = {f.name: getattr(msg, f.name) for f in dataclasses.fields(ServerInfo)}
+    values["eos_token_ids"] = list(msg.eos_token_ids)
+    values["adapter_roots"] = list(msg.adapter_roots)
+    return ServerInfo(**values)
+
+
+def _server_error(err: grpc.RpcError) -> ServerError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    field = None
+    trailing = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    for key, value in trailing or ():
+        if key == FIELD_METADATA_KEY:
+            field = value
+    return ServerError(code, details or "", field)
+
+
+def _sampling_kwargs(**kwargs: Any) -> dict[str, Any]:
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+# ---- clients -------------------------------------------------------------------------------------
+
+
+class Client:
+    """Blocking client. `timeout` (seconds) is the default deadline of every call; None = no deadline."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 600.0, channel=None):
+        self.target = target
+        self.timeout = timeout
+        self._channel = channel or grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+        self._stub = pb_grpc.JaloraStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def generate_stream(
+        self,
+        prompt: str | Sequence[int],
+        adapter: str | None = None,
+        *,
+        params: Any = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: bool | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[GenerateChunk]:
+        """Yields one chunk per engine step; the last has `finished=True`. Closing the iterator early
+        (break, or an exception in the loop body) cancels the call, and the server frees the request."""
+        sampling = _sampling_kwargs(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )  # fmt: skip
+        request = _request(prompt, adapter, params, request_id, sampling)
+        want_logprobs = request.sampling.HasField("logprobs")
+        call = self._stub.Generate(request, timeout=self._timeout(timeout))
+        try:
+            for msg in call:
+                yield _chunk(msg, want_logprobs)
+        except grpc.RpcError as err:
+            raise _server_error(err) from None
+        finally:
+            call.cancel()  # no-op once the call has finished
+
+    def generate(self, prompt: str | Sequence[int], adapter: str | None = None, **kwargs: Any) -> GenerateResult:
+        """The whole generation (same arguments as `generate_stream`)."""
+        acc = _Accumulator(prompt, kwargs.get("logprobs") is not None or _has_logprobs(kwargs.get("params")))
+        for chunk in self.generate_stream(prompt, adapter, **kwargs):
+            acc.add(chunk)
+        return acc.result()
+
+    def _unary(self, method, request, timeout: float | None):
+        try:
+            return method(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as err:
+            raise _server_error(err) from None
+
+    def with_invocation(
+        self, prompt: str | Sequence[int], adapter: str | AdapterInfo, *, timeout: float | None = None
+    ) -> str | list[int]:
+        """Like `with_invocation`, but a text prompt whose adapter has no invocation string is
+        tokenized by the server and returned as token ids with the invocation tokens appended."""
+        info = adapter if isinstance(adapter, AdapterInfo) else self.adapter(adapter, timeout=timeout)
+        if isinstance(prompt, str) and info.invocation_string is None:
+            prompt = self.tokenize(prompt, timeout=timeout)
+        return with_invocation(prompt, info)
+
+    def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
+        msg = self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest(), timeout)
+        return [_adapter_info(a) for a in msg.adapters]
+
+    def adapter(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
+        """The loaded adapter called `name` (ServerError NOT_FOUND if none)."""
+        for info in self.list_adapters(timeout=timeout):
+            if info.name == name:
+                return info
+        raise ServerError(grpc.StatusCode.NOT_FOUND, f"adapter {name!r} is not loaded", "adapter")
+
+    def load_adapter(self, name: str, path: str, *, timeout: float | None = None) -> AdapterInfo:
+        """Loads the PEFT directory `path` (absolute, or relative to one of the server's adapter roots)."""
+        return _adapter_info(self._unary(self._stub.LoadAdapter, pb.LoadAdapterRequest(name=name, path=path), timeout))
+
+    def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        self._unary(self._stub.UnloadAdapter, pb.UnloadAdapterRequest(name=name), timeout)
+
+    def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
+        return list(self._unary(self._stub.Tokenize, pb.TokenizeRequest(text=text), timeout).token_ids)
+
+    def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        return _server_info(self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout))
+
+    def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
+        """The grpc.health.v1 status name, e.g. "SERVING"."""
+        msg = self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(msg.status)
+
+    def wait_until_serving(self, timeout: float = 60.0) -> None:
+        """Blocks until the server answers SERVING (e.g. right after `jalora serve &`)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if self.health(timeout=min(5.0, max(0.1, deadline - time.monotonic()))) == "SERVING":
+                    return
+            except ServerError:
+                pass
+            if time.monotonic() >= deadline:
+                raise ServerError(grpc.StatusCode.UNAVAILABLE, f"no SERVING server at {self.target} after {timeout}s")
+            time.sleep(0.2)
+
+
+class AsyncClient:
+    """asyncio client (grpc.aio); same methods as Client, as coroutines / async iterators."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 600.0, channel=None):
+        self.target = target
+        self.timeout = timeout
+        self._channel = channel or grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+        self._stub = pb_grpc.JaloraStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    async def generate_stream(
+        self,
+        prompt: str | Sequence[int],
+        adapter: str | None = None,
+        *,
+        params: Any = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool | None = None,
+        logprobs: int | None = None,
+        prompt_logprobs: bool | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> AsyncIterator[GenerateChunk]:
+        """Async-iterates chunks; leaving the loop early (or cancelling the task) cancels the call."""
+        sampling = _sampling_kwargs(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )  # fmt: skip
+        request = _request(prompt, adapter, params, request_id, sampling)
+        want_logprobs = request.sampling.HasField("logprobs")
+        call = self._stub.Generate(request, timeout=self._timeout(timeout))
+        try:
+            async for msg in call:
+                yield _chunk(msg, want_logprobs)
+        except grpc.RpcError as err:
+            raise _server_error(err) from None
+        finally:
+            call.cancel()
+
+    async def generate(
+        self, prompt: str | Sequence[int], adapter: str | None = None, **kwargs: Any
+    ) -> GenerateResult:
+        acc = _Accumulator(prompt, kwargs.get("logprobs") is not None or _has_logprobs(kwargs.get("params")))
+        stream = self.generate_stream(prompt, adapter, **kwargs)
+        try:
+            async for chunk in stream:
+                acc.add(chunk)
+        finally:
+            await stream.aclose()
+        return acc.result()
+
+    async def _unary(self, method, request, timeout: float | None):
+        try:
+            return await method(request, timeout=self._timeout(timeout))
+        except grpc.RpcError as err:
+            raise _server_error(err) from None
+
+    async def with_invocation(
+        self, prompt: str | Sequence[int], adapter: str | AdapterInfo, *, timeout: float | None = None
+    ) -> str | list[int]:
+        """See Client.with_invocation."""
+        info = adapter if isinstance(adapter, AdapterInfo) else await self.adapter(adapter, timeout=timeout)
+        if isinstance(prompt, str) and info.invocation_string is None:
+            prompt = await self.tokenize(prompt, timeout=timeout)
+        return with_invocation(prompt, info)
+
+    async def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
+        msg = await self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest(), timeout)
+        return [_adapter_info(a) for a in msg.adapters]
+
+    async def adapter(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
+        for info in await self.list_adapters(timeout=timeout):
+            if info.name == name:
+                return info
+        raise ServerError(grpc.StatusCode.NOT_FOUND, f"adapter {name!r} is not loaded", "adapter")
+
+    async def load_adapter(self, name: str, path: str, *, timeout: float | None = None) -> AdapterInfo:
+        request = pb.LoadAdapterRequest(name=name, path=path)
+        return _adapter_info(await self._unary(self._stub.LoadAdapter, request, timeout))
+
+    async def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
+        await self._unary(self._stub.UnloadAdapter, pb.UnloadAdapterRequest(name=name), timeout)
+
+    async def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
+        msg = await self._unary(self._stub.Tokenize, pb.TokenizeRequest(text=text), timeout)
+        return list(msg.token_ids)
+
+    async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
+        return _server_info(await self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout))
+
+    async def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
+        msg = await self._unary(self._health.Check, health_pb2.HealthCheckRequest(service=service), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(msg.status)
+
+
+def _has_logprobs(params: Any) -> bool:
+    return params is not None and getattr(params, "logprobs", None) is not None

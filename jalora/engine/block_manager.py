@@ -1,0 +1,109 @@
+"""KV-cache blocks: refcounts, the prefix cache (hash -> block) and LRU eviction.
+
+A block with refcount 0 keeps its KV and its hash until it is reused for something else, so a later
+request with the same prefix finds it. Free blocks sit in one ordered dict in eviction order: blocks
+that hold nothing findable first, then cached blocks least recently used first; a finished request
+releases its blocks tail first, so the leaves of a hash chain go before its root.
+"""
+
+from collections import OrderedDict
+
+from jalora.engine.request import BlockIds, Request
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.ref_count = [0] * num_blocks
+        self.block_hash: list[bytes | None] = [None] * num_blocks
+        self.cached: dict[bytes, int] = {}
+        self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now (refcount 0, cached or not)."""
+        return len(self.free)
+
+    def num_cached_blocks(self) -> int:
+        return len(self.cached)
+
+    def _take(self, block: int) -> None:
+        if self.ref_count[block] == 0:
+            del self.free[block]
+        self.ref_count[block] += 1
+
+    def _new_block(self) -> int:
+        block, _ = self.free.popitem(last=False)
+        h = self.block_hash[block]
+        if h is not None:
+            if self.cached.get(h) == block:
+                del self.cached[h]
+            self.block_hash[block] = None
+        self.ref_count[block] = 1
+        return block
+
+    def lookup(self, req: Request) -> int:
+        """Attaches the longest cached prefix of `req`'s tokens; returns the number of tokens reused.
+
+        At least one token is always left to compute, so the step has a row to sample from.
+        """
+        if not self.enable_prefix_caching or req.params.prompt_logprobs:
+            return 0
+        hashes = req.update_block_hashes(self.block_size)
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hits = []
+        for h in hashes[:max_blocks]:
+            block = self.cached.get(h)
+            if block is None:
+                break
+            hits.append(block)
+        for block in hits:
+            self._take(block)
+        req.block_ids = BlockIds(hits)
+        req.num_registered_blocks = len(hits)
+        return len(hits) * self.block_size
+
+    def blocks_needed(self, req: Request, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(req.block_ids))
+
+    def allocate(self, req: Request, num_tokens: int) -> bool:
+        """Grows `req`'s block table to hold `num_tokens` tokens; False (nothing changed) if full."""
+        need = self.blocks_needed(req, num_tokens)
+        if need > len(self.free):
+            return False
+        req.block_ids.extend(self._new_block() for _ in range(need))
+        return True
+
+    def register(self, req: Request, upto: int | None = None) -> None:
+        """Publishes `req`'s newly completed full blocks to the prefix cache: those within its first
+        `upto` tokens (default: all it has computed) whose token ids the host knows."""
+        if not self.enable_prefix_caching:
+            return
+        done = req.num_computed_tokens if upto is None else min(upto, req.num_computed_tokens)
+        full = min(done, req.num_tokens) // self.block_size
+        if full <= req.num_registered_blocks:
+            return
+        hashes = req.update_block_hashes(self.block_size)
+        for j in range(req.num_registered_blocks, full):
+            h, block = hashes[j], req.block_ids[j]
+            if h not in self.cached:
+                self.cached[h] = block
+                self.block_hash[block] = h
+        req.num_registered_blocks = full
+
+    def release(self, req: Request) -> None:
+        """Drops `req`'s references, tail first; its cached blocks stay findable until evicted."""
+        for block in reversed(req.block_ids):
+            self.ref_count[block] -= 1
+            if self.ref_count[block] == 0:
+                self.free[block] = None
+                if self.block_hash[block] is None:  # holds nothing findable: reuse it before any cached block
+                    self.free.move_to_end(block, last=False)
+        req.block_ids = BlockIds()
+        req.num_registered_blocks = 0
+
+    def reset_prefix_cache(self) -> None:
+        for block in list(self.cached.values()):
+            self.block_hash[block] = None
+        self.cached.clear()

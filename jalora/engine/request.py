@@ -1,0 +1,125 @@
+"""One request's state as it moves through the scheduler."""
+
+import enum
+import time
+
+import numpy as np
+
+from jalora.engine.block_hasher import extend_block_hashes
+from jalora.outputs import RequestMetrics, RequestOutput
+from jalora.sampling_params import SamplingParams
+
+
+class BlockIds(list):
+    """A request's cache blocks in order. While the request holds them the list only grows (the block
+    manager replaces the whole object on admission and release), so `as_array` extends a cached numpy
+    copy instead of converting the whole list every step."""
+
+    __slots__ = ("_array",)
+
+    def as_array(self) -> np.ndarray:
+        arr = getattr(self, "_array", None)
+        if arr is not None and arr.shape[0] > len(self):  # shrunk (not done by the block manager): rebuild
+            arr = None
+        if arr is None or arr.shape[0] != len(self):
+            done = 0 if arr is None else arr.shape[0]
+            tail = np.asarray(self[done:], np.int32)
+            arr = tail if arr is None else np.concatenate([arr, tail])
+            self._array = arr
+        return arr
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Request:
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        seed: int,
+        eos_token_ids: tuple[int, ...],
+        adapter_name: str | None = None,
+        adapter_slot: int = -1,
+        adapter_identity: bytes | None = None,
+        activation_start: int | None = None,
+    ):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.all_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.seed = seed
+        self.stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else set(eos_token_ids))
+        self.adapter_name = adapter_name
+        self.adapter_slot = adapter_slot  # device slot, -1 for the base model
+        self.adapter_identity = adapter_identity
+        self.activation_start = activation_start  # None: base; 0: plain LoRA
+        self.status = Status.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0
+        self.block_ids = BlockIds()
+        self.block_hashes: list[bytes] = []
+        self.num_registered_blocks = 0  # leading blocks already published to the prefix cache
+        # Async scheduling: (step id, row) of each token sampled by a step whose results the host has
+        # not read yet, oldest first. The next step already feeds such a token (from the previous
+        # step's output on the device).
+        self.pending: list[tuple[int, int]] = []
+        self.finish_reason: str | None = None
+        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[float | None] | None = (
+            [None] * len(prompt_token_ids) if params.prompt_logprobs else None
+        )
+        self.text = ""
+        self.metrics = RequestMetrics(arrival_time=time.monotonic())
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens whose ids the host knows (prompt + outputs appended so far)."""
+        return len(self.all_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.all_token_ids) + len(self.pending)
+
+    def length_reached(self, max_model_len: int, extra: int = 0) -> bool:
+        """True if `extra` more tokens bring the request to its length limit (max_tokens or the model's)."""
+        return len(self.output_token_ids) + extra >= self.params.max_tokens or self.num_tokens + extra >= max_model_len
+
+    def ends_with_pending(self, max_model_len: int) -> bool:
+        """True if a pending token is bound to end the request (its length limit), so nothing should
+        be scheduled after it."""
+        return bool(self.pending) and self.length_reached(max_model_len, len(self.pending))
+
+    def update_block_hashes(self, block_size: int) -> list[bytes]:
+        extend_block_hashes(
+            self.block_hashes, self.all_token_ids, block_size, self.activation_start, self.adapter_identity
+        )
+        return self.block_hashes
+
+    def lora_slot_at(self, position: int) -> int:
+        if self.adapter_slot < 0 or position < self.activation_start:
+            return -1
+        return self.adapter_slot
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            token_ids=list(self.output_token_ids),
+            text=self.text,
+            finish_reason=self.finish_reason,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
+            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
+            num_cached_tokens=self.num_cached_tokens,
+            activation_start=self.activation_start,
+            adapter=self.adapter_name,
+            metrics=self.metrics,
+        )

@@ -1,0 +1,119 @@
+"""Continuous batching: who runs this step and how many tokens each.
+
+Running requests go first (decode tokens and unfinished prefill chunks), then waiting ones, all under
+one token budget, so prefill chunks and decode tokens share a step. When blocks run out, the most
+recently admitted running request is preempted: its blocks are released (their hashes stay in the
+prefix cache) and it is recomputed later from its prompt plus what it generated so far.
+
+With async scheduling the next step is scheduled while the previous one is still on the device: a
+request whose token from that step is pending counts it as known (the step feeds it from the previous
+step's output on the device), unless that token is bound to end the request by length. A preempted
+request with a pending token waits until the token has come back before it is admitted again.
+"""
+
+import dataclasses
+import time
+from collections import deque
+
+from jalora.engine.block_manager import BlockManager
+from jalora.engine.request import Request, Status
+
+
+@dataclasses.dataclass
+class ScheduledBatch:
+    requests: list[Request]
+    num_tokens: list[int]  # new tokens of each request this step
+    preempted: list[Request]
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.num_tokens)
+
+
+class Scheduler:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+    ):
+        self.bm = block_manager
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def preempt(self, req: Request) -> None:
+        """Back to the waiting queue's front, blocks released; it is recomputed when scheduled again."""
+        if req in self.running:
+            self.running.remove(req)
+        self._preempt(req)
+
+    def _preempt(self, req: Request) -> None:
+        self.bm.release(req)
+        req.num_computed_tokens = 0
+        req.status = Status.WAITING
+        self.waiting.appendleft(req)
+        self.num_preemptions += 1
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        batch = ScheduledBatch([], [], [])
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens_with_pending - req.num_computed_tokens, budget)
+            if n <= 0 or req.ends_with_pending(self.max_model_len):
+                i += 1  # nothing to compute until its pending token is back (which may end it)
+                continue
+            while not self.bm.allocate(req, req.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is req:
+                    break
+            else:
+                batch.requests.append(req)
+                batch.num_tokens.append(n)
+                budget -= n
+                i += 1
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
+            req = self.waiting[0]
+            if req.pending:  # preempted with a token still on the device: admit it later
+                break
+            cached = self.bm.lookup(req)
+            n = min(req.num_tokens - cached, budget)
+            if not self.bm.allocate(req, cached + n):
+                self.bm.release(req)
+                break
+            self.waiting.popleft()
+            if req.metrics.first_scheduled_time is None:
+                req.metrics.first_scheduled_time = time.monotonic()
+                req.num_cached_tokens = cached
+            req.num_computed_tokens = cached
+            req.status = Status.RUNNING
+            self.running.append(req)
+            batch.requests.append(req)
+            batch.num_tokens.append(n)
+            budget -= n
+        # Equal adapter slots side by side: the masked multi-LoRA kernel then walks fewer, longer runs.
+        order = sorted(range(len(batch.requests)), key=lambda k: batch.requests[k].adapter_slot)
+        batch.requests = [batch.requests[k] for k in order]
+        batch.num_tokens = [batch.num_tokens[k] for k in order]
+        return batch
+
+    def finish(self, req: Request, reason: str) -> None:
+        """Ends `req` (running or waiting) and returns its blocks at once."""
+        req.finish_reason = reason
+        req.status = Status.FINISHED
+        req.metrics.finished_time = time.monotonic()
+        if req in self.running:
+            self.running.remove(req)
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.bm.release(req)

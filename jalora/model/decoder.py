@@ -1,0 +1,198 @@
+"""Flax NNX decoder for the Llama / Granite / Mistral families over a paged KV cache.
+
+The module holds parameters only; everything that changes per step (tokens, KV cache, attention
+metadata, adapter stacks and per-token adapter slots) is an explicit argument, so one pure jitted
+function (see model_runner.py) runs a whole ragged batch and returns the new caches.
+
+Projections are fused as on the serving path: q/k/v into one [D, Dq + 2*Dkv] matmul and gate/up into
+one [D, 2F] matmul; adapters follow the same fusion (see adapters.py).
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jalora.model.config import ModelConfig
+from pallas_kernels.masked_lora import LoraSegments, masked_lora_add, masked_lora_onehot_flat
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv
+
+# Adapted projection groups, in the order the step walks them. Each maps to the HF module names
+# it fuses and the width of each part of its output.
+LORA_GROUPS = ("qkv", "o", "gate_up", "down")
+
+
+class AttentionMetadata(NamedTuple):
+    slot_mapping: jax.Array  # i32[T] flat cache slot of each token; -1 = padding
+    kv_lens: jax.Array  # i32[S] context length after this step
+    page_indices: jax.Array  # i32[S, P]
+    cu_q_lens: jax.Array  # i32[S + 1]
+    num_seqs: jax.Array  # i32[1]
+
+
+class LoraBatch(NamedTuple):
+    """Adapter stacks (scaling folded into B, ranks zero-padded) and this step's adapted tokens."""
+
+    weights: dict  # group -> (A f[L, n, Din, R], B f[L, n, R, Dout], A_flat f[L, Din, n*R] or None)
+    token_slots: jax.Array  # i32[T] adapter slot of each token row, -1 = base token or padding
+    segments: LoraSegments | None  # runs of tokens per slot for the kernels; None = one-hot path
+
+
+def masked_lora_fn(y, x, a, b, a_flat, lora: LoraBatch):
+    """y [T, Dout] + the LoRA delta of adapted tokens only.
+
+    With segments: the platform's masked multi-LoRA kernel (slot -1 rows cost nothing; long prefills).
+    Without: two dense matmuls against every slot, masked per row (decode-sized steps and the CPU).
+    """
+    if lora.segments is not None:
+        return masked_lora_add(y, x, a, b, lora.segments)
+    if a_flat is None:
+        raise ValueError("the one-hot LoRA path needs the flat A stack (the runner took segments for every step)")
+    delta = masked_lora_onehot_flat(x, a_flat, b, lora.token_slots)
+    return (y.astype(jnp.float32) + delta).astype(y.dtype)
+
+
+def rms_norm(x, w, eps):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig):
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "linear":
+        return inv / float(rs["factor"])
+    # llama3: long wavelengths slowed by `factor`, short ones kept, smooth blend in between.
+    factor, lo, hi = float(rs["factor"]), float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+    old_len = float(rs["original_max_position_embeddings"])
+    wavelen = 2 * jnp.pi / inv
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    scaled = jnp.where(wavelen > old_len / lo, inv / factor, inv)
+    mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+    return jnp.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+    """x [T, H, D] rotated in HF's rotate-half layout; positions i32[T]."""
+    ang = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, None, :]
+    sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, None, :]
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
+    return (xf * cos + rot * sin).astype(x.dtype)
+
+
+def _param(shape, dtype):
+    # Placeholder values: real weights come from checkpoint.py (loaded or dummy) via nnx.merge.
+    return nnx.Param(jnp.zeros(shape, dtype))
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, dtype):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        qkv = cfg.q_size + 2 * cfg.kv_size
+        self.input_norm = _param((d,), dtype)
+        self.w_qkv = _param((d, qkv), dtype)
+        self.b_qkv = _param((qkv,), dtype) if cfg.attention_bias else None
+        self.w_o = _param((cfg.q_size, d), dtype)
+        self.b_o = _param((d,), dtype) if cfg.attention_bias else None
+        self.post_norm = _param((d,), dtype)
+        self.w_gate_up = _param((d, 2 * f), dtype)
+        self.b_gate_up = _param((2 * f,), dtype) if cfg.mlp_bias else None
+        self.w_down = _param((f, d), dtype)
+        self.b_down = _param((d,), dtype) if cfg.mlp_bias else None
+
+
+class Decoder(nnx.Module):
+    def __init__(
+        self, cfg: ModelConfig, dtype=jnp.float32, attention_impl: str | None = None, attention_interpret=False
+    ):
+        self.cfg = cfg
+        self.attention_impl = attention_impl  # None: the kernel for this platform (reference on CPU)
+        self.attention_interpret = attention_interpret  # run a Pallas kernel in interpret mode (CPU tests)
+        self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
+        self.norm = _param((cfg.hidden_size,), dtype)
+        self.lm_head = None if cfg.tie_word_embeddings else _param((cfg.hidden_size, cfg.vocab_size), dtype)
+
+    def __call__(
+        self,
+        token_ids,  # i32[T]
+        positions,  # i32[T]
+        kv_caches,  # list over layers of (K, V), each [num_blocks, block_size, Hkv, D]
+        attn: AttentionMetadata,
+        lora: LoraBatch | None,
+        lora_fn: Callable = masked_lora_fn,
+    ):
+        """Returns (hidden [T, D] after the final norm, new kv_caches)."""
+        cfg = self.cfg
+        x = self.embed[...][token_ids]
+        if cfg.embedding_multiplier != 1.0:
+            x = x * cfg.embedding_multiplier
+        inv_freq = rope_inv_freq(cfg)
+        t = token_ids.shape[0]
+        interpret = self.attention_interpret
+        if interpret and self.attention_impl == "tpu":
+            from jax.experimental.pallas import tpu as pltpu
+
+            interpret = pltpu.InterpretParams()
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+
+            def proj(h, w, b, group, _i=i):
+                y = jnp.dot(h, w[...], preferred_element_type=jnp.float32)
+                if b is not None:
+                    y = y + b[...].astype(jnp.float32)
+                y = y.astype(h.dtype)
+                if lora is not None and group in lora.weights:
+                    a_stack, b_stack, a_flat = lora.weights[group]
+                    y = lora_fn(y, h, a_stack[_i], b_stack[_i], None if a_flat is None else a_flat[_i], lora)
+                return y
+
+            h = rms_norm(x, layer.input_norm[...], cfg.rms_norm_eps)
+            qkv = proj(h, layer.w_qkv, layer.b_qkv, "qkv")
+            q = qkv[:, : cfg.q_size].reshape(t, cfg.num_heads, cfg.head_dim)
+            k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].reshape(t, cfg.num_kv_heads, cfg.head_dim)
+            v = qkv[:, cfg.q_size + cfg.kv_size :].reshape(t, cfg.num_kv_heads, cfg.head_dim)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
+            k_cache, v_cache = write_kv(kv_caches[i][0], kv_caches[i][1], k, v, attn.slot_mapping)
+            new_caches.append((k_cache, v_cache))
+            o = ragged_paged_attention(
+                q,
+                k_cache,
+                v_cache,
+                attn.kv_lens,
+                attn.page_indices,
+                attn.cu_q_lens,
+                attn.num_seqs,
+                sm_scale=cfg.sm_scale,
+                sliding_window=cfg.sliding_window,
+                impl=self.attention_impl,
+                interpret=interpret,
+            )
+            o = proj(o.reshape(t, cfg.q_size), layer.w_o, layer.b_o, "o")
+            x = x + o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + o
+            h = rms_norm(x, layer.post_norm[...], cfg.rms_norm_eps)
+            gu = proj(h, layer.w_gate_up, layer.b_gate_up, "gate_up")
+            f = cfg.intermediate_size
+            m = (jax.nn.silu(gu[:, :f].astype(jnp.float32)) * gu[:, f:].astype(jnp.float32)).astype(h.dtype)
+            d = proj(m, layer.w_down, layer.b_down, "down")
+            x = x + d * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + d
+        return rms_norm(x, self.norm[...], cfg.rms_norm_eps), new_caches
+
+    def logits(self, hidden):
+        """f32[..., V] logits (Granite divides by logits_scaling)."""
+        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        out = jnp.dot(hidden, w, preferred_element_type=jnp.float32)
+        if self.cfg.logits_scaling != 1.0:
+            out = out / self.cfg.logits_scaling
+        return out

@@ -1,0 +1,62 @@
+"""Client-side behaviour that needs no engine: the invocation helper, request building, error typing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+
+from jalora import SamplingParams
+from jalora.client import AdapterInfo, AsyncClient, Client, ServerError, with_invocation
+from jalora.client.client import _request
+
+ALORA = AdapterInfo("judge", "alora", [3, 356, 4], "<|start_of_role|>judge<|end_of_role|>", 8, ["q_proj"], "ab")
+ALORA_NO_STRING = AdapterInfo("judge2", "alora", [7, 8], None, 8, ["q_proj"], "cd")
+PLAIN = AdapterInfo("plain", "lora", None, None, 8, ["q_proj"], "ef")
+
+
+def test_with_invocation_appends_tokens_or_string():
+    assert with_invocation([1, 2], ALORA) == [1, 2, 3, 356, 4]
+    assert with_invocation((1, 2), ALORA_NO_STRING) == [1, 2, 7, 8]
+    assert with_invocation("Answer: yes.", ALORA) == "Answer: yes.<|start_of_role|>judge<|end_of_role|>"
+    with pytest.raises(ValueError, match="no invocation string"):
+        with_invocation("text", ALORA_NO_STRING)
+    with pytest.raises(ValueError, match="without invocation tokens"):
+        with_invocation([1, 2], PLAIN)
+
+
+def test_request_takes_sampling_params_and_keyword_overrides():
+    params = SamplingParams(max_tokens=7, temperature=0.5, top_k=3, seed=9, stop_token_ids=[5], logprobs=1)
+    msg = _request([1, 2, 3], "judge", params, "rid", {"max_tokens": 4})
+    assert list(msg.token_ids.ids) == [1, 2, 3] and msg.adapter == "judge" and msg.request_id == "rid"
+    s = msg.sampling
+    assert (s.max_tokens, s.temperature, s.top_k, s.seed, list(s.stop_token_ids), s.logprobs) == (4, 0.5, 3, 9, [5], 1)
+    assert not s.HasField("top_p") or s.top_p == 1.0
+    assert _request("hi", None, None, None, {}).text == "hi"
+    assert not _request("hi", None, None, None, {}).sampling.HasField("max_tokens")  # server default
+
+
+def test_unreachable_server_raises_typed_error():
+    with Client("127.0.0.1:1", timeout=1.0) as client:
+        with pytest.raises(ServerError) as err:
+            client.generate([1, 2], max_tokens=1)
+    assert err.value.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    async def run():
+        async with AsyncClient("127.0.0.1:1", timeout=1.0) as client:
+            with pytest.raises(ServerError):
+                await client.list_adapters()
+
+    asyncio.run(run())
+
+
+def test_client_import_does_not_load_jax():
+    import os
+    import subprocess
+    import sys
+
+    code = "import sys, jalora.client; print('jax' in sys.modules)"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,53 @@
+"""Support for the server, client and CLI tests (no tests here): a tiny real model with a tokenizer and
+real PEFT (a)LoRA adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from checkpoints.make_adapters import make_alora
+from tests import hf_models
+
+REPO = Path(__file__).resolve().parents[2]
+VOCAB = hf_models.VOCAB  # 97; the last id is EOS
+# name -> (invocation tokens or None for a plain LoRA, targets, seed)
+ADAPTERS = {
+    "judge_a": ([90, 91], ["q_proj", "k_proj", "v_proj", "o_proj"], 11),
+    "judge_b": ([92, 93, 94], ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], 12),
+    "plain": (None, ["q_proj", "v_proj"], 13),
+}
+EXTRA_ADAPTER = ("judge_c", [88, 89], ["o_proj", "down_proj"], 14)  # loaded over gRPC by the tests
+
+
+def write_tokenizer(model_dir: str) -> None:
+    """A word-level tokenizer: "t0" .. "t95" are ids 0..95, "</s>" is 96; words split on whitespace."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(VOCAB - 1)}
+    vocab["</s>"] = VOCAB - 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    tok.add_special_tokens(["</s>"])
+    tok.save(os.path.join(model_dir, "tokenizer.json"))
+
+
+def make_model_with_adapters(root: Path) -> tuple[str, dict[str, str], str]:
+    """Writes the model, its tokenizer, the ADAPTERS, and EXTRA_ADAPTER under an adapter root.
+
+    Returns (model_dir, {name: adapter_dir}, adapter_root)."""
+    model_dir = hf_models.make_model(str(root / "model"), "llama")
+    with open(os.path.join(model_dir, "config.json")) as f:
+        assert json.load(f)["vocab_size"] == VOCAB
+    write_tokenizer(model_dir)
+    adapter_root = root / "adapters"
+    dirs = {}
+    for name, (tokens, targets, seed) in ADAPTERS.items():
+        dirs[name] = make_alora(
+            model_dir, adapter_root / name, tokens, targets, seed, weight_std=0.2
+        )
+    name, tokens, targets, seed = EXTRA_ADAPTER
+    dirs[name] = make_alora(model_dir, adapter_root / name, tokens, targets, seed, weight_std=0.2)
+    return model_dir, dirs, str(adapter_root)

@@ -1,0 +1,116 @@
+"""The Quickstart, as a user runs it: `jalora serve` on the embedded default, then the pipeline demo
+and a generation against it over gRPC."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from server import cli
+from tests.server.support import REPO
+
+
+def _lines(stream, sink: queue.Queue) -> None:
+    for line in iter(stream.readline, ""):
+        sink.put(line)
+    sink.put(None)
+
+
+@pytest.fixture(scope="module")
+def default_server():
+    """`jalora serve --port 0` with no --model: the embedded checkpoints/default and its judges."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd="/",
+    )  # fmt: skip
+    out: queue.Queue = queue.Queue()
+    threading.Thread(target=_lines, args=(proc.stdout, out), daemon=True).start()
+    try:
+        line = out.get(timeout=180)
+        match = re.fullmatch(r"jalora serving on (\S+)\n", line or "")
+        assert match, f"unexpected first line {line!r}; stderr: {proc.stderr.read() if line is None else ''}"
+        yield proc, match.group(1)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def test_pipeline_demo_reuses_the_base_answer(default_server, capsys):
+    _, target = default_server
+    assert cli.main(["pipeline", "--target", target]) == 0
+    out = capsys.readouterr().out
+    rows = {m.group(1): m for m in re.finditer(r"^(\w+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\S+)", out, re.M)}
+    assert {"base", "certainty", "hallucination", "safety"} <= set(rows), out
+    for judge in ("certainty", "hallucination", "safety"):
+        prompt, cached, activation = int(rows[judge][2]), int(rows[judge][3]), int(rows[judge][5])
+        # The judge's prompt is question + base answer + invocation: every full block before the
+        # invocation is the base request's KV.
+        assert cached >= (activation // 16) * 16 > 0 and prompt > activation, out
+    assert rows["base"][5] == "-"
+    assert re.search(r"judges reused \d+/\d+ prompt tokens", out)
+
+
+def test_generate_with_invocation(default_server, capsys):
+    _, target = default_server
+    args = ["generate", "What is the capital of France?", "--target", target, "--max-tokens", "5"]
+    assert cli.main(args + ["--adapter", "safety", "--with-invocation"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"\[length\] prompt=\d+ completion=5 cached=\d+ activation=\d+", err), err
+    assert cli.main(args + ["--adapter", "safety"]) == 1  # no invocation: FAILED_PRECONDITION
+    assert "FAILED_PRECONDITION" in capsys.readouterr().err
+    assert cli.main(args + ["--show-ids"]) == 0
+    assert "activation=None" in capsys.readouterr().err
+
+
+def test_serve_stops_cleanly_on_sigterm(default_server):
+    proc, _ = default_server
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert "shutting down" in proc.stderr.read()
+
+
+def test_client_commands_report_an_unreachable_server(capsys):
+    assert cli.main(["generate", "hi", "--target", "127.0.0.1:1", "--wait", "0.5"]) == 1
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+def test_bad_adapter_argument_is_a_usage_error():
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["serve", "--adapter", "no-equals-sign"])
+    assert exit_.value.code == 2
+
+
+def test_demo_serves_and_runs_the_pipeline_in_one_command():
+    """The Quickstart's main job: `jalora demo` (server on a free port + pipeline over gRPC)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "server.cli", "demo"], capture_output=True, text=True, env=env, cwd="/", timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"^jalora serving on 127\.0\.0\.1:\d+$", proc.stdout, re.M)
+    reused = re.search(r"judges reused (\d+)/(\d+) prompt tokens", proc.stdout)
+    assert reused and int(reused.group(1)) > 0, proc.stdout
+
+
+@pytest.mark.parametrize("flag, want", [([], True), (["--no-async-scheduling"], False)])
+def test_engine_flags_reach_the_engine(tiny_models, flag, want):
+    """`serve`/`demo` build their engine from the flags: async scheduling is on unless turned off."""
+    args = cli.build_parser().parse_args(
+        ["serve", "--model", tiny_models["llama"], "--max-model-len", "64", "--max-num-batched-tokens", "16", *flag]
+    )
+    llm, _, _ = cli._build_llm(args)
+    assert llm.engine.async_scheduling is want
+    assert llm.engine.max_model_len == 64

@@ -1,0 +1,339 @@
+"""The gRPC server end to end: a real engine on a tiny random model, real PEFT adapters, a real server on
+127.0.0.1 (port 0), and the real clients. No mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from jalora import LLM, SamplingParams
+from jalora.api.v1 import jalora_pb2 as pb
+from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
+from jalora.client import AsyncClient, Client, ServerError, with_invocation
+from server.app import ServerThread
+from tests.server.support import ADAPTERS, EXTRA_ADAPTER, REPO, make_model_with_adapters
+
+ENGINE_ARGS = dict(max_num_seqs=32, max_num_batched_tokens=256, max_loras=4, max_lora_rank=8)
+STARTUP_ADAPTERS = ("judge_a", "judge_b", "plain")
+# Shared context of every request in the concurrency test: two full KV blocks (block_size 16) that a
+# warm-up base request leaves in the prefix cache, so base and aLoRA requests alike must hit them.
+CONTEXT = [(7 * i + 3) % 80 for i in range(40)]
+LONG = dict(max_tokens=460, ignore_eos=True)  # runs for seconds: long enough to cancel mid-way
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return make_model_with_adapters(tmp_path_factory.mktemp("server"))
+
+
+def _llm(built) -> LLM:
+    model_dir, dirs, _ = built
+    llm = LLM(model_dir, **ENGINE_ARGS)
+    for name in STARTUP_ADAPTERS:
+        llm.load_adapter(name, dirs[name])
+    return llm
+
+
+@pytest.fixture(scope="module")
+def offline(built):
+    """The reference: the same engine configuration, driven offline through LLM.generate."""
+    return _llm(built)
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    _, _, root = built
+    with ServerThread(_llm(built), port=0, adapter_roots=[root]) as s:
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    with Client(server.target, timeout=60) as c:
+        yield c
+
+
+def _wait_idle(client: Client, timeout: float = 20.0):
+    """Waits until no request is in flight and every KV block is back in the pool (free or cached)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info = client.server_info()
+        if info.num_running_requests == 0 and info.num_free_blocks == info.num_total_blocks:
+            return info
+        assert time.monotonic() < deadline, f"server did not go idle: {info}"
+        time.sleep(0.05)
+
+
+def _pipeline_prompts():
+    """32 requests: base, aLoRA judges and a plain LoRA, all over CONTEXT plus a request's own suffix."""
+    judges = {name: tokens for name, (tokens, _, _) in ADAPTERS.items()}
+    requests = []
+    for i in range(32):
+        suffix = [(5 * i + k) % 80 for k in range(3 + i % 5)]
+        adapter = [None, "judge_a", None, "judge_b", None, "judge_a", "plain", "judge_b"][i % 8]
+        prompt = CONTEXT + suffix + (judges[adapter] if adapter and judges[adapter] else [])
+        requests.append((prompt, adapter, SamplingParams(max_tokens=6 + i % 7)))
+    return requests
+
+
+def test_concurrent_streams_match_offline_generate(server, offline, client):
+    requests = _pipeline_prompts()
+    expected = offline.generate([r[0] for r in requests], [r[2] for r in requests], [r[1] for r in requests])
+
+    client.generate(CONTEXT, max_tokens=1)  # the base model computes CONTEXT's KV once
+
+    async def one(prompt, adapter, params):
+        async with AsyncClient(server.target, timeout=120) as c:
+            chunks = [ch async for ch in c.generate_stream(prompt, adapter, max_tokens=params.max_tokens)]
+        return chunks
+
+    async def all_at_once():
+        return await asyncio.gather(*(one(*r) for r in requests))
+
+    results = asyncio.run(all_at_once())
+    for (prompt, adapter, _), chunks, ref in zip(requests, results, expected):
+        final = chunks[-1]
+        assert final.finished and all(not c.finished for c in chunks[:-1])
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert tokens == ref.token_ids, (adapter, prompt)
+        assert "".join(c.text for c in chunks) == ref.text
+        assert final.finish_reason == ref.finish_reason
+        assert final.activation_index == ref.activation_start
+        assert final.usage.prompt_tokens == len(prompt)
+        assert final.usage.completion_tokens == len(ref.token_ids)
+        # The two full blocks of CONTEXT were computed by the base model: base and aLoRA requests
+        # (whose activation comes after CONTEXT) reuse them; a plain LoRA adapts every token.
+        if adapter != "plain":
+            assert final.usage.cached_tokens >= 32, (adapter, final.usage)
+        t = final.timings
+        assert 0 <= t.queue_seconds <= t.time_to_first_token_seconds <= t.total_seconds
+    kinds = {a for _, a, _ in requests}
+    assert kinds == {None, "judge_a", "judge_b", "plain"}
+    assert server.server.worker.max_outputs_per_step > 1  # concurrent streams shared engine steps
+    _wait_idle(client)
+
+
+def test_text_prompt_logprobs_and_tokenize_match_offline(offline, client):
+    ids = client.tokenize("t5 t6 t7 t8")
+    assert ids == [5, 6, 7, 8]
+    params = SamplingParams(max_tokens=5, logprobs=2, prompt_logprobs=True)
+    [ref] = offline.generate([ids + [90, 91]], params, "judge_a")
+    result = client.generate(
+        client.with_invocation("t5 t6 t7 t8", "judge_a"), "judge_a", max_tokens=5, logprobs=2, prompt_logprobs=True
+    )
+    assert result.token_ids == ref.token_ids and result.activation_index == 4
+    assert len(result.logprobs) == len(ref.logprobs)
+    for got, want in zip(result.logprobs, ref.logprobs):
+        assert got.keys() == want.keys()
+        assert all(abs(got[k] - want[k]) < 1e-5 for k in want)
+    assert result.prompt_logprobs[0] == {}
+    for i, want in enumerate(ref.prompt_logprobs[1:], start=1):
+        assert abs(result.prompt_logprobs[i][ref.prompt_token_ids[i]] - want) < 1e-5
+
+    text = client.generate("t5 t6 t7 t8", max_tokens=4, request_id="mine-1")
+    [ref_text] = offline.generate("t5 t6 t7 t8", SamplingParams(max_tokens=4))
+    assert text.request_id == "mine-1"
+    assert text.token_ids == ref_text.token_ids and text.text == ref_text.text
+
+
+def test_cancel_mid_stream_frees_blocks(server, client):
+    worker = server.server.worker
+    aborted = worker.num_aborted
+    stream = client.generate_stream(CONTEXT[:20], **LONG)
+    first, second = next(stream), next(stream)
+    assert first.token_ids and second.token_ids and not second.finished
+    stream.close()  # cancels the call
+    _wait_idle(client)
+    assert worker.num_aborted == aborted + 1
+    assert client.generate(CONTEXT[:20], max_tokens=3).finish_reason == "length"
+
+
+def test_async_cancel_and_deadline_abort_the_request(server, client):
+    worker = server.server.worker
+    aborted = worker.num_aborted
+
+    async def cancel_task():
+        async with AsyncClient(server.target) as c:
+            got = asyncio.Event()
+
+            async def consume():
+                async for _ in c.generate_stream(CONTEXT[:18], **LONG):
+                    got.set()
+
+            task = asyncio.create_task(consume())
+            await got.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    asyncio.run(cancel_task())
+    _wait_idle(client)
+    assert worker.num_aborted == aborted + 1
+
+    with pytest.raises(ServerError) as err:
+        client.generate(CONTEXT[:19], timeout=0.5, **LONG)
+    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    _wait_idle(client)
+    assert worker.num_aborted == aborted + 2
+
+
+_DISCONNECTING_CLIENT = """
+import sys
+import grpc
+from jalora.api.v1 import jalora_pb2 as pb, jalora_pb2_grpc as pb_grpc
+stub = pb_grpc.JaloraStub(grpc.insecure_channel(sys.argv[1]))
+request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(1, 17))),
+                             sampling=pb.SamplingParams(max_tokens=460, ignore_eos=True))
+for message in stub.Generate(request):
+    print("streaming", flush=True)
+"""
+
+
+def test_client_killed_mid_stream_frees_blocks(server, client):
+    worker = server.server.worker
+    aborted = worker.num_aborted
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _DISCONNECTING_CLIENT, server.target], stdout=subprocess.PIPE, env=env, cwd=REPO
+    )
+    try:
+        assert proc.stdout.readline().strip() == b"streaming"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    _wait_idle(client)
+    assert worker.num_aborted == aborted + 1
+    assert client.generate([1, 2, 3], max_tokens=2).usage.completion_tokens == 2
+
+
+def _generate_request(**kwargs) -> pb.GenerateRequest:
+    sampling = kwargs.pop("sampling", {})
+    return pb.GenerateRequest(sampling=pb.SamplingParams(**sampling), **kwargs)
+
+
+IDS = pb.TokenIds(ids=[1, 2, 3, 4])
+BAD_GENERATE = {
+    "no prompt": (_generate_request(), "INVALID_ARGUMENT", "prompt"),
+    "empty text": (_generate_request(text=""), "INVALID_ARGUMENT", "prompt.text"),
+    "empty ids": (_generate_request(token_ids=pb.TokenIds()), "INVALID_ARGUMENT", "prompt.token_ids"),
+    "id past vocab": (_generate_request(token_ids=pb.TokenIds(ids=[1, 97])), "INVALID_ARGUMENT", "prompt_token_ids"),
+    "negative id": (_generate_request(token_ids=pb.TokenIds(ids=[-1])), "INVALID_ARGUMENT", "prompt_token_ids"),
+    "oversized prompt": (
+        _generate_request(token_ids=pb.TokenIds(ids=[1] * 600)), "INVALID_ARGUMENT", "prompt"
+    ),
+    "max_tokens 0": (_generate_request(token_ids=IDS, sampling=dict(max_tokens=0)), "INVALID_ARGUMENT",
+                     "sampling.max_tokens"),
+    "temperature < 0": (_generate_request(token_ids=IDS, sampling=dict(temperature=-1)), "INVALID_ARGUMENT",
+                        "sampling.temperature"),
+    "temperature nan": (_generate_request(token_ids=IDS, sampling=dict(temperature=float("nan"))),
+                        "INVALID_ARGUMENT", "sampling.temperature"),
+    "top_p 0": (_generate_request(token_ids=IDS, sampling=dict(top_p=0.0)), "INVALID_ARGUMENT", "sampling.top_p"),
+    "top_p > 1": (_generate_request(token_ids=IDS, sampling=dict(top_p=1.5)), "INVALID_ARGUMENT", "sampling.top_p"),
+    "top_k < 0": (_generate_request(token_ids=IDS, sampling=dict(top_k=-1)), "INVALID_ARGUMENT", "sampling.top_k"),
+    "seed < 0": (_generate_request(token_ids=IDS, sampling=dict(seed=-1)), "INVALID_ARGUMENT", "sampling.seed"),
+    "logprobs 100": (_generate_request(token_ids=IDS, sampling=dict(logprobs=100)), "INVALID_ARGUMENT",
+                     "sampling.logprobs"),
+    "stop id < 0": (_generate_request(token_ids=IDS, sampling=dict(stop_token_ids=[-3])), "INVALID_ARGUMENT",
+                    "sampling.stop_token_ids"),
+    "long request_id": (_generate_request(token_ids=IDS, request_id="x" * 300), "INVALID_ARGUMENT", "request_id"),
+    "unknown adapter": (_generate_request(token_ids=IDS, adapter="nope"), "NOT_FOUND", "adapter"),
+    "missing invocation": (_generate_request(token_ids=IDS, adapter="judge_a"), "FAILED_PRECONDITION", "prompt"),
+}  # fmt: skip
+
+
+def _health(target: str) -> str:
+    with grpc.insecure_channel(target) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="jalora.v1.Jalora"))
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATE))
+def test_bad_generate_request_gets_status_naming_the_field(server, case):
+    request, code, field = BAD_GENERATE[case]
+    with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as err:
+            list(pb_grpc.JaloraStub(channel).Generate(request, timeout=30))
+    assert err.value.code().name == code, err.value.details()
+    assert field in err.value.details()
+    assert dict(err.value.trailing_metadata()).get("jalora-field") == field
+    assert _health(server.target) == "SERVING"
+
+
+def test_adapter_management_and_path_roots(server, client, built):
+    _, dirs, root = built
+    listed = {a.name: a for a in client.list_adapters()}
+    assert set(listed) == set(STARTUP_ADAPTERS)
+    assert listed["judge_a"].kind == "alora" and listed["judge_a"].invocation_tokens == [90, 91]
+    assert listed["plain"].kind == "lora" and listed["plain"].invocation_tokens is None
+    assert listed["judge_b"].rank == 8 and "gate_proj" in listed["judge_b"].targets
+
+    name, tokens, _, _ = EXTRA_ADAPTER
+    info = client.load_adapter(name, name)  # relative to the adapter root
+    assert info.kind == "alora" and info.invocation_tokens == tokens and len(info.identity) == 64
+    result = client.generate(with_invocation([1, 2, 3], info), name, max_tokens=3)
+    assert result.activation_index == 3 and result.usage.completion_tokens == 3
+
+    def code_of(call, *args):
+        with pytest.raises(ServerError) as err:
+            call(*args)
+        assert err.value.details
+        return err.value.code.name
+
+    assert code_of(client.load_adapter, name, name) == "INVALID_ARGUMENT"  # already loaded
+    assert code_of(client.load_adapter, "fifth", dirs["plain"]) == "RESOURCE_EXHAUSTED"  # max_loras slots full
+    client.unload_adapter(name)
+    assert client.load_adapter("judge_c_abs", dirs[name]).identity == info.identity  # absolute path
+    client.unload_adapter("judge_c_abs")
+    assert code_of(client.generate, with_invocation([1, 2, 3], info), name) == "NOT_FOUND"
+    assert code_of(client.unload_adapter, name) == "NOT_FOUND"
+    assert code_of(client.load_adapter, "x", "/etc") == "PERMISSION_DENIED"
+    assert code_of(client.load_adapter, "x", "../model") == "PERMISSION_DENIED"
+    assert code_of(client.load_adapter, "x", os.path.join(root, "..", "model")) == "PERMISSION_DENIED"
+    assert code_of(client.load_adapter, "x", "missing") == "NOT_FOUND"
+    assert code_of(client.load_adapter, "x", ".") == "INVALID_ARGUMENT"  # the root itself: no adapter files
+    assert code_of(client.load_adapter, "", name) == "INVALID_ARGUMENT"
+    assert {a.name for a in client.list_adapters()} == set(STARTUP_ADAPTERS)
+    assert _health(server.target) == "SERVING"
+
+
+def test_server_info_health_and_reflection(server, client, built):
+    info = client.server_info()
+    assert info.vocab_size == 97 and info.eos_token_ids == [96] and info.block_size == 16
+    assert info.max_num_seqs == 32 and info.max_loras == 4 and info.platform == "cpu"
+    assert info.adapter_roots == [built[2]] and info.num_total_blocks > 0
+    assert client.health() == "SERVING" and _health(server.target) == "SERVING"
+    with grpc.insecure_channel(server.target) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        [answer] = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for s in answer.list_services_response.service}
+        [described] = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol="jalora.v1.Jalora")])
+        )
+    assert {"jalora.v1.Jalora", "grpc.health.v1.Health"} <= names
+    assert described.file_descriptor_response.file_descriptor_proto
+
+
+def test_admission_queue_full_is_resource_exhausted(offline, built):
+    """A second server (on the reference engine, now idle) that admits two requests at a time."""
+    with ServerThread(offline, port=0, max_pending_requests=2) as small, Client(small.target, timeout=60) as c:
+        streams = [c.generate_stream(CONTEXT[:10 + i], **LONG) for i in range(2)]
+        for s in streams:
+            next(s)
+        with pytest.raises(ServerError) as err:
+            c.generate([1, 2, 3], max_tokens=2)
+        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_pending_requests" in err.value.details
+        assert c.server_info().num_running_requests == 2
+        for s in streams:
+            s.close()
+        _wait_idle(c)
+        assert c.generate([1, 2, 3], max_tokens=2).usage.completion_tokens == 2
+        assert c.health() == "SERVING"
