@@ -1,24 +1,30 @@
 """Ragged paged attention: one call for a mixed batch of prefill chunks and decode tokens.
 
-`ragged_paged_attention` dispatches once by platform (`jax.default_backend()`): the Pallas GPU
-kernel on CUDA, the Pallas TPU kernel (RPA design) on TPU, the pure-jnp reference elsewhere. An
-explicit `impl` picks one; the kernels run on CPU only with `interpret=True` (tests).
+`ragged_paged_attention` dispatches by platform (`pallas_kernels.platform.kernel_platform`): the
+Pallas GPU kernel on CUDA/ROCm, the Pallas TPU kernel (RPA design) on TPU, the pure-jnp reference
+elsewhere. An explicit `impl` picks one; the kernels run on CPU only with `interpret=True` (tests).
+The kernels' tuning is a record per device kind (`tuning.py`), passed as `tuning=`.
 """
 
-import jax
-
+from pallas_kernels.platform import kernel_platform
 from pallas_kernels.ragged_paged_attention.common import validate_inputs, validate_write_inputs
 from pallas_kernels.ragged_paged_attention.reference import (
     ragged_paged_attention_reference,
     write_kv_reference,
+)
+from pallas_kernels.ragged_paged_attention.tuning import (
+    GpuAttentionTuning,
+    TpuAttentionTuning,
+    gpu_attention_tuning,
+    tpu_attention_tuning,
 )
 
 _IMPLS = ("reference", "gpu", "tpu")
 
 
 def default_impl() -> str:
-    backend = jax.default_backend()
-    return {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu"}.get(backend, "reference")
+    """The impl `impl=None` takes: the platform's kernel, or the reference off GPU/TPU."""
+    return kernel_platform()
 
 
 def ragged_paged_attention(
@@ -35,20 +41,23 @@ def ragged_paged_attention(
     soft_cap: float | None = None,
     impl: str | None = None,
     interpret=False,
-    **tuning,
+    tuning: GpuAttentionTuning | TpuAttentionTuning | None = None,
+    **knobs,
 ):
     """Attention output [T, Hq, D] in q's dtype; padding rows past cu_q_lens[num_seqs] are zero.
 
-    impl: None (pick by backend), "reference", "gpu" or "tpu". interpret: run a Pallas kernel in
-    interpret mode (True; for "tpu" also a `pltpu.InterpretParams`). `tuning` goes to the kernel
-    (block sizes, splits; see gpu.py / tpu.py).
+    impl: None (the platform's: `default_impl()`), "reference", "gpu" or "tpu". interpret: run a
+    Pallas kernel in interpret mode (True; for "tpu" also a `pltpu.InterpretParams`). tuning: the
+    kernel's record (`GpuAttentionTuning` for "gpu", `TpuAttentionTuning` for "tpu"; None = the
+    current device's table entry); the reference ignores it. `knobs` go to the kernel as per-call
+    overrides (block sizes, splits; see gpu.py / tpu.py).
     """
     if impl is None:
         impl = default_impl()
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS} or None, got {impl!r}")
     if impl != "reference" and not interpret and impl != default_impl():
-        raise ValueError(f"impl={impl!r} cannot run on backend {jax.default_backend()!r} without interpret")
+        raise ValueError(f"impl={impl!r} cannot run on platform {default_impl()!r} without interpret")
     args = (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs)
     kw = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     if impl == "reference":
@@ -57,10 +66,10 @@ def ragged_paged_attention(
     if impl == "gpu":
         from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
 
-        return ragged_paged_attention_gpu(*args, **kw, interpret=bool(interpret), **tuning)
+        return ragged_paged_attention_gpu(*args, **kw, interpret=bool(interpret), tuning=tuning, **knobs)
     from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention_tpu
 
-    return ragged_paged_attention_tpu(*args, **kw, interpret=interpret, **tuning)
+    return ragged_paged_attention_tpu(*args, **kw, interpret=interpret, tuning=tuning, **knobs)
 
 
 def write_kv(
@@ -79,7 +88,11 @@ def write_kv(
 
 
 __all__ = [
+    "GpuAttentionTuning",
+    "TpuAttentionTuning",
     "default_impl",
+    "gpu_attention_tuning",
+    "tpu_attention_tuning",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
     "write_kv",

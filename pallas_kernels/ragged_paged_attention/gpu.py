@@ -11,11 +11,14 @@ global memory and gathers K/V rows by page index (`k_ref.at[rows]` becomes point
 Per block the kv tiles split in three ranges: a masked head (sliding-window edge), an unmasked
 body (every key <= the block's first query position and inside the window, so no mask and no
 select), and a masked tail (causal diagonal and kv_len). With `num_kv_splits > 1` (decode, few
-sequences, long context: too few programs to fill 132 SMs) every program covers a slice of the
+sequences, long context: too few programs to fill the SMs) every program covers a slice of the
 tiles and writes an unnormalised partial (acc, m, l); a small XLA combine merges the splits. A
 decode-shaped step (T <= S) launches the most splits its bucket can want and each program reads the
 step's real sequence count to decide how many of them work (`split_rule`): batch 1 and batch 64 pad
 to the same shapes but want 16 and 2 splits.
+
+The split rule, block sizes, warps and stages come from a `GpuAttentionTuning` record (tuning.py),
+one per device kind; explicit per-call knobs override it.
 
 Why the Triton lowering and not Mosaic GPU (measured on one H200, JAX 0.11.2, bf16, Hq 32 / Hkv 8,
 D 128, block_size 16, bench/results/attention.json): the Triton-lowered kernel compiles on JAX
@@ -24,13 +27,12 @@ plain pointer arithmetic. It reads 2.8-4.2 TB/s of KV in decode (B >= 8, context
 at 4k), i.e. at the HBM limit, so a Mosaic rewrite would buy nothing there. Prefill reaches 276
 TFLOP/s at 8k and 333 at 32k tokens, 50% / 56% of cuDNN flash attention (552 / 591) and 7x the
 jnp reference (38). That gap is where Mosaic GPU (TMA page copies + wgmma + warp specialisation,
-as in jax's attention_mgpu.py) would pay; it needs one TMA descriptor walk per page and did not
-fit this issue's device budget (9 minutes, two runs), so it is the next step, not done.
+as in jax's attention_mgpu.py) would pay; it needs one TMA descriptor walk per page and is not
+implemented.
 """
 
 import functools
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -42,17 +44,10 @@ from pallas_kernels.ragged_paged_attention.common import (
     validate_inputs,
     zero_padding_rows,
 )
+from pallas_kernels.ragged_paged_attention.tuning import GpuAttentionTuning, gpu_attention_tuning
 
 _LOG2E = math.log2(math.e)
 _MASKED = -1e30  # finite: an all-masked row must not turn exp2(m_old - m_new) into NaN
-_NUM_SMS = 132  # H100/H200; only used to pick a default split count
-# Decode-shaped steps pick their kv-split count on the device from the real number of sequences
-# (`split_rule`); JALORA_RPA_DYNAMIC_SPLITS=0 restores the static heuristic.
-DYNAMIC_SPLITS = os.environ.get("JALORA_RPA_DYNAMIC_SPLITS", "1") != "0"
-# split_rule's table: the most splits, then (programs bound, fewer splits past it) pairs.
-SPLIT_RULE = (16, ((64, 12), (256, 2), (1024, 1)))
-# The dynamic rule gives each working split at least this many kv tiles of the sequence.
-MIN_TILES_PER_SPLIT = 1
 
 
 def _dot(a, b, b_contract: int):
@@ -84,6 +79,7 @@ def _kernel(
     block_k: int,
     num_splits: int,
     dynamic_splits: bool,  # use only split_rule(num_seqs * Hkv) of the num_splits programs
+    tuning: GpuAttentionTuning,
     num_rows: int,  # T * Hq
     scale_log2: float,  # sm_scale * log2(e)
     sm_scale: float,
@@ -123,9 +119,9 @@ def _kernel(
         else:
             used = num_splits
             if dynamic_splits:  # programs past `used` get an empty range and write a neutral partial
-                used = jnp.minimum(split_rule(num_seqs_ref[0] * num_kv_heads), num_splits)
-                if MIN_TILES_PER_SPLIT > 1:
-                    used = jnp.maximum(1, jnp.minimum(used, (t_hi - t_lo) // MIN_TILES_PER_SPLIT))
+                used = jnp.minimum(split_rule(num_seqs_ref[0] * num_kv_heads, tuning), num_splits)
+                if tuning.min_tiles_per_split > 1:
+                    used = jnp.maximum(1, jnp.minimum(used, (t_hi - t_lo) // tuning.min_tiles_per_split))
             per = (t_hi - t_lo + used - 1) // used
             my_lo = jnp.minimum(t_lo + split * per, t_hi)
             my_hi = jnp.minimum(my_lo + per, t_hi)
@@ -193,39 +189,42 @@ def _kernel(
             plgpu.store(l_ref.at[prow], l_i, mask=row_valid)
 
 
-def split_rule(programs):
-    """kv splits per query block for `programs` (real query blocks x kv heads) at decode shapes.
-
-    Measured on the H200 at the engine's padded step shapes (bench/results/attention_splits.json,
-    Hq 32 / Hkv 8, D 128): batch 1 and 4 are fastest with 16 splits (64k context: 157 us vs 486 us
-    with the old fixed heuristic), batch 16 with 4, batch 64 with 2 (8k: 526 us vs 648 us). Works on
-    Python ints and on traced int32 scalars (the kernel applies it to the step's real num_seqs).
+def split_rule(programs, tuning: GpuAttentionTuning):
+    """kv splits per query block for `programs` (real query blocks x kv heads) at decode shapes,
+    by `tuning.split_rule` (the measurements behind the default are in tuning.py). Works on Python
+    ints and on traced int32 scalars (the kernel applies it to the step's real num_seqs).
     """
-    # SPLIT_RULE[0] splits, minus `fewer` past each bound: comparisons cast to int and summed, because the Triton
+    # The most splits, minus `fewer` past each bound: comparisons cast to int and summed, because the Triton
     # lowering mis-types a select of scalar constants; Python ints (the grid size) stay Python ints.
-    splits, bounds = SPLIT_RULE
+    splits, bounds = tuning.split_rule
     for bound, fewer in bounds:
         over = programs > bound
         splits = splits - fewer * (over if isinstance(programs, int) else over.astype(jnp.int32))
     return splits
 
 
-def decode_grid_splits(num_tokens: int, num_kv_heads: int, max_kv: int, block_k: int) -> int:
+def decode_grid_splits(
+    num_tokens: int, num_kv_heads: int, max_kv: int, block_k: int, tuning: GpuAttentionTuning
+) -> int:
     """Static kv-split grid size of a decode-shaped step: what `split_rule` asks for at the fewest
     sequences such a step can hold (a bucket of T > 16 rows holds more than T/2 decode rows)."""
     fewest = 1 if num_tokens <= 16 else num_tokens // 2 + 1
     tiles = max(1, -(-max_kv // block_k))
-    return max(1, min(split_rule(fewest * num_kv_heads), tiles))
+    return max(1, min(split_rule(fewest * num_kv_heads, tuning), tiles))
 
 
-def default_num_kv_splits(num_tokens: int, num_seqs: int, num_kv_heads: int, block_q: int, max_kv: int) -> int:
-    """Enough programs to fill the SMs about twice when the batch is decode-shaped and long."""
+def default_num_kv_splits(
+    num_tokens: int, num_seqs: int, num_kv_heads: int, block_q: int, max_kv: int, tuning: GpuAttentionTuning
+) -> int:
+    """Static split count: enough programs for `tuning.static_waves` per SM when the batch is
+    decode-shaped and long, a power of two, capped by `static_max_splits` and the context length."""
     # Every non-empty sequence owns at least one query block.
     programs = max(-(-num_tokens // block_q), min(num_seqs, num_tokens)) * num_kv_heads
-    if programs >= 2 * _NUM_SMS:
+    target = tuning.static_waves * tuning.num_sms
+    if programs >= target:
         return 1
-    want = _next_pow2(-(-2 * _NUM_SMS // max(programs, 1)))
-    return int(max(1, min(want, 16, max_kv // 512)))
+    want = _next_pow2(-(-target // max(programs, 1)))
+    return int(max(1, min(want, tuning.static_max_splits, max_kv // tuning.static_min_keys_per_split)))
 
 
 def ragged_paged_attention_gpu(
@@ -246,15 +245,22 @@ def ragged_paged_attention_gpu(
     max_kv_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    tuning: GpuAttentionTuning | None = None,
     interpret: bool = False,
 ):
     """Attention output [T, Hq, D] in q's dtype; same semantics as the reference.
 
-    Tuning knobs (all static, None = heuristic): block_m query rows per program (block_q tokens x
-    the GQA group), block_k keys per tile, num_kv_splits (flash-decoding style split of the
-    context), max_kv_splits (decode-shaped steps with the dynamic rule: the grid's split count, of
-    which `split_rule` picks how many work), num_warps, num_stages.
+    tuning: the device's record (static; None = `gpu_attention_tuning()` of the current device).
+    Per-call knobs override it (all static, None = from `tuning`): block_m query rows per program
+    (block_q tokens x the GQA group), block_k keys per tile, num_kv_splits (flash-decoding style
+    split of the context; given, the split count is static), max_kv_splits (decode-shaped steps
+    with the dynamic rule: the grid's split count, of which `split_rule` picks how many work),
+    num_warps, num_stages.
     """
+    if tuning is None:
+        tuning = gpu_attention_tuning()
+    elif not isinstance(tuning, GpuAttentionTuning):
+        raise ValueError(f"tuning must be a GpuAttentionTuning or None, got {type(tuning).__name__}")
     validate_inputs(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                     sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     t, hq, d = q.shape
@@ -265,25 +271,26 @@ def ragged_paged_attention_gpu(
         raise ValueError(f"q head_dim must be a power of two >= 16 for the GPU kernel, got {d}")
     decode_like = t <= s
     if block_m is None:
-        block_m = 16 if decode_like else 128
+        block_m = tuning.decode_block_m if decode_like else tuning.prefill_block_m
     block_m = max(_next_pow2(block_m), _next_pow2(g), 16)
     block_q = block_m // g
     if block_k is None:
-        block_k = 64 if decode_like else 64
+        block_k = tuning.decode_block_k if decode_like else tuning.prefill_block_k
     block_k = max(_next_pow2(block_k), 16)
     num_q_blocks = -(-t // block_q) + min(s, t)
-    dynamic_splits = num_kv_splits is None and decode_like and DYNAMIC_SPLITS
+    dynamic_splits = num_kv_splits is None and decode_like and tuning.dynamic_splits
     if dynamic_splits:
-        num_kv_splits = max_kv_splits or decode_grid_splits(t, hkv, p * bs, block_k)
+        num_kv_splits = max_kv_splits or decode_grid_splits(t, hkv, p * bs, block_k, tuning)
         dynamic_splits = num_kv_splits > 1
     elif num_kv_splits is None:
-        num_kv_splits = default_num_kv_splits(t, s, hkv, block_q, p * bs)
+        num_kv_splits = default_num_kv_splits(t, s, hkv, block_q, p * bs, tuning)
     if num_warps is None:
-        num_warps = 4  # H200, 8k prefill: 4 warps 272 TFLOP/s, 8 warps 245 (bench/results/attention_run1.json)
+        num_warps = tuning.num_warps
     if num_stages is None:
-        # H200 decode B=8: 2 stages 79% / 120% of the copy ceiling at 4k / 16k context, 3 stages
-        # 64% / 94%; prefill keeps 3 (bench/results/attention.json).
-        num_stages = 2 if decode_like or d > 128 else 3
+        if d > 128:
+            num_stages = tuning.wide_head_num_stages
+        else:
+            num_stages = tuning.decode_num_stages if decode_like else tuning.prefill_num_stages
 
     blk_seq, blk_q0 = q_block_metadata(kv_lens, cu_q_lens, num_seqs, block_q=block_q,
                                        num_blocks=num_q_blocks)
@@ -299,6 +306,7 @@ def ragged_paged_attention_gpu(
         block_k=block_k,
         num_splits=num_kv_splits,
         dynamic_splits=dynamic_splits,
+        tuning=tuning,
         num_rows=rows,
         scale_log2=float(sm_scale) * _LOG2E,
         sm_scale=float(sm_scale),

@@ -22,6 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.ragged_paged_attention.common import validate_inputs, zero_padding_rows
+from pallas_kernels.ragged_paged_attention.tuning import TpuAttentionTuning, tpu_attention_tuning
 
 _MASKED = -1e30
 
@@ -165,14 +166,22 @@ def ragged_paged_attention_tpu(
     block_q: int | None = None,
     pages_per_tile: int | None = None,
     vmem_limit_bytes: int | None = None,
+    tuning: TpuAttentionTuning | None = None,
     interpret=False,
 ):
     """Attention output [T, Hq, D] in q's dtype; same semantics as the reference.
 
-    block_q: query tokens per grid step (default 32 / g rounded to >= 8 rows);
-    pages_per_tile: pages per DMA tile (default: 512 keys / block_size, at most P).
+    tuning: the defaults below (static; None = `tpu_attention_tuning()` of the current device).
+    Per-call knobs override it: block_q query tokens per grid step (decode-shaped steps, T <= S:
+    `tuning.decode_block_q`; else `tuning.prefill_block_rows // g`, at least `tuning.min_block_q`);
+    pages_per_tile pages per DMA tile (`tuning.tile_keys / block_size`, at most P);
+    vmem_limit_bytes (`tuning.vmem_limit_bytes`).
     interpret: False, True (plain `pltpu.InterpretParams()`) or an `InterpretParams`.
     """
+    if tuning is None:
+        tuning = tpu_attention_tuning()
+    elif not isinstance(tuning, TpuAttentionTuning):
+        raise ValueError(f"tuning must be a TpuAttentionTuning or None, got {type(tuning).__name__}")
     validate_inputs(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                     sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
     t, hq, d = q.shape
@@ -180,9 +189,11 @@ def ragged_paged_attention_tpu(
     s, p = page_indices.shape
     g = hq // hkv
     if block_q is None:
-        block_q = max(8, 128 // g) if t > s else 8
+        block_q = max(tuning.min_block_q, tuning.prefill_block_rows // g) if t > s else tuning.decode_block_q
     if pages_per_tile is None:
-        pages_per_tile = max(1, min(p, 512 // bs))
+        pages_per_tile = max(1, min(p, tuning.tile_keys // bs))
+    if vmem_limit_bytes is None:
+        vmem_limit_bytes = tuning.vmem_limit_bytes
     t_pad = -(-t // block_q) * block_q
     q_t = jnp.pad(q.reshape(t, hkv, g, d), ((0, t_pad - t), (0, 0), (0, 0), (0, 0)))
     q_t = q_t.transpose(1, 0, 2, 3).reshape(hkv, t_pad * g, d)

@@ -6,6 +6,7 @@ sequences, query lengths (empty, one-token decode rows, prefill chunks), kv_lens
 boundaries, maximal pages, anything in between) and page tables.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -16,10 +17,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pallas_kernels.ragged_paged_attention import (
+    GpuAttentionTuning,
+    TpuAttentionTuning,
+    gpu_attention_tuning,
     ragged_paged_attention,
     ragged_paged_attention_reference,
+    tpu_attention_tuning,
     write_kv,
     write_kv_reference,
+)
+from pallas_kernels.ragged_paged_attention.tuning import (
+    DEFAULT_GPU_ATTENTION_TUNING,
+    DEFAULT_TPU_ATTENTION_TUNING,
+    H200_GPU_ATTENTION_TUNING,
 )
 
 
@@ -192,11 +202,12 @@ def test_write_kv_skips_padding_slots():
 def test_decode_split_rule():
     from pallas_kernels.ragged_paged_attention.gpu import decode_grid_splits, split_rule
 
-    assert [int(split_rule(n)) for n in (8, 64, 65, 256, 512, 1024, 1025)] == [16, 16, 4, 4, 2, 2, 1]
-    assert int(split_rule(jnp.int32(32))) == 16  # traced form, as in the kernel
-    assert decode_grid_splits(16, 8, max_kv=65536, block_k=64) == 16  # bucket 16 may hold one sequence
-    assert decode_grid_splits(64, 8, max_kv=65536, block_k=64) == 2  # > 32 sequences
-    assert decode_grid_splits(16, 8, max_kv=128, block_k=64) == 2  # never more splits than key tiles
+    tu = GpuAttentionTuning()  # the default rule
+    assert [int(split_rule(n, tu)) for n in (8, 64, 65, 256, 512, 1024, 1025)] == [16, 16, 4, 4, 2, 2, 1]
+    assert int(split_rule(jnp.int32(32), tu)) == 16  # traced form, as in the kernel
+    assert decode_grid_splits(16, 8, max_kv=65536, block_k=64, tuning=tu) == 16  # bucket 16 may hold one sequence
+    assert decode_grid_splits(64, 8, max_kv=65536, block_k=64, tuning=tu) == 2  # > 32 sequences
+    assert decode_grid_splits(16, 8, max_kv=128, block_k=64, tuning=tu) == 2  # never more splits than key tiles
 
 
 def test_dynamic_splits_use_fewer_programs_than_the_grid():
@@ -204,3 +215,140 @@ def test_dynamic_splits_use_fewer_programs_than_the_grid():
     half the split programs get empty ranges; the combine must still equal the reference."""
     cfg = dict(t=8, s=8, p=8, bs=16, hq=16, hkv=16, d=16, tuning=(("block_k", 16),))
     _check("gpu", (6, [1, 1, 1, 1, 1, 1], [128, 1, 77, 16, 100, 33], 3), cfg, cfg["tuning"])
+
+
+# ----------------------------------------------------------------------------- tuning records
+
+
+def test_split_rule_follows_the_given_tuning():
+    from pallas_kernels.ragged_paged_attention.gpu import decode_grid_splits, default_num_kv_splits, split_rule
+
+    wide = GpuAttentionTuning(split_rule=(64, ((16, 48), (64, 12), (256, 2), (1024, 1))))
+    programs = (1, 16, 17, 64, 65, 256, 257, 1024, 1025)
+    assert [split_rule(n, wide) for n in programs] == [64, 64, 16, 16, 4, 4, 2, 2, 1]
+    assert [int(split_rule(jnp.int32(n), wide)) for n in programs] == [64, 64, 16, 16, 4, 4, 2, 2, 1]
+    small = GpuAttentionTuning(split_rule=(8, ((32, 4), (128, 3))))
+    assert [split_rule(n, small) for n in (1, 32, 33, 128, 129)] == [8, 8, 4, 4, 1]
+    assert [split_rule(n, GpuAttentionTuning(split_rule=(1, ()))) for n in (1, 10**6)] == [1, 1]
+    # the grid takes the most a bucket may want, capped by the key tiles
+    assert decode_grid_splits(16, 1, max_kv=65536, block_k=64, tuning=wide) == 64
+    assert decode_grid_splits(16, 8, max_kv=65536, block_k=64, tuning=wide) == 64  # 8 programs
+    assert decode_grid_splits(16, 8, max_kv=1024, block_k=64, tuning=wide) == 16  # 16 key tiles
+    # the static heuristic reads the SM count and its caps from the record
+    assert default_num_kv_splits(8, 8, 8, 2, 65536, GpuAttentionTuning()) == 8  # 64 programs, 264 wanted
+    assert default_num_kv_splits(8, 8, 8, 2, 65536, GpuAttentionTuning(num_sms=16)) == 1
+    assert default_num_kv_splits(8, 8, 8, 2, 65536, GpuAttentionTuning(static_max_splits=2)) == 2
+    assert default_num_kv_splits(8, 8, 8, 2, 1024, GpuAttentionTuning(static_min_keys_per_split=256)) == 4
+
+
+def test_tuning_records_are_hashable_and_checked():
+    a = GpuAttentionTuning(split_rule=[4, [[8, 2]]])  # lists in: stored as tuples
+    assert a.split_rule == (4, ((8, 2),))
+    assert hash(a) == hash(GpuAttentionTuning(split_rule=(4, ((8, 2),))))
+    assert GpuAttentionTuning() == DEFAULT_GPU_ATTENTION_TUNING
+    with pytest.raises(ValueError, match="split_rule"):
+        GpuAttentionTuning(split_rule=(4, ((8, 2), (16, 2))))  # would reach zero splits
+    with pytest.raises(ValueError, match="increasing"):
+        GpuAttentionTuning(split_rule=(16, ((64, 2), (8, 2))))
+    with pytest.raises(ValueError, match="num_sms"):
+        GpuAttentionTuning(num_sms=0)
+    with pytest.raises(ValueError, match="tile_keys"):
+        TpuAttentionTuning(tile_keys=0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        a.num_sms = 1
+
+
+def test_tuning_table_lookup():
+    assert gpu_attention_tuning("NVIDIA H200") is H200_GPU_ATTENTION_TUNING
+    assert gpu_attention_tuning("NVIDIA H100 80GB HBM3") is H200_GPU_ATTENTION_TUNING
+    assert gpu_attention_tuning("Some Other GPU") is DEFAULT_GPU_ATTENTION_TUNING
+    assert gpu_attention_tuning() is DEFAULT_GPU_ATTENTION_TUNING  # CPU: device kind "cpu"
+    assert tpu_attention_tuning("TPU v5 lite") is DEFAULT_TPU_ATTENTION_TUNING
+    # the H200 entry is today's measured choice
+    h200 = gpu_attention_tuning("NVIDIA H200")
+    assert h200.split_rule == (16, ((64, 12), (256, 2), (1024, 1)))
+    assert (h200.min_tiles_per_split, h200.dynamic_splits, h200.num_sms) == (1, True, 132)
+    assert (h200.decode_block_m, h200.prefill_block_m, h200.decode_block_k, h200.prefill_block_k) == (16, 128, 64, 64)
+    assert (h200.num_warps, h200.decode_num_stages, h200.prefill_num_stages) == (4, 2, 3)
+
+
+def _kernel_grids(fn, *args):
+    """The grid of every pallas_call in fn's jaxpr (the kernel's launch shape under a tuning)."""
+    grids = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "pallas_call":
+                grids.append(tuple(eqn.params["grid_mapping"].grid))
+            for value in eqn.params.values():  # sub-jaxprs (jit, cond, ...)
+                sub = getattr(value, "jaxpr", value)
+                if hasattr(sub, "eqns"):
+                    walk(sub)
+
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return grids
+
+
+def test_tuning_reaches_the_gpu_kernel():
+    """Decode-shaped step (T=4 <= S=8), 12 key tiles of 16: the record sets the split grid."""
+    cfg = dict(t=4, s=8, p=12, bs=16, hq=8, hkv=2, d=64)
+    args, _ = _make_inputs((3, [1, 1, 1], [190, 17, 64], 1), **cfg, dtype=jnp.float32)
+
+    def grid(tuning, **knobs):
+        fn = functools.partial(ragged_paged_attention, sm_scale=0.125, impl="gpu", interpret=True,
+                               tuning=tuning, block_k=16, **knobs)
+        (g,) = _kernel_grids(fn, *args)
+        return g[2]
+
+    assert grid(None) == 12  # default rule wants 16, capped by the 12 tiles
+    assert grid(GpuAttentionTuning(split_rule=(4, ((8, 2),)))) == 4
+    assert grid(GpuAttentionTuning(dynamic_splits=False)) == 1  # static: max_kv 192 // 512 keys
+    assert grid(GpuAttentionTuning(dynamic_splits=False, static_min_keys_per_split=32)) == 6
+    assert grid(GpuAttentionTuning(split_rule=(4, ((8, 2),))), num_kv_splits=3) == 3  # per-call knob wins
+    assert grid(GpuAttentionTuning(split_rule=(4, ((8, 2),))), max_kv_splits=8) == 8
+
+
+NON_DEFAULT_GPU_TUNINGS = {
+    # another rule: 4 splits up to 16 programs, 2 past; a floor of 3 key tiles per working split
+    "rule4_min3": GpuAttentionTuning(split_rule=(4, ((16, 2),)), min_tiles_per_split=3, decode_block_k=16),
+    # the wide rule of bench/results/attention_split_grid.json (64 splits, capped by the key tiles)
+    "rule64_min2": GpuAttentionTuning(split_rule=(64, ((16, 48), (64, 12), (256, 2), (1024, 1))),
+                                      min_tiles_per_split=2, decode_block_k=16),
+    # dynamic splits off: the static heuristic, made to split by a small SM count and key floor
+    "static": GpuAttentionTuning(dynamic_splits=False, num_sms=8, static_min_keys_per_split=32,
+                                 decode_block_k=16, prefill_block_k=16),
+    # other tiles and pipeline depths for both step shapes
+    "tiles": GpuAttentionTuning(decode_block_m=32, prefill_block_m=32, decode_block_k=32, prefill_block_k=32,
+                                num_warps=2, decode_num_stages=1, prefill_num_stages=2),
+}
+
+
+@pytest.mark.parametrize("name", sorted(NON_DEFAULT_GPU_TUNINGS))
+@pytest.mark.parametrize("shape", ["decode", "mixed"])
+def test_gpu_kernel_with_non_default_tuning_matches_reference(name, shape):
+    tu = (("tuning", NON_DEFAULT_GPU_TUNINGS[name]),)
+    if shape == "decode":  # T <= S: the dynamic split path
+        cfg = dict(t=5, s=6, p=12, bs=16, hq=8, hkv=2, d=64, window=150)
+        _check("gpu", (5, [1, 1, 0, 1, 1], [190, 17, 5, 64, 33], 11), cfg, tu)
+    else:  # T > S: prefill chunks and decode rows
+        cfg = dict(t=40, s=4, p=6, bs=16, hq=8, hkv=2, d=64, cap=20.0)
+        _check("gpu", (4, [1, 24, 1, 9], [96, 40, 3, 9], 12), cfg, tu)
+
+
+def test_tpu_kernel_with_non_default_tuning_matches_reference():
+    tu = (("tuning", TpuAttentionTuning(decode_block_q=16, prefill_block_rows=32, min_block_q=8, tile_keys=32)),)
+    cfg = dict(t=24, s=4, p=4, bs=16, hq=4, hkv=2, d=64, window=40)
+    _check("tpu", (4, [1, 16, 0, 5], [64, 20, 3, 50], 5), cfg, tu)
+    cfg = dict(t=3, s=4, p=4, bs=16, hq=4, hkv=2, d=64)  # decode-shaped: decode_block_q rows per step
+    _check("tpu", (3, [1, 1, 1], [64, 20, 3], 6), cfg, tu)
+
+
+def test_wrong_tuning_type_is_refused():
+    q = jnp.zeros((4, 4, 64), jnp.float32)
+    kv = jnp.zeros((3, 16, 2, 64), jnp.float32)
+    args = (q, kv, kv, jnp.array([4], jnp.int32), jnp.zeros((1, 2), jnp.int32), jnp.array([0, 4], jnp.int32),
+            jnp.int32(1))
+    with pytest.raises(ValueError, match="GpuAttentionTuning"):
+        ragged_paged_attention(*args, sm_scale=0.1, impl="gpu", interpret=True, tuning=TpuAttentionTuning())
+    with pytest.raises(ValueError, match="TpuAttentionTuning"):
+        ragged_paged_attention(*args, sm_scale=0.1, impl="tpu", interpret=True, tuning=GpuAttentionTuning())

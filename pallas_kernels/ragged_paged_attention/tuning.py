@@ -1,0 +1,139 @@
+"""Tuning of the ragged paged attention kernels, as data: one frozen record per device kind.
+
+A kernel call takes its record as a static argument (`tuning=`; None = the current device's entry
+of the table). Records are frozen and hashable, so a record can key a jit cache or be a static
+argument of a jitted caller. Explicit per-call knobs of the kernels (block_m, num_kv_splits, ...)
+override the record.
+
+Measured on one H200 (JAX 0.11.2, bf16, Hq 32 / Hkv 8, D 128, block_size 16); the H100 shares the
+H200's SM count and entry. Any other device gets the same values (`DEFAULT_*`), unmeasured there.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from pallas_kernels.platform import device_kind as current_device_kind
+
+SplitRule = tuple[int, tuple[tuple[int, int], ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuAttentionTuning:
+    """Knobs of the GPU kernel (gpu.py) that the caller does not pass per call."""
+
+    # kv splits per query block of a decode-shaped step as a function of its programs (real query
+    # blocks x kv heads), read by `split_rule`: the most splits, then (programs bound, fewer splits
+    # past it) pairs. H200 at the engine's padded step shapes (bench/results/attention_splits.json):
+    # batch 1 and 4 are fastest with 16 splits (64k context: 157 us vs 486 us with the static
+    # heuristic `default_num_kv_splits`), batch 16 with 4, batch 64 with 2 (8k: 526 us vs 648 us).
+    # A 64-split grid whose rule gives 64 splits to <= 16 programs, (64, ((16, 48), (64, 12), (256, 2),
+    # (1024, 1))), takes batch 1 at 64k from 164 to 100 us, but its idle programs cost every other
+    # step of the same bucket (batch 1 at 1k 19 -> 28 us, batch 16 at 8k 162 -> 202 us;
+    # bench/results/attention_split_grid.json), so the 16-split rule is the default.
+    split_rule: SplitRule = (16, ((64, 12), (256, 2), (1024, 1)))
+    # The dynamic rule gives each working split at least this many kv tiles of the sequence (1 = no
+    # floor). Floors of 4 and 8 with the 64-split rule above: no better than without
+    # (bench/results/attention_split_grid.json).
+    min_tiles_per_split: int = 1
+    # Decode-shaped steps (T <= S) launch `decode_grid_splits` split programs and pick on the device,
+    # from the step's real sequence count, how many of them work (`split_rule`): batch 1 and batch 64
+    # pad to the same shapes but want 16 and 2 splits. False: the static `default_num_kv_splits`.
+    dynamic_splits: bool = True
+    # SMs of the device (H100/H200: 132); only the static split heuristic uses it.
+    num_sms: int = 132
+    # The static heuristic (`default_num_kv_splits`, prefill-shaped steps and dynamic_splits=False):
+    # enough splits for `static_waves` programs per SM, a power of two, at most `static_max_splits`
+    # and at least `static_min_keys_per_split` keys of context per split.
+    static_waves: int = 2
+    static_max_splits: int = 16
+    static_min_keys_per_split: int = 512
+    # Query rows per program (block_q tokens x the GQA group) and keys per kv tile. Prefill, H200 8k
+    # sweep of block_m 64/128, block_k 32/64/128, warps 4/8, stages 2-4: best block_m 128 (32 tokens x
+    # 4 heads) and block_k 64, 272 TFLOP/s with 4 warps (block_m 64: 236, block_k 32: 192)
+    # (bench/results/attention_run1.json).
+    decode_block_m: int = 16
+    prefill_block_m: int = 128
+    decode_block_k: int = 64
+    prefill_block_k: int = 64
+    # H200, 8k prefill: 4 warps 272 TFLOP/s, 8 warps 245 (bench/results/attention_run1.json).
+    num_warps: int = 4
+    # H200 decode B=8: 2 stages 79% / 120% of the copy ceiling at 4k / 16k context, 3 stages
+    # 64% / 94%; prefill keeps 3 (bench/results/attention.json). Head dims above 128 take
+    # `wide_head_num_stages` in every step.
+    decode_num_stages: int = 2
+    prefill_num_stages: int = 3
+    wide_head_num_stages: int = 2
+
+    def __post_init__(self):
+        most, bounds = self.split_rule
+        bounds = tuple((int(b), int(f)) for b, f in bounds)  # lists in, hashable tuples kept
+        object.__setattr__(self, "split_rule", (int(most), bounds))
+        if most < 1 or sum(f for _, f in bounds) >= most or any(f < 0 for _, f in bounds):
+            raise ValueError(f"split_rule must keep at least one split at every bound, got {self.split_rule}")
+        if [b for b, _ in bounds] != sorted(b for b, _ in bounds):
+            raise ValueError(f"split_rule bounds must be increasing, got {self.split_rule}")
+        for name in ("min_tiles_per_split", "num_sms", "static_waves", "static_max_splits",
+                     "static_min_keys_per_split", "decode_block_m", "prefill_block_m", "decode_block_k",
+                     "prefill_block_k", "num_warps", "decode_num_stages", "prefill_num_stages",
+                     "wide_head_num_stages"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuAttentionTuning:
+    """Defaults of the TPU kernel (tpu.py); never measured on a TPU here (interpret-mode tests only)."""
+
+    # Query tokens per grid step: decode-shaped steps (T <= S) `decode_block_q`; prefill-shaped
+    # `prefill_block_rows // g` (g = Hq / Hkv: that many rows of the kv head's matmul), at least
+    # `min_block_q`.
+    decode_block_q: int = 8
+    prefill_block_rows: int = 128
+    min_block_q: int = 8
+    # Keys per DMA tile: pages_per_tile = tile_keys / block_size, at most the pages of a sequence.
+    tile_keys: int = 512
+    # Mosaic's scoped VMEM limit (None = the compiler's default).
+    vmem_limit_bytes: int | None = None
+
+    def __post_init__(self):
+        for name in ("decode_block_q", "prefill_block_rows", "min_block_q", "tile_keys"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+H200_GPU_ATTENTION_TUNING = GpuAttentionTuning()
+DEFAULT_GPU_ATTENTION_TUNING = GpuAttentionTuning()
+DEFAULT_TPU_ATTENTION_TUNING = TpuAttentionTuning()
+
+# device_kind -> record; devices not listed take the DEFAULT_* record.
+GPU_ATTENTION_TUNING: Mapping[str, GpuAttentionTuning] = MappingProxyType({
+    "NVIDIA H200": H200_GPU_ATTENTION_TUNING,
+    "NVIDIA H100 80GB HBM3": H200_GPU_ATTENTION_TUNING,
+})  # fmt: skip
+TPU_ATTENTION_TUNING: Mapping[str, TpuAttentionTuning] = MappingProxyType({})
+
+
+def gpu_attention_tuning(device_kind: str | None = None) -> GpuAttentionTuning:
+    """The GPU kernel's record for `device_kind` (None = the current device's kind)."""
+    kind = current_device_kind() if device_kind is None else device_kind
+    return GPU_ATTENTION_TUNING.get(kind, DEFAULT_GPU_ATTENTION_TUNING)
+
+
+def tpu_attention_tuning(device_kind: str | None = None) -> TpuAttentionTuning:
+    """The TPU kernel's record for `device_kind` (None = the current device's kind)."""
+    kind = current_device_kind() if device_kind is None else device_kind
+    return TPU_ATTENTION_TUNING.get(kind, DEFAULT_TPU_ATTENTION_TUNING)
+
+
+__all__ = [
+    "DEFAULT_GPU_ATTENTION_TUNING",
+    "DEFAULT_TPU_ATTENTION_TUNING",
+    "GPU_ATTENTION_TUNING",
+    "H200_GPU_ATTENTION_TUNING",
+    "TPU_ATTENTION_TUNING",
+    "GpuAttentionTuning",
+    "TpuAttentionTuning",
+    "gpu_attention_tuning",
+    "tpu_attention_tuning",
+]
