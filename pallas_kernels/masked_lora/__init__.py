@@ -4,6 +4,10 @@ Many adapters per call (stacked in slots), tokens in runs of equal slots, nothin
 rows. The host builds `LoraSegments` once per step (`build_lora_segments`); every adapted projection
 of every layer reuses it. `masked_lora` returns the delta; `masked_lora_add` adds it into the base
 projection's output in place, touching only adapted rows (the cheaper form for long prefills).
+
+`impl=None` is the platform's kernel (`pallas_kernels.platform.kernel_platform`), or the reference
+off GPU/TPU. The one-hot matmuls (`masked_lora_onehot_flat`, or `impl="onehot"`) are the caller's
+choice: `masked_lora_tuning()` (tuning.py) says up to which step size a platform takes them.
 """
 
 import jax
@@ -21,25 +25,19 @@ from pallas_kernels.masked_lora.segments import (
     default_max_work,
     segments_to_token_slots,
 )
+from pallas_kernels.masked_lora.tuning import MaskedLoraTuning, masked_lora_tuning
+from pallas_kernels.platform import kernel_platform
 
 _IMPLS = ("reference", "onehot", "gpu", "tpu")
 
-# Steps of at most this many token rows (decode-sized buckets) take the one-hot path on GPU: there
-# the whole LoRA work is T * slots * (Din + Dout) * R MACs, a few hundred MFLOP per layer, and the
-# kernel's two launches per projection cost more than that work (H200: bench/results/lora.json,
-# one-hot 27.7 us vs kernel 37.2 us per fused-qkv call at 64 tokens over 8 adapters). Larger steps,
-# where pre-activation prefill tokens live, use the kernel, which gives slot -1 rows no work at all.
-ONEHOT_MAX_TOKENS = 128
 
-
-def _pick_impl(impl, interpret, num_tokens: int | None = None):
+def _pick_impl(impl, interpret):
+    """impl=None: the platform's kernel, or the reference off GPU/TPU (never the one-hot path)."""
     if impl is None:
-        impl = {"gpu": "gpu", "tpu": "tpu"}.get(jax.default_backend(), "reference")
-        if impl == "gpu" and num_tokens is not None and num_tokens <= ONEHOT_MAX_TOKENS:
-            impl = "onehot"
+        impl = kernel_platform()
     if impl not in _IMPLS:
         raise ValueError(f"impl must be one of {_IMPLS} or None, got {impl!r}")
-    if impl not in ("reference", "onehot") and not interpret and jax.default_backend() != impl:
+    if impl not in ("reference", "onehot") and not interpret and kernel_platform() != impl:
         raise ValueError(f"impl={impl!r} needs a {impl} backend or interpret=True")
     return impl
 
@@ -52,8 +50,8 @@ def masked_lora_onehot_flat(
 ):
     """f32 delta [T, Dout] as two plain matmuls (XLA): x @ A_all, zero every column block but the
     row's own slot, @ B_all. The flat A layout makes the shrink one [T, Din] x [Din, n*R] GEMM with no
-    transpose or batch dimension; B [n, R, Dout] is [n*R, Dout] as is. Decode-sized steps only: the
-    work is T * n * R * (Din + Dout) MACs whatever the slots."""
+    transpose or batch dimension; B [n, R, Dout] is [n*R, Dout] as is. For decode-sized steps (see
+    `MaskedLoraTuning.onehot_max_tokens`): the work is T * n * R * (Din + Dout) MACs whatever the slots."""
     n, r, dout = lora_b.shape
     if lora_a_flat.ndim != 2 or lora_a_flat.shape != (x.shape[1], n * r):
         raise ValueError(f"lora_a_flat must be [Din={x.shape[1]}, n*R={n * r}], got shape {lora_a_flat.shape}")
@@ -95,10 +93,10 @@ def masked_lora_add(
     interpret=False,
 ):
     """y + delta in y.dtype, f32 accumulation. Kernels alias y: inside a jit whose y is a fresh base
-    output (or donated), only the adapted rows are read and written."""
+    output (or donated), only the adapted rows are read and written. impl as in `masked_lora`."""
     segments = jax.tree.map(jnp.asarray, segments)
     validate_inputs(x, lora_a, lora_b, segments, y=y, out_widths=out_widths)
-    impl = _pick_impl(impl, interpret, num_tokens=x.shape[0])
+    impl = _pick_impl(impl, interpret)
     if impl == "gpu":
         from pallas_kernels.masked_lora.gpu import masked_lora_gpu
 
@@ -136,8 +134,9 @@ def masked_lora(
 ):
     """The delta [T, Dout] in x.dtype (f32 accumulation), exactly zero on slot -1 rows.
 
-    impl: None picks by `jax.default_backend()` (reference on CPU); "gpu"/"tpu" force a kernel
-    (with `interpret=True`, or a `pltpu.InterpretParams()` for "tpu", it runs on CPU).
+    impl: None is the platform's kernel (`kernel_platform()`; the reference on CPU), whatever the
+    number of tokens; "onehot" the one-hot matmuls, "reference" the jnp oracle; "gpu"/"tpu" force a
+    kernel (with `interpret=True`, or a `pltpu.InterpretParams()` for "tpu", it runs on CPU).
     Returning a dense delta costs one zero-fill of [T, Dout]; `masked_lora_add` avoids it.
 
     out_widths: the packed layout of a fused projection (q/k/v, gate/up), cheaper than a
@@ -148,7 +147,7 @@ def masked_lora(
     """
     segments = jax.tree.map(jnp.asarray, segments)
     validate_inputs(x, lora_a, lora_b, segments, out_widths=out_widths)
-    impl = _pick_impl(impl, interpret, num_tokens=x.shape[0])
+    impl = _pick_impl(impl, interpret)
     t, dout = x.shape[0], lora_b.shape[2]
     if impl == "gpu":
         from pallas_kernels.masked_lora.gpu import masked_lora_gpu
@@ -175,7 +174,8 @@ def masked_lora(
 
 
 __all__ = [
-    "ONEHOT_MAX_TOKENS",
+    "MaskedLoraTuning",
+    "masked_lora_tuning",
     "masked_lora_onehot",
     "masked_lora_onehot_flat",
     "flatten_lora_a",
