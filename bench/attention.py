@@ -1,6 +1,7 @@
 """Ragged paged attention on the GPU: decode bandwidth and prefill TFLOP/s against measured ceilings.
 
     python bench/attention.py [--quick] [--out bench/results/attention.json]
+    python bench/attention.py --smoke --out /tmp/attention.json   # CPU, interpret mode, tiny shapes
 
 - copy: a device-to-device elementwise pass over 4 GiB (bytes read + written) = the HBM ceiling
   of this run.
@@ -38,7 +39,6 @@ from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attenti
 HQ, HKV, D = 32, 8, 128
 DTYPE = jnp.bfloat16
 SM_SCALE = 1.0 / D**0.5
-INTERPRET = False  # --smoke: run the whole script on CPU with tiny shapes (checks the script itself)
 
 
 def bench_loop(fn, q, *rest, iters, reps=5):
@@ -88,9 +88,11 @@ def paged_inputs(key, batch, q_len, ctx, bs):
     return q, k_pages, v_pages, kv_lens, pages, cu, jnp.int32(batch)
 
 
-def kernel_fn(**tuning):
-    return lambda q, *rest: ragged_paged_attention(q, *rest, sm_scale=SM_SCALE, impl="gpu",
-                                                       interpret=INTERPRET, **tuning)
+def kernel_fn(interpret=False, tuning=None, **knobs):
+    """Our kernel as fn(q, *rest): `tuning` a GpuAttentionTuning (None = the device's), `knobs` per-call
+    overrides; interpret=True runs it on CPU (--smoke)."""
+    return lambda q, *rest: ragged_paged_attention(q, *rest, sm_scale=SM_SCALE, impl="gpu", interpret=interpret,
+                                                   tuning=tuning, **knobs)  # fmt: skip
 
 
 def rel_err(a, b):
@@ -99,7 +101,7 @@ def rel_err(a, b):
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)), float(np.abs(a - b).max())
 
 
-def run_decode(results, copy_gbs, batches, ctxs, bs, max_tokens, iters):
+def run_decode(results, copy_gbs, batches, ctxs, bs, max_tokens, iters, interpret=False):
     key = jax.random.key(1)
     for b in batches:
         for c in ctxs:
@@ -111,7 +113,7 @@ def run_decode(results, copy_gbs, batches, ctxs, bs, max_tokens, iters):
             try:
                 args = paged_inputs(key, b, 1, c, bs)
                 nbytes = b * c * HKV * D * 2 * 2 + 2 * args[0].size * 2
-                t = bench_loop(kernel_fn(), *args, iters=iters)
+                t = bench_loop(kernel_fn(interpret), *args, iters=iters)
                 row.update(ms=t * 1e3, gbs=nbytes / t / 1e9, pct_copy=100 * nbytes / t / 1e9 / copy_gbs)
                 del args
             except Exception as e:  # record and go on: one failure must not lose the run
@@ -120,7 +122,7 @@ def run_decode(results, copy_gbs, batches, ctxs, bs, max_tokens, iters):
             results["decode"].append(row)
 
 
-def run_prefill(results, n, bs, iters, variants):
+def run_prefill(results, n, bs, iters, variants, interpret=False):
     key = jax.random.key(2)
     args = paged_inputs(key, 1, n, n, bs)
     q, k_pages, v_pages = args[0], args[1], args[2]
@@ -141,10 +143,10 @@ def run_prefill(results, n, bs, iters, variants):
     except Exception as e:
         row["cudnn_error"] = f"{type(e).__name__}: {e}"[:500]
     best = None
-    for tuning in variants:
-        name = ",".join(f"{k}={v}" for k, v in tuning.items()) or "default"
+    for knobs in variants:
+        name = ",".join(f"{k}={v}" for k, v in knobs.items()) or "default"
         try:
-            t = bench_loop(kernel_fn(**tuning), *args, iters=iters)
+            t = bench_loop(kernel_fn(interpret, **knobs), *args, iters=iters)
             tf = flops / t / 1e12
             row.setdefault("variants", {})[name] = dict(ms=t * 1e3, tflops=tf)
             if best is None or tf > best[1]:
@@ -158,7 +160,7 @@ def run_prefill(results, n, bs, iters, variants):
             row["pct_cudnn"] = 100 * best[1] / row["cudnn_tflops"]
     # Correctness on the device: kernel (default tiling) against cuDNN on the same inputs.
     try:
-        out = jax.jit(kernel_fn())(*args)
+        out = jax.jit(kernel_fn(interpret))(*args)
         ref = jax.jit(cudnn)(q, k_dense, v_dense)
         row["rel_err_vs_cudnn"], row["max_abs_vs_cudnn"] = rel_err(out, ref)
     except Exception as e:
@@ -177,7 +179,7 @@ def run_prefill(results, n, bs, iters, variants):
     results["prefill"].append(row)
 
 
-def check_mixed(results):
+def check_mixed(results, interpret=False):
     """Mixed prefill chunks + decode rows with window and soft cap, kernel vs reference on device."""
     rng = np.random.default_rng(0)
     bs, s, p = 16, 6, 64
@@ -194,12 +196,12 @@ def check_mixed(results):
     for kw in (dict(), dict(sliding_window=128, soft_cap=30.0)):
         name = ",".join(kw) or "plain"
         ref = ragged_paged_attention_reference(*args, sm_scale=SM_SCALE, **kw)
-        for tuning in (dict(), dict(num_kv_splits=4)):
-            got = jax.jit(lambda *a, kw=kw, tu=tuning: ragged_paged_attention(
-                *a, sm_scale=SM_SCALE, impl="gpu", interpret=INTERPRET, **kw, **tu))(*args)
+        for knobs in (dict(), dict(num_kv_splits=4)):
+            got = jax.jit(lambda *a, kw=kw, kn=knobs: ragged_paged_attention(
+                *a, sm_scale=SM_SCALE, impl="gpu", interpret=interpret, **kw, **kn))(*args)
             rel, mx = rel_err(got, ref)
             pad_zero = bool(np.all(np.asarray(got[int(q_lens.sum()):], np.float32) == 0))
-            out[f"{name}/{tuning or 'default'}"] = dict(rel_err=rel, max_abs=mx, padding_zero=pad_zero)
+            out[f"{name}/{knobs or 'default'}"] = dict(rel_err=rel, max_abs=mx, padding_zero=pad_zero)
     results["mixed_check"] = out
     print("mixed check", out, flush=True)
 
@@ -212,8 +214,7 @@ def main():
     ap.add_argument("--skip-variants", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode, CPU")
     args = ap.parse_args()
-    global INTERPRET
-    INTERPRET = args.smoke
+    interpret = args.smoke
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
@@ -235,7 +236,7 @@ def main():
     results["copy_gbs_read_plus_write"] = copy_gbs
     print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
     try:
-        check_mixed(results)
+        check_mixed(results, interpret)
     except Exception:
         results["mixed_check_error"] = traceback.format_exc()[-2000:]
         print(results["mixed_check_error"], flush=True)
@@ -246,17 +247,18 @@ def main():
         batches, ctxs = [8, 64], [4096, 16384]
     else:
         batches, ctxs = [1, 8, 32, 128, 256], [1024, 4096, 16384, 65536]
-    run_decode(results, copy_gbs, batches, ctxs, bs=16, max_tokens=4 << 20, iters=2 if args.smoke else 20)
+    run_decode(results, copy_gbs, batches, ctxs, bs=16, max_tokens=4 << 20, iters=2 if args.smoke else 20,
+               interpret=interpret)
     dump(results, args.out)
     if not args.skip_variants:
         sweep = [dict(block_k=128), dict(num_stages=2)]
-        for b, c, tunings in [(2, 128, sweep)] if args.smoke else [(8, 4096, sweep), (8, 16384, sweep)]:
+        for b, c, knob_sets in [(2, 128, sweep)] if args.smoke else [(8, 4096, sweep), (8, 16384, sweep)]:
             args_d = paged_inputs(jax.random.key(3), b, 1, c, 16)
             nbytes = b * c * HKV * D * 4
-            for tuning in tunings:
-                name = f"B={b},ctx={c}," + ",".join(f"{k}={v}" for k, v in tuning.items())
+            for knobs in knob_sets:
+                name = f"B={b},ctx={c}," + ",".join(f"{k}={v}" for k, v in knobs.items())
                 try:
-                    t = bench_loop(kernel_fn(**tuning), *args_d, iters=2 if args.smoke else 20)
+                    t = bench_loop(kernel_fn(interpret, **knobs), *args_d, iters=2 if args.smoke else 20)
                     results.setdefault("decode_variants", {})[name] = dict(
                         ms=t * 1e3, gbs=nbytes / t / 1e9, pct_copy=100 * nbytes / t / 1e9 / copy_gbs)
                 except Exception as e:
@@ -269,11 +271,11 @@ def main():
         variants += [dict(block_k=128, num_stages=2), dict(num_warps=8)]
     dump(results, args.out)
     n1, n2 = (128, 256) if args.smoke else (8192, 32768)
-    run_prefill(results, n1, 16, iters=2 if args.smoke else 10, variants=variants)
+    run_prefill(results, n1, 16, iters=2 if args.smoke else 10, variants=variants, interpret=interpret)
     dump(results, args.out)
     best8k = results["prefill"][-1].get("kernel_best", "default")
     best = variants[[(",".join(f"{k}={v}" for k, v in t.items()) or "default") for t in variants].index(best8k)]
-    run_prefill(results, n2, 16, iters=1 if args.smoke else 3, variants=[best])
+    run_prefill(results, n2, 16, iters=1 if args.smoke else 3, variants=[best], interpret=interpret)
     results["copy_gbs_at_end"] = copy_bandwidth(64 << 20 if args.smoke else 4 << 30)
     results["wall_s"] = time.time() - t_start
     dump(results, args.out)

@@ -1,15 +1,27 @@
 """Decode attention at the engine's step shapes, per kv-split count: picks the split heuristic with numbers.
 
-    python bench/attention_splits.py                 # H200
-    python bench/attention_splits.py --smoke         # CPU, interpret mode, tiny shapes
+    python bench/attention_splits.py                 # H200 -> bench/results/attention_splits.json
+    python bench/attention_splits.py --grid          # H200 -> bench/results/attention_split_grid.json
+    python bench/attention_splits.py --smoke [--grid] [--out /tmp/x.json]   # CPU, interpret mode, tiny shapes
 
 The engine pads a step to a token bucket (T >= 16, a power of two) and the sequence axis to
 max_num_seqs (64), so a batch-1 decode step launches the kernel over 16 query rows and 64 sequence
 slots of which one is real. Per (batch B, context C) this times the kernel at those padded shapes
 for num_kv_splits in {1, 2, 4, 8, 16} and for the default heuristic (None), bytes = K + V read.
+
+--grid: should batch-1 long-context decode use a bigger kv-split grid? Per (batch, context) the
+device's tuning (grid of 16 splits, split_rule on the device), static 32 and 64 splits, and a grid of
+64 whose rule gives 64 splits to <= 16 programs (optionally with at least 4 or 8 kv tiles per
+split), each a `GpuAttentionTuning` passed to the kernel and checked against the jnp reference.
+H200 (bench/results/attention_split_grid.json): the 64 grid takes batch 1 at 64k from 164 to 100 us,
+but its idle programs cost every other step of the same bucket (batch 1 at 1k 19 -> 28 us, batch 16
+at 8k 162 -> 202 us), so the default stays.
+
+A --smoke run writes a result file only when --out is given (the results directory keeps device runs).
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -21,7 +33,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bench.attention as att  # noqa: E402
 from bench.common import run_metadata, save  # noqa: E402
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
+from pallas_kernels.ragged_paged_attention import gpu_attention_tuning, ragged_paged_attention_reference  # noqa: E402
+
+# --grid: a rule whose grid holds 64 splits, all of them working for <= 16 programs.
+WIDE_RULE = (64, ((16, 48), (64, 12), (256, 2), (1024, 1)))
+GRID_SHAPES = [(1, 1024), (1, 8192), (1, 65536), (2, 65536), (4, 65536), (4, 8192), (16, 8192)]
+
+
+def grid_variants(base):
+    """name -> (GpuAttentionTuning, per-call knobs) of the --grid comparison; `base` is the device's record."""
+    wide = dataclasses.replace(base, split_rule=WIDE_RULE)
+    return {
+        "dyn_old": (base, {}),
+        "static32": (base, {"num_kv_splits": 32}),
+        "static64": (base, {"num_kv_splits": 64}),
+        "dyn_new": (wide, {"max_kv_splits": 64}),
+        "dyn_new_min4": (dataclasses.replace(wide, min_tiles_per_split=4), {"max_kv_splits": 64}),
+        "dyn_new_min8": (dataclasses.replace(wide, min_tiles_per_split=8), {"max_kv_splits": 64}),
+    }
 
 
 def engine_shaped(key, batch, ctx, bs, max_seqs):
@@ -40,18 +69,7 @@ def engine_shaped(key, batch, ctx, bs, max_seqs):
     return q, k_pages, v_pages, kv_lens, pages, cu, jnp.array([batch], jnp.int32)
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--batches", type=int, nargs="*", default=[1, 4, 16, 64])
-    ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 8192, 65536])
-    ap.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8, 16])
-    ap.add_argument("--max-tokens", type=int, default=2 << 20, help="skip B * C above this (memory)")
-    ap.add_argument("--out", default="attention_splits.json")
-    args = ap.parse_args(argv)
-    if args.smoke:
-        att.INTERPRET = True
-        args.batches, args.contexts, args.splits = [1, 4], [64], [1, 2]
+def run_splits(args, interpret: bool) -> list[dict]:
     rows = []
     for b in args.batches:
         for c in args.contexts:
@@ -61,9 +79,7 @@ def main(argv=None) -> dict:
             nbytes = b * c * att.HKV * att.D * 2 * 2
             row = {"batch": b, "context": c, "us": {}}
             for splits in [None, *args.splits]:
-                fn = lambda q, *rest, _s=splits: ragged_paged_attention(  # noqa: E731
-                    q, *rest, sm_scale=att.SM_SCALE, impl="gpu", interpret=att.INTERPRET, num_kv_splits=_s
-                )
+                fn = att.kernel_fn(interpret, num_kv_splits=splits)
                 try:
                     t = att.bench_loop(fn, *inputs, iters=2 if args.smoke else 20, reps=3)
                     row["us"][str(splits)] = t * 1e6
@@ -76,8 +92,52 @@ def main(argv=None) -> dict:
             print(row, flush=True)
             rows.append(row)
             del inputs
+    return rows
+
+
+def run_grid(shapes, interpret: bool, smoke: bool) -> list[dict]:
+    variants = grid_variants(gpu_attention_tuning())
+    rows = []
+    for b, c in shapes:
+        inputs = engine_shaped(jax.random.key(b * 7 + c), b, c, 16, 64)
+        ref = jax.jit(lambda *a: ragged_paged_attention_reference(*a, sm_scale=att.SM_SCALE))(*inputs)
+        row = {"batch": b, "context": c, "us": {}, "max_err": {}}
+        for name, (tuning, knobs) in variants.items():
+            fn = att.kernel_fn(interpret, tuning=tuning, **knobs)
+            out = jax.jit(fn)(*inputs)
+            row["max_err"][name] = float(jnp.abs(out[:b].astype(jnp.float32) - ref[:b].astype(jnp.float32)).max())
+            row["us"][name] = att.bench_loop(fn, *inputs, iters=2 if smoke else 20, reps=1 if smoke else 3) * 1e6
+        print(row, flush=True)
+        rows.append(row)
+        del inputs
+    return rows
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--grid", action="store_true", help="larger split grids against the default (see above)")
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 4, 16, 64])
+    ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 8192, 65536])
+    ap.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--max-tokens", type=int, default=2 << 20, help="skip B * C above this (memory)")
+    ap.add_argument("--out", default=None, help="result file name in bench/results/ (or a path); default "
+                    "attention_splits.json, with --grid attention_split_grid.json; --smoke: none")  # fmt: skip
+    args = ap.parse_args(argv)
+    interpret = args.smoke
+    if args.smoke:
+        args.batches, args.contexts, args.splits = [1, 4], [64], [1, 2]
+    out = args.out or (None if args.smoke else "attention_split_grid.json" if args.grid else "attention_splits.json")
+    if args.grid:
+        rows = run_grid([(1, 64)] if args.smoke else GRID_SHAPES, interpret, args.smoke)
+        result = {**run_metadata(), "rows": rows}
+        if out:
+            save(out, result)
+        return result
+    rows = run_splits(args, interpret)
     result = {**run_metadata(), "rows": rows}
-    save(args.out, result)
+    if out:
+        save(out, result)
     print("| B | ctx | default us | " + " | ".join(f"splits={s}" for s in args.splits) + " |")
     for r in rows:
         cells = [r["us"][str(s)] for s in [None, *args.splits]]
