@@ -1,12 +1,15 @@
 """jalora: a JAX serving engine for a base model and many Activated-LoRA adapters."""
 
+from jalora.config import EngineConfig
 from jalora.errors import AdapterNotFoundError, InvalidRequestError, InvocationNotFoundError
-from jalora.outputs import RequestOutput
+from jalora.outputs import RequestDelta, RequestOutput
 from jalora.sampling_params import SamplingParams
 
 __all__ = [
     "LLM",
+    "EngineConfig",
     "SamplingParams",
+    "RequestDelta",
     "RequestOutput",
     "InvalidRequestError",
     "AdapterNotFoundError",
@@ -15,7 +18,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # The engine (and JAX with it) loads on first use, so `jalora.client` stays a light gRPC client.
+    # The engine (and JAX with it) loads on first use: `import jalora.client` (a gRPC client, which
+    # runs the package's __init__ first) must not pay for importing JAX.
     if name == "LLM":
         from jalora.llm import LLM
 

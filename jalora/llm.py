@@ -1,23 +1,36 @@
-"""The offline API, in vLLM's vocabulary: LLM(...).generate(prompts, SamplingParams(...))."""
+"""The offline API, in vLLM's vocabulary: LLM(model, **config).generate(prompts, SamplingParams(...))."""
+
+from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
-from jalora.adapters.manager import AdapterInfo
+from jalora.adapters.peft import AdapterInfo
+from jalora.config import EngineConfig
 from jalora.engine.llm_engine import LLMEngine
-from jalora.outputs import RequestOutput
+from jalora.outputs import OutputAccumulator, RequestOutput
 from jalora.sampling_params import SamplingParams
+
+Prompt = str | Sequence[int]
 
 
 class LLM:
-    """Offline generation over an LLMEngine; `llm.engine` is the incremental interface."""
+    """Offline generation over an LLMEngine; `llm.engine` is the incremental interface.
 
-    def __init__(self, model: str, **engine_args):
-        self.engine = LLMEngine(model, **engine_args)
+    `LLM("path/to/model", max_num_seqs=8)` takes EngineConfig's fields as keywords; `LLM(config)` takes
+    a whole EngineConfig."""
+
+    def __init__(self, model: str | EngineConfig, **config):
+        if isinstance(model, EngineConfig):
+            self.config = model.replace(**config) if config else model
+        else:
+            self.config = EngineConfig(model=model, **config)
+        self.engine = LLMEngine(self.config)
         self._ids = itertools.count()
 
     def generate(
         self,
-        prompts: str | list[int] | list[str | list[int]],
+        prompts: Prompt | list[Prompt],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         adapter: str | None | list[str | None] = None,
     ) -> list[RequestOutput]:
@@ -30,35 +43,40 @@ class LLM:
         if len(params) != n or len(adapters) != n:
             raise ValueError("sampling_params and adapter lists must have one entry per prompt")
         ids = [f"llm-{next(self._ids)}" for _ in range(n)]
-        added: set[str] = set()
+        running: dict[str, OutputAccumulator] = {}
         try:
             for rid, prompt, p, a in zip(ids, prompts, params, adapters):
                 self.engine.add_request(rid, prompt, p, a)
-                added.add(rid)
+                text = prompt if isinstance(prompt, str) else None
+                running[rid] = OutputAccumulator(rid, text, None, p.logprobs is not None)
         except Exception:
-            for rid in added:
-                self.engine.abort_request(rid)
-            self.engine.step()  # drains the abort outputs
+            self._abort(running)
             raise
         final: dict[str, RequestOutput] = {}
         try:
             while len(final) < n:
-                for out in self.engine.step():
-                    if out.finished and out.request_id in added:
-                        final[out.request_id] = out
+                for delta in self.engine.step():
+                    acc = running.get(delta.request_id)
+                    if acc is None:
+                        continue
+                    acc.add(delta)
+                    if delta.is_final:
+                        final[delta.request_id] = running.pop(delta.request_id).output()
         except BaseException:  # an error or Ctrl-C mid-run: end this call's requests, free their blocks
-            for rid in ids:
-                if rid not in final:
-                    self.engine.abort_request(rid)
-            self.engine.step()
+            self._abort(running)
             raise
         return [final[rid] for rid in ids]
 
+    def _abort(self, running: dict[str, OutputAccumulator]) -> None:
+        for rid in running:
+            self.engine.abort_request(rid)
+        self.engine.step()  # hands out the abort deltas (the blocks are free already)
+
     def load_adapter(self, name: str, path: str) -> AdapterInfo:
-        return self.engine.adapters.load(name, path)
+        return self.engine.load_adapter(name, path)
 
     def unload_adapter(self, name: str) -> None:
-        self.engine.adapters.unload(name)
+        self.engine.unload_adapter(name)
 
     def list_adapters(self) -> list[AdapterInfo]:
-        return self.engine.adapters.infos()
+        return self.engine.list_adapters()

@@ -1,4 +1,13 @@
-"""What the engine returns for a request (cumulative: each step's output holds everything so far)."""
+"""What the engine hands out.
+
+`LLMEngine.step()` returns one `RequestDelta` per request that a step advanced: only what is new (token
+ids, their logprobs, the text they completed), so a stream's cost per token does not grow with its
+length. The last delta of a request carries a `FinishedRequest` (finish reason, usage, timings, prompt
+logprobs). `LLM.generate` folds deltas into vLLM-style cumulative `RequestOutput`s; the gRPC server
+forwards them as they come.
+"""
+
+from __future__ import annotations
 
 import dataclasses
 
@@ -13,8 +22,39 @@ class RequestMetrics:
     finished_time: float | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class FinishedRequest:
+    """The final record of a request, attached to its last delta."""
+
+    finish_reason: str  # "stop" | "length" | "abort"
+    prompt_token_ids: list[int]
+    num_output_tokens: int
+    num_cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+    activation_start: int | None  # aLoRA activation index; None for base requests, 0 for plain LoRA
+    adapter: str | None
+    prompt_logprobs: list[float | None] | None  # log p(prompt[i] | prompt[:i]); None at i = 0
+    metrics: RequestMetrics
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestDelta:
+    """What one step added to one request."""
+
+    request_id: str
+    token_ids: list[int]  # the new tokens (empty in an abort's final delta)
+    text: str  # the text they completed ("" while a multi-byte character is incomplete)
+    logprobs: list[dict[int, float]] | None  # per new token: {token id: logprob}, if asked for
+    finished: FinishedRequest | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.finished is not None
+
+
 @dataclasses.dataclass
 class RequestOutput:
+    """A whole request, as `LLM.generate` returns it (vLLM's shape)."""
+
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
@@ -26,8 +66,46 @@ class RequestOutput:
     num_cached_tokens: int
     activation_start: int | None  # None for base requests, 0 for plain LoRA
     adapter: str | None
-    metrics: RequestMetrics
+    metrics: RequestMetrics | None
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+class OutputAccumulator:
+    """Folds one request's deltas into a RequestOutput (the text in pieces, joined once at the end)."""
+
+    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None, want_logprobs: bool):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.token_ids: list[int] = []
+        self.text: list[str] = []
+        self.logprobs: list[dict[int, float]] | None = [] if want_logprobs else None
+        self.finished: FinishedRequest | None = None
+
+    def add(self, delta: RequestDelta) -> None:
+        self.token_ids.extend(delta.token_ids)
+        self.text.append(delta.text)
+        if self.logprobs is not None and delta.logprobs is not None:
+            self.logprobs.extend(delta.logprobs)
+        if delta.finished is not None:
+            self.finished = delta.finished
+
+    def output(self) -> RequestOutput:
+        f = self.finished
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=f.prompt_token_ids if f is not None else list(self.prompt_token_ids or []),
+            token_ids=list(self.token_ids),
+            text="".join(self.text),
+            finish_reason=None if f is None else f.finish_reason,
+            logprobs=self.logprobs,
+            prompt_logprobs=None if f is None else f.prompt_logprobs,
+            num_cached_tokens=0 if f is None else f.num_cached_tokens,
+            activation_start=None if f is None else f.activation_start,
+            adapter=None if f is None else f.adapter,
+            metrics=None if f is None else f.metrics,
+        )

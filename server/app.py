@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from jalora.api import CHANNEL_OPTIONS, DEFAULT_PORT
 from jalora.api.v1 import jalora_pb2, jalora_pb2_grpc
+from jalora.engine.interface import Engine
 from server.engine_worker import EngineWorker
 from server.servicer import JaloraServicer
 
@@ -38,12 +39,12 @@ def _version() -> str:
 class JaloraServer:
     """The engine thread plus a grpc.aio server in front of it.
 
-    `llm` is a jalora.LLM whose engine nobody else drives once `start` has been called.
+    `engine` implements jalora's engine interface; nobody else drives it once `start` has been called.
     """
 
     def __init__(
         self,
-        llm: Any,
+        engine: Engine,
         *,
         host: str = "127.0.0.1",
         port: int = DEFAULT_PORT,
@@ -53,7 +54,7 @@ class JaloraServer:
     ):
         self.host = host
         self.requested_port = port
-        self.worker = EngineWorker(llm, max_pending_requests=max_pending_requests)
+        self.worker = EngineWorker(engine, max_pending_requests=max_pending_requests)
         self.servicer = JaloraServicer(
             self.worker, model_name=model_name, adapter_roots=adapter_roots, version=_version()
         )
@@ -100,10 +101,10 @@ class JaloraServer:
 
 
 class ServerThread:
-    """A JaloraServer on its own event loop in a daemon thread; `with ServerThread(llm) as s: s.port`."""
+    """A JaloraServer on its own event loop in a daemon thread; `with ServerThread(engine) as s: s.port`."""
 
-    def __init__(self, llm: Any, **kwargs: Any):
-        self.server = JaloraServer(llm, **kwargs)
+    def __init__(self, engine: Engine, **kwargs: Any):
+        self.server = JaloraServer(engine, **kwargs)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="jalora-grpc", daemon=True)
         self.port: int | None = None

@@ -83,7 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         server = JaloraServer(
-            llm,
+            llm.engine,
             host=args.host,
             port=args.port,
             adapter_roots=roots,
@@ -209,7 +209,7 @@ def _demo(args: argparse.Namespace) -> int:
     llm, model_dir, roots = _build_llm(args)
     if llm is None:
         return 2
-    with ServerThread(llm, host=args.host, port=0, adapter_roots=roots, model_name=str(model_dir)) as server:
+    with ServerThread(llm.engine, host=args.host, port=0, adapter_roots=roots, model_name=str(model_dir)) as server:
         print(f"jalora serving on {server.target}", flush=True)
         args.target = server.target
         return _pipeline(args)

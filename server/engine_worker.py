@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from jalora.engine.interface import Engine
+from jalora.outputs import FinishedRequest, RequestDelta
 from server.errors import EngineFailure, ServerOverloadedError, ServerShuttingDownError
 
 logger = logging.getLogger(__name__)
@@ -90,27 +92,12 @@ class _Tracker:
         self.stream = stream
         self.received = received
         self.loop = loop
-        self.sent_tokens = 0
-        self.sent_text = ""
 
-    def delta(self, out: Any) -> Delta:
-        tokens = list(out.token_ids)
-        new_tokens = tokens[self.sent_tokens :]
-        logprobs = None
-        if out.logprobs is not None:
-            logprobs = [dict(d) for d in out.logprobs[self.sent_tokens : len(tokens)]]
-        self.sent_tokens = len(tokens)
-        text = out.text or ""
-        new_text = ""
-        # A multi-byte character split across tokens detokenizes to U+FFFD until its last byte
-        # arrives: hold the tail back rather than send a character we would have to take back.
-        if text.startswith(self.sent_text) and (out.finished or not text.endswith("\ufffd")):
-            new_text = text[len(self.sent_text) :]
-            self.sent_text = text
-        completion = self._completion(out) if out.finished else None
-        return Delta(new_tokens, new_text, logprobs, completion)
+    def delta(self, out: RequestDelta) -> Delta:
+        completion = self._completion(out.finished) if out.finished is not None else None
+        return Delta(out.token_ids, out.text, out.logprobs, completion)
 
-    def _completion(self, out: Any) -> Completion:
+    def _completion(self, out: FinishedRequest) -> Completion:
         m = out.metrics
         now = time.monotonic()
 
@@ -127,8 +114,8 @@ class _Tracker:
         return Completion(
             finish_reason=out.finish_reason,
             prompt_tokens=len(out.prompt_token_ids),
-            completion_tokens=len(out.token_ids),
-            cached_tokens=int(out.num_cached_tokens or 0),
+            completion_tokens=out.num_output_tokens,
+            cached_tokens=out.num_cached_tokens,
             activation_index=out.activation_start,
             queue_seconds=since(getattr(m, "first_scheduled_time", None)),
             time_to_first_token_seconds=since(getattr(m, "first_token_time", None)),
@@ -141,13 +128,12 @@ _STOP = ("stop",)
 
 
 class EngineWorker:
-    """Runs `llm.engine` in its own thread; every other thread goes through `submit` and `call`."""
+    """Runs an engine in its own thread; every other thread goes through `submit` and `call`."""
 
-    def __init__(self, llm: Any, max_pending_requests: int = 256):
+    def __init__(self, engine: Engine, max_pending_requests: int = 256):
         if max_pending_requests < 1:
             raise ValueError("max_pending_requests must be >= 1")
-        self.llm = llm
-        self.engine = llm.engine
+        self.engine = engine
         self.max_pending_requests = max_pending_requests
         self.num_pending = 0  # event-loop thread only
         # Engine-thread counters, read by tests and logs: steps run, the most requests one step
@@ -194,8 +180,8 @@ class EngineWorker:
         self._commands.put(("add", request_id, prompt, params, adapter, stream, time.monotonic(), loop))
         return stream
 
-    async def call(self, fn: Callable[[Any], Any]) -> Any:
-        """Runs `fn(llm)` on the engine thread between two steps and returns its result."""
+    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+        """Runs `fn(engine)` on the engine thread between two steps and returns its result."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future = loop.create_future()
         self._commands.put(("call", fn, future, loop))
@@ -260,7 +246,7 @@ class EngineWorker:
         elif kind == "call":
             _, fn, future, loop = command
             try:
-                result, error = fn(self.llm), None
+                result, error = fn(self.engine), None
             except Exception as exc:  # handed to the caller
                 result, error = None, exc
             _post(loop, _resolve, future, result, error)

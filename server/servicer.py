@@ -8,11 +8,10 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
-import jax
-import numpy as np
 
 from jalora.api.v1 import jalora_pb2 as pb
 from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
+from jalora.engine.interface import Engine
 from jalora.errors import InvalidRequestError
 from jalora.sampling_params import SamplingParams
 from server.engine_worker import Completion, Delta, EngineWorker
@@ -155,7 +154,7 @@ class JaloraServicer(pb_grpc.JaloraServicer):
 
     async def ListAdapters(self, request, context):
         try:
-            infos = await self.worker.call(lambda llm: llm.list_adapters())
+            infos = await self.worker.call(lambda engine: engine.list_adapters())
         except Exception as exc:
             await abort_with(context, exc)
         return pb.ListAdaptersResponse(adapters=[adapter_info_to_proto(i) for i in infos])
@@ -166,12 +165,7 @@ class JaloraServicer(pb_grpc.JaloraServicer):
                 raise InvalidRequestError("name", "must not be empty")
             path = resolve_adapter_path(request.path, self.adapter_roots)
             name = request.name
-
-            def load(llm):
-                llm.load_adapter(name, path)
-                return next(i for i in llm.list_adapters() if i.name == name)
-
-            info = await self.worker.call(load)
+            info = await self.worker.call(lambda engine: engine.load_adapter(name, path))
         except Exception as exc:
             await abort_with(context, exc)
         return adapter_info_to_proto(info)
@@ -180,14 +174,14 @@ class JaloraServicer(pb_grpc.JaloraServicer):
         try:
             if not request.name:
                 raise InvalidRequestError("name", "must not be empty")
-            await self.worker.call(lambda llm: llm.unload_adapter(request.name))
+            await self.worker.call(lambda engine: engine.unload_adapter(request.name))
         except Exception as exc:
             await abort_with(context, exc)
         return pb.UnloadAdapterResponse()
 
     async def Tokenize(self, request, context):
         try:
-            ids = await self.worker.call(lambda llm: llm.engine.encode(request.text))
+            ids = await self.worker.call(lambda engine: engine.tokenize(request.text))
         except Exception as exc:
             await abort_with(context, exc)
         return pb.TokenizeResponse(token_ids=list(ids))
@@ -200,23 +194,22 @@ class JaloraServicer(pb_grpc.JaloraServicer):
         info.num_running_requests = self.worker.num_pending
         return info
 
-    def _server_info(self, llm: Any) -> pb.ServerInfo:
+    def _server_info(self, engine: Engine) -> pb.ServerInfo:
         """Runs on the engine thread."""
-        engine = llm.engine
-        cfg = engine.cfg
+        e = engine.info()
         return pb.ServerInfo(
             version=self.version,
-            model=self.model_name or str(engine.model_dir),
-            dtype=np.dtype(engine.dtype).name,
-            platform=jax.default_backend(),
-            block_size=engine.block_size,
-            num_total_blocks=engine.num_total_blocks,
-            num_free_blocks=engine.num_free_blocks(),
-            max_model_len=engine.max_model_len,
-            max_num_seqs=engine.scheduler.max_num_seqs,
-            max_loras=engine.adapters.max_loras,
-            vocab_size=cfg.vocab_size,
-            eos_token_ids=list(cfg.eos_token_ids),
+            model=self.model_name or e.model,
+            dtype=e.dtype,
+            platform=e.platform,
+            block_size=e.block_size,
+            num_total_blocks=e.num_total_blocks,
+            num_free_blocks=e.num_free_blocks,
+            max_model_len=e.max_model_len,
+            max_num_seqs=e.max_num_seqs,
+            max_loras=e.max_loras,
+            vocab_size=e.vocab_size,
+            eos_token_ids=e.eos_token_ids,
             adapter_roots=self.adapter_roots,
             max_pending_requests=self.worker.max_pending_requests,
         )

@@ -1,4 +1,4 @@
-"""Base-aligned chained block hashes (DESIGN.md section 2).
+"""Base-aligned chained block hashes (the rule is described in docs/architecture.md, "Prefix reuse").
 
 hash_j = H(hash_{j-1}, tokens[jB:(j+1)B], key_j), chained from a fixed seed with SHA-256 so hashes
 are reproducible across processes. key_j is None when the whole block precedes the activation index

@@ -2,9 +2,11 @@
 
 Shapes are bucketed: the flattened token count T is padded to a power of two (>= 16) and the
 sequence axis to `max_num_seqs`, so the number of compilations stays small and fixed. The KV cache
-is donated into the step and comes back updated in place.
+is donated into the step and comes back updated in place; the adapter stacks come in as an argument
+(owned by the AdapterManager), so loading an adapter changes values, never the compiled step.
 """
 
+import dataclasses
 import math
 from typing import NamedTuple
 
@@ -13,11 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jalora.adapters.manager import AdapterStacks
 from jalora.engine.scheduler import ScheduledBatch
 from jalora.model.decoder import AttentionMetadata, Decoder, LoraBatch
 from jalora.model.sampler import sample
 from jalora.sampling_params import MAX_LOGPROBS
-from pallas_kernels.masked_lora import ONEHOT_MAX_TOKENS, LoraSegments, build_lora_segments
+from pallas_kernels.masked_lora import LoraSegments, build_lora_segments
 
 MIN_BUCKET = 16
 
@@ -36,6 +39,26 @@ class StepInputs(NamedTuple):
     top_p: jax.Array  # f32[S]
     seeds: jax.Array  # u32[S]
     counters: jax.Array  # i32[S]
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedStep:
+    """A step's host inputs and the static flags that pick its compiled variant."""
+
+    inputs: StepInputs
+    do_sample: bool  # some request samples (else greedy argmax only)
+    want_logprobs: bool  # some request wants top-n logprobs
+    want_prompt_lp: bool  # some request wants prompt logprobs (logits of every row)
+
+
+class StepOutputs(NamedTuple):
+    """A dispatched step's device outputs (not waited for)."""
+
+    tokens: jax.Array  # i32[S] sampled token of each sequence
+    token_logprobs: jax.Array  # f32[S]
+    top_ids: jax.Array | None  # i32[S, MAX_LOGPROBS]
+    top_logprobs: jax.Array | None  # f32[S, MAX_LOGPROBS]
+    prompt_logprobs: jax.Array | None  # f32[T]
 
 
 class StepResult(NamedTuple):
@@ -99,29 +122,23 @@ class ModelRunner:
         self.max_num_seqs = max_num_seqs
         self.max_pages = -(-max_model_len // block_size)
         self.buckets = token_buckets(max_num_batched_tokens)
+        self.plan = model.plan
         self.graphdef, state = nnx.split(model)
         # The parameters cross into the step as a flat list: flattening the nnx.State pytree on every
         # call cost ~0.6 ms of host time per step for 40 layers (bench/profile_step.py).
         self.params, self.params_def = jax.tree.flatten(state)
-        # Which masked-LoRA form a step takes: the kernels walk host-built segments (slot -1 rows cost
-        # nothing, for prefills); decode-sized steps on GPU, and every step on CPU, take the one-hot
-        # matmuls, which need only the per-token slots (no segment building on the host).
-        backend = jax.default_backend()
-        self.segments_above = {"gpu": ONEHOT_MAX_TOKENS, "tpu": 0}.get(backend)
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(cfg.num_layers)]
-        # group -> (A [L, n, Din, R], B [L, n, R, Dout], A_flat [L, Din, n*R] or None: no one-hot path)
-        self.lora_weights: dict = {}
         graphdef, params_def = self.graphdef, self.params_def
 
         def step_fn(
-            params, kv_caches, lora_weights, packed, prev_tokens, layout, do_sample, want_logprobs, want_prompt_lp
+            params, kv_caches, adapters, packed, prev_tokens, layout, do_sample, want_logprobs, want_prompt_lp
         ):
             inp: StepInputs = unpack_inputs(packed, layout)
             model = nnx.merge(graphdef, jax.tree.unflatten(params_def, params))
             lora = None
             if inp.lora_slots is not None:
-                lora = LoraBatch(lora_weights, inp.lora_slots, inp.lora_segments)
+                lora = LoraBatch(adapters, inp.lora_slots, inp.lora_segments)
             # Async scheduling: tokens sampled by the previous step are fed from its device output.
             token_ids = jnp.where(inp.token_src >= 0, prev_tokens[jnp.maximum(inp.token_src, 0)], inp.token_ids)
             hidden, kv_caches = model(token_ids, inp.positions, kv_caches, inp.attn, lora)
@@ -137,7 +154,7 @@ class ModelRunner:
                 all_lp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
                 targets = jnp.maximum(inp.prompt_targets, 0)
                 prompt_lp = jnp.take_along_axis(all_lp, targets[:, None], axis=-1)[:, 0]
-            return kv_caches, (tokens, token_lp, top[1], top[0], prompt_lp)
+            return kv_caches, StepOutputs(tokens, token_lp, top[1], top[0], prompt_lp)
 
         self._step = jax.jit(
             step_fn, static_argnames=("layout", "do_sample", "want_logprobs", "want_prompt_lp"), donate_argnums=(1,)
@@ -150,7 +167,11 @@ class ModelRunner:
                 return b
         raise ValueError(f"{num_tokens} tokens exceed the largest bucket {self.buckets[-1]}")
 
-    def prepare(self, batch: ScheduledBatch, prev_step: int | None = None) -> tuple[StepInputs, dict]:
+    @property
+    def smallest_step(self) -> int:
+        return self.buckets[0]
+
+    def prepare(self, batch: ScheduledBatch, prev_step: int | None = None) -> PreparedStep:
         """Host side: numpy arrays for one step, built with a few vectorised numpy ops per step (a Python
         loop with per-request numpy calls cost 1.3 ms at 64 decoding sequences).
 
@@ -209,12 +230,8 @@ class ModelRunner:
 
         params = [r.params for r in reqs]
         prompt_targets = np.full(t, -1, np.int32)
-        flags = {
-            "do_sample": any(not p.greedy for p in params),
-            "want_logprobs": any(p.logprobs is not None for p in params),
-            "want_prompt_lp": any(p.prompt_logprobs for p in params),
-        }
-        if flags["want_prompt_lp"]:
+        want_prompt_lp = any(p.prompt_logprobs for p in params)
+        if want_prompt_lp:
             for i, r in enumerate(reqs):
                 if r.params.prompt_logprobs:
                     nxt = pos[cu[i] : cu[i + 1]] + 1
@@ -241,21 +258,32 @@ class ModelRunner:
             token_ids, token_src, positions, lora_slots, segments, prompt_targets, attn, logits_indices,
             temperature, top_k, top_p, seeds, counters,
         )  # fmt: skip
-        return inp, flags
+        return PreparedStep(
+            inp,
+            do_sample=any(not p.greedy for p in params),
+            want_logprobs=any(p.logprobs is not None for p in params),
+            want_prompt_lp=want_prompt_lp,
+        )
 
     def _lora_segments(self, token_slots: np.ndarray) -> LoraSegments | None:
-        """The kernels' segments for this step, or None where it takes the one-hot path."""
-        if self.segments_above is None or token_slots.shape[0] <= self.segments_above:
+        """The segment kernel's runs for this step, or None where the plan takes the one-hot form."""
+        if not self.plan.lora_takes_segments(token_slots.shape[0]):
             return None
         return build_lora_segments(token_slots, max_segments=self.max_num_seqs)
 
-    def _run(self, inp: StepInputs, flags: dict, prev_tokens: jax.Array | None = None):
+    def launch(
+        self, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None = None
+    ) -> StepOutputs:
+        """Enqueues a prepared step on the device (the KV cache donated into it) without waiting."""
         # Base-only steps get no adapter stacks at all, so loading an adapter never changes (and
         # recompiles) their variant.
-        weights = self.lora_weights if inp.lora_slots is not None else {}
-        packed, layout = pack_inputs(inp)
+        stacks = adapters if step.inputs.lora_slots is not None else {}
+        packed, layout = pack_inputs(step.inputs)
         prev = self._no_prev_tokens if prev_tokens is None else prev_tokens
-        self.kv_caches, out = self._step(self.params, self.kv_caches, weights, packed, prev, layout=layout, **flags)
+        self.kv_caches, out = self._step(
+            self.params, self.kv_caches, stacks, packed, prev, layout=layout, do_sample=step.do_sample,
+            want_logprobs=step.want_logprobs, want_prompt_lp=step.want_prompt_lp,
+        )  # fmt: skip
         return out
 
     def kv_cache_deleted(self) -> bool:
@@ -267,34 +295,37 @@ class ModelRunner:
         self.kv_caches = [(jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)) for k, v in self.kv_caches]
 
     def dispatch(
-        self, batch: ScheduledBatch, prev_tokens: jax.Array | None = None, prev_step: int | None = None
-    ) -> tuple:
-        """Enqueues one step on the device and returns its outputs (device arrays) without waiting;
+        self,
+        batch: ScheduledBatch,
+        adapters: AdapterStacks,
+        prev_tokens: jax.Array | None = None,
+        prev_step: int | None = None,
+    ) -> StepOutputs:
+        """Prepares and enqueues one step, and starts copying its outputs back, without waiting;
         `prev_tokens` are the tokens sampled by step `prev_step`, which feed this step's pending ones."""
-        inp, flags = self.prepare(batch, prev_step)
-        out = self._run(inp, flags, prev_tokens)
+        out = self.launch(self.prepare(batch, prev_step), adapters, prev_tokens)
         for x in out:
             if x is not None:
                 x.copy_to_host_async()  # the copy back starts as soon as the step ends
         return out
 
     @staticmethod
-    def fetch(out: tuple) -> StepResult:
+    def fetch(out: StepOutputs) -> StepResult:
         """Waits for a dispatched step and brings its results to the host."""
-        tokens, token_lp, top_ids, top_lp, prompt_lp = jax.device_get(out)
-        return StepResult(tokens, token_lp, top_ids, top_lp, prompt_lp)
+        return StepResult(*jax.device_get(tuple(out)))
 
-    def warmup(self, progress: bool = True, lora: bool = False) -> None:
+    def warmup(self, progress: bool = True, adapters: AdapterStacks | None = None) -> None:
         """Compiles the greedy step for every token bucket: base-only, or with the adapter path."""
         from tqdm import tqdm
 
-        desc = "jalora warm-up (adapters)" if lora else "jalora warm-up"
+        desc = "jalora warm-up (adapters)" if adapters else "jalora warm-up"
         for t in tqdm(self.buckets, desc=desc, disable=not progress):
-            inp, flags = self.prepare(_WarmupBatch(t))
-            if lora:  # every padding row in slot 0: the shapes of any adapted step of this bucket
+            step = self.prepare(_WarmupBatch(t))
+            if adapters:  # every padding row in slot 0: the shapes of any adapted step of this bucket
                 slots = np.zeros(t, np.int32)
-                inp = inp._replace(lora_slots=slots, lora_segments=self._lora_segments(slots))
-            jax.block_until_ready(self._run(inp, flags))
+                inputs = step.inputs._replace(lora_slots=slots, lora_segments=self._lora_segments(slots))
+                step = dataclasses.replace(step, inputs=inputs)
+            jax.block_until_ready(self.launch(step, adapters or {}))
 
 
 class _WarmupBatch:

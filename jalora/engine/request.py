@@ -5,8 +5,9 @@ import time
 
 import numpy as np
 
+from jalora.adapters.peft import BASE, ResolvedAdapter
 from jalora.engine.block_hasher import extend_block_hashes
-from jalora.outputs import RequestMetrics, RequestOutput
+from jalora.outputs import RequestMetrics
 from jalora.sampling_params import SamplingParams
 
 
@@ -36,21 +37,19 @@ class Status(enum.Enum):
 
 
 class Request:
+    """A request's tokens, its place in the KV cache and its progress through the steps."""
+
     def __init__(
         self,
         request_id: str,
-        prompt: str | None,
         prompt_token_ids: list[int],
         params: SamplingParams,
         seed: int,
-        eos_token_ids: tuple[int, ...],
+        eos_token_ids: tuple[int, ...] = (),
         adapter_name: str | None = None,
-        adapter_slot: int = -1,
-        adapter_identity: bytes | None = None,
-        activation_start: int | None = None,
+        adapter: ResolvedAdapter = BASE,
     ):
         self.request_id = request_id
-        self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
         self.all_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -58,9 +57,9 @@ class Request:
         self.seed = seed
         self.stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else set(eos_token_ids))
         self.adapter_name = adapter_name
-        self.adapter_slot = adapter_slot  # device slot, -1 for the base model
-        self.adapter_identity = adapter_identity
-        self.activation_start = activation_start  # None: base; 0: plain LoRA
+        self.adapter_slot = adapter.slot  # device slot, -1 for the base model
+        self.adapter_identity = adapter.identity
+        self.activation_start = adapter.activation_start  # None: base; 0: plain LoRA
         self.status = Status.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0
@@ -69,14 +68,12 @@ class Request:
         self.num_registered_blocks = 0  # leading blocks already published to the prefix cache
         # Async scheduling: (step id, row) of each token sampled by a step whose results the host has
         # not read yet, oldest first. The next step already feeds such a token (from the previous
-        # step's output on the device).
+        # step's output on the device). Written by the StepPipeline only.
         self.pending: list[tuple[int, int]] = []
         self.finish_reason: str | None = None
-        self.logprobs: list[dict[int, float]] | None = [] if params.logprobs is not None else None
         self.prompt_logprobs: list[float | None] | None = (
             [None] * len(prompt_token_ids) if params.prompt_logprobs else None
         )
-        self.text = ""
         self.metrics = RequestMetrics(arrival_time=time.monotonic())
 
     @property
@@ -107,19 +104,3 @@ class Request:
         if self.adapter_slot < 0 or position < self.activation_start:
             return -1
         return self.adapter_slot
-
-    def output(self) -> RequestOutput:
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids,
-            token_ids=list(self.output_token_ids),
-            text=self.text,
-            finish_reason=self.finish_reason,
-            logprobs=None if self.logprobs is None else list(self.logprobs),
-            prompt_logprobs=None if self.prompt_logprobs is None else list(self.prompt_logprobs),
-            num_cached_tokens=self.num_cached_tokens,
-            activation_start=self.activation_start,
-            adapter=self.adapter_name,
-            metrics=self.metrics,
-        )

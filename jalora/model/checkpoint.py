@@ -17,18 +17,12 @@ from safetensors import safe_open
 from jalora.errors import InvalidRequestError
 from jalora.model.config import ModelConfig
 from jalora.model.decoder import Decoder
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from jalora.model.kernel_plan import KernelPlan
 
 
 def resolve_dtype(dtype):
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise InvalidRequestError("dtype", f"unknown dtype {dtype!r} (choose from {sorted(DTYPES)})")
-        return DTYPES[dtype]
-    if dtype in DTYPES.values():
-        return dtype
-    raise InvalidRequestError("dtype", f"unknown dtype {dtype!r} (choose from {sorted(DTYPES)})")
+    """The JAX dtype of an EngineConfig.dtype name (validated there) or of a dtype."""
+    return jnp.dtype(dtype)
 
 
 def _path_name(path) -> str:
@@ -123,17 +117,10 @@ def _dummy_param(key_data, shape, dtype, is_norm: bool):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def load_model(
-    model_dir: str,
-    cfg: ModelConfig,
-    dtype,
-    load_format: str = "auto",
-    attention_impl: str | None = None,
-    attention_interpret: bool = False,
-) -> Decoder:
+def load_model(model_dir: str, cfg: ModelConfig, plan: KernelPlan, dtype, load_format: str = "auto") -> Decoder:
     """Decoder with weights from `model_dir` ("auto"/"safetensors") or deterministic random ("dummy")."""
     dtype = resolve_dtype(dtype)
-    abstract = nnx.eval_shape(lambda: Decoder(cfg, dtype, attention_impl, attention_interpret))
+    abstract = nnx.eval_shape(lambda: Decoder(cfg, plan, dtype))
     graphdef, abs_state = nnx.split(abstract)
     if load_format == "dummy":
         # Made on the device, one compilation per distinct shape; the name seeds each tensor.

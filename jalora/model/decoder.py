@@ -5,23 +5,21 @@ metadata, adapter stacks and per-token adapter slots) is an explicit argument, s
 function (see model_runner.py) runs a whole ragged batch and returns the new caches.
 
 Projections are fused as on the serving path: q/k/v into one [D, Dq + 2*Dkv] matmul and gate/up into
-one [D, 2F] matmul; adapters follow the same fusion (see adapters.py).
+one [D, 2F] matmul; adapters follow the same fusion (jalora/adapters/manager.py). Which kernel runs
+attention and masked LoRA is the engine's KernelPlan, a static attribute of the module.
 """
 
-from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jalora.adapters.manager import AdapterStacks
 from jalora.model.config import ModelConfig
+from jalora.model.kernel_plan import KernelPlan
 from pallas_kernels.masked_lora import LoraSegments, masked_lora_add, masked_lora_onehot_flat
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv
-
-# Adapted projection groups, in the order the step walks them. Each maps to the HF module names
-# it fuses and the width of each part of its output.
-LORA_GROUPS = ("qkv", "o", "gate_up", "down")
 
 
 class AttentionMetadata(NamedTuple):
@@ -35,21 +33,21 @@ class AttentionMetadata(NamedTuple):
 class LoraBatch(NamedTuple):
     """Adapter stacks (scaling folded into B, ranks zero-padded) and this step's adapted tokens."""
 
-    weights: dict  # group -> (A f[L, n, Din, R], B f[L, n, R, Dout], A_flat f[L, Din, n*R] or None)
+    stacks: AdapterStacks  # group -> LoraStack
     token_slots: jax.Array  # i32[T] adapter slot of each token row, -1 = base token or padding
-    segments: LoraSegments | None  # runs of tokens per slot for the kernels; None = one-hot path
+    segments: LoraSegments | None  # runs of tokens per slot for the segment kernel; None = one-hot form
 
 
-def masked_lora_fn(y, x, a, b, a_flat, lora: LoraBatch):
-    """y [T, Dout] + the LoRA delta of adapted tokens only.
+def masked_lora_fn(y, x, a, b, a_flat, lora: LoraBatch, plan: KernelPlan):
+    """y [T, Dout] + the LoRA delta of adapted tokens only (a, b, a_flat: one layer of a LoraStack).
 
-    With segments: the platform's masked multi-LoRA kernel (slot -1 rows cost nothing; long prefills).
-    Without: two dense matmuls against every slot, masked per row (decode-sized steps and the CPU).
+    With segments: the plan's masked multi-LoRA kernel (slot -1 rows cost nothing; long prefills).
+    Without: two dense matmuls against every slot, masked per row (decode-sized steps, and the CPU).
     """
     if lora.segments is not None:
-        return masked_lora_add(y, x, a, b, lora.segments)
+        return masked_lora_add(y, x, a, b, lora.segments, impl=plan.lora, interpret=plan.interpret_arg(plan.lora))
     if a_flat is None:
-        raise ValueError("the one-hot LoRA path needs the flat A stack (the runner took segments for every step)")
+        raise ValueError("the one-hot LoRA form needs the flat A stack (the plan takes segments for every step)")
     delta = masked_lora_onehot_flat(x, a_flat, b, lora.token_slots)
     return (y.astype(jnp.float32) + delta).astype(y.dtype)
 
@@ -112,12 +110,9 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    def __init__(
-        self, cfg: ModelConfig, dtype=jnp.float32, attention_impl: str | None = None, attention_interpret=False
-    ):
+    def __init__(self, cfg: ModelConfig, plan: KernelPlan, dtype=jnp.float32):
         self.cfg = cfg
-        self.attention_impl = attention_impl  # None: the kernel for this platform (reference on CPU)
-        self.attention_interpret = attention_interpret  # run a Pallas kernel in interpret mode (CPU tests)
+        self.plan = plan
         self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype)
         self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
         self.norm = _param((cfg.hidden_size,), dtype)
@@ -130,7 +125,6 @@ class Decoder(nnx.Module):
         kv_caches,  # list over layers of (K, V), each [num_blocks, block_size, Hkv, D]
         attn: AttentionMetadata,
         lora: LoraBatch | None,
-        lora_fn: Callable = masked_lora_fn,
     ):
         """Returns (hidden [T, D] after the final norm, new kv_caches)."""
         cfg = self.cfg
@@ -139,11 +133,7 @@ class Decoder(nnx.Module):
             x = x * cfg.embedding_multiplier
         inv_freq = rope_inv_freq(cfg)
         t = token_ids.shape[0]
-        interpret = self.attention_interpret
-        if interpret and self.attention_impl == "tpu":
-            from jax.experimental.pallas import tpu as pltpu
-
-            interpret = pltpu.InterpretParams()
+        plan = self.plan
         new_caches = []
         for i, layer in enumerate(self.layers):
 
@@ -152,9 +142,10 @@ class Decoder(nnx.Module):
                 if b is not None:
                     y = y + b[...].astype(jnp.float32)
                 y = y.astype(h.dtype)
-                if lora is not None and group in lora.weights:
-                    a_stack, b_stack, a_flat = lora.weights[group]
-                    y = lora_fn(y, h, a_stack[_i], b_stack[_i], None if a_flat is None else a_flat[_i], lora)
+                if lora is not None and group in lora.stacks:
+                    st = lora.stacks[group]
+                    a_flat = None if st.a_flat is None else st.a_flat[_i]
+                    y = masked_lora_fn(y, h, st.a[_i], st.b[_i], a_flat, lora, plan)
                 return y
 
             h = rms_norm(x, layer.input_norm[...], cfg.rms_norm_eps)
@@ -176,8 +167,9 @@ class Decoder(nnx.Module):
                 attn.num_seqs,
                 sm_scale=cfg.sm_scale,
                 sliding_window=cfg.sliding_window,
-                impl=self.attention_impl,
-                interpret=interpret,
+                impl=plan.attention,
+                interpret=plan.interpret_arg(plan.attention),
+                tuning=plan.attention_tuning,
             )
             o = proj(o.reshape(t, cfg.q_size), layer.w_o, layer.b_o, "o")
             x = x + o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + o

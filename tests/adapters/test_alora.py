@@ -1,4 +1,4 @@
-"""aLoRA and LoRA adapters against PEFT, and base-aligned prefix reuse across models (DESIGN.md 1-2)."""
+"""aLoRA and LoRA adapters against PEFT, and base-aligned prefix reuse across models (docs/architecture.md)."""
 
 import json
 import os
@@ -62,11 +62,17 @@ GEN = SamplingParams(max_tokens=16, logprobs=0, ignore_eos=True)
 @pytest.mark.parametrize("lora_path", ["onehot", "segments"])
 def test_mixed_batch_matches_peft(setup, lora_path):
     """Both masked-LoRA forms of the step: one-hot matmuls over per-token slots (decode-sized steps on
-    GPU, the CPU default) and the segment path the kernels take (here with the jnp reference)."""
-    _, _, _, llm, oracles = setup
-    runner = llm.engine.runner
-    saved = runner.segments_above
-    runner.segments_above = 0 if lora_path == "segments" else None
+    GPU, the CPU default) and the segment form the kernels take (here with the jnp reference). A plan
+    that takes segments for every step (as on TPU) keeps no flat A copy of the stacks (dead HBM)."""
+    base_path, _, paths, llm, oracles = setup
+    if lora_path == "segments":
+        llm = LLM(base_path, num_kv_blocks=128, max_num_seqs=8, max_num_batched_tokens=64, max_loras=4,
+                  max_lora_rank=16, lora_onehot_max_tokens=0, warmup=False)  # fmt: skip
+        for name, path in paths.items():
+            llm.load_adapter(name, path)
+        assert llm.engine.adapters.stacks and all(s.a_flat is None for s in llm.engine.adapters.stacks.values())
+    else:
+        assert all(s.a_flat is not None for s in llm.engine.adapters.stacks.values())
     cases = [  # (adapter, prompt, activation index or None)
         (None, ctx(40, 1), None),
         ("lora_all", ctx(37, 2), 0),
@@ -75,28 +81,11 @@ def test_mixed_batch_matches_peft(setup, lora_path):
         ("alora_all", ctx(21, 6) + INV_ALL + ctx(3, 7) + INV_ALL, 26),  # the last occurrence counts
         ("alora_all", ctx(50, 8) + INV_ALL, 50),
     ]
-    try:
-        outs = llm.generate([c[1] for c in cases], FULL, adapter=[c[0] for c in cases])
-    finally:
-        runner.segments_above = saved
+    outs = llm.generate([c[1] for c in cases], FULL, adapter=[c[0] for c in cases])
     for (adapter, ids, a), out in zip(cases, outs):
         assert out.activation_start == a
         check(out, expect(oracles, adapter, ids, None if adapter in (None, "lora_all") else a), f"{adapter} a={a}")
     assert llm.engine.num_free_blocks() == llm.engine.num_total_blocks
-
-
-def test_segments_only_runner_keeps_no_flat_a(setup):
-    """Where every step takes the kernels (TPU: segments_above == 0) the adapters get no flat A copy
-    (it would be dead HBM), and adapted steps still match PEFT."""
-    base_path, _, paths, _, oracles = setup
-    llm = LLM(base_path, num_kv_blocks=32, max_num_seqs=2, max_num_batched_tokens=64, max_loras=1,
-              max_lora_rank=16, warmup=False)  # fmt: skip
-    llm.engine.runner.segments_above = 0
-    llm.load_adapter("alora_qkv", paths["alora_qkv"])
-    assert all(a_flat is None for _, _, a_flat in llm.engine.runner.lora_weights.values())
-    prompt = ctx(30, 3) + INV + ctx(5, 4)
-    (out,) = llm.generate([prompt], FULL, adapter="alora_qkv")
-    check(out, expect(oracles, "alora_qkv", prompt, 30), "segments-only runner")
 
 
 def test_cold_and_warm_agree_and_base_blocks_are_reused(setup):

@@ -1,4 +1,4 @@
-"""The base-aligned hashing rule of DESIGN.md section 2, block by block."""
+"""The base-aligned hashing rule (docs/architecture.md, "Prefix reuse"), block by block."""
 
 from jalora.engine.block_hasher import SEED, block_key, extend_block_hashes, hash_block
 

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from jalora import LLM, SamplingParams
+from jalora.adapters.peft import ResolvedAdapter
 from jalora.engine.model_runner import StepInputs, pack_inputs, unpack_inputs
 from jalora.engine.request import BlockIds, Request
 from jalora.engine.scheduler import ScheduledBatch
@@ -18,8 +19,8 @@ def runner(tiny_models):
 
 
 def _request(rid, prompt, computed, outputs, blocks, slot=-1, activation=None, **params):
-    req = Request(rid, None, prompt, SamplingParams(**params), seed=2**32 - 1 - len(rid), eos_token_ids=(),
-                  adapter_slot=slot, activation_start=activation)  # fmt: skip
+    adapter = ResolvedAdapter(slot, None if slot < 0 else b"id", activation)
+    req = Request(rid, prompt, SamplingParams(**params), seed=2**32 - 1 - len(rid), adapter=adapter)
     req.output_token_ids = list(outputs)
     req.all_token_ids = list(prompt) + list(outputs)
     req.num_computed_tokens = computed
@@ -62,7 +63,8 @@ def test_prepare_matches_the_per_request_oracle(runner):
                  temperature=0.7, top_k=5, top_p=0.9),  # recomputes prompt + outputs after a preemption  # fmt: skip
     ]
     ns = [1, 9, 6]
-    inp, flags = runner.prepare(ScheduledBatch(reqs, ns, []))
+    step = runner.prepare(ScheduledBatch(reqs, ns, []))
+    inp = step.inputs
     want, pages, kv_lens, logits_idx, counters = _oracle(runner, reqs, ns)
     np.testing.assert_array_equal(inp.token_ids, want["token_ids"])
     np.testing.assert_array_equal(inp.positions, want["positions"])
@@ -76,7 +78,7 @@ def test_prepare_matches_the_per_request_oracle(runner):
     np.testing.assert_array_equal(inp.counters, counters)
     np.testing.assert_array_equal(inp.seeds[:3], [r.seed for r in reqs])
     np.testing.assert_allclose(inp.temperature[:3], [0.0, 0.0, 0.7])
-    assert flags == {"do_sample": True, "want_logprobs": False, "want_prompt_lp": True}
+    assert (step.do_sample, step.want_logprobs, step.want_prompt_lp) == (True, False, True)
 
     reqs[0].block_ids = BlockIds([3])  # position 6 needs a second block of 4 tokens
     with pytest.raises(RuntimeError, match="no cache block"):
@@ -85,7 +87,7 @@ def test_prepare_matches_the_per_request_oracle(runner):
 
 def test_packed_inputs_cross_bit_for_bit(runner):
     reqs = [_request("a", [1, 2, 3], 0, [], [5], slot=1, activation=1, temperature=1.0)]
-    inp, _ = runner.prepare(ScheduledBatch(reqs, [3], []))
+    inp = runner.prepare(ScheduledBatch(reqs, [3], [])).inputs
     inp = inp._replace(
         seeds=np.array([2**32 - 1, 2**31, 0, 7], np.uint32),
         temperature=np.array([-0.0, np.inf, 1e-30, np.nan], np.float32),

@@ -79,7 +79,7 @@ def test_engine_with_pallas_attention_kernels(tiny_models, impl, family_name):
     """The engine with the GPU / TPU attention kernel (interpret mode) stays within the parity bounds."""
     path = tiny_models[family_name]
     llm = LLM(path, num_kv_blocks=32, max_num_seqs=4, max_num_batched_tokens=32, warmup=False,
-              attention_impl=impl, attention_interpret=True)  # fmt: skip
+              attention_impl=impl, kernel_interpret=True)  # fmt: skip
     oracle = hf_models.load_oracle(path)
     prompts = [prompt_of(5, 1), prompt_of(40, 2)]  # 40 tokens: two prefill chunks, past the window (24)
     outs = llm.generate(prompts, SamplingParams(max_tokens=8, prompt_logprobs=True, ignore_eos=True))

@@ -90,6 +90,6 @@ def test_stop_token_and_eos(llm):
     first = free.token_ids.index(stop)
     assert out.token_ids == free.token_ids[: first + 1]
     assert out.finish_reason == "stop"
-    eos = llm.engine.cfg.eos_token_ids[0]
+    eos = llm.engine.info().eos_token_ids[0]
     (e,) = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=8))
     assert e.finish_reason == ("stop" if eos in e.token_ids else "length")

@@ -112,5 +112,5 @@ def test_engine_flags_reach_the_engine(tiny_models, flag, want):
         ["serve", "--model", tiny_models["llama"], "--max-model-len", "64", "--max-num-batched-tokens", "16", *flag]
     )
     llm, _, _ = cli._build_llm(args)
-    assert llm.engine.async_scheduling is want
+    assert llm.config.async_scheduling is want
     assert llm.engine.max_model_len == 64

@@ -52,7 +52,7 @@ def offline(built):
 @pytest.fixture(scope="module")
 def server(built):
     _, _, root = built
-    with ServerThread(_llm(built), port=0, adapter_roots=[root]) as s:
+    with ServerThread(_llm(built).engine, port=0, adapter_roots=[root]) as s:
         yield s
 
 
@@ -324,7 +324,7 @@ def test_server_info_health_and_reflection(server, client, built):
 
 def test_admission_queue_full_is_resource_exhausted(offline, built):
     """A second server (on the reference engine, now idle) that admits two requests at a time."""
-    with ServerThread(offline, port=0, max_pending_requests=2) as small, Client(small.target, timeout=60) as c:
+    with ServerThread(offline.engine, port=0, max_pending_requests=2) as small, Client(small.target, timeout=60) as c:
         streams = [c.generate_stream(CONTEXT[:10 + i], **LONG) for i in range(2)]
         for s in streams:
             next(s)

@@ -1,0 +1,58 @@
+"""The engine interface: what `LLM` and the gRPC server's engine thread depend on, and nothing more.
+
+`LLMEngine` implements it. Callers never reach past it into the scheduler, the runner or the adapter
+manager, so the server can be tested against any engine that implements these methods. One thread
+owns an engine: none of the methods are thread-safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Protocol
+
+from jalora.adapters.peft import AdapterInfo
+from jalora.outputs import RequestDelta
+from jalora.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineInfo:
+    """What a server reports about its engine (gRPC GetServerInfo)."""
+
+    model: str
+    dtype: str
+    platform: str  # "cpu" | "gpu" | "tpu"
+    block_size: int
+    num_total_blocks: int
+    num_free_blocks: int
+    max_model_len: int
+    max_num_seqs: int
+    max_loras: int
+    vocab_size: int
+    eos_token_ids: list[int]
+
+
+class Engine(Protocol):
+    def add_request(
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, adapter: str | None = None
+    ) -> None:
+        """Validates and queues a request; raises InvalidRequestError (or a subclass) and changes nothing."""
+
+    def abort_request(self, request_id: str) -> None:
+        """Ends a request now (its final delta comes from the next `step`); unknown ids are ignored."""
+
+    def step(self) -> list[RequestDelta]:
+        """Runs one engine step; returns a delta for every request that got tokens or ended."""
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def tokenize(self, text: str) -> list[int]: ...
+
+    def load_adapter(self, name: str, path: str) -> AdapterInfo: ...
+
+    def unload_adapter(self, name: str) -> None: ...
+
+    def list_adapters(self) -> list[AdapterInfo]: ...
+
+    def info(self) -> EngineInfo: ...

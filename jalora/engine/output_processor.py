@@ -1,0 +1,62 @@
+"""Postprocess: a read-back token becomes a request's next token, its text and its delta.
+
+The output processor appends each sampled token to its request, decides whether the request stops
+(a stop token, or its length limit), turns the token into text incrementally, and builds the
+`RequestDelta`s the engine returns. Its work per token is constant: deltas hold only what is new and
+the text comes from an incremental detokenizer, never from decoding the whole output again.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer
+
+from jalora.engine.detokenizer import IncrementalDetokenizer
+from jalora.engine.request import Request
+from jalora.outputs import FinishedRequest, RequestDelta
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer | None, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+
+    def add(self, req: Request) -> None:
+        if self.tokenizer is not None:
+            self._detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer)
+
+    def append(
+        self, req: Request, token: int, logprobs: dict[int, float] | None, now: float
+    ) -> tuple[RequestDelta, str | None]:
+        """Appends a sampled token to `req`; returns its delta and the finish reason it causes, if any."""
+        req.output_token_ids.append(token)
+        req.all_token_ids.append(token)
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        reason = None
+        if token in req.stop_ids:
+            reason = "stop"
+        elif req.length_reached(self.max_model_len):
+            reason = "length"
+        detok = self._detokenizers.get(req.request_id)
+        text = "" if detok is None else detok.push(token)
+        return RequestDelta(req.request_id, [token], text, None if logprobs is None else [logprobs]), reason
+
+    def finish(self, req: Request, last: RequestDelta | None = None) -> RequestDelta:
+        """The final delta of an ended request (`last`, its last token's delta, if it has one): the text
+        still held back and the final record."""
+        detok = self._detokenizers.pop(req.request_id, None)
+        tail = "" if detok is None else detok.flush()
+        finished = FinishedRequest(
+            finish_reason=req.finish_reason,
+            prompt_token_ids=req.prompt_token_ids,
+            num_output_tokens=len(req.output_token_ids),
+            num_cached_tokens=req.num_cached_tokens,
+            activation_start=req.activation_start,
+            adapter=req.adapter_name,
+            prompt_logprobs=req.prompt_logprobs,
+            metrics=req.metrics,
+        )
+        if last is None:
+            return RequestDelta(req.request_id, [], tail, None if req.params.logprobs is None else [], finished)
+        return RequestDelta(last.request_id, last.token_ids, last.text + tail, last.logprobs, finished)

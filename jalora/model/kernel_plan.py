@@ -1,0 +1,69 @@
+"""KernelPlan: which kernel runs each op of the step, chosen once per engine.
+
+The platform (GPU, TPU, or the pure-jnp reference elsewhere) and the device's tuning table decide the
+defaults; EngineConfig may override each choice (tests run the Pallas kernels on CPU in interpret
+mode). The decoder and the runner only read the plan: nothing else in the engine looks at the backend.
+
+Masked multi-LoRA has two forms. The segment kernel walks runs of equal adapter slots that the host
+builds per step and gives base-model rows no work at all (long prefills, where most rows precede the
+activation). The one-hot form is two dense matmuls against every slot with the other slots' columns
+zeroed, which needs only the per-token slots: cheaper than a kernel launch when the step is
+decode-sized. `lora_onehot_max_tokens` is the step size (token rows) up to which the one-hot form runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jalora.config import EngineConfig
+from pallas_kernels.masked_lora import masked_lora_tuning
+from pallas_kernels.platform import device_kind, kernel_platform
+from pallas_kernels.ragged_paged_attention import (
+    GpuAttentionTuning,
+    TpuAttentionTuning,
+    gpu_attention_tuning,
+    tpu_attention_tuning,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelPlan:
+    attention: str  # "reference" | "gpu" | "tpu"
+    lora: str  # the segment kernel: "reference" | "gpu" | "tpu"
+    lora_onehot_max_tokens: int | None  # steps of at most this many rows take the one-hot form; None: all
+    interpret: bool  # Pallas kernels in interpret mode (CPU)
+    attention_tuning: GpuAttentionTuning | TpuAttentionTuning | None  # the attention kernel's table entry
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> KernelPlan:
+        platform, kind = kernel_platform(), device_kind()
+        onehot = masked_lora_tuning(platform, kind).onehot_max_tokens
+        if config.lora_onehot_max_tokens is not None:
+            onehot = config.lora_onehot_max_tokens
+        attention = config.attention_impl or platform
+        tuning = {"gpu": gpu_attention_tuning, "tpu": tpu_attention_tuning}.get(attention)
+        return cls(
+            attention=attention,
+            lora=config.lora_impl or platform,
+            lora_onehot_max_tokens=onehot,
+            interpret=config.kernel_interpret,
+            attention_tuning=None if tuning is None else tuning(kind),
+        )
+
+    def lora_takes_segments(self, num_tokens: int) -> bool:
+        """True if a step of `num_tokens` rows runs the segment kernel (else the one-hot form)."""
+        return self.lora_onehot_max_tokens is not None and num_tokens > self.lora_onehot_max_tokens
+
+    def keeps_flat_lora_a(self, smallest_step: int) -> bool:
+        """True if some step can take the one-hot form, whose A layout adapter stacks must then keep."""
+        return not self.lora_takes_segments(smallest_step)
+
+    def interpret_arg(self, impl: str):
+        """The `interpret` argument of a Pallas call for kernel `impl`."""
+        if not self.interpret or impl == "reference":
+            return False
+        if impl == "tpu":
+            from jax.experimental.pallas import tpu as pltpu
+
+            return pltpu.InterpretParams()
+        return True
