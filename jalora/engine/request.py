@@ -99,8 +99,3 @@ class Request:
             self.block_hashes, self.all_token_ids, block_size, self.activation_start, self.adapter_identity
         )
         return self.block_hashes
-
-    def lora_slot_at(self, position: int) -> int:
-        if self.adapter_slot < 0 or position < self.activation_start:
-            return -1
-        return self.adapter_slot

@@ -1,0 +1,2 @@
+"""The model: HF config, the Flax decoder over the paged cache, weight loading, on-device sampling, and
+the kernel plan that picks which kernel runs each op."""
