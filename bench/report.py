@@ -453,6 +453,23 @@ def step_profiles(*profiles) -> list[str]:
     return out
 
 
+def host_stream(r) -> list[str]:
+    """bench/host_stream.py: the host's output work per token, early and late in a long stream."""
+    new, old = r["output_processor"], r["decode_whole_output"]
+    w = r["window"]
+    out = [f"One request's output stream of {r['tokens']} token ids of the embedded default tokenizer (text with "
+           f"multi-byte characters), host only, median microseconds per token over its first and last {w} tokens "
+           f"({provenance(r)}; host CPU {r['host_cpu']}, Python {r['python']}).", "",
+           f"| per-token output work | first {w} tokens us | last {w} tokens us | last / first |", "|---|---|---|---|",
+           f"| the engine's OutputProcessor: append, stop check, incremental detokenizer, delta of the new token | "
+           f"{new['first_us']:.1f} | {new['last_us']:.1f} | {new['last_over_first']:.2f} |",
+           f"| cumulative: decode the whole output again and copy the token list | {old['first_us']:.1f} | "
+           f"{old['last_us']:.1f} | {old['last_over_first']:.2f} |", "",
+           f"Over the last {w} tokens the cumulative way costs "
+           f"{r['decode_whole_over_output_processor']['last']:.0f}x the OutputProcessor per token."]  # fmt: skip
+    return out
+
+
 # -- what each script prints at the end of its run -----------------------------------------------------
 
 
@@ -533,6 +550,11 @@ def attention_splits_stdout(r, splits) -> list[str]:
     return out
 
 
+def host_stream_stdout(r) -> list[str]:
+    """bench/host_stream.py's result: the README's table."""
+    return host_stream(r)
+
+
 def lora_stdout(r) -> list[str]:
     """bench/lora.py's result: the projection stack's overheads, and the kernel against its alternatives."""
     d, p = r.get("decode"), r.get("prefill")
@@ -572,6 +594,7 @@ def render() -> str:
         ("### Ragged paged attention (issue 4)", attention, ("attention.json",)),
         ("### The engine's decode step: async scheduling", step_profiles,
          ("profile_step_b1.json", "profile_step_b64_a8.json")),
+        ("### Host output work per token over a long stream", host_stream, ("host_stream.json",)),
         ("### Masked multi-LoRA (issue 5)", lora, ("lora.json", "lora_step.json")),
         ("### Decode attention: kv splits at the engine's step shapes", attention_splits,
          ("attention_splits.json",)),
