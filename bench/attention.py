@@ -248,7 +248,7 @@ def main(argv=None) -> dict:
             del args_d
     variants = [dict()]
     if not args.skip_variants:
-        # run 1 (bench/results/attention_run1.json) swept block_m 64/128, block_k 32/64/128, warps 4/8
+        # the wider sweep (block_m 64/128, block_k 32/64/128, warps 4/8) is in bench/results/attention_run1.json
         variants += [dict(block_k=128, num_stages=2), dict(num_warps=8)]
     save(path, results)
     n1, n2 = (128, 256) if args.smoke else (8192, 32768)

@@ -7,9 +7,10 @@ Every markdown table of the benchmarks is rendered here: the README's sections (
 summary each script prints at the end of its run (the `*_stdout` functions).
 
 Ratios are given twice where a ceiling matters: against the ceiling measured by the same run
-(through XLA) and against the H200 reference figures of DESIGN.md section 5 (copy about 4.3 TB/s,
-bf16 matmul about 790 TFLOP/s, both measured on this machine type through PyTorch), because the
-XLA measurements of the same card come out lower and a ratio over a low ceiling flatters.
+(through XLA) and against H200 reference figures measured on this machine type through PyTorch (a
+device-to-device copy at about 4.3 TB/s, read + write bytes; an 8192^3 bf16 matmul at about 790
+TFLOP/s), because the XLA measurements of the same card come out lower and a ratio over a low
+ceiling flatters.
 """
 
 import argparse
@@ -19,8 +20,8 @@ import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-REF_HBM_GBPS = 4300.0  # DESIGN.md section 5: device-to-device copy, read + write bytes
-REF_MATMUL_TFLOPS = 790.0  # DESIGN.md section 5: 8192^3 bf16 matmul on random data
+REF_HBM_GBPS = 4300.0  # H200, PyTorch device-to-device copy, read + write bytes
+REF_MATMUL_TFLOPS = 790.0  # H200, PyTorch 8192^3 bf16 matmul on random data
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -30,7 +31,7 @@ def load(name):
 
 
 def commit_of(r) -> str:
-    """The run's commit, short (result files written before the harness recorded it as `git_commit`)."""
+    """The run's commit, short (some result files hold it as `git_commit`)."""
     return str(r.get("commit") or r.get("git_commit") or "?")[:10]
 
 
@@ -264,7 +265,7 @@ def ratio(a, b):
 
 
 def pb_goals(r: dict) -> list[str]:
-    """Issue 7's goals against the measured numbers; a missed goal says by how much."""
+    """The pipeline benchmark's goals against the measured numbers; a missed goal says by how much."""
     parts, rows = r.get("parts", {}), []
 
     def row(what, value, goal, higher=True):
@@ -303,13 +304,13 @@ def pb_goals(r: dict) -> list[str]:
     if not rows:
         return []
     where = "CPU smoke run (tiny model): the goals are for the H200" if r.get("quick") else r.get("device")
-    return [f"Goals of issue 7 ({where}):", "", "| measure | value | goal | |", "|---|---|---|---|", *rows, ""]
+    return [f"Goals ({where}):", "", "| measure | value | goal | |", "|---|---|---|---|", *rows, ""]
 
 
 def roofline_bandwidth(ceilings: dict | None) -> float:
     """GB/s a decode step is judged against: the higher of the run's own copy measurement (XLA's
     elementwise copy reaches 3.3-3.6 TB/s, which the engine's own weight GEMMs already exceed at
-    3.9-4.2 TB/s, bench/results/profile_step_b1.json) and DESIGN.md's measured 4.3 TB/s."""
+    3.9-4.2 TB/s, bench/results/profile_step_b1.json) and the 4.3 TB/s reference copy."""
     return max((ceilings or {}).get("hbm_GBps", 0.0), REF_HBM_GBPS)
 
 
@@ -433,7 +434,7 @@ def summary(tp, att, step) -> list[str]:
 
 def step_profiles(*profiles) -> list[str]:
     """bench/profile_step.py: the engine's step, async against synchronous scheduling, and its kernels."""
-    out = ["The decode step of the engine (`bench/profile_step.py`): median engine.step() with async scheduling "
+    out = ["The decode step of the engine (`python -m bench.profile_step`): median engine.step() with async scheduling "
            "(the next step is enqueued before the last one is read back) and with the synchronous loop, in one "
            "run; device busy time and the largest kernels from a profiler trace of the steps in the run's first "
            "mode (`trace` column).", "",
@@ -590,16 +591,16 @@ def lora_stdout(r) -> list[str]:
 def render() -> str:
     parts = []
     sections = [
-        ("### Engine throughput (issue 2)", throughput, ("throughput.json",)),
-        ("### Ragged paged attention (issue 4)", attention, ("attention.json",)),
+        ("### Engine throughput", throughput, ("throughput.json",)),
+        ("### Ragged paged attention", attention, ("attention.json",)),
         ("### The engine's decode step: async scheduling", step_profiles,
          ("profile_step_b1.json", "profile_step_b64_a8.json")),
         ("### Host output work per token over a long stream", host_stream, ("host_stream.json",)),
-        ("### Masked multi-LoRA (issue 5)", lora, ("lora.json", "lora_step.json")),
+        ("### Masked multi-LoRA", lora, ("lora.json", "lora_step.json")),
         ("### Decode attention: kv splits at the engine's step shapes", attention_splits,
          ("attention_splits.json",)),
         ("### Base -> aLoRA judges on the CPU (tiny model)", pipeline, ("pipeline_tiny.json",)),
-        ("### The aLoRA serving paper's pipelines on the H200 (issue 7)", pipeline_bench_section,
+        ("### The aLoRA serving paper's pipelines on the H200", pipeline_bench_section,
          ("pipeline_bench_granite-8b.json",)),
     ]
     for title, fn, names in sections:
@@ -621,7 +622,7 @@ def main(argv=None):
         print(text)
         return
     readme = open(args.write).read()
-    note = "<!-- generated by `python bench/report.py --write README.md`; edit bench/report.py -->"
+    note = "<!-- generated by `python -m bench.report --write README.md`; edit bench/report.py -->"
     block = f"{BEGIN}\n{note}\n\n{text}\n{END}"
     new, n = re.subn(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, readme, flags=re.S)
     if n != 1:
