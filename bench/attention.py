@@ -1,10 +1,10 @@
 """Ragged paged attention on the GPU: decode bandwidth and prefill TFLOP/s against measured ceilings.
 
-    python bench/attention.py [--quick] [--out bench/results/attention.json]
-    python bench/attention.py --smoke --out /tmp/attention.json   # CPU, interpret mode, tiny shapes
+    python -m bench.attention [--quick] [--out attention.json]
+    python -m bench.attention --smoke [--out /tmp/attention.json]   # CPU, interpret mode, tiny shapes
 
 - copy: a device-to-device elementwise pass over 4 GiB (bytes read + written) = the HBM ceiling
-  of this run.
+  of this run (bench.harness.copy_bandwidth).
 - decode: batch B of one-token queries over contexts of C tokens (Hq 32, Hkv 8, D 128, bf16,
   block_size 16, pages scattered at random). Bytes = K + V of every context token + q + out.
   GB/s and % of the copy bandwidth.
@@ -15,15 +15,12 @@
 - variants: a few tiling choices of our kernel, so the defaults are picked with numbers.
 
 Each timing is the median of 5 runs of a jitted loop of `iters` dependent calls (the next call's
-q = q + 0 * out, so nothing is hoisted), per call. Writes JSON with device, versions, commit,
-command line and every number; prints a markdown table at the end.
+q = q + 0 * out, so nothing is hoisted), per call. Writes JSON (default bench/results/attention.json;
+a --smoke run under /tmp unless --out is given) with the run's metadata (bench.harness) and every
+number; prints a markdown table at the end (bench.report).
 """
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import time
 import traceback
 
@@ -31,10 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention  # noqa: E402
-from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference  # noqa: E402
+from bench.harness import copy_bandwidth, result_path, run_metadata, save
+from bench.report import attention_stdout
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 
 HQ, HKV, D = 32, 8, 128
 DTYPE = jnp.bfloat16
@@ -60,18 +57,10 @@ def bench_loop(fn, q, *rest, iters, reps=5):
     return float(np.median(times))
 
 
-def copy_bandwidth(nbytes=4 << 30):
-    x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
-    f = jax.jit(lambda a: a + jnp.bfloat16(1))
-    for _ in range(5):  # let the clocks ramp up
-        jax.block_until_ready(f(x))
-    times = []
-    for _ in range(20):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - t0)
-    del x
-    return 2 * nbytes / float(np.median(times)) / 1e9  # read + write
+def copy_ceiling(smoke: bool) -> float:
+    """The run's copy ceiling: 4 GiB (64 MiB in a smoke run), 5 warm-up passes to let the clocks ramp up,
+    median of 20."""
+    return copy_bandwidth(64 << 20 if smoke else 4 << 30, warmup=5, iters=20)
 
 
 def paged_inputs(key, batch, q_len, ctx, bs):
@@ -206,33 +195,25 @@ def check_mixed(results, interpret=False):
     print("mixed check", out, flush=True)
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="a few shapes only")
-    ap.add_argument("--out", default="bench/results/attention.json")
-    ap.add_argument("--git-commit", default=None, help="used when git is not available")
+    ap.add_argument("--out", default=None, help="result file name in bench/results/ (or a path); default "
+                    "attention.json (--smoke: under /tmp)")  # fmt: skip
     ap.add_argument("--skip-variants", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode, CPU")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     interpret = args.smoke
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-    except Exception:
-        commit = args.git_commit
-    dev = jax.devices()[0]
+    path = result_path(args.out, "attention.json", smoke=args.smoke)
     results = dict(
-        command=" ".join([sys.executable, *sys.argv]),
-        device=getattr(dev, "device_kind", str(dev)),
-        jax_version=jax.__version__,
-        git_commit=commit,
+        **run_metadata(__spec__.name, argv),
         shapes=dict(num_q_heads=HQ, num_kv_heads=HKV, head_dim=D, dtype="bfloat16"),
         decode=[],
         prefill=[],
     )
     print(results, flush=True)
     t_start = time.time()
-    copy_gbs = copy_bandwidth(64 << 20 if args.smoke else 4 << 30)
+    copy_gbs = copy_ceiling(args.smoke)
     results["copy_gbs_read_plus_write"] = copy_gbs
     print(f"copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
     try:
@@ -249,7 +230,7 @@ def main():
         batches, ctxs = [1, 8, 32, 128, 256], [1024, 4096, 16384, 65536]
     run_decode(results, copy_gbs, batches, ctxs, bs=16, max_tokens=4 << 20, iters=2 if args.smoke else 20,
                interpret=interpret)
-    dump(results, args.out)
+    save(path, results)
     if not args.skip_variants:
         sweep = [dict(block_k=128), dict(num_stages=2)]
         for b, c, knob_sets in [(2, 128, sweep)] if args.smoke else [(8, 4096, sweep), (8, 16384, sweep)]:
@@ -267,46 +248,21 @@ def main():
             del args_d
     variants = [dict()]
     if not args.skip_variants:
-        # run 1 (bench/results/attention_run1.json) swept block_m 64/128, block_k 32/64/128, warps 4/8
+        # the wider sweep (block_m 64/128, block_k 32/64/128, warps 4/8) is in bench/results/attention_run1.json
         variants += [dict(block_k=128, num_stages=2), dict(num_warps=8)]
-    dump(results, args.out)
+    save(path, results)
     n1, n2 = (128, 256) if args.smoke else (8192, 32768)
     run_prefill(results, n1, 16, iters=2 if args.smoke else 10, variants=variants, interpret=interpret)
-    dump(results, args.out)
+    save(path, results)
     best8k = results["prefill"][-1].get("kernel_best", "default")
     best = variants[[(",".join(f"{k}={v}" for k, v in t.items()) or "default") for t in variants].index(best8k)]
     run_prefill(results, n2, 16, iters=1 if args.smoke else 3, variants=[best], interpret=interpret)
-    results["copy_gbs_at_end"] = copy_bandwidth(64 << 20 if args.smoke else 4 << 30)
+    results["copy_gbs_at_end"] = copy_ceiling(args.smoke)
     results["wall_s"] = time.time() - t_start
-    dump(results, args.out)
-    print(markdown(results))
-
-
-def dump(results, path):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-
-
-def markdown(r):
-    lines = [f"device {r['device']}, jax {r['jax_version']}, commit {str(r['git_commit'])[:10]}, "
-             f"copy {r['copy_gbs_read_plus_write']:.0f} GB/s", "",
-             "| decode B | context | ms | GB/s | % of copy |", "| --- | --- | --- | --- | --- |"]
-    for row in r["decode"]:
-        if "gbs" in row:
-            lines.append(f"| {row['batch']} | {row['context']} | {row['ms']:.3f} | {row['gbs']:.0f} | "
-                         f"{row['pct_copy']:.0f}% |")
-        else:
-            lines.append(f"| {row['batch']} | {row['context']} | - | - | "
-                         f"{row.get('skipped') or row.get('error', '')[:60]} |")
-    lines += ["", "| prefill tokens | kernel TFLOP/s | cuDNN TFLOP/s | % of cuDNN | reference TFLOP/s |",
-              "| --- | --- | --- | --- | --- |"]
-    for row in r["prefill"]:
-        ref = f"{row['reference_tflops']:.1f}" if "reference_tflops" in row else "skipped (OOM)"
-        lines.append(f"| {row['tokens']} | {row.get('kernel_tflops', float('nan')):.0f} | "
-                     f"{row.get('cudnn_tflops', float('nan')):.0f} | {row.get('pct_cudnn', float('nan')):.0f}% | "
-                     f"{ref} |")
-    return "\n".join(lines)
+    save(path, results)
+    print("\n".join(attention_stdout(results)))
+    print("wrote", path)
+    return results
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
 """Decode attention at the engine's step shapes, per kv-split count: picks the split heuristic with numbers.
 
-    python bench/attention_splits.py                 # H200 -> bench/results/attention_splits.json
-    python bench/attention_splits.py --grid          # H200 -> bench/results/attention_split_grid.json
-    python bench/attention_splits.py --smoke [--grid] [--out /tmp/x.json]   # CPU, interpret mode, tiny shapes
+    python -m bench.attention_splits                 # H200 -> bench/results/attention_splits.json
+    python -m bench.attention_splits --grid          # H200 -> bench/results/attention_split_grid.json
+    python -m bench.attention_splits --smoke [--grid] [--out /tmp/x.json]   # CPU, interpret mode, tiny shapes
 
 The engine pads a step to a token bucket (T >= 16, a power of two) and the sequence axis to
 max_num_seqs (64), so a batch-1 decode step launches the kernel over 16 query rows and 64 sequence
 slots of which one is real. Per (batch B, context C) this times the kernel at those padded shapes
-for num_kv_splits in {1, 2, 4, 8, 16} and for the default heuristic (None), bytes = K + V read.
+for num_kv_splits in {1, 2, 4, 8, 16} and for the kernel's default (None), bytes = K + V read.
 
 --grid: should batch-1 long-context decode use a bigger kv-split grid? Per (batch, context) the
 device's tuning (grid of 16 splits, split_rule on the device), static 32 and 64 splits, and a grid of
@@ -17,23 +17,20 @@ H200 (bench/results/attention_split_grid.json): the 64 grid takes batch 1 at 64k
 but its idle programs cost every other step of the same bucket (batch 1 at 1k 19 -> 28 us, batch 16
 at 8k 162 -> 202 us), so the default stays.
 
-A --smoke run writes a result file only when --out is given (the results directory keeps device runs).
+A --smoke run writes under /tmp unless --out is given (bench/results/ keeps device runs).
 """
 
 import argparse
 import dataclasses
-import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import bench.attention as att  # noqa: E402
-from bench.common import run_metadata, save  # noqa: E402
-from pallas_kernels.ragged_paged_attention import gpu_attention_tuning, ragged_paged_attention_reference  # noqa: E402
+import bench.attention as att
+from bench.harness import result_path, run_metadata, save
+from bench.report import attention_splits_stdout
+from pallas_kernels.ragged_paged_attention import gpu_attention_tuning, ragged_paged_attention_reference
 
 # --grid: a rule whose grid holds 64 splits, all of them working for <= 16 programs.
 WIDE_RULE = (64, ((16, 48), (64, 12), (256, 2), (1024, 1)))
@@ -122,27 +119,22 @@ def main(argv=None) -> dict:
     ap.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8, 16])
     ap.add_argument("--max-tokens", type=int, default=2 << 20, help="skip B * C above this (memory)")
     ap.add_argument("--out", default=None, help="result file name in bench/results/ (or a path); default "
-                    "attention_splits.json, with --grid attention_split_grid.json; --smoke: none")  # fmt: skip
+                    "attention_splits.json, with --grid attention_split_grid.json (--smoke: under /tmp)")  # fmt: skip
     args = ap.parse_args(argv)
     interpret = args.smoke
+    meta = run_metadata(__spec__.name, argv)
     if args.smoke:
         args.batches, args.contexts, args.splits = [1, 4], [64], [1, 2]
-    out = args.out or (None if args.smoke else "attention_split_grid.json" if args.grid else "attention_splits.json")
+    path = result_path(args.out, "attention_split_grid.json" if args.grid else "attention_splits.json", args.smoke)
     if args.grid:
         rows = run_grid([(1, 64)] if args.smoke else GRID_SHAPES, interpret, args.smoke)
-        result = {**run_metadata(), "rows": rows}
-        if out:
-            save(out, result)
-        return result
-    rows = run_splits(args, interpret)
-    result = {**run_metadata(), "rows": rows}
-    if out:
-        save(out, result)
-    print("| B | ctx | default us | " + " | ".join(f"splits={s}" for s in args.splits) + " |")
-    for r in rows:
-        cells = [r["us"][str(s)] for s in [None, *args.splits]]
-        print(f"| {r['batch']} | {r['context']} | " + " | ".join(
-            f"{v:.1f}" if isinstance(v, float) else "err" for v in cells) + " |")  # fmt: skip
+    else:
+        rows = run_splits(args, interpret)
+    result = {**meta, "rows": rows}
+    save(path, result)
+    if not args.grid:
+        print("\n".join(attention_splits_stdout(result, args.splits)))
+    print("wrote", path)
     return result
 
 

@@ -1,4 +1,5 @@
-"""Masked multi-LoRA on the GPU at Granite-3.2-8B shapes (issue 5).
+"""Masked multi-LoRA on the GPU at Granite-3.2-8B shapes: the projection stack, the kernel against its
+alternatives, and (--layout) the weight layouts of the one-hot path.
 
 What is timed is the **projection stack**, not the full engine step: the 40 layers' fused qkv, o,
 gate_up and down base matmuls (+ SiLU-mul and residual) jitted as one function in bf16, with and
@@ -17,51 +18,83 @@ Each variant's time is the median over rounds of back-to-back calls; base and Lo
 interleaved round by round, so one run gives each ratio. `--check` first compares the GPU kernel
 with the reference on the device. Writes JSON (default bench/results/lora.json), prints a table.
 
-    python bench/lora.py [--check] [--out bench/results/lora.json] [--rounds 7] [--smoke]
+--layout: where the decode step's LoRA time goes, by weight layout for the fused q/k/v projection,
+40 layers deep. Each variant runs the q/k/v projection of every layer at a decode-sized step (T rows,
+every row adapted, slots spread over 8 adapters of rank 32 on q, k and v): one jitted function per
+variant, distinct weights per layer (so each layer's weights come from HBM, as in the engine), timed
+over repetitions. The base-only projection is the reference the LoRA cost is a share of. Writes
+bench/results/lora_layout.json. Variants:
+  base            y = x @ W                                     (a base-only step)
+  onehot_stacked  + shrink x @ A_flat[l], mask, expand @ B[l]   (the engine's adapter stacks [L, ...],
+                                                                 static index)
+  onehot_lists    the same with per-layer arrays                (is the stacked slice free?)
+  fused           y_all = x @ [W | A_flat] once, mask the last n*R columns, expand
+  base_prefix     base-only through the first N columns of [W | A_flat]  (what base steps pay if W is
+                  stored only inside the concatenation)
+
+    python -m bench.lora [--check] [--out lora.json] [--rounds 7]
+    python -m bench.lora --layout                 # -> bench/results/lora_layout.json
+    python -m bench.lora --smoke [--layout]       # CPU, toy shapes (written under /tmp unless --out)
 """
 
 import argparse
+import dataclasses
 import functools
 import json
-import os
 import platform
 import statistics
-import subprocess
-import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from pallas_kernels.masked_lora import (  # noqa: E402
+from bench.harness import result_path, run_metadata, save, timeit
+from bench.report import lora_stdout
+from pallas_kernels.masked_lora import (
     build_lora_segments,
     masked_lora,
     masked_lora_add,
     masked_lora_reference,
     packed_to_block_diagonal,
 )
-from pallas_kernels.masked_lora.gpu import masked_lora_gpu  # noqa: E402
+from pallas_kernels.masked_lora.gpu import masked_lora_gpu
 
-HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS = 4096, 32, 8, 128, 12800, 40
-DQ, DKV = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-QKV = DQ + 2 * DKV
 NUM_ADAPTERS, RANK = 8, 32
-DECODE_SEQS, PREFILL_T, PREFILL_ACTIVE, DENSE_T = 64, 8192, 16, 2048
+DECODE_SEQS, PREFILL_ACTIVE = 64, 16
 BF16 = jnp.bfloat16
-ERRORS = {}  # variant -> error, recorded in the JSON
 
 
-def _shrink_for_smoke():
-    """--smoke: tiny shapes so the script's plumbing runs on a CPU in seconds (numbers meaningless)."""
-    global HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS, DQ, DKV, QKV, PREFILL_T, DENSE_T
-    HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTER, LAYERS = 128, 4, 2, 32, 256, 2
-    DQ, DKV = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
-    QKV = DQ + 2 * DKV
-    PREFILL_T, DENSE_T = 256, 128
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The model's projection shapes and the step sizes timed."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    inter: int
+    layers: int
+    prefill_t: int  # tokens of the prefill step (b)
+    dense_t: int  # tokens of the all-adapted step of (c)
+
+    @property
+    def dq(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def dkv(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    @property
+    def qkv(self) -> int:
+        return self.dq + 2 * self.dkv
+
+
+GRANITE_8B = Shapes(hidden=4096, heads=32, kv_heads=8, head_dim=128, inter=12800, layers=40, prefill_t=8192,
+                    dense_t=2048)  # fmt: skip
+# --smoke: tiny shapes so the script's plumbing runs on a CPU in seconds (numbers meaningless).
+SMOKE = Shapes(hidden=128, heads=4, kv_heads=2, head_dim=32, inter=256, layers=2, prefill_t=256, dense_t=128)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -71,33 +104,33 @@ def _normal(key, shape, fan_in):
     return (jax.random.normal(key, shape, jnp.float32) / np.sqrt(fan_in)).astype(BF16)
 
 
-def make_base(key, layers):
+def make_base(key, sh: Shapes):
     out = []
-    for i in range(layers):
+    for i in range(sh.layers):
         k = jax.random.split(jax.random.fold_in(key, i), 4)
         out.append(
             dict(
-                qkv=_normal(k[0], (HIDDEN, QKV), HIDDEN),
-                o=_normal(k[1], (DQ, HIDDEN), DQ),
-                gate_up=_normal(k[2], (HIDDEN, 2 * INTER), HIDDEN),
-                down=_normal(k[3], (INTER, HIDDEN), INTER),
+                qkv=_normal(k[0], (sh.hidden, sh.qkv), sh.hidden),
+                o=_normal(k[1], (sh.dq, sh.hidden), sh.dq),
+                gate_up=_normal(k[2], (sh.hidden, 2 * sh.inter), sh.hidden),
+                down=_normal(k[3], (sh.inter, sh.hidden), sh.inter),
             )
         )
     return out
 
 
-def make_qkv_lora(key, layers, num_adapters=NUM_ADAPTERS, rank=RANK):
+def make_qkv_lora(key, sh: Shapes, num_adapters=NUM_ADAPTERS, rank=RANK):
     """(A [n, 4096, 3r] with q|k|v ranks concatenated, B [n, 3r, 6144] block-diagonal, B packed
     [n, r, 6144] with the three B side by side), scaling folded."""
     out = []
-    for i in range(layers):
+    for i in range(sh.layers):
         k = jax.random.split(jax.random.fold_in(key, 1000 + i), 2)
-        a = _normal(k[0], (num_adapters, HIDDEN, 3 * rank), HIDDEN)
-        b_full = _normal(k[1], (num_adapters, 3 * rank, QKV), rank)
+        a = _normal(k[0], (num_adapters, sh.hidden, 3 * rank), sh.hidden)
+        b_full = _normal(k[1], (num_adapters, 3 * rank, sh.qkv), rank)
         row = jnp.arange(3 * rank)[:, None] // rank
-        col = jnp.arange(QKV)[None, :]
-        col_proj = (col >= DQ).astype(jnp.int32) + (col >= DQ + DKV).astype(jnp.int32)
-        widths = (DQ, DKV, DKV)
+        col = jnp.arange(sh.qkv)[None, :]
+        col_proj = (col >= sh.dq).astype(jnp.int32) + (col >= sh.dq + sh.dkv).astype(jnp.int32)
+        widths = (sh.dq, sh.dkv, sh.dkv)
         packed = jnp.concatenate(
             [b_full[:, i * rank : (i + 1) * rank, sum(widths[:i]) : sum(widths[: i + 1])] for i in range(3)],
             axis=2,
@@ -129,13 +162,13 @@ def lora_ragged_dot(x, a, b, slots):
     return jnp.zeros_like(d).at[order].set(d)
 
 
-def qkv_with_lora(mode, x, w, lora, slots, segs):
+def qkv_with_lora(sh: Shapes, mode, x, w, lora, slots, segs):
     base = x @ w
     if mode == "base":
         return base
     a, b, packed = lora
     if mode == "kernel_add_packed":
-        return masked_lora_add(base, x, a, packed, segs, out_widths=(DQ, DKV, DKV))
+        return masked_lora_add(base, x, a, packed, segs, out_widths=(sh.dq, sh.dkv, sh.dkv))
     if mode.startswith("kernel_add_cfg"):  # kernel_add_cfg<block_n>_<k_chunk>: tuning variants
         bn, kc = (int(v) for v in mode[len("kernel_add_cfg") :].split("_"))
         return masked_lora_gpu(x, a, b, segs, base, accumulate=True, block_n=bn, k_chunk=kc)
@@ -150,13 +183,15 @@ def qkv_with_lora(mode, x, w, lora, slots, segs):
     raise ValueError(mode)
 
 
-def projection_stack(mode, x, base, loras, slots, segs):
+def projection_stack(sh: Shapes, mode, x, base, loras, slots, segs):
     """40 layers of fused qkv / o / gate_up / down projections; attention is stood in by the q slice."""
     for w, lora in zip(base, loras):
-        qkv = qkv_with_lora(mode, x, w["qkv"], lora, slots, segs)
-        o = qkv[:, :DQ] @ w["o"]
+        qkv = qkv_with_lora(sh, mode, x, w["qkv"], lora, slots, segs)
+        o = qkv[:, : sh.dq] @ w["o"]
         gu = o @ w["gate_up"]
-        act = (jax.nn.silu(gu[:, :INTER].astype(jnp.float32)) * gu[:, INTER:].astype(jnp.float32)).astype(BF16)
+        act = (jax.nn.silu(gu[:, : sh.inter].astype(jnp.float32)) * gu[:, sh.inter :].astype(jnp.float32)).astype(
+            BF16
+        )
         x = x + act @ w["down"]
     return x
 
@@ -164,8 +199,9 @@ def projection_stack(mode, x, base, loras, slots, segs):
 # ----------------------------------------------------------------------------- timing
 
 
-def bench_interleaved(fns, args_by_name, rounds, calls):
-    """{name: median ms per call}: each round runs every fn `calls` times back to back, then syncs."""
+def bench_interleaved(fns, args_by_name, rounds, calls, errors: dict):
+    """{name: median ms per call}: each round runs every fn `calls` times back to back, then syncs. A
+    variant that fails to compile or run is left out and its error recorded in `errors`."""
     fns = dict(fns)
     for name, fn in list(fns.items()):  # compile + warm up; a variant that fails is reported, not fatal
         try:
@@ -173,7 +209,7 @@ def bench_interleaved(fns, args_by_name, rounds, calls):
             jax.block_until_ready(fn(*args_by_name[name]))
         except Exception as e:  # noqa: BLE001
             print(f"{name} FAILED: {e!r}"[:2000], flush=True)
-            ERRORS[name] = repr(e)[:2000]
+            errors[name] = repr(e)[:2000]
             del fns[name]
     samples = {name: [] for name in fns}
     for _ in range(rounds):
@@ -188,13 +224,12 @@ def bench_interleaved(fns, args_by_name, rounds, calls):
     return {name: statistics.median(s) for name, s in samples.items()}, samples
 
 
-def decode_slots(num_seqs=None):
-    num_seqs = num_seqs or DECODE_SEQS
+def decode_slots(num_seqs=DECODE_SEQS):
     return np.repeat(np.arange(NUM_ADAPTERS, dtype=np.int32), num_seqs // NUM_ADAPTERS)
 
 
-def prefill_slots(t=None):
-    s = np.full(t or PREFILL_T, -1, np.int32)
+def prefill_slots(t: int):
+    s = np.full(t, -1, np.int32)
     s[-PREFILL_ACTIVE:] = 0
     return s
 
@@ -202,13 +237,13 @@ def prefill_slots(t=None):
 # ----------------------------------------------------------------------------- parts
 
 
-def run_check(small_only=False):
+def run_check(sh: Shapes, small_only=False):
     """GPU kernel vs the f32 reference on device: production and odd shapes, delta and in-place add."""
     rng = np.random.default_rng(0)
     kw = dict(impl="gpu", interpret=jax.default_backend() != "gpu")
     rows = []
     cases = [  # T, Din, R, Dout, slots kind
-        (64, 4096, 96, QKV, "decode"),
+        (64, 4096, 96, sh.qkv, "decode"),
         (37, 200, 24, 130, "runs"),
         (100, 512, 8, 1000, "runs"),
         (48, 256, 16, 77, "each"),
@@ -241,7 +276,7 @@ def run_check(small_only=False):
         out = np.asarray(masked_lora(x, a, b, segs, **kw).astype(jnp.float32), np.float64)
         added = np.asarray(masked_lora_add(y, x, a, b, segs, **kw).astype(jnp.float32), np.float64)
         if kind == "decode":  # also the packed q/k/v layout on the production shape
-            widths = (DQ, DKV, DKV)
+            widths = (sh.dq, sh.dkv, sh.dkv)
             packed = jnp.asarray(rng.standard_normal((n, r // 3, dout)) / np.sqrt(r), BF16)
             out_p = masked_lora(x, a, packed, segs, out_widths=widths, **kw).astype(jnp.float32)
             ref_p = masked_lora_reference(x.astype(jnp.float32), a, packed_to_block_diagonal(packed, widths), slots)
@@ -260,13 +295,13 @@ def run_check(small_only=False):
     return rows
 
 
-def run_stack(t, slots, max_segments, modes, layers, rounds, calls, base, loras):
-    x = jax.random.normal(jax.random.key(7), (t, HIDDEN), jnp.float32).astype(BF16)
+def run_stack(sh: Shapes, t, slots, max_segments, modes, rounds, calls, base, loras, errors):
+    x = jax.random.normal(jax.random.key(7), (t, sh.hidden), jnp.float32).astype(BF16)
     segs = jax.tree.map(jnp.asarray, build_lora_segments(slots, max_segments))
     slots_j = jnp.asarray(slots)
-    fns = {m: jax.jit(functools.partial(projection_stack, m)) for m in modes}
-    args = {m: (x, base[:layers], loras[:layers], slots_j, segs) for m in modes}
-    med, samples = bench_interleaved(fns, args, rounds, calls)
+    fns = {m: jax.jit(functools.partial(projection_stack, sh, m)) for m in modes}
+    args = {m: (x, base, loras, slots_j, segs) for m in modes}
+    med, samples = bench_interleaved(fns, args, rounds, calls, errors)
     return med, samples
 
 
@@ -275,16 +310,17 @@ def _kernel_cfg(bn, kc, x, a, b, p, s, g):
     return masked_lora_gpu(x, a, b, g, zeros, accumulate=False, block_n=bn, k_chunk=kc)
 
 
-def run_kernel_compare(cases, loras, rounds, calls):
-    """Delta of one fused-qkv LoRA, 40 layers' adapter weights (one call each) in one jit."""
+def run_kernel_compare(sh: Shapes, cases, loras, rounds, calls, errors):
+    """Delta of one fused-qkv LoRA, the given layers' adapter weights (one call each) in one jit."""
+    widths = (sh.dq, sh.dkv, sh.dkv)
     results = []
     for name, t, slots in cases:
-        x = jax.random.normal(jax.random.key(3), (t, HIDDEN), jnp.float32).astype(BF16)
+        x = jax.random.normal(jax.random.key(3), (t, sh.hidden), jnp.float32).astype(BF16)
         segs = jax.tree.map(jnp.asarray, build_lora_segments(slots, 64))
         slots_j = jnp.asarray(slots)
         impls = {
             "kernel": lambda x, a, b, p, s, g: masked_lora(x, a, b, g),
-            "kernel_packed": lambda x, a, b, p, s, g: masked_lora(x, a, p, g, out_widths=(DQ, DKV, DKV)),
+            "kernel_packed": lambda x, a, b, p, s, g: masked_lora(x, a, p, g, out_widths=widths),
             **{
                 f"kernel_cfg{bn}_{kc}": functools.partial(_kernel_cfg, bn, kc)
                 for bn, kc in ((256, 1024), (64, 256), (128, 256), (64, 512))
@@ -300,7 +336,7 @@ def run_kernel_compare(cases, loras, rounds, calls):
             impls = {k: v for k, v in impls.items() if not k.startswith("kernel_cfg")}
         fns = {k: jax.jit(functools.partial(over_layers, f)) for k, f in impls.items()}
         args = {k: (x, loras, slots_j, segs) for k in impls}
-        med, _ = bench_interleaved(fns, args, rounds, calls)
+        med, _ = bench_interleaved(fns, args, rounds, calls, errors)
         n_layers = len(loras)
         touched = len(set(slots[slots >= 0].tolist()))
         a0, b0, _ = loras[0]
@@ -315,42 +351,124 @@ def run_kernel_compare(cases, loras, rounds, calls):
     return results
 
 
-def main():
+def run_layout(sh: Shapes, tokens: list[int], reps: int) -> dict:
+    """--layout: the fused q/k/v projection of every layer, base-only and with the one-hot LoRA in each
+    weight layout (see the module docstring); microseconds per layer."""
+    layers, din, widths = sh.layers, sh.hidden, (sh.dq, sh.dkv, sh.dkv)
+    n, r1 = NUM_ADAPTERS, RANK
+    r = r1 * len(widths)  # q, k and v each rank r1: block-diagonal B over the fused output
+    dout = sum(widths)
+    dt = jnp.bfloat16
+    keys = iter(jax.random.split(jax.random.key(0), 8))
+    w = jax.random.normal(next(keys), (layers, din, dout), dt) * 0.02
+    a_flat = jax.random.normal(next(keys), (layers, din, n * r), dt) * 0.02
+    b = jnp.zeros((layers, n, r, dout), dt)
+    off = 0
+    for j, wd in enumerate(widths):  # block-diagonal: slot rank block j feeds output columns of target j
+        b = b.at[:, :, j * r1 : (j + 1) * r1, off : off + wd].set(
+            jax.random.normal(jax.random.key(j), (layers, n, r1, wd), dt) * 0.02
+        )
+        off += wd
+    w_cat = jnp.concatenate([w, a_flat], axis=2)
+    w_list, a_list, b_list = ([s[i] for i in range(layers)] for s in (w, a_flat, b))
+    col_slot = jnp.arange(n * r, dtype=jnp.int32) // r
+
+    def chain(proj):
+        def f(x, slots, *weights):
+            acc = jnp.zeros((x.shape[0], dout), jnp.float32)
+            for i in range(layers):
+                y = proj(x, slots, i, *weights)
+                acc = acc + y.astype(jnp.float32)
+                x = x + y[:, :din] * jnp.asarray(1e-3, dt)  # the next layer depends on this one
+            return acc
+
+        return jax.jit(f)
+
+    def mask(xa, slots):
+        return jnp.where(slots[:, None] == col_slot[None, :], xa, 0.0).astype(dt)
+
+    def expand(y_f32, xa, bi):
+        return (y_f32 + jnp.dot(xa, bi.reshape(n * r, dout), preferred_element_type=jnp.float32)).astype(dt)
+
+    def base(x, slots, i, w):
+        return jnp.dot(x, w[i], preferred_element_type=jnp.float32).astype(dt)
+
+    def onehot(x, slots, i, w, a, bb):
+        y = jnp.dot(x, w[i], preferred_element_type=jnp.float32).astype(dt)
+        xa = mask(jnp.dot(x, a[i], preferred_element_type=jnp.float32), slots)
+        return expand(y.astype(jnp.float32), xa, bb[i])
+
+    def fused(x, slots, i, wc, bb):
+        y_all = jnp.dot(x, wc[i], preferred_element_type=jnp.float32)
+        return expand(y_all[:, :dout], mask(y_all[:, dout:], slots), bb[i])
+
+    def base_prefix(x, slots, i, wc):
+        return jnp.dot(x, wc[i][:, :dout], preferred_element_type=jnp.float32).astype(dt)
+
+    variants = {
+        "base": (chain(base), (w,)),
+        "onehot_stacked": (chain(onehot), (w, a_flat, b)),
+        "onehot_lists": (chain(onehot), (w_list, a_list, b_list)),
+        "fused": (chain(fused), (w_cat, b)),
+        "base_prefix": (chain(base_prefix), (w_cat,)),
+    }
+    rows = []
+    for t in tokens:
+        x = jax.random.normal(jax.random.key(t), (t, din), dt)
+        slots = jnp.arange(t, dtype=jnp.int32) % n
+        row = {"tokens": t, "us_per_layer": {}}
+        ref = None
+        for name, (fn, weights) in variants.items():
+            run = functools.partial(fn, x, slots, *weights)
+            sec = timeit(lambda run=run: jax.block_until_ready(run()), warmup=1, iters=reps)
+            row["us_per_layer"][name] = sec / layers * 1e6
+            out = fn(x, slots, *weights)
+            if name.startswith(("onehot", "fused")):
+                ref = out if ref is None else ref
+                row.setdefault("max_abs_diff_vs_onehot_stacked", {})[name] = float(jnp.abs(out - ref).max())
+        base_us = row["us_per_layer"]["base"]
+        row["lora_overhead_us_per_layer"] = {k: v - base_us for k, v in row["us_per_layer"].items() if k != "base"}
+        print(row, flush=True)
+        rows.append(row)
+    return {"layers": layers, "din": din, "widths": widths, "adapters": n, "rank": r1, "rows": rows}
+
+
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench/results/lora.json")
+    p.add_argument("--out", default=None, help="result file name in bench/results/ (or a path); default "
+                   "lora.json, with --layout lora_layout.json (--smoke: under /tmp)")  # fmt: skip
     p.add_argument("--check", action="store_true", help="compare the GPU kernel with the reference first")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 rounds: plumbing test on a CPU")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--parts", default="a,b,c", help="which of a (decode), b (prefill), c (kernel vs) to run")
     p.add_argument("--compare-layers", type=int, default=8, help="adapter weight sets timed in (c)")
-    args = p.parse_args()
-    if args.smoke:
-        _shrink_for_smoke()
-    layers = LAYERS
+    p.add_argument("--layout", action="store_true", help="the one-hot path's weight layouts instead (see above)")
+    p.add_argument("--layout-tokens", type=int, nargs="*", default=[16, 64], help="--layout: step sizes (rows)")
+    p.add_argument("--layout-reps", type=int, default=30, help="--layout: timed repetitions per variant")
+    args = p.parse_args(argv)
+    sh = SMOKE if args.smoke else GRANITE_8B
+    meta = run_metadata(__spec__.name, argv)
+    if args.layout:
+        tokens, reps = ([16], 2) if args.smoke else (args.layout_tokens, args.layout_reps)
+        result = {**meta, **run_layout(sh, tokens, reps)}
+        path = save(result_path(args.out, "lora_layout.json", smoke=args.smoke), result)
+        print("wrote", path)
+        return result
+    path = result_path(args.out, "lora.json", smoke=args.smoke)
     rounds = 2 if args.smoke else args.rounds
-    dev = jax.devices()[0]
-    commit = os.environ.get("JALORA_GIT_COMMIT")
-    if not commit:
-        try:
-            commit = subprocess.check_output(["git", "rev-parse", "HEAD"], text=True).strip()
-        except Exception:
-            commit = "unknown"
+    errors = {}  # variant -> error, recorded in the JSON
     result = dict(
+        **meta,
         what="projection stack (40 layers' fused qkv/o/gate_up/down matmuls + LoRA), NOT the full "
         "engine step: attention, norms, embedding and sampling excluded",
-        device=getattr(dev, "device_kind", str(dev)),
-        backend=jax.default_backend(),
-        jax_version=jax.__version__,
         python=platform.python_version(),
-        git_commit=commit,
-        command=" ".join([os.path.basename(sys.executable)] + sys.argv),
         shapes=dict(
-            hidden=HIDDEN,
-            q_heads=HEADS,
-            kv_heads=KV_HEADS,
-            head_dim=HEAD_DIM,
-            intermediate=INTER,
-            layers=layers,
+            hidden=sh.hidden,
+            q_heads=sh.heads,
+            kv_heads=sh.kv_heads,
+            head_dim=sh.head_dim,
+            intermediate=sh.inter,
+            layers=sh.layers,
             dtype="bfloat16",
             adapters=NUM_ADAPTERS,
             rank=RANK,
@@ -358,24 +476,22 @@ def main():
         ),
     )
     t_start = time.perf_counter()
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
-    def save():  # after every part, so a run cut short still leaves its numbers
+    def checkpoint():  # after every part, so a run cut short still leaves its numbers
         result["bench_seconds"] = time.perf_counter() - t_start
-        result["errors"] = ERRORS
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        result["errors"] = errors
+        save(path, result)
 
     if args.check:
         try:
-            result["check"] = run_check(small_only=args.smoke)
+            result["check"] = run_check(sh, small_only=args.smoke)
         except Exception as e:  # noqa: BLE001
             result["check"] = [dict(ok=False, rel_err=float("nan"), error=repr(e)[:2000])]
         print("check:", json.dumps(result["check"]), flush=True)
-        save()
+        checkpoint()
 
-    base = make_base(jax.random.key(0), layers)
-    loras = make_qkv_lora(jax.random.key(1), layers)
+    base = make_base(jax.random.key(0), sh)
+    loras = make_qkv_lora(jax.random.key(1), sh)
     jax.block_until_ready((base, loras))
 
     parts = set(args.parts.split(","))
@@ -383,7 +499,7 @@ def main():
     if jax.default_backend() == "gpu":
         modes_a += ["kernel_add_cfg64_256"]
     if "a" in parts:
-        med_a, samp_a = run_stack(DECODE_SEQS, decode_slots(), 64, modes_a, layers, rounds, 10, base, loras)
+        med_a, samp_a = run_stack(sh, DECODE_SEQS, decode_slots(), 64, modes_a, rounds, 10, base, loras, errors)
         result["decode"] = dict(
             tokens=DECODE_SEQS,
             sequences=DECODE_SEQS,
@@ -395,13 +511,14 @@ def main():
             goal_overhead=0.10,
         )
         print("decode:", json.dumps(result["decode"]["ms"]), flush=True)
-        save()
+        checkpoint()
 
     if "b" in parts:
         modes_b = ["base", "kernel_add", "kernel_add_packed", "kernel_delta"]
-        med_b, samp_b = run_stack(PREFILL_T, prefill_slots(), 64, modes_b, layers, max(3, rounds - 2), 2, base, loras)
+        med_b, samp_b = run_stack(sh, sh.prefill_t, prefill_slots(sh.prefill_t), 64, modes_b, max(3, rounds - 2), 2,
+                                  base, loras, errors)  # fmt: skip
         result["prefill"] = dict(
-            tokens=PREFILL_T,
+            tokens=sh.prefill_t,
             adapted_tokens=PREFILL_ACTIVE,
             max_segments=64,
             ms=med_b,
@@ -410,54 +527,21 @@ def main():
             goal_overhead=0.02,
         )
         print("prefill:", json.dumps(result["prefill"]["ms"]), flush=True)
-        save()
+        checkpoint()
     del base
 
-    dense = np.repeat(np.arange(NUM_ADAPTERS, dtype=np.int32), DENSE_T // NUM_ADAPTERS)
+    dense = np.repeat(np.arange(NUM_ADAPTERS, dtype=np.int32), sh.dense_t // NUM_ADAPTERS)
     cases = [
         (f"decode_{DECODE_SEQS}", DECODE_SEQS, decode_slots()),
-        (f"prefill_{PREFILL_T}_tail{PREFILL_ACTIVE}", PREFILL_T, prefill_slots()),
-        (f"prefill_{DENSE_T}_all_adapted", DENSE_T, dense),
+        (f"prefill_{sh.prefill_t}_tail{PREFILL_ACTIVE}", sh.prefill_t, prefill_slots(sh.prefill_t)),
+        (f"prefill_{sh.dense_t}_all_adapted", sh.dense_t, dense),
     ]
     if "c" in parts:
-        result["kernel_vs"] = run_kernel_compare(cases, loras[: args.compare_layers], rounds, 3)
-        save()
-    print_table(result)
-
-
-def print_table(r):
-    d, p = r.get("decode"), r.get("prefill")
-    print(f"\n{r['device']}, jax {r['jax_version']}, commit {r['git_commit'][:10]}; {r['what']}\n")
-    print("| workload (projection stack) | base ms | + LoRA ms: kernel add | packed add | delta | goal |")
-    print("|---|---|---|---|---|---|")
-    rows = []
-    if d:
-        rows.append((f"(a) decode {d['tokens']} seqs, 8 aLoRA r=32 q/k/v", d))
-    if p:
-        rows.append((f"(b) prefill {p['tokens']}, last {p['adapted_tokens']} adapted", p))
-    for name, x in rows:
-        ms, o = x["ms"], x["overhead_vs_base"]
-        cells = [
-            f"{ms[m]:.3f} ({o[m]:+.1%})" if m in o else "failed"
-            for m in ("kernel_add", "kernel_add_packed", "kernel_delta")
-        ]
-        print(f"| {name} | {ms['base']:.3f} | " + " | ".join(cells) + f" | <= {x['goal_overhead']:.0%} |")
-    o = d["overhead_vs_base"] if d else {}
-    print(
-        f"\n(a) with the one-hot einsum: {o.get('one_hot', float('nan')):+.1%}; "
-        f"with ragged_dot: {o.get('ragged_dot', float('nan')):+.1%}\n"
-    )
-    if "kernel_vs" not in r:
-        return
-    keys = sorted({k[: -len("_us_per_call")] for c in r["kernel_vs"] for k in c if k.endswith("_us_per_call")})
-    print("| (c) fused-qkv delta, us per call | " + " | ".join(keys) + " | kernel weight GB/s |")
-    print("|---" * (len(keys) + 2) + "|")
-    for c in r["kernel_vs"]:
-        cells = " | ".join(f"{c.get(k + '_us_per_call', float('nan')):.1f}" for k in keys)
-        print(f"| {c['case']} | {cells} | {c.get('kernel_weight_GBps', float('nan')):.0f} |")
-    if "check" in r:
-        ok = all(c["ok"] for c in r["check"])
-        print("\ncheck:", "all ok" if ok else "FAILED", [round(c["rel_err"], 5) for c in r["check"]])
+        result["kernel_vs"] = run_kernel_compare(sh, cases, loras[: args.compare_layers], rounds, 3, errors)
+    checkpoint()
+    print("\n".join(lora_stdout(result)))
+    print("wrote", path)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
-"""Issue 7 in one script: the aLoRA serving paper's pipelines on jalora, against plain LoRA and transformers + PEFT.
+"""The aLoRA serving paper's pipelines on jalora, against plain LoRA and transformers + PEFT, in one script.
 
-    python bench/pipeline_bench.py --model granite-8b                  # H200: every part (longer than 10 min)
-    python bench/pipeline_bench.py --model tiny --quick                # CPU smoke run of every part (minutes)
-    python bench/pipeline_bench.py --model granite-8b --parts A,B      # a subset; results merge into one JSON
+    python -m bench.pipeline_bench --model granite-8b                  # H200: every part (longer than 10 min)
+    python -m bench.pipeline_bench --model tiny --quick                # CPU smoke run of every part (minutes)
+    python -m bench.pipeline_bench --model granite-8b --parts A,B      # a subset; results merge into one JSON
 
 Parts (`--parts`, comma separated; default all):
-  ceilings  bf16 matmul rate and HBM bandwidth (bench.common.measure_ceilings), prefill MFU and decode step
+  ceilings  bf16 matmul rate and HBM bandwidth (bench.harness.measure_ceilings), prefill MFU and decode step
             against the weight+KV roofline (bench.throughput functions). GPU only.
   A         base -> adapter, one pipeline at a time: the base answers (256 tokens), the adapter evaluates
             prompt + answer + invocation and generates 16. aLoRA r=32 (base-aligned reuse) vs LoRA r=8
@@ -23,17 +23,17 @@ Parts (`--parts`, comma separated; default all):
 
 Output: bench/results/pipeline_bench_<model>.json (device, JAX version, commit, exact command per part; a
 later run of some parts replaces only those parts, and rows of the same prompt length / rate) and
-bench/results/pipeline_bench_<model>_{A,C}.png; markdown tables on stdout (`bench/report.py` renders them
-for the README).
+pipeline_bench_<model>_{A,C}.png beside it; markdown tables on stdout (`python -m bench.report` renders
+them for the README). A --quick run writes under /tmp unless --out is given.
 
 H200 times (Granite-3.2-8B shapes, bf16, bench/results/pipeline_bench_granite-8b.json): warm-up
 (compiling every bucket, base and LoRA) ~270 s, base 256-token answer ~1.45 s, 64k LoRA prefill ~6.4 s.
 One device command is limited to 10 minutes, so split it:
 
-    python bench/pipeline_bench.py --model granite-8b --parts baseline        # ~6 min (PEFT, then jalora 32x)
-    python bench/pipeline_bench.py --model granite-8b --parts ceilings,A,B    # ~6 min
-    python bench/pipeline_bench.py --model granite-8b --parts Aconc           # ~8 min? (batch ~7 at 64k; not run)
-    python bench/pipeline_bench.py --model granite-8b --parts C --c-rates 8 16 32   # 7.5 min
+    python -m bench.pipeline_bench --model granite-8b --parts baseline        # ~6 min (PEFT, then jalora 32x)
+    python -m bench.pipeline_bench --model granite-8b --parts ceilings,A,B    # ~6 min
+    python -m bench.pipeline_bench --model granite-8b --parts Aconc           # not measured yet (batch ~7 at 64k)
+    python -m bench.pipeline_bench --model granite-8b --parts C --c-rates 8 16 32   # 7.5 min
 
 `--parts baseline --reuse-peft` measures only jalora's side again against the stored PEFT numbers (which
 keep their own run record), when the code under test is jalora's.
@@ -52,11 +52,18 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import GRANITE_8B, RESULTS, save, write_model_dir  # noqa: E402
-from bench.pipeline import TINY, write_adapter  # noqa: E402
-from bench.report import pipeline_bench_tables  # noqa: E402
+from bench.harness import (
+    GRANITE_8B,
+    REPO_ROOT,
+    TINY,
+    drain,
+    result_path,
+    save,
+    write_adapter,
+    write_model_dir,
+)
+from bench.report import pipeline_bench_tables
+from jalora.outputs import OutputAccumulator
 
 PARTS = ("ceilings", "A", "Aconc", "B", "C", "baseline")
 QKV = ["q_proj", "k_proj", "v_proj"]
@@ -65,7 +72,7 @@ RANK = {"alora": 32, "lora": 8}  # the paper's setup
 NUM_JUDGES = 5
 
 
-# -- pure helpers (tested in tests/test_pipeline_bench.py) ------------------------------------------------
+# -- pure helpers (tested in tests/bench/test_pipeline_bench.py) ------------------------------------------------
 
 
 def poisson_arrivals(rate: float, n: int, seed: int = 0) -> list[float]:
@@ -118,6 +125,7 @@ def greedy(n: int):
     return SamplingParams(max_tokens=n, ignore_eos=True)
 
 
+
 def req_metrics(out) -> dict:
     """What one finished request cost, from RequestOutput.metrics (time.monotonic seconds)."""
     m = out.metrics
@@ -168,9 +176,10 @@ def run_pipelines(engine, gens: list, arrivals: list[float] | None = None, time_
     """Drives pipeline coroutines through one engine.
 
     A pipeline is a generator that yields a stage, a list of (prompt_ids, SamplingParams, adapter) submitted
-    together, receives the finished RequestOutputs of that stage in order, and returns its result dict. Pipeline
-    i starts at arrivals[i] seconds (default: all at once). Returns one entry per pipeline: {"result", "start",
-    "end"} (monotonic seconds; start is the scheduled arrival), or {"incomplete": True} if the time limit cut it.
+    together, receives the finished RequestOutputs of that stage in order (folded from the engine's deltas),
+    and returns its result dict. Pipeline i starts at arrivals[i] seconds (default: all at once). Returns one
+    entry per pipeline: {"result", "start", "end"} (monotonic seconds; start is the scheduled arrival), or
+    {"incomplete": True} if the time limit cut it.
     """
     n = len(gens)
     arrivals = arrivals or [0.0] * n
@@ -179,6 +188,7 @@ def run_pipelines(engine, gens: list, arrivals: list[float] | None = None, time_
     done: list = [None] * n
     stage: dict[int, list] = {}  # pipeline -> [request ids, outputs by id]
     owner: dict[str, int] = {}
+    running: dict[str, OutputAccumulator] = {}  # request id -> its deltas so far
     counter = [0]
     nxt = 0
 
@@ -189,6 +199,7 @@ def run_pipelines(engine, gens: list, arrivals: list[float] | None = None, time_
             counter[0] += 1
             engine.add_request(rid, prompt, params, adapter)
             owner[rid] = i
+            running[rid] = OutputAccumulator(rid, None, prompt, params.logprobs is not None)
             ids.append(rid)
         stage[i] = [ids, {}]
 
@@ -206,8 +217,7 @@ def run_pipelines(engine, gens: list, arrivals: list[float] | None = None, time_
         if time_limit is not None and now - t0 > time_limit:
             for rid in list(owner):
                 engine.abort_request(rid)
-            while engine.has_unfinished_requests():
-                engine.step()
+            drain(engine)
             break
         while nxt < n and t0 + arrivals[order[nxt]] <= now:
             i = order[nxt]
@@ -217,9 +227,14 @@ def run_pipelines(engine, gens: list, arrivals: list[float] | None = None, time_
             if nxt < n:
                 time.sleep(max(0.0, t0 + arrivals[order[nxt]] - time.monotonic()))
             continue
-        for out in engine.step():
-            if not out.finished or out.request_id not in owner:
+        for delta in engine.step():
+            acc = running.get(delta.request_id)
+            if acc is None:
                 continue
+            acc.add(delta)
+            if not delta.is_final:
+                continue
+            out = running.pop(delta.request_id).output()
             i = owner.pop(out.request_id)
             ids, got = stage[i]
             got[out.request_id] = out
@@ -280,7 +295,7 @@ class Bench:
         return self.rng.integers(1, self.cfg["vocab_size"] - 8, n).tolist()
 
     def kv_tokens(self) -> int:
-        return self.engine.num_total_blocks * self.engine.block_size
+        return self.engine.num_total_blocks * self.engine.config.block_size
 
     def warm(self):
         """Compiles the step for every token bucket, base-only and with LoRA segments (each a separate program)."""
@@ -367,7 +382,7 @@ class Bench:
 
     def part_c(self) -> dict:
         sz, bm, eng = self.sz, self.engine.block_manager, self.engine
-        bs = eng.block_size
+        bs = eng.config.block_size
         per_pipeline = -(-(sz["c_prompt"] + sz["c_answer"] + 2 + sz["c_eval"]) // bs)
         cap = min(self.args.c_kv_pipelines * per_pipeline, eng.num_total_blocks)
         rows = []
@@ -433,13 +448,10 @@ class Bench:
     def ceilings(self, ceil: dict) -> dict:
         from bench import throughput as tp
 
-        bm = self.engine.block_manager
-        bm.enable_prefix_caching = False  # its prompts share prefixes across lengths (same seeds)
-        try:
-            prefill = [tp.bench_prefill(self.llm, n, reps=3) for n in (2048, 8192) if n <= sz_cap(self)]
-            decode = [tp.bench_decode(self.llm, b, 1024, 32) for b in (1, 16, 64) if b <= self.sz["max_num_seqs"]]
-        finally:
-            bm.enable_prefix_caching = True
+        # Every prompt of these is new (bench.throughput seeds them by length and batch): nothing comes from
+        # the prefix cache, which stays on as the other parts use it.
+        prefill = [tp.bench_prefill(self.llm, n, reps=3) for n in (2048, 8192) if n <= sz_cap(self)]
+        decode = [tp.bench_decode(self.llm, b, 1024, 32) for b in (1, 16, 64) if b <= self.sz["max_num_seqs"]]
         for p in prefill:
             p["mfu_vs_measured_matmul"] = p["TFLOPs"] / ceil["bf16_matmul_TFLOPs"]
         for d in decode:
@@ -451,13 +463,8 @@ class Bench:
         """CPU: the engine-side measurements at small sizes (no device ceilings to compare with)."""
         from bench import throughput as tp
 
-        bm = self.engine.block_manager
-        bm.enable_prefix_caching = False
-        try:
-            prefill = [tp.bench_prefill(self.llm, min(256, sz_cap(self)), reps=2)]
-            decode = [tp.bench_decode(self.llm, 1, 128, 8)]
-        finally:
-            bm.enable_prefix_caching = True
+        prefill = [tp.bench_prefill(self.llm, min(256, sz_cap(self)), reps=2)]
+        decode = [tp.bench_decode(self.llm, 1, 128, 8)]
         return {"ceilings": {}, "prefill": prefill, "decode": decode, "max_model_len": self.engine.max_model_len}
 
 
@@ -467,23 +474,25 @@ def sz_cap(bench) -> int:
 
 
 class reserved_blocks:
-    """Takes `n` KV blocks out of the free list for a while: the engine cannot cap its cache after construction,
-    and a second engine would compile every program again."""
+    """Holds `n` KV blocks for a while, through the block manager's own allocate/release, as a request that
+    is never scheduled would: the engine's cache size is fixed at construction, and a second engine with a
+    smaller cache would compile every program again (and need device memory for a second set of weights)."""
 
     def __init__(self, bm, n: int):
-        self.bm, self.n, self.blocks = bm, max(0, n), []
+        from jalora import SamplingParams
+        from jalora.engine.request import Request
+
+        self.bm, self.n = bm, max(0, n)
+        self.holder = Request("reserved-blocks", [0], SamplingParams(), seed=0)
 
     def __enter__(self):
         self.bm.reset_prefix_cache()
-        for _ in range(self.n):
-            self.blocks.append(self.bm._new_block())
+        if not self.bm.allocate(self.holder, self.n * self.bm.block_size):
+            raise RuntimeError(f"cannot reserve {self.n} KV blocks: {self.bm.num_free_blocks()} are free")
         return self
 
     def __exit__(self, *exc):
-        for b in self.blocks:
-            self.bm.ref_count[b] = 0
-            self.bm.free[b] = None
-        self.blocks = []
+        self.bm.release(self.holder)
 
 
 def fmt_s(x) -> str:
@@ -596,12 +605,12 @@ def run_hf_child(args) -> dict:
     """The PEFT baseline in a child process (JAX kept off the GPU there), before this process uses the GPU."""
     fd, path = tempfile.mkstemp(suffix=".json", prefix="jalora-peft-")
     os.close(fd)
-    cmd = [sys.executable, os.path.abspath(__file__), "--model", args.model, "--hf-worker", path]
+    cmd = [sys.executable, "-m", __spec__.name, "--model", args.model, "--hf-worker", path]
     if args.quick:
         cmd.append("--quick")
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env)
+    proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT)
     if proc.returncode != 0:
         return {"error": f"PEFT worker exited with {proc.returncode}", "seconds": time.perf_counter() - t0}
     with open(path) as f:
@@ -611,7 +620,8 @@ def run_hf_child(args) -> dict:
 # -- output --------------------------------------------------------------------------------------------------
 
 
-def plots(r: dict, stem: str) -> list[str]:
+def plots(r: dict, stem: str, folder: str) -> list[str]:
+    """Writes <stem>_A.png and <stem>_C.png (the parts present) into `folder`; returns their names."""
     try:
         import matplotlib
 
@@ -643,7 +653,7 @@ def plots(r: dict, stem: str) -> list[str]:
         fig.suptitle(f"A. base -> adapter: aLoRA reuse vs LoRA recompute ({title})", fontsize=10)
         fig.tight_layout()
         written.append(f"{stem}_A.png")
-        fig.savefig(os.path.join(RESULTS, written[-1]), dpi=110)
+        fig.savefig(os.path.join(folder, written[-1]), dpi=110)
         plt.close(fig)
     if "C" in parts:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -672,7 +682,7 @@ def plots(r: dict, stem: str) -> list[str]:
                      f"worth) ({title})", fontsize=10)  # fmt: skip
         fig.tight_layout()
         written.append(f"{stem}_C.png")
-        fig.savefig(os.path.join(RESULTS, written[-1]), dpi=110)
+        fig.savefig(os.path.join(folder, written[-1]), dpi=110)
         plt.close(fig)
     return written
 
@@ -740,12 +750,10 @@ def main(argv=None) -> dict:
             sz[k] = v
     args.c_rates, args.c_kv_pipelines = sz["c_rates"], sz["c_kv_pipelines"]
     args.c_kinds = args.c_kinds or (list(KINDS) if args.quick else ["alora"])
-    command = " ".join(["python"] + [os.path.relpath(sys.argv[0])] + sys.argv[1:]) if argv is None else str(argv)
     t_start = time.perf_counter()
     new: dict = {}
 
-    name = args.out or f"pipeline_bench_{args.model}.json"
-    path = os.path.join(RESULTS, name)
+    path = result_path(args.out, f"pipeline_bench_{args.model}.json", smoke=args.quick)
     old = None
     if os.path.isfile(path):
         with open(path) as f:
@@ -775,9 +783,9 @@ def main(argv=None) -> dict:
     if args.compile_cache:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    from bench.common import measure_ceilings, run_metadata
+    from bench.harness import measure_ceilings, run_metadata
 
-    meta = {**run_metadata(), "command": command}
+    meta = run_metadata(__spec__.name, argv)
     run = lambda: {**meta, "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # noqa: E731
 
     # 2. ceilings before the engine takes (almost) all the device memory for its KV cache.
@@ -797,7 +805,7 @@ def main(argv=None) -> dict:
         """Saves what is measured so far: a run cut short by a time limit keeps its finished parts."""
         result = {**meta, "model": args.model, "quick": args.quick, "sizes": sz, **common,
                   "parts": merge(old, new), "seconds": time.perf_counter() - t_start}  # fmt: skip
-        save(name, result)
+        save(path, result)
         return result
 
     steps = [("ceilings", lambda: bench.ceilings(ceil) if ceil else bench.engine_only_ceilings()),
@@ -820,15 +828,15 @@ def main(argv=None) -> dict:
     result = flush()
     print()
     print("\n".join(pipeline_bench_tables(result)))
-    stem = os.path.splitext(name)[0]
-    written = plots(result, stem)
+    folder = os.path.dirname(os.path.abspath(path))
+    written = plots(result, os.path.splitext(os.path.basename(path))[0], folder)
     out_dir = os.environ.get("OUT")
-    if out_dir:  # the device machine's return folder
+    if out_dir and os.path.abspath(out_dir) != folder:  # the device machine's return folder
         import shutil
 
         for w in written:
-            shutil.copy(os.path.join(RESULTS, w), os.path.join(out_dir, w))
-    print("wrote", path, *[os.path.join(RESULTS, w) for w in written])
+            shutil.copy(os.path.join(folder, w), os.path.join(out_dir, w))
+    print("wrote", path, *[os.path.join(folder, w) for w in written])
     print(f"total {time.perf_counter() - t_start:.0f} s")
     return result
 

@@ -1,39 +1,49 @@
 """Where one engine step's time goes: host phases and device kernels, from a JAX profiler trace.
 
-    python bench/profile_step.py                          # H200: Granite-3.2-8B shapes, batch 1, 1k context
-    python bench/profile_step.py --batch 64 --adapters 8  # 64 decoding sequences over 8 aLoRAs (r=32, q/k/v)
-    python bench/profile_step.py --preset tiny            # CPU smoke run
+    python -m bench.profile_step                          # H200: Granite-3.2-8B shapes, batch 1, 1k context
+    python -m bench.profile_step --batch 64 --adapters 8  # 64 decoding sequences over 8 aLoRAs (r=32, q/k/v)
+    python -m bench.profile_step --preset tiny            # CPU smoke run (written under /tmp unless --out)
 
-Host phases (schedule, prepare, dispatch, wait for the device, bookkeeping) are timed around the engine's
-own methods over `--steps` decode steps. The device side comes from `jax.profiler` over the same number of
-steps: kernel time summed by name (per step), the busy time of the GPU streams and the gaps between kernels.
+One run times the decode step with async scheduling (the next step is enqueued before the last one is
+read back) and with the synchronous loop (`--modes`): the mode is fixed when an engine is built, so the
+run builds one engine per mode, each with a KV cache sized for this workload so that both fit on the
+device. Host phases (schedule, prepare, dispatch, wait for the device, bookkeeping) are timed around
+the public methods of each engine's scheduler and runner over `--steps` decode steps. The device side
+comes from `jax.profiler` over the same number of steps of the first mode's engine: kernel time summed
+by name (per step), the busy time of the GPU streams and the gaps between kernels.
 """
 
 import argparse
 import glob
 import os
-import sys
 import tempfile
 import time
 from collections import defaultdict
 
+import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import jax  # noqa: E402
-
-from bench.common import GRANITE_8B, TINY, run_metadata, save, write_model_dir  # noqa: E402
-from bench.pipeline import load_qkv_aloras  # noqa: E402
-from jalora import LLM, SamplingParams  # noqa: E402
-from jalora.engine.model_runner import pack_inputs  # noqa: E402
+from bench.harness import (
+    GRANITE_8B,
+    TINY,
+    drain,
+    kv_blocks,
+    load_qkv_aloras,
+    result_path,
+    run_metadata,
+    save,
+    write_model_dir,
+)
+from jalora import LLM, SamplingParams
 
 
 class PhaseTimer:
-    """Wall time of named calls, accumulated (wraps bound methods of the engine's parts)."""
+    """Wall time of named calls, accumulated: wraps public methods of one engine's parts (instance
+    attributes of those objects; `restore` removes the wrappers)."""
 
     def __init__(self):
         self.total = defaultdict(float)
+        self._wrapped = []
 
     def wrap(self, obj, name: str, label: str):
         fn = getattr(obj, name)
@@ -46,6 +56,12 @@ class PhaseTimer:
                 self.total[label] += time.perf_counter() - t0
 
         setattr(obj, name, timed)
+        self._wrapped.append((obj, name))
+
+    def restore(self):
+        for obj, name in self._wrapped:
+            delattr(obj, name)  # the class's method shows through again
+        self._wrapped.clear()
 
 
 def device_summary(trace_dir: str, steps: int, top: int) -> dict:
@@ -87,6 +103,70 @@ def device_summary(trace_dir: str, steps: int, top: int) -> dict:
     return out
 
 
+def max_tokens(args) -> int:
+    """Output tokens of each request: first token, 3 warm-up steps, settle + timed steps, settle + traced
+    steps (first mode), and room so that none ends inside a measured window."""
+    return 1 + 3 + 2 * (1 + args.steps) + 16
+
+
+def build_engine(args, cfg: dict, root: str, mode: str):
+    """An engine with `mode` scheduling and the run's adapters loaded. Its KV cache holds the run's
+    requests and no more, so that the engines of both modes fit on the device together (the default,
+    a share of the device memory still free, would leave the second engine no room for its weights)."""
+    max_len = args.context + max(args.steps + 256, max_tokens(args) + 16)
+    llm = LLM(write_model_dir(os.path.join(root, "model"), cfg), dtype="bfloat16", load_format="dummy",
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=2048, max_model_len=max_len,
+              num_kv_blocks=kv_blocks(args.batch, args.context + max_tokens(args) + 16),
+              max_loras=max(args.adapters, 1), max_lora_rank=32, enable_prefix_caching=False, warmup=False,
+              async_scheduling=mode == "async")  # fmt: skip
+    invocations = load_qkv_aloras(llm, os.path.join(root, f"adapters-{mode}"), cfg, args.adapters)
+    return llm.engine, invocations
+
+
+def time_mode(engine, args, prompts, names, trace_dir: str | None) -> dict:
+    """Decode steps of `engine` (every request decoding): the median engine.step() time and the host
+    phases per step; with `trace_dir`, then a profiler trace of as many steps more, summarised."""
+    params = SamplingParams(max_tokens=max_tokens(args), ignore_eos=True)
+    ids = [f"r{i}" for i in range(len(prompts))]
+    for rid, p, a in zip(ids, prompts, names):
+        engine.add_request(rid, p, params, a)
+    started = set()
+    while len(started) < len(ids):
+        started |= {d.request_id for d in engine.step() if d.token_ids}
+    for _ in range(3):
+        engine.step()
+
+    timer = PhaseTimer()
+    timer.wrap(engine.scheduler, "schedule", "schedule")
+    timer.wrap(engine.runner, "prepare", "prepare")
+    timer.wrap(engine.runner, "launch", "dispatch")
+    timer.wrap(engine.runner, "fetch", "wait+copy back")
+    try:
+        engine.step()  # settle
+        timer.total.clear()
+        ts = []
+        for _ in range(args.steps):
+            t0 = time.perf_counter()
+            engine.step()
+            ts.append(time.perf_counter() - t0)
+    finally:
+        timer.restore()
+    host = {k: v / args.steps * 1e3 for k, v in timer.total.items()}
+    host["other (engine bookkeeping)"] = float(np.mean(ts)) * 1e3 - sum(host.values())
+    out = {"step_ms_median": float(np.median(ts)) * 1e3, "host_ms_per_step": host}
+    if trace_dir is not None:
+        engine.step()
+        jax.profiler.start_trace(trace_dir)
+        for _ in range(args.steps):
+            engine.step()
+        jax.profiler.stop_trace()
+        out["device_trace"] = device_summary(trace_dir, args.steps, args.top)
+    for rid in ids:
+        engine.abort_request(rid)
+    drain(engine)
+    return out
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=("granite-8b", "tiny"), default="granite-8b")
@@ -96,82 +176,43 @@ def main(argv=None) -> dict:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--top", type=int, default=30)
-    ap.add_argument("--hlo", default=None, help="also write the compiled decode step's HLO text here")
+    ap.add_argument("--hlo", default=None, metavar="DIR",
+                    help="also dump the HLO of the compiled steps (XLA's jit_step_fn modules, before and "
+                         "after optimisation) into DIR, through XLA_FLAGS=--xla_dump_to; takes effect only where "
+                         "this process has not used JAX yet")  # fmt: skip
     ap.add_argument("--modes", nargs="+", choices=("async", "sync"), default=["async", "sync"],
-                    help="scheduling modes to time, in order (sync: each step read back before the next); the "
-                         "device trace is taken in the first")
-    ap.add_argument("--out", default=None)
+                    help="scheduling modes to time, in order (sync: each step read back before the next), one "
+                         "engine each; the device trace is taken in the first")  # fmt: skip
+    ap.add_argument("--out", default=None,
+                    help="result file (default bench/results/profile_step_b<batch>_a<adapters>.json)")
     args = ap.parse_args(argv)
+    if args.hlo:  # read by XLA when the backend starts, below
+        dump = f" --xla_dump_to={args.hlo} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=step_fn"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + dump).strip()
+    meta = run_metadata(__spec__.name, argv)
     cfg = GRANITE_8B if args.preset == "granite-8b" else TINY
     root = tempfile.mkdtemp(prefix="jalora-profile-")
-    model_dir = write_model_dir(os.path.join(root, "model"), cfg)
-    llm = LLM(model_dir, dtype="bfloat16", load_format="dummy", max_num_seqs=args.max_num_seqs,
-              max_num_batched_tokens=2048, max_model_len=args.context + args.steps + 256,
-              max_loras=max(args.adapters, 1), max_lora_rank=32, enable_prefix_caching=False, warmup=False)  # fmt: skip
-    engine = llm.engine
+    engines = {mode: build_engine(args, cfg, root, mode) for mode in args.modes}
     v = cfg["vocab_size"]
-    invocations = load_qkv_aloras(llm, root, cfg, args.adapters)
     rng = np.random.default_rng(0)
+    invocations = engines[args.modes[0]][1]
     tail = lambda i: invocations[i % args.adapters] if args.adapters else [7, 7]  # noqa: E731
     prompts = [rng.integers(1, v - 20, args.context - 2).tolist() + tail(i) for i in range(args.batch)]
     names = [f"a{i % args.adapters}" if args.adapters else None for i in range(args.batch)]
-    params = SamplingParams(max_tokens=(len(args.modes) + 3) * args.steps + 16, ignore_eos=True)
-    for i, (p, a) in enumerate(zip(prompts, names)):
-        engine.add_request(f"r{i}", p, params, a)
-    started = set()
-    while len(started) < args.batch:
-        started |= {o.request_id for o in engine.step() if o.token_ids}
-    for _ in range(3):
-        engine.step()
-
-    timer = PhaseTimer()
-    timer.wrap(engine.scheduler, "schedule", "schedule")
-    timer.wrap(engine.runner, "prepare", "prepare")
-    timer.wrap(engine.runner, "_run", "dispatch")
-    timer.wrap(engine.runner, "fetch", "wait+copy back")
     by_mode = {}
-    for mode in args.modes:
-        engine.async_scheduling = mode == "async"
-        engine.step()  # settle into the mode
-        timer.total.clear()
-        ts = []
-        for _ in range(args.steps):
-            t0 = time.perf_counter()
-            engine.step()
-            ts.append(time.perf_counter() - t0)
-        host = {k: v / args.steps * 1e3 for k, v in timer.total.items()}
-        host["other (engine bookkeeping)"] = float(np.mean(ts)) * 1e3 - sum(host.values())
-        by_mode[mode] = {"step_ms_median": float(np.median(ts)) * 1e3, "host_ms_per_step": host}
-    engine.async_scheduling = args.modes[0] == "async"
+    device = {}
+    for k, mode in enumerate(args.modes):
+        trace_dir = os.path.join(root, "trace") if k == 0 else None
+        by_mode[mode] = time_mode(engines[mode][0], args, prompts, names, trace_dir)
+        device = by_mode[mode].pop("device_trace", device)
     step_s, host = by_mode[args.modes[0]]["step_ms_median"] / 1e3, by_mode[args.modes[0]]["host_ms_per_step"]
 
-    trace_dir = os.path.join(root, "trace")
-    engine.step()
-    jax.profiler.start_trace(trace_dir)
-    for _ in range(args.steps):
-        engine.step()
-    jax.profiler.stop_trace()
-    device = device_summary(trace_dir, args.steps, args.top)
-
-    if args.hlo:
-        runner, queued = engine.runner, engine._inflight
-        inp, flags = runner.prepare(engine.scheduler.schedule(), queued and queued.step_id)
-        weights = runner.lora_weights if inp.lora_slots is not None else {}
-        packed, layout = pack_inputs(inp)
-        prev = runner._no_prev_tokens
-        text = runner._step.lower(runner.params, runner.kv_caches, weights, packed, prev, layout=layout, **flags)
-        with open(args.hlo, "w") as f:
-            f.write(text.compile().as_text())
-    for i in range(args.batch):
-        engine.abort_request(f"r{i}")
-    engine.step()
-
-    result = {**run_metadata(), "preset": args.preset, "batch": args.batch, "adapters": args.adapters,
+    result = {**meta, "preset": args.preset, "batch": args.batch, "adapters": args.adapters,
               "context": args.context, "steps": args.steps, "mode": args.modes[0],
               "step_ms_median": step_s * 1e3,
               "host_ms_per_step": host, "by_mode": by_mode, "device_trace": device}  # fmt: skip
-    name = args.out or f"profile_step_b{args.batch}_a{args.adapters}.json"
-    save(name, result)
+    path = result_path(args.out, f"profile_step_b{args.batch}_a{args.adapters}.json", smoke=args.preset == "tiny")
+    save(path, result)
     for mode, m in by_mode.items():
         print(f"{mode}: step {m['step_ms_median']:.2f} ms (median of {args.steps})")
     print(f"{args.modes[0]}:")
@@ -182,6 +223,9 @@ def main(argv=None) -> dict:
               f"span {s['span_us_per_step']:.0f} us, gaps {s['gap_us_per_step']:.0f} us per step")  # fmt: skip
         for row in s["top"][:12]:
             print(f"    {row['us_per_step']:9.1f} us  x{row['count_per_step']:5.1f}  {row['name'][:100]}")
+    if args.hlo:
+        print("HLO dumps in", args.hlo)
+    print("wrote", path)
     return result
 
 

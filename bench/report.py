@@ -1,12 +1,16 @@
 """Renders the README's benchmark tables from bench/results/*.json (no number is typed by hand).
 
-    python bench/report.py                 # print the tables
-    python bench/report.py --write README.md   # replace the block between the bench markers
+    python -m bench.report                     # print the tables
+    python -m bench.report --write README.md   # replace the block between the bench markers
+
+Every markdown table of the benchmarks is rendered here: the README's sections (`render`), and the
+summary each script prints at the end of its run (the `*_stdout` functions).
 
 Ratios are given twice where a ceiling matters: against the ceiling measured by the same run
-(through XLA) and against the H200 reference figures of DESIGN.md section 5 (copy about 4.3 TB/s,
-bf16 matmul about 790 TFLOP/s, both measured on this machine type through PyTorch), because the
-XLA measurements of the same card come out lower and a ratio over a low ceiling flatters.
+(through XLA) and against H200 reference figures measured on this machine type through PyTorch (a
+device-to-device copy at about 4.3 TB/s, read + write bytes; an 8192^3 bf16 matmul at about 790
+TFLOP/s), because the XLA measurements of the same card come out lower and a ratio over a low
+ceiling flatters.
 """
 
 import argparse
@@ -16,8 +20,8 @@ import re
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
-REF_HBM_GBPS = 4300.0  # DESIGN.md section 5: device-to-device copy, read + write bytes
-REF_MATMUL_TFLOPS = 790.0  # DESIGN.md section 5: 8192^3 bf16 matmul on random data
+REF_HBM_GBPS = 4300.0  # H200, PyTorch device-to-device copy, read + write bytes
+REF_MATMUL_TFLOPS = 790.0  # H200, PyTorch 8192^3 bf16 matmul on random data
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
@@ -26,9 +30,13 @@ def load(name):
     return json.load(open(path)) if os.path.isfile(path) else None
 
 
+def commit_of(r) -> str:
+    """The run's commit, short (some result files hold it as `git_commit`)."""
+    return str(r.get("commit") or r.get("git_commit") or "?")[:10]
+
+
 def provenance(r) -> str:
-    commit = (r.get("commit") or r.get("git_commit") or "?")[:10]
-    return f"`{r['command']}` on {r['device']}, JAX {r['jax_version']}, commit {commit}"
+    return f"`{r['command']}` on {r['device']}, JAX {r['jax_version']}, commit {commit_of(r)}"
 
 
 def throughput(r) -> list[str]:
@@ -257,7 +265,7 @@ def ratio(a, b):
 
 
 def pb_goals(r: dict) -> list[str]:
-    """Issue 7's goals against the measured numbers; a missed goal says by how much."""
+    """The pipeline benchmark's goals against the measured numbers; a missed goal says by how much."""
     parts, rows = r.get("parts", {}), []
 
     def row(what, value, goal, higher=True):
@@ -296,13 +304,13 @@ def pb_goals(r: dict) -> list[str]:
     if not rows:
         return []
     where = "CPU smoke run (tiny model): the goals are for the H200" if r.get("quick") else r.get("device")
-    return [f"Goals of issue 7 ({where}):", "", "| measure | value | goal | |", "|---|---|---|---|", *rows, ""]
+    return [f"Goals ({where}):", "", "| measure | value | goal | |", "|---|---|---|---|", *rows, ""]
 
 
 def roofline_bandwidth(ceilings: dict | None) -> float:
     """GB/s a decode step is judged against: the higher of the run's own copy measurement (XLA's
     elementwise copy reaches 3.3-3.6 TB/s, which the engine's own weight GEMMs already exceed at
-    3.9-4.2 TB/s, bench/results/profile_step_b1.json) and DESIGN.md's measured 4.3 TB/s."""
+    3.9-4.2 TB/s, bench/results/profile_step_b1.json) and the 4.3 TB/s reference copy."""
     return max((ceilings or {}).get("hbm_GBps", 0.0), REF_HBM_GBPS)
 
 
@@ -426,7 +434,7 @@ def summary(tp, att, step) -> list[str]:
 
 def step_profiles(*profiles) -> list[str]:
     """bench/profile_step.py: the engine's step, async against synchronous scheduling, and its kernels."""
-    out = ["The decode step of the engine (`bench/profile_step.py`): median engine.step() with async scheduling "
+    out = ["The decode step of the engine (`python -m bench.profile_step`): median engine.step() with async scheduling "
            "(the next step is enqueued before the last one is read back) and with the synchronous loop, in one "
            "run; device busy time and the largest kernels from a profiler trace of the steps in the run's first "
            "mode (`trace` column).", "",
@@ -446,18 +454,153 @@ def step_profiles(*profiles) -> list[str]:
     return out
 
 
+def host_stream(r) -> list[str]:
+    """bench/host_stream.py: the host's output work per token, early and late in a long stream."""
+    new, old = r["output_processor"], r["decode_whole_output"]
+    w = r["window"]
+    out = [f"One request's output stream of {r['tokens']} token ids of the embedded default tokenizer (text with "
+           f"multi-byte characters), host only, median microseconds per token over its first and last {w} tokens "
+           f"({provenance(r)}; host CPU {r['host_cpu']}, Python {r['python']}).", "",
+           f"| per-token output work | first {w} tokens us | last {w} tokens us | last / first |", "|---|---|---|---|",
+           f"| the engine's OutputProcessor: append, stop check, incremental detokenizer, delta of the new token | "
+           f"{new['first_us']:.1f} | {new['last_us']:.1f} | {new['last_over_first']:.2f} |",
+           f"| cumulative: decode the whole output again and copy the token list | {old['first_us']:.1f} | "
+           f"{old['last_us']:.1f} | {old['last_over_first']:.2f} |", "",
+           f"Over the last {w} tokens the cumulative way costs "
+           f"{r['decode_whole_over_output_processor']['last']:.0f}x the OutputProcessor per token."]  # fmt: skip
+    return out
+
+
+# -- what each script prints at the end of its run -----------------------------------------------------
+
+
+def _f(v, fmt: str) -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def throughput_stdout(r) -> list[str]:
+    """bench/throughput.py's result (ceilings and rooflines only where the run measured them)."""
+    out = ["| prefill tokens | tokens/s | TFLOP/s | MFU |", "|---|---|---|---|"]
+    for p in r["prefill"]:
+        out.append(f"| {p['prompt_tokens']} | {p['tokens_per_s']:.0f} | {p['TFLOPs']:.1f} | "
+                   f"{_f(p.get('mfu_vs_measured_matmul'), '.2f')} |")  # fmt: skip
+    out += ["", "| decode batch | ctx | step ms | replay ms | tokens/s | roofline ms | x roofline |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for d in r["decode"]:
+        roof = d.get("roofline_seconds")
+        out.append(f"| {d['batch']} | {d['context']} | {d['step_seconds'] * 1e3:.2f} | "
+                   f"{d['device_step_seconds'] * 1e3:.2f} | {d['tokens_per_s']:.0f} | "
+                   f"{_f(None if roof is None else roof * 1e3, '.2f')} | {_f(d.get('step_over_roofline'), '.2f')} |")
+    return out
+
+
+def pipeline_stdout(r) -> list[str]:
+    """bench/pipeline.py's result: every judge call."""
+    out = ["| prompt | judge | kind | prompt tokens | cached | prefill computed | saved | TTFT ms | e2e ms |",
+           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for x in r["runs"]:
+        for name, j in x["judges"].items():
+            saved = j["cached_tokens"] / j["prompt_tokens"]
+            out.append(f"| {x['prompt_len']} | {name} | {x['kind']} | {j['prompt_tokens']} | {j['cached_tokens']} | "
+                       f"{j['prefill_tokens']} | {saved:.0%} | {j['ttft_s'] * 1e3:.1f} | {j['e2e_s'] * 1e3:.1f} |")
+    return out
+
+
+def lora_step_stdout(r) -> list[str]:
+    """bench/lora_step.py's result."""
+    d, p = r["decode"], r["prefill"]
+    return ["| workload | base ms | aLoRA ms | overhead | goal |", "|---|---|---|---|---|",
+            f"| decode, {d['batch']} seqs over {d['adapters']} aLoRAs (r={d['rank']} qkv), ctx {d['context']} | "
+            f"{d['base_step_s'] * 1e3:.2f} (again {d['base_step_again_s'] * 1e3:.2f}) | "
+            f"{d['alora_step_s'] * 1e3:.2f} | {d['overhead']:+.1%} (replay {d['device_overhead']:+.1%}; sync loop "
+            f"{d['sync']['overhead']:+.1%}) | <= 10% |",
+            f"| prefill {p['tokens']} tokens, last {p['adapted_tokens']} adapted | {p['base_s'] * 1e3:.1f} | "
+            f"{p['alora_s'] * 1e3:.1f} | {p['overhead']:+.1%} | <= 2% |"]  # fmt: skip
+
+
+def attention_stdout(r) -> list[str]:
+    """bench/attention.py's result: every decode shape and prefill length."""
+    lines = [f"device {r['device']}, jax {r['jax_version']}, commit {commit_of(r)}, "
+             f"copy {r['copy_gbs_read_plus_write']:.0f} GB/s", "",
+             "| decode B | context | ms | GB/s | % of copy |", "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for row in r["decode"]:
+        if "gbs" in row:
+            lines.append(f"| {row['batch']} | {row['context']} | {row['ms']:.3f} | {row['gbs']:.0f} | "
+                         f"{row['pct_copy']:.0f}% |")  # fmt: skip
+        else:
+            lines.append(f"| {row['batch']} | {row['context']} | - | - | "
+                         f"{row.get('skipped') or row.get('error', '')[:60]} |")  # fmt: skip
+    lines += ["", "| prefill tokens | kernel TFLOP/s | cuDNN TFLOP/s | % of cuDNN | reference TFLOP/s |",
+              "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    for row in r["prefill"]:
+        ref = f"{row['reference_tflops']:.1f}" if "reference_tflops" in row else "skipped (OOM)"
+        lines.append(f"| {row['tokens']} | {row.get('kernel_tflops', float('nan')):.0f} | "
+                     f"{row.get('cudnn_tflops', float('nan')):.0f} | {row.get('pct_cudnn', float('nan')):.0f}% | "
+                     f"{ref} |")  # fmt: skip
+    return lines
+
+
+def attention_splits_stdout(r, splits) -> list[str]:
+    """bench/attention_splits.py's result (not --grid): us per call by split count."""
+    out = ["| B | ctx | default us | " + " | ".join(f"splits={s}" for s in splits) + " |",
+           "|---|---|---|" + "---|" * len(splits)]  # fmt: skip
+    for row in r["rows"]:
+        cells = [row["us"][str(s)] for s in [None, *splits]]
+        out.append(f"| {row['batch']} | {row['context']} | "
+                   + " | ".join(f"{v:.1f}" if isinstance(v, float) else "err" for v in cells) + " |")  # fmt: skip
+    return out
+
+
+def host_stream_stdout(r) -> list[str]:
+    """bench/host_stream.py's result: the README's table."""
+    return host_stream(r)
+
+
+def lora_stdout(r) -> list[str]:
+    """bench/lora.py's result: the projection stack's overheads, and the kernel against its alternatives."""
+    d, p = r.get("decode"), r.get("prefill")
+    out = ["", f"{r['device']}, jax {r['jax_version']}, commit {commit_of(r)}; {r['what']}", "",
+           "| workload (projection stack) | base ms | + LoRA ms: kernel add | packed add | delta | goal |",
+           "|---|---|---|---|---|---|"]  # fmt: skip
+    rows = []
+    if d:
+        rows.append((f"(a) decode {d['tokens']} seqs, 8 aLoRA r=32 q/k/v", d))
+    if p:
+        rows.append((f"(b) prefill {p['tokens']}, last {p['adapted_tokens']} adapted", p))
+    for name, x in rows:
+        ms, o = x["ms"], x["overhead_vs_base"]
+        cells = [f"{ms[m]:.3f} ({o[m]:+.1%})" if m in o else "failed"
+                 for m in ("kernel_add", "kernel_add_packed", "kernel_delta")]  # fmt: skip
+        out.append(f"| {name} | {ms['base']:.3f} | " + " | ".join(cells) + f" | <= {x['goal_overhead']:.0%} |")
+    o = d["overhead_vs_base"] if d else {}
+    out += ["", f"(a) with the one-hot einsum: {o.get('one_hot', float('nan')):+.1%}; "
+            f"with ragged_dot: {o.get('ragged_dot', float('nan')):+.1%}", ""]  # fmt: skip
+    if "kernel_vs" in r:
+        keys = sorted({k[: -len("_us_per_call")] for c in r["kernel_vs"] for k in c if k.endswith("_us_per_call")})
+        out += ["| (c) fused-qkv delta, us per call | " + " | ".join(keys) + " | kernel weight GB/s |",
+                "|---" * (len(keys) + 2) + "|"]  # fmt: skip
+        for c in r["kernel_vs"]:
+            cells = " | ".join(f"{c.get(k + '_us_per_call', float('nan')):.1f}" for k in keys)
+            out.append(f"| {c['case']} | {cells} | {c.get('kernel_weight_GBps', float('nan')):.0f} |")
+    if "check" in r:
+        ok = all(c["ok"] for c in r["check"])
+        out += ["", f"check: {'all ok' if ok else 'FAILED'} {[round(c['rel_err'], 5) for c in r['check']]}"]
+    return out
+
+
 def render() -> str:
     parts = []
     sections = [
-        ("### Engine throughput (issue 2)", throughput, ("throughput.json",)),
-        ("### Ragged paged attention (issue 4)", attention, ("attention.json",)),
+        ("### Engine throughput", throughput, ("throughput.json",)),
+        ("### Ragged paged attention", attention, ("attention.json",)),
         ("### The engine's decode step: async scheduling", step_profiles,
          ("profile_step_b1.json", "profile_step_b64_a8.json")),
-        ("### Masked multi-LoRA (issue 5)", lora, ("lora.json", "lora_step.json")),
+        ("### Host output work per token over a long stream", host_stream, ("host_stream.json",)),
+        ("### Masked multi-LoRA", lora, ("lora.json", "lora_step.json")),
         ("### Decode attention: kv splits at the engine's step shapes", attention_splits,
          ("attention_splits.json",)),
         ("### Base -> aLoRA judges on the CPU (tiny model)", pipeline, ("pipeline_tiny.json",)),
-        ("### The aLoRA serving paper's pipelines on the H200 (issue 7)", pipeline_bench_section,
+        ("### The aLoRA serving paper's pipelines on the H200", pipeline_bench_section,
          ("pipeline_bench_granite-8b.json",)),
     ]
     for title, fn, names in sections:
@@ -479,7 +622,7 @@ def main(argv=None):
         print(text)
         return
     readme = open(args.write).read()
-    note = "<!-- generated by `python bench/report.py --write README.md`; edit bench/report.py -->"
+    note = "<!-- generated by `python -m bench.report --write README.md`; edit bench/report.py -->"
     block = f"{BEGIN}\n{note}\n\n{text}\n{END}"
     new, n = re.subn(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, readme, flags=re.S)
     if n != 1:

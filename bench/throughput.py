@@ -1,7 +1,7 @@
 """Prefill and decode throughput of the engine, against the hardware ceilings measured in the same run.
 
-    python bench/throughput.py                       # H200: Granite-3.2-8B shapes, dummy bf16 weights
-    python bench/throughput.py --preset tiny         # CPU smoke run
+    python -m bench.throughput                       # H200: Granite-3.2-8B shapes, dummy bf16 weights
+    python -m bench.throughput --preset tiny         # CPU smoke run (written under /tmp unless --out)
 
 Prefill: one request of N prompt tokens, max_tokens=1, one step (tokens/s and model-FLOP utilisation
 against the measured bf16 matmul rate). Decode: B requests with a C-token context; the median
@@ -10,25 +10,23 @@ engine.step() time once every request is decoding, host work included, against t
 """
 
 import argparse
-import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import (  # noqa: E402
+from bench.harness import (
     GRANITE_8B,
     TINY,
     decode_step_seconds,
     measure_ceilings,
+    result_path,
     run_metadata,
     save,
     write_model_dir,
 )
-from jalora import LLM, SamplingParams  # noqa: E402
+from bench.report import throughput_stdout
+from jalora import LLM, SamplingParams
 
 
 def prompt(n: int, vocab: int, seed: int) -> list[int]:
@@ -36,12 +34,14 @@ def prompt(n: int, vocab: int, seed: int) -> list[int]:
 
 
 def bench_prefill(llm, n: int, reps: int) -> dict:
-    cfg = llm.engine.cfg
+    """Median time of one n-token prefill (max_tokens=1). Every prompt is new (its seed depends on n),
+    so an engine with prefix caching on reuses nothing either."""
+    cfg = llm.engine.model_config
     p = SamplingParams(max_tokens=1, ignore_eos=True)
-    llm.generate([prompt(n, cfg.vocab_size, 0)], p)  # compile
+    llm.generate([prompt(n, cfg.vocab_size, n * 1000)], p)  # compile
     ts = []
     for r in range(reps):
-        ids = prompt(n, cfg.vocab_size, r + 1)
+        ids = prompt(n, cfg.vocab_size, n * 1000 + r + 1)
         t0 = time.perf_counter()
         llm.generate([ids], p)
         ts.append(time.perf_counter() - t0)
@@ -54,16 +54,18 @@ def bench_prefill(llm, n: int, reps: int) -> dict:
 
 
 def bench_decode(llm, batch: int, context: int, steps: int) -> dict:
+    """Median engine.step() time of `batch` decoding requests with `context`-token prompts (new prompts:
+    nothing comes from the prefix cache), and a replay of that step (bench.harness)."""
     engine = llm.engine
-    cfg = engine.cfg
-    prompts = [prompt(context, cfg.vocab_size, 100 + i) for i in range(batch)]
+    cfg = engine.model_config
+    prompts = [prompt(context, cfg.vocab_size, 10_000_000 + 1000 * batch + i) for i in range(batch)]
     t, replay_t = decode_step_seconds(engine, prompts, [None] * batch, steps)
     itemsize = np.dtype(engine.dtype).itemsize
     weight_bytes = cfg.num_params() * itemsize
     kv_bytes = batch * (context + 4 + steps / 2) * cfg.num_layers * 2 * cfg.kv_size * itemsize
-    # device_step_seconds: a replay of the step (dispatch + device, waited on; bench.common)
+    # device_step_seconds: a replay of the step (dispatch + device, waited on; bench.harness)
     return {"batch": batch, "context": context, "step_seconds": t, "device_step_seconds": replay_t,
-            "scheduling": "async" if engine.async_scheduling else "sync",
+            "scheduling": "async" if engine.config.async_scheduling else "sync",
             "tokens_per_s": batch / t,
             "weight_bytes": weight_bytes, "kv_bytes": kv_bytes}  # fmt: skip
 
@@ -76,9 +78,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--decode-steps", type=int, default=32)
     ap.add_argument("--attention", default=None, help="attention impl (default: the platform's kernel)")
-    ap.add_argument("--out", default="throughput.json")
+    ap.add_argument("--out", default=None, help="result file (default bench/results/throughput.json)")
     args = ap.parse_args(argv)
-    meta = run_metadata()
+    meta = run_metadata(__spec__.name, argv)
     ceilings = measure_ceilings() if meta["platform"] == "gpu" else {}
     cfg = GRANITE_8B if args.preset == "granite-8b" else TINY
     model_dir = write_model_dir(tempfile.mkdtemp(prefix="jalora-bench-"), cfg)
@@ -98,17 +100,8 @@ def main(argv=None) -> dict:
             d["step_over_roofline"] = d["step_seconds"] / d["roofline_seconds"]
     result = {**meta, "preset": args.preset, "attention": args.attention or "platform default",
               "ceilings": ceilings, "prefill": prefill, "decode": decode}  # fmt: skip
-    path = save(args.out, result)
-    print("| prefill tokens | tokens/s | TFLOP/s | MFU |\n|---|---|---|---|")
-    for p in prefill:
-        mfu = p.get("mfu_vs_measured_matmul", 0)
-        print(f"| {p['prompt_tokens']} | {p['tokens_per_s']:.0f} | {p['TFLOPs']:.1f} | {mfu:.2f} |")
-    print("| decode batch | ctx | step ms | replay ms | tokens/s | roofline ms | x roofline |")
-    print("|---|---|---|---|---|---|---|")
-    for d in decode:
-        print(f"| {d['batch']} | {d['context']} | {d['step_seconds'] * 1e3:.2f} | {d['device_step_seconds'] * 1e3:.2f} "
-              f"| {d['tokens_per_s']:.0f} | {d.get('roofline_seconds', 0) * 1e3:.2f} | "
-              f"{d.get('step_over_roofline', 0):.2f} |")  # fmt: skip
+    path = save(result_path(args.out, "throughput.json", smoke=args.preset == "tiny"), result)
+    print("\n".join(throughput_stdout(result)))
     print("wrote", path)
     return result
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from typing import NamedTuple
+
+import jax
 
 from jalora.adapters.manager import AdapterStacks
 from jalora.engine.model_runner import ModelRunner, StepOutputs, StepResult
@@ -47,6 +50,13 @@ class Row:
     sampled: bool  # the step sampled the request's next token (else it was a prefill chunk)
 
 
+class QueuedStep(NamedTuple):
+    """What the next step reads of the step still on the device (`StepPipeline.queued`)."""
+
+    step_id: int  # the id that requests' pending tokens name (`Request.pending`)
+    tokens: jax.Array  # i32[max_num_seqs] its sampled tokens, on the device (not waited for)
+
+
 class StepPipeline:
     def __init__(self, runner: ModelRunner, async_scheduling: bool):
         self.runner = runner
@@ -58,6 +68,15 @@ class StepPipeline:
     def busy(self) -> bool:
         """True while a step is on the device that a later step() call reads back."""
         return self._queued is not None
+
+    @property
+    def queued(self) -> QueuedStep | None:
+        """The step the last `step()` call left on the device (async scheduling), read-only: its id and
+        its sampled tokens, which the next step takes as `ModelRunner.prepare(batch, prev_step=step_id)`
+        and `ModelRunner.launch(..., prev_tokens=tokens)`. None when no step is queued (synchronous
+        mode, or idle). For tools that replay the next step outside the engine loop (bench/harness.py)."""
+        q = self._queued
+        return None if q is None or q.out is None else QueuedStep(q.step_id, q.out.tokens)
 
     def dispatch(self, batch: ScheduledBatch, adapters: AdapterStacks) -> InFlightStep | None:
         """Enqueues `batch` (its pending tokens fed by the queued step); None if the batch is empty.

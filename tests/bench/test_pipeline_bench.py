@@ -11,6 +11,7 @@ from bench.pipeline_bench import (
     poisson_arrivals,
     run_pipelines,
 )
+from jalora.outputs import FinishedRequest, RequestDelta, RequestMetrics
 
 
 def test_poisson_arrivals_rate_and_order():
@@ -48,37 +49,54 @@ def test_merge_rows_and_parts():
     assert [r["rate"] for r in merge(o, n2)["C"]["rows"]] == [8.0]  # another setup replaces the part
 
 
-class _Out:
-    def __init__(self, rid, n):
-        self.request_id, self.finished, self.token_ids = rid, True, list(range(n))
-
-
 class _FakeEngine:
-    """Finishes every request one step after it is added, with max_tokens tokens."""
+    """Hands out max_tokens tokens per request as the engine does, in deltas: one token per step, the
+    last delta carrying the final record (and a delta of an unknown request, which is ignored)."""
 
     def __init__(self):
-        self.pending, self.added = [], []
+        self.pending, self.added, self.tokens = [], [], {}
 
     def add_request(self, rid, prompt, params, adapter):
         self.pending.append((rid, params))
         self.added.append((rid, len(prompt), adapter))
+        self.tokens[rid] = (list(prompt), 0)
 
     def has_unfinished_requests(self):
         return bool(self.pending)
 
     def step(self):
-        outs = [_Out(rid, p) for rid, p in self.pending]
-        self.pending = []
-        return outs
+        deltas, still = [RequestDelta("someone-else", [1], "x", None)], []
+        for rid, n in self.pending:
+            prompt, done = self.tokens[rid]
+            self.tokens[rid] = (prompt, done + 1)
+            finished = None
+            if done + 1 == n:
+                metrics = RequestMetrics(arrival_time=0.0, first_token_time=0.0, finished_time=0.0)
+                finished = FinishedRequest("length", prompt, n, 0, None, None, None, metrics)
+            else:
+                still.append((rid, n))
+            deltas.append(RequestDelta(rid, [done], str(done), None, finished))
+        self.pending = still
+        return deltas
 
     def abort_request(self, rid):
         self.pending = [(r, p) for r, p in self.pending if r != rid]
 
 
+class _Params(int):
+    """max_tokens, with the one attribute run_pipelines reads."""
+
+    logprobs = None
+
+
 def test_run_pipelines_stages_and_arrivals():
+    """Stages get the finished RequestOutputs folded from the deltas, in submission order."""
+
     def pipe(i):
-        (base,) = yield [([1] * 4, 3, None)]
-        judges = yield [([1] * (4 + len(base.token_ids)), 2, f"j{k}") for k in range(2)]
+        (base,) = yield [([1] * 4, _Params(3), None)]
+        assert base.token_ids == [0, 1, 2] and base.text == "012" and base.finish_reason == "length"
+        assert base.prompt_token_ids == [1] * 4
+        judges = yield [([1] * (4 + len(base.token_ids)), _Params(2), f"j{k}") for k in range(2)]
         return {"i": i, "judge_tokens": [len(j.token_ids) for j in judges]}
 
     eng = _FakeEngine()

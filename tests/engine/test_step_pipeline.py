@@ -109,3 +109,29 @@ def test_blocks_of_a_finished_request_are_reused(any_llm):
     any_llm.generate([prompt], SamplingParams(max_tokens=1))
     (out,) = any_llm.generate([prompt + [7]], SamplingParams(max_tokens=1))
     assert out.num_cached_tokens == 12
+
+
+def test_queued_step_accessor(small_llm, small_llm_sync):
+    """`StepPipeline.queued` shows the step left on the device (async mode only): its id is the one the
+    requests' pending tokens name, and its device tokens are the ones the next read hands out."""
+    engine = small_llm.engine
+    assert engine.pipeline.queued is None
+    engine.add_request("q-0", [3, 4, 5], SamplingParams(max_tokens=3))
+    assert engine.step() == []  # the first step is queued, nothing read back yet
+    queued = engine.pipeline.queued
+    assert queued is not None and isinstance(queued.step_id, int)
+    assert engine.requests["q-0"].pending == [(queued.step_id, 0)]
+    assert queued.tokens.shape == (engine.config.max_num_seqs,)
+    want = int(np.asarray(queued.tokens)[0])
+    (delta,) = engine.step()  # reads the queued step back (and queues the next)
+    assert delta.token_ids == [want]
+    assert engine.pipeline.queued.step_id > queued.step_id
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.pipeline.queued is None
+
+    sync = small_llm_sync.engine
+    sync.add_request("q-1", [3, 4, 5], SamplingParams(max_tokens=2))
+    while sync.has_unfinished_requests():
+        sync.step()
+        assert sync.pipeline.queued is None
