@@ -76,20 +76,22 @@ def _build_llm(args: argparse.Namespace):
 
 def _serve(args: argparse.Namespace) -> int:
     from server.app import JaloraServer
+    from server.config import ServerConfig
 
     llm, model_dir, roots = _build_llm(args)
     if llm is None:
         return 2
 
     async def run() -> None:
-        server = JaloraServer(
-            llm.engine,
+        config = ServerConfig(
             host=args.host,
             port=args.port,
             adapter_roots=roots,
             max_pending_requests=args.max_pending_requests,
+            grace=args.grace,
             model_name=str(model_dir),
         )
+        server = JaloraServer(llm.engine, config)
         port = await server.start()
         # Tests and scripts read this line to learn the port (--port 0 picks a free one).
         print(f"jalora serving on {args.host}:{port}", flush=True)
@@ -102,7 +104,7 @@ def _serve(args: argparse.Namespace) -> int:
                 pass
         await stop.wait()
         print("jalora: shutting down", file=sys.stderr, flush=True)
-        await server.stop(grace=args.grace)
+        await server.stop()
 
     asyncio.run(run())
     return 0
@@ -205,11 +207,13 @@ def _pipeline(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     """`jalora serve` on a free loopback port, in this process, and the pipeline against it over gRPC."""
     from server.app import ServerThread
+    from server.config import ServerConfig
 
     llm, model_dir, roots = _build_llm(args)
     if llm is None:
         return 2
-    with ServerThread(llm.engine, host=args.host, port=0, adapter_roots=roots, model_name=str(model_dir)) as server:
+    config = ServerConfig(host=args.host, port=0, adapter_roots=roots, model_name=str(model_dir))
+    with ServerThread(llm.engine, config) as server:
         print(f"jalora serving on {server.target}", flush=True)
         args.target = server.target
         return _pipeline(args)
