@@ -1,7 +1,10 @@
 """Starts the gRPC server: jalora.v1.Jalora, grpc.health.v1.Health and server reflection.
 
-`JaloraServer` runs on the caller's asyncio loop (`jalora serve`); `ServerThread` runs one on a
-loop of its own in a background thread (tests, notebooks, embedding in a synchronous program).
+`JaloraServer(engine, config)` runs on the caller's asyncio loop (`jalora serve`); `ServerThread(engine,
+config)` runs one on a loop of its own in a background thread (tests, notebooks, embedding in a
+synchronous program). `engine` is anything that implements the `Engine` protocol
+(jalora/engine/interface.py); `config` is a `ServerConfig` (server/config.py), whose defaults apply
+when it is left out.
 """
 
 from __future__ import annotations
@@ -9,22 +12,27 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jalora.api import CHANNEL_OPTIONS, DEFAULT_PORT
+from jalora.api import CHANNEL_OPTIONS
 from jalora.api.v1 import jalora_pb2, jalora_pb2_grpc
 from jalora.engine.interface import Engine
+from server.config import ServerConfig
 from server.engine_worker import EngineWorker
 from server.servicer import JaloraServicer
 
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = jalora_pb2.DESCRIPTOR.services_by_name["Jalora"].full_name  # "jalora.v1.Jalora"
+
+
+def format_address(host: str, port: int) -> str:
+    """host:port, with an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _version() -> str:
@@ -42,25 +50,18 @@ class JaloraServer:
     `engine` implements jalora's engine interface; nobody else drives it once `start` has been called.
     """
 
-    def __init__(
-        self,
-        engine: Engine,
-        *,
-        host: str = "127.0.0.1",
-        port: int = DEFAULT_PORT,
-        adapter_roots: Sequence[str] = (),
-        max_pending_requests: int = 256,
-        model_name: str = "",
-    ):
-        self.host = host
-        self.requested_port = port
-        self.worker = EngineWorker(engine, max_pending_requests=max_pending_requests)
-        self.servicer = JaloraServicer(
-            self.worker, model_name=model_name, adapter_roots=adapter_roots, version=_version()
-        )
+    def __init__(self, engine: Engine, config: ServerConfig | None = None):
+        self.config = ServerConfig() if config is None else config
+        self.worker = EngineWorker(engine, self.config.max_pending_requests)
+        self.servicer = JaloraServicer(self.worker, self.config, version=_version())
         self.health = health.aio.HealthServicer()
-        self.port: int | None = None
+        self.port: int | None = None  # the bound port, once started
         self._server: grpc.aio.Server | None = None
+
+    @property
+    def address(self) -> str:
+        """host:port where the server listens (the bound port once started, so --port 0 shows the real one)."""
+        return format_address(self.config.host, self.config.port if self.port is None else self.port)
 
     async def start(self) -> int:
         """Starts serving; returns the bound port (useful with port=0)."""
@@ -76,23 +77,25 @@ class JaloraServer:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             server,
         )
-        address = f"[{self.host}]:{self.requested_port}" if ":" in self.host else f"{self.host}:{self.requested_port}"
-        self.port = server.add_insecure_port(address)
+        bind = format_address(self.config.host, self.config.port)
+        self.port = server.add_insecure_port(bind)
         if not self.port:
-            raise OSError(f"could not bind {address}")
+            self.port = None
+            raise OSError(f"could not bind {bind}")
         self.worker.start()
         await server.start()
         self._server = server
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        logger.info("jalora serving on %s:%d", self.host, self.port)
+        logger.info("jalora serving on %s", self.address)
         return self.port
 
-    async def stop(self, grace: float | None = 5.0) -> None:
-        """Stops taking calls, lets running ones finish for `grace` seconds, then stops the engine thread."""
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops taking calls, lets running ones finish for `grace` seconds (default: the config's;
+        0 cancels them at once), then stops the engine thread."""
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
-            await self._server.stop(grace)
+            await self._server.stop(self.config.grace if grace is None else grace)
         await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
 
     async def wait_for_termination(self) -> None:
@@ -101,24 +104,30 @@ class JaloraServer:
 
 
 class ServerThread:
-    """A JaloraServer on its own event loop in a daemon thread; `with ServerThread(engine) as s: s.port`."""
+    """A JaloraServer on its own event loop in a daemon thread.
 
-    def __init__(self, engine: Engine, **kwargs: Any):
-        self.server = JaloraServer(engine, **kwargs)
+        with ServerThread(engine, ServerConfig(port=0)) as s:
+            Client(s.target).generate(...)
+    """
+
+    def __init__(self, engine: Engine, config: ServerConfig | None = None):
+        self.server = JaloraServer(engine, config)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="jalora-grpc", daemon=True)
         self.port: int | None = None
 
     @property
     def target(self) -> str:
-        return f"{self.server.host}:{self.port}"
+        """host:port for a client (the bound port)."""
+        return self.server.address
 
     def start(self) -> ServerThread:
         self._thread.start()
         self.port = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout=60)
         return self
 
-    def stop(self, grace: float | None = 1.0) -> None:
+    def stop(self, grace: float | None = None) -> None:
+        """See JaloraServer.stop; then ends the loop and joins the thread."""
         if not self._thread.is_alive():
             return
         asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result(timeout=60)

@@ -4,22 +4,91 @@
     jalora serve --model DIR --adapter judge=DIR --port 50051
     jalora generate "Why is the sky blue?" --max-tokens 32
     jalora pipeline                           # base answers, then every aLoRA judge scores the answer
+
+`serve` and `demo` derive their engine and server flags from the fields of `EngineConfig`
+(jalora/config.py) and `ServerConfig` (server/config.py): `--field-name`, with the field's type,
+default, help and choices, and `--flag/--no-flag` for a bool field. The configs are built (and so
+validated) before any slow work: a bad value ends the command with `jalora <command>: <field>:
+<message>` and exit status 2 before the model is read.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import sys
+import types
+import typing
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from checkpoints import DEFAULT_MODEL_DIR
-from jalora.api import DEFAULT_TARGET
+from jalora.api import DEFAULT_TARGET, DEFAULT_TIMEOUT
+from jalora.config import EngineConfig
+from jalora.errors import InvalidRequestError
+from server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from jalora.engine.llm_engine import LLMEngine
 
 DEFAULT_QUESTION = "Question: what does a prefix cache save when several adapters judge one answer?\nAnswer:"
+
+
+# ---- flags derived from the configs --------------------------------------------------------------
+
+
+def _flag_type(hint: Any) -> Any:
+    """The type a flag parses: `int | None` -> int (None stays the field's default)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) != 1:
+            raise TypeError(f"no flag type for {hint}")
+        return args[0]
+    return hint
+
+
+def add_config_flags(
+    parser: argparse.ArgumentParser, cls: type, *, exclude: tuple[str, ...] = (), notes: dict[str, str] | None = None
+) -> None:
+    """Adds one flag per field of the config dataclass `cls` (but `exclude`) to a group of `parser`.
+
+    `--field-name` stores to `field_name`, with the field's default, its metadata's help (plus
+    `notes[field]`), choices and metavar; the type comes from the annotation (`int | None` parses as
+    int); a bool field is a `--name/--no-name` pair; a `tuple[str, ...]` field is a repeatable flag.
+    """
+    hints = typing.get_type_hints(cls)
+    group = parser.add_argument_group(f"{cls.__name__} ({cls.__module__})")
+    for f in dataclasses.fields(cls):
+        if f.name in exclude:
+            continue
+        kind = _flag_type(hints[f.name])
+        help_text = (f.metadata["help"] + (notes or {}).get(f.name, "")).replace("%", "%%")
+        kwargs: dict[str, Any] = dict(dest=f.name, default=f.default, help=help_text)
+        for key in ("choices", "metavar"):
+            if key in f.metadata:
+                kwargs[key] = f.metadata[key]
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            kwargs.update(action="append", type=typing.get_args(kind)[0], default=list(f.default))
+        else:
+            kwargs["type"] = kind
+        action = group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
+        if f.default not in (None, "", ()) and "%(default)" not in action.help:
+            action.help += " (default: %(default)s)"
+
+
+def config_from_args(cls: type, args: argparse.Namespace, **changes: Any) -> Any:
+    """`cls` built from the flags `add_config_flags` added (plus `changes`); validates on construction."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **changes})
+
+
+# ---- serve ---------------------------------------------------------------------------------------
 
 
 def _adapter_arg(value: str) -> tuple[str, str]:
@@ -36,63 +105,62 @@ def _default_adapters(model_dir: Path) -> list[tuple[str, str]]:
     return sorted((d.name, str(d)) for d in root.iterdir() if (d / "adapter_config.json").is_file())
 
 
-# ---- serve ---------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ServePlan:
+    """What `serve` / `demo` will run, validated before any slow work."""
+
+    engine_config: EngineConfig
+    server_config: ServerConfig
+    adapters: tuple[tuple[str, str], ...]  # (name, directory) loaded at start
 
 
-def _build_llm(args: argparse.Namespace):
-    """The engine `serve` and `demo` run: the model, its adapters and the adapter roots."""
-    from jalora import LLM
+def serve_plan(args: argparse.Namespace) -> ServePlan:
+    """The configs and start-up adapters from the flags. Raises InvalidRequestError naming the field.
 
-    model_dir = Path(args.model) if args.model else DEFAULT_MODEL_DIR
-    if not (model_dir / "config.json").is_file():
-        print(f"jalora {args.command}: {model_dir} has no config.json", file=sys.stderr)
-        return None, model_dir, []
+    Without --model: the embedded default (checkpoints.DEFAULT_MODEL_DIR), its adapters unless
+    --adapter names others, and its adapters folder as root unless --adapter-roots names others.
+    --max-loras is raised to the number of start-up adapters.
+    """
+    embedded = not args.model
+    model_dir = DEFAULT_MODEL_DIR if embedded else Path(args.model)
+    engine_config = config_from_args(EngineConfig, args, model=str(model_dir))
+    server_config = config_from_args(ServerConfig, args)
     adapters = list(args.adapter)
-    roots = list(args.adapter_root)
-    if args.model is None:  # the embedded default: its judges, and its adapters folder as root
+    if embedded:
         adapters = adapters or _default_adapters(model_dir)
-        roots = roots or [str(model_dir / "adapters")]
-    engine_args = dict(
-        dtype=args.dtype,
-        block_size=args.block_size,
-        num_kv_blocks=args.num_kv_blocks,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_model_len=args.max_model_len,
-        max_loras=max(args.max_loras, len(adapters)),
-        max_lora_rank=args.max_lora_rank,
-        enable_prefix_caching=not args.no_prefix_caching,
-        async_scheduling=not args.no_async_scheduling,
-    )
-    print(f"jalora: loading {model_dir}", file=sys.stderr, flush=True)
-    llm = LLM(str(model_dir), **engine_args)
-    for name, path in adapters:
-        info = llm.load_adapter(name, path)
+        if not server_config.adapter_roots:
+            server_config = server_config.replace(adapter_roots=(str(model_dir / "adapters"),))
+    engine_config = engine_config.replace(max_loras=max(engine_config.max_loras, len(adapters)))
+    if not (model_dir / "config.json").is_file():
+        raise InvalidRequestError("model", f"{model_dir} has no config.json")
+    return ServePlan(engine_config, server_config, tuple(adapters))
+
+
+def build_engine(plan: ServePlan) -> LLMEngine:
+    """The slow part: loads the model and the start-up adapters, and compiles the adapted steps."""
+    from jalora.engine.llm_engine import LLMEngine
+
+    print(f"jalora: loading {plan.engine_config.model}", file=sys.stderr, flush=True)
+    engine = LLMEngine(plan.engine_config)
+    for name, path in plan.adapters:
+        info = engine.load_adapter(name, path)
         inv = f" invocation={info.invocation_tokens}" if info.invocation_tokens else ""
         print(f"jalora: adapter {name} ({info.kind}, r={info.rank}){inv}", file=sys.stderr, flush=True)
-    llm.engine.warmup_adapters()
-    return llm, model_dir, roots
+    engine.warmup_adapters()
+    return engine
 
 
 def _serve(args: argparse.Namespace) -> int:
     from server.app import JaloraServer
 
-    llm, model_dir, roots = _build_llm(args)
-    if llm is None:
-        return 2
+    plan = serve_plan(args)
+    engine = build_engine(plan)
 
     async def run() -> None:
-        server = JaloraServer(
-            llm.engine,
-            host=args.host,
-            port=args.port,
-            adapter_roots=roots,
-            max_pending_requests=args.max_pending_requests,
-            model_name=str(model_dir),
-        )
-        port = await server.start()
+        server = JaloraServer(engine, plan.server_config)
+        await server.start()
         # Tests and scripts read this line to learn the port (--port 0 picks a free one).
-        print(f"jalora serving on {args.host}:{port}", flush=True)
+        print(f"jalora serving on {server.address}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -102,7 +170,7 @@ def _serve(args: argparse.Namespace) -> int:
                 pass
         await stop.wait()
         print("jalora: shutting down", file=sys.stderr, flush=True)
-        await server.stop(grace=args.grace)
+        await server.stop()
 
     asyncio.run(run())
     return 0
@@ -206,10 +274,9 @@ def _demo(args: argparse.Namespace) -> int:
     """`jalora serve` on a free loopback port, in this process, and the pipeline against it over gRPC."""
     from server.app import ServerThread
 
-    llm, model_dir, roots = _build_llm(args)
-    if llm is None:
-        return 2
-    with ServerThread(llm.engine, host=args.host, port=0, adapter_roots=roots, model_name=str(model_dir)) as server:
+    plan = serve_plan(args)
+    engine = build_engine(plan)
+    with ServerThread(engine, plan.server_config) as server:
         print(f"jalora serving on {server.target}", flush=True)
         args.target = server.target
         return _pipeline(args)
@@ -218,30 +285,23 @@ def _demo(args: argparse.Namespace) -> int:
 # ---- entry point ---------------------------------------------------------------------------------
 
 
-def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=os.environ.get("JALORA_TARGET", DEFAULT_TARGET), help="host:port")
-    p.add_argument("--timeout", type=float, default=600.0, help="deadline of each call, seconds")
+def _call_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline of each call, seconds")
     p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the server to be SERVING")
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help=f"HF model directory (default: the embedded {DEFAULT_MODEL_DIR})")
+def _client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=os.environ.get("JALORA_TARGET", DEFAULT_TARGET), help="host:port")
+    _call_args(p)
+
+
+def _serve_args(p: argparse.ArgumentParser, *, exclude_server: tuple[str, ...] = ()) -> None:
+    """Engine and server flags (derived from EngineConfig and ServerConfig) plus the start-up adapters."""
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR",
                    help="load a PEFT (a)LoRA adapter at start (repeatable)")  # fmt: skip
-    p.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
-                   help="LoadAdapter accepts only paths under these (repeatable)")  # fmt: skip
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-loras", type=int, default=4)
-    p.add_argument("--max-lora-rank", type=int, default=64)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--no-async-scheduling", action="store_true",
-                   help="read each step back before enqueuing the next (default: overlap host and device)")
+    notes = {"model": f" (default: the embedded {DEFAULT_MODEL_DIR}, its adapters and its adapters folder as root)"}
+    add_config_flags(p, EngineConfig, notes=notes)
+    add_config_flags(p, ServerConfig, exclude=exclude_server)
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -258,11 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("serve", help="serve a model and its adapters over gRPC")
-    s.add_argument("--port", type=int, default=50051, help="0 picks a free port")
-    _engine_args(s)
-    s.add_argument("--max-pending-requests", type=int, default=256,
-                   help="requests in flight before new ones get RESOURCE_EXHAUSTED")  # fmt: skip
-    s.add_argument("--grace", type=float, default=5.0, help="seconds running calls get at shutdown")
+    _serve_args(s)
     s.set_defaults(func=_serve)
 
     g = sub.add_parser("generate", help="stream one generation from a running server")
@@ -285,11 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_pipeline)
 
     d = sub.add_parser("demo", help="serve (default: the embedded model) on a free port and run the pipeline")
-    _engine_args(d)
+    _serve_args(d, exclude_server=("port",))
     _pipeline_args(d)
-    d.add_argument("--timeout", type=float, default=600.0, help="deadline of each call, seconds")
-    d.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the server to be SERVING")
-    d.set_defaults(func=_demo, rounds=2)
+    _call_args(d)
+    d.set_defaults(func=_demo, rounds=2, port=0)  # a free port: the pipeline runs in this process
     return parser
 
 
@@ -301,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except InvalidRequestError as err:  # a bad flag value (the field is in the message) or model
+        print(f"jalora {args.command}: {err}", file=sys.stderr)
+        return 2
     except ServerError as err:
         print(f"jalora {args.command}: {err}", file=sys.stderr)
         return 1

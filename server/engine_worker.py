@@ -1,9 +1,13 @@
-"""The engine thread: the only thread that touches the LLMEngine.
+"""The engine thread: the only thread that touches the engine.
 
-The asyncio side talks to it through one command queue (add, abort, call) and gets results back
-through `loop.call_soon_threadsafe`, so the engine is driven from one thread while any number of
-gRPC streams wait on it. Requests that arrive while a step runs join the next step: concurrent
-streams are batched by the engine's scheduler, not by this thread.
+The asyncio side talks to it through one queue of typed commands (`AddRequest`, `AbortRequest`,
+`EngineCall`, `LimitSteps`, `Stop`) and gets results back through `loop.call_soon_threadsafe`, so the
+engine is driven from one thread while any number of gRPC streams wait on it. The thread only uses
+the `Engine` protocol (jalora/engine/interface.py). Requests that arrive while a step runs join the
+next step: concurrent streams are batched by the engine's scheduler, not by this thread.
+
+Each `RequestDelta` of a step goes to its request's `RequestStream` as the engine made it; turning it
+into a message (and measuring timings) is server/convert.py's job.
 
 Admission is bounded by `max_pending_requests` (requests submitted and not yet finished); past it,
 `submit` raises ServerOverloadedError at once instead of letting a queue grow without bound.
@@ -12,68 +16,47 @@ Admission is bounded by `max_pending_requests` (requests submitted and not yet f
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from jalora.engine.interface import Engine
-from jalora.outputs import FinishedRequest, RequestDelta
+from jalora.outputs import RequestDelta
+from jalora.sampling_params import SamplingParams
 from server.errors import EngineFailure, ServerOverloadedError, ServerShuttingDownError
 
 logger = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class Completion:
-    """What the last delta of a request carries. Times are seconds since the server got the call."""
-
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    activation_index: int | None
-    queue_seconds: float
-    time_to_first_token_seconds: float
-    total_seconds: float
-    prompt_logprobs: list[dict[int, float]] | None
-
-
-@dataclass(frozen=True)
-class Delta:
-    """What one engine step added to one request: new token ids, their text and logprobs."""
-
-    token_ids: list[int]
-    text: str
-    logprobs: list[dict[int, float]] | None
-    completion: Completion | None
+T = TypeVar("T")
 
 
 class RequestStream:
-    """The asyncio end of one request: deltas (or an exception) arrive here in order.
+    """The asyncio end of one request: its deltas (or an exception) arrive here in order.
 
-    Lives on the event loop; the engine thread only reaches it through `call_soon_threadsafe`.
+    Lives on the event loop that submitted it; the engine thread only reaches it through
+    `call_soon_threadsafe`.
     """
 
-    def __init__(self, worker: EngineWorker, request_id: str):
+    def __init__(self, worker: EngineWorker, request_id: str, loop: asyncio.AbstractEventLoop):
         self.request_id = request_id
+        self.loop = loop
         self._worker = worker
-        self._queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        self._queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
         self.done = False
 
-    def _push(self, item: Delta | BaseException) -> None:
+    def _push(self, item: RequestDelta | BaseException) -> None:
         if self.done:
             return
-        if isinstance(item, BaseException) or item.completion is not None:
+        if isinstance(item, BaseException) or item.finished is not None:
             self.done = True
             self._worker._release()
         self._queue.put_nowait(item)
 
-    async def next(self) -> Delta:
-        """The next delta; raises the request's error instead if it failed."""
+    async def next(self) -> RequestDelta:
+        """The next delta (the last one has `finished` set); raises the request's error if it failed."""
         item = await self._queue.get()
         if isinstance(item, BaseException):
             raise item
@@ -82,57 +65,54 @@ class RequestStream:
     def abort(self) -> None:
         """Asks the engine to drop the request (its blocks return to the pool). Idempotent."""
         if not self.done:
-            self._worker._commands.put(("abort", self.request_id))
+            self._worker._commands.put(AbortRequest(self.request_id))
 
 
-class _Tracker:
-    """Engine-thread state of one request: what has been sent, so that each delta is only the new part."""
-
-    def __init__(self, stream: RequestStream, received: float, loop: asyncio.AbstractEventLoop):
-        self.stream = stream
-        self.received = received
-        self.loop = loop
-
-    def delta(self, out: RequestDelta) -> Delta:
-        completion = self._completion(out.finished) if out.finished is not None else None
-        return Delta(out.token_ids, out.text, out.logprobs, completion)
-
-    def _completion(self, out: FinishedRequest) -> Completion:
-        m = out.metrics
-        now = time.monotonic()
-
-        def since(t: float | None) -> float:
-            return max(0.0, (t if t is not None else now) - self.received)
-
-        prompt_logprobs = None
-        if out.prompt_logprobs is not None:
-            # One logprob per prompt token (None for the first): as {token: logprob} like the rest.
-            prompt_logprobs = [
-                {tok: lp} if lp is not None else {}
-                for tok, lp in zip(out.prompt_token_ids, out.prompt_logprobs)
-            ]
-        return Completion(
-            finish_reason=out.finish_reason,
-            prompt_tokens=len(out.prompt_token_ids),
-            completion_tokens=out.num_output_tokens,
-            cached_tokens=out.num_cached_tokens,
-            activation_index=out.activation_start,
-            queue_seconds=since(getattr(m, "first_scheduled_time", None)),
-            time_to_first_token_seconds=since(getattr(m, "first_token_time", None)),
-            total_seconds=since(getattr(m, "finished_time", None)),
-            prompt_logprobs=prompt_logprobs,
-        )
+# ---- commands: what the event-loop side (or a test) asks of the engine thread ---------------------
 
 
-_STOP = ("stop",)
+@dataclasses.dataclass(frozen=True)
+class AddRequest:
+    request_id: str
+    prompt: str | Sequence[int]
+    params: SamplingParams
+    adapter: str | None
+    stream: RequestStream
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineCall:
+    """Runs `fn(engine)` between two steps; its result (or exception) resolves `future` on its loop."""
+
+    fn: Callable[[Engine], Any]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclasses.dataclass(frozen=True)
+class LimitSteps:
+    """From now on run at most `steps` more engine steps (None: no limit); see EngineWorker.limit_steps."""
+
+    steps: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stop:
+    """Fail what is in flight with ServerShuttingDownError and end the thread."""
+
+
+Command = AddRequest | AbortRequest | EngineCall | LimitSteps | Stop
 
 
 class EngineWorker:
     """Runs an engine in its own thread; every other thread goes through `submit` and `call`."""
 
-    def __init__(self, engine: Engine, max_pending_requests: int = 256):
-        if max_pending_requests < 1:
-            raise ValueError("max_pending_requests must be >= 1")
+    def __init__(self, engine: Engine, max_pending_requests: int):
         self.engine = engine
         self.max_pending_requests = max_pending_requests
         self.num_pending = 0  # event-loop thread only
@@ -141,27 +121,43 @@ class EngineWorker:
         self.num_steps = 0
         self.max_outputs_per_step = 0
         self.num_aborted = 0
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._trackers: dict[str, _Tracker] = {}  # engine thread only
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}  # engine thread only: requests in the engine
+        self._steps_left: int | None = None  # engine thread only; see limit_steps
         self._thread = threading.Thread(target=self._run, name="jalora-engine", daemon=True)
 
-    # ---- event-loop side -------------------------------------------------------------------------
+    # ---- any thread --------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Aborts what is in flight and joins the thread."""
+        """Fails what is in flight and joins the thread."""
         if self._thread.is_alive():
-            self._commands.put(_STOP)
+            self._commands.put(Stop())
             self._thread.join(timeout)
 
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    def limit_steps(self, steps: int | None) -> None:
+        """Lets the engine thread run at most `steps` more steps; None lifts the limit (the default).
+
+        A test seam: while the limit is spent, the thread still takes commands (adds, aborts, calls
+        such as GetServerInfo) but runs no step, so no request can advance or finish. Tests use it to
+        make an event certain instead of racing it, e.g. that a request is still running when its
+        cancellation reaches the engine. Commands are taken in order, so a limit set before a request
+        is submitted holds from that request's first step.
+        """
+        if steps is not None and (not isinstance(steps, int) or steps < 0):
+            raise ValueError(f"steps must be None or an integer >= 0, got {steps!r}")
+        self._commands.put(LimitSteps(steps))
+
+    # ---- event-loop side -------------------------------------------------------------------------
+
     def submit(
-        self, request_id: str, prompt: str | list[int], params: Any, adapter: str | None
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, adapter: str | None
     ) -> RequestStream:
         """Queues a request for the engine. Must be called on the event loop that reads the stream.
 
@@ -174,17 +170,16 @@ class EngineWorker:
                 f"server is at capacity: {self.num_pending} requests in flight "
                 f"(max_pending_requests={self.max_pending_requests}); retry later"
             )
-        loop = asyncio.get_running_loop()
-        stream = RequestStream(self, request_id)
+        stream = RequestStream(self, request_id, asyncio.get_running_loop())
         self.num_pending += 1
-        self._commands.put(("add", request_id, prompt, params, adapter, stream, time.monotonic(), loop))
+        self._commands.put(AddRequest(request_id, prompt, params, adapter, stream))
         return stream
 
-    async def call(self, fn: Callable[[Engine], Any]) -> Any:
+    async def call(self, fn: Callable[[Engine], T]) -> T:
         """Runs `fn(engine)` on the engine thread between two steps and returns its result."""
         loop = asyncio.get_running_loop()
-        future: asyncio.Future = loop.create_future()
-        self._commands.put(("call", fn, future, loop))
+        future: asyncio.Future[T] = loop.create_future()
+        self._commands.put(EngineCall(fn, future, loop))
         return await future
 
     def _release(self) -> None:
@@ -200,16 +195,18 @@ class EngineWorker:
             except Exception:  # a bug here must not silence every stream: log and go on
                 logger.exception("engine loop iteration failed")
 
+    def _should_step(self) -> bool:
+        return self._steps_left != 0 and (bool(self._streams) or self._engine_busy())
+
     def _iterate(self) -> bool:
         """One loop turn: take commands, then step if anything is in flight. False once stopped."""
-        # Block while idle; once requests are in flight only take what is already queued.
-        busy = bool(self._trackers) or self._engine_busy()
+        # Block while there is nothing to step; otherwise only take what is already queued.
         try:
-            command = self._commands.get(block=not busy)
+            command: Command | None = self._commands.get(block=not self._should_step())
         except queue.Empty:
             command = None
         while command is not None:
-            if command is _STOP:
+            if isinstance(command, Stop):
                 self._abort_all(ServerShuttingDownError("the server is shutting down"))
                 return False
             self._handle(command)
@@ -217,8 +214,10 @@ class EngineWorker:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 command = None
-        if self._trackers or self._engine_busy():
+        if self._should_step():
             self._step()
+            if self._steps_left is not None:
+                self._steps_left -= 1
         return True
 
     def _engine_busy(self) -> bool:
@@ -228,53 +227,47 @@ class EngineWorker:
             logger.exception("has_unfinished_requests failed")
             return False
 
-    def _handle(self, command: tuple) -> None:
-        kind = command[0]
-        if kind == "add":
-            _, request_id, prompt, params, adapter, stream, received, loop = command
+    def _handle(self, command: Command) -> None:
+        if isinstance(command, AddRequest):
             try:
-                self.engine.add_request(request_id, prompt, params, adapter=adapter)
+                self.engine.add_request(command.request_id, command.prompt, command.params, adapter=command.adapter)
             except Exception as exc:  # reported to that request only
-                _post(loop, stream._push, exc)
+                _post(command.stream.loop, command.stream._push, exc)
                 return
-            self._trackers[request_id] = _Tracker(stream, received, loop)
-        elif kind == "abort":
-            request_id = command[1]
-            if request_id in self._trackers:
+            self._streams[command.request_id] = command.stream
+        elif isinstance(command, AbortRequest):
+            if command.request_id in self._streams:
                 self.num_aborted += 1
-                self._safe_abort(request_id)
-        elif kind == "call":
-            _, fn, future, loop = command
+                self._safe_abort(command.request_id)
+        elif isinstance(command, EngineCall):
             try:
-                result, error = fn(self.engine), None
+                result, error = command.fn(self.engine), None
             except Exception as exc:  # handed to the caller
                 result, error = None, exc
-            _post(loop, _resolve, future, result, error)
+            _post(command.loop, _resolve, command.future, result, error)
+        elif isinstance(command, LimitSteps):
+            self._steps_left = command.steps
+        else:
+            raise TypeError(f"unknown engine command {command!r}")
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            deltas = self.engine.step()
         except Exception as exc:  # fail this step's requests, keep serving
-            logger.exception("engine step failed; failing the %d requests in flight", len(self._trackers))
+            logger.exception("engine step failed; failing the %d requests in flight", len(self._streams))
             self._abort_all(EngineFailure(f"engine step failed: {type(exc).__name__}: {exc}"))
             return
         self.num_steps += 1
-        self.max_outputs_per_step = max(self.max_outputs_per_step, len(outputs))
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, Delta | BaseException]]] = {}
-        for out in outputs:
-            tracker = self._trackers.get(out.request_id)
-            if tracker is None:
+        self.max_outputs_per_step = max(self.max_outputs_per_step, len(deltas))
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestDelta]]] = {}
+        for delta in deltas:
+            stream = self._streams.get(delta.request_id)
+            if stream is None:
                 continue
-            try:
-                item: Delta | BaseException = tracker.delta(out)
-            except Exception as exc:
-                logger.exception("could not convert the output of %s", out.request_id)
-                item = EngineFailure(f"bad engine output: {type(exc).__name__}: {exc}")
-                self._safe_abort(out.request_id)
-            if out.finished or isinstance(item, BaseException):
-                del self._trackers[out.request_id]
-            by_loop.setdefault(tracker.loop, []).append((tracker.stream, item))
-        if self._trackers and not self._engine_busy():
+            if delta.finished is not None:
+                del self._streams[delta.request_id]
+            by_loop.setdefault(stream.loop, []).append((stream, delta))
+        if self._streams and not self._engine_busy():
             # The engine forgot requests without finishing them: do not leave their streams hanging.
             self._abort_all(EngineFailure("engine dropped the request"))
         for loop, items in by_loop.items():
@@ -287,11 +280,11 @@ class EngineWorker:
             logger.exception("abort_request(%s) failed", request_id)
 
     def _abort_all(self, error: BaseException) -> None:
-        for request_id, tracker in list(self._trackers.items()):
+        for request_id, stream in list(self._streams.items()):
             self._safe_abort(request_id)
-            _post(tracker.loop, tracker.stream._push, error)
-        self._trackers.clear()
-        # Drain the engine's own final outputs of the aborted requests so their blocks are freed.
+            _post(stream.loop, stream._push, error)
+        self._streams.clear()
+        # Drain the engine's own final deltas of the aborted requests so their blocks are freed.
         for _ in range(4):
             if not self._engine_busy():
                 break
@@ -310,9 +303,9 @@ def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -
         logger.debug("event loop closed; dropping a result")
 
 
-def _deliver(items: list[tuple[RequestStream, Delta | BaseException]]) -> None:
-    for stream, item in items:
-        stream._push(item)
+def _deliver(items: list[tuple[RequestStream, RequestDelta]]) -> None:
+    for stream, delta in items:
+        stream._push(delta)
 
 
 def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:

@@ -1,44 +1,28 @@
-"""jalora.v1.Jalora: turns RPCs into engine work on the EngineWorker and engine results into messages."""
+"""jalora.v1.Jalora: turns RPCs into engine work on the EngineWorker and engine results into messages.
+
+Every engine access goes through the worker (`submit` for Generate, `call` with an `Engine` protocol
+method for the rest); messages are built by server/convert.py and failures mapped by server/errors.py.
+Imports neither JAX nor numpy.
+"""
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import grpc
 
 from jalora.api.v1 import jalora_pb2 as pb
 from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
-from jalora.engine.interface import Engine
 from jalora.errors import InvalidRequestError
-from jalora.sampling_params import SamplingParams
-from server.engine_worker import Completion, Delta, EngineWorker
+from server.config import ServerConfig
+from server.convert import adapter_info_to_proto, generate_response, sampling_params_from_proto, server_info_to_proto
+from server.engine_worker import EngineWorker
 from server.errors import AdapterPathError, abort_with
 
-_FINISH_REASONS = {
-    "stop": pb.FINISH_REASON_STOP,
-    "length": pb.FINISH_REASON_LENGTH,
-    "abort": pb.FINISH_REASON_ABORT,
-}
 _MAX_REQUEST_ID_LEN = 256
-_SAMPLING_FIELDS = (
-    "max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs",
-)  # fmt: skip
-
-
-def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
-    """Unset proto fields keep SamplingParams' defaults; bad values raise naming `sampling.<field>`."""
-    kwargs: dict[str, Any] = {name: getattr(msg, name) for name in _SAMPLING_FIELDS if msg.HasField(name)}
-    if msg.stop_token_ids:
-        kwargs["stop_token_ids"] = list(msg.stop_token_ids)
-    kwargs["ignore_eos"] = msg.ignore_eos
-    kwargs["prompt_logprobs"] = msg.prompt_logprobs
-    try:
-        return SamplingParams(**kwargs)
-    except InvalidRequestError as exc:
-        raise InvalidRequestError(f"sampling.{exc.field}", str(exc).split(": ", 1)[-1]) from None
 
 
 def resolve_adapter_path(path: str, roots: Sequence[str]) -> str:
@@ -46,7 +30,7 @@ def resolve_adapter_path(path: str, roots: Sequence[str]) -> str:
     if not path:
         raise InvalidRequestError("path", "must name a PEFT adapter directory")
     if not roots:
-        raise AdapterPathError("this server has no adapter roots (start it with --adapter-root DIR)")
+        raise AdapterPathError("this server has no adapter roots (start it with --adapter-roots DIR)")
     real_roots = [os.path.realpath(r) for r in roots]
     candidates = [path] if os.path.isabs(path) else [os.path.join(r, path) for r in real_roots]
     for candidate in candidates:
@@ -59,72 +43,16 @@ def resolve_adapter_path(path: str, roots: Sequence[str]) -> str:
     raise AdapterPathError(f"adapter path {path!r} is outside the server's adapter roots {list(roots)}")
 
 
-def adapter_info_to_proto(info: Any) -> pb.AdapterInfo:
-    msg = pb.AdapterInfo(
-        name=info.name,
-        kind=info.kind,
-        invocation_tokens=list(info.invocation_tokens or []),
-        rank=int(info.rank),
-        targets=list(info.targets),
-        identity=info.identity,
-    )
-    if info.invocation_string is not None:
-        msg.invocation_string = info.invocation_string
-    return msg
-
-
-def _logprobs_to_proto(positions: list[dict[int, float]]) -> list[pb.PositionLogprobs]:
-    return [
-        pb.PositionLogprobs(entries=[pb.TokenLogprob(token_id=t, logprob=lp) for t, lp in d.items()])
-        for d in positions
-    ]
-
-
-def _completion_to_proto(c: Completion) -> pb.Completion:
-    msg = pb.Completion(
-        finish_reason=_FINISH_REASONS.get(c.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED),
-        usage=pb.Usage(
-            prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens, cached_tokens=c.cached_tokens
-        ),
-        timings=pb.Timings(
-            queue_seconds=c.queue_seconds,
-            time_to_first_token_seconds=c.time_to_first_token_seconds,
-            total_seconds=c.total_seconds,
-        ),
-    )
-    if c.activation_index is not None:
-        msg.activation_index = c.activation_index
-    if c.prompt_logprobs is not None:
-        msg.prompt_logprobs.extend(_logprobs_to_proto(c.prompt_logprobs))
-    return msg
-
-
-def delta_to_proto(request_id: str, d: Delta) -> pb.GenerateResponse:
-    msg = pb.GenerateResponse(request_id=request_id, token_ids=d.token_ids, text=d.text)
-    if d.logprobs is not None:
-        msg.logprobs.extend(_logprobs_to_proto(d.logprobs))
-    if d.completion is not None:
-        msg.completion.CopyFrom(_completion_to_proto(d.completion))
-    return msg
-
-
 class JaloraServicer(pb_grpc.JaloraServicer):
-    def __init__(
-        self,
-        worker: EngineWorker,
-        *,
-        model_name: str = "",
-        adapter_roots: Sequence[str] = (),
-        version: str = "",
-    ):
+    def __init__(self, worker: EngineWorker, config: ServerConfig, *, version: str = ""):
         self.worker = worker
-        self.model_name = model_name
-        self.adapter_roots = list(adapter_roots)
+        self.config = config
         self.version = version
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
+        received = time.monotonic()  # the reference point of the call's timings
         stream = None
         try:
             if len(request.request_id) > _MAX_REQUEST_ID_LEN:
@@ -141,8 +69,8 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             stream = self.worker.submit(uuid.uuid4().hex, prompt, params, request.adapter or None)
             while True:
                 delta = await stream.next()
-                yield delta_to_proto(client_id, delta)
-                if delta.completion is not None:
+                yield generate_response(client_id, delta, received)
+                if delta.finished is not None:
                     return
         except Exception as exc:
             await abort_with(context, exc)
@@ -163,7 +91,7 @@ class JaloraServicer(pb_grpc.JaloraServicer):
         try:
             if not request.name:
                 raise InvalidRequestError("name", "must not be empty")
-            path = resolve_adapter_path(request.path, self.adapter_roots)
+            path = resolve_adapter_path(request.path, self.config.adapter_roots)
             name = request.name
             info = await self.worker.call(lambda engine: engine.load_adapter(name, path))
         except Exception as exc:
@@ -174,42 +102,25 @@ class JaloraServicer(pb_grpc.JaloraServicer):
         try:
             if not request.name:
                 raise InvalidRequestError("name", "must not be empty")
-            await self.worker.call(lambda engine: engine.unload_adapter(request.name))
+            name = request.name
+            await self.worker.call(lambda engine: engine.unload_adapter(name))
         except Exception as exc:
             await abort_with(context, exc)
         return pb.UnloadAdapterResponse()
 
     async def Tokenize(self, request, context):
         try:
-            ids = await self.worker.call(lambda engine: engine.tokenize(request.text))
+            text = request.text
+            ids = await self.worker.call(lambda engine: engine.tokenize(text))
         except Exception as exc:
             await abort_with(context, exc)
         return pb.TokenizeResponse(token_ids=list(ids))
 
     async def GetServerInfo(self, request, context):
         try:
-            info = await self.worker.call(self._server_info)
+            info = await self.worker.call(lambda engine: engine.info())
         except Exception as exc:
             await abort_with(context, exc)
-        info.num_running_requests = self.worker.num_pending
-        return info
-
-    def _server_info(self, engine: Engine) -> pb.ServerInfo:
-        """Runs on the engine thread."""
-        e = engine.info()
-        return pb.ServerInfo(
-            version=self.version,
-            model=self.model_name or e.model,
-            dtype=e.dtype,
-            platform=e.platform,
-            block_size=e.block_size,
-            num_total_blocks=e.num_total_blocks,
-            num_free_blocks=e.num_free_blocks,
-            max_model_len=e.max_model_len,
-            max_num_seqs=e.max_num_seqs,
-            max_loras=e.max_loras,
-            vocab_size=e.vocab_size,
-            eos_token_ids=e.eos_token_ids,
-            adapter_roots=self.adapter_roots,
-            max_pending_requests=self.worker.max_pending_requests,
+        return server_info_to_proto(
+            info, self.config, version=self.version, num_running_requests=self.worker.num_pending
         )

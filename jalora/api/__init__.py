@@ -8,6 +8,7 @@ imports the engine) and the client (which must not) both build on it without a c
 DEFAULT_HOST = "127.0.0.1"  # loopback unless the operator says otherwise
 DEFAULT_PORT = 50051
 DEFAULT_TARGET = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+DEFAULT_TIMEOUT = 600.0  # seconds: the deadline a client gives each call unless told otherwise
 # Trailing-metadata key that names the offending request field of an INVALID_ARGUMENT.
 FIELD_METADATA_KEY = "jalora-field"
 # Token streams are small, but Tokenize / GetServerInfo answers and long prompts as token ids are not.

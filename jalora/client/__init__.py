@@ -13,6 +13,7 @@ from jalora.client.client import (
     ServerInfo,
     Timings,
     Usage,
+    generate_request,
     with_invocation,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "ServerInfo",
     "Timings",
     "Usage",
+    "generate_request",
     "with_invocation",
 ]

@@ -10,7 +10,8 @@
         print(verdict.text, verdict.usage.cached_tokens)
 
 Results are typed dataclasses; a failed call raises `ServerError` with the gRPC status code, the
-server's message and, for INVALID_ARGUMENT, the request field at fault.
+server's message and, for INVALID_ARGUMENT, the request field at fault. `generate_request` builds the
+GenerateRequest message the clients send, for callers that use the generated stub directly.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from jalora.api import CHANNEL_OPTIONS, DEFAULT_TARGET, FIELD_METADATA_KEY
+from jalora.api import CHANNEL_OPTIONS, DEFAULT_TARGET, DEFAULT_TIMEOUT, FIELD_METADATA_KEY
 from jalora.api.v1 import jalora_pb2 as pb
 from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
 
@@ -37,6 +38,7 @@ __all__ = [
     "ServerInfo",
     "Timings",
     "Usage",
+    "generate_request",
     "with_invocation",
 ]
 
@@ -158,19 +160,31 @@ def with_invocation(prompt: str | Sequence[int], adapter: AdapterInfo) -> str | 
 # ---- proto <-> python ----------------------------------------------------------------------------
 
 
-def _request(
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos",
+                   "logprobs", "prompt_logprobs")  # fmt: skip
+
+
+def generate_request(
     prompt: str | Sequence[int],
-    adapter: str | None,
-    params: Any,
-    request_id: str | None,
-    sampling: dict[str, Any],
+    adapter: str | None = None,
+    *,
+    params: Any = None,
+    request_id: str | None = None,
+    **sampling: Any,
 ) -> pb.GenerateRequest:
-    if params is not None:  # a jalora.SamplingParams (or anything with its attribute names)
-        fields = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos",
-                  "logprobs", "prompt_logprobs")  # fmt: skip
-        sampling = {**{f: getattr(params, f) for f in fields if hasattr(params, f)}, **sampling}
+    """The GenerateRequest that `generate_stream` sends (also for callers that use the stub directly).
+
+    `prompt` is text or token ids. Sampling comes from `params` (a jalora.SamplingParams, or anything
+    with its attribute names), then from keyword overrides (`max_tokens=`, `temperature=`, ... as
+    in `generate_stream`); a value left None stays unset, so the server applies its default.
+    """
+    unknown = sorted(set(sampling) - set(_SAMPLING_FIELDS))
+    if unknown:
+        raise TypeError(f"unknown sampling fields {unknown} (known: {list(_SAMPLING_FIELDS)})")
+    values = {f: getattr(params, f) for f in _SAMPLING_FIELDS if hasattr(params, f)} if params is not None else {}
+    values.update((k, v) for k, v in sampling.items() if v is not None)
     sp = pb.SamplingParams()
-    for name, value in sampling.items():
+    for name, value in values.items():
         if value is None:
             continue
         if name == "stop_token_ids":
@@ -275,17 +289,13 @@ def _server_error(err: grpc.RpcError) -> ServerError:
     return ServerError(code, details or "", field)
 
 
-def _sampling_kwargs(**kwargs: Any) -> dict[str, Any]:
-    return {k: v for k, v in kwargs.items() if v is not None}
-
-
 # ---- clients -------------------------------------------------------------------------------------
 
 
 class Client:
     """Blocking client. `timeout` (seconds) is the default deadline of every call; None = no deadline."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 600.0, channel=None):
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = DEFAULT_TIMEOUT, channel=None):
         self.target = target
         self.timeout = timeout
         self._channel = channel or grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
@@ -324,12 +334,11 @@ class Client:
     ) -> Iterator[GenerateChunk]:
         """Yields one chunk per engine step; the last has `finished=True`. Closing the iterator early
         (break, or an exception in the loop body) cancels the call, and the server frees the request."""
-        sampling = _sampling_kwargs(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
+        request = generate_request(
+            prompt, adapter, params=params, request_id=request_id, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
-        request = _request(prompt, adapter, params, request_id, sampling)
         want_logprobs = request.sampling.HasField("logprobs")
         call = self._stub.Generate(request, timeout=self._timeout(timeout))
         try:
@@ -409,7 +418,7 @@ class Client:
 class AsyncClient:
     """asyncio client (grpc.aio); same methods as Client, as coroutines / async iterators."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = 600.0, channel=None):
+    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = DEFAULT_TIMEOUT, channel=None):
         self.target = target
         self.timeout = timeout
         self._channel = channel or grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
@@ -447,12 +456,11 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> AsyncIterator[GenerateChunk]:
         """Async-iterates chunks; leaving the loop early (or cancelling the task) cancels the call."""
-        sampling = _sampling_kwargs(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-            stop_token_ids=stop_token_ids, ignore_eos=ignore_eos, logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
+        request = generate_request(
+            prompt, adapter, params=params, request_id=request_id, max_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop_token_ids,
+            ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
-        request = _request(prompt, adapter, params, request_id, sampling)
         want_logprobs = request.sampling.HasField("logprobs")
         call = self._stub.Generate(request, timeout=self._timeout(timeout))
         try:

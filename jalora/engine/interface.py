@@ -2,18 +2,21 @@
 
 `LLMEngine` implements it. Callers never reach past it into the scheduler, the runner or the adapter
 manager, so the server can be tested against any engine that implements these methods. One thread
-owns an engine: none of the methods are thread-safe.
+owns an engine: none of the methods are thread-safe. Importing this module imports neither JAX nor
+numpy, so the server's RPC layer can be typed against it and stay light.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from jalora.adapters.peft import AdapterInfo
 from jalora.outputs import RequestDelta
 from jalora.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # only an annotation here: importing the interface must not import numpy
+    from jalora.adapters.peft import AdapterInfo
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,7 @@ import grpc
 import pytest
 
 from jalora import SamplingParams
-from jalora.client import AdapterInfo, AsyncClient, Client, ServerError, with_invocation
-from jalora.client.client import _request
+from jalora.client import AdapterInfo, AsyncClient, Client, ServerError, generate_request, with_invocation
 
 ALORA = AdapterInfo("judge", "alora", [3, 356, 4], "<|start_of_role|>judge<|end_of_role|>", 8, ["q_proj"], "ab")
 ALORA_NO_STRING = AdapterInfo("judge2", "alora", [7, 8], None, 8, ["q_proj"], "cd")
@@ -28,13 +27,16 @@ def test_with_invocation_appends_tokens_or_string():
 
 def test_request_takes_sampling_params_and_keyword_overrides():
     params = SamplingParams(max_tokens=7, temperature=0.5, top_k=3, seed=9, stop_token_ids=[5], logprobs=1)
-    msg = _request([1, 2, 3], "judge", params, "rid", {"max_tokens": 4})
+    msg = generate_request([1, 2, 3], "judge", params=params, request_id="rid", max_tokens=4)
     assert list(msg.token_ids.ids) == [1, 2, 3] and msg.adapter == "judge" and msg.request_id == "rid"
     s = msg.sampling
     assert (s.max_tokens, s.temperature, s.top_k, s.seed, list(s.stop_token_ids), s.logprobs) == (4, 0.5, 3, 9, [5], 1)
     assert not s.HasField("top_p") or s.top_p == 1.0
-    assert _request("hi", None, None, None, {}).text == "hi"
-    assert not _request("hi", None, None, None, {}).sampling.HasField("max_tokens")  # server default
+    assert generate_request("hi").text == "hi"
+    assert not generate_request("hi").sampling.HasField("max_tokens")  # server default
+    assert generate_request("hi", params=params, seed=None).sampling.seed == 9  # None keeps params' seed
+    with pytest.raises(TypeError, match="unknown sampling fields"):
+        generate_request("hi", max_token=4)
 
 
 def test_unreachable_server_raises_typed_error():

@@ -1,8 +1,10 @@
 """The Quickstart, as a user runs it: `jalora serve` on the embedded default, then the pipeline demo
-and a generation against it over gRPC."""
+and a generation against it over gRPC; and the flags `serve` / `demo` derive from EngineConfig and
+ServerConfig."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import re
@@ -13,7 +15,10 @@ import threading
 
 import pytest
 
+from checkpoints import DEFAULT_MODEL_DIR
+from jalora.config import EngineConfig
 from server import cli
+from server.config import ServerConfig
 from tests.server.support import REPO
 
 
@@ -111,6 +116,79 @@ def test_engine_flags_reach_the_engine(tiny_models, flag, want):
     args = cli.build_parser().parse_args(
         ["serve", "--model", tiny_models["llama"], "--max-model-len", "64", "--max-num-batched-tokens", "16", *flag]
     )
-    llm, _, _ = cli._build_llm(args)
-    assert llm.config.async_scheduling is want
-    assert llm.engine.max_model_len == 64
+    engine = cli.build_engine(cli.serve_plan(args))
+    assert engine.config.async_scheduling is want
+    assert engine.max_model_len == 64
+
+
+def _plan(*argv: str) -> cli.ServePlan:
+    return cli.serve_plan(cli.build_parser().parse_args(list(argv)))
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_derived_flags_carry_the_config_defaults(tiny_models, command):
+    """Every config field has a flag, and no flag given means the config's own defaults."""
+    model = tiny_models["llama"]
+    args = cli.build_parser().parse_args([command, "--model", model])
+    demo_port = {"port"} if command == "demo" else set()  # demo always serves on a free port
+    for cls in (EngineConfig, ServerConfig):
+        for f in dataclasses.fields(cls):
+            if f.name not in demo_port:
+                assert hasattr(args, f.name), f"no flag for {cls.__name__}.{f.name}"
+    plan = cli.serve_plan(args)
+    assert plan.engine_config == EngineConfig(model=model)
+    assert plan.server_config == (ServerConfig(port=0) if command == "demo" else ServerConfig())
+    assert plan.adapters == ()
+
+
+def test_serve_without_flags_is_the_embedded_default():
+    plan = _plan("serve")
+    assert plan.engine_config == EngineConfig(model=str(DEFAULT_MODEL_DIR))  # its 3 judges fit max_loras' default
+    assert plan.server_config == ServerConfig(adapter_roots=[str(DEFAULT_MODEL_DIR / "adapters")])
+    assert {name for name, _ in plan.adapters} == {"certainty", "hallucination", "safety"}
+
+
+def test_flags_reach_the_configs(tiny_models, tmp_path):
+    model = tiny_models["llama"]
+    plan = _plan(
+        "serve", "--model", model, "--no-enable-prefix-caching", "--no-async-scheduling", "--no-warmup",
+        "--block-size", "32", "--max-model-len", "64", "--attention-impl", "reference", "--dtype", "bfloat16",
+        "--gpu-memory-utilization", "0.5", "--adapter-roots", "/a", "--adapter-roots", "/b", "--port", "0",
+        "--host", "0.0.0.0", "--max-pending-requests", "3", "--grace", "1.5", "--model-name", "tiny",
+    )  # fmt: skip
+    assert plan.engine_config == EngineConfig(
+        model=model, enable_prefix_caching=False, async_scheduling=False, warmup=False, block_size=32,
+        max_model_len=64, attention_impl="reference", dtype="bfloat16", gpu_memory_utilization=0.5,
+    )  # fmt: skip
+    assert plan.server_config == ServerConfig(
+        host="0.0.0.0", port=0, adapter_roots=("/a", "/b"), max_pending_requests=3, grace=1.5, model_name="tiny"
+    )
+    # --max-loras is raised to the number of start-up adapters.
+    adapters = [f"--adapter=a{i}={tmp_path}" for i in range(6)]
+    assert _plan("serve", "--model", model, *adapters).engine_config.max_loras == 6
+    assert _plan("serve", "--model", model, "--max-loras", "8", *adapters).engine_config.max_loras == 8
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (["serve", "--block-size", "0"], "block_size"),
+        (["serve", "--max-num-seqs", "-1"], "max_num_seqs"),
+        (["serve", "--gpu-memory-utilization", "1.5"], "gpu_memory_utilization"),
+        (["serve", "--max-pending-requests", "0"], "max_pending_requests"),
+        (["serve", "--port", "70000"], "port"),
+        (["demo", "--max-loras", "0"], "max_loras"),
+    ],
+)
+def test_bad_flag_value_is_one_error_naming_the_field(tiny_models, capsys, argv, field):
+    """Checked before the model is read: the only output is one line naming the field, exit status 2."""
+    assert cli.main([*argv, "--model", tiny_models["llama"]]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith(f"jalora {argv[0]}: {field}: "), err
+    assert "loading" not in err
+
+
+def test_missing_model_is_one_error(tmp_path, capsys):
+    assert cli.main(["serve", "--model", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == f"jalora serve: model: {tmp_path} has no config.json\n"

@@ -1,9 +1,15 @@
 """The gRPC server end to end: a real engine on a tiny random model, real PEFT adapters, a real server on
-127.0.0.1 (port 0), and the real clients. No mocks."""
+127.0.0.1 (port 0), and the real clients. No mocks.
+
+Whatever a test must observe mid-generation (a cancellation, a full admission queue, streams sharing
+steps) is made certain with the worker's step limit (`EngineWorker.limit_steps`), never by hoping that
+a request runs long enough.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -20,6 +26,8 @@ from jalora.api.v1 import jalora_pb2 as pb
 from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
 from jalora.client import AsyncClient, Client, ServerError, with_invocation
 from server.app import ServerThread
+from server.config import ServerConfig
+from server.engine_worker import EngineWorker
 from tests.server.support import ADAPTERS, EXTRA_ADAPTER, REPO, make_model_with_adapters
 
 ENGINE_ARGS = dict(max_num_seqs=32, max_num_batched_tokens=256, max_loras=4, max_lora_rank=8)
@@ -27,7 +35,9 @@ STARTUP_ADAPTERS = ("judge_a", "judge_b", "plain")
 # Shared context of every request in the concurrency test: two full KV blocks (block_size 16) that a
 # warm-up base request leaves in the prefix cache, so base and aLoRA requests alike must hit them.
 CONTEXT = [(7 * i + 3) % 80 for i in range(40)]
-LONG = dict(max_tokens=460, ignore_eos=True)  # runs for seconds: long enough to cancel mid-way
+# More tokens than STEP_LIMIT steps can make: a LONG request cannot finish while steps are limited.
+LONG = dict(max_tokens=460, ignore_eos=True)
+STEP_LIMIT = 8  # enough steps for a request's first deltas (prefill, then decode), far from LONG's end
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +62,7 @@ def offline(built):
 @pytest.fixture(scope="module")
 def server(built):
     _, _, root = built
-    with ServerThread(_llm(built).engine, port=0, adapter_roots=[root]) as s:
+    with ServerThread(_llm(built).engine, ServerConfig(port=0, adapter_roots=[root])) as s:
         yield s
 
 
@@ -60,6 +70,23 @@ def server(built):
 def client(server):
     with Client(server.target, timeout=60) as c:
         yield c
+
+
+def _until(condition, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def _steps_limited(worker: EngineWorker, steps: int = STEP_LIMIT):
+    """The engine runs at most `steps` more steps inside the block (it still takes aborts and calls)."""
+    worker.limit_steps(steps)
+    try:
+        yield
+    finally:
+        worker.limit_steps(None)
 
 
 def _wait_idle(client: Client, timeout: float = 20.0):
@@ -97,7 +124,15 @@ def test_concurrent_streams_match_offline_generate(server, offline, client):
         return chunks
 
     async def all_at_once():
-        return await asyncio.gather(*(one(*r) for r in requests))
+        # No step runs until every request is in the engine, so they must share steps.
+        with _steps_limited(server.server.worker, 0):
+            tasks = [asyncio.create_task(one(*r)) for r in requests]
+            async with AsyncClient(server.target, timeout=60) as c:
+                deadline = time.monotonic() + 60
+                while (await c.server_info()).num_running_requests < len(requests):
+                    assert time.monotonic() < deadline and not any(t.done() for t in tasks)
+                    await asyncio.sleep(0.01)
+        return await asyncio.gather(*tasks)
 
     results = asyncio.run(all_at_once())
     for (prompt, adapter, _), chunks, ref in zip(requests, results, expected):
@@ -145,13 +180,30 @@ def test_text_prompt_logprobs_and_tokenize_match_offline(offline, client):
     assert text.token_ids == ref_text.token_ids and text.text == ref_text.text
 
 
+def test_step_limit_holds_requests_but_serves_calls(server, client):
+    """The seam the cancellation tests rely on: a spent limit stops the steps, not the commands."""
+    worker = server.server.worker
+    steps, aborted = worker.num_steps, worker.num_aborted
+    with _steps_limited(worker):
+        stream = client.generate_stream(CONTEXT[:21], **LONG)
+        assert next(stream).token_ids
+        _until(lambda: worker.num_steps == steps + STEP_LIMIT, "the step limit to be spent")
+        assert client.server_info().num_running_requests == 1  # an engine call, served while held
+        assert worker.num_steps == steps + STEP_LIMIT
+        stream.close()
+        _until(lambda: worker.num_aborted == aborted + 1, "the cancellation to reach the engine")
+    _wait_idle(client)
+
+
 def test_cancel_mid_stream_frees_blocks(server, client):
     worker = server.server.worker
     aborted = worker.num_aborted
-    stream = client.generate_stream(CONTEXT[:20], **LONG)
-    first, second = next(stream), next(stream)
-    assert first.token_ids and second.token_ids and not second.finished
-    stream.close()  # cancels the call
+    with _steps_limited(worker):
+        stream = client.generate_stream(CONTEXT[:20], **LONG)
+        first, second = next(stream), next(stream)
+        assert first.token_ids and second.token_ids and not second.finished
+        stream.close()  # cancels the call
+        _until(lambda: worker.num_aborted == aborted + 1, "the cancellation to reach the engine")
     _wait_idle(client)
     assert worker.num_aborted == aborted + 1
     assert client.generate(CONTEXT[:20], max_tokens=3).finish_reason == "length"
@@ -175,13 +227,17 @@ def test_async_cancel_and_deadline_abort_the_request(server, client):
             with pytest.raises(asyncio.CancelledError):
                 await task
 
-    asyncio.run(cancel_task())
+    with _steps_limited(worker):
+        asyncio.run(cancel_task())
+        _until(lambda: worker.num_aborted == aborted + 1, "the cancellation to reach the engine")
     _wait_idle(client)
     assert worker.num_aborted == aborted + 1
 
-    with pytest.raises(ServerError) as err:
-        client.generate(CONTEXT[:19], timeout=0.5, **LONG)
-    assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    with _steps_limited(worker):  # the request cannot finish before its deadline
+        with pytest.raises(ServerError) as err:
+            client.generate(CONTEXT[:19], timeout=0.5, **LONG)
+        assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        _until(lambda: worker.num_aborted == aborted + 2, "the deadline's abort to reach the engine")
     _wait_idle(client)
     assert worker.num_aborted == aborted + 2
 
@@ -202,14 +258,16 @@ def test_client_killed_mid_stream_frees_blocks(server, client):
     worker = server.server.worker
     aborted = worker.num_aborted
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _DISCONNECTING_CLIENT, server.target], stdout=subprocess.PIPE, env=env, cwd=REPO
-    )
-    try:
-        assert proc.stdout.readline().strip() == b"streaming"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+    with _steps_limited(worker):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _DISCONNECTING_CLIENT, server.target], stdout=subprocess.PIPE, env=env, cwd=REPO
+        )
+        try:
+            assert proc.stdout.readline().strip() == b"streaming"
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        _until(lambda: worker.num_aborted == aborted + 1, "the disconnection to reach the engine")
     _wait_idle(client)
     assert worker.num_aborted == aborted + 1
     assert client.generate([1, 2, 3], max_tokens=2).usage.completion_tokens == 2
@@ -324,16 +382,20 @@ def test_server_info_health_and_reflection(server, client, built):
 
 def test_admission_queue_full_is_resource_exhausted(offline, built):
     """A second server (on the reference engine, now idle) that admits two requests at a time."""
-    with ServerThread(offline.engine, port=0, max_pending_requests=2) as small, Client(small.target, timeout=60) as c:
-        streams = [c.generate_stream(CONTEXT[:10 + i], **LONG) for i in range(2)]
-        for s in streams:
-            next(s)
-        with pytest.raises(ServerError) as err:
-            c.generate([1, 2, 3], max_tokens=2)
-        assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_pending_requests" in err.value.details
-        assert c.server_info().num_running_requests == 2
-        for s in streams:
-            s.close()
+    config = ServerConfig(port=0, max_pending_requests=2)
+    with ServerThread(offline.engine, config) as small, Client(small.target, timeout=60) as c:
+        worker = small.server.worker
+        with _steps_limited(worker):  # neither LONG stream can finish: both stay in flight
+            streams = [c.generate_stream(CONTEXT[:10 + i], **LONG) for i in range(2)]
+            for s in streams:
+                worker.limit_steps(STEP_LIMIT)  # this stream's first steps; the other's share them
+                next(s)
+            with pytest.raises(ServerError) as err:
+                c.generate([1, 2, 3], max_tokens=2)
+            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_pending_requests" in err.value.details
+            assert c.server_info().num_running_requests == 2
+            for s in streams:
+                s.close()
         _wait_idle(c)
         assert c.generate([1, 2, 3], max_tokens=2).usage.completion_tokens == 2
         assert c.health() == "SERVING"
