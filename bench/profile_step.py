@@ -103,10 +103,16 @@ def device_summary(trace_dir: str, steps: int, top: int) -> dict:
     return out
 
 
+PREFILL_TOKENS_PER_STEP = 2048  # the engines' max_num_batched_tokens
+
+
 def max_tokens(args) -> int:
-    """Output tokens of each request: first token, 3 warm-up steps, settle + timed steps, settle + traced
-    steps (first mode), and room so that none ends inside a measured window."""
-    return 1 + 3 + 2 * (1 + args.steps) + 16
+    """Output tokens of each request: the steps that prefill the whole batch (the first requests decode
+    meanwhile), its first token, 3 warm-up steps, settle + timed steps, settle + traced steps (first
+    mode), and room, so that no request ends inside a measured window (the batch, and with it the
+    compiled step, would change)."""
+    prefill_steps = -(-args.batch * args.context // PREFILL_TOKENS_PER_STEP)
+    return prefill_steps + 1 + 3 + 2 * (1 + args.steps) + 16
 
 
 def build_engine(args, cfg: dict, root: str, mode: str):
@@ -115,7 +121,7 @@ def build_engine(args, cfg: dict, root: str, mode: str):
     a share of the device memory still free, would leave the second engine no room for its weights)."""
     max_len = args.context + max(args.steps + 256, max_tokens(args) + 16)
     llm = LLM(write_model_dir(os.path.join(root, "model"), cfg), dtype="bfloat16", load_format="dummy",
-              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=2048, max_model_len=max_len,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=PREFILL_TOKENS_PER_STEP, max_model_len=max_len,
               num_kv_blocks=kv_blocks(args.batch, args.context + max_tokens(args) + 16),
               max_loras=max(args.adapters, 1), max_lora_rank=32, enable_prefix_caching=False, warmup=False,
               async_scheduling=mode == "async")  # fmt: skip
