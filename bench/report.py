@@ -432,8 +432,11 @@ def summary(tp, att, step) -> list[str]:
     return out
 
 
-def step_profiles(*profiles) -> list[str]:
-    """bench/profile_step.py: the engine's step, async against synchronous scheduling, and its kernels."""
+def step_profiles(b1, b64, b1_baseline=None, b64_baseline=None) -> list[str]:
+    """bench/profile_step.py: the engine's step, async against synchronous scheduling, and its kernels;
+    beside it, where the same device call also ran an earlier commit's profile_step (`*_baseline.json`),
+    that commit's async step time."""
+    profiles = (b1, b64)
     out = ["The decode step of the engine (`python -m bench.profile_step`): median engine.step() with async scheduling "
            "(the next step is enqueued before the last one is read back) and with the synchronous loop, in one "
            "run; device busy time and the largest kernels from a profiler trace of the steps in the run's first "
@@ -451,6 +454,16 @@ def step_profiles(*profiles) -> list[str]:
         async_ms, sync_ms = (f"{modes[m]['step_ms_median']:.2f}" if m in modes else "-" for m in ("async", "sync"))
         out.append(f"| {r['batch']} | {r['adapters']} | {r['context']} | {async_ms} | {sync_ms} | {r['mode']} | "
                    f"{line['busy_us_per_step'] / 1e3:.2f} | {top} | {provenance(r)} |")  # fmt: skip
+    pairs = [(r, base) for r, base in ((b1, b1_baseline), (b64, b64_baseline)) if r and base]
+    if pairs:
+        out += ["", "The same step against an earlier commit's code, both measured in one device call (async "
+                "scheduling, median engine.step()):", "",
+                "| batch | adapters | this code ms | earlier code ms | change | earlier run |",
+                "|---|---|---|---|---|---|"]
+        for r, base in pairs:
+            new_ms, old_ms = r["by_mode"]["async"]["step_ms_median"], base["by_mode"]["async"]["step_ms_median"]
+            out.append(f"| {r['batch']} | {r['adapters']} | {new_ms:.2f} | {old_ms:.2f} | {new_ms / old_ms - 1:+.1%} | "
+                       f"{provenance(base)} |")  # fmt: skip
     return out
 
 
@@ -594,7 +607,8 @@ def render() -> str:
         ("### Engine throughput", throughput, ("throughput.json",)),
         ("### Ragged paged attention", attention, ("attention.json",)),
         ("### The engine's decode step: async scheduling", step_profiles,
-         ("profile_step_b1.json", "profile_step_b64_a8.json")),
+         ("profile_step_b1.json", "profile_step_b64_a8.json", "profile_step_b1_baseline.json",
+          "profile_step_b64_a8_baseline.json")),
         ("### Host output work per token over a long stream", host_stream, ("host_stream.json",)),
         ("### Masked multi-LoRA", lora, ("lora.json", "lora_step.json")),
         ("### Decode attention: kv splits at the engine's step shapes", attention_splits,
