@@ -244,6 +244,21 @@ def replay_step_seconds(engine, iters: int) -> float:
     return timeit(replay, warmup=2, iters=iters)
 
 
+def start_decoding(engine, prompts, adapters, params: SamplingParams) -> list[str]:
+    """Adds one request per prompt and steps until every request is decoding: each has its first token
+    (prefill is chunked, so early requests decode while later ones prefill), then 3 more steps warm
+    the decode bucket. Returns the request ids."""
+    ids = [f"decode-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+    for rid, p, a in zip(ids, prompts, adapters):
+        engine.add_request(rid, p, params, a)
+    started = set()
+    while len(started) < len(ids):
+        started |= {d.request_id for d in engine.step() if d.token_ids}
+    for _ in range(3):
+        engine.step()
+    return ids
+
+
 def decode_step_seconds(engine, prompts, adapters, steps: int) -> tuple[float, float]:
     """(median engine.step() seconds, median replay seconds) once every request is decoding.
 
@@ -255,14 +270,7 @@ def decode_step_seconds(engine, prompts, adapters, steps: int) -> tuple[float, f
     """
     # Early requests decode while later ones prefill: leave room so none finishes inside the window.
     params = SamplingParams(max_tokens=steps + 16 + len(prompts), ignore_eos=True)
-    ids = [f"decode-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
-    for rid, p, a in zip(ids, prompts, adapters):
-        engine.add_request(rid, p, params, a)
-    started = set()
-    while len(started) < len(ids):
-        started |= {d.request_id for d in engine.step() if d.token_ids}
-    for _ in range(3):
-        engine.step()
+    ids = start_decoding(engine, prompts, adapters, params)
     ts = []
     for _ in range(steps):
         t0 = time.perf_counter()

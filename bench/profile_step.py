@@ -32,6 +32,7 @@ from bench.harness import (
     result_path,
     run_metadata,
     save,
+    start_decoding,
     write_model_dir,
 )
 from jalora import LLM, SamplingParams
@@ -132,15 +133,7 @@ def build_engine(args, cfg: dict, root: str, mode: str):
 def time_mode(engine, args, prompts, names, trace_dir: str | None) -> dict:
     """Decode steps of `engine` (every request decoding): the median engine.step() time and the host
     phases per step; with `trace_dir`, then a profiler trace of as many steps more, summarised."""
-    params = SamplingParams(max_tokens=max_tokens(args), ignore_eos=True)
-    ids = [f"r{i}" for i in range(len(prompts))]
-    for rid, p, a in zip(ids, prompts, names):
-        engine.add_request(rid, p, params, a)
-    started = set()
-    while len(started) < len(ids):
-        started |= {d.request_id for d in engine.step() if d.token_ids}
-    for _ in range(3):
-        engine.step()
+    ids = start_decoding(engine, prompts, names, SamplingParams(max_tokens=max_tokens(args), ignore_eos=True))
 
     timer = PhaseTimer()
     timer.wrap(engine.scheduler, "schedule", "schedule")

@@ -19,79 +19,86 @@ LOAD_FORMATS = ("auto", "safetensors", "dummy")
 KERNEL_IMPLS = ("reference", "gpu", "tpu")
 
 
-def _field(default, help: str, **extra):
+def config_field(default, help: str, **extra):
+    """A config field whose metadata carries what a command line needs: help, and optional choices/metavar."""
     return dataclasses.field(default=default, metadata={"help": help, **extra})
+
+
+def require(ok: bool, field: str, message: str) -> None:
+    """Validation of a config: raises InvalidRequestError naming `field` unless `ok`."""
+    if not ok:
+        raise InvalidRequestError(field, message)
+
+
+def is_int(value) -> bool:
+    """An int that is not a bool (True passes isinstance(True, int))."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    model: str = _field("", "HF model directory: config.json, safetensors, tokenizer.json")
-    dtype: str = _field("float32", "weights, activations and KV cache dtype", choices=DTYPES)
-    load_format: str = _field("auto", "'dummy' makes deterministic random weights of the config's shapes",
+    model: str = config_field("", "HF model directory: config.json, safetensors, tokenizer.json")
+    dtype: str = config_field("float32", "weights, activations and KV cache dtype", choices=DTYPES)
+    load_format: str = config_field("auto", "'dummy' makes deterministic random weights of the config's shapes",
                               choices=LOAD_FORMATS)  # fmt: skip
-    block_size: int = _field(16, "tokens per KV-cache block (the unit of prefix sharing)")
-    num_kv_blocks: int | None = _field(
+    block_size: int = config_field(16, "tokens per KV-cache block (the unit of prefix sharing)")
+    num_kv_blocks: int | None = config_field(
         None, "KV-cache blocks (default: gpu_memory_utilization of the device's memory, or every sequence "
         "at full length on a CPU)"
     )
-    gpu_memory_utilization: float = _field(0.9, "share of device memory the weights and KV cache may take")
-    max_num_seqs: int = _field(64, "sequences in one step")
-    max_num_batched_tokens: int = _field(2048, "tokens in one step (prefill chunks and decode tokens together)")
-    max_model_len: int | None = _field(None, "longest sequence, prompt + output (default: the model's)")
-    enable_prefix_caching: bool = _field(True, "share full KV blocks between requests by base-aligned hash")
-    max_loras: int = _field(4, "adapter slots on the device")
-    max_lora_rank: int = _field(64, "largest adapter rank (every slot is padded to it)")
-    async_scheduling: bool = _field(
+    gpu_memory_utilization: float = config_field(0.9, "share of device memory the weights and KV cache may take")
+    max_num_seqs: int = config_field(64, "sequences in one step")
+    max_num_batched_tokens: int = config_field(2048, "tokens in one step (prefill chunks and decode tokens together)")
+    max_model_len: int | None = config_field(None, "longest sequence, prompt + output (default: the model's)")
+    enable_prefix_caching: bool = config_field(True, "share full KV blocks between requests by base-aligned hash")
+    max_loras: int = config_field(4, "adapter slots on the device")
+    max_lora_rank: int = config_field(64, "largest adapter rank (every slot is padded to it)")
+    async_scheduling: bool = config_field(
         True, "enqueue step N+1 before reading step N back, so host work overlaps the device's"
     )
-    warmup: bool = _field(True, "compile every step shape at start, before serving")
-    seed: int = _field(0, "draws the seed of sampled requests that bring none")
-    attention_impl: str | None = _field(
+    warmup: bool = config_field(True, "compile every step shape at start, before serving")
+    seed: int = config_field(0, "draws the seed of sampled requests that bring none")
+    attention_impl: str | None = config_field(
         None, "ragged paged attention kernel (default: the platform's)", choices=KERNEL_IMPLS
     )
-    lora_impl: str | None = _field(None, "masked multi-LoRA kernel (default: the platform's)", choices=KERNEL_IMPLS)
-    lora_onehot_max_tokens: int | None = _field(
+    lora_impl: str | None = config_field(
+        None, "masked multi-LoRA kernel (default: the platform's)", choices=KERNEL_IMPLS
+    )
+    lora_onehot_max_tokens: int | None = config_field(
         None, "steps of at most this many token rows take the one-hot LoRA matmuls instead of the kernel "
         "(default: the device's tuning table; 0 = always the kernel)"
     )
-    kernel_interpret: bool = _field(False, "run the Pallas kernels in interpret mode (CPU tests)")
+    kernel_interpret: bool = config_field(False, "run the Pallas kernels in interpret mode (CPU tests)")
 
     def __post_init__(self):
-        def need(ok: bool, field: str, msg: str) -> None:
-            if not ok:
-                raise InvalidRequestError(field, msg)
-
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
         model = os.fspath(self.model) if isinstance(self.model, os.PathLike) else self.model
-        need(isinstance(model, str) and bool(model), "model", "must name a model directory")
+        require(isinstance(model, str) and bool(model), "model", "must name a model directory")
         object.__setattr__(self, "model", model)
         dtype = _dtype_name(self.dtype)
-        need(dtype in DTYPES, "dtype", f"unknown dtype {self.dtype!r} (choose from {list(DTYPES)})")
+        require(dtype in DTYPES, "dtype", f"unknown dtype {self.dtype!r} (choose from {list(DTYPES)})")
         object.__setattr__(self, "dtype", dtype)
-        need(self.load_format in LOAD_FORMATS, "load_format",
-             f"unknown load_format {self.load_format!r} (choose from {list(LOAD_FORMATS)})")  # fmt: skip
+        require(self.load_format in LOAD_FORMATS, "load_format",
+                f"unknown load_format {self.load_format!r} (choose from {list(LOAD_FORMATS)})")  # fmt: skip
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
             value = getattr(self, name)
-            need(is_int(value) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
-        need(self.num_kv_blocks is None or (is_int(self.num_kv_blocks) and self.num_kv_blocks >= 1),
-             "num_kv_blocks", f"must be None or an integer >= 1, got {self.num_kv_blocks!r}")  # fmt: skip
-        need(self.max_model_len is None or (is_int(self.max_model_len) and self.max_model_len >= 2),
-             "max_model_len", f"must be None or an integer >= 2, got {self.max_model_len!r}")  # fmt: skip
+            require(is_int(value) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
+        require(self.num_kv_blocks is None or (is_int(self.num_kv_blocks) and self.num_kv_blocks >= 1),
+                "num_kv_blocks", f"must be None or an integer >= 1, got {self.num_kv_blocks!r}")  # fmt: skip
+        require(self.max_model_len is None or (is_int(self.max_model_len) and self.max_model_len >= 2),
+                "max_model_len", f"must be None or an integer >= 2, got {self.max_model_len!r}")  # fmt: skip
         u = self.gpu_memory_utilization
-        need(isinstance(u, int | float) and not isinstance(u, bool) and math.isfinite(u) and 0 < u <= 1,
-             "gpu_memory_utilization", f"must be a number in (0, 1], got {u!r}")  # fmt: skip
+        require(isinstance(u, int | float) and not isinstance(u, bool) and math.isfinite(u) and 0 < u <= 1,
+                "gpu_memory_utilization", f"must be a number in (0, 1], got {u!r}")  # fmt: skip
         for name in ("enable_prefix_caching", "async_scheduling", "warmup", "kernel_interpret"):
-            need(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
-        need(is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
+            require(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
+        require(is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
         for name in ("attention_impl", "lora_impl"):
             value = getattr(self, name)
-            need(value is None or value in KERNEL_IMPLS, name,
-                 f"must be None or one of {list(KERNEL_IMPLS)}, got {value!r}")  # fmt: skip
+            require(value is None or value in KERNEL_IMPLS, name,
+                    f"must be None or one of {list(KERNEL_IMPLS)}, got {value!r}")  # fmt: skip
         n = self.lora_onehot_max_tokens
-        need(n is None or (is_int(n) and n >= 0), "lora_onehot_max_tokens",
-             f"must be None or an integer >= 0, got {n!r}")  # fmt: skip
+        require(n is None or (is_int(n) and n >= 0), "lora_onehot_max_tokens",
+                f"must be None or an integer >= 0, got {n!r}")  # fmt: skip
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)

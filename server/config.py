@@ -13,51 +13,40 @@ import math
 import os
 
 from jalora.api import DEFAULT_HOST, DEFAULT_PORT
-from jalora.errors import InvalidRequestError
-
-
-def _field(default, help: str, **extra):
-    return dataclasses.field(default=default, metadata={"help": help, **extra})
+from jalora.config import config_field, is_int, require
 
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
-    host: str = _field(DEFAULT_HOST, "address to listen on (loopback unless the operator says otherwise)")
-    port: int = _field(DEFAULT_PORT, "TCP port; 0 picks a free one")
-    adapter_roots: tuple[str, ...] = _field(
+    host: str = config_field(DEFAULT_HOST, "address to listen on (loopback unless the operator says otherwise)")
+    port: int = config_field(DEFAULT_PORT, "TCP port; 0 picks a free one")
+    adapter_roots: tuple[str, ...] = config_field(
         (), "LoadAdapter accepts only adapter directories under these (repeatable)", metavar="DIR"
     )
-    max_pending_requests: int = _field(256, "requests in flight before new ones get RESOURCE_EXHAUSTED")
-    grace: float = _field(5.0, "seconds running calls get to finish at shutdown")
-    model_name: str = _field("", "model name GetServerInfo reports (default: the engine's model directory)")
+    max_pending_requests: int = config_field(256, "requests in flight before new ones get RESOURCE_EXHAUSTED")
+    grace: float = config_field(5.0, "seconds running calls get to finish at shutdown")
+    model_name: str = config_field("", "model name GetServerInfo reports (default: the engine's model directory)")
 
     def __post_init__(self):
-        def need(ok: bool, field: str, msg: str) -> None:
-            if not ok:
-                raise InvalidRequestError(field, msg)
-
-        def is_int(v) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        need(isinstance(self.host, str) and bool(self.host), "host", f"must name an address, got {self.host!r}")
-        need(is_int(self.port) and 0 <= self.port <= 65535, "port",
-             f"must be an integer in [0, 65535], got {self.port!r}")  # fmt: skip
+        require(isinstance(self.host, str) and bool(self.host), "host", f"must name an address, got {self.host!r}")
+        require(is_int(self.port) and 0 <= self.port <= 65535, "port",
+                f"must be an integer in [0, 65535], got {self.port!r}")  # fmt: skip
         roots = self.adapter_roots
-        need(not isinstance(roots, str | bytes | os.PathLike), "adapter_roots",
-             f"must be a sequence of directories, not one path ({roots!r})")  # fmt: skip
+        require(not isinstance(roots, str | bytes | os.PathLike), "adapter_roots",
+                f"must be a sequence of directories, not one path ({roots!r})")  # fmt: skip
         try:
             roots = tuple(os.fspath(r) for r in roots)
         except TypeError:
-            need(False, "adapter_roots", f"must be a sequence of directory paths, got {self.adapter_roots!r}")
-        need(all(isinstance(r, str) and r for r in roots), "adapter_roots",
-             f"must be non-empty directory paths, got {list(roots)!r}")  # fmt: skip
+            require(False, "adapter_roots", f"must be a sequence of directory paths, got {self.adapter_roots!r}")
+        require(all(isinstance(r, str) and r for r in roots), "adapter_roots",
+                f"must be non-empty directory paths, got {list(roots)!r}")  # fmt: skip
         object.__setattr__(self, "adapter_roots", roots)
         n = self.max_pending_requests
-        need(is_int(n) and n >= 1, "max_pending_requests", f"must be an integer >= 1, got {n!r}")
+        require(is_int(n) and n >= 1, "max_pending_requests", f"must be an integer >= 1, got {n!r}")
         g = self.grace
-        need(isinstance(g, int | float) and not isinstance(g, bool) and math.isfinite(g) and g >= 0, "grace",
-             f"must be a number of seconds >= 0, got {g!r}")  # fmt: skip
-        need(isinstance(self.model_name, str), "model_name", f"must be a string, got {self.model_name!r}")
+        require(isinstance(g, int | float) and not isinstance(g, bool) and math.isfinite(g) and g >= 0, "grace",
+                f"must be a number of seconds >= 0, got {g!r}")  # fmt: skip
+        require(isinstance(self.model_name, str), "model_name", f"must be a string, got {self.model_name!r}")
 
     def replace(self, **changes) -> ServerConfig:
         return dataclasses.replace(self, **changes)

@@ -28,20 +28,6 @@ from jalora.api import CHANNEL_OPTIONS, DEFAULT_TARGET, DEFAULT_TIMEOUT, FIELD_M
 from jalora.api.v1 import jalora_pb2 as pb
 from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
 
-__all__ = [
-    "AdapterInfo",
-    "AsyncClient",
-    "Client",
-    "GenerateChunk",
-    "GenerateResult",
-    "ServerError",
-    "ServerInfo",
-    "Timings",
-    "Usage",
-    "generate_request",
-    "with_invocation",
-]
-
 _FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
     pb.FINISH_REASON_LENGTH: "length",
