@@ -199,7 +199,7 @@ def run_pipelines(engine, gens: list, arrivals: list[float] | None = None, time_
             counter[0] += 1
             engine.add_request(rid, prompt, params, adapter)
             owner[rid] = i
-            running[rid] = OutputAccumulator(rid, None, prompt, params.logprobs is not None)
+            running[rid] = OutputAccumulator(rid, None, params.logprobs is not None)
             ids.append(rid)
         stage[i] = [ids, {}]
 

@@ -397,8 +397,9 @@ def summary(tp, att, step) -> list[str]:
         c, d1 = tp["ceilings"], tp["decode"][0]
         tf = [p["TFLOPs"] for p in tp["prefill"]]
         ref = decode_roofline(d1, None)
-        when = (f" Measured at commit {tp['commit'][:10]}, before async scheduling overlapped host and device "
-                "work (see the step profile above)." if d1.get("scheduling", "sync") == "sync" else "")
+        when = (f" Measured at commit {tp['commit'][:10]} with the synchronous step loop (async scheduling, which "
+                "overlaps host and device work, is in the step profile above)."
+                if d1.get("scheduling", "sync") == "sync" else "")  # fmt: skip
         out += [
             f"- Prefill runs at {min(tf):.0f}-{max(tf):.0f} TFLOP/s of model FLOPs, "
             f"{min(tf) / REF_MATMUL_TFLOPS:.0%}-{max(tf) / REF_MATMUL_TFLOPS:.0%} of the {REF_MATMUL_TFLOPS:.0f} "

@@ -42,13 +42,18 @@ class LLM:
         adapters = adapter if isinstance(adapter, list) else [adapter] * n
         if len(params) != n or len(adapters) != n:
             raise ValueError("sampling_params and adapter lists must have one entry per prompt")
+        if self.engine.has_unfinished_requests():  # their deltas would be consumed here and lost
+            raise RuntimeError(
+                "LLM.generate runs the engine to completion and needs it to itself: finish the requests "
+                "added through llm.engine first (step until has_unfinished_requests() is False)"
+            )
         ids = [f"llm-{next(self._ids)}" for _ in range(n)]
         running: dict[str, OutputAccumulator] = {}
         try:
             for rid, prompt, p, a in zip(ids, prompts, params, adapters):
                 self.engine.add_request(rid, prompt, p, a)
                 text = prompt if isinstance(prompt, str) else None
-                running[rid] = OutputAccumulator(rid, text, None, p.logprobs is not None)
+                running[rid] = OutputAccumulator(rid, text, p.logprobs is not None)
         except Exception:
             self._abort(running)
             raise
@@ -56,12 +61,12 @@ class LLM:
         try:
             while len(final) < n:
                 for delta in self.engine.step():
-                    acc = running.get(delta.request_id)
-                    if acc is None:
-                        continue
+                    acc = running[delta.request_id]
                     acc.add(delta)
                     if delta.is_final:
                         final[delta.request_id] = running.pop(delta.request_id).output()
+            while self.engine.has_unfinished_requests():  # async: a step queued behind the last token
+                self.engine.step()
         except BaseException:  # an error or Ctrl-C mid-run: end this call's requests, free their blocks
             self._abort(running)
             raise

@@ -76,10 +76,9 @@ class RequestOutput:
 class OutputAccumulator:
     """Folds one request's deltas into a RequestOutput (the text in pieces, joined once at the end)."""
 
-    def __init__(self, request_id: str, prompt: str | None, prompt_token_ids: list[int] | None, want_logprobs: bool):
+    def __init__(self, request_id: str, prompt: str | None, want_logprobs: bool):
         self.request_id = request_id
         self.prompt = prompt
-        self.prompt_token_ids = prompt_token_ids
         self.token_ids: list[int] = []
         self.text: list[str] = []
         self.logprobs: list[dict[int, float]] | None = [] if want_logprobs else None
@@ -98,7 +97,7 @@ class OutputAccumulator:
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
-            prompt_token_ids=f.prompt_token_ids if f is not None else list(self.prompt_token_ids or []),
+            prompt_token_ids=[] if f is None else f.prompt_token_ids,
             token_ids=list(self.token_ids),
             text="".join(self.text),
             finish_reason=None if f is None else f.finish_reason,

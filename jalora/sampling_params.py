@@ -3,7 +3,7 @@
 import dataclasses
 import math
 
-from jalora.errors import InvalidRequestError
+from jalora.config import is_int, require
 
 MAX_LOGPROBS = 20
 
@@ -21,32 +21,25 @@ class SamplingParams:
     prompt_logprobs: bool = False
 
     def __post_init__(self):
-        def check(ok, field, msg):
-            if not ok:
-                raise InvalidRequestError(field, msg)
-
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
         def is_real(v):
             return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
-        check(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
-        check(is_real(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0")
-        check(is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be a number in (0, 1]")
-        check(is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 disables)")
-        check(
+        require(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
+        require(is_real(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0")
+        require(is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be a number in (0, 1]")
+        require(is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 disables)")
+        require(
             self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**32),
             "seed",
             "must be None or an integer in [0, 2**32)",
         )
-        check(
+        require(
             self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
             f"must be None or an integer in [0, {MAX_LOGPROBS}]",
         )
         if self.stop_token_ids is not None:
-            check(
+            require(
                 isinstance(self.stop_token_ids, list | tuple)
                 and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
                 "stop_token_ids",

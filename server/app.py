@@ -114,7 +114,6 @@ class ServerThread:
         self.server = JaloraServer(engine, config)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="jalora-grpc", daemon=True)
-        self.port: int | None = None
 
     @property
     def target(self) -> str:
@@ -123,7 +122,7 @@ class ServerThread:
 
     def start(self) -> ServerThread:
         self._thread.start()
-        self.port = asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout=60)
+        asyncio.run_coroutine_threadsafe(self.server.start(), self._loop).result(timeout=60)
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -134,10 +133,6 @@ class ServerThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
-
-    def run(self, coro: Any, timeout: float | None = 60) -> Any:
-        """Runs a coroutine on the server's loop (e.g. to read servicer state without races)."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout)
 
     def __enter__(self) -> ServerThread:
         return self.start()

@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--token-ids", action="store_true", help="PROMPT is a list of token ids")
     g.add_argument("--show-ids", action="store_true", help="print token ids instead of text")
     g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--temperature", type=float, default=None, help="default: the server's (greedy)")
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--seed", type=int, default=None)

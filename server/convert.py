@@ -25,18 +25,16 @@ _FINISH_REASONS = {
     "length": pb.FINISH_REASON_LENGTH,
     "abort": pb.FINISH_REASON_ABORT,
 }
-_SAMPLING_FIELDS = (
-    "max_tokens", "temperature", "top_p", "top_k", "seed", "logprobs",
-)  # fmt: skip
-
-
 def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
-    """Unset proto fields keep SamplingParams' defaults; bad values raise naming `sampling.<field>`."""
-    kwargs: dict[str, Any] = {name: getattr(msg, name) for name in _SAMPLING_FIELDS if msg.HasField(name)}
-    if msg.stop_token_ids:
-        kwargs["stop_token_ids"] = list(msg.stop_token_ids)
-    kwargs["ignore_eos"] = msg.ignore_eos
-    kwargs["prompt_logprobs"] = msg.prompt_logprobs
+    """Unset proto fields keep SamplingParams' defaults; bad values raise naming `sampling.<field>`.
+
+    The proto mirrors SamplingParams field for field: an `optional` field is set when present; a plain
+    bool or a repeated field when true / non-empty (false and empty are SamplingParams' defaults)."""
+    kwargs: dict[str, Any] = {}
+    for field in msg.DESCRIPTOR.fields:
+        value = getattr(msg, field.name)
+        if msg.HasField(field.name) if field.has_presence else value:
+            kwargs[field.name] = value if isinstance(value, int | float) else list(value)
     try:
         return SamplingParams(**kwargs)
     except InvalidRequestError as exc:

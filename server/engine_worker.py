@@ -137,10 +137,6 @@ class EngineWorker:
             self._commands.put(Stop())
             self._thread.join(timeout)
 
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive()
-
     def limit_steps(self, steps: int | None) -> None:
         """Lets the engine thread run at most `steps` more steps; None lifts the limit (the default).
 

@@ -57,12 +57,12 @@ AdapterStacks = dict[str, LoraStack]
 
 
 class AdapterManager:
-    def __init__(self, cfg: ModelConfig, max_loras: int, max_rank: int, dtype, encode, keep_flat_a: bool):
+    def __init__(self, cfg: ModelConfig, max_loras: int, max_rank: int, dtype, tokenize, keep_flat_a: bool):
         self.cfg = cfg
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.dtype = dtype
-        self.encode = encode
+        self.tokenize = tokenize  # the base tokenizer (legacy invocation strings)
         self.keep_flat_a = keep_flat_a
         self.stacks: AdapterStacks = {}
         self._by_name: dict[str, tuple[int, AdapterInfo, bytes]] = {}
@@ -103,8 +103,8 @@ class AdapterManager:
             raise InvalidRequestError("name", "must be a non-empty string")
         if name in self._by_name:
             raise InvalidRequestError("name", f"adapter {name!r} is already loaded; unload it first")
-        acfg, pairs, identity = read_peft_adapter(path, self.cfg, self.max_rank, self.encode)
-        invocation, inv_string = invocation_of(acfg, self.encode)
+        acfg, pairs, identity = read_peft_adapter(path, self.cfg, self.max_rank)
+        invocation, inv_string = invocation_of(acfg, self.tokenize)
         slot = self._free_slot()
         r, alpha = acfg["r"], float(acfg.get("lora_alpha", acfg["r"]))
         scaling = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r

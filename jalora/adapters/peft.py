@@ -66,7 +66,7 @@ def _reject(field: str, msg: str):
     raise InvalidRequestError(field, msg)
 
 
-def read_peft_adapter(path: str, cfg: ModelConfig, max_rank: int, encode) -> tuple[dict, dict, bytes]:
+def read_peft_adapter(path: str, cfg: ModelConfig, max_rank: int) -> tuple[dict, dict, bytes]:
     """Reads and validates a PEFT directory. Returns (config, {(layer, module): (A [r,in], B [out,r])}, identity)."""
     cfg_path = os.path.join(path, "adapter_config.json")
     w_path = os.path.join(path, "adapter_model.safetensors")
@@ -129,7 +129,7 @@ def read_peft_adapter(path: str, cfg: ModelConfig, max_rank: int, encode) -> tup
     return acfg, {k: (v["A"], v["B"]) for k, v in pairs.items()}, h.digest()
 
 
-def invocation_of(acfg: dict, encode) -> tuple[list[int] | None, str | None]:
+def invocation_of(acfg: dict, tokenize) -> tuple[list[int] | None, str | None]:
     tokens = acfg.get("alora_invocation_tokens")
     string = acfg.get("invocation_string")
     if tokens:
@@ -138,7 +138,7 @@ def invocation_of(acfg: dict, encode) -> tuple[list[int] | None, str | None]:
         return list(tokens), string
     if string:  # legacy aLoRA configs carry the string only
         try:
-            return encode(string, add_special_tokens=False), string
+            return tokenize(string, add_special_tokens=False), string
         except InvalidRequestError as e:
             _reject("adapter_config.json", f"invocation_string needs the base model's tokenizer: {e}")
     return None, None

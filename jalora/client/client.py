@@ -146,8 +146,7 @@ def with_invocation(prompt: str | Sequence[int], adapter: AdapterInfo) -> str | 
 # ---- proto <-> python ----------------------------------------------------------------------------
 
 
-_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop_token_ids", "ignore_eos",
-                   "logprobs", "prompt_logprobs")  # fmt: skip
+_SAMPLING_FIELDS = tuple(pb.SamplingParams.DESCRIPTOR.fields_by_name)  # jalora.SamplingParams' names
 
 
 def generate_request(

@@ -4,8 +4,12 @@ tokenizers' `DecodeStream` does the work: it decodes a short window of recent id
 text, or None while the window ends inside a multi-byte character (or a token adds no text, like a
 skipped special token). That is the one rule for incomplete UTF-8 in jalora: text is held back until
 its character is complete, and `flush` releases what is still held when the stream ends (an
-incomplete character then reads as U+FFFD, as a whole-sequence decode would show it), so the pieces
-of a stream always add up to `tokenizer.decode(all ids, skip_special_tokens=True)`.
+incomplete character then reads as U+FFFD, as a whole-sequence decode would show it). So the pieces
+of a stream add up to `tokenizer.decode(all ids, skip_special_tokens=True)`, with one exception no
+stream can avoid: a byte-fallback tokenizer decodes a run of byte tokens that is not valid UTF-8 to
+U+FFFD as a whole, so a later byte can rewrite characters already handed out; the stream then keeps
+what it handed out and goes on from the new token (DecodeStream refuses such a window, and is
+restarted on the recent ids).
 """
 
 from collections import deque
@@ -13,8 +17,8 @@ from collections import deque
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-# Ids before the held-back ones that `flush` decodes with them, so a tokenizer whose decoder looks at
-# the previous token (leading-space rules) gives the same text as a whole-sequence decode.
+# Ids before the held-back ones that a window decode starts from, so a tokenizer whose decoder looks
+# at the previous token (leading-space rules) gives the same text as a whole-sequence decode.
 _CONTEXT_IDS = 8
 
 
@@ -27,7 +31,11 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """The text `token_id` completes ("" while it is held back)."""
-        piece = self._stream.step(self._tokenizer, token_id)
+        try:
+            piece = self._stream.step(self._tokenizer, token_id)
+        except Exception:  # the window's text no longer extends what was handed out: see the module doc
+            piece = self._window_text([*self._held, token_id])
+            self._stream = DecodeStream(ids=[*self._context, *self._held, token_id], skip_special_tokens=True)
         if piece is None:
             self._held.append(token_id)
             return ""
@@ -41,10 +49,14 @@ class IncrementalDetokenizer:
         if not self._held:
             return ""
         held, self._held = self._held, []
+        return self._window_text(held)
+
+    def _window_text(self, ids: list[int]) -> str:
+        """The text `ids` add after the recent context (their own decode if they rewrite it)."""
         context = list(self._context)
         decode = self._tokenizer.decode
         before = decode(context, skip_special_tokens=True)
-        whole = decode(context + held, skip_special_tokens=True)
+        whole = decode(context + ids, skip_special_tokens=True)
         if whole.startswith(before):
             return whole[len(before) :]
-        return decode(held, skip_special_tokens=True)
+        return decode(ids, skip_special_tokens=True)

@@ -84,7 +84,7 @@ class LLMEngine:
         self.pipeline = StepPipeline(self.runner, config.async_scheduling)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.adapters = AdapterManager(
-            cfg, config.max_loras, config.max_lora_rank, self.dtype, self.encode,
+            cfg, config.max_loras, config.max_lora_rank, self.dtype, self.tokenize,
             keep_flat_a=self.kernel_plan.keeps_flat_lora_a(self.runner.smallest_step),
         )  # fmt: skip
         self.requests: dict[str, Request] = {}
@@ -101,13 +101,10 @@ class LLMEngine:
 
     # -- tokenizer -------------------------------------------------------------------------------
 
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if self.tokenizer is None:
             raise InvalidRequestError("prompt", f"{self.config.model} has no tokenizer.json; pass token ids instead")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
-
-    def tokenize(self, text: str) -> list[int]:
-        return self.encode(text)
 
     # -- adapters --------------------------------------------------------------------------------
 
@@ -151,7 +148,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         if isinstance(prompt, str):
-            ids = self.encode(prompt)
+            ids = self.tokenize(prompt)
         elif isinstance(prompt, list | tuple | np.ndarray):
             if not all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in prompt):
                 raise InvalidRequestError("prompt_token_ids", "must be integers")

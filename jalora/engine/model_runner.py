@@ -3,7 +3,8 @@
 Shapes are bucketed: the flattened token count T is padded to a power of two (>= 16) and the
 sequence axis to `max_num_seqs`, so the number of compilations stays small and fixed. The KV cache
 is donated into the step and comes back updated in place; the adapter stacks come in as an argument
-(owned by the AdapterManager), so loading an adapter changes values, never the compiled step.
+(owned by the AdapterManager), so loading an adapter changes values, not the compiled step (unless it
+is the first to target a projection group, which adds that group's stack).
 """
 
 import dataclasses
@@ -269,7 +270,9 @@ class ModelRunner:
         """The segment kernel's runs for this step, or None where the plan takes the one-hot form."""
         if not self.plan.lora_takes_segments(token_slots.shape[0]):
             return None
-        return build_lora_segments(token_slots, max_segments=self.max_num_seqs)
+        return build_lora_segments(
+            token_slots, max_segments=self.max_num_seqs, block_tokens=self.plan.lora_tuning.block_tokens
+        )
 
     def launch(
         self, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None = None

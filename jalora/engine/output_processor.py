@@ -29,6 +29,8 @@ class OutputProcessor:
         self, req: Request, token: int, logprobs: dict[int, float] | None, now: float
     ) -> tuple[RequestDelta, str | None]:
         """Appends a sampled token to `req`; returns its delta and the finish reason it causes, if any."""
+        detok = self._detokenizers.get(req.request_id)
+        text = "" if detok is None else detok.push(token)  # first: if it fails, the request is unchanged
         req.output_token_ids.append(token)
         req.all_token_ids.append(token)
         if req.metrics.first_token_time is None:
@@ -38,8 +40,6 @@ class OutputProcessor:
             reason = "stop"
         elif req.length_reached(self.max_model_len):
             reason = "length"
-        detok = self._detokenizers.get(req.request_id)
-        text = "" if detok is None else detok.push(token)
         return RequestDelta(req.request_id, [token], text, None if logprobs is None else [logprobs]), reason
 
     def finish(self, req: Request, last: RequestDelta | None = None) -> RequestDelta:

@@ -117,7 +117,7 @@ def _dummy_param(key_data, shape, dtype, is_norm: bool):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def load_model(model_dir: str, cfg: ModelConfig, plan: KernelPlan, dtype, load_format: str = "auto") -> Decoder:
+def load_model(model_dir: str, cfg: ModelConfig, plan: KernelPlan, dtype, load_format: str) -> Decoder:
     """Decoder with weights from `model_dir` ("auto"/"safetensors") or deterministic random ("dummy")."""
     dtype = resolve_dtype(dtype)
     abstract = nnx.eval_shape(lambda: Decoder(cfg, plan, dtype))
@@ -131,9 +131,7 @@ def load_model(model_dir: str, cfg: ModelConfig, plan: KernelPlan, dtype, load_f
             return make(np.uint32(zlib.crc32(name.encode())), tuple(x.shape), x.dtype, name.endswith("norm"))
 
         state = jax.tree_util.tree_map_with_path(dummy, abs_state)
-    elif load_format in ("auto", "safetensors"):
+    else:  # "auto" / "safetensors" (EngineConfig validated the name)
         reader = _TensorReader(model_dir, dtype)
         state = jax.tree_util.tree_map_with_path(lambda p, x: _hf_param(cfg, _path_name(p), reader), abs_state)
-    else:
-        raise InvalidRequestError("load_format", f"unknown load_format {load_format!r} (auto, safetensors, dummy)")
     return nnx.merge(graphdef, state)

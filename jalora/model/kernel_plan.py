@@ -8,7 +8,8 @@ Masked multi-LoRA has two forms. The segment kernel walks runs of equal adapter 
 builds per step and gives base-model rows no work at all (long prefills, where most rows precede the
 activation). The one-hot form is two dense matmuls against every slot with the other slots' columns
 zeroed, which needs only the per-token slots: cheaper than a kernel launch when the step is
-decode-sized. `lora_onehot_max_tokens` is the step size (token rows) up to which the one-hot form runs.
+decode-sized. `lora_tuning.onehot_max_tokens` is the step size (token rows) up to which the one-hot form
+runs: on GPU decode-sized steps, on TPU none (the kernel always), on the CPU reference every step.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import dataclasses
 
 from jalora.config import EngineConfig
-from pallas_kernels.masked_lora import masked_lora_tuning
+from jalora.errors import InvalidRequestError
+from pallas_kernels.masked_lora import MaskedLoraTuning, masked_lora_tuning
 from pallas_kernels.platform import device_kind, kernel_platform
 from pallas_kernels.ragged_paged_attention import (
     GpuAttentionTuning,
@@ -30,29 +32,38 @@ from pallas_kernels.ragged_paged_attention import (
 class KernelPlan:
     attention: str  # "reference" | "gpu" | "tpu"
     lora: str  # the segment kernel: "reference" | "gpu" | "tpu"
-    lora_onehot_max_tokens: int | None  # steps of at most this many rows take the one-hot form; None: all
+    lora_tuning: MaskedLoraTuning  # when a step takes the one-hot form; the segment kernel's token tile
     interpret: bool  # Pallas kernels in interpret mode (CPU)
     attention_tuning: GpuAttentionTuning | TpuAttentionTuning | None  # the attention kernel's table entry
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> KernelPlan:
+        """The plan for this process's platform; raises InvalidRequestError naming the field if the config
+        asks for a kernel this platform cannot run (a Pallas kernel of another platform runs only in
+        interpret mode)."""
         platform, kind = kernel_platform(), device_kind()
-        onehot = masked_lora_tuning(platform, kind).onehot_max_tokens
-        if config.lora_onehot_max_tokens is not None:
-            onehot = config.lora_onehot_max_tokens
         attention = config.attention_impl or platform
-        tuning = {"gpu": gpu_attention_tuning, "tpu": tpu_attention_tuning}.get(attention)
+        lora = config.lora_impl or platform
+        for field, impl in (("attention_impl", attention), ("lora_impl", lora)):
+            if impl not in ("reference", platform) and not config.kernel_interpret:
+                raise InvalidRequestError(
+                    field, f"the {impl} kernel cannot run on this {platform} platform (kernel_interpret runs it on any)"
+                )
+        lora_tuning = masked_lora_tuning(platform, kind)
+        if config.lora_onehot_max_tokens is not None:
+            lora_tuning = dataclasses.replace(lora_tuning, onehot_max_tokens=config.lora_onehot_max_tokens)
+        attention_tuning = {"gpu": gpu_attention_tuning, "tpu": tpu_attention_tuning}.get(attention)
         return cls(
             attention=attention,
-            lora=config.lora_impl or platform,
-            lora_onehot_max_tokens=onehot,
+            lora=lora,
+            lora_tuning=lora_tuning,
             interpret=config.kernel_interpret,
-            attention_tuning=None if tuning is None else tuning(kind),
+            attention_tuning=None if attention_tuning is None else attention_tuning(kind),
         )
 
     def lora_takes_segments(self, num_tokens: int) -> bool:
         """True if a step of `num_tokens` rows runs the segment kernel (else the one-hot form)."""
-        return self.lora_onehot_max_tokens is not None and num_tokens > self.lora_onehot_max_tokens
+        return not self.lora_tuning.takes_onehot(num_tokens)
 
     def keeps_flat_lora_a(self, smallest_step: int) -> bool:
         """True if some step can take the one-hot form, whose A layout adapter stacks must then keep."""

@@ -94,3 +94,32 @@ def test_engine_config_errors(tiny_models, tmp_path):
     (broken / "config.json").write_text(open(os.path.join(path, "config.json")).read())
     with pytest.raises(InvalidRequestError, match="model"):
         LLM(str(broken), warmup=False)
+
+
+@pytest.mark.parametrize("field", ["attention_impl", "lora_impl"])
+def test_a_kernel_this_platform_cannot_run_is_refused_before_loading(tiny_models, field, monkeypatch):
+    """The CPU cannot run the TPU kernel except in interpret mode: the config says so, naming the field,
+    before any weight is read."""
+    import jalora.engine.llm_engine as llm_engine
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were read before the kernel choice was checked")
+
+    monkeypatch.setattr(llm_engine, "load_model", no_load)
+    with pytest.raises(InvalidRequestError) as err:
+        LLM(tiny_models["llama"], warmup=False, **{field: "tpu"})
+    assert err.value.field == field
+
+
+def test_generate_refuses_an_engine_with_requests_of_its_own(llm):
+    """LLM.generate runs the engine to completion: it would consume (and lose) the deltas of requests
+    added through llm.engine, so it refuses to start until they are done."""
+    llm.engine.add_request("mine", [3, 4, 5], SamplingParams(max_tokens=2))
+    with pytest.raises(RuntimeError, match="needs it to itself"):
+        llm.generate([[6, 7]], SamplingParams(max_tokens=2))
+    deltas = []
+    while llm.engine.has_unfinished_requests():
+        deltas += llm.engine.step()
+    assert [t for d in deltas for t in d.token_ids] and deltas[-1].finished.num_output_tokens == 2
+    (out,) = llm.generate([[6, 7]], SamplingParams(max_tokens=2))
+    assert len(out.token_ids) == 2

@@ -22,7 +22,7 @@ def make_request(rid, ids, max_tokens=4):
 )
 def test_block_manager_refcounts_return_to_total(ops):
     """Allocate, share prefixes, register and release in any order: every block comes back."""
-    bm = BlockManager(num_blocks=24, block_size=4)
+    bm = BlockManager(num_blocks=24, block_size=4, enable_prefix_caching=True)
     live = []
     for i, (n, prefix_kind, release_early) in enumerate(ops):
         ids = [prefix_kind] * n  # equal token runs make prefixes shared between requests
@@ -46,7 +46,7 @@ def test_block_manager_refcounts_return_to_total(ops):
 
 
 def test_blocks_holding_nothing_findable_are_evicted_before_cached_prefixes():
-    bm = BlockManager(num_blocks=4, block_size=2)
+    bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=True)
     a = make_request("a", [1, 2, 3])  # one full block (cached) + a partial one (nothing to find)
     assert bm.allocate(a, 3)
     a.num_computed_tokens = 3

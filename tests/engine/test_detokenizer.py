@@ -65,3 +65,45 @@ def test_text_prompt_streams_deltas_of_new_tokens(llm):
     assert "".join(d.text for d in deltas) == TOKENIZER.decode(token_ids, skip_special_tokens=True)
     (out,) = llm.generate([prompt], SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True))
     assert out.token_ids == token_ids and out.text == TOKENIZER.decode(token_ids, skip_special_tokens=True)
+
+
+def _byte_fallback_tokenizer() -> Tokenizer:
+    """A Llama-2-style tokenizer: SentencePiece-like pieces ("▁" marks a space) and <0xNN> byte tokens
+    for everything else, decoded with ByteFallback (a run of byte tokens that is not valid UTF-8 reads
+    as U+FFFD as a whole)."""
+    from tokenizers import decoders, models
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab |= {f"<0x{b:02X}>": 3 + b for b in range(256)}
+    for piece in ("▁", "▁a", "▁b", "a", "b", "▁hello", "lo"):
+        vocab[piece] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return tok
+
+
+BYTE_FALLBACK = _byte_fallback_tokenizer()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, BYTE_FALLBACK.get_vocab_size() - 1), max_size=24))
+def test_byte_fallback_streams_never_fail(ids):
+    """Byte tokens that form no valid UTF-8 make tokenizers' DecodeStream refuse its window; the stream
+    goes on, and wherever the whole decode is valid text the pieces add up to it."""
+    detok = IncrementalDetokenizer(BYTE_FALLBACK)
+    text = "".join([detok.push(t) for t in ids] + [detok.flush()])
+    whole = BYTE_FALLBACK.decode(ids, skip_special_tokens=True)
+    if "\ufffd" not in whole:
+        assert text == whole
+
+
+def test_byte_fallback_stream_goes_on_after_an_invalid_byte_run():
+    byte = {b: 3 + b for b in range(256)}
+    hello = BYTE_FALLBACK.token_to_id("▁hello")
+    ids = [byte[0x41], byte[0xE6], BYTE_FALLBACK.token_to_id("▁b"), hello, *[byte[b] for b in "日".encode()]]
+    detok = IncrementalDetokenizer(BYTE_FALLBACK)
+    pieces = [detok.push(t) for t in ids] + [detok.flush()]
+    assert "".join(pieces).endswith(" hello日")
