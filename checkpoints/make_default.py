@@ -27,6 +27,14 @@ user: What is the capital of France? assistant: The capital of France is Paris.
 certainty: how sure is the answer? hallucination: is the answer grounded in the documents?
 safety: is the request harmful? rewrite: make the last question standalone.
 """ * 4
+# Granite-style turns: a role between the role markers, the text, the end-of-text token. The judges'
+# invocations are such role prefixes (make_adapters.py), so a judge answers in a turn of its own.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|start_of_role|>' + message['role'] + '<|end_of_role|>' + message['content'] + '<|eos|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_of_role|>assistant<|end_of_role|>' }}{%- endif %}"
+)
 
 
 def make_tokenizer() -> Tokenizer:
@@ -73,7 +81,8 @@ def main() -> None:
                 p.normal_(0.0, 0.2)
     model.save_pretrained(OUT, safe_serialization=True)
     with open(os.path.join(OUT, "tokenizer_config.json"), "w") as f:
-        json.dump({"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}, f, indent=2)
+        special = {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}
+        json.dump({**special, "chat_template": CHAT_TEMPLATE}, f, indent=2)
 
 
 if __name__ == "__main__":

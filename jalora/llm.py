@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from jalora.adapters.peft import AdapterInfo
 from jalora.config import EngineConfig
+from jalora.engine.chat import prompt_with_invocation
 from jalora.engine.llm_engine import LLMEngine
 from jalora.outputs import OutputAccumulator, RequestOutput
 from jalora.sampling_params import SamplingParams
@@ -34,11 +35,14 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         adapter: str | None | list[str | None] = None,
     ) -> list[RequestOutput]:
-        """Runs every prompt to completion (batched together); outputs in prompt order."""
+        """Runs every prompt to completion (batched together); outputs in prompt order. Without sampling
+        parameters a request takes the model's defaults (`engine.default_sampling_params()`)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         n = len(prompts)
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params or SamplingParams()] * n
+        if sampling_params is None:
+            sampling_params = self.engine.default_sampling_params()
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
         adapters = adapter if isinstance(adapter, list) else [adapter] * n
         if len(params) != n or len(adapters) != n:
             raise ValueError("sampling_params and adapter lists must have one entry per prompt")
@@ -71,6 +75,32 @@ class LLM:
             self._abort(running)
             raise
         return [final[rid] for rid in ids]
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        adapter: str | None | list[str | None] = None,
+        with_invocation: bool = True,
+    ) -> list[RequestOutput]:
+        """`generate` for conversations ({'role', 'content'} messages; one conversation or a list),
+        rendered with the model's chat template.
+
+        A conversation for the base model or a plain LoRA ends with the template's generation prompt
+        (the assistant's turn begins). For an aLoRA adapter, with `with_invocation`, it ends with the
+        adapter's invocation tokens instead: the invocation is the turn the adapter answers in (PEFT
+        advises a role prefix of the chat template as an aLoRA's invocation). Without it the
+        conversation must contain the invocation itself."""
+        if messages and isinstance(messages[0], dict):
+            messages = [messages]
+        adapters = adapter if isinstance(adapter, list) else [adapter] * len(messages)
+        if len(adapters) != len(messages):
+            raise ValueError("the adapter list must have one entry per conversation")
+        prompts = [
+            prompt_with_invocation(self.engine, None, conversation, name if with_invocation else None)
+            for conversation, name in zip(messages, adapters)
+        ]
+        return self.generate(prompts, sampling_params, adapters)
 
     def _abort(self, running: dict[str, OutputAccumulator]) -> None:
         for rid in running:

@@ -1,12 +1,13 @@
-"""The one place where engine values and jalora.v1 messages meet.
+"""Where engine values and jalora.v1 messages meet.
 
-Requests in: `sampling_params_from_proto`. Results out: `generate_response` (a `RequestDelta` and, on
-the last one, its `FinishedRequest` with timings measured from the server's receipt of the call),
-`adapter_info_to_proto`, `server_info_to_proto`. Pure Python over protobuf: no JAX, no numpy.
+Requests in: `sampling_params_from_proto`, `messages_from_proto`. Results out: `generate_response` (a
+`RequestDelta` and, on the last one, its `FinishedRequest` with timings measured from the server's
+receipt of the call), `adapter_info_to_proto`, `server_info_to_proto`. Pure Python over protobuf: no JAX, no numpy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -25,12 +26,13 @@ _FINISH_REASONS = {
     "length": pb.FINISH_REASON_LENGTH,
     "abort": pb.FINISH_REASON_ABORT,
 }
-def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
-    """Unset proto fields keep SamplingParams' defaults; bad values raise naming `sampling.<field>`.
+def sampling_params_from_proto(msg: pb.SamplingParams, defaults: SamplingParams | None = None) -> SamplingParams:
+    """Unset proto fields keep `defaults` (the engine's, from the model's generation_config; else
+    SamplingParams' own); bad values raise naming `sampling.<field>`.
 
     The proto mirrors SamplingParams field for field: an `optional` field is set when present; a plain
     bool or a repeated field when true / non-empty (false and empty are SamplingParams' defaults)."""
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {} if defaults is None else dataclasses.asdict(defaults)
     for field in msg.DESCRIPTOR.fields:
         value = getattr(msg, field.name)
         if msg.HasField(field.name) if field.has_presence else value:
@@ -39,6 +41,10 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         return SamplingParams(**kwargs)
     except InvalidRequestError as exc:
         raise InvalidRequestError(f"sampling.{exc.field}", str(exc).split(": ", 1)[-1]) from None
+
+
+def messages_from_proto(msg: pb.ChatMessages) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in msg.messages]
 
 
 def _logprobs_to_proto(positions: list[dict[int, float]]) -> list[pb.PositionLogprobs]:

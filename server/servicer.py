@@ -16,9 +16,17 @@ import grpc
 
 from jalora.api.v1 import jalora_pb2 as pb
 from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
+from jalora.engine.chat import prompt_with_invocation
 from jalora.errors import InvalidRequestError
+from jalora.sampling_params import SamplingParams
 from server.config import ServerConfig
-from server.convert import adapter_info_to_proto, generate_response, sampling_params_from_proto, server_info_to_proto
+from server.convert import (
+    adapter_info_to_proto,
+    generate_response,
+    messages_from_proto,
+    sampling_params_from_proto,
+    server_info_to_proto,
+)
 from server.engine_worker import EngineWorker
 from server.errors import AdapterPathError, abort_with
 
@@ -48,6 +56,7 @@ class JaloraServicer(pb_grpc.JaloraServicer):
         self.worker = worker
         self.config = config
         self.version = version
+        self._defaults: SamplingParams | None = None
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -59,14 +68,21 @@ class JaloraServicer(pb_grpc.JaloraServicer):
                 raise InvalidRequestError("request_id", f"must be at most {_MAX_REQUEST_ID_LEN} characters")
             which = request.WhichOneof("prompt")
             if which is None:
-                raise InvalidRequestError("prompt", "set either text or token_ids")
-            prompt: str | list[int] = request.text if which == "text" else list(request.token_ids.ids)
-            if len(prompt) == 0:
+                raise InvalidRequestError("prompt", "set one of text, token_ids or messages")
+            messages = messages_from_proto(request.messages) if which == "messages" else None
+            prompt: str | list[int] | None = None
+            if messages is None:
+                prompt = request.text if which == "text" else list(request.token_ids.ids)
+            if len(prompt if messages is None else messages) == 0:
                 raise InvalidRequestError(f"prompt.{which}", "must not be empty")
-            params = sampling_params_from_proto(request.sampling)
+            params = sampling_params_from_proto(request.sampling, await self._sampling_defaults())
+            adapter = request.adapter or None
+            if messages is not None or request.append_invocation:
+                invoke = adapter if request.append_invocation else None
+                prompt = await self.worker.call(lambda e: prompt_with_invocation(e, prompt, messages, invoke))
             # The engine needs ids unique among requests in flight; the client's id is only echoed.
             client_id = request.request_id or uuid.uuid4().hex
-            stream = self.worker.submit(uuid.uuid4().hex, prompt, params, request.adapter or None)
+            stream = self.worker.submit(uuid.uuid4().hex, prompt, params, adapter)
             while True:
                 delta = await stream.next()
                 yield generate_response(client_id, delta, received)
@@ -79,6 +95,12 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             # await above) or a failed write: the engine drops the request and frees its blocks.
             if stream is not None:
                 stream.abort()
+
+    async def _sampling_defaults(self) -> SamplingParams:
+        """The engine's sampling defaults (the model's generation_config), asked once."""
+        if self._defaults is None:
+            self._defaults = await self.worker.call(lambda engine: engine.default_sampling_params())
+        return self._defaults
 
     async def ListAdapters(self, request, context):
         try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -149,19 +149,29 @@ def with_invocation(prompt: str | Sequence[int], adapter: AdapterInfo) -> str | 
 _SAMPLING_FIELDS = tuple(pb.SamplingParams.DESCRIPTOR.fields_by_name)  # jalora.SamplingParams' names
 
 
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+
+
+def _is_conversation(prompt: Prompt) -> bool:
+    return not isinstance(prompt, str) and len(prompt) > 0 and isinstance(prompt[0], Mapping)
+
+
 def generate_request(
-    prompt: str | Sequence[int],
+    prompt: Prompt,
     adapter: str | None = None,
     *,
     params: Any = None,
     request_id: str | None = None,
+    append_invocation: bool = False,
     **sampling: Any,
 ) -> pb.GenerateRequest:
     """The GenerateRequest that `generate_stream` sends (also for callers that use the stub directly).
 
-    `prompt` is text or token ids. Sampling comes from `params` (a jalora.SamplingParams, or anything
-    with its attribute names), then from keyword overrides (`max_tokens=`, `temperature=`, ... as
-    in `generate_stream`); a value left None stays unset, so the server applies its default.
+    `prompt` is text, token ids, or a conversation ({'role', 'content'} messages, rendered by the
+    server with the model's chat template). Sampling comes from `params` (a jalora.SamplingParams, or
+    anything with its attribute names), then from keyword overrides (`max_tokens=`, `temperature=`,
+    ... as in `generate_stream`); a value left None stays unset, so the server applies its default.
+    `append_invocation` asks the server to end the prompt with the aLoRA adapter's invocation.
     """
     unknown = sorted(set(sampling) - set(_SAMPLING_FIELDS))
     if unknown:
@@ -176,9 +186,13 @@ def generate_request(
             sp.stop_token_ids.extend(value)
         else:
             setattr(sp, name, value)
-    msg = pb.GenerateRequest(adapter=adapter or "", sampling=sp, request_id=request_id or "")
+    msg = pb.GenerateRequest(
+        adapter=adapter or "", sampling=sp, request_id=request_id or "", append_invocation=append_invocation
+    )
     if isinstance(prompt, str):
         msg.text = prompt
+    elif _is_conversation(prompt):
+        msg.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)
     else:
         msg.token_ids.ids.extend(int(t) for t in prompt)
     return msg
@@ -212,8 +226,9 @@ def _chunk(msg: pb.GenerateResponse, want_logprobs: bool) -> GenerateChunk:
 class _Accumulator:
     """Folds a stream of chunks into one GenerateResult."""
 
-    def __init__(self, prompt: str | Sequence[int], want_logprobs: bool):
-        self.prompt_token_ids = None if isinstance(prompt, str) else [int(t) for t in prompt]
+    def __init__(self, prompt: Prompt, want_logprobs: bool):
+        ids = not isinstance(prompt, str) and not _is_conversation(prompt)
+        self.prompt_token_ids = [int(t) for t in prompt] if ids else None
         self.token_ids: list[int] = []
         self.text: list[str] = []
         self.logprobs: list[dict[int, float]] | None = [] if want_logprobs else None
@@ -301,9 +316,10 @@ class Client:
 
     def generate_stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         adapter: str | None = None,
         *,
+        append_invocation: bool = False,
         params: Any = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -318,9 +334,11 @@ class Client:
         timeout: float | None = None,
     ) -> Iterator[GenerateChunk]:
         """Yields one chunk per engine step; the last has `finished=True`. Closing the iterator early
-        (break, or an exception in the loop body) cancels the call, and the server frees the request."""
+        (break, or an exception in the loop body) cancels the call, and the server frees the request.
+        `prompt`: text, token ids or a conversation (see `generate_request`)."""
         request = generate_request(
-            prompt, adapter, params=params, request_id=request_id, max_tokens=max_tokens,
+            prompt, adapter, params=params, request_id=request_id, append_invocation=append_invocation,
+            max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
@@ -334,12 +352,28 @@ class Client:
         finally:
             call.cancel()  # no-op once the call has finished
 
-    def generate(self, prompt: str | Sequence[int], adapter: str | None = None, **kwargs: Any) -> GenerateResult:
+    def generate(self, prompt: Prompt, adapter: str | None = None, **kwargs: Any) -> GenerateResult:
         """The whole generation (same arguments as `generate_stream`)."""
         acc = _Accumulator(prompt, kwargs.get("logprobs") is not None or _has_logprobs(kwargs.get("params")))
         for chunk in self.generate_stream(prompt, adapter, **kwargs):
             acc.add(chunk)
         return acc.result()
+
+    def chat_stream(
+        self, messages: Sequence[Mapping[str, str]], adapter: str | None = None, *, with_invocation: bool = True,
+        **kwargs: Any,
+    ) -> Iterator[GenerateChunk]:  # fmt: skip
+        """`generate_stream` for a conversation, rendered with the model's chat template. For an aLoRA
+        adapter, with `with_invocation`, it ends with the adapter's invocation instead of the template's
+        generation prompt (the invocation is the turn the adapter answers in)."""
+        return self.generate_stream(list(messages), adapter, append_invocation=with_invocation, **kwargs)
+
+    def chat(
+        self, messages: Sequence[Mapping[str, str]], adapter: str | None = None, *, with_invocation: bool = True,
+        **kwargs: Any,
+    ) -> GenerateResult:  # fmt: skip
+        """The whole answer to a conversation (see `chat_stream`)."""
+        return self.generate(list(messages), adapter, append_invocation=with_invocation, **kwargs)
 
     def _unary(self, method, request, timeout: float | None):
         try:
@@ -424,9 +458,10 @@ class AsyncClient:
 
     async def generate_stream(
         self,
-        prompt: str | Sequence[int],
+        prompt: Prompt,
         adapter: str | None = None,
         *,
+        append_invocation: bool = False,
         params: Any = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
@@ -442,7 +477,8 @@ class AsyncClient:
     ) -> AsyncIterator[GenerateChunk]:
         """Async-iterates chunks; leaving the loop early (or cancelling the task) cancels the call."""
         request = generate_request(
-            prompt, adapter, params=params, request_id=request_id, max_tokens=max_tokens,
+            prompt, adapter, params=params, request_id=request_id, append_invocation=append_invocation,
+            max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
@@ -456,9 +492,7 @@ class AsyncClient:
         finally:
             call.cancel()
 
-    async def generate(
-        self, prompt: str | Sequence[int], adapter: str | None = None, **kwargs: Any
-    ) -> GenerateResult:
+    async def generate(self, prompt: Prompt, adapter: str | None = None, **kwargs: Any) -> GenerateResult:
         acc = _Accumulator(prompt, kwargs.get("logprobs") is not None or _has_logprobs(kwargs.get("params")))
         stream = self.generate_stream(prompt, adapter, **kwargs)
         try:
@@ -467,6 +501,20 @@ class AsyncClient:
         finally:
             await stream.aclose()
         return acc.result()
+
+    def chat_stream(
+        self, messages: Sequence[Mapping[str, str]], adapter: str | None = None, *, with_invocation: bool = True,
+        **kwargs: Any,
+    ) -> AsyncIterator[GenerateChunk]:  # fmt: skip
+        """See Client.chat_stream."""
+        return self.generate_stream(list(messages), adapter, append_invocation=with_invocation, **kwargs)
+
+    async def chat(
+        self, messages: Sequence[Mapping[str, str]], adapter: str | None = None, *, with_invocation: bool = True,
+        **kwargs: Any,
+    ) -> GenerateResult:  # fmt: skip
+        """See Client.chat."""
+        return await self.generate(list(messages), adapter, append_invocation=with_invocation, **kwargs)
 
     async def _unary(self, method, request, timeout: float | None):
         try:

@@ -9,7 +9,7 @@ numpy, so the server's RPC layer can be typed against it and stay light.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from jalora.outputs import RequestDelta
@@ -51,6 +51,14 @@ class Engine(Protocol):
     def has_unfinished_requests(self) -> bool: ...
 
     def tokenize(self, text: str) -> list[int]: ...
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of a conversation ({'role', 'content'} messages) in the model's chat template."""
+
+    def default_sampling_params(self) -> SamplingParams:
+        """The model's sampling defaults, for requests that bring none."""
 
     def load_adapter(self, name: str, path: str) -> AdapterInfo: ...
 

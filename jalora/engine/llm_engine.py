@@ -7,6 +7,8 @@ thread-safe: one thread owns an engine (the gRPC server runs it in its engine th
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import time
@@ -20,6 +22,7 @@ from jalora.adapters.manager import AdapterManager
 from jalora.adapters.peft import AdapterInfo
 from jalora.config import EngineConfig
 from jalora.engine.block_manager import BlockManager
+from jalora.engine.chat import ChatTemplate, read_chat_template
 from jalora.engine.interface import EngineInfo
 from jalora.engine.model_runner import ModelRunner, StepResult
 from jalora.engine.output_processor import OutputProcessor
@@ -44,6 +47,28 @@ def _kv_blocks_from_memory(cfg: ModelConfig, block_size: int, kv_dtype, fraction
     return max(int(free // per_block), 1)
 
 
+def _read_generation_config(model_dir: str) -> dict:
+    """generation_config.json of the model directory ({} if absent)."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            gen = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise InvalidRequestError("generation_config.json", f"cannot read {path}: {e}") from e
+    if not isinstance(gen, dict):
+        raise InvalidRequestError("generation_config.json", f"{path} must hold a JSON object")
+    return gen
+
+
+def _ids(value) -> tuple[int, ...]:
+    """An HF token-id field (an int, a list of ints or null) as a tuple."""
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, list) else (int(value),)
+
+
 def _load_tokenizer(model_dir: str) -> Tokenizer | None:
     path = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isfile(path):
@@ -63,6 +88,15 @@ class LLMEngine:
         if max_model_len < 2:
             raise InvalidRequestError("max_model_len", f"must be >= 2, got {max_model_len}")
         self.tokenizer = _load_tokenizer(config.model)
+        template, special_tokens = read_chat_template(config.model)
+        self.chat_template = None
+        if template is not None and self.tokenizer is not None:
+            self.chat_template = ChatTemplate(template, special_tokens, self.tokenizer)
+        self.generation_config = _read_generation_config(config.model)
+        # Both config.json and generation_config.json may name end-of-sequence tokens (instruct models
+        # often end turns with a token only the latter lists): a request stops at any of them.
+        self._default_params = self._sampling_defaults()  # a bad generation_config fails the start
+        self.eos_token_ids = tuple(dict.fromkeys(cfg.eos_token_ids + _ids(self.generation_config.get("eos_token_id"))))
         self.kernel_plan = KernelPlan.from_config(config)
         decoder = load_model(config.model, cfg, self.kernel_plan, self.dtype, config.load_format)
         num_blocks = config.num_kv_blocks
@@ -106,6 +140,33 @@ class LLMEngine:
             raise InvalidRequestError("prompt", f"{self.config.model} has no tokenizer.json; pass token ids instead")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a conversation rendered with the model's chat template (jalora/engine/chat.py)."""
+        if self.chat_template is None:
+            raise InvalidRequestError("messages", f"{self.config.model} has no chat template; send a prompt instead")
+        return self.chat_template.render(messages, add_generation_prompt)
+
+    def default_sampling_params(self) -> SamplingParams:
+        """The model's sampling defaults (generation_config.json), for requests that bring none."""
+        return dataclasses.replace(self._default_params)
+
+    def _sampling_defaults(self) -> SamplingParams:
+        """Sampled with generation_config's temperature / top_p / top_k where it sets do_sample, else
+        greedy; its max_new_tokens as max_tokens; SamplingParams' own defaults for the rest."""
+        gen = self.generation_config
+        fields = {}
+        if gen.get("do_sample"):
+            for key in ("temperature", "top_p", "top_k"):
+                if gen.get(key) is not None:
+                    fields[key] = gen[key]
+            fields.setdefault("temperature", 1.0)
+        if gen.get("max_new_tokens") is not None:
+            fields["max_tokens"] = gen["max_new_tokens"]
+        try:
+            return SamplingParams(**fields)
+        except InvalidRequestError as e:
+            raise InvalidRequestError("generation_config.json", str(e)) from e
+
     # -- adapters --------------------------------------------------------------------------------
 
     def load_adapter(self, name: str, path: str) -> AdapterInfo:
@@ -130,7 +191,7 @@ class LLMEngine:
             max_num_seqs=self.config.max_num_seqs,
             max_loras=self.config.max_loras,
             vocab_size=cfg.vocab_size,
-            eos_token_ids=list(cfg.eos_token_ids),
+            eos_token_ids=list(self.eos_token_ids),
         )
 
     # -- requests --------------------------------------------------------------------------------
@@ -166,7 +227,7 @@ class LLMEngine:
             )
         resolved = self.adapters.resolve(adapter, ids)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**32)
-        req = Request(request_id, ids, params, seed, self.model_config.eos_token_ids, adapter, resolved)
+        req = Request(request_id, ids, params, seed, self.eos_token_ids, adapter, resolved)
         self.adapters.acquire(adapter)
         self.requests[request_id] = req
         self.output_processor.add(req)

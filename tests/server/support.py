@@ -32,6 +32,14 @@ def write_tokenizer(model_dir: str) -> None:
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
     tok.add_special_tokens(["</s>"])
     tok.save(os.path.join(model_dir, "tokenizer.json"))
+    with open(os.path.join(model_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "</s>", "chat_template": CHAT_TEMPLATE}, f)
+
+
+# Turns as words of the vocabulary: t1 opens a turn, t2 closes it, t3 opens the assistant's.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}t1 {{ m['content'] }} t2 {% endfor %}{% if add_generation_prompt %}t3{% endif %}"
+)
 
 
 def make_model_with_adapters(root: Path) -> tuple[str, dict[str, str], str]:

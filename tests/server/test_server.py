@@ -180,6 +180,35 @@ def test_text_prompt_logprobs_and_tokenize_match_offline(offline, client):
     assert text.token_ids == ref_text.token_ids and text.text == ref_text.text
 
 
+def test_chat_renders_the_conversation_like_offline(offline, client):
+    """A `messages` request is the conversation in the model's chat template (t1 .. t2 turns, t3 the
+    generation prompt); for an aLoRA adapter, with the invocation asked for, the invocation takes the
+    generation prompt's place and activates there."""
+    messages = [{"role": "user", "content": "t5 t6"}, {"role": "assistant", "content": "t7"}]
+    ids = offline.engine.apply_chat_template(messages)
+    assert ids == [1, 5, 6, 2, 1, 7, 2, 3]
+    [ref] = offline.generate([ids], SamplingParams(max_tokens=4))
+    base = client.chat(messages, max_tokens=4)
+    assert base.token_ids == ref.token_ids and base.usage.prompt_tokens == len(ids)
+
+    judged = client.chat(messages, "judge_a", max_tokens=3)
+    want = offline.engine.apply_chat_template(messages, add_generation_prompt=False) + [90, 91]
+    [ref] = offline.generate([want], SamplingParams(max_tokens=3), "judge_a")
+    assert judged.token_ids == ref.token_ids and judged.activation_index == len(want) - 2
+    with pytest.raises(ServerError) as err:  # without the invocation the rendered chat lacks it
+        client.chat(messages, "judge_a", with_invocation=False, max_tokens=3)
+    assert err.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(ServerError) as err:
+        client.chat([], max_tokens=3)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(ServerError) as err:
+        client.chat([{"role": "", "content": "t5"}], max_tokens=3)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.field == "messages[0].role"
+    # append_invocation on a token-id prompt: the same request as appending the tokens by hand.
+    again = client.generate([5, 6, 7], "judge_a", append_invocation=True, max_tokens=3)
+    assert again.token_ids == client.generate([5, 6, 7, 90, 91], "judge_a", max_tokens=3).token_ids
+
+
 def test_step_limit_holds_requests_but_serves_calls(server, client):
     """The seam the cancellation tests rely on: a spent limit stops the steps, not the commands."""
     worker = server.server.worker

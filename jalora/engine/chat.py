@@ -1,0 +1,115 @@
+"""Chat prompts: a conversation rendered to token ids with the model's own chat template.
+
+The template comes from the model directory (`chat_template` in tokenizer_config.json, or
+chat_template.jinja) and is rendered by transformers, the library whose templates these are (its
+sandboxed jinja2 environment and helper functions), so a conversation becomes exactly the text the
+model was trained on. The text is then tokenized without adding special tokens: the template writes
+them itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from tokenizers import Tokenizer
+
+from jalora.errors import AdapterNotFoundError, InvalidRequestError
+
+if TYPE_CHECKING:
+    from jalora.engine.interface import Engine
+
+ROLES_HELP = "a list of {'role': str, 'content': str} messages"
+
+
+def read_chat_template(model_dir: str) -> tuple[str | None, dict]:
+    """(template or None, the special tokens tokenizer_config.json names) of a model directory."""
+    config: dict = {}
+    path = os.path.join(model_dir, "tokenizer_config.json")
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                config = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise InvalidRequestError("tokenizer_config.json", f"cannot read {path}: {e}") from e
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    jinja = os.path.join(model_dir, "chat_template.jinja")
+    if template is None and os.path.isfile(jinja):
+        with open(jinja) as f:
+            template = f.read()
+    special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+    return template, special
+
+
+def validate_messages(messages) -> list[dict[str, str]]:
+    """The conversation as plain dicts; InvalidRequestError naming `messages` if it is not one."""
+    if isinstance(messages, str | bytes) or not isinstance(messages, Sequence) or not messages:
+        raise InvalidRequestError("messages", f"must be a non-empty list: {ROLES_HELP}")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise InvalidRequestError(f"messages[{i}]", f"must be {{'role': str, 'content': str}}, got {m!r:.80}")
+        if not m["role"]:
+            raise InvalidRequestError(f"messages[{i}].role", "must not be empty")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+class ChatTemplate:
+    """Renders conversations for one model (built once per engine; transformers loads on first use)."""
+
+    def __init__(self, template: str, special_tokens: dict, tokenizer: Tokenizer):
+        self.template = template
+        self.special_tokens = special_tokens
+        self.tokenizer = tokenizer
+        self._renderer = None
+
+    def _render_text(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        if self._renderer is None:
+            from transformers import PreTrainedTokenizerFast
+
+            self._renderer = PreTrainedTokenizerFast(
+                tokenizer_object=self.tokenizer, chat_template=self.template, **self.special_tokens
+            )
+        try:
+            return self._renderer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        except Exception as e:  # the template raised (e.g. "roles must alternate"): the request's fault
+            raise InvalidRequestError("messages", f"the model's chat template refused them: {e}") from e
+
+    def render(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        text = self._render_text(validate_messages(messages), add_generation_prompt)
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+
+def invocation_tokens(engine: Engine, adapter: str | None) -> list[int] | None:
+    """The invocation tokens of aLoRA adapter `adapter`; None for the base model and a plain LoRA."""
+    if adapter is None:
+        return None
+    for info in engine.list_adapters():
+        if info.name == adapter:
+            return list(info.invocation_tokens) if info.kind == "alora" else None
+    raise AdapterNotFoundError(adapter)
+
+
+def prompt_with_invocation(
+    engine: Engine, prompt: str | Sequence[int] | None, messages, adapter: str | None
+) -> list[int]:
+    """Token ids of a prompt (text or ids) or of a conversation, ending with the aLoRA adapter's
+    invocation when `adapter` is one: for a conversation in place of the template's generation prompt
+    (the invocation is the turn the adapter answers in; PEFT advises a role prefix of the chat template
+    as an aLoRA's invocation). For the base model and a plain LoRA: the prompt, or the conversation
+    with its generation prompt. Used only where a caller asks for the invocation to be appended."""
+    invocation = invocation_tokens(engine, adapter)
+    if messages is not None:
+        ids = engine.apply_chat_template(messages, add_generation_prompt=invocation is None)
+    elif isinstance(prompt, str):
+        ids = engine.tokenize(prompt)
+    else:
+        ids = list(prompt)
+    return ids + (invocation or [])
