@@ -132,8 +132,13 @@ class JaloraServicer(pb_grpc.JaloraServicer):
 
     async def Tokenize(self, request, context):
         try:
-            text = request.text
-            ids = await self.worker.call(lambda engine: engine.tokenize(text))
+            if request.WhichOneof("input") == "messages":
+                messages = messages_from_proto(request.messages)
+                gen = not request.HasField("add_generation_prompt") or request.add_generation_prompt
+                ids = await self.worker.call(lambda engine: engine.apply_chat_template(messages, gen))
+            else:
+                text = request.text
+                ids = await self.worker.call(lambda engine: engine.tokenize(text))
         except Exception as exc:
             await abort_with(context, exc)
         return pb.TokenizeResponse(token_ids=list(ids))

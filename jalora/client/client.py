@@ -192,10 +192,20 @@ def generate_request(
     if isinstance(prompt, str):
         msg.text = prompt
     elif _is_conversation(prompt):
-        msg.messages.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in prompt)
+        msg.messages.CopyFrom(_chat_messages(prompt))
     else:
         msg.token_ids.ids.extend(int(t) for t in prompt)
     return msg
+
+
+def _chat_messages(messages: Sequence[Mapping[str, str]]) -> pb.ChatMessages:
+    return pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
+
+
+def _tokenize_request(text: str | Sequence[Mapping[str, str]], add_generation_prompt: bool) -> pb.TokenizeRequest:
+    if isinstance(text, str):
+        return pb.TokenizeRequest(text=text)
+    return pb.TokenizeRequest(messages=_chat_messages(text), add_generation_prompt=add_generation_prompt)
 
 
 def _logprobs(positions) -> list[dict[int, float]]:
@@ -409,8 +419,14 @@ class Client:
     def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
         self._unary(self._stub.UnloadAdapter, pb.UnloadAdapterRequest(name=name), timeout)
 
-    def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
-        return list(self._unary(self._stub.Tokenize, pb.TokenizeRequest(text=text), timeout).token_ids)
+    def tokenize(
+        self, text: str | Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
+        timeout: float | None = None,
+    ) -> list[int]:  # fmt: skip
+        """Token ids of a text, or of a conversation in the model's chat template (ending with its
+        generation prompt unless `add_generation_prompt=False`)."""
+        request = _tokenize_request(text, add_generation_prompt)
+        return list(self._unary(self._stub.Tokenize, request, timeout).token_ids)
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         return _server_info(self._unary(self._stub.GetServerInfo, pb.GetServerInfoRequest(), timeout))
@@ -548,8 +564,12 @@ class AsyncClient:
     async def unload_adapter(self, name: str, *, timeout: float | None = None) -> None:
         await self._unary(self._stub.UnloadAdapter, pb.UnloadAdapterRequest(name=name), timeout)
 
-    async def tokenize(self, text: str, *, timeout: float | None = None) -> list[int]:
-        msg = await self._unary(self._stub.Tokenize, pb.TokenizeRequest(text=text), timeout)
+    async def tokenize(
+        self, text: str | Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True,
+        timeout: float | None = None,
+    ) -> list[int]:  # fmt: skip
+        """See Client.tokenize."""
+        msg = await self._unary(self._stub.Tokenize, _tokenize_request(text, add_generation_prompt), timeout)
         return list(msg.token_ids)
 
     async def server_info(self, *, timeout: float | None = None) -> ServerInfo:

@@ -186,7 +186,8 @@ def test_chat_renders_the_conversation_like_offline(offline, client):
     generation prompt's place and activates there."""
     messages = [{"role": "user", "content": "t5 t6"}, {"role": "assistant", "content": "t7"}]
     ids = offline.engine.apply_chat_template(messages)
-    assert ids == [1, 5, 6, 2, 1, 7, 2, 3]
+    assert ids == [1, 5, 6, 2, 1, 7, 2, 3] == client.tokenize(messages)
+    assert client.tokenize(messages, add_generation_prompt=False) == ids[:-1]
     [ref] = offline.generate([ids], SamplingParams(max_tokens=4))
     base = client.chat(messages, max_tokens=4)
     assert base.token_ids == ref.token_ids and base.usage.prompt_tokens == len(ids)
