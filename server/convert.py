@@ -38,7 +38,7 @@ def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     try:
         return SamplingParams(**kwargs)
     except InvalidRequestError as exc:
-        raise InvalidRequestError(f"sampling.{exc.field}", str(exc).split(": ", 1)[-1]) from None
+        raise InvalidRequestError(f"sampling.{exc.field}", exc.message) from None
 
 
 def _logprobs_to_proto(positions: list[dict[int, float]]) -> list[pb.PositionLogprobs]:

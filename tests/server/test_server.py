@@ -321,7 +321,8 @@ def test_bad_generate_request_gets_status_naming_the_field(server, case):
         with pytest.raises(grpc.RpcError) as err:
             list(pb_grpc.JaloraStub(channel).Generate(request, timeout=30))
     assert err.value.code().name == code, err.value.details()
-    assert field in err.value.details()
+    assert err.value.details().startswith(f"{field}: ")
+    assert err.value.details().lower().count(field.lower()) == 1, err.value.details()  # said once
     assert dict(err.value.trailing_metadata()).get("jalora-field") == field
     assert _health(server.target) == "SERVING"
 
