@@ -9,7 +9,9 @@
 (jalora/config.py) and `ServerConfig` (server/config.py): `--field-name`, with the field's type,
 default, help and choices, and `--flag/--no-flag` for a bool field. The configs are built (and so
 validated) before any slow work: a bad value ends the command with `jalora <command>: <field>:
-<message>` and exit status 2 before the model is read.
+<message>` and exit status 2 before the model is read. So does what `serve` / `demo` need from the
+machine (`preflight`): every `--adapter` directory holds a PEFT adapter's two files, every adapter root
+exists, the address can be bound; each problem is one line `jalora <command>: <what>: <problem>`.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import types
 import typing
@@ -136,6 +140,81 @@ def serve_plan(args: argparse.Namespace) -> ServePlan:
     return ServePlan(engine_config, server_config, tuple(adapters))
 
 
+class StartupError(Exception):
+    """What stops `serve` / `demo` before the model loads (a missing adapter directory, a busy port):
+    one line per problem, each naming what it is about."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _adapter_dir_problem(path: str) -> str | None:
+    """Why `path` is not a PEFT adapter directory, by its files only (loading validates the contents)."""
+    if not os.path.exists(path):
+        return f"{path} does not exist"
+    if not os.path.isdir(path):
+        return f"{path} is not a directory"
+    missing = [f for f in ADAPTER_FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        return f"{path} has no {' and no '.join(missing)} (a PEFT adapter directory holds both)"
+    return None
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, found by binding it once now (and letting go).
+
+    Like gRPC: SO_REUSEADDR (a port in TIME_WAIT is free), and any one resolved address will do. The
+    gRPC server itself binds after the warm-up: a socket bound earlier would accept connections it
+    does not serve, and a client would hang instead of being refused.
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"host {host}: {e.strerror}"
+    error: OSError | None = None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+                return None
+            except OSError as e:
+                error = error or e
+    assert error is not None
+    reason = error.strerror or str(error)
+    reason = reason[:1].lower() + reason[1:]
+    return f"port {port}: {reason}" if error.errno in (errno.EADDRINUSE, errno.EACCES) else f"host {host}: {reason}"
+
+
+def preflight(plan: ServePlan) -> None:
+    """Checks what `build_engine` and the server will need from the file system and the network, so
+    that a typo fails in a moment instead of after the model load and the compilation.
+
+    Raises StartupError listing every problem found."""
+    problems = []
+    seen = set()
+    for name, path in plan.adapters:
+        if name in seen:
+            problems.append(f"adapter {name}: given twice")
+        seen.add(name)
+        problem = _adapter_dir_problem(path)
+        if problem:
+            problems.append(f"adapter {name}: {problem}")
+    for root in plan.server_config.adapter_roots:
+        if not os.path.isdir(root):
+            what = "is not a directory" if os.path.exists(root) else "does not exist"
+            problems.append(f"adapter_roots: {root} {what}")
+    problem = _bind_problem(plan.server_config.host, plan.server_config.port)
+    if problem:
+        problems.append(problem)
+    if problems:
+        raise StartupError(problems)
+
+
 def build_engine(plan: ServePlan) -> LLMEngine:
     """The slow part: loads the model and the start-up adapters, and compiles the adapted steps."""
     from jalora.engine.llm_engine import LLMEngine
@@ -143,7 +222,10 @@ def build_engine(plan: ServePlan) -> LLMEngine:
     print(f"jalora: loading {plan.engine_config.model}", file=sys.stderr, flush=True)
     engine = LLMEngine(plan.engine_config)
     for name, path in plan.adapters:
-        info = engine.load_adapter(name, path)
+        try:
+            info = engine.load_adapter(name, path)
+        except InvalidRequestError as e:  # which of the start-up adapters, then what is wrong with it
+            raise StartupError([f"adapter {name}: {e}"]) from None
         inv = f" invocation={info.invocation_tokens}" if info.invocation_tokens else ""
         print(f"jalora: adapter {name} ({info.kind}, r={info.rank}){inv}", file=sys.stderr, flush=True)
     engine.warmup_adapters()
@@ -154,11 +236,15 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import JaloraServer
 
     plan = serve_plan(args)
+    preflight(plan)
     engine = build_engine(plan)
 
     async def run() -> None:
         server = JaloraServer(engine, plan.server_config)
-        await server.start()
+        try:
+            await server.start()
+        except OSError:  # preflight could bind it: someone took the port during the warm-up
+            raise StartupError([f"port {plan.server_config.port}: cannot listen on {server.address}"]) from None
         # Tests and scripts read this line to learn the port (--port 0 picks a free one).
         print(f"jalora serving on {server.address}", flush=True)
         stop = asyncio.Event()
@@ -275,6 +361,7 @@ def _demo(args: argparse.Namespace) -> int:
     from server.app import ServerThread
 
     plan = serve_plan(args)
+    preflight(plan)
     engine = build_engine(plan)
     with ServerThread(engine, plan.server_config) as server:
         print(f"jalora serving on {server.target}", flush=True)
@@ -358,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except InvalidRequestError as err:  # a bad flag value (the field is in the message) or model
         print(f"jalora {args.command}: {err}", file=sys.stderr)
+        return 2
+    except StartupError as err:
+        for problem in err.problems:
+            print(f"jalora {args.command}: {problem}", file=sys.stderr)
         return 2
     except ServerError as err:
         print(f"jalora {args.command}: {err}", file=sys.stderr)

@@ -9,6 +9,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -187,6 +188,74 @@ def test_bad_flag_value_is_one_error_naming_the_field(tiny_models, capsys, argv,
     assert out == ""
     assert err.count("\n") == 1 and err.startswith(f"jalora {argv[0]}: {field}: "), err
     assert "loading" not in err
+
+
+@pytest.fixture()
+def unloadable_model(tmp_path):
+    """A model directory that cannot be loaded: its config.json is not JSON. A command that reads it
+    fails with `config.json: ...` after a `loading` line, so a check that should come first shows."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{not json: reading this model is a test failure")
+    return str(model)
+
+
+def _half_adapter(tmp_path):
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "adapter_config.json").write_text("{}")
+    return half
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_start_up_paths_are_checked_before_the_model_loads(unloadable_model, tmp_path, capsys, command):
+    """Every --adapter directory and adapter root, each problem one line, exit status 2, no traceback."""
+    missing, half, not_a_dir = tmp_path / "missing", _half_adapter(tmp_path), tmp_path / "model" / "config.json"
+    argv = [command, "--model", unloadable_model, "--adapter", f"x={missing}", "--adapter", f"y={half}",
+            "--adapter", f"z={not_a_dir}", "--adapter-roots", str(tmp_path / "roots")]  # fmt: skip
+    argv += ["--port", "0"] if command == "serve" else []  # demo always takes a free port
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"jalora {command}: adapter x: {missing} does not exist",
+        f"jalora {command}: adapter y: {half} has no adapter_model.safetensors (a PEFT adapter directory holds both)",
+        f"jalora {command}: adapter z: {not_a_dir} is not a directory",
+        f"jalora {command}: adapter_roots: {tmp_path / 'roots'} does not exist",
+    ]
+
+
+def test_missing_adapter_is_one_line(unloadable_model, tmp_path, capsys):
+    missing = tmp_path / "missing"
+    assert cli.main(["serve", "--model", unloadable_model, "--port", "0", "--adapter", f"x={missing}"]) == 2
+    assert capsys.readouterr() == ("", f"jalora serve: adapter x: {missing} does not exist\n")
+
+
+def test_a_bad_start_up_adapter_is_named(tiny_models, tmp_path, capsys):
+    """The full validation happens at load: its error says which --adapter it is about."""
+    broken = _half_adapter(tmp_path)
+    (broken / "adapter_config.json").write_text("{not json")
+    (broken / "adapter_model.safetensors").write_bytes(b"")
+    argv = ["serve", "--model", tiny_models["llama"], "--port", "0", "--no-warmup", "--adapter", f"y={broken}"]
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 2 and err.startswith("jalora: loading "), err
+    assert err.splitlines()[1].startswith("jalora serve: adapter y: adapter_config.json: not valid JSON"), err
+
+
+def test_busy_port_fails_before_the_model_loads(unloadable_model):
+    """As a user runs it: `jalora serve` on a port another program listens on."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "server.cli", "serve", "--model", unloadable_model, "--port", str(port)],
+            capture_output=True, text=True, env=env, cwd="/", timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"jalora serve: port {port}: address already in use\n"
 
 
 def test_missing_model_is_one_error(tmp_path, capsys):
