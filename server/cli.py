@@ -25,13 +25,14 @@ import os
 import signal
 import socket
 import sys
+import time
 import types
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from checkpoints import DEFAULT_MODEL_DIR
-from jalora.api import DEFAULT_TARGET, DEFAULT_TIMEOUT
+from jalora.api import CHANNEL_OPTIONS, DEFAULT_TARGET, DEFAULT_TIMEOUT
 from jalora.config import EngineConfig
 from jalora.errors import InvalidRequestError
 from server.config import ServerConfig
@@ -265,11 +266,65 @@ def _serve(args: argparse.Namespace) -> int:
 # ---- generate ------------------------------------------------------------------------------------
 
 
+HEALTH_CHECK_TIMEOUT = 5.0  # seconds one health check may take (a host that drops packets)
+# While waiting (--wait), the channel retries a refused connection at least this often (gRPC's own
+# back-off grows to 2 minutes, longer than `jalora serve` takes to start).
+WAIT_RETRY_MS = 1000
+
+
+class ServerUnreachable(Exception):
+    """No SERVING jalora server at the target (exit status 1)."""
+
+
+def _await_server(client, target: str, command: str, wait: float | None) -> None:
+    """Returns once the server at `target` answers SERVING.
+
+    Without `wait` (None), one health check decides: a refused connection fails at once, since nothing
+    would come of waiting unless a server is on its way, which only the caller knows (--wait). With
+    `wait` seconds, says once on stderr that it waits, then checks again until SERVING or time is up.
+    """
+    from jalora.client import ServerError
+
+    deadline = None if wait is None else time.monotonic() + wait
+    said = False
+    while True:
+        left = HEALTH_CHECK_TIMEOUT if deadline is None else max(0.1, deadline - time.monotonic())
+        try:
+            status = client.health(timeout=min(HEALTH_CHECK_TIMEOUT, left))
+            if status == "SERVING":
+                return
+            why = f"it is {status}"
+        except ServerError as e:
+            details = " ".join(e.details.split())
+            why = "connection refused" if "connection refused" in details.lower() else details
+        if deadline is None:
+            raise ServerUnreachable(
+                f"no server at {target} ({why}); start one with `jalora serve`, or pass --wait SECONDS to wait for one"
+            )
+        if time.monotonic() >= deadline:
+            raise ServerUnreachable(
+                f"no SERVING server at {target} after {wait:g}s ({why}); start one with `jalora serve`"
+            )
+        if not said:
+            print(f"jalora {command}: waiting up to {wait:g}s for the server at {target}", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(0.2)
+
+
 def _connect(args: argparse.Namespace):
+    """A Client of the server at --target, once it is SERVING (see _await_server; `demo` has no --wait)."""
+    import grpc
+
     from jalora.client import Client
 
-    client = Client(args.target, timeout=args.timeout)
-    client.wait_until_serving(timeout=args.wait)
+    wait = getattr(args, "wait", None)
+    options = [*CHANNEL_OPTIONS, ("grpc.max_reconnect_backoff_ms", WAIT_RETRY_MS)]
+    client = Client(args.target, timeout=args.timeout, channel=grpc.insecure_channel(args.target, options=options))
+    try:
+        _await_server(client, args.target, args.command, wait)
+    except BaseException:
+        client.close()
+        raise
     return client
 
 
@@ -373,12 +428,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _call_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline of each call, seconds")
-    p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the server to be SERVING")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS", help="deadline of each call")
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=os.environ.get("JALORA_TARGET", DEFAULT_TARGET), help="host:port")
+    p.add_argument("--target", default=os.environ.get("JALORA_TARGET", DEFAULT_TARGET),
+                   help=f"host:port of a `jalora serve` (default: $JALORA_TARGET, else {DEFAULT_TARGET})")  # fmt: skip
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="wait up to SECONDS for the server to be SERVING, e.g. while `jalora serve` starts "
+                   "(default: no wait; fail at once when nothing answers)")  # fmt: skip
     _call_args(p)
 
 
@@ -450,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         for problem in err.problems:
             print(f"jalora {args.command}: {problem}", file=sys.stderr)
         return 2
-    except ServerError as err:
+    except (ServerError, ServerUnreachable) as err:
         print(f"jalora {args.command}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -88,9 +88,34 @@ def test_serve_stops_cleanly_on_sigterm(default_server):
     assert "shutting down" in proc.stderr.read()
 
 
-def test_client_commands_report_an_unreachable_server(capsys):
-    assert cli.main(["generate", "hi", "--target", "127.0.0.1:1", "--wait", "0.5"]) == 1
-    assert "UNAVAILABLE" in capsys.readouterr().err
+@pytest.fixture()
+def refused_target():
+    """host:port where nothing listens: the port is bound (so nobody else takes it) but not listening,
+    so a connection is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["pipeline"]])
+def test_client_commands_fail_at_once_without_a_server(refused_target, capsys, command):
+    """No --wait: one health check, a refused connection ends the command (no wait at all)."""
+    assert cli.main([*command, "--target", refused_target]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"jalora {command[0]}: no server at {refused_target} (connection refused); start one with `jalora serve`, "
+        "or pass --wait SECONDS to wait for one\n"
+    )
+
+
+def test_client_commands_wait_when_asked_and_say_so_once(refused_target, capsys):
+    assert cli.main(["generate", "hi", "--target", refused_target, "--wait", "0.5"]) == 1
+    assert capsys.readouterr().err == (
+        f"jalora generate: waiting up to 0.5s for the server at {refused_target}\n"
+        f"jalora generate: no SERVING server at {refused_target} after 0.5s (connection refused); "
+        "start one with `jalora serve`\n"
+    )
 
 
 def test_bad_adapter_argument_is_a_usage_error():
