@@ -56,6 +56,18 @@ def _flag_type(hint: Any) -> Any:
     return hint
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, `(default: VALUE)`, unless the help already says what
+    the default is (a default of None usually means something: "default: the model's")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if help_text and action.option_strings and action.default is not argparse.SUPPRESS:
+            if "default" not in help_text:
+                help_text += " (default: %(default)s)"
+        return help_text
+
+
 def add_config_flags(
     parser: argparse.ArgumentParser, cls: type, *, exclude: tuple[str, ...] = (), notes: dict[str, str] | None = None
 ) -> None:
@@ -64,6 +76,7 @@ def add_config_flags(
     `--field-name` stores to `field_name`, with the field's default, its metadata's help (plus
     `notes[field]`), choices and metavar; the type comes from the annotation (`int | None` parses as
     int); a bool field is a `--name/--no-name` pair; a `tuple[str, ...]` field is a repeatable flag.
+    The parser's HelpFormatter shows each default.
     """
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} ({cls.__module__})")
@@ -82,9 +95,7 @@ def add_config_flags(
             kwargs.update(action="append", type=typing.get_args(kind)[0], default=list(f.default))
         else:
             kwargs["type"] = kind
-        action = group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-        if f.default not in (None, "", ()) and "%(default)" not in action.help:
-            action.help += " (default: %(default)s)"
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **changes: Any) -> Any:
@@ -443,49 +454,59 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 def _serve_args(p: argparse.ArgumentParser, *, exclude_server: tuple[str, ...] = ()) -> None:
     """Engine and server flags (derived from EngineConfig and ServerConfig) plus the start-up adapters."""
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR",
-                   help="load a PEFT (a)LoRA adapter at start (repeatable)")  # fmt: skip
+                   help="load a PEFT (a)LoRA adapter at start (repeatable; default: none, or without --model "
+                   "the embedded model's adapters)")  # fmt: skip
     notes = {"model": f" (default: the embedded {DEFAULT_MODEL_DIR}, its adapters and its adapters folder as root)"}
     add_config_flags(p, EngineConfig, notes=notes)
-    add_config_flags(p, ServerConfig, exclude=exclude_server)
+    roots = {"adapter_roots": " (default: none, so LoadAdapter is refused; without --model, the embedded model's "
+             "adapters folder)"}  # fmt: skip
+    add_config_flags(p, ServerConfig, exclude=exclude_server, notes=roots)
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--question", default=DEFAULT_QUESTION)
-    p.add_argument("--judge", action="append", default=[], help="adapter name (default: every aLoRA)")
+    p.add_argument("--question", default=DEFAULT_QUESTION, help="what the base model answers")
+    p.add_argument("--judge", action="append", default=[], metavar="ADAPTER",
+                   help="an aLoRA adapter that judges the answer (repeatable; default: every aLoRA the server "
+                   "has)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=24, help="tokens of the base answer")
-    p.add_argument("--judge-max-tokens", type=int, default=4)
+    p.add_argument("--judge-max-tokens", type=int, default=4, help="tokens of each judge's verdict")
     p.add_argument("--rounds", type=int, default=1, help="repeat the pipeline (later rounds hit the cache)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jalora", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="jalora", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="serve a model and its adapters over gRPC")
+    s = sub.add_parser("serve", help="serve a model and its adapters over gRPC", formatter_class=HelpFormatter)
     _serve_args(s)
     s.set_defaults(func=_serve)
 
-    g = sub.add_parser("generate", help="stream one generation from a running server")
-    g.add_argument("prompt")
-    g.add_argument("--adapter")
-    g.add_argument("--with-invocation", action="store_true", help="append the adapter's invocation sequence")
-    g.add_argument("--token-ids", action="store_true", help="PROMPT is a list of token ids")
+    g = sub.add_parser("generate", help="stream one generation from a running server", formatter_class=HelpFormatter)
+    g.add_argument("prompt", help="text, or token ids with --token-ids")
+    g.add_argument("--adapter", metavar="NAME", help="a loaded adapter to generate with (default: the base model)")
+    g.add_argument("--with-invocation", action="store_true",
+                   help="append the --adapter's invocation sequence to PROMPT (an aLoRA needs it)")  # fmt: skip
+    g.add_argument("--token-ids", action="store_true", help="PROMPT is token ids, separated by spaces or commas")
     g.add_argument("--show-ids", action="store_true", help="print token ids instead of text")
-    g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=None, help="default: the server's (greedy)")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the server's)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, 1 = off (default: the server's)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest, 0 = off (default: the "
+                   "server's)")  # fmt: skip
+    g.add_argument("--seed", type=int, default=None, help="seed of this request's sampling (default: the server "
+                   "draws one)")  # fmt: skip
     _client_args(g)
     g.set_defaults(func=_generate)
 
-    p = sub.add_parser("pipeline", help="base answers, then aLoRA judges score the answer over gRPC")
+    p = sub.add_parser("pipeline", help="base answers, then aLoRA judges score the answer over gRPC",
+                       formatter_class=HelpFormatter)  # fmt: skip
     _pipeline_args(p)
     _client_args(p)
     p.set_defaults(func=_pipeline)
 
-    d = sub.add_parser("demo", help="serve (default: the embedded model) on a free port and run the pipeline")
+    d = sub.add_parser("demo", help="serve (default: the embedded model) on a free port and run the pipeline",
+                       formatter_class=HelpFormatter)  # fmt: skip
     _serve_args(d, exclude_server=("port",))
     _pipeline_args(d)
     _call_args(d)

@@ -118,6 +118,40 @@ def test_client_commands_wait_when_asked_and_say_so_once(refused_target, capsys)
     )
 
 
+def _option_helps(text: str) -> dict[str, str]:
+    """{option: its help} from argparse's --help output: an option line starts with two spaces and a
+    dash, its help follows two spaces later on that line and on the more deeply indented lines below."""
+    helps: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        option = re.fullmatch(r"  (-\S.*?)(?: {2,}(\S.*))?", line)
+        if option:
+            current = option.group(1)
+            helps[current] = option.group(2) or ""
+        elif current is not None and re.match(r" {3,}\S", line):
+            helps[current] = f"{helps[current]} {line.strip()}".strip()
+        else:
+            current = None
+    return helps
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["generate"], ["pipeline"], ["demo"]])
+def test_every_flag_has_help_that_shows_its_default(command, capsys):
+    """Flags written here and flags derived from EngineConfig / ServerConfig alike."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    helps = _option_helps(text)
+    usage = text.split("\n\n")[0]
+    assert {option.split(",")[0].split()[0] for option in helps} == set(re.findall(r"\[(-[\w-]+)", usage)), text
+    del helps["-h, --help"]
+    assert helps
+    for option, help_text in helps.items():
+        assert help_text, f"{option} has no help"
+        assert "default" in help_text, f"{option} does not show its default: {help_text!r}"
+
+
 def test_bad_adapter_argument_is_a_usage_error():
     with pytest.raises(SystemExit) as exit_:
         cli.main(["serve", "--adapter", "no-equals-sign"])
