@@ -340,12 +340,19 @@ def _connect(args: argparse.Namespace):
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if args.with_invocation and not args.adapter:  # it would be ignored: the base model has no invocation
+        print("jalora generate: --with-invocation needs --adapter NAME (whose invocation to append)", file=sys.stderr)
+        return 2
     with _connect(args) as client:
         prompt: str | list[int] = args.prompt
         if args.token_ids:
             prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
-        if args.adapter and args.with_invocation:
-            prompt = client.with_invocation(prompt, args.adapter)
+        if args.with_invocation:
+            try:
+                prompt = client.with_invocation(prompt, args.adapter)
+            except ValueError as e:  # a plain LoRA has no invocation to append
+                print(f"jalora generate: --with-invocation: {e}", file=sys.stderr)
+                return 2
         last = None
         for chunk in client.generate_stream(
             prompt,

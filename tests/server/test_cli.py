@@ -152,6 +152,14 @@ def test_every_flag_has_help_that_shows_its_default(command, capsys):
         assert "default" in help_text, f"{option} does not show its default: {help_text!r}"
 
 
+def test_with_invocation_needs_an_adapter(refused_target, capsys):
+    """Checked before connecting: the target refuses connections, yet the answer is this usage error."""
+    assert cli.main(["generate", "hi", "--with-invocation", "--target", refused_target]) == 2
+    assert capsys.readouterr() == (
+        "", "jalora generate: --with-invocation needs --adapter NAME (whose invocation to append)\n"
+    )
+
+
 def test_bad_adapter_argument_is_a_usage_error():
     with pytest.raises(SystemExit) as exit_:
         cli.main(["serve", "--adapter", "no-equals-sign"])

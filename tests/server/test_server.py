@@ -25,6 +25,7 @@ from jalora import LLM, SamplingParams
 from jalora.api.v1 import jalora_pb2 as pb
 from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
 from jalora.client import AsyncClient, Client, ServerError, with_invocation
+from server import cli
 from server.app import ServerThread
 from server.config import ServerConfig
 from server.engine_worker import EngineWorker
@@ -362,6 +363,14 @@ def test_adapter_management_and_path_roots(server, client, built):
     assert code_of(client.load_adapter, "", name) == "INVALID_ARGUMENT"
     assert {a.name for a in client.list_adapters()} == set(STARTUP_ADAPTERS)
     assert _health(server.target) == "SERVING"
+
+
+def test_cli_with_invocation_of_a_plain_lora_is_one_line(server, capsys):
+    """`jalora generate --with-invocation` needs an adapter that has an invocation sequence."""
+    assert cli.main(["generate", "t1 t2", "--adapter", "plain", "--with-invocation", "--target", server.target]) == 2
+    assert capsys.readouterr() == (
+        "", "jalora generate: --with-invocation: adapter 'plain' is a lora adapter without invocation tokens\n"
+    )
 
 
 def test_server_info_health_and_reflection(server, client, built):
