@@ -12,6 +12,9 @@ validated) before any slow work: a bad value ends the command with `jalora <comm
 <message>` and exit status 2 before the model is read. So does what `serve` / `demo` need from the
 machine (`preflight`): every `--adapter` directory holds a PEFT adapter's two files, every adapter root
 exists, the address can be bound; each problem is one line `jalora <command>: <what>: <problem>`.
+
+`generate` and `pipeline` talk to the server at --target: one health check, and no SERVING server
+there ends the command (one line, exit 1), unless --wait SECONDS gives a starting server that long.
 """
 
 from __future__ import annotations
