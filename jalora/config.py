@@ -75,10 +75,10 @@ class EngineConfig:
         require(isinstance(model, str) and bool(model), "model", "must name a model directory")
         object.__setattr__(self, "model", model)
         dtype = _dtype_name(self.dtype)
-        require(dtype in DTYPES, "dtype", f"unknown dtype {self.dtype!r} (choose from {list(DTYPES)})")
+        require(dtype in DTYPES, "dtype", f"must be one of {list(DTYPES)}, got {self.dtype!r}")
         object.__setattr__(self, "dtype", dtype)
         require(self.load_format in LOAD_FORMATS, "load_format",
-                f"unknown load_format {self.load_format!r} (choose from {list(LOAD_FORMATS)})")  # fmt: skip
+                f"must be one of {list(LOAD_FORMATS)}, got {self.load_format!r}")  # fmt: skip
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
             value = getattr(self, name)
             require(is_int(value) and value >= 1, name, f"must be an integer >= 1, got {value!r}")

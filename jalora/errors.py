@@ -2,18 +2,23 @@
 
 
 class InvalidRequestError(ValueError):
-    """A request or configuration field has a bad value. `field` names it."""
+    """A request or configuration field has a bad value. `field` names it.
+
+    The text is `"{field}: {message}"`, so `message` must not name the field again: "must be >= 1",
+    not "block_size must be >= 1".
+    """
 
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message
 
 
 class AdapterNotFoundError(InvalidRequestError):
     """The named adapter is not loaded (gRPC NOT_FOUND)."""
 
     def __init__(self, name: str):
-        super().__init__("adapter", f"adapter {name!r} is not loaded")
+        super().__init__("adapter", f"{name!r} is not loaded")
         self.name = name
 
 
@@ -35,7 +40,7 @@ class InvocationNotFoundError(PreconditionError):
     def __init__(self, name: str, invocation: list[int]):
         super().__init__(
             "prompt",
-            f"prompt does not contain the invocation sequence {invocation} of aLoRA adapter {name!r}; "
+            f"does not contain the invocation sequence {invocation} of aLoRA adapter {name!r}; "
             "append it (jalora.client.with_invocation) before calling the adapter",
         )
         self.name = name

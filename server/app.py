@@ -78,9 +78,11 @@ class JaloraServer:
             server,
         )
         bind = format_address(self.config.host, self.config.port)
-        self.port = server.add_insecure_port(bind)
-        if not self.port:
-            self.port = None
+        try:
+            self.port = server.add_insecure_port(bind) or None  # older grpc returned 0, newer ones raise
+        except RuntimeError as e:
+            raise OSError(f"could not bind {bind}: {e}") from None
+        if self.port is None:
             raise OSError(f"could not bind {bind}")
         self.worker.start()
         await server.start()

@@ -9,7 +9,12 @@
 (jalora/config.py) and `ServerConfig` (server/config.py): `--field-name`, with the field's type,
 default, help and choices, and `--flag/--no-flag` for a bool field. The configs are built (and so
 validated) before any slow work: a bad value ends the command with `jalora <command>: <field>:
-<message>` and exit status 2 before the model is read.
+<message>` and exit status 2 before the model is read. So does what `serve` / `demo` need from the
+machine (`preflight`): every `--adapter` directory holds a PEFT adapter's two files, every adapter root
+exists, the address can be bound; each problem is one line `jalora <command>: <what>: <problem>`.
+
+`generate` and `pipeline` talk to the server at --target: one health check, and no SERVING server
+there ends the command (one line, exit 1), unless --wait SECONDS gives a starting server that long.
 """
 
 from __future__ import annotations
@@ -17,17 +22,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import logging
 import os
 import signal
+import socket
 import sys
+import time
 import types
 import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from checkpoints import DEFAULT_MODEL_DIR
-from jalora.api import DEFAULT_TARGET, DEFAULT_TIMEOUT
+from jalora.api import CHANNEL_OPTIONS, DEFAULT_TARGET, DEFAULT_TIMEOUT
 from jalora.config import EngineConfig
 from jalora.errors import InvalidRequestError
 from server.config import ServerConfig
@@ -51,6 +59,18 @@ def _flag_type(hint: Any) -> Any:
     return hint
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, `(default: VALUE)`, unless the help already says what
+    the default is (a default of None usually means something: "default: the model's")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if help_text and action.option_strings and action.default is not argparse.SUPPRESS:
+            if "default" not in help_text:
+                help_text += " (default: %(default)s)"
+        return help_text
+
+
 def add_config_flags(
     parser: argparse.ArgumentParser, cls: type, *, exclude: tuple[str, ...] = (), notes: dict[str, str] | None = None
 ) -> None:
@@ -59,6 +79,7 @@ def add_config_flags(
     `--field-name` stores to `field_name`, with the field's default, its metadata's help (plus
     `notes[field]`), choices and metavar; the type comes from the annotation (`int | None` parses as
     int); a bool field is a `--name/--no-name` pair; a `tuple[str, ...]` field is a repeatable flag.
+    The parser's HelpFormatter shows each default.
     """
     hints = typing.get_type_hints(cls)
     group = parser.add_argument_group(f"{cls.__name__} ({cls.__module__})")
@@ -77,9 +98,7 @@ def add_config_flags(
             kwargs.update(action="append", type=typing.get_args(kind)[0], default=list(f.default))
         else:
             kwargs["type"] = kind
-        action = group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
-        if f.default not in (None, "", ()) and "%(default)" not in action.help:
-            action.help += " (default: %(default)s)"
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
 def config_from_args(cls: type, args: argparse.Namespace, **changes: Any) -> Any:
@@ -136,6 +155,81 @@ def serve_plan(args: argparse.Namespace) -> ServePlan:
     return ServePlan(engine_config, server_config, tuple(adapters))
 
 
+class StartupError(Exception):
+    """What stops `serve` / `demo` before the model loads (a missing adapter directory, a busy port):
+    one line per problem, each naming what it is about."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def _adapter_dir_problem(path: str) -> str | None:
+    """Why `path` is not a PEFT adapter directory, by its files only (loading validates the contents)."""
+    if not os.path.exists(path):
+        return f"{path} does not exist"
+    if not os.path.isdir(path):
+        return f"{path} is not a directory"
+    missing = [f for f in ADAPTER_FILES if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        return f"{path} has no {' and no '.join(missing)} (a PEFT adapter directory holds both)"
+    return None
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, found by binding it once now (and letting go).
+
+    Like gRPC: SO_REUSEADDR (a port in TIME_WAIT is free), and any one resolved address will do. The
+    gRPC server itself binds after the warm-up: a socket bound earlier would accept connections it
+    does not serve, and a client would hang instead of being refused.
+    """
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"host {host}: {e.strerror}"
+    error: OSError | None = None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+                return None
+            except OSError as e:
+                error = error or e
+    assert error is not None
+    reason = error.strerror or str(error)
+    reason = reason[:1].lower() + reason[1:]
+    return f"port {port}: {reason}" if error.errno in (errno.EADDRINUSE, errno.EACCES) else f"host {host}: {reason}"
+
+
+def preflight(plan: ServePlan) -> None:
+    """Checks what `build_engine` and the server will need from the file system and the network, so
+    that a typo fails in a moment instead of after the model load and the compilation.
+
+    Raises StartupError listing every problem found."""
+    problems = []
+    seen = set()
+    for name, path in plan.adapters:
+        if name in seen:
+            problems.append(f"adapter {name}: given twice")
+        seen.add(name)
+        problem = _adapter_dir_problem(path)
+        if problem:
+            problems.append(f"adapter {name}: {problem}")
+    for root in plan.server_config.adapter_roots:
+        if not os.path.isdir(root):
+            what = "is not a directory" if os.path.exists(root) else "does not exist"
+            problems.append(f"adapter_roots: {root} {what}")
+    problem = _bind_problem(plan.server_config.host, plan.server_config.port)
+    if problem:
+        problems.append(problem)
+    if problems:
+        raise StartupError(problems)
+
+
 def build_engine(plan: ServePlan) -> LLMEngine:
     """The slow part: loads the model and the start-up adapters, and compiles the adapted steps."""
     from jalora.engine.llm_engine import LLMEngine
@@ -143,7 +237,10 @@ def build_engine(plan: ServePlan) -> LLMEngine:
     print(f"jalora: loading {plan.engine_config.model}", file=sys.stderr, flush=True)
     engine = LLMEngine(plan.engine_config)
     for name, path in plan.adapters:
-        info = engine.load_adapter(name, path)
+        try:
+            info = engine.load_adapter(name, path)
+        except InvalidRequestError as e:  # which of the start-up adapters, then what is wrong with it
+            raise StartupError([f"adapter {name}: {e}"]) from None
         inv = f" invocation={info.invocation_tokens}" if info.invocation_tokens else ""
         print(f"jalora: adapter {name} ({info.kind}, r={info.rank}){inv}", file=sys.stderr, flush=True)
     engine.warmup_adapters()
@@ -154,11 +251,15 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import JaloraServer
 
     plan = serve_plan(args)
+    preflight(plan)
     engine = build_engine(plan)
 
     async def run() -> None:
         server = JaloraServer(engine, plan.server_config)
-        await server.start()
+        try:
+            await server.start()
+        except OSError:  # preflight could bind it: someone took the port during the warm-up
+            raise StartupError([f"port {plan.server_config.port}: cannot listen on {server.address}"]) from None
         # Tests and scripts read this line to learn the port (--port 0 picks a free one).
         print(f"jalora serving on {server.address}", flush=True)
         stop = asyncio.Event()
@@ -179,21 +280,82 @@ def _serve(args: argparse.Namespace) -> int:
 # ---- generate ------------------------------------------------------------------------------------
 
 
+HEALTH_CHECK_TIMEOUT = 5.0  # seconds one health check may take (a host that drops packets)
+# While waiting (--wait), the channel retries a refused connection at least this often (gRPC's own
+# back-off grows to 2 minutes, longer than `jalora serve` takes to start).
+WAIT_RETRY_MS = 1000
+
+
+class ServerUnreachable(Exception):
+    """No SERVING jalora server at the target (exit status 1)."""
+
+
+def _await_server(client, target: str, command: str, wait: float | None) -> None:
+    """Returns once the server at `target` answers SERVING.
+
+    Without `wait` (None), one health check decides: a refused connection fails at once, since nothing
+    would come of waiting unless a server is on its way, which only the caller knows (--wait). With
+    `wait` seconds, says once on stderr that it waits, then checks again until SERVING or time is up.
+    """
+    from jalora.client import ServerError
+
+    deadline = None if wait is None else time.monotonic() + wait
+    said = False
+    while True:
+        left = HEALTH_CHECK_TIMEOUT if deadline is None else max(0.1, deadline - time.monotonic())
+        try:
+            status = client.health(timeout=min(HEALTH_CHECK_TIMEOUT, left))
+            if status == "SERVING":
+                return
+            why = f"it is {status}"
+        except ServerError as e:
+            details = " ".join(e.details.split())
+            why = "connection refused" if "connection refused" in details.lower() else details
+        if deadline is None:
+            raise ServerUnreachable(
+                f"no server at {target} ({why}); start one with `jalora serve`, or pass --wait SECONDS to wait for one"
+            )
+        if time.monotonic() >= deadline:
+            raise ServerUnreachable(
+                f"no SERVING server at {target} after {wait:g}s ({why}); start one with `jalora serve`"
+            )
+        if not said:
+            print(f"jalora {command}: waiting up to {wait:g}s for the server at {target}", file=sys.stderr, flush=True)
+            said = True
+        time.sleep(0.2)
+
+
 def _connect(args: argparse.Namespace):
+    """A Client of the server at --target, once it is SERVING (see _await_server; `demo` has no --wait)."""
+    import grpc
+
     from jalora.client import Client
 
-    client = Client(args.target, timeout=args.timeout)
-    client.wait_until_serving(timeout=args.wait)
+    wait = getattr(args, "wait", None)
+    options = [*CHANNEL_OPTIONS, ("grpc.max_reconnect_backoff_ms", WAIT_RETRY_MS)]
+    client = Client(args.target, timeout=args.timeout, channel=grpc.insecure_channel(args.target, options=options))
+    try:
+        _await_server(client, args.target, args.command, wait)
+    except BaseException:
+        client.close()
+        raise
     return client
 
 
 def _generate(args: argparse.Namespace) -> int:
+    if args.with_invocation and not args.adapter:  # it would be ignored: the base model has no invocation
+        print("jalora generate: --with-invocation needs --adapter NAME (whose invocation to append)", file=sys.stderr)
+        return 2
     with _connect(args) as client:
         prompt: str | list[int] = args.prompt
         if args.token_ids:
             prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
-        if args.adapter and args.with_invocation:
-            prompt = client.with_invocation(prompt, args.adapter)
+        if args.with_invocation:
+            try:
+                prompt = client.with_invocation(prompt, args.adapter)
+            except ValueError as e:  # a plain LoRA has no invocation to append
+                print(f"jalora generate: --with-invocation: {e}", file=sys.stderr)
+                return 2
         last = None
         for chunk in client.generate_stream(
             prompt,
@@ -275,6 +437,7 @@ def _demo(args: argparse.Namespace) -> int:
     from server.app import ServerThread
 
     plan = serve_plan(args)
+    preflight(plan)
     engine = build_engine(plan)
     with ServerThread(engine, plan.server_config) as server:
         print(f"jalora serving on {server.target}", flush=True)
@@ -286,61 +449,74 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _call_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="deadline of each call, seconds")
-    p.add_argument("--wait", type=float, default=120.0, help="seconds to wait for the server to be SERVING")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS", help="deadline of each call")
 
 
 def _client_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default=os.environ.get("JALORA_TARGET", DEFAULT_TARGET), help="host:port")
+    p.add_argument("--target", default=os.environ.get("JALORA_TARGET", DEFAULT_TARGET),
+                   help=f"host:port of a `jalora serve` (default: $JALORA_TARGET, else {DEFAULT_TARGET})")  # fmt: skip
+    p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                   help="wait up to SECONDS for the server to be SERVING, e.g. while `jalora serve` starts "
+                   "(default: no wait; fail at once when nothing answers)")  # fmt: skip
     _call_args(p)
 
 
 def _serve_args(p: argparse.ArgumentParser, *, exclude_server: tuple[str, ...] = ()) -> None:
     """Engine and server flags (derived from EngineConfig and ServerConfig) plus the start-up adapters."""
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR",
-                   help="load a PEFT (a)LoRA adapter at start (repeatable)")  # fmt: skip
+                   help="load a PEFT (a)LoRA adapter at start (repeatable; default: none, or without --model "
+                   "the embedded model's adapters)")  # fmt: skip
     notes = {"model": f" (default: the embedded {DEFAULT_MODEL_DIR}, its adapters and its adapters folder as root)"}
     add_config_flags(p, EngineConfig, notes=notes)
-    add_config_flags(p, ServerConfig, exclude=exclude_server)
+    roots = {"adapter_roots": " (default: none, so LoadAdapter is refused; without --model, the embedded model's "
+             "adapters folder)"}  # fmt: skip
+    add_config_flags(p, ServerConfig, exclude=exclude_server, notes=roots)
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--question", default=DEFAULT_QUESTION)
-    p.add_argument("--judge", action="append", default=[], help="adapter name (default: every aLoRA)")
+    p.add_argument("--question", default=DEFAULT_QUESTION, help="what the base model answers")
+    p.add_argument("--judge", action="append", default=[], metavar="ADAPTER",
+                   help="an aLoRA adapter that judges the answer (repeatable; default: every aLoRA the server "
+                   "has)")  # fmt: skip
     p.add_argument("--max-tokens", type=int, default=24, help="tokens of the base answer")
-    p.add_argument("--judge-max-tokens", type=int, default=4)
+    p.add_argument("--judge-max-tokens", type=int, default=4, help="tokens of each judge's verdict")
     p.add_argument("--rounds", type=int, default=1, help="repeat the pipeline (later rounds hit the cache)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jalora", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="jalora", description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="serve a model and its adapters over gRPC")
+    s = sub.add_parser("serve", help="serve a model and its adapters over gRPC", formatter_class=HelpFormatter)
     _serve_args(s)
     s.set_defaults(func=_serve)
 
-    g = sub.add_parser("generate", help="stream one generation from a running server")
-    g.add_argument("prompt")
-    g.add_argument("--adapter")
-    g.add_argument("--with-invocation", action="store_true", help="append the adapter's invocation sequence")
-    g.add_argument("--token-ids", action="store_true", help="PROMPT is a list of token ids")
+    g = sub.add_parser("generate", help="stream one generation from a running server", formatter_class=HelpFormatter)
+    g.add_argument("prompt", help="text, or token ids with --token-ids")
+    g.add_argument("--adapter", metavar="NAME", help="a loaded adapter to generate with (default: the base model)")
+    g.add_argument("--with-invocation", action="store_true",
+                   help="append the --adapter's invocation sequence to PROMPT (an aLoRA needs it)")  # fmt: skip
+    g.add_argument("--token-ids", action="store_true", help="PROMPT is token ids, separated by spaces or commas")
     g.add_argument("--show-ids", action="store_true", help="print token ids instead of text")
-    g.add_argument("--max-tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=None, help="default: the server's (greedy)")
-    g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--top-k", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most")
+    g.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the server's)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, 1 = off (default: the server's)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest, 0 = off (default: the "
+                   "server's)")  # fmt: skip
+    g.add_argument("--seed", type=int, default=None, help="seed of this request's sampling (default: the server "
+                   "draws one)")  # fmt: skip
     _client_args(g)
     g.set_defaults(func=_generate)
 
-    p = sub.add_parser("pipeline", help="base answers, then aLoRA judges score the answer over gRPC")
+    p = sub.add_parser("pipeline", help="base answers, then aLoRA judges score the answer over gRPC",
+                       formatter_class=HelpFormatter)  # fmt: skip
     _pipeline_args(p)
     _client_args(p)
     p.set_defaults(func=_pipeline)
 
-    d = sub.add_parser("demo", help="serve (default: the embedded model) on a free port and run the pipeline")
+    d = sub.add_parser("demo", help="serve (default: the embedded model) on a free port and run the pipeline",
+                       formatter_class=HelpFormatter)  # fmt: skip
     _serve_args(d, exclude_server=("port",))
     _pipeline_args(d)
     _call_args(d)
@@ -359,7 +535,11 @@ def main(argv: list[str] | None = None) -> int:
     except InvalidRequestError as err:  # a bad flag value (the field is in the message) or model
         print(f"jalora {args.command}: {err}", file=sys.stderr)
         return 2
-    except ServerError as err:
+    except StartupError as err:
+        for problem in err.problems:
+            print(f"jalora {args.command}: {problem}", file=sys.stderr)
+        return 2
+    except (ServerError, ServerUnreachable) as err:
         print(f"jalora {args.command}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -40,7 +40,7 @@ def sampling_params_from_proto(msg: pb.SamplingParams, defaults: SamplingParams 
     try:
         return SamplingParams(**kwargs)
     except InvalidRequestError as exc:
-        raise InvalidRequestError(f"sampling.{exc.field}", str(exc).split(": ", 1)[-1]) from None
+        raise InvalidRequestError(f"sampling.{exc.field}", exc.message) from None
 
 
 def messages_from_proto(msg: pb.ChatMessages) -> list[dict[str, str]]:

@@ -102,7 +102,7 @@ def read_peft_adapter(path: str, cfg: ModelConfig, max_rank: int) -> tuple[dict,
         with safe_open(w_path, framework="flax") as f:
             tensors = {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
     except Exception as e:
-        _reject("adapter_model.safetensors", f"cannot read {w_path}: {e}")
+        _reject("adapter_model.safetensors", f"cannot be read in {path}: {e}")
     dims = module_dims(cfg)
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for name, t in tensors.items():

@@ -76,7 +76,7 @@ def _load_tokenizer(model_dir: str) -> Tokenizer | None:
     try:
         return Tokenizer.from_file(path)
     except Exception as e:
-        raise InvalidRequestError("tokenizer.json", f"cannot load {path}: {e}") from e
+        raise InvalidRequestError("tokenizer.json", f"cannot be loaded from {model_dir}: {e}") from e
 
 
 class LLMEngine:
@@ -216,7 +216,7 @@ class LLMEngine:
             ids = [int(t) for t in prompt]
             vocab = self.model_config.vocab_size
             if any(t < 0 or t >= vocab for t in ids):
-                raise InvalidRequestError("prompt_token_ids", f"token ids must be in [0, {vocab}) (the vocabulary)")
+                raise InvalidRequestError("prompt_token_ids", f"must be in [0, {vocab}) (the vocabulary)")
         else:
             raise InvalidRequestError("prompt", "must be a string or a list of token ids")
         if not ids:

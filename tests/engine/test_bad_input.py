@@ -1,4 +1,4 @@
-"""Bad input gets an InvalidRequestError naming the field, and the engine keeps serving."""
+"""Bad input gets an InvalidRequestError naming the field (once), and the engine keeps serving."""
 
 import json
 import os
@@ -6,12 +6,21 @@ import shutil
 
 import pytest
 
+from checkpoints.make_adapters import make_alora
 from jalora import LLM, InvalidRequestError, SamplingParams
+from jalora.errors import AdapterNotFoundError, InvocationNotFoundError
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_models):
     return LLM(tiny_models["llama"], num_kv_blocks=32, max_num_seqs=4, max_model_len=128, warmup=False)
+
+
+def assert_names_the_field_once(err: InvalidRequestError, field: str) -> None:
+    """`str(err)` is "field: message"; a message that names its field again reads "prompt: prompt ..."."""
+    assert err.field == field
+    assert str(err) == f"{field}: {err.message}"
+    assert str(err).lower().count(field.lower()) == 1, str(err)
 
 
 @pytest.mark.parametrize(
@@ -36,7 +45,7 @@ def llm(tiny_models):
 def test_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**kwargs)
-    assert e.value.field == field and field in str(e.value)
+    assert_names_the_field_once(e.value, field)
 
 
 @pytest.mark.parametrize(
@@ -56,7 +65,7 @@ def test_sampling_params_name_the_field(kwargs, field):
 def test_bad_prompts_leave_engine_serving(llm, prompt, field):
     with pytest.raises(InvalidRequestError) as e:
         llm.generate([prompt], SamplingParams(max_tokens=2))
-    assert e.value.field == field
+    assert_names_the_field_once(e.value, field)
     assert not llm.engine.requests
     (ok,) = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2))
     assert len(ok.token_ids) == 2
@@ -94,6 +103,29 @@ def test_engine_config_errors(tiny_models, tmp_path):
     (broken / "config.json").write_text(open(os.path.join(path, "config.json")).read())
     with pytest.raises(InvalidRequestError, match="model"):
         LLM(str(broken), warmup=False)
+
+
+def test_adapter_and_config_errors_name_the_field_once(llm, tiny_models, tmp_path):
+    """The errors a new user meets first: an unknown adapter, an aLoRA prompt without its invocation,
+    a config value out of its choices."""
+    with pytest.raises(AdapterNotFoundError) as e:
+        llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2), "nope")
+    assert_names_the_field_once(e.value, "adapter")
+    judge = make_alora(tiny_models["llama"], tmp_path / "judge", [90, 91], ["q_proj", "v_proj"], seed=5)
+    llm.load_adapter("judge", judge)
+    try:
+        with pytest.raises(InvocationNotFoundError) as e:
+            llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2), "judge")
+        assert_names_the_field_once(e.value, "prompt")
+        with pytest.raises(InvalidRequestError) as e:
+            llm.load_adapter("judge", judge)
+        assert_names_the_field_once(e.value, "name")
+    finally:
+        llm.unload_adapter("judge")
+    for kwargs, field in (({"dtype": "float8"}, "dtype"), ({"load_format": "pickle"}, "load_format")):
+        with pytest.raises(InvalidRequestError) as e:
+            LLM(tiny_models["llama"], warmup=False, **kwargs)
+        assert_names_the_field_once(e.value, field)
 
 
 @pytest.mark.parametrize("field", ["attention_impl", "lora_impl"])

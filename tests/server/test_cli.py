@@ -9,6 +9,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -87,9 +88,76 @@ def test_serve_stops_cleanly_on_sigterm(default_server):
     assert "shutting down" in proc.stderr.read()
 
 
-def test_client_commands_report_an_unreachable_server(capsys):
-    assert cli.main(["generate", "hi", "--target", "127.0.0.1:1", "--wait", "0.5"]) == 1
-    assert "UNAVAILABLE" in capsys.readouterr().err
+@pytest.fixture()
+def refused_target():
+    """host:port where nothing listens: the port is bound (so nobody else takes it) but not listening,
+    so a connection is refused at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("command", [["generate", "hi"], ["pipeline"]])
+def test_client_commands_fail_at_once_without_a_server(refused_target, capsys, command):
+    """No --wait: one health check, a refused connection ends the command (no wait at all)."""
+    assert cli.main([*command, "--target", refused_target]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"jalora {command[0]}: no server at {refused_target} (connection refused); start one with `jalora serve`, "
+        "or pass --wait SECONDS to wait for one\n"
+    )
+
+
+def test_client_commands_wait_when_asked_and_say_so_once(refused_target, capsys):
+    assert cli.main(["generate", "hi", "--target", refused_target, "--wait", "0.5"]) == 1
+    assert capsys.readouterr().err == (
+        f"jalora generate: waiting up to 0.5s for the server at {refused_target}\n"
+        f"jalora generate: no SERVING server at {refused_target} after 0.5s (connection refused); "
+        "start one with `jalora serve`\n"
+    )
+
+
+def _option_helps(text: str) -> dict[str, str]:
+    """{option: its help} from argparse's --help output: an option line starts with two spaces and a
+    dash, its help follows two spaces later on that line and on the more deeply indented lines below."""
+    helps: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        option = re.fullmatch(r"  (-\S.*?)(?: {2,}(\S.*))?", line)
+        if option:
+            current = option.group(1)
+            helps[current] = option.group(2) or ""
+        elif current is not None and re.match(r" {3,}\S", line):
+            helps[current] = f"{helps[current]} {line.strip()}".strip()
+        else:
+            current = None
+    return helps
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["generate"], ["pipeline"], ["demo"]])
+def test_every_flag_has_help_that_shows_its_default(command, capsys):
+    """Flags written here and flags derived from EngineConfig / ServerConfig alike."""
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    helps = _option_helps(text)
+    usage = text.split("\n\n")[0]
+    assert {option.split(",")[0].split()[0] for option in helps} == set(re.findall(r"\[(-[\w-]+)", usage)), text
+    del helps["-h, --help"]
+    assert helps
+    for option, help_text in helps.items():
+        assert help_text, f"{option} has no help"
+        assert "default" in help_text, f"{option} does not show its default: {help_text!r}"
+
+
+def test_with_invocation_needs_an_adapter(refused_target, capsys):
+    """Checked before connecting: the target refuses connections, yet the answer is this usage error."""
+    assert cli.main(["generate", "hi", "--with-invocation", "--target", refused_target]) == 2
+    assert capsys.readouterr() == (
+        "", "jalora generate: --with-invocation needs --adapter NAME (whose invocation to append)\n"
+    )
 
 
 def test_bad_adapter_argument_is_a_usage_error():
@@ -187,6 +255,74 @@ def test_bad_flag_value_is_one_error_naming_the_field(tiny_models, capsys, argv,
     assert out == ""
     assert err.count("\n") == 1 and err.startswith(f"jalora {argv[0]}: {field}: "), err
     assert "loading" not in err
+
+
+@pytest.fixture()
+def unloadable_model(tmp_path):
+    """A model directory that cannot be loaded: its config.json is not JSON. A command that reads it
+    fails with `config.json: ...` after a `loading` line, so a check that should come first shows."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{not json: reading this model is a test failure")
+    return str(model)
+
+
+def _half_adapter(tmp_path):
+    half = tmp_path / "half"
+    half.mkdir()
+    (half / "adapter_config.json").write_text("{}")
+    return half
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_start_up_paths_are_checked_before_the_model_loads(unloadable_model, tmp_path, capsys, command):
+    """Every --adapter directory and adapter root, each problem one line, exit status 2, no traceback."""
+    missing, half, not_a_dir = tmp_path / "missing", _half_adapter(tmp_path), tmp_path / "model" / "config.json"
+    argv = [command, "--model", unloadable_model, "--adapter", f"x={missing}", "--adapter", f"y={half}",
+            "--adapter", f"z={not_a_dir}", "--adapter-roots", str(tmp_path / "roots")]  # fmt: skip
+    argv += ["--port", "0"] if command == "serve" else []  # demo always takes a free port
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        f"jalora {command}: adapter x: {missing} does not exist",
+        f"jalora {command}: adapter y: {half} has no adapter_model.safetensors (a PEFT adapter directory holds both)",
+        f"jalora {command}: adapter z: {not_a_dir} is not a directory",
+        f"jalora {command}: adapter_roots: {tmp_path / 'roots'} does not exist",
+    ]
+
+
+def test_missing_adapter_is_one_line(unloadable_model, tmp_path, capsys):
+    missing = tmp_path / "missing"
+    assert cli.main(["serve", "--model", unloadable_model, "--port", "0", "--adapter", f"x={missing}"]) == 2
+    assert capsys.readouterr() == ("", f"jalora serve: adapter x: {missing} does not exist\n")
+
+
+def test_a_bad_start_up_adapter_is_named(tiny_models, tmp_path, capsys):
+    """The full validation happens at load: its error says which --adapter it is about."""
+    broken = _half_adapter(tmp_path)
+    (broken / "adapter_config.json").write_text("{not json")
+    (broken / "adapter_model.safetensors").write_bytes(b"")
+    argv = ["serve", "--model", tiny_models["llama"], "--port", "0", "--no-warmup", "--adapter", f"y={broken}"]
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 2 and err.startswith("jalora: loading "), err
+    assert err.splitlines()[1].startswith("jalora serve: adapter y: adapter_config.json: not valid JSON"), err
+
+
+def test_busy_port_fails_before_the_model_loads(unloadable_model):
+    """As a user runs it: `jalora serve` on a port another program listens on."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "server.cli", "serve", "--model", unloadable_model, "--port", str(port)],
+            capture_output=True, text=True, env=env, cwd="/", timeout=120,
+        )  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"jalora serve: port {port}: address already in use\n"
 
 
 def test_missing_model_is_one_error(tmp_path, capsys):
