@@ -243,7 +243,8 @@ def build_engine(plan: ServePlan) -> LLMEngine:
             raise StartupError([f"adapter {name}: {e}"]) from None
         inv = f" invocation={info.invocation_tokens}" if info.invocation_tokens else ""
         print(f"jalora: adapter {name} ({info.kind}, r={info.rank}){inv}", file=sys.stderr, flush=True)
-    engine.warmup_adapters()
+    if plan.engine_config.warmup:  # --no-warmup compiles nothing before serving, adapted steps included
+        engine.warmup_adapters()
     return engine
 
 
@@ -346,11 +347,16 @@ def _generate(args: argparse.Namespace) -> int:
     if args.with_invocation and not args.adapter:  # it would be ignored: the base model has no invocation
         print("jalora generate: --with-invocation needs --adapter NAME (whose invocation to append)", file=sys.stderr)
         return 2
+    if args.chat and args.token_ids:
+        print("jalora generate: --chat takes PROMPT as text (a user message), not --token-ids", file=sys.stderr)
+        return 2
     with _connect(args) as client:
-        prompt: str | list[int] = args.prompt
+        prompt: str | list[int] | list[dict[str, str]] = args.prompt
         if args.token_ids:
             prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
-        if args.with_invocation:
+        if args.chat:  # the server renders the conversation (and appends the invocation if asked)
+            prompt = [{"role": "user", "content": args.prompt}]
+        elif args.with_invocation:
             try:
                 prompt = client.with_invocation(prompt, args.adapter)
             except ValueError as e:  # a plain LoRA has no invocation to append
@@ -360,6 +366,7 @@ def _generate(args: argparse.Namespace) -> int:
         for chunk in client.generate_stream(
             prompt,
             args.adapter,
+            append_invocation=args.chat and args.with_invocation,
             max_tokens=args.max_tokens,
             temperature=args.temperature,
             top_p=args.top_p,
@@ -498,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--with-invocation", action="store_true",
                    help="append the --adapter's invocation sequence to PROMPT (an aLoRA needs it)")  # fmt: skip
     g.add_argument("--token-ids", action="store_true", help="PROMPT is token ids, separated by spaces or commas")
+    g.add_argument("--chat", action="store_true",
+                   help="PROMPT is a user message, sent in the model's chat template (with --with-invocation an "
+                        "aLoRA adapter's invocation replaces the template's generation prompt)")  # fmt: skip
     g.add_argument("--show-ids", action="store_true", help="print token ids instead of text")
     g.add_argument("--max-tokens", type=int, default=32, help="tokens to generate at most")
     g.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the server's)")

@@ -33,7 +33,7 @@ def read_chat_template(model_dir: str) -> tuple[str | None, dict]:
             with open(path) as f:
                 config = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            raise InvalidRequestError("tokenizer_config.json", f"cannot read {path}: {e}") from e
+            raise InvalidRequestError("tokenizer_config.json", f"cannot read it in {model_dir}: {e}") from e
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)

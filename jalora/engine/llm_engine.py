@@ -56,9 +56,9 @@ def _read_generation_config(model_dir: str) -> dict:
         with open(path) as f:
             gen = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
-        raise InvalidRequestError("generation_config.json", f"cannot read {path}: {e}") from e
+        raise InvalidRequestError("generation_config.json", f"cannot read it in {model_dir}: {e}") from e
     if not isinstance(gen, dict):
-        raise InvalidRequestError("generation_config.json", f"{path} must hold a JSON object")
+        raise InvalidRequestError("generation_config.json", f"must hold a JSON object (in {model_dir})")
     return gen
 
 

@@ -45,7 +45,7 @@ def _safetensors_files(model_dir: str) -> dict[str, str]:
             with safe_open(single, framework="flax") as f:
                 return {k: single for k in f.keys()}
         except Exception as e:  # safetensors raises its own error types for corrupt headers
-            raise InvalidRequestError("model.safetensors", f"cannot read {single}: {e}") from e
+            raise InvalidRequestError("model.safetensors", f"cannot read it in {model_dir}: {e}") from e
     raise InvalidRequestError("model", f"no model.safetensors or model.safetensors.index.json in {model_dir}")
 
 

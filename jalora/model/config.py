@@ -121,5 +121,5 @@ class ModelConfig:
             with open(path) as f:
                 cfg = json.load(f)
         except json.JSONDecodeError as e:
-            raise InvalidRequestError("config.json", f"{path} is not valid JSON: {e}") from e
+            raise InvalidRequestError("config.json", f"not valid JSON in {model_dir}: {e}") from e
         return cls.from_dict(cfg)

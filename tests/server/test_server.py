@@ -421,6 +421,18 @@ def test_cli_with_invocation_of_a_plain_lora_is_one_line(server, capsys):
     )
 
 
+def test_cli_chat_sends_a_user_message(server, offline, capsys):
+    """`jalora generate --chat` renders PROMPT as a user turn of the chat template; with an aLoRA adapter
+    and --with-invocation the invocation opens the judge's turn."""
+    target = ["--target", server.target, "--max-tokens", "3", "--show-ids"]
+    assert cli.main(["generate", "t5 t6", "--chat", *target]) == 0
+    [ref] = offline.chat([{"role": "user", "content": "t5 t6"}], SamplingParams(max_tokens=3))
+    out, err = capsys.readouterr()
+    assert out.split() == [str(t) for t in ref.token_ids] and "prompt=5 " in err  # t1 t5 t6 t2 t3
+    assert cli.main(["generate", "t5 t6", "--chat", "--adapter", "judge_a", "--with-invocation", *target]) == 0
+    assert "activation=4 " in capsys.readouterr().err  # t1 t5 t6 t2, then the invocation t90 t91
+
+
 def test_server_info_health_and_reflection(server, client, built):
     info = client.server_info()
     assert info.vocab_size == 97 and info.eos_token_ids == [96] and info.block_size == 16
