@@ -393,11 +393,33 @@ def _generate(args: argparse.Namespace) -> int:
 # ---- pipeline ------------------------------------------------------------------------------------
 
 
+def _chat_turns(client: Any, question: str) -> tuple[list[int], list[int], int | None] | None:
+    """For a model with a chat template: (the question as a user turn ending in the generation prompt,
+    the tokens the template puts after a turn's end-of-turn token, that token); None without one."""
+    from jalora.client import ServerError
+
+    conversation = [{"role": "user", "content": question}]
+    try:
+        asked = client.tokenize(conversation)
+        closed = client.tokenize(conversation, add_generation_prompt=False)
+    except ServerError as e:
+        if e.field != "messages":
+            raise
+        return None
+    eos = set(client.server_info().eos_token_ids)
+    ends = [i for i, t in enumerate(closed) if t in eos]
+    if not ends:  # the template closes turns with no end-of-sequence token: the answer runs into the judge's turn
+        return asked, [], None
+    return asked, closed[ends[-1] + 1 :], closed[ends[-1]]
+
+
 def _pipeline(args: argparse.Namespace) -> int:
     """Base answers the question, then each aLoRA judge reads question + answer + its invocation.
 
-    The judges' prompts start with the base request's tokens, so their KV comes from the prefix cache
-    (the `cached` column): that reuse across base and adapters is what jalora is for.
+    With a chat model the question is a user turn of its template and each judge's invocation opens a
+    turn of its own after the answer's. The judges' prompts start with the base request's tokens
+    (prompt and generated answer), so their KV comes from the prefix cache (the `cached` column): that
+    reuse across base and adapters is what jalora is for.
     """
     with _connect(args) as client:
         adapters = {a.name: a for a in client.list_adapters()}
@@ -409,12 +431,18 @@ def _pipeline(args: argparse.Namespace) -> int:
         if not names:
             print("jalora pipeline: the server has no aLoRA adapters to judge with", file=sys.stderr)
             return 2
-        question = client.tokenize(args.question)
+        turns = _chat_turns(client, args.question)
+        question = client.tokenize(args.question) if turns is None else turns[0]
         rows = []
         for _ in range(args.rounds):
             base = client.generate(question, max_tokens=args.max_tokens, temperature=0.0)
             rows.append(("base", base))
             context = question + base.token_ids
+            if turns is not None:  # close the answer's turn as the template does (a cut answer too)
+                _, separator, end_of_turn = turns
+                if end_of_turn is not None and (not base.token_ids or base.token_ids[-1] != end_of_turn):
+                    context.append(end_of_turn)
+                context += separator
             for name in names:
                 judge = client.generate(
                     context + list(adapters[name].invocation_tokens), name, max_tokens=args.judge_max_tokens

@@ -60,11 +60,14 @@ def test_pipeline_demo_reuses_the_base_answer(default_server, capsys):
     out = capsys.readouterr().out
     rows = {m.group(1): m for m in re.finditer(r"^(\w+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\S+)", out, re.M)}
     assert {"base", "certainty", "hallucination", "safety"} <= set(rows), out
-    for judge in ("certainty", "hallucination", "safety"):
+    base_tokens = int(rows["base"][2]) + int(rows["base"][4])  # its prompt and its answer
+    for k, judge in enumerate(("certainty", "hallucination", "safety")):
         prompt, cached, activation = int(rows[judge][2]), int(rows[judge][3]), int(rows[judge][5])
-        # The judge's prompt is question + base answer + invocation: every full block before the
-        # invocation is the base request's KV.
-        assert cached >= (activation // 16) * 16 > 0 and prompt > activation, out
+        # The judge's prompt is the base request's tokens (question + answer), the close of the
+        # answer's turn, then the invocation: every full block of the base request is reused, and after
+        # the first judge every full block before the invocation (base KV, whoever computed it).
+        reusable = activation if k else min(activation, base_tokens)
+        assert cached >= (reusable // 16) * 16 > 0 and prompt > activation, out
     assert rows["base"][5] == "-"
     assert re.search(r"judges reused \d+/\d+ prompt tokens", out)
 
