@@ -29,6 +29,7 @@ from jalora.engine.step_pipeline import Row, StepPipeline
 from jalora.errors import InvalidRequestError
 from jalora.model.checkpoint import load_model, resolve_dtype
 from jalora.model.config import ModelConfig
+from jalora.model.gguf import resolve_model_dir
 from jalora.model.kernel_plan import KernelPlan
 from jalora.outputs import RequestDelta
 from jalora.sampling_params import SamplingParams
@@ -58,13 +59,16 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.dtype = resolve_dtype(config.dtype)
-        self.model_config = cfg = ModelConfig.from_dir(config.model)
+        # What is loaded: config.model itself, or for a .gguf file its converted HF-layout directory
+        # (converted once into jalora's cache, jalora/model/gguf.py). config.model keeps the given name.
+        self.model_dir = model_dir = resolve_model_dir(config.model)
+        self.model_config = cfg = ModelConfig.from_dir(model_dir)
         max_model_len = config.max_model_len or cfg.max_position_embeddings
         if max_model_len < 2:
             raise InvalidRequestError("max_model_len", f"must be >= 2, got {max_model_len}")
-        self.tokenizer = _load_tokenizer(config.model)
+        self.tokenizer = _load_tokenizer(model_dir)
         self.kernel_plan = KernelPlan.from_config(config)
-        decoder = load_model(config.model, cfg, self.kernel_plan, self.dtype, config.load_format)
+        decoder = load_model(model_dir, cfg, self.kernel_plan, self.dtype, config.load_format)
         num_blocks = config.num_kv_blocks
         if num_blocks is None:
             num_blocks = _kv_blocks_from_memory(cfg, config.block_size, self.dtype, config.gpu_memory_utilization)
