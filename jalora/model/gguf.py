@@ -391,16 +391,20 @@ def _write_tokenizer(path: Path, reader, cfg: dict, out: Path) -> None:
     except Exception as e:  # transformers raises several types for tokenizers it cannot convert
         model = _field(reader, "tokenizer.ggml.model")
         raise _error(f"{path}: cannot convert its tokenizer (tokenizer.ggml.model={model!r}): {e}") from e
-    tok.backend_tokenizer.save(str(out / "tokenizer.json"))
+    backend = tok.backend_tokenizer
+    _honor_special_token_flags(backend, reader, path)
+    backend.save(str(out / "tokenizer.json"))
     tok_cfg = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": cfg["max_position_embeddings"],
         "clean_up_tokenization_spaces": False,
     }
-    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
-        value = getattr(tok, name, None)
-        if value is not None:
-            tok_cfg[name] = str(value)
+    # From the file's ids, not from the transformers tokenizer: 5.17 names <|im_start|> SmolLM2's eos.
+    for name, key in (("bos_token", "bos"), ("eos_token", "eos"), ("unk_token", "unknown"), ("pad_token", "padding")):
+        token_id = _field(reader, f"tokenizer.ggml.{key}_token_id")
+        token = None if token_id is None else backend.id_to_token(int(token_id))
+        if token is not None:
+            tok_cfg[name] = token
     for key in ("add_bos_token", "add_eos_token"):
         value = _field(reader, f"tokenizer.ggml.{key}")
         if value is not None:
@@ -409,6 +413,45 @@ def _write_tokenizer(path: Path, reader, cfg: dict, out: Path) -> None:
     if template is not None:
         tok_cfg["chat_template"] = template
     _write_json(out / "tokenizer_config.json", tok_cfg)
+
+
+def _honor_special_token_flags(backend, reader, path: Path) -> None:
+    """Makes `backend` add BOS / EOS as the file says (tokenizer.ggml.add_bos_token / add_eos_token), as
+    llama.cpp does. transformers' GGUF tokenizer conversion does not everywhere: 5.17 ignores the flags
+    (a BPE vocabulary then never gets its BOS), 5.24 honours add_bos_token. Without flags, the
+    conversion's own choice stands, except that a sentencepiece ("llama") vocabulary gets BOS, llama.cpp's
+    default for it."""
+    from tokenizers import processors
+
+    add_bos, add_eos = _field(reader, "tokenizer.ggml.add_bos_token"), _field(reader, "tokenizer.ggml.add_eos_token")
+    if add_bos is None and _field(reader, "tokenizer.ggml.model") == "llama":
+        add_bos = True
+    if add_bos is None and add_eos is None:
+        return
+    bos_id, eos_id = _field(reader, "tokenizer.ggml.bos_token_id"), _field(reader, "tokenizer.ggml.eos_token_id")
+    bos_id, eos_id = (None if i is None else int(i) for i in (bos_id, eos_id))
+    now = backend.encode("", add_special_tokens=True).ids  # the special tokens the conversion adds
+    if add_bos is None:
+        add_bos = bos_id is not None and now[:1] == [bos_id]
+    if add_eos is None:
+        add_eos = eos_id is not None and now[-1:] == [eos_id]
+    if (add_bos and bos_id is None) or (add_eos and eos_id is None):
+        raise _error(f"{path} asks for a BOS/EOS token to be added but names none")
+    want = ([bos_id] if add_bos else []) + ([eos_id] if add_eos else [])
+    if now == want:
+        return  # the conversion already does what the file asks
+    bos = [(backend.id_to_token(bos_id), bos_id)] if add_bos else []
+    eos = [(backend.id_to_token(eos_id), eos_id)] if add_eos else []
+    single = [t for t, _ in bos] + ["$A"] + [t for t, _ in eos]
+    pair = single + [f"{t}:1" for t, _ in bos] + ["$B:1"] + [f"{t}:1" for t, _ in eos]
+    template = processors.TemplateProcessing(single=single, pair=pair, special_tokens=bos + eos)
+    current = backend.post_processor
+    # A byte-level post-processor only trims offsets: keep it in front of the template.
+    backend.post_processor = (
+        processors.Sequence([current, template]) if isinstance(current, processors.ByteLevel) else template
+    )
+    if backend.encode("", add_special_tokens=True).ids != want:
+        raise _error(f"{path}: cannot make its tokenizer add the special tokens {want} the file asks for")
 
 
 # -- the conversion ------------------------------------------------------------------------------------------

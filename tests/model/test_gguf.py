@@ -98,11 +98,13 @@ def test_tiny_gguf_config_and_tokenizer(gguf_files, cache):
     ours = AutoTokenizer.from_pretrained(str(d))
     text = "Hello,Ġworld!ĠjaloraĠreadsĠGGUF."
     llm = LLM(str(path), num_kv_blocks=16, max_num_seqs=2, warmup=False)
-    assert llm.engine.tokenize(text) == ref(text).input_ids == ours(text).input_ids
-    assert ref(text).input_ids[0] == 1  # tokenizer.ggml.add_bos_token
+    # BOS added as tokenizer.ggml.add_bos_token asks (transformers 5.24 does too; 5.17 ignores the flag).
+    assert llm.engine.tokenize(text) == [1, *ref(text, add_special_tokens=False).input_ids] == ours(text).input_ids
     chat = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hey."}]
     assert ours.apply_chat_template(chat, tokenize=False) == ref.apply_chat_template(chat, tokenize=False)
-    assert json.loads((d / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
+    assert tok_cfg["chat_template"] == CHAT_TEMPLATE
+    assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["unk_token"]) == ("<s>", "</s>", "<unk>")
 
 
 def test_gguf_without_tokenizer_serves_token_ids(tiny_models, tmp_path, cache):
@@ -302,6 +304,8 @@ def test_smollm2_answer_stops_at_end_of_turn(smollm2):
     """The converted config's eos (<|im_end|>) ends the turn; the text matches transformers' decode."""
     (out,) = smollm2["llm"].generate(smollm2["texts"][0], SamplingParams(max_tokens=N_TOKENS))
     assert out.finish_reason == "stop" and out.text == "The capital of France is Paris."
+    tok_cfg = json.loads(Path(smollm2["llm"].engine.model_dir, "tokenizer_config.json").read_text())
+    assert [tok_cfg[k] for k in ("bos_token", "eos_token", "pad_token")] == ["<|im_start|>", "<|im_end|>", "<|im_end|>"]
 
 
 def test_smollm2_alora_matches_peft(smollm2):
