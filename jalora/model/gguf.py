@@ -386,11 +386,19 @@ def _write_tokenizer(path: Path, reader, cfg: dict, out: Path) -> None:
     special tokens and the file's chat template."""
     from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent.resolve()), gguf_file=path.name)
-    except Exception as e:  # transformers raises several types for tokenizers it cannot convert
-        model = _field(reader, "tokenizer.ggml.model")
-        raise _error(f"{path}: cannot convert its tokenizer (tokenizer.ggml.model={model!r}): {e}") from e
+    # transformers prefers a tokenizer.json beside the .gguf to the file's own vocabulary (an HF repository
+    # may hold one, of another model or revision): it gets a directory holding only a link to this file.
+    with tempfile.TemporaryDirectory(prefix="jalora-gguf-tokenizer-") as alone:
+        link = Path(alone, "model.gguf")
+        try:
+            os.symlink(path.resolve(), link)
+        except OSError:  # no symlinks here: a copy (the vocabulary is read, the tensors are not)
+            shutil.copyfile(path, link)
+        try:
+            tok = AutoTokenizer.from_pretrained(alone, gguf_file=link.name)
+        except Exception as e:  # transformers raises several types for tokenizers it cannot convert
+            model = _field(reader, "tokenizer.ggml.model")
+            raise _error(f"{path}: cannot convert its tokenizer (tokenizer.ggml.model={model!r}): {e}") from e
     backend = tok.backend_tokenizer
     _honor_special_token_flags(backend, reader, path)
     backend.save(str(out / "tokenizer.json"))

@@ -10,6 +10,7 @@ The `test_smollm2_*` tests run the real SmolLM2-135M-Instruct GGUF (fetched once
 import dataclasses
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from jalora.errors import ModelFetchError
 from jalora.model import default_model
 from jalora.model import gguf as jgguf
 from tests import hf_models
-from tests.gguf_models import CHAT_TEMPLATE, MIXED, load_gguf_oracle, write_gguf
+from tests.gguf_models import CHAT_TEMPLATE, MIXED, TOKENS, load_gguf_oracle, write_gguf
 
 
 @pytest.fixture
@@ -105,6 +106,17 @@ def test_tiny_gguf_config_and_tokenizer(gguf_files, cache):
     tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
     assert tok_cfg["chat_template"] == CHAT_TEMPLATE
     assert (tok_cfg["bos_token"], tok_cfg["eos_token"], tok_cfg["unk_token"]) == ("<s>", "</s>", "<unk>")
+
+
+def test_tokenizer_comes_from_the_gguf_not_from_files_beside_it(gguf_files, tmp_path, cache):
+    """transformers would load a tokenizer.json lying beside the .gguf (here the embedded model's)."""
+    from checkpoints import DEFAULT_MODEL_DIR
+
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(gguf_files["F32"].read_bytes())
+    shutil.copy(DEFAULT_MODEL_DIR / "tokenizer.json", tmp_path / "tokenizer.json")
+    d = jgguf.converted_dir(path, progress=False)
+    assert json.loads((d / "tokenizer.json").read_text())["model"]["vocab"] == {t: i for i, t in enumerate(TOKENS)}
 
 
 def test_gguf_without_tokenizer_serves_token_ids(tiny_models, tmp_path, cache):
