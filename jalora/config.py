@@ -37,7 +37,10 @@ def is_int(value) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    model: str = config_field("", "HF model directory: config.json, safetensors, tokenizer.json")
+    model: str = config_field(
+        "", "HF model directory (config.json, safetensors, tokenizer.json) or a llama .gguf file (converted once "
+        "into jalora's cache)"
+    )
     dtype: str = config_field("float32", "weights, activations and KV cache dtype", choices=DTYPES)
     load_format: str = config_field("auto", "'dummy' makes deterministic random weights of the config's shapes",
                               choices=LOAD_FORMATS)  # fmt: skip
@@ -72,7 +75,7 @@ class EngineConfig:
 
     def __post_init__(self):
         model = os.fspath(self.model) if isinstance(self.model, os.PathLike) else self.model
-        require(isinstance(model, str) and bool(model), "model", "must name a model directory")
+        require(isinstance(model, str) and bool(model), "model", "must name a model directory or .gguf file")
         object.__setattr__(self, "model", model)
         dtype = _dtype_name(self.dtype)
         require(dtype in DTYPES, "dtype", f"must be one of {list(DTYPES)}, got {self.dtype!r}")

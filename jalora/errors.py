@@ -14,6 +14,14 @@ class InvalidRequestError(ValueError):
         self.message = message
 
 
+class ModelFetchError(InvalidRequestError):
+    """A model file jalora fetches itself (the default model) is missing and cannot be downloaded, or
+    what was downloaded is not what was pinned. The message names the command that fetches it."""
+
+    def __init__(self, message: str):
+        super().__init__("model", message)
+
+
 class AdapterNotFoundError(InvalidRequestError):
     """The named adapter is not loaded (gRPC NOT_FOUND)."""
 

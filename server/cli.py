@@ -150,7 +150,10 @@ def serve_plan(args: argparse.Namespace) -> ServePlan:
         if not server_config.adapter_roots:
             server_config = server_config.replace(adapter_roots=(str(model_dir / "adapters"),))
     engine_config = engine_config.replace(max_loras=max(engine_config.max_loras, len(adapters)))
-    if not (model_dir / "config.json").is_file():
+    if model_dir.suffix.lower() == ".gguf":  # the engine converts it (jalora/model/gguf.py, is_gguf)
+        if not model_dir.is_file():
+            raise InvalidRequestError("model", f"{model_dir} does not exist")
+    elif not (model_dir / "config.json").is_file():
         raise InvalidRequestError("model", f"{model_dir} has no config.json")
     return ServePlan(engine_config, server_config, tuple(adapters))
 

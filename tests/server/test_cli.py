@@ -331,3 +331,18 @@ def test_busy_port_fails_before_the_model_loads(unloadable_model):
 def test_missing_model_is_one_error(tmp_path, capsys):
     assert cli.main(["serve", "--model", str(tmp_path)]) == 2
     assert capsys.readouterr().err == f"jalora serve: model: {tmp_path} has no config.json\n"
+
+
+def test_serve_takes_a_gguf_file(tiny_models, tmp_path, monkeypatch, capsys):
+    """`--model x.gguf`: the plan keeps the file's name and the engine loads its converted directory."""
+    from tests.gguf_models import write_gguf
+
+    monkeypatch.setenv("JALORA_CACHE_DIR", str(tmp_path / "cache"))
+    path = write_gguf(tiny_models["llama"], tmp_path / "tiny.gguf", "Q8_0")
+    plan = _plan("serve", "--model", str(path), "--max-model-len", "64", "--no-warmup")
+    assert plan.engine_config.model == str(path)
+    engine = cli.build_engine(plan)
+    assert engine.info().model == str(path) and engine.model_dir.startswith(str(tmp_path / "cache" / "gguf"))
+    capsys.readouterr()
+    assert cli.main(["serve", "--model", str(tmp_path / "absent.gguf")]) == 2
+    assert capsys.readouterr().err == f"jalora serve: model: {tmp_path / 'absent.gguf'} does not exist\n"
