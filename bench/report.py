@@ -485,6 +485,24 @@ def host_stream(r) -> list[str]:
     return out
 
 
+def default_model_cpu(startup, decode) -> list[str]:
+    """bench/startup.py and bench/cpu_decode.py: SmolLM2-135M-Instruct on a CPU."""
+    from bench import cpu_decode as cpu_decode_bench
+    from bench import startup as startup_bench
+
+    out = []
+    if startup:
+        out += [f"Start-up of `LLM(<SmolLM2 .gguf>)` in two fresh processes sharing one empty cache: the first "
+                f"converts the GGUF ({startup['gguf_bytes'] / 1e6:.0f} MB) into a "
+                f"{startup['converted_bytes'] / 1e6:.0f} MB checkpoint, the second loads it ({provenance(startup)}).",
+                "", startup_bench.stdout_table(startup), ""]  # fmt: skip
+    if decode:
+        out += [f"Batch-1 greedy decode, ms per token, jalora beside transformers on the same converted checkpoint "
+                f"(float32), and the ceiling: the weights read once per token at the copy bandwidth measured in "
+                f"the run ({provenance(decode)}).", "", cpu_decode_bench.stdout_table(decode), ""]  # fmt: skip
+    return out
+
+
 # -- what each script prints at the end of its run -----------------------------------------------------
 
 
@@ -614,6 +632,8 @@ def render() -> str:
         ("### Masked multi-LoRA", lora, ("lora.json", "lora_step.json")),
         ("### Decode attention: kv splits at the engine's step shapes", attention_splits,
          ("attention_splits.json",)),
+        ("### The default model on a CPU: start-up and decode", default_model_cpu,
+         ("startup_cpu.json", "cpu_decode.json")),
         ("### Base -> aLoRA judges on the CPU (tiny model)", pipeline, ("pipeline_tiny.json",)),
         ("### The aLoRA serving paper's pipelines on the H200", pipeline_bench_section,
          ("pipeline_bench_granite-8b.json",)),

@@ -46,8 +46,8 @@ class EngineConfig:
                               choices=LOAD_FORMATS)  # fmt: skip
     block_size: int = config_field(16, "tokens per KV-cache block (the unit of prefix sharing)")
     num_kv_blocks: int | None = config_field(
-        None, "KV-cache blocks (default: gpu_memory_utilization of the device's memory, or every sequence "
-        "at full length on a CPU)"
+        None, "KV-cache blocks (default: gpu_memory_utilization of the device's memory; on a CPU, every "
+        "sequence at full length within 1 GiB)"
     )
     gpu_memory_utilization: float = config_field(0.9, "share of device memory the weights and KV cache may take")
     max_num_seqs: int = config_field(64, "sequences in one step")

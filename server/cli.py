@@ -1,9 +1,13 @@
 """`jalora` command line: serve a model over gRPC, generate from it, run the base + aLoRA judge pipeline.
 
-    jalora serve                              # the embedded default model and its aLoRA judges
+    jalora serve                              # SmolLM2-135M-Instruct and its aLoRA judges
     jalora serve --model DIR --adapter judge=DIR --port 50051
-    jalora generate "Why is the sky blue?" --max-tokens 32
+    jalora generate "Why is the sky blue?" --chat --max-tokens 32
     jalora pipeline                           # base answers, then every aLoRA judge scores the answer
+    jalora demo                               # serve + pipeline in one process, on a free port
+
+--model takes a model directory, a llama .gguf file, or a bundled model's name (checkpoints/bundled.py):
+`smollm2` (the default; fetched and converted the first time) or `tiny` (random weights, instant).
 
 `serve` and `demo` derive their engine and server flags from the fields of `EngineConfig`
 (jalora/config.py) and `ServerConfig` (server/config.py): `--field-name`, with the field's type,
@@ -34,7 +38,6 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from checkpoints import DEFAULT_MODEL_DIR
 from jalora.api import CHANNEL_OPTIONS, DEFAULT_TARGET, DEFAULT_TIMEOUT
 from jalora.config import EngineConfig
 from jalora.errors import InvalidRequestError
@@ -43,7 +46,10 @@ from server.config import ServerConfig
 if TYPE_CHECKING:
     from jalora.engine.llm_engine import LLMEngine
 
-DEFAULT_QUESTION = "Question: what does a prefix cache save when several adapters judge one answer?\nAnswer:"
+DEFAULT_QUESTIONS = (
+    "What is the capital of France? Answer in one sentence.",
+    "Why is the sky blue? Answer in one sentence.",
+)
 
 
 # ---- flags derived from the configs --------------------------------------------------------------
@@ -117,8 +123,8 @@ def _adapter_arg(value: str) -> tuple[str, str]:
     return name, path
 
 
-def _default_adapters(model_dir: Path) -> list[tuple[str, str]]:
-    root = model_dir / "adapters"
+def _adapters_in(root: Path) -> list[tuple[str, str]]:
+    """(name, directory) of every PEFT adapter directly under `root`."""
     if not root.is_dir():
         return []
     return sorted((d.name, str(d)) for d in root.iterdir() if (d / "adapter_config.json").is_file())
@@ -131,31 +137,61 @@ class ServePlan:
     engine_config: EngineConfig
     server_config: ServerConfig
     adapters: tuple[tuple[str, str], ...]  # (name, directory) loaded at start
+    bundled: str | None = None  # a bundled model's name (checkpoints/bundled.py), until resolve_bundled
 
 
 def serve_plan(args: argparse.Namespace) -> ServePlan:
-    """The configs and start-up adapters from the flags. Raises InvalidRequestError naming the field.
+    """The configs and start-up adapters from the flags, without reading a file. Raises
+    InvalidRequestError naming the field.
 
-    Without --model: the embedded default (checkpoints.DEFAULT_MODEL_DIR), its adapters unless
-    --adapter names others, and its adapters folder as root unless --adapter-roots names others.
-    --max-loras is raised to the number of start-up adapters.
+    --model defaults to the bundled SmolLM2 (checkpoints.bundled.DEFAULT); a bundled name is resolved
+    later (resolve_bundled: it may download and convert). --max-loras is raised to the number of
+    start-up adapters.
     """
-    embedded = not args.model
-    model_dir = DEFAULT_MODEL_DIR if embedded else Path(args.model)
-    engine_config = config_from_args(EngineConfig, args, model=str(model_dir))
+    from checkpoints import bundled
+
+    model = args.model or bundled.DEFAULT
+    engine_config = config_from_args(EngineConfig, args, model=model)
     server_config = config_from_args(ServerConfig, args)
-    adapters = list(args.adapter)
-    if embedded:
-        adapters = adapters or _default_adapters(model_dir)
-        if not server_config.adapter_roots:
-            server_config = server_config.replace(adapter_roots=(str(model_dir / "adapters"),))
+    adapters = tuple(args.adapter)
     engine_config = engine_config.replace(max_loras=max(engine_config.max_loras, len(adapters)))
-    if model_dir.suffix.lower() == ".gguf":  # the engine converts it (jalora/model/gguf.py, is_gguf)
-        if not model_dir.is_file():
-            raise InvalidRequestError("model", f"{model_dir} does not exist")
-    elif not (model_dir / "config.json").is_file():
-        raise InvalidRequestError("model", f"{model_dir} has no config.json")
-    return ServePlan(engine_config, server_config, tuple(adapters))
+    if model in bundled.names() and not os.path.exists(model):
+        return ServePlan(engine_config, server_config, adapters, bundled=model)
+    path = Path(model)
+    if path.suffix.lower() == ".gguf":  # the engine converts it (jalora/model/gguf.py, is_gguf)
+        if not path.is_file():
+            raise InvalidRequestError("model", f"{path} does not exist")
+    elif not (path / "config.json").is_file():
+        raise InvalidRequestError("model", f"{path} has no config.json")
+    return ServePlan(engine_config, server_config, adapters)
+
+
+def resolve_bundled(plan: ServePlan) -> ServePlan:
+    """For a bundled model: its files (fetched and converted the first time), its judges as the start-up
+    adapters unless --adapter named others, and their folder as adapter root unless --adapter-roots
+    named others."""
+    if plan.bundled is None:
+        return plan
+    from checkpoints import bundled
+
+    found = bundled.resolve(plan.bundled)
+    assert found is not None, plan.bundled
+    adapters = plan.adapters or tuple(_adapters_in(found.adapters_root))
+    server_config = plan.server_config
+    if not server_config.adapter_roots:
+        server_config = server_config.replace(adapter_roots=(str(found.adapters_root),))
+    engine_config = plan.engine_config.replace(
+        model=found.model, max_loras=max(plan.engine_config.max_loras, len(adapters))
+    )
+    return ServePlan(engine_config, server_config, adapters)
+
+
+def prepare(args: argparse.Namespace) -> ServePlan:
+    """serve_plan, preflight, resolve_bundled: every check that takes a moment before any that takes
+    longer (a busy port fails before a download)."""
+    plan = serve_plan(args)
+    preflight(plan)
+    return resolve_bundled(plan)
 
 
 class StartupError(Exception):
@@ -254,8 +290,7 @@ def build_engine(plan: ServePlan) -> LLMEngine:
 def _serve(args: argparse.Namespace) -> int:
     from server.app import JaloraServer
 
-    plan = serve_plan(args)
-    preflight(plan)
+    plan = prepare(args)
     engine = build_engine(plan)
 
     async def run() -> None:
@@ -434,35 +469,9 @@ def _pipeline(args: argparse.Namespace) -> int:
         if not names:
             print("jalora pipeline: the server has no aLoRA adapters to judge with", file=sys.stderr)
             return 2
-        turns = _chat_turns(client, args.question)
-        question = client.tokenize(args.question) if turns is None else turns[0]
         rows = []
-        for _ in range(args.rounds):
-            base = client.generate(question, max_tokens=args.max_tokens, temperature=0.0)
-            rows.append(("base", base))
-            context = question + base.token_ids
-            if turns is not None:  # close the answer's turn as the template does (a cut answer too)
-                _, separator, end_of_turn = turns
-                if end_of_turn is not None and (not base.token_ids or base.token_ids[-1] != end_of_turn):
-                    context.append(end_of_turn)
-                context += separator
-            for name in names:
-                judge = client.generate(
-                    context + list(adapters[name].invocation_tokens), name, max_tokens=args.judge_max_tokens
-                )
-                rows.append((name, judge))
-        print(f"question: {args.question!r}")
-        print(f"answer:   {rows[0][1].text!r}")
-        header = f"{'call':<16}{'prompt':>7}{'cached':>7}{'new':>5}{'activ.':>7}{'queue ms':>10}{'ttft ms':>9}"
-        print(header + f"{'total ms':>10}  text")
-        for name, r in rows:
-            t = r.timings
-            act = "-" if r.activation_index is None else str(r.activation_index)
-            print(
-                f"{name:<16}{r.usage.prompt_tokens:>7}{r.usage.cached_tokens:>7}{r.usage.completion_tokens:>5}"
-                f"{act:>7}{t.queue_seconds * 1e3:>10.1f}{t.time_to_first_token_seconds * 1e3:>9.1f}"
-                f"{t.total_seconds * 1e3:>10.1f}  {r.text!r}"
-            )
+        for question in args.question or DEFAULT_QUESTIONS:
+            rows += _judge_one(client, question, names, adapters, args)
         judge_rows = [r for n, r in rows if n != "base"]
         prompt = sum(r.usage.prompt_tokens for r in judge_rows)
         cached = sum(r.usage.cached_tokens for r in judge_rows)
@@ -470,12 +479,44 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _judge_one(client, question: str, names: list[str], adapters: dict, args: argparse.Namespace) -> list[tuple]:
+    """One question through the pipeline, `args.rounds` times; prints its table and returns its rows."""
+    turns = _chat_turns(client, question)
+    asked = client.tokenize(question) if turns is None else turns[0]
+    rows = []
+    for _ in range(args.rounds):
+        base = client.generate(asked, max_tokens=args.max_tokens, temperature=0.0)
+        rows.append(("base", base))
+        context = asked + base.token_ids
+        if turns is not None:  # close the answer's turn as the template does (a cut answer too)
+            _, separator, end_of_turn = turns
+            if end_of_turn is not None and (not base.token_ids or base.token_ids[-1] != end_of_turn):
+                context.append(end_of_turn)
+            context += separator
+        for name in names:
+            invocation = list(adapters[name].invocation_tokens)
+            rows.append((name, client.generate(context + invocation, name, max_tokens=args.judge_max_tokens)))
+    print(f"question: {question!r}")
+    print(f"answer:   {rows[0][1].text!r}")
+    header = f"{'call':<16}{'prompt':>7}{'cached':>7}{'new':>5}{'activ.':>7}{'queue ms':>10}{'ttft ms':>9}"
+    print(header + f"{'total ms':>10}  text")
+    for name, r in rows:
+        t = r.timings
+        act = "-" if r.activation_index is None else str(r.activation_index)
+        print(
+            f"{name:<16}{r.usage.prompt_tokens:>7}{r.usage.cached_tokens:>7}{r.usage.completion_tokens:>5}"
+            f"{act:>7}{t.queue_seconds * 1e3:>10.1f}{t.time_to_first_token_seconds * 1e3:>9.1f}"
+            f"{t.total_seconds * 1e3:>10.1f}  {r.text!r}"
+        )
+    print()
+    return rows
+
+
 def _demo(args: argparse.Namespace) -> int:
     """`jalora serve` on a free loopback port, in this process, and the pipeline against it over gRPC."""
     from server.app import ServerThread
 
-    plan = serve_plan(args)
-    preflight(plan)
+    plan = prepare(args)
     engine = build_engine(plan)
     with ServerThread(engine, plan.server_config) as server:
         print(f"jalora serving on {server.target}", flush=True)
@@ -502,21 +543,24 @@ def _client_args(p: argparse.ArgumentParser) -> None:
 def _serve_args(p: argparse.ArgumentParser, *, exclude_server: tuple[str, ...] = ()) -> None:
     """Engine and server flags (derived from EngineConfig and ServerConfig) plus the start-up adapters."""
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR",
-                   help="load a PEFT (a)LoRA adapter at start (repeatable; default: none, or without --model "
-                   "the embedded model's adapters)")  # fmt: skip
-    notes = {"model": f" (default: the embedded {DEFAULT_MODEL_DIR}, its adapters and its adapters folder as root)"}
+                   help="load a PEFT (a)LoRA adapter at start (repeatable; default: none, or a bundled model's "
+                   "judges)")  # fmt: skip
+    notes = {"model": ", or a bundled model: smollm2 (SmolLM2-135M-Instruct, fetched and converted once) or tiny "
+             "(random weights); a bundled model brings its aLoRA judges, loaded unless --adapter names others "
+             "(default: smollm2)"}  # fmt: skip
     add_config_flags(p, EngineConfig, notes=notes)
-    roots = {"adapter_roots": " (default: none, so LoadAdapter is refused; without --model, the embedded model's "
-             "adapters folder)"}  # fmt: skip
+    roots = {"adapter_roots": " (default: none, so LoadAdapter is refused; for a bundled model, its judges' "
+             "folder)"}  # fmt: skip
     add_config_flags(p, ServerConfig, exclude=exclude_server, notes=roots)
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--question", default=DEFAULT_QUESTION, help="what the base model answers")
+    p.add_argument("--question", action="append", default=[], help="what the base model answers (repeatable; "
+                   f"default: {' and '.join(map(repr, DEFAULT_QUESTIONS))})")  # fmt: skip
     p.add_argument("--judge", action="append", default=[], metavar="ADAPTER",
                    help="an aLoRA adapter that judges the answer (repeatable; default: every aLoRA the server "
                    "has)")  # fmt: skip
-    p.add_argument("--max-tokens", type=int, default=24, help="tokens of the base answer")
+    p.add_argument("--max-tokens", type=int, default=48, help="tokens of the base answer")
     p.add_argument("--judge-max-tokens", type=int, default=4, help="tokens of each judge's verdict")
     p.add_argument("--rounds", type=int, default=1, help="repeat the pipeline (later rounds hit the cache)")
 
@@ -556,12 +600,14 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(p)
     p.set_defaults(func=_pipeline)
 
-    d = sub.add_parser("demo", help="serve (default: the embedded model) on a free port and run the pipeline",
+    d = sub.add_parser("demo", help="serve (default: SmolLM2 and its judges) on a free port and run the pipeline",
                        formatter_class=HelpFormatter)  # fmt: skip
     _serve_args(d, exclude_server=("port",))
     _pipeline_args(d)
     _call_args(d)
-    d.set_defaults(func=_demo, rounds=2, port=0)  # a free port: the pipeline runs in this process
+    # A free port: the pipeline runs in this process. A demo's prompts are short: smaller steps and
+    # sequences compile fewer step sizes and decode faster on a CPU (bench/results/cpu_decode.json).
+    d.set_defaults(func=_demo, port=0, max_num_batched_tokens=256, max_model_len=2048)
     return parser
 
 

@@ -55,11 +55,12 @@ def test_offline_snippet_runs():
     proc = _run_snippet(code)
     assert proc.returncode == 0, proc.stderr
     assert "[length]" in proc.stdout or "[stop]" in proc.stdout
+    assert "The capital of France is Paris.\n" in proc.stdout  # SmolLM2's greedy answer, as the comment says
 
 
 @pytest.fixture()
 def default_serve():
-    """`jalora serve` as the README's client snippet expects it: the embedded default on 127.0.0.1:50051."""
+    """`jalora serve` as the README's client snippet expects it: the default model on 127.0.0.1:50051."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--no-warmup"], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=env, cwd="/")  # fmt: skip
@@ -83,6 +84,7 @@ def test_client_snippet_runs_against_jalora_serve(default_serve):
     (code,) = [b for b in PYTHON_BLOCKS if "Client(" in b]
     proc = _run_snippet(code)
     assert proc.returncode == 0, proc.stderr
+    assert "The capital of France is Paris.\n" in proc.stdout
 
 
 @pytest.mark.parametrize("command", [c for c in _commands() if c.startswith("jalora ")])

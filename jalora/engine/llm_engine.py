@@ -37,6 +37,14 @@ from jalora.model.kernel_plan import KernelPlan
 from jalora.outputs import RequestDelta
 from jalora.sampling_params import SamplingParams
 
+# Host memory the KV cache may take where the device reports no memory limit (a CPU): like vLLM's
+# CPU backend, a fixed budget rather than a share of RAM, which other processes also use.
+CPU_KV_CACHE_BYTES = 1 << 30
+
+
+def _kv_block_bytes(cfg: ModelConfig, block_size: int, kv_dtype) -> int:
+    return 2 * cfg.num_layers * block_size * cfg.kv_size * np.dtype(kv_dtype).itemsize
+
 
 def _kv_blocks_from_memory(cfg: ModelConfig, block_size: int, kv_dtype, fraction: float) -> int | None:
     dev = jax.devices()[0]
@@ -44,8 +52,7 @@ def _kv_blocks_from_memory(cfg: ModelConfig, block_size: int, kv_dtype, fraction
     if not stats or "bytes_limit" not in stats:
         return None
     free = stats["bytes_limit"] * fraction - stats.get("bytes_in_use", 0)
-    per_block = 2 * cfg.num_layers * block_size * cfg.kv_size * np.dtype(kv_dtype).itemsize
-    return max(int(free // per_block), 1)
+    return max(int(free // _kv_block_bytes(cfg, block_size, kv_dtype)), 1)
 
 
 def _read_generation_config(model_dir: str) -> dict:
@@ -106,8 +113,9 @@ class LLMEngine:
         num_blocks = config.num_kv_blocks
         if num_blocks is None:
             num_blocks = _kv_blocks_from_memory(cfg, config.block_size, self.dtype, config.gpu_memory_utilization)
-        if num_blocks is None:  # CPU: enough for every sequence at full length, capped
-            num_blocks = min(config.max_num_seqs * -(-max_model_len // config.block_size), 8192)
+        if num_blocks is None:  # CPU: every sequence at full length, within CPU_KV_CACHE_BYTES
+            budget = CPU_KV_CACHE_BYTES // _kv_block_bytes(cfg, config.block_size, self.dtype)
+            num_blocks = max(min(config.max_num_seqs * -(-max_model_len // config.block_size), budget), 1)
         # A lone request must always fit, or it could never finish.
         self.max_model_len = min(max_model_len, num_blocks * config.block_size)
         self.num_total_blocks = num_blocks

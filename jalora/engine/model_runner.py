@@ -101,9 +101,17 @@ def unpack_inputs(packed, layout: tuple) -> StepInputs:
     return jax.tree.unflatten(treedef, leaves)
 
 
-def token_buckets(max_num_batched_tokens: int) -> list[int]:
+def token_buckets(max_num_batched_tokens: int, single_token_step: bool = False) -> list[int]:
+    """Step sizes (token rows) the step compiles for: powers of two from MIN_BUCKET (the Pallas kernels'
+    row tile) up to max_num_batched_tokens, and with `single_token_step` a 1-row step below them.
+
+    The 1-row step pays where cost is linear in rows, as on the pure-jnp path (a CPU): batch-1 decode
+    is the commonest small step (a lone request, a judge), and 16 padded rows cost it several times
+    one row's work (bench/results/cpu_decode.json). Sizes between 1 and 16 would add compilations for
+    rarer steps."""
     top = max(MIN_BUCKET, 1 << math.ceil(math.log2(max_num_batched_tokens)))
-    return [1 << i for i in range(int(math.log2(MIN_BUCKET)), int(math.log2(top)) + 1)]
+    powers = [1 << i for i in range(int(math.log2(MIN_BUCKET)), int(math.log2(top)) + 1)]
+    return [1, *powers] if single_token_step else powers
 
 
 class ModelRunner:
@@ -122,7 +130,7 @@ class ModelRunner:
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
         self.max_pages = -(-max_model_len // block_size)
-        self.buckets = token_buckets(max_num_batched_tokens)
+        self.buckets = token_buckets(max_num_batched_tokens, model.plan.single_token_step)
         self.plan = model.plan
         self.graphdef, state = nnx.split(model)
         # The parameters cross into the step as a flat list: flattening the nnx.State pytree on every
@@ -155,6 +163,8 @@ class ModelRunner:
                 all_lp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
                 targets = jnp.maximum(inp.prompt_targets, 0)
                 prompt_lp = jnp.take_along_axis(all_lp, targets[:, None], axis=-1)[:, 0]
+            # The next step reads this step's tokens by row (async scheduling): one shape for every bucket.
+            tokens = jnp.pad(tokens, (0, max_num_seqs - tokens.shape[0]))
             return kv_caches, StepOutputs(tokens, token_lp, top[1], top[0], prompt_lp)
 
         self._step = jax.jit(
@@ -239,18 +249,22 @@ class ModelRunner:
                     ok = nxt < len(r.prompt_token_ids)
                     prompt_targets[cu[i] : cu[i + 1]][ok] = np.asarray(r.prompt_token_ids)[nxt[ok]]
 
-        def per_seq(values, dtype, fill):
-            out = np.full(s, fill, dtype)
+        def per_seq(values, dtype, fill, n=s):
+            out = np.full(n, fill, dtype)
             out[:k] = values
             return out
 
         kv_lens = per_seq(starts + ns, np.int32, 0)
-        logits_indices = per_seq(cu[1 : k + 1] - 1, np.int32, 0)
-        temperature = per_seq([p.temperature for p in params], np.float32, 0.0)
-        top_k = per_seq([p.top_k for p in params], np.int32, 0)
-        top_p = per_seq([p.top_p for p in params], np.float32, 1.0)
-        seeds = per_seq([r.seed for r in reqs], np.uint32, 0)
-        counters = per_seq([len(r.output_token_ids) + len(r.pending) for r in reqs], np.int32, 0)
+        # A step of t tokens has at most t sequences: the logits and sampling take min(t, s) rows (at
+        # batch-1 decode of SmolLM2 on a CPU, 64 rows of logits over its 49k vocabulary took ~18 ms of a
+        # 115 ms step).
+        rows = min(t, s)
+        logits_indices = per_seq(cu[1 : k + 1] - 1, np.int32, 0, rows)
+        temperature = per_seq([p.temperature for p in params], np.float32, 0.0, rows)
+        top_k = per_seq([p.top_k for p in params], np.int32, 0, rows)
+        top_p = per_seq([p.top_p for p in params], np.float32, 1.0, rows)
+        seeds = per_seq([r.seed for r in reqs], np.uint32, 0, rows)
+        counters = per_seq([len(r.output_token_ids) + len(r.pending) for r in reqs], np.int32, 0, rows)
         attn = AttentionMetadata(slot_mapping, kv_lens, page_indices, cu, np.array([k], np.int32))
         lora_slots, segments = None, None
         if (token_slots >= 0).any():  # base-only steps skip the LoRA path entirely (another compilation)

@@ -61,6 +61,12 @@ class KernelPlan:
             attention_tuning=None if attention_tuning is None else attention_tuning(kind),
         )
 
+    @property
+    def single_token_step(self) -> bool:
+        """True if steps of one token row compile on their own: where no Pallas kernel runs, so no kernel
+        tile sets a smallest step size (jalora/engine/model_runner.py, token_buckets)."""
+        return self.attention == "reference" and self.lora == "reference"
+
     def lora_takes_segments(self, num_tokens: int) -> bool:
         """True if a step of `num_tokens` rows runs the segment kernel (else the one-hot form)."""
         return not self.lora_tuning.takes_onehot(num_tokens)

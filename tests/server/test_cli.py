@@ -1,10 +1,11 @@
-"""The Quickstart, as a user runs it: `jalora serve` on the embedded default, then the pipeline demo
-and a generation against it over gRPC; and the flags `serve` / `demo` derive from EngineConfig and
-ServerConfig."""
+"""The Quickstart, as a user runs it: `jalora demo` on the default SmolLM2; `jalora serve` on the
+bundled tiny model, then the pipeline and a generation against it over gRPC; and the flags `serve` /
+`demo` derive from EngineConfig and ServerConfig."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import queue
 import re
@@ -13,6 +14,7 @@ import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +23,9 @@ from jalora.config import EngineConfig
 from server import cli
 from server.config import ServerConfig
 from tests.server.support import REPO
+
+# A guard against a hang, not a margin: the demo (conversion, warm-up, six judge calls) takes 1-3 minutes.
+DEMO_HANG = 900
 
 
 def _lines(stream, sink: queue.Queue) -> None:
@@ -31,10 +36,10 @@ def _lines(stream, sink: queue.Queue) -> None:
 
 @pytest.fixture(scope="module")
 def default_server():
-    """`jalora serve --port 0` with no --model: the embedded checkpoints/default and its judges."""
+    """`jalora serve --model tiny --port 0`: the bundled tiny model (checkpoints/default) and its judges."""
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--port", "0"],
+        [sys.executable, "-m", "server.cli", "serve", "--model", "tiny", "--port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd="/",
     )  # fmt: skip
     out: queue.Queue = queue.Queue()
@@ -169,14 +174,20 @@ def test_bad_adapter_argument_is_a_usage_error():
     assert exit_.value.code == 2
 
 
-def test_demo_serves_and_runs_the_pipeline_in_one_command():
-    """The Quickstart's main job: `jalora demo` (server on a free port + pipeline over gRPC)."""
+def test_demo_serves_and_runs_the_pipeline_in_one_command(smollm2_gguf):
+    """The Quickstart's main job: `jalora demo` (SmolLM2 served on a free port + pipeline over gRPC)
+    answers real questions, and every judge reuses the answer's blocks."""
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, "-m", "server.cli", "demo"], capture_output=True, text=True, env=env, cwd="/", timeout=300
-    )
+        [sys.executable, "-m", "server.cli", "demo"],
+        capture_output=True, text=True, env=env, cwd="/", timeout=DEMO_HANG,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"^jalora serving on 127\.0\.0\.1:\d+$", proc.stdout, re.M)
+    # Greedy float32 on a CPU: the same answer transformers gives (tests/model/test_gguf.py checks parity).
+    assert "answer:   'The capital of France is Paris.'" in proc.stdout, proc.stdout
+    judges = re.findall(r"^(certainty|hallucination|safety)\s+(\d+)\s+(\d+)", proc.stdout, re.M)
+    assert len(judges) == 6 and all(int(cached) >= 48 for _, _, cached in judges), proc.stdout
     reused = re.search(r"judges reused (\d+)/(\d+) prompt tokens", proc.stdout)
     assert reused and int(reused.group(1)) > 0, proc.stdout
 
@@ -207,16 +218,46 @@ def test_derived_flags_carry_the_config_defaults(tiny_models, command):
             if f.name not in demo_port:
                 assert hasattr(args, f.name), f"no flag for {cls.__name__}.{f.name}"
     plan = cli.serve_plan(args)
-    assert plan.engine_config == EngineConfig(model=model)
+    # demo's own defaults: short prompts, so smaller steps and sequences (fewer compilations on a CPU)
+    demo = dict(max_num_batched_tokens=256, max_model_len=2048) if command == "demo" else {}
+    assert plan.engine_config == EngineConfig(model=model, **demo)
     assert plan.server_config == (ServerConfig(port=0) if command == "demo" else ServerConfig())
     assert plan.adapters == ()
 
 
-def test_serve_without_flags_is_the_embedded_default():
+def test_serve_without_flags_is_the_bundled_smollm2(smollm2_gguf):
+    """No --model: SmolLM2 (fetched and converted once) with its random judges, written once into the
+    cache, as start-up adapters and adapter root. The plan names it before any file is read."""
+    from jalora.cache import cache_dir
+    from jalora.model.gguf import converted_dir
+
     plan = _plan("serve")
-    assert plan.engine_config == EngineConfig(model=str(DEFAULT_MODEL_DIR))  # its 3 judges fit max_loras' default
-    assert plan.server_config == ServerConfig(adapter_roots=[str(DEFAULT_MODEL_DIR / "adapters")])
+    assert plan.bundled == "smollm2" and plan.engine_config == EngineConfig(model="smollm2")
+    resolved = cli.resolve_bundled(plan)
+    root = cache_dir() / "judges" / converted_dir(smollm2_gguf).name
+    assert resolved.engine_config == EngineConfig(model=str(smollm2_gguf))  # its 3 judges fit max_loras' default
+    assert resolved.server_config == ServerConfig(adapter_roots=(str(root),))
+    assert dict(resolved.adapters) == {n: str(root / n) for n in ("certainty", "hallucination", "safety")}
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(converted_dir(smollm2_gguf) / "tokenizer.json"))
+    for name, path in resolved.adapters:  # each judge answers in a chat turn of its own role
+        config = json.loads((Path(path) / "adapter_config.json").read_text())
+        opening = f"<|im_start|>{name}\n"
+        assert config["invocation_string"] == opening
+        assert config["alora_invocation_tokens"] == tokenizer.encode(opening, add_special_tokens=False).ids
+    assert cli.resolve_bundled(_plan("serve")) == resolved  # the second start finds them
+
+
+def test_bundled_tiny_and_explicit_adapters():
+    plan = cli.resolve_bundled(_plan("serve", "--model", "tiny"))
+    assert plan.engine_config == EngineConfig(model=str(DEFAULT_MODEL_DIR))
+    assert plan.server_config == ServerConfig(adapter_roots=(str(DEFAULT_MODEL_DIR / "adapters"),))
     assert {name for name, _ in plan.adapters} == {"certainty", "hallucination", "safety"}
+    # --adapter replaces the judges; --adapter-roots replaces their folder as root.
+    judge = str(DEFAULT_MODEL_DIR / "adapters" / "safety")
+    plan = cli.resolve_bundled(_plan("serve", "--model", "tiny", "--adapter", f"s={judge}", "--adapter-roots", "/r"))
+    assert plan.adapters == (("s", judge),) and plan.server_config.adapter_roots == ("/r",)
 
 
 def test_flags_reach_the_configs(tiny_models, tmp_path):
