@@ -1,4 +1,6 @@
-"""Starts the gRPC server: jalora.v1.Jalora, grpc.health.v1.Health and server reflection.
+"""Starts the gRPC server: jalora.v1.Jalora, grpc.health.v1.Health and server reflection (unless
+`reflection` is off), over TLS and behind bearer tokens when the config names their files
+(server/security.py).
 
 `JaloraServer(engine, config)` runs on the caller's asyncio loop (`jalora serve`); `ServerThread(engine,
 config)` runs one on a loop of its own in a background thread (tests, notebooks, embedding in a
@@ -23,6 +25,7 @@ from jalora.api.v1 import jalora_pb2, jalora_pb2_grpc
 from jalora.engine.interface import Engine
 from server.config import ServerConfig
 from server.engine_worker import EngineWorker
+from server.security import server_credentials, token_interceptor
 from server.servicer import JaloraServicer
 
 logger = logging.getLogger(__name__)
@@ -33,6 +36,30 @@ SERVICE_NAME = jalora_pb2.DESCRIPTOR.services_by_name["Jalora"].full_name  # "ja
 def format_address(host: str, port: int) -> str:
     """host:port, with an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
+def server_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The grpc channel arguments of a server with `config`."""
+    options = [
+        *CHANNEL_OPTIONS,
+        ("grpc.so_reuseport", 0),
+        ("grpc.keepalive_time_ms", _ms(config.keepalive_time)),
+        ("grpc.keepalive_timeout_ms", _ms(config.keepalive_timeout)),
+        # Keep pinging while a call sends nothing (a long prefill, a queued request): by default a
+        # server stops after two pings without data, and a dead client would then hold its requests.
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+    ]
+    if config.max_connection_age is not None:
+        options += [
+            ("grpc.max_connection_age_ms", _ms(config.max_connection_age)),
+            ("grpc.max_connection_age_grace_ms", _ms(config.max_connection_age_grace)),
+        ]
+    return options
 
 
 def _version() -> str:
@@ -55,6 +82,9 @@ class JaloraServer:
         self.worker = EngineWorker(engine, self.config.max_pending_requests)
         self.servicer = JaloraServicer(self.worker, self.config, version=_version())
         self.health = health.aio.HealthServicer()
+        # The TLS and token files are read once, here (their readability was checked by ServerConfig).
+        self._credentials = server_credentials(self.config)
+        self._interceptor = token_interceptor(self.config)
         self.port: int | None = None  # the bound port, once started
         self._server: grpc.aio.Server | None = None
 
@@ -65,21 +95,21 @@ class JaloraServer:
 
     async def start(self) -> int:
         """Starts serving; returns the bound port (useful with port=0)."""
-        server = grpc.aio.server(
-            options=[
-                *CHANNEL_OPTIONS,
-                ("grpc.so_reuseport", 0),
-            ]
-        )
+        interceptors = [] if self._interceptor is None else [self._interceptor]
+        server = grpc.aio.server(interceptors=interceptors, options=server_options(self.config))
         jalora_pb2_grpc.add_JaloraServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            server,
-        )
+        if self.config.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                server,
+            )
         bind = format_address(self.config.host, self.config.port)
-        try:
-            self.port = server.add_insecure_port(bind) or None  # older grpc returned 0, newer ones raise
+        try:  # older grpc returned port 0 on failure, newer ones raise
+            if self._credentials is None:
+                self.port = server.add_insecure_port(bind) or None
+            else:
+                self.port = server.add_secure_port(bind, self._credentials) or None
         except RuntimeError as e:
             raise OSError(f"could not bind {bind}: {e}") from None
         if self.port is None:

@@ -3,16 +3,23 @@
 `JaloraServer(engine, config)` and `ServerThread(engine, config)` take one; `jalora serve` derives its
 server flags, types, defaults and help from the fields below (server/cli.py), as it derives its engine
 flags from `EngineConfig`, so each default is written once, here. Validation runs on construction,
-before any model is loaded: a bad value raises `InvalidRequestError` naming the field.
+before any model is loaded: a bad value raises `InvalidRequestError` naming the field. The TLS and token
+files must be readable then; their contents are checked by the CLI's preflight (server/cli.py) and read
+by the server at start (server/security.py).
+
+A server reachable from other machines must not serve plaintext to anyone: a `host` that is not a
+loopback address needs TLS and client authentication (a token, or client certificates), unless
+`insecure` says the operator means it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 
-from jalora.api import DEFAULT_HOST, DEFAULT_PORT
+from jalora.api import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIMEOUT, read_token_file
 from jalora.config import config_field, is_int, require
 
 
@@ -26,6 +33,45 @@ class ServerConfig:
     max_pending_requests: int = config_field(256, "requests in flight before new ones get RESOURCE_EXHAUSTED")
     grace: float = config_field(5.0, "seconds running calls get to finish at shutdown")
     model_name: str = config_field("", "model name GetServerInfo reports (default: the engine's model directory)")
+    tls_cert: str | None = config_field(
+        None, "PEM certificate chain the server presents; with --tls-key it serves TLS (default: plaintext)",
+        metavar="FILE",
+    )
+    tls_key: str | None = config_field(None, "PEM private key of --tls-cert (default: none)", metavar="FILE")
+    tls_client_ca: str | None = config_field(
+        None, "PEM CA certificates: clients must present a certificate one of them signed (mutual TLS; "
+        "default: no client certificates)", metavar="FILE",
+    )
+    auth_token_file: str | None = config_field(
+        None, "file holding the bearer token every call but health checks must send as `authorization: "
+        "Bearer TOKEN` (default: no token)", metavar="FILE",
+    )
+    admin_token_file: str | None = config_field(
+        None, "file holding the token LoadAdapter and UnloadAdapter require (the admin token also passes "
+        "for every other call; default: they take --auth-token-file's)", metavar="FILE",
+    )
+    insecure: bool = config_field(
+        False, "serve a --host that is not a loopback address without TLS and client authentication"
+    )
+    reflection: bool = config_field(True, "serve gRPC server reflection (service discovery for grpcurl and the like)")
+    keepalive_time: float = config_field(
+        60.0, "seconds between the server's keepalive pings on a connection, so a vanished client's requests "
+        "are aborted and their KV blocks freed"
+    )
+    keepalive_timeout: float = config_field(20.0, "seconds a keepalive ping may go unanswered before the "
+                                            "connection is closed")  # fmt: skip
+    max_connection_age: float | None = config_field(
+        None, "seconds after which a connection is asked to go away, so clients spread over new servers "
+        "behind a load balancer (default: no limit)"
+    )
+    max_connection_age_grace: float = config_field(
+        DEFAULT_TIMEOUT, "seconds the calls of a connection past its --max-connection-age get to finish "
+        "(a client's default deadline)"
+    )
+    max_concurrent_streams: int = config_field(
+        1024, "calls one connection may have open at once (above --max-pending-requests, so a full server "
+        "answers RESOURCE_EXHAUSTED rather than leaving calls queued in the client)"
+    )
 
     def __post_init__(self):
         require(isinstance(self.host, str) and bool(self.host), "host", f"must name an address, got {self.host!r}")
@@ -47,6 +93,65 @@ class ServerConfig:
         require(isinstance(g, int | float) and not isinstance(g, bool) and math.isfinite(g) and g >= 0, "grace",
                 f"must be a number of seconds >= 0, got {g!r}")  # fmt: skip
         require(isinstance(self.model_name, str), "model_name", f"must be a string, got {self.model_name!r}")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "admin_token_file"):
+            object.__setattr__(self, name, _readable_file(name, getattr(self, name)))
+        require(self.tls_key is None or self.tls_cert is not None, "tls_key", "needs --tls-cert, the certificate "
+                "it belongs to")  # fmt: skip
+        require(self.tls_cert is None or self.tls_key is not None, "tls_cert", "needs --tls-key, its private key")
+        require(self.tls_client_ca is None or self.tls_cert is not None, "tls_client_ca",
+                "needs TLS: --tls-cert and --tls-key")  # fmt: skip
+        for name in ("auth_token_file", "admin_token_file"):
+            path = getattr(self, name)
+            if path is not None:
+                try:
+                    read_token_file(path)
+                except ValueError as e:
+                    require(False, name, str(e))
+        for name in ("insecure", "reflection"):
+            require(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
+        for name in ("keepalive_time", "keepalive_timeout", "max_connection_age", "max_connection_age_grace"):
+            value = getattr(self, name)
+            if value is None and name == "max_connection_age":
+                continue
+            require(_is_seconds(value) and value > 0, name, f"must be a number of seconds > 0, got {value!r}")
+        n = self.max_concurrent_streams
+        require(is_int(n) and n >= 1, "max_concurrent_streams", f"must be an integer >= 1, got {n!r}")
+        if not (self.insecure or is_loopback(self.host)):
+            require(self.tls_cert is not None and (self.auth_token_file or self.tls_client_ca), "host",
+                    f"{self.host} is not a loopback address: serving it needs TLS (--tls-cert, --tls-key) and "
+                    "client authentication (--auth-token-file or --tls-client-ca); --insecure serves it without "
+                    "them")  # fmt: skip
 
     def replace(self, **changes) -> ServerConfig:
         return dataclasses.replace(self, **changes)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` names this machine only: `localhost` or a loopback IP address. Any other name may
+    resolve to an outside address, so it counts as not loopback."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_seconds(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _readable_file(field: str, path) -> str | None:
+    """`path` as a str, once it names a readable file; None stays None."""
+    if path is None:
+        return None
+    path = os.fspath(path) if isinstance(path, os.PathLike) else path
+    require(isinstance(path, str) and bool(path), field, f"must name a file, got {path!r}")
+    require(not os.path.exists(path) or os.path.isfile(path), field, f"{path} is not a file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        reason = e.strerror or str(e)
+        require(False, field, f"cannot read {path}: {reason[:1].lower() + reason[1:]}")
+    return path

@@ -17,3 +17,21 @@ CHANNEL_OPTIONS = (
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 )
+# Call credentials: `authorization: Bearer <token>` metadata on every call (gRPC metadata keys are
+# lower case). Server and clients read a token file the same way (read_token_file), so one file serves both.
+AUTHORIZATION_METADATA_KEY = "authorization"
+BEARER_PREFIX = "Bearer "
+
+
+def read_token_file(path) -> str:
+    """The bearer token a file holds: its text without surrounding whitespace (a trailing newline).
+
+    Raises OSError if it cannot be read, ValueError if it holds no token or one that cannot travel in
+    gRPC metadata (printable ASCII without spaces)."""
+    with open(path, encoding="utf-8", errors="strict") as f:
+        token = f.read().strip()
+    if not token:
+        raise ValueError(f"{path} holds no token")
+    if not all("!" <= c <= "~" for c in token):
+        raise ValueError(f"{path} must hold one token of printable ASCII without spaces")
+    return token
