@@ -3,7 +3,9 @@
 Imports only grpc and the generated API code (jalora.api), never JAX: a client process stays light.
 """
 
+from jalora.api import read_token_file
 from jalora.client.client import (
+    TLS,
     AdapterInfo,
     AsyncClient,
     Client,
@@ -18,6 +20,7 @@ from jalora.client.client import (
 )
 
 __all__ = [
+    "TLS",
     "AdapterInfo",
     "AsyncClient",
     "Client",
@@ -28,5 +31,6 @@ __all__ = [
     "Timings",
     "Usage",
     "generate_request",
+    "read_token_file",
     "with_invocation",
 ]

@@ -9,6 +9,10 @@
                                   adapter="judge", max_tokens=8)
         print(verdict.text, verdict.usage.cached_tokens)
 
+Against a server with TLS and a token (`jalora serve --tls-cert ... --auth-token-file ...`):
+
+    Client("server:50051", tls=TLS(ca="ca.pem"), token=read_token_file("token"))
+
 Results are typed dataclasses; a failed call raises `ServerError` with the gRPC status code, the
 server's message and, for INVALID_ARGUMENT, the request field at fault. `generate_request` builds the
 GenerateRequest message the clients send, for callers that use the generated stub directly.
@@ -17,6 +21,7 @@ GenerateRequest message the clients send, for callers that use the generated stu
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
@@ -24,7 +29,14 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from jalora.api import CHANNEL_OPTIONS, DEFAULT_TARGET, DEFAULT_TIMEOUT, FIELD_METADATA_KEY
+from jalora.api import (
+    AUTHORIZATION_METADATA_KEY,
+    BEARER_PREFIX,
+    CHANNEL_OPTIONS,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    FIELD_METADATA_KEY,
+)
 from jalora.api.v1 import jalora_pb2 as pb
 from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
 
@@ -299,16 +311,84 @@ def _server_error(err: grpc.RpcError) -> ServerError:
     return ServerError(code, details or "", field)
 
 
+# ---- channels ------------------------------------------------------------------------------------
+
+
+PEM = str | bytes | os.PathLike  # a PEM file's path, or its contents as bytes
+
+
+def _pem(value: PEM | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as f:
+        return f.read()
+
+
+@dataclasses.dataclass(frozen=True)
+class TLS:
+    """A TLS channel's settings. Each PEM value is a file path or the PEM text as bytes.
+
+    `ca`: the root certificates that signed the server's certificate (default: gRPC's bundled roots);
+    `cert` and `key`: this client's certificate chain and private key, for a server that requires
+    client certificates (mutual TLS); both or neither. `server_name`: the name the server's
+    certificate must carry when it is not the target's host (e.g. connecting by address).
+    """
+
+    ca: PEM | None = None
+    cert: PEM | None = None
+    key: PEM | None = None
+    server_name: str | None = None
+
+    def __post_init__(self):
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("TLS: a client certificate needs its key and a key its certificate (cert= and key=)")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The channel credentials (reads the files now)."""
+        return grpc.ssl_channel_credentials(_pem(self.ca), _pem(self.key), _pem(self.cert))
+
+    def options(self) -> list[tuple[str, str]]:
+        return [] if self.server_name is None else [("grpc.ssl_target_name_override", self.server_name)]
+
+
+def _channel(target: str, tls: TLS | bool | None, options: Sequence[tuple[str, Any]], aio: bool):
+    grpc_ = grpc.aio if aio else grpc
+    if tls is None or tls is False:
+        return grpc_.insecure_channel(target, options=[*CHANNEL_OPTIONS, *options])
+    tls = TLS() if tls is True else tls
+    return grpc_.secure_channel(target, tls.credentials(), options=[*CHANNEL_OPTIONS, *tls.options(), *options])
+
+
+def _call_metadata(token: str | None) -> tuple[tuple[str, str], ...] | None:
+    if token is None:
+        return None
+    if not isinstance(token, str) or not token or not all("!" <= c <= "~" for c in token):
+        raise ValueError("token must be a non-empty string of printable ASCII without spaces")
+    return ((AUTHORIZATION_METADATA_KEY, BEARER_PREFIX + token),)
+
+
 # ---- clients -------------------------------------------------------------------------------------
 
 
 class Client:
-    """Blocking client. `timeout` (seconds) is the default deadline of every call; None = no deadline."""
+    """Blocking client. `timeout` (seconds) is the default deadline of every call; None = no deadline.
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = DEFAULT_TIMEOUT, channel=None):
+    `tls`: None for plaintext, True for TLS trusting gRPC's bundled roots, or a `TLS` (a CA file, a
+    client certificate). `token`: sent as `authorization: Bearer <token>` on every call, health checks
+    included. `options`: more grpc channel arguments. `channel`: a channel of your own instead of one
+    built from `target`, `tls` and `options`.
+    """
+
+    def __init__(
+        self, target: str = DEFAULT_TARGET, *, timeout: float | None = DEFAULT_TIMEOUT, tls: TLS | bool | None = None,
+        token: str | None = None, options: Sequence[tuple[str, Any]] = (), channel=None,
+    ):  # fmt: skip
         self.target = target
         self.timeout = timeout
-        self._channel = channel or grpc.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+        self._metadata = _call_metadata(token)
+        if channel is not None and (tls or options):
+            raise ValueError("pass tls= and options= or a channel of your own, not both")
+        self._channel = channel or _channel(target, tls, options, aio=False)
         self._stub = pb_grpc.JaloraStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -353,7 +433,7 @@ class Client:
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
         want_logprobs = request.sampling.HasField("logprobs")
-        call = self._stub.Generate(request, timeout=self._timeout(timeout))
+        call = self._stub.Generate(request, timeout=self._timeout(timeout), metadata=self._metadata)
         try:
             for msg in call:
                 yield _chunk(msg, want_logprobs)
@@ -387,7 +467,7 @@ class Client:
 
     def _unary(self, method, request, timeout: float | None):
         try:
-            return method(request, timeout=self._timeout(timeout))
+            return method(request, timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as err:
             raise _server_error(err) from None
 
@@ -453,10 +533,16 @@ class Client:
 class AsyncClient:
     """asyncio client (grpc.aio); same methods as Client, as coroutines / async iterators."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, timeout: float | None = DEFAULT_TIMEOUT, channel=None):
+    def __init__(
+        self, target: str = DEFAULT_TARGET, *, timeout: float | None = DEFAULT_TIMEOUT, tls: TLS | bool | None = None,
+        token: str | None = None, options: Sequence[tuple[str, Any]] = (), channel=None,
+    ):  # fmt: skip
         self.target = target
         self.timeout = timeout
-        self._channel = channel or grpc.aio.insecure_channel(target, options=list(CHANNEL_OPTIONS))
+        self._metadata = _call_metadata(token)
+        if channel is not None and (tls or options):
+            raise ValueError("pass tls= and options= or a channel of your own, not both")
+        self._channel = channel or _channel(target, tls, options, aio=True)
         self._stub = pb_grpc.JaloraStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -499,7 +585,7 @@ class AsyncClient:
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
         want_logprobs = request.sampling.HasField("logprobs")
-        call = self._stub.Generate(request, timeout=self._timeout(timeout))
+        call = self._stub.Generate(request, timeout=self._timeout(timeout), metadata=self._metadata)
         try:
             async for msg in call:
                 yield _chunk(msg, want_logprobs)
@@ -534,7 +620,7 @@ class AsyncClient:
 
     async def _unary(self, method, request, timeout: float | None):
         try:
-            return await method(request, timeout=self._timeout(timeout))
+            return await method(request, timeout=self._timeout(timeout), metadata=self._metadata)
         except grpc.RpcError as err:
             raise _server_error(err) from None
 

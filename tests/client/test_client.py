@@ -8,7 +8,16 @@ import grpc
 import pytest
 
 from jalora import SamplingParams
-from jalora.client import AdapterInfo, AsyncClient, Client, ServerError, generate_request, with_invocation
+from jalora.client import (
+    TLS,
+    AdapterInfo,
+    AsyncClient,
+    Client,
+    ServerError,
+    generate_request,
+    read_token_file,
+    with_invocation,
+)
 
 ALORA = AdapterInfo("judge", "alora", [3, 356, 4], "<|start_of_role|>judge<|end_of_role|>", 8, ["q_proj"], "ab")
 ALORA_NO_STRING = AdapterInfo("judge2", "alora", [7, 8], None, 8, ["q_proj"], "cd")
@@ -62,3 +71,25 @@ def test_client_import_does_not_load_jax():
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "False"
+
+
+def test_tls_and_token_arguments_are_checked(tmp_path):
+    """What can be checked without a server (tests/server/test_security.py connects with them)."""
+    with pytest.raises(ValueError, match="needs its key"):
+        TLS(cert=b"pem")
+    with pytest.raises(ValueError, match="needs its key"):
+        TLS(key=b"pem")
+    for token in ("", "two words", "caf\u00e9"):
+        with pytest.raises(ValueError, match="printable ASCII"):
+            Client("127.0.0.1:1", token=token)
+    with pytest.raises(ValueError, match="not both"):
+        Client("127.0.0.1:1", tls=True, channel=grpc.insecure_channel("127.0.0.1:1"))
+    with pytest.raises(FileNotFoundError):
+        Client("127.0.0.1:1", tls=TLS(ca=tmp_path / "missing.pem"))
+    assert TLS(server_name="jalora.internal").options() == [("grpc.ssl_target_name_override", "jalora.internal")]
+    path = tmp_path / "token"
+    path.write_text("  s3cret-token\n")
+    assert read_token_file(path) == "s3cret-token"
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="holds no token"):
+        read_token_file(path)
