@@ -15,10 +15,13 @@ default, help and choices, and `--flag/--no-flag` for a bool field. The configs 
 validated) before any slow work: a bad value ends the command with `jalora <command>: <field>:
 <message>` and exit status 2 before the model is read. So does what `serve` / `demo` need from the
 machine (`preflight`): every `--adapter` directory holds a PEFT adapter's two files, every adapter root
-exists, the address can be bound; each problem is one line `jalora <command>: <what>: <problem>`.
+exists, the TLS files hold a certificate and its key, the address can be bound; each problem is one line
+`jalora <command>: <what>: <problem>`. A --host that is not loopback needs TLS and client authentication
+(or --insecure): ServerConfig refuses it.
 
 `generate` and `pipeline` talk to the server at --target: one health check, and no SERVING server
 there ends the command (one line, exit 1), unless --wait SECONDS gives a starting server that long.
+--tls / --tls-ca / --tls-cert / --tls-key and --token-file take them to a server with TLS and a token.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import time
 import types
@@ -38,7 +42,7 @@ import typing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from jalora.api import CHANNEL_OPTIONS, DEFAULT_TARGET, DEFAULT_TIMEOUT
+from jalora.api import DEFAULT_TARGET, DEFAULT_TIMEOUT, read_token_file
 from jalora.config import EngineConfig
 from jalora.errors import InvalidRequestError
 from server.config import ServerConfig
@@ -244,6 +248,34 @@ def _bind_problem(host: str, port: int) -> str | None:
     return f"port {port}: {reason}" if error.errno in (errno.EADDRINUSE, errno.EACCES) else f"host {host}: {reason}"
 
 
+def _tls_problems(config: ServerConfig) -> list[str]:
+    """Why the config's PEM files would not make a TLS server (ServerConfig checked they are readable).
+
+    Python's ssl module parses them as OpenSSL will when gRPC loads them at start; an encrypted key
+    counts as unreadable (gRPC takes no password)."""
+    problems = []
+
+    def certificates(field: str, path: str) -> bool:
+        try:
+            ssl.create_default_context(cafile=path)
+            return True
+        except ssl.SSLError:
+            problems.append(f"{field}: {path} holds no PEM certificate")
+            return False
+
+    if config.tls_cert is not None and certificates("tls_cert", config.tls_cert):
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(config.tls_cert, config.tls_key, password=b"")
+        except ssl.SSLError as e:
+            if e.reason == "KEY_VALUES_MISMATCH":
+                problems.append(f"tls_key: {config.tls_key} is not the private key of {config.tls_cert}")
+            else:
+                problems.append(f"tls_key: {config.tls_key} holds no unencrypted PEM private key")
+    if config.tls_client_ca is not None:
+        certificates("tls_client_ca", config.tls_client_ca)
+    return problems
+
+
 def preflight(plan: ServePlan) -> None:
     """Checks what `build_engine` and the server will need from the file system and the network, so
     that a typo fails in a moment instead of after the model load and the compilation.
@@ -262,6 +294,7 @@ def preflight(plan: ServePlan) -> None:
         if not os.path.isdir(root):
             what = "is not a directory" if os.path.exists(root) else "does not exist"
             problems.append(f"adapter_roots: {root} {what}")
+    problems += _tls_problems(plan.server_config)
     problem = _bind_problem(plan.server_config.host, plan.server_config.port)
     if problem:
         problems.append(problem)
@@ -329,6 +362,14 @@ class ServerUnreachable(Exception):
     """No SERVING jalora server at the target (exit status 1)."""
 
 
+def _tls_mismatch(details: str) -> bool:
+    """Whether a failed connection's details say the TLS handshake failed: TLS on one side only (a
+    plaintext client sees the TLS server close the socket), an untrusted certificate, or no client
+    certificate where the server requires one."""
+    details = details.lower()
+    return "handshake failed" in details or "socket closed" in details
+
+
 def _await_server(client, target: str, command: str, wait: float | None) -> None:
     """Returns once the server at `target` answers SERVING.
 
@@ -350,6 +391,11 @@ def _await_server(client, target: str, command: str, wait: float | None) -> None
         except ServerError as e:
             details = " ".join(e.details.split())
             why = "connection refused" if "connection refused" in details.lower() else details
+            if _tls_mismatch(details):  # a server is there, and waiting will not change how it speaks
+                raise ServerUnreachable(
+                    f"cannot connect to {target} ({why}); a server that serves TLS needs --tls-ca (and "
+                    "--tls-cert/--tls-key if it asks for a client certificate), a plaintext one none of them"
+                ) from None
         if deadline is None:
             raise ServerUnreachable(
                 f"no server at {target} ({why}); start one with `jalora serve`, or pass --wait SECONDS to wait for one"
@@ -364,15 +410,53 @@ def _await_server(client, target: str, command: str, wait: float | None) -> None
         time.sleep(0.2)
 
 
+def _cannot_read(flag: str, path: str, error: OSError) -> InvalidRequestError:
+    reason = error.strerror or str(error)
+    return InvalidRequestError(flag, f"cannot read {path}: {reason[:1].lower() + reason[1:]}")
+
+
+def _flag_file(flag: str, path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise _cannot_read(flag, path, e) from None
+
+
+def _client_credentials(args: argparse.Namespace):
+    """(TLS settings or None, token or None) from the client flags (`demo` has none: its own server is
+    plaintext on loopback). Raises InvalidRequestError naming the flag."""
+    from jalora.client import TLS
+
+    tls = None
+    ca, cert, key = (getattr(args, name, None) for name in ("tls_ca", "tls_cert", "tls_key"))
+    if getattr(args, "tls", False) or ca or cert or key:
+        if cert is None and key is not None:
+            raise InvalidRequestError("--tls-key", "needs --tls-cert, the client certificate it belongs to")
+        if key is None and cert is not None:
+            raise InvalidRequestError("--tls-cert", "needs --tls-key, its private key")
+        files = {flag: _flag_file(flag, path) for flag, path in (("--tls-ca", ca), ("--tls-cert", cert),
+                                                                 ("--tls-key", key)) if path}  # fmt: skip
+        tls = TLS(ca=files.get("--tls-ca"), cert=files.get("--tls-cert"), key=files.get("--tls-key"))
+    token = None
+    if getattr(args, "token_file", None):
+        try:
+            token = read_token_file(args.token_file)
+        except OSError as e:
+            raise _cannot_read("--token-file", args.token_file, e) from None
+        except ValueError as e:
+            raise InvalidRequestError("--token-file", str(e)) from None
+    return tls, token
+
+
 def _connect(args: argparse.Namespace):
     """A Client of the server at --target, once it is SERVING (see _await_server; `demo` has no --wait)."""
-    import grpc
-
     from jalora.client import Client
 
     wait = getattr(args, "wait", None)
-    options = [*CHANNEL_OPTIONS, ("grpc.max_reconnect_backoff_ms", WAIT_RETRY_MS)]
-    client = Client(args.target, timeout=args.timeout, channel=grpc.insecure_channel(args.target, options=options))
+    tls, token = _client_credentials(args)
+    options = [("grpc.max_reconnect_backoff_ms", WAIT_RETRY_MS)]
+    client = Client(args.target, timeout=args.timeout, tls=tls, token=token, options=options)
     try:
         _await_server(client, args.target, args.command, wait)
     except BaseException:
@@ -537,6 +621,18 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=float, default=None, metavar="SECONDS",
                    help="wait up to SECONDS for the server to be SERVING, e.g. while `jalora serve` starts "
                    "(default: no wait; fail at once when nothing answers)")  # fmt: skip
+    p.add_argument("--tls", action="store_true",
+                   help="connect over TLS, trusting gRPC's bundled root certificates (default: plaintext unless "
+                   "a --tls-* flag is given)")  # fmt: skip
+    p.add_argument("--tls-ca", metavar="FILE",
+                   help="PEM root certificates that signed the server's certificate; implies --tls (default: "
+                   "gRPC's bundled roots)")  # fmt: skip
+    p.add_argument("--tls-cert", metavar="FILE",
+                   help="PEM client certificate for a server that requires one (mutual TLS); implies --tls "
+                   "(default: none)")  # fmt: skip
+    p.add_argument("--tls-key", metavar="FILE", help="PEM private key of --tls-cert (default: none)")
+    p.add_argument("--token-file", metavar="FILE",
+                   help="file holding the bearer token to send with every call (default: no token)")  # fmt: skip
     _call_args(p)
 
 
@@ -563,6 +659,10 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=48, help="tokens of the base answer")
     p.add_argument("--judge-max-tokens", type=int, default=4, help="tokens of each judge's verdict")
     p.add_argument("--rounds", type=int, default=1, help="repeat the pipeline (later rounds hit the cache)")
+
+
+# `demo` serves on a free port to its own client in this process, which brings no certificate or token.
+DEMO_EXCLUDED = ("port", "tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "admin_token_file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -602,7 +702,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="serve (default: SmolLM2 and its judges) on a free port and run the pipeline",
                        formatter_class=HelpFormatter)  # fmt: skip
-    _serve_args(d, exclude_server=("port",))
+    _serve_args(d, exclude_server=DEMO_EXCLUDED)
     _pipeline_args(d)
     _call_args(d)
     # A free port: the pipeline runs in this process. A demo's prompts are short: smaller steps and
