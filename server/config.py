@@ -26,6 +26,9 @@ class ServerConfig:
     max_pending_requests: int = config_field(256, "requests in flight before new ones get RESOURCE_EXHAUSTED")
     grace: float = config_field(5.0, "seconds running calls get to finish at shutdown")
     model_name: str = config_field("", "model name GetServerInfo reports (default: the engine's model directory)")
+    metrics_port: int | None = config_field(
+        None, "serve Prometheus metrics over HTTP on this port of --host; 0 picks a free one (default: no metrics)"
+    )
 
     def __post_init__(self):
         require(isinstance(self.host, str) and bool(self.host), "host", f"must name an address, got {self.host!r}")
@@ -47,6 +50,10 @@ class ServerConfig:
         require(isinstance(g, int | float) and not isinstance(g, bool) and math.isfinite(g) and g >= 0, "grace",
                 f"must be a number of seconds >= 0, got {g!r}")  # fmt: skip
         require(isinstance(self.model_name, str), "model_name", f"must be a string, got {self.model_name!r}")
+        m = self.metrics_port
+        require(m is None or (is_int(m) and 0 <= m <= 65535), "metrics_port",
+                f"must be None or an integer in [0, 65535], got {m!r}")  # fmt: skip
+        require(m is None or m == 0 or m != self.port, "metrics_port", f"must differ from port ({m})")
 
     def replace(self, **changes) -> ServerConfig:
         return dataclasses.replace(self, **changes)
