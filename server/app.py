@@ -25,6 +25,7 @@ from jalora.api.v1 import jalora_pb2, jalora_pb2_grpc
 from jalora.engine.interface import Engine
 from server.config import ServerConfig
 from server.engine_worker import EngineWorker
+from server.metrics import ServerMetrics
 from server.security import server_credentials, token_interceptor
 from server.servicer import JaloraServicer
 
@@ -79,13 +80,16 @@ class JaloraServer:
 
     def __init__(self, engine: Engine, config: ServerConfig | None = None):
         self.config = ServerConfig() if config is None else config
-        self.worker = EngineWorker(engine, self.config.max_pending_requests)
+        # Prometheus metrics (server/metrics.py), filled by the engine thread, when a metrics port is set.
+        self.metrics = ServerMetrics() if self.config.metrics_port is not None else None
+        self.worker = EngineWorker(engine, self.config.max_pending_requests, observer=self.metrics)
         self.servicer = JaloraServicer(self.worker, self.config, version=_version())
         self.health = health.aio.HealthServicer()
         # The TLS and token files are read once, here (their readability was checked by ServerConfig).
         self._credentials = server_credentials(self.config)
         self._interceptor = token_interceptor(self.config)
         self.port: int | None = None  # the bound port, once started
+        self.metrics_port: int | None = None  # the metrics endpoint's bound port, once started
         self._server: grpc.aio.Server | None = None
 
     @property
@@ -94,7 +98,8 @@ class JaloraServer:
         return format_address(self.config.host, self.config.port if self.port is None else self.port)
 
     async def start(self) -> int:
-        """Starts serving; returns the bound port (useful with port=0)."""
+        """Starts serving (and the metrics endpoint, with a metrics port); returns the bound port (useful
+        with port=0; `metrics_port` holds the metrics endpoint's)."""
         interceptors = [] if self._interceptor is None else [self._interceptor]
         server = grpc.aio.server(interceptors=interceptors, options=server_options(self.config))
         jalora_pb2_grpc.add_JaloraServicer_to_server(self.servicer, server)
@@ -114,12 +119,21 @@ class JaloraServer:
             raise OSError(f"could not bind {bind}: {e}") from None
         if self.port is None:
             raise OSError(f"could not bind {bind}")
+        if self.metrics is not None:
+            try:
+                self.metrics_port = self.metrics.start_http(self.config.host, self.config.metrics_port)
+            except OSError as e:
+                await server.stop(None)
+                where = format_address(self.config.host, self.config.metrics_port)
+                raise OSError(f"could not bind the metrics port {where}: {e}") from None
         self.worker.start()
         await server.start()
         self._server = server
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         logger.info("jalora serving on %s", self.address)
+        if self.metrics_port is not None:
+            logger.info("metrics on http://%s/metrics", format_address(self.config.host, self.metrics_port))
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -129,6 +143,8 @@ class JaloraServer:
         if self._server is not None:
             await self._server.stop(self.config.grace if grace is None else grace)
         await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
+        if self.metrics is not None:  # blocks until the HTTP thread's poll notices (up to half a second)
+            await asyncio.get_running_loop().run_in_executor(None, self.metrics.stop_http)
 
     async def wait_for_termination(self) -> None:
         if self._server is not None:

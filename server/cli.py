@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from jalora.api import DEFAULT_TARGET, DEFAULT_TIMEOUT, read_token_file
 from jalora.config import EngineConfig
 from jalora.errors import InvalidRequestError
+from server import logs
 from server.config import ServerConfig
 
 if TYPE_CHECKING:
@@ -295,9 +296,14 @@ def preflight(plan: ServePlan) -> None:
             what = "is not a directory" if os.path.exists(root) else "does not exist"
             problems.append(f"adapter_roots: {root} {what}")
     problems += _tls_problems(plan.server_config)
-    problem = _bind_problem(plan.server_config.host, plan.server_config.port)
+    config = plan.server_config
+    problem = _bind_problem(config.host, config.port)
     if problem:
         problems.append(problem)
+    if config.metrics_port is not None and not (problem or "").startswith("host"):
+        problem = _bind_problem(config.host, config.metrics_port)  # "port N: ..." (the host did bind)
+        if problem:
+            problems.append("metrics_" + problem)
     if problems:
         raise StartupError(problems)
 
@@ -306,7 +312,7 @@ def build_engine(plan: ServePlan) -> LLMEngine:
     """The slow part: loads the model and the start-up adapters, and compiles the adapted steps."""
     from jalora.engine.llm_engine import LLMEngine
 
-    print(f"jalora: loading {plan.engine_config.model}", file=sys.stderr, flush=True)
+    logs.say(f"jalora: loading {plan.engine_config.model}")
     engine = LLMEngine(plan.engine_config)
     for name, path in plan.adapters:
         try:
@@ -314,14 +320,14 @@ def build_engine(plan: ServePlan) -> LLMEngine:
         except InvalidRequestError as e:  # which of the start-up adapters, then what is wrong with it
             raise StartupError([f"adapter {name}: {e}"]) from None
         inv = f" invocation={info.invocation_tokens}" if info.invocation_tokens else ""
-        print(f"jalora: adapter {name} ({info.kind}, r={info.rank}){inv}", file=sys.stderr, flush=True)
+        logs.say(f"jalora: adapter {name} ({info.kind}, r={info.rank}){inv}")
     if plan.engine_config.warmup:  # --no-warmup compiles nothing before serving, adapted steps included
         engine.warmup_adapters()
     return engine
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from server.app import JaloraServer
+    from server.app import JaloraServer, format_address
 
     plan = prepare(args)
     engine = build_engine(plan)
@@ -330,10 +336,16 @@ def _serve(args: argparse.Namespace) -> int:
         server = JaloraServer(engine, plan.server_config)
         try:
             await server.start()
-        except OSError:  # preflight could bind it: someone took the port during the warm-up
-            raise StartupError([f"port {plan.server_config.port}: cannot listen on {server.address}"]) from None
+        except OSError as e:  # preflight could bind them: someone took a port during the warm-up
+            config = plan.server_config
+            if server.port is not None:  # the gRPC port was bound: the metrics port was not
+                raise StartupError([f"metrics_port {config.metrics_port}: {e}"]) from None
+            raise StartupError([f"port {config.port}: cannot listen on {server.address}"]) from None
         # Tests and scripts read this line to learn the port (--port 0 picks a free one).
         print(f"jalora serving on {server.address}", flush=True)
+        if server.metrics_port is not None:
+            metrics = format_address(plan.server_config.host, server.metrics_port)
+            logs.say(f"jalora: Prometheus metrics on http://{metrics}/metrics")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -342,7 +354,7 @@ def _serve(args: argparse.Namespace) -> int:
             except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
                 pass
         await stop.wait()
-        print("jalora: shutting down", file=sys.stderr, flush=True)
+        logs.say("jalora: shutting down")
         await server.stop()
 
     asyncio.run(run())
@@ -648,6 +660,11 @@ def _serve_args(p: argparse.ArgumentParser, *, exclude_server: tuple[str, ...] =
     roots = {"adapter_roots": " (default: none, so LoadAdapter is refused; for a bundled model, its judges' "
              "folder)"}  # fmt: skip
     add_config_flags(p, ServerConfig, exclude=exclude_server, notes=roots)
+    p.add_argument("--log-format", choices=logs.LOG_FORMATS, default="text",
+                   help="log lines as text, or as one JSON object each (with the request id of a call's lines)")
+    p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="log one line per Generate call (logger jalora.access): request id, adapter, tokens, "
+                   "finish reason, status, duration")  # fmt: skip
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -707,14 +724,14 @@ def build_parser() -> argparse.ArgumentParser:
     _call_args(d)
     # A free port: the pipeline runs in this process. A demo's prompts are short: smaller steps and
     # sequences compile fewer step sizes and decode faster on a CPU (bench/results/cpu_decode.json).
-    d.set_defaults(func=_demo, port=0, max_num_batched_tokens=256, max_model_len=2048)
+    d.set_defaults(func=_demo, port=0, max_num_batched_tokens=256, max_model_len=2048, access_log=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logs.configure(logging.INFO if args.verbose else logging.WARNING, getattr(args, "log_format", "text"),
+                   access_log=getattr(args, "access_log", False))  # fmt: skip
     from jalora.client import ServerError
 
     try:

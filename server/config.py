@@ -72,6 +72,9 @@ class ServerConfig:
         1024, "calls one connection may have open at once (above --max-pending-requests, so a full server "
         "answers RESOURCE_EXHAUSTED rather than leaving calls queued in the client)"
     )
+    metrics_port: int | None = config_field(
+        None, "serve Prometheus metrics over HTTP on this port of --host; 0 picks a free one (default: no metrics)"
+    )
 
     def __post_init__(self):
         require(isinstance(self.host, str) and bool(self.host), "host", f"must name an address, got {self.host!r}")
@@ -121,6 +124,10 @@ class ServerConfig:
                     f"{self.host} is not a loopback address: serving it needs TLS (--tls-cert, --tls-key) and "
                     "client authentication (--auth-token-file or --tls-client-ca); --insecure serves it without "
                     "them")  # fmt: skip
+        m = self.metrics_port
+        require(m is None or (is_int(m) and 0 <= m <= 65535), "metrics_port",
+                f"must be None or an integer in [0, 65535], got {m!r}")  # fmt: skip
+        require(m is None or m == 0 or m != self.port, "metrics_port", f"must differ from port ({m})")
 
     def replace(self, **changes) -> ServerConfig:
         return dataclasses.replace(self, **changes)

@@ -11,6 +11,10 @@ into a message (and measuring timings) is server/convert.py's job.
 
 Admission is bounded by `max_pending_requests` (requests submitted and not yet finished); past it,
 `submit` raises ServerOverloadedError at once instead of letting a queue grow without bound.
+
+An optional `StepObserver` (the server's metrics, server/metrics.py) gets the engine's `stats()` after
+every step, request added and abort, with the deltas of the step, on this thread and before the deltas
+go out: whatever a client has received is already counted.
 """
 
 from __future__ import annotations
@@ -20,10 +24,11 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from jalora.engine.interface import Engine
+from jalora.engine.interface import Engine, EngineStats
 from jalora.outputs import RequestDelta
 from jalora.sampling_params import SamplingParams
 from server.errors import EngineFailure, ServerOverloadedError, ServerShuttingDownError
@@ -109,12 +114,19 @@ class Stop:
 Command = AddRequest | AbortRequest | EngineCall | LimitSteps | Stop
 
 
+class StepObserver(Protocol):
+    def observe(self, stats: EngineStats, deltas: Sequence[RequestDelta], now: float) -> None:
+        """Called on the engine thread: `stats` just taken, `deltas` the step's (empty after an add or
+        an abort), `now` time.monotonic() when the step returned. Must be quick: the engine waits."""
+
+
 class EngineWorker:
     """Runs an engine in its own thread; every other thread goes through `submit` and `call`."""
 
-    def __init__(self, engine: Engine, max_pending_requests: int):
+    def __init__(self, engine: Engine, max_pending_requests: int, observer: StepObserver | None = None):
         self.engine = engine
         self.max_pending_requests = max_pending_requests
+        self.observer = observer
         self.num_pending = 0  # event-loop thread only
         # Engine-thread counters, read by tests and logs: steps run, the most requests one step
         # advanced (> 1 means concurrent streams shared steps), aborts that reached the engine.
@@ -184,6 +196,7 @@ class EngineWorker:
     # ---- engine thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self._observe()
         while True:
             try:
                 if not self._iterate():
@@ -231,10 +244,12 @@ class EngineWorker:
                 _post(command.stream.loop, command.stream._push, exc)
                 return
             self._streams[command.request_id] = command.stream
+            self._observe()
         elif isinstance(command, AbortRequest):
             if command.request_id in self._streams:
                 self.num_aborted += 1
                 self._safe_abort(command.request_id)
+                self._observe()
         elif isinstance(command, EngineCall):
             try:
                 result, error = command.fn(self.engine), None
@@ -255,6 +270,7 @@ class EngineWorker:
             return
         self.num_steps += 1
         self.max_outputs_per_step = max(self.max_outputs_per_step, len(deltas))
+        self._observe(deltas)
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestDelta]]] = {}
         for delta in deltas:
             stream = self._streams.get(delta.request_id)
@@ -285,10 +301,19 @@ class EngineWorker:
             if not self._engine_busy():
                 break
             try:
-                self.engine.step()
+                self._observe(self.engine.step())
             except Exception:
                 logger.exception("engine step failed while draining aborted requests")
                 break
+
+    def _observe(self, deltas: Sequence[RequestDelta] = ()) -> None:
+        if self.observer is None:
+            return
+        now = time.monotonic()
+        try:
+            self.observer.observe(self.engine.stats(), deltas, now)
+        except Exception:  # metrics must never stop the engine
+            logger.exception("recording engine stats failed")
 
 
 def _post(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:

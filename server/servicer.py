@@ -8,6 +8,7 @@ Imports neither JAX nor numpy.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -29,6 +30,7 @@ from server.convert import (
 )
 from server.engine_worker import EngineWorker
 from server.errors import AdapterPathError, abort_with
+from server.logs import REQUEST_ID, call_status, log_access
 
 _MAX_REQUEST_ID_LEN = 256
 
@@ -62,7 +64,11 @@ class JaloraServicer(pb_grpc.JaloraServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         received = time.monotonic()  # the reference point of the call's timings
+        # The engine needs ids unique among requests in flight; the client's id is only echoed (and logged).
+        client_id = request.request_id or uuid.uuid4().hex
+        REQUEST_ID.set(client_id[:_MAX_REQUEST_ID_LEN])  # every log line of this call carries it
         stream = None
+        finished = None
         try:
             if len(request.request_id) > _MAX_REQUEST_ID_LEN:
                 raise InvalidRequestError("request_id", f"must be at most {_MAX_REQUEST_ID_LEN} characters")
@@ -80,13 +86,12 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             if messages is not None or request.append_invocation:
                 invoke = adapter if request.append_invocation else None
                 prompt = await self.worker.call(lambda e: prompt_with_invocation(e, prompt, messages, invoke))
-            # The engine needs ids unique among requests in flight; the client's id is only echoed.
-            client_id = request.request_id or uuid.uuid4().hex
             stream = self.worker.submit(uuid.uuid4().hex, prompt, params, adapter)
             while True:
                 delta = await stream.next()
+                finished = delta.finished
                 yield generate_response(client_id, delta, received)
-                if delta.finished is not None:
+                if finished is not None:
                     return
         except Exception as exc:
             await abort_with(context, exc)
@@ -95,6 +100,10 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             # await above) or a failed write: the engine drops the request and frees its blocks.
             if stream is not None:
                 stream.abort()
+            # Before the call's status goes out: a client that has its answer finds the line written.
+            # sys.exc_info(): what ends the handler (a cancellation, an abort), None if it returned.
+            status = call_status(context, sys.exc_info()[1])
+            log_access(REQUEST_ID.get(), request.adapter or None, finished, status, time.monotonic() - received)
 
     async def _sampling_defaults(self) -> SamplingParams:
         """The engine's sampling defaults (the model's generation_config), asked once."""

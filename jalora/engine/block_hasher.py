@@ -30,6 +30,16 @@ def block_key(j: int, block_size: int, activation_start: int | None, adapter_ide
     return adapter_identity
 
 
+def num_base_keyed_blocks(
+    num_blocks: int, block_size: int, activation_start: int | None, adapter_identity: bytes | None
+) -> int:
+    """How many of the first `num_blocks` blocks `block_key` keys None (base-model KV): all of a base
+    request's, those wholly before the activation index of an aLoRA request's, none of a plain LoRA's."""
+    if adapter_identity is None or activation_start is None:
+        return num_blocks
+    return min(num_blocks, activation_start // block_size)
+
+
 def hash_block(prev: bytes, tokens, key: bytes | None) -> bytes:
     h = hashlib.sha256(prev)
     h.update(np.asarray(tokens, dtype=np.int64).tobytes())

@@ -20,6 +20,7 @@ class BlockManager:
         self.block_hash: list[bytes | None] = [None] * num_blocks
         self.cached: dict[bytes, int] = {}
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        self.num_evictions = 0  # cached blocks overwritten by new KV (a counter, never reset)
 
     def num_free_blocks(self) -> int:
         """Blocks that can be handed out now (refcount 0, cached or not)."""
@@ -27,6 +28,14 @@ class BlockManager:
 
     def num_cached_blocks(self) -> int:
         return len(self.cached)
+
+    def num_used_blocks(self) -> int:
+        """Blocks held by requests (refcount > 0)."""
+        return self.num_blocks - len(self.free)
+
+    def reads_cache(self, req: Request) -> bool:
+        """Whether `lookup` looks `req` up at all (a request that wants prompt logprobs computes every token)."""
+        return self.enable_prefix_caching and not req.params.prompt_logprobs
 
     def _take(self, block: int) -> None:
         if self.ref_count[block] == 0:
@@ -39,6 +48,7 @@ class BlockManager:
         if h is not None:
             if self.cached.get(h) == block:
                 del self.cached[h]
+                self.num_evictions += 1
             self.block_hash[block] = None
         self.ref_count[block] = 1
         return block
@@ -48,7 +58,7 @@ class BlockManager:
 
         At least one token is always left to compute, so the step has a row to sample from.
         """
-        if not self.enable_prefix_caching or req.params.prompt_logprobs:
+        if not self.reads_cache(req):
             return 0
         hashes = req.update_block_hashes(self.block_size)
         max_blocks = (req.num_tokens - 1) // self.block_size

@@ -36,6 +36,54 @@ class EngineInfo:
     eos_token_ids: list[int]
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of an engine's load and of its counters since it started (`Engine.stats()`).
+
+    The first block is the present; the rest are counters that only grow. Tokens are tokens, blocks are
+    KV-cache blocks, seconds are wall-clock seconds. The server turns a snapshot into Prometheus metrics
+    (server/metrics.py); the engine itself knows nothing of Prometheus.
+    """
+
+    num_requests_running: int
+    num_requests_waiting: int
+    running_adapters: tuple[str, ...]  # the adapters of running requests, sorted, each named once
+    waiting_adapters: tuple[str, ...]
+    max_loras: int
+    num_total_blocks: int
+    num_used_blocks: int  # held by requests; the others are free (whether or not they hold cached KV)
+    num_cached_blocks: int  # findable in the prefix cache, held or free
+
+    prompt_tokens: int  # prompt tokens of the requests that got their first token
+    generation_tokens: int
+    num_preemptions: int  # running requests sent back to wait (their KV is recomputed)
+    # Prefix cache, counted once per request, at its first admission: the tokens looked up and those found
+    # (the sum of the requests' cached_tokens). Requests that skip the cache (prompt logprobs) count in neither.
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    # Of the hits, those in base-keyed blocks (wholly before any activation: the base model's KV), and of
+    # those, the ones that adapter requests found: base-model KV reused by an adapter.
+    prefix_cache_hits_base_keyed: int
+    prefix_cache_hits_base_keyed_by_adapters: int
+    prefix_cache_evictions: int  # cached blocks overwritten to make room for new KV
+    # First uses of a compiled step variant (a compilation, or a load from JAX's persistent cache),
+    # during the warm-up and while serving (each of the latter held up the requests of its step).
+    warmup_compilations: int
+    warmup_compile_seconds: float
+    compilations: int
+    compile_seconds: float
+
+    @property
+    def prefix_cache_hits_adapter_keyed(self) -> int:
+        """Hits in blocks keyed by an adapter (its adapted KV, found by a later request of that adapter)."""
+        return self.prefix_cache_hits - self.prefix_cache_hits_base_keyed
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """The share of KV-cache blocks held by requests, in [0, 1]."""
+        return self.num_used_blocks / self.num_total_blocks if self.num_total_blocks else 0.0
+
+
 class Engine(Protocol):
     def add_request(
         self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, adapter: str | None = None
@@ -67,3 +115,6 @@ class Engine(Protocol):
     def list_adapters(self) -> list[AdapterInfo]: ...
 
     def info(self) -> EngineInfo: ...
+
+    def stats(self) -> EngineStats:
+        """A snapshot of the load and the counters; cheap enough to take after every step."""

@@ -23,7 +23,7 @@ from jalora.adapters.peft import AdapterInfo
 from jalora.config import EngineConfig
 from jalora.engine.block_manager import BlockManager
 from jalora.engine.chat import ChatTemplate, read_chat_template
-from jalora.engine.interface import EngineInfo
+from jalora.engine.interface import EngineInfo, EngineStats
 from jalora.engine.model_runner import ModelRunner, StepResult
 from jalora.engine.output_processor import OutputProcessor
 from jalora.engine.request import Request, Status
@@ -85,6 +85,10 @@ def _load_tokenizer(model_dir: str) -> Tokenizer | None:
         return Tokenizer.from_file(path)
     except Exception as e:
         raise InvalidRequestError("tokenizer.json", f"cannot be loaded from {model_dir}: {e}") from e
+
+
+def _adapter_names(requests) -> tuple[str, ...]:
+    return tuple(sorted({r.adapter_name for r in requests if r.adapter_name is not None}))
 
 
 class LLMEngine:
@@ -204,6 +208,32 @@ class LLMEngine:
             max_loras=self.config.max_loras,
             vocab_size=cfg.vocab_size,
             eos_token_ids=list(self.eos_token_ids),
+        )
+
+    def stats(self) -> EngineStats:
+        sched, bm, compiles = self.scheduler, self.block_manager, self.runner.compiles
+        prefix = sched.prefix_cache
+        return EngineStats(
+            num_requests_running=len(sched.running),
+            num_requests_waiting=len(sched.waiting),
+            running_adapters=_adapter_names(sched.running),
+            waiting_adapters=_adapter_names(sched.waiting),
+            max_loras=self.config.max_loras,
+            num_total_blocks=self.num_total_blocks,
+            num_used_blocks=bm.num_used_blocks(),
+            num_cached_blocks=bm.num_cached_blocks(),
+            prompt_tokens=self.output_processor.num_prompt_tokens,
+            generation_tokens=self.output_processor.num_generation_tokens,
+            num_preemptions=sched.num_preemptions,
+            prefix_cache_queries=prefix.queries,
+            prefix_cache_hits=prefix.hits,
+            prefix_cache_hits_base_keyed=prefix.hits_base_keyed,
+            prefix_cache_hits_base_keyed_by_adapters=prefix.hits_base_keyed_by_adapters,
+            prefix_cache_evictions=bm.num_evictions,
+            warmup_compilations=compiles.warmup,
+            warmup_compile_seconds=compiles.warmup_seconds,
+            compilations=compiles.serving,
+            compile_seconds=compiles.serving_seconds,
         )
 
     # -- requests --------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ is the first to target a projection group, which adds that group's stack).
 """
 
 import dataclasses
+import logging
 import math
+import time
 from typing import NamedTuple
 
 import jax
@@ -23,7 +25,20 @@ from jalora.model.sampler import sample
 from jalora.sampling_params import MAX_LOGPROBS
 from pallas_kernels.masked_lora import LoraSegments, build_lora_segments
 
+logger = logging.getLogger(__name__)
+
 MIN_BUCKET = 16
+
+
+@dataclasses.dataclass
+class CompileCounters:
+    """First uses of step variants: the call that traces and compiles one (or loads it from JAX's
+    persistent cache) blocks for that long, so each counts with its duration, in the warm-up or not."""
+
+    warmup: int = 0
+    warmup_seconds: float = 0.0
+    serving: int = 0  # each held up the requests of its step
+    serving_seconds: float = 0.0
 
 
 class StepInputs(NamedTuple):
@@ -171,6 +186,11 @@ class ModelRunner:
             step_fn, static_argnames=("layout", "do_sample", "want_logprobs", "want_prompt_lp"), donate_argnums=(1,)
         )
         self._no_prev_tokens = jnp.zeros((max_num_seqs,), jnp.int32)  # prev_tokens when nothing is pending
+        # What picks a compiled variant of the step: the static arguments and the adapter groups (the
+        # stacks' tree; every other argument has one shape per engine).
+        self._variants: set[tuple] = set()
+        self.compiles = CompileCounters()
+        self._warming_up = False
 
     def bucket(self, num_tokens: int) -> int:
         for b in self.buckets:
@@ -297,11 +317,30 @@ class ModelRunner:
         stacks = adapters if step.inputs.lora_slots is not None else {}
         packed, layout = pack_inputs(step.inputs)
         prev = self._no_prev_tokens if prev_tokens is None else prev_tokens
+        variant = (layout, step.do_sample, step.want_logprobs, step.want_prompt_lp, tuple(sorted(stacks)))
+        start = time.perf_counter() if variant not in self._variants else None
         self.kv_caches, out = self._step(
             self.params, self.kv_caches, stacks, packed, prev, layout=layout, do_sample=step.do_sample,
             want_logprobs=step.want_logprobs, want_prompt_lp=step.want_prompt_lp,
         )  # fmt: skip
+        if start is not None:  # the first call of a variant returns once it is compiled (it runs async)
+            self._record_compile(variant, step.inputs.token_ids.shape[0], time.perf_counter() - start)
         return out
+
+    def _record_compile(self, variant: tuple, num_tokens: int, seconds: float) -> None:
+        self._variants.add(variant)
+        c = self.compiles
+        if self._warming_up:
+            c.warmup, c.warmup_seconds = c.warmup + 1, c.warmup_seconds + seconds
+        else:
+            c.serving, c.serving_seconds = c.serving + 1, c.serving_seconds + seconds
+        _, do_sample, want_logprobs, want_prompt_lp, groups = variant
+        flags = [name for name, on in (("sampled", do_sample), ("logprobs", want_logprobs),
+                                       ("prompt_logprobs", want_prompt_lp)) if on]  # fmt: skip
+        logger.info(
+            "compiled the %d-token step%s%s%s in %.2f s", num_tokens, " with adapters " if groups else "",
+            "+".join(groups), "".join(f", {f}" for f in flags), seconds,
+        )  # fmt: skip
 
     def kv_cache_deleted(self) -> bool:
         """After a failed step: True if the cache donated into it is gone."""
@@ -336,13 +375,18 @@ class ModelRunner:
         from tqdm import tqdm
 
         desc = "jalora warm-up (adapters)" if adapters else "jalora warm-up"
-        for t in tqdm(self.buckets, desc=desc, disable=not progress):
-            step = self.prepare(_WarmupBatch(t))
-            if adapters:  # every padding row in slot 0: the shapes of any adapted step of this bucket
-                slots = np.zeros(t, np.int32)
-                inputs = step.inputs._replace(lora_slots=slots, lora_segments=self._lora_segments(slots))
-                step = dataclasses.replace(step, inputs=inputs)
-            jax.block_until_ready(self.launch(step, adapters or {}))
+        self._warming_up = True
+        try:
+            # Bars only on a terminal: piped into a log (a server's stderr) they would be noise.
+            for t in tqdm(self.buckets, desc=desc, disable=None if progress else True):
+                step = self.prepare(_WarmupBatch(t))
+                if adapters:  # every padding row in slot 0: the shapes of any adapted step of this bucket
+                    slots = np.zeros(t, np.int32)
+                    inputs = step.inputs._replace(lora_slots=slots, lora_segments=self._lora_segments(slots))
+                    step = dataclasses.replace(step, inputs=inputs)
+                jax.block_until_ready(self.launch(step, adapters or {}))
+        finally:
+            self._warming_up = False
 
 
 class _WarmupBatch:

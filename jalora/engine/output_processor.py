@@ -20,6 +20,9 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        # Token counters (postprocess owns them): a request's prompt counts once, with its first token.
+        self.num_prompt_tokens = 0
+        self.num_generation_tokens = 0
 
     def add(self, req: Request) -> None:
         if self.tokenizer is not None:
@@ -33,8 +36,10 @@ class OutputProcessor:
         text = "" if detok is None else detok.push(token)  # first: if it fails, the request is unchanged
         req.output_token_ids.append(token)
         req.all_token_ids.append(token)
+        self.num_generation_tokens += 1
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
+            self.num_prompt_tokens += len(req.prompt_token_ids)
         reason = None
         if token in req.stop_ids:
             reason = "stop"

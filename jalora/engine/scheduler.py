@@ -15,8 +15,30 @@ import dataclasses
 import time
 from collections import deque
 
+from jalora.engine.block_hasher import num_base_keyed_blocks
 from jalora.engine.block_manager import BlockManager
 from jalora.engine.request import Request, Status
+
+
+@dataclasses.dataclass
+class PrefixCacheCounters:
+    """Prefix-cache lookups in tokens, counted once per request at its first admission (a preempted
+    request's second lookup finds its own blocks again: counting it would inflate the hit rate)."""
+
+    queries: int = 0  # tokens of the requests looked up
+    hits: int = 0  # tokens whose KV was found (each request's num_cached_tokens)
+    hits_base_keyed: int = 0  # found in base-keyed blocks (the base model's KV)
+    hits_base_keyed_by_adapters: int = 0  # of those, found by adapter requests
+
+    def record(self, req: Request, cached: int, block_size: int) -> None:
+        base = block_size * num_base_keyed_blocks(
+            cached // block_size, block_size, req.activation_start, req.adapter_identity
+        )
+        self.queries += req.num_tokens
+        self.hits += cached
+        self.hits_base_keyed += base
+        if req.adapter_identity is not None:
+            self.hits_base_keyed_by_adapters += base
 
 
 @dataclasses.dataclass
@@ -41,6 +63,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefix_cache = PrefixCacheCounters()
 
     def add(self, req: Request) -> None:
         self.waiting.append(req)
@@ -95,6 +118,8 @@ class Scheduler:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.monotonic()
                 req.num_cached_tokens = cached
+                if self.bm.reads_cache(req):
+                    self.prefix_cache.record(req, cached, self.bm.block_size)
             req.num_computed_tokens = cached
             req.status = Status.RUNNING
             self.running.append(req)

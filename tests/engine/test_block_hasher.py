@@ -1,6 +1,6 @@
 """The base-aligned hashing rule (docs/architecture.md, "Prefix reuse"), block by block."""
 
-from jalora.engine.block_hasher import SEED, block_key, extend_block_hashes, hash_block
+from jalora.engine.block_hasher import SEED, block_key, extend_block_hashes, hash_block, num_base_keyed_blocks
 
 B = 4
 TOKENS = list(range(100, 120))  # 5 full blocks
@@ -54,3 +54,11 @@ def test_extension_hashes_only_new_full_blocks():
     assert len(out) == 1
     extend_block_hashes(out, TOKENS, B, None, None)
     assert out == hashes(TOKENS, None, None)
+
+
+def test_base_keyed_block_count_follows_block_key():
+    """The prefix-cache metrics split hits by key with this count: it must be block_key's rule."""
+    for a, identity in [(None, None), (0, ID), (3, ID), (4, ID), (10, ID), (19, ID), (40, ID)]:
+        for n in range(6):
+            want = sum(block_key(j, B, a, identity) is None for j in range(n))
+            assert num_base_keyed_blocks(n, B, a, identity) == want, (a, n)

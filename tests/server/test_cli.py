@@ -268,6 +268,7 @@ def test_flags_reach_the_configs(tiny_models, tmp_path):
         "--block-size", "32", "--max-model-len", "64", "--attention-impl", "reference", "--dtype", "bfloat16",
         "--gpu-memory-utilization", "0.5", "--adapter-roots", "/a", "--adapter-roots", "/b", "--port", "0",
         "--host", "0.0.0.0", "--insecure", "--max-pending-requests", "3", "--grace", "1.5", "--model-name", "tiny",
+        "--metrics-port", "9100",
     )  # fmt: skip
     assert plan.engine_config == EngineConfig(
         model=model, enable_prefix_caching=False, async_scheduling=False, warmup=False, block_size=32,
@@ -275,7 +276,7 @@ def test_flags_reach_the_configs(tiny_models, tmp_path):
     )  # fmt: skip
     assert plan.server_config == ServerConfig(
         host="0.0.0.0", insecure=True, port=0, adapter_roots=("/a", "/b"), max_pending_requests=3, grace=1.5,
-        model_name="tiny",
+        model_name="tiny", metrics_port=9100,
     )
     # --max-loras is raised to the number of start-up adapters.
     adapters = [f"--adapter=a{i}={tmp_path}" for i in range(6)]
@@ -291,6 +292,8 @@ def test_flags_reach_the_configs(tiny_models, tmp_path):
         (["serve", "--gpu-memory-utilization", "1.5"], "gpu_memory_utilization"),
         (["serve", "--max-pending-requests", "0"], "max_pending_requests"),
         (["serve", "--port", "70000"], "port"),
+        (["serve", "--metrics-port", "70000"], "metrics_port"),
+        (["serve", "--port", "9100", "--metrics-port", "9100"], "metrics_port"),
         (["demo", "--max-loras", "0"], "max_loras"),
     ],
 )
@@ -389,3 +392,15 @@ def test_serve_takes_a_gguf_file(tiny_models, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert cli.main(["serve", "--model", str(tmp_path / "absent.gguf")]) == 2
     assert capsys.readouterr().err == f"jalora serve: model: {tmp_path / 'absent.gguf'} does not exist\n"
+
+
+def test_busy_metrics_port_fails_before_the_model_loads(unloadable_model):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        plan = _plan("serve", "--model", unloadable_model, "--port", "0", "--metrics-port", str(port))
+        with pytest.raises(cli.StartupError) as err:
+            cli.preflight(plan)
+    assert err.value.problems == [f"metrics_port {port}: address already in use"]
+
