@@ -19,11 +19,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jalora.api import CHANNEL_OPTIONS
-from jalora.api.v1 import jalora_pb2, jalora_pb2_grpc
+from jalora.api.v1 import jalora_pb2
 from jalora.engine.interface import Engine
 from server.config import ServerConfig
 from server.engine_worker import EngineWorker
-from server.servicer import JaloraServicer
+from server.servicer import JaloraServicer, add_to_server
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class JaloraServer:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        jalora_pb2_grpc.add_JaloraServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)  # refuses unparsable request bytes with INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
