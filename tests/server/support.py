@@ -67,7 +67,7 @@ TINY_VOCAB = 491  # checkpoints/default's vocabulary
 # A server engine on the embedded model: no warm-up, small steps and a short max_model_len, so a request
 # that passes validation costs little.
 TINY_ENGINE_ARGS = dict(
-    warmup=False, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, max_loras=2, max_lora_rank=8
+    warmup=False, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, max_loras=2, max_lora_rank=8
 )
 
 
