@@ -4,6 +4,8 @@ A message quotes what a caller sent through `quoted`, which keeps a short prefix
 1 MB name must not be 1 MB long (over gRPC it travels in metadata of bounded size).
 """
 
+from jalora.api.limits import ADAPTER_NAME_RULE
+
 QUOTE_CHARS = 64  # of a caller's value, at most this many characters appear in an error
 
 
@@ -69,6 +71,13 @@ class InvocationNotFoundError(PreconditionError):
         )
         self.name = name
         self.invocation = invocation
+
+
+class AdapterNameError(InvalidRequestError):
+    """A name no adapter can have (the pattern of jalora.api.limits.ADAPTER_NAME)."""
+
+    def __init__(self, name, field: str = "name"):
+        super().__init__(field, f"{quoted(name)} is not an adapter name ({ADAPTER_NAME_RULE})")
 
 
 class AdapterPathError(InvalidRequestError):

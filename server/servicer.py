@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 import grpc
 
 from jalora.api.limits import (
-    ADAPTER_NAME_RULE,
     MAX_ADAPTER_PATH_BYTES,
     MAX_CHAT_MESSAGES,
     MAX_PROMPT_BYTES,
@@ -28,7 +27,7 @@ from jalora.api.limits import (
 from jalora.api.v1 import jalora_pb2 as pb
 from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
 from jalora.engine.chat import prompt_with_invocation
-from jalora.errors import AdapterPathError, InvalidRequestError, quoted
+from jalora.errors import AdapterNameError, AdapterPathError, InvalidRequestError, quoted
 from jalora.sampling_params import SamplingParams
 from server.config import ServerConfig
 from server.convert import (
@@ -66,7 +65,7 @@ def resolve_adapter_path(path: str, roots: Sequence[str]) -> str:
 
 def _check_adapter_name(name: str, field: str) -> None:
     if not is_adapter_name(name):
-        raise InvalidRequestError(field, f"{quoted(name)} is not an adapter name ({ADAPTER_NAME_RULE})")
+        raise AdapterNameError(name, field)
 
 
 def _check_text(text: str, field: str) -> None:
@@ -170,8 +169,6 @@ class JaloraServicer(pb_grpc.JaloraServicer):
     async def LoadAdapter(self, request, context):
         try:
             name = request.name
-            if not name:
-                raise InvalidRequestError("name", "must not be empty")
             _check_adapter_name(name, "name")
             roots = self.config.adapter_roots
             path = resolve_adapter_path(request.path, roots)
@@ -184,8 +181,6 @@ class JaloraServicer(pb_grpc.JaloraServicer):
     async def UnloadAdapter(self, request, context):
         try:
             name = request.name
-            if not name:
-                raise InvalidRequestError("name", "must not be empty")
             _check_adapter_name(name, "name")
             await self.worker.call(lambda engine: engine.unload_adapter(name))
             return pb.UnloadAdapterResponse()

@@ -33,14 +33,14 @@ from jalora.adapters.peft import (
     module_dims,
     read_peft_adapter,
 )
-from jalora.api.limits import ADAPTER_NAME_RULE, is_adapter_name
+from jalora.api.limits import is_adapter_name
 from jalora.errors import (
     AdapterInUseError,
+    AdapterNameError,
     AdapterNotFoundError,
     CapacityError,
     InvalidRequestError,
     InvocationNotFoundError,
-    quoted,
 )
 from jalora.model.config import ModelConfig
 
@@ -108,7 +108,7 @@ class AdapterManager:
         """Reads, validates and places an adapter in a free slot; with `roots`, every file it reads must
         resolve inside one of them. Raises InvalidRequestError (or CapacityError) and changes nothing."""
         if not is_adapter_name(name):
-            raise InvalidRequestError("name", f"{quoted(name)} is not an adapter name ({ADAPTER_NAME_RULE})")
+            raise AdapterNameError(name)
         if name in self._by_name:
             raise InvalidRequestError("name", f"adapter {name!r} is already loaded; unload it first")
         acfg, pairs, identity = read_peft_adapter(path, self.cfg, self.max_rank, roots)
