@@ -1,4 +1,22 @@
-"""Engine errors. The server maps each class to one gRPC status code (server/errors.py)."""
+"""Engine errors. The server maps each class to one gRPC status code (server/errors.py).
+
+A message quotes what a caller sent through `quoted`, which keeps a short prefix: an error about a
+1 MB name must not be 1 MB long (over gRPC it travels in metadata of bounded size).
+"""
+
+from jalora.api.limits import ADAPTER_NAME_RULE
+
+QUOTE_CHARS = 64  # of a caller's value, at most this many characters appear in an error
+
+
+def quoted(value) -> str:
+    """`value` for an error message: its repr, cut after QUOTE_CHARS characters of a string (or of the
+    repr of anything else), with the full length said where it was cut."""
+    text = value if isinstance(value, str) else repr(value)
+    if len(text) <= QUOTE_CHARS:
+        return repr(value) if isinstance(value, str) else text
+    head = repr(text[:QUOTE_CHARS]) if isinstance(value, str) else text[:QUOTE_CHARS]
+    return f"{head}... ({len(text)} characters)"
 
 
 class InvalidRequestError(ValueError):
@@ -26,7 +44,7 @@ class AdapterNotFoundError(InvalidRequestError):
     """The named adapter is not loaded (gRPC NOT_FOUND)."""
 
     def __init__(self, name: str):
-        super().__init__("adapter", f"{name!r} is not loaded")
+        super().__init__("adapter", f"{quoted(name)} is not loaded")
         self.name = name
 
 
@@ -38,7 +56,7 @@ class AdapterInUseError(PreconditionError):
     """Unloading an adapter that requests still use."""
 
     def __init__(self, name: str, in_flight: int):
-        super().__init__("name", f"adapter {name!r} has {in_flight} requests in flight; unload it when they end")
+        super().__init__("name", f"adapter {quoted(name)} has {in_flight} requests in flight; unload it when they end")
         self.name = name
 
 
@@ -48,11 +66,26 @@ class InvocationNotFoundError(PreconditionError):
     def __init__(self, name: str, invocation: list[int]):
         super().__init__(
             "prompt",
-            f"does not contain the invocation sequence {invocation} of aLoRA adapter {name!r}; "
+            f"does not contain the invocation sequence {quoted(invocation)} of aLoRA adapter {quoted(name)}; "
             "append it (jalora.client.with_invocation) before calling the adapter",
         )
         self.name = name
         self.invocation = invocation
+
+
+class AdapterNameError(InvalidRequestError):
+    """A name no adapter can have (the pattern of jalora.api.limits.ADAPTER_NAME)."""
+
+    def __init__(self, name, field: str = "name"):
+        super().__init__(field, f"{quoted(name)} is not an adapter name ({ADAPTER_NAME_RULE})")
+
+
+class AdapterPathError(InvalidRequestError):
+    """An adapter path, or a file in an adapter directory, that resolves outside the adapter roots a
+    server allows (gRPC PERMISSION_DENIED)."""
+
+    def __init__(self, message: str, field: str = "path"):
+        super().__init__(field, message)
 
 
 class CapacityError(RuntimeError):

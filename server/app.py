@@ -21,13 +21,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from jalora.api import CHANNEL_OPTIONS
-from jalora.api.v1 import jalora_pb2, jalora_pb2_grpc
+from jalora.api.v1 import jalora_pb2
 from jalora.engine.interface import Engine
 from server.config import ServerConfig
 from server.engine_worker import EngineWorker
 from server.metrics import ServerMetrics
 from server.security import server_credentials, token_interceptor
-from server.servicer import JaloraServicer
+from server.servicer import JaloraServicer, add_to_server
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class JaloraServer:
         with port=0; `metrics_port` holds the metrics endpoint's)."""
         interceptors = [] if self._interceptor is None else [self._interceptor]
         server = grpc.aio.server(interceptors=interceptors, options=server_options(self.config))
-        jalora_pb2_grpc.add_JaloraServicer_to_server(self.servicer, server)
+        add_to_server(self.servicer, server)  # refuses unparsable request bytes with INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         if self.config.reflection:
             reflection.enable_server_reflection(

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jalora.api import DEFAULT_TARGET, DEFAULT_TIMEOUT, read_token_file
+from jalora.api.limits import ADAPTER_NAME_RULE, is_adapter_name
 from jalora.config import EngineConfig
 from jalora.errors import InvalidRequestError
 from server import logs
@@ -288,6 +289,8 @@ def preflight(plan: ServePlan) -> None:
         if name in seen:
             problems.append(f"adapter {name}: given twice")
         seen.add(name)
+        if not is_adapter_name(name):
+            problems.append(f"adapter {name}: not an adapter name ({ADAPTER_NAME_RULE})")
         problem = _adapter_dir_problem(path)
         if problem:
             problems.append(f"adapter {name}: {problem}")

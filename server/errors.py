@@ -2,6 +2,8 @@
 
 Every RPC handler funnels its failures through `status_for`, so a client sees the same code for the
 same mistake whichever RPC it made, and an unexpected exception becomes INTERNAL for that call only.
+Every message is cut to MAX_ERROR_MESSAGE_CHARS: it travels in trailing metadata, whose size gRPC
+bounds (past the bound the call would end in RESOURCE_EXHAUSTED instead of its own status).
 """
 
 from __future__ import annotations
@@ -11,14 +13,20 @@ import logging
 import grpc
 
 from jalora.api import FIELD_METADATA_KEY
-from jalora.errors import AdapterNotFoundError, CapacityError, InvalidRequestError, PreconditionError
+from jalora.api.limits import MAX_ERROR_MESSAGE_CHARS
+from jalora.errors import (
+    AdapterNotFoundError,
+    AdapterPathError,
+    CapacityError,
+    InvalidRequestError,
+    PreconditionError,
+)
 
 logger = logging.getLogger(__name__)
 
 
-
-class AdapterPathError(PermissionError):
-    """LoadAdapter named a path outside the server's adapter roots (PERMISSION_DENIED)."""
+class MalformedRequestError(Exception):
+    """The bytes of a call are not its request message (INVALID_ARGUMENT, no field to name)."""
 
 
 class ServerOverloadedError(CapacityError):
@@ -35,17 +43,27 @@ class EngineFailure(RuntimeError):
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
     """Returns (code, message, field) for `exc`; field is the request field at fault, if known."""
-    # Subclasses first: PreconditionError and AdapterNotFoundError are InvalidRequestErrors.
+    code, message, field = _classify(exc)
+    if len(message) > MAX_ERROR_MESSAGE_CHARS:
+        cut = " ... (cut)"
+        message = message[: MAX_ERROR_MESSAGE_CHARS - len(cut)] + cut
+    return code, message, field
+
+
+def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
+    # Subclasses first: PreconditionError, AdapterNotFoundError and AdapterPathError are InvalidRequestErrors.
+    if isinstance(exc, AdapterPathError):
+        return grpc.StatusCode.PERMISSION_DENIED, str(exc), exc.field
     if isinstance(exc, PreconditionError):  # a missing invocation, an adapter still in use
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc), exc.field
     if isinstance(exc, AdapterNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc), exc.field
     if isinstance(exc, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field
+    if isinstance(exc, MalformedRequestError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), None
     if isinstance(exc, CapacityError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "server is at capacity", None
-    if isinstance(exc, AdapterPathError):
-        return grpc.StatusCode.PERMISSION_DENIED, str(exc), "path"
     if isinstance(exc, FileNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc), "path"
     if isinstance(exc, ServerShuttingDownError):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +33,10 @@ from jalora.adapters.peft import (
     module_dims,
     read_peft_adapter,
 )
+from jalora.api.limits import is_adapter_name
 from jalora.errors import (
     AdapterInUseError,
+    AdapterNameError,
     AdapterNotFoundError,
     CapacityError,
     InvalidRequestError,
@@ -57,10 +60,13 @@ AdapterStacks = dict[str, LoraStack]
 
 
 class AdapterManager:
-    def __init__(self, cfg: ModelConfig, max_loras: int, max_rank: int, dtype, tokenize, keep_flat_a: bool):
+    def __init__(
+        self, cfg: ModelConfig, max_loras: int, max_rank: int, max_model_len: int, dtype, tokenize, keep_flat_a: bool
+    ):
         self.cfg = cfg
         self.max_loras = max_loras
         self.max_rank = max_rank
+        self.max_model_len = max_model_len  # an invocation must fit in a prompt
         self.dtype = dtype
         self.tokenize = tokenize  # the base tokenizer (legacy invocation strings)
         self.keep_flat_a = keep_flat_a
@@ -98,16 +104,19 @@ class AdapterManager:
             jnp.zeros((layers, din, self.max_loras * r), self.dtype) if self.keep_flat_a else None,
         )
 
-    def load(self, name: str, path: str) -> AdapterInfo:
-        if not isinstance(name, str) or not name:
-            raise InvalidRequestError("name", "must be a non-empty string")
+    def load(self, name: str, path: str, roots: Sequence[str] | None = None) -> AdapterInfo:
+        """Reads, validates and places an adapter in a free slot; with `roots`, every file it reads must
+        resolve inside one of them. Raises InvalidRequestError (or CapacityError) and changes nothing."""
+        if not is_adapter_name(name):
+            raise AdapterNameError(name)
         if name in self._by_name:
             raise InvalidRequestError("name", f"adapter {name!r} is already loaded; unload it first")
-        acfg, pairs, identity = read_peft_adapter(path, self.cfg, self.max_rank)
-        invocation, inv_string = invocation_of(acfg, self.tokenize)
+        acfg, pairs, identity = read_peft_adapter(path, self.cfg, self.max_rank, roots)
+        invocation, inv_string = invocation_of(acfg, self.tokenize, self.cfg.vocab_size, self.max_model_len)
         slot = self._free_slot()
         r, alpha = acfg["r"], float(acfg.get("lora_alpha", acfg["r"]))
         scaling = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
+        pairs = self._scaled(pairs, scaling)
         targets = sorted({m for _, m in pairs}, key=list(MODULE_GROUP).index)
         for group in {MODULE_GROUP[m] for m in targets}:
             self._ensure_group(group)
@@ -122,7 +131,7 @@ class AdapterManager:
                     if (layer, module) in pairs:
                         la, lb = pairs[(layer, module)]
                         a[layer, :, k * self.max_rank : k * self.max_rank + r] = la.T
-                        b[layer, k * self.max_rank : k * self.max_rank + r, out : out + width] = lb.T * scaling
+                        b[layer, k * self.max_rank : k * self.max_rank + r, out : out + width] = lb.T
                 out += width
             a = jnp.asarray(a, self.dtype)
             self.stacks[group] = LoraStack(
@@ -143,6 +152,23 @@ class AdapterManager:
         )
         self._by_name[name] = (slot, info, identity)
         return info
+
+    def _scaled(self, pairs: dict, scaling: float) -> dict:
+        """{(layer, module): (A, B * scaling)}; raises if a value overflows the engine's dtype (the
+        weights are finite in float32, but B * scaling may not be, and bfloat16 or float16 may not hold it)."""
+        out = {}
+        with np.errstate(over="ignore", invalid="ignore"):  # overflows are what this looks for
+            for (layer, module), (la, lb) in sorted(pairs.items()):
+                lb = lb * scaling
+                for which, m in (("lora_A", la), ("lora_B", lb)):
+                    if not np.isfinite(m.astype(self.dtype)).all():
+                        raise InvalidRequestError(
+                            "adapter_model.safetensors",
+                            f"layer {layer} {module}.{which} times the scaling {scaling:g} overflows "
+                            f"{np.dtype(self.dtype).name}",
+                        )
+                out[(layer, module)] = (la, lb)
+        return out
 
     def unload(self, name: str) -> None:
         if name not in self._by_name:

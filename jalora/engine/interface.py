@@ -108,7 +108,9 @@ class Engine(Protocol):
     def default_sampling_params(self) -> SamplingParams:
         """The model's sampling defaults, for requests that bring none."""
 
-    def load_adapter(self, name: str, path: str) -> AdapterInfo: ...
+    def load_adapter(self, name: str, path: str, roots: Sequence[str] | None = None) -> AdapterInfo:
+        """Loads the PEFT directory `path` as `name`; with `roots` (a server's adapter roots), every file
+        read must resolve inside one of them, links followed."""
 
     def unload_adapter(self, name: str) -> None: ...
 

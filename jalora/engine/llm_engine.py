@@ -134,7 +134,7 @@ class LLMEngine:
         self.pipeline = StepPipeline(self.runner, config.async_scheduling)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.adapters = AdapterManager(
-            cfg, config.max_loras, config.max_lora_rank, self.dtype, self.tokenize,
+            cfg, config.max_loras, config.max_lora_rank, self.max_model_len, self.dtype, self.tokenize,
             keep_flat_a=self.kernel_plan.keeps_flat_lora_a(self.runner.smallest_step),
         )  # fmt: skip
         self.requests: dict[str, Request] = {}
@@ -185,8 +185,8 @@ class LLMEngine:
 
     # -- adapters --------------------------------------------------------------------------------
 
-    def load_adapter(self, name: str, path: str) -> AdapterInfo:
-        return self.adapters.load(name, path)
+    def load_adapter(self, name: str, path: str, roots: Sequence[str] | None = None) -> AdapterInfo:
+        return self.adapters.load(name, path, roots)
 
     def unload_adapter(self, name: str) -> None:
         self.adapters.unload(name)

@@ -59,3 +59,41 @@ def make_model_with_adapters(root: Path) -> tuple[str, dict[str, str], str]:
     name, tokens, targets, seed = EXTRA_ADAPTER
     dirs[name] = make_alora(model_dir, adapter_root / name, tokens, targets, seed, weight_std=0.2)
     return model_dir, dirs, str(adapter_root)
+
+
+# ---- the embedded tiny model and adapters written with numpy: a server in seconds ----------------------
+
+TINY_VOCAB = 491  # checkpoints/default's vocabulary
+# A server engine on the embedded model: no warm-up, small steps and a short max_model_len, so a request
+# that passes validation costs little.
+TINY_ENGINE_ARGS = dict(
+    warmup=False, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64, max_loras=2, max_lora_rank=8
+)
+
+
+def tiny_engine():
+    """An LLMEngine on the embedded random model (checkpoints/default)."""
+    from checkpoints import DEFAULT_MODEL_DIR
+    from jalora import LLM
+
+    return LLM(str(DEFAULT_MODEL_DIR), **TINY_ENGINE_ARGS).engine
+
+
+def write_adapter(path, *, invocation=(5, 6), seed=1, config=None, edit_tensors=None) -> str:
+    """A random PEFT aLoRA of the embedded model (q_proj and v_proj, r=8) at `path`; `config` entries
+    replace those of adapter_config.json, `edit_tensors(tensors)` edits the weights before they are saved."""
+    from safetensors.numpy import load_file, save_file
+
+    from checkpoints import DEFAULT_MODEL_DIR
+    from checkpoints.judges import write_random_alora
+
+    out = write_random_alora(DEFAULT_MODEL_DIR, path, list(invocation), None, ["q_proj", "v_proj"], seed)
+    if config:
+        cfg = json.loads((out / "adapter_config.json").read_text())
+        cfg.update(config)
+        (out / "adapter_config.json").write_text(json.dumps(cfg))
+    if edit_tensors:
+        tensors = load_file(out / "adapter_model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, out / "adapter_model.safetensors")
+    return str(out)

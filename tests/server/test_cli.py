@@ -347,6 +347,16 @@ def test_missing_adapter_is_one_line(unloadable_model, tmp_path, capsys):
     assert capsys.readouterr() == ("", f"jalora serve: adapter x: {missing} does not exist\n")
 
 
+def test_start_up_adapter_name_is_checked_before_the_model_loads(unloadable_model, tmp_path, capsys):
+    """Adapter names follow one pattern (jalora/api/limits.py), at start-up as over gRPC."""
+    from jalora.api.limits import ADAPTER_NAME_RULE
+
+    half = _half_adapter(tmp_path)
+    assert cli.main(["serve", "--model", unloadable_model, "--port", "0", "--adapter", f"../x={half}"]) == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first == f"jalora serve: adapter ../x: not an adapter name ({ADAPTER_NAME_RULE})"
+
+
 def test_a_bad_start_up_adapter_is_named(tiny_models, tmp_path, capsys):
     """The full validation happens at load: its error says which --adapter it is about."""
     broken = _half_adapter(tmp_path)
