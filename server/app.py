@@ -52,7 +52,7 @@ class JaloraServer:
 
     def __init__(self, engine: Engine, config: ServerConfig | None = None):
         self.config = ServerConfig() if config is None else config
-        self.worker = EngineWorker(engine, self.config.max_pending_requests)
+        self.worker = EngineWorker(engine, self.config.max_pending_requests, self.config.tokenizer_threads)
         self.servicer = JaloraServicer(self.worker, self.config, version=_version())
         self.health = health.aio.HealthServicer()
         self.port: int | None = None  # the bound port, once started

@@ -1,8 +1,10 @@
 """jalora.v1.Jalora: turns RPCs into engine work on the EngineWorker and engine results into messages.
 
-Every engine access goes through the worker (`submit` for Generate, `call` with an `Engine` protocol
-method for the rest); messages are built by server/convert.py and failures mapped by server/errors.py.
-Imports neither JAX nor numpy.
+Every engine access goes through the worker: `submit` for Generate, `run_host` for work that grows
+with the request (tokenizing, chat templates: on the host pool, beside the engine thread),
+`prepare_adapter` for adapter files, and `call` with an `Engine` protocol method for the rest (between
+two steps). Calls are admitted by a CallGate (server/call_gate.py); messages are built by
+server/convert.py and failures mapped by server/errors.py. Imports neither JAX nor numpy.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
 from jalora.engine.chat import prompt_with_invocation
 from jalora.errors import InvalidRequestError
 from jalora.sampling_params import SamplingParams
+from server.call_gate import CallGate, unary_call
 from server.config import ServerConfig
 from server.convert import (
     adapter_info_to_proto,
@@ -56,6 +59,7 @@ class JaloraServicer(pb_grpc.JaloraServicer):
         self.worker = worker
         self.config = config
         self.version = version
+        self.calls = CallGate(config.max_pending_calls)
         self._defaults: SamplingParams | None = None
 
     async def Generate(
@@ -63,7 +67,10 @@ class JaloraServicer(pb_grpc.JaloraServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         received = time.monotonic()  # the reference point of the call's timings
         stream = None
+        admitted = False
         try:
+            self.calls.admit()
+            admitted = True
             if len(request.request_id) > _MAX_REQUEST_ID_LEN:
                 raise InvalidRequestError("request_id", f"must be at most {_MAX_REQUEST_ID_LEN} characters")
             which = request.WhichOneof("prompt")
@@ -79,7 +86,7 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             adapter = request.adapter or None
             if messages is not None or request.append_invocation:
                 invoke = adapter if request.append_invocation else None
-                prompt = await self.worker.call(lambda e: prompt_with_invocation(e, prompt, messages, invoke))
+                prompt = await self.worker.run_host(lambda e: prompt_with_invocation(e, prompt, messages, invoke))
             # The engine needs ids unique among requests in flight; the client's id is only echoed.
             client_id = request.request_id or uuid.uuid4().hex
             stream = self.worker.submit(uuid.uuid4().hex, prompt, params, adapter)
@@ -95,6 +102,8 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             # await above) or a failed write: the engine drops the request and frees its blocks.
             if stream is not None:
                 stream.abort()
+            if admitted:
+                self.calls.release()
 
     async def _sampling_defaults(self) -> SamplingParams:
         """The engine's sampling defaults (the model's generation_config), asked once."""
@@ -102,6 +111,7 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             self._defaults = await self.worker.call(lambda engine: engine.default_sampling_params())
         return self._defaults
 
+    @unary_call
     async def ListAdapters(self, request, context):
         try:
             infos = await self.worker.call(lambda engine: engine.list_adapters())
@@ -109,17 +119,20 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             await abort_with(context, exc)
         return pb.ListAdaptersResponse(adapters=[adapter_info_to_proto(i) for i in infos])
 
+    @unary_call
     async def LoadAdapter(self, request, context):
         try:
             if not request.name:
                 raise InvalidRequestError("name", "must not be empty")
             path = resolve_adapter_path(request.path, self.config.adapter_roots)
             name = request.name
-            info = await self.worker.call(lambda engine: engine.load_adapter(name, path))
+            prepared = await self.worker.prepare_adapter(path)  # the files are read beside the engine thread
+            info = await self.worker.call(lambda engine: engine.load_adapter(name, prepared))
         except Exception as exc:
             await abort_with(context, exc)
         return adapter_info_to_proto(info)
 
+    @unary_call
     async def UnloadAdapter(self, request, context):
         try:
             if not request.name:
@@ -130,19 +143,22 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             await abort_with(context, exc)
         return pb.UnloadAdapterResponse()
 
+    @unary_call
     async def Tokenize(self, request, context):
+        # On the host pool, message included: building millions of ids into one is work of its own.
         try:
             if request.WhichOneof("input") == "messages":
                 messages = messages_from_proto(request.messages)
                 gen = not request.HasField("add_generation_prompt") or request.add_generation_prompt
-                ids = await self.worker.call(lambda engine: engine.apply_chat_template(messages, gen))
-            else:
-                text = request.text
-                ids = await self.worker.call(lambda engine: engine.tokenize(text))
+                return await self.worker.run_host(
+                    lambda engine: pb.TokenizeResponse(token_ids=engine.apply_chat_template(messages, gen))
+                )
+            text = request.text
+            return await self.worker.run_host(lambda engine: pb.TokenizeResponse(token_ids=engine.tokenize(text)))
         except Exception as exc:
             await abort_with(context, exc)
-        return pb.TokenizeResponse(token_ids=list(ids))
 
+    @unary_call
     async def GetServerInfo(self, request, context):
         try:
             info = await self.worker.call(lambda engine: engine.info())

@@ -98,14 +98,15 @@ def read_peft_adapter(path: str, cfg: ModelConfig, max_rank: int) -> tuple[dict,
     r = acfg.get("r")
     if not isinstance(r, int) or not 1 <= r <= max_rank:
         _reject("adapter_config.json", f"r={r!r} must be an integer in [1, max_lora_rank={max_rank}]")
-    try:  # through JAX arrays: numpy alone cannot read bfloat16, a common PEFT dtype
+    # Names and shapes are checked from the header before any tensor is read, so a file of the wrong
+    # tensors is refused without reading its data (and what is read is bounded by the model's shapes).
+    try:
         with safe_open(w_path, framework="flax") as f:
-            tensors = {k: np.asarray(f.get_tensor(k)) for k in f.keys()}
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as e:
         _reject("adapter_model.safetensors", f"cannot be read in {path}: {e}")
     dims = module_dims(cfg)
-    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
-    for name, t in tensors.items():
+    for name, shape in shapes.items():
         m = _KEY.match(name)
         if m is None or m.group(2) not in dims:
             _reject("adapter_model.safetensors", f"unsupported tensor {name} (only LoRA A/B of q,k,v,o,gate,up,down)")
@@ -114,8 +115,17 @@ def read_peft_adapter(path: str, cfg: ModelConfig, max_rank: int) -> tuple[dict,
             _reject("adapter_model.safetensors", f"{name}: layer {layer} >= base model's {cfg.num_layers} layers")
         din, dout = dims[module]
         want = (r, din) if ab == "A" else (dout, r)
-        if tuple(t.shape) != want:
-            _reject("adapter_model.safetensors", f"{name} has shape {tuple(t.shape)}, the base model needs {want}")
+        if shape != want:
+            _reject("adapter_model.safetensors", f"{name} has shape {shape}, the base model needs {want}")
+    try:  # through JAX arrays: numpy alone cannot read bfloat16, a common PEFT dtype
+        with safe_open(w_path, framework="flax") as f:
+            tensors = {k: np.asarray(f.get_tensor(k)) for k in shapes}
+    except Exception as e:
+        _reject("adapter_model.safetensors", f"cannot be read in {path}: {e}")
+    pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+    for name, t in tensors.items():
+        m = _KEY.match(name)
+        layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
         pairs.setdefault((layer, module), {})[ab] = t.astype(np.float32)
     if not pairs:
         _reject("adapter_model.safetensors", "holds no LoRA weights")
