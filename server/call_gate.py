@@ -25,9 +25,11 @@ class CallGate:
         self.draining = False
         self._idle: asyncio.Event | None = None  # made on the loop by the first wait_idle
 
-    def admit(self, unary: bool = False) -> None:
-        """Counts a call in, or raises: ServerShuttingDownError while draining, ServerOverloadedError
-        for a unary call past `max_pending_calls`. Every admit that returns is paired with `release`."""
+    def admit(self, context, unary: bool = False) -> None:
+        """Counts a call in until it terminates (its status sent, or cancelled: gRPC's done callback of
+        `context`, so a drain that waits for it also waits for its status), or raises:
+        ServerShuttingDownError while draining, ServerOverloadedError for a unary call past
+        `max_pending_calls`."""
         if self.draining:
             raise ServerShuttingDownError(SHUTTING_DOWN)
         if unary:
@@ -40,8 +42,9 @@ class CallGate:
         self.num_calls += 1
         if self._idle is not None:
             self._idle.clear()
+        context.add_done_callback(lambda _: self._release(unary))
 
-    def release(self, unary: bool = False) -> None:
+    def _release(self, unary: bool) -> None:
         self.num_unary -= unary
         self.num_calls -= 1
         if self.num_calls == 0 and self._idle is not None:
@@ -61,18 +64,15 @@ class CallGate:
 
 
 def unary_call(handler):
-    """Wraps a unary RPC handler of a servicer that has a `calls` CallGate: admitted, then released when
-    it ends; a refusal ends the call with its status."""
+    """Wraps a unary RPC handler of a servicer that has a `calls` CallGate: the call is admitted first,
+    or refused with the status of the refusal."""
 
     @functools.wraps(handler)
     async def admitted(self, request, context):
         try:
-            self.calls.admit(unary=True)
+            self.calls.admit(context, unary=True)
         except Exception as exc:
             await abort_with(context, exc)
-        try:
-            return await handler(self, request, context)
-        finally:
-            self.calls.release(unary=True)
+        return await handler(self, request, context)
 
     return admitted

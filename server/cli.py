@@ -303,13 +303,23 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"jalora serving on {server.address}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():  # a second signal: the running calls end now
+                print("jalora: ending the running calls now", file=sys.stderr, flush=True)
+                asyncio.ensure_future(server.stop(0))
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal)
             except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
                 pass
         await stop.wait()
-        print("jalora: shutting down", file=sys.stderr, flush=True)
+        # Health turns NOT_SERVING and new calls get UNAVAILABLE at once; running streams get the grace.
+        grace = plan.server_config.grace
+        print(f"jalora: shutting down; running calls get up to {grace:g} s (a second signal ends them now)",
+              file=sys.stderr, flush=True)  # fmt: skip
         await server.stop()
 
     asyncio.run(run())

@@ -67,10 +67,8 @@ class JaloraServicer(pb_grpc.JaloraServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         received = time.monotonic()  # the reference point of the call's timings
         stream = None
-        admitted = False
         try:
-            self.calls.admit()
-            admitted = True
+            self.calls.admit(context)
             if len(request.request_id) > _MAX_REQUEST_ID_LEN:
                 raise InvalidRequestError("request_id", f"must be at most {_MAX_REQUEST_ID_LEN} characters")
             which = request.WhichOneof("prompt")
@@ -102,8 +100,6 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             # await above) or a failed write: the engine drops the request and frees its blocks.
             if stream is not None:
                 stream.abort()
-            if admitted:
-                self.calls.release()
 
     async def _sampling_defaults(self) -> SamplingParams:
         """The engine's sampling defaults (the model's generation_config), asked once."""
