@@ -12,6 +12,7 @@ when it is left out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from typing import Any
@@ -30,6 +31,10 @@ from server.security import server_credentials, token_interceptor
 from server.servicer import JaloraServicer, add_to_server
 
 logger = logging.getLogger(__name__)
+
+# Seconds the calls failed at the end of a drain get to send their status before grpc cancels what is
+# left (only a client that stopped reading its stream can hold one that long).
+FAILED_CALLS_GRACE = 5.0
 
 SERVICE_NAME = jalora_pb2.DESCRIPTOR.services_by_name["Jalora"].full_name  # "jalora.v1.Jalora"
 
@@ -82,7 +87,9 @@ class JaloraServer:
         self.config = ServerConfig() if config is None else config
         # Prometheus metrics (server/metrics.py), filled by the engine thread, when a metrics port is set.
         self.metrics = ServerMetrics() if self.config.metrics_port is not None else None
-        self.worker = EngineWorker(engine, self.config.max_pending_requests, observer=self.metrics)
+        self.worker = EngineWorker(
+            engine, self.config.max_pending_requests, self.config.tokenizer_threads, observer=self.metrics
+        )
         self.servicer = JaloraServicer(self.worker, self.config, version=_version())
         self.health = health.aio.HealthServicer()
         # The TLS and token files are read once, here (their readability was checked by ServerConfig).
@@ -91,6 +98,8 @@ class JaloraServer:
         self.port: int | None = None  # the bound port, once started
         self.metrics_port: int | None = None  # the metrics endpoint's bound port, once started
         self._server: grpc.aio.Server | None = None
+        self._stopping: asyncio.Task | None = None
+        self._cut_grace: asyncio.Event | None = None
 
     @property
     def address(self) -> str:
@@ -137,12 +146,36 @@ class JaloraServer:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stops taking calls, lets running ones finish for `grace` seconds (default: the config's;
-        0 cancels them at once), then stops the engine thread."""
-        await self.health.enter_graceful_shutdown()
+        """Drains, then stops: health turns NOT_SERVING, new calls get UNAVAILABLE ("server is shutting
+        down"), running calls get `grace` seconds (default: the config's) to finish; those still running
+        then end with UNAVAILABLE and the server's own message, and the engine thread and gRPC stop.
+        A second call while the first drains ends the grace now (a second SIGTERM) and waits with it."""
+        if self._stopping is None:
+            self._cut_grace = asyncio.Event()
+            self._stopping = asyncio.ensure_future(self._drain(self.config.grace if grace is None else grace))
+        else:
+            self._cut_grace.set()
+        await asyncio.shield(self._stopping)
+
+    async def _drain(self, grace: float) -> None:
+        calls = self.servicer.calls
+        # Refusing first, in this loop turn: whoever sees NOT_SERVING is sure to be refused.
+        calls.drain()
+        await self.health.enter_graceful_shutdown()  # every service NOT_SERVING, watchers told
+        if calls.num_calls:
+            logger.info("draining: %d calls get up to %.1f s to finish", calls.num_calls, grace)
+        waits = [asyncio.ensure_future(calls.wait_idle()), asyncio.ensure_future(self._cut_grace.wait())]
+        await asyncio.wait(waits, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        message = f"server is shutting down: the call did not finish within the {grace:g} s grace"
+        if self._cut_grace.is_set():
+            message = "server is shutting down: stopped at once (a second stop) before the call finished"
+        await asyncio.get_running_loop().run_in_executor(None, lambda: self.worker.stop(message=message))
+        with contextlib.suppress(TimeoutError):  # the failed calls send their status
+            await asyncio.wait_for(calls.wait_idle(), FAILED_CALLS_GRACE)
         if self._server is not None:
-            await self._server.stop(self.config.grace if grace is None else grace)
-        await asyncio.get_running_loop().run_in_executor(None, self.worker.stop)
+            await self._server.stop(0)
         if self.metrics is not None:  # blocks until the HTTP thread's poll notices (up to half a second)
             await asyncio.get_running_loop().run_in_executor(None, self.metrics.stop_http)
 
@@ -177,7 +210,8 @@ class ServerThread:
         """See JaloraServer.stop; then ends the loop and joins the thread."""
         if not self._thread.is_alive():
             return
-        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result(timeout=60)
+        wait = (self.server.config.grace if grace is None else grace) + FAILED_CALLS_GRACE + 60
+        asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result(timeout=wait)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()

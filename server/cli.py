@@ -351,13 +351,22 @@ def _serve(args: argparse.Namespace) -> int:
             logs.say(f"jalora: Prometheus metrics on http://{metrics}/metrics")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():  # a second signal: the running calls end now
+                print("jalora: ending the running calls now", file=sys.stderr, flush=True)
+                asyncio.ensure_future(server.stop(0))
+            stop.set()
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, on_signal)
             except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
                 pass
         await stop.wait()
-        logs.say("jalora: shutting down")
+        # Health turns NOT_SERVING and new calls get UNAVAILABLE at once; running streams get the grace.
+        grace = plan.server_config.grace
+        logs.say(f"jalora: shutting down; running calls get up to {grace:g} s (a second signal ends them now)")
         await server.stop()
 
     asyncio.run(run())

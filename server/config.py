@@ -31,6 +31,12 @@ class ServerConfig:
         (), "LoadAdapter accepts only adapter directories under these (repeatable)", metavar="DIR"
     )
     max_pending_requests: int = config_field(256, "requests in flight before new ones get RESOURCE_EXHAUSTED")
+    max_pending_calls: int = config_field(
+        64, "unary calls (Tokenize, adapters, info) in flight before new ones get RESOURCE_EXHAUSTED"
+    )
+    tokenizer_threads: int = config_field(
+        4, "threads that tokenize prompts and Tokenize calls beside the engine thread (at most this many at once)"
+    )
     grace: float = config_field(5.0, "seconds running calls get to finish at shutdown")
     model_name: str = config_field("", "model name GetServerInfo reports (default: the engine's model directory)")
     tls_cert: str | None = config_field(
@@ -90,8 +96,9 @@ class ServerConfig:
         require(all(isinstance(r, str) and r for r in roots), "adapter_roots",
                 f"must be non-empty directory paths, got {list(roots)!r}")  # fmt: skip
         object.__setattr__(self, "adapter_roots", roots)
-        n = self.max_pending_requests
-        require(is_int(n) and n >= 1, "max_pending_requests", f"must be an integer >= 1, got {n!r}")
+        for name in ("max_pending_requests", "max_pending_calls", "tokenizer_threads"):
+            n = getattr(self, name)
+            require(is_int(n) and n >= 1, name, f"must be an integer >= 1, got {n!r}")
         g = self.grace
         require(isinstance(g, int | float) and not isinstance(g, bool) and math.isfinite(g) and g >= 0, "grace",
                 f"must be a number of seconds >= 0, got {g!r}")  # fmt: skip

@@ -9,8 +9,19 @@ next step: concurrent streams are batched by the engine's scheduler, not by this
 Each `RequestDelta` of a step goes to its request's `RequestStream` as the engine made it; turning it
 into a message (and measuring timings) is server/convert.py's job.
 
-Admission is bounded by `max_pending_requests` (requests submitted and not yet finished); past it,
-`submit` raises ServerOverloadedError at once instead of letting a queue grow without bound.
+The engine thread runs only what is cheap per step: admitting a request whose prompt is already token
+ids, installing an adapter already read, steps, aborts, small calls. Work whose cost grows with what a
+client sends runs beside it, on host threads, through the engine's thread-safe methods
+(jalora/engine/interface.py): a text prompt is tokenized (`Engine.encode_prompt`) on the host pool
+(`tokenizer_threads` threads, so at most that many tokenizations run at once) before its `AddRequest` is
+queued, and callers run Tokenize, chat templates (`run_host`) and adapter file reads (`prepare_adapter`,
+one thread of its own) there too. A request that waits for a tokenization of its own thus never holds
+up the streams already running, nor the requests behind it.
+
+Admission is bounded by `max_pending_requests` (requests submitted and not yet finished, tokenizing
+ones included); past it, `submit` raises ServerOverloadedError at once instead of letting a queue grow
+without bound. After `stop`, every command, submission and host job fails with ServerShuttingDownError,
+and so does everything still waiting on one.
 
 An optional `StepObserver` (the server's metrics, server/metrics.py) gets the engine's `stats()` after
 every step, request added and abort, with the deltas of the step, on this thread and before the deltas
@@ -20,22 +31,29 @@ go out: whatever a client has received is already counted.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from jalora.engine.interface import Engine, EngineStats
+from jalora.engine.interface import EncodedPrompt, Engine, EngineStats
 from jalora.outputs import RequestDelta
 from jalora.sampling_params import SamplingParams
 from server.errors import EngineFailure, ServerOverloadedError, ServerShuttingDownError
 
+if TYPE_CHECKING:
+    from jalora.adapters.manager import PreparedAdapter
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+SHUTTING_DOWN = "the server is shutting down"
 
 
 class RequestStream:
@@ -51,6 +69,7 @@ class RequestStream:
         self._worker = worker
         self._queue: asyncio.Queue[RequestDelta | BaseException] = asyncio.Queue()
         self.done = False
+        self.aborted = False  # event-loop thread only: abort() was called
 
     def _push(self, item: RequestDelta | BaseException) -> None:
         if self.done:
@@ -68,9 +87,14 @@ class RequestStream:
         return item
 
     def abort(self) -> None:
-        """Asks the engine to drop the request (its blocks return to the pool). Idempotent."""
-        if not self.done:
-            self._worker._commands.put(AbortRequest(self.request_id))
+        """Asks the engine to drop the request (its blocks return to the pool), or, while its prompt is
+        still being tokenized, not to admit it at all. Idempotent."""
+        if not self.done and not self.aborted:
+            self.aborted = True
+            try:
+                self._worker._put(AbortRequest(self.request_id))
+            except ServerShuttingDownError:
+                pass  # the engine thread is stopping: it fails (and frees) every request itself
 
 
 # ---- commands: what the event-loop side (or a test) asks of the engine thread ---------------------
@@ -79,7 +103,7 @@ class RequestStream:
 @dataclasses.dataclass(frozen=True)
 class AddRequest:
     request_id: str
-    prompt: str | Sequence[int]
+    prompt: EncodedPrompt
     params: SamplingParams
     adapter: str | None
     stream: RequestStream
@@ -108,7 +132,9 @@ class LimitSteps:
 
 @dataclasses.dataclass(frozen=True)
 class Stop:
-    """Fail what is in flight with ServerShuttingDownError and end the thread."""
+    """Fail what is in flight with `error` (a ServerShuttingDownError) and end the thread."""
+
+    error: BaseException
 
 
 Command = AddRequest | AbortRequest | EngineCall | LimitSteps | Stop
@@ -123,7 +149,13 @@ class StepObserver(Protocol):
 class EngineWorker:
     """Runs an engine in its own thread; every other thread goes through `submit` and `call`."""
 
-    def __init__(self, engine: Engine, max_pending_requests: int, observer: StepObserver | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        max_pending_requests: int,
+        tokenizer_threads: int = 4,
+        observer: StepObserver | None = None,
+    ):
         self.engine = engine
         self.max_pending_requests = max_pending_requests
         self.observer = observer
@@ -137,17 +169,40 @@ class EngineWorker:
         self._streams: dict[str, RequestStream] = {}  # engine thread only: requests in the engine
         self._steps_left: int | None = None  # engine thread only; see limit_steps
         self._thread = threading.Thread(target=self._run, name="jalora-engine", daemon=True)
+        self._host = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="jalora-host")
+        self._adapter_io = ThreadPoolExecutor(1, thread_name_prefix="jalora-adapter-io")
+        # Guards `_closed` and `_waiting`: no command is queued after Stop, no host job starts after stop().
+        self._lock = threading.Lock()
+        self._closed = False
+        self._waiting: set[tuple[asyncio.Future, asyncio.AbstractEventLoop]] = set()  # host jobs awaited
 
     # ---- any thread --------------------------------------------------------------------------------
 
     def start(self) -> None:
         self._thread.start()
 
-    def stop(self, timeout: float | None = 30.0) -> None:
-        """Fails what is in flight and joins the thread."""
+    def stop(self, timeout: float | None = 30.0, message: str = SHUTTING_DOWN) -> None:
+        """Fails what is in flight (requests in the engine, calls and host jobs waited on) with
+        ServerShuttingDownError(message), and joins the engine thread. Idempotent."""
+        error = ServerShuttingDownError(message)
+        with self._lock:
+            first = not self._closed
+            self._closed = True
+            if first:
+                self._commands.put(Stop(error))
+            waiting, self._waiting = self._waiting, set()
+        for future, loop in waiting:
+            _post(loop, _resolve, future, None, error)
+        self._host.shutdown(wait=False, cancel_futures=True)
+        self._adapter_io.shutdown(wait=False, cancel_futures=True)
         if self._thread.is_alive():
-            self._commands.put(Stop())
             self._thread.join(timeout)
+
+    def _put(self, command: Command) -> None:
+        with self._lock:
+            if self._closed:
+                raise ServerShuttingDownError(SHUTTING_DOWN)
+            self._commands.put(command)
 
     def limit_steps(self, steps: int | None) -> None:
         """Lets the engine thread run at most `steps` more steps; None lifts the limit (the default).
@@ -160,7 +215,8 @@ class EngineWorker:
         """
         if steps is not None and (not isinstance(steps, int) or steps < 0):
             raise ValueError(f"steps must be None or an integer >= 0, got {steps!r}")
-        self._commands.put(LimitSteps(steps))
+        with contextlib.suppress(ServerShuttingDownError):  # stopped: no step will run again anyway
+            self._put(LimitSteps(steps))
 
     # ---- event-loop side -------------------------------------------------------------------------
 
@@ -169,26 +225,88 @@ class EngineWorker:
     ) -> RequestStream:
         """Queues a request for the engine. Must be called on the event loop that reads the stream.
 
-        Raises ServerOverloadedError when `max_pending_requests` requests are already in flight.
-        Engine validation errors (bad prompt, unknown adapter, ...) come out of the stream's first
-        `next()`, since only the engine thread may call `add_request`.
+        Raises ServerOverloadedError when `max_pending_requests` requests are already in flight (or
+        ServerShuttingDownError after `stop`). A text prompt is tokenized on the host pool first; token
+        ids are checked here, their length before their values. Prompt errors and the engine's
+        validation errors (unknown adapter, ...) come out of the stream's first `next()`.
         """
+        if self._closed:
+            raise ServerShuttingDownError(SHUTTING_DOWN)
         if self.num_pending >= self.max_pending_requests:
             raise ServerOverloadedError(
                 f"server is at capacity: {self.num_pending} requests in flight "
                 f"(max_pending_requests={self.max_pending_requests}); retry later"
             )
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
-        self.num_pending += 1
-        self._commands.put(AddRequest(request_id, prompt, params, adapter, stream))
+        self.num_pending += 1  # from here on every outcome reaches the stream, which releases it
+        try:
+            if isinstance(prompt, str):
+                # Skipped if the call ends while the job waits for a thread: nobody wants the tokens then.
+                def encode_prompt():
+                    return None if stream.aborted else self.engine.encode_prompt(prompt)
+
+                encode = self._offload(self._host, encode_prompt)
+                encode.add_done_callback(lambda job: self._admit(job, request_id, params, adapter, stream))
+            else:
+                encoded = self.engine.encode_prompt(prompt)
+                self._put(AddRequest(request_id, encoded, params, adapter, stream))
+        except Exception as exc:  # the prompt's error, or a stop: that request's alone
+            stream._push(exc)
         return stream
+
+    def _admit(self, job: asyncio.Future, request_id: str, params, adapter, stream: RequestStream) -> None:
+        """Event loop: queues a request whose prompt the host pool encoded, unless its call has ended
+        (checked on this loop, where abort() runs: no AbortRequest can precede the add)."""
+        try:
+            encoded = job.result()
+            if stream.aborted:
+                raise RuntimeError("the call ended before its prompt was tokenized")
+            self._put(AddRequest(request_id, encoded, params, adapter, stream))
+        except Exception as exc:  # the prompt's error, or a stop: that request's alone
+            stream._push(exc)
 
     async def call(self, fn: Callable[[Engine], T]) -> T:
         """Runs `fn(engine)` on the engine thread between two steps and returns its result."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._commands.put(EngineCall(fn, future, loop))
+        self._put(EngineCall(fn, future, loop))
         return await future
+
+    async def run_host(self, fn: Callable[[Engine], T]) -> T:
+        """Runs `fn(engine)` on the host pool and returns its result: for work whose cost grows with the
+        request (tokenizing, rendering a chat template) through the engine's thread-safe methods only."""
+        return await self._offload(self._host, lambda: fn(self.engine))
+
+    async def prepare_adapter(self, path: str, roots: Sequence[str] | None = None) -> PreparedAdapter:
+        """Reads and validates an adapter directory on a thread of its own (`Engine.prepare_adapter`), so
+        that neither the engine thread nor tokenization waits on its files; the engine thread then only
+        installs it (`call(lambda e: e.load_adapter(name, prepared))`)."""
+        return await self._offload(self._adapter_io, lambda: self.engine.prepare_adapter(path, roots))
+
+    def _offload(self, executor: ThreadPoolExecutor, fn: Callable[[], T]) -> asyncio.Future:
+        """A future of this loop that `fn()` on `executor` resolves (or `stop` fails)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        key = (future, loop)
+
+        def job() -> None:
+            try:
+                result, error = fn(), None
+            except Exception as exc:  # handed to the caller
+                result, error = None, exc
+            _post(loop, _resolve, future, result, error)
+
+        with self._lock:
+            if self._closed:
+                raise ServerShuttingDownError(SHUTTING_DOWN)
+            self._waiting.add(key)
+            executor.submit(job)
+        future.add_done_callback(lambda _: self._forget(key))
+        return future
+
+    def _forget(self, key: tuple[asyncio.Future, asyncio.AbstractEventLoop]) -> None:
+        with self._lock:
+            self._waiting.discard(key)
 
     def _release(self) -> None:
         self.num_pending -= 1
@@ -216,7 +334,7 @@ class EngineWorker:
             command = None
         while command is not None:
             if isinstance(command, Stop):
-                self._abort_all(ServerShuttingDownError("the server is shutting down"))
+                self._abort_all(command.error)
                 return False
             self._handle(command)
             try:
@@ -330,7 +448,7 @@ def _deliver(items: list[tuple[RequestStream, RequestDelta]]) -> None:
 
 
 def _resolve(future: asyncio.Future, result: Any, error: BaseException | None) -> None:
-    if future.cancelled():
+    if future.done():  # its caller gave up (cancelled), or stop() failed it first
         return
     if error is not None:
         future.set_exception(error)

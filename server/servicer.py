@@ -1,10 +1,12 @@
 """jalora.v1.Jalora: turns RPCs into engine work on the EngineWorker and engine results into messages.
 
-Every engine access goes through the worker (`submit` for Generate, `call` with an `Engine` protocol
-method for the rest); messages are built by server/convert.py and failures mapped by server/errors.py.
-Each request field is checked against its bound (jalora/api/limits.py) before any slow work, and
-`add_to_server` registers the service so that request bytes that do not parse are refused like any
-other bad argument. Imports neither JAX nor numpy.
+Every engine access goes through the worker: `submit` for Generate, `run_host` for work that grows
+with the request (tokenizing, chat templates: on the host pool, beside the engine thread),
+`prepare_adapter` for adapter files, and `call` with an `Engine` protocol method for the rest (between
+two steps). Calls are admitted by a CallGate (server/call_gate.py); messages are built by
+server/convert.py and failures mapped by server/errors.py. Each request field is checked against its
+bound (jalora/api/limits.py) before any slow work, and `add_to_server` registers the service so that
+request bytes that do not parse are refused like any other bad argument. Imports neither JAX nor numpy.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
 from jalora.engine.chat import prompt_with_invocation
 from jalora.errors import AdapterNameError, AdapterPathError, InvalidRequestError, quoted
 from jalora.sampling_params import SamplingParams
+from server.call_gate import CallGate, unary_call
 from server.config import ServerConfig
 from server.convert import (
     adapter_info_to_proto,
@@ -92,6 +95,7 @@ class JaloraServicer(pb_grpc.JaloraServicer):
         self.worker = worker
         self.config = config
         self.version = version
+        self.calls = CallGate(config.max_pending_calls)
         self._defaults: SamplingParams | None = None
         self._max_model_len: int | None = None
 
@@ -105,6 +109,7 @@ class JaloraServicer(pb_grpc.JaloraServicer):
         stream = None
         finished = None
         try:
+            self.calls.admit(context)
             if len(request.request_id) > MAX_REQUEST_ID_CHARS:
                 raise InvalidRequestError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
             if request.adapter:
@@ -136,7 +141,7 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             adapter = request.adapter or None
             if messages is not None or request.append_invocation:
                 invoke = adapter if request.append_invocation else None
-                prompt = await self.worker.call(lambda e: prompt_with_invocation(e, prompt, messages, invoke))
+                prompt = await self.worker.run_host(lambda e: prompt_with_invocation(e, prompt, messages, invoke))
             stream = self.worker.submit(uuid.uuid4().hex, prompt, params, adapter)
             while True:
                 delta = await stream.next()
@@ -168,6 +173,7 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             self._max_model_len = (await self.worker.call(lambda engine: engine.info())).max_model_len
         return self._max_model_len
 
+    @unary_call
     async def ListAdapters(self, request, context):
         try:
             infos = await self.worker.call(lambda engine: engine.list_adapters())
@@ -175,18 +181,22 @@ class JaloraServicer(pb_grpc.JaloraServicer):
         except Exception as exc:
             await abort_with(context, exc)
 
+    @unary_call
     async def LoadAdapter(self, request, context):
         try:
             name = request.name
             _check_adapter_name(name, "name")
             roots = self.config.adapter_roots
             path = resolve_adapter_path(request.path, roots)
-            # Every file the engine reads must resolve inside the roots too, not only the directory.
-            info = await self.worker.call(lambda engine: engine.load_adapter(name, path, roots))
+            # Read beside the engine thread; every file read must resolve inside the roots too, not
+            # only the directory.
+            prepared = await self.worker.prepare_adapter(path, roots)
+            info = await self.worker.call(lambda engine: engine.load_adapter(name, prepared))
             return adapter_info_to_proto(info)
         except Exception as exc:
             await abort_with(context, exc)
 
+    @unary_call
     async def UnloadAdapter(self, request, context):
         try:
             name = request.name
@@ -196,21 +206,24 @@ class JaloraServicer(pb_grpc.JaloraServicer):
         except Exception as exc:
             await abort_with(context, exc)
 
+    @unary_call
     async def Tokenize(self, request, context):
+        # On the host pool, message included: building millions of ids into one is work of its own.
         try:
             if request.WhichOneof("input") == "messages":
                 _check_messages(request.messages, "messages")
                 messages = messages_from_proto(request.messages)
                 gen = not request.HasField("add_generation_prompt") or request.add_generation_prompt
-                ids = await self.worker.call(lambda engine: engine.apply_chat_template(messages, gen))
-            else:
-                text = request.text
-                _check_text(text, "text")
-                ids = await self.worker.call(lambda engine: engine.tokenize(text))
-            return pb.TokenizeResponse(token_ids=list(ids))
+                return await self.worker.run_host(
+                    lambda engine: pb.TokenizeResponse(token_ids=engine.apply_chat_template(messages, gen))
+                )
+            text = request.text
+            _check_text(text, "text")
+            return await self.worker.run_host(lambda engine: pb.TokenizeResponse(token_ids=engine.tokenize(text)))
         except Exception as exc:
             await abort_with(context, exc)
 
+    @unary_call
     async def GetServerInfo(self, request, context):
         try:
             info = await self.worker.call(lambda engine: engine.info())

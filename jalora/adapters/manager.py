@@ -9,6 +9,10 @@ q, k and v (or gate and up) at once. Where the one-hot LoRA path can run, a stac
 
 The manager owns these stacks (`AdapterManager.stacks`, a pytree) and the engine passes them into
 every adapted step explicitly.
+
+Loading is two steps: `prepare` (any thread) reads and validates the PEFT files and lays the weights
+out as one slot of each stack, on the device; `install` (the engine's thread) picks the slot and writes
+them in. A server reads a large or bogus adapter file beside the engine thread, never on it.
 """
 
 from __future__ import annotations
@@ -59,6 +63,17 @@ class LoraStack:
 AdapterStacks = dict[str, LoraStack]
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedAdapter:
+    """An adapter read, validated and laid out by `AdapterManager.prepare`, ready for `install`."""
+
+    info: AdapterInfo  # its name is filled in by install
+    identity: bytes
+    # group -> (A [L, Din, R_group], B [L, R_group, Dout]) of one slot, scaling folded into B; only the
+    # groups the adapter targets (install zeroes its slot in the others)
+    slots: dict[str, tuple[jax.Array, jax.Array]]
+
+
 class AdapterManager:
     def __init__(
         self, cfg: ModelConfig, max_loras: int, max_rank: int, max_model_len: int, dtype, tokenize, keep_flat_a: bool
@@ -72,6 +87,8 @@ class AdapterManager:
         self.keep_flat_a = keep_flat_a
         self.stacks: AdapterStacks = {}
         self._by_name: dict[str, tuple[int, AdapterInfo, bytes]] = {}
+        # What infos() reads: a copy replaced whole on every change, so any thread may read it.
+        self._infos: tuple[AdapterInfo, ...] = ()
         self._in_flight: dict[str, int] = {}
         self._set_slot = jax.jit(lambda stack, slot, value: stack.at[:, slot].set(value), donate_argnums=(0,))
         self._set_cols = jax.jit(
@@ -80,7 +97,11 @@ class AdapterManager:
         )
 
     def infos(self) -> list[AdapterInfo]:
-        return [info for _, info, _ in self._by_name.values()]
+        """Thread-safe: the loaded adapters as of the last load or unload."""
+        return list(self._infos)
+
+    def _publish(self) -> None:
+        self._infos = tuple(info for _, info, _ in self._by_name.values())
 
     def _free_slot(self) -> int:
         used = {slot for slot, _, _ in self._by_name.values()}
@@ -104,28 +125,25 @@ class AdapterManager:
             jnp.zeros((layers, din, self.max_loras * r), self.dtype) if self.keep_flat_a else None,
         )
 
-    def load(self, name: str, path: str, roots: Sequence[str] | None = None) -> AdapterInfo:
-        """Reads, validates and places an adapter in a free slot; with `roots`, every file it reads must
-        resolve inside one of them. Raises InvalidRequestError (or CapacityError) and changes nothing."""
-        if not is_adapter_name(name):
-            raise AdapterNameError(name)
-        if name in self._by_name:
-            raise InvalidRequestError("name", f"adapter {name!r} is already loaded; unload it first")
+    def prepare(self, path: str, roots: Sequence[str] | None = None) -> PreparedAdapter:
+        """Thread-safe: reads and validates a PEFT directory (with `roots`, every file it reads must
+        resolve inside one of them) and builds its slot of each stack it targets on the device. Raises
+        InvalidRequestError; changes nothing."""
         acfg, pairs, identity = read_peft_adapter(path, self.cfg, self.max_rank, roots)
         invocation, inv_string = invocation_of(acfg, self.tokenize, self.cfg.vocab_size, self.max_model_len)
-        slot = self._free_slot()
         r, alpha = acfg["r"], float(acfg.get("lora_alpha", acfg["r"]))
         scaling = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
         pairs = self._scaled(pairs, scaling)
         targets = sorted({m for _, m in pairs}, key=list(MODULE_GROUP).index)
-        for group in {MODULE_GROUP[m] for m in targets}:
-            self._ensure_group(group)
         dims = module_dims(self.cfg)
-        for group, stack in list(self.stacks.items()):  # every group: clears what a slot's last tenant left
-            a = np.zeros((self.cfg.num_layers, *stack.a.shape[2:]), np.float32)
-            b = np.zeros((self.cfg.num_layers, *stack.b.shape[2:]), np.float32)
+        slots = {}
+        for group in {MODULE_GROUP[m] for m in targets}:
+            members = GROUPS[group]
+            width = self.max_rank * len(members)
+            a = np.zeros((self.cfg.num_layers, dims[members[0]][0], width), np.float32)
+            b = np.zeros((self.cfg.num_layers, width, sum(dims[m][1] for m in members)), np.float32)
             out = 0
-            for k, module in enumerate(GROUPS[group]):
+            for k, module in enumerate(members):
                 width = dims[module][1]
                 for layer in range(self.cfg.num_layers):
                     if (layer, module) in pairs:
@@ -133,14 +151,9 @@ class AdapterManager:
                         a[layer, :, k * self.max_rank : k * self.max_rank + r] = la.T
                         b[layer, k * self.max_rank : k * self.max_rank + r, out : out + width] = lb.T
                 out += width
-            a = jnp.asarray(a, self.dtype)
-            self.stacks[group] = LoraStack(
-                self._set_slot(stack.a, slot, a),
-                self._set_slot(stack.b, slot, jnp.asarray(b, self.dtype)),
-                None if stack.a_flat is None else self._set_cols(stack.a_flat, slot, a),
-            )
+            slots[group] = (jnp.asarray(a, self.dtype), jnp.asarray(b, self.dtype))
         info = AdapterInfo(
-            name=name,
+            name="",
             kind="alora" if invocation else "lora",
             invocation_tokens=invocation,
             invocation_string=inv_string,
@@ -150,7 +163,44 @@ class AdapterManager:
             identity=identity.hex(),
             path=os.path.abspath(path),
         )
-        self._by_name[name] = (slot, info, identity)
+        return PreparedAdapter(info, identity, slots)
+
+    def load(
+        self, name: str, adapter: str | os.PathLike | PreparedAdapter, roots: Sequence[str] | None = None
+    ) -> AdapterInfo:
+        """Installs an adapter directory (read here, confined to `roots` if given) or a prepared one under
+        `name`. Raises InvalidRequestError (or CapacityError) and changes nothing."""
+        self._check_name(name)
+        prepared = adapter if isinstance(adapter, PreparedAdapter) else self.prepare(adapter, roots)
+        return self.install(name, prepared)
+
+    def _check_name(self, name: str) -> None:
+        if not is_adapter_name(name):
+            raise AdapterNameError(name)
+        if name in self._by_name:
+            raise InvalidRequestError("name", f"adapter {name!r} is already loaded; unload it first")
+
+    def install(self, name: str, prepared: PreparedAdapter) -> AdapterInfo:
+        """Writes a prepared adapter into a free slot of every stack (zeroes in the groups it does not
+        target: they clear what the slot's last tenant left) under `name`."""
+        self._check_name(name)
+        slot = self._free_slot()
+        for group in prepared.slots:
+            self._ensure_group(group)
+        for group, stack in list(self.stacks.items()):
+            if group in prepared.slots:
+                a, b = prepared.slots[group]
+            else:
+                a = jnp.zeros((stack.a.shape[0], *stack.a.shape[2:]), stack.a.dtype)
+                b = jnp.zeros((stack.b.shape[0], *stack.b.shape[2:]), stack.b.dtype)
+            self.stacks[group] = LoraStack(
+                self._set_slot(stack.a, slot, a),
+                self._set_slot(stack.b, slot, b),
+                None if stack.a_flat is None else self._set_cols(stack.a_flat, slot, a),
+            )
+        info = dataclasses.replace(prepared.info, name=name)
+        self._by_name[name] = (slot, info, prepared.identity)
+        self._publish()
         return info
 
     def _scaled(self, pairs: dict, scaling: float) -> dict:
@@ -176,6 +226,7 @@ class AdapterManager:
         if self._in_flight.get(name):
             raise AdapterInUseError(name, self._in_flight[name])
         del self._by_name[name]
+        self._publish()
 
     def resolve(self, name: str | None, ids: list[int]) -> ResolvedAdapter:
         """The slot, identity and activation index of a request; raises if the adapter cannot serve it."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -60,21 +61,24 @@ def validate_messages(messages) -> list[dict[str, str]]:
 
 
 class ChatTemplate:
-    """Renders conversations for one model (built once per engine; transformers loads on first use)."""
+    """Renders conversations for one model (built once per engine; transformers loads on first use).
+    Thread-safe: a server renders on several threads at once."""
 
     def __init__(self, template: str, special_tokens: dict, tokenizer: Tokenizer):
         self.template = template
         self.special_tokens = special_tokens
         self.tokenizer = tokenizer
         self._renderer = None
+        self._lock = threading.Lock()  # the renderer is built once, by the first thread to need it
 
     def _render_text(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
-        if self._renderer is None:
-            from transformers import PreTrainedTokenizerFast
+        with self._lock:
+            if self._renderer is None:
+                from transformers import PreTrainedTokenizerFast
 
-            self._renderer = PreTrainedTokenizerFast(
-                tokenizer_object=self.tokenizer, chat_template=self.template, **self.special_tokens
-            )
+                self._renderer = PreTrainedTokenizerFast(
+                    tokenizer_object=self.tokenizer, chat_template=self.template, **self.special_tokens
+                )
         try:
             return self._renderer.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tokenize=False
@@ -109,7 +113,7 @@ def prompt_with_invocation(
     if messages is not None:
         ids = engine.apply_chat_template(messages, add_generation_prompt=invocation is None)
     elif isinstance(prompt, str):
-        ids = engine.tokenize(prompt)
+        ids = engine.encode_prompt(prompt).token_ids  # an oversized text is refused before tokenizing
     else:
         ids = list(prompt)
     return ids + (invocation or [])

@@ -2,7 +2,10 @@
 
 A step is three verbs: the scheduler picks the batch, the step pipeline runs it on the device (and
 reads back the step that is done), and postprocessing turns read-back tokens into deltas. Not
-thread-safe: one thread owns an engine (the gRPC server runs it in its engine thread).
+thread-safe: one thread owns an engine (the gRPC server runs it in its engine thread), except for the
+methods jalora/engine/interface.py marks thread-safe, which a server runs on other threads: preparing a
+request (`encode_prompt`: size checks, tokenization) and an adapter (`prepare_adapter`: reading and
+validating its files) is split from admitting it (`add_request`, `load_adapter`), which is cheap.
 """
 
 from __future__ import annotations
@@ -18,12 +21,12 @@ import jax
 import numpy as np
 from tokenizers import Tokenizer
 
-from jalora.adapters.manager import AdapterManager
+from jalora.adapters.manager import AdapterManager, PreparedAdapter
 from jalora.adapters.peft import AdapterInfo
 from jalora.config import EngineConfig
 from jalora.engine.block_manager import BlockManager
 from jalora.engine.chat import ChatTemplate, read_chat_template
-from jalora.engine.interface import EngineInfo, EngineStats
+from jalora.engine.interface import EncodedPrompt, EngineInfo, EngineStats
 from jalora.engine.model_runner import ModelRunner, StepResult
 from jalora.engine.output_processor import OutputProcessor
 from jalora.engine.request import Request, Status
@@ -40,6 +43,10 @@ from jalora.sampling_params import SamplingParams
 # Host memory the KV cache may take where the device reports no memory limit (a CPU): like vLLM's
 # CPU backend, a fixed budget rather than a share of RAM, which other processes also use.
 CPU_KV_CACHE_BYTES = 1 << 30
+# A text prompt longer than this many UTF-8 bytes per token of max_model_len (or than the vocabulary's
+# longest token, if longer) is refused before it is tokenized: tokenizing megabytes only to count
+# tokens costs seconds, and no prompt that fits can be that long.
+PROMPT_BYTES_PER_TOKEN = 16
 
 
 def _kv_block_bytes(cfg: ModelConfig, block_size: int, kv_dtype) -> int:
@@ -137,6 +144,11 @@ class LLMEngine:
             cfg, config.max_loras, config.max_lora_rank, self.max_model_len, self.dtype, self.tokenize,
             keep_flat_a=self.kernel_plan.keeps_flat_lora_a(self.runner.smallest_step),
         )  # fmt: skip
+        bytes_per_token = PROMPT_BYTES_PER_TOKEN
+        if self.tokenizer is not None:
+            longest = max((len(t.encode()) for t in self.tokenizer.get_vocab(with_added_tokens=True)), default=0)
+            bytes_per_token = max(bytes_per_token, longest)
+        self.max_prompt_bytes = bytes_per_token * self.max_model_len
         self.requests: dict[str, Request] = {}
         self._owed: list[RequestDelta] = []  # deltas not handed out yet (aborts; outputs of a failed step() call)
         self._rng = random.Random(config.seed)
@@ -152,12 +164,14 @@ class LLMEngine:
     # -- tokenizer -------------------------------------------------------------------------------
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Thread-safe (tokenizers' Rust tokenizer releases the GIL while it encodes)."""
         if self.tokenizer is None:
             raise InvalidRequestError("prompt", f"{self.config.model} has no tokenizer.json; pass token ids instead")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation rendered with the model's chat template (jalora/engine/chat.py)."""
+        """Thread-safe. Token ids of a conversation rendered with the model's chat template
+        (jalora/engine/chat.py)."""
         if self.chat_template is None:
             raise InvalidRequestError("messages", f"{self.config.model} has no chat template; send a prompt instead")
         return self.chat_template.render(messages, add_generation_prompt)
@@ -185,8 +199,16 @@ class LLMEngine:
 
     # -- adapters --------------------------------------------------------------------------------
 
-    def load_adapter(self, name: str, path: str, roots: Sequence[str] | None = None) -> AdapterInfo:
-        return self.adapters.load(name, path, roots)
+    def prepare_adapter(self, path: str, roots: Sequence[str] | None = None) -> PreparedAdapter:
+        """Thread-safe: reads and validates a PEFT directory (see AdapterManager.prepare)."""
+        return self.adapters.prepare(path, roots)
+
+    def load_adapter(
+        self, name: str, adapter: str | PreparedAdapter, roots: Sequence[str] | None = None
+    ) -> AdapterInfo:
+        """Loads a PEFT directory (confined to `roots` if given), or installs what `prepare_adapter` made
+        of one, under `name`."""
+        return self.adapters.load(name, adapter, roots)
 
     def unload_adapter(self, name: str) -> None:
         self.adapters.unload(name)
@@ -238,21 +260,22 @@ class LLMEngine:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def add_request(
-        self,
-        request_id: str,
-        prompt: str | Sequence[int],
-        params: SamplingParams,
-        adapter: str | None = None,
-    ) -> None:
-        """Validates and queues a request. Raises InvalidRequestError (or a subclass) and changes nothing."""
-        if not isinstance(params, SamplingParams):
-            raise InvalidRequestError("sampling_params", "must be a SamplingParams")
-        if request_id in self.requests:
-            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+    def encode_prompt(self, prompt: str | Sequence[int]) -> EncodedPrompt:
+        """Thread-safe. Tokenizes a text prompt or checks token ids, and checks the length against
+        max_model_len. Sizes are checked before anything is done per token: a text of more bytes than a
+        prompt that fits can have (`max_prompt_bytes`) is refused untokenized, and a list of ids by its
+        length before its values. Raises InvalidRequestError."""
+        too_long = f"max_model_len is {self.max_model_len} (room for 1 new token)"
         if isinstance(prompt, str):
+            # len() first: a UTF-8 text has at least as many bytes as characters
+            if len(prompt) > self.max_prompt_bytes or len(prompt.encode()) > self.max_prompt_bytes:
+                raise InvalidRequestError(
+                    "prompt", f"is over {self.max_prompt_bytes} bytes, more than any prompt within {too_long}"
+                )
             ids = self.tokenize(prompt)
         elif isinstance(prompt, list | tuple | np.ndarray):
+            if len(prompt) >= self.max_model_len:
+                raise InvalidRequestError("prompt", f"has {len(prompt)} tokens; {too_long}")
             if not all(isinstance(t, int | np.integer) and not isinstance(t, bool) for t in prompt):
                 raise InvalidRequestError("prompt_token_ids", "must be integers")
             ids = [int(t) for t in prompt]
@@ -264,9 +287,23 @@ class LLMEngine:
         if not ids:
             raise InvalidRequestError("prompt", "is empty")
         if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                "prompt", f"has {len(ids)} tokens; max_model_len is {self.max_model_len} (room for 1 new token)"
-            )
+            raise InvalidRequestError("prompt", f"has {len(ids)} tokens; {too_long}")
+        return EncodedPrompt(ids)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int] | EncodedPrompt,
+        params: SamplingParams,
+        adapter: str | None = None,
+    ) -> None:
+        """Validates and queues a request. Raises InvalidRequestError (or a subclass) and changes nothing.
+        A prompt that is not an `EncodedPrompt` yet is encoded here (`encode_prompt`)."""
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("sampling_params", "must be a SamplingParams")
+        if request_id in self.requests:
+            raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        ids = (prompt if isinstance(prompt, EncodedPrompt) else self.encode_prompt(prompt)).token_ids
         resolved = self.adapters.resolve(adapter, ids)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**32)
         req = Request(request_id, ids, params, seed, self.eos_token_ids, adapter, resolved)

@@ -1,7 +1,12 @@
 """Turns a scheduled batch into padded arrays and runs the one jitted step on the device.
 
 Shapes are bucketed: the flattened token count T is padded to a power of two (>= 16) and the
-sequence axis to `max_num_seqs`, so the number of compilations stays small and fixed. The KV cache
+sequence axis to `max_num_seqs`, so the number of compilations stays small and fixed. What a request
+asks for is a runtime value, never a compiled variant: greedy or sampled is chosen per row on the device,
+the top-n logprobs are always computed (and copied back only when asked for), and prompt logprobs are a
+small jitted function of their own over the step's hidden states. So each bucket has one step (two once
+an adapter is loaded: base-only and adapted) and one prompt-logprob function, and the warm-up compiles
+all of them: no request compiles on the engine thread while other streams wait. The KV cache
 is donated into the step and comes back updated in place; the adapter stacks come in as an argument
 (owned by the AdapterManager), so loading an adapter changes values, not the compiled step (unless it
 is the first to target a projection group, which adds that group's stack).
@@ -59,16 +64,16 @@ class StepInputs(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class PreparedStep:
-    """A step's host inputs and the static flags that pick its compiled variant."""
+    """A step's host inputs and what its requests want back. The flags pick no compiled variant: they
+    say which outputs are copied to the host, and whether the prompt-logprob function runs."""
 
     inputs: StepInputs
-    do_sample: bool  # some request samples (else greedy argmax only)
     want_logprobs: bool  # some request wants top-n logprobs
     want_prompt_lp: bool  # some request wants prompt logprobs (logits of every row)
 
 
 class StepOutputs(NamedTuple):
-    """A dispatched step's device outputs (not waited for)."""
+    """A dispatched step's device outputs (not waited for); None where no request of the step wants it."""
 
     tokens: jax.Array  # i32[S] sampled token of each sequence
     token_logprobs: jax.Array  # f32[S]
@@ -155,9 +160,7 @@ class ModelRunner:
         self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(cfg.num_layers)]
         graphdef, params_def = self.graphdef, self.params_def
 
-        def step_fn(
-            params, kv_caches, adapters, packed, prev_tokens, layout, do_sample, want_logprobs, want_prompt_lp
-        ):
+        def step_fn(params, kv_caches, adapters, packed, prev_tokens, layout):
             inp: StepInputs = unpack_inputs(packed, layout)
             model = nnx.merge(graphdef, jax.tree.unflatten(params_def, params))
             lora = None
@@ -167,28 +170,33 @@ class ModelRunner:
             token_ids = jnp.where(inp.token_src >= 0, prev_tokens[jnp.maximum(inp.token_src, 0)], inp.token_ids)
             hidden, kv_caches = model(token_ids, inp.positions, kv_caches, inp.attn, lora)
             logits = model.logits(hidden[inp.logits_indices])
-            tokens = sample(
-                logits, inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters, do_sample=do_sample
-            )
+            tokens = sample(logits, inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters)
             lp = jax.nn.log_softmax(logits, axis=-1)
             token_lp = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
-            top = jax.lax.top_k(lp, MAX_LOGPROBS) if want_logprobs else (None, None)
-            prompt_lp = None
-            if want_prompt_lp:
-                all_lp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
-                targets = jnp.maximum(inp.prompt_targets, 0)
-                prompt_lp = jnp.take_along_axis(all_lp, targets[:, None], axis=-1)[:, 0]
+            # Always computed (a top-k over rows already in hand), copied back only when asked for. A
+            # lax.cond could skip it (and an all-greedy step's draw), but XLA:GPU copies a conditional's
+            # predicate to the host and waits, stalling async scheduling, and on a CPU a conditional
+            # cost more than this work (at batch 1 of the tiny model: ~4 us per step computed, ~20 us
+            # per conditional).
+            top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
             # The next step reads this step's tokens by row (async scheduling): one shape for every bucket.
             tokens = jnp.pad(tokens, (0, max_num_seqs - tokens.shape[0]))
-            return kv_caches, StepOutputs(tokens, token_lp, top[1], top[0], prompt_lp)
+            # hidden (f32[T, D]) stays on the device: the prompt-logprob function reads it when asked.
+            return kv_caches, StepOutputs(tokens, token_lp, top_ids, top_lp, None), hidden
 
-        self._step = jax.jit(
-            step_fn, static_argnames=("layout", "do_sample", "want_logprobs", "want_prompt_lp"), donate_argnums=(1,)
-        )
+        def prompt_lp_fn(params, hidden, targets):
+            """f32[T]: log p(targets[t] | tokens <= t) from each row's final hidden state (i32[T] targets,
+            -1 where a row has none: its value is meaningless). Every row's logits cost a [T, V] matmul,
+            which is why only steps whose requests ask for prompt logprobs run this."""
+            model = nnx.merge(graphdef, jax.tree.unflatten(params_def, params))
+            all_lp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+            return jnp.take_along_axis(all_lp, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
+
+        self._step = jax.jit(step_fn, static_argnames=("layout",), donate_argnums=(1,))
+        self._prompt_lp = jax.jit(prompt_lp_fn)
         self._no_prev_tokens = jnp.zeros((max_num_seqs,), jnp.int32)  # prev_tokens when nothing is pending
         # What picks a compiled variant of the step: the static arguments and the adapter groups (the
         # stacks' tree; every other argument has one shape per engine).
-        self._variants: set[tuple] = set()
         self.compiles = CompileCounters()
         self._warming_up = False
 
@@ -261,13 +269,13 @@ class ModelRunner:
 
         params = [r.params for r in reqs]
         prompt_targets = np.full(t, -1, np.int32)
-        want_prompt_lp = any(p.prompt_logprobs for p in params)
-        if want_prompt_lp:
-            for i, r in enumerate(reqs):
-                if r.params.prompt_logprobs:
-                    nxt = pos[cu[i] : cu[i + 1]] + 1
-                    ok = nxt < len(r.prompt_token_ids)
-                    prompt_targets[cu[i] : cu[i + 1]][ok] = np.asarray(r.prompt_token_ids)[nxt[ok]]
+        want_prompt_lp = False  # some row has a next prompt token to score (a decode step has none)
+        for i, r in enumerate(reqs):
+            if r.params.prompt_logprobs and starts[i] + 1 < len(r.prompt_token_ids):
+                nxt = pos[cu[i] : cu[i + 1]] + 1
+                ok = nxt < len(r.prompt_token_ids)
+                prompt_targets[cu[i] : cu[i + 1]][ok] = np.asarray(r.prompt_token_ids)[nxt[ok]]
+                want_prompt_lp = True
 
         def per_seq(values, dtype, fill, n=s):
             out = np.full(n, fill, dtype)
@@ -294,10 +302,7 @@ class ModelRunner:
             temperature, top_k, top_p, seeds, counters,
         )  # fmt: skip
         return PreparedStep(
-            inp,
-            do_sample=any(not p.greedy for p in params),
-            want_logprobs=any(p.logprobs is not None for p in params),
-            want_prompt_lp=want_prompt_lp,
+            inp, want_logprobs=any(p.logprobs is not None for p in params), want_prompt_lp=want_prompt_lp
         )
 
     def _lora_segments(self, token_slots: np.ndarray) -> LoraSegments | None:
@@ -317,29 +322,30 @@ class ModelRunner:
         stacks = adapters if step.inputs.lora_slots is not None else {}
         packed, layout = pack_inputs(step.inputs)
         prev = self._no_prev_tokens if prev_tokens is None else prev_tokens
-        variant = (layout, step.do_sample, step.want_logprobs, step.want_prompt_lp, tuple(sorted(stacks)))
-        start = time.perf_counter() if variant not in self._variants else None
-        self.kv_caches, out = self._step(
-            self.params, self.kv_caches, stacks, packed, prev, layout=layout, do_sample=step.do_sample,
-            want_logprobs=step.want_logprobs, want_prompt_lp=step.want_prompt_lp,
-        )  # fmt: skip
-        if start is not None:  # the first call of a variant returns once it is compiled (it runs async)
-            self._record_compile(variant, step.inputs.token_ids.shape[0], time.perf_counter() - start)
+        compiled = self.num_compiled()
+        start = time.perf_counter()
+        self.kv_caches, out, hidden = self._step(self.params, self.kv_caches, stacks, packed, prev, layout=layout)
+        if not step.want_logprobs:
+            out = out._replace(top_ids=None, top_logprobs=None)
+        if step.want_prompt_lp:
+            out = out._replace(prompt_logprobs=self._prompt_lp(self.params, hidden, step.inputs.prompt_targets))
+        if self.num_compiled() > compiled:  # a first call returns once it is compiled (it runs async)
+            self._record_compile(step.inputs.token_ids.shape[0], tuple(sorted(stacks)), time.perf_counter() - start)
         return out
 
-    def _record_compile(self, variant: tuple, num_tokens: int, seconds: float) -> None:
-        self._variants.add(variant)
+    def num_compiled(self) -> int:
+        """Executables compiled so far by the step and the prompt-logprob function (one per variant)."""
+        return self._step._cache_size() + self._prompt_lp._cache_size()
+
+    def _record_compile(self, num_tokens: int, groups: tuple[str, ...], seconds: float) -> None:
         c = self.compiles
         if self._warming_up:
             c.warmup, c.warmup_seconds = c.warmup + 1, c.warmup_seconds + seconds
         else:
             c.serving, c.serving_seconds = c.serving + 1, c.serving_seconds + seconds
-        _, do_sample, want_logprobs, want_prompt_lp, groups = variant
-        flags = [name for name, on in (("sampled", do_sample), ("logprobs", want_logprobs),
-                                       ("prompt_logprobs", want_prompt_lp)) if on]  # fmt: skip
         logger.info(
-            "compiled the %d-token step%s%s%s in %.2f s", num_tokens, " with adapters " if groups else "",
-            "+".join(groups), "".join(f", {f}" for f in flags), seconds,
+            "compiled the %d-token step%s%s in %.2f s", num_tokens, " with adapters " if groups else "",
+            "+".join(groups), seconds,
         )  # fmt: skip
 
     def kv_cache_deleted(self) -> bool:
@@ -371,7 +377,8 @@ class ModelRunner:
         return StepResult(*jax.device_get(tuple(out)))
 
     def warmup(self, progress: bool = True, adapters: AdapterStacks | None = None) -> None:
-        """Compiles the greedy step for every token bucket: base-only, or with the adapter path."""
+        """Compiles everything a step of every token bucket runs: the step (base-only, or with the
+        adapter path) and the prompt-logprob function."""
         from tqdm import tqdm
 
         desc = "jalora warm-up (adapters)" if adapters else "jalora warm-up"
@@ -379,7 +386,7 @@ class ModelRunner:
         try:
             # Bars only on a terminal: piped into a log (a server's stderr) they would be noise.
             for t in tqdm(self.buckets, desc=desc, disable=None if progress else True):
-                step = self.prepare(_WarmupBatch(t))
+                step = dataclasses.replace(self.prepare(_WarmupBatch(t)), want_logprobs=True, want_prompt_lp=True)
                 if adapters:  # every padding row in slot 0: the shapes of any adapted step of this bucket
                     slots = np.zeros(t, np.int32)
                     inputs = step.inputs._replace(lora_slots=slots, lora_segments=self._lora_segments(slots))

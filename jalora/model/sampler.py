@@ -11,12 +11,14 @@ def sample(
     top_p,  # f32[S]; 1 = off
     seeds,  # u32[S] per-request seed
     counters,  # i32[S] tokens generated so far (the key of the next draw)
-    do_sample: bool,
 ):
-    """Returns i32[S] token ids. A request's draw depends only on (seed, counter, logits)."""
+    """Returns i32[S] token ids. A request's draw depends only on (seed, counter, logits).
+
+    Greedy or sampled is a per-row choice (temperature 0 or not) made on the device: every row is
+    both argmaxed and drawn, so one compiled step serves any mix of requests. A batch of greedy rows
+    pays the draw (a sort over the vocabulary per row) it throws away; a second compiled variant would
+    instead be compiled on the first sampled request, while every stream waits."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if not do_sample:
-        return greedy
     v = logits.shape[-1]
     x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     srt = -jnp.sort(-x, axis=-1)  # descending

@@ -20,7 +20,6 @@ def draw(logits, n, temperature=1.0, top_k=0, top_p=1.0):
             jnp.full(n, top_p, jnp.float32),
             jnp.arange(n, dtype=jnp.uint32),
             jnp.zeros(n, jnp.int32),
-            do_sample=True,
         )
     )
 
@@ -61,7 +60,7 @@ def test_greedy_rows_ignore_sampling_rows():
     logits = jnp.asarray(np.tile(LOGITS, (2, 1)), jnp.float32)
     out = sample(
         logits, jnp.array([0.0, 1.0]), jnp.zeros(2, jnp.int32), jnp.ones(2), jnp.zeros(2, jnp.uint32),
-        jnp.zeros(2, jnp.int32), do_sample=True,
+        jnp.zeros(2, jnp.int32),
     )  # fmt: skip
     assert int(out[0]) == int(np.argmax(LOGITS))
 

@@ -1,0 +1,68 @@
+"""After the warm-up no request compiles: greedy or sampled, top-n logprobs and prompt logprobs are
+runtime choices of the warmed step (jalora/engine/model_runner.py), with and without an adapter. A
+compilation on first use would run on the engine thread while every other stream waits."""
+
+import pytest
+from jax import monitoring
+
+from jalora import LLM, SamplingParams
+from tests import hf_models
+
+INV = [7, 8]
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+COMPILES: list[str] = []  # every XLA compilation of this process from here on
+
+
+def _count(name: str, *_args, **_kwargs) -> None:
+    if name == _BACKEND_COMPILE:
+        COMPILES.append(name)
+
+
+monitoring.register_event_duration_secs_listener(_count)
+
+KINDS = {
+    "greedy": {},
+    "sampled": {"temperature": 0.9, "top_k": 20, "top_p": 0.8, "seed": 3},
+    "temperature only": {"temperature": 1.3},
+    "logprobs": {"logprobs": 5},
+    "sampled logprobs": {"temperature": 0.7, "logprobs": 0},
+    "prompt logprobs": {"prompt_logprobs": True},
+    "everything": {"temperature": 0.7, "top_p": 0.9, "logprobs": 3, "prompt_logprobs": True},
+}
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models, tmp_path_factory):
+    base = tiny_models["llama"]
+    path = hf_models.make_adapter(
+        base, str(tmp_path_factory.mktemp("warm") / "alora"), ["q_proj", "v_proj", "down_proj"], r=4,
+        invocation=INV, seed=1,
+    )  # fmt: skip
+    llm = LLM(base, num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, max_loras=2,
+              max_lora_rank=4, warmup=True)  # fmt: skip
+    llm.load_adapter("judge", path)
+    llm.engine.warmup_adapters(progress=False)
+    return llm
+
+
+def test_warmup_compiles_one_step_and_one_prompt_logprob_function_per_bucket(llm):
+    runner = llm.engine.runner
+    # base-only and adapted steps, and the prompt-logprob function (the same for both) per bucket
+    assert runner.num_compiled() == 3 * len(runner.buckets)
+
+
+@pytest.mark.parametrize("adapter", [None, "judge"])
+def test_no_request_compiles_after_warmup(llm, adapter):
+    runner = llm.engine.runner
+    compiled, compiles = runner.num_compiled(), len(COMPILES)
+    suffix = INV if adapter else []
+    # a lone request (prefill in the 16-row step, decode in the smallest), a prompt that fills the
+    # 32-row step, and a batch mixing every kind in the same steps
+    lone, long = [3, 4, 5, 6] + suffix, list(range(10, 38)) + suffix
+    for fields in KINDS.values():
+        llm.generate([lone], SamplingParams(max_tokens=3, ignore_eos=True, **fields), adapter)
+        llm.generate([long], SamplingParams(max_tokens=2, ignore_eos=True, **fields), adapter)
+    mixed = [SamplingParams(max_tokens=4, ignore_eos=True, **fields) for fields in KINDS.values()][:4]
+    llm.generate([[20 + i, 21, 22] + suffix for i in range(4)], mixed, [adapter] * 4)
+    assert runner.num_compiled() == compiled
+    assert len(COMPILES) == compiles, "a request compiled after the warm-up"
