@@ -457,14 +457,14 @@ def step_profiles(b1, b64, b1_baseline=None, b64_baseline=None) -> list[str]:
                    f"{line['busy_us_per_step'] / 1e3:.2f} | {top} | {provenance(r)} |")  # fmt: skip
     pairs = [(r, base) for r, base in ((b1, b1_baseline), (b64, b64_baseline)) if r and base]
     if pairs:
-        out += ["", "The same step against an earlier commit's code, both measured in one device call (async "
-                "scheduling, median engine.step()):", "",
-                "| batch | adapters | this code ms | earlier code ms | change | earlier run |",
-                "|---|---|---|---|---|---|"]
+        out += ["", "The same step against an earlier commit's code (async scheduling, median engine.step()); "
+                "the runs' start times say whether they shared a device call:", "",
+                "| batch | adapters | this code ms | this run (UTC) | earlier code ms | earlier run (UTC) | change | "
+                "earlier run |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for r, base in pairs:
             new_ms, old_ms = r["by_mode"]["async"]["step_ms_median"], base["by_mode"]["async"]["step_ms_median"]
-            out.append(f"| {r['batch']} | {r['adapters']} | {new_ms:.2f} | {old_ms:.2f} | {new_ms / old_ms - 1:+.1%} | "
-                       f"{provenance(base)} |")  # fmt: skip
+            out.append(f"| {r['batch']} | {r['adapters']} | {new_ms:.2f} | {r.get('time_utc', '?')} | {old_ms:.2f} | "
+                       f"{base.get('time_utc', '?')} | {new_ms / old_ms - 1:+.1%} | {provenance(base)} |")  # fmt: skip
     return out
 
 
