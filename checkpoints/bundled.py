@@ -58,16 +58,16 @@ def resolve(name: str) -> Bundled | None:
 
 
 def _is_current(root: Path) -> bool:
-    try:
-        with open(root / _MARKER) as f:
-            return json.load(f).get("version") == JUDGES_VERSION
-    except (OSError, ValueError):
-        return False
+    from jalora.cache import marker_says
+
+    return marker_says(root, _MARKER, "version", JUDGES_VERSION)
 
 
 def _ensure_judges(model_dir: Path, root: Path, turn_opening: str) -> None:
     """Writes the JUDGES for `model_dir` at `root` unless current ones are there: into a temporary
     directory, then one rename, so a reader never sees a partial set."""
+    from jalora.cache import install_dir
+
     if _is_current(root):
         return
     root.parent.mkdir(parents=True, exist_ok=True)
@@ -75,12 +75,6 @@ def _ensure_judges(model_dir: Path, root: Path, turn_opening: str) -> None:
     try:
         write_judges(model_dir, tmp, turn_opening)
         (tmp / _MARKER).write_text(json.dumps({"version": JUDGES_VERSION, "judges": sorted(JUDGES)}) + "\n")
-        if root.exists():  # an older version's judges
-            shutil.rmtree(root, ignore_errors=True)
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process installed them meanwhile
-            if not _is_current(root):
-                raise
+        install_dir(tmp, root, _is_current)  # replaces an older version's judges
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jalora.cache import cache_dir
+from jalora.cache import cache_dir, install_dir, marker_says
 from jalora.errors import InvalidRequestError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -105,35 +105,14 @@ def converted_dir(gguf_path: str | os.PathLike, progress: bool = True) -> Path:
             print(f"jalora: converting {path} (once; cached in {final})", file=sys.stderr, flush=True)
         convert_gguf(path, tmp, progress=progress)
         _write_json(tmp / MARKER, {"converter_version": CONVERTER_VERSION, "sha256": sha, "source": str(path)})
-        _install(tmp, final)
+        install_dir(tmp, final, _is_current)  # replaces a directory of another converter version
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
 def _is_current(d: Path) -> bool:
-    try:
-        with open(d / MARKER) as f:
-            return json.load(f).get("converter_version") == CONVERTER_VERSION
-    except (OSError, ValueError):
-        return False
-
-
-def _install(tmp: Path, final: Path) -> None:
-    """Renames the finished `tmp` to `final`, replacing a directory of another converter version. If
-    another process installed a current one meanwhile, that one stays (ours is deleted by the caller)."""
-    if final.exists() and not _is_current(final):
-        stale = Path(tempfile.mkdtemp(prefix=f".{final.name[:16]}.", suffix=".stale", dir=final.parent))
-        try:
-            os.rename(final, stale / "old")
-        except FileNotFoundError:
-            pass
-        shutil.rmtree(stale, ignore_errors=True)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not _is_current(final):
-            raise
+    return marker_says(d, MARKER, "converter_version", CONVERTER_VERSION)
 
 
 # -- reading -------------------------------------------------------------------------------------------
