@@ -158,7 +158,11 @@ class ModelRunner:
             tokens = sample(logits, inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters)
             lp = jax.nn.log_softmax(logits, axis=-1)
             token_lp = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
-            # Always computed (a top-k over rows already in hand), copied back only when asked for.
+            # Always computed (a top-k over rows already in hand), copied back only when asked for. A
+            # lax.cond could skip it (and an all-greedy step's draw), but XLA:GPU copies a conditional's
+            # predicate to the host and waits, stalling async scheduling, and on a CPU a conditional
+            # cost more than this work (at batch 1 of the tiny model: ~4 us per step computed, ~20 us
+            # per conditional).
             top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
             # The next step reads this step's tokens by row (async scheduling): one shape for every bucket.
             tokens = jnp.pad(tokens, (0, max_num_seqs - tokens.shape[0]))
@@ -246,13 +250,13 @@ class ModelRunner:
 
         params = [r.params for r in reqs]
         prompt_targets = np.full(t, -1, np.int32)
-        want_prompt_lp = any(p.prompt_logprobs for p in params)
-        if want_prompt_lp:
-            for i, r in enumerate(reqs):
-                if r.params.prompt_logprobs:
-                    nxt = pos[cu[i] : cu[i + 1]] + 1
-                    ok = nxt < len(r.prompt_token_ids)
-                    prompt_targets[cu[i] : cu[i + 1]][ok] = np.asarray(r.prompt_token_ids)[nxt[ok]]
+        want_prompt_lp = False  # some row has a next prompt token to score (a decode step has none)
+        for i, r in enumerate(reqs):
+            if r.params.prompt_logprobs and starts[i] + 1 < len(r.prompt_token_ids):
+                nxt = pos[cu[i] : cu[i + 1]] + 1
+                ok = nxt < len(r.prompt_token_ids)
+                prompt_targets[cu[i] : cu[i + 1]][ok] = np.asarray(r.prompt_token_ids)[nxt[ok]]
+                want_prompt_lp = True
 
         def per_seq(values, dtype, fill, n=s):
             out = np.full(n, fill, dtype)
