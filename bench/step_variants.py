@@ -8,7 +8,8 @@ engine thread, while every other stream waits. The run builds one engine with wa
 compilations (jax.monitoring's backend-compile events) during the warm-up and during the first request
 of each kind (greedy, sampled, top-n logprobs, prompt logprobs, all at once), then times batch-1 decode
 of each kind: ms/token is (time of `max_tokens = 1 + N`) minus (time of `max_tokens = 1`), over N, the
-median of --repeats. `step_cache` is the number of executables the runner's jitted functions hold.
+median of --repeats. `step_executables` is the number of compiled variants of the step itself once
+every kind has run.
 """
 
 import argparse
@@ -35,12 +36,6 @@ _compiles = [0]
 def _count(name: str, *_args, **_kwargs) -> None:
     if name == "/jax/core/compile/backend_compile_duration":
         _compiles[0] += 1
-
-
-def step_cache(runner) -> int:
-    """Executables held by the runner's jitted functions (each a compiled variant)."""
-    fns = [v for v in vars(runner).values() if hasattr(v, "_cache_size")]
-    return sum(f._cache_size() for f in fns)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -89,13 +84,13 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup_s": warmup_s,
         "warmup_compiles": warmup_compiles,
         "first_use_compiles": first_use,
-        "step_cache": step_cache(runner),
+        "step_executables": runner._step._cache_size(),
         "decode_ms_per_token_batch1": ms,
     }
     path = save(result_path(args.out, "step_variants.json", smoke=args.out is None), result)
     print(f"buckets {result['buckets']}; warm-up {warmup_s:.1f} s, {warmup_compiles} compilations")
     print("first use compilations: " + ", ".join(f"{k} {v}" for k, v in first_use.items()))
-    print(f"executables in the step cache: {result['step_cache']}")
+    print(f"compiled variants of the step: {result['step_executables']}")
     print("batch-1 decode ms/token: " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
     print(f"saved {path}")
     return result

@@ -2,11 +2,15 @@
 
 Shapes are bucketed: the flattened token count T is padded to a power of two (>= 16) and the
 sequence axis to `max_num_seqs`, so the number of compilations stays small and fixed. What a request
-asks for is a runtime value, never a compiled variant: greedy or sampled is chosen per row on the device,
-the top-n logprobs are always computed (and copied back only when asked for), and prompt logprobs are a
-small jitted function of their own over the step's hidden states. So each bucket has one step (two once
-an adapter is loaded: base-only and adapted) and one prompt-logprob function, and the warm-up compiles
-all of them: no request compiles on the engine thread while other streams wait. The KV cache
+asks for picks no compiled variant of the step: the step argmaxes, and the optional work is done by
+small jitted functions of its own over the step's device outputs, enqueued right behind it only for
+steps that need them: the sampled draw (`_draw`, per row: temperature 0 keeps the argmax), the top-n
+logprobs (`_top`) and the prompt logprobs (`_prompt_lp`, every row's logits). A conditional inside the
+step could skip that work instead, but XLA:GPU copies a conditional's predicate to the host and waits
+for it (a stall of async scheduling every step), and on a CPU two conditionals cost ~40 us a step (12%
+of the tiny model's batch-1 decode). So each bucket has one step (two once an adapter is loaded:
+base-only and adapted) plus the small functions, and the warm-up compiles all of them: no request
+compiles on the engine thread while other streams wait. The KV cache
 is donated into the step and comes back updated in place; the adapter stacks come in as an argument
 (owned by the AdapterManager), so loading an adapter changes values, not the compiled step (unless it
 is the first to target a projection group, which adds that group's stack).
@@ -16,7 +20,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -64,12 +68,23 @@ class StepInputs(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class PreparedStep:
-    """A step's host inputs and what its requests want back. The flags pick no compiled variant: they
-    say which outputs are copied to the host, and whether the prompt-logprob function runs."""
+    """A step's host inputs and what its requests want done after the step (each flag enqueues one of
+    the small functions behind it; none picks a compiled variant of the step)."""
 
     inputs: StepInputs
+    do_sample: bool  # some request samples (else the step's argmax is every token)
     want_logprobs: bool  # some request wants top-n logprobs
-    want_prompt_lp: bool  # some request wants prompt logprobs (logits of every row)
+    want_prompt_lp: bool  # some row has a next prompt token whose logprob a request wants
+
+
+class SamplingInputs(NamedTuple):
+    """The draw's per-row parameters (R = min(T, S) rows), sent only for steps that sample."""
+
+    temperature: np.ndarray  # f32[R]
+    top_k: np.ndarray  # i32[R]
+    top_p: np.ndarray  # f32[R]
+    seeds: np.ndarray  # u32[R]
+    counters: np.ndarray  # i32[R]
 
 
 class StepOutputs(NamedTuple):
@@ -160,6 +175,9 @@ class ModelRunner:
         self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(cfg.num_layers)]
         graphdef, params_def = self.graphdef, self.params_def
 
+        def pad_rows(tokens):  # the next step reads tokens by row (async scheduling): one shape always
+            return jnp.pad(tokens, (0, max_num_seqs - tokens.shape[0]))
+
         def step_fn(params, kv_caches, adapters, packed, prev_tokens, layout):
             inp: StepInputs = unpack_inputs(packed, layout)
             model = nnx.merge(graphdef, jax.tree.unflatten(params_def, params))
@@ -170,19 +188,23 @@ class ModelRunner:
             token_ids = jnp.where(inp.token_src >= 0, prev_tokens[jnp.maximum(inp.token_src, 0)], inp.token_ids)
             hidden, kv_caches = model(token_ids, inp.positions, kv_caches, inp.attn, lora)
             logits = model.logits(hidden[inp.logits_indices])
-            tokens = sample(logits, inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters)
-            lp = jax.nn.log_softmax(logits, axis=-1)
-            token_lp = jnp.take_along_axis(lp, tokens[:, None], axis=-1)[:, 0]
-            # Always computed (a top-k over rows already in hand), copied back only when asked for. A
-            # lax.cond could skip it (and an all-greedy step's draw), but XLA:GPU copies a conditional's
-            # predicate to the host and waits, stalling async scheduling, and on a CPU a conditional
-            # cost more than this work (at batch 1 of the tiny model: ~4 us per step computed, ~20 us
-            # per conditional).
-            top_lp, top_ids = jax.lax.top_k(lp, MAX_LOGPROBS)
-            # The next step reads this step's tokens by row (async scheduling): one shape for every bucket.
-            tokens = jnp.pad(tokens, (0, max_num_seqs - tokens.shape[0]))
-            # hidden (f32[T, D]) stays on the device: the prompt-logprob function reads it when asked.
-            return kv_caches, StepOutputs(tokens, token_lp, top_ids, top_lp, None), hidden
+            tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            token_lp = _logprob_of(logits, tokens)
+            # Left on the device for the functions behind the step (each output costs host time per
+            # step, so only these two): logits f32[R, V] of each sequence's last token, R = min(T, S)
+            # (the draw and the top-n compile per row count, not per bucket), and every row's final
+            # hidden state f32[T, D] (prompt logprobs).
+            return kv_caches, StepOutputs(pad_rows(tokens), token_lp, None, None, None), logits, hidden
+
+        def draw_fn(logits, packed, layout):
+            """The step's tokens drawn per row (greedy rows keep the argmax) and their logprobs."""
+            sp: SamplingInputs = unpack_inputs(packed, layout)
+            tokens = sample(logits, sp.temperature, sp.top_k, sp.top_p, sp.seeds, sp.counters)
+            return pad_rows(tokens), _logprob_of(logits, tokens)
+
+        def top_fn(logits):
+            """(f32[R, MAX_LOGPROBS], i32[R, MAX_LOGPROBS]): each row's most likely tokens' logprobs and ids."""
+            return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), MAX_LOGPROBS)
 
         def prompt_lp_fn(params, hidden, targets):
             """f32[T]: log p(targets[t] | tokens <= t) from each row's final hidden state (i32[T] targets,
@@ -193,7 +215,10 @@ class ModelRunner:
             return jnp.take_along_axis(all_lp, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
 
         self._step = jax.jit(step_fn, static_argnames=("layout",), donate_argnums=(1,))
+        self._draw = jax.jit(draw_fn, static_argnames=("layout",))
+        self._top = jax.jit(top_fn)
         self._prompt_lp = jax.jit(prompt_lp_fn)
+        self._prompt_lp_compiled: dict[int, Any] = {}  # bucket -> executable compiled by the warm-up
         self._no_prev_tokens = jnp.zeros((max_num_seqs,), jnp.int32)  # prev_tokens when nothing is pending
         # What picks a compiled variant of the step: the static arguments and the adapter groups (the
         # stacks' tree; every other argument has one shape per engine).
@@ -302,7 +327,10 @@ class ModelRunner:
             temperature, top_k, top_p, seeds, counters,
         )  # fmt: skip
         return PreparedStep(
-            inp, want_logprobs=any(p.logprobs is not None for p in params), want_prompt_lp=want_prompt_lp
+            inp,
+            do_sample=any(not p.greedy for p in params),
+            want_logprobs=any(p.logprobs is not None for p in params),
+            want_prompt_lp=want_prompt_lp,
         )
 
     def _lora_segments(self, token_slots: np.ndarray) -> LoraSegments | None:
@@ -316,26 +344,49 @@ class ModelRunner:
     def launch(
         self, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None = None
     ) -> StepOutputs:
-        """Enqueues a prepared step on the device (the KV cache donated into it) without waiting."""
+        """Enqueues a prepared step, and the functions behind it that its requests need, on the device
+        (the KV cache donated into the step) without waiting."""
+        compiled, start = self.num_compiled(), time.perf_counter()
+        out, logits, hidden = self._launch_step(step, adapters, prev_tokens)
+        if step.do_sample:
+            packed, layout = self._sampling_inputs(step)
+            tokens, token_lp = self._draw(logits, packed, layout=layout)
+            out = out._replace(tokens=tokens, token_logprobs=token_lp)
+        if step.want_logprobs:
+            top_lp, top_ids = self._top(logits)
+            out = out._replace(top_ids=top_ids, top_logprobs=top_lp)
+        if step.want_prompt_lp:
+            prompt_lp = self._prompt_lp_compiled.get(hidden.shape[0], self._prompt_lp)
+            out = out._replace(prompt_logprobs=prompt_lp(self.params, hidden, step.inputs.prompt_targets))
+        if self.num_compiled() > compiled:  # a first call returns once it is compiled (it runs async)
+            groups = tuple(sorted(adapters)) if step.inputs.lora_slots is not None else ()
+            self._record_compile(step.inputs.token_ids.shape[0], groups, time.perf_counter() - start)
+        return out
+
+    def _launch_step(self, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None):
+        """The step alone: (its outputs, logits f32[R, V], hidden f32[T, D]), all on the device."""
         # Base-only steps get no adapter stacks at all, so loading an adapter never changes (and
         # recompiles) their variant.
         stacks = adapters if step.inputs.lora_slots is not None else {}
         packed, layout = pack_inputs(step.inputs)
         prev = self._no_prev_tokens if prev_tokens is None else prev_tokens
-        compiled = self.num_compiled()
-        start = time.perf_counter()
-        self.kv_caches, out, hidden = self._step(self.params, self.kv_caches, stacks, packed, prev, layout=layout)
-        if not step.want_logprobs:
-            out = out._replace(top_ids=None, top_logprobs=None)
-        if step.want_prompt_lp:
-            out = out._replace(prompt_logprobs=self._prompt_lp(self.params, hidden, step.inputs.prompt_targets))
-        if self.num_compiled() > compiled:  # a first call returns once it is compiled (it runs async)
-            self._record_compile(step.inputs.token_ids.shape[0], tuple(sorted(stacks)), time.perf_counter() - start)
-        return out
+        self.kv_caches, out, logits, hidden = self._step(
+            self.params, self.kv_caches, stacks, packed, prev, layout=layout
+        )
+        return out, logits, hidden
 
     def num_compiled(self) -> int:
-        """Executables compiled so far by the step and the prompt-logprob function (one per variant)."""
-        return self._step._cache_size() + self._prompt_lp._cache_size()
+        """Executables compiled so far: the step (one per variant), the draw and the top-n (one per row
+        count), and the prompt-logprob function (one per bucket, ahead of time by the warm-up)."""
+        fns = (self._step, self._draw, self._top, self._prompt_lp)
+        return sum(f._cache_size() for f in fns) + len(self._prompt_lp_compiled)
+
+    @staticmethod
+    def _sampling_inputs(step: PreparedStep) -> tuple[np.ndarray, tuple]:
+        """The draw's (packed, layout) arguments: the step's per-row sampling parameters."""
+        inp = step.inputs
+        packed, layout = pack_inputs(SamplingInputs(inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters))
+        return packed, layout
 
     def _record_compile(self, num_tokens: int, groups: tuple[str, ...], seconds: float) -> None:
         c = self.compiles
@@ -377,8 +428,10 @@ class ModelRunner:
         return StepResult(*jax.device_get(tuple(out)))
 
     def warmup(self, progress: bool = True, adapters: AdapterStacks | None = None) -> None:
-        """Compiles everything a step of every token bucket runs: the step (base-only, or with the
-        adapter path) and the prompt-logprob function."""
+        """Compiles everything a step of every token bucket can run: the step (base-only, or with the
+        adapter path) and the draw and top-n functions behind it, each run once, and the prompt-logprob
+        function, compiled ahead of time without running (for the largest bucket it would compute a
+        [T, V] logits matrix at every start)."""
         from tqdm import tqdm
 
         desc = "jalora warm-up (adapters)" if adapters else "jalora warm-up"
@@ -386,14 +439,27 @@ class ModelRunner:
         try:
             # Bars only on a terminal: piped into a log (a server's stderr) they would be noise.
             for t in tqdm(self.buckets, desc=desc, disable=None if progress else True):
-                step = dataclasses.replace(self.prepare(_WarmupBatch(t)), want_logprobs=True, want_prompt_lp=True)
+                compiled, start = self.num_compiled(), time.perf_counter()
+                step = self.prepare(_WarmupBatch(t))
                 if adapters:  # every padding row in slot 0: the shapes of any adapted step of this bucket
                     slots = np.zeros(t, np.int32)
                     inputs = step.inputs._replace(lora_slots=slots, lora_segments=self._lora_segments(slots))
                     step = dataclasses.replace(step, inputs=inputs)
-                jax.block_until_ready(self.launch(step, adapters or {}))
+                out, logits, hidden = self._launch_step(step, adapters or {}, None)
+                jax.block_until_ready(out)
+                packed, layout = self._sampling_inputs(step)  # the draw and the top-n: at most S rows, run
+                jax.block_until_ready((self._draw(logits, packed, layout=layout), self._top(logits)))
+                if t not in self._prompt_lp_compiled:  # (the adapted pass finds it compiled)
+                    targets = step.inputs.prompt_targets
+                    self._prompt_lp_compiled[t] = self._prompt_lp.lower(self.params, hidden, targets).compile()
+                if self.num_compiled() > compiled:
+                    self._record_compile(t, tuple(sorted(adapters or {})), time.perf_counter() - start)
         finally:
             self._warming_up = False
+
+
+def _logprob_of(logits, tokens):  # f32[R, V], i32[R] -> f32[R]
+    return jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), tokens[:, None], axis=-1)[:, 0]
 
 
 class _WarmupBatch:

@@ -14,10 +14,9 @@ def sample(
 ):
     """Returns i32[S] token ids. A request's draw depends only on (seed, counter, logits).
 
-    Greedy or sampled is a per-row choice (temperature 0 or not) made on the device: every row is
-    both argmaxed and drawn, so one compiled step serves any mix of requests. A batch of greedy rows
-    pays the draw (a sort over the vocabulary per row) it throws away; a second compiled variant would
-    instead be compiled on the first sampled request, while every stream waits."""
+    Greedy or sampled is a per-row choice (temperature 0 or not) made on the device, so one compiled
+    function serves any mix of requests; every row pays the draw (a sort over the vocabulary), which is
+    why the engine runs this only for steps where some row samples (jalora/engine/model_runner.py)."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     v = logits.shape[-1]
     x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]

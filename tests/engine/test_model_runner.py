@@ -78,7 +78,7 @@ def test_prepare_matches_the_per_request_oracle(runner):
     np.testing.assert_array_equal(inp.counters, counters)
     np.testing.assert_array_equal(inp.seeds[:3], [r.seed for r in reqs])
     np.testing.assert_allclose(inp.temperature[:3], [0.0, 0.0, 0.7])
-    assert (step.want_logprobs, step.want_prompt_lp) == (False, True)
+    assert (step.do_sample, step.want_logprobs, step.want_prompt_lp) == (True, False, True)
 
     reqs[0].block_ids = BlockIds([3])  # position 6 needs a second block of 4 tokens
     with pytest.raises(RuntimeError, match="no cache block"):
