@@ -50,6 +50,37 @@ GRANITE_8B = {
     "eos_token_id": 0,
 }
 
+# Llama-3.3-70B-Instruct and Mistral-Large-Instruct-2407 (123B) shapes: the paper's multi-GPU models.
+LLAMA_70B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 128256,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128009,
+}
+MISTRAL_LARGE = {
+    **LLAMA_70B,
+    "architectures": ["MistralForCausalLM"],
+    "model_type": "mistral",
+    "vocab_size": 32768,
+    "hidden_size": 12288,
+    "num_hidden_layers": 88,
+    "num_attention_heads": 96,
+    "head_dim": 128,
+    "rope_theta": 1000000.0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+MODELS = {"granite-8b": GRANITE_8B, "llama-70b": LLAMA_70B, "mistral-large": MISTRAL_LARGE}
 
 # The same family at toy size, for CPU smoke runs of the benchmarks.
 TINY = {**GRANITE_8B, "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

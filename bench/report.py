@@ -506,6 +506,29 @@ def default_model_cpu(startup, decode) -> list[str]:
 # -- what each script prints at the end of its run -----------------------------------------------------
 
 
+def tp_cost(r) -> list[str]:
+    """The tensor-parallel step on paper (bench/tp_cost.py): communication and roofline per deployment."""
+    out = [
+        f"What the sharded step moves between devices, and the step time left (`{r['command']}`; no device: "
+        f"the hardware figures are the script's parameters, the H200's memory bandwidth the one measured "
+        f"here, the rest nominal, and a latency per small collective assumed). Decode: batch 1 at "
+        f"{r['context']} tokens of context; prefill: one {r['prefill_tokens']}-token chunk.",
+        "",
+        "| model | devices | weights / device GB | all-reduced per layer, decode / prefill | link GB/s, latency us "
+        "| decode: comm ms, step ms, tokens/s | prefill: comm ms, step ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in r["rows"]:
+        d, p, c = row["decode"], row["prefill"], row["chip_params"]
+        out.append(
+            f"| {row['model']} | {row['devices']} x {row['chip']} | {d['weights_gb_per_device']:.1f} "
+            f"| {d['all_reduce_bytes_per_layer'] / 1e3:.0f} KB / {p['all_reduce_bytes_per_layer'] / 1e6:.1f} MB "
+            f"| {c['link_gb_s']:.0f}, {c['latency_us']:.0f} | {d['comm_ms']:.2f}, {d['step_ms']:.2f}, "
+            f"{d['tokens_per_s']:.0f} | {p['comm_ms']:.1f}, {p['step_ms']:.1f} |"
+        )
+    return out
+
+
 def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -635,6 +658,7 @@ def render() -> str:
         ("### The default model on a CPU: start-up and decode", default_model_cpu,
          ("startup_cpu.json", "cpu_decode.json")),
         ("### Base -> aLoRA judges on the CPU (tiny model)", pipeline, ("pipeline_tiny.json",)),
+        ("### Tensor parallelism on paper", tp_cost, ("tp_cost.json",)),
         ("### The aLoRA serving paper's pipelines on the H200", pipeline_bench_section,
          ("pipeline_bench_granite-8b.json",)),
     ]

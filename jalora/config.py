@@ -72,6 +72,9 @@ class EngineConfig:
         "(default: the device's tuning table; 0 = always the kernel)"
     )
     kernel_interpret: bool = config_field(False, "run the Pallas kernels in interpret mode (CPU tests)")
+    tensor_parallel_size: int = config_field(
+        1, "devices the model is split over (Megatron-style: heads, MLP features, vocabulary; KV cache by KV head)"
+    )
 
     def __post_init__(self):
         model = os.fspath(self.model) if isinstance(self.model, os.PathLike) else self.model
@@ -82,7 +85,8 @@ class EngineConfig:
         object.__setattr__(self, "dtype", dtype)
         require(self.load_format in LOAD_FORMATS, "load_format",
                 f"must be one of {list(LOAD_FORMATS)}, got {self.load_format!r}")  # fmt: skip
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_loras", "max_lora_rank",
+                     "tensor_parallel_size"):  # fmt: skip
             value = getattr(self, name)
             require(is_int(value) and value >= 1, name, f"must be an integer >= 1, got {value!r}")
         require(self.num_kv_blocks is None or (is_int(self.num_kv_blocks) and self.num_kv_blocks >= 1),

@@ -7,7 +7,7 @@ FAMILIES = ("llama", "granite", "mistral")
 VOCAB = 97
 
 
-def config_dict(family: str) -> dict:
+def config_dict(family: str, **overrides) -> dict:
     base = dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -32,13 +32,14 @@ def config_dict(family: str) -> dict:
         )
     if family == "mistral":
         base.update(sliding_window=24)
-    return base
+    return {**base, **overrides}
 
 
-def make_model(path: str, family: str, seed: int = 0) -> str:
-    """Writes a random float32 model of `family` to `path` (config.json + model.safetensors)."""
+def make_model(path: str, family: str, seed: int = 0, **overrides) -> str:
+    """Writes a random float32 model of `family` to `path` (config.json + model.safetensors); `overrides`
+    change config.json fields (e.g. more heads)."""
     torch.manual_seed(seed)
-    cfg = AutoConfig.for_model(family, **config_dict(family))
+    cfg = AutoConfig.for_model(family, **config_dict(family, **overrides))
     model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
     with torch.no_grad():  # larger-than-default weights make tokens depend on the input
         for p in model.parameters():

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jalora.adapters.peft import (
     BASE,
@@ -47,6 +48,7 @@ from jalora.errors import (
     InvocationNotFoundError,
 )
 from jalora.model.config import ModelConfig
+from jalora.model.sharding import TensorParallel
 
 
 @jax.tree_util.register_dataclass
@@ -76,9 +78,19 @@ class PreparedAdapter:
 
 class AdapterManager:
     def __init__(
-        self, cfg: ModelConfig, max_loras: int, max_rank: int, max_model_len: int, dtype, tokenize, keep_flat_a: bool
+        self,
+        cfg: ModelConfig,
+        max_loras: int,
+        max_rank: int,
+        max_model_len: int,
+        dtype,
+        tokenize,
+        keep_flat_a: bool,
+        tp: TensorParallel | None = None,
     ):
         self.cfg = cfg
+        # Under tensor parallelism each stack is split as its projection is (jalora/model/sharding.py).
+        self.tp = TensorParallel() if tp is None else tp
         self.max_loras = max_loras
         self.max_rank = max_rank
         self.max_model_len = max_model_len  # an invocation must fit in a prompt
@@ -116,13 +128,16 @@ class AdapterManager:
         dims = module_dims(self.cfg)
         members = GROUPS[group]
         din = dims[members[0]][0]
-        dout = sum(dims[m][1] for m in members)
+        columns = self.tp.columns(self.cfg, group)
+        dout = sum(dims[m][1] for m in members) if columns is None else len(columns)
         r = self.max_rank * len(members)
         layers = self.cfg.num_layers
+        spec_a, spec_b, spec_flat = self.tp.stack_specs(group, self.keep_flat_a)
+        zeros = self.tp.zeros
         self.stacks[group] = LoraStack(
-            jnp.zeros((layers, self.max_loras, din, r), self.dtype),
-            jnp.zeros((layers, self.max_loras, r, dout), self.dtype),
-            jnp.zeros((layers, din, self.max_loras * r), self.dtype) if self.keep_flat_a else None,
+            zeros((layers, self.max_loras, din, r), self.dtype, spec_a),
+            zeros((layers, self.max_loras, r, dout), self.dtype, spec_b),
+            zeros((layers, din, self.max_loras * r), self.dtype, spec_flat) if self.keep_flat_a else None,
         )
 
     def prepare(self, path: str, roots: Sequence[str] | None = None) -> PreparedAdapter:
@@ -151,7 +166,7 @@ class AdapterManager:
                         a[layer, :, k * self.max_rank : k * self.max_rank + r] = la.T
                         b[layer, k * self.max_rank : k * self.max_rank + r, out : out + width] = lb.T
                 out += width
-            slots[group] = (jnp.asarray(a, self.dtype), jnp.asarray(b, self.dtype))
+            slots[group] = self._place_slot(group, a, b)
         info = AdapterInfo(
             name="",
             kind="alora" if invocation else "lora",
@@ -164,6 +179,22 @@ class AdapterManager:
             path=os.path.abspath(path),
         )
         return PreparedAdapter(info, identity, slots)
+
+    def _place_slot(self, group: str, a: np.ndarray, b: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """One slot of a group's stacks ([L, Din, R] and [L, R, Dout]) on the device(s), laid out as the
+        stack it goes into."""
+        tp = self.tp
+        if not tp.sharded:
+            return jnp.asarray(a, self.dtype), jnp.asarray(b, self.dtype)
+        columns = tp.columns(self.cfg, group)
+        if columns is not None:
+            b = b[..., columns]
+        spec_a, spec_b, _ = tp.stack_specs(group, False)
+        drop_slot = lambda spec: P(*(spec[:1] + spec[2:]))  # noqa: E731  (the stack's slot axis)
+        return (
+            jax.device_put(a.astype(self.dtype), tp.sharding(drop_slot(spec_a))),
+            jax.device_put(b.astype(self.dtype), tp.sharding(drop_slot(spec_b))),
+        )
 
     def load(
         self, name: str, adapter: str | os.PathLike | PreparedAdapter, roots: Sequence[str] | None = None

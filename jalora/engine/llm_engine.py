@@ -37,6 +37,7 @@ from jalora.model.checkpoint import load_model, resolve_dtype
 from jalora.model.config import ModelConfig
 from jalora.model.gguf import resolve_model_dir
 from jalora.model.kernel_plan import KernelPlan
+from jalora.model.sharding import TensorParallel
 from jalora.outputs import RequestDelta
 from jalora.sampling_params import SamplingParams
 
@@ -49,17 +50,15 @@ CPU_KV_CACHE_BYTES = 1 << 30
 PROMPT_BYTES_PER_TOKEN = 16
 
 
-def _kv_block_bytes(cfg: ModelConfig, block_size: int, kv_dtype) -> int:
-    return 2 * cfg.num_layers * block_size * cfg.kv_size * np.dtype(kv_dtype).itemsize
-
-
-def _kv_blocks_from_memory(cfg: ModelConfig, block_size: int, kv_dtype, fraction: float) -> int | None:
+def _kv_blocks_from_memory(block_bytes: int, fraction: float) -> int | None:
+    """Blocks of `block_bytes` (per device) that fit in `fraction` of the first device's memory, less what
+    it holds already (the weights: under tensor parallelism every device holds the same share)."""
     dev = jax.devices()[0]
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
         return None
     free = stats["bytes_limit"] * fraction - stats.get("bytes_in_use", 0)
-    return max(int(free // _kv_block_bytes(cfg, block_size, kv_dtype)), 1)
+    return max(int(free // block_bytes), 1)
 
 
 def _read_generation_config(model_dir: str) -> dict:
@@ -120,12 +119,14 @@ class LLMEngine:
         self._default_params = self._sampling_defaults()  # a bad generation_config fails the start
         self.eos_token_ids = tuple(dict.fromkeys(cfg.eos_token_ids + _ids(self.generation_config.get("eos_token_id"))))
         self.kernel_plan = KernelPlan.from_config(config)
-        decoder = load_model(model_dir, cfg, self.kernel_plan, self.dtype, config.load_format)
+        self.tp = tp = TensorParallel.create(cfg, config.tensor_parallel_size)  # checked before any weight is read
+        decoder = load_model(model_dir, cfg, self.kernel_plan, self.dtype, config.load_format, tp)
         num_blocks = config.num_kv_blocks
+        block_bytes = tp.kv_block_bytes(cfg, config.block_size, self.dtype)
         if num_blocks is None:
-            num_blocks = _kv_blocks_from_memory(cfg, config.block_size, self.dtype, config.gpu_memory_utilization)
+            num_blocks = _kv_blocks_from_memory(block_bytes, config.gpu_memory_utilization)
         if num_blocks is None:  # CPU: every sequence at full length, within CPU_KV_CACHE_BYTES
-            budget = CPU_KV_CACHE_BYTES // _kv_block_bytes(cfg, config.block_size, self.dtype)
+            budget = CPU_KV_CACHE_BYTES // block_bytes
             num_blocks = max(min(config.max_num_seqs * -(-max_model_len // config.block_size), budget), 1)
         # A lone request must always fit, or it could never finish.
         self.max_model_len = min(max_model_len, num_blocks * config.block_size)
@@ -136,13 +137,13 @@ class LLMEngine:
         )
         self.runner = ModelRunner(
             decoder, num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
-            self.max_model_len, self.dtype,
+            self.max_model_len, self.dtype, tp,
         )  # fmt: skip
         self.pipeline = StepPipeline(self.runner, config.async_scheduling)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
         self.adapters = AdapterManager(
             cfg, config.max_loras, config.max_lora_rank, self.max_model_len, self.dtype, self.tokenize,
-            keep_flat_a=self.kernel_plan.keeps_flat_lora_a(self.runner.smallest_step),
+            keep_flat_a=self.kernel_plan.keeps_flat_lora_a(self.runner.smallest_step), tp=tp,
         )  # fmt: skip
         bytes_per_token = PROMPT_BYTES_PER_TOKEN
         if self.tokenizer is not None:

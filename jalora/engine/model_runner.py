@@ -26,11 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from jalora.adapters.manager import AdapterStacks
+from jalora.adapters.manager import AdapterStacks, LoraStack
 from jalora.engine.scheduler import ScheduledBatch
+from jalora.model.checkpoint import param_name
 from jalora.model.decoder import AttentionMetadata, Decoder, LoraBatch
 from jalora.model.sampler import sample
+from jalora.model.sharding import AXIS, KV_SPEC, TensorParallel
 from jalora.sampling_params import MAX_LOGPROBS
 from pallas_kernels.masked_lora import LoraSegments, build_lora_segments
 
@@ -159,8 +162,10 @@ class ModelRunner:
         max_num_batched_tokens: int,
         max_model_len: int,
         kv_dtype,
+        tp: TensorParallel | None = None,
     ):
         cfg = model.cfg
+        self.tp = tp = TensorParallel() if tp is None else tp
         self.cfg = cfg
         self.block_size = block_size
         self.max_num_seqs = max_num_seqs
@@ -171,23 +176,55 @@ class ModelRunner:
         # The parameters cross into the step as a flat list: flattening the nnx.State pytree on every
         # call cost ~0.6 ms of host time per step for 40 layers (bench/profile_step.py).
         self.params, self.params_def = jax.tree.flatten(state)
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [(jnp.zeros(shape, kv_dtype), jnp.zeros(shape, kv_dtype)) for _ in range(cfg.num_layers)]
+        shape = tp.kv_shape(cfg, num_blocks, block_size)
+        self.kv_caches = [
+            (tp.zeros(shape, kv_dtype, KV_SPEC), tp.zeros(shape, kv_dtype, KV_SPEC)) for _ in range(cfg.num_layers)
+        ]
         graphdef, params_def = self.graphdef, self.params_def
+        if tp.sharded:  # the step runs one device's part of the model (its heads, features, vocabulary rows)
+            local = Decoder(tp.local_config(cfg), model.plan, tp_axis=AXIS, vocab_size=cfg.vocab_size)
+            graphdef = nnx.split(nnx.eval_shape(lambda: local))[0]
+            param_specs = [tp.param_spec(param_name(p)) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+            kv_specs = [(KV_SPEC, KV_SPEC)] * cfg.num_layers
+
+        def forward(params, kv_caches, stacks, token_ids, positions, attn, token_slots, segments, logits_indices):
+            """(final hidden states [T, D], logits [R, V] of the rows in logits_indices, new caches)."""
+            model = nnx.merge(graphdef, jax.tree.unflatten(params_def, params))
+            lora = None if token_slots is None else LoraBatch(stacks, token_slots, segments)
+            hidden, kv_caches = model(token_ids, positions, kv_caches, attn, lora)
+            return hidden, model.logits(hidden[logits_indices]), kv_caches
+
+        def logits_of(params, hidden):
+            return nnx.merge(graphdef, jax.tree.unflatten(params_def, params)).logits(hidden)
+
+        if tp.sharded:
+            # Every device runs the same step on its shards; what is not a parameter, a cache or an
+            # adapter stack (tokens, positions, metadata) is replicated, and so are the outputs.
+            sharded_forward = forward
+
+            def forward(params, kv_caches, stacks, *rest):
+                stack_specs = {g: LoraStack(*tp.stack_specs(g, st.a_flat is not None)) for g, st in stacks.items()}
+                return jax.shard_map(
+                    sharded_forward, mesh=tp.mesh, check_vma=False,
+                    in_specs=(param_specs, kv_specs, stack_specs, *[P()] * len(rest)),
+                    out_specs=(P(), P(), kv_specs),
+                )(params, kv_caches, stacks, *rest)  # fmt: skip
+
+            logits_of = jax.shard_map(
+                logits_of, mesh=tp.mesh, check_vma=False, in_specs=(param_specs, P()), out_specs=P()
+            )
 
         def pad_rows(tokens):  # the next step reads tokens by row (async scheduling): one shape always
             return jnp.pad(tokens, (0, max_num_seqs - tokens.shape[0]))
 
         def step_fn(params, kv_caches, adapters, packed, prev_tokens, layout):
             inp: StepInputs = unpack_inputs(packed, layout)
-            model = nnx.merge(graphdef, jax.tree.unflatten(params_def, params))
-            lora = None
-            if inp.lora_slots is not None:
-                lora = LoraBatch(adapters, inp.lora_slots, inp.lora_segments)
             # Async scheduling: tokens sampled by the previous step are fed from its device output.
             token_ids = jnp.where(inp.token_src >= 0, prev_tokens[jnp.maximum(inp.token_src, 0)], inp.token_ids)
-            hidden, kv_caches = model(token_ids, inp.positions, kv_caches, inp.attn, lora)
-            logits = model.logits(hidden[inp.logits_indices])
+            hidden, logits, kv_caches = forward(
+                params, kv_caches, adapters, token_ids, inp.positions, inp.attn, inp.lora_slots, inp.lora_segments,
+                inp.logits_indices,
+            )  # fmt: skip
             tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             token_lp = _logprob_of(logits, tokens)
             # Left on the device for the functions behind the step (each output costs host time per
@@ -210,8 +247,7 @@ class ModelRunner:
             """f32[T]: log p(targets[t] | tokens <= t) from each row's final hidden state (i32[T] targets,
             -1 where a row has none: its value is meaningless). Every row's logits cost a [T, V] matmul,
             which is why only steps whose requests ask for prompt logprobs run this."""
-            model = nnx.merge(graphdef, jax.tree.unflatten(params_def, params))
-            all_lp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+            all_lp = jax.nn.log_softmax(logits_of(params, hidden), axis=-1)
             return jnp.take_along_axis(all_lp, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
 
         self._step = jax.jit(step_fn, static_argnames=("layout",), donate_argnums=(1,))
@@ -405,7 +441,8 @@ class ModelRunner:
 
     def reset_kv_cache(self) -> None:
         """A zeroed cache in place of one that is gone or cannot be trusted."""
-        self.kv_caches = [(jnp.zeros(k.shape, k.dtype), jnp.zeros(v.shape, v.dtype)) for k, v in self.kv_caches]
+        zeros = self.tp.zeros
+        self.kv_caches = [tuple(zeros(c.shape, c.dtype, KV_SPEC) for c in kv) for kv in self.kv_caches]
 
     def dispatch(
         self,

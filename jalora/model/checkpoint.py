@@ -18,6 +18,7 @@ from jalora.errors import InvalidRequestError
 from jalora.model.config import ModelConfig
 from jalora.model.decoder import Decoder
 from jalora.model.kernel_plan import KernelPlan
+from jalora.model.sharding import TensorParallel
 
 
 def resolve_dtype(dtype):
@@ -25,7 +26,8 @@ def resolve_dtype(dtype):
     return jnp.dtype(dtype)
 
 
-def _path_name(path) -> str:
+def param_name(path) -> str:
+    """A decoder parameter's name ('layers.3.w_qkv') from its path in the module's state."""
     return jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
 
 
@@ -117,8 +119,15 @@ def _dummy_param(key_data, shape, dtype, is_norm: bool):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def load_model(model_dir: str, cfg: ModelConfig, plan: KernelPlan, dtype, load_format: str) -> Decoder:
-    """Decoder with weights from `model_dir` ("auto"/"safetensors") or deterministic random ("dummy")."""
+def load_model(
+    model_dir: str, cfg: ModelConfig, plan: KernelPlan, dtype, load_format: str, tp: TensorParallel | None = None
+) -> Decoder:
+    """Decoder with weights from `model_dir` ("auto"/"safetensors") or deterministic random ("dummy").
+
+    Tensor by tensor: each is read (or made) whole on one device, laid out for `tp` and put on the mesh,
+    each device receiving its own shard, before the next is read; the module's shapes stay the logical
+    ones (the step's per-device module is `TensorParallel.local_config`)."""
+    tp = TensorParallel() if tp is None else tp
     dtype = resolve_dtype(dtype)
     abstract = nnx.eval_shape(lambda: Decoder(cfg, plan, dtype))
     graphdef, abs_state = nnx.split(abstract)
@@ -127,11 +136,14 @@ def load_model(model_dir: str, cfg: ModelConfig, plan: KernelPlan, dtype, load_f
         make = jax.jit(_dummy_param, static_argnums=(1, 2, 3))
 
         def dummy(path, x):
-            name = _path_name(path)
-            return make(np.uint32(zlib.crc32(name.encode())), tuple(x.shape), x.dtype, name.endswith("norm"))
+            name = param_name(path)
+            value = make(np.uint32(zlib.crc32(name.encode())), tuple(x.shape), x.dtype, name.endswith("norm"))
+            return tp.place_param(cfg, name, value)
 
         state = jax.tree_util.tree_map_with_path(dummy, abs_state)
     else:  # "auto" / "safetensors" (EngineConfig validated the name)
         reader = _TensorReader(model_dir, dtype)
-        state = jax.tree_util.tree_map_with_path(lambda p, x: _hf_param(cfg, _path_name(p), reader), abs_state)
+        state = jax.tree_util.tree_map_with_path(
+            lambda p, x: tp.place_param(cfg, param_name(p), _hf_param(cfg, param_name(p), reader)), abs_state
+        )
     return nnx.merge(graphdef, state)

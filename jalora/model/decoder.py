@@ -110,9 +110,17 @@ class DecoderLayer(nnx.Module):
 
 
 class Decoder(nnx.Module):
-    def __init__(self, cfg: ModelConfig, plan: KernelPlan, dtype=jnp.float32):
+    """With `tp_axis` the module is one device's part of a tensor-parallel model (jalora/model/sharding.py):
+    `cfg` then holds that device's heads, features and vocabulary rows, `vocab_size` the whole
+    vocabulary, and the call runs inside shard_map over the mesh axis `tp_axis`."""
+
+    def __init__(
+        self, cfg: ModelConfig, plan: KernelPlan, dtype=jnp.float32, tp_axis: str | None = None, vocab_size=None
+    ):
         self.cfg = cfg
         self.plan = plan
+        self.tp_axis = tp_axis
+        self.vocab_size = cfg.vocab_size if vocab_size is None else vocab_size
         self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype)
         self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
         self.norm = _param((cfg.hidden_size,), dtype)
@@ -128,7 +136,9 @@ class Decoder(nnx.Module):
     ):
         """Returns (hidden [T, D] after the final norm, new kv_caches)."""
         cfg = self.cfg
-        x = self.embed[...][token_ids]
+        tp_axis = self.tp_axis
+        embed = self.embed[...]
+        x = embed[token_ids] if tp_axis is None else _vocab_parallel_embed(embed, token_ids, tp_axis)
         if cfg.embedding_multiplier != 1.0:
             x = x * cfg.embedding_multiplier
         inv_freq = rope_inv_freq(cfg)
@@ -138,14 +148,21 @@ class Decoder(nnx.Module):
         for i, layer in enumerate(self.layers):
 
             def proj(h, w, b, group, _i=i):
+                # Row-parallel (o, down) under tensor parallelism: partial sums, the LoRA delta of this
+                # device's rows included, all-reduced; the bias is added once, after.
+                reduce = tp_axis is not None and group in ("o", "down")
                 y = jnp.dot(h, w[...], preferred_element_type=jnp.float32)
-                if b is not None:
+                if b is not None and not reduce:
                     y = y + b[...].astype(jnp.float32)
                 y = y.astype(h.dtype)
                 if lora is not None and group in lora.stacks:
                     st = lora.stacks[group]
                     a_flat = None if st.a_flat is None else st.a_flat[_i]
                     y = masked_lora_fn(y, h, st.a[_i], st.b[_i], a_flat, lora, plan)
+                if reduce:
+                    y = jax.lax.psum(y, tp_axis)
+                    if b is not None:
+                        y = (y.astype(jnp.float32) + b[...].astype(jnp.float32)).astype(h.dtype)
                 return y
 
             h = rms_norm(x, layer.input_norm[...], cfg.rms_norm_eps)
@@ -187,4 +204,15 @@ class Decoder(nnx.Module):
         out = jnp.dot(hidden, w, preferred_element_type=jnp.float32)
         if self.cfg.logits_scaling != 1.0:
             out = out / self.cfg.logits_scaling
+        if self.tp_axis is not None:  # each device's vocabulary columns, gathered (padding dropped)
+            out = jax.lax.all_gather(out, self.tp_axis, axis=out.ndim - 1, tiled=True)[..., : self.vocab_size]
         return out
+
+
+def _vocab_parallel_embed(embed, token_ids, axis):
+    """Embeddings of `token_ids` from vocabulary-sharded rows: each device looks up the ids it holds."""
+    rows = embed.shape[0]
+    local = token_ids - jax.lax.axis_index(axis) * rows
+    mine = (local >= 0) & (local < rows)
+    x = jnp.where(mine[:, None], embed[jnp.clip(local, 0, rows - 1)], jnp.zeros((), embed.dtype))
+    return jax.lax.psum(x, axis)
