@@ -190,11 +190,7 @@ class AdapterManager:
         if columns is not None:
             b = b[..., columns]
         spec_a, spec_b, _ = tp.stack_specs(group, False)
-        drop_slot = lambda spec: P(*(spec[:1] + spec[2:]))  # noqa: E731  (the stack's slot axis)
-        return (
-            jax.device_put(a.astype(self.dtype), tp.sharding(drop_slot(spec_a))),
-            jax.device_put(b.astype(self.dtype), tp.sharding(drop_slot(spec_b))),
-        )
+        return tp.put(a.astype(self.dtype), _slot_spec(spec_a)), tp.put(b.astype(self.dtype), _slot_spec(spec_b))
 
     def load(
         self, name: str, adapter: str | os.PathLike | PreparedAdapter, roots: Sequence[str] | None = None
@@ -222,8 +218,9 @@ class AdapterManager:
             if group in prepared.slots:
                 a, b = prepared.slots[group]
             else:
-                a = jnp.zeros((stack.a.shape[0], *stack.a.shape[2:]), stack.a.dtype)
-                b = jnp.zeros((stack.b.shape[0], *stack.b.shape[2:]), stack.b.dtype)
+                spec_a, spec_b = (_slot_spec(x) for x in self.tp.stack_specs(group, False)[:2])
+                a = self.tp.zeros((stack.a.shape[0], *stack.a.shape[2:]), stack.a.dtype, spec_a)
+                b = self.tp.zeros((stack.b.shape[0], *stack.b.shape[2:]), stack.b.dtype, spec_b)
             self.stacks[group] = LoraStack(
                 self._set_slot(stack.a, slot, a),
                 self._set_slot(stack.b, slot, b),
@@ -280,3 +277,8 @@ class AdapterManager:
     def release(self, name: str | None) -> None:
         if name is not None:
             self._in_flight[name] -= 1
+
+
+def _slot_spec(stack_spec: P) -> P:
+    """The PartitionSpec of one slot of a stack ([L, S, ...] without the slot axis S)."""
+    return P(*(stack_spec[:1] + stack_spec[2:]))

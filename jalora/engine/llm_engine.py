@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from jalora.adapters.manager import AdapterManager, PreparedAdapter
 from jalora.adapters.peft import AdapterInfo
 from jalora.config import EngineConfig
+from jalora.engine import multihost
 from jalora.engine.block_manager import BlockManager
 from jalora.engine.chat import ChatTemplate, read_chat_template
 from jalora.engine.interface import EncodedPrompt, EngineInfo, EngineStats
@@ -120,6 +121,19 @@ class LLMEngine:
         self.eos_token_ids = tuple(dict.fromkeys(cfg.eos_token_ids + _ids(self.generation_config.get("eos_token_id"))))
         self.kernel_plan = KernelPlan.from_config(config)
         self.tp = tp = TensorParallel.create(cfg, config.tensor_parallel_size)  # checked before any weight is read
+        # Several hosts: process 0 leads (it schedules and sends every device call), the others follow.
+        self.multihost_leader: multihost.Leader | None = None
+        self.multihost_conn = None
+        if multihost.is_multihost():
+            if tp.size != jax.device_count():
+                raise InvalidRequestError(
+                    "tensor_parallel_size", f"must be {jax.device_count()} (every device of the "
+                    f"{jax.process_count()} processes) on several hosts, got {tp.size}",
+                )  # fmt: skip
+            if jax.process_index() == 0:
+                self.multihost_leader = multihost.Leader(jax.process_count() - 1)
+            else:
+                self.multihost_conn = multihost.connect()
         decoder = load_model(model_dir, cfg, self.kernel_plan, self.dtype, config.load_format, tp)
         num_blocks = config.num_kv_blocks
         block_bytes = tp.kv_block_bytes(cfg, config.block_size, self.dtype)
@@ -155,11 +169,20 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         if config.warmup:
             self.runner.warmup()
+        self.runner.leader = self.multihost_leader  # from here on process 0 sends each device call
+
+    def close(self) -> None:
+        """Stops the follower processes of a multi-host engine (they return from `multihost.follow`)."""
+        if self.multihost_leader is not None:
+            self.multihost_leader.close()
+            self.multihost_leader = self.runner.leader = None
 
     def warmup_adapters(self, progress: bool = True) -> None:
         """Compiles the adapted-step variant of every bucket (call after loading adapters; a server
         does, so the first adapter request does not pay a compilation)."""
         if self.adapters.stacks:
+            if self.multihost_leader is not None:
+                self.multihost_leader.send("warmup_adapters")
             self.runner.warmup(progress, adapters=self.adapters.stacks)
 
     # -- tokenizer -------------------------------------------------------------------------------
@@ -208,11 +231,16 @@ class LLMEngine:
         self, name: str, adapter: str | PreparedAdapter, roots: Sequence[str] | None = None
     ) -> AdapterInfo:
         """Loads a PEFT directory (confined to `roots` if given), or installs what `prepare_adapter` made
-        of one, under `name`."""
-        return self.adapters.load(name, adapter, roots)
+        of one, under `name`. On several hosts every process reads the same directory itself."""
+        info = self.adapters.load(name, adapter, roots)
+        if self.multihost_leader is not None:
+            self.multihost_leader.send("load_adapter", name, info.path)
+        return info
 
     def unload_adapter(self, name: str) -> None:
         self.adapters.unload(name)
+        if self.multihost_leader is not None:
+            self.multihost_leader.send("unload_adapter", name)
 
     def list_adapters(self) -> list[AdapterInfo]:
         return self.adapters.infos()

@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jalora.adapters.manager import AdapterStacks, LoraStack
+from jalora.engine.multihost import Recent
 from jalora.engine.scheduler import ScheduledBatch
 from jalora.model.checkpoint import param_name
 from jalora.model.decoder import AttentionMetadata, Decoder, LoraBatch
@@ -255,7 +256,13 @@ class ModelRunner:
         self._top = jax.jit(top_fn)
         self._prompt_lp = jax.jit(prompt_lp_fn)
         self._prompt_lp_compiled: dict[int, Any] = {}  # bucket -> executable compiled by the warm-up
-        self._no_prev_tokens = jnp.zeros((max_num_seqs,), jnp.int32)  # prev_tokens when nothing is pending
+        # prev_tokens when nothing is pending (on every device of the mesh, as the step's own outputs)
+        self._no_prev_tokens = tp.zeros((max_num_seqs,), jnp.int32, P())
+        # Several hosts (jalora/engine/multihost.py): process 0's runner sends each launch to the others
+        # (`leader`); every runner numbers its launches and keeps the last few sampled-token arrays.
+        self.leader = None
+        self.recent = Recent()
+        self._launches = 0
         # What picks a compiled variant of the step: the static arguments and the adapter groups (the
         # stacks' tree; every other argument has one shape per engine).
         self.compiles = CompileCounters()
@@ -378,10 +385,19 @@ class ModelRunner:
         )
 
     def launch(
-        self, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None = None
+        self,
+        step: PreparedStep,
+        adapters: AdapterStacks,
+        prev_tokens: jax.Array | None = None,
+        seq: int | None = None,
     ) -> StepOutputs:
         """Enqueues a prepared step, and the functions behind it that its requests need, on the device
-        (the KV cache donated into the step) without waiting."""
+        (the KV cache donated into the step) without waiting. `seq` numbers it (a follower process
+        takes process 0's number)."""
+        seq = self._launches if seq is None else seq
+        self._launches = seq + 1
+        if self.leader is not None:
+            self.leader.send("launch", seq, step, self.recent.seq_of(prev_tokens))
         compiled, start = self.num_compiled(), time.perf_counter()
         out, logits, hidden = self._launch_step(step, adapters, prev_tokens)
         if step.do_sample:
@@ -397,6 +413,7 @@ class ModelRunner:
         if self.num_compiled() > compiled:  # a first call returns once it is compiled (it runs async)
             groups = tuple(sorted(adapters)) if step.inputs.lora_slots is not None else ()
             self._record_compile(step.inputs.token_ids.shape[0], groups, time.perf_counter() - start)
+        self.recent.add(seq, out.tokens)
         return out
 
     def _launch_step(self, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None):
@@ -441,6 +458,8 @@ class ModelRunner:
 
     def reset_kv_cache(self) -> None:
         """A zeroed cache in place of one that is gone or cannot be trusted."""
+        if self.leader is not None:
+            self.leader.send("reset_kv_cache")
         zeros = self.tp.zeros
         self.kv_caches = [tuple(zeros(c.shape, c.dtype, KV_SPEC) for c in kv) for kv in self.kv_caches]
 
@@ -456,13 +475,13 @@ class ModelRunner:
         out = self.launch(self.prepare(batch, prev_step), adapters, prev_tokens)
         for x in out:
             if x is not None:
-                x.copy_to_host_async()  # the copy back starts as soon as the step ends
+                _local(x).copy_to_host_async()  # the copy back starts as soon as the step ends
         return out
 
     @staticmethod
     def fetch(out: StepOutputs) -> StepResult:
         """Waits for a dispatched step and brings its results to the host."""
-        return StepResult(*jax.device_get(tuple(out)))
+        return StepResult(*jax.device_get(tuple(None if x is None else _local(x) for x in out)))
 
     def warmup(self, progress: bool = True, adapters: AdapterStacks | None = None) -> None:
         """Compiles everything a step of every token bucket can run: the step (base-only, or with the
@@ -493,6 +512,12 @@ class ModelRunner:
                     self._record_compile(t, tuple(sorted(adapters or {})), time.perf_counter() - start)
         finally:
             self._warming_up = False
+
+
+def _local(x: jax.Array) -> jax.Array:
+    """A step output this process can read: itself, or over several hosts its copy on a local device
+    (every output is replicated)."""
+    return x if x.is_fully_addressable else x.addressable_data(0)
 
 
 def _logprob_of(logits, tokens):  # f32[R, V], i32[R] -> f32[R]

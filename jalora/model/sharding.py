@@ -164,7 +164,17 @@ class TensorParallel:
         """One parameter laid out and put on the mesh (each device receives its shard only)."""
         if not self.sharded:
             return x
-        return jax.device_put(self.layout_param(cfg, name, x), self.sharding(self.param_spec(name)))
+        return self.put(self.layout_param(cfg, name, x), self.param_spec(name))
+
+    def put(self, x, spec: P) -> jax.Array:
+        """`x` (the whole array, the same in every process) sharded by `spec` over the mesh. Over several
+        processes each one cuts its own devices' shards from its copy: no collective (device_put would
+        compare the copies with one), so a process may do it on any thread, at any time."""
+        sharding = self.sharding(spec)
+        if jax.process_count() == 1:
+            return jax.device_put(x, sharding)
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
     def stack_specs(self, group: str, has_flat: bool):
         """PartitionSpecs of a LoraStack's (a, b, a_flat) for projection group `group`."""

@@ -1,0 +1,205 @@
+"""One engine over several hosts: process 0 schedules and serves, every process runs the same steps.
+
+JAX runs one controller process per host (`jax.distributed`), and a computation over devices of several
+hosts must be called by every process, in the same order, with the same host inputs. jalora keeps all
+its decisions on process 0 (the scheduler, the prefix cache, the adapters' names and slots, the gRPC
+server) and sends the others, before each device call, what that call needs:
+
+- `launch`: a prepared step (numpy arrays of a few kilobytes) and which earlier step's sampled tokens it
+  reads (async scheduling feeds them from the device);
+- `load_adapter` / `unload_adapter`: a follower reads the same adapter directory itself (the path must
+  exist on every host, as the model directory must) and installs it into the same slot;
+- `warmup_adapters`, `reset_kv_cache`, `stop`.
+
+The channel is a `multiprocessing.connection` socket from each follower to process 0, on the
+coordinator's host at its port + 1, authenticated with a key (HMAC) derived from `--multihost-key` or
+a fixed default: run it on the hosts' private network, as the coordinator itself. Followers never send
+anything; process 0 watches each connection, and a follower that exits or whose host goes away closes
+it: process 0 then refuses every further step with `FollowerLostError` (a server reports NOT_SERVING)
+instead of entering a collective that would wait for it forever.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Client, Connection, Listener
+
+import jax
+
+from jalora.errors import InvalidRequestError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_KEY = b"jalora-multihost"
+FIELD = "coordinator_address"
+
+
+class FollowerLostError(RuntimeError):
+    """A follower process is gone: no step can run until the group is restarted."""
+
+
+_coordinator: dict[str, object] = {}
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    key: bytes | None = None,
+) -> None:
+    """jax.distributed.initialize (all None: what a Cloud TPU VM slice or a cluster manager tells JAX),
+    with cross-process collectives on CPU devices too. Call it first, before anything touches a device."""
+    if coordinator_address is not None:
+        host, _, port = coordinator_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise InvalidRequestError(FIELD, f"must be HOST:PORT, got {coordinator_address!r}")
+    if (coordinator_address is None) != (num_processes is None) or (num_processes is None) != (process_id is None):
+        raise InvalidRequestError(
+            FIELD, "the coordinator address, the number of processes and the process id go together (or none)"
+        )
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    except Exception as e:  # no coordinator found or reachable: one error, not a traceback
+        raise InvalidRequestError(FIELD, f"cannot start the process group: {e}") from e
+    if coordinator_address is None:  # inferred by JAX (TPU VM, SLURM, ...): process 0's address
+        coordinator_address = jax._src.distributed.global_state.coordinator_address  # noqa: SLF001
+    _coordinator.update(address=coordinator_address, key=key or DEFAULT_KEY)
+
+
+def is_multihost() -> bool:
+    return jax.process_count() > 1
+
+
+def channel_address() -> tuple[str, int]:
+    address = _coordinator.get("address")
+    if address is None:
+        raise InvalidRequestError(FIELD, "several processes but no jalora.engine.multihost.initialize() call")
+    host, _, port = str(address).rpartition(":")
+    return host, int(port) + 1
+
+
+class Leader:
+    """Process 0's end: accepts every follower, then sends each device call before making it."""
+
+    def __init__(self, followers: int):
+        host, port = channel_address()
+        self._listener = Listener((host, port), authkey=_coordinator["key"])
+        logger.info("waiting for %d follower(s) on %s:%d", followers, host, port)
+        _barrier()  # the followers connect only once this listens
+        self._conns: list[Connection] = [self._listener.accept() for _ in range(followers)]
+        self.lost: str | None = None
+        self.lost_event = threading.Event()
+        self._on_lost: list[Callable[[str], None]] = []
+        self._lock = threading.Lock()
+        for i, conn in enumerate(self._conns):
+            name = f"jalora-follower-{i + 1}"
+            threading.Thread(target=self._watch, args=(i + 1, conn), name=name, daemon=True).start()
+
+    def on_lost(self, callback: Callable[[str], None]) -> None:
+        """`callback(reason)` runs (on a watcher thread) when a follower is lost; at once if one is."""
+        self._on_lost.append(callback)
+        if self.lost is not None:
+            callback(self.lost)
+
+    def _watch(self, index: int, conn: Connection) -> None:
+        try:
+            conn.recv()  # followers send nothing: this returns only when the connection ends
+        except (EOFError, OSError):
+            pass
+        self._lose(f"follower process {index} disconnected")
+
+    def _lose(self, reason: str) -> None:
+        with self._lock:
+            if self.lost is not None:
+                return
+            self.lost = reason
+        logger.error("multi-host engine stopped: %s", reason)
+        self.lost_event.set()
+        for callback in self._on_lost:
+            callback(reason)
+
+    def send(self, op: str, *args) -> None:
+        """Every follower gets (op, args), or FollowerLostError if one is gone (nothing is run then)."""
+        if self.lost is not None:
+            raise FollowerLostError(self.lost)
+        for i, conn in enumerate(self._conns):
+            try:
+                conn.send((op, args))
+            except OSError as e:
+                self._lose(f"follower process {i + 1} unreachable: {e}")
+                raise FollowerLostError(self.lost) from e
+
+    def close(self) -> None:
+        if self.lost is None:
+            for conn in self._conns:
+                try:
+                    conn.send(("stop", ()))
+                except OSError:
+                    pass
+        for conn in self._conns:
+            conn.close()
+        self._listener.close()
+
+
+def connect() -> Connection:
+    """A follower's end of the channel (process 0 listens once its engine starts)."""
+    host, port = channel_address()
+    _barrier()
+    return Client((host, port), authkey=_coordinator["key"])
+
+
+def _barrier() -> None:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices("jalora multi-host channel")
+
+
+class Recent:
+    """The sampled-token arrays of the last few steps, by step number (what `launch` names as its input)."""
+
+    def __init__(self, keep: int = 4):
+        self._items: collections.deque = collections.deque(maxlen=keep)
+
+    def add(self, seq: int, tokens) -> None:
+        self._items.append((seq, tokens))
+
+    def seq_of(self, tokens) -> int | None:
+        return next((s for s, t in self._items if t is tokens), None) if tokens is not None else None
+
+    def tokens_of(self, seq: int | None):
+        if seq is None:
+            return None
+        return next(t for s, t in self._items if s == seq)
+
+
+def follow(engine) -> None:
+    """A follower's loop: runs what process 0 sends on `engine` (built from the same EngineConfig) until
+    `stop` or until the channel closes."""
+    conn = engine.multihost_conn
+    runner = engine.runner
+    while True:
+        try:
+            op, args = conn.recv()
+        except (EOFError, OSError):
+            logger.info("process 0 closed the channel; stopping")
+            return
+        if op == "launch":
+            seq, step, prev_seq = args  # (the outputs stay in runner.recent for the steps that read them)
+            runner.launch(step, engine.adapters.stacks, runner.recent.tokens_of(prev_seq), seq=seq)
+        elif op == "load_adapter":
+            name, path = args
+            engine.adapters.load(name, path)
+        elif op == "unload_adapter":
+            engine.adapters.unload(*args)
+        elif op == "warmup_adapters":
+            runner.warmup(False, adapters=engine.adapters.stacks)
+        elif op == "reset_kv_cache":
+            runner.reset_kv_cache()
+        elif op == "stop":
+            return
+        else:
+            raise RuntimeError(f"unknown multi-host operation {op!r}")

@@ -1,0 +1,62 @@
+"""One process of the two-process test (tests/engine/test_multihost.py): process 0 runs the workload and
+prints its outputs as JSON; process 1 follows. `python -m tests.engine.multihost_worker PID PORT MODEL
+ADAPTER [--lose-follower]`; with --lose-follower process 0 runs once, prints `ready`, waits for a line on
+stdin (sent once the test has killed process 1), then tries again and prints what the engine said."""
+
+import json
+import os
+import sys
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"  # one device per process
+
+from jalora import LLM, SamplingParams  # noqa: E402
+from jalora.engine import multihost  # noqa: E402
+
+ENGINE = dict(block_size=4, num_kv_blocks=14, max_num_seqs=4, max_num_batched_tokens=16, max_loras=2,
+              max_lora_rank=8, warmup=False)  # fmt: skip
+SP = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=1)
+INV = [7, 8, 9]
+PROMPTS = [[20, 21, 22, 23, 24, 25, 26], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]
+
+
+def workload(llm: LLM) -> list[dict]:
+    """Two base requests, then an aLoRA judge of the first answer (its prefix reused) and a sampled one."""
+    first = llm.generate(PROMPTS, SP)
+    judge = PROMPTS[0] + first[0].token_ids + INV
+    sampled = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8, seed=5)
+    second = llm.generate([judge, PROMPTS[1]], [SP, sampled], adapter=["judge", None])
+    return [
+        {"tokens": o.token_ids, "cached": o.num_cached_tokens,
+         "logprobs": [o.logprobs[i][t] for i, t in enumerate(o.token_ids)] if o.logprobs else None}
+        for o in first + second
+    ]  # fmt: skip
+
+
+def main() -> None:
+    pid, port, model, adapter = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    lose = "--lose-follower" in sys.argv
+    multihost.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+    llm = LLM(model, tensor_parallel_size=2, **ENGINE)
+    if pid != 0:
+        multihost.follow(llm.engine)
+        return
+    llm.load_adapter("judge", adapter)
+    if not lose:
+        print(json.dumps(workload(llm)), flush=True)
+        llm.engine.close()
+        return
+    llm.generate(PROMPTS[:1], SP)
+    print("ready", flush=True)
+    sys.stdin.readline()  # process 1 is dead now
+    llm.engine.multihost_leader.lost_event.wait()  # its connection's end, certain once it died
+    try:
+        llm.generate(PROMPTS[:1], SP)
+        print(json.dumps({"error": None}), flush=True)
+    except Exception as e:
+        print(json.dumps({"error": type(e).__name__, "message": str(e)}), flush=True)
+    os._exit(0)  # the distributed runtime's shutdown would wait for the dead process
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Two processes on localhost (`jax.distributed` over CPU devices, one device each) serve one engine with
+tensor_parallel_size=2: process 0 schedules and sends every device call (jalora/engine/multihost.py),
+process 1 follows. Its outputs equal one process's; a lost follower is reported, not waited for."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from jalora import LLM
+from tests import hf_models
+from tests.engine import multihost_worker as worker
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multihost")
+    base = hf_models.make_model(str(root / "llama"), "llama", num_attention_heads=8, num_key_value_heads=2)
+    adapter = hf_models.make_adapter(base, str(root / "judge"), hf_models.ALL_PROJ, r=8, invocation=worker.INV, seed=2)
+    return base, adapter
+
+
+def free_port_pair() -> int:
+    """A port p with p + 1 free too (the coordinator's and the engine's channel)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", port + 1))
+            return port
+        except OSError:
+            continue
+
+
+def start(pid: int, port: int, model, *extra) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.engine.multihost_worker", str(pid), str(port), *model, *extra],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, text=True,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def test_two_processes_give_one_process_tokens(model):
+    port = free_port_pair()
+    follower, leader = start(1, port, model), start(0, port, model)
+    out, _ = leader.communicate(timeout=600)
+    assert leader.returncode == 0 and follower.wait(timeout=60) == 0
+    got = json.loads(out.strip().splitlines()[-1])
+    llm = LLM(model[0], **worker.ENGINE)
+    llm.load_adapter("judge", model[1])
+    want = worker.workload(llm)
+    assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
+    assert [g["cached"] for g in got] == [w["cached"] for w in want]
+    assert want[2]["cached"] >= 8, "the judge was meant to reuse the base model's blocks"
+    for g, w in zip(got, want):
+        if w["logprobs"] is not None:
+            np.testing.assert_allclose(g["logprobs"], w["logprobs"], atol=1e-4)
+
+
+def test_a_lost_follower_is_reported_not_waited_for(model):
+    port = free_port_pair()
+    follower, leader = start(1, port, model), start(0, port, model, "--lose-follower")
+    while (line := leader.stdout.readline()) and line.strip() != "ready":  # (gloo prints to stdout too)
+        pass
+    assert line.strip() == "ready"
+    follower.kill()
+    follower.wait(timeout=60)
+    leader.stdin.write("go\n")
+    leader.stdin.flush()
+    while (line := leader.stdout.readline()) and not line.startswith("{"):
+        pass
+    result = json.loads(line)
+    leader.wait(timeout=60)
+    assert result == {"error": "FollowerLostError", "message": "follower process 1 disconnected"}
