@@ -145,6 +145,12 @@ class JaloraServer:
             logger.info("metrics on http://%s/metrics", format_address(self.config.host, self.metrics_port))
         return self.port
 
+    async def not_serving(self) -> None:
+        """Health NOT_SERVING for good (a multi-host engine lost a process): load balancers stop sending
+        calls; the calls that still come fail with the engine's error."""
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
     async def stop(self, grace: float | None = None) -> None:
         """Drains, then stops: health turns NOT_SERVING, new calls get UNAVAILABLE ("server is shutting
         down"), running calls get `grace` seconds (default: the config's) to finish; those still running

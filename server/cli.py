@@ -329,14 +329,40 @@ def build_engine(plan: ServePlan) -> LLMEngine:
     return engine
 
 
+def _start_multihost(args: argparse.Namespace) -> bool:
+    """Joins the process group of a multi-host engine if the flags ask for one; True if this process
+    follows (it runs process 0's steps and serves nothing)."""
+    if not (args.multihost or args.coordinator_address or args.num_processes or args.process_id is not None):
+        return False
+    from jalora.engine import multihost
+
+    key = _flag_file("--multihost-key-file", args.multihost_key_file) if args.multihost_key_file else None
+    multihost.initialize(args.coordinator_address, args.num_processes, args.process_id, key, args.multihost_timeout)
+    import jax
+
+    logs.say(f"jalora: process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices in all")
+    return jax.process_index() != 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from server.app import JaloraServer, format_address
 
     plan = prepare(args)
+    if _start_multihost(args):
+        from jalora.engine import multihost
+        from jalora.engine.llm_engine import LLMEngine
+
+        multihost.follow(LLMEngine(plan.engine_config))  # process 0 sends the adapters and the warm-up
+        return 0
     engine = build_engine(plan)
 
     async def run() -> None:
         server = JaloraServer(engine, plan.server_config)
+        if engine.multihost_leader is not None:  # a lost process: NOT_SERVING, and every step refused
+            loop = asyncio.get_running_loop()
+            engine.multihost_leader.on_lost(
+                lambda reason: loop.call_soon_threadsafe(lambda: asyncio.ensure_future(server.not_serving()))
+            )
         try:
             await server.start()
         except OSError as e:  # preflight could bind them: someone took a port during the warm-up
@@ -369,7 +395,10 @@ def _serve(args: argparse.Namespace) -> int:
         logs.say(f"jalora: shutting down; running calls get up to {grace:g} s (a second signal ends them now)")
         await server.stop()
 
-    asyncio.run(run())
+    try:
+        asyncio.run(run())
+    finally:
+        engine.close()  # a multi-host engine's followers stop too
     return 0
 
 
@@ -660,7 +689,24 @@ def _client_args(p: argparse.ArgumentParser) -> None:
     _call_args(p)
 
 
-def _serve_args(p: argparse.ArgumentParser, *, exclude_server: tuple[str, ...] = ()) -> None:
+def _multihost_args(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("several hosts (one process per host; process 0 serves, the others follow)")
+    group.add_argument("--coordinator-address", metavar="HOST:PORT",
+                       help="process 0's address for jax.distributed (the engine also uses PORT + 1); with "
+                       "--num-processes and --process-id (default: one process)")  # fmt: skip
+    group.add_argument("--num-processes", type=int, metavar="N", help="processes in the group (default: 1)")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N - 1 (default: 0)")
+    group.add_argument("--multihost", action="store_true",
+                       help="join the group JAX finds by itself, as on a Cloud TPU VM slice (default: off)")
+    group.add_argument("--multihost-timeout", type=int, default=300, metavar="SECONDS",
+                       help="how long the processes may take to find each other before the start fails (default: "
+                       "300)")  # fmt: skip
+    group.add_argument("--multihost-key-file", metavar="FILE",
+                       help="secret that authenticates the processes' channel (default: a fixed key: keep the "
+                       "ports on a private network)")  # fmt: skip
+
+
+def _serve_args(p: argparse.ArgumentParser, *, exclude_server: tuple[str, ...] = (), multihost: bool = True) -> None:
     """Engine and server flags (derived from EngineConfig and ServerConfig) plus the start-up adapters."""
     p.add_argument("--adapter", action="append", type=_adapter_arg, default=[], metavar="NAME=DIR",
                    help="load a PEFT (a)LoRA adapter at start (repeatable; default: none, or a bundled model's "
@@ -672,6 +718,8 @@ def _serve_args(p: argparse.ArgumentParser, *, exclude_server: tuple[str, ...] =
     roots = {"adapter_roots": " (default: none, so LoadAdapter is refused; for a bundled model, its judges' "
              "folder)"}  # fmt: skip
     add_config_flags(p, ServerConfig, exclude=exclude_server, notes=roots)
+    if multihost:
+        _multihost_args(p)
     p.add_argument("--log-format", choices=logs.LOG_FORMATS, default="text",
                    help="log lines as text, or as one JSON object each (with the request id of a call's lines)")
     p.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
@@ -731,7 +779,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="serve (default: SmolLM2 and its judges) on a free port and run the pipeline",
                        formatter_class=HelpFormatter)  # fmt: skip
-    _serve_args(d, exclude_server=DEMO_EXCLUDED)
+    _serve_args(d, exclude_server=DEMO_EXCLUDED, multihost=False)
     _pipeline_args(d)
     _call_args(d)
     # A free port: the pipeline runs in this process. A demo's prompts are short: smaller steps and

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import socket
 import threading
+import time
 from collections.abc import Callable
 from multiprocessing.connection import Client, Connection, Listener
 
@@ -49,9 +51,12 @@ def initialize(
     num_processes: int | None = None,
     process_id: int | None = None,
     key: bytes | None = None,
+    timeout: int = 300,
 ) -> None:
     """jax.distributed.initialize (all None: what a Cloud TPU VM slice or a cluster manager tells JAX),
-    with cross-process collectives on CPU devices too. Call it first, before anything touches a device."""
+    with cross-process collectives on CPU devices too. Call it first, before anything touches a device.
+    Raises InvalidRequestError naming coordinator_address if the group does not form within `timeout`
+    seconds (no coordinator at that address, or processes missing)."""
     if coordinator_address is not None:
         host, _, port = coordinator_address.rpartition(":")
         if not host or not port.isdigit():
@@ -60,14 +65,34 @@ def initialize(
         raise InvalidRequestError(
             FIELD, "the coordinator address, the number of processes and the process id go together (or none)"
         )
+    if coordinator_address is not None and process_id != 0:
+        # JAX's client aborts the process (a fatal log and a stack trace) when it cannot register with
+        # the coordinator: find it first, and fail with one error if it never answers.
+        _wait_for(coordinator_address, timeout)
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        jax.distributed.initialize(coordinator_address, num_processes, process_id, initialization_timeout=timeout)
     except Exception as e:  # no coordinator found or reachable: one error, not a traceback
         raise InvalidRequestError(FIELD, f"cannot start the process group: {e}") from e
     if coordinator_address is None:  # inferred by JAX (TPU VM, SLURM, ...): process 0's address
         coordinator_address = jax._src.distributed.global_state.coordinator_address  # noqa: SLF001
     _coordinator.update(address=coordinator_address, key=key or DEFAULT_KEY)
+
+
+def _wait_for(address: str, timeout: float) -> None:
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=min(5.0, timeout)).close()
+            return
+        except OSError as e:
+            if time.monotonic() >= deadline:
+                raise InvalidRequestError(
+                    FIELD, f"no coordinator answered at {address} within {timeout:g} s ({e.strerror or e}); "
+                    "start process 0 first, or check the address"
+                ) from None
+            time.sleep(0.5)
 
 
 def is_multihost() -> bool:

@@ -40,17 +40,29 @@ def free_port_pair() -> int:
             continue
 
 
-def start(pid: int, port: int, model, *extra) -> subprocess.Popen:
-    return subprocess.Popen(
+@pytest.fixture
+def processes():
+    """Started worker processes, killed at the end whatever happened (SIGKILL: JAX's distributed
+    runtime catches SIGTERM)."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        p.kill()
+        p.wait()
+
+
+def start(processes, pid: int, port: int, model, *extra) -> subprocess.Popen:
+    processes.append(subprocess.Popen(
         [sys.executable, "-m", "tests.engine.multihost_worker", str(pid), str(port), *model, *extra],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, text=True,
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    ))  # fmt: skip
+    return processes[-1]
 
 
-def test_two_processes_give_one_process_tokens(model):
+def test_two_processes_give_one_process_tokens(model, processes):
     port = free_port_pair()
-    follower, leader = start(1, port, model), start(0, port, model)
+    follower, leader = start(processes, 1, port, model), start(processes, 0, port, model)
     out, _ = leader.communicate(timeout=600)
     assert leader.returncode == 0 and follower.wait(timeout=60) == 0
     got = json.loads(out.strip().splitlines()[-1])
@@ -65,9 +77,9 @@ def test_two_processes_give_one_process_tokens(model):
             np.testing.assert_allclose(g["logprobs"], w["logprobs"], atol=1e-4)
 
 
-def test_a_lost_follower_is_reported_not_waited_for(model):
+def test_a_lost_follower_is_reported_not_waited_for(model, processes):
     port = free_port_pair()
-    follower, leader = start(1, port, model), start(0, port, model, "--lose-follower")
+    follower, leader = start(processes, 1, port, model), start(processes, 0, port, model, "--lose-follower")
     while (line := leader.stdout.readline()) and line.strip() != "ready":  # (gloo prints to stdout too)
         pass
     assert line.strip() == "ready"
