@@ -303,6 +303,8 @@ class LLMEngine:
             raise InvalidRequestError("sampling_params", "must be a SamplingParams")
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop", f"{self.config.model} has no tokenizer.json: no text to match them in")
         ids = (prompt if isinstance(prompt, EncodedPrompt) else self.encode_prompt(prompt)).token_ids
         resolved = self.adapters.resolve(adapter, ids)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**32)
