@@ -26,6 +26,7 @@ from jalora.api.v1 import jalora_pb2
 from jalora.engine.interface import Engine
 from server.config import ServerConfig
 from server.engine_worker import EngineWorker
+from server.frontend import Frontend
 from server.metrics import ServerMetrics
 from server.security import server_credentials, token_interceptor
 from server.servicer import JaloraServicer, add_to_server
@@ -90,7 +91,8 @@ class JaloraServer:
         self.worker = EngineWorker(
             engine, self.config.max_pending_requests, self.config.tokenizer_threads, observer=self.metrics
         )
-        self.servicer = JaloraServicer(self.worker, self.config, version=_version())
+        self.front = Frontend(self.worker, self.config)
+        self.servicer = JaloraServicer(self.front, version=_version())
         self.health = health.aio.HealthServicer()
         # The TLS and token files are read once, here (their readability was checked by ServerConfig).
         self._credentials = server_credentials(self.config)
