@@ -706,7 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="serve a model and its adapters over gRPC", formatter_class=HelpFormatter)
+    s = sub.add_parser("serve", help="serve a model and its adapters over gRPC (and OpenAI's HTTP API with "
+                       "--http-port)", formatter_class=HelpFormatter)  # fmt: skip
     _serve_args(s)
     s.set_defaults(func=_serve)
 

@@ -39,7 +39,10 @@ class ServerConfig:
         4, "threads that tokenize prompts and Tokenize calls beside the engine thread (at most this many at once)"
     )
     grace: float = config_field(5.0, "seconds running calls get to finish at shutdown")
-    model_name: str = config_field("", "model name GetServerInfo reports (default: the engine's model directory)")
+    model_name: str = config_field(
+        "", "model name GetServerInfo reports, and the `model` that picks the base model over HTTP (default: the "
+        "engine's model directory)"
+    )
     tls_cert: str | None = config_field(
         None, "PEM certificate chain the server presents; with --tls-key it serves TLS (default: plaintext)",
         metavar="FILE",
