@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+from jalora.api.limits import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from jalora.config import is_int, require
 
 MAX_LOGPROBS = 20
@@ -16,6 +17,7 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k
     seed: int | None = None
     stop_token_ids: list[int] | None = None
+    stop: list[str] | None = None  # stop once the text holds one of these (it is left out of the text)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs of each generated token (0 = only the sampled one)
     prompt_logprobs: bool = False
@@ -46,6 +48,19 @@ class SamplingParams:
                 "must be a list of non-negative integers",
             )
             self.stop_token_ids = list(self.stop_token_ids)
+        if self.stop is not None:
+            require(
+                isinstance(self.stop, list | tuple) and all(isinstance(s, str) and s for s in self.stop),
+                "stop",
+                "must be a list of non-empty strings",
+            )
+            require(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"must hold at most {MAX_STOP_STRINGS} strings")
+            require(
+                all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop),
+                "stop",
+                f"strings must be at most {MAX_STOP_STRING_CHARS} characters long",
+            )
+            self.stop = list(self.stop)
 
     @property
     def greedy(self) -> bool:

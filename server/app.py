@@ -1,6 +1,7 @@
 """Starts the gRPC server: jalora.v1.Jalora, grpc.health.v1.Health and server reflection (unless
 `reflection` is off), over TLS and behind bearer tokens when the config names their files
-(server/security.py).
+(server/security.py); with an `http_port`, the OpenAI-compatible HTTP front beside it (server/http.py),
+on the same event loop, engine worker and call gate.
 
 `JaloraServer(engine, config)` runs on the caller's asyncio loop (`jalora serve`); `ServerThread(engine,
 config)` runs one on a loop of its own in a background thread (tests, notebooks, embedding in a
@@ -26,8 +27,9 @@ from jalora.api.v1 import jalora_pb2
 from jalora.engine.interface import Engine
 from server.config import ServerConfig
 from server.engine_worker import EngineWorker
+from server.frontend import Frontend
 from server.metrics import ServerMetrics
-from server.security import server_credentials, token_interceptor
+from server.security import server_credentials, token_interceptor, token_policy
 from server.servicer import JaloraServicer, add_to_server
 
 logger = logging.getLogger(__name__)
@@ -90,13 +92,20 @@ class JaloraServer:
         self.worker = EngineWorker(
             engine, self.config.max_pending_requests, self.config.tokenizer_threads, observer=self.metrics
         )
-        self.servicer = JaloraServicer(self.worker, self.config, version=_version())
+        self.front = Frontend(self.worker, self.config)
+        self.servicer = JaloraServicer(self.front, version=_version())
         self.health = health.aio.HealthServicer()
         # The TLS and token files are read once, here (their readability was checked by ServerConfig).
         self._credentials = server_credentials(self.config)
         self._interceptor = token_interceptor(self.config)
+        self.http = None  # the HTTP front (server/http.py), with an http_port
+        if self.config.http_port is not None:
+            from server.http import HttpFront  # its libraries load only where it serves
+
+            self.http = HttpFront(self.front, self.config, token_policy(self.config))
         self.port: int | None = None  # the bound port, once started
         self.metrics_port: int | None = None  # the metrics endpoint's bound port, once started
+        self.http_port: int | None = None  # the HTTP front's bound port, once started
         self._server: grpc.aio.Server | None = None
         self._stopping: asyncio.Task | None = None
         self._cut_grace: asyncio.Event | None = None
@@ -107,8 +116,8 @@ class JaloraServer:
         return format_address(self.config.host, self.config.port if self.port is None else self.port)
 
     async def start(self) -> int:
-        """Starts serving (and the metrics endpoint, with a metrics port); returns the bound port (useful
-        with port=0; `metrics_port` holds the metrics endpoint's)."""
+        """Starts serving (and the metrics endpoint, with a metrics port, and the HTTP front, with an HTTP
+        port); returns the bound port (useful with port=0; `metrics_port` and `http_port` hold the others')."""
         interceptors = [] if self._interceptor is None else [self._interceptor]
         server = grpc.aio.server(interceptors=interceptors, options=server_options(self.config))
         add_to_server(self.servicer, server)  # refuses unparsable request bytes with INVALID_ARGUMENT
@@ -135,6 +144,15 @@ class JaloraServer:
                 await server.stop(None)
                 where = format_address(self.config.host, self.config.metrics_port)
                 raise OSError(f"could not bind the metrics port {where}: {e}") from None
+        if self.http is not None:
+            try:
+                self.http_port = await self.http.start()
+            except OSError as e:
+                await server.stop(None)
+                if self.metrics is not None:
+                    self.metrics.stop_http()
+                where = format_address(self.config.host, self.config.http_port)
+                raise OSError(f"could not bind the HTTP port {where}: {e}") from None
         self.worker.start()
         await server.start()
         self._server = server
@@ -143,18 +161,27 @@ class JaloraServer:
         logger.info("jalora serving on %s", self.address)
         if self.metrics_port is not None:
             logger.info("metrics on http://%s/metrics", format_address(self.config.host, self.metrics_port))
+        if self.http_port is not None:
+            logger.info("OpenAI-compatible HTTP on %s", self.http_address)
         return self.port
 
-    async def not_serving(self) -> None:
-        """Health NOT_SERVING for good (a multi-host engine lost a process): load balancers stop sending
-        calls; the calls that still come fail with the engine's error."""
+    async def not_serving(self, reason: str) -> None:
+        """Health NOT_SERVING for good (a multi-host engine lost a process), over gRPC and HTTP: load
+        balancers stop sending calls; the calls that still come fail with the engine's error."""
+        self.front.broken = reason
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
+    @property
+    def http_address(self) -> str | None:
+        """host:port of the HTTP front once started (None without one)."""
+        return None if self.http_port is None else format_address(self.config.host, self.http_port)
+
     async def stop(self, grace: float | None = None) -> None:
         """Drains, then stops: health turns NOT_SERVING, new calls get UNAVAILABLE ("server is shutting
-        down"), running calls get `grace` seconds (default: the config's) to finish; those still running
-        then end with UNAVAILABLE and the server's own message, and the engine thread and gRPC stop.
+        down"; 503 over HTTP, whose /health answers 503 too), running calls of both fronts get `grace`
+        seconds (default: the config's) to finish; those still running then end with UNAVAILABLE (over
+        HTTP an error event) and the server's own message, and the engine thread, gRPC and HTTP stop.
         A second call while the first drains ends the grace now (a second SIGTERM) and waits with it."""
         if self._stopping is None:
             self._cut_grace = asyncio.Event()
@@ -182,6 +209,8 @@ class JaloraServer:
             await asyncio.wait_for(calls.wait_idle(), FAILED_CALLS_GRACE)
         if self._server is not None:
             await self._server.stop(0)
+        if self.http is not None:
+            await self.http.stop()
         if self.metrics is not None:  # blocks until the HTTP thread's poll notices (up to half a second)
             await asyncio.get_running_loop().run_in_executor(None, self.metrics.stop_http)
 
@@ -206,6 +235,14 @@ class ServerThread:
     def target(self) -> str:
         """host:port for a client (the bound port)."""
         return self.server.address
+
+    @property
+    def http_url(self) -> str:
+        """http(s)://host:port/v1 of the HTTP front: an OpenAI client's base_url (the server needs an
+        http_port)."""
+        assert self.server.http_address is not None, "the server has no http_port"
+        scheme = "https" if self.server.config.tls_cert is not None else "http"
+        return f"{scheme}://{self.server.http_address}/v1"
 
     def start(self) -> ServerThread:
         self._thread.start()

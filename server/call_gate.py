@@ -1,6 +1,7 @@
-"""Which jalora.v1.Jalora calls a server takes, and knowing when none is left (event-loop only).
+"""Which calls a server takes, and knowing when none is left (event-loop only).
 
-Unary calls (Tokenize, GetServerInfo, the adapter calls) are admitted up to `max_pending_calls` at
+One gate admits the calls of every front (gRPC and HTTP). Unary calls (Tokenize, GetServerInfo, the
+adapter calls; over HTTP every call but a generation) are admitted up to `max_pending_calls` at
 once, a bound of their own: a burst of them cannot use up Generate's (`max_pending_requests`, kept by
 the engine worker), nor the other way round. Once the server starts draining (`drain`), every new call
 fails at once with UNAVAILABLE ("server is shutting down"), and `wait_idle` tells the server when the
@@ -26,9 +27,14 @@ class CallGate:
         self._idle: asyncio.Event | None = None  # made on the loop by the first wait_idle
 
     def admit(self, context, unary: bool = False) -> None:
-        """Counts a call in until it terminates (its status sent, or cancelled: gRPC's done callback of
-        `context`, so a drain that waits for it also waits for its status), or raises:
-        ServerShuttingDownError while draining, ServerOverloadedError for a unary call past
+        """Counts a gRPC call in until it terminates (its status sent, or cancelled: gRPC's done callback
+        of `context`, so a drain that waits for it also waits for its status), or raises as `enter`."""
+        release = self.enter(unary)
+        context.add_done_callback(lambda _: release())
+
+    def enter(self, unary: bool = False):
+        """Counts a call in until the returned function is called (once; later calls do nothing), or
+        raises: ServerShuttingDownError while draining, ServerOverloadedError for a unary call past
         `max_pending_calls`."""
         if self.draining:
             raise ServerShuttingDownError(SHUTTING_DOWN)
@@ -42,7 +48,15 @@ class CallGate:
         self.num_calls += 1
         if self._idle is not None:
             self._idle.clear()
-        context.add_done_callback(lambda _: self._release(unary))
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._release(unary)
+
+        return release
 
     def _release(self, unary: bool) -> None:
         self.num_unary -= unary

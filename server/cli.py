@@ -303,10 +303,12 @@ def preflight(plan: ServePlan) -> None:
     problem = _bind_problem(config.host, config.port)
     if problem:
         problems.append(problem)
-    if config.metrics_port is not None and not (problem or "").startswith("host"):
-        problem = _bind_problem(config.host, config.metrics_port)  # "port N: ..." (the host did bind)
-        if problem:
-            problems.append("metrics_" + problem)
+    if not (problem or "").startswith("host"):
+        for field in ("metrics_port", "http_port"):
+            port = getattr(config, field)
+            problem = None if port is None else _bind_problem(config.host, port)  # "port N: ..." (the host did bind)
+            if problem:
+                problems.append(f"{field.removesuffix('port')}{problem}")
     if problems:
         raise StartupError(problems)
 
@@ -361,20 +363,25 @@ def _serve(args: argparse.Namespace) -> int:
         if engine.multihost_leader is not None:  # a lost process: NOT_SERVING, and every step refused
             loop = asyncio.get_running_loop()
             engine.multihost_leader.on_lost(
-                lambda reason: loop.call_soon_threadsafe(lambda: asyncio.ensure_future(server.not_serving()))
+                lambda reason: loop.call_soon_threadsafe(lambda: asyncio.ensure_future(server.not_serving(reason)))
             )
         try:
             await server.start()
         except OSError as e:  # preflight could bind them: someone took a port during the warm-up
             config = plan.server_config
-            if server.port is not None:  # the gRPC port was bound: the metrics port was not
-                raise StartupError([f"metrics_port {config.metrics_port}: {e}"]) from None
+            if server.port is not None:  # the gRPC port was bound: the metrics or the HTTP port was not
+                field = "http_port" if "HTTP" in str(e) else "metrics_port"
+                raise StartupError([f"{field} {getattr(config, field)}: {e}"]) from None
             raise StartupError([f"port {config.port}: cannot listen on {server.address}"]) from None
         # Tests and scripts read this line to learn the port (--port 0 picks a free one).
         print(f"jalora serving on {server.address}", flush=True)
         if server.metrics_port is not None:
             metrics = format_address(plan.server_config.host, server.metrics_port)
             logs.say(f"jalora: Prometheus metrics on http://{metrics}/metrics")
+        if server.http_address is not None:
+            scheme = "https" if plan.server_config.tls_cert is not None else "http"
+            # Tests and scripts read this line to learn the HTTP port too.
+            print(f"jalora OpenAI-compatible HTTP on {scheme}://{server.http_address}/v1", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -747,7 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="serve a model and its adapters over gRPC", formatter_class=HelpFormatter)
+    s = sub.add_parser("serve", help="serve a model and its adapters over gRPC (and OpenAI's HTTP API with "
+                       "--http-port)", formatter_class=HelpFormatter)  # fmt: skip
     _serve_args(s)
     s.set_defaults(func=_serve)
 

@@ -1,4 +1,5 @@
-"""ServerConfig: every knob of the gRPC server in one validated dataclass.
+"""ServerConfig: every knob of the server (gRPC, and the OpenAI-compatible HTTP front beside it) in one
+validated dataclass.
 
 `JaloraServer(engine, config)` and `ServerThread(engine, config)` take one; `jalora serve` derives its
 server flags, types, defaults and help from the fields below (server/cli.py), as it derives its engine
@@ -38,7 +39,10 @@ class ServerConfig:
         4, "threads that tokenize prompts and Tokenize calls beside the engine thread (at most this many at once)"
     )
     grace: float = config_field(5.0, "seconds running calls get to finish at shutdown")
-    model_name: str = config_field("", "model name GetServerInfo reports (default: the engine's model directory)")
+    model_name: str = config_field(
+        "", "model name GetServerInfo reports, and the `model` that picks the base model over HTTP (default: the "
+        "engine's model directory)"
+    )
     tls_cert: str | None = config_field(
         None, "PEM certificate chain the server presents; with --tls-key it serves TLS (default: plaintext)",
         metavar="FILE",
@@ -80,6 +84,11 @@ class ServerConfig:
     )
     metrics_port: int | None = config_field(
         None, "serve Prometheus metrics over HTTP on this port of --host; 0 picks a free one (default: no metrics)"
+    )
+    http_port: int | None = config_field(
+        None, "serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models, ...) on "
+        "this port of --host, with the same engine, limits, TLS and tokens as gRPC; 0 picks a free one "
+        "(default: gRPC only)"
     )
 
     def __post_init__(self):
@@ -135,6 +144,11 @@ class ServerConfig:
         require(m is None or (is_int(m) and 0 <= m <= 65535), "metrics_port",
                 f"must be None or an integer in [0, 65535], got {m!r}")  # fmt: skip
         require(m is None or m == 0 or m != self.port, "metrics_port", f"must differ from port ({m})")
+        h = self.http_port
+        require(h is None or (is_int(h) and 0 <= h <= 65535), "http_port",
+                f"must be None or an integer in [0, 65535], got {h!r}")  # fmt: skip
+        require(h is None or h == 0 or h not in (self.port, m), "http_port",
+                f"must differ from port and metrics_port ({h})")  # fmt: skip
 
     def replace(self, **changes) -> ServerConfig:
         return dataclasses.replace(self, **changes)

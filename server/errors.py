@@ -1,7 +1,9 @@
-"""The one place that turns an exception into a gRPC status code and message.
+"""The one place that turns an exception into a status: a gRPC status code (`status_for`) and, for the
+HTTP front, the HTTP status and OpenAI error type that go with that code (`http_status_for`).
 
 Every RPC handler funnels its failures through `status_for`, so a client sees the same code for the
 same mistake whichever RPC it made, and an unexpected exception becomes INTERNAL for that call only.
+The HTTP front classifies through the same function, so both fronts agree on what a failure is.
 Every message is cut to MAX_ERROR_MESSAGE_CHARS: it travels in trailing metadata, whose size gRPC
 bounds (past the bound the call would end in RESOURCE_EXHAUSTED instead of its own status).
 """
@@ -19,6 +21,7 @@ from jalora.errors import (
     AdapterPathError,
     CapacityError,
     InvalidRequestError,
+    InvocationNotFoundError,
     PreconditionError,
 )
 
@@ -27,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 class MalformedRequestError(Exception):
     """The bytes of a call are not its request message (INVALID_ARGUMENT, no field to name)."""
+
+
+class RequestTooLargeError(MalformedRequestError):
+    """A request body over the HTTP front's size bound (HTTP 413; gRPC bounds message sizes itself)."""
 
 
 class ServerOverloadedError(CapacityError):
@@ -72,6 +79,43 @@ def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
         return grpc.StatusCode.INTERNAL, str(exc), None
     logger.exception("unexpected error while serving a call", exc_info=exc)
     return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}", None
+
+
+# gRPC code -> (HTTP status, OpenAI error type).
+_HTTP = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (409, "conflict_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
+    grpc.StatusCode.INTERNAL: (500, "server_error"),
+}
+
+
+def http_status_of(code: grpc.StatusCode) -> tuple[int, str]:
+    """(HTTP status, OpenAI error type) of a gRPC status code."""
+    return _HTTP.get(code, (500, "server_error"))
+
+
+def http_status_for(exc: BaseException) -> tuple[int, str, str, str, str | None]:
+    """(HTTP status, OpenAI error type, code, message, field) for `exc`: the gRPC classification above,
+    told in HTTP's terms; `code` is the gRPC status name in lower case.
+
+    Two refinements where HTTP has a closer status: a prompt without its aLoRA invocation is the
+    request's fault (400, not 409: the request, not the server's state, must change), and a full set of
+    adapter slots is a conflict with the server's state (409), not overload (429 asks to retry the same
+    request later)."""
+    code, message, field = status_for(exc)
+    status, kind = http_status_of(code)
+    if isinstance(exc, RequestTooLargeError):
+        status = 413
+    elif isinstance(exc, InvocationNotFoundError):
+        status, kind = 400, "invalid_request_error"
+    elif isinstance(exc, CapacityError) and not isinstance(exc, ServerOverloadedError):
+        status, kind = 409, "conflict_error"
+    return status, kind, code.name.lower(), message, field
 
 
 async def abort_with(context: grpc.aio.ServicerContext, exc: BaseException) -> None:

@@ -50,14 +50,16 @@ def log_access(
     finished: FinishedRequest | None,
     status: str,
     duration: float,
+    rpc: str = "Generate",
 ) -> None:
-    """One line for a finished Generate call; `finished` is None for a call that ended without a final
-    record (a rejected request, a cancelled or failed call)."""
+    """One line for a finished generation call (`rpc`: Generate over gRPC, the route over HTTP);
+    `finished` is None for a call that ended without a final record (a rejected request, a cancelled
+    or failed call)."""
     if not _access.isEnabledFor(logging.INFO):
         return
     fields = {
         "request_id": request_id,
-        "rpc": "Generate",
+        "rpc": rpc,
         "status": status,
         "adapter": adapter,
         "prompt_tokens": None if finished is None else len(finished.prompt_token_ids),
@@ -75,7 +77,7 @@ def log_access(
             f"cached={fields['cached_tokens']} finish={fields['finish_reason']}"
         )
     _access.info(
-        "Generate %s id=%s adapter=%s %s %.3fs", status, request_id, adapter or "-", text, duration, extra=fields
+        "%s %s id=%s adapter=%s %s %.3fs", rpc, status, request_id, adapter or "-", text, duration, extra=fields
     )
 
 

@@ -1,4 +1,5 @@
-"""Who may talk to the server: TLS credentials from ServerConfig's PEM files, and bearer tokens.
+"""Who may talk to the server: TLS credentials from ServerConfig's PEM files, and bearer tokens
+(the same rules, `TokenPolicy`, for the gRPC interceptor and the HTTP front).
 
 `server_credentials(config)` is None for plaintext, else the credentials of a TLS port, which require a
 client certificate signed by `tls_client_ca` when one is given (mutual TLS). `TokenAuthInterceptor`
@@ -48,23 +49,26 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     )
 
 
-def token_interceptor(config: ServerConfig) -> TokenAuthInterceptor | None:
-    """The interceptor for the config's token files (read now); None when it names none."""
+def token_policy(config: ServerConfig) -> TokenPolicy | None:
+    """The token rules of the config's token files (read now); None when it names none."""
     token = None if config.auth_token_file is None else read_token_file(config.auth_token_file)
     admin = None if config.admin_token_file is None else read_token_file(config.admin_token_file)
     if token is None and admin is None:
         return None
-    return TokenAuthInterceptor(token, admin)
+    return TokenPolicy(token, admin)
+
+
+def token_interceptor(config: ServerConfig) -> TokenAuthInterceptor | None:
+    """The gRPC interceptor for the config's token files (read now); None when it names none."""
+    policy = token_policy(config)
+    return None if policy is None else TokenAuthInterceptor(policy)
 
 
 def _bearer(metadata) -> bytes | None:
     """The token of the call's first `authorization: Bearer ...` entry (the scheme is case-insensitive)."""
     for key, value in metadata or ():
-        if key != AUTHORIZATION_METADATA_KEY or not isinstance(value, str):
-            continue
-        if value[: len(BEARER_PREFIX)].lower() == BEARER_PREFIX.lower():
-            return value[len(BEARER_PREFIX) :].strip().encode()
-        return b""  # another scheme: presented, but no bearer token
+        if key == AUTHORIZATION_METADATA_KEY and isinstance(value, str):
+            return bearer_token(value)
     return None
 
 
@@ -93,13 +97,45 @@ def _denied(handler: grpc.RpcMethodHandler | None, code: grpc.StatusCode, detail
     return grpc.unary_unary_rpc_method_handler(deny)
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Bearer-token checks of every call (see the module's docstring). `token` guards every method but
-    health; `admin_token` guards ADMIN_METHODS. Either may be None."""
+class TokenPolicy:
+    """Who may make a call, for every front: `token` guards every call but health checks, `admin_token`
+    the admin calls (loading and unloading adapters) and passes everywhere. Either may be None."""
 
     def __init__(self, token: str | None, admin_token: str | None):
         self._token = None if token is None else token.encode()
         self._admin = None if admin_token is None else admin_token.encode()
+
+    def check(self, presented: bytes | None, admin_call: bool, call: str, how: str) -> tuple[str, str] | None:
+        """None if `presented` (a bearer token, b"" for another scheme, None for none) may make the call;
+        else ("UNAUTHENTICATED" | "PERMISSION_DENIED", why). `call` names the call and `how` says how a
+        token is sent, for the message."""
+        is_token, is_admin = _matches(presented, self._token), _matches(presented, self._admin)
+        admin_only = admin_call and self._admin is not None
+        if is_admin or (is_token and not admin_only) or (self._token is None and not admin_only):
+            return None
+        if is_token:
+            return "PERMISSION_DENIED", f"{call} needs the admin token, not this one"
+        if presented is None:
+            needed = "the admin token" if admin_only else "a token"
+            return "UNAUTHENTICATED", f"{call} needs {needed} in {how}"
+        return "UNAUTHENTICATED", "invalid bearer token"
+
+
+def bearer_token(authorization: str | None) -> bytes | None:
+    """The token of an `authorization` value (`Bearer <token>`, the scheme case-insensitive); b"" for
+    another scheme, None for no value."""
+    if authorization is None:
+        return None
+    if authorization[: len(BEARER_PREFIX)].lower() == BEARER_PREFIX.lower():
+        return authorization[len(BEARER_PREFIX) :].strip().encode()
+    return b""  # another scheme: presented, but no bearer token
+
+
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Bearer-token checks of every gRPC call (see the module's docstring) by a TokenPolicy."""
+
+    def __init__(self, policy: TokenPolicy):
+        self._policy = policy
 
     async def intercept_service(
         self,
@@ -109,18 +145,10 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         method = details.method
         if method.startswith(HEALTH_METHOD_PREFIX):
             return await continuation(details)
-        presented = _bearer(details.invocation_metadata)
-        is_token, is_admin = _matches(presented, self._token), _matches(presented, self._admin)
-        admin_only = method in ADMIN_METHODS and self._admin is not None
-        if is_admin or (is_token and not admin_only) or (self._token is None and not admin_only):
-            return await continuation(details)
         name = method.rsplit("/", 1)[-1]
-        if is_token:
-            code, why = grpc.StatusCode.PERMISSION_DENIED, f"{name} needs the admin token, not this one"
-        elif presented is None:
-            needed = "the admin token" if admin_only else "a token"
-            code = grpc.StatusCode.UNAUTHENTICATED
-            why = f"{name} needs {needed} in `{AUTHORIZATION_METADATA_KEY}: {BEARER_PREFIX}<token>` metadata"
-        else:
-            code, why = grpc.StatusCode.UNAUTHENTICATED, "invalid bearer token"
-        return _denied(await continuation(details), code, why)
+        how = f"`{AUTHORIZATION_METADATA_KEY}: {BEARER_PREFIX}<token>` metadata"
+        denied = self._policy.check(_bearer(details.invocation_metadata), method in ADMIN_METHODS, name, how)
+        if denied is None:
+            return await continuation(details)
+        code, why = denied
+        return _denied(await continuation(details), grpc.StatusCode[code], why)

@@ -1,38 +1,28 @@
 """jalora.v1.Jalora: turns RPCs into engine work on the EngineWorker and engine results into messages.
 
-Every engine access goes through the worker: `submit` for Generate, `run_host` for work that grows
-with the request (tokenizing, chat templates: on the host pool, beside the engine thread),
-`prepare_adapter` for adapter files, and `call` with an `Engine` protocol method for the rest (between
-two steps). Calls are admitted by a CallGate (server/call_gate.py); messages are built by
-server/convert.py and failures mapped by server/errors.py. Each request field is checked against its
-bound (jalora/api/limits.py) before any slow work, and `add_to_server` registers the service so that
-request bytes that do not parse are refused like any other bad argument. Imports neither JAX nor numpy.
+What every front does with a call (the bounds of each field, starting a generation, adapter
+management, the CallGate that admits calls) is server/frontend.py's; this module maps protobuf
+messages onto it. Every engine access goes through the worker: `run_host` for work that grows with the
+request (tokenizing, chat templates: on the host pool, beside the engine thread), and `call` with an
+`Engine` protocol method for the rest (between two steps). Messages are built by server/convert.py and
+failures mapped by server/errors.py. `add_to_server` registers the service so that request bytes that
+do not parse are refused like any other bad argument. Imports neither JAX nor numpy.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from jalora.api.limits import (
-    MAX_ADAPTER_PATH_BYTES,
-    MAX_CHAT_MESSAGES,
-    MAX_PROMPT_BYTES,
-    MAX_REQUEST_ID_CHARS,
-    MAX_STOP_TOKEN_IDS,
-    is_adapter_name,
-)
+from jalora.api.limits import MAX_REQUEST_ID_CHARS
 from jalora.api.v1 import jalora_pb2 as pb
 from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
-from jalora.engine.chat import prompt_with_invocation
-from jalora.errors import AdapterNameError, AdapterPathError, InvalidRequestError, quoted
-from jalora.sampling_params import SamplingParams
-from server.call_gate import CallGate, unary_call
+from jalora.errors import InvalidRequestError
+from server.call_gate import unary_call
 from server.config import ServerConfig
 from server.convert import (
     adapter_info_to_proto,
@@ -41,63 +31,28 @@ from server.convert import (
     sampling_params_from_proto,
     server_info_to_proto,
 )
-from server.engine_worker import EngineWorker
 from server.errors import MalformedRequestError, abort_with
+from server.frontend import (
+    Frontend,
+    check_adapter_name,
+    check_messages,
+    check_stop_token_ids,
+    check_text,
+)
 from server.logs import REQUEST_ID, call_status, log_access
 
 
-def resolve_adapter_path(path: str, roots: Sequence[str]) -> str:
-    """The real path of `path` if it lies under one of `roots`; relative paths are tried under each root."""
-    if not path:
-        raise InvalidRequestError("path", "must name a PEFT adapter directory")
-    if len(path.encode()) > MAX_ADAPTER_PATH_BYTES:
-        raise InvalidRequestError("path", f"is {len(path.encode())} bytes long; at most {MAX_ADAPTER_PATH_BYTES}")
-    if "\0" in path:
-        raise InvalidRequestError("path", f"{quoted(path)} holds a NUL character")
-    if not roots:
-        raise AdapterPathError("this server has no adapter roots (start it with --adapter-roots DIR)")
-    real_roots = [os.path.realpath(r) for r in roots]
-    candidates = [path] if os.path.isabs(path) else [os.path.join(r, path) for r in real_roots]
-    for candidate in candidates:
-        real = os.path.realpath(candidate)  # resolves symlinks and "..": no escaping a root through them
-        if not any(os.path.commonpath([real, root]) == root for root in real_roots):
-            continue
-        if not os.path.isdir(real):
-            raise FileNotFoundError(f"adapter directory {quoted(path)} does not exist under the adapter roots")
-        return real
-    raise AdapterPathError(f"{quoted(path)} is outside the server's adapter roots")
-
-
-def _check_adapter_name(name: str, field: str) -> None:
-    if not is_adapter_name(name):
-        raise AdapterNameError(name, field)
-
-
-def _check_text(text: str, field: str) -> None:
-    if len(text) > MAX_PROMPT_BYTES or len(text.encode()) > MAX_PROMPT_BYTES:  # a character is >= 1 byte
-        raise InvalidRequestError(field, f"is {len(text.encode())} bytes of UTF-8; at most {MAX_PROMPT_BYTES}")
-
-
-def _check_messages(msg: pb.ChatMessages, field: str) -> None:
-    if not msg.messages:
-        raise InvalidRequestError(field, "must not be empty")
-    if len(msg.messages) > MAX_CHAT_MESSAGES:
-        raise InvalidRequestError(field, f"has {len(msg.messages)} messages; at most {MAX_CHAT_MESSAGES}")
-    size = 0
-    for m in msg.messages:
-        size += len(m.role.encode()) + len(m.content.encode())
-        if size > MAX_PROMPT_BYTES:
-            raise InvalidRequestError(field, f"roles and contents exceed {MAX_PROMPT_BYTES} bytes of UTF-8")
+def _pairs(msg: pb.ChatMessages) -> list[tuple[str, str]]:
+    return [(m.role, m.content) for m in msg.messages]
 
 
 class JaloraServicer(pb_grpc.JaloraServicer):
-    def __init__(self, worker: EngineWorker, config: ServerConfig, *, version: str = ""):
-        self.worker = worker
-        self.config = config
+    def __init__(self, front: Frontend, *, version: str = ""):
+        self.front = front
+        self.worker = front.worker
+        self.config: ServerConfig = front.config
         self.version = version
-        self.calls = CallGate(config.max_pending_calls)
-        self._defaults: SamplingParams | None = None
-        self._max_model_len: int | None = None
+        self.calls = front.calls
 
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -113,36 +68,26 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             if len(request.request_id) > MAX_REQUEST_ID_CHARS:
                 raise InvalidRequestError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
             if request.adapter:
-                _check_adapter_name(request.adapter, "adapter")
+                check_adapter_name(request.adapter, "adapter")
             which = request.WhichOneof("prompt")
             if which is None:
                 raise InvalidRequestError("prompt", "set one of text, token_ids or messages")
             if which == "text":
                 if not request.text:
                     raise InvalidRequestError("prompt.text", "must not be empty")
-                _check_text(request.text, "prompt.text")
+                check_text(request.text, "prompt.text")
             elif which == "messages":
-                _check_messages(request.messages, "prompt.messages")
+                check_messages(_pairs(request.messages), "prompt.messages")
             else:
-                n, limit = len(request.token_ids.ids), await self._model_len()
-                if n == 0:
-                    raise InvalidRequestError("prompt.token_ids", "must not be empty")
-                if n >= limit:
-                    raise InvalidRequestError(
-                        "prompt", f"has {n} tokens; max_model_len is {limit} (room for 1 new token)"
-                    )
-            if len(request.sampling.stop_token_ids) > MAX_STOP_TOKEN_IDS:
-                raise InvalidRequestError("sampling.stop_token_ids", f"must hold at most {MAX_STOP_TOKEN_IDS} ids")
+                await self.front.check_token_ids(request.token_ids.ids, "prompt.token_ids")
+            check_stop_token_ids(request.sampling.stop_token_ids, "sampling.stop_token_ids")
             messages = messages_from_proto(request.messages) if which == "messages" else None
             prompt: str | list[int] | None = None
             if messages is None:
                 prompt = request.text if which == "text" else list(request.token_ids.ids)
-            params = sampling_params_from_proto(request.sampling, await self._sampling_defaults())
+            params = sampling_params_from_proto(request.sampling, await self.front.sampling_defaults())
             adapter = request.adapter or None
-            if messages is not None or request.append_invocation:
-                invoke = adapter if request.append_invocation else None
-                prompt = await self.worker.run_host(lambda e: prompt_with_invocation(e, prompt, messages, invoke))
-            stream = self.worker.submit(uuid.uuid4().hex, prompt, params, adapter)
+            stream = await self.front.start(prompt, messages, params, adapter, request.append_invocation)
             while True:
                 delta = await stream.next()
                 finished = delta.finished
@@ -161,22 +106,10 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             status = call_status(context, sys.exc_info()[1])
             log_access(REQUEST_ID.get(), request.adapter or None, finished, status, time.monotonic() - received)
 
-    async def _sampling_defaults(self) -> SamplingParams:
-        """The engine's sampling defaults (the model's generation_config), asked once."""
-        if self._defaults is None:
-            self._defaults = await self.worker.call(lambda engine: engine.default_sampling_params())
-        return self._defaults
-
-    async def _model_len(self) -> int:
-        """The engine's max_model_len, asked once: a prompt of token ids is checked against it here."""
-        if self._max_model_len is None:
-            self._max_model_len = (await self.worker.call(lambda engine: engine.info())).max_model_len
-        return self._max_model_len
-
     @unary_call
     async def ListAdapters(self, request, context):
         try:
-            infos = await self.worker.call(lambda engine: engine.list_adapters())
+            infos = await self.front.list_adapters()
             return pb.ListAdaptersResponse(adapters=[adapter_info_to_proto(i) for i in infos])
         except Exception as exc:
             await abort_with(context, exc)
@@ -184,24 +117,14 @@ class JaloraServicer(pb_grpc.JaloraServicer):
     @unary_call
     async def LoadAdapter(self, request, context):
         try:
-            name = request.name
-            _check_adapter_name(name, "name")
-            roots = self.config.adapter_roots
-            path = resolve_adapter_path(request.path, roots)
-            # Read beside the engine thread; every file read must resolve inside the roots too, not
-            # only the directory.
-            prepared = await self.worker.prepare_adapter(path, roots)
-            info = await self.worker.call(lambda engine: engine.load_adapter(name, prepared))
-            return adapter_info_to_proto(info)
+            return adapter_info_to_proto(await self.front.load_adapter(request.name, request.path))
         except Exception as exc:
             await abort_with(context, exc)
 
     @unary_call
     async def UnloadAdapter(self, request, context):
         try:
-            name = request.name
-            _check_adapter_name(name, "name")
-            await self.worker.call(lambda engine: engine.unload_adapter(name))
+            await self.front.unload_adapter(request.name)
             return pb.UnloadAdapterResponse()
         except Exception as exc:
             await abort_with(context, exc)
@@ -211,14 +134,14 @@ class JaloraServicer(pb_grpc.JaloraServicer):
         # On the host pool, message included: building millions of ids into one is work of its own.
         try:
             if request.WhichOneof("input") == "messages":
-                _check_messages(request.messages, "messages")
+                check_messages(_pairs(request.messages), "messages")
                 messages = messages_from_proto(request.messages)
                 gen = not request.HasField("add_generation_prompt") or request.add_generation_prompt
                 return await self.worker.run_host(
                     lambda engine: pb.TokenizeResponse(token_ids=engine.apply_chat_template(messages, gen))
                 )
             text = request.text
-            _check_text(text, "text")
+            check_text(text, "text")
             return await self.worker.run_host(lambda engine: pb.TokenizeResponse(token_ids=engine.tokenize(text)))
         except Exception as exc:
             await abort_with(context, exc)

@@ -1,5 +1,5 @@
-"""Every code snippet of the README, as written: the Python blocks run (the client block against
-`jalora serve` on its default address), every `jalora ...` command parses with the real CLI, every
+"""Every code snippet of the README, as written: the Python blocks run (the client blocks against
+`jalora serve` on its default addresses, gRPC and HTTP), every `jalora ...` command parses with the real CLI, every
 `python -m bench.<name>` names a module that exists, and the JSON a grpcurl line sends is a valid
 jalora.v1 request. (The Quickstart's two commands are what CI runs.)"""
 
@@ -46,30 +46,34 @@ def _run_snippet(code: str) -> subprocess.CompletedProcess:
 
 
 def test_the_readme_has_the_snippets_this_test_expects():
-    assert len(PYTHON_BLOCKS) == 2 and any("Client(" in b for b in PYTHON_BLOCKS)
+    assert len(PYTHON_BLOCKS) == 3 and any("Client(" in b for b in PYTHON_BLOCKS)
+    assert any("OpenAI(" in b for b in PYTHON_BLOCKS)
     assert sum(c.startswith("jalora ") for c in _commands()) >= 5
 
 
 def test_offline_snippet_runs():
-    (code,) = [b for b in PYTHON_BLOCKS if "Client(" not in b]
+    (code,) = [b for b in PYTHON_BLOCKS if "Client(" not in b and "OpenAI(" not in b]
     proc = _run_snippet(code)
     assert proc.returncode == 0, proc.stderr
     assert "[length]" in proc.stdout or "[stop]" in proc.stdout
     assert "The capital of France is Paris.\n" in proc.stdout  # SmolLM2's greedy answer, as the comment says
 
 
-@pytest.fixture()
+@pytest.fixture(scope="module")
 def default_serve():
-    """`jalora serve` as the README's client snippet expects it: the default model on 127.0.0.1:50051."""
+    """`jalora serve --http-port 8000` as the README's client snippets expect it: the default model on
+    127.0.0.1:50051, and over HTTP on 127.0.0.1:8000 (one server for both snippets)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--no-warmup"], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env=env, cwd="/")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--no-warmup", "--http-port", "8000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd="/")  # fmt: skip
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in iter(proc.stdout.readline, "")] + [lines.put(None)],
                      daemon=True).start()  # fmt: skip
     try:
         first = lines.get(timeout=300)
         assert first == "jalora serving on 127.0.0.1:50051\n", first
+        second = lines.get(timeout=60)
+        assert second == "jalora OpenAI-compatible HTTP on http://127.0.0.1:8000/v1\n", second
         yield
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -85,6 +89,16 @@ def test_client_snippet_runs_against_jalora_serve(default_serve):
     proc = _run_snippet(code)
     assert proc.returncode == 0, proc.stderr
     assert "The capital of France is Paris.\n" in proc.stdout
+
+
+def test_openai_snippet_runs_against_jalora_serve_over_http(default_serve):
+    (code,) = [b for b in PYTHON_BLOCKS if "OpenAI(" in b]
+    proc = _run_snippet(code)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "The capital of France is Paris."
+    cached, activation = map(int, lines[1].split())
+    assert cached > 0 and activation > 0  # the judge read the conversation's KV from the prefix cache
 
 
 @pytest.mark.parametrize("command", [c for c in _commands() if c.startswith("jalora ")])

@@ -19,7 +19,13 @@ MAX_REQUEST_ID_CHARS = 256
 MAX_PROMPT_BYTES = 4 * 1024 * 1024
 MAX_CHAT_MESSAGES = 4096
 MAX_STOP_TOKEN_IDS = 128
+# Stop strings (SamplingParams.stop): matching holds back at most MAX_STOP_STRING_CHARS - 1 characters
+# of a stream's text, and checks each piece of text against every string.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
 MAX_ADAPTER_PATH_BYTES = 4096  # Linux's PATH_MAX
+# A request body of the HTTP front: room for the largest prompt or conversation, JSON-escaped.
+MAX_HTTP_BODY_BYTES = 8 * MAX_PROMPT_BYTES
 # An error's message travels in trailing metadata: gRPC's default (soft) limit for all of it is 8 KB,
 # and a non-ASCII character takes up to 12 bytes there once percent-encoded.
 MAX_ERROR_MESSAGE_CHARS = 512

@@ -123,6 +123,12 @@ class Engine(Protocol):
     def tokenize(self, text: str) -> list[int]:
         """Thread-safe."""
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Thread-safe. The text of `token_ids`, special tokens left out."""
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Thread-safe. Each token's own text, decoded alone (special tokens kept)."""
+
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
     ) -> list[int]:

@@ -193,6 +193,19 @@ class LLMEngine:
             raise InvalidRequestError("prompt", f"{self.config.model} has no tokenizer.json; pass token ids instead")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Thread-safe. The text of `token_ids` (special tokens left out), as a stream's pieces add up to."""
+        if self.tokenizer is None:
+            raise InvalidRequestError("prompt", f"{self.config.model} has no tokenizer.json: no text for token ids")
+        return self.tokenizer.decode(list(token_ids), skip_special_tokens=True)
+
+    def token_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """Thread-safe. Each token's own text, decoded alone with special tokens kept (what OpenAI's
+        logprobs show per token; a token inside a multi-byte character reads as U+FFFD)."""
+        if self.tokenizer is None:
+            return [f"token_id:{t}" for t in token_ids]
+        return [self.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """Thread-safe. Token ids of a conversation rendered with the model's chat template
         (jalora/engine/chat.py)."""
@@ -332,6 +345,8 @@ class LLMEngine:
             raise InvalidRequestError("sampling_params", "must be a SamplingParams")
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        if params.stop and self.tokenizer is None:
+            raise InvalidRequestError("stop", f"{self.config.model} has no tokenizer.json: no text to match them in")
         ids = (prompt if isinstance(prompt, EncodedPrompt) else self.encode_prompt(prompt)).token_ids
         resolved = self.adapters.resolve(adapter, ids)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**32)

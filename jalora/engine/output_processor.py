@@ -1,7 +1,7 @@
 """Postprocess: a read-back token becomes a request's next token, its text and its delta.
 
 The output processor appends each sampled token to its request, decides whether the request stops
-(a stop token, or its length limit), turns the token into text incrementally, and builds the
+(a stop token, a stop string in its text, or its length limit), turns the token into text incrementally, and builds the
 `RequestDelta`s the engine returns. Its work per token is constant: deltas hold only what is new and
 the text comes from an incremental detokenizer, never from decoding the whole output again.
 """
@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 
 from jalora.engine.detokenizer import IncrementalDetokenizer
 from jalora.engine.request import Request
+from jalora.engine.stop_strings import StopStringMatcher
 from jalora.outputs import FinishedRequest, RequestDelta
 
 
@@ -20,6 +21,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._stop_strings: dict[str, StopStringMatcher] = {}  # requests with stop strings
         # Token counters (postprocess owns them): a request's prompt counts once, with its first token.
         self.num_prompt_tokens = 0
         self.num_generation_tokens = 0
@@ -27,6 +29,8 @@ class OutputProcessor:
     def add(self, req: Request) -> None:
         if self.tokenizer is not None:
             self._detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer)
+            if req.params.stop:
+                self._stop_strings[req.request_id] = StopStringMatcher(req.params.stop)
 
     def append(
         self, req: Request, token: int, logprobs: dict[int, float] | None, now: float
@@ -34,6 +38,9 @@ class OutputProcessor:
         """Appends a sampled token to `req`; returns its delta and the finish reason it causes, if any."""
         detok = self._detokenizers.get(req.request_id)
         text = "" if detok is None else detok.push(token)  # first: if it fails, the request is unchanged
+        stops = self._stop_strings.get(req.request_id)
+        if stops is not None:
+            text = stops.push(text)
         req.output_token_ids.append(token)
         req.all_token_ids.append(token)
         self.num_generation_tokens += 1
@@ -41,7 +48,7 @@ class OutputProcessor:
             req.metrics.first_token_time = now
             self.num_prompt_tokens += len(req.prompt_token_ids)
         reason = None
-        if token in req.stop_ids:
+        if token in req.stop_ids or (stops is not None and stops.matched):
             reason = "stop"
         elif req.length_reached(self.max_model_len):
             reason = "length"
@@ -52,6 +59,10 @@ class OutputProcessor:
         still held back and the final record."""
         detok = self._detokenizers.pop(req.request_id, None)
         tail = "" if detok is None else detok.flush()
+        stops = self._stop_strings.pop(req.request_id, None)
+        if stops is not None:  # a stop string may still end in the held-back text
+            tail = stops.push(tail)
+            tail += stops.flush()
         finished = FinishedRequest(
             finish_reason=req.finish_reason,
             prompt_token_ids=req.prompt_token_ids,

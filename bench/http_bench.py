@@ -1,0 +1,212 @@
+"""Concurrent streaming chat throughput: in-process vs gRPC vs the OpenAI-compatible HTTP front, one run.
+
+    python -m bench.http_bench                         # H200: Granite-3.2-8B shapes, dummy bf16 weights
+    python -m bench.http_bench --preset tiny --smoke   # CPU smoke run: tiny shapes, few tokens (under /tmp)
+
+One engine serves every mode. `--streams` chat requests (each its own conversation of about
+`--prompt-tokens` tokens, `--max-tokens` new tokens, ignore_eos) start at once:
+
+- in-process: the conversations rendered by the engine's chat template, then `LLM.generate` over all
+  of them (the engine alone: the ceiling);
+- grpc: `jalora.client.AsyncClient.chat_stream`, one stream per request;
+- http: the official `openai.AsyncOpenAI` client, `chat.completions.create(stream=True)`.
+
+The gRPC and HTTP load comes from a client process of its own (this module with `--drive`), so the
+server's process does only the server's work, as in a deployment. Throughput is completion tokens over
+the wall time from the first request sent to the last stream's end; each mode runs `--rounds` times,
+interleaved, after a warm-up round of each (the compilations), with fresh conversations every round (no
+prefix-cache hits across rounds). The result records each round and the median, and each front's loss
+against in-process.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MODES = ("inproc", "grpc", "http")
+# Turns as words of the word-level tokenizer below: t1 opens a turn, t2 closes it, t3 opens the answer.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}t1 {{ m['content'] }} t2 {% endfor %}{% if add_generation_prompt %}t3{% endif %}"
+)
+
+
+def write_tokenizer(model_dir: str, vocab_size: int) -> None:
+    """A word-level tokenizer over the whole vocabulary ("t0".."t{V-2}", then "</s>") with a chat
+    template, so dummy-weight shapes can serve chat requests."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(vocab_size - 1)}
+    vocab["</s>"] = vocab_size - 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    tok.add_special_tokens(["</s>"])
+    tok.save(os.path.join(model_dir, "tokenizer.json"))
+    with open(os.path.join(model_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "</s>", "chat_template": CHAT_TEMPLATE}, f)
+
+
+def conversations(n: int, words: int, vocab: int, seed: int) -> list[list[dict]]:
+    """`n` one-turn conversations of `words` random words (a word is a token), different for every seed."""
+    rng = np.random.default_rng(seed)
+    return [[{"role": "user", "content": " ".join(f"t{t}" for t in rng.integers(4, vocab - 1, size=words))}]
+            for _ in range(n)]  # fmt: skip
+
+
+# ---- the client process ---------------------------------------------------------------------------
+
+
+async def _drive_grpc(target: str, convs, max_tokens: int) -> tuple[float, list[dict]]:
+    from jalora.client import AsyncClient
+
+    async with AsyncClient(target, timeout=3600) as client:
+        await client.server_info()  # the channel is connected before the clock starts
+
+        async def one(messages):
+            t0, first, tokens = time.perf_counter(), None, 0
+            async for chunk in client.chat_stream(messages, max_tokens=max_tokens, temperature=0.0, ignore_eos=True):
+                if chunk.token_ids and first is None:
+                    first = time.perf_counter() - t0
+                tokens += len(chunk.token_ids)
+            return {"tokens": tokens, "ttft": first}
+
+        t0 = time.perf_counter()
+        rows = await asyncio.gather(*(one(m) for m in convs))
+        return time.perf_counter() - t0, rows
+
+
+async def _drive_http(url: str, model: str, convs, max_tokens: int) -> tuple[float, list[dict]]:
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=3600) as client:
+        await client.models.list()  # a first connection before the clock starts
+
+        async def one(messages):
+            t0, first, tokens = time.perf_counter(), None, 0
+            stream = await client.chat.completions.create(
+                model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            async for chunk in stream:
+                ids = chunk.choices[0].token_ids if chunk.choices else []
+                if ids and first is None:
+                    first = time.perf_counter() - t0
+                tokens += len(ids)
+            return {"tokens": tokens, "ttft": first}
+
+        t0 = time.perf_counter()
+        rows = await asyncio.gather(*(one(m) for m in convs))
+        return time.perf_counter() - t0, rows
+
+
+def drive(spec: dict) -> dict:
+    """Runs one round of one front from a client process (the clock runs from the first request to the
+    last stream's end); returns tokens, seconds and TTFTs."""
+    if spec["mode"] == "grpc":
+        seconds, rows = asyncio.run(_drive_grpc(spec["target"], spec["conversations"], spec["max_tokens"]))
+    else:
+        seconds, rows = asyncio.run(_drive_http(spec["url"], spec["model"], spec["conversations"], spec["max_tokens"]))
+    return {"seconds": seconds, "tokens": sum(r["tokens"] for r in rows), "ttft": [r["ttft"] for r in rows]}
+
+
+# ---- the server process ---------------------------------------------------------------------------
+
+
+def _summary(mode: str, round_: int, tokens: int, seconds: float, ttft: list) -> dict:
+    ttft = [t for t in ttft if t is not None]
+    return {"mode": mode, "round": round_, "tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "ttft_median_s": statistics.median(ttft) if ttft else None}  # fmt: skip
+
+
+def run_inproc(llm, convs, max_tokens: int, round_: int) -> dict:
+    from jalora import SamplingParams
+
+    engine = llm.engine
+    prompts = [engine.apply_chat_template(c) for c in convs]
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - t0
+    ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
+    return _summary("inproc", round_, sum(len(o.token_ids) for o in outs), seconds, ttft)
+
+
+def run_front(llm, mode: str, convs, max_tokens: int, round_: int) -> dict:
+    from server.app import ServerThread
+    from server.config import ServerConfig
+
+    config = ServerConfig(port=0, http_port=0 if mode == "http" else None, model_name="bench",
+                          max_pending_requests=max(256, 2 * len(convs)))  # fmt: skip
+    with ServerThread(llm.engine, config) as server:
+        spec = {"mode": mode, "target": server.target, "conversations": convs, "max_tokens": max_tokens,
+                "url": server.http_url if mode == "http" else None, "model": "bench"}  # fmt: skip
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(HERE))
+        proc = subprocess.run([sys.executable, "-m", "bench.http_bench", "--drive"], input=json.dumps(spec),
+                              capture_output=True, text=True, env=env, check=True)  # fmt: skip
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    return _summary(mode, round_, got["tokens"], got["seconds"], got["ttft"])
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=("granite-8b", "tiny"), default="granite-8b")
+    ap.add_argument("--streams", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=512, help="words (tokens) of each conversation's turn")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3, help="measured rounds of each mode, after a warm-up round")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, 8 streams of 24 tokens, 1 round (CPU)")
+    ap.add_argument("--drive", action="store_true", help=argparse.SUPPRESS)  # the client process
+    ap.add_argument("--out", default=None, help="result file (default bench/results/http_bench.json)")
+    args = ap.parse_args(argv)
+    if args.drive:
+        print(json.dumps(drive(json.loads(sys.stdin.read()))))
+        return {}
+    if args.smoke:
+        args.preset, args.streams, args.prompt_tokens, args.max_tokens, args.rounds = "tiny", 8, 24, 8, 1
+
+    from bench.harness import GRANITE_8B, TINY, result_path, run_metadata, save, write_model_dir
+    from jalora import LLM
+
+    meta = run_metadata(__spec__.name, argv)
+    cfg = GRANITE_8B if args.preset == "granite-8b" else TINY
+    model_dir = write_model_dir(tempfile.mkdtemp(prefix="jalora-bench-"), cfg)
+    write_tokenizer(model_dir, cfg["vocab_size"])
+    prompt_len = args.prompt_tokens + 4  # the template's t1 .. t2 t3
+    llm = LLM(model_dir, dtype="bfloat16", load_format="dummy", max_num_seqs=args.streams,
+              max_num_batched_tokens=max(2048, prompt_len), max_model_len=prompt_len + args.max_tokens + 16,
+              warmup=True)  # fmt: skip
+
+    def run(mode: str, round_: int) -> dict:
+        convs = conversations(args.streams, args.prompt_tokens, cfg["vocab_size"], 1000 * round_ + MODES.index(mode))
+        if mode == "inproc":
+            return run_inproc(llm, convs, args.max_tokens, round_)
+        return run_front(llm, mode, convs, args.max_tokens, round_)
+
+    warmup = [run(mode, 0) for mode in MODES]
+    rounds = [run(mode, r) for r in range(1, args.rounds + 1) for mode in MODES]
+    median = {m: statistics.median(r["tokens_per_s"] for r in rounds if r["mode"] == m) for m in MODES}
+    result = {
+        **meta, "preset": args.preset, "streams": args.streams, "prompt_tokens": args.prompt_tokens,
+        "max_tokens": args.max_tokens, "rounds": rounds, "warmup_rounds": warmup,
+        "median_tokens_per_s": median,
+        "loss_vs_inproc": {m: 1 - median[m] / median["inproc"] for m in ("grpc", "http")},
+    }  # fmt: skip
+    path = save(result_path(args.out, "http_bench.json", smoke=args.preset == "tiny"), result)
+    for m in MODES:
+        loss = "" if m == "inproc" else f"  ({-100 * result['loss_vs_inproc'][m]:+.1f}% vs in-process)"
+        print(f"{m:>7}: {median[m]:10.1f} completion tokens/s{loss}")
+    print("wrote", path)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Stop strings: a request ends once its generated text holds one of them.
+
+The text arrives in pieces (one per token, from the incremental detokenizer), and a stop string may
+span pieces, so the matcher holds back the last `longest - 1` characters it saw: they may be the start
+of a stop string. On a match the text before the match is released and the rest (the stop string and
+whatever followed it in that piece) is dropped, as OpenAI's and vLLM's servers leave the stop string out
+of the text. The work per piece is bounded by the held characters plus the piece, never by the length
+of the whole output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class StopStringMatcher:
+    def __init__(self, stops: Sequence[str]):
+        self._stops = tuple(stops)
+        self._hold = max(len(s) for s in self._stops) - 1
+        self._held = ""
+        self.matched = False
+
+    def push(self, text: str) -> str:
+        """The text that can be released after `text` arrived; sets `matched` on a match (after which
+        every later push releases nothing)."""
+        if self.matched:
+            return ""
+        window = self._held + text
+        # Every occurrence lies inside the window: an earlier one would have matched an earlier window.
+        starts = [i for i in (window.find(s) for s in self._stops) if i >= 0]
+        if starts:
+            self.matched = True
+            self._held = ""
+            return window[: min(starts)]
+        cut = max(0, len(window) - self._hold)
+        self._held = window[cut:]
+        return window[:cut]
+
+    def flush(self) -> str:
+        """At the end of the stream: the text still held back (none after a match)."""
+        held, self._held = self._held, ""
+        return held

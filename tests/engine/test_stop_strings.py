@@ -1,0 +1,51 @@
+"""Stop strings: the text ends before the first stop string, wherever the pieces of the stream split it,
+and a request that meets one ends with finish reason "stop" at the token that completed it."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from checkpoints import DEFAULT_MODEL_DIR
+from jalora import LLM, SamplingParams
+from jalora.engine.stop_strings import StopStringMatcher
+from jalora.errors import InvalidRequestError
+
+ALPHABET = "abc"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.text(ALPHABET, max_size=5), max_size=12),
+    st.lists(st.text(ALPHABET, min_size=1, max_size=4), min_size=1, max_size=3),
+)
+def test_released_text_is_the_text_before_the_first_stop(pieces, stops):
+    matcher = StopStringMatcher(stops)
+    out = "".join(matcher.push(p) for p in pieces) + matcher.flush()
+    whole = "".join(pieces)
+    starts = [i for i in (whole.find(s) for s in stops) if i >= 0]
+    assert out == (whole[: min(starts)] if starts else whole)
+    assert matcher.matched == bool(starts)
+
+
+def test_sampling_params_check_stop_strings():
+    for bad in (["a", ""], "abc", [3], ["x"] * 17, ["x" * 257]):
+        with pytest.raises(InvalidRequestError) as err:
+            SamplingParams(stop=bad)
+        assert err.value.field == "stop"
+
+
+def test_generation_ends_at_a_stop_string():
+    llm = LLM(DEFAULT_MODEL_DIR, num_kv_blocks=32, max_num_seqs=2, max_model_len=128, warmup=False)
+    params = dict(max_tokens=24, ignore_eos=True, temperature=1.0, seed=1)
+    [ref] = llm.generate(["Hello there"], SamplingParams(**params))
+    # Random weights: a stop string the output holds, after text that decodes cleanly.
+    stop = "afety be"
+    text = ref.text
+    first = text.find(stop)
+    assert first > 0 and "\ufffd" not in text[:first], text
+    [out] = llm.generate(["Hello there"], SamplingParams(stop=[stop, "never in it"], **params))
+    assert out.finish_reason == "stop" and out.text == text[:first]
+    # The tokens run up to the one whose text completed the stop string.
+    decoded = [llm.engine.tokenizer.decode(ref.token_ids[:n], skip_special_tokens=True) for n in range(25)]
+    n = next(n for n, d in enumerate(decoded) if stop in d)
+    assert out.token_ids == ref.token_ids[:n]

@@ -1,0 +1,441 @@
+"""The OpenAI-compatible HTTP front end to end: a real server (gRPC and HTTP on loopback ports, one engine),
+driven by the official `openai` client, and compared with the same server's gRPC answers. No mocks.
+
+What must be observed mid-generation (a disconnection, a full admission bound, a drain) is made certain
+with the worker's step limit (`EngineWorker.limit_steps`), never by hoping a request runs long enough;
+HANG only guards against a hang.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+
+from jalora import LLM
+from jalora.client import Client
+from server import cli
+from server.app import ServerThread
+from server.config import ServerConfig
+from tests.server.support import VOCAB, make_model_with_adapters, tiny_engine
+
+HANG = 120.0
+MODEL = "tiny-llama"
+ENGINE_ARGS = dict(max_num_seqs=8, max_num_batched_tokens=64, max_loras=4, max_lora_rank=8)
+STEP_LIMIT = 8  # enough steps for a stream's first tokens, far from LONG's end
+LONG = dict(max_tokens=40, extra_body={"ignore_eos": True})
+TOKEN, ADMIN_TOKEN = "user-token-0123456789", "admin-token-9876543210"
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return make_model_with_adapters(tmp_path_factory.mktemp("http"))
+
+
+@pytest.fixture(scope="module")
+def server(built):
+    model_dir, dirs, root = built
+    llm = LLM(model_dir, warmup=False, **ENGINE_ARGS)  # compiles only the step variants the tests use
+    for name in ("judge_a", "plain"):
+        llm.load_adapter(name, dirs[name])
+    config = ServerConfig(port=0, http_port=0, adapter_roots=[root], model_name=MODEL)
+    with ServerThread(llm.engine, config) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    with openai.OpenAI(base_url=server.http_url, api_key="unused", max_retries=0, timeout=HANG) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def grpc_client(server):
+    with Client(server.target, timeout=HANG) as c:
+        yield c
+
+
+def _until(condition, what: str) -> None:
+    deadline = time.monotonic() + HANG
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+@contextlib.contextmanager
+def _steps_limited(worker, steps: int = STEP_LIMIT):
+    worker.limit_steps(steps)
+    try:
+        yield
+    finally:
+        worker.limit_steps(None)
+
+
+def _error(call) -> openai.APIStatusError:
+    with pytest.raises(openai.APIStatusError) as err:
+        call()
+    return err.value
+
+
+# ---- generation -----------------------------------------------------------------------------------
+
+
+def test_completions_greedy_tokens_equal_grpc(oai, grpc_client):
+    """Text and token-id prompts, base and aLoRA by model name, whole and streamed."""
+    for prompt, model, adapter in [
+        ("t5 t6 t7 t8", MODEL, None),
+        ([5, 6, 7, 8, 9], MODEL, None),
+        ([5, 6, 7, 8, 90, 91], "judge_a", "judge_a"),
+        ([5, 6, 7], "plain", "plain"),
+    ]:
+        ref = grpc_client.generate(prompt, adapter, max_tokens=6, temperature=0.0)
+        got = oai.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0)
+        [choice] = got.choices
+        assert choice.token_ids == ref.token_ids and choice.text == ref.text, (prompt, model)
+        assert choice.finish_reason == ref.finish_reason and got.model == model
+        assert got.usage.prompt_tokens == ref.usage.prompt_tokens
+        assert got.usage.completion_tokens == len(ref.token_ids)
+        assert got.usage.total_tokens == got.usage.prompt_tokens + got.usage.completion_tokens
+        assert got.jalora["activation_index"] == ref.activation_index
+        t = got.jalora["timings"]
+        assert 0 <= t["queue_seconds"] <= t["time_to_first_token_seconds"] <= t["total_seconds"]
+
+        chunks = list(oai.completions.create(model=model, prompt=prompt, max_tokens=6, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}))  # fmt: skip
+        *tokens, usage = chunks
+        assert [t for c in tokens for t in c.choices[0].token_ids] == ref.token_ids
+        assert "".join(c.choices[0].text for c in tokens) == ref.text
+        assert [c.choices[0].finish_reason for c in tokens] == [None] * (len(tokens) - 1) + [ref.finish_reason]
+        assert tokens[-1].jalora["activation_index"] == ref.activation_index
+        assert usage.choices == [] and usage.usage.completion_tokens == len(ref.token_ids)
+
+
+def test_chat_base_and_alora_equal_grpc(oai, grpc_client):
+    messages = [{"role": "user", "content": "t5 t6"}, {"role": "assistant", "content": "t7"},
+                {"role": "user", "content": "t8"}]  # fmt: skip
+    ref = grpc_client.chat(messages, max_tokens=5, temperature=0.0)
+    got = oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0)
+    assert got.choices[0].message.role == "assistant" and got.choices[0].message.content == ref.text
+    assert got.choices[0].token_ids == ref.token_ids and got.usage.prompt_tokens == ref.usage.prompt_tokens
+
+    # The judge: the server appends the invocation in place of the generation prompt when asked to.
+    judged = grpc_client.chat(messages, "judge_a", max_tokens=3, temperature=0.0)
+    got = oai.chat.completions.create(model="judge_a", messages=messages, max_tokens=3, temperature=0,
+                                      extra_body={"append_invocation": True})  # fmt: skip
+    assert got.choices[0].token_ids == judged.token_ids
+    assert got.jalora["activation_index"] == judged.activation_index == judged.usage.prompt_tokens - 2
+
+    chunks = list(oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ref.text
+    assert [t for c in chunks if c.choices for t in c.choices[0].token_ids] == ref.token_ids
+    assert chunks[-1].usage.prompt_tokens == ref.usage.prompt_tokens and chunks[-1].choices == []
+
+
+def test_missing_invocation_is_400_saying_how_to_fix_it(oai):
+    err = _error(lambda: oai.completions.create(model="judge_a", prompt=[5, 6, 7], max_tokens=2))
+    assert err.status_code == 400 and err.body["param"] == "prompt" and err.body["type"] == "invalid_request_error"
+    assert "[90, 91]" in err.body["message"] and '"append_invocation": true' in err.body["message"]
+    err = _error(lambda: oai.chat.completions.create(model="judge_a", messages=[{"role": "user", "content": "t5"}],
+                                                     max_tokens=2, stream=True))  # fmt: skip
+    assert err.status_code == 400 and err.body["param"] == "messages"
+    # With the extension, the same prompt is the prompt with the invocation appended.
+    appended = oai.completions.create(model="judge_a", prompt=[5, 6, 7], max_tokens=3, temperature=0,
+                                      extra_body={"append_invocation": True})  # fmt: skip
+    by_hand = oai.completions.create(model="judge_a", prompt=[5, 6, 7, 90, 91], max_tokens=3, temperature=0)
+    assert appended.choices[0].token_ids == by_hand.choices[0].token_ids and appended.jalora["activation_index"] == 3
+
+
+def test_a_judge_reports_cached_tokens_on_its_second_call(oai, grpc_client):
+    """The context's two full blocks (block_size 16) lie before the activation: the first judge call
+    computes them, the second finds them, and so does a base call (the base model's KV)."""
+    context = [(11 * i + 7) % 80 for i in range(40)]
+    prompt = context + [90, 91]
+    first = oai.completions.create(model="judge_a", prompt=prompt, max_tokens=2)
+    second = oai.completions.create(model="judge_a", prompt=prompt, max_tokens=2)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 32
+    assert second.jalora["activation_index"] == 40
+    base = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "t1"}], max_tokens=1)
+    assert base.usage.prompt_tokens_details.cached_tokens == 0  # another prefix: nothing to find
+    assert grpc_client.generate(context + [1], max_tokens=1).usage.cached_tokens == 32
+
+
+def test_stop_strings_logprobs_and_echo(oai, grpc_client):
+    ref = grpc_client.generate("t5 t6 t7", max_tokens=8, temperature=0.0, logprobs=2, ignore_eos=True)
+    words = ref.text.split()
+    stop = " " + words[3]  # the text is "tA tB tC tD ...": stop before the fourth word
+    got = oai.completions.create(model=MODEL, prompt="t5 t6 t7", max_tokens=8, temperature=0, stop=[stop],
+                                 extra_body={"ignore_eos": True})  # fmt: skip
+    assert got.choices[0].finish_reason == "stop" and got.choices[0].text == ref.text[: ref.text.index(stop)]
+    assert got.choices[0].token_ids == ref.token_ids[:4]  # up to the token that completed the stop string
+
+    got = oai.completions.create(model=MODEL, prompt="t5 t6 t7", max_tokens=8, temperature=0, logprobs=2,
+                                 extra_body={"ignore_eos": True})  # fmt: skip
+    lp = got.choices[0].logprobs
+
+    def text(token: int) -> str:
+        return "</s>" if token == VOCAB - 1 else f"t{token}"
+
+    assert lp.tokens == [text(t) for t in ref.token_ids]
+    for token, value, top, want in zip(ref.token_ids, lp.token_logprobs, lp.top_logprobs, ref.logprobs):
+        assert abs(value - want[token]) < 1e-5
+        assert top.keys() == {text(t) for t in want} and all(abs(top[text(t)] - v) < 1e-5 for t, v in want.items())
+
+    echoed = oai.completions.create(model=MODEL, prompt="t5 t6 t7", max_tokens=3, temperature=0, echo=True,
+                                    logprobs=0)  # fmt: skip
+    assert echoed.choices[0].text == "t5 t6 t7" + ref.text[: len(echoed.choices[0].text) - len("t5 t6 t7")]
+    assert echoed.choices[0].logprobs.tokens[:3] == ["t5", "t6", "t7"]
+    assert echoed.choices[0].logprobs.token_logprobs[0] is None
+
+    chat = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "t5"}], max_tokens=3,
+                                       temperature=0, logprobs=True, top_logprobs=2)  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert [c.token for c in content] == [f"t{t}" for t in chat.choices[0].token_ids]
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+
+
+def test_models_and_adapter_management(server, oai, built):
+    _, dirs, root = built
+    models = {m.id: m for m in oai.models.list()}
+    assert set(models) == {MODEL, "judge_a", "plain"}
+    assert models[MODEL].jalora == {"kind": "base"} and models["judge_a"].parent == MODEL
+    assert models["judge_a"].jalora["kind"] == "alora" and models["judge_a"].jalora["invocation_tokens"] == [90, 91]
+    assert models["plain"].jalora["kind"] == "lora" and models["plain"].jalora["invocation_tokens"] is None
+
+    def post(path, body):
+        return oai.post(path, body=body, cast_to=object)
+
+    # judge_a's and plain's directories again, under other names: the projections they adapt are the
+    # loaded adapters' already, so no step is compiled again.
+    name = "judge_x"
+    loaded = post("/load_lora_adapter", {"lora_name": name, "lora_path": "judge_a"})  # relative to the root
+    assert loaded["id"] == name and loaded["jalora"]["invocation_tokens"] == [90, 91]
+    assert loaded["jalora"]["identity"] == models["judge_a"].jalora["identity"]
+    got = oai.completions.create(model=name, prompt=[1, 2, 3, 90, 91], max_tokens=2)
+    assert got.jalora["activation_index"] == 3
+
+    post("/load_lora_adapter", {"lora_name": "fourth", "lora_path": dirs["plain"]})  # an absolute path
+    cases = [
+        ({"lora_name": name, "lora_path": "judge_a"}, 400, "lora_name"),  # already loaded
+        ({"lora_name": "x", "lora_path": "/etc"}, 403, "lora_path"),
+        ({"lora_name": "x", "lora_path": "../model"}, 403, "lora_path"),
+        ({"lora_name": "x", "lora_path": "missing"}, 404, "lora_path"),
+        ({"lora_name": "x y", "lora_path": "plain"}, 400, "lora_name"),
+        ({"lora_name": "x"}, 400, "lora_path"),
+        ({"lora_name": "fifth", "lora_path": "plain"}, 409, None),  # max_loras slots full
+    ]
+    for body, status, param in cases:
+        err = _error(lambda body=body: post("/load_lora_adapter", body))
+        assert (err.status_code, err.body["param"]) == (status, param), (body, err.body)
+        assert err.body["message"].startswith(f"{param}: " if param else "all 4 adapter slots"), err.body
+    post("/unload_lora_adapter", {"lora_name": "fourth"})
+    assert post("/unload_lora_adapter", {"lora_name": name}) == {"id": name, "object": "model", "deleted": True}
+    err = _error(lambda: post("/unload_lora_adapter", {"lora_name": name}))
+    assert err.status_code == 404 and err.body["param"] == "lora_name"
+    err = _error(lambda: oai.completions.create(model=name, prompt=[1, 2, 3, 90, 91], max_tokens=2))
+    assert err.status_code == 404 and err.body["param"] == "model" and err.body["type"] == "not_found_error"
+    assert {m.id for m in oai.models.list()} == {MODEL, "judge_a", "plain"}
+
+
+def _completion(**body):
+    return ("/completions", {"model": MODEL, "prompt": [1, 2, 3], **body})
+
+
+def _chat(**body):
+    return ("/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "t1"}], **body})
+
+
+BAD_REQUESTS = {
+    "n": (_completion(n=2), 400, "n"),
+    "best_of": (_completion(best_of=3), 400, "best_of"),
+    "chat n": (_chat(n=2), 400, "n"),
+    "max_tokens 0": (_completion(max_tokens=0), 400, "max_tokens"),
+    "max_tokens text": (_completion(max_tokens="8"), 400, "max_tokens"),
+    "max_completion_tokens 0": (_chat(max_completion_tokens=0), 400, "max_completion_tokens"),
+    "temperature < 0": (_completion(temperature=-1), 400, "temperature"),
+    "top_p 0": (_completion(top_p=0), 400, "top_p"),
+    "seed < 0": (_completion(seed=-1), 400, "seed"),
+    "logprobs 100": (_completion(logprobs=100), 400, "logprobs"),
+    "top_logprobs 100": (_chat(logprobs=True, top_logprobs=100), 400, "top_logprobs"),
+    "top_logprobs alone": (_chat(top_logprobs=2), 400, "top_logprobs"),
+    "stop empty": (_completion(stop=[""]), 400, "stop"),
+    "stop 17": (_completion(stop=[f"s{i}" for i in range(17)]), 400, "stop"),
+    "stop_token_ids < 0": (_completion(stop_token_ids=[-3]), 400, "stop_token_ids"),
+    "stream not bool": (_completion(stream="yes"), 400, "stream"),
+    "stream_options alone": (_completion(stream_options={"include_usage": True}), 400, "stream_options"),
+    "presence_penalty": (_completion(presence_penalty=0.5), 400, "presence_penalty"),
+    "tools": (_chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
+    "echo stream logprobs": (_completion(echo=True, stream=True, logprobs=1), 400, "echo"),
+    "empty prompt": (_completion(prompt=""), 400, "prompt"),
+    "empty ids": (_completion(prompt=[]), 400, "prompt"),
+    "two prompts": (_completion(prompt=["t1", "t2"]), 400, "prompt"),
+    "id past vocab": (_completion(prompt=[1, 97]), 400, "prompt"),
+    "too many ids": (_completion(prompt=[1] * 600), 400, "prompt"),
+    "no model": (("/completions", {"prompt": [1, 2]}), 400, "model"),
+    "unknown model": (_completion(model="nope"), 404, "model"),
+    "not a model name": (_completion(model="no such/name"), 404, "model"),
+    "no messages": (("/chat/completions", {"model": MODEL}), 400, "messages"),
+    "empty messages": (_chat(messages=[]), 400, "messages"),
+    "empty role": (_chat(messages=[{"role": "", "content": "t1"}]), 400, "messages[0].role"),
+    "image part": (_chat(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 400,
+                   "messages[0].content[0]"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_gets_openai_error_naming_the_param(server, oai, case):
+    (path, body), status, param = BAD_REQUESTS[case]
+    err = _error(lambda: oai.post(path, body=body, cast_to=object))
+    assert err.status_code == status, err.body
+    assert err.body["param"] == param and err.body["message"].startswith(f"{param}: "), err.body
+    assert set(err.body) == {"message", "type", "param", "code"}
+    assert server.server.worker.num_pending == 0
+
+
+def test_bodies_that_are_not_json_objects(server, oai):
+    json_type = {"headers": {"Content-Type": "application/json"}}
+    for content in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+        err = _error(lambda content=content: oai.post("/completions", content=content, cast_to=object,
+                                                      options=json_type))  # fmt: skip
+        assert err.status_code == 400 and err.body["param"] is None and err.body["type"] == "invalid_request_error"
+
+
+def test_disconnected_stream_aborts_its_request(server, oai):
+    worker = server.server.worker
+    aborted = worker.num_aborted
+    with _steps_limited(worker):
+        stream = oai.completions.create(model=MODEL, prompt=[3, 4, 5], stream=True, **LONG)
+        assert next(iter(stream)).choices[0].token_ids
+        stream.close()
+        _until(lambda: worker.num_aborted == aborted + 1, "the disconnection to reach the engine")
+    _until(lambda: worker.num_pending == 0 and server.server.front.calls.num_calls == 0, "the call to end")
+
+
+def test_cli_flag_and_config():
+    args = cli.build_parser().parse_args(["serve", "--model", "tiny", "--http-port", "8000"])
+    assert cli.serve_plan(args).server_config.http_port == 8000
+    assert ServerConfig().http_port is None
+    for bad in (-1, 70000, "80"):
+        with pytest.raises(ValueError) as err:
+            ServerConfig(http_port=bad)
+        assert err.value.field == "http_port"
+    with pytest.raises(ValueError) as err:
+        ServerConfig(port=9000, http_port=9000)
+    assert err.value.field == "http_port"
+
+
+# ---- tokens, overload, drain: servers of their own on the embedded tiny model ----------------------
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokens")
+    (d / "token").write_text(TOKEN)
+    (d / "admin").write_text(ADMIN_TOKEN)
+    return str(d / "token"), str(d / "admin")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_engine()
+
+
+def _raw(url: str, path: str, body: dict | None = None, token: str | None = None) -> tuple[int, dict]:
+    """A request without the openai client (which always sends a token)."""
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url.removesuffix("/v1") + path, data=data, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=HANG) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_tokens_guard_every_route_but_health(tiny, tokens):
+    from checkpoints import DEFAULT_MODEL_DIR
+
+    config = ServerConfig(port=0, http_port=0, auth_token_file=tokens[0], admin_token_file=tokens[1],
+                          adapter_roots=[str(DEFAULT_MODEL_DIR / "adapters")], model_name="tiny")  # fmt: skip
+    with ServerThread(tiny, config) as s:
+        assert _raw(s.http_url, "/health") == (200, {"status": "serving"})
+        status, body = _raw(s.http_url, "/v1/models")
+        assert status == 401 and body["error"]["type"] == "authentication_error"
+        assert "Authorization: Bearer" in body["error"]["message"]
+        kwargs = dict(base_url=s.http_url, max_retries=0, timeout=HANG)
+        with openai.OpenAI(api_key="wrong", **kwargs) as wrong, openai.OpenAI(api_key=TOKEN, **kwargs) as user, \
+                openai.OpenAI(api_key=ADMIN_TOKEN, **kwargs) as admin:  # fmt: skip
+            err = _error(lambda: wrong.completions.create(model="tiny", prompt=[1, 2], max_tokens=1))
+            assert err.status_code == 401 and err.body["message"] == "invalid bearer token"
+            assert user.completions.create(model="tiny", prompt=[1, 2], max_tokens=1).usage.completion_tokens == 1
+            load = {"lora_name": "safety", "lora_path": "safety"}
+            err = _error(lambda: user.post("/load_lora_adapter", body=load, cast_to=object))
+            assert err.status_code == 403 and err.body["type"] == "permission_error"
+            assert admin.post("/load_lora_adapter", body=load, cast_to=object)["jalora"]["kind"] == "alora"
+            assert {m.id for m in user.models.list()} == {"tiny", "safety"}
+            err = _error(lambda: user.post("/unload_lora_adapter", body={"lora_name": "safety"}, cast_to=object))
+            assert err.status_code == 403
+            admin.post("/unload_lora_adapter", body={"lora_name": "safety"}, cast_to=object)
+
+
+def test_full_admission_bound_is_429(tiny):
+    """Both fronts share the engine worker's bound: a gRPC stream and an HTTP stream fill it."""
+    config = ServerConfig(port=0, http_port=0, max_pending_requests=2, model_name="tiny")
+    with ServerThread(tiny, config) as s, Client(s.target, timeout=HANG) as g, \
+            openai.OpenAI(base_url=s.http_url, api_key="x", max_retries=0, timeout=HANG) as c:  # fmt: skip
+        worker = s.server.worker
+        with _steps_limited(worker):  # neither stream can finish
+            over_grpc = g.generate_stream([1, 2, 3], max_tokens=40, ignore_eos=True)
+            next(over_grpc)
+            worker.limit_steps(STEP_LIMIT)
+            over_http = c.completions.create(model="tiny", prompt=[4, 5, 6], stream=True, **LONG)
+            next(iter(over_http))
+            err = _error(lambda: c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}]))
+            assert err.status_code == 429 and err.body["type"] == "rate_limit_error"
+            assert "max_pending_requests=2" in err.body["message"]
+            over_grpc.close()
+            over_http.close()
+        _until(lambda: worker.num_pending == 0, "the streams to end")
+        assert c.completions.create(model="tiny", prompt=[1, 2], max_tokens=2).usage.completion_tokens == 2
+
+
+def test_drain_finishes_running_streams_and_refuses_new_calls(tiny):
+    s = ServerThread(tiny, ServerConfig(port=0, http_port=0, grace=HANG, model_name="tiny")).start()
+    worker = s.server.worker
+    with openai.OpenAI(base_url=s.http_url, api_key="x", max_retries=0, timeout=HANG) as c:
+        worker.limit_steps(STEP_LIMIT)  # the stream cannot finish until the limit is lifted
+        stream = iter(c.completions.create(model="tiny", prompt=[3, 4, 5], stream=True, **LONG))
+        tokens = list(next(stream).choices[0].token_ids)
+        stopper = threading.Thread(target=s.stop)  # waits for the stream: the grace is HANG
+        stopper.start()
+        _until(lambda: _raw(s.http_url, "/health")[0] == 503, "the drain to begin")
+        err = _error(lambda: c.completions.create(model="tiny", prompt=[1, 2], max_tokens=2))
+        assert err.status_code == 503 and "server is shutting down" in err.body["message"]
+        assert stopper.is_alive()  # still draining: the stream is running
+        worker.limit_steps(None)
+        chunks = list(stream)
+    tokens += [t for ch in chunks for t in ch.choices[0].token_ids]
+    assert chunks[-1].choices[0].finish_reason == "length" and len(tokens) == LONG["max_tokens"]
+    stopper.join(HANG)
+    assert not stopper.is_alive()
+
+
+def test_streams_past_the_grace_end_with_an_error_event(tiny):
+    s = ServerThread(tiny, ServerConfig(port=0, http_port=0, grace=0, model_name="tiny")).start()
+    s.server.worker.limit_steps(STEP_LIMIT)  # the stream cannot finish: the grace (0 s) ends it
+    with openai.OpenAI(base_url=s.http_url, api_key="x", max_retries=0, timeout=HANG) as c:
+        stream = iter(c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}],
+                                                stream=True, **LONG))  # fmt: skip
+        assert next(stream).choices[0].delta.role == "assistant"
+        s.stop()
+        with pytest.raises(openai.APIError) as err:
+            list(stream)
+    assert "server is shutting down: the call did not finish within the 0 s grace" in str(err.value.message)
