@@ -149,9 +149,13 @@ def run_front(llm, mode: str, convs, max_tokens: int, round_: int) -> dict:
     with ServerThread(llm.engine, config) as server:
         spec = {"mode": mode, "target": server.target, "conversations": convs, "max_tokens": max_tokens,
                 "url": server.http_url if mode == "http" else None, "model": "bench"}  # fmt: skip
-        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.path.dirname(HERE))
+        # The repository first, then whatever the caller's path holds (packages installed beside it).
+        path = os.pathsep.join(p for p in (os.path.dirname(HERE), os.environ.get("PYTHONPATH")) if p)
+        env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
         proc = subprocess.run([sys.executable, "-m", "bench.http_bench", "--drive"], input=json.dumps(spec),
-                              capture_output=True, text=True, env=env, check=True)  # fmt: skip
+                              capture_output=True, text=True, env=env)  # fmt: skip
+        if proc.returncode != 0:
+            raise RuntimeError(f"the {mode} client process failed:\n{proc.stderr[-3000:]}")
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     return _summary(mode, round_, got["tokens"], got["seconds"], got["ttft"])
 
