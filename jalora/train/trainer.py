@@ -16,6 +16,7 @@ history, so a run resumed from a checkpoint ends with the weights an uninterrupt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -100,7 +101,10 @@ def _prepare(config: TrainConfig) -> _Setup:
             "alora_invocation_tokens": list(config.invocation_tokens) or None,
             "invocation_string": config.invocation,
         }
-        invocation, _ = invocation_of(acfg, encode, cfg.vocab_size, max_len)
+        try:
+            invocation, _ = invocation_of(acfg, encode, cfg.vocab_size, max_len)
+        except InvalidRequestError as e:
+            raise InvalidRequestError("invocation", e.message) from None
     tok = Tokenization(encode, chat, eos[0] if config.append_eos else None)
     train = load_examples(config.data, tok, invocation, config.append_invocation, max_len)
     if config.eval_data is not None:
@@ -134,13 +138,18 @@ def _attention_impl(config: TrainConfig) -> str:
 
 
 def make_optimizer(config: TrainConfig, total_steps: int):
+    """(optax transformation, learning-rate schedule) of a run of `total_steps` optimizer steps."""
+    return _optimizer(config.learning_rate, config.warmup_steps, config.weight_decay, config.max_grad_norm,
+                      total_steps)  # fmt: skip
+
+
+def _optimizer(learning_rate, warmup_steps, weight_decay, max_grad_norm, total_steps):
     import optax
 
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, min(config.warmup_steps, total_steps), max(total_steps, 1)
-    )
-    chain = [optax.clip_by_global_norm(config.max_grad_norm)] if config.max_grad_norm > 0 else []
-    chain.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=config.weight_decay))
+    warmup = min(warmup_steps, total_steps)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(total_steps, warmup + 1))
+    chain = [optax.clip_by_global_norm(max_grad_norm)] if max_grad_norm > 0 else []
+    chain.append(optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay))
     return optax.chain(*chain), schedule
 
 
@@ -174,6 +183,54 @@ class _Checkpoints:
         self.manager.close()
 
 
+# The step functions are jitted once per process for each static setting (the model's graph, the LoRA
+# scaling, ...), so runs that share them (a resumed run, a second adapter of the same model) share the
+# compiled executables.
+_STATIC = ("graphdef", "scaling", "dropout", "attention", "remat")
+
+
+@partial(jax.jit, static_argnames=_STATIC)
+def _grad_step(lora, state, batch, key, *, graphdef, scaling, dropout, attention, remat):
+    """((sum of response-token losses, (tokens, exact matches, rows)), gradient of the sum)."""
+    return jax.value_and_grad(loss_fn, has_aux=True)(
+        lora, graphdef, state, batch, scaling, dropout, key, attention, remat
+    )
+
+
+@partial(jax.jit, static_argnames=("graphdef", "scaling", "attention", "remat"))
+def _eval_step(lora, state, batch, *, graphdef, scaling, attention, remat):
+    return loss_fn(lora, graphdef, state, batch, scaling, 0.0, None, attention, remat)
+
+
+def _apply_fn(config: TrainConfig, total_steps: int):
+    """The jitted optimizer update: mean gradient (sum / tokens), clipping, AdamW."""
+    hyper = (config.learning_rate, config.warmup_steps, config.weight_decay, config.max_grad_norm)
+    return _apply_for(hyper, total_steps)
+
+
+@functools.lru_cache(maxsize=8)
+def _apply_for(hyper: tuple, total_steps: int):
+    import optax
+
+    learning_rate, warmup_steps, weight_decay, max_grad_norm = hyper
+    optimizer, _ = _optimizer(learning_rate, warmup_steps, weight_decay, max_grad_norm, total_steps)
+
+    @jax.jit
+    def apply(params, opt_state, grads, count):
+        grads = jax.tree.map(lambda g: g / count, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
+
+    return apply
+
+
+def _say(progress, evaluation: dict) -> None:
+    accuracy = "" if evaluation["accuracy"] is None else f", accuracy {evaluation['accuracy']:.1%}"
+    line = f"step {evaluation['step']}: eval loss {evaluation['loss']:.4f}{accuracy}"
+    if progress is not None:
+        progress.write(line)
+
+
 def train_adapter(
     config: TrainConfig | None = None, *, callback: Callable[[int, dict], None] | None = None, **fields
 ) -> TrainResult:
@@ -181,7 +238,11 @@ def train_adapter(
     PEFT directory, with `training_log.json`, `loss.csv` and `loss.svg` beside it. `callback(step,
     metrics)` runs after each optimizer step (and its checkpoint). Raises InvalidRequestError (a bad
     setting, or a bad data line naming its line and field) before any training."""
-    import optax
+    try:
+        import optax  # noqa: F401
+        import orbax.checkpoint  # noqa: F401
+    except ImportError as e:
+        raise InvalidRequestError("train", f"needs the {e.name} package: pip install 'jalora[train]'") from None
 
     from jalora.config import EngineConfig
     from jalora.model.checkpoint import load_model, resolve_dtype
@@ -218,17 +279,8 @@ def train_adapter(
     optimizer, schedule = make_optimizer(config, total_steps)
     opt_state = optimizer.init(lora)
 
-    loss = partial(loss_fn, graphdef=graphdef, scaling=config.scaling, dropout=config.lora_dropout,
-                   attention=_attention_impl(config), remat=config.remat)  # fmt: skip
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, s, b, k: loss(p, state=s, batch=b, key=k), has_aux=True))
-    eval_fn = jax.jit(lambda p, s, b: loss(p, state=s, batch=b, key=None, dropout=0.0))
-
-    @jax.jit
-    def apply(params, opt_state, grads, count):
-        grads = jax.tree.map(lambda g: g / count, grads)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
-
+    static = dict(graphdef=graphdef, scaling=config.scaling, attention=_attention_impl(config), remat=config.remat)
+    apply = _apply_fn(config, total_steps)
     fingerprint = _fingerprint(config)
     history: list[dict] = []
     eval_history: list[dict] = []
@@ -248,7 +300,7 @@ def train_adapter(
         loss_sum = count = exact = rows = 0.0
         for t, idx in B.eval_batches(evals, buckets, config.batch_size):
             batch = B.make_batch(evals, idx, t, config.batch_size, r_slots)
-            ls, (c, e, n) = eval_fn(params, base_state, batch)
+            ls, (c, e, n) = _eval_step(params, base_state, batch, **static)
             loss_sum, count, exact, rows = loss_sum + float(ls), count + float(c), exact + float(e), rows + float(n)
         return {"loss": loss_sum / max(count, 1.0), "accuracy": exact / rows if rows else None}
 
@@ -268,7 +320,8 @@ def train_adapter(
             for j in range(step * config.grad_accum, (step + 1) * config.grad_accum):
                 t, idx = micro_batch(j)
                 batch = B.make_batch(train, idx, t, config.batch_size, r_slots)
-                (ls, (c, _, _)), g = grad_fn(lora, base_state, batch, jax.random.fold_in(dropout_key, j))
+                key = jax.random.fold_in(dropout_key, j)
+                (ls, (c, _, _)), g = _grad_step(lora, base_state, batch, key, dropout=config.lora_dropout, **static)
                 grads_sum = g if grads_sum is None else jax.tree.map(jnp.add, grads_sum, g)
                 loss_sum, count, tokens = loss_sum + ls, count + c, tokens + B.num_tokens(train, idx)
             lora, opt_state, grad_norm = apply(lora, opt_state, grads_sum, count)
@@ -281,6 +334,7 @@ def train_adapter(
             history.append(record)
             if config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total_steps and evals:
                 eval_history.append({"step": step + 1, **evaluate(lora)})
+                _say(progress, eval_history[-1])
             if progress is not None:
                 progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens / seconds:.0f}")
                 progress.update(1)
