@@ -605,9 +605,13 @@ def _judge_one(client, question: str, names: list[str], adapters: dict, args: ar
             context += separator
         for name in names:
             invocation = list(adapters[name].invocation_tokens)
-            rows.append((name, client.generate(context + invocation, name, max_tokens=args.judge_max_tokens)))
+            rows.append((name, client.generate(context + invocation, name, max_tokens=args.judge_max_tokens,
+                                               logprobs=0)))  # fmt: skip
     print(f"question: {question!r}")
     print(f"answer:   {rows[0][1].text!r}")
+    for name, r in rows[1 : 1 + len(names)]:
+        print(f"verdict:  {name} {_verdict(r)}, reused {r.usage.cached_tokens} of {r.usage.prompt_tokens} prompt "
+              "tokens from the cache")
     header = f"{'call':<16}{'prompt':>7}{'cached':>7}{'new':>5}{'activ.':>7}{'queue ms':>10}{'ttft ms':>9}"
     print(header + f"{'total ms':>10}  text")
     for name, r in rows:
@@ -620,6 +624,15 @@ def _judge_one(client, question: str, names: list[str], adapters: dict, args: ar
         )
     print()
     return rows
+
+
+def _verdict(r) -> str:
+    """A judge's answer: its first token's text and the probability the judge gave it."""
+    if not r.token_ids or not r.logprobs:
+        return repr(r.text)
+    first = r.token_ids[0]
+    text = r.text.split("\n")[0].strip() or r.text
+    return f"{text!r} (p={math.exp(r.logprobs[0][first]):.2f})"
 
 
 def _demo(args: argparse.Namespace) -> int:
