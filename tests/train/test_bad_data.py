@@ -47,5 +47,5 @@ def test_not_json_and_bad_settings(text_llama, tmp_path, capsys):
     assert cli.main([*base, "--r", "0"]) == 2
     assert capsys.readouterr().err == "jalora train: r: must be an integer >= 1, got 0\n"
     assert cli.main([*base, "--invocation-tokens", "7", "--invocation-tokens", "500"]) == 2
-    assert capsys.readouterr().err == "jalora train: invocation: alora_invocation_tokens must be token ids in [0, 97) " \
-                                      "(the base vocabulary)\n"  # fmt: skip
+    want = "jalora train: invocation: alora_invocation_tokens must be token ids in [0, 97) (the base vocabulary)\n"
+    assert capsys.readouterr().err == want
