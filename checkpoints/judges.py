@@ -1,9 +1,9 @@
-"""Random aLoRA judges in PEFT's format, written with numpy and safetensors (no torch, no peft).
+"""Random aLoRA adapters in PEFT's format, written with numpy and safetensors (no torch, no peft).
 
-The default model's demo needs judges for whatever base model it serves; until trained judges exist,
-they are random adapters from a fixed seed: every aLoRA path runs for real (invocation, activation,
-prefix reuse), but what they say judges nothing. Files follow PEFT's layout exactly (a test loads them
-with PEFT and compares outputs), so any PEFT tooling reads them.
+Tests and benchmarks need aLoRA adapters for whatever base model they run: random adapters from a
+fixed seed run every aLoRA path for real (invocation, activation, prefix reuse) but judge nothing (the
+default model's real judges are trained: train_judges.py). Files follow PEFT's layout exactly (a test
+loads them with PEFT and compares outputs), so any PEFT tooling reads them.
 """
 
 from __future__ import annotations
@@ -14,13 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-# name -> (role of the judge's turn, targeted modules, seed). The invocation is the chat template's
-# opening of a turn in that role, so a judge answers in a turn of its own after the conversation.
-JUDGES = {
-    "certainty": ("certainty", ["q_proj", "k_proj", "v_proj", "o_proj"], 1),
-    "hallucination": ("hallucination", ["q_proj", "v_proj"], 2),
-    "safety": ("safety", ["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"], 3),
-}
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -82,17 +75,3 @@ def write_random_alora(
     save_file(tensors, str(out / "adapter_model.safetensors"))
     (out / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
     return out
-
-
-def write_judges(model_dir: str | os.PathLike, out_root: str | os.PathLike, turn_opening: str) -> dict[str, Path]:
-    """The JUDGES for the model in `model_dir` under `out_root`/<name>; `turn_opening` formats a role
-    into the chat template's opening of a turn (e.g. "<|im_start|>{role}\\n")."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
-    paths = {}
-    for name, (role, targets, seed) in JUDGES.items():
-        string = turn_opening.format(role=role)
-        tokens = tokenizer.encode(string, add_special_tokens=False).ids
-        paths[name] = write_random_alora(model_dir, Path(out_root) / name, tokens, string, targets, seed)
-    return paths

@@ -5,6 +5,7 @@
     jalora generate "Why is the sky blue?" --chat --max-tokens 32
     jalora pipeline                           # base answers, then every aLoRA judge scores the answer
     jalora demo                               # serve + pipeline in one process, on a free port
+    jalora train --data d.jsonl --output-dir judge --invocation "<|im_start|>judge\n"   # train an aLoRA
 
 --model takes a model directory, a llama .gguf file, or a bundled model's name (checkpoints/bundled.py):
 `smollm2` (the default; fetched and converted the first time) or `tiny` (random weights, instant).
@@ -31,6 +32,7 @@ import asyncio
 import dataclasses
 import errno
 import logging
+import math
 import os
 import signal
 import socket
@@ -639,9 +641,13 @@ def _judge_one(client, question: str, names: list[str], adapters: dict, args: ar
             context += separator
         for name in names:
             invocation = list(adapters[name].invocation_tokens)
-            rows.append((name, client.generate(context + invocation, name, max_tokens=args.judge_max_tokens)))
+            rows.append((name, client.generate(context + invocation, name, max_tokens=args.judge_max_tokens,
+                                               logprobs=0)))  # fmt: skip
     print(f"question: {question!r}")
     print(f"answer:   {rows[0][1].text!r}")
+    for name, r in rows[1 : 1 + len(names)]:
+        print(f"verdict:  {name} {_verdict(r)}, reused {r.usage.cached_tokens} of {r.usage.prompt_tokens} prompt "
+              "tokens from the cache")
     header = f"{'call':<16}{'prompt':>7}{'cached':>7}{'new':>5}{'activ.':>7}{'queue ms':>10}{'ttft ms':>9}"
     print(header + f"{'total ms':>10}  text")
     for name, r in rows:
@@ -656,6 +662,15 @@ def _judge_one(client, question: str, names: list[str], adapters: dict, args: ar
     return rows
 
 
+def _verdict(r) -> str:
+    """A judge's answer: its first token's text and the probability the judge gave it."""
+    if not r.token_ids or not r.logprobs:
+        return repr(r.text)
+    first = r.token_ids[0]
+    text = r.text.split("\n")[0].strip() or r.text
+    return f"{text!r} (p={math.exp(r.logprobs[0][first]):.2f})"
+
+
 def _demo(args: argparse.Namespace) -> int:
     """`jalora serve` on a free loopback port, in this process, and the pipeline against it over gRPC."""
     from server.app import ServerThread
@@ -666,6 +681,45 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"jalora serving on {server.target}", flush=True)
         args.target = server.target
         return _pipeline(args)
+
+
+# ---- train ---------------------------------------------------------------------------------------
+
+
+def _train(args: argparse.Namespace) -> int:
+    """`jalora train`: the flags make a TrainConfig (validated before any file is read); a bundled
+    model's name is resolved to its files; jalora.train does the rest."""
+    from jalora.train import TrainConfig, train_adapter
+
+    config = config_from_args(TrainConfig, args, model=args.model or "smollm2",
+                              target_modules=tuple(args.target_modules))  # fmt: skip
+    if config.model in _bundled_names() and not os.path.exists(config.model):
+        from checkpoints import bundled
+
+        config = config.replace(model=bundled.resolve(config.model).model)
+    result = train_adapter(config)
+    accuracy = "-" if result.eval_accuracy is None else f"{result.eval_accuracy:.1%}"
+    eval_loss = "-" if result.eval_loss is None else f"{result.eval_loss:.4f}"
+    print(f"jalora train: {result.steps} steps in {result.seconds:.0f} s ({result.tokens_per_second:.0f} tokens/s); "
+          f"train loss {result.train_loss:.4f}, eval loss {eval_loss}, eval accuracy {accuracy}")
+    print(f"PEFT adapter written to {result.adapter_dir}")
+    return 0
+
+
+def _bundled_names() -> tuple[str, ...]:
+    from checkpoints import bundled
+
+    return bundled.names()
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    from jalora.adapters.peft import MODULE_GROUP
+    from jalora.train.config import TrainConfig
+
+    add_config_flags(p, TrainConfig, exclude=("target_modules",),
+                     notes={"model": ", or a bundled model's name (default: smollm2)"})  # fmt: skip
+    p.add_argument("--target-modules", nargs="+", default=list(TrainConfig.target_modules), metavar="MODULE",
+                   choices=list(MODULE_GROUP), help=f"projections to adapt, of {' '.join(MODULE_GROUP)}")  # fmt: skip
 
 
 # ---- entry point ---------------------------------------------------------------------------------
@@ -793,6 +847,11 @@ def build_parser() -> argparse.ArgumentParser:
     # A free port: the pipeline runs in this process. A demo's prompts are short: smaller steps and
     # sequences compile fewer step sizes and decode faster on a CPU (bench/results/cpu_decode.json).
     d.set_defaults(func=_demo, port=0, max_num_batched_tokens=256, max_model_len=2048, access_log=False)
+
+    t = sub.add_parser("train", help="train a LoRA / aLoRA adapter on JSON-lines data and write it as a PEFT "
+                       "directory", formatter_class=HelpFormatter)  # fmt: skip
+    _train_args(t)
+    t.set_defaults(func=_train)
     return parser
 
 

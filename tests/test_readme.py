@@ -46,17 +46,37 @@ def _run_snippet(code: str) -> subprocess.CompletedProcess:
 
 
 def test_the_readme_has_the_snippets_this_test_expects():
-    assert len(PYTHON_BLOCKS) == 3 and any("Client(" in b for b in PYTHON_BLOCKS)
+    assert len(PYTHON_BLOCKS) == 4 and any("Client(" in b for b in PYTHON_BLOCKS)
     assert any("OpenAI(" in b for b in PYTHON_BLOCKS)
+    assert sum("train_adapter(" in b for b in PYTHON_BLOCKS) == 1
     assert sum(c.startswith("jalora ") for c in _commands()) >= 5
 
 
 def test_offline_snippet_runs():
-    (code,) = [b for b in PYTHON_BLOCKS if "Client(" not in b and "OpenAI(" not in b]
+    (code,) = [b for b in PYTHON_BLOCKS if not any(k in b for k in ("Client(", "OpenAI(", "train_adapter("))]
     proc = _run_snippet(code)
     assert proc.returncode == 0, proc.stderr
     assert "[length]" in proc.stdout or "[stop]" in proc.stdout
     assert "The capital of France is Paris.\n" in proc.stdout  # SmolLM2's greedy answer, as the comment says
+
+
+def test_training_snippet_runs():
+    (code,) = [b for b in PYTHON_BLOCKS if "train_adapter(" in b]
+    proc = _run_snippet(code)
+    assert proc.returncode == 0, proc.stderr
+    losses, verdict = proc.stdout.splitlines()[-2:]
+    train_loss, eval_loss, accuracy = (float(x) for x in losses.split())
+    assert 0 <= accuracy <= 1 and train_loss > 0 and eval_loss > 0
+    from tokenizers import Tokenizer
+
+    from checkpoints import DEFAULT_MODEL_DIR
+    from jalora.engine.chat import ChatTemplate, read_chat_template
+
+    template = ChatTemplate(*read_chat_template(str(DEFAULT_MODEL_DIR)),
+                            Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json")))  # fmt: skip
+    conversation = [{"role": "user", "content": "question 99"}, {"role": "assistant", "content": "yes"}]
+    # the activation index: where the judge's turn opens, right after the conversation
+    assert int(verdict.split()[-1]) == len(template.render(conversation, add_generation_prompt=False))
 
 
 @pytest.fixture(scope="module")

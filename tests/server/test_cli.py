@@ -143,7 +143,7 @@ def _option_helps(text: str) -> dict[str, str]:
     return helps
 
 
-@pytest.mark.parametrize("command", [[], ["serve"], ["generate"], ["pipeline"], ["demo"]])
+@pytest.mark.parametrize("command", [[], ["serve"], ["generate"], ["pipeline"], ["demo"], ["train"]])
 def test_every_flag_has_help_that_shows_its_default(command, capsys):
     """Flags written here and flags derived from EngineConfig / ServerConfig alike."""
     with pytest.raises(SystemExit) as exit_:
@@ -176,7 +176,8 @@ def test_bad_adapter_argument_is_a_usage_error():
 
 def test_demo_serves_and_runs_the_pipeline_in_one_command(smollm2_gguf):
     """The Quickstart's main job: `jalora demo` (SmolLM2 served on a free port + pipeline over gRPC)
-    answers real questions, and every judge reuses the answer's blocks."""
+    answers real questions, each trained judge gives its verdict with its probability, and every judge
+    reuses the answer's blocks."""
     env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, "-m", "server.cli", "demo"],
@@ -186,8 +187,14 @@ def test_demo_serves_and_runs_the_pipeline_in_one_command(smollm2_gguf):
     assert re.search(r"^jalora serving on 127\.0\.0\.1:\d+$", proc.stdout, re.M)
     # Greedy float32 on a CPU: the same answer transformers gives (tests/model/test_gguf.py checks parity).
     assert "answer:   'The capital of France is Paris.'" in proc.stdout, proc.stdout
-    judges = re.findall(r"^(certainty|hallucination|safety)\s+(\d+)\s+(\d+)", proc.stdout, re.M)
-    assert len(judges) == 6 and all(int(cached) >= 48 for _, _, cached in judges), proc.stdout
+    judges = re.findall(r"^(correctness|format)\s+(\d+)\s+(\d+)", proc.stdout, re.M)
+    assert len(judges) >= 2 and all(int(cached) >= 48 for _, _, cached in judges), proc.stdout
+    verdicts = re.findall(r"^verdict:  (correctness|format) '([YN])' \(p=(0\.\d\d|1\.00)\), reused (\d+) of (\d+) "
+                          r"prompt tokens from the cache$", proc.stdout, re.M)  # fmt: skip
+    assert len(verdicts) == len(judges) and "format" in {v[0] for v in verdicts}, proc.stdout
+    assert all(float(p) >= 0.5 for _, _, p, _, _ in verdicts)  # greedy: the verdict is the likelier answer
+    # The answer to the first question is in one sentence, as it asked.
+    assert next(v[1] for v in verdicts if v[0] == "format") == "Y", proc.stdout
     reused = re.search(r"judges reused (\d+)/(\d+) prompt tokens", proc.stdout)
     assert reused and int(reused.group(1)) > 0, proc.stdout
 
@@ -227,18 +234,20 @@ def test_derived_flags_carry_the_config_defaults(tiny_models, command):
 
 
 def test_serve_without_flags_is_the_bundled_smollm2(smollm2_gguf):
-    """No --model: SmolLM2 (fetched and converted once) with its random judges, written once into the
-    cache, as start-up adapters and adapter root. The plan names it before any file is read."""
-    from jalora.cache import cache_dir
+    """No --model: SmolLM2 (fetched and converted once) with its trained judges (committed in
+    checkpoints/smollm2_judges) as start-up adapters and adapter root. The plan names it before any file
+    is read."""
+    from checkpoints.bundled import SMOLLM2_JUDGES
     from jalora.model.gguf import converted_dir
 
     plan = _plan("serve")
     assert plan.bundled == "smollm2" and plan.engine_config == EngineConfig(model="smollm2")
     resolved = cli.resolve_bundled(plan)
-    root = cache_dir() / "judges" / converted_dir(smollm2_gguf).name
-    assert resolved.engine_config == EngineConfig(model=str(smollm2_gguf))  # its 3 judges fit max_loras' default
-    assert resolved.server_config == ServerConfig(adapter_roots=(str(root),))
-    assert dict(resolved.adapters) == {n: str(root / n) for n in ("certainty", "hallucination", "safety")}
+    assert resolved.engine_config == EngineConfig(model=str(smollm2_gguf))
+    assert resolved.server_config == ServerConfig(adapter_roots=(str(SMOLLM2_JUDGES),))
+    trained = sorted(d.name for d in SMOLLM2_JUDGES.iterdir() if (d / "adapter_config.json").is_file())
+    assert "format" in trained
+    assert dict(resolved.adapters) == {n: str(SMOLLM2_JUDGES / n) for n in trained}
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(converted_dir(smollm2_gguf) / "tokenizer.json"))
@@ -247,7 +256,7 @@ def test_serve_without_flags_is_the_bundled_smollm2(smollm2_gguf):
         opening = f"<|im_start|>{name}\n"
         assert config["invocation_string"] == opening
         assert config["alora_invocation_tokens"] == tokenizer.encode(opening, add_special_tokens=False).ids
-    assert cli.resolve_bundled(_plan("serve")) == resolved  # the second start finds them
+    assert cli.resolve_bundled(_plan("serve")) == resolved
 
 
 def test_bundled_tiny_and_explicit_adapters():

@@ -1,0 +1,51 @@
+"""`jalora train` with a bad data file stops before any weight is loaded, with one line naming the file,
+the line and the field."""
+
+import json
+
+import pytest
+
+from server import cli
+from tests.train.conftest import JUDGE
+
+GOOD = {"prompt": "w5 w6 w7", "response": "w8"}
+
+
+@pytest.mark.parametrize("bad, flags, field, message", [
+    ({"prompt": "w5 w6"}, [], "response", "is missing"),
+    ({"prompt": "w5 w6", "response": " "}, [], "response", "is empty: there is nothing to learn"),
+    ({"prompt": " ".join(["w9"] * 600), "response": "w8"}, [], "prompt",
+     "is 601 tokens; with a response it must fit in max_seq_len=512"),
+    ({"prompt": " ".join(["w9"] * 509), "response": "w8 w8 w8"}, [], "response",
+     "makes the example 514 tokens, more than max_seq_len=512"),
+    ({"prompt": "w5 w6", "response": "w8"}, ["--no-append-invocation"], "prompt",
+     "the invocation [94] never occurs in its tokens"),
+    ({"messages": [{"role": "user"}], "response": "w8"}, [], "messages[0]",
+     "must be {'role': str, 'content': str}, got {'role': 'user'}"),
+    ({"prompt": "w5", "messages": [], "response": "w8"}, [], "prompt",
+     "give exactly one of 'prompt' (text) and 'messages' (a conversation)"),
+])  # fmt: skip
+def test_bad_line_is_one_error_before_training(text_llama, tmp_path, capsys, bad, flags, field, message):
+    data = tmp_path / "data.jsonl"
+    good = {**GOOD, "prompt": GOOD["prompt"] + " " + JUDGE} if "--no-append-invocation" in flags else GOOD
+    data.write_text(json.dumps(good) + "\n\n" + json.dumps(bad) + "\n" + json.dumps(good) + "\n")
+    out = tmp_path / "out"
+    code = cli.main(["train", "--model", text_llama, "--data", str(data), "--output-dir", str(out),
+                     "--invocation", JUDGE, "--no-progress", *flags])  # fmt: skip
+    assert code == 2
+    assert capsys.readouterr() == ("", f"jalora train: {data} line 3: {field}: {message}\n")
+    assert not out.exists()  # nothing was trained or written
+
+
+def test_not_json_and_bad_settings(text_llama, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n{not json\n")
+    base = ["train", "--model", text_llama, "--data", str(data), "--output-dir", str(tmp_path / "o")]
+    assert cli.main(base) == 2
+    assert capsys.readouterr().err == f"jalora train: {data} line 2: json: not valid JSON (Expecting property name " \
+                                      "enclosed in double quotes at column 2)\n"  # fmt: skip
+    assert cli.main([*base, "--r", "0"]) == 2
+    assert capsys.readouterr().err == "jalora train: r: must be an integer >= 1, got 0\n"
+    assert cli.main([*base, "--invocation-tokens", "7", "--invocation-tokens", "500"]) == 2
+    want = "jalora train: invocation: alora_invocation_tokens must be token ids in [0, 97) (the base vocabulary)\n"
+    assert capsys.readouterr().err == want

@@ -1,0 +1,54 @@
+"""An interrupted run resumed from its orbax checkpoint ends with the weights, optimizer trajectory and
+losses of an uninterrupted run with the same seed (dropout, accumulation and two buckets included)."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jalora.errors import InvalidRequestError
+from jalora.train import train_adapter
+from tests.train.conftest import JUDGE
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _data(path):
+    rng = np.random.default_rng(3)
+    with open(path, "w") as f:
+        for i in range(20):  # prompts of 3..24 words: two buckets (16 and 32 tokens)
+            words = " ".join(f"w{x}" for x in rng.integers(10, 90, size=rng.integers(3, 25)))
+            f.write(json.dumps({"prompt": words, "response": "w5" if i % 3 else "w6 w7"}) + "\n")
+    return str(path)
+
+
+def test_resumed_run_equals_uninterrupted_run(text_llama, tmp_path):
+    data = _data(tmp_path / "data.jsonl")
+    settings = dict(model=text_llama, data=data, invocation=JUDGE, r=4, lora_dropout=0.1, max_steps=6, batch_size=3,
+                    grad_accum=2, learning_rate=3e-3, warmup_steps=2, save_every=2, eval_fraction=0.2,
+                    progress=False)  # fmt: skip
+    whole = train_adapter(output_dir=str(tmp_path / "whole"), **settings)
+
+    def stop_after_3(step, _):
+        if step == 3:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train_adapter(output_dir=str(tmp_path / "cut"), callback=stop_after_3, **settings)
+    steps_run = []
+    resumed = train_adapter(output_dir=str(tmp_path / "cut"), callback=lambda s, _: steps_run.append(s), **settings)
+    assert steps_run == [3, 4, 5, 6]  # from the checkpoint of step 2: step 3 runs again
+    a = load_file(str(tmp_path / "whole" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert not np.array_equal(a[next(k for k in a if "lora_B" in k)], 0)  # it trained
+    logs = [json.loads((tmp_path / d / "training_log.json").read_text()) for d in ("whole", "cut")]
+    assert [h["loss"] for h in logs[0]["history"]] == [h["loss"] for h in logs[1]["history"]]
+    assert (whole.train_loss, whole.eval_loss, whole.eval_accuracy) == (
+        resumed.train_loss, resumed.eval_loss, resumed.eval_accuracy)  # fmt: skip
+
+    with pytest.raises(InvalidRequestError, match="^resume: the checkpoint in .* was made with other settings"):
+        train_adapter(output_dir=str(tmp_path / "cut"), **{**settings, "learning_rate": 1e-3})
