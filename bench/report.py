@@ -529,6 +529,61 @@ def tp_cost(r) -> list[str]:
     return out
 
 
+def tp_one_vs_before(*runs) -> list[str]:
+    """tensor_parallel_size=1 against the commit before tensor parallelism (bench/profile_step.py), pairs
+    of (this code, the code before) in the order they ran."""
+    out = ["The decode step with `tensor_parallel_size=1` (the default) against the code before tensor "
+           "parallelism existed, median engine.step() in ms:", "",
+           "| batch | adapters | this code async / sync | commit | before async / sync | commit | async change "
+           "| runs (UTC) |",
+           "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for now, before in zip(runs[::2], runs[1::2]):
+        if now is None or before is None:
+            continue
+        a, b = now["by_mode"], before["by_mode"]
+        change = a["async"]["step_ms_median"] / b["async"]["step_ms_median"] - 1
+        out.append(
+            f"| {now['batch']} | {now['adapters']} | {a['async']['step_ms_median']:.2f} / "
+            f"{a['sync']['step_ms_median']:.2f} | {commit_of(now)} | {b['async']['step_ms_median']:.2f} / "
+            f"{b['sync']['step_ms_median']:.2f} | {commit_of(before)} | {change:+.1%} | "
+            f"{now['time_utc']}, {before['time_utc']} |"
+        )
+    out += ["", f"On {provenance(runs[0])}; each row's two runs share one device call."]
+    return out
+
+
+def http_bench(r) -> list[str]:
+    """Streaming chat through each front against the engine alone (bench/http_bench.py)."""
+    med, loss = r["median_tokens_per_s"], r["loss_vs_inproc"]
+    return [
+        f"{r['streams']} concurrent streaming chat requests (about {r['prompt_tokens']} prompt tokens, "
+        f"{r['max_tokens']} new tokens each, {r['preset']} shapes), median of the measured rounds "
+        f"(`{r['command']}` on {r['device']}, JAX {r['jax_version']}, commit {commit_of(r)}):",
+        "",
+        "| front | completion tokens/s | loss vs in-process |",
+        "|---|---|---|",
+        f"| in-process (`LLM.generate`) | {med['inproc']:.0f} | - |",
+        f"| gRPC (`AsyncClient.chat_stream`) | {med['grpc']:.0f} | {loss['grpc']:.1%} |",
+        f"| HTTP (`openai.AsyncOpenAI`, SSE) | {med['http']:.0f} | {loss['http']:.1%} |",
+    ]
+
+
+def train_throughput(r) -> list[str]:
+    c = r["ceilings"]
+    return [
+        f"`jalora train` on {r['shapes']} shapes ({r['dtype']}, r={r['lora_rank']} on "
+        f"{'/'.join(t.removesuffix('_proj') for t in r['targets'])}, {r['seq_len']}-token sequences, "
+        f"{r['adapted_tokens_per_seq']} adapted, layers recomputed in the backward pass: {r['remat']}, "
+        f"{r['attention']} attention; `{r['command']}` on {r['device']}, JAX {r['jax_version']}, commit "
+        f"{commit_of(r)}): {r['tokens_per_s']:.0f} tokens/s, {r['TFLOPs']:.0f} TFLOP/s of model FLOPs "
+        f"(forward, and the backward's activation gradients: the frozen weights get none), "
+        f"{r['mfu_vs_measured_matmul']:.0%} of the bf16 matmul rate measured in the same run "
+        f"({c['bf16_matmul_TFLOPs']:.0f} TFLOP/s), {r['mfu_vs_790']:.0%} of 790 TFLOP/s (the rate measured on "
+        f"other days); counted as 6 x parameters x tokens, {r['six_n_TFLOPs']:.0f} TFLOP/s. Compiling the step "
+        f"took {r['compile_seconds']:.0f} s. Goal: {r['goal']}.",
+    ]
+
+
 def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -659,6 +714,12 @@ def render() -> str:
          ("startup_cpu.json", "cpu_decode.json")),
         ("### Base -> aLoRA judges on the CPU (tiny model)", pipeline, ("pipeline_tiny.json",)),
         ("### Tensor parallelism on paper", tp_cost, ("tp_cost.json",)),
+        ("### Tensor parallelism at tp=1: the same step as before", tp_one_vs_before,
+         ("profile_step_b1.json", "profile_step_b1_before_tp.json", "profile_step_b64_a8.json",
+          "profile_step_b64_a8_before_tp.json", "profile_step_b64_a8_rerun.json",
+          "profile_step_b64_a8_before_tp_rerun.json")),
+        ("### Streaming through gRPC and HTTP", http_bench, ("http_bench.json",)),
+        ("### Training throughput", train_throughput, ("train_throughput.json",)),
         ("### The aLoRA serving paper's pipelines on the H200", pipeline_bench_section,
          ("pipeline_bench_granite-8b.json",)),
     ]

@@ -7,11 +7,8 @@ import json
 import os
 import sys
 
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"  # one device per process
-
-from jalora import LLM, SamplingParams  # noqa: E402
-from jalora.engine import multihost  # noqa: E402
+from jalora import LLM, SamplingParams
+from jalora.engine import multihost
 
 ENGINE = dict(block_size=4, num_kv_blocks=14, max_num_seqs=4, max_num_batched_tokens=16, max_loras=2,
               max_lora_rank=8, warmup=False)  # fmt: skip
@@ -34,6 +31,10 @@ def workload(llm: LLM) -> list[dict]:
 
 
 def main() -> None:
+    # Read when JAX first starts a backend (nothing above does): one CPU device per process. Set here,
+    # not at import, because the test imports this module into a process with 8 devices.
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
     pid, port, model, adapter = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     lose = "--lose-follower" in sys.argv
     multihost.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
