@@ -362,11 +362,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         server = JaloraServer(engine, plan.server_config)
-        if engine.multihost_leader is not None:  # a lost process: NOT_SERVING, and every step refused
-            loop = asyncio.get_running_loop()
-            engine.multihost_leader.on_lost(
-                lambda reason: loop.call_soon_threadsafe(lambda: asyncio.ensure_future(server.not_serving(reason)))
-            )
+        loop = asyncio.get_running_loop()  # a lost host: NOT_SERVING (the engine refuses every step)
+        engine.on_failure(
+            lambda reason: loop.call_soon_threadsafe(lambda: asyncio.ensure_future(server.not_serving(reason)))
+        )
         try:
             await server.start()
         except OSError as e:  # preflight could bind them: someone took a port during the warm-up

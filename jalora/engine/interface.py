@@ -12,7 +12,7 @@ module imports neither JAX nor numpy, so the server's RPC layer can be typed aga
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from jalora.outputs import RequestDelta
@@ -158,3 +158,10 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats:
         """A snapshot of the load and the counters; cheap enough to take after every step."""
+
+    def on_failure(self, callback: Callable[[str], None]) -> None:
+        """`callback(reason)` (from any thread) once the engine can run no step any more: a process of a
+        multi-host engine is gone. Never called on one host."""
+
+    def close(self) -> None:
+        """Ends what the engine started beyond this process (a multi-host engine's followers)."""

@@ -171,6 +171,11 @@ class LLMEngine:
             self.runner.warmup()
         self.runner.leader = self.multihost_leader  # from here on process 0 sends each device call
 
+    def on_failure(self, callback) -> None:
+        """`callback(reason)` when a follower process of a multi-host engine is lost (at once if one is)."""
+        if self.multihost_leader is not None:
+            self.multihost_leader.on_lost(callback)
+
     def close(self) -> None:
         """Stops the follower processes of a multi-host engine (they return from `multihost.follow`)."""
         if self.multihost_leader is not None:
