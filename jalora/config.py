@@ -15,7 +15,7 @@ import os
 from jalora.errors import InvalidRequestError
 
 DTYPES = ("float32", "bfloat16", "float16")
-LOAD_FORMATS = ("auto", "safetensors", "dummy")
+LOAD_FORMATS = ("auto", "safetensors", "orbax", "dummy")
 KERNEL_IMPLS = ("reference", "gpu", "tpu")
 
 
@@ -42,7 +42,8 @@ class EngineConfig:
         "into jalora's cache)"
     )
     dtype: str = config_field("float32", "weights, activations and KV cache dtype", choices=DTYPES)
-    load_format: str = config_field("auto", "'dummy' makes deterministic random weights of the config's shapes",
+    load_format: str = config_field("auto", "'dummy' makes deterministic random weights of the config's shapes; "
+                              "'orbax' restores a checkpoint of 'jalora export-orbax' (auto finds it)",
                               choices=LOAD_FORMATS)  # fmt: skip
     block_size: int = config_field(16, "tokens per KV-cache block (the unit of prefix sharing)")
     num_kv_blocks: int | None = config_field(

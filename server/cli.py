@@ -851,7 +851,26 @@ def build_parser() -> argparse.ArgumentParser:
                        "directory", formatter_class=HelpFormatter)  # fmt: skip
     _train_args(t)
     t.set_defaults(func=_train)
+
+    o = sub.add_parser("export-orbax", help="write a model as an Orbax checkpoint laid out for a tensor-parallel "
+                       "size, which serve restores straight onto the devices",
+                       formatter_class=HelpFormatter)  # fmt: skip
+    o.add_argument("model", help="HF model directory or llama .gguf file")
+    o.add_argument("output_dir", help="new directory for the checkpoint (with the model's config and tokenizer)")
+    o.add_argument("--tensor-parallel-size", type=int, default=1, help="devices it will be served on (default: 1)")
+    o.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                   help="dtype of the saved weights; serve it with the same --dtype (default: bfloat16)")
+    o.set_defaults(func=_export_orbax)
     return parser
+
+
+def _export_orbax(args: argparse.Namespace) -> int:
+    from jalora.model.orbax_checkpoint import export_orbax
+
+    out = export_orbax(args.model, args.output_dir, args.tensor_parallel_size, args.dtype)
+    logs.say(f"jalora: wrote {out} (serve it with --tensor-parallel-size {args.tensor_parallel_size} "
+             f"--dtype {args.dtype})")  # fmt: skip
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

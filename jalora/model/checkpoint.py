@@ -18,6 +18,7 @@ from jalora.errors import InvalidRequestError
 from jalora.model.config import ModelConfig
 from jalora.model.decoder import Decoder
 from jalora.model.kernel_plan import KernelPlan
+from jalora.model.orbax_checkpoint import is_orbax_dir, restore_params
 from jalora.model.sharding import TensorParallel
 
 
@@ -141,6 +142,8 @@ def load_model(
             return tp.place_param(cfg, name, value)
 
         state = jax.tree_util.tree_map_with_path(dummy, abs_state)
+    elif load_format == "orbax" or (load_format == "auto" and is_orbax_dir(model_dir)):
+        state = restore_params(model_dir, cfg, abs_state, dtype, tp)  # straight onto the mesh
     else:  # "auto" / "safetensors" (EngineConfig validated the name)
         reader = _TensorReader(model_dir, dtype)
         state = jax.tree_util.tree_map_with_path(

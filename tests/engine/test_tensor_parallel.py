@@ -108,3 +108,27 @@ def test_bad_tensor_parallel_sizes_fail_before_the_weights_load(tiny_models, mon
         LLM(tiny_models["llama"], tensor_parallel_size=0, **ENGINE)
     assert e.value.field == "tensor_parallel_size"
     assert len(jax.devices()) == 8
+
+
+@pytest.mark.parametrize("impl", ["tpu", "gpu"])
+def test_pallas_kernels_run_per_shard(models, tiny_models, tmp_path, impl):
+    """The Pallas attention and masked-LoRA kernels (interpret mode) inside the sharded step: the same
+    tokens and logprobs as the single-device reference path. A prefill long enough for the segment
+    kernel, an aLoRA judge and decode steps (the one-hot form on GPU-sized steps). The GPU attention
+    kernel needs head_dim >= 16: the 4-head model."""
+    base, alora, _ = models["llama"]
+    if impl == "gpu":
+        base = tiny_models["llama"]
+        alora = hf_models.make_adapter(base, str(tmp_path / "alora"), hf_models.ALL_PROJ, r=8, invocation=INV, seed=2)
+    kernels = dict(attention_impl=impl, lora_impl=impl, kernel_interpret=True)
+    question = prompt(8, 14)
+    outs = []
+    for tp, extra in ((1, {}), (2, kernels)):
+        llm = LLM(base, tensor_parallel_size=tp, **{**ENGINE, **extra})
+        llm.load_adapter("judge", alora)
+        (answer,) = llm.generate([question], SP)
+        (verdict,) = llm.generate([question + answer.token_ids + INV], SP, adapter="judge")
+        outs.append((answer, verdict))
+    for got, want in zip(outs[1], outs[0]):
+        assert_same(got, want)
+    assert outs[1][1].num_cached_tokens > 0
