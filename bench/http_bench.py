@@ -11,9 +11,11 @@ One engine serves every mode. `--streams` chat requests (each its own conversati
 - grpc: `jalora.client.AsyncClient.chat_stream`, one stream per request;
 - http: the official `openai.AsyncOpenAI` client, `chat.completions.create(stream=True)`.
 
-The gRPC and HTTP load comes from a client process of its own (this module with `--drive`), so the
-server's process does only the server's work, as in a deployment. Throughput is completion tokens over
-the wall time from the first request sent to the last stream's end; each mode runs `--rounds` times,
+The gRPC and HTTP load comes from `--clients` client processes (this module with `--drive`), each with
+its share of the streams and started together once all are connected, so the server's process does
+only the server's work, as in a deployment, and no single Python client's parsing is the limit (each
+round records every client's CPU time over the wall time: near 1, that client was). Throughput is
+completion tokens over the wall time from the first request sent to the last stream's end; each mode runs `--rounds` times,
 interleaved, after a warm-up round of each (the compilations), with fresh conversations every round (no
 prefix-cache hits across rounds). The result records each round and the median, and each front's loss
 against in-process.
@@ -70,6 +72,7 @@ async def _drive_grpc(target: str, convs, max_tokens: int) -> tuple[float, list[
 
     async with AsyncClient(target, timeout=3600) as client:
         await client.server_info()  # the channel is connected before the clock starts
+        await _ready()
 
         async def one(messages):
             t0, first, tokens = time.perf_counter(), None, 0
@@ -79,9 +82,10 @@ async def _drive_grpc(target: str, convs, max_tokens: int) -> tuple[float, list[
                 tokens += len(chunk.token_ids)
             return {"tokens": tokens, "ttft": first}
 
-        t0 = time.perf_counter()
+        t0, cpu = time.time(), time.process_time()
         rows = await asyncio.gather(*(one(m) for m in convs))
-        return time.perf_counter() - t0, rows
+        t1 = time.time()
+        return (t0, t1), rows, (time.process_time() - cpu) / (t1 - t0)
 
 
 async def _drive_http(url: str, model: str, convs, max_tokens: int) -> tuple[float, list[dict]]:
@@ -89,6 +93,7 @@ async def _drive_http(url: str, model: str, convs, max_tokens: int) -> tuple[flo
 
     async with openai.AsyncOpenAI(base_url=url, api_key="unused", max_retries=0, timeout=3600) as client:
         await client.models.list()  # a first connection before the clock starts
+        await _ready()
 
         async def one(messages):
             t0, first, tokens = time.perf_counter(), None, 0
@@ -103,19 +108,30 @@ async def _drive_http(url: str, model: str, convs, max_tokens: int) -> tuple[flo
                 tokens += len(ids)
             return {"tokens": tokens, "ttft": first}
 
-        t0 = time.perf_counter()
+        t0, cpu = time.time(), time.process_time()
         rows = await asyncio.gather(*(one(m) for m in convs))
-        return time.perf_counter() - t0, rows
+        t1 = time.time()
+        return (t0, t1), rows, (time.process_time() - cpu) / (t1 - t0)
+
+
+async def _ready() -> None:
+    """Connected: says so, then waits for the parent's go (every client process starts at once)."""
+    print("ready", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
 
 
 def drive(spec: dict) -> dict:
     """Runs one round of one front from a client process (the clock runs from the first request to the
     last stream's end); returns tokens, seconds and TTFTs."""
     if spec["mode"] == "grpc":
-        seconds, rows = asyncio.run(_drive_grpc(spec["target"], spec["conversations"], spec["max_tokens"]))
+        span, rows, busy = asyncio.run(_drive_grpc(spec["target"], spec["conversations"], spec["max_tokens"]))
     else:
-        seconds, rows = asyncio.run(_drive_http(spec["url"], spec["model"], spec["conversations"], spec["max_tokens"]))
-    return {"seconds": seconds, "tokens": sum(r["tokens"] for r in rows), "ttft": [r["ttft"] for r in rows]}
+        drive_http = _drive_http(spec["url"], spec["model"], spec["conversations"], spec["max_tokens"])
+        span, rows, busy = asyncio.run(drive_http)
+    # client_busy: the client's CPU time over the round's wall time; near 1 (one event loop), the client
+    # process was the limit, not the server.
+    return {"span": span, "tokens": sum(r["tokens"] for r in rows), "ttft": [r["ttft"] for r in rows],
+            "client_busy": busy}
 
 
 # ---- the server process ---------------------------------------------------------------------------
@@ -140,7 +156,7 @@ def run_inproc(llm, convs, max_tokens: int, round_: int) -> dict:
     return _summary("inproc", round_, sum(len(o.token_ids) for o in outs), seconds, ttft)
 
 
-def run_front(llm, mode: str, convs, max_tokens: int, round_: int) -> dict:
+def run_front(llm, mode: str, convs, max_tokens: int, round_: int, clients: int) -> dict:
     from server.app import ServerThread
     from server.config import ServerConfig
 
@@ -152,12 +168,31 @@ def run_front(llm, mode: str, convs, max_tokens: int, round_: int) -> dict:
         # The repository first, then whatever the caller's path holds (packages installed beside it).
         path = os.pathsep.join(p for p in (os.path.dirname(HERE), os.environ.get("PYTHONPATH")) if p)
         env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=path)
-        proc = subprocess.run([sys.executable, "-m", "bench.http_bench", "--drive"], input=json.dumps(spec),
-                              capture_output=True, text=True, env=env)  # fmt: skip
-        if proc.returncode != 0:
-            raise RuntimeError(f"the {mode} client process failed:\n{proc.stderr[-3000:]}")
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    return _summary(mode, round_, got["tokens"], got["seconds"], got["ttft"])
+        # Several client processes, each with its share of the streams, started together once all are
+        # connected: one Python client (an event loop, a JSON or protobuf parse per chunk) can be the
+        # limit before the server is.
+        procs = []
+        for i in range(clients):
+            part = {**spec, "conversations": convs[i::clients]}
+            procs.append(subprocess.Popen([sys.executable, "-m", "bench.http_bench", "--drive"], env=env, text=True,
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+            procs[-1].stdin.write(json.dumps(part) + "\n")
+            procs[-1].stdin.flush()
+        for p in procs:
+            if p.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a {mode} client process failed:\n{p.communicate()[1][-3000:]}")
+        for p in procs:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        got = []
+        for p in procs:
+            out, err = p.communicate()
+            if p.returncode != 0:
+                raise RuntimeError(f"a {mode} client process failed:\n{err[-3000:]}")
+            got.append(json.loads(out.strip().splitlines()[-1]))
+    seconds = max(g["span"][1] for g in got) - min(g["span"][0] for g in got)
+    summary = _summary(mode, round_, sum(g["tokens"] for g in got), seconds, [t for g in got for t in g["ttft"]])
+    return {**summary, "clients": clients, "client_busy": [round(g["client_busy"], 3) for g in got]}
 
 
 def main(argv=None) -> dict:
@@ -167,12 +202,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--prompt-tokens", type=int, default=512, help="words (tokens) of each conversation's turn")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="measured rounds of each mode, after a warm-up round")
+    ap.add_argument("--clients", type=int, default=4, help="client processes sharing the streams (gRPC and HTTP)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 8 streams of 24 tokens, 1 round (CPU)")
     ap.add_argument("--drive", action="store_true", help=argparse.SUPPRESS)  # the client process
     ap.add_argument("--out", default=None, help="result file (default bench/results/http_bench.json)")
     args = ap.parse_args(argv)
     if args.drive:
-        print(json.dumps(drive(json.loads(sys.stdin.read()))))
+        print(json.dumps(drive(json.loads(sys.stdin.readline()))))
         return {}
     if args.smoke:
         args.preset, args.streams, args.prompt_tokens, args.max_tokens, args.rounds = "tiny", 8, 24, 8, 1
@@ -193,14 +229,14 @@ def main(argv=None) -> dict:
         convs = conversations(args.streams, args.prompt_tokens, cfg["vocab_size"], 1000 * round_ + MODES.index(mode))
         if mode == "inproc":
             return run_inproc(llm, convs, args.max_tokens, round_)
-        return run_front(llm, mode, convs, args.max_tokens, round_)
+        return run_front(llm, mode, convs, args.max_tokens, round_, args.clients)
 
     warmup = [run(mode, 0) for mode in MODES]
     rounds = [run(mode, r) for r in range(1, args.rounds + 1) for mode in MODES]
     median = {m: statistics.median(r["tokens_per_s"] for r in rounds if r["mode"] == m) for m in MODES}
     result = {
         **meta, "preset": args.preset, "streams": args.streams, "prompt_tokens": args.prompt_tokens,
-        "max_tokens": args.max_tokens, "rounds": rounds, "warmup_rounds": warmup,
+        "max_tokens": args.max_tokens, "clients": args.clients, "rounds": rounds, "warmup_rounds": warmup,
         "median_tokens_per_s": median,
         "loss_vs_inproc": {m: 1 - median[m] / median["inproc"] for m in ("grpc", "http")},
     }  # fmt: skip

@@ -79,6 +79,15 @@ class RequestStream:
             self._worker._release()
         self._queue.put_nowait(item)
 
+    def next_ready(self) -> RequestDelta | None:
+        """The next delta if one has arrived already, else None (never waits); raises like `next`."""
+        if self._queue.empty():
+            return None
+        item = self._queue.get_nowait()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
     async def next(self) -> RequestDelta:
         """The next delta (the last one has `finished` set); raises the request's error if it failed."""
         item = await self._queue.get()

@@ -473,19 +473,26 @@ class HttpFront:
                                                  "finish_reason": None, "token_ids": []}]})  # fmt: skip
             delta = first
             while True:
-                finished = delta.finished
-                lp = await self._logprobs(gen, chat, delta.token_ids, delta.logprobs, offset)
-                offset += len(delta.text)
-                choice = {"index": 0, "logprobs": lp, "finish_reason": finished and finished.finish_reason,
-                          "token_ids": delta.token_ids}  # fmt: skip
-                if chat:
-                    choice["delta"] = {"content": delta.text}
-                else:
-                    choice["text"] = delta.text
-                chunk = {**head, "choices": [choice]}
-                if finished is not None:
-                    chunk["jalora"] = extension(finished, received)
-                yield _sse(chunk)
+                # One event per delta, but every delta that has arrived already goes out in one write:
+                # under load the loop falls behind the engine, and each write costs the server more
+                # than the event it carries.
+                events = []
+                while delta is not None:
+                    finished = delta.finished
+                    lp = await self._logprobs(gen, chat, delta.token_ids, delta.logprobs, offset)
+                    offset += len(delta.text)
+                    choice = {"index": 0, "logprobs": lp, "finish_reason": finished and finished.finish_reason,
+                              "token_ids": delta.token_ids}  # fmt: skip
+                    if chat:
+                        choice["delta"] = {"content": delta.text}
+                    else:
+                        choice["text"] = delta.text
+                    chunk = {**head, "choices": [choice]}
+                    if finished is not None:
+                        chunk["jalora"] = extension(finished, received)
+                    events.append(_sse(chunk))
+                    delta = None if finished is not None else stream.next_ready()
+                yield "".join(events)
                 if finished is not None:
                     break
                 delta = await stream.next()
