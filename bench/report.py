@@ -557,7 +557,8 @@ def http_bench(r) -> list[str]:
     med, loss = r["median_tokens_per_s"], r["loss_vs_inproc"]
     return [
         f"{r['streams']} concurrent streaming chat requests (about {r['prompt_tokens']} prompt tokens, "
-        f"{r['max_tokens']} new tokens each, {r['preset']} shapes), median of the measured rounds "
+        f"{r['max_tokens']} new tokens each, {r['preset']} shapes) from {r.get('clients', 1)} client "
+        f"process(es), median of the measured rounds "
         f"(`{r['command']}` on {r['device']}, JAX {r['jax_version']}, commit {commit_of(r)}):",
         "",
         "| front | completion tokens/s | loss vs in-process |",
