@@ -15,7 +15,8 @@ The gRPC and HTTP load comes from `--clients` client processes (this module with
 its share of the streams and started together once all are connected, so the server's process does
 only the server's work, as in a deployment, and no single Python client's parsing is the limit (each
 round records every client's CPU time over the wall time: near 1, that client was). Throughput is
-completion tokens over the wall time from the first request sent to the last stream's end; each mode runs `--rounds` times,
+completion tokens over the wall time from the first request sent to the last stream's end; each mode
+runs `--rounds` times,
 interleaved, after a warm-up round of each (the compilations), with fresh conversations every round (no
 prefix-cache hits across rounds). The result records each round and the median, and each front's loss
 against in-process.
