@@ -53,7 +53,7 @@ import time
 import numpy as np
 
 from bench.harness import (
-    GRANITE_8B,
+    MODELS,
     REPO_ROOT,
     TINY,
     drain,
@@ -101,6 +101,11 @@ def merge_rows(old: list, new: list, key) -> list:
 
 
 # -- sizes ----------------------------------------------------------------------------------------------
+
+
+def model_config(model: str) -> dict:
+    """HF config of a --model name: tiny, or the shapes of bench/harness.py's MODELS."""
+    return TINY if model == "tiny" else MODELS[model]
 
 
 def sizes(model: str, quick: bool) -> dict:
@@ -275,7 +280,7 @@ class Bench:
         self.llm = LLM(model_dir, dtype=sz["dtype"], load_format="dummy", max_num_seqs=sz["max_num_seqs"],
                        max_num_batched_tokens=sz["max_num_batched_tokens"], max_model_len=self.max_len,
                        num_kv_blocks=sz["num_kv_blocks"], max_loras=2 * NUM_JUDGES, max_lora_rank=32,
-                       warmup=False)  # fmt: skip
+                       tensor_parallel_size=args.tensor_parallel_size, warmup=False)  # fmt: skip
         self.engine = self.llm.engine
         self.counters = EngineCounters(self.engine)
         vocab = cfg["vocab_size"]
@@ -510,7 +515,7 @@ def hf_worker(args) -> dict:
     from transformers.generation.streamers import BaseStreamer
 
     sz = sizes(args.model, args.quick)
-    cfg = TINY if args.model == "tiny" else GRANITE_8B
+    cfg = model_config(args.model)
     dev = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     hf_cfg = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items()
@@ -707,7 +712,9 @@ def same_setup(old: dict, new: dict) -> bool:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=("tiny", "granite-8b"), default="granite-8b")
+    ap.add_argument("--model", choices=("tiny", *MODELS), default="granite-8b",
+                    help="shapes (dummy weights); llama-70b and mistral-large need several GPUs")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1, help="devices the model is split over")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--quick", action="store_true", help="CPU smoke sizes")
     ap.add_argument("--prompt-lens", type=int, nargs="*", help="A / Aconc prompt lengths")
@@ -742,6 +749,8 @@ def main(argv=None) -> dict:
     bad = [p for p in parts if p not in PARTS]
     if bad:
         ap.error(f"unknown parts {bad}; choose from {PARTS}")
+    if "baseline" in parts and args.tensor_parallel_size > 1:
+        ap.error("the PEFT baseline runs on one device; leave out the baseline part with --tensor-parallel-size")
     sz = sizes(args.model, args.quick)
     for k, v in (("prompt_lens", args.prompt_lens), ("b_prompts", args.b_prompts), ("c_rates", args.c_rates),
                  ("c_pipelines", args.c_pipelines), ("c_kv_pipelines", args.c_kv_pipelines),
@@ -753,7 +762,8 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     new: dict = {}
 
-    path = result_path(args.out, f"pipeline_bench_{args.model}.json", smoke=args.quick)
+    tp = f"_tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
+    path = result_path(args.out, f"pipeline_bench_{args.model}{tp}.json", smoke=args.quick)
     old = None
     if os.path.isfile(path):
         with open(path) as f:
@@ -795,7 +805,7 @@ def main(argv=None) -> dict:
             ceil = measure_ceilings()
         else:
             print("ceilings: GPU only (measure_ceilings allocates 2 GiB buffers); CPU runs the engine half only")
-    cfg = TINY if args.model == "tiny" else GRANITE_8B
+    cfg = model_config(args.model)
     bench = Bench(args, sz, cfg)
     if not args.no_warmup:
         bench.warm()
@@ -803,7 +813,8 @@ def main(argv=None) -> dict:
 
     def flush() -> dict:
         """Saves what is measured so far: a run cut short by a time limit keeps its finished parts."""
-        result = {**meta, "model": args.model, "quick": args.quick, "sizes": sz, **common,
+        result = {**meta, "model": args.model, "tensor_parallel_size": args.tensor_parallel_size,
+                  "quick": args.quick, "sizes": sz, **common,
                   "parts": merge(old, new), "seconds": time.perf_counter() - t_start}  # fmt: skip
         save(path, result)
         return result

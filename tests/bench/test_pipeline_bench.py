@@ -1,4 +1,4 @@
-"""Pure helpers of bench/pipeline_bench.py (the benchmark itself is not run by the test suite)."""
+"""bench/pipeline_bench.py: its pure helpers, and part A through a tensor-parallel engine on CPU devices."""
 
 import numpy as np
 import pytest
@@ -104,3 +104,16 @@ def test_run_pipelines_stages_and_arrivals():
     assert [r["result"] for r in res] == [{"i": i, "judge_tokens": [2, 2]} for i in range(3)]
     assert all(r["end"] >= r["start"] for r in res)
     assert len(eng.added) == 9 and eng.added[0][1] == 4 and {a for _, n, a in eng.added if n == 7} == {"j0", "j1"}
+
+
+def test_part_a_runs_tensor_parallel(tmp_path):
+    """The multi-GPU run's script, on 2 of the test process's 8 CPU devices: pipeline A's aLoRA judge
+    reuses the base model's blocks through the sharded engine as through one device."""
+    from bench.pipeline_bench import main
+
+    out = str(tmp_path / "pipeline_bench_tiny_tp2.json")
+    result = main(["--model", "tiny", "--quick", "--tensor-parallel-size", "2", "--parts", "A", "--prompt-lens", "64",
+                   "--no-warmup", "--out", out])  # fmt: skip
+    assert result["tensor_parallel_size"] == 2
+    rows = {r["kind"]: r for r in result["parts"]["A"]["rows"]}
+    assert rows["alora"]["judge"]["cached_tokens"] >= 64 and rows["lora"]["judge"]["cached_tokens"] == 0
