@@ -90,3 +90,7 @@ class AdapterPathError(InvalidRequestError):
 
 class CapacityError(RuntimeError):
     """The engine cannot admit more work right now (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class EngineLostError(RuntimeError):
+    """The engine can run no step any more: a process of a multi-host engine is gone (restart the group)."""

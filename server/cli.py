@@ -356,7 +356,7 @@ def _serve(args: argparse.Namespace) -> int:
         from jalora.engine import multihost
         from jalora.engine.llm_engine import LLMEngine
 
-        multihost.follow(LLMEngine(plan.engine_config))  # process 0 sends the adapters and the warm-up
+        multihost.run_follower(lambda: LLMEngine(plan.engine_config))  # process 0 sends adapters and warm-up
         return 0
     engine = build_engine(plan)
 

@@ -42,9 +42,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from jalora.engine.interface import EncodedPrompt, Engine, EngineStats
+from jalora.errors import EngineLostError
 from jalora.outputs import RequestDelta
 from jalora.sampling_params import SamplingParams
-from server.errors import EngineFailure, ServerOverloadedError, ServerShuttingDownError
+from server.errors import EngineFailure, EngineUnavailable, ServerOverloadedError, ServerShuttingDownError
 
 if TYPE_CHECKING:
     from jalora.adapters.manager import PreparedAdapter
@@ -393,7 +394,8 @@ class EngineWorker:
             deltas = self.engine.step()
         except Exception as exc:  # fail this step's requests, keep serving
             logger.exception("engine step failed; failing the %d requests in flight", len(self._streams))
-            self._abort_all(EngineFailure(f"engine step failed: {type(exc).__name__}: {exc}"))
+            failure = EngineUnavailable if isinstance(exc, EngineLostError) else EngineFailure
+            self._abort_all(failure(f"engine step failed: {type(exc).__name__}: {exc}"))
             return
         self.num_steps += 1
         self.max_outputs_per_step = max(self.max_outputs_per_step, len(deltas))

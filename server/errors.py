@@ -48,6 +48,10 @@ class EngineFailure(RuntimeError):
     """The engine raised while stepping; the requests in that step are failed, the server goes on."""
 
 
+class EngineUnavailable(EngineFailure):
+    """The engine can step no more (a multi-host engine lost a process): UNAVAILABLE, health NOT_SERVING."""
+
+
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
     """Returns (code, message, field) for `exc`; field is the request field at fault, if known."""
     code, message, field = _classify(exc)
@@ -74,6 +78,8 @@ def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
     if isinstance(exc, FileNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc), "path"
     if isinstance(exc, ServerShuttingDownError):
+        return grpc.StatusCode.UNAVAILABLE, str(exc), None
+    if isinstance(exc, EngineUnavailable):  # a lost host: another server may answer
         return grpc.StatusCode.UNAVAILABLE, str(exc), None
     if isinstance(exc, EngineFailure):
         return grpc.StatusCode.INTERNAL, str(exc), None

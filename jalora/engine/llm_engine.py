@@ -54,7 +54,7 @@ PROMPT_BYTES_PER_TOKEN = 16
 def _kv_blocks_from_memory(block_bytes: int, fraction: float) -> int | None:
     """Blocks of `block_bytes` (per device) that fit in `fraction` of the first device's memory, less what
     it holds already (the weights: under tensor parallelism every device holds the same share)."""
-    dev = jax.devices()[0]
+    dev = jax.local_devices()[0]  # (on several hosts jax.devices()[0] may be another process's)
     stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
         return None
@@ -142,6 +142,10 @@ class LLMEngine:
         if num_blocks is None:  # CPU: every sequence at full length, within CPU_KV_CACHE_BYTES
             budget = CPU_KV_CACHE_BYTES // block_bytes
             num_blocks = max(min(config.max_num_seqs * -(-max_model_len // config.block_size), budget), 1)
+        if multihost.is_multihost():  # every process's cache has the same shape: the smallest fits all
+            from jax.experimental import multihost_utils
+
+            num_blocks = int(np.min(multihost_utils.process_allgather(np.int64(num_blocks))))
         # A lone request must always fit, or it could never finish.
         self.max_model_len = min(max_model_len, num_blocks * config.block_size)
         self.num_total_blocks = num_blocks

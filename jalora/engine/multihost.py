@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import socket
 import threading
 import time
@@ -31,7 +32,7 @@ from multiprocessing.connection import Client, Connection, Listener
 
 import jax
 
-from jalora.errors import InvalidRequestError
+from jalora.errors import EngineLostError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ DEFAULT_KEY = b"jalora-multihost"
 FIELD = "coordinator_address"
 
 
-class FollowerLostError(RuntimeError):
+class FollowerLostError(EngineLostError):
     """A follower process is gone: no step can run until the group is restarted."""
 
 
@@ -174,7 +175,23 @@ def connect() -> Connection:
     """A follower's end of the channel (process 0 listens once its engine starts)."""
     host, port = channel_address()
     _barrier()
-    return Client((host, port), authkey=_coordinator["key"])
+    conn = Client((host, port), authkey=_coordinator["key"])
+    _coordinator["conn"] = conn
+    return conn
+
+
+def run_follower(make_engine: Callable[[], object]) -> None:
+    """A follower process's whole life: builds its engine and follows process 0. If anything fails, the
+    channel is closed first, so process 0 sees the follower gone (and stops serving) at once, and the
+    process exits without JAX's distributed shutdown, which would wait for the others."""
+    try:
+        follow(make_engine())
+    except BaseException:
+        logger.exception("follower process %d failed", jax.process_index())
+        conn = _coordinator.get("conn")
+        if conn is not None:
+            conn.close()
+        os._exit(1)
 
 
 def _barrier() -> None:

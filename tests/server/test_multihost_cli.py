@@ -3,6 +3,8 @@ client would abort the process with a fatal log), before any model loads."""
 
 import socket
 
+import pytest
+
 from server import cli
 
 
@@ -27,3 +29,50 @@ def test_the_three_flags_go_together(capsys):
     assert cli.main(["serve", "--model", "tiny", "--coordinator-address", "127.0.0.1:9", "--process-id", "1"]) == 2
     assert "coordinator_address: the coordinator address, the number of processes and the process id go together" \
         in capsys.readouterr().err
+
+
+def test_two_processes_serve_and_a_lost_one_turns_health_not_serving(tmp_path):
+    """`jalora serve` as process 0 and 1 of a group on localhost (one CPU device each, tp=2): process 0
+    serves the one-process tokens; once process 1 dies, health turns NOT_SERVING (watched, not polled)
+    and a call gets UNAVAILABLE."""
+    import os
+    import subprocess
+    import sys
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from checkpoints import DEFAULT_MODEL_DIR
+    from jalora import LLM, SamplingParams
+    from jalora.client import Client, ServerError
+    from tests.engine.test_multihost import ROOT, free_port_pair
+
+    port = free_port_pair()
+    one_device = "--xla_force_host_platform_device_count=1"
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": one_device}
+    procs = [subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", "tiny", "--no-warmup",
+                               "--tensor-parallel-size", "2", "--coordinator-address", f"127.0.0.1:{port}",
+                               "--num-processes", "2", "--process-id", str(i), "--port", "0"],
+                              cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+             for i in (1, 0)]  # fmt: skip
+    follower, leader = procs
+    try:
+        while (line := leader.stdout.readline()) and not line.startswith("jalora serving on "):
+            pass
+        target = line.split()[-1]
+        with Client(target, timeout=300) as client:
+            got = client.generate([5, 6, 7, 8], max_tokens=4).token_ids
+        want = LLM(str(DEFAULT_MODEL_DIR), warmup=False).generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4))
+        assert got == want[0].token_ids
+        with grpc.insecure_channel(target) as channel:
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            follower.kill()
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with Client(target, timeout=60) as client, pytest.raises(ServerError) as e:
+            client.generate([5, 6, 7, 8], max_tokens=4)
+        assert e.value.code == grpc.StatusCode.UNAVAILABLE and "follower process 1 disconnected" in str(e.value)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
