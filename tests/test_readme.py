@@ -143,3 +143,30 @@ def test_grpcurl_requests_are_valid_jalora_messages():
         body, method = words[words.index("-d") + 1], words[-1]
         assert method == "jalora.v1.Jalora/Generate"
         json_format.Parse(json.dumps(json.loads(body)), pb.GenerateRequest())  # raises on an unknown field
+
+
+TPU_GUIDE = (REPO / "docs" / "tpu.md").read_text()
+
+
+def _guide_commands() -> list[str]:
+    """The `jalora ...` commands of docs/tpu.md's bash blocks, also those inside gcloud's --command='...'."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", TPU_GUIDE, re.S):
+        text = block.replace("\\\n", " ")
+        out += [" ".join(c.split()) for c in re.findall(r"\b(jalora (?:serve|generate|export-orbax)[^'\n]*)", text)]
+    return out
+
+
+@pytest.mark.parametrize("command", _guide_commands())
+def test_tpu_guide_commands_parse(command):
+    """docs/tpu.md uses only flags the CLI has (environment assignments before a command are the shell's)."""
+    args = cli.build_parser().parse_args(shlex.split(command)[1:])
+    assert args.command == "serve"
+
+
+def test_tpu_guide_installs_an_extra_that_exists():
+    import tomllib
+
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert '"./jalora[tpu]"' in TPU_GUIDE and "tpu" in extras
+    assert len(_guide_commands()) >= 2
