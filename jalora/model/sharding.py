@@ -184,9 +184,7 @@ class TensorParallel:
 
     def zeros(self, shape, dtype, spec: P):
         """A zero array, sharded by `spec` (made on the devices, never whole on one)."""
-        if not self.sharded:
-            return jnp.zeros(shape, dtype)
-        return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=self.sharding(spec))()
+        return jnp.zeros(shape, dtype, device=self.sharding(spec))
 
     def kv_shape(self, cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
         """The whole cache of one layer's K (or V): each device's KV heads side by side."""
