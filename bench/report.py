@@ -585,6 +585,28 @@ def train_throughput(r) -> list[str]:
     ]
 
 
+def judge_accuracy(r) -> list[str]:
+    out = [
+        f"The default model's trained aLoRA judges on held-out questions (facts training never asks), read as "
+        f"P(Y) > P(N) of the judge's next token, against SmolLM2 itself asked the same question by prompting "
+        f"(the better of two phrasings) (`{r['command']}` on {r['device']}, {r['dtype']}, JAX {r['jax_version']}, "
+        f"commit {commit_of(r)}; goal: {r['goal']}):",
+        "",
+        "| judge | held-out examples | aLoRA judge | base prompting | points above | trained |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, j in r["judges"].items():
+        if "judge_accuracy" not in j:
+            out.append(f"| `{name}` | - | not trained | - | - | - |")
+            continue
+        t = j.get("training") or {}
+        trained = f"{t['steps']} steps on {t['train_examples']} examples" if t else "-"
+        base = j["base_prompting_best_accuracy"]
+        out.append(f"| `{name}` | {j['heldout_examples']} | {j['judge_accuracy']:.1%} | {base:.1%} | "
+                   f"{j['points_above_base']:+.1f} | {trained} |")  # fmt: skip
+    return out
+
+
 def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -721,6 +743,7 @@ def render() -> str:
           "profile_step_b64_a8_before_tp_rerun.json")),
         ("### Streaming through gRPC and HTTP", http_bench, ("http_bench.json",)),
         ("### Training throughput", train_throughput, ("train_throughput.json",)),
+        ("### Trained judges: held-out accuracy", judge_accuracy, ("judge_accuracy.json",)),
         ("### The aLoRA serving paper's pipelines on the H200", pipeline_bench_section,
          ("pipeline_bench_granite-8b.json",)),
     ]

@@ -877,8 +877,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logs.configure(logging.INFO if args.verbose else logging.WARNING, getattr(args, "log_format", "text"),
                    access_log=getattr(args, "access_log", False))  # fmt: skip
-    from jalora.client import ServerError
-
     try:
         return args.func(args)
     except InvalidRequestError as err:  # a bad flag value (the field is in the message) or model
@@ -888,11 +886,16 @@ def main(argv: list[str] | None = None) -> int:
         for problem in err.problems:
             print(f"jalora {args.command}: {problem}", file=sys.stderr)
         return 2
-    except (ServerError, ServerUnreachable) as err:
-        print(f"jalora {args.command}: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as err:
+        # A ServerError comes only from the client module, which only the commands that talk to a server
+        # import: `jalora train` or `export-orbax` need no grpc at all.
+        client = sys.modules.get("jalora.client.client")
+        if isinstance(err, ServerUnreachable) or (client is not None and isinstance(err, client.ServerError)):
+            print(f"jalora {args.command}: {err}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

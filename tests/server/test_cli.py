@@ -191,9 +191,10 @@ def test_demo_serves_and_runs_the_pipeline_in_one_command(smollm2_gguf):
     assert len(judges) >= 2 and all(int(cached) >= 48 for _, _, cached in judges), proc.stdout
     verdicts = re.findall(r"^verdict:  (correctness|format) '([YN])' \(p=(0\.\d\d|1\.00)\), reused (\d+) of (\d+) "
                           r"prompt tokens from the cache$", proc.stdout, re.M)  # fmt: skip
-    assert len(verdicts) == len(judges) and "format" in {v[0] for v in verdicts}, proc.stdout
+    assert len(verdicts) == len(judges) and {v[0] for v in verdicts} == {"correctness", "format"}, proc.stdout
     assert all(float(p) >= 0.5 for _, _, p, _, _ in verdicts)  # greedy: the verdict is the likelier answer
-    # The answer to the first question is in one sentence, as it asked.
+    # The answer to the first question is right, and in one sentence, as it asked.
+    assert next(v[1] for v in verdicts if v[0] == "correctness") == "Y", proc.stdout
     assert next(v[1] for v in verdicts if v[0] == "format") == "Y", proc.stdout
     reused = re.search(r"judges reused (\d+)/(\d+) prompt tokens", proc.stdout)
     assert reused and int(reused.group(1)) > 0, proc.stdout
@@ -246,7 +247,7 @@ def test_serve_without_flags_is_the_bundled_smollm2(smollm2_gguf):
     assert resolved.engine_config == EngineConfig(model=str(smollm2_gguf))
     assert resolved.server_config == ServerConfig(adapter_roots=(str(SMOLLM2_JUDGES),))
     trained = sorted(d.name for d in SMOLLM2_JUDGES.iterdir() if (d / "adapter_config.json").is_file())
-    assert "format" in trained
+    assert trained == ["correctness", "format"]
     assert dict(resolved.adapters) == {n: str(SMOLLM2_JUDGES / n) for n in trained}
     from tokenizers import Tokenizer
 
