@@ -56,8 +56,9 @@ class EngineConfig:
     max_model_len: int | None = config_field(None, "longest sequence, prompt + output (default: the model's)")
     enable_prefix_caching: bool = config_field(True, "share full KV blocks between requests by base-aligned hash")
     host_kv_cache_gb: float = config_field(
-        0.0, "host RAM (GiB) for KV blocks evicted from the device, copied back on a prefix-cache hit instead of "
-        "recomputed (0 = off)"
+        0.0,
+        "host RAM (GiB) for KV blocks evicted from the device, copied back on a prefix-cache hit instead of "
+        "recomputed (0 = off)",
     )
     max_loras: int = config_field(4, "adapter slots on the device")
     max_lora_rank: int = config_field(64, "largest adapter rank (every slot is padded to it)")

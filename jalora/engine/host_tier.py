@@ -136,9 +136,10 @@ class HostKVTier:
         return bool(self._moves)
 
     def issue(self, gather: Callable[[np.ndarray], object], scatter: Callable[[np.ndarray, np.ndarray], None]) -> None:
-        """Enqueues the recorded copies in order (runs of one direction batched, in pieces of a power of two
-        up to MAX_MOVE_BLOCKS blocks): `gather(device blocks)` returns a device array [n, *block_shape] whose copy to the host it
-        has started; `scatter(device blocks, host array)` writes blocks into the device cache."""
+        """Enqueues the recorded copies in order (runs of one direction batched, in pieces of a power of
+        two up to MAX_MOVE_BLOCKS blocks): `gather(device blocks)` returns a device array [n, *block_shape]
+        whose copy to the host it has started; `scatter(device blocks, host array)` writes blocks into the
+        device cache."""
         moves, self._moves = self._moves, []
         i = 0
         while i < len(moves):

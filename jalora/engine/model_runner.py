@@ -257,7 +257,8 @@ class ModelRunner:
             return jnp.stack([jnp.stack([k[blocks], v[blocks]], axis=1) for k, v in kv_caches], axis=1)
 
         def scatter_fn(kv_caches, blocks, data):  # i32[n], [n, layers, 2, block_size, kv heads, head_dim]
-            return [(k.at[blocks].set(data[:, i, 0]), v.at[blocks].set(data[:, i, 1])) for i, (k, v) in enumerate(kv_caches)]
+            return [(k.at[blocks].set(data[:, i, 0]), v.at[blocks].set(data[:, i, 1])) for i, (k, v) in
+                    enumerate(kv_caches)]  # fmt: skip
 
         # The host tier's copies (jalora/engine/host_tier.py): whole blocks out of and into the cache, in
         # its sharding (under tensor parallelism each device gathers and writes its own KV heads).
