@@ -174,8 +174,9 @@ class HostKVTier:
 
     def _land(self, arriving: _Arriving) -> None:
         host = np.asarray(arriving.array)
-        for i, hb in enumerate(arriving.blocks):
-            if hb.arriving is arriving:  # (a block dropped meanwhile lost its slot to another)
-                self.pool[hb.slot] = host[i]
-                hb.arriving = None
+        live = [i for i, hb in enumerate(arriving.blocks) if hb.arriving is arriving]  # (a block dropped
+        # meanwhile lost its slot to another)
+        self.pool[[arriving.blocks[i].slot for i in live]] = host[live]
+        for i in live:
+            arriving.blocks[i].arriving = None
         self._arriving.remove(arriving)

@@ -493,6 +493,14 @@ class ModelRunner:
             data = self.tp.put(data, P(None, None, None, None, AXIS, None))
         self.kv_caches = self._scatter(self.kv_caches, blocks, data)
 
+    def warmup_kv_moves(self) -> None:
+        """Compiles the host tier's copies for each size a run of them is split into (each block written
+        back with the KV it holds: nothing changes)."""
+        for n in move_sizes(self.kv_caches[0][0].shape[0]):
+            blocks = np.arange(n, dtype=np.int32)
+            self.scatter_kv_blocks(blocks, np.asarray(self.gather_kv_blocks(blocks)))
+        jax.block_until_ready(self.kv_caches)
+
     def dispatch(
         self,
         batch: ScheduledBatch,
@@ -540,11 +548,8 @@ class ModelRunner:
                     self._prompt_lp_compiled[t] = self._prompt_lp.lower(self.params, hidden, targets).compile()
                 if self.num_compiled() > compiled:
                     self._record_compile(t, tuple(sorted(adapters or {})), time.perf_counter() - start)
-            if self.kv_moves and not adapters:  # the host tier's copies, each size a run is split into
-                for n in move_sizes(self.kv_caches[0][0].shape[0]):
-                    blocks = np.arange(n, dtype=np.int32)
-                    self.scatter_kv_blocks(blocks, np.asarray(self.gather_kv_blocks(blocks)))  # (same KV back)
-                jax.block_until_ready(self.kv_caches)
+            if self.kv_moves and not adapters:
+                self.warmup_kv_moves()
         finally:
             self._warming_up = False
 
