@@ -122,6 +122,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(dict.fromkeys(cfg.eos_token_ids + _ids(self.generation_config.get("eos_token_id"))))
         self.kernel_plan = KernelPlan.from_config(config)
         self.tp = tp = TensorParallel.create(cfg, config.tensor_parallel_size)  # checked before any weight is read
+        self.host_tier = self._make_host_tier(cfg, tp)  # (before any weight or follower: a bad size fails fast)
         # Several hosts: process 0 leads (it schedules and sends every device call), the others follow.
         self.multihost_leader: multihost.Leader | None = None
         self.multihost_conn = None
@@ -135,7 +136,6 @@ class LLMEngine:
                 self.multihost_leader = multihost.Leader(jax.process_count() - 1)
             else:
                 self.multihost_conn = multihost.connect()
-        self.host_tier = self._make_host_tier(cfg, tp)  # (before the weights: a bad size fails fast)
         decoder = load_model(model_dir, cfg, self.kernel_plan, self.dtype, config.load_format, tp)
         num_blocks = config.num_kv_blocks
         block_bytes = tp.kv_block_bytes(cfg, config.block_size, self.dtype)

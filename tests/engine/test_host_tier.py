@@ -189,6 +189,18 @@ def test_bad_host_kv_cache_gb_is_one_error(tiny_models, changes, match):
     assert e.value.field == "host_kv_cache_gb"
 
 
+def test_several_hosts_are_refused_before_anything_starts(tiny_models, monkeypatch):
+    """Over several hosts the tier is refused at construction, before the channel to the followers
+    or any weight (the check needs no second process: it reads only whether there are several)."""
+    from jalora.engine import multihost
+
+    monkeypatch.setattr(multihost, "is_multihost", lambda: True)
+    monkeypatch.setattr(multihost, "Leader", lambda *a: pytest.fail("the followers' channel was opened"))
+    with pytest.raises(InvalidRequestError, match="several hosts") as e:
+        LLM(tiny_models["llama"], host_kv_cache_gb=1.0, **ENGINE)
+    assert e.value.field == "host_kv_cache_gb"
+
+
 def test_tensor_parallel_copies_move_every_kv_head(setup):
     """tp = 2 (one KV head per device): blocks gathered from both devices' shards and written back to
     them give the single-device engine's outputs (the engine without the tier)."""
