@@ -13,9 +13,12 @@ while the scheduler runs; `issue` enqueues the copies, in the order recorded, ri
 and before the step is launched: a device->host gather of evicted blocks reads their old KV before
 the step that overwrites them (one device queue runs its work in order, and the step donates the
 cache only after the gather's read), and a host->device scatter lands before the step that reads the
-blocks. The gather's result is copied to the host asynchronously (`copy_to_host_async`); `poll`, run
-after each step is read back, moves the copies that have arrived into the pool without waiting. Only
-a copy back of a block whose own copy has not arrived yet waits for it.
+blocks. The gather's result is copied to the host asynchronously (`copy_to_host_async`) and moved into
+the pool by one worker thread (numpy releases the GIL while it copies), in the order the gathers were
+issued, so the engine's thread neither waits for a transfer nor copies what it brings. Only a copy back
+of a block whose own copy has not landed yet waits for it. (A slot freed while an older copy is still
+on its way to it gets that copy first and its new block's copy after, as the worker takes them in
+order, and a block is read only once its own copy has landed.)
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -35,8 +39,8 @@ GIB = 1 << 30
 @dataclasses.dataclass(eq=False)
 class HostBlock:
     """One pool slot's block. `arriving` is the gather whose host copy has not been put into the pool yet
-    (None once it is there); `pins` counts copies back recorded but not issued (the slot must not be
-    reused before they read it)."""
+    (None once it is there, or once the block is dropped); `pins` counts copies back recorded but not
+    issued (the slot must not be reused before they read it)."""
 
     slot: int
     arriving: _Arriving | None = None
@@ -45,8 +49,9 @@ class HostBlock:
 
 @dataclasses.dataclass(eq=False)
 class _Arriving:
-    array: object  # jax.Array [n, ...] on its way to the host
+    hashes: list[bytes]
     blocks: list[HostBlock]
+    landed: Future | None = None  # the worker's landing of the gather's host copy into the pool
 
 
 @dataclasses.dataclass
@@ -69,8 +74,9 @@ class HostKVTier:
         self.pool = np.empty((capacity, *block_shape), self.dtype)
         self.blocks: OrderedDict[bytes, HostBlock] = OrderedDict()  # least recently used first
         self._free_slots = list(range(capacity - 1, -1, -1))
-        self._moves: list[tuple[str, int, HostBlock]] = []  # ("out" | "in", device block, host block)
+        self._moves: list[tuple[str, int, bytes, HostBlock]] = []  # ("out" | "in", device block, hash, block)
         self._arriving: list[_Arriving] = []
+        self._lander = ThreadPoolExecutor(1, thread_name_prefix="jalora-host-kv")
         self.counters = HostTierCounters()
 
     @staticmethod
@@ -93,7 +99,7 @@ class HostKVTier:
             return
         hb = HostBlock(slot)
         self.blocks[block_hash] = hb
-        self._moves.append(("out", device_block, hb))
+        self._moves.append(("out", device_block, block_hash, hb))
 
     def find(self, block_hash: bytes) -> HostBlock | None:
         return self.blocks.get(block_hash)
@@ -108,7 +114,7 @@ class HostKVTier:
         """`hb` (pinned by the caller) is copied into `device_block` when `issue` runs; the pin is released then."""
         self.blocks.move_to_end(block_hash)
         self.counters.hit_blocks += 1
-        self._moves.append(("in", device_block, hb))
+        self._moves.append(("in", device_block, block_hash, hb))
 
     def _take_slot(self) -> int | None:
         if self._free_slots:
@@ -149,34 +155,50 @@ class HostKVTier:
                 j += 1
             run = moves[i : i + (1 << ((j - i).bit_length() - 1))]  # a power of two: few compiled sizes
             j = i + len(run)
-            blocks = np.asarray([b for _, b, _ in run], np.int32)
+            blocks = np.asarray([b for _, b, _, _ in run], np.int32)
             if kind == "out":
-                arriving = _Arriving(gather(blocks), [hb for _, _, hb in run])
+                array = gather(blocks)
+                arriving = _Arriving([h for _, _, h, _ in run], [hb for _, _, _, hb in run])
                 for hb in arriving.blocks:
                     hb.arriving = arriving
+                arriving.landed = self._lander.submit(self._land, arriving, array)
                 self._arriving.append(arriving)
                 self.counters.blocks_to_host += len(run)
             else:
-                for _, _, hb in run:
-                    if hb.arriving is not None:  # its own copy out is still on its way: wait for it
-                        self._land(hb.arriving)
-                scatter(blocks, self.pool[[hb.slot for _, _, hb in run]])
-                for _, _, hb in run:
+                for _, _, _, hb in run:
+                    waiting = hb.arriving
+                    if waiting is not None:  # its own copy out has not landed yet: wait for it
+                        waiting.landed.result()
+                scatter(blocks, self.pool[[hb.slot for _, _, _, hb in run]])  # (a copy: the slots may be reused)
+                for _, _, _, hb in run:
                     self.unpin(hb)
                 self.counters.blocks_to_device += len(run)
             i = j
 
     def poll(self) -> None:
-        """Puts the host copies that have arrived into the pool (never waits)."""
-        for arriving in list(self._arriving):
-            if arriving.array.is_ready():
-                self._land(arriving)
+        """Forgets the landings that are done (never waits); the blocks of a copy that failed are dropped
+        (a copy back that waited for one fails with its error)."""
+        for arriving in [a for a in self._arriving if a.landed.done()]:
+            self._arriving.remove(arriving)
+            if arriving.landed.exception() is None:
+                continue
+            for h, hb in zip(arriving.hashes, arriving.blocks):
+                if self.blocks.get(h) is hb and hb.pins == 0:
+                    del self.blocks[h]
+                    hb.arriving = None
+                    self._free_slots.append(hb.slot)
 
-    def _land(self, arriving: _Arriving) -> None:
-        host = np.asarray(arriving.array)
-        live = [i for i, hb in enumerate(arriving.blocks) if hb.arriving is arriving]  # (a block dropped
-        # meanwhile lost its slot to another)
+    def drain(self) -> None:
+        """Waits until every copy issued has landed (or failed)."""
+        for arriving in list(self._arriving):
+            arriving.landed.exception()
+        self.poll()
+
+    def _land(self, arriving: _Arriving, array) -> None:
+        """On the worker thread: waits for the gather's host copy and puts its blocks into their slots
+        (those not dropped meanwhile)."""
+        host = np.asarray(array)
+        live = [i for i, hb in enumerate(arriving.blocks) if hb.arriving is arriving]
         self.pool[[arriving.blocks[i].slot for i in live]] = host[live]
         for i in live:
             arriving.blocks[i].arriving = None
-        self._arriving.remove(arriving)

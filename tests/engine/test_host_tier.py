@@ -4,6 +4,7 @@ and logprobs), the same engine without the tier (same outputs over random worklo
 bookkeeping a numpy stand-in for the device."""
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -219,26 +220,27 @@ def test_tensor_parallel_copies_move_every_kv_head(setup):
 
 
 class _Copy:
-    """A device array whose host copy arrives when the test says so (reading it earlier waits for it)."""
+    """A device array whose host copy arrives when the test opens its gate (the tier's worker waits)."""
 
-    def __init__(self, data):
-        self.data, self.ready, self.waited = data, False, False
-
-    def is_ready(self):
-        return self.ready
+    def __init__(self, data, fail=False):
+        self.data, self.fail, self.gate = data, fail, threading.Event()
 
     def __array__(self, dtype=None, copy=None):
-        self.waited |= not self.ready
+        self.gate.wait()
+        if self.fail:
+            raise RuntimeError("transfer failed")
         return self.data
 
 
 class _Device:
-    def __init__(self, n):
+    def __init__(self, n, open_gates=True):
         self.kv = np.arange(n, dtype=np.float32)[:, None]
-        self.copies = []
+        self.copies, self.open_gates, self.fail = [], open_gates, False
 
     def gather(self, blocks):
-        self.copies.append(_Copy(self.kv[blocks].copy()))
+        self.copies.append(_Copy(self.kv[blocks].copy(), self.fail))
+        if self.open_gates:
+            self.copies[-1].gate.set()
         return self.copies[-1]
 
     def scatter(self, blocks, data):
@@ -253,7 +255,7 @@ def copy_back(tier, dev, device_block, h):
 
 
 def test_tier_lru_and_late_copies():
-    dev, tier = _Device(8), HostKVTier(2, (1,), np.float32)
+    dev, tier = _Device(8, open_gates=False), HostKVTier(2, (1,), np.float32)
     tier.evicted(0, b"a")  # block 0 (KV 0) out to host
     tier.issue(dev.gather, dev.scatter)
     dev.kv[0] = 100  # the step that overwrote it
@@ -261,17 +263,17 @@ def test_tier_lru_and_late_copies():
     tier.evicted(2, b"c")  # the tier is full: "a", the least recently used, is dropped (its copy still away)
     assert tier.find(b"a") is None and tier.num_used_blocks() == 2
     tier.issue(dev.gather, dev.scatter)
-    dev.copies[1].ready = True
-    tier.poll()  # "b" and "c" land
-    dev.copies[0].ready = True
-    tier.poll()  # "a"'s late copy must not land in the slot "c" took over
+    dev.copies[1].gate.set()  # "b" and "c" arrive first, then "a"'s late copy, which must not win "c"'s slot
+    dev.copies[0].gate.set()
+    tier.drain()
     copy_back(tier, dev, 5, b"c")
-    assert dev.kv[5, 0] == 2 and not any(c.waited for c in dev.copies)
+    assert dev.kv[5, 0] == 2
     tier.evicted(3, b"d")  # drops "b" ("c" was used last)
     assert tier.find(b"b") is None and tier.find(b"c") is not None
     # Out and back in one scheduling pass: the copy back waits for the copy out, issued first.
+    dev.open_gates = True
     copy_back(tier, dev, 6, b"d")
-    assert dev.kv[6, 0] == 3 and dev.copies[-1].waited
+    assert dev.kv[6, 0] == 3
     assert tier.counters.blocks_to_host == 4 and tier.counters.blocks_to_device == 2
 
 
@@ -280,7 +282,6 @@ def test_pinned_blocks_keep_their_slot():
     dev, tier = _Device(8), HostKVTier(1, (1,), np.float32)
     tier.evicted(0, b"a")
     tier.issue(dev.gather, dev.scatter)
-    dev.copies[0].ready = True
     hb = tier.find(b"a")
     tier.pin(hb)
     tier.evicted(1, b"b")  # no free slot and the only block is pinned: "b" is not kept
@@ -290,3 +291,17 @@ def test_pinned_blocks_keep_their_slot():
     assert dev.kv[4, 0] == 0
     tier.evicted(2, b"c")  # unpinned now: "a" gives way
     assert tier.find(b"a") is None and tier.find(b"c") is not None
+
+
+def test_a_copy_that_never_lands_is_never_served():
+    dev, tier = _Device(8), HostKVTier(4, (1,), np.float32)
+    dev.fail = True
+    tier.evicted(0, b"a")
+    tier.issue(dev.gather, dev.scatter)
+    tier.drain()
+    assert tier.find(b"a") is None and tier.num_used_blocks() == 0
+    dev.fail = False
+    tier.evicted(1, b"b")  # and its slot serves again
+    tier.issue(dev.gather, dev.scatter)
+    copy_back(tier, dev, 7, b"b")
+    assert dev.kv[7, 0] == 1
