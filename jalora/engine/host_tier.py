@@ -194,6 +194,10 @@ class HostKVTier:
             arriving.landed.exception()
         self.poll()
 
+    def close(self) -> None:
+        """Stops the worker thread (copies not landed yet are dropped)."""
+        self._lander.shutdown(wait=False, cancel_futures=True)
+
     def _land(self, arriving: _Arriving, array) -> None:
         """On the worker thread: waits for the gather's host copy and puts its blocks into their slots
         (those not dropped meanwhile)."""

@@ -211,7 +211,10 @@ class LLMEngine:
             self.multihost_leader.on_lost(callback)
 
     def close(self) -> None:
-        """Stops the follower processes of a multi-host engine (they return from `multihost.follow`)."""
+        """Stops the follower processes of a multi-host engine (they return from `multihost.follow`) and
+        the host tier's worker thread."""
+        if self.host_tier is not None:
+            self.host_tier.close()
         if self.multihost_leader is not None:
             self.multihost_leader.close()
             self.multihost_leader = self.runner.leader = None
