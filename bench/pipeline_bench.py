@@ -35,8 +35,8 @@ One device command is limited to 10 minutes, so split it:
     python -m bench.pipeline_bench --model granite-8b --parts ceilings,A,B    # ~6 min
     python -m bench.pipeline_bench --model granite-8b --parts Aconc           # not measured yet (batch ~7 at 64k)
     python -m bench.pipeline_bench --model granite-8b --parts C --c-rates 8 16 32   # 7.5 min
-    python -m bench.pipeline_bench --model granite-8b --parts C --c-rates 8 16 32 --c-host-kv-gb 32 \
-        --c-pipelines 160 --c-max-seconds 20      # host-memory KV tier off vs on, same run (not measured yet)
+    python -m bench.pipeline_bench --model granite-8b --parts C --c-rates 8 16 32 --c-host-kv-gb 16 \
+        --c-pipelines 120 --c-max-seconds 25      # host-memory KV tier off vs on, same run (not measured yet)
 
 `--parts baseline --reuse-peft` measures only jalora's side again against the stored PEFT numbers (which
 keep their own run record), when the code under test is jalora's.
