@@ -15,7 +15,8 @@ Parts (`--parts`, comma separated; default all):
   B         base -> 5 adapters in parallel -> base consolidation (prompt + answer + the 5 judgements), 1k/16k.
   C         Poisson arrivals (prompt 256, answer 256, evaluation 16, 500 pipelines per rate) over a sweep of
             rates up to and past KV-cache overflow; the cache is capped at `--c-kv-pipelines` pipelines' worth
-            of blocks. Pipeline latency p50/p90/p99 and adapter hit rate per rate; per-rate time limit.
+            of blocks. Pipeline latency p50/p90/p99 and adapter hit rate per rate; per-rate time limit. With
+            --c-host-kv-gb G every rate runs twice on the same engine: host-memory KV tier off, then on (G GiB).
   baseline  the pipeline of A (1k, 4k) with transformers + PEFT on the same device (PEFT's aLoRA reusing the
             base's past_key_values, and plain LoRA), and pipeline throughput with 32 concurrent pipelines:
             PEFT batched generate vs jalora. The PEFT side runs in a child process (torch; no JAX on the GPU)
@@ -34,6 +35,8 @@ One device command is limited to 10 minutes, so split it:
     python -m bench.pipeline_bench --model granite-8b --parts ceilings,A,B    # ~6 min
     python -m bench.pipeline_bench --model granite-8b --parts Aconc           # not measured yet (batch ~7 at 64k)
     python -m bench.pipeline_bench --model granite-8b --parts C --c-rates 8 16 32   # 7.5 min
+    python -m bench.pipeline_bench --model granite-8b --parts C --c-rates 8 16 32 --c-host-kv-gb 16 \
+        --c-pipelines 120 --c-max-seconds 25      # host-memory KV tier off vs on, same run (not measured yet)
 
 `--parts baseline --reuse-peft` measures only jalora's side again against the stored PEFT numbers (which
 keep their own run record), when the code under test is jalora's.
@@ -170,11 +173,17 @@ class EngineCounters:
         sched.schedule = counting  # an instance attribute: the engine's code is untouched
 
     def snapshot(self) -> tuple:
-        return self.tokens, self.steps, self.engine.scheduler.num_preemptions
+        st = self.engine.stats()
+        return (self.tokens, self.steps, self.engine.scheduler.num_preemptions, st.host_kv_cache_hits,
+                st.host_kv_cache_bytes_to_host, st.host_kv_cache_bytes_to_device)  # fmt: skip
 
     def since(self, snap: tuple) -> dict:
-        t, s, p = self.snapshot()
-        return {"computed_tokens": t - snap[0], "steps": s - snap[1], "preemptions": p - snap[2]}
+        t, s, p, hh, b_out, b_in = self.snapshot()
+        out = {"computed_tokens": t - snap[0], "steps": s - snap[1], "preemptions": p - snap[2]}
+        if self.engine.host_tier is not None:  # (built with --c-host-kv-gb)
+            out.update(host_hit_tokens=hh - snap[3], host_bytes_to_host=b_out - snap[4],
+                       host_bytes_to_device=b_in - snap[5])  # fmt: skip
+        return out
 
 
 def run_pipelines(engine, gens: list, arrivals: list[float] | None = None, time_limit: float | None = None) -> list:
@@ -280,8 +289,10 @@ class Bench:
         self.llm = LLM(model_dir, dtype=sz["dtype"], load_format="dummy", max_num_seqs=sz["max_num_seqs"],
                        max_num_batched_tokens=sz["max_num_batched_tokens"], max_model_len=self.max_len,
                        num_kv_blocks=sz["num_kv_blocks"], max_loras=2 * NUM_JUDGES, max_lora_rank=32,
-                       tensor_parallel_size=args.tensor_parallel_size, warmup=False)  # fmt: skip
+                       tensor_parallel_size=args.tensor_parallel_size, warmup=False,
+                       host_kv_cache_gb=args.c_host_kv_gb)  # fmt: skip
         self.engine = self.llm.engine
+        self.engine.block_manager.host_tier = None  # attached for part C's tier-on runs only (c_runs)
         self.counters = EngineCounters(self.engine)
         vocab = cfg["vocab_size"]
         self.invocations = [[vocab - 3 - i, vocab - 2] for i in range(NUM_JUDGES)]  # never in a random prompt
@@ -314,6 +325,8 @@ class Bench:
             self.llm.generate([self.prompt(b)], greedy(1), adapter=self.names["lora"][0])
         self.llm.generate([self.prompt(16)], greedy(4))
         self.llm.generate([self.prompt(16)], greedy(4), adapter=self.names["lora"][0])
+        if self.engine.host_tier is not None:
+            self.engine.runner.warmup_kv_moves()
         self.warmed = True
         self.warmup_s = time.perf_counter() - t0
         print(f"warm-up (compile every bucket, base and LoRA): {self.warmup_s:.1f} s", flush=True)
@@ -399,7 +412,7 @@ class Bench:
 
         with reserved_blocks(bm, eng.num_total_blocks - cap):
             for kind in self.args.c_kinds:
-                for rate in self.args.c_rates:
+                for rate, host_gb in c_runs(self.args.c_rates, self.args.c_host_kv_gb, eng):
                     bm.reset_prefix_cache()
                     snap = self.counters.snapshot()
                     arrivals = poisson_arrivals(rate, sz["c_pipelines"], seed=int(rate * 1000))
@@ -412,15 +425,16 @@ class Bench:
                     lat = [r["end"] - r["start"] for r in ok]
                     judges = [r["result"]["judge"] for r in ok]
                     hits = [j["hit_rate"] for j in judges]
-                    row = {"kind": kind, "rate": rate, "offered": len(res), "completed": len(ok), "wall_s": wall,
-                           "completed_per_s": len(ok) / wall, "latency": percentiles(lat),
+                    row = {"kind": kind, "rate": rate, "host_kv_gb": host_gb, "offered": len(res), "completed": len(ok),
+                           "wall_s": wall, "completed_per_s": len(ok) / wall, "latency": percentiles(lat),
                            "judge_ttft": percentiles([j["ttft_s"] for j in judges]),
                            "hit_rate_mean": float(np.mean(hits)) if hits else None,
                            "hit_rate_p10": float(np.percentile(hits, 10)) if hits else None,
                            **self.counters.since(snap)}  # fmt: skip
                     rows.append(row)
                     p = row["latency"]
-                    print(f"C {kind} rate {rate}/s: {len(ok)}/{len(res)} done in {wall:.1f} s, p50 "
+                    tier = f" + host {host_gb:g} GiB" if host_gb else ""
+                    print(f"C {kind}{tier} rate {rate}/s: {len(ok)}/{len(res)} done in {wall:.1f} s, p50 "
                           f"{fmt_s(p['p50'])} p99 {fmt_s(p['p99'])}, hit {row['hit_rate_mean'] or 0:.0%}, "
                           f"preemptions {row['preemptions']}", flush=True)  # fmt: skip
                     if self.checkpoint:  # a run cut short by a time limit keeps the rates it finished
@@ -476,6 +490,19 @@ class Bench:
 def sz_cap(bench) -> int:
     """The longest prefill one step can take (one chunk, below max_model_len)."""
     return min(bench.sz["max_num_batched_tokens"], bench.engine.max_model_len - 1)
+
+
+def c_runs(rates, host_gb: float, engine):
+    """(rate, host tier GiB) of each part-C run: every rate with the host-memory KV tier off, then, with
+    --c-host-kv-gb, on (the same engine, its tier attached to the block manager for those runs only)."""
+    bm, tier = engine.block_manager, engine.host_tier
+    try:
+        for rate in rates:
+            for gb in (0.0, host_gb) if host_gb else (0.0,):
+                bm.host_tier = tier if gb else None
+                yield rate, gb
+    finally:
+        bm.host_tier = None
 
 
 class reserved_blocks:
@@ -695,7 +722,8 @@ def plots(r: dict, stem: str, folder: str) -> list[str]:
 def merge(old: dict | None, new_parts: dict) -> dict:
     parts = dict((old or {}).get("parts", {}))
     keys = {"A": lambda x: (x["prompt_len"], x["kind"]), "Aconc": lambda x: (x["prompt_len"], x["kind"]),
-            "B": lambda x: (x["prompt_len"], x["kind"]), "C": lambda x: (x["kind"], x["rate"])}  # fmt: skip
+            "B": lambda x: (x["prompt_len"], x["kind"]),
+            "C": lambda x: (x["kind"], x["rate"], x.get("host_kv_gb", 0.0))}  # fmt: skip
     for name, p in new_parts.items():
         o = parts.get(name)
         if name in keys and o and same_setup(o, p):
@@ -725,6 +753,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--c-pipelines", type=int)
     ap.add_argument("--c-kv-pipelines", type=int, help="KV cache for C, in pipelines' worth of blocks")
     ap.add_argument("--c-max-seconds", type=float, help="time limit per rate (the rest is aborted)")
+    ap.add_argument("--c-host-kv-gb", type=float, default=0.0,
+                    help="C: also run every rate with a host-memory KV tier of this many GiB (0: tier off only)")
     ap.add_argument("--num-kv-blocks", type=int, help="default: from device memory (GPU), 512 (--quick)")
     ap.add_argument("--compile-cache", default=os.path.join(tempfile.gettempdir(), "jalora-jax-cache"),
                     help="JAX persistent compilation cache ('' to disable)")  # fmt: skip
@@ -745,6 +775,8 @@ def main(argv=None) -> dict:
         return res
     if args.tp_passes < 1:
         ap.error("--tp-passes must be >= 1")
+    if not args.c_host_kv_gb >= 0:
+        ap.error("--c-host-kv-gb must be >= 0")
     parts = [p for p in args.parts.split(",") if p]
     bad = [p for p in parts if p not in PARTS]
     if bad:

@@ -55,6 +55,11 @@ class EngineConfig:
     max_num_batched_tokens: int = config_field(2048, "tokens in one step (prefill chunks and decode tokens together)")
     max_model_len: int | None = config_field(None, "longest sequence, prompt + output (default: the model's)")
     enable_prefix_caching: bool = config_field(True, "share full KV blocks between requests by base-aligned hash")
+    host_kv_cache_gb: float = config_field(
+        0.0,
+        "host RAM (GiB) for KV blocks evicted from the device, copied back on a prefix-cache hit instead of "
+        "recomputed (0 = off)",
+    )
     max_loras: int = config_field(4, "adapter slots on the device")
     max_lora_rank: int = config_field(64, "largest adapter rank (every slot is padded to it)")
     async_scheduling: bool = config_field(
@@ -97,6 +102,11 @@ class EngineConfig:
         u = self.gpu_memory_utilization
         require(isinstance(u, int | float) and not isinstance(u, bool) and math.isfinite(u) and 0 < u <= 1,
                 "gpu_memory_utilization", f"must be a number in (0, 1], got {u!r}")  # fmt: skip
+        g = self.host_kv_cache_gb
+        require(isinstance(g, int | float) and not isinstance(g, bool) and math.isfinite(g) and g >= 0,
+                "host_kv_cache_gb", f"must be a number >= 0 (GiB; 0 = no host tier), got {g!r}")  # fmt: skip
+        require(g == 0 or self.enable_prefix_caching is not False, "host_kv_cache_gb",
+                "keeps prefix-cache blocks: it needs enable_prefix_caching")  # fmt: skip
         for name in ("enable_prefix_caching", "async_scheduling", "warmup", "kernel_interpret"):
             require(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
         require(is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")

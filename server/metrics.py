@@ -3,7 +3,8 @@
 Names are vLLM's where vLLM has the metric, under a `jalora:` prefix (a counter `jalora:x` is exposed as
 `jalora:x_total`, as vLLM's are), plus jalora's own: prefix-cache hits split by the key of the block they
 hit (base-keyed blocks hold the base model's KV and serve every adapter), evictions, the activation
-index of aLoRA requests, and compilations of step variants.
+index of aLoRA requests, compilations of step variants, and the host-memory KV tier (hits, bytes moved
+each way, blocks held).
 
 The numbers come from two places, both on the engine thread (server/engine_worker.py calls `observe`
 after every step, request added and abort, before the step's deltas go out, so whatever a client has
@@ -167,6 +168,19 @@ class _EngineStatsCollector(Collector):
         yield by_key
         yield counter("prefix_cache_evictions", "Cached KV blocks overwritten to make room.", s.prefix_cache_evictions)
         yield gauge("prefix_cache_blocks", "KV blocks findable in the prefix cache.", s.num_cached_blocks)
+        yield counter("host_kv_cache_hits", "Prefix-cache hits, in tokens, served by copying KV blocks back from "
+                      "the host-memory tier (included in prefix_cache_hits).", s.host_kv_cache_hits)  # fmt: skip
+        moved = CounterMetricFamily(
+            PREFIX + "host_kv_cache_bytes", "Bytes of KV blocks copied between the device and the host-memory "
+            "tier, by direction (to_host: evicted from the device; to_device: copied back on a hit).",
+            labels=["direction"],
+        )  # fmt: skip
+        moved.add_metric(["to_host"], s.host_kv_cache_bytes_to_host)
+        moved.add_metric(["to_device"], s.host_kv_cache_bytes_to_device)
+        yield moved
+        yield gauge("host_kv_cache_blocks", "KV blocks held in the host-memory tier.", s.host_kv_cache_blocks)
+        yield gauge("host_kv_cache_capacity_blocks", "KV blocks the host-memory tier can hold (0: it is off).",
+                    s.host_kv_cache_capacity_blocks)  # fmt: skip
         compilations = CounterMetricFamily(
             PREFIX + "step_compilations", "First uses of a compiled step variant (a compilation, or a load from "
             "JAX's persistent cache), in the warm-up or while serving (where requests waited for it).",

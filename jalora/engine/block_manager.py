@@ -4,15 +4,23 @@ A block with refcount 0 keeps its KV and its hash until it is reused for somethi
 request with the same prefix finds it. Free blocks sit in one ordered dict in eviction order: blocks
 that hold nothing findable first, then cached blocks least recently used first; a finished request
 releases its blocks tail first, so the leaves of a hash chain go before its root.
+
+With a host tier (jalora/engine/host_tier.py) an overwritten cached block's KV moves to host RAM under
+its hash, and a lookup continues there where the device misses: each block found on the host gets a
+fresh device block, registered at once, whose KV the tier copies back before the next step runs.
 """
 
 from collections import OrderedDict
 
+from jalora.engine.host_tier import HostKVTier
 from jalora.engine.request import BlockIds, Request
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool):
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool, host_tier: HostKVTier | None = None
+    ):
+        self.host_tier = host_tier if enable_prefix_caching else None
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
@@ -49,6 +57,8 @@ class BlockManager:
             if self.cached.get(h) == block:
                 del self.cached[h]
                 self.num_evictions += 1
+                if self.host_tier is not None:  # its KV moves to host RAM (copied before the next step)
+                    self.host_tier.evicted(block, h)
             self.block_hash[block] = None
         self.ref_count[block] = 1
         return block
@@ -62,17 +72,38 @@ class BlockManager:
             return 0
         hashes = req.update_block_hashes(self.block_size)
         max_blocks = (req.num_tokens - 1) // self.block_size
-        hits = []
+        tier = self.host_tier
+        chain = []  # (hash, its device block or None, its host-tier block where the device has none)
         for h in hashes[:max_blocks]:
             block = self.cached.get(h)
-            if block is None:
+            hb = None if block is not None or tier is None else tier.find(h)
+            if block is None and hb is None:
                 break
-            hits.append(block)
-        for block in hits:
-            self._take(block)
-        req.block_ids = BlockIds(hits)
-        req.num_registered_blocks = len(hits)
-        return len(hits) * self.block_size
+            chain.append((h, block, hb))
+        if tier is not None:
+            # Each block copied back takes a fresh block: as many as stay free once the device hits are taken.
+            room = len(self.free) - sum(1 for _, b, _ in chain if b is not None and self.ref_count[b] == 0)
+            for i, (_, block, hb) in enumerate(chain):
+                if block is None:
+                    if room == 0:
+                        del chain[i:]
+                        break
+                    room -= 1
+                    tier.pin(hb)  # (before any eviction below can reuse its host slot)
+        for _, block, _ in chain:
+            if block is not None:
+                self._take(block)
+        ids = []
+        for h, block, hb in chain:
+            if block is None:  # registered now: the tier copies its KV back before the next step runs
+                block = self._new_block()
+                self.cached[h] = block
+                self.block_hash[block] = h
+                tier.copy_back(block, h, hb)
+            ids.append(block)
+        req.block_ids = BlockIds(ids)
+        req.num_registered_blocks = len(ids)
+        return len(ids) * self.block_size
 
     def blocks_needed(self, req: Request, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(req.block_ids))
@@ -114,6 +145,9 @@ class BlockManager:
         req.num_registered_blocks = 0
 
     def reset_prefix_cache(self) -> None:
+        """Forgets every cached block, on the device and in the host tier."""
         for block in list(self.cached.values()):
             self.block_hash[block] = None
         self.cached.clear()
+        if self.host_tier is not None:
+            self.host_tier.reset()

@@ -84,6 +84,13 @@ class EngineStats:
     warmup_compile_seconds: float
     compilations: int
     compile_seconds: float
+    # The host-memory KV tier (0 when it is off): tokens of prefix-cache hits served by copying blocks
+    # back from host RAM, bytes copied each way, and the blocks it holds now and can hold.
+    host_kv_cache_hits: int = 0
+    host_kv_cache_bytes_to_host: int = 0
+    host_kv_cache_bytes_to_device: int = 0
+    host_kv_cache_blocks: int = 0
+    host_kv_cache_capacity_blocks: int = 0
 
     @property
     def prefix_cache_hits_adapter_keyed(self) -> int:

@@ -27,6 +27,7 @@ from jalora.config import EngineConfig
 from jalora.engine import multihost
 from jalora.engine.block_manager import BlockManager
 from jalora.engine.chat import ChatTemplate, read_chat_template
+from jalora.engine.host_tier import HostKVTier
 from jalora.engine.interface import EncodedPrompt, EngineInfo, EngineStats
 from jalora.engine.model_runner import ModelRunner, StepResult
 from jalora.engine.output_processor import OutputProcessor
@@ -121,6 +122,7 @@ class LLMEngine:
         self.eos_token_ids = tuple(dict.fromkeys(cfg.eos_token_ids + _ids(self.generation_config.get("eos_token_id"))))
         self.kernel_plan = KernelPlan.from_config(config)
         self.tp = tp = TensorParallel.create(cfg, config.tensor_parallel_size)  # checked before any weight is read
+        self.host_tier = self._make_host_tier(cfg, tp)  # (before any weight or follower: a bad size fails fast)
         # Several hosts: process 0 leads (it schedules and sends every device call), the others follow.
         self.multihost_leader: multihost.Leader | None = None
         self.multihost_conn = None
@@ -149,13 +151,15 @@ class LLMEngine:
         # A lone request must always fit, or it could never finish.
         self.max_model_len = min(max_model_len, num_blocks * config.block_size)
         self.num_total_blocks = num_blocks
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.enable_prefix_caching, host_tier=self.host_tier
+        )
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
         )
         self.runner = ModelRunner(
             decoder, num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
-            self.max_model_len, self.dtype, tp,
+            self.max_model_len, self.dtype, tp, kv_moves=self.host_tier is not None,
         )  # fmt: skip
         self.pipeline = StepPipeline(self.runner, config.async_scheduling)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
@@ -175,13 +179,42 @@ class LLMEngine:
             self.runner.warmup()
         self.runner.leader = self.multihost_leader  # from here on process 0 sends each device call
 
+    def _make_host_tier(self, cfg: ModelConfig, tp: TensorParallel) -> HostKVTier | None:
+        """The host-memory KV tier of config.host_kv_cache_gb (None for 0). Raises InvalidRequestError
+        naming host_kv_cache_gb where it cannot be made."""
+        gib = self.config.host_kv_cache_gb
+        if not gib:
+            return None
+        if multihost.is_multihost():
+            raise InvalidRequestError(
+                "host_kv_cache_gb", "is not supported on several hosts yet (each process would have to keep "
+                "its own devices' KV heads); leave it at 0",
+            )  # fmt: skip
+        bs = self.config.block_size
+        block_shape = (cfg.num_layers, 2, bs, tp.kv_shape(cfg, 1, bs)[2], cfg.head_dim)
+        block_bytes = int(np.prod(block_shape)) * np.dtype(self.dtype).itemsize
+        capacity = HostKVTier.capacity_for(gib, block_bytes)
+        if capacity < 1:
+            raise InvalidRequestError(
+                "host_kv_cache_gb", f"{gib} GiB holds no KV block (one takes {block_bytes} bytes)"
+            )
+        try:
+            return HostKVTier(capacity, block_shape, self.dtype)
+        except MemoryError as e:
+            raise InvalidRequestError(
+                "host_kv_cache_gb", f"cannot reserve {gib} GiB of host memory for the KV tier: {e}"
+            ) from e
+
     def on_failure(self, callback) -> None:
         """`callback(reason)` when a follower process of a multi-host engine is lost (at once if one is)."""
         if self.multihost_leader is not None:
             self.multihost_leader.on_lost(callback)
 
     def close(self) -> None:
-        """Stops the follower processes of a multi-host engine (they return from `multihost.follow`)."""
+        """Stops the follower processes of a multi-host engine (they return from `multihost.follow`) and
+        the host tier's worker thread."""
+        if self.host_tier is not None:
+            self.host_tier.close()
         if self.multihost_leader is not None:
             self.multihost_leader.close()
             self.multihost_leader = self.runner.leader = None
@@ -307,6 +340,20 @@ class LLMEngine:
             warmup_compile_seconds=compiles.warmup_seconds,
             compilations=compiles.serving,
             compile_seconds=compiles.serving_seconds,
+            **self._host_tier_stats(),
+        )
+
+    def _host_tier_stats(self) -> dict:
+        tier = self.host_tier
+        if tier is None:
+            return {}
+        c = tier.counters
+        return dict(
+            host_kv_cache_hits=c.hit_blocks * self.config.block_size,
+            host_kv_cache_bytes_to_host=c.blocks_to_host * tier.block_bytes,
+            host_kv_cache_bytes_to_device=c.blocks_to_device * tier.block_bytes,
+            host_kv_cache_blocks=tier.num_used_blocks(),
+            host_kv_cache_capacity_blocks=tier.capacity,
         )
 
     # -- requests --------------------------------------------------------------------------------
@@ -391,9 +438,14 @@ class LLMEngine:
         With async scheduling this enqueues the next batch, then reads back the previous one: the
         deltas returned are the previous step's."""
         deltas, self._owed = self._owed, []
-        new, ready, reading = None, [], False
+        new, ready, reading, moving = None, [], False, False
+        tier = self.host_tier
         try:
             batch = self.scheduler.schedule()
+            if tier is not None and tier.has_moves:  # the host tier's copies, ahead of the step (host_tier.py)
+                moving = True
+                tier.issue(self.runner.gather_kv_blocks, self.runner.scatter_kv_blocks)
+                moving = False
             new = self.pipeline.dispatch(batch, self.adapters.stacks)  # rolls itself back if it fails
             ready = self.pipeline.take_ready(new)
             for step in ready:
@@ -403,6 +455,8 @@ class LLMEngine:
                 now = time.monotonic()
                 for row in self.pipeline.rows(step):
                     self._postprocess(row, result, now, deltas)
+            if tier is not None:
+                tier.poll()
         except BaseException as e:
             self._owed = deltas + self._owed  # outputs owed before the error come with the next call
             # Once read-back began, this call's steps are lost (results unread or half applied): their
@@ -412,7 +466,8 @@ class LLMEngine:
             if new is not None and (ready or not self.pipeline.is_queued(new)):
                 lost.append(new)  # read-back began, or an interrupt came before `new` was recorded
             self.pipeline.drop(lost)
-            if (reading and isinstance(e, Exception)) or self.runner.kv_cache_deleted():
+            # A copy into the cache that failed leaves registered blocks without their KV.
+            if (reading and isinstance(e, Exception)) or moving or self.runner.kv_cache_deleted():
                 self._recompute_all()
             raise
         return deltas
@@ -444,6 +499,6 @@ class LLMEngine:
         """After a step failed on the device (or took the donated cache with it): a fresh cache, an
         empty prefix cache, and every running request recomputed from its tokens."""
         self.runner.reset_kv_cache()
-        self.block_manager.reset_prefix_cache()  # no cached block holds its KV any more
+        self.block_manager.reset_prefix_cache()  # no cached block holds its KV any more (nor, trusted, the host tier)
         for req in list(self.scheduler.running):
             self.scheduler.preempt(req)

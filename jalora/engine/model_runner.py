@@ -29,6 +29,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jalora.adapters.manager import AdapterStacks, LoraStack
+from jalora.engine.host_tier import MAX_MOVE_BLOCKS
 from jalora.engine.multihost import Recent
 from jalora.engine.scheduler import ScheduledBatch
 from jalora.model.checkpoint import param_name
@@ -164,6 +165,7 @@ class ModelRunner:
         max_model_len: int,
         kv_dtype,
         tp: TensorParallel | None = None,
+        kv_moves: bool = False,
     ):
         cfg = model.cfg
         self.tp = tp = TensorParallel() if tp is None else tp
@@ -251,6 +253,19 @@ class ModelRunner:
             all_lp = jax.nn.log_softmax(logits_of(params, hidden), axis=-1)
             return jnp.take_along_axis(all_lp, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
 
+        def gather_fn(kv_caches, blocks):  # i32[n] -> [n, layers, 2 (K, V), block_size, kv heads, head_dim]
+            return jnp.stack([jnp.stack([k[blocks], v[blocks]], axis=1) for k, v in kv_caches], axis=1)
+
+        def scatter_fn(kv_caches, blocks, data):  # i32[n], [n, layers, 2, block_size, kv heads, head_dim]
+            return [(k.at[blocks].set(data[:, i, 0]), v.at[blocks].set(data[:, i, 1])) for i, (k, v) in
+                    enumerate(kv_caches)]  # fmt: skip
+
+        # The host tier's copies (jalora/engine/host_tier.py): whole blocks out of and into the cache, in
+        # its sharding (under tensor parallelism each device gathers and writes its own KV heads).
+        kv_shardings = [(tp.sharding(KV_SPEC),) * 2] * cfg.num_layers if tp.sharded else None
+        self.kv_moves = kv_moves
+        self._gather = jax.jit(gather_fn)
+        self._scatter = jax.jit(scatter_fn, donate_argnums=(0,), out_shardings=kv_shardings)
         self._step = jax.jit(step_fn, static_argnames=("layout",), donate_argnums=(1,))
         self._draw = jax.jit(draw_fn, static_argnames=("layout",))
         self._top = jax.jit(top_fn)
@@ -463,6 +478,29 @@ class ModelRunner:
         zeros = self.tp.zeros
         self.kv_caches = [tuple(zeros(c.shape, c.dtype, KV_SPEC) for c in kv) for kv in self.kv_caches]
 
+    def gather_kv_blocks(self, blocks: np.ndarray) -> jax.Array:
+        """Enqueues a copy of cache blocks `blocks` (i32[n]) for the host tier and starts its transfer to
+        the host; returns the device array [n, layers, 2, block_size, kv heads, head_dim] (not waited for).
+        Enqueued before the step that overwrites them, it reads their KV as it was."""
+        out = self._gather(self.kv_caches, blocks)
+        out.copy_to_host_async()
+        return out
+
+    def scatter_kv_blocks(self, blocks: np.ndarray, data: np.ndarray) -> None:
+        """Enqueues writing `data` ([n, layers, 2, block_size, kv heads, head_dim], host memory) into cache
+        blocks `blocks` (i32[n]), the cache donated (as a step's); the next step reads them after it."""
+        if self.tp.sharded:
+            data = self.tp.put(data, P(None, None, None, None, AXIS, None))
+        self.kv_caches = self._scatter(self.kv_caches, blocks, data)
+
+    def warmup_kv_moves(self) -> None:
+        """Compiles the host tier's copies for each size a run of them is split into (each block written
+        back with the KV it holds: nothing changes)."""
+        for n in move_sizes(self.kv_caches[0][0].shape[0]):
+            blocks = np.arange(n, dtype=np.int32)
+            self.scatter_kv_blocks(blocks, np.asarray(self.gather_kv_blocks(blocks)))
+        jax.block_until_ready(self.kv_caches)
+
     def dispatch(
         self,
         batch: ScheduledBatch,
@@ -510,8 +548,15 @@ class ModelRunner:
                     self._prompt_lp_compiled[t] = self._prompt_lp.lower(self.params, hidden, targets).compile()
                 if self.num_compiled() > compiled:
                     self._record_compile(t, tuple(sorted(adapters or {})), time.perf_counter() - start)
+            if self.kv_moves and not adapters:
+                self.warmup_kv_moves()
         finally:
             self._warming_up = False
+
+
+def move_sizes(num_blocks: int) -> list[int]:
+    """The block counts the host tier's copies run with: powers of two up to MAX_MOVE_BLOCKS (and the cache)."""
+    return [1 << i for i in range(MAX_MOVE_BLOCKS.bit_length()) if 1 << i <= min(MAX_MOVE_BLOCKS, num_blocks)]
 
 
 def _local(x: jax.Array) -> jax.Array:

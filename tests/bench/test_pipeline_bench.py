@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from bench.pipeline_bench import (
+    c_runs,
     concurrent_batch,
     merge,
     merge_rows,
@@ -47,6 +48,22 @@ def test_merge_rows_and_parts():
     assert [r["rate"] for r in parts["C"]["rows"]] == [4.0, 8.0] and parts["C"]["runs"] == [{"c": 1}, {"c": 2}]
     n2 = {"C": {"prompt": 512, "rows": [{"kind": "alora", "rate": 8.0}], "run": {"c": 3}}}
     assert [r["rate"] for r in merge(o, n2)["C"]["rows"]] == [8.0]  # another setup replaces the part
+
+
+def test_c_runs_attach_the_host_tier_for_tier_on_runs_only():
+    """Part C with --c-host-kv-gb: each rate off then on, the engine's tier attached only while on."""
+
+    class Engine:
+        host_tier = object()
+
+        class block_manager:  # noqa: N801
+            host_tier = None
+
+    seen = [(rate, gb, Engine.block_manager.host_tier) for rate, gb in c_runs([8.0, 16.0], 32.0, Engine)]
+    t = Engine.host_tier
+    assert seen == [(8.0, 0.0, None), (8.0, 32.0, t), (16.0, 0.0, None), (16.0, 32.0, t)]
+    assert Engine.block_manager.host_tier is None
+    assert [(r, g) for r, g in c_runs([8.0], 0.0, Engine)] == [(8.0, 0.0)]
 
 
 class _FakeEngine:

@@ -39,7 +39,7 @@ def llm(tiny_models, tmp_path_factory):
         invocation=INV, seed=1,
     )  # fmt: skip
     llm = LLM(base, num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, max_loras=2,
-              max_lora_rank=4, warmup=True)  # fmt: skip
+              max_lora_rank=4, warmup=True, host_kv_cache_gb=0.01)  # fmt: skip
     llm.load_adapter("judge", path)
     llm.engine.warmup_adapters(progress=False)
     return llm
@@ -67,3 +67,13 @@ def test_no_request_compiles_after_warmup(llm, adapter):
     mixed = [SamplingParams(max_tokens=4, ignore_eos=True, **fields) for fields in KINDS.values()][:4]
     llm.generate([[20 + i, 21, 22] + suffix for i in range(4)], mixed, [adapter] * 4)
     assert len(COMPILES) == compiles, "a request compiled after the warm-up"
+
+
+def test_host_tier_copies_compile_in_the_warmup(llm):
+    """Blocks evicted to the host tier and copied back (runs of several sizes) compile nothing."""
+    compiles, hits = len(COMPILES), llm.engine.stats().host_kv_cache_hits
+    prompts = [[i, i] + list(range(10, 25 + 16 * (i % 3))) for i in range(12, 60)]  # 1 to 3 full blocks each
+    for _ in range(2):  # 96 blocks: the 64-block cache overflows; the second pass hits the host
+        llm.generate(prompts, SamplingParams(max_tokens=1))
+    assert llm.engine.stats().host_kv_cache_hits > hits
+    assert len(COMPILES) == compiles, "a host-tier copy compiled after the warm-up"

@@ -300,6 +300,7 @@ def test_flags_reach_the_configs(tiny_models, tmp_path):
         (["serve", "--block-size", "0"], "block_size"),
         (["serve", "--max-num-seqs", "-1"], "max_num_seqs"),
         (["serve", "--gpu-memory-utilization", "1.5"], "gpu_memory_utilization"),
+        (["serve", "--host-kv-cache-gb", "-1"], "host_kv_cache_gb"),
         (["serve", "--max-pending-requests", "0"], "max_pending_requests"),
         (["serve", "--port", "70000"], "port"),
         (["serve", "--metrics-port", "70000"], "metrics_port"),

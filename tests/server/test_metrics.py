@@ -141,6 +141,8 @@ def test_metrics_count_what_was_sent(server, access_log):
     assert value(m, "prefix_cache_hits_by_block_key_total", block_key="adapter", request="adapter") == BLOCK
     assert value(m, "prefix_cache_evictions_total") == 0 and value(m, "num_preemptions_total") == 0
     assert value(m, "prefix_cache_blocks") > 0
+    assert value(m, "host_kv_cache_capacity_blocks") == 0 and value(m, "host_kv_cache_hits_total") == 0  # off
+    assert value(m, "host_kv_cache_bytes_total", direction="to_host") == 0
     # Histograms: a first token per computed request, an interval between each two of a request's
     # tokens, an end per finished request (the abort too).
     assert value(m, "time_to_first_token_seconds_count") == 4

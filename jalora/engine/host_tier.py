@@ -1,0 +1,208 @@
+"""The host-memory KV tier: KV blocks evicted from the device kept in host RAM, and copied back on a hit.
+
+When the block manager overwrites a cached block (refcount 0, LRU first), the block's KV is copied to
+a slot of a host pool under the same base-aligned hash; a later prefix-cache lookup that misses on the
+device but finds the hash here gets a fresh device block and the KV copied back into it instead of
+recomputing those tokens. The pool is LRU too: a block evicted from the device goes to its most
+recently used end (it was on the device until now), a hit touches it, and a full pool drops its least
+recently used block. A block copied back stays in the pool as well, so evicting it from the device
+again costs no copy.
+
+Ordering is by the device's queue. The block manager only records what moves (`evicted`, `copy_back`)
+while the scheduler runs; `issue` enqueues the copies, in the order recorded, right after scheduling
+and before the step is launched: a device->host gather of evicted blocks reads their old KV before
+the step that overwrites them (one device queue runs its work in order, and the step donates the
+cache only after the gather's read), and a host->device scatter lands before the step that reads the
+blocks. The gather's result is copied to the host asynchronously (`copy_to_host_async`) and moved into
+the pool by one worker thread (numpy releases the GIL while it copies), in the order the gathers were
+issued, so the engine's thread neither waits for a transfer nor copies what it brings. Only a copy back
+of a block whose own copy has not landed yet waits for it. (A slot freed while an older copy is still
+on its way to it gets that copy first and its new block's copy after, as the worker takes them in
+order, and a block is read only once its own copy has landed.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+# Largest number of blocks one gather or scatter moves: a run of more is split, so the copy functions
+# compile for the powers of two up to this (ModelRunner warms them up) and no larger.
+MAX_MOVE_BLOCKS = 64
+GIB = 1 << 30
+
+
+@dataclasses.dataclass(eq=False)
+class HostBlock:
+    """One pool slot's block. `arriving` is the gather whose host copy has not been put into the pool yet
+    (None once it is there, or once the block is dropped); `pins` counts copies back recorded but not
+    issued (the slot must not be reused before they read it)."""
+
+    slot: int
+    arriving: _Arriving | None = None
+    pins: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Arriving:
+    hashes: list[bytes]
+    blocks: list[HostBlock]
+    landed: Future | None = None  # the worker's landing of the gather's host copy into the pool
+
+
+@dataclasses.dataclass
+class HostTierCounters:
+    hit_blocks: int = 0  # blocks copied back to serve a lookup
+    blocks_to_host: int = 0
+    blocks_to_device: int = 0
+
+
+class HostKVTier:
+    """Host RAM for `capacity` KV blocks of `block_shape` ([layers, 2, block_size, kv heads, head_dim]:
+    K and V of every layer, every KV head, whatever the device sharding) and `dtype`."""
+
+    def __init__(self, capacity: int, block_shape: tuple[int, ...], dtype):
+        self.capacity = capacity
+        self.block_shape = tuple(block_shape)
+        self.dtype = np.dtype(dtype)
+        self.block_bytes = int(np.prod(block_shape)) * self.dtype.itemsize
+        # np.empty takes address space only: pages are committed as blocks land in them.
+        self.pool = np.empty((capacity, *block_shape), self.dtype)
+        self.blocks: OrderedDict[bytes, HostBlock] = OrderedDict()  # least recently used first
+        self._free_slots = list(range(capacity - 1, -1, -1))
+        self._moves: list[tuple[str, int, bytes, HostBlock]] = []  # ("out" | "in", device block, hash, block)
+        self._arriving: list[_Arriving] = []
+        self._lander = ThreadPoolExecutor(1, thread_name_prefix="jalora-host-kv")
+        self.counters = HostTierCounters()
+
+    @staticmethod
+    def capacity_for(gib: float, block_bytes: int) -> int:
+        return int(gib * GIB // block_bytes)
+
+    def num_used_blocks(self) -> int:
+        return len(self.blocks)
+
+    # -- the block manager's side (host bookkeeping only; nothing touches a device) ----------------------
+
+    def evicted(self, device_block: int, block_hash: bytes) -> None:
+        """A cached device block is about to be overwritten: keep its KV (copied when `issue` runs)."""
+        held = self.blocks.get(block_hash)
+        if held is not None:  # its KV is here already (it was copied back from here, or out before)
+            self.blocks.move_to_end(block_hash)
+            return
+        slot = self._take_slot()
+        if slot is None:  # every slot is pinned by a copy back of this scheduling pass: keep nothing
+            return
+        hb = HostBlock(slot)
+        self.blocks[block_hash] = hb
+        self._moves.append(("out", device_block, block_hash, hb))
+
+    def find(self, block_hash: bytes) -> HostBlock | None:
+        return self.blocks.get(block_hash)
+
+    def pin(self, hb: HostBlock) -> None:
+        hb.pins += 1
+
+    def unpin(self, hb: HostBlock) -> None:
+        hb.pins -= 1
+
+    def copy_back(self, device_block: int, block_hash: bytes, hb: HostBlock) -> None:
+        """`hb` (pinned by the caller) is copied into `device_block` when `issue` runs; the pin is released then."""
+        self.blocks.move_to_end(block_hash)
+        self.counters.hit_blocks += 1
+        self._moves.append(("in", device_block, block_hash, hb))
+
+    def _take_slot(self) -> int | None:
+        if self._free_slots:
+            return self._free_slots.pop()
+        for h, hb in self.blocks.items():  # least recently used first
+            if hb.pins == 0:
+                del self.blocks[h]
+                hb.arriving = None
+                return hb.slot
+        return None
+
+    def reset(self) -> None:
+        """Forgets every block (the device's prefix cache was reset: none of them may be found again)."""
+        for hb in self.blocks.values():
+            hb.arriving = None
+        self.blocks.clear()
+        self._moves.clear()
+        self._arriving.clear()
+        self._free_slots = list(range(self.capacity - 1, -1, -1))
+
+    # -- the engine's side: the copies ----------------------------------------------------------------
+
+    @property
+    def has_moves(self) -> bool:
+        return bool(self._moves)
+
+    def issue(self, gather: Callable[[np.ndarray], object], scatter: Callable[[np.ndarray, np.ndarray], None]) -> None:
+        """Enqueues the recorded copies in order (runs of one direction batched, in pieces of a power of
+        two up to MAX_MOVE_BLOCKS blocks): `gather(device blocks)` returns a device array [n, *block_shape]
+        whose copy to the host it has started; `scatter(device blocks, host array)` writes blocks into the
+        device cache."""
+        moves, self._moves = self._moves, []
+        i = 0
+        while i < len(moves):
+            kind = moves[i][0]
+            j = i
+            while j < len(moves) and moves[j][0] == kind and j - i < MAX_MOVE_BLOCKS:
+                j += 1
+            run = moves[i : i + (1 << ((j - i).bit_length() - 1))]  # a power of two: few compiled sizes
+            j = i + len(run)
+            blocks = np.asarray([b for _, b, _, _ in run], np.int32)
+            if kind == "out":
+                array = gather(blocks)
+                arriving = _Arriving([h for _, _, h, _ in run], [hb for _, _, _, hb in run])
+                for hb in arriving.blocks:
+                    hb.arriving = arriving
+                arriving.landed = self._lander.submit(self._land, arriving, array)
+                self._arriving.append(arriving)
+                self.counters.blocks_to_host += len(run)
+            else:
+                for _, _, _, hb in run:
+                    waiting = hb.arriving
+                    if waiting is not None:  # its own copy out has not landed yet: wait for it
+                        waiting.landed.result()
+                scatter(blocks, self.pool[[hb.slot for _, _, _, hb in run]])  # (a copy: the slots may be reused)
+                for _, _, _, hb in run:
+                    self.unpin(hb)
+                self.counters.blocks_to_device += len(run)
+            i = j
+
+    def poll(self) -> None:
+        """Forgets the landings that are done (never waits); the blocks of a copy that failed are dropped
+        (a copy back that waited for one fails with its error)."""
+        for arriving in [a for a in self._arriving if a.landed.done()]:
+            self._arriving.remove(arriving)
+            if arriving.landed.exception() is None:
+                continue
+            for h, hb in zip(arriving.hashes, arriving.blocks):
+                if self.blocks.get(h) is hb and hb.pins == 0:
+                    del self.blocks[h]
+                    hb.arriving = None
+                    self._free_slots.append(hb.slot)
+
+    def drain(self) -> None:
+        """Waits until every copy issued has landed (or failed)."""
+        for arriving in list(self._arriving):
+            arriving.landed.exception()
+        self.poll()
+
+    def close(self) -> None:
+        """Stops the worker thread (copies not landed yet are dropped)."""
+        self._lander.shutdown(wait=False, cancel_futures=True)
+
+    def _land(self, arriving: _Arriving, array) -> None:
+        """On the worker thread: waits for the gather's host copy and puts its blocks into their slots
+        (those not dropped meanwhile)."""
+        host = np.asarray(array)
+        live = [i for i, hb in enumerate(arriving.blocks) if hb.arriving is arriving]
+        self.pool[[arriving.blocks[i].slot for i in live]] = host[live]
+        for i in live:
+            arriving.blocks[i].arriving = None
