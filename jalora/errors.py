@@ -48,6 +48,14 @@ class AdapterNotFoundError(InvalidRequestError):
         self.name = name
 
 
+class SessionNotFoundError(InvalidRequestError):
+    """Ending a pipeline session that is not live (never opened, ended, expired or evicted; gRPC NOT_FOUND)."""
+
+    def __init__(self, session):
+        super().__init__("session", f"{quoted(session)} is not a live session (never opened, or ended already)")
+        self.session = session
+
+
 class PreconditionError(InvalidRequestError):
     """A well-formed request that the engine's current state cannot serve (gRPC FAILED_PRECONDITION)."""
 

@@ -34,9 +34,17 @@ class LLM:
         prompts: Prompt | list[Prompt],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         adapter: str | None | list[str | None] = None,
+        *,
+        session: str | None = None,
+        session_ttl: float | None = None,
+        end_session: bool = False,
     ) -> list[RequestOutput]:
         """Runs every prompt to completion (batched together); outputs in prompt order. Without sampling
-        parameters a request takes the model's defaults (`engine.default_sampling_params()`)."""
+        parameters a request takes the model's defaults (`engine.default_sampling_params()`).
+
+        `session="id"` keeps the blocks these requests computed (prompt and output) from eviction for the
+        session's next requests, e.g. the judges of this answer, until the session has been idle for
+        `session_ttl` seconds, `end_session(id)` is called, or a request with `end_session=True` finishes."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         n = len(prompts)
@@ -55,7 +63,9 @@ class LLM:
         running: dict[str, OutputAccumulator] = {}
         try:
             for rid, prompt, p, a in zip(ids, prompts, params, adapters):
-                self.engine.add_request(rid, prompt, p, a)
+                self.engine.add_request(
+                    rid, prompt, p, a, session=session, session_ttl=session_ttl, end_session=end_session
+                )
                 text = prompt if isinstance(prompt, str) else None
                 running[rid] = OutputAccumulator(rid, text, p.logprobs is not None)
         except Exception:
@@ -101,6 +111,10 @@ class LLM:
             for conversation, name in zip(messages, adapters)
         ]
         return self.generate(prompts, sampling_params, adapters)
+
+    def end_session(self, session: str) -> None:
+        """Ends a live pipeline session: its blocks become evictable (SessionNotFoundError if not live)."""
+        self.engine.end_session(session)
 
     def _abort(self, running: dict[str, OutputAccumulator]) -> None:
         for rid in running:

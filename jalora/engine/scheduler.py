@@ -14,6 +14,7 @@ request with a pending token waits until the token has come back before it is ad
 import dataclasses
 import time
 from collections import deque
+from collections.abc import Callable
 
 from jalora.engine.block_hasher import num_base_keyed_blocks
 from jalora.engine.block_manager import BlockManager
@@ -64,9 +65,16 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.prefix_cache = PrefixCacheCounters()
+        # Called when nothing runs and the first waiting request cannot get its blocks: frees blocks that
+        # pipeline sessions retain (True if it freed any), so retention never stalls the engine.
+        self.reclaim: Callable[[], bool] | None = None
 
-    def add(self, req: Request) -> None:
-        self.waiting.append(req)
+    def add(self, req: Request, first: bool = False) -> None:
+        """Queues `req` last, or with `first` ahead of the waiting requests."""
+        if first:
+            self.waiting.appendleft(req)
+        else:
+            self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -113,6 +121,8 @@ class Scheduler:
             n = min(req.num_tokens - cached, budget)
             if not self.bm.allocate(req, cached + n):
                 self.bm.release(req)
+                if not self.running and self.reclaim is not None and self.reclaim():
+                    continue  # sessions let blocks go: look it up again
                 break
             self.waiting.popleft()
             if req.metrics.first_scheduled_time is None:
