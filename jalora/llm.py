@@ -19,14 +19,14 @@ class LLM:
     """Offline generation over an LLMEngine; `llm.engine` is the incremental interface.
 
     `LLM("path/to/model", max_num_seqs=8)` takes EngineConfig's fields as keywords; `LLM(config)` takes
-    a whole EngineConfig."""
+    a whole EngineConfig. `clock` (monotonic seconds) times pipeline sessions' TTLs (tests pass their own)."""
 
-    def __init__(self, model: str | EngineConfig, **config):
+    def __init__(self, model: str | EngineConfig, *, clock=None, **config):
         if isinstance(model, EngineConfig):
             self.config = model.replace(**config) if config else model
         else:
             self.config = EngineConfig(model=model, **config)
-        self.engine = LLMEngine(self.config)
+        self.engine = LLMEngine(self.config) if clock is None else LLMEngine(self.config, clock=clock)
         self._ids = itertools.count()
 
     def generate(
