@@ -43,8 +43,8 @@ class ModelFetchError(InvalidRequestError):
 class AdapterNotFoundError(InvalidRequestError):
     """The named adapter is not loaded (gRPC NOT_FOUND)."""
 
-    def __init__(self, name: str):
-        super().__init__("adapter", f"{quoted(name)} is not loaded")
+    def __init__(self, name: str, field: str = "adapter"):
+        super().__init__(field, f"{quoted(name)} is not loaded")
         self.name = name
 
 

@@ -46,6 +46,7 @@ class EngineInfo:
     max_loras: int
     vocab_size: int
     eos_token_ids: list[int]
+    max_session_ttl: float = 3600.0  # the longest TTL a request may give its pipeline session
 
 
 @dataclasses.dataclass(frozen=True)

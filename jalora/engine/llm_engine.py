@@ -288,6 +288,7 @@ class LLMEngine:
             max_loras=self.config.max_loras,
             vocab_size=cfg.vocab_size,
             eos_token_ids=list(self.eos_token_ids),
+            max_session_ttl=self.config.max_session_ttl,
         )
 
     def stats(self) -> EngineStats:

@@ -26,11 +26,10 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable
 
+from jalora.api.limits import MAX_SESSION_ID_CHARS
 from jalora.engine.block_manager import BlockManager
 from jalora.engine.request import Request
 from jalora.errors import InvalidRequestError, SessionNotFoundError, quoted
-
-MAX_SESSION_ID_CHARS = 256
 
 
 @dataclasses.dataclass(eq=False)
