@@ -43,6 +43,7 @@ Each command compiles the step for every token bucket it needs (base and LoRA va
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -180,8 +181,9 @@ class EngineCounters:
 def run_pipelines(engine, gens: list, arrivals: list[float] | None = None, time_limit: float | None = None) -> list:
     """Drives pipeline coroutines through one engine.
 
-    A pipeline is a generator that yields a stage, a list of (prompt_ids, SamplingParams, adapter) submitted
-    together, receives the finished RequestOutputs of that stage in order (folded from the engine's deltas),
+    A pipeline is a generator that yields a stage, a list of (prompt_ids, SamplingParams, adapter[, keywords])
+    submitted together (keywords: more add_request arguments, e.g. a pipeline session),
+    receives the finished RequestOutputs of that stage in order (folded from the engine's deltas),
     and returns its result dict. Pipeline i starts at arrivals[i] seconds (default: all at once). Returns one
     entry per pipeline: {"result", "start", "end"} (monotonic seconds; start is the scheduled arrival), or
     {"incomplete": True} if the time limit cut it.
@@ -199,10 +201,10 @@ def run_pipelines(engine, gens: list, arrivals: list[float] | None = None, time_
 
     def submit(i, reqs):
         ids = []
-        for prompt, params, adapter in reqs:
+        for prompt, params, adapter, *more in reqs:
             rid = f"p{i}-{counter[0]}"
             counter[0] += 1
-            engine.add_request(rid, prompt, params, adapter)
+            engine.add_request(rid, prompt, params, adapter, **(more[0] if more else {}))
             owner[rid] = i
             running[rid] = OutputAccumulator(rid, None, params.logprobs is not None)
             ids.append(rid)
@@ -248,10 +250,13 @@ def run_pipelines(engine, gens: list, arrivals: list[float] | None = None, time_
     return [d if d is not None else {"incomplete": True} for d in done]
 
 
-def pipeline_a(prompt, answer_len, eval_len, adapter, invocation):
-    """base answers -> one adapter evaluates prompt + answer + invocation."""
-    (base,) = yield [(prompt, greedy(answer_len), None)]
-    (judge,) = yield [(prompt + base.token_ids + invocation, greedy(eval_len), adapter)]
+def pipeline_a(prompt, answer_len, eval_len, adapter, invocation, session=None):
+    """base answers -> one adapter evaluates prompt + answer + invocation (in a pipeline session, if given,
+    which keeps the base's blocks for the judge and ends with it)."""
+    kw = {} if session is None else {"session": session}
+    (base,) = yield [(prompt, greedy(answer_len), None, kw)]
+    end = kw and {**kw, "end_session": True}
+    (judge,) = yield [(prompt + base.token_ids + invocation, greedy(eval_len), adapter, end)]
     return {"base": req_metrics(base), "judge": req_metrics(judge)}
 
 
@@ -397,14 +402,16 @@ class Bench:
                     "pipelines": sz["c_pipelines"], "kv_blocks": cap, "kv_pipelines": self.args.c_kv_pipelines,
                     "blocks_per_pipeline": per_pipeline, "time_limit_s": sz["c_max_seconds"], "rows": rows}  # fmt: skip
 
-        with reserved_blocks(bm, eng.num_total_blocks - cap):
+        with reserved_blocks(bm, eng.num_total_blocks - cap), c_sessions(eng, cap) as sessions_on:
             for kind in self.args.c_kinds:
-                for rate in self.args.c_rates:
+                for rate, sessions in c_runs(self.args):
+                    sessions_on(sessions)
                     bm.reset_prefix_cache()
                     snap = self.counters.snapshot()
                     arrivals = poisson_arrivals(rate, sz["c_pipelines"], seed=int(rate * 1000))
                     gens = [pipeline_a(self.prompt(sz["c_prompt"]), sz["c_answer"], sz["c_eval"], self.names[kind][0],
-                                       self.invocations[0]) for _ in arrivals]  # fmt: skip
+                                       self.invocations[0], f"c{k}" if sessions else None)
+                            for k in range(len(arrivals))]  # fmt: skip
                     t0 = time.monotonic()
                     res = run_pipelines(eng, gens, arrivals, time_limit=sz["c_max_seconds"])
                     wall = time.monotonic() - t0
@@ -412,7 +419,8 @@ class Bench:
                     lat = [r["end"] - r["start"] for r in ok]
                     judges = [r["result"]["judge"] for r in ok]
                     hits = [j["hit_rate"] for j in judges]
-                    row = {"kind": kind, "rate": rate, "offered": len(res), "completed": len(ok), "wall_s": wall,
+                    row = {"kind": kind, "rate": rate, **sessions_on.row(sessions),
+                           "offered": len(res), "completed": len(ok), "wall_s": wall,
                            "completed_per_s": len(ok) / wall, "latency": percentiles(lat),
                            "judge_ttft": percentiles([j["ttft_s"] for j in judges]),
                            "hit_rate_mean": float(np.mean(hits)) if hits else None,
@@ -420,7 +428,8 @@ class Bench:
                            **self.counters.since(snap)}  # fmt: skip
                     rows.append(row)
                     p = row["latency"]
-                    print(f"C {kind} rate {rate}/s: {len(ok)}/{len(res)} done in {wall:.1f} s, p50 "
+                    print(f"C {kind} rate {rate}/s{' sessions' * sessions}: "
+                          f"{len(ok)}/{len(res)} done in {wall:.1f} s, p50 "
                           f"{fmt_s(p['p50'])} p99 {fmt_s(p['p99'])}, hit {row['hit_rate_mean'] or 0:.0%}, "
                           f"preemptions {row['preemptions']}", flush=True)  # fmt: skip
                     if self.checkpoint:  # a run cut short by a time limit keeps the rates it finished
@@ -498,6 +507,39 @@ class reserved_blocks:
 
     def __exit__(self, *exc):
         self.bm.release(self.holder)
+
+
+def c_runs(args) -> list[tuple[float, bool]]:
+    """Pipeline C's (rate, sessions) runs of one kind: with --c-sessions each rate runs without, then with
+    pipeline sessions (each pipeline's session keeps its base's blocks for its judge), on the same cache."""
+    return [(rate, s) for rate in args.c_rates for s in ((False, True) if args.c_sessions else (False,))]
+
+
+class c_sessions:
+    """Pipeline sessions in part C: they may retain session_cache_share of C's capped cache (not of the whole
+    one); before each run (and after the last) the sessions a time-limited run left are ended."""
+
+    def __init__(self, engine, cap: int):
+        self.engine, self.sessions = engine, engine.sessions
+        self.max, self.evicted = int(engine.config.session_cache_share * cap), 0
+
+    def __enter__(self):
+        self.old, self.sessions.max_blocks = self.sessions.max_blocks, self.max
+        return self
+
+    def __call__(self, on: bool) -> None:
+        for sid in list(self.sessions.live):
+            self.engine.end_session(sid)
+        self.evicted = dataclasses.replace(self.sessions.counters)
+
+    def row(self, on: bool) -> dict:
+        now, then = self.sessions.counters, self.evicted
+        return {"sessions": on, "sessions_evicted": now.evicted - then.evicted,
+                "sessions_reclaimed": now.reclaimed - then.reclaimed}  # fmt: skip
+
+    def __exit__(self, *exc):
+        self(False)
+        self.sessions.max_blocks = self.old
 
 
 def fmt_s(x) -> str:
@@ -663,10 +705,12 @@ def plots(r: dict, stem: str, folder: str) -> list[str]:
     if "C" in parts:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         c = parts["C"]
-        for kind, color in (("alora", "tab:blue"), ("lora", "tab:red")):
-            rows = [x for x in c["rows"] if x["kind"] == kind]
+        for (kind, sess), color in ((("alora", False), "tab:blue"), (("lora", False), "tab:red"),
+                                    (("alora", True), "tab:green"), (("lora", True), "tab:purple")):
+            rows = [x for x in c["rows"] if x["kind"] == kind and x.get("sessions", False) == sess]
             if not rows:
                 continue
+            kind += " sessions" if sess else ""
             rates = [x["rate"] for x in rows]
             for q, style in (("p50", "o-"), ("p90", "^--"), ("p99", "v:")):
                 vals = [np.nan if x["latency"][q] is None else x["latency"][q] for x in rows]
@@ -695,7 +739,8 @@ def plots(r: dict, stem: str, folder: str) -> list[str]:
 def merge(old: dict | None, new_parts: dict) -> dict:
     parts = dict((old or {}).get("parts", {}))
     keys = {"A": lambda x: (x["prompt_len"], x["kind"]), "Aconc": lambda x: (x["prompt_len"], x["kind"]),
-            "B": lambda x: (x["prompt_len"], x["kind"]), "C": lambda x: (x["kind"], x["rate"])}  # fmt: skip
+            "B": lambda x: (x["prompt_len"], x["kind"]),
+            "C": lambda x: (x["kind"], x["rate"], x.get("sessions", False))}  # fmt: skip
     for name, p in new_parts.items():
         o = parts.get(name)
         if name in keys and o and same_setup(o, p):
@@ -725,6 +770,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--c-pipelines", type=int)
     ap.add_argument("--c-kv-pipelines", type=int, help="KV cache for C, in pipelines' worth of blocks")
     ap.add_argument("--c-max-seconds", type=float, help="time limit per rate (the rest is aborted)")
+    ap.add_argument("--c-sessions", action="store_true",
+                    help="C: run each rate without, then with pipeline sessions (the base's blocks kept for its judge)")
     ap.add_argument("--num-kv-blocks", type=int, help="default: from device memory (GPU), 512 (--quick)")
     ap.add_argument("--compile-cache", default=os.path.join(tempfile.gettempdir(), "jalora-jax-cache"),
                     help="JAX persistent compilation cache ('' to disable)")  # fmt: skip

@@ -178,7 +178,8 @@ def pipeline_bench_tables(r: dict) -> list[str]:
         for x in c["rows"]:
             p, t = x["latency"], x["judge_ttft"]
             hit = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
-            out.append(f"| {x['kind']} | {x['rate']:g} | {x['completed']}/{x['offered']} | {x['completed_per_s']:.2f} "
+            kind = x["kind"] + (" + sessions" if x.get("sessions") else "")
+            out.append(f"| {kind} | {x['rate']:g} | {x['completed']}/{x['offered']} | {x['completed_per_s']:.2f} "
                        f"| {ms(p['p50'])} | {ms(p['p90'])} | {ms(p['p99'])} | {ms(t['p50'])} | "
                        f"{hit(x['hit_rate_mean'])} | {hit(x['hit_rate_p10'])} | {x['preemptions']} |")  # fmt: skip
     if "baseline" in parts:

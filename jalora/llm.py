@@ -92,6 +92,7 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         adapter: str | None | list[str | None] = None,
         with_invocation: bool = True,
+        **session,
     ) -> list[RequestOutput]:
         """`generate` for conversations ({'role', 'content'} messages; one conversation or a list),
         rendered with the model's chat template.
@@ -100,7 +101,8 @@ class LLM:
         (the assistant's turn begins). For an aLoRA adapter, with `with_invocation`, it ends with the
         adapter's invocation tokens instead: the invocation is the turn the adapter answers in (PEFT
         advises a role prefix of the chat template as an aLoRA's invocation). Without it the
-        conversation must contain the invocation itself."""
+        conversation must contain the invocation itself. `session`, `session_ttl`, `end_session`: as
+        for `generate`."""
         if messages and isinstance(messages[0], dict):
             messages = [messages]
         adapters = adapter if isinstance(adapter, list) else [adapter] * len(messages)
@@ -110,7 +112,7 @@ class LLM:
             prompt_with_invocation(self.engine, None, conversation, name if with_invocation else None)
             for conversation, name in zip(messages, adapters)
         ]
-        return self.generate(prompts, sampling_params, adapters)
+        return self.generate(prompts, sampling_params, adapters, **session)
 
     def end_session(self, session: str) -> None:
         """Ends a live pipeline session: its blocks become evictable (SessionNotFoundError if not live)."""

@@ -160,6 +160,7 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
         )
         self.scheduler.reclaim = self.sessions.reclaim
+        self.scheduler.favored = self.sessions.favored
         self.runner = ModelRunner(
             decoder, num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
             self.max_model_len, self.dtype, tp,

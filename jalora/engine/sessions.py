@@ -47,6 +47,7 @@ class Session:
 class SessionCounters:
     expired: int = 0  # ended by their TTL
     evicted: int = 0  # ended to make room for another session's blocks
+    reclaimed: int = 0  # of those, ended because nothing ran and the next request could get no blocks
     ended: int = 0  # ended by a call or by a request's end_session
 
 
@@ -181,6 +182,11 @@ class Sessions:
         s = self.live.get(session) if session is not None else None
         return s is not None and bool(s.blocks)
 
+    def favored(self, req: Request) -> bool:
+        """Whether `req` continues a live session that retains blocks (see `continues`)."""
+        s = req.session
+        return s is not None and s.live and bool(s.blocks)
+
     def reclaim(self) -> bool:
         """Ends the least recently active session that retains blocks (the scheduler calls it when
         nothing runs and the next request cannot get its blocks); False if none retains any."""
@@ -189,6 +195,7 @@ class Sessions:
             return False
         self._end(victim)
         self.counters.evicted += 1
+        self.counters.reclaimed += 1
         return True
 
     # -- ends --------------------------------------------------------------------------------------

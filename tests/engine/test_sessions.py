@@ -9,6 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jalora import LLM, InvalidRequestError, SamplingParams, SessionNotFoundError
+from jalora.engine.request import Status
 from tests import hf_models
 
 INV = [7, 8, 9]
@@ -227,3 +228,26 @@ def test_sessions_off(tiny_models):
     with pytest.raises(InvalidRequestError, match="sessions are off") as e:
         llm.generate(ctx(5, 1), gen(2), session="s")
     assert e.value.field == "session" and llm.engine.num_free_blocks() == 8
+
+
+def test_a_continuation_preempts_new_work_rather_than_wait(llm):
+    """The judge of a session whose blocks are retained finds no free block for the rest of its prompt:
+    the running request that continues no session is preempted for it (and recomputed later)."""
+    eng = llm.engine
+    prompt = ctx(9, 11)
+    (base,) = llm.generate(prompt, gen(6), session="a")  # 3 blocks retained
+    eng.add_request("other", ctx(20, 12), gen(8))
+    while eng.num_free_blocks() > 0:  # it takes every free block (7) as it decodes
+        eng.step()
+    preemptions = eng.stats().num_preemptions
+    assert eng.requests["other"].status is Status.RUNNING
+    eng.add_request("judge", prompt + base.token_ids + INV, gen(2), "judge", session="a", end_session=True)
+    eng.step()
+    assert eng.requests["judge"].status is Status.RUNNING and eng.requests["other"].status is Status.WAITING
+    assert eng.stats().num_preemptions == preemptions + 1
+    done = {}
+    while eng.has_unfinished_requests():
+        for d in eng.step():
+            if d.is_final:
+                done[d.request_id] = d.finished
+    assert done["judge"].num_cached_tokens == 12 and done["other"].num_output_tokens == 8
