@@ -402,7 +402,7 @@ class Bench:
                     "pipelines": sz["c_pipelines"], "kv_blocks": cap, "kv_pipelines": self.args.c_kv_pipelines,
                     "blocks_per_pipeline": per_pipeline, "time_limit_s": sz["c_max_seconds"], "rows": rows}  # fmt: skip
 
-        with reserved_blocks(bm, eng.num_total_blocks - cap), c_sessions(eng, cap) as sessions_on:
+        with reserved_blocks(bm, eng.num_total_blocks - cap), c_sessions(eng, cap, self.args) as sessions_on:
             for kind in self.args.c_kinds:
                 for rate, sessions in c_runs(self.args):
                     sessions_on(sessions)
@@ -516,12 +516,12 @@ def c_runs(args) -> list[tuple[float, bool]]:
 
 
 class c_sessions:
-    """Pipeline sessions in part C: they may retain session_cache_share of C's capped cache (not of the whole
+    """Pipeline sessions in part C: they may retain --c-session-share of C's capped cache (not of the whole
     one); before each run (and after the last) the sessions a time-limited run left are ended."""
 
-    def __init__(self, engine, cap: int):
+    def __init__(self, engine, cap: int, args):
         self.engine, self.sessions = engine, engine.sessions
-        self.max, self.evicted = int(engine.config.session_cache_share * cap), 0
+        self.max, self.evicted = int(args.c_session_share * cap), 0
 
     def __enter__(self):
         self.old, self.sessions.max_blocks = self.sessions.max_blocks, self.max
@@ -534,7 +534,7 @@ class c_sessions:
 
     def row(self, on: bool) -> dict:
         now, then = self.sessions.counters, self.evicted
-        return {"sessions": on, "sessions_evicted": now.evicted - then.evicted,
+        return {"sessions": on, "session_blocks": self.max, "sessions_evicted": now.evicted - then.evicted,
                 "sessions_reclaimed": now.reclaimed - then.reclaimed}  # fmt: skip
 
     def __exit__(self, *exc):
@@ -772,6 +772,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--c-max-seconds", type=float, help="time limit per rate (the rest is aborted)")
     ap.add_argument("--c-sessions", action="store_true",
                     help="C: run each rate without, then with pipeline sessions (the base's blocks kept for its judge)")
+    ap.add_argument("--c-session-share", type=float, default=0.8,
+                    help="C with --c-sessions: the share of the capped cache sessions may retain (a burst of bases "
+                         "finishing together retains many blocks at once; 0.5 evicted sessions in CPU runs)")
     ap.add_argument("--num-kv-blocks", type=int, help="default: from device memory (GPU), 512 (--quick)")
     ap.add_argument("--compile-cache", default=os.path.join(tempfile.gettempdir(), "jalora-jax-cache"),
                     help="JAX persistent compilation cache ('' to disable)")  # fmt: skip

@@ -6,8 +6,9 @@ pipeline, e.g. an aLoRA judge, will look up) are *retained* by the session: the 
 out of its free list, so they are never evicted and admission does not count them as free.
 
 Rules (docs/architecture.md, "Pipeline sessions"):
-- The first request naming an id opens the session; later ones join it. Each request sets the session's
-  TTL (its `session_ttl`, else `EngineConfig.session_ttl`), at most `EngineConfig.max_session_ttl`.
+- The first request naming an id opens the session; later ones join it. A request's `session_ttl` (at
+  most `EngineConfig.max_session_ttl`) becomes the session's TTL; a session opened without one takes
+  `EngineConfig.session_ttl`, and a request without one leaves the TTL as it was.
 - A session ends when it has been idle (no unfinished request) for its TTL, by the engine's clock (checked
   at every step and by `expire`); by `end` (an explicit call); or when a request that asked for
   `end_session` finishes. Its blocks go back to the free list, still findable until evicted.
@@ -70,7 +71,7 @@ class Sessions:
     # -- admission ---------------------------------------------------------------------------------
 
     def check(self, session: str | None, ttl, end_session: bool) -> float | None:
-        """Validates a request's session fields (before anything changes); returns the TTL to use."""
+        """Validates a request's session fields (before anything changes); returns its TTL (None: none given)."""
         if session is None:
             if ttl is not None:
                 raise InvalidRequestError("session_ttl", "needs a session (pass session= too)")
@@ -88,7 +89,7 @@ class Sessions:
                 "session", "sessions are off in this engine (session_cache_share is 0 or prefix caching is off)"
             )
         if ttl is None:
-            return self.default_ttl
+            return None
         ok = isinstance(ttl, int | float) and not isinstance(ttl, bool) and math.isfinite(ttl)
         if not ok or not 0 < ttl <= self.max_ttl:
             raise InvalidRequestError(
@@ -122,13 +123,15 @@ class Sessions:
             )
         return need
 
-    def attach(self, req: Request, session: str, ttl: float, end_session: bool, reserve: int) -> None:
+    def attach(self, req: Request, session: str, ttl: float | None, end_session: bool, reserve: int) -> None:
         """Joins (or opens) `session` for an admitted request."""
         now = self.clock()
         s = self.live.get(session)
         if s is None:
-            s = self.live[session] = Session(session, ttl, now)
-        s.ttl, s.last_active = ttl, now
+            s = self.live[session] = Session(session, self.default_ttl, now)
+        if ttl is not None:
+            s.ttl = ttl
+        s.last_active = now
         s.unfinished += 1
         s.reserved += reserve
         self.live.move_to_end(session)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from bench.pipeline_bench import (
+    c_runs,
     concurrent_batch,
     merge,
     merge_rows,
@@ -36,6 +37,15 @@ def test_concurrent_batch():
     assert concurrent_batch(10**7, 100, 64) == 64
 
 
+def test_c_runs_pair_each_rate_without_and_with_sessions():
+    class Args:
+        c_rates, c_sessions = [8.0, 16.0], False
+
+    assert c_runs(Args) == [(8.0, False), (16.0, False)]
+    Args.c_sessions = True
+    assert c_runs(Args) == [(8.0, False), (8.0, True), (16.0, False), (16.0, True)]
+
+
 def test_merge_rows_and_parts():
     key = lambda r: (r["n"], r["k"])  # noqa: E731
     old = [{"n": 1, "k": "a", "v": 0}, {"n": 2, "k": "a", "v": 0}]
@@ -47,6 +57,9 @@ def test_merge_rows_and_parts():
     assert [r["rate"] for r in parts["C"]["rows"]] == [4.0, 8.0] and parts["C"]["runs"] == [{"c": 1}, {"c": 2}]
     n2 = {"C": {"prompt": 512, "rows": [{"kind": "alora", "rate": 8.0}], "run": {"c": 3}}}
     assert [r["rate"] for r in merge(o, n2)["C"]["rows"]] == [8.0]  # another setup replaces the part
+    n3 = {"C": {"prompt": 256, "rows": [{"kind": "alora", "rate": 4.0, "sessions": True}], "run": {"c": 4}}}
+    rows = merge(o, n3)["C"]["rows"]  # a sessions row sits beside the row of the same rate without
+    assert [(r["rate"], r.get("sessions", False)) for r in rows] == [(4.0, False), (4.0, True)]
 
 
 class _FakeEngine:
@@ -56,9 +69,9 @@ class _FakeEngine:
     def __init__(self):
         self.pending, self.added, self.tokens = [], [], {}
 
-    def add_request(self, rid, prompt, params, adapter):
+    def add_request(self, rid, prompt, params, adapter, **session):
         self.pending.append((rid, params))
-        self.added.append((rid, len(prompt), adapter))
+        self.added.append((rid, len(prompt), adapter, session))
         self.tokens[rid] = (list(prompt), 0)
 
     def has_unfinished_requests(self):
@@ -96,14 +109,15 @@ def test_run_pipelines_stages_and_arrivals():
         (base,) = yield [([1] * 4, _Params(3), None)]
         assert base.token_ids == [0, 1, 2] and base.text == "012" and base.finish_reason == "length"
         assert base.prompt_token_ids == [1] * 4
-        judges = yield [([1] * (4 + len(base.token_ids)), _Params(2), f"j{k}") for k in range(2)]
+        judges = yield [([1] * (4 + len(base.token_ids)), _Params(2), f"j{k}", {"session": f"s{i}"}) for k in range(2)]
         return {"i": i, "judge_tokens": [len(j.token_ids) for j in judges]}
 
     eng = _FakeEngine()
     res = run_pipelines(eng, [pipe(i) for i in range(3)], arrivals=[0.02, 0.0, 0.01])
     assert [r["result"] for r in res] == [{"i": i, "judge_tokens": [2, 2]} for i in range(3)]
     assert all(r["end"] >= r["start"] for r in res)
-    assert len(eng.added) == 9 and eng.added[0][1] == 4 and {a for _, n, a in eng.added if n == 7} == {"j0", "j1"}
+    assert len(eng.added) == 9 and eng.added[0][1] == 4 and {a for _, n, a, _ in eng.added if n == 7} == {"j0", "j1"}
+    assert {s["session"] for *_, s in eng.added if s} == {"s0", "s1", "s2"}  # a stage's add_request keywords
 
 
 def test_part_a_runs_tensor_parallel(tmp_path):
