@@ -16,6 +16,8 @@ Parts (`--parts`, comma separated; default all):
   C         Poisson arrivals (prompt 256, answer 256, evaluation 16, 500 pipelines per rate) over a sweep of
             rates up to and past KV-cache overflow; the cache is capped at `--c-kv-pipelines` pipelines' worth
             of blocks. Pipeline latency p50/p90/p99 and adapter hit rate per rate; per-rate time limit.
+            `--c-sessions`: each rate also runs with pipeline sessions (each pipeline's session keeps its base's
+            blocks for its judge, ended by the judge), same arrivals, same cap (`--c-session-share` of it).
   baseline  the pipeline of A (1k, 4k) with transformers + PEFT on the same device (PEFT's aLoRA reusing the
             base's past_key_values, and plain LoRA), and pipeline throughput with 32 concurrent pipelines:
             PEFT batched generate vs jalora. The PEFT side runs in a child process (torch; no JAX on the GPU)
@@ -34,6 +36,8 @@ One device command is limited to 10 minutes, so split it:
     python -m bench.pipeline_bench --model granite-8b --parts ceilings,A,B    # ~6 min
     python -m bench.pipeline_bench --model granite-8b --parts Aconc           # not measured yet (batch ~7 at 64k)
     python -m bench.pipeline_bench --model granite-8b --parts C --c-rates 8 16 32   # 7.5 min
+    python -m bench.pipeline_bench --model granite-8b --parts C --c-rates 8 16 32 --c-sessions --c-pipelines 200 \
+        --c-max-seconds 40                                                         # sessions off vs on
 
 `--parts baseline --reuse-peft` measures only jalora's side again against the stored PEFT numbers (which
 keep their own run record), when the code under test is jalora's.

@@ -179,7 +179,6 @@ class EngineWorker:
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only: requests in the engine
         self._steps_left: int | None = None  # engine thread only; see limit_steps
-        self._session_due = False  # engine thread only: an idle session was due to expire
         self._thread = threading.Thread(target=self._run, name="jalora-engine", daemon=True)
         self._host = ThreadPoolExecutor(tokenizer_threads, thread_name_prefix="jalora-host")
         self._adapter_io = ThreadPoolExecutor(1, thread_name_prefix="jalora-adapter-io")
@@ -376,13 +375,12 @@ class EngineWorker:
         """Ends the engine's pipeline sessions idle past their TTL; seconds until the next may expire."""
         expire = getattr(self.engine, "expire_sessions", None)  # (test doubles of an engine may lack it)
         try:
-            wait = expire() if expire is not None else None
+            ended, wait = expire() if expire is not None else (0, None)
         except Exception:  # a broken engine must not kill the thread
             logger.exception("expire_sessions failed")
             return None
-        if self._session_due:
-            self._observe()  # a session was due: the metrics see it gone
-        self._session_due = wait is not None
+        if ended:
+            self._observe()  # the metrics see them gone
         return wait
 
     def _engine_busy(self) -> bool:

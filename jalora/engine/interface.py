@@ -126,8 +126,9 @@ class Engine(Protocol):
     def end_session(self, session: str) -> None:
         """Ends a live pipeline session (its blocks become evictable); SessionNotFoundError if not live."""
 
-    def expire_sessions(self) -> float | None:
-        """Ends the sessions idle past their TTL; the seconds until the next may expire (None: no idle one)."""
+    def expire_sessions(self) -> tuple[int, float | None]:
+        """Ends the sessions idle past their TTL; how many it ended, and the seconds until the next may
+        expire (None: no idle one)."""
 
     def abort_request(self, request_id: str) -> None:
         """Ends a request now (its final delta comes from the next `step`); unknown ids are ignored."""

@@ -400,9 +400,9 @@ class LLMEngine:
         evicted). Raises SessionNotFoundError for an id that is not live."""
         self.sessions.end(session)
 
-    def expire_sessions(self) -> float | None:
-        """Ends the sessions idle past their TTL (every step does too); returns the seconds until the
-        next idle session may expire, None if there is none."""
+    def expire_sessions(self) -> tuple[int, float | None]:
+        """Ends the sessions idle past their TTL (every step does too); returns how many it ended and the
+        seconds until the next idle session may expire (None if there is none)."""
         return self.sessions.expire()
 
     def has_unfinished_requests(self) -> bool:

@@ -218,11 +218,11 @@ class Sessions:
             self.bm.unretain(block)
         s.blocks = {}
 
-    def expire(self) -> float | None:
-        """Ends the sessions idle for their TTL; returns the seconds until the next one may expire (None:
-        no idle session left)."""
+    def expire(self) -> tuple[int, float | None]:
+        """Ends the sessions idle for their TTL; returns how many it ended and the seconds until the next
+        one may expire (None: no idle session left)."""
         now = self.clock()
-        nxt = None
+        nxt, ended = None, 0
         for s in list(self.live.values()):
             if s.unfinished:
                 continue
@@ -230,9 +230,10 @@ class Sessions:
             if left <= 0:
                 self._end(s)
                 self.counters.expired += 1
+                ended += 1
             else:
                 nxt = left if nxt is None else min(nxt, left)
-        return nxt
+        return ended, nxt
 
     def forget_blocks(self) -> None:
         """After the prefix cache was emptied (a failed step): retained blocks hold nothing findable."""

@@ -146,10 +146,11 @@ def test_ttl_counts_from_the_last_request_and_uses_the_engine_clock(llm, setup):
     assert retained == (9 + 6 - 1) // B and eng.stats().num_sessions == 1
     expired = eng.stats().sessions_expired
     clock.t += 4.5
-    assert eng.expire_sessions() == pytest.approx(0.5)
+    ended, wait = eng.expire_sessions()
+    assert ended == 0 and wait == pytest.approx(0.5)
     assert eng.stats().num_sessions == 1
     clock.t += 0.5
-    assert eng.expire_sessions() is None
+    assert eng.expire_sessions() == (1, None)
     s = eng.stats()
     assert s.num_sessions == 0 and s.num_retained_blocks == 0 and s.sessions_expired == expired + 1
     assert eng.num_free_blocks() == eng.num_total_blocks

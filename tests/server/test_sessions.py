@@ -17,6 +17,7 @@ from jalora.client import Client, PipelineJudge, ServerError
 from server.app import ServerThread
 from server.config import ServerConfig
 from tests.server.support import ADAPTERS, make_model_with_adapters
+from tests.server.test_metrics import scrape, value
 
 HANG = 120.0  # a guard against a hang, never a margin
 B = 8  # block size
@@ -41,7 +42,7 @@ def setup(tmp_path_factory):
     llm = LLM(model_dir, clock=clock, **ENGINE_ARGS)
     for name in ("judge_a", "plain"):
         llm.load_adapter(name, dirs[name])
-    config = ServerConfig(port=0, http_port=0, adapter_roots=[root])
+    config = ServerConfig(port=0, http_port=0, metrics_port=0, adapter_roots=[root])
     with ServerThread(llm.engine, config) as s, Client(s.target, timeout=HANG) as c:
         yield s, c, clock, model_dir, dirs
 
@@ -104,6 +105,8 @@ def test_generate_session_end_session_and_expiry(setup, client):
     out = client.generate(prompt, max_tokens=11, ignore_eos=True, session="s1", session_ttl=10)
     info = client.server_info()
     assert info.num_total_blocks - info.num_free_blocks == (len(prompt) + 11 - 1) // B == 3  # retained
+    metrics = scrape(server)
+    assert (value(metrics, "sessions"), value(metrics, "session_retained_blocks")) == (1, 3)
     judge = client.generate(prompt + out.token_ids + INV, "judge_a", max_tokens=2, session="s1")
     assert judge.usage.cached_tokens == 24
     client.end_session("s1")
@@ -120,6 +123,8 @@ def test_generate_session_end_session_and_expiry(setup, client):
     client.server_info()  # a command wakes the engine thread; its next turn ends the session
     info = client.server_info()
     assert info.num_free_blocks == info.num_total_blocks and engine.stats().sessions_expired == 1
+    metrics = scrape(server)  # the engine thread observed the expiry
+    assert value(metrics, "sessions") == 0 and value(metrics, "sessions_ended_total", reason="expired") == 1
 
 
 @pytest.mark.parametrize(
