@@ -5,6 +5,7 @@ refused naming the field with nothing left retained. No mocks."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.error
 import urllib.request
@@ -13,7 +14,7 @@ import grpc
 import pytest
 
 from jalora import LLM
-from jalora.client import Client, PipelineJudge, ServerError
+from jalora.client import AsyncClient, Client, PipelineJudge, ServerError
 from server.app import ServerThread
 from server.config import ServerConfig
 from tests.server.support import ADAPTERS, make_model_with_adapters
@@ -75,6 +76,14 @@ def test_pipeline_streams_base_then_judges_that_reuse_its_blocks(setup, client):
         assert got.token_ids == j.token_ids and got.adapter == "judge_a" and got.activation_index == len(context)
     client.server_info()  # queued behind the call's clean-up on the engine thread
     assert setup[0].server.worker.engine.stats().num_sessions == 0  # the call's session ended with it
+
+    async def async_pipeline():
+        async with AsyncClient(setup[0].target, timeout=HANG) as c:
+            return [stage async for stage in c.pipeline(PROMPT, judges, **greedy)]
+
+    again = asyncio.run(async_pipeline())  # AsyncClient: the same stages, the base first
+    assert again[0].judge is None and again[0].token_ids == base.token_ids
+    assert {s.judge: s.token_ids for s in again[1:]} == {k: by_judge[k].token_ids for k in (0, 1)}
 
 
 @pytest.mark.parametrize(
