@@ -710,7 +710,7 @@ def plots(r: dict, stem: str, folder: str) -> list[str]:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         c = parts["C"]
         for (kind, sess), color in ((("alora", False), "tab:blue"), (("lora", False), "tab:red"),
-                                    (("alora", True), "tab:green"), (("lora", True), "tab:purple")):
+                                    (("alora", True), "tab:green"), (("lora", True), "tab:purple")):  # fmt: skip
             rows = [x for x in c["rows"] if x["kind"] == kind and x.get("sessions", False) == sess]
             if not rows:
                 continue
@@ -775,10 +775,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--c-kv-pipelines", type=int, help="KV cache for C, in pipelines' worth of blocks")
     ap.add_argument("--c-max-seconds", type=float, help="time limit per rate (the rest is aborted)")
     ap.add_argument("--c-sessions", action="store_true",
-                    help="C: run each rate without, then with pipeline sessions (the base's blocks kept for its judge)")
+                    help="C: each rate without, then with pipeline sessions (a base's blocks kept for its judge)")  # fmt: skip
     ap.add_argument("--c-session-share", type=float, default=0.8,
-                    help="C with --c-sessions: the share of the capped cache sessions may retain (a burst of bases "
-                         "finishing together retains many blocks at once; 0.5 evicted sessions in CPU runs)")
+                    help="C with --c-sessions: the share of the capped cache sessions may retain (bases that finish "
+                         "together retain many blocks at once; 0.5 evicted sessions in CPU runs)")  # fmt: skip
     ap.add_argument("--num-kv-blocks", type=int, help="default: from device memory (GPU), 512 (--quick)")
     ap.add_argument("--compile-cache", default=os.path.join(tempfile.gettempdir(), "jalora-jax-cache"),
                     help="JAX persistent compilation cache ('' to disable)")  # fmt: skip

@@ -58,9 +58,11 @@ def client(setup):
 
 def test_pipeline_streams_base_then_judges_that_reuse_its_blocks(setup, client):
     greedy = dict(max_tokens=11, ignore_eos=True)
-    judges = [PipelineJudge("judge_a", sampling=dict(max_tokens=3, ignore_eos=True)),
-              PipelineJudge("judge_a", invocation_text="t90 t91", sampling=dict(max_tokens=5, ignore_eos=True))]
-    stages = list(client.pipeline(PROMPT, judges, **greedy))  # fmt: skip
+    judges = [
+        PipelineJudge("judge_a", sampling=dict(max_tokens=3, ignore_eos=True)),
+        PipelineJudge("judge_a", invocation_text="t90 t91", sampling=dict(max_tokens=5, ignore_eos=True)),
+    ]
+    stages = list(client.pipeline(PROMPT, judges, **greedy))
     assert [s.judge for s in stages[:1]] == [None] and sorted(s.judge for s in stages[1:]) == [0, 1]
     base = stages[0]
     context = PROMPT + base.token_ids
