@@ -775,7 +775,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--c-kv-pipelines", type=int, help="KV cache for C, in pipelines' worth of blocks")
     ap.add_argument("--c-max-seconds", type=float, help="time limit per rate (the rest is aborted)")
     ap.add_argument("--c-sessions", action="store_true",
-                    help="C: each rate without, then with pipeline sessions (base blocks kept for the judge)")  # fmt: skip
+                    help="C: each rate without, then with pipeline sessions")  # fmt: skip
     ap.add_argument("--c-session-share", type=float, default=0.8,
                     help="C with --c-sessions: the share of the capped cache sessions may retain (bases that finish "
                          "together retain many blocks at once; 0.5 evicted sessions in CPU runs)")  # fmt: skip
