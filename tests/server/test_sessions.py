@@ -174,3 +174,14 @@ def test_http_session_extension(setup, client):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(request, timeout=HANG)
     assert e.value.code == 400 and json.loads(e.value.read())["error"]["param"] == "session_ttl"
+
+
+def test_pipeline_of_a_conversation(client):
+    """A conversation is rendered with the chat template for the base; the judge extends those tokens."""
+    conversation = [{"role": "user", "content": " ".join(f"t{(5 * i) % 80 + 4}" for i in range(20))}]
+    rendered = client.tokenize(conversation)
+    stages = list(client.pipeline(conversation, [PipelineJudge("judge_a")], max_tokens=9, ignore_eos=True))
+    base, judge = stages
+    assert base.token_ids == client.generate(rendered, max_tokens=9, ignore_eos=True).token_ids
+    assert judge.activation_index == len(rendered) + 9 and judge.usage.prompt_tokens == len(rendered) + 9 + len(INV)
+    assert judge.usage.cached_tokens == (len(rendered) + 9 - 1) // B * B
