@@ -17,6 +17,9 @@ Parts (`--parts`, comma separated; default all):
             rates up to and past KV-cache overflow; the cache is capped at `--c-kv-pipelines` pipelines' worth
             of blocks. Pipeline latency p50/p90/p99 and adapter hit rate per rate; per-rate time limit. With
             --c-host-kv-gb G every rate runs twice on the same engine: host-memory KV tier off, then on (G GiB).
+            `--c-sessions`: each rate also runs with pipeline sessions (each pipeline's session keeps its base's
+            blocks for its judge, ended by the judge), same arrivals, same cap (`--c-session-share` of it);
+            with both flags, also with both.
   baseline  the pipeline of A (1k, 4k) with transformers + PEFT on the same device (PEFT's aLoRA reusing the
             base's past_key_values, and plain LoRA), and pipeline throughput with 32 concurrent pipelines:
             PEFT batched generate vs jalora. The PEFT side runs in a child process (torch; no JAX on the GPU)
@@ -36,7 +39,9 @@ One device command is limited to 10 minutes, so split it:
     python -m bench.pipeline_bench --model granite-8b --parts Aconc           # not measured yet (batch ~7 at 64k)
     python -m bench.pipeline_bench --model granite-8b --parts C --c-rates 8 16 32   # 7.5 min
     python -m bench.pipeline_bench --model granite-8b --parts C --c-rates 8 16 32 --c-host-kv-gb 16 \
-        --c-pipelines 120 --c-max-seconds 25      # host-memory KV tier off vs on, same run (not measured yet)
+        --c-pipelines 120 --c-max-seconds 25      # host-memory KV tier off vs on, same run
+    python -m bench.pipeline_bench --model granite-8b --parts C --c-rates 8 16 32 --c-sessions --c-pipelines 200 \
+        --c-max-seconds 40                                                         # sessions off vs on
 
 `--parts baseline --reuse-peft` measures only jalora's side again against the stored PEFT numbers (which
 keep their own run record), when the code under test is jalora's.
@@ -46,6 +51,7 @@ Each command compiles the step for every token bucket it needs (base and LoRA va
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -189,8 +195,9 @@ class EngineCounters:
 def run_pipelines(engine, gens: list, arrivals: list[float] | None = None, time_limit: float | None = None) -> list:
     """Drives pipeline coroutines through one engine.
 
-    A pipeline is a generator that yields a stage, a list of (prompt_ids, SamplingParams, adapter) submitted
-    together, receives the finished RequestOutputs of that stage in order (folded from the engine's deltas),
+    A pipeline is a generator that yields a stage, a list of (prompt_ids, SamplingParams, adapter[, keywords])
+    submitted together (keywords: more add_request arguments, e.g. a pipeline session),
+    receives the finished RequestOutputs of that stage in order (folded from the engine's deltas),
     and returns its result dict. Pipeline i starts at arrivals[i] seconds (default: all at once). Returns one
     entry per pipeline: {"result", "start", "end"} (monotonic seconds; start is the scheduled arrival), or
     {"incomplete": True} if the time limit cut it.
@@ -208,10 +215,10 @@ def run_pipelines(engine, gens: list, arrivals: list[float] | None = None, time_
 
     def submit(i, reqs):
         ids = []
-        for prompt, params, adapter in reqs:
+        for prompt, params, adapter, *more in reqs:
             rid = f"p{i}-{counter[0]}"
             counter[0] += 1
-            engine.add_request(rid, prompt, params, adapter)
+            engine.add_request(rid, prompt, params, adapter, **(more[0] if more else {}))
             owner[rid] = i
             running[rid] = OutputAccumulator(rid, None, params.logprobs is not None)
             ids.append(rid)
@@ -257,10 +264,13 @@ def run_pipelines(engine, gens: list, arrivals: list[float] | None = None, time_
     return [d if d is not None else {"incomplete": True} for d in done]
 
 
-def pipeline_a(prompt, answer_len, eval_len, adapter, invocation):
-    """base answers -> one adapter evaluates prompt + answer + invocation."""
-    (base,) = yield [(prompt, greedy(answer_len), None)]
-    (judge,) = yield [(prompt + base.token_ids + invocation, greedy(eval_len), adapter)]
+def pipeline_a(prompt, answer_len, eval_len, adapter, invocation, session=None):
+    """base answers -> one adapter evaluates prompt + answer + invocation (in a pipeline session, if given,
+    which keeps the base's blocks for the judge and ends with it)."""
+    kw = {} if session is None else {"session": session}
+    (base,) = yield [(prompt, greedy(answer_len), None, kw)]
+    end = kw and {**kw, "end_session": True}
+    (judge,) = yield [(prompt + base.token_ids + invocation, greedy(eval_len), adapter, end)]
     return {"base": req_metrics(base), "judge": req_metrics(judge)}
 
 
@@ -410,14 +420,16 @@ class Bench:
                     "pipelines": sz["c_pipelines"], "kv_blocks": cap, "kv_pipelines": self.args.c_kv_pipelines,
                     "blocks_per_pipeline": per_pipeline, "time_limit_s": sz["c_max_seconds"], "rows": rows}  # fmt: skip
 
-        with reserved_blocks(bm, eng.num_total_blocks - cap):
+        with reserved_blocks(bm, eng.num_total_blocks - cap), c_sessions(eng, cap, self.args) as sessions_on:
             for kind in self.args.c_kinds:
-                for rate, host_gb in c_runs(self.args.c_rates, self.args.c_host_kv_gb, eng):
+                for rate, host_gb, sessions in c_runs(self.args, eng):
+                    sessions_on(sessions)
                     bm.reset_prefix_cache()
                     snap = self.counters.snapshot()
                     arrivals = poisson_arrivals(rate, sz["c_pipelines"], seed=int(rate * 1000))
                     gens = [pipeline_a(self.prompt(sz["c_prompt"]), sz["c_answer"], sz["c_eval"], self.names[kind][0],
-                                       self.invocations[0]) for _ in arrivals]  # fmt: skip
+                                       self.invocations[0], f"c{k}" if sessions else None)
+                            for k in range(len(arrivals))]  # fmt: skip
                     t0 = time.monotonic()
                     res = run_pipelines(eng, gens, arrivals, time_limit=sz["c_max_seconds"])
                     wall = time.monotonic() - t0
@@ -425,15 +437,16 @@ class Bench:
                     lat = [r["end"] - r["start"] for r in ok]
                     judges = [r["result"]["judge"] for r in ok]
                     hits = [j["hit_rate"] for j in judges]
-                    row = {"kind": kind, "rate": rate, "host_kv_gb": host_gb, "offered": len(res), "completed": len(ok),
-                           "wall_s": wall, "completed_per_s": len(ok) / wall, "latency": percentiles(lat),
+                    row = {"kind": kind, "rate": rate, "host_kv_gb": host_gb, **sessions_on.row(sessions),
+                           "offered": len(res), "completed": len(ok), "wall_s": wall,
+                           "completed_per_s": len(ok) / wall, "latency": percentiles(lat),
                            "judge_ttft": percentiles([j["ttft_s"] for j in judges]),
                            "hit_rate_mean": float(np.mean(hits)) if hits else None,
                            "hit_rate_p10": float(np.percentile(hits, 10)) if hits else None,
                            **self.counters.since(snap)}  # fmt: skip
                     rows.append(row)
                     p = row["latency"]
-                    tier = f" + host {host_gb:g} GiB" if host_gb else ""
+                    tier = (f" + host {host_gb:g} GiB" if host_gb else "") + (" + sessions" if sessions else "")
                     print(f"C {kind}{tier} rate {rate}/s: {len(ok)}/{len(res)} done in {wall:.1f} s, p50 "
                           f"{fmt_s(p['p50'])} p99 {fmt_s(p['p99'])}, hit {row['hit_rate_mean'] or 0:.0%}, "
                           f"preemptions {row['preemptions']}", flush=True)  # fmt: skip
@@ -492,15 +505,20 @@ def sz_cap(bench) -> int:
     return min(bench.sz["max_num_batched_tokens"], bench.engine.max_model_len - 1)
 
 
-def c_runs(rates, host_gb: float, engine):
-    """(rate, host tier GiB) of each part-C run: every rate with the host-memory KV tier off, then, with
-    --c-host-kv-gb, on (the same engine, its tier attached to the block manager for those runs only)."""
+def c_runs(args, engine):
+    """(rate, host tier GiB, sessions) of each part-C run of one kind: every rate plain, then with
+    --c-host-kv-gb the host-memory KV tier on, with --c-sessions pipeline sessions on (each pipeline's session
+    keeps its base's blocks for its judge), with both flags also both. The same engine throughout: its tier is
+    attached to the block manager for the tier's runs only."""
     bm, tier = engine.block_manager, engine.host_tier
+    gbs = (0.0, args.c_host_kv_gb) if args.c_host_kv_gb else (0.0,)
+    sessions = (False, True) if args.c_sessions else (False,)
     try:
-        for rate in rates:
-            for gb in (0.0, host_gb) if host_gb else (0.0,):
-                bm.host_tier = tier if gb else None
-                yield rate, gb
+        for rate in args.c_rates:
+            for s in sessions:
+                for gb in gbs:
+                    bm.host_tier = tier if gb else None
+                    yield rate, gb, s
     finally:
         bm.host_tier = None
 
@@ -525,6 +543,33 @@ class reserved_blocks:
 
     def __exit__(self, *exc):
         self.bm.release(self.holder)
+
+
+class c_sessions:
+    """Pipeline sessions in part C: they may retain --c-session-share of C's capped cache (not of the whole
+    one); before each run (and after the last) the sessions a time-limited run left are ended."""
+
+    def __init__(self, engine, cap: int, args):
+        self.engine, self.sessions = engine, engine.sessions
+        self.max, self.evicted = int(args.c_session_share * cap), 0
+
+    def __enter__(self):
+        self.old, self.sessions.max_blocks = self.sessions.max_blocks, self.max
+        return self
+
+    def __call__(self, on: bool) -> None:
+        for sid in list(self.sessions.live):
+            self.engine.end_session(sid)
+        self.evicted = dataclasses.replace(self.sessions.counters)
+
+    def row(self, on: bool) -> dict:
+        now, then = self.sessions.counters, self.evicted
+        return {"sessions": on, "session_blocks": self.max, "sessions_evicted": now.evicted - then.evicted,
+                "sessions_reclaimed": now.reclaimed - then.reclaimed}  # fmt: skip
+
+    def __exit__(self, *exc):
+        self(False)
+        self.sessions.max_blocks = self.old
 
 
 def fmt_s(x) -> str:
@@ -690,10 +735,12 @@ def plots(r: dict, stem: str, folder: str) -> list[str]:
     if "C" in parts:
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
         c = parts["C"]
-        for kind, color in (("alora", "tab:blue"), ("lora", "tab:red")):
-            rows = [x for x in c["rows"] if x["kind"] == kind]
+        for (kind, sess), color in ((("alora", False), "tab:blue"), (("lora", False), "tab:red"),
+                                    (("alora", True), "tab:green"), (("lora", True), "tab:purple")):  # fmt: skip
+            rows = [x for x in c["rows"] if x["kind"] == kind and x.get("sessions", False) == sess]
             if not rows:
                 continue
+            kind += " sessions" if sess else ""
             rates = [x["rate"] for x in rows]
             for q, style in (("p50", "o-"), ("p90", "^--"), ("p99", "v:")):
                 vals = [np.nan if x["latency"][q] is None else x["latency"][q] for x in rows]
@@ -723,7 +770,7 @@ def merge(old: dict | None, new_parts: dict) -> dict:
     parts = dict((old or {}).get("parts", {}))
     keys = {"A": lambda x: (x["prompt_len"], x["kind"]), "Aconc": lambda x: (x["prompt_len"], x["kind"]),
             "B": lambda x: (x["prompt_len"], x["kind"]),
-            "C": lambda x: (x["kind"], x["rate"], x.get("host_kv_gb", 0.0))}  # fmt: skip
+            "C": lambda x: (x["kind"], x["rate"], x.get("host_kv_gb", 0.0), x.get("sessions", False))}  # fmt: skip
     for name, p in new_parts.items():
         o = parts.get(name)
         if name in keys and o and same_setup(o, p):
@@ -755,6 +802,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--c-max-seconds", type=float, help="time limit per rate (the rest is aborted)")
     ap.add_argument("--c-host-kv-gb", type=float, default=0.0,
                     help="C: also run every rate with a host-memory KV tier of this many GiB (0: tier off only)")
+    ap.add_argument("--c-sessions", action="store_true",
+                    help="C: each rate without, then with pipeline sessions")  # fmt: skip
+    ap.add_argument("--c-session-share", type=float, default=0.8,
+                    help="C with --c-sessions: the share of the capped cache sessions may retain (bases that finish "
+                         "together retain many blocks at once; 0.5 evicted sessions in CPU runs)")  # fmt: skip
     ap.add_argument("--num-kv-blocks", type=int, help="default: from device memory (GPU), 512 (--quick)")
     ap.add_argument("--compile-cache", default=os.path.join(tempfile.gettempdir(), "jalora-jax-cache"),
                     help="JAX persistent compilation cache ('' to disable)")  # fmt: skip

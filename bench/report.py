@@ -179,6 +179,7 @@ def pipeline_bench_tables(r: dict) -> list[str]:
             p, t = x["latency"], x["judge_ttft"]
             hit = lambda v: "-" if v is None else f"{v:.0%}"  # noqa: E731
             kind = x["kind"] + (f" + host {x['host_kv_gb']:g} GiB" if x.get("host_kv_gb") else "")
+            kind += " + sessions" if x.get("sessions") else ""
             out.append(f"| {kind} | {x['rate']:g} | {x['completed']}/{x['offered']} | {x['completed_per_s']:.2f} "
                        f"| {ms(p['p50'])} | {ms(p['p90'])} | {ms(p['p99'])} | {ms(t['p50'])} | "
                        f"{hit(x['hit_rate_mean'])} | {hit(x['hit_rate_p10'])} | {x['preemptions']} |")  # fmt: skip

@@ -1,7 +1,7 @@
 """jalora: a JAX serving engine for a base model and many Activated-LoRA adapters."""
 
 from jalora.config import EngineConfig
-from jalora.errors import AdapterNotFoundError, InvalidRequestError, InvocationNotFoundError
+from jalora.errors import AdapterNotFoundError, InvalidRequestError, InvocationNotFoundError, SessionNotFoundError
 from jalora.outputs import RequestDelta, RequestOutput
 from jalora.sampling_params import SamplingParams
 
@@ -14,6 +14,7 @@ __all__ = [
     "InvalidRequestError",
     "AdapterNotFoundError",
     "InvocationNotFoundError",
+    "SessionNotFoundError",
 ]
 
 

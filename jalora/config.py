@@ -81,6 +81,11 @@ class EngineConfig:
     tensor_parallel_size: int = config_field(
         1, "devices the model is split over (Megatron-style: heads, MLP features, vocabulary; KV cache by KV head)"
     )
+    session_cache_share: float = config_field(
+        0.5, "largest share of the KV cache that pipeline sessions may keep from eviction (0 turns sessions off)"
+    )
+    session_ttl: float = config_field(60.0, "seconds an idle pipeline session lives when its request names no TTL")
+    max_session_ttl: float = config_field(3600.0, "longest TTL a request may give its pipeline session (seconds)")
 
     def __post_init__(self):
         model = os.fspath(self.model) if isinstance(self.model, os.PathLike) else self.model
@@ -118,8 +123,21 @@ class EngineConfig:
         require(n is None or (is_int(n) and n >= 0), "lora_onehot_max_tokens",
                 f"must be None or an integer >= 0, got {n!r}")  # fmt: skip
 
+        share = self.session_cache_share
+        require(_is_number(share) and 0 <= share < 1, "session_cache_share",
+                f"must be a number in [0, 1), got {share!r}")  # fmt: skip
+        require(_is_number(self.max_session_ttl) and self.max_session_ttl > 0, "max_session_ttl",
+                f"must be a number > 0, got {self.max_session_ttl!r}")  # fmt: skip
+        ttl = self.session_ttl
+        require(_is_number(ttl) and 0 < ttl <= self.max_session_ttl, "session_ttl",
+                f"must be a number in (0, max_session_ttl={self.max_session_ttl!r}], got {ttl!r}")  # fmt: skip
+
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _dtype_name(dtype) -> str | None:

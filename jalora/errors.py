@@ -43,9 +43,17 @@ class ModelFetchError(InvalidRequestError):
 class AdapterNotFoundError(InvalidRequestError):
     """The named adapter is not loaded (gRPC NOT_FOUND)."""
 
-    def __init__(self, name: str):
-        super().__init__("adapter", f"{quoted(name)} is not loaded")
+    def __init__(self, name: str, field: str = "adapter"):
+        super().__init__(field, f"{quoted(name)} is not loaded")
         self.name = name
+
+
+class SessionNotFoundError(InvalidRequestError):
+    """Ending a pipeline session that is not live (never opened, ended, expired or evicted; gRPC NOT_FOUND)."""
+
+    def __init__(self, session):
+        super().__init__("session", f"{quoted(session)} is not a live session (never opened, or ended already)")
+        self.session = session
 
 
 class PreconditionError(InvalidRequestError):

@@ -19,14 +19,14 @@ class LLM:
     """Offline generation over an LLMEngine; `llm.engine` is the incremental interface.
 
     `LLM("path/to/model", max_num_seqs=8)` takes EngineConfig's fields as keywords; `LLM(config)` takes
-    a whole EngineConfig."""
+    a whole EngineConfig. `clock` (monotonic seconds) times pipeline sessions' TTLs (tests pass their own)."""
 
-    def __init__(self, model: str | EngineConfig, **config):
+    def __init__(self, model: str | EngineConfig, *, clock=None, **config):
         if isinstance(model, EngineConfig):
             self.config = model.replace(**config) if config else model
         else:
             self.config = EngineConfig(model=model, **config)
-        self.engine = LLMEngine(self.config)
+        self.engine = LLMEngine(self.config) if clock is None else LLMEngine(self.config, clock=clock)
         self._ids = itertools.count()
 
     def generate(
@@ -34,9 +34,17 @@ class LLM:
         prompts: Prompt | list[Prompt],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         adapter: str | None | list[str | None] = None,
+        *,
+        session: str | None = None,
+        session_ttl: float | None = None,
+        end_session: bool = False,
     ) -> list[RequestOutput]:
         """Runs every prompt to completion (batched together); outputs in prompt order. Without sampling
-        parameters a request takes the model's defaults (`engine.default_sampling_params()`)."""
+        parameters a request takes the model's defaults (`engine.default_sampling_params()`).
+
+        `session="id"` keeps the blocks these requests computed (prompt and output) from eviction for the
+        session's next requests, e.g. the judges of this answer, until the session has been idle for
+        `session_ttl` seconds, `end_session(id)` is called, or a request with `end_session=True` finishes."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         n = len(prompts)
@@ -55,7 +63,9 @@ class LLM:
         running: dict[str, OutputAccumulator] = {}
         try:
             for rid, prompt, p, a in zip(ids, prompts, params, adapters):
-                self.engine.add_request(rid, prompt, p, a)
+                self.engine.add_request(
+                    rid, prompt, p, a, session=session, session_ttl=session_ttl, end_session=end_session
+                )
                 text = prompt if isinstance(prompt, str) else None
                 running[rid] = OutputAccumulator(rid, text, p.logprobs is not None)
         except Exception:
@@ -82,6 +92,7 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         adapter: str | None | list[str | None] = None,
         with_invocation: bool = True,
+        **session,
     ) -> list[RequestOutput]:
         """`generate` for conversations ({'role', 'content'} messages; one conversation or a list),
         rendered with the model's chat template.
@@ -90,7 +101,8 @@ class LLM:
         (the assistant's turn begins). For an aLoRA adapter, with `with_invocation`, it ends with the
         adapter's invocation tokens instead: the invocation is the turn the adapter answers in (PEFT
         advises a role prefix of the chat template as an aLoRA's invocation). Without it the
-        conversation must contain the invocation itself."""
+        conversation must contain the invocation itself. `session`, `session_ttl`, `end_session`: as
+        for `generate`."""
         if messages and isinstance(messages[0], dict):
             messages = [messages]
         adapters = adapter if isinstance(adapter, list) else [adapter] * len(messages)
@@ -100,7 +112,11 @@ class LLM:
             prompt_with_invocation(self.engine, None, conversation, name if with_invocation else None)
             for conversation, name in zip(messages, adapters)
         ]
-        return self.generate(prompts, sampling_params, adapters)
+        return self.generate(prompts, sampling_params, adapters, **session)
+
+    def end_session(self, session: str) -> None:
+        """Ends a live pipeline session: its blocks become evictable (SessionNotFoundError if not live)."""
+        self.engine.end_session(session)
 
     def _abort(self, running: dict[str, OutputAccumulator]) -> None:
         for rid in running:

@@ -101,6 +101,15 @@ def generate_response(request_id: str, delta: RequestDelta, received: float) -> 
     return msg
 
 
+def pipeline_response(request_id: str, stage, received: float) -> pb.PipelineResponse:
+    """One finished stage of a Pipeline call (server/pipeline.py's Stage)."""
+    msg = pb.PipelineResponse(request_id=request_id, adapter=stage.adapter or "", token_ids=stage.token_ids,
+                              text=stage.text, completion=completion_to_proto(stage.finished, received))  # fmt: skip
+    if stage.judge is not None:
+        msg.judge = stage.judge
+    return msg
+
+
 def adapter_info_to_proto(info: AdapterInfo) -> pb.AdapterInfo:
     msg = pb.AdapterInfo(
         name=info.name,

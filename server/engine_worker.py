@@ -117,6 +117,7 @@ class AddRequest:
     params: SamplingParams
     adapter: str | None
     stream: RequestStream
+    session: dict | None = None  # Engine.add_request's session keywords, when the request names a session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,14 +232,16 @@ class EngineWorker:
     # ---- event-loop side -------------------------------------------------------------------------
 
     def submit(
-        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, adapter: str | None
-    ) -> RequestStream:
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, adapter: str | None,
+        session: dict | None = None,
+    ) -> RequestStream:  # fmt: skip
         """Queues a request for the engine. Must be called on the event loop that reads the stream.
 
         Raises ServerOverloadedError when `max_pending_requests` requests are already in flight (or
         ServerShuttingDownError after `stop`). A text prompt is tokenized on the host pool first; token
         ids are checked here, their length before their values. Prompt errors and the engine's
-        validation errors (unknown adapter, ...) come out of the stream's first `next()`.
+        validation errors (unknown adapter, ...) come out of the stream's first `next()`. `session`: the
+        keywords `session`, `session_ttl`, `end_session` of `Engine.add_request`.
         """
         if self._closed:
             raise ServerShuttingDownError(SHUTTING_DOWN)
@@ -256,24 +259,32 @@ class EngineWorker:
                     return None if stream.aborted else self.engine.encode_prompt(prompt)
 
                 encode = self._offload(self._host, encode_prompt)
-                encode.add_done_callback(lambda job: self._admit(job, request_id, params, adapter, stream))
+                encode.add_done_callback(lambda job: self._admit(job, request_id, params, adapter, stream, session))
             else:
                 encoded = self.engine.encode_prompt(prompt)
-                self._put(AddRequest(request_id, encoded, params, adapter, stream))
+                self._put(AddRequest(request_id, encoded, params, adapter, stream, session))
         except Exception as exc:  # the prompt's error, or a stop: that request's alone
             stream._push(exc)
         return stream
 
-    def _admit(self, job: asyncio.Future, request_id: str, params, adapter, stream: RequestStream) -> None:
+    def _admit(self, job: asyncio.Future, request_id: str, params, adapter, stream: RequestStream, session) -> None:
         """Event loop: queues a request whose prompt the host pool encoded, unless its call has ended
         (checked on this loop, where abort() runs: no AbortRequest can precede the add)."""
         try:
             encoded = job.result()
             if stream.aborted:
                 raise RuntimeError("the call ended before its prompt was tokenized")
-            self._put(AddRequest(request_id, encoded, params, adapter, stream))
+            self._put(AddRequest(request_id, encoded, params, adapter, stream, session))
         except Exception as exc:  # the prompt's error, or a stop: that request's alone
             stream._push(exc)
+
+    def call_nowait(self, fn: Callable[[Engine], Any]) -> None:
+        """Queues `fn(engine)` between two steps (after every command queued before it) without waiting;
+        its result or error is dropped. For clean-up that must not wait (a cancelled call's finally)."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future = loop.create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._put(EngineCall(fn, future, loop))
 
     async def call(self, fn: Callable[[Engine], T]) -> T:
         """Runs `fn(engine)` on the engine thread between two steps and returns its result."""
@@ -337,9 +348,12 @@ class EngineWorker:
 
     def _iterate(self) -> bool:
         """One loop turn: take commands, then step if anything is in flight. False once stopped."""
-        # Block while there is nothing to step; otherwise only take what is already queued.
+        # Block while there is nothing to step (waking when an idle pipeline session is due to expire);
+        # otherwise only take what is already queued.
+        block = not self._should_step()
         try:
-            command: Command | None = self._commands.get(block=not self._should_step())
+            wait = self._expire_sessions() if block else None
+            command: Command | None = self._commands.get(block=block, timeout=wait)
         except queue.Empty:
             command = None
         while command is not None:
@@ -357,6 +371,18 @@ class EngineWorker:
                 self._steps_left -= 1
         return True
 
+    def _expire_sessions(self) -> float | None:
+        """Ends the engine's pipeline sessions idle past their TTL; seconds until the next may expire."""
+        expire = getattr(self.engine, "expire_sessions", None)  # (test doubles of an engine may lack it)
+        try:
+            ended, wait = expire() if expire is not None else (0, None)
+        except Exception:  # a broken engine must not kill the thread
+            logger.exception("expire_sessions failed")
+            return None
+        if ended:
+            self._observe()  # the metrics see them gone
+        return wait
+
     def _engine_busy(self) -> bool:
         try:
             return bool(self.engine.has_unfinished_requests())
@@ -367,7 +393,10 @@ class EngineWorker:
     def _handle(self, command: Command) -> None:
         if isinstance(command, AddRequest):
             try:
-                self.engine.add_request(command.request_id, command.prompt, command.params, adapter=command.adapter)
+                kw = command.session or {}  # only a request with a session passes them
+                self.engine.add_request(
+                    command.request_id, command.prompt, command.params, adapter=command.adapter, **kw
+                )
             except Exception as exc:  # reported to that request only
                 _post(command.stream.loop, command.stream._push, exc)
                 return

@@ -23,6 +23,7 @@ from jalora.errors import (
     InvalidRequestError,
     InvocationNotFoundError,
     PreconditionError,
+    SessionNotFoundError,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
         return grpc.StatusCode.PERMISSION_DENIED, str(exc), exc.field
     if isinstance(exc, PreconditionError):  # a missing invocation, an adapter still in use
         return grpc.StatusCode.FAILED_PRECONDITION, str(exc), exc.field
-    if isinstance(exc, AdapterNotFoundError):
+    if isinstance(exc, AdapterNotFoundError | SessionNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc), exc.field
     if isinstance(exc, InvalidRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.field

@@ -16,6 +16,7 @@ Imports neither JAX nor numpy.
 
 from __future__ import annotations
 
+import math
 import os
 import uuid
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ from jalora.api.limits import (
     MAX_ADAPTER_PATH_BYTES,
     MAX_CHAT_MESSAGES,
     MAX_PROMPT_BYTES,
+    MAX_SESSION_ID_CHARS,
     MAX_STOP_TOKEN_IDS,
     is_adapter_name,
 )
@@ -66,6 +68,13 @@ def check_adapter_name(name: str, field: str) -> None:
         raise AdapterNameError(name, field)
 
 
+def check_session_id(session: str, field: str) -> None:
+    if not session:
+        raise InvalidRequestError(field, "must not be empty")
+    if len(session) > MAX_SESSION_ID_CHARS:
+        raise InvalidRequestError(field, f"must be at most {MAX_SESSION_ID_CHARS} characters")
+
+
 def check_text(text: str, field: str) -> None:
     if len(text) > MAX_PROMPT_BYTES or len(text.encode()) > MAX_PROMPT_BYTES:  # a character is >= 1 byte
         raise InvalidRequestError(field, f"is {len(text.encode())} bytes of UTF-8; at most {MAX_PROMPT_BYTES}")
@@ -99,6 +108,7 @@ class Frontend:
         self.broken: str | None = None  # why the engine can serve nothing any more (a lost host), if so
         self._defaults: SamplingParams | None = None
         self._max_model_len: int | None = None
+        self._max_session_ttl: float | None = None
 
     async def sampling_defaults(self) -> SamplingParams:
         """The engine's sampling defaults (the model's generation_config), asked once."""
@@ -120,6 +130,28 @@ class Frontend:
         if n >= limit:
             raise InvalidRequestError(length_field, f"has {n} tokens; max_model_len is {limit} (room for 1 new token)")
 
+    async def session_fields(
+        self, session: str | None, ttl: float | None, end: bool,
+        fields: tuple[str, str, str] = ("session", "session_ttl", "end_session"),
+    ) -> dict | None:  # fmt: skip
+        """A request's pipeline-session fields, checked before any slow work (`fields` name them as the
+        caller did); the keywords of `Engine.add_request`, or None without a session."""
+        if session is None:
+            if ttl is not None:
+                raise InvalidRequestError(fields[1], f"needs a session (set {fields[0]} too)")
+            if end:
+                raise InvalidRequestError(fields[2], f"needs a session (set {fields[0]} too)")
+            return None
+        check_session_id(session, fields[0])
+        if ttl is not None:
+            if self._max_session_ttl is None:
+                self._max_session_ttl = (await self.worker.call(lambda engine: engine.info())).max_session_ttl
+            limit = self._max_session_ttl
+            if not (math.isfinite(ttl) and 0 < ttl <= limit):
+                message = f"must be a number of seconds in (0, {limit:g}] (the server's max_session_ttl), got {ttl!r}"
+                raise InvalidRequestError(fields[1], message)
+        return {"session": session, "session_ttl": ttl, "end_session": end}
+
     async def start(
         self,
         prompt: str | Sequence[int] | None,
@@ -127,15 +159,22 @@ class Frontend:
         params: SamplingParams,
         adapter: str | None,
         append_invocation: bool = False,
+        session: dict | None = None,
     ) -> RequestStream:
         """Submits a generation whose fields were checked: a text or token-id `prompt`, or `messages` (a
         conversation in the model's chat template, with its generation prompt). With `append_invocation`
         the aLoRA `adapter`'s invocation is appended (to a conversation: in place of the generation
-        prompt); otherwise the prompt must hold it already, as the engine checks."""
+        prompt); otherwise the prompt must hold it already, as the engine checks. `session`: what
+        `session_fields` returned."""
         if messages is not None or append_invocation:
             invoke = adapter if append_invocation else None
             prompt = await self.worker.run_host(lambda e: prompt_with_invocation(e, prompt, messages, invoke))
-        return self.worker.submit(uuid.uuid4().hex, prompt, params, adapter)
+        return self.worker.submit(uuid.uuid4().hex, prompt, params, adapter, session)
+
+    async def end_session(self, session: str, field: str = "session") -> None:
+        """Ends a live pipeline session (NOT_FOUND if it is not live)."""
+        check_session_id(session, field)
+        await self.worker.call(lambda engine: engine.end_session(session))
 
     async def list_adapters(self) -> list[AdapterInfo]:
         return await self.worker.call(lambda engine: engine.list_adapters())

@@ -357,8 +357,11 @@ class HttpFront:
                 if gen.echo and gen.stream and gen.params.logprobs is not None:
                     raise InvalidRequestError("echo", "with logprobs needs stream: false (prompt logprobs come "
                                               "with the end of the request)")  # fmt: skip
+            session = await self.front.session_fields(gen.session, gen.session_ttl, gen.end_session)
             adapter = await self._adapter(gen.model)
-            stream = await self.front.start(gen.prompt, gen.messages, gen.params, adapter, gen.append_invocation)
+            stream = await self.front.start(
+                gen.prompt, gen.messages, gen.params, adapter, gen.append_invocation, session
+            )
             watcher = asyncio.ensure_future(_abort_on_disconnect(request, stream))
             first = await stream.next()  # errors before the first token get their own status
             if gen.stream:

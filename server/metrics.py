@@ -181,6 +181,15 @@ class _EngineStatsCollector(Collector):
         yield gauge("host_kv_cache_blocks", "KV blocks held in the host-memory tier.", s.host_kv_cache_blocks)
         yield gauge("host_kv_cache_capacity_blocks", "KV blocks the host-memory tier can hold (0: it is off).",
                     s.host_kv_cache_capacity_blocks)  # fmt: skip
+        yield gauge("session_retained_blocks", "KV blocks pipeline sessions keep from eviction.", s.num_retained_blocks)
+        yield gauge("sessions", "Live pipeline sessions.", s.num_sessions)
+        ended = CounterMetricFamily(
+            PREFIX + "sessions_ended", "Pipeline sessions ended by their TTL (expired) or to make room for another "
+            "session's blocks (evicted); sessions ended by a call or a request are not counted.", labels=["reason"],
+        )  # fmt: skip
+        ended.add_metric(["expired"], s.sessions_expired)
+        ended.add_metric(["evicted"], s.sessions_evicted)
+        yield ended
         compilations = CounterMetricFamily(
             PREFIX + "step_compilations", "First uses of a compiled step variant (a compilation, or a load from "
             "JAX's persistent cache), in the warm-up or while serving (where requests waited for it).",

@@ -53,6 +53,10 @@ class Generation:
     include_usage: bool  # stream_options.include_usage: a last chunk with the usage
     echo: bool  # completions: the prompt's text before the completion's
     append_invocation: bool  # jalora's extension: the server appends the aLoRA adapter's invocation
+    # jalora's extension: a pipeline session keeps this request's KV blocks for its next requests
+    session: str | None = None
+    session_ttl: float | None = None
+    end_session: bool = False
 
 
 def _value(body: dict, name: str) -> Any:
@@ -67,6 +71,18 @@ def _bool(body: dict, name: str, default: bool = False) -> bool:
     if not isinstance(value, bool):
         raise InvalidRequestError(name, f"must be true or false, got {value!r:.40}")
     return value
+
+
+def _session(body: dict) -> dict:
+    """jalora's pipeline-session extension fields (`session`, `session_ttl`, `end_session`), their types
+    checked; server/frontend.py checks the rest, as for gRPC."""
+    session, ttl = _value(body, "session"), _value(body, "session_ttl")
+    if session is not None and not isinstance(session, str):
+        raise InvalidRequestError("session", f"must be a string, got {session!r:.40}")
+    if ttl is not None and not (isinstance(ttl, int | float) and not isinstance(ttl, bool)):
+        raise InvalidRequestError("session_ttl", f"must be a number of seconds, got {ttl!r:.40}")
+    return {"session": session, "session_ttl": None if ttl is None else float(ttl),
+            "end_session": _bool(body, "end_session")}  # fmt: skip
 
 
 def _is_int(value: Any) -> bool:
@@ -175,6 +191,7 @@ def parse_completion(body: dict, defaults: SamplingParams) -> tuple[Generation, 
             include_usage=_stream_options(body, stream),
             echo=echo,
             append_invocation=_bool(body, "append_invocation"),
+            **_session(body),
         ),
         ids,
     )
@@ -223,6 +240,7 @@ def parse_chat(body: dict, defaults: SamplingParams) -> Generation:
         include_usage=_stream_options(body, stream),
         echo=False,
         append_invocation=_bool(body, "append_invocation"),
+        **_session(body),
     )
 
 

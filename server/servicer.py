@@ -28,6 +28,7 @@ from server.convert import (
     adapter_info_to_proto,
     generate_response,
     messages_from_proto,
+    pipeline_response,
     sampling_params_from_proto,
     server_info_to_proto,
 )
@@ -40,6 +41,7 @@ from server.frontend import (
     check_text,
 )
 from server.logs import REQUEST_ID, call_status, log_access
+from server.pipeline import Judge, run_pipeline
 
 
 def _pairs(msg: pb.ChatMessages) -> list[tuple[str, str]]:
@@ -87,7 +89,9 @@ class JaloraServicer(pb_grpc.JaloraServicer):
                 prompt = request.text if which == "text" else list(request.token_ids.ids)
             params = sampling_params_from_proto(request.sampling, await self.front.sampling_defaults())
             adapter = request.adapter or None
-            stream = await self.front.start(prompt, messages, params, adapter, request.append_invocation)
+            ttl = request.session_ttl if request.HasField("session_ttl") else None
+            session = await self.front.session_fields(request.session or None, ttl, request.end_session)
+            stream = await self.front.start(prompt, messages, params, adapter, request.append_invocation, session)
             while True:
                 delta = await stream.next()
                 finished = delta.finished
@@ -105,6 +109,62 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             # sys.exc_info(): what ends the handler (a cancellation, an abort), None if it returned.
             status = call_status(context, sys.exc_info()[1])
             log_access(REQUEST_ID.get(), request.adapter or None, finished, status, time.monotonic() - received)
+
+    async def Pipeline(
+        self, request: pb.PipelineRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PipelineResponse]:
+        received = time.monotonic()
+        client_id = request.request_id or uuid.uuid4().hex
+        REQUEST_ID.set(client_id[:MAX_REQUEST_ID_CHARS])
+        try:
+            self.calls.admit(context)
+            if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+                raise InvalidRequestError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
+            prompt, messages = await self._prompt(request)
+            defaults = await self.front.sampling_defaults()
+            params = sampling_params_from_proto(request.sampling, defaults)
+            judges = []
+            for k, j in enumerate(request.judges):
+                check_stop_token_ids(j.sampling.stop_token_ids, f"judges[{k}].sampling.stop_token_ids")
+                try:
+                    judge_params = sampling_params_from_proto(j.sampling, defaults)
+                except InvalidRequestError as e:
+                    raise InvalidRequestError(f"judges[{k}].{e.field}", e.message) from None
+                text = j.invocation_text if j.HasField("invocation_text") else None
+                judges.append(Judge(j.adapter or None, text, judge_params))
+            ttl = request.session_ttl if request.HasField("session_ttl") else None
+            stages = run_pipeline(self.front, prompt, messages, params, judges, ttl)
+            try:
+                async for stage in stages:
+                    yield pipeline_response(client_id, stage, received)
+            finally:
+                await stages.aclose()  # aborts what still runs, ends the call's session
+        except Exception as exc:
+            await abort_with(context, exc)
+
+    async def _prompt(self, request) -> tuple[str | list[int] | None, list[dict[str, str]] | None]:
+        """A request's prompt oneof (text, token_ids or messages), checked: (prompt, None) or (None, messages)."""
+        which = request.WhichOneof("prompt")
+        if which is None:
+            raise InvalidRequestError("prompt", "set one of text, token_ids or messages")
+        if which == "text":
+            if not request.text:
+                raise InvalidRequestError("prompt.text", "must not be empty")
+            check_text(request.text, "prompt.text")
+            return request.text, None
+        if which == "messages":
+            check_messages(_pairs(request.messages), "prompt.messages")
+            return None, messages_from_proto(request.messages)
+        await self.front.check_token_ids(request.token_ids.ids, "prompt.token_ids")
+        return list(request.token_ids.ids), None
+
+    @unary_call
+    async def EndSession(self, request, context):
+        try:
+            await self.front.end_session(request.session)
+            return pb.EndSessionResponse()
+        except Exception as exc:
+            await abort_with(context, exc)
 
     @unary_call
     async def ListAdapters(self, request, context):

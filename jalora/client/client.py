@@ -175,6 +175,9 @@ def generate_request(
     params: Any = None,
     request_id: str | None = None,
     append_invocation: bool = False,
+    session: str | None = None,
+    session_ttl: float | None = None,
+    end_session: bool = False,
     **sampling: Any,
 ) -> pb.GenerateRequest:
     """The GenerateRequest that `generate_stream` sends (also for callers that use the stub directly).
@@ -184,7 +187,28 @@ def generate_request(
     anything with its attribute names), then from keyword overrides (`max_tokens=`, `temperature=`,
     ... as in `generate_stream`); a value left None stays unset, so the server applies its default.
     `append_invocation` asks the server to end the prompt with the aLoRA adapter's invocation.
+    `session` (with `session_ttl` seconds) keeps the KV blocks of this request for the session's next
+    requests; `end_session` ends the session when this request finishes.
     """
+    sp = _sampling_message(params, sampling)
+    msg = pb.GenerateRequest(
+        adapter=adapter or "", sampling=sp, request_id=request_id or "", append_invocation=append_invocation,
+        session=session or "", end_session=end_session,
+    )  # fmt: skip
+    if session_ttl is not None:
+        msg.session_ttl = session_ttl
+    if isinstance(prompt, str):
+        msg.text = prompt
+    elif _is_conversation(prompt):
+        msg.messages.CopyFrom(_chat_messages(prompt))
+    else:
+        msg.token_ids.ids.extend(int(t) for t in prompt)
+    return msg
+
+
+def _sampling_message(params: Any, sampling: Mapping[str, Any]) -> pb.SamplingParams:
+    """Sampling fields from `params` (anything with SamplingParams' attribute names), then keyword
+    overrides; a value left None stays unset (the server's default)."""
     unknown = sorted(set(sampling) - set(_SAMPLING_FIELDS))
     if unknown:
         raise TypeError(f"unknown sampling fields {unknown} (known: {list(_SAMPLING_FIELDS)})")
@@ -198,16 +222,65 @@ def generate_request(
             sp.stop_token_ids.extend(value)
         else:
             setattr(sp, name, value)
-    msg = pb.GenerateRequest(
-        adapter=adapter or "", sampling=sp, request_id=request_id or "", append_invocation=append_invocation
-    )
+    return sp
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineJudge:
+    """One judge of a Pipeline call: an adapter (None: the base model), the text appended to prompt +
+    answer (None: the aLoRA adapter's own invocation tokens), and sampling (as `generate_request`'s
+    `params` and keywords)."""
+
+    adapter: str | None
+    invocation_text: str | None = None
+    params: Any = None
+    sampling: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineStage:
+    """One finished stage of a Pipeline call: the base answer (`judge` None) or judge number `judge`."""
+
+    request_id: str
+    judge: int | None
+    adapter: str | None
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    usage: Usage
+    timings: Timings
+    activation_index: int | None
+
+
+def pipeline_request(
+    prompt: Prompt, judges: Sequence[PipelineJudge], *, params: Any = None, request_id: str | None = None,
+    session_ttl: float | None = None, **sampling: Any,
+) -> pb.PipelineRequest:  # fmt: skip
+    """The PipelineRequest that `Client.pipeline` sends."""
+    msg = pb.PipelineRequest(sampling=_sampling_message(params, sampling), request_id=request_id or "")
     if isinstance(prompt, str):
         msg.text = prompt
     elif _is_conversation(prompt):
         msg.messages.CopyFrom(_chat_messages(prompt))
     else:
         msg.token_ids.ids.extend(int(t) for t in prompt)
+    for j in judges:
+        judge = pb.PipelineJudge(adapter=j.adapter or "", sampling=_sampling_message(j.params, j.sampling))
+        if j.invocation_text is not None:
+            judge.invocation_text = j.invocation_text
+        msg.judges.append(judge)
+    if session_ttl is not None:
+        msg.session_ttl = session_ttl
     return msg
+
+
+def _stage(msg: pb.PipelineResponse) -> PipelineStage:
+    chunk = _chunk(pb.GenerateResponse(request_id=msg.request_id, completion=msg.completion), False)
+    return PipelineStage(
+        request_id=msg.request_id, judge=msg.judge if msg.HasField("judge") else None, adapter=msg.adapter or None,
+        token_ids=list(msg.token_ids), text=msg.text, finish_reason=chunk.finish_reason, usage=chunk.usage,
+        timings=chunk.timings, activation_index=chunk.activation_index,
+    )  # fmt: skip
 
 
 def _chat_messages(messages: Sequence[Mapping[str, str]]) -> pb.ChatMessages:
@@ -421,14 +494,20 @@ class Client:
         logprobs: int | None = None,
         prompt_logprobs: bool | None = None,
         request_id: str | None = None,
+        session: str | None = None,
+        session_ttl: float | None = None,
+        end_session: bool = False,
         timeout: float | None = None,
     ) -> Iterator[GenerateChunk]:
         """Yields one chunk per engine step; the last has `finished=True`. Closing the iterator early
         (break, or an exception in the loop body) cancels the call, and the server frees the request.
-        `prompt`: text, token ids or a conversation (see `generate_request`)."""
+        `prompt`: text, token ids or a conversation (see `generate_request`). `session="id"` keeps this
+        request's KV blocks for the session's next requests (e.g. the judges of this answer) until it
+        has been idle for `session_ttl` seconds, `end_session(id)` is called, or a request with
+        `end_session=True` finishes."""
         request = generate_request(
             prompt, adapter, params=params, request_id=request_id, append_invocation=append_invocation,
-            max_tokens=max_tokens,
+            session=session, session_ttl=session_ttl, end_session=end_session, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
@@ -480,6 +559,29 @@ class Client:
         if isinstance(prompt, str) and info.invocation_string is None:
             prompt = self.tokenize(prompt, timeout=timeout)
         return with_invocation(prompt, info)
+
+    def end_session(self, session: str, *, timeout: float | None = None) -> None:
+        """Ends a live pipeline session: its KV blocks become evictable (ServerError NOT_FOUND if not live)."""
+        self._unary(self._stub.EndSession, pb.EndSessionRequest(session=session), timeout)
+
+    def pipeline(
+        self, prompt: Prompt, judges: Sequence[PipelineJudge], *, params: Any = None, request_id: str | None = None,
+        session_ttl: float | None = None, timeout: float | None = None, **sampling: Any,
+    ) -> Iterator[PipelineStage]:  # fmt: skip
+        """The base answers `prompt` (`params` / sampling keywords), then every judge reads prompt + answer +
+        its invocation, in parallel, reusing the base's KV blocks (the server holds a session for the
+        call). Yields the base's stage first, then each judge's as it finishes; closing the iterator
+        early cancels the call."""
+        request = pipeline_request(prompt, judges, params=params, request_id=request_id, session_ttl=session_ttl,
+                                   **sampling)  # fmt: skip
+        call = self._stub.Pipeline(request, timeout=self._timeout(timeout), metadata=self._metadata)
+        try:
+            for msg in call:
+                yield _stage(msg)
+        except grpc.RpcError as err:
+            raise _server_error(err) from None
+        finally:
+            call.cancel()
 
     def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
         msg = self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest(), timeout)
@@ -575,12 +677,15 @@ class AsyncClient:
         logprobs: int | None = None,
         prompt_logprobs: bool | None = None,
         request_id: str | None = None,
+        session: str | None = None,
+        session_ttl: float | None = None,
+        end_session: bool = False,
         timeout: float | None = None,
     ) -> AsyncIterator[GenerateChunk]:
         """Async-iterates chunks; leaving the loop early (or cancelling the task) cancels the call."""
         request = generate_request(
             prompt, adapter, params=params, request_id=request_id, append_invocation=append_invocation,
-            max_tokens=max_tokens,
+            session=session, session_ttl=session_ttl, end_session=end_session, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
@@ -632,6 +737,26 @@ class AsyncClient:
         if isinstance(prompt, str) and info.invocation_string is None:
             prompt = await self.tokenize(prompt, timeout=timeout)
         return with_invocation(prompt, info)
+
+    async def end_session(self, session: str, *, timeout: float | None = None) -> None:
+        """See Client.end_session."""
+        await self._unary(self._stub.EndSession, pb.EndSessionRequest(session=session), timeout)
+
+    async def pipeline(
+        self, prompt: Prompt, judges: Sequence[PipelineJudge], *, params: Any = None, request_id: str | None = None,
+        session_ttl: float | None = None, timeout: float | None = None, **sampling: Any,
+    ) -> AsyncIterator[PipelineStage]:  # fmt: skip
+        """See Client.pipeline."""
+        request = pipeline_request(prompt, judges, params=params, request_id=request_id, session_ttl=session_ttl,
+                                   **sampling)  # fmt: skip
+        call = self._stub.Pipeline(request, timeout=self._timeout(timeout), metadata=self._metadata)
+        try:
+            async for msg in call:
+                yield _stage(msg)
+        except grpc.RpcError as err:
+            raise _server_error(err) from None
+        finally:
+            call.cancel()
 
     async def list_adapters(self, *, timeout: float | None = None) -> list[AdapterInfo]:
         msg = await self._unary(self._stub.ListAdapters, pb.ListAdaptersRequest(), timeout)

@@ -8,6 +8,11 @@ releases its blocks tail first, so the leaves of a hash chain go before its root
 With a host tier (jalora/engine/host_tier.py) an overwritten cached block's KV moves to host RAM under
 its hash, and a lookup continues there where the device misses: each block found on the host gets a
 fresh device block, registered at once, whose KV the tier copies back before the next step runs.
+
+Pipeline sessions (jalora/engine/sessions.py) *retain* blocks: a retained block stays out of the free
+list even at refcount 0, so it is never evicted and admission does not count it as free; `retain` and
+`unretain` count the sessions holding each block, and the block returns to the free list when the last
+one lets it go.
 """
 
 from collections import OrderedDict
@@ -29,6 +34,7 @@ class BlockManager:
         self.cached: dict[bytes, int] = {}
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.num_evictions = 0  # cached blocks overwritten by new KV (a counter, never reset)
+        self.retained: dict[int, int] = {}  # block -> sessions retaining it (kept out of `free`)
 
     def num_free_blocks(self) -> int:
         """Blocks that can be handed out now (refcount 0, cached or not)."""
@@ -38,15 +44,18 @@ class BlockManager:
         return len(self.cached)
 
     def num_used_blocks(self) -> int:
-        """Blocks held by requests (refcount > 0)."""
-        return self.num_blocks - len(self.free)
+        """Blocks held by requests (refcount > 0); a retained block that no request holds is neither used nor free."""
+        return self.num_blocks - len(self.free) - sum(1 for b in self.retained if self.ref_count[b] == 0)
 
     def reads_cache(self, req: Request) -> bool:
         """Whether `lookup` looks `req` up at all (a request that wants prompt logprobs computes every token)."""
         return self.enable_prefix_caching and not req.params.prompt_logprobs
 
+    def num_retained_blocks(self) -> int:
+        return len(self.retained)
+
     def _take(self, block: int) -> None:
-        if self.ref_count[block] == 0:
+        if self.ref_count[block] == 0 and block not in self.retained:
             del self.free[block]
         self.ref_count[block] += 1
 
@@ -137,12 +146,34 @@ class BlockManager:
         """Drops `req`'s references, tail first; its cached blocks stay findable until evicted."""
         for block in reversed(req.block_ids):
             self.ref_count[block] -= 1
-            if self.ref_count[block] == 0:
+            if self.ref_count[block] == 0 and block not in self.retained:
                 self.free[block] = None
                 if self.block_hash[block] is None:  # holds nothing findable: reuse it before any cached block
                     self.free.move_to_end(block, last=False)
         req.block_ids = BlockIds()
         req.num_registered_blocks = 0
+
+    def findable_block(self, h: bytes) -> int | None:
+        """The block a lookup finds for hash `h` (None if none)."""
+        return self.cached.get(h)
+
+    def retain(self, block: int) -> None:
+        """One more session keeps `block` (which must hold findable KV) out of the free list."""
+        n = self.retained.get(block, 0)
+        if n == 0 and self.ref_count[block] == 0:
+            del self.free[block]
+        self.retained[block] = n + 1
+
+    def unretain(self, block: int) -> None:
+        """A session lets `block` go; at refcount 0 and no session left it is free again (most recently
+        used, as a finished request's blocks are)."""
+        n = self.retained.pop(block) - 1
+        if n:
+            self.retained[block] = n
+        elif self.ref_count[block] == 0:
+            self.free[block] = None
+            if self.block_hash[block] is None:
+                self.free.move_to_end(block, last=False)
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached block, on the device and in the host tier."""

@@ -46,6 +46,7 @@ class EngineInfo:
     max_loras: int
     vocab_size: int
     eos_token_ids: list[int]
+    max_session_ttl: float = 3600.0  # the longest TTL a request may give its pipeline session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +64,10 @@ class EngineStats:
     waiting_adapters: tuple[str, ...]
     max_loras: int
     num_total_blocks: int
-    num_used_blocks: int  # held by requests; the others are free (whether or not they hold cached KV)
+    num_used_blocks: int  # held by requests; the others are free (cached KV or not) or retained by a session
     num_cached_blocks: int  # findable in the prefix cache, held or free
+    num_retained_blocks: int  # kept from eviction by pipeline sessions (held by requests or not)
+    num_sessions: int  # live pipeline sessions
 
     prompt_tokens: int  # prompt tokens of the requests that got their first token
     generation_tokens: int
@@ -78,6 +81,8 @@ class EngineStats:
     prefix_cache_hits_base_keyed: int
     prefix_cache_hits_base_keyed_by_adapters: int
     prefix_cache_evictions: int  # cached blocks overwritten to make room for new KV
+    sessions_expired: int  # pipeline sessions ended by their TTL
+    sessions_evicted: int  # ended to make room for another session's blocks (session_cache_share)
     # First uses of a compiled step variant (a compilation, or a load from JAX's persistent cache),
     # during the warm-up and while serving (each of the latter held up the requests of its step).
     warmup_compilations: int
@@ -115,9 +120,22 @@ class Engine(Protocol):
         prompt: str | Sequence[int] | EncodedPrompt,
         params: SamplingParams,
         adapter: str | None = None,
+        *,
+        session: str | None = None,
+        session_ttl: float | None = None,
+        end_session: bool = False,
     ) -> None:
         """Validates and queues a request; raises InvalidRequestError (or a subclass) and changes nothing.
-        A text prompt is encoded here (`encode_prompt`); an `EncodedPrompt` is not checked again."""
+        A text prompt is encoded here (`encode_prompt`); an `EncodedPrompt` is not checked again. With
+        `session`, its blocks are retained for the session's next requests (`end_session`: the session
+        ends with this request)."""
+
+    def end_session(self, session: str) -> None:
+        """Ends a live pipeline session (its blocks become evictable); SessionNotFoundError if not live."""
+
+    def expire_sessions(self) -> tuple[int, float | None]:
+        """Ends the sessions idle past their TTL; how many it ended, and the seconds until the next may
+        expire (None: no idle one)."""
 
     def abort_request(self, request_id: str) -> None:
         """Ends a request now (its final delta comes from the next `step`); unknown ids are ignored."""

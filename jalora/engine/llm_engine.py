@@ -33,6 +33,7 @@ from jalora.engine.model_runner import ModelRunner, StepResult
 from jalora.engine.output_processor import OutputProcessor
 from jalora.engine.request import Request, Status
 from jalora.engine.scheduler import Scheduler
+from jalora.engine.sessions import Sessions
 from jalora.engine.step_pipeline import Row, StepPipeline
 from jalora.errors import InvalidRequestError
 from jalora.model.checkpoint import load_model, resolve_dtype
@@ -100,7 +101,8 @@ def _adapter_names(requests) -> tuple[str, ...]:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, *, clock=time.monotonic):
+        """`clock` (seconds, monotonic) times pipeline sessions' TTLs; tests pass one they control."""
         self.config = config
         self.dtype = resolve_dtype(config.dtype)
         # What is loaded: config.model itself, or for a .gguf file its converted HF-layout directory
@@ -154,9 +156,15 @@ class LLMEngine:
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.enable_prefix_caching, host_tier=self.host_tier
         )
+        self.sessions = Sessions(
+            self.block_manager, int(config.session_cache_share * num_blocks), config.session_ttl,
+            config.max_session_ttl, config.session_cache_share > 0 and config.enable_prefix_caching, clock,
+        )  # fmt: skip
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len
         )
+        self.scheduler.reclaim = self.sessions.reclaim
+        self.scheduler.favored = self.sessions.favored
         self.runner = ModelRunner(
             decoder, num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
             self.max_model_len, self.dtype, tp, kv_moves=self.host_tier is not None,
@@ -314,6 +322,7 @@ class LLMEngine:
             max_loras=self.config.max_loras,
             vocab_size=cfg.vocab_size,
             eos_token_ids=list(self.eos_token_ids),
+            max_session_ttl=self.config.max_session_ttl,
         )
 
     def stats(self) -> EngineStats:
@@ -328,6 +337,8 @@ class LLMEngine:
             num_total_blocks=self.num_total_blocks,
             num_used_blocks=bm.num_used_blocks(),
             num_cached_blocks=bm.num_cached_blocks(),
+            num_retained_blocks=bm.num_retained_blocks(),
+            num_sessions=len(self.sessions.live),
             prompt_tokens=self.output_processor.num_prompt_tokens,
             generation_tokens=self.output_processor.num_generation_tokens,
             num_preemptions=sched.num_preemptions,
@@ -336,6 +347,8 @@ class LLMEngine:
             prefix_cache_hits_base_keyed=prefix.hits_base_keyed,
             prefix_cache_hits_base_keyed_by_adapters=prefix.hits_base_keyed_by_adapters,
             prefix_cache_evictions=bm.num_evictions,
+            sessions_expired=self.sessions.counters.expired,
+            sessions_evicted=self.sessions.counters.evicted,
             warmup_compilations=compiles.warmup,
             warmup_compile_seconds=compiles.warmup_seconds,
             compilations=compiles.serving,
@@ -394,23 +407,33 @@ class LLMEngine:
         prompt: str | Sequence[int] | EncodedPrompt,
         params: SamplingParams,
         adapter: str | None = None,
+        *,
+        session: str | None = None,
+        session_ttl: float | None = None,
+        end_session: bool = False,
     ) -> None:
         """Validates and queues a request. Raises InvalidRequestError (or a subclass) and changes nothing.
-        A prompt that is not an `EncodedPrompt` yet is encoded here (`encode_prompt`)."""
+        A prompt that is not an `EncodedPrompt` yet is encoded here (`encode_prompt`). With `session`, the
+        blocks the request computed are retained for the session's next requests (jalora/engine/sessions.py)."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling_params", "must be a SamplingParams")
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", f"{self.config.model} has no tokenizer.json: no text to match them in")
+        ttl = self.sessions.check(session, session_ttl, end_session)
         ids = (prompt if isinstance(prompt, EncodedPrompt) else self.encode_prompt(prompt)).token_ids
         resolved = self.adapters.resolve(adapter, ids)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**32)
         req = Request(request_id, ids, params, seed, self.eos_token_ids, adapter, resolved)
+        first = self.sessions.continues(session)
+        if session is not None:
+            reserve = self.sessions.check_share(req, session, self.max_model_len)
+            self.sessions.attach(req, session, ttl, end_session, reserve)
         self.adapters.acquire(adapter)
         self.requests[request_id] = req
         self.output_processor.add(req)
-        self.scheduler.add(req)
+        self.scheduler.add(req, first=first)
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.get(request_id)
@@ -419,6 +442,16 @@ class LLMEngine:
         self._finish(req, "abort")
         self._owed.append(self.output_processor.finish(req))
 
+    def end_session(self, session: str) -> None:
+        """Ends a live pipeline session now: its retained blocks become evictable (still findable until
+        evicted). Raises SessionNotFoundError for an id that is not live."""
+        self.sessions.end(session)
+
+    def expire_sessions(self) -> tuple[int, float | None]:
+        """Ends the sessions idle past their TTL (every step does too); returns how many it ended and the
+        seconds until the next idle session may expire (None if there is none)."""
+        return self.sessions.expire()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._owed) or self.pipeline.busy
 
@@ -426,6 +459,7 @@ class LLMEngine:
         return self.block_manager.num_free_blocks()
 
     def _finish(self, req: Request, reason: str) -> None:
+        self.sessions.finish(req)  # before its blocks are released: its session retains them
         self.scheduler.finish(req, reason)
         self.adapters.release(req.adapter_name)
         del self.requests[req.request_id]
@@ -441,6 +475,7 @@ class LLMEngine:
         new, ready, reading, moving = None, [], False, False
         tier = self.host_tier
         try:
+            self.sessions.expire()
             batch = self.scheduler.schedule()
             if tier is not None and tier.has_moves:  # the host tier's copies, ahead of the step (host_tier.py)
                 moving = True
@@ -499,6 +534,7 @@ class LLMEngine:
         """After a step failed on the device (or took the donated cache with it): a fresh cache, an
         empty prefix cache, and every running request recomputed from its tokens."""
         self.runner.reset_kv_cache()
+        self.sessions.forget_blocks()  # retained blocks hold no KV any more either
         self.block_manager.reset_prefix_cache()  # no cached block holds its KV any more (nor, trusted, the host tier)
         for req in list(self.scheduler.running):
             self.scheduler.preempt(req)

@@ -75,6 +75,11 @@ class Request:
             [None] * len(prompt_token_ids) if params.prompt_logprobs else None
         )
         self.metrics = RequestMetrics(arrival_time=time.monotonic())
+        # Pipeline sessions (jalora/engine/sessions.py): the session it joined, the blocks it reserved there,
+        # and whether its end ends the session.
+        self.session = None
+        self.session_reserve = 0
+        self.end_session = False
 
     @property
     def num_tokens(self) -> int:

@@ -14,6 +14,7 @@ request with a pending token waits until the token has come back before it is ad
 import dataclasses
 import time
 from collections import deque
+from collections.abc import Callable
 
 from jalora.engine.block_hasher import num_base_keyed_blocks
 from jalora.engine.block_manager import BlockManager
@@ -64,9 +65,19 @@ class Scheduler:
         self.running: list[Request] = []
         self.num_preemptions = 0
         self.prefix_cache = PrefixCacheCounters()
+        # Called when nothing runs and the first waiting request cannot get its blocks: frees blocks that
+        # pipeline sessions retain (True if it freed any), so retention never stalls the engine.
+        self.reclaim: Callable[[], bool] | None = None
+        # Whether a request continues a pipeline session that retains blocks: such a request waits for no
+        # other, and may preempt running requests that do not (it needs few new blocks and frees many).
+        self.favored: Callable[[Request], bool] | None = None
 
-    def add(self, req: Request) -> None:
-        self.waiting.append(req)
+    def add(self, req: Request, first: bool = False) -> None:
+        """Queues `req` last, or with `first` ahead of the waiting requests."""
+        if first:
+            self.waiting.appendleft(req)
+        else:
+            self.waiting.append(req)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -113,6 +124,11 @@ class Scheduler:
             n = min(req.num_tokens - cached, budget)
             if not self.bm.allocate(req, cached + n):
                 self.bm.release(req)
+                if not self.running and self.reclaim is not None and self.reclaim():
+                    continue  # sessions let blocks go: look it up again
+                if self.favored is not None and self.favored(req) and self._preempt_for_favored(batch):
+                    budget = self.max_num_batched_tokens - batch.total_tokens
+                    continue
                 break
             self.waiting.popleft()
             if req.metrics.first_scheduled_time is None:
@@ -131,6 +147,21 @@ class Scheduler:
         batch.requests = [batch.requests[k] for k in order]
         batch.num_tokens = [batch.num_tokens[k] for k in order]
         return batch
+
+    def _preempt_for_favored(self, batch: ScheduledBatch) -> bool:
+        """Preempts the most recently admitted running request that is not favored (out of this step's
+        batch if it was in it) and queues it right behind the favored one at the head of the queue."""
+        victim = next((r for r in reversed(self.running) if not self.favored(r)), None)
+        if victim is None:
+            return False
+        self.running.remove(victim)
+        if victim in batch.requests:
+            k = batch.requests.index(victim)
+            del batch.requests[k], batch.num_tokens[k]
+        head = self.waiting.popleft()
+        self._preempt(victim)
+        self.waiting.appendleft(head)
+        return True
 
     def finish(self, req: Request, reason: str) -> None:
         """Ends `req` (running or waiting) and returns its blocks at once."""

@@ -48,10 +48,14 @@ def test_merge_rows_and_parts():
     assert [r["rate"] for r in parts["C"]["rows"]] == [4.0, 8.0] and parts["C"]["runs"] == [{"c": 1}, {"c": 2}]
     n2 = {"C": {"prompt": 512, "rows": [{"kind": "alora", "rate": 8.0}], "run": {"c": 3}}}
     assert [r["rate"] for r in merge(o, n2)["C"]["rows"]] == [8.0]  # another setup replaces the part
+    n3 = {"C": {"prompt": 256, "rows": [{"kind": "alora", "rate": 4.0, "sessions": True}], "run": {"c": 4}}}
+    rows = merge(o, n3)["C"]["rows"]  # a sessions row sits beside the row of the same rate without
+    assert [(r["rate"], r.get("sessions", False)) for r in rows] == [(4.0, False), (4.0, True)]
 
 
 def test_c_runs_attach_the_host_tier_for_tier_on_runs_only():
-    """Part C with --c-host-kv-gb: each rate off then on, the engine's tier attached only while on."""
+    """Part C: each rate plain, then with the host tier (--c-host-kv-gb), sessions (--c-sessions), both; the
+    engine's tier attached to the block manager only for the tier's runs."""
 
     class Engine:
         host_tier = object()
@@ -59,11 +63,21 @@ def test_c_runs_attach_the_host_tier_for_tier_on_runs_only():
         class block_manager:  # noqa: N801
             host_tier = None
 
-    seen = [(rate, gb, Engine.block_manager.host_tier) for rate, gb in c_runs([8.0, 16.0], 32.0, Engine)]
+    class Args:
+        c_rates, c_host_kv_gb, c_sessions = [8.0, 16.0], 32.0, False
+
+    def runs():
+        return [(rate, gb, s, Engine.block_manager.host_tier) for rate, gb, s in c_runs(Args, Engine)]
+
     t = Engine.host_tier
-    assert seen == [(8.0, 0.0, None), (8.0, 32.0, t), (16.0, 0.0, None), (16.0, 32.0, t)]
+    assert runs() == [(8.0, 0.0, False, None), (8.0, 32.0, False, t), (16.0, 0.0, False, None), (16.0, 32.0, False, t)]
     assert Engine.block_manager.host_tier is None
-    assert [(r, g) for r, g in c_runs([8.0], 0.0, Engine)] == [(8.0, 0.0)]
+    Args.c_rates, Args.c_host_kv_gb, Args.c_sessions = [8.0], 0.0, True
+    assert runs() == [(8.0, 0.0, False, None), (8.0, 0.0, True, None)]
+    Args.c_host_kv_gb = 4.0
+    assert runs() == [(8.0, 0.0, False, None), (8.0, 4.0, False, t), (8.0, 0.0, True, None), (8.0, 4.0, True, t)]
+    Args.c_host_kv_gb, Args.c_sessions = 0.0, False
+    assert runs() == [(8.0, 0.0, False, None)]
 
 
 class _FakeEngine:
@@ -73,9 +87,9 @@ class _FakeEngine:
     def __init__(self):
         self.pending, self.added, self.tokens = [], [], {}
 
-    def add_request(self, rid, prompt, params, adapter):
+    def add_request(self, rid, prompt, params, adapter, **session):
         self.pending.append((rid, params))
-        self.added.append((rid, len(prompt), adapter))
+        self.added.append((rid, len(prompt), adapter, session))
         self.tokens[rid] = (list(prompt), 0)
 
     def has_unfinished_requests(self):
@@ -113,14 +127,15 @@ def test_run_pipelines_stages_and_arrivals():
         (base,) = yield [([1] * 4, _Params(3), None)]
         assert base.token_ids == [0, 1, 2] and base.text == "012" and base.finish_reason == "length"
         assert base.prompt_token_ids == [1] * 4
-        judges = yield [([1] * (4 + len(base.token_ids)), _Params(2), f"j{k}") for k in range(2)]
+        judges = yield [([1] * (4 + len(base.token_ids)), _Params(2), f"j{k}", {"session": f"s{i}"}) for k in range(2)]
         return {"i": i, "judge_tokens": [len(j.token_ids) for j in judges]}
 
     eng = _FakeEngine()
     res = run_pipelines(eng, [pipe(i) for i in range(3)], arrivals=[0.02, 0.0, 0.01])
     assert [r["result"] for r in res] == [{"i": i, "judge_tokens": [2, 2]} for i in range(3)]
     assert all(r["end"] >= r["start"] for r in res)
-    assert len(eng.added) == 9 and eng.added[0][1] == 4 and {a for _, n, a in eng.added if n == 7} == {"j0", "j1"}
+    assert len(eng.added) == 9 and eng.added[0][1] == 4 and {a for _, n, a, _ in eng.added if n == 7} == {"j0", "j1"}
+    assert {s["session"] for *_, s in eng.added if s} == {"s0", "s1", "s2"}  # a stage's add_request keywords
 
 
 def test_part_a_runs_tensor_parallel(tmp_path):

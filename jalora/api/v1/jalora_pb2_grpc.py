@@ -64,6 +64,16 @@ class JaloraStub(object):
                 request_serializer=jalora_dot_api_dot_v1_dot_jalora__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=jalora_dot_api_dot_v1_dot_jalora__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.EndSession = channel.unary_unary(
+                '/jalora.v1.Jalora/EndSession',
+                request_serializer=jalora_dot_api_dot_v1_dot_jalora__pb2.EndSessionRequest.SerializeToString,
+                response_deserializer=jalora_dot_api_dot_v1_dot_jalora__pb2.EndSessionResponse.FromString,
+                _registered_method=True)
+        self.Pipeline = channel.unary_stream(
+                '/jalora.v1.Jalora/Pipeline',
+                request_serializer=jalora_dot_api_dot_v1_dot_jalora__pb2.PipelineRequest.SerializeToString,
+                response_deserializer=jalora_dot_api_dot_v1_dot_jalora__pb2.PipelineResponse.FromString,
+                _registered_method=True)
 
 
 class JaloraServicer(object):
@@ -108,6 +118,23 @@ class JaloraServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndSession(self, request, context):
+        """Ends a live pipeline session now: its retained KV blocks become evictable. NOT_FOUND if it is
+        not live (never opened, ended, expired or evicted).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pipeline(self, request, context):
+        """"The base answers, then N judges read prompt + answer + their invocation, in parallel", in one
+        call: streams the base answer first, then each judge's result as it finishes. The server opens a
+        pipeline session for the call (the judges reuse the base's KV blocks) and ends it at the end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_JaloraServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -140,6 +167,16 @@ def add_JaloraServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=jalora_dot_api_dot_v1_dot_jalora__pb2.GetServerInfoRequest.FromString,
                     response_serializer=jalora_dot_api_dot_v1_dot_jalora__pb2.ServerInfo.SerializeToString,
+            ),
+            'EndSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndSession,
+                    request_deserializer=jalora_dot_api_dot_v1_dot_jalora__pb2.EndSessionRequest.FromString,
+                    response_serializer=jalora_dot_api_dot_v1_dot_jalora__pb2.EndSessionResponse.SerializeToString,
+            ),
+            'Pipeline': grpc.unary_stream_rpc_method_handler(
+                    servicer.Pipeline,
+                    request_deserializer=jalora_dot_api_dot_v1_dot_jalora__pb2.PipelineRequest.FromString,
+                    response_serializer=jalora_dot_api_dot_v1_dot_jalora__pb2.PipelineResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -304,6 +341,60 @@ class Jalora(object):
             '/jalora.v1.Jalora/GetServerInfo',
             jalora_dot_api_dot_v1_dot_jalora__pb2.GetServerInfoRequest.SerializeToString,
             jalora_dot_api_dot_v1_dot_jalora__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/jalora.v1.Jalora/EndSession',
+            jalora_dot_api_dot_v1_dot_jalora__pb2.EndSessionRequest.SerializeToString,
+            jalora_dot_api_dot_v1_dot_jalora__pb2.EndSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pipeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/jalora.v1.Jalora/Pipeline',
+            jalora_dot_api_dot_v1_dot_jalora__pb2.PipelineRequest.SerializeToString,
+            jalora_dot_api_dot_v1_dot_jalora__pb2.PipelineResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,136 @@
+"""The Pipeline call: the base answers, then N judges read prompt + answer + their invocation, in parallel.
+
+Everything is checked before the base starts (each judge's adapter is loaded, and an aLoRA judge without
+`invocation_text` has invocation tokens), so a bad judge costs no generation. The call opens a pipeline
+session of its own (jalora/engine/sessions.py): the base's blocks are retained until the judges look
+them up, whatever else the engine runs meanwhile. Each judge's prompt is the base's prompt tokens plus
+its answer tokens plus the invocation (the adapter's tokens, or `invocation_text` tokenized without
+special tokens), so it extends the base's sequence exactly. Results come back as each stage finishes:
+the base first, then the judges in the order they finish. However the call ends (done, failed,
+cancelled), the judges still running are aborted and the session is ended. Imports neither JAX nor numpy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Sequence
+
+from jalora.api.limits import MAX_PIPELINE_JUDGES
+from jalora.errors import AdapterNotFoundError, InvalidRequestError, SessionNotFoundError
+from jalora.outputs import FinishedRequest
+from jalora.sampling_params import SamplingParams
+from server.engine_worker import RequestStream
+from server.errors import ServerShuttingDownError
+from server.frontend import Frontend, check_adapter_name, check_text
+
+
+@dataclasses.dataclass(frozen=True)
+class Judge:
+    adapter: str | None  # None: the base model
+    invocation_text: str | None  # None: the aLoRA adapter's own invocation tokens
+    params: SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One finished stage: the base answer (judge None) or judge number `judge`."""
+
+    judge: int | None
+    adapter: str | None
+    token_ids: list[int]
+    text: str
+    finished: FinishedRequest
+
+
+def check_judges(judges: Sequence[Judge]) -> None:
+    """What needs no engine: the count, the names, the invocation texts' sizes."""
+    if not judges:
+        raise InvalidRequestError("judges", "must hold at least one judge")
+    if len(judges) > MAX_PIPELINE_JUDGES:
+        raise InvalidRequestError("judges", f"has {len(judges)} judges; at most {MAX_PIPELINE_JUDGES}")
+    for k, j in enumerate(judges):
+        if j.adapter is not None:
+            check_adapter_name(j.adapter, f"judges[{k}].adapter")
+        if j.invocation_text is not None:
+            if not j.invocation_text:
+                raise InvalidRequestError(f"judges[{k}].invocation_text", "must not be empty (leave it unset)")
+            check_text(j.invocation_text, f"judges[{k}].invocation_text")
+
+
+async def _collect(stream: RequestStream) -> tuple[list[int], str, FinishedRequest]:
+    ids: list[int] = []
+    text: list[str] = []
+    while True:
+        delta = await stream.next()
+        ids.extend(delta.token_ids)
+        text.append(delta.text)
+        if delta.finished is not None:
+            return ids, "".join(text), delta.finished
+
+
+async def run_pipeline(
+    front: Frontend,
+    prompt: str | Sequence[int] | None,
+    messages: list[dict[str, str]] | None,
+    params: SamplingParams,
+    judges: Sequence[Judge],
+    session_ttl: float | None,
+) -> AsyncIterator[Stage]:
+    """Yields the base's Stage, then each judge's as it finishes (see the module's docstring)."""
+    check_judges(judges)
+    session = await front.session_fields(f"pipeline-{uuid.uuid4().hex}", session_ttl, False,
+                                         ("session", "session_ttl", "end_session"))  # fmt: skip
+    loaded = {info.name: info for info in await front.list_adapters()}
+    for k, j in enumerate(judges):
+        if j.adapter is not None and j.adapter not in loaded:
+            raise AdapterNotFoundError(j.adapter, f"judges[{k}].adapter")
+        if j.invocation_text is None and (j.adapter is None or not loaded[j.adapter].invocation_tokens):
+            kind = "the base model" if j.adapter is None else f"plain LoRA adapter {j.adapter!r}"
+            raise InvalidRequestError(f"judges[{k}].invocation_text", f"is required for {kind} (no invocation tokens)")
+    invocations = []
+    for j in judges:
+        if j.invocation_text is None:
+            invocations.append(list(loaded[j.adapter].invocation_tokens))
+        else:
+            text = j.invocation_text
+            invocations.append(await front.worker.run_host(lambda e, t=text: e.tokenize(t, add_special_tokens=False)))
+    streams: list[RequestStream] = []
+    tasks: dict[asyncio.Future, int] = {}
+    try:
+        streams.append(await front.start(prompt, messages, params, None, session=session))
+        ids, text, finished = await _collect(streams[0])
+        yield Stage(None, None, ids, text, finished)
+        context = list(finished.prompt_token_ids) + ids
+        for k, (j, inv) in enumerate(zip(judges, invocations)):
+            stream = front.worker.submit(uuid.uuid4().hex, context + inv, j.params, j.adapter, session)
+            streams.append(stream)
+            tasks[asyncio.ensure_future(_collect(stream))] = k
+        while tasks:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=tasks.__getitem__):
+                k = tasks.pop(task)
+                try:
+                    ids, text, finished = task.result()
+                except InvalidRequestError as e:
+                    if type(e) is InvalidRequestError:  # (a subclass keeps its own status code and field)
+                        raise InvalidRequestError(f"judges[{k}].{e.field}", e.message) from None
+                    raise
+                yield Stage(k, judges[k].adapter, ids, text, finished)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            stream.abort()
+        try:  # queued after the aborts: nothing of the call is left retained
+            front.worker.call_nowait(lambda e: _end_quietly(e, session["session"]))
+        except ServerShuttingDownError:
+            pass  # the engine thread is stopping: it ends everything itself
+
+
+def _end_quietly(engine, session: str) -> None:
+    try:
+        engine.end_session(session)
+    except SessionNotFoundError:
+        pass  # expired, or evicted for another session's blocks

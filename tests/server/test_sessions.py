@@ -1,0 +1,187 @@
+"""Pipeline sessions through the real servers on loopback: Generate's session fields, EndSession, the
+Pipeline RPC (its judges reuse the base's blocks, its session ends with the call), the HTTP extension
+fields, the engine thread's expiry of idle sessions (the engine's clock is the test's), and bad input
+refused naming the field with nothing left retained. No mocks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+
+from jalora import LLM
+from jalora.client import AsyncClient, Client, PipelineJudge, ServerError
+from server.app import ServerThread
+from server.config import ServerConfig
+from tests.server.support import ADAPTERS, make_model_with_adapters
+from tests.server.test_metrics import scrape, value
+
+HANG = 120.0  # a guard against a hang, never a margin
+B = 8  # block size
+ENGINE_ARGS = dict(block_size=B, num_kv_blocks=40, max_num_seqs=8, max_num_batched_tokens=64, max_loras=2,
+                   max_lora_rank=8, warmup=False, session_cache_share=0.5, max_session_ttl=100.0)  # fmt: skip
+INV = ADAPTERS["judge_a"][0]  # [90, 91]
+PROMPT = [(7 * i + 3) % 80 for i in range(21)]
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    model_dir, dirs, root = make_model_with_adapters(tmp_path_factory.mktemp("sessions"))
+    clock = Clock()
+    llm = LLM(model_dir, clock=clock, **ENGINE_ARGS)
+    for name in ("judge_a", "plain"):
+        llm.load_adapter(name, dirs[name])
+    config = ServerConfig(port=0, http_port=0, metrics_port=0, adapter_roots=[root])
+    with ServerThread(llm.engine, config) as s, Client(s.target, timeout=HANG) as c:
+        yield s, c, clock, model_dir, dirs
+
+
+@pytest.fixture
+def client(setup):
+    server, c = setup[:2]
+    yield c
+    info = c.server_info()  # every test leaves nothing retained, nothing held
+    assert info.num_free_blocks == info.num_total_blocks and info.num_running_requests == 0
+
+
+def test_pipeline_streams_base_then_judges_that_reuse_its_blocks(setup, client):
+    greedy = dict(max_tokens=11, ignore_eos=True)
+    judges = [
+        PipelineJudge("judge_a", sampling=dict(max_tokens=3, ignore_eos=True)),
+        PipelineJudge("judge_a", invocation_text="t90 t91", sampling=dict(max_tokens=5, ignore_eos=True)),
+    ]
+    stages = list(client.pipeline(PROMPT, judges, **greedy))
+    assert [s.judge for s in stages[:1]] == [None] and sorted(s.judge for s in stages[1:]) == [0, 1]
+    base = stages[0]
+    context = PROMPT + base.token_ids
+    full = (len(context) - 1) // B * B  # every full block the base computed (its last token's KV never is)
+    assert base.usage.cached_tokens == 0
+    by_judge = {s.judge: s for s in stages[1:]}
+    assert [by_judge[k].usage.cached_tokens for k in (0, 1)] == [full, full] and full == 24
+    # The oracle: the same server's Generate without sessions.
+    assert base.token_ids == client.generate(PROMPT, **greedy).token_ids
+    for k, n in ((0, 3), (1, 5)):
+        j = client.generate(context + INV, "judge_a", max_tokens=n, ignore_eos=True)
+        got = by_judge[k]
+        assert got.token_ids == j.token_ids and got.adapter == "judge_a" and got.activation_index == len(context)
+    client.server_info()  # queued behind the call's clean-up on the engine thread
+    assert setup[0].server.worker.engine.stats().num_sessions == 0  # the call's session ended with it
+
+    async def async_pipeline():
+        async with AsyncClient(setup[0].target, timeout=HANG) as c:
+            return [stage async for stage in c.pipeline(PROMPT, judges, **greedy)]
+
+    again = asyncio.run(async_pipeline())  # AsyncClient: the same stages, the base first
+    assert again[0].judge is None and again[0].token_ids == base.token_ids
+    assert {s.judge: s.token_ids for s in again[1:]} == {k: by_judge[k].token_ids for k in (0, 1)}
+
+
+@pytest.mark.parametrize(
+    "judges, code, field",
+    [
+        ([], grpc.StatusCode.INVALID_ARGUMENT, "judges"),
+        ([PipelineJudge("nope")], grpc.StatusCode.NOT_FOUND, "judges[0].adapter"),
+        ([PipelineJudge("judge_a"), PipelineJudge("plain")], grpc.StatusCode.INVALID_ARGUMENT,
+         "judges[1].invocation_text"),
+        ([PipelineJudge(None)], grpc.StatusCode.INVALID_ARGUMENT, "judges[0].invocation_text"),
+        ([PipelineJudge("judge_a", sampling=dict(top_p=2.0))], grpc.StatusCode.INVALID_ARGUMENT,
+         "judges[0].sampling.top_p"),
+        ([PipelineJudge("judge_a", invocation_text="t5")], grpc.StatusCode.FAILED_PRECONDITION, "prompt"),
+    ],
+)  # fmt: skip
+def test_bad_pipeline_is_refused_naming_the_field(setup, client, judges, code, field):
+    with pytest.raises(ServerError) as e:
+        list(client.pipeline(PROMPT, judges, max_tokens=2))
+    assert (e.value.code, e.value.field) == (code, field), e.value
+    client.server_info()  # queued behind the call's clean-up on the engine thread
+    assert setup[0].server.worker.engine.stats().num_sessions == 0
+
+
+def test_generate_session_end_session_and_expiry(setup, client):
+    server, _, clock = setup[:3]
+    engine = server.server.worker.engine
+    prompt = PROMPT[::-1]  # not in the prefix cache yet
+    out = client.generate(prompt, max_tokens=11, ignore_eos=True, session="s1", session_ttl=10)
+    info = client.server_info()
+    assert info.num_total_blocks - info.num_free_blocks == (len(prompt) + 11 - 1) // B == 3  # retained
+    metrics = scrape(server)
+    assert (value(metrics, "sessions"), value(metrics, "session_retained_blocks")) == (1, 3)
+    judge = client.generate(prompt + out.token_ids + INV, "judge_a", max_tokens=2, session="s1")
+    assert judge.usage.cached_tokens == 24
+    client.end_session("s1")
+    with pytest.raises(ServerError) as e:
+        client.end_session("s1")
+    assert (e.value.code, e.value.field) == (grpc.StatusCode.NOT_FOUND, "session")
+    # end_session on the last request of a session
+    client.generate(PROMPT, max_tokens=3, session="s2")
+    client.generate(PROMPT, max_tokens=3, session="s2", end_session=True)
+    assert engine.stats().num_sessions == 0
+    # An idle session expires by the engine's clock: the engine thread checks it between commands.
+    client.generate(PROMPT, max_tokens=3, session="s3", session_ttl=5)
+    clock.t += 5
+    client.server_info()  # a command wakes the engine thread; its next turn ends the session
+    info = client.server_info()
+    assert info.num_free_blocks == info.num_total_blocks and engine.stats().sessions_expired == 1
+    metrics = scrape(server)  # the engine thread observed the expiry
+    assert value(metrics, "sessions") == 0 and value(metrics, "sessions_ended_total", reason="expired") == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(session="s", session_ttl=0), "session_ttl"),
+        (dict(session="s", session_ttl=-3), "session_ttl"),
+        (dict(session="s", session_ttl=float("inf")), "session_ttl"),
+        (dict(session="s", session_ttl=100.5), "session_ttl"),  # over the server's max_session_ttl
+        (dict(session_ttl=5), "session_ttl"),
+        (dict(end_session=True), "end_session"),
+        (dict(session="x" * 257), "session"),
+        (dict(session="s", max_tokens=200), "session"),  # more blocks than session_cache_share allows
+    ],
+)
+def test_bad_session_fields_are_invalid_argument(client, kwargs, field):
+    with pytest.raises(ServerError) as e:
+        client.generate(PROMPT, **{"max_tokens": 2, **kwargs})
+    assert (e.value.code, e.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, field), e.value
+
+
+def test_http_session_extension(setup, client):
+    server = setup[0]
+    body = {"model": server.server.worker.engine.config.model, "prompt": PROMPT, "max_tokens": 11,
+            "ignore_eos": True, "session": "h1", "session_ttl": 30}  # fmt: skip
+    request = urllib.request.Request(server.http_url + "/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    with urllib.request.urlopen(request, timeout=HANG) as response:
+        assert response.status == 200
+    info = client.server_info()
+    assert info.num_total_blocks - info.num_free_blocks == 3
+    client.end_session("h1")
+    bad = {**body, "session_ttl": "soon"}
+    request = urllib.request.Request(server.http_url + "/completions", json.dumps(bad).encode(),
+                                     {"Content-Type": "application/json"})  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=HANG)
+    assert e.value.code == 400 and json.loads(e.value.read())["error"]["param"] == "session_ttl"
+
+
+def test_pipeline_of_a_conversation(client):
+    """A conversation is rendered with the chat template for the base; the judge extends those tokens."""
+    conversation = [{"role": "user", "content": " ".join(f"t{(5 * i) % 80 + 4}" for i in range(20))}]
+    rendered = client.tokenize(conversation)
+    stages = list(client.pipeline(conversation, [PipelineJudge("judge_a")], max_tokens=9, ignore_eos=True))
+    base, judge = stages
+    assert base.token_ids == client.generate(rendered, max_tokens=9, ignore_eos=True).token_ids
+    assert judge.activation_index == len(rendered) + 9 and judge.usage.prompt_tokens == len(rendered) + 9 + len(INV)
+    assert judge.usage.cached_tokens == (len(rendered) + 9 - 1) // B * B
