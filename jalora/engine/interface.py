@@ -62,6 +62,9 @@ class EngineStats:
     running_adapters: tuple[str, ...]  # the adapters of running requests, sorted, each named once
     waiting_adapters: tuple[str, ...]
     max_loras: int
+    max_cpu_loras: int  # adapters that may be loaded at once (in host memory; max_loras of them on the device)
+    num_adapters_loaded: int
+    num_adapters_resident: int  # loaded adapters that hold a device slot now
     num_total_blocks: int
     num_used_blocks: int  # held by requests; the others are free (whether or not they hold cached KV)
     num_cached_blocks: int  # findable in the prefix cache, held or free
@@ -84,6 +87,10 @@ class EngineStats:
     warmup_compile_seconds: float
     compilations: int
     compile_seconds: float
+    # Adapters written into a device slot on demand (more adapters loaded than max_loras), and the host
+    # seconds spent issuing those writes (the copies to the device are enqueued, not waited for).
+    adapter_swaps: int
+    adapter_swap_seconds: float
 
     @property
     def prefix_cache_hits_adapter_keyed(self) -> int:

@@ -9,11 +9,18 @@ With async scheduling the next step is scheduled while the previous one is still
 request whose token from that step is pending counts it as known (the step feeds it from the previous
 step's output on the device), unless that token is bound to end the request by length. A preempted
 request with a pending token waits until the token has come back before it is admitted again.
+
+Adapters (jalora/adapters/manager.py): a waiting adapter request is admitted only once its adapter has
+a device slot (`claim`, which may swap it in). When every slot is used by running requests it stays in
+the queue and the requests behind it are considered meanwhile; so that it is not passed over forever, the
+adapter whose slot it will get (the least recently claimed) admits no new request until its running
+ones end and the slot is idle.
 """
 
 import dataclasses
 import time
 from collections import deque
+from typing import Protocol
 
 from jalora.engine.block_hasher import num_base_keyed_blocks
 from jalora.engine.block_manager import BlockManager
@@ -41,6 +48,14 @@ class PrefixCacheCounters:
             self.hits_base_keyed_by_adapters += base
 
 
+class AdapterSlots(Protocol):
+    """What admission needs of the adapter manager (jalora/adapters/manager.py)."""
+
+    def claim(self, name: str, busy: set[int]) -> int | None: ...
+
+    def least_recent(self) -> str | None: ...
+
+
 @dataclasses.dataclass
 class ScheduledBatch:
     requests: list[Request]
@@ -54,9 +69,15 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        adapters: AdapterSlots | None = None,
     ):
         self.bm = block_manager
+        self.adapters = adapters  # None: requests keep the slot they were made with
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -105,16 +126,27 @@ class Scheduler:
                 batch.num_tokens.append(n)
                 budget -= n
                 i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
-            req = self.waiting[0]
+        w, busy, draining = 0, None, None
+        while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
+            req = self.waiting[w]
             if req.pending:  # preempted with a token still on the device: admit it later
                 break
+            if req.adapter_name is not None and self.adapters is not None:
+                if busy is None:
+                    busy = {r.adapter_slot for r in self.running if r.adapter_name is not None}
+                slot = None if req.adapter_name == draining else self.adapters.claim(req.adapter_name, busy)
+                if slot is None:  # every slot is in use: wait, and let the requests behind it in
+                    if draining is None:  # the first one held back takes the next slot that drains
+                        draining = self.adapters.least_recent()
+                    w += 1
+                    continue
+                req.adapter_slot = slot
             cached = self.bm.lookup(req)
             n = min(req.num_tokens - cached, budget)
             if not self.bm.allocate(req, cached + n):
                 self.bm.release(req)
                 break
-            self.waiting.popleft()
+            del self.waiting[w]
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.monotonic()
                 req.num_cached_tokens = cached
@@ -123,6 +155,8 @@ class Scheduler:
             req.num_computed_tokens = cached
             req.status = Status.RUNNING
             self.running.append(req)
+            if busy is not None and req.adapter_name is not None:
+                busy.add(req.adapter_slot)
             batch.requests.append(req)
             batch.num_tokens.append(n)
             budget -= n
