@@ -12,9 +12,9 @@ request with a pending token waits until the token has come back before it is ad
 
 Adapters (jalora/adapters/manager.py): a waiting adapter request is admitted only once its adapter has
 a device slot (`claim`, which may swap it in). When every slot is used by running requests it stays in
-the queue and the requests behind it are considered meanwhile; so that it is not passed over forever, the
-adapter whose slot it will get (the least recently claimed) admits no new request until its running
-ones end and the slot is idle.
+the queue and the requests behind it are considered meanwhile. So that it is not passed over forever,
+once `max_num_seqs` requests have been admitted past it, the least recently claimed adapter admits no
+new request until its running ones end and its slot is idle for the waiting one.
 """
 
 import dataclasses
@@ -84,6 +84,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_admitted = 0  # admissions so far: how many passed a request held back for a slot
         self.prefix_cache = PrefixCacheCounters()
 
     def add(self, req: Request) -> None:
@@ -136,11 +137,13 @@ class Scheduler:
                     busy = {r.adapter_slot for r in self.running if r.adapter_name is not None}
                 slot = None if req.adapter_name == draining else self.adapters.claim(req.adapter_name, busy)
                 if slot is None:  # every slot is in use: wait, and let the requests behind it in
-                    if draining is None:  # the first one held back takes the next slot that drains
-                        draining = self.adapters.least_recent()
+                    if req.held_since is None:
+                        req.held_since = self.num_admitted
+                    if draining is None and self.num_admitted - req.held_since >= self.max_num_seqs:
+                        draining = self.adapters.least_recent()  # passed over long enough: free it a slot
                     w += 1
                     continue
-                req.adapter_slot = slot
+                req.adapter_slot, req.held_since = slot, None
             cached = self.bm.lookup(req)
             n = min(req.num_tokens - cached, budget)
             if not self.bm.allocate(req, cached + n):
@@ -155,6 +158,7 @@ class Scheduler:
             req.num_computed_tokens = cached
             req.status = Status.RUNNING
             self.running.append(req)
+            self.num_admitted += 1
             if busy is not None and req.adapter_name is not None:
                 busy.add(req.adapter_slot)
             batch.requests.append(req)

@@ -130,7 +130,7 @@ def test_swapped_out_adapter_reuses_its_blocks_and_a_reload_does_not(engines, ad
 
 def test_a_request_for_a_swapped_out_adapter_waits_while_others_run(engines):
     """Step by step: with both slots used by running requests, a request for a third adapter waits while
-    the running ones keep decoding and a later request for a resident adapter is admitted past it; it
+    the running ones keep decoding and later requests for resident adapters are admitted past it; it
     gets the first slot that goes idle, and its output is the all-resident engine's."""
     swapping, resident = engines
     engine, manager = swapping.engine, swapping.engine.adapters
@@ -148,7 +148,7 @@ def test_a_request_for_a_swapped_out_adapter_waits_while_others_run(engines):
     cold_prompt = prompt("a4", context, 3)
     engine.add_request("cold", cold_prompt, GEN, "a4")
     engine.add_request("hot3", prompt("a3", context, 4), short, "a3")  # behind cold, for a resident adapter
-    engine.add_request("hot2", prompt("a2", context, 5), short, "a2")  # a2's slot is the one cold waits on
+    engine.add_request("hot2", prompt("a2", context, 5), short, "a2")
     with pytest.raises(AdapterInUseError):
         swapping.unload_adapter("a4")  # a queued request needs it
     reqs = {rid: engine.requests[rid] for rid in ("long2", "long3", "cold", "hot3", "hot2")}
@@ -167,14 +167,50 @@ def test_a_request_for_a_swapped_out_adapter_waits_while_others_run(engines):
                 admitted[rid] = step
         if "cold" not in admitted and reqs["long2"].status is Status.RUNNING and step > 2:
             assert len(reqs["long2"].output_token_ids) > done_before, "a waiting swap stalled a running request"
-    assert admitted["hot3"] < admitted["cold"], "the request behind the waiting one was held up"
-    assert admitted["cold"] <= admitted["hot2"], "the adapter whose slot was drained admitted new requests"
+    assert admitted["hot3"] < admitted["cold"] and admitted["hot2"] < admitted["cold"], "held up behind it"
     assert engine.stats().adapter_swaps == swaps + 1
     assert manager.slot_of("a4") == slot3 and manager.slot_of("a3") is None  # a3's slot went idle first
     assert manager.slot_of("a2") is not None
     (want,) = resident.generate([cold_prompt], GEN, adapter="a4")
     assert cold_tokens == want.token_ids
     np.testing.assert_allclose(cold_logprobs, [d[t] for d, t in zip(want.logprobs, want.token_ids)], atol=1e-4)
+    assert engine.num_free_blocks() == engine.num_total_blocks
+
+
+def test_a_waiting_request_is_not_passed_over_forever(engines):
+    """Both slots' adapters get a new request every step, so neither slot would ever go idle on its own:
+    once max_num_seqs requests have passed the waiting one, the least recently claimed adapter admits no
+    more until its slot is idle, and the waiting request gets that slot."""
+    swapping, resident = engines
+    engine, manager = swapping.engine, swapping.engine.adapters
+    context = ctx(12, 800)
+    swapping.generate([prompt("a2", context, 1)], GEN, adapter="a2")
+    swapping.generate([prompt("a3", context, 1)], GEN, adapter="a3")  # a2 is the least recently claimed
+    slot2 = manager.slot_of("a2")
+    feed = SamplingParams(max_tokens=3, ignore_eos=True)
+    cold_prompt = prompt("a5", context, 2)
+    engine.add_request("feed2-0", prompt("a2", context, 3), feed, "a2")
+    engine.add_request("feed3-0", prompt("a3", context, 3), feed, "a3")
+    engine.step()  # both slots busy now
+    engine.add_request("cold", cold_prompt, GEN, "a5")
+    cold = engine.requests["cold"]
+    tokens, admitted_past, at_admission = [], 0, None
+    for step in range(1, 60):
+        if cold.status is Status.WAITING:
+            engine.add_request(f"feed2-{step}", prompt("a2", context, 3 + step % 5), feed, "a2")
+            engine.add_request(f"feed3-{step}", prompt("a3", context, 3 + step % 5), feed, "a3")
+            if cold.held_since is not None:
+                admitted_past = engine.scheduler.num_admitted - cold.held_since
+        tokens += [t for d in engine.step() if d.request_id == "cold" for t in d.token_ids]
+        if cold.status is not Status.WAITING and at_admission is None:
+            at_admission = (manager.slot_of("a5"), manager.slot_of("a2"))
+        if not engine.has_unfinished_requests():
+            break
+    assert cold.status is Status.FINISHED, "the waiting request never got a slot"
+    assert admitted_past >= engine.scheduler.max_num_seqs  # it was passed over first, up to the limit
+    assert at_admission == (slot2, None)  # it took the drained adapter's slot
+    (want,) = resident.generate([cold_prompt], GEN, adapter="a5")
+    assert tokens == want.token_ids
     assert engine.num_free_blocks() == engine.num_total_blocks
 
 
