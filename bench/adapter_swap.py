@@ -43,9 +43,9 @@ def sizes(quick: bool) -> dict:
     if quick:
         return dict(adapters=16, slots=4, requests=192, warm_requests=64, prompt_len=32, max_tokens=16,
                     max_num_seqs=16, max_num_batched_tokens=64, dtype="float32")  # fmt: skip
-    # Few buckets (16..256 token rows): every compiled step variant costs seconds at 40 layers.
-    return dict(adapters=64, slots=8, requests=384, warm_requests=128, prompt_len=192, max_tokens=64,
-                max_num_seqs=64, max_num_batched_tokens=256, dtype="bfloat16")  # fmt: skip
+    # Few buckets (16..128 token rows): each compiled step variant costs about 13 s at 40 layers.
+    return dict(adapters=64, slots=8, requests=384, warm_requests=128, prompt_len=128, max_tokens=64,
+                max_num_seqs=64, max_num_batched_tokens=128, dtype="bfloat16")  # fmt: skip
 
 
 def workload(n: int, adapters: int, prompt_len: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--slots", type=int, help="device slots of the swapping engine (default 8; 4 with --quick)")
     ap.add_argument("--requests", type=int, help="requests of the timed run (default 384; 192 with --quick)")
     ap.add_argument("--warm-requests", type=int, help="requests of the warm pass (default 128; 64 with --quick)")
-    ap.add_argument("--prompt-len", type=int, help="random prompt tokens before the invocation (default 192)")
+    ap.add_argument("--prompt-len", type=int, help="random prompt tokens before the invocation (default 128)")
     ap.add_argument("--max-tokens", type=int, help="new tokens per request (default 64)")
     ap.add_argument("--rank", type=int, default=32, help="adapter rank on q/k/v (the engine's max_lora_rank)")
     ap.add_argument(
