@@ -53,6 +53,8 @@ class AdapterSlots(Protocol):
 
     def claim(self, name: str, busy: set[int]) -> int | None: ...
 
+    def slot_of(self, name: str) -> int | None: ...
+
     def least_recent(self) -> str | None: ...
 
 
@@ -127,7 +129,7 @@ class Scheduler:
                 batch.num_tokens.append(n)
                 budget -= n
                 i += 1
-        w, busy, draining = 0, None, None
+        w, busy, draining, full = 0, None, None, False
         while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
             req = self.waiting[w]
             if req.pending:  # preempted with a token still on the device: admit it later
@@ -135,7 +137,12 @@ class Scheduler:
             if req.adapter_name is not None and self.adapters is not None:
                 if busy is None:
                     busy = {r.adapter_slot for r in self.running if r.adapter_name is not None}
-                slot = None if req.adapter_name == draining else self.adapters.claim(req.adapter_name, busy)
+                name = req.adapter_name
+                if name == draining or (full and self.adapters.slot_of(name) is None):
+                    slot = None  # (once one swap found no idle slot, none will this call: `busy` only grows)
+                else:
+                    slot = self.adapters.claim(name, busy)
+                    full = full or slot is None
                 if slot is None:  # every slot is in use: wait, and let the requests behind it in
                     if req.held_since is None:
                         req.held_since = self.num_admitted
