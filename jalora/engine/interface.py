@@ -154,7 +154,8 @@ class Engine(Protocol):
         self, name: str, adapter: str | PreparedAdapter, roots: Sequence[str] | None = None
     ) -> AdapterInfo:
         """Installs an adapter (a directory, read confined to `roots` if given, or what
-        `prepare_adapter` made of one) under `name`."""
+        `prepare_adapter` made of one) under `name`: into a free device slot, or, with every slot taken
+        and fewer than max_cpu_loras adapters loaded, into host memory until a request needs it."""
 
     def unload_adapter(self, name: str) -> None: ...
 

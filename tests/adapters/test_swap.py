@@ -224,10 +224,16 @@ def test_unload_frees_the_slot_and_refuses_while_queued(engines, adapters):
     engine.step()
     engine.add_request("q3", prompt("a3", ctx(10, 704), 1), GEN, "a3")
     engine.step()
-    assert engine.requests["q3"].status is Status.WAITING
-    for name in ("a3", "a1"):
+    engine.add_request("q0", prompt("a0", ctx(10, 705), 1), GEN, "a0")  # waits too, then is aborted
+    engine.step()
+    assert engine.requests["q3"].status is Status.WAITING and engine.requests["q0"].status is Status.WAITING
+    for name in ("a3", "a1", "a0"):
         with pytest.raises(AdapterInUseError, match="in flight"):
             swapping.unload_adapter(name)
+    engine.abort_request("q0")
+    swapping.unload_adapter("a0")  # nothing of it is queued any more; the others keep running
+    assert manager.num_loaded == 5 and engine.requests["q3"].status is Status.WAITING
+    swapping.load_adapter("a0", paths["a0"])
     assert manager.num_loaded == 6
     while engine.has_unfinished_requests():
         engine.step()
