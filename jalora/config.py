@@ -61,6 +61,11 @@ class EngineConfig:
         "recomputed (0 = off)",
     )
     max_loras: int = config_field(4, "adapter slots on the device")
+    max_cpu_loras: int | None = config_field(
+        None, "adapters loaded at once, kept in host memory; up to max_loras of them hold a device slot and the "
+        "others are swapped into the least recently used idle slot when a request needs them (default: "
+        "max_loras, no swapping)"
+    )
     max_lora_rank: int = config_field(64, "largest adapter rank (every slot is padded to it)")
     async_scheduling: bool = config_field(
         True, "enqueue step N+1 before reading step N back, so host work overlaps the device's"
@@ -119,6 +124,9 @@ class EngineConfig:
             value = getattr(self, name)
             require(value is None or value in KERNEL_IMPLS, name,
                     f"must be None or one of {list(KERNEL_IMPLS)}, got {value!r}")  # fmt: skip
+        n = self.max_cpu_loras
+        require(n is None or (is_int(n) and n >= self.max_loras), "max_cpu_loras",
+                f"must be None or an integer >= max_loras ({self.max_loras}), got {n!r}")  # fmt: skip
         n = self.lora_onehot_max_tokens
         require(n is None or (is_int(n) and n >= 0), "lora_onehot_max_tokens",
                 f"must be None or an integer >= 0, got {n!r}")  # fmt: skip

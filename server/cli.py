@@ -154,7 +154,7 @@ def serve_plan(args: argparse.Namespace) -> ServePlan:
 
     --model defaults to the bundled SmolLM2 (checkpoints.bundled.DEFAULT); a bundled name is resolved
     later (resolve_bundled: it may download and convert). --max-loras is raised to the number of
-    start-up adapters.
+    start-up adapters (--max-cpu-loras instead where it is set: those beyond the slots wait in host memory).
     """
     from checkpoints import bundled
 
@@ -162,7 +162,7 @@ def serve_plan(args: argparse.Namespace) -> ServePlan:
     engine_config = config_from_args(EngineConfig, args, model=model)
     server_config = config_from_args(ServerConfig, args)
     adapters = tuple(args.adapter)
-    engine_config = engine_config.replace(max_loras=max(engine_config.max_loras, len(adapters)))
+    engine_config = _room_for(engine_config, len(adapters))
     if model in bundled.names() and not os.path.exists(model):
         return ServePlan(engine_config, server_config, adapters, bundled=model)
     path = Path(model)
@@ -172,6 +172,14 @@ def serve_plan(args: argparse.Namespace) -> ServePlan:
     elif not (path / "config.json").is_file():
         raise InvalidRequestError("model", f"{path} has no config.json")
     return ServePlan(engine_config, server_config, adapters)
+
+
+def _room_for(config: EngineConfig, adapters: int) -> EngineConfig:
+    """`config` able to load `adapters` adapters at start: max_loras raised to that many, or max_cpu_loras
+    where it is set."""
+    if config.max_cpu_loras is None:
+        return config.replace(max_loras=max(config.max_loras, adapters))
+    return config.replace(max_cpu_loras=max(config.max_cpu_loras, adapters))
 
 
 def resolve_bundled(plan: ServePlan) -> ServePlan:
@@ -188,9 +196,7 @@ def resolve_bundled(plan: ServePlan) -> ServePlan:
     server_config = plan.server_config
     if not server_config.adapter_roots:
         server_config = server_config.replace(adapter_roots=(str(found.adapters_root),))
-    engine_config = plan.engine_config.replace(
-        model=found.model, max_loras=max(plan.engine_config.max_loras, len(adapters))
-    )
+    engine_config = _room_for(plan.engine_config.replace(model=found.model), len(adapters))
     return ServePlan(engine_config, server_config, adapters)
 
 

@@ -204,6 +204,14 @@ class _EngineStatsCollector(Collector):
         seconds.add_metric(["warmup"], s.warmup_compile_seconds)
         seconds.add_metric(["serving"], s.compile_seconds)
         yield seconds
+        yield gauge("lora_adapters_loaded", "Adapters loaded (held in host memory; up to max_cpu_loras).",
+                    s.num_adapters_loaded)  # fmt: skip
+        yield gauge("lora_adapters_resident", "Loaded adapters that hold a device slot (up to max_loras).",
+                    s.num_adapters_resident)  # fmt: skip
+        yield counter("lora_swaps", "Adapters written into a device slot on demand because more adapters are loaded "
+                      "than slots.", s.adapter_swaps)  # fmt: skip
+        yield counter("lora_swap_seconds", "Host seconds spent issuing adapter swaps (the copies to the device "
+                      "are enqueued, not waited for).", s.adapter_swap_seconds)  # fmt: skip
         info = GaugeMetricFamily(
             PREFIX + "lora_requests_info", "Adapters of running and waiting requests (names, comma-separated); "
             "the value is the time of the snapshot.", labels=["max_lora", "waiting_lora_adapters",

@@ -1,4 +1,4 @@
-"""Adapters resident in device slots, and the stacks the step reads them from.
+"""Loaded adapters: in host memory, and up to `max_loras` of them in device slots, the stacks the step reads.
 
 Each adapted projection group of the fused decoder (qkv, o, gate_up, down) has one `LoraStack`:
 `A [L, max_loras, Din, R_group]` and `B [L, max_loras, R_group, Dout]`, with the PEFT scaling folded
@@ -11,8 +11,15 @@ The manager owns these stacks (`AdapterManager.stacks`, a pytree) and the engine
 every adapted step explicitly.
 
 Loading is two steps: `prepare` (any thread) reads and validates the PEFT files and lays the weights
-out as one slot of each stack, on the device; `install` (the engine's thread) picks the slot and writes
-them in. A server reads a large or bogus adapter file beside the engine thread, never on it.
+out as one slot of each stack, in host memory (numpy, the engine's dtype); `install` (the engine's
+thread) keeps that host copy under the adapter's name and writes it into a free device slot if there is
+one. A server reads a large or bogus adapter file beside the engine thread, never on it.
+
+Up to `max_cpu_loras` adapters may be loaded, more than `max_loras` slots: an adapter without a slot gets
+one when the scheduler admits a request for it (`claim`): a free slot, else the least recently used slot
+that no running request uses, whose adapter goes back to being a host copy only. Its weights are written
+into the slot from the host copy (`place`), so a swapped-in adapter is exactly the adapter it was;
+requests and cache blocks know an adapter by its content identity, never by its slot.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 from collections.abc import Sequence
 
 import jax
@@ -71,9 +79,30 @@ class PreparedAdapter:
 
     info: AdapterInfo  # its name is filled in by install
     identity: bytes
-    # group -> (A [L, Din, R_group], B [L, R_group, Dout]) of one slot, scaling folded into B; only the
-    # groups the adapter targets (install zeroes its slot in the others)
-    slots: dict[str, tuple[jax.Array, jax.Array]]
+    # group -> (A [L, Din, R_group], B [L, R_group, Dout]) of one slot in host memory, in the engine's
+    # dtype, scaling folded into B; only the groups the adapter targets (placing it zeroes its slot in
+    # the others)
+    slots: dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+@dataclasses.dataclass
+class _Loaded:
+    """A loaded adapter: its host copy, and its device slot while it has one."""
+
+    info: AdapterInfo
+    identity: bytes
+    host: dict[str, tuple[np.ndarray, np.ndarray]]
+    slot: int | None  # None: in host memory only
+    last_used: int = 0  # when a request last claimed it (the LRU order of slots)
+
+
+@dataclasses.dataclass
+class SwapCounters:
+    """Adapters written into a slot on demand (not at load), and the host seconds that took (the host to
+    device copies are enqueued, not waited for)."""
+
+    swaps: int = 0
+    seconds: float = 0.0
 
 
 class AdapterManager:
@@ -87,18 +116,25 @@ class AdapterManager:
         tokenize,
         keep_flat_a: bool,
         tp: TensorParallel | None = None,
+        max_cpu_loras: int | None = None,
     ):
         self.cfg = cfg
         # Under tensor parallelism each stack is split as its projection is (jalora/model/sharding.py).
         self.tp = TensorParallel() if tp is None else tp
         self.max_loras = max_loras
+        self.max_cpu_loras = max_loras if max_cpu_loras is None else max_cpu_loras  # adapters loaded at once
         self.max_rank = max_rank
         self.max_model_len = max_model_len  # an invocation must fit in a prompt
         self.dtype = dtype
         self.tokenize = tokenize  # the base tokenizer (legacy invocation strings)
         self.keep_flat_a = keep_flat_a
         self.stacks: AdapterStacks = {}
-        self._by_name: dict[str, tuple[int, AdapterInfo, bytes]] = {}
+        self._by_name: dict[str, _Loaded] = {}
+        self._slots: list[str | None] = [None] * max_loras  # each slot's adapter
+        self._clock = 0  # counts claims: each resident adapter's last_used orders the slots
+        self.swaps = SwapCounters()
+        # Called with (name, slot) before a swap writes a slot (a multi-host leader sends it to followers).
+        self.on_place = None
         # What infos() reads: a copy replaced whole on every change, so any thread may read it.
         self._infos: tuple[AdapterInfo, ...] = ()
         self._in_flight: dict[str, int] = {}
@@ -113,14 +149,29 @@ class AdapterManager:
         return list(self._infos)
 
     def _publish(self) -> None:
-        self._infos = tuple(info for _, info, _ in self._by_name.values())
+        self._infos = tuple(a.info for a in self._by_name.values())
 
-    def _free_slot(self) -> int:
-        used = {slot for slot, _, _ in self._by_name.values()}
-        for slot in range(self.max_loras):
-            if slot not in used:
-                return slot
-        raise CapacityError(f"all {self.max_loras} adapter slots are in use (max_loras); unload one first")
+    @property
+    def num_loaded(self) -> int:
+        return len(self._by_name)
+
+    @property
+    def num_resident(self) -> int:
+        return sum(name is not None for name in self._slots)
+
+    def slot_of(self, name: str) -> int | None:
+        """The device slot of a loaded adapter, None while it is in host memory only."""
+        return self._by_name[name].slot
+
+    def _check_capacity(self) -> None:
+        if len(self._by_name) < self.max_cpu_loras:
+            return
+        if self.max_cpu_loras == self.max_loras:
+            raise CapacityError(
+                f"all {self.max_loras} adapter slots are in use (max_loras); unload one first, or set "
+                "max_cpu_loras above max_loras to keep more adapters in host memory"
+            )
+        raise CapacityError(f"{self.max_cpu_loras} adapters are loaded (max_cpu_loras); unload one first")
 
     def _ensure_group(self, group: str) -> None:
         if group in self.stacks:
@@ -142,8 +193,8 @@ class AdapterManager:
 
     def prepare(self, path: str, roots: Sequence[str] | None = None) -> PreparedAdapter:
         """Thread-safe: reads and validates a PEFT directory (with `roots`, every file it reads must
-        resolve inside one of them) and builds its slot of each stack it targets on the device. Raises
-        InvalidRequestError; changes nothing."""
+        resolve inside one of them) and lays out its slot of each stack it targets in host memory.
+        Raises InvalidRequestError; changes nothing."""
         acfg, pairs, identity = read_peft_adapter(path, self.cfg, self.max_rank, roots)
         invocation, inv_string = invocation_of(acfg, self.tokenize, self.cfg.vocab_size, self.max_model_len)
         r, alpha = acfg["r"], float(acfg.get("lora_alpha", acfg["r"]))
@@ -166,7 +217,7 @@ class AdapterManager:
                         a[layer, :, k * self.max_rank : k * self.max_rank + r] = la.T
                         b[layer, k * self.max_rank : k * self.max_rank + r, out : out + width] = lb.T
                 out += width
-            slots[group] = self._place_slot(group, a, b)
+            slots[group] = (a.astype(self.dtype), b.astype(self.dtype))
         info = AdapterInfo(
             name="",
             kind="alora" if invocation else "lora",
@@ -190,7 +241,8 @@ class AdapterManager:
         if columns is not None:
             b = b[..., columns]
         spec_a, spec_b, _ = tp.stack_specs(group, False)
-        return tp.put(a.astype(self.dtype), _slot_spec(spec_a)), tp.put(b.astype(self.dtype), _slot_spec(spec_b))
+        a, b = np.asarray(a, self.dtype), np.asarray(b, self.dtype)
+        return tp.put(a, _slot_spec(spec_a)), tp.put(b, _slot_spec(spec_b))
 
     def load(
         self, name: str, adapter: str | os.PathLike | PreparedAdapter, roots: Sequence[str] | None = None
@@ -198,6 +250,7 @@ class AdapterManager:
         """Installs an adapter directory (read here, confined to `roots` if given) or a prepared one under
         `name`. Raises InvalidRequestError (or CapacityError) and changes nothing."""
         self._check_name(name)
+        self._check_capacity()  # before the files are read
         prepared = adapter if isinstance(adapter, PreparedAdapter) else self.prepare(adapter, roots)
         return self.install(name, prepared)
 
@@ -207,16 +260,32 @@ class AdapterManager:
         if name in self._by_name:
             raise InvalidRequestError("name", f"adapter {name!r} is already loaded; unload it first")
 
-    def install(self, name: str, prepared: PreparedAdapter) -> AdapterInfo:
-        """Writes a prepared adapter into a free slot of every stack (zeroes in the groups it does not
-        target: they clear what the slot's last tenant left) under `name`."""
+    def install(self, name: str, prepared: PreparedAdapter, slot: int | None | str = "free") -> AdapterInfo:
+        """Keeps a prepared adapter under `name` and writes it into a free device slot if there is one
+        (`slot`: that slot, or None for host memory only, as a multi-host leader decided). Raises
+        CapacityError (max_cpu_loras adapters are loaded) and changes nothing."""
         self._check_name(name)
-        slot = self._free_slot()
+        self._check_capacity()
+        if slot == "free":
+            slot = next((s for s, occupant in enumerate(self._slots) if occupant is None), None)
+        # Every group a loaded adapter targets has its stack from the start, so swapping one in later
+        # changes values only, never the compiled step.
         for group in prepared.slots:
             self._ensure_group(group)
+        info = dataclasses.replace(prepared.info, name=name)
+        self._by_name[name] = _Loaded(info, prepared.identity, prepared.slots, None)
+        if slot is not None:
+            self._write(name, slot)
+        self._publish()
+        return info
+
+    def _write(self, name: str, slot: int) -> None:
+        """Writes `name`'s host copy into `slot` of every stack (zeroes in the groups it does not target:
+        they clear what the slot's last tenant left); the slot's previous adapter keeps its host copy."""
+        loaded = self._by_name[name]
         for group, stack in list(self.stacks.items()):
-            if group in prepared.slots:
-                a, b = prepared.slots[group]
+            if group in loaded.host:
+                a, b = self._place_slot(group, *loaded.host[group])
             else:
                 spec_a, spec_b = (_slot_spec(x) for x in self.tp.stack_specs(group, False)[:2])
                 a = self.tp.zeros((stack.a.shape[0], *stack.a.shape[2:]), stack.a.dtype, spec_a)
@@ -226,10 +295,49 @@ class AdapterManager:
                 self._set_slot(stack.b, slot, b),
                 None if stack.a_flat is None else self._set_cols(stack.a_flat, slot, a),
             )
-        info = dataclasses.replace(prepared.info, name=name)
-        self._by_name[name] = (slot, info, prepared.identity)
-        self._publish()
-        return info
+        previous = self._slots[slot]
+        if previous is not None:
+            self._by_name[previous].slot = None
+        self._slots[slot] = name
+        loaded.slot = slot
+
+    def place(self, name: str, slot: int) -> None:
+        """Swaps `name` into `slot` (the slot's adapter, if any, stays loaded in host memory). The caller
+        makes sure no running request uses the slot: a step already enqueued still reads the old weights
+        (the stacks are replaced, not overwritten under it)."""
+        start = time.perf_counter()
+        if self.on_place is not None:
+            self.on_place(name, slot)
+        self._write(name, slot)
+        self.swaps.swaps += 1
+        self.swaps.seconds += time.perf_counter() - start
+
+    def claim(self, name: str, busy: set[int]) -> int | None:
+        """The slot of `name` for a request being admitted: its own, or one swapped in: a free slot, else
+        the least recently claimed slot not in `busy` (the slots of running requests). None if every slot
+        is busy (the request waits)."""
+        loaded = self._by_name[name]
+        self._clock += 1
+        if loaded.slot is None:
+            free = [s for s, occupant in enumerate(self._slots) if occupant is None]
+            if free:
+                slot = free[0]
+            else:
+                idle = [s for s in range(self.max_loras) if s not in busy]
+                if not idle:
+                    return None
+                slot = min(idle, key=lambda s: self._by_name[self._slots[s]].last_used)
+            self.place(name, slot)
+        loaded.last_used = self._clock
+        return loaded.slot
+
+    def least_recent(self) -> str | None:
+        """The resident adapter claimed least recently: a waiting request takes its slot once it is idle
+        (None if no slot holds an adapter)."""
+        slots = [s for s, occupant in enumerate(self._slots) if occupant is not None]
+        if not slots:
+            return None
+        return self._slots[min(slots, key=lambda s: self._by_name[self._slots[s]].last_used)]
 
     def _scaled(self, pairs: dict, scaling: float) -> dict:
         """{(layer, module): (A, B * scaling)}; raises if a value overflows the engine's dtype (the
@@ -253,16 +361,21 @@ class AdapterManager:
             raise AdapterNotFoundError(name)
         if self._in_flight.get(name):
             raise AdapterInUseError(name, self._in_flight[name])
-        del self._by_name[name]
+        slot = self._by_name.pop(name).slot
+        if slot is not None:
+            self._slots[slot] = None
         self._publish()
 
     def resolve(self, name: str | None, ids: list[int]) -> ResolvedAdapter:
-        """The slot, identity and activation index of a request; raises if the adapter cannot serve it."""
+        """The slot, identity and activation index of a request; raises if the adapter cannot serve it.
+        The slot is the adapter's now (-1 if it has none): the scheduler claims it again at admission."""
         if name is None:
             return BASE
         if name not in self._by_name:
             raise AdapterNotFoundError(name)
-        slot, info, identity = self._by_name[name]
+        loaded = self._by_name[name]
+        info, identity = loaded.info, loaded.identity
+        slot = -1 if loaded.slot is None else loaded.slot
         if info.kind == "lora":
             return ResolvedAdapter(slot, identity, 0)
         start = find_activation(ids, info.invocation_tokens)

@@ -63,6 +63,9 @@ class EngineStats:
     running_adapters: tuple[str, ...]  # the adapters of running requests, sorted, each named once
     waiting_adapters: tuple[str, ...]
     max_loras: int
+    max_cpu_loras: int  # adapters that may be loaded at once (in host memory; max_loras of them on the device)
+    num_adapters_loaded: int
+    num_adapters_resident: int  # loaded adapters that hold a device slot now
     num_total_blocks: int
     num_used_blocks: int  # held by requests; the others are free (cached KV or not) or retained by a session
     num_cached_blocks: int  # findable in the prefix cache, held or free
@@ -89,6 +92,10 @@ class EngineStats:
     warmup_compile_seconds: float
     compilations: int
     compile_seconds: float
+    # Adapters written into a device slot on demand (more adapters loaded than max_loras), and the host
+    # seconds spent issuing those writes (the copies to the device are enqueued, not waited for).
+    adapter_swaps: int
+    adapter_swap_seconds: float
     # The host-memory KV tier (0 when it is off): tokens of prefix-cache hits served by copying blocks
     # back from host RAM, bytes copied each way, and the blocks it holds now and can hold.
     host_kv_cache_hits: int = 0
@@ -172,7 +179,8 @@ class Engine(Protocol):
         self, name: str, adapter: str | PreparedAdapter, roots: Sequence[str] | None = None
     ) -> AdapterInfo:
         """Installs an adapter (a directory, read confined to `roots` if given, or what
-        `prepare_adapter` made of one) under `name`."""
+        `prepare_adapter` made of one) under `name`: into a free device slot, or, with every slot taken
+        and fewer than max_cpu_loras adapters loaded, into host memory until a request needs it."""
 
     def unload_adapter(self, name: str) -> None: ...
 

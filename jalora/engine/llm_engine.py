@@ -174,7 +174,9 @@ class LLMEngine:
         self.adapters = AdapterManager(
             cfg, config.max_loras, config.max_lora_rank, self.max_model_len, self.dtype, self.tokenize,
             keep_flat_a=self.kernel_plan.keeps_flat_lora_a(self.runner.smallest_step), tp=tp,
+            max_cpu_loras=config.max_cpu_loras,
         )  # fmt: skip
+        self.scheduler.adapters = self.adapters  # admission claims each adapter request's slot
         bytes_per_token = PROMPT_BYTES_PER_TOKEN
         if self.tokenizer is not None:
             longest = max((len(t.encode()) for t in self.tokenizer.get_vocab(with_added_tokens=True)), default=0)
@@ -186,6 +188,7 @@ class LLMEngine:
         if config.warmup:
             self.runner.warmup()
         self.runner.leader = self.multihost_leader  # from here on process 0 sends each device call
+        self.adapters.on_place = self._replay_place  # and each adapter swap, before the step that reads it
 
     def _make_host_tier(self, cfg: ModelConfig, tp: TensorParallel) -> HostKVTier | None:
         """The host-memory KV tier of config.host_kv_cache_gb (None for 0). Raises InvalidRequestError
@@ -217,6 +220,10 @@ class LLMEngine:
         """`callback(reason)` when a follower process of a multi-host engine is lost (at once if one is)."""
         if self.multihost_leader is not None:
             self.multihost_leader.on_lost(callback)
+
+    def _replay_place(self, name: str, slot: int) -> None:
+        if self.multihost_leader is not None:
+            self.multihost_leader.send("place_adapter", name, slot)
 
     def close(self) -> None:
         """Stops the follower processes of a multi-host engine (they return from `multihost.follow`) and
@@ -296,8 +303,8 @@ class LLMEngine:
         """Loads a PEFT directory (confined to `roots` if given), or installs what `prepare_adapter` made
         of one, under `name`. On several hosts every process reads the same directory itself."""
         info = self.adapters.load(name, adapter, roots)
-        if self.multihost_leader is not None:
-            self.multihost_leader.send("load_adapter", name, info.path)
+        if self.multihost_leader is not None:  # the follower puts it in the same slot (or none)
+            self.multihost_leader.send("load_adapter", name, info.path, self.adapters.slot_of(name))
         return info
 
     def unload_adapter(self, name: str) -> None:
@@ -334,6 +341,9 @@ class LLMEngine:
             running_adapters=_adapter_names(sched.running),
             waiting_adapters=_adapter_names(sched.waiting),
             max_loras=self.config.max_loras,
+            max_cpu_loras=self.adapters.max_cpu_loras,
+            num_adapters_loaded=self.adapters.num_loaded,
+            num_adapters_resident=self.adapters.num_resident,
             num_total_blocks=self.num_total_blocks,
             num_used_blocks=bm.num_used_blocks(),
             num_cached_blocks=bm.num_cached_blocks(),
@@ -353,6 +363,8 @@ class LLMEngine:
             warmup_compile_seconds=compiles.warmup_seconds,
             compilations=compiles.serving,
             compile_seconds=compiles.serving_seconds,
+            adapter_swaps=self.adapters.swaps.swaps,
+            adapter_swap_seconds=self.adapters.swaps.seconds,
             **self._host_tier_stats(),
         )
 

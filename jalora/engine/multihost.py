@@ -8,7 +8,9 @@ server) and sends the others, before each device call, what that call needs:
 - `launch`: a prepared step (numpy arrays of a few kilobytes) and which earlier step's sampled tokens it
   reads (async scheduling feeds them from the device);
 - `load_adapter` / `unload_adapter`: a follower reads the same adapter directory itself (the path must
-  exist on every host, as the model directory must) and installs it into the same slot;
+  exist on every host, as the model directory must) and installs it into the same slot (or none);
+- `place_adapter`: an adapter swapped into a slot (more adapters loaded than slots); the follower writes
+  its own host copy into the same slot, before the step that reads it;
 - `warmup_adapters`, `reset_kv_cache`, `stop`.
 
 The channel is a `multiprocessing.connection` socket from each follower to process 0, on the
@@ -233,8 +235,10 @@ def follow(engine) -> None:
             seq, step, prev_seq = args  # (the outputs stay in runner.recent for the steps that read them)
             runner.launch(step, engine.adapters.stacks, runner.recent.tokens_of(prev_seq), seq=seq)
         elif op == "load_adapter":
-            name, path = args
-            engine.adapters.load(name, path)
+            name, path, slot = args
+            engine.adapters.install(name, engine.adapters.prepare(path), slot)
+        elif op == "place_adapter":
+            engine.adapters.place(*args)
         elif op == "unload_adapter":
             engine.adapters.unload(*args)
         elif op == "warmup_adapters":

@@ -60,6 +60,7 @@ class Request:
         self.adapter_slot = adapter.slot  # device slot, -1 for the base model
         self.adapter_identity = adapter.identity
         self.activation_start = adapter.activation_start  # None: base; 0: plain LoRA
+        self.held_since: int | None = None  # scheduler.num_admitted when it began waiting for an adapter slot
         self.status = Status.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0

@@ -9,12 +9,19 @@ With async scheduling the next step is scheduled while the previous one is still
 request whose token from that step is pending counts it as known (the step feeds it from the previous
 step's output on the device), unless that token is bound to end the request by length. A preempted
 request with a pending token waits until the token has come back before it is admitted again.
+
+Adapters (jalora/adapters/manager.py): a waiting adapter request is admitted only once its adapter has
+a device slot (`claim`, which may swap it in). When every slot is used by running requests it stays in
+the queue and the requests behind it are considered meanwhile. So that it is not passed over forever,
+once `max_num_seqs` requests have been admitted past it, the least recently claimed adapter admits no
+new request until its running ones end and its slot is idle for the waiting one.
 """
 
 import dataclasses
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Protocol
 
 from jalora.engine.block_hasher import num_base_keyed_blocks
 from jalora.engine.block_manager import BlockManager
@@ -42,6 +49,16 @@ class PrefixCacheCounters:
             self.hits_base_keyed_by_adapters += base
 
 
+class AdapterSlots(Protocol):
+    """What admission needs of the adapter manager (jalora/adapters/manager.py)."""
+
+    def claim(self, name: str, busy: set[int]) -> int | None: ...
+
+    def slot_of(self, name: str) -> int | None: ...
+
+    def least_recent(self) -> str | None: ...
+
+
 @dataclasses.dataclass
 class ScheduledBatch:
     requests: list[Request]
@@ -55,15 +72,22 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        adapters: AdapterSlots | None = None,
     ):
         self.bm = block_manager
+        self.adapters = adapters  # None: requests keep the slot they were made with
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_admitted = 0  # admissions so far: how many passed a request held back for a slot
         self.prefix_cache = PrefixCacheCounters()
         # Called when nothing runs and the first waiting request cannot get its blocks: frees blocks that
         # pipeline sessions retain (True if it freed any), so retention never stalls the engine.
@@ -116,21 +140,40 @@ class Scheduler:
                 batch.num_tokens.append(n)
                 budget -= n
                 i += 1
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
-            req = self.waiting[0]
+        w, busy, draining, full = 0, None, None, False
+        while w < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs and not batch.preempted:
+            req = self.waiting[w]
             if req.pending:  # preempted with a token still on the device: admit it later
                 break
+            if req.adapter_name is not None and self.adapters is not None:
+                if busy is None:
+                    busy = {r.adapter_slot for r in self.running if r.adapter_name is not None}
+                name = req.adapter_name
+                if name == draining or (full and self.adapters.slot_of(name) is None):
+                    slot = None  # (once one swap found no idle slot, none will this call: `busy` only grows)
+                else:
+                    slot = self.adapters.claim(name, busy)
+                    full = full or slot is None
+                if slot is None:  # every slot is in use: wait, and let the requests behind it in
+                    if req.held_since is None:
+                        req.held_since = self.num_admitted
+                    if draining is None and self.num_admitted - req.held_since >= self.max_num_seqs:
+                        draining = self.adapters.least_recent()  # passed over long enough: free it a slot
+                    w += 1
+                    continue
+                req.adapter_slot, req.held_since = slot, None
             cached = self.bm.lookup(req)
             n = min(req.num_tokens - cached, budget)
             if not self.bm.allocate(req, cached + n):
                 self.bm.release(req)
                 if not self.running and self.reclaim is not None and self.reclaim():
                     continue  # sessions let blocks go: look it up again
-                if self.favored is not None and self.favored(req) and self._preempt_for_favored(batch):
+                if self.favored is not None and self.favored(req) and self._preempt_for_favored(batch, w):
                     budget = self.max_num_batched_tokens - batch.total_tokens
+                    w = 0  # it is at the head of the queue now
                     continue
                 break
-            self.waiting.popleft()
+            del self.waiting[w]
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = time.monotonic()
                 req.num_cached_tokens = cached
@@ -139,6 +182,9 @@ class Scheduler:
             req.num_computed_tokens = cached
             req.status = Status.RUNNING
             self.running.append(req)
+            self.num_admitted += 1
+            if busy is not None and req.adapter_name is not None:
+                busy.add(req.adapter_slot)
             batch.requests.append(req)
             batch.num_tokens.append(n)
             budget -= n
@@ -148,9 +194,10 @@ class Scheduler:
         batch.num_tokens = [batch.num_tokens[k] for k in order]
         return batch
 
-    def _preempt_for_favored(self, batch: ScheduledBatch) -> bool:
+    def _preempt_for_favored(self, batch: ScheduledBatch, w: int) -> bool:
         """Preempts the most recently admitted running request that is not favored (out of this step's
-        batch if it was in it) and queues it right behind the favored one at the head of the queue."""
+        batch if it was in it); the favored request (waiting[w]: requests held back for an adapter slot may
+        be ahead of it) goes to the head of the queue, the preempted one right behind it."""
         victim = next((r for r in reversed(self.running) if not self.favored(r)), None)
         if victim is None:
             return False
@@ -158,7 +205,8 @@ class Scheduler:
         if victim in batch.requests:
             k = batch.requests.index(victim)
             del batch.requests[k], batch.num_tokens[k]
-        head = self.waiting.popleft()
+        head = self.waiting[w]
+        del self.waiting[w]
         self._preempt(victim)
         self.waiting.appendleft(head)
         return True

@@ -1,7 +1,8 @@
 """One process of the two-process test (tests/engine/test_multihost.py): process 0 runs the workload and
 prints its outputs as JSON; process 1 follows. `python -m tests.engine.multihost_worker PID PORT MODEL
-ADAPTER [--lose-follower]`; with --lose-follower process 0 runs once, prints `ready`, waits for a line on
-stdin (sent once the test has killed process 1), then tries again and prints what the engine said."""
+ADAPTERS [--lose-follower]` (ADAPTERS: the judges' directories, comma-separated); with --lose-follower
+process 0 runs once, prints `ready`, waits for a line on stdin (sent once the test has killed process 1),
+then tries again and prints what the engine said."""
 
 import json
 import os
@@ -10,23 +11,34 @@ import sys
 from jalora import LLM, SamplingParams
 from jalora.engine import multihost
 
+# Three judges over two slots: the third request of the last round waits for a slot and swaps its judge in.
 ENGINE = dict(block_size=4, num_kv_blocks=14, max_num_seqs=4, max_num_batched_tokens=16, max_loras=2,
-              max_lora_rank=8, warmup=False)  # fmt: skip
+              max_cpu_loras=3, max_lora_rank=8, warmup=False)  # fmt: skip
+JUDGES = ("judge", "judge_b", "judge_c")
 SP = SamplingParams(max_tokens=6, ignore_eos=True, logprobs=1)
 INV = [7, 8, 9]
 PROMPTS = [[20, 21, 22, 23, 24, 25, 26], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]
 
 
+def load_judges(llm: LLM, adapters: str) -> None:
+    for name, path in zip(JUDGES, adapters.split(",")):
+        llm.load_adapter(name, path)
+
+
 def workload(llm: LLM) -> list[dict]:
-    """Two base requests, then an aLoRA judge of the first answer (its prefix reused) and a sampled one."""
+    """Two base requests, then an aLoRA judge of the first answer (its prefix reused) and a sampled one,
+    then the three judges of the second prompt at once (one swapped into a slot another one left)."""
     first = llm.generate(PROMPTS, SP)
     judge = PROMPTS[0] + first[0].token_ids + INV
     sampled = SamplingParams(max_tokens=6, ignore_eos=True, temperature=0.8, seed=5)
     second = llm.generate([judge, PROMPTS[1]], [SP, sampled], adapter=["judge", None])
+    third = llm.generate([PROMPTS[1] + INV] * 3, SP, adapter=list(JUDGES))
+    swaps = llm.engine.stats().adapter_swaps
+    assert swaps >= 1, swaps
     return [
         {"tokens": o.token_ids, "cached": o.num_cached_tokens,
          "logprobs": [o.logprobs[i][t] for i, t in enumerate(o.token_ids)] if o.logprobs else None}
-        for o in first + second
+        for o in first + second + third
     ]  # fmt: skip
 
 
@@ -42,7 +54,7 @@ def main() -> None:
     if pid != 0:
         multihost.follow(llm.engine)
         return
-    llm.load_adapter("judge", adapter)
+    load_judges(llm, adapter)
     if not lose:
         print(json.dumps(workload(llm)), flush=True)
         llm.engine.close()

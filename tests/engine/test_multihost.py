@@ -1,6 +1,7 @@
 """Two processes on localhost (`jax.distributed` over CPU devices, one device each) serve one engine with
 tensor_parallel_size=2: process 0 schedules and sends every device call (jalora/engine/multihost.py),
-process 1 follows. Its outputs equal one process's; a lost follower is reported, not waited for."""
+process 1 follows, adapter swaps included. Its outputs equal one process's; a lost follower is reported,
+not waited for."""
 
 import json
 import os
@@ -22,8 +23,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("multihost")
     base = hf_models.make_model(str(root / "llama"), "llama", num_attention_heads=8, num_key_value_heads=2)
-    adapter = hf_models.make_adapter(base, str(root / "judge"), hf_models.ALL_PROJ, r=8, invocation=worker.INV, seed=2)
-    return base, adapter
+    judges = [
+        hf_models.make_adapter(base, str(root / name), hf_models.ALL_PROJ, r=8, invocation=worker.INV, seed=2 + i)
+        for i, name in enumerate(worker.JUDGES)
+    ]
+    return base, ",".join(judges)
 
 
 def free_port_pair() -> int:
@@ -67,7 +71,7 @@ def test_two_processes_give_one_process_tokens(model, processes):
     assert leader.returncode == 0 and follower.wait(timeout=60) == 0
     got = json.loads(out.strip().splitlines()[-1])
     llm = LLM(model[0], **worker.ENGINE)
-    llm.load_adapter("judge", model[1])
+    worker.load_judges(llm, model[1])
     want = worker.workload(llm)
     assert [g["tokens"] for g in got] == [w["tokens"] for w in want]
     assert [g["cached"] for g in got] == [w["cached"] for w in want]

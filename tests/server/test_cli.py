@@ -292,6 +292,9 @@ def test_flags_reach_the_configs(tiny_models, tmp_path):
     adapters = [f"--adapter=a{i}={tmp_path}" for i in range(6)]
     assert _plan("serve", "--model", model, *adapters).engine_config.max_loras == 6
     assert _plan("serve", "--model", model, "--max-loras", "8", *adapters).engine_config.max_loras == 8
+    # With --max-cpu-loras, the adapters beyond the slots wait in host memory: that limit is raised instead.
+    swapping = _plan("serve", "--model", model, "--max-loras", "2", "--max-cpu-loras", "4", *adapters).engine_config
+    assert (swapping.max_loras, swapping.max_cpu_loras) == (2, 6)
 
 
 @pytest.mark.parametrize(
@@ -306,6 +309,7 @@ def test_flags_reach_the_configs(tiny_models, tmp_path):
         (["serve", "--metrics-port", "70000"], "metrics_port"),
         (["serve", "--port", "9100", "--metrics-port", "9100"], "metrics_port"),
         (["demo", "--max-loras", "0"], "max_loras"),
+        (["serve", "--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
     ],
 )
 def test_bad_flag_value_is_one_error_naming_the_field(tiny_models, capsys, argv, field):

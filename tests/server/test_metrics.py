@@ -157,6 +157,9 @@ def test_metrics_count_what_was_sent(server, access_log):
     # The load, now that the server is idle.
     assert value(m, "num_requests_running") == value(m, "num_requests_waiting") == 0
     assert value(m, "kv_cache_usage_perc") == 0
+    # One adapter, resident since its load: nothing was swapped.
+    assert value(m, "lora_adapters_loaded") == value(m, "lora_adapters_resident") == 1
+    assert value(m, "lora_swaps_total") == value(m, "lora_swap_seconds_total") == 0
     # No warm-up: each step variant compiled at its first use while serving.
     assert value(m, "step_compilations_total", phase="warmup") == 0
     assert value(m, "step_compilations_total", phase="serving") > 0
