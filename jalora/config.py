@@ -73,6 +73,15 @@ class EngineConfig:
         "(default: the device's tuning table; 0 = always the kernel)"
     )
     kernel_interpret: bool = config_field(False, "run the Pallas kernels in interpret mode (CPU tests)")
+    scan_layers: bool = config_field(
+        True, "compile one decoder layer and loop it over the layers; --no-scan-layers unrolls every layer "
+        "(a compile that grows with depth; for step-time comparisons)"
+    )
+    compile_cache: str | None = config_field(
+        "auto", "directory of JAX's persistent compilation cache, so a later start loads the compiled steps "
+        "instead of compiling them ('auto': compile-cache under jalora's cache directory; 'none': off)",
+        metavar="DIR",
+    )
     tensor_parallel_size: int = config_field(
         1, "devices the model is split over (Megatron-style: heads, MLP features, vocabulary; KV cache by KV head)"
     )
@@ -97,13 +106,17 @@ class EngineConfig:
         u = self.gpu_memory_utilization
         require(isinstance(u, int | float) and not isinstance(u, bool) and math.isfinite(u) and 0 < u <= 1,
                 "gpu_memory_utilization", f"must be a number in (0, 1], got {u!r}")  # fmt: skip
-        for name in ("enable_prefix_caching", "async_scheduling", "warmup", "kernel_interpret"):
+        for name in ("enable_prefix_caching", "async_scheduling", "warmup", "kernel_interpret", "scan_layers"):
             require(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
         require(is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
         for name in ("attention_impl", "lora_impl"):
             value = getattr(self, name)
             require(value is None or value in KERNEL_IMPLS, name,
                     f"must be None or one of {list(KERNEL_IMPLS)}, got {value!r}")  # fmt: skip
+        cc = os.fspath(self.compile_cache) if isinstance(self.compile_cache, os.PathLike) else self.compile_cache
+        require(cc is None or (isinstance(cc, str) and bool(cc)), "compile_cache",
+                f"must be a directory, 'auto' or 'none', got {self.compile_cache!r}")  # fmt: skip
+        object.__setattr__(self, "compile_cache", None if cc is None or cc.lower() == "none" else cc)
         n = self.lora_onehot_max_tokens
         require(n is None or (is_int(n) and n >= 0), "lora_onehot_max_tokens",
                 f"must be None or an integer >= 0, got {n!r}")  # fmt: skip

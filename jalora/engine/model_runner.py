@@ -177,16 +177,16 @@ class ModelRunner:
         # The parameters cross into the step as a flat list: flattening the nnx.State pytree on every
         # call cost ~0.6 ms of host time per step for 40 layers (bench/profile_step.py).
         self.params, self.params_def = jax.tree.flatten(state)
+        # (K, V), each [L, num_blocks, block_size, Hkv, D]: every layer's cache in one array, which the
+        # decoder's layer loop carries (block b of layer i is kv_caches[0][i, b]).
         shape = tp.kv_shape(cfg, num_blocks, block_size)
-        self.kv_caches = [
-            (tp.zeros(shape, kv_dtype, KV_SPEC), tp.zeros(shape, kv_dtype, KV_SPEC)) for _ in range(cfg.num_layers)
-        ]
+        self.kv_caches = (tp.zeros(shape, kv_dtype, KV_SPEC), tp.zeros(shape, kv_dtype, KV_SPEC))
         graphdef, params_def = self.graphdef, self.params_def
         if tp.sharded:  # the step runs one device's part of the model (its heads, features, vocabulary rows)
             local = Decoder(tp.local_config(cfg), model.plan, tp_axis=AXIS, vocab_size=cfg.vocab_size)
             graphdef = nnx.split(nnx.eval_shape(lambda: local))[0]
             param_specs = [tp.param_spec(param_name(p)) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
-            kv_specs = [(KV_SPEC, KV_SPEC)] * cfg.num_layers
+            kv_specs = (KV_SPEC, KV_SPEC)
 
         def forward(params, kv_caches, stacks, token_ids, positions, attn, token_slots, segments, logits_indices):
             """(final hidden states [T, D], logits [R, V] of the rows in logits_indices, new caches)."""
@@ -454,14 +454,14 @@ class ModelRunner:
 
     def kv_cache_deleted(self) -> bool:
         """After a failed step: True if the cache donated into it is gone."""
-        return any(k.is_deleted() or v.is_deleted() for k, v in self.kv_caches)
+        return any(c.is_deleted() for c in self.kv_caches)
 
     def reset_kv_cache(self) -> None:
         """A zeroed cache in place of one that is gone or cannot be trusted."""
         if self.leader is not None:
             self.leader.send("reset_kv_cache")
         zeros = self.tp.zeros
-        self.kv_caches = [tuple(zeros(c.shape, c.dtype, KV_SPEC) for c in kv) for kv in self.kv_caches]
+        self.kv_caches = tuple(zeros(c.shape, c.dtype, KV_SPEC) for c in self.kv_caches)
 
     def dispatch(
         self,
