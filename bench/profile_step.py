@@ -125,7 +125,7 @@ def build_engine(args, cfg: dict, root: str, mode: str):
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=PREFILL_TOKENS_PER_STEP, max_model_len=max_len,
               num_kv_blocks=kv_blocks(args.batch, args.context + max_tokens(args) + 16),
               max_loras=max(args.adapters, 1), max_lora_rank=32, enable_prefix_caching=False, warmup=False,
-              async_scheduling=mode == "async", scan_layers=args.scan_layers)  # fmt: skip
+              async_scheduling=mode == "async")  # fmt: skip
     invocations = load_qkv_aloras(llm, os.path.join(root, f"adapters-{mode}"), cfg, args.adapters)
     return llm.engine, invocations
 
@@ -182,9 +182,6 @@ def main(argv=None) -> dict:
     ap.add_argument("--modes", nargs="+", choices=("async", "sync"), default=["async", "sync"],
                     help="scheduling modes to time, in order (sync: each step read back before the next), one "
                          "engine each; the device trace is taken in the first")  # fmt: skip
-    ap.add_argument("--scan-layers", action=argparse.BooleanOptionalAction, default=True,
-                    help="the decoder's layer loop (EngineConfig.scan_layers); --no-scan-layers unrolls the layers, "
-                         "for a step-time comparison")  # fmt: skip
     ap.add_argument("--out", default=None,
                     help="result file (default bench/results/profile_step_b<batch>_a<adapters>.json)")
     args = ap.parse_args(argv)
@@ -210,7 +207,7 @@ def main(argv=None) -> dict:
     step_s, host = by_mode[args.modes[0]]["step_ms_median"] / 1e3, by_mode[args.modes[0]]["host_ms_per_step"]
 
     result = {**meta, "preset": args.preset, "batch": args.batch, "adapters": args.adapters,
-              "context": args.context, "steps": args.steps, "mode": args.modes[0], "scan_layers": args.scan_layers,
+              "context": args.context, "steps": args.steps, "mode": args.modes[0],
               "step_ms_median": step_s * 1e3,
               "host_ms_per_step": host, "by_mode": by_mode, "device_trace": device}  # fmt: skip
     path = result_path(args.out, f"profile_step_b{args.batch}_a{args.adapters}.json", smoke=args.preset == "tiny")

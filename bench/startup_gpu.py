@@ -18,9 +18,11 @@ every executable and writes it there, the second (warm) loads them. Each process
     cpu_s          the process's CPU time over the same span (on a shared CPU machine a steadier measure
                    of compile work than wall time)
 
-`--compare-unrolled` adds the same cold/warm pair with `scan_layers=False` (one copy of the layer per
-layer, the layout before the layer loop). The step time of the looped decoder is measured by
-`python -m bench.profile_step` (run it with and without `--no-scan-layers`).
+`--compare-unrolled` adds the same cold/warm pair with `scan_layers=False` (one copy of the layer body
+per layer over the same stacked arrays; its warm-up also runs each step, which that program makes slow on
+a CPU, so compare its `compiles` and cold-minus-warm time rather than its ready time). The step time of
+the looped decoder is measured by `python -m bench.profile_step`, to compare with the per-layer program's
+`bench/results/profile_step_b1.json`.
 """
 
 import argparse

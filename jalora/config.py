@@ -75,7 +75,7 @@ class EngineConfig:
     kernel_interpret: bool = config_field(False, "run the Pallas kernels in interpret mode (CPU tests)")
     scan_layers: bool = config_field(
         True, "compile one decoder layer and loop it over the layers; --no-scan-layers unrolls every layer "
-        "(a compile that grows with depth; for step-time comparisons)"
+        "(the reference the tests compare the loop with: slower to compile and to run)"
     )
     compile_cache: str | None = config_field(
         "auto", "directory of JAX's persistent compilation cache, so a later start loads the compiled steps "

@@ -51,3 +51,15 @@ def test_compile_cache_setting(tmp_path, monkeypatch):
     (tmp_path / "file").write_text("")
     with pytest.raises(InvalidRequestError, match="compile_cache"):  # a directory under a file
         use_compile_cache(str(tmp_path / "file" / "xla"))
+
+
+def test_serve_flags(tiny_models, tmp_path):
+    from server import cli
+
+    def plan(*flags):
+        return cli.serve_plan(cli.build_parser().parse_args(["serve", "--model", tiny_models["llama"], *flags]))
+
+    assert plan().engine_config.compile_cache == "auto"
+    assert plan("--compile-cache", "none").engine_config.compile_cache is None
+    assert plan("--compile-cache", str(tmp_path)).engine_config.compile_cache == str(tmp_path)
+    assert plan("--no-scan-layers").engine_config.scan_layers is False
