@@ -1,8 +1,9 @@
 """The decoder's layer loop (one compiled body over the stacked layer weights, adapter stacks and KV
 caches, EngineConfig.scan_layers) against the same model unrolled into one copy per layer: the same
-prompt logprobs and tokens, base and adapted, for each family (Granite's multipliers, Mistral's sliding
-window), over enough layers and blocks that a wrong per-layer cache offset or adapter slice would show.
-The transformers/PEFT parity suites (tests/model/test_decoder_parity.py, tests/adapters) run the loop."""
+prompt logprobs and tokens, base and adapted, for Granite (multipliers) and Mistral (sliding window),
+and both against transformers / PEFT over three layers and several cache blocks, so a wrong per-layer
+cache offset or adapter slice would show (the parity suites, tests/model/test_decoder_parity.py and
+tests/adapters, run the loop on their two-layer models)."""
 
 import numpy as np
 import pytest
@@ -25,14 +26,20 @@ def _run(model: str, adapter: str, scan: bool):
     prompts = [rng.integers(2, hf_models.VOCAB - 1, size=n).tolist() for n in (5, 30)]
     base = llm.generate(prompts, PARAMS)
     judged = [p + o.token_ids + INV for p, o in zip(prompts, base)]
-    return base + llm.generate(judged, PARAMS, adapter="judge")
+    return prompts + judged, base + llm.generate(judged, PARAMS, adapter="judge")
 
 
-@pytest.mark.parametrize("family", hf_models.FAMILIES)
+@pytest.mark.parametrize("family", ["granite", "mistral"])  # llama's layer, plus multipliers / a sliding window
 def test_scanned_layers_equal_unrolled(family, tmp_path):
     model = hf_models.make_model(str(tmp_path / "model"), family, seed=4, num_hidden_layers=3)
     adapter = hf_models.make_adapter(model, str(tmp_path / "alora"), ALL_MODULES, r=4, invocation=INV, seed=2)
-    scanned, unrolled = _run(model, adapter, True), _run(model, adapter, False)
+    (prompts, scanned), (_, unrolled) = _run(model, adapter, True), _run(model, adapter, False)
+    # the loop against the oracle too: transformers (base) and PEFT (adapted from the invocation on)
+    oracles = [hf_models.load_oracle(model)] * 2 + [hf_models.load_peft_oracle(model, adapter)] * 2
+    for k, (prompt, out, oracle) in enumerate(zip(prompts, scanned, oracles, strict=True)):
+        ref_lp, ref_tokens, _ = hf_models.oracle_run(oracle, prompt, 6, len(prompt) - len(INV) if k >= 2 else None)
+        assert out.token_ids == ref_tokens
+        assert np.max(np.abs(np.asarray(out.prompt_logprobs[1:]) - np.asarray(ref_lp))) <= 1e-4
     for s, u in zip(scanned, unrolled, strict=True):
         assert s.token_ids == u.token_ids
         diff = np.max(np.abs(np.asarray(s.prompt_logprobs[1:]) - np.asarray(u.prompt_logprobs[1:])))
