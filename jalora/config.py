@@ -83,15 +83,6 @@ class EngineConfig:
         "(default: the device's tuning table; 0 = always the kernel)"
     )
     kernel_interpret: bool = config_field(False, "run the Pallas kernels in interpret mode (CPU tests)")
-    scan_layers: bool = config_field(
-        True, "compile one decoder layer and loop it over the layers; --no-scan-layers unrolls every layer "
-        "(the reference the tests compare the loop with: slower to compile and to run)"
-    )
-    compile_cache: str | None = config_field(
-        "auto", "directory of JAX's persistent compilation cache, so a later start loads the compiled steps "
-        "instead of compiling them ('auto': compile-cache under jalora's cache directory; 'none': off)",
-        metavar="DIR",
-    )
     tensor_parallel_size: int = config_field(
         1, "devices the model is split over (Megatron-style: heads, MLP features, vocabulary; KV cache by KV head)"
     )
@@ -126,7 +117,7 @@ class EngineConfig:
                 "host_kv_cache_gb", f"must be a number >= 0 (GiB; 0 = no host tier), got {g!r}")  # fmt: skip
         require(g == 0 or self.enable_prefix_caching is not False, "host_kv_cache_gb",
                 "keeps prefix-cache blocks: it needs enable_prefix_caching")  # fmt: skip
-        for name in ("enable_prefix_caching", "async_scheduling", "warmup", "kernel_interpret", "scan_layers"):
+        for name in ("enable_prefix_caching", "async_scheduling", "warmup", "kernel_interpret"):
             require(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
         require(is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
         for name in ("attention_impl", "lora_impl"):
@@ -136,10 +127,6 @@ class EngineConfig:
         n = self.max_cpu_loras
         require(n is None or (is_int(n) and n >= self.max_loras), "max_cpu_loras",
                 f"must be None or an integer >= max_loras ({self.max_loras}), got {n!r}")  # fmt: skip
-        cc = os.fspath(self.compile_cache) if isinstance(self.compile_cache, os.PathLike) else self.compile_cache
-        require(cc is None or (isinstance(cc, str) and bool(cc)), "compile_cache",
-                f"must be a directory, 'auto' or 'none', got {self.compile_cache!r}")  # fmt: skip
-        object.__setattr__(self, "compile_cache", None if cc is None or cc.lower() == "none" else cc)
         n = self.lora_onehot_max_tokens
         require(n is None or (is_int(n) and n >= 0), "lora_onehot_max_tokens",
                 f"must be None or an integer >= 0, got {n!r}")  # fmt: skip

@@ -23,7 +23,6 @@ from tokenizers import Tokenizer
 
 from jalora.adapters.manager import AdapterManager, PreparedAdapter
 from jalora.adapters.peft import AdapterInfo
-from jalora.cache import use_compile_cache
 from jalora.config import EngineConfig
 from jalora.engine import multihost
 from jalora.engine.block_manager import BlockManager
@@ -105,9 +104,6 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, *, clock=time.monotonic):
         """`clock` (seconds, monotonic) times pipeline sessions' TTLs; tests pass one they control."""
         self.config = config
-        # Before anything compiles (loading dummy weights does): the steps this start compiles are saved
-        # there, and a later start with the same directory loads them instead (jalora/cache.py).
-        self.compile_cache = use_compile_cache(config.compile_cache)
         self.dtype = resolve_dtype(config.dtype)
         # What is loaded: config.model itself, or for a .gguf file its converted HF-layout directory
         # (converted once into jalora's cache, jalora/model/gguf.py). config.model keeps the given name.
@@ -206,7 +202,7 @@ class LLMEngine:
                 "its own devices' KV heads); leave it at 0",
             )  # fmt: skip
         bs = self.config.block_size
-        block_shape = (cfg.num_layers, 2, bs, tp.kv_shape(cfg, 1, bs)[3], cfg.head_dim)
+        block_shape = (cfg.num_layers, 2, bs, tp.kv_shape(cfg, 1, bs)[2], cfg.head_dim)
         block_bytes = int(np.prod(block_shape)) * np.dtype(self.dtype).itemsize
         capacity = HostKVTier.capacity_for(gib, block_bytes)
         if capacity < 1:

@@ -179,16 +179,16 @@ class ModelRunner:
         # The parameters cross into the step as a flat list: flattening the nnx.State pytree on every
         # call cost ~0.6 ms of host time per step for 40 layers (bench/profile_step.py).
         self.params, self.params_def = jax.tree.flatten(state)
-        # (K, V), each [L, num_blocks, block_size, Hkv, D]: every layer's cache in one array, which the
-        # decoder's layer loop carries (block b of layer i is kv_caches[0][i, b]).
         shape = tp.kv_shape(cfg, num_blocks, block_size)
-        self.kv_caches = (tp.zeros(shape, kv_dtype, KV_SPEC), tp.zeros(shape, kv_dtype, KV_SPEC))
+        self.kv_caches = [
+            (tp.zeros(shape, kv_dtype, KV_SPEC), tp.zeros(shape, kv_dtype, KV_SPEC)) for _ in range(cfg.num_layers)
+        ]
         graphdef, params_def = self.graphdef, self.params_def
         if tp.sharded:  # the step runs one device's part of the model (its heads, features, vocabulary rows)
             local = Decoder(tp.local_config(cfg), model.plan, tp_axis=AXIS, vocab_size=cfg.vocab_size)
             graphdef = nnx.split(nnx.eval_shape(lambda: local))[0]
             param_specs = [tp.param_spec(param_name(p)) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
-            kv_specs = (KV_SPEC, KV_SPEC)
+            kv_specs = [(KV_SPEC, KV_SPEC)] * cfg.num_layers
 
         def forward(params, kv_caches, stacks, token_ids, positions, attn, token_slots, segments, logits_indices):
             """(final hidden states [T, D], logits [R, V] of the rows in logits_indices, new caches)."""
@@ -254,17 +254,15 @@ class ModelRunner:
             return jnp.take_along_axis(all_lp, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
 
         def gather_fn(kv_caches, blocks):  # i32[n] -> [n, layers, 2 (K, V), block_size, kv heads, head_dim]
-            k, v = kv_caches  # each [layers, blocks, block_size, kv heads, head_dim]
-            return jnp.stack([k[:, blocks], v[:, blocks]], axis=2).swapaxes(0, 1)
+            return jnp.stack([jnp.stack([k[blocks], v[blocks]], axis=1) for k, v in kv_caches], axis=1)
 
         def scatter_fn(kv_caches, blocks, data):  # i32[n], [n, layers, 2, block_size, kv heads, head_dim]
-            k, v = kv_caches
-            by_layer = data.swapaxes(0, 1)  # [layers, n, 2, ...]
-            return k.at[:, blocks].set(by_layer[:, :, 0]), v.at[:, blocks].set(by_layer[:, :, 1])
+            return [(k.at[blocks].set(data[:, i, 0]), v.at[blocks].set(data[:, i, 1])) for i, (k, v) in
+                    enumerate(kv_caches)]  # fmt: skip
 
         # The host tier's copies (jalora/engine/host_tier.py): whole blocks out of and into the cache, in
         # its sharding (under tensor parallelism each device gathers and writes its own KV heads).
-        kv_shardings = (tp.sharding(KV_SPEC),) * 2 if tp.sharded else None
+        kv_shardings = [(tp.sharding(KV_SPEC),) * 2] * cfg.num_layers if tp.sharded else None
         self.kv_moves = kv_moves
         self._gather = jax.jit(gather_fn)
         self._scatter = jax.jit(scatter_fn, donate_argnums=(0,), out_shardings=kv_shardings)
@@ -471,14 +469,14 @@ class ModelRunner:
 
     def kv_cache_deleted(self) -> bool:
         """After a failed step: True if the cache donated into it is gone."""
-        return any(c.is_deleted() for c in self.kv_caches)
+        return any(k.is_deleted() or v.is_deleted() for k, v in self.kv_caches)
 
     def reset_kv_cache(self) -> None:
         """A zeroed cache in place of one that is gone or cannot be trusted."""
         if self.leader is not None:
             self.leader.send("reset_kv_cache")
         zeros = self.tp.zeros
-        self.kv_caches = tuple(zeros(c.shape, c.dtype, KV_SPEC) for c in self.kv_caches)
+        self.kv_caches = [tuple(zeros(c.shape, c.dtype, KV_SPEC) for c in kv) for kv in self.kv_caches]
 
     def gather_kv_blocks(self, blocks: np.ndarray) -> jax.Array:
         """Enqueues a copy of cache blocks `blocks` (i32[n]) for the host tier and starts its transfer to
@@ -498,7 +496,7 @@ class ModelRunner:
     def warmup_kv_moves(self) -> None:
         """Compiles the host tier's copies for each size a run of them is split into (each block written
         back with the KV it holds: nothing changes)."""
-        for n in move_sizes(self.kv_caches[0].shape[1]):
+        for n in move_sizes(self.kv_caches[0][0].shape[0]):
             blocks = np.arange(n, dtype=np.int32)
             self.scatter_kv_blocks(blocks, np.asarray(self.gather_kv_blocks(blocks)))
         jax.block_until_ready(self.kv_caches)

@@ -4,7 +4,6 @@ HF stores Linear weights as [out, in]; the decoder keeps [in, out] and fuses q/k
 loading is a small name map plus transposes and concatenations, done on the device.
 """
 
-import functools
 import json
 import os
 import zlib
@@ -29,7 +28,7 @@ def resolve_dtype(dtype):
 
 
 def param_name(path) -> str:
-    """A decoder parameter's name ('embed', 'layers.w_qkv') from its path in the module's state."""
+    """A decoder parameter's name ('layers.3.w_qkv') from its path in the module's state."""
     return jax.tree_util.keystr(path, simple=True, separator=".").removesuffix(".value")
 
 
@@ -78,9 +77,8 @@ class _TensorReader:
         return t.astype(self.dtype)
 
 
-def _hf_param(cfg: ModelConfig, name: str, reader: _TensorReader, layer: int | None = None):
-    """Builds our parameter `name` (e.g. 'layers.w_qkv', stacked over the layers, or with `layer` that
-    layer's slice of it) from HF tensors."""
+def _hf_param(cfg: ModelConfig, name: str, reader: _TensorReader):
+    """Builds our parameter `name` (e.g. 'layers.3.w_qkv') from HF tensors."""
     d, f = cfg.hidden_size, cfg.intermediate_size
     if name == "embed":
         return reader.get("model.embed_tokens.weight", (cfg.vocab_size, d))
@@ -88,10 +86,8 @@ def _hf_param(cfg: ModelConfig, name: str, reader: _TensorReader, layer: int | N
         return reader.get("model.norm.weight", (d,))
     if name == "lm_head":
         return reader.get("lm_head.weight", (cfg.vocab_size, d)).T
-    if layer is None:
-        return jnp.stack([_hf_param(cfg, name, reader, i) for i in range(cfg.num_layers)])
-    _, leaf = name.split(".")
-    p = f"model.layers.{layer}."
+    _, i, leaf = name.split(".")
+    p = f"model.layers.{i}."
     qkv_shapes = {"q": cfg.q_size, "k": cfg.kv_size, "v": cfg.kv_size}
     if leaf == "input_norm":
         return reader.get(p + "input_layernorm.weight", (d,))
@@ -124,25 +120,6 @@ def _dummy_param(key_data, shape, dtype, is_norm: bool):
     return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def _place(cfg: ModelConfig, name: str, tp: TensorParallel, make):
-    """Parameter `name` laid out for `tp` and placed, from `make(layer)`: the whole tensor (layer None),
-    or for the stacked layer parameters each layer's slice, placed one at a time and stacked where they
-    lie (each device stacks its own shards), so no device ever holds a whole stacked tensor."""
-    if not name.startswith("layers."):
-        return tp.place_param(cfg, name, make(None))
-    layer_spec = tp.param_spec(name.removeprefix("layers."))
-    parts = [tp.put(tp.layout_param(cfg, name, make(i)), layer_spec) if tp.sharded else make(i)
-             for i in range(cfg.num_layers)]  # fmt: skip
-    return _stack(parts, tp.sharding(tp.param_spec(name)))
-
-
-@functools.partial(jax.jit, static_argnums=(1,))
-def _stack(parts, sharding):
-    """[L, ...] from L arrays; with a sharding, laid out by it (each device stacks the shards it holds)."""
-    stacked = jnp.stack(parts)
-    return stacked if sharding is None else jax.lax.with_sharding_constraint(stacked, sharding)
-
-
 def load_model(
     model_dir: str, cfg: ModelConfig, plan: KernelPlan, dtype, load_format: str, tp: TensorParallel | None = None
 ) -> Decoder:
@@ -161,13 +138,8 @@ def load_model(
 
         def dummy(path, x):
             name = param_name(path)
-
-            def one(layer):  # each layer seeded by its own name ('layers.3.w_qkv')
-                full = name if layer is None else name.replace("layers.", f"layers.{layer}.", 1)
-                shape = x.shape if layer is None else x.shape[1:]
-                return make(np.uint32(zlib.crc32(full.encode())), tuple(shape), x.dtype, name.endswith("norm"))
-
-            return _place(cfg, name, tp, one)
+            value = make(np.uint32(zlib.crc32(name.encode())), tuple(x.shape), x.dtype, name.endswith("norm"))
+            return tp.place_param(cfg, name, value)
 
         state = jax.tree_util.tree_map_with_path(dummy, abs_state)
     elif load_format == "orbax" or (load_format == "auto" and is_orbax_dir(model_dir)):
@@ -175,6 +147,6 @@ def load_model(
     else:  # "auto" / "safetensors" (EngineConfig validated the name)
         reader = _TensorReader(model_dir, dtype)
         state = jax.tree_util.tree_map_with_path(
-            lambda p, x: _place(cfg, param_name(p), tp, lambda i: _hf_param(cfg, param_name(p), reader, i)), abs_state
+            lambda p, x: tp.place_param(cfg, param_name(p), _hf_param(cfg, param_name(p), reader)), abs_state
         )
     return nnx.merge(graphdef, state)

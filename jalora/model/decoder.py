@@ -93,39 +93,20 @@ def _param(shape, dtype):
     return nnx.Param(jnp.zeros(shape, dtype))
 
 
-# The per-layer parameters, each stacked over the layers (leading axis L); biases only where the model has them.
-LAYER_PARAMS = ("input_norm", "w_qkv", "b_qkv", "w_o", "b_o", "post_norm", "w_gate_up", "b_gate_up", "w_down", "b_down")
-
-
-class DecoderLayers(nnx.Module):
-    """Every layer's parameters, stacked: `w_qkv` is [L, D, Dq + 2*Dkv] and so on. The forward loops one
-    compiled layer body over this leading axis (`jax.lax.scan`) instead of unrolling L copies of it."""
-
+class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, dtype):
-        n, d, f = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+        d, f = cfg.hidden_size, cfg.intermediate_size
         qkv = cfg.q_size + 2 * cfg.kv_size
-        self.input_norm = _param((n, d), dtype)
-        self.w_qkv = _param((n, d, qkv), dtype)
-        self.b_qkv = _param((n, qkv), dtype) if cfg.attention_bias else None
-        self.w_o = _param((n, cfg.q_size, d), dtype)
-        self.b_o = _param((n, d), dtype) if cfg.attention_bias else None
-        self.post_norm = _param((n, d), dtype)
-        self.w_gate_up = _param((n, d, 2 * f), dtype)
-        self.b_gate_up = _param((n, 2 * f), dtype) if cfg.mlp_bias else None
-        self.w_down = _param((n, f, d), dtype)
-        self.b_down = _param((n, d), dtype) if cfg.mlp_bias else None
-
-    def stacked(self) -> dict[str, jax.Array]:
-        """{name: [L, ...] array} of the parameters the model has."""
-        return {n: getattr(self, n)[...] for n in LAYER_PARAMS if getattr(self, n) is not None}
-
-
-def scan_layers(body, x, xs, scan: bool):
-    """`x` after `body(x, xs_i)` for each layer i (xs: pytree with leading axis L): one compiled body in a
-    loop, or with `scan=False` unrolled into L copies (what the compiler sees is then the old, slow-to-
-    compile program; kept to compare against and for step-time A/B runs)."""
-    x, _ = jax.lax.scan(lambda c, xi: (body(c, xi), None), x, xs, unroll=1 if scan else True)
-    return x
+        self.input_norm = _param((d,), dtype)
+        self.w_qkv = _param((d, qkv), dtype)
+        self.b_qkv = _param((qkv,), dtype) if cfg.attention_bias else None
+        self.w_o = _param((cfg.q_size, d), dtype)
+        self.b_o = _param((d,), dtype) if cfg.attention_bias else None
+        self.post_norm = _param((d,), dtype)
+        self.w_gate_up = _param((d, 2 * f), dtype)
+        self.b_gate_up = _param((2 * f,), dtype) if cfg.mlp_bias else None
+        self.w_down = _param((f, d), dtype)
+        self.b_down = _param((d,), dtype) if cfg.mlp_bias else None
 
 
 class Decoder(nnx.Module):
@@ -141,7 +122,7 @@ class Decoder(nnx.Module):
         self.tp_axis = tp_axis
         self.vocab_size = cfg.vocab_size if vocab_size is None else vocab_size
         self.embed = _param((cfg.vocab_size, cfg.hidden_size), dtype)
-        self.layers = DecoderLayers(cfg, dtype)
+        self.layers = nnx.List([DecoderLayer(cfg, dtype) for _ in range(cfg.num_layers)])
         self.norm = _param((cfg.hidden_size,), dtype)
         self.lm_head = None if cfg.tie_word_embeddings else _param((cfg.hidden_size, cfg.vocab_size), dtype)
 
@@ -149,17 +130,11 @@ class Decoder(nnx.Module):
         self,
         token_ids,  # i32[T]
         positions,  # i32[T]
-        kv_caches,  # (K, V), each [L, num_blocks, block_size, Hkv, D]
+        kv_caches,  # list over layers of (K, V), each [num_blocks, block_size, Hkv, D]
         attn: AttentionMetadata,
         lora: LoraBatch | None,
     ):
-        """Returns (hidden [T, D] after the final norm, new kv_caches).
-
-        The layers run as one loop body over the stacked weights, adapter stacks and caches. Inside the
-        loop each cache is seen as [L * num_blocks, block_size, Hkv, D] (a free reshape): layer i's
-        blocks are rows i * num_blocks + b, so the body shifts the step's page table and slot mapping by
-        i * num_blocks and the kernels read and write the whole buffer in place, in their usual layout,
-        with no per-layer slice of the cache ever copied."""
+        """Returns (hidden [T, D] after the final norm, new kv_caches)."""
         cfg = self.cfg
         tp_axis = self.tp_axis
         embed = self.embed[...]
@@ -169,49 +144,42 @@ class Decoder(nnx.Module):
         inv_freq = rope_inv_freq(cfg)
         t = token_ids.shape[0]
         plan = self.plan
-        k_all, v_all = kv_caches
-        num_layers, num_blocks, block_size = k_all.shape[:3]
-        flat = (num_layers * num_blocks, *k_all.shape[2:])
-        stacks = {} if lora is None else {g: (st.a, st.b, st.a_flat) for g, st in lora.stacks.items()}
+        new_caches = []
+        for i, layer in enumerate(self.layers):
 
-        def layer_body(carry, xs):
-            x, k_cache, v_cache = carry
-            i, w, lw = xs
-
-            def proj(h, group):
+            def proj(h, w, b, group, _i=i):
                 # Row-parallel (o, down) under tensor parallelism: partial sums, the LoRA delta of this
                 # device's rows included, all-reduced; the bias is added once, after.
                 reduce = tp_axis is not None and group in ("o", "down")
-                b = w.get("b_" + group)
-                y = jnp.dot(h, w["w_" + group], preferred_element_type=jnp.float32)
+                y = jnp.dot(h, w[...], preferred_element_type=jnp.float32)
                 if b is not None and not reduce:
-                    y = y + b.astype(jnp.float32)
+                    y = y + b[...].astype(jnp.float32)
                 y = y.astype(h.dtype)
-                if group in lw:
-                    a, bb, a_flat = lw[group]
-                    y = masked_lora_fn(y, h, a, bb, a_flat, lora, plan)
+                if lora is not None and group in lora.stacks:
+                    st = lora.stacks[group]
+                    a_flat = None if st.a_flat is None else st.a_flat[_i]
+                    y = masked_lora_fn(y, h, st.a[_i], st.b[_i], a_flat, lora, plan)
                 if reduce:
                     y = jax.lax.psum(y, tp_axis)
                     if b is not None:
-                        y = (y.astype(jnp.float32) + b.astype(jnp.float32)).astype(h.dtype)
+                        y = (y.astype(jnp.float32) + b[...].astype(jnp.float32)).astype(h.dtype)
                 return y
 
-            h = rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
-            qkv = proj(h, "qkv")
+            h = rms_norm(x, layer.input_norm[...], cfg.rms_norm_eps)
+            qkv = proj(h, layer.w_qkv, layer.b_qkv, "qkv")
             q = qkv[:, : cfg.q_size].reshape(t, cfg.num_heads, cfg.head_dim)
             k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].reshape(t, cfg.num_kv_heads, cfg.head_dim)
             v = qkv[:, cfg.q_size + cfg.kv_size :].reshape(t, cfg.num_kv_heads, cfg.head_dim)
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
-            first_block = i * num_blocks  # this layer's blocks in the flattened cache
-            slots = jnp.where(attn.slot_mapping >= 0, attn.slot_mapping + first_block * block_size, -1)
-            k_cache, v_cache = write_kv(k_cache, v_cache, k, v, slots)
+            k_cache, v_cache = write_kv(kv_caches[i][0], kv_caches[i][1], k, v, attn.slot_mapping)
+            new_caches.append((k_cache, v_cache))
             o = ragged_paged_attention(
                 q,
                 k_cache,
                 v_cache,
                 attn.kv_lens,
-                attn.page_indices + first_block,
+                attn.page_indices,
                 attn.cu_q_lens,
                 attn.num_seqs,
                 sm_scale=cfg.sm_scale,
@@ -220,20 +188,14 @@ class Decoder(nnx.Module):
                 interpret=plan.interpret_arg(plan.attention),
                 tuning=plan.attention_tuning,
             )
-            o = proj(o.reshape(t, cfg.q_size), "o")
+            o = proj(o.reshape(t, cfg.q_size), layer.w_o, layer.b_o, "o")
             x = x + o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + o
-            h = rms_norm(x, w["post_norm"], cfg.rms_norm_eps)
-            gu = proj(h, "gate_up")
+            h = rms_norm(x, layer.post_norm[...], cfg.rms_norm_eps)
+            gu = proj(h, layer.w_gate_up, layer.b_gate_up, "gate_up")
             f = cfg.intermediate_size
             m = (jax.nn.silu(gu[:, :f].astype(jnp.float32)) * gu[:, f:].astype(jnp.float32)).astype(h.dtype)
-            d = proj(m, "down")
+            d = proj(m, layer.w_down, layer.b_down, "down")
             x = x + d * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + d
-            return x, k_cache, v_cache
-
-        xs = (jnp.arange(num_layers, dtype=jnp.int32), self.layers.stacked(), stacks)
-        carry = (x, k_all.reshape(flat), v_all.reshape(flat))
-        x, k_flat, v_flat = scan_layers(layer_body, carry, xs, plan.scan_layers)
-        new_caches = (k_flat.reshape(k_all.shape), v_flat.reshape(v_all.shape))
         return rms_norm(x, self.norm[...], cfg.rms_norm_eps), new_caches
 
     def logits(self, hidden):

@@ -35,7 +35,6 @@ class KernelPlan:
     lora_tuning: MaskedLoraTuning  # when a step takes the one-hot form; the segment kernel's token tile
     interpret: bool  # Pallas kernels in interpret mode (CPU)
     attention_tuning: GpuAttentionTuning | TpuAttentionTuning | None  # the attention kernel's table entry
-    scan_layers: bool = True  # one compiled layer body looped over the layers (False: L unrolled copies)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> KernelPlan:
@@ -60,7 +59,6 @@ class KernelPlan:
             lora_tuning=lora_tuning,
             interpret=config.kernel_interpret,
             attention_tuning=None if attention_tuning is None else attention_tuning(kind),
-            scan_layers=config.scan_layers,
         )
 
     @property

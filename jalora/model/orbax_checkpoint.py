@@ -25,7 +25,7 @@ from jalora.model.sharding import TensorParallel
 
 MARKER = "jalora_orbax.json"
 PARAMS = "params"
-FORMAT = 2  # 2: the layers' parameters stacked over a leading layer axis ('layers.w_qkv'); 1 kept one per layer
+FORMAT = 1
 # Everything but the weights that a model directory brings (config, tokenizer, chat template).
 _COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
            "special_tokens_map.json", "chat_template.json", "chat_template.jinja")  # fmt: skip
@@ -42,8 +42,7 @@ def read_marker(model_dir: str) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise InvalidRequestError(MARKER, f"cannot read it in {model_dir}: {e}") from e
     if not isinstance(marker, dict) or marker.get("format") != FORMAT:
-        hint = "; re-export it with this version's jalora export-orbax" if isinstance(marker, dict) else ""
-        raise InvalidRequestError(MARKER, f"is not a jalora Orbax checkpoint of format {FORMAT} ({model_dir}){hint}")
+        raise InvalidRequestError(MARKER, f"is not a jalora Orbax checkpoint of format {FORMAT} ({model_dir})")
     return marker
 
 

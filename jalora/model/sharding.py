@@ -42,8 +42,7 @@ from jalora.model.config import ModelConfig
 AXIS = "tp"
 FIELD = "tensor_parallel_size"
 
-# How each decoder parameter is split (by its leaf name); norms and the row-parallel biases replicate. The
-# layers' parameters are stacked over a leading layer axis (decoder.py), which is never split.
+# How each decoder parameter is split (by its leaf name); norms and the row-parallel biases replicate.
 _PARAM_SPECS = {
     "embed": P(AXIS, None),
     "lm_head": P(None, AXIS),
@@ -55,7 +54,7 @@ _PARAM_SPECS = {
     "w_down": P(AXIS, None),
 }
 COLUMN_GROUPS = ("qkv", "gate_up")  # LoRA groups of column-parallel projections; "o" and "down" are rows
-KV_SPEC = P(None, None, None, AXIS, None)  # [layers, num_blocks, block_size, kv heads, head_dim]
+KV_SPEC = P(None, None, AXIS, None)  # [num_blocks, block_size, kv heads, head_dim]
 
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int, num_devices: int) -> None:
@@ -159,8 +158,7 @@ class TensorParallel:
         return None if not self.sharded else NamedSharding(self.mesh, spec)
 
     def param_spec(self, name: str) -> P:
-        spec = _PARAM_SPECS.get(name.rsplit(".", 1)[-1], P())
-        return P(None, *spec) if name.startswith("layers.") else spec
+        return _PARAM_SPECS.get(name.rsplit(".", 1)[-1], P())
 
     def place_param(self, cfg: ModelConfig, name: str, x):
         """One parameter laid out and put on the mesh (each device receives its shard only)."""
@@ -188,9 +186,9 @@ class TensorParallel:
         """A zero array, sharded by `spec` (made on the devices, never whole on one)."""
         return jnp.zeros(shape, dtype, device=self.sharding(spec))
 
-    def kv_shape(self, cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, int, int, int, int]:
-        """The whole cache of K (or V), every layer's stacked: each device's KV heads side by side."""
-        return (cfg.num_layers, num_blocks, block_size, self.kv_heads(cfg) * self.size, cfg.head_dim)
+    def kv_shape(self, cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, int, int, int]:
+        """The whole cache of one layer's K (or V): each device's KV heads side by side."""
+        return (num_blocks, block_size, self.kv_heads(cfg) * self.size, cfg.head_dim)
 
     def kv_block_bytes(self, cfg: ModelConfig, block_size: int, kv_dtype) -> int:
         """Bytes one KV block takes on each device (all layers, K and V)."""

@@ -22,7 +22,7 @@ from flax import nnx
 
 from jalora.adapters.peft import GROUPS, MODULE_GROUP, module_dims
 from jalora.model.config import ModelConfig
-from jalora.model.decoder import Decoder, apply_rope, rms_norm, rope_inv_freq, scan_layers
+from jalora.model.decoder import Decoder, apply_rope, rms_norm, rope_inv_freq
 
 # projection group -> the layer's fused weight and bias (decoder.py)
 GROUP_WEIGHTS = {"qkv": ("w_qkv", "b_qkv"), "o": ("w_o", "b_o"), "gate_up": ("w_gate_up", "b_gate_up"),
@@ -54,6 +54,11 @@ def init_lora(cfg: ModelConfig, targets, r: int, key: jax.Array) -> LoraParams:
         a = jax.random.uniform(jax.random.fold_in(key, k), (cfg.num_layers, r, din), jnp.float32, -bound, bound)
         params[module] = {"A": a, "B": jnp.zeros((cfg.num_layers, dout, r), jnp.float32)}
     return params
+
+
+def _layer_weights(model: Decoder) -> list[dict[str, jax.Array]]:
+    names = ("input_norm", "w_qkv", "b_qkv", "w_o", "b_o", "post_norm", "w_gate_up", "b_gate_up", "w_down", "b_down")
+    return [{n: getattr(layer, n)[...] for n in names if getattr(layer, n) is not None} for layer in model.layers]
 
 
 def _attention(q, k, v, cfg: ModelConfig, impl: str):
@@ -129,14 +134,10 @@ def hidden_states(
     body = _layer(cfg, scaling, dropout, attention)
     if remat:
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-
-    def layer(x, xs):  # one compiled layer body over the stacked weights and LoRA (decoder.scan_layers)
-        i, w, layer_lora = xs
+    for i, w in enumerate(_layer_weights(model)):
+        layer_lora = {m: {"A": p["A"][i], "B": p["B"][i]} for m, p in lora.items()}
         layer_key = None if key is None else jax.random.fold_in(key, i)
-        return body(x, w, layer_lora, batch.adapted, batch.positions, layer_key)
-
-    xs = (jnp.arange(cfg.num_layers, dtype=jnp.int32), model.layers.stacked(), lora)
-    x = scan_layers(layer, x, xs, model.plan.scan_layers)
+        x = body(x, w, layer_lora, batch.adapted, batch.positions, layer_key)
     return rms_norm(x, model.norm[...], cfg.rms_norm_eps)
 
 

@@ -34,8 +34,9 @@ def test_step_failing_on_the_device_recovers(small_llm, failure, monkeypatch):
         name = "launch"
 
         def failing(*args, **kwargs):
-            for c in engine.runner.kv_caches:  # what donation into a failing device computation leaves
-                c.delete()
+            for k, v in engine.runner.kv_caches:  # what donation into a failing device computation leaves
+                k.delete()
+                v.delete()
             raise RuntimeError("device error")
     else:
         name = "fetch"

@@ -85,8 +85,8 @@ def test_tensor_parallel_matches_one_device(models, family, tp):
         assert_same(g, w)
     if family == "llama" and tp == 8:  # every device holds its own shard, not a copy
         runner = llm.engine.runner
-        k_cache = runner.kv_caches[0]  # [L, num_blocks, block_size, Hkv, D]
-        assert {s.data.shape[3] for s in k_cache.addressable_shards} == {1}  # one KV head per device
+        k_cache = runner.kv_caches[0][0]
+        assert {s.data.shape[2] for s in k_cache.addressable_shards} == {1}  # one KV head per device
         assert len(k_cache.sharding.device_set) == 8
         stack = llm.engine.adapters.stacks["qkv"]
         assert {s.data.shape[-1] for s in stack.b.addressable_shards} == {3 * 8}  # one q, k and v head of 8 dims

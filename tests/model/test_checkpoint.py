@@ -39,7 +39,7 @@ def test_bfloat16_weights_and_cache(variants):
     ids = np.random.default_rng(1).integers(2, 90, size=30).tolist()
     params = SamplingParams(max_tokens=4, prompt_logprobs=True, ignore_eos=True)
     llm = LLM(bf16, dtype="bfloat16", num_kv_blocks=16, max_num_seqs=2, warmup=False)
-    assert llm.engine.runner.kv_caches[0].dtype == np.dtype("bfloat16")
+    assert llm.engine.runner.kv_caches[0][0].dtype == np.dtype("bfloat16")
     (b,) = llm.generate([ids], params)
     ref = hf_models.oracle_prompt_logprobs(hf_models.load_oracle(src), ids)
     # bf16 weights and activations against the float32 model: close, not equal.

@@ -34,11 +34,10 @@ def test_restored_onto_the_mesh_it_serves_the_same_tokens(model):
     np.testing.assert_allclose([got.logprobs[i][t] for i, t in enumerate(got.token_ids)],
                                [want.logprobs[i][t] for i, t in enumerate(want.token_ids)], atol=1e-4)  # fmt: skip
     # q/k/v of one device: 2 query heads and the copy of its KV head (8 dims each); gate/up: 2 x 96 / 4
-    # (stacked over the 2 layers: [L, D, width], the layer axis whole on every device)
-    widths = {p.shape[2]: p for p in llm.engine.runner.params if p.ndim == 3 and p.shape[:2] == (2, 64)}
+    widths = {p.shape[1]: p for p in llm.engine.runner.params if p.ndim == 2 and p.shape[0] == 64}
     for width, shard in ((4 * 32, 32), (2 * 96, 48)):
         assert isinstance(widths[width].sharding, NamedSharding)
-        assert {s.data.shape for s in widths[width].addressable_shards} == {(2, 64, shard)}
+        assert {s.data.shape[1] for s in widths[width].addressable_shards} == {shard}
 
 
 def test_another_size_or_dtype_is_refused_by_name(model):
