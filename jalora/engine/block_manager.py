@@ -91,10 +91,11 @@ class BlockManager:
             chain.append((h, block, hb))
         if tier is not None:
             # Each block copied back takes a fresh block: as many as stay free once the device hits are taken.
-            room = len(self.free) - sum(1 for _, b, _ in chain if b is not None and self.ref_count[b] == 0)
+            # (A retained device hit at refcount 0 is not in the free list: taking it costs no free block.)
+            room = len(self.free) - sum(1 for _, b, _ in chain if b is not None and b in self.free)
             for i, (_, block, hb) in enumerate(chain):
                 if block is None:
-                    if room == 0:
+                    if room <= 0:
                         del chain[i:]
                         break
                     room -= 1

@@ -65,3 +65,45 @@ def test_blocks_holding_nothing_findable_are_evicted_before_cached_prefixes():
     bm.release(again)
 
 
+
+
+class _Tier:
+    """The host tier's side of the block manager's calls: holds every hash the test gives it."""
+
+    def __init__(self, hashes):
+        self.held, self.copies = set(hashes), []
+
+    def find(self, h):
+        return h if h in self.held else None
+
+    def pin(self, hb):
+        pass
+
+    def copy_back(self, block, h, hb):
+        self.copies.append(block)
+
+    def evicted(self, block, h):
+        self.held.add(h)
+
+
+def test_host_hits_need_free_blocks_even_when_the_device_hits_are_retained():
+    """A lookup whose device hits are retained by a session (refcount 0, out of the free list) and whose
+    next block is on the host, with no free block left: it stops before the host hit instead of taking a
+    block from the empty free list (pipeline C with the host tier and sessions once crashed so)."""
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=True)
+    first = make_request("a", list(range(13)))  # 3 full blocks + 1 token
+    assert bm.lookup(first) == 0 and bm.allocate(first, 13)
+    first.num_computed_tokens = 13
+    bm.register(first)
+    for block in first.block_ids[:3]:
+        bm.retain(block)  # a session keeps the three full blocks
+    bm.release(first)
+    filler = make_request("b", [99] * 4)
+    assert bm.allocate(filler, 4) and bm.num_free_blocks() == 0
+    longer = make_request("c", list(range(17)) + [50])  # the same 3 blocks, a 4th on the host, 1 more token
+    bm.host_tier = _Tier([longer.update_block_hashes(4)[3]])
+    assert bm.lookup(longer) == 12  # the three retained blocks; the host block waits for a free one
+    assert bm.host_tier.copies == []
+    bm.release(longer)
+    bm.release(filler)
+    assert bm.lookup(longer) == 16 and len(bm.host_tier.copies) == 1  # with a free block, it comes back
