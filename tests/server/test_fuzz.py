@@ -176,6 +176,31 @@ class Fuzzer:
         if self.chance(0.3):
             req.request_id = r.choice(["id-1", "", self.text(), "r" * 257])
         req.append_invocation = self.chance(0.3)
+        if self.chance(0.2):  # a pipeline session, ended by the request itself (nothing stays retained)
+            req.session = r.choice(["s1", "s2", "", self.text(), "s" * 257])
+            req.end_session = self.chance(0.8)
+            if self.chance(0.5):
+                req.session_ttl = self.real()
+        return req
+
+    def pipeline(self) -> pb.PipelineRequest:
+        r, req = self.rng, pb.PipelineRequest()
+        base = self.generate()
+        if base.HasField("text"):
+            req.text = base.text
+        for field in ("token_ids", "messages"):
+            if base.HasField(field):
+                getattr(req, field).CopyFrom(getattr(base, field))
+        if base.HasField("sampling"):
+            req.sampling.CopyFrom(base.sampling)
+        for _ in range(r.choice([0, 1, 2, 3, 17])):
+            judge = req.judges.add(adapter=r.choice(["judge", "judge", "", self.name()]))
+            if self.chance(0.4):
+                judge.invocation_text = self.text()
+            if self.chance(0.5):
+                judge.sampling.CopyFrom(self.sampling())
+        if self.chance(0.3):
+            req.session_ttl = self.real()
         return req
 
     def tokenize(self) -> pb.TokenizeRequest:
@@ -201,7 +226,8 @@ class Fuzzer:
         r = self.rng
         if self.chance(0.5):
             return bytes(r.randrange(256) for _ in range(r.randrange(0, 64)))
-        make = {"Generate": self.generate, "Tokenize": self.tokenize, "LoadAdapter": self.load}.get(method.name)
+        make = {"Generate": self.generate, "Tokenize": self.tokenize, "LoadAdapter": self.load,
+                "Pipeline": self.pipeline}.get(method.name)  # fmt: skip
         data = bytearray(make().SerializeToString() if make else b"\x0a\x03abc")
         for _ in range(r.randrange(1, 4)):
             if data:
@@ -248,7 +274,9 @@ def test_fuzz_every_rpc(fuzzed):
     seen: collections.Counter[tuple[str, str]] = collections.Counter()
     bad = []
     for i in range(NUM_REQUESTS):
-        method = fuzz.rng.choices(SERVICE.methods, weights=[45, 5, 12, 8, 15, 5])[0]
+        weights = {"Generate": 45, "ListAdapters": 5, "LoadAdapter": 12, "UnloadAdapter": 8, "Tokenize": 15,
+                   "GetServerInfo": 5, "EndSession": 4, "Pipeline": 10}  # fmt: skip
+        method = fuzz.rng.choices(SERVICE.methods, weights=[weights[m.name] for m in SERVICE.methods])[0]
         raw = fuzz.chance(0.15)
         if raw:
             request = fuzz.garbage(method)
@@ -256,6 +284,10 @@ def test_fuzz_every_rpc(fuzzed):
             request = fuzz.generate()
         elif method.name == "Tokenize":
             request = fuzz.tokenize()
+        elif method.name == "Pipeline":
+            request = fuzz.pipeline()
+        elif method.name == "EndSession":
+            request = pb.EndSessionRequest(session=fuzz.rng.choice(["s1", "s2", "", fuzz.text()]))
         elif method.name == "LoadAdapter":
             request = fuzz.load()
         elif method.name == "UnloadAdapter":

@@ -4,6 +4,7 @@ The data is what `python -m checkpoints.train_judges` trains on and `bench.judge
 held-out accuracy with; the committed adapters must be what its flags make.
 """
 
+import functools
 import json
 import re
 from collections import Counter
@@ -40,10 +41,20 @@ class _Pick:
 
 def _stated_value(relation: str, subject: str, answer: str) -> str:
     """The value `answer` states: the one whose phrasing by `_qa` is `answer`, exactly."""
+    stated = _phrasings(relation, subject).get(answer)
+    assert stated is not None, answer
+    return stated
+
+
+@functools.cache
+def _phrasings(relation: str, subject: str) -> dict[str, str]:
+    """answer text -> the value it states, over every phrasing of every value of `relation`."""
     values = set(tj._facts(known_only=False)[relation].values())
-    stated = {v for v in values for k in range(3) if tj._qa(relation, subject, v, _Pick(k))[1] == answer}
-    assert len(stated) == 1, (answer, stated)
-    return stated.pop()
+    table: dict[str, set[str]] = {}
+    for v in values:
+        for k in range(3):
+            table.setdefault(tj._qa(relation, subject, v, _Pick(k))[1], set()).add(v)
+    return {a: vs.pop() for a, vs in table.items() if len(vs) == 1}
 
 
 def test_correctness_data_is_balanced_true_to_its_labels_and_held_out_by_fact():
