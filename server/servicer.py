@@ -71,22 +71,8 @@ class JaloraServicer(pb_grpc.JaloraServicer):
                 raise InvalidRequestError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
             if request.adapter:
                 check_adapter_name(request.adapter, "adapter")
-            which = request.WhichOneof("prompt")
-            if which is None:
-                raise InvalidRequestError("prompt", "set one of text, token_ids or messages")
-            if which == "text":
-                if not request.text:
-                    raise InvalidRequestError("prompt.text", "must not be empty")
-                check_text(request.text, "prompt.text")
-            elif which == "messages":
-                check_messages(_pairs(request.messages), "prompt.messages")
-            else:
-                await self.front.check_token_ids(request.token_ids.ids, "prompt.token_ids")
+            prompt, messages = await self._prompt(request)
             check_stop_token_ids(request.sampling.stop_token_ids, "sampling.stop_token_ids")
-            messages = messages_from_proto(request.messages) if which == "messages" else None
-            prompt: str | list[int] | None = None
-            if messages is None:
-                prompt = request.text if which == "text" else list(request.token_ids.ids)
             params = sampling_params_from_proto(request.sampling, await self.front.sampling_defaults())
             adapter = request.adapter or None
             ttl = request.session_ttl if request.HasField("session_ttl") else None

@@ -197,13 +197,18 @@ def generate_request(
     )  # fmt: skip
     if session_ttl is not None:
         msg.session_ttl = session_ttl
+    _put_prompt(msg, prompt)
+    return msg
+
+
+def _put_prompt(msg, prompt) -> None:
+    """Sets the prompt oneof of a GenerateRequest or PipelineRequest: text, a conversation or token ids."""
     if isinstance(prompt, str):
         msg.text = prompt
     elif _is_conversation(prompt):
         msg.messages.CopyFrom(_chat_messages(prompt))
     else:
         msg.token_ids.ids.extend(int(t) for t in prompt)
-    return msg
 
 
 def _sampling_message(params: Any, sampling: Mapping[str, Any]) -> pb.SamplingParams:
@@ -258,12 +263,7 @@ def pipeline_request(
 ) -> pb.PipelineRequest:  # fmt: skip
     """The PipelineRequest that `Client.pipeline` sends."""
     msg = pb.PipelineRequest(sampling=_sampling_message(params, sampling), request_id=request_id or "")
-    if isinstance(prompt, str):
-        msg.text = prompt
-    elif _is_conversation(prompt):
-        msg.messages.CopyFrom(_chat_messages(prompt))
-    else:
-        msg.token_ids.ids.extend(int(t) for t in prompt)
+    _put_prompt(msg, prompt)
     for j in judges:
         judge = pb.PipelineJudge(adapter=j.adapter or "", sampling=_sampling_message(j.params, j.sampling))
         if j.invocation_text is not None:
