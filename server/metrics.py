@@ -143,6 +143,13 @@ class _EngineStatsCollector(Collector):
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
             return CounterMetricFamily(PREFIX + name, doc, value=value)
 
+        def counter_by(name: str, doc: str, label: str, values: dict[str, float]) -> CounterMetricFamily:
+            """One counter per value of `label`."""
+            family = CounterMetricFamily(PREFIX + name, doc, labels=[label])
+            for key, value in values.items():
+                family.add_metric([key], value)
+            return family
+
         yield gauge("num_requests_running", "Requests in the engine's running batch.", s.num_requests_running)
         yield gauge("num_requests_waiting", "Requests waiting for their first (or, preempted, next) step.",
                     s.num_requests_waiting)  # fmt: skip
@@ -170,40 +177,28 @@ class _EngineStatsCollector(Collector):
         yield gauge("prefix_cache_blocks", "KV blocks findable in the prefix cache.", s.num_cached_blocks)
         yield counter("host_kv_cache_hits", "Prefix-cache hits, in tokens, served by copying KV blocks back from "
                       "the host-memory tier (included in prefix_cache_hits).", s.host_kv_cache_hits)  # fmt: skip
-        moved = CounterMetricFamily(
-            PREFIX + "host_kv_cache_bytes", "Bytes of KV blocks copied between the device and the host-memory "
-            "tier, by direction (to_host: evicted from the device; to_device: copied back on a hit).",
-            labels=["direction"],
+        yield counter_by(
+            "host_kv_cache_bytes", "Bytes of KV blocks copied between the device and the host-memory tier, by "
+            "direction (to_host: evicted from the device; to_device: copied back on a hit).", "direction",
+            {"to_host": s.host_kv_cache_bytes_to_host, "to_device": s.host_kv_cache_bytes_to_device},
         )  # fmt: skip
-        moved.add_metric(["to_host"], s.host_kv_cache_bytes_to_host)
-        moved.add_metric(["to_device"], s.host_kv_cache_bytes_to_device)
-        yield moved
         yield gauge("host_kv_cache_blocks", "KV blocks held in the host-memory tier.", s.host_kv_cache_blocks)
         yield gauge("host_kv_cache_capacity_blocks", "KV blocks the host-memory tier can hold (0: it is off).",
                     s.host_kv_cache_capacity_blocks)  # fmt: skip
         yield gauge("session_retained_blocks", "KV blocks pipeline sessions keep from eviction.", s.num_retained_blocks)
         yield gauge("sessions", "Live pipeline sessions.", s.num_sessions)
-        ended = CounterMetricFamily(
-            PREFIX + "sessions_ended", "Pipeline sessions ended by their TTL (expired) or to make room for another "
-            "session's blocks (evicted); sessions ended by a call or a request are not counted.", labels=["reason"],
+        yield counter_by(
+            "sessions_ended", "Pipeline sessions ended by their TTL (expired) or to make room for another "
+            "session's blocks (evicted); sessions ended by a call or a request are not counted.", "reason",
+            {"expired": s.sessions_expired, "evicted": s.sessions_evicted},
         )  # fmt: skip
-        ended.add_metric(["expired"], s.sessions_expired)
-        ended.add_metric(["evicted"], s.sessions_evicted)
-        yield ended
-        compilations = CounterMetricFamily(
-            PREFIX + "step_compilations", "First uses of a compiled step variant (a compilation, or a load from "
-            "JAX's persistent cache), in the warm-up or while serving (where requests waited for it).",
-            labels=["phase"],
+        yield counter_by(
+            "step_compilations", "First uses of a compiled step variant (a compilation, or a load from JAX's "
+            "persistent cache), in the warm-up or while serving (where requests waited for it).", "phase",
+            {"warmup": s.warmup_compilations, "serving": s.compilations},
         )  # fmt: skip
-        compilations.add_metric(["warmup"], s.warmup_compilations)
-        compilations.add_metric(["serving"], s.compilations)
-        yield compilations
-        seconds = CounterMetricFamily(
-            PREFIX + "step_compile_seconds", "Seconds spent in first uses of step variants.", labels=["phase"]
-        )
-        seconds.add_metric(["warmup"], s.warmup_compile_seconds)
-        seconds.add_metric(["serving"], s.compile_seconds)
-        yield seconds
+        yield counter_by("step_compile_seconds", "Seconds spent in first uses of step variants.", "phase",
+                         {"warmup": s.warmup_compile_seconds, "serving": s.compile_seconds})  # fmt: skip
         yield gauge("lora_adapters_loaded", "Adapters loaded (held in host memory; up to max_cpu_loras).",
                     s.num_adapters_loaded)  # fmt: skip
         yield gauge("lora_adapters_resident", "Loaded adapters that hold a device slot (up to max_loras).",
