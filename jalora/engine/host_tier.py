@@ -70,8 +70,13 @@ class HostKVTier:
         self.block_shape = tuple(block_shape)
         self.dtype = np.dtype(dtype)
         self.block_bytes = int(np.prod(block_shape)) * self.dtype.itemsize
-        # np.empty takes address space only: pages are committed as blocks land in them.
-        self.pool = np.empty((capacity, *block_shape), self.dtype)
+        # np.empty takes address space only: pages are committed as blocks land in them. The pool holds the
+        # blocks' bytes as unsigned integers of the dtype's width: numpy copies those with its plain loops,
+        # while an extension dtype such as bfloat16 goes element by element through the dtype's functions
+        # (measured on a CPU: gathering 64 Granite-8B blocks from the pool took 507 ms as bfloat16, 33 ms
+        # as uint16, on the engine's thread).
+        self._raw = np.dtype(f"u{self.dtype.itemsize}")
+        self.pool = np.empty((capacity, *block_shape), self._raw)
         self.blocks: OrderedDict[bytes, HostBlock] = OrderedDict()  # least recently used first
         self._free_slots = list(range(capacity - 1, -1, -1))
         self._moves: list[tuple[str, int, bytes, HostBlock]] = []  # ("out" | "in", device block, hash, block)
@@ -169,7 +174,8 @@ class HostKVTier:
                     waiting = hb.arriving
                     if waiting is not None:  # its own copy out has not landed yet: wait for it
                         waiting.landed.result()
-                scatter(blocks, self.pool[[hb.slot for _, _, _, hb in run]])  # (a copy: the slots may be reused)
+                host = self.pool[[hb.slot for _, _, _, hb in run]]  # (a copy: the slots may be reused)
+                scatter(blocks, host.view(self.dtype))
                 for _, _, _, hb in run:
                     self.unpin(hb)
                 self.counters.blocks_to_device += len(run)
@@ -201,8 +207,8 @@ class HostKVTier:
     def _land(self, arriving: _Arriving, array) -> None:
         """On the worker thread: waits for the gather's host copy and puts its blocks into their slots
         (those not dropped meanwhile)."""
-        host = np.asarray(array)
+        host = np.asarray(array).view(self._raw)
         live = [i for i, hb in enumerate(arriving.blocks) if hb.arriving is arriving]
-        self.pool[[arriving.blocks[i].slot for i in live]] = host[live]
+        self.pool[[arriving.blocks[i].slot for i in live]] = host if len(live) == len(host) else host[live]
         for i in live:
             arriving.blocks[i].arriving = None
