@@ -91,6 +91,7 @@ def use_compile_cache(setting: str | None) -> Path | None:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InvalidRequestError("compile_cache", f"cannot create {path}: {e}") from e
+    # The same names in JAX 0.10 and 0.11: these two options, jax_compilation_cache_dir and reset_cache().
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     if jax.config.jax_compilation_cache_dir != str(path):
