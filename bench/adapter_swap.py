@@ -128,7 +128,7 @@ def build(model_dir: str, sz: dict, args, max_loras: int, max_cpu_loras: int | N
     return LLM(model_dir, load_format="dummy", dtype=sz["dtype"], max_num_seqs=sz["max_num_seqs"],
                max_num_batched_tokens=sz["max_num_batched_tokens"], max_model_len=sz["prompt_len"] + 2 +
                sz["max_tokens"], num_kv_blocks=num_kv_blocks, max_loras=max_loras, max_cpu_loras=max_cpu_loras,
-               max_lora_rank=args.rank, warmup=args.warmup)  # fmt: skip
+               max_lora_rank=args.rank, warmup=args.warmup, compile_cache=args.compile_cache or None)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--no-warmup", dest="warmup", action="store_false", help="only the warm pass compiles (the default)"
     )
     ap.add_argument("--compile-cache", default=os.path.join(tempfile.gettempdir(), "jalora-jax-cache"),
-                    help="JAX persistent compilation cache ('' to disable)")  # fmt: skip
+                    help="JAX persistent compilation cache, EngineConfig.compile_cache ('' to disable)")  # fmt: skip
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="result file name (default adapter_swap.json)")
     args = ap.parse_args(argv)
@@ -161,11 +161,6 @@ def main(argv: list[str] | None = None) -> dict:
     if not 1 <= sz["slots"] < sz["adapters"]:
         ap.error("--slots must be at least 1 and fewer than --adapters")
 
-    import jax
-
-    if args.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     cfg = TINY if args.quick else GRANITE_8B
     meta = run_metadata(__spec__.name if __spec__ else "bench.adapter_swap", argv)
     root = tempfile.mkdtemp(prefix="jalora-adapter-swap-")

@@ -300,7 +300,7 @@ class Bench:
                        max_num_batched_tokens=sz["max_num_batched_tokens"], max_model_len=self.max_len,
                        num_kv_blocks=sz["num_kv_blocks"], max_loras=2 * NUM_JUDGES, max_lora_rank=32,
                        tensor_parallel_size=args.tensor_parallel_size, warmup=False,
-                       host_kv_cache_gb=args.c_host_kv_gb)  # fmt: skip
+                       host_kv_cache_gb=args.c_host_kv_gb, compile_cache=args.compile_cache or None)  # fmt: skip
         self.engine = self.llm.engine
         self.engine.block_manager.host_tier = None  # attached for part C's tier-on runs only (c_runs)
         self.counters = EngineCounters(self.engine)
@@ -809,7 +809,7 @@ def main(argv=None) -> dict:
                          "together retain many blocks at once; 0.5 evicted sessions in CPU runs)")  # fmt: skip
     ap.add_argument("--num-kv-blocks", type=int, help="default: from device memory (GPU), 512 (--quick)")
     ap.add_argument("--compile-cache", default=os.path.join(tempfile.gettempdir(), "jalora-jax-cache"),
-                    help="JAX persistent compilation cache ('' to disable)")  # fmt: skip
+                    help="JAX persistent compilation cache, EngineConfig.compile_cache ('' to disable)")  # fmt: skip
     ap.add_argument("--no-warmup", action="store_true",
                     help="skip compiling every bucket up front (then the first measurements include compilation)")
     ap.add_argument("--tp-passes", type=int, default=1,
@@ -872,11 +872,6 @@ def main(argv=None) -> dict:
         with open(os.path.join(os.environ["OUT"], "peft_baseline.json"), "w") as f:
             json.dump(peft_res, f, indent=2)
 
-    import jax
-
-    if args.compile_cache:
-        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     from bench.harness import measure_ceilings, run_metadata
 
     meta = run_metadata(__spec__.name, argv)

@@ -83,6 +83,11 @@ class EngineConfig:
         "(default: the device's tuning table; 0 = always the kernel)"
     )
     kernel_interpret: bool = config_field(False, "run the Pallas kernels in interpret mode (CPU tests)")
+    compile_cache: str | None = config_field(
+        "auto", "directory of JAX's persistent compilation cache, so a later start loads the compiled steps "
+        "instead of compiling them ('auto': compile-cache under jalora's cache directory; 'none': off)",
+        metavar="DIR",
+    )
     tensor_parallel_size: int = config_field(
         1, "devices the model is split over (Megatron-style: heads, MLP features, vocabulary; KV cache by KV head)"
     )
@@ -127,6 +132,10 @@ class EngineConfig:
         n = self.max_cpu_loras
         require(n is None or (is_int(n) and n >= self.max_loras), "max_cpu_loras",
                 f"must be None or an integer >= max_loras ({self.max_loras}), got {n!r}")  # fmt: skip
+        cc = os.fspath(self.compile_cache) if isinstance(self.compile_cache, os.PathLike) else self.compile_cache
+        require(cc is None or (isinstance(cc, str) and bool(cc)), "compile_cache",
+                f"must be a directory, 'auto' or 'none', got {self.compile_cache!r}")  # fmt: skip
+        object.__setattr__(self, "compile_cache", None if cc is None or cc.lower() == "none" else cc)
         n = self.lora_onehot_max_tokens
         require(n is None or (is_int(n) and n >= 0), "lora_onehot_max_tokens",
                 f"must be None or an integer >= 0, got {n!r}")  # fmt: skip

@@ -8,6 +8,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
+# No compilation cache by default (EngineConfig.compile_cache='auto' reads this, jalora/cache.py): the
+# suite's engines write nothing into the user's cache and share no executables between runs; the tests
+# of the cache name their own directories (tests/engine/test_compile_cache.py). Subprocesses inherit it.
+os.environ["JALORA_COMPILE_CACHE"] = "none"
+
 import pytest  # noqa: E402
 
 from tests import hf_models  # noqa: E402

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 
 from jalora.adapters.manager import AdapterManager, PreparedAdapter
 from jalora.adapters.peft import AdapterInfo
+from jalora.cache import use_compile_cache
 from jalora.config import EngineConfig
 from jalora.engine import multihost
 from jalora.engine.block_manager import BlockManager
@@ -104,6 +105,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, *, clock=time.monotonic):
         """`clock` (seconds, monotonic) times pipeline sessions' TTLs; tests pass one they control."""
         self.config = config
+        # Before anything compiles (loading dummy weights does): the steps this start compiles are saved
+        # there, and a later start with the same directory loads them instead (jalora/cache.py).
+        self.compile_cache = use_compile_cache(config.compile_cache)
         self.dtype = resolve_dtype(config.dtype)
         # What is loaded: config.model itself, or for a .gguf file its converted HF-layout directory
         # (converted once into jalora's cache, jalora/model/gguf.py). config.model keeps the given name.

@@ -145,7 +145,7 @@ def test_part_a_runs_tensor_parallel(tmp_path):
 
     out = str(tmp_path / "pipeline_bench_tiny_tp2.json")
     result = main(["--model", "tiny", "--quick", "--tensor-parallel-size", "2", "--parts", "A", "--prompt-lens", "64",
-                   "--no-warmup", "--out", out])  # fmt: skip
+                   "--no-warmup", "--compile-cache", "", "--out", out])  # fmt: skip
     assert result["tensor_parallel_size"] == 2
     rows = {r["kind"]: r for r in result["parts"]["A"]["rows"]}
     assert rows["alora"]["judge"]["cached_tokens"] >= 64 and rows["lora"]["judge"]["cached_tokens"] == 0

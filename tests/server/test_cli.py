@@ -310,6 +310,7 @@ def test_flags_reach_the_configs(tiny_models, tmp_path):
         (["serve", "--port", "9100", "--metrics-port", "9100"], "metrics_port"),
         (["demo", "--max-loras", "0"], "max_loras"),
         (["serve", "--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
+        (["serve", "--compile-cache", ""], "compile_cache"),
     ],
 )
 def test_bad_flag_value_is_one_error_naming_the_field(tiny_models, capsys, argv, field):
@@ -354,6 +355,16 @@ def test_start_up_paths_are_checked_before_the_model_loads(unloadable_model, tmp
         f"jalora {command}: adapter z: {not_a_dir} is not a directory",
         f"jalora {command}: adapter_roots: {tmp_path / 'roots'} does not exist",
     ]
+
+
+def test_compile_cache_that_cannot_be_created_is_one_error(unloadable_model, tmp_path, capsys):
+    """The cache directory is made before anything of the model is read (a directory under a file)."""
+    (tmp_path / "file").write_text("")
+    argv = ["serve", "--model", unloadable_model, "--compile-cache", str(tmp_path / "file" / "xla"), "--port", "0"]
+    assert cli.main(argv) == 2
+    out, err = capsys.readouterr()
+    assert err.splitlines()[-1].startswith(f"jalora serve: compile_cache: cannot create {tmp_path / 'file' / 'xla'}")
+    assert "config.json" not in out + err
 
 
 def test_missing_adapter_is_one_line(unloadable_model, tmp_path, capsys):

@@ -1,0 +1,163 @@
+"""Start to ready with a cold and a warm compilation cache: `LLM(...)` with its warm-up, then two aLoRA
+adapters (r=32, q/k/v) loaded and `warmup_adapters()`, on Granite-3.2-8B shapes with dummy bf16 weights.
+
+    python -m bench.startup_gpu                       # H200 -> bench/results/startup_gpu.json
+    python -m bench.startup_gpu --quick               # CPU smoke run: tiny shapes (written under /tmp)
+
+Each start runs in a fresh Python process, as a restarted server does. The two starts share one new,
+empty compilation cache directory (EngineConfig.compile_cache): the first (cold) compiles every
+executable and writes it there, the second (warm) loads them. Each process reports
+
+    llm_s          `LLM(..., warmup=False)`: config, weights (made on the device), KV cache
+    warmup_s       `engine.runner.warmup()`: every token bucket's step and the functions behind it
+    adapters_s     loading the adapters (reading and placing their weights)
+    warmup_adapters_s  `engine.warmup_adapters()`: every bucket's adapted step
+    ready_s        the sum: what a server waits before it reports SERVING
+    compiles       XLA compilations the process asked for; `cache_hits` of them came from the cache
+    cpu_s          the process's CPU time over the same span (on a shared CPU machine a steadier measure
+                   of compile work than wall time)
+
+The warm start's remaining time is loading the executables, running each bucket's step once and placing
+the weights; `--no-cache` adds a third start with the cache off (`compile_cache=None`), the baseline the
+cold start's cost of writing the cache is read against.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+from bench.harness import GRANITE_8B, TINY, result_path, run_metadata, save, write_adapter, write_model_dir
+
+QKV = ["q_proj", "k_proj", "v_proj"]
+NUM_ADAPTERS = 2
+MODEL_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "vocab_size")  # fmt: skip
+
+
+def engine_kwargs(quick: bool) -> dict:
+    if quick:  # CPU: the reference kernels; few buckets
+        return dict(dtype="float32", max_num_seqs=8, max_num_batched_tokens=256, max_model_len=1024, num_kv_blocks=256)
+    return dict(dtype="bfloat16", max_num_seqs=64, max_num_batched_tokens=8192, max_model_len=65536 + 1024)
+
+
+def _child(args) -> None:
+    """One start, in this process: prints its timings and compile counts as one JSON line."""
+    from jax import monitoring
+
+    counts = {"compiles": 0, "cache_hits": 0}
+
+    def on_duration(name, *_a, **_k):
+        if name == "/jax/core/compile/backend_compile_duration":
+            counts["compiles"] += 1
+
+    def on_event(name, *_a, **_k):
+        if name == "/jax/compilation_cache/cache_hits":
+            counts["cache_hits"] += 1
+
+    monitoring.register_event_duration_secs_listener(on_duration)
+    monitoring.register_event_listener(on_event)
+    import jax
+
+    from jalora import LLM
+
+    spec = json.loads(args.child)
+    cpu0, t = time.process_time(), time.perf_counter()
+    llm = LLM(spec["model"], load_format="dummy", max_loras=4, max_lora_rank=32, warmup=False,
+              compile_cache=spec["cache"], **spec["engine"])  # fmt: skip
+    times = {"llm_s": time.perf_counter() - t}
+    t = time.perf_counter()
+    llm.engine.runner.warmup(progress=False)
+    times["warmup_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    for i, path in enumerate(spec["adapters"]):
+        llm.load_adapter(f"a{i}", path)
+    times["adapters_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    llm.engine.warmup_adapters(progress=False)
+    times["warmup_adapters_s"] = time.perf_counter() - t
+    times["ready_s"] = sum(times.values())
+    times["cpu_s"] = time.process_time() - cpu0
+    runner = llm.engine.runner
+    print(json.dumps({**times, **counts, "executables": runner.num_compiled(), "buckets": runner.buckets,
+                      "platform": jax.default_backend(), "device": jax.devices()[0].device_kind}))  # fmt: skip
+
+
+def _start(spec: dict) -> dict:
+    from bench.harness import REPO_ROOT
+
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "bench.startup_gpu", "--child", json.dumps(spec)], cwd=REPO_ROOT,
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"bench.startup_gpu: a start failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["process_s"] = time.perf_counter() - t
+    return result
+
+
+def _dir_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shapes, float32")
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
+    p.add_argument("--no-cache", action="store_true", help="also start once with the compilation cache off")
+    p.add_argument("--out", default=None, help="result file (default: bench/results/startup_gpu.json)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child is not None:
+        _child(args)
+        return None
+    cfg = dict(TINY if args.quick else GRANITE_8B)
+    if args.layers is not None:
+        cfg["num_hidden_layers"] = args.layers
+    root = tempfile.mkdtemp(prefix="jalora-startup-gpu-")
+    model = write_model_dir(os.path.join(root, "model"), cfg)
+    v = cfg["vocab_size"]
+    adapters = [write_adapter(os.path.join(root, f"a{i}"), cfg, 32, QKV, [v - 3 - i, v - 2], seed=i)
+                for i in range(NUM_ADAPTERS)]  # fmt: skip
+    engine = engine_kwargs(args.quick)
+    cache = os.path.join(root, "compile-cache")
+    spec = {"model": model, "adapters": adapters, "cache": cache, "engine": engine}
+    runs = {}
+    for temp in ("cold", "warm"):
+        runs[temp] = _start(spec)
+        print(f"{temp}: ready in {runs[temp]['ready_s']:.1f} s", flush=True)
+    cache_bytes = _dir_bytes(cache)
+    if args.no_cache:
+        runs["off"] = _start({**spec, "cache": "none"})
+        print(f"off: ready in {runs['off']['ready_s']:.1f} s", flush=True)
+    result = {
+        **run_metadata(__spec__.name, argv),
+        "model": {k: cfg[k] for k in MODEL_KEYS},
+        "engine": {**engine, "max_loras": 4, "max_lora_rank": 32, "adapters": f"{NUM_ADAPTERS} aLoRA r=32 q/k/v"},
+        "runs": runs,
+        "cache_bytes": cache_bytes,
+        "goal_s": {"cold": 30.0, "warm": 10.0},
+    }
+    shutil.rmtree(root, ignore_errors=True)
+    path = save(result_path(args.out, "startup_gpu.json", smoke=args.quick), result)
+    print(stdout_table(result))
+    print(f"saved {path}")
+    return result
+
+
+def stdout_table(r: dict) -> str:
+    rows = ["| cache | LLM() s | warm-up s | adapters s | warmup_adapters s | ready s | CPU s | compiles "
+            "(cache hits) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for temp, s in r["runs"].items():
+        rows.append(f"| {temp} | {s['llm_s']:.1f} | {s['warmup_s']:.1f} | {s['adapters_s']:.1f} | "
+                    f"{s['warmup_adapters_s']:.1f} | {s['ready_s']:.1f} | {s['cpu_s']:.1f} | "
+                    f"{s['compiles']} ({s['cache_hits']}) |")  # fmt: skip
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()
