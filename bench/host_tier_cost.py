@@ -5,7 +5,7 @@
 
 One engine (async scheduling, prefix caching, a host tier) decodes `--batch` sequences; before each
 timed step the bench records `k` block moves with the tier's own calls, as the block manager does under
-pressure: copies out (`evicted`: the block's KV gathered on the device and sent to host RAM) or copies
+pressure: copies out (`keep`: the block's KV gathered on the device and sent to host RAM) or copies
 back (`copy_back` of blocks already in the pool). The step then issues them as it does in a workload.
 Variants of the copy out take parts away, to see which one costs: `full` (gather, start the transfer, land
 it in the pool on the tier's thread), `no-land` (the transfer is started but nothing waits for it or copies
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
         def before():
             for i in range(k):
                 h = os.urandom(16)
-                tier.evicted(top - 1 - i, h)
+                tier.keep(top - 1 - i, h)
                 held.append(h)
         return before
 

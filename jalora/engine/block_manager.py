@@ -8,6 +8,11 @@ releases its blocks tail first, so the leaves of a hash chain go before its root
 With a host tier (jalora/engine/host_tier.py) an overwritten cached block's KV moves to host RAM under
 its hash, and a lookup continues there where the device misses: each block found on the host gets a
 fresh device block, registered at once, whose KV the tier copies back before the next step runs.
+Copies out are made ahead of the evictions (`copy_ahead`, once per step): the cached blocks nearest the
+head of the free list are the next to be overwritten, and copying them in batches of tens of blocks costs
+the step one gather and one transfer every few steps instead of one of each per step (on the H200,
+copying one or two blocks out per step as they were evicted slowed pipeline C's steps enough to turn a
+stable load into preemptions). An eviction of a block copied ahead copies nothing.
 
 Pipeline sessions (jalora/engine/sessions.py) *retain* blocks: a retained block stays out of the free
 list even at refcount 0, so it is never evicted and admission does not count it as free; `retain` and
@@ -16,9 +21,17 @@ one lets it go.
 """
 
 from collections import OrderedDict
+from itertools import islice
 
-from jalora.engine.host_tier import HostKVTier
+from jalora.engine.host_tier import MAX_MOVE_BLOCKS, HostKVTier
 from jalora.engine.request import BlockIds, Request
+
+# Copy-ahead: the free-list positions looked at (at most half the host pool, so that copies made ahead
+# cannot push each other out of it), and when their cached blocks not yet on the host are copied: once
+# there are COPY_AHEAD_BATCH of them, or as soon as one is within COPY_AHEAD_SOON positions of the head.
+COPY_AHEAD_WINDOW = 2 * MAX_MOVE_BLOCKS
+COPY_AHEAD_BATCH = MAX_MOVE_BLOCKS // 2
+COPY_AHEAD_SOON = 16
 
 
 class BlockManager:
@@ -67,10 +80,28 @@ class BlockManager:
                 del self.cached[h]
                 self.num_evictions += 1
                 if self.host_tier is not None:  # its KV moves to host RAM (copied before the next step)
-                    self.host_tier.evicted(block, h)
+                    self.host_tier.keep(block, h)  # (nothing to copy if copy_ahead did already)
             self.block_hash[block] = None
         self.ref_count[block] = 1
         return block
+
+    def copy_ahead(self) -> int:
+        """Host tier: records copies of the cached blocks about to be overwritten (see the module's text);
+        returns how many. The engine calls it once per step, after scheduling."""
+        tier = self.host_tier
+        if tier is None:
+            return 0
+        due, soon = [], False
+        for pos, block in enumerate(islice(self.free, min(COPY_AHEAD_WINDOW, tier.capacity // 2))):
+            h = self.block_hash[block]
+            if h is not None and self.cached.get(h) == block and tier.find(h) is None:
+                due.append((block, h))
+                soon = soon or pos < COPY_AHEAD_SOON
+        if len(due) < COPY_AHEAD_BATCH and not soon:
+            return 0
+        for block, h in due[:MAX_MOVE_BLOCKS]:
+            tier.keep(block, h)
+        return min(len(due), MAX_MOVE_BLOCKS)
 
     def lookup(self, req: Request) -> int:
         """Attaches the longest cached prefix of `req`'s tokens; returns the number of tokens reused.

@@ -8,7 +8,7 @@ recently used end (it was on the device until now), a hit touches it, and a full
 recently used block. A block copied back stays in the pool as well, so evicting it from the device
 again costs no copy.
 
-Ordering is by the device's queue. The block manager only records what moves (`evicted`, `copy_back`)
+Ordering is by the device's queue. The block manager only records what moves (`keep`, `copy_back`)
 while the scheduler runs; `issue` enqueues the copies, in the order recorded, right after scheduling
 and before the step is launched: a device->host gather of evicted blocks reads their old KV before
 the step that overwrites them (one device queue runs its work in order, and the step donates the
@@ -93,10 +93,12 @@ class HostKVTier:
 
     # -- the block manager's side (host bookkeeping only; nothing touches a device) ----------------------
 
-    def evicted(self, device_block: int, block_hash: bytes) -> None:
-        """A cached device block is about to be overwritten: keep its KV (copied when `issue` runs)."""
+    def keep(self, device_block: int, block_hash: bytes) -> None:
+        """A cached device block is about to be overwritten, or will be soon: keep its KV (copied when
+        `issue` runs). Its KV never changes while it holds `block_hash`, so a copy made ahead of the
+        eviction serves as well as one made at it."""
         held = self.blocks.get(block_hash)
-        if held is not None:  # its KV is here already (it was copied back from here, or out before)
+        if held is not None:  # its KV is here already (copied back from here, or out before)
             self.blocks.move_to_end(block_hash)
             return
         slot = self._take_slot()

@@ -493,6 +493,8 @@ class LLMEngine:
         try:
             self.sessions.expire()
             batch = self.scheduler.schedule()
+            if tier is not None:
+                self.block_manager.copy_ahead()
             if tier is not None and tier.has_moves:  # the host tier's copies, ahead of the step (host_tier.py)
                 moving = True
                 tier.issue(self.runner.gather_kv_blocks, self.runner.scatter_kv_blocks)

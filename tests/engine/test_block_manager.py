@@ -1,10 +1,12 @@
 """The block manager: refcounts, the prefix cache and eviction order."""
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jalora import SamplingParams
 from jalora.engine.block_manager import BlockManager
+from jalora.engine.host_tier import HostKVTier
 from jalora.engine.request import Request
 
 
@@ -82,7 +84,7 @@ class _Tier:
     def copy_back(self, block, h, hb):
         self.copies.append(block)
 
-    def evicted(self, block, h):
+    def keep(self, block, h):
         self.held.add(h)
 
 
@@ -107,3 +109,42 @@ def test_host_hits_need_free_blocks_even_when_the_device_hits_are_retained():
     bm.release(longer)
     bm.release(filler)
     assert bm.lookup(longer) == 16 and len(bm.host_tier.copies) == 1  # with a free block, it comes back
+
+
+def _cache_and_free(bm, rid, n_blocks, first_token):
+    """A request of n_blocks full blocks (and one more token) computed, registered and released."""
+    req = make_request(rid, list(range(first_token, first_token + 4 * n_blocks + 1)))
+    assert bm.lookup(req) == 0 and bm.allocate(req, req.num_tokens)
+    req.num_computed_tokens = req.num_tokens
+    bm.register(req)
+    blocks = list(req.block_ids[:n_blocks])
+    bm.release(req)
+    return req, blocks
+
+
+def test_copy_ahead_copies_the_next_evictions_in_one_batch():
+    """The host tier's copies out are made before the evictions, in one batch: none while the cached
+    blocks are far from the head of the free list and few, all of them once one comes close; the
+    evictions then copy nothing, and what comes back is each block's KV."""
+    tier = HostKVTier(256, (1,), np.float32)
+    bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True, host_tier=tier)
+    kv = np.arange(64, dtype=np.float32)[:, None]  # a stand-in for the device cache: block b holds b
+    gather = lambda blocks: kv[blocks].copy()  # noqa: E731
+    written = {}
+    scatter = lambda blocks, data: written.update(zip(blocks.tolist(), data[:, 0].tolist()))  # noqa: E731
+    cached, blocks = _cache_and_free(bm, "a", 20, 0)  # 20 cached blocks behind 44 that hold nothing
+    assert bm.copy_ahead() == 0 and not tier.has_moves  # fewer than a batch, none close to the head
+    filler = make_request("b", [999] * (4 * 36))
+    assert bm.allocate(filler, filler.num_tokens)  # the head now: 8 empty blocks, then the cached ones
+    assert bm.copy_ahead() == 20
+    tier.issue(gather, scatter)
+    tier.drain()
+    assert tier.counters.blocks_to_host == 20 and bm.copy_ahead() == 0
+    more = make_request("c", [998] * (4 * 28))
+    assert bm.allocate(more, more.num_tokens)  # overwrites all 20 cached blocks
+    assert bm.num_evictions == 20 and not tier.has_moves  # nothing left to copy
+    again = make_request("d", cached.prompt_token_ids)
+    bm.release(filler)
+    assert bm.lookup(again) == 4 * 20
+    tier.issue(gather, scatter)
+    assert [written[b] for b in again.block_ids] == [float(b) for b in blocks]  # each block's own KV

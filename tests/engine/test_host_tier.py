@@ -256,11 +256,11 @@ def copy_back(tier, dev, device_block, h):
 
 def test_tier_lru_and_late_copies():
     dev, tier = _Device(8, open_gates=False), HostKVTier(2, (1,), np.float32)
-    tier.evicted(0, b"a")  # block 0 (KV 0) out to host
+    tier.keep(0, b"a")  # block 0 (KV 0) out to host
     tier.issue(dev.gather, dev.scatter)
     dev.kv[0] = 100  # the step that overwrote it
-    tier.evicted(1, b"b")
-    tier.evicted(2, b"c")  # the tier is full: "a", the least recently used, is dropped (its copy still away)
+    tier.keep(1, b"b")
+    tier.keep(2, b"c")  # the tier is full: "a", the least recently used, is dropped (its copy still away)
     assert tier.find(b"a") is None and tier.num_used_blocks() == 2
     tier.issue(dev.gather, dev.scatter)
     dev.copies[1].gate.set()  # "b" and "c" arrive first, then "a"'s late copy, which must not win "c"'s slot
@@ -268,7 +268,7 @@ def test_tier_lru_and_late_copies():
     tier.drain()
     copy_back(tier, dev, 5, b"c")
     assert dev.kv[5, 0] == 2
-    tier.evicted(3, b"d")  # drops "b" ("c" was used last)
+    tier.keep(3, b"d")  # drops "b" ("c" was used last)
     assert tier.find(b"b") is None and tier.find(b"c") is not None
     # Out and back in one scheduling pass: the copy back waits for the copy out, issued first.
     dev.open_gates = True
@@ -280,28 +280,28 @@ def test_tier_lru_and_late_copies():
 def test_pinned_blocks_keep_their_slot():
     """A block a lookup is about to copy back cannot be dropped by evictions in the same pass."""
     dev, tier = _Device(8), HostKVTier(1, (1,), np.float32)
-    tier.evicted(0, b"a")
+    tier.keep(0, b"a")
     tier.issue(dev.gather, dev.scatter)
     hb = tier.find(b"a")
     tier.pin(hb)
-    tier.evicted(1, b"b")  # no free slot and the only block is pinned: "b" is not kept
+    tier.keep(1, b"b")  # no free slot and the only block is pinned: "b" is not kept
     assert tier.find(b"b") is None
     tier.copy_back(4, b"a", hb)
     tier.issue(dev.gather, dev.scatter)
     assert dev.kv[4, 0] == 0
-    tier.evicted(2, b"c")  # unpinned now: "a" gives way
+    tier.keep(2, b"c")  # unpinned now: "a" gives way
     assert tier.find(b"a") is None and tier.find(b"c") is not None
 
 
 def test_a_copy_that_never_lands_is_never_served():
     dev, tier = _Device(8), HostKVTier(4, (1,), np.float32)
     dev.fail = True
-    tier.evicted(0, b"a")
+    tier.keep(0, b"a")
     tier.issue(dev.gather, dev.scatter)
     tier.drain()
     assert tier.find(b"a") is None and tier.num_used_blocks() == 0
     dev.fail = False
-    tier.evicted(1, b"b")  # and its slot serves again
+    tier.keep(1, b"b")  # and its slot serves again
     tier.issue(dev.gather, dev.scatter)
     copy_back(tier, dev, 7, b"b")
     assert dev.kv[7, 0] == 1
