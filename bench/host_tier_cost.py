@@ -78,7 +78,7 @@ def main(argv=None) -> dict:
     variants = ["full", "no-land", "gather-only"]
     # every timed step is a decode step of the same batch: room for all of them, and a spare region of
     # the cache (never allocated: the running requests take blocks from the front) read and written by the moves
-    n_steps = (1 + 2 * len(args.moves) * (len(variants) + 1)) * args.steps + 64
+    n_steps = (1 + 2 * len(args.moves) * (len(variants) + 2)) * args.steps + 64
     tokens = args.context + n_steps
     spare = 2 * max(args.moves)
     llm = LLM(write_model_dir(os.path.join(root, "model"), cfg), dtype="bfloat16", load_format="dummy",
@@ -124,6 +124,15 @@ def main(argv=None) -> dict:
             tier._land, runner.gather_kv_blocks = land, gather
             print(f"{k} out per step, {v}: step {r['step_ms_median']:.2f} ms (mean {r['step_ms_mean']:.2f}), "
                   f"issue {r['issue_ms_per_step']:.2f} ms", flush=True)  # fmt: skip
+        if k * 16 <= 64:  # the same blocks per step, copied ahead in batches of 16 steps' worth
+            def batched(k=k, n=[0]):  # noqa: B006 (the step counter of this variant)
+                n[0] += 1
+                if n[0] % 16 == 1:
+                    outs(16 * k)()
+
+            r = out[f"out{k}-batched16"] = timed_steps(engine, args.steps, batched)
+            print(f"{k} out per step, 16 steps' worth at once: step {r['step_ms_median']:.2f} ms "
+                  f"(mean {r['step_ms_mean']:.2f}), issue {r['issue_ms_per_step']:.2f} ms", flush=True)  # fmt: skip
         tier.reset()
         held.clear()
         timed_steps(engine, 2, outs(max(args.moves)))  # blocks in the pool to copy back
