@@ -366,7 +366,9 @@ def pipeline_summary(pb) -> list[str]:
         )
     c = parts.get("C")
     if c and c.get("rows"):
-        rows = sorted((r for r in c["rows"] if r["kind"] == "alora"), key=lambda r: r["rate"])
+        tiers = lambda r: (r.get("host_kv_gb") or 0.0, bool(r.get("sessions")))  # noqa: E731
+        rows = sorted((r for r in c["rows"] if r["kind"] == "alora" and tiers(r) == (0.0, False)),
+                      key=lambda r: r["rate"])  # fmt: skip
         kept = [r for r in rows if (r["hit_rate_mean"] or 0) >= 0.9]
         lost = [r for r in rows if kept and r["rate"] > kept[-1]["rate"] and (r["hit_rate_mean"] or 0) < 0.9
                 and r["latency"]["p99"] is not None]  # fmt: skip
@@ -380,6 +382,14 @@ def pipeline_summary(pb) -> list[str]:
                 f"{lo['latency']['p99']:.1f} s: under that pressure cached blocks are evicted (and preempted requests "
                 "recompute) before the judges that would reuse them arrive."
             )
+        for tier in sorted({tiers(r) for r in c["rows"]} - {(0.0, False)}):
+            on = {r["rate"]: r for r in c["rows"] if r["kind"] == "alora" and tiers(r) == tier}
+            name = " and ".join([f"a {tier[0]:g} GiB host tier"] * bool(tier[0]) + ["pipeline sessions"] * tier[1])
+            cells = [f"{rate:g}/s {on[rate]['hit_rate_mean'] or 0:.0%} (p99 {on[rate]['latency']['p99']:.2f} s, "
+                     f"plain {p['hit_rate_mean'] or 0:.0%}, {p['latency']['p99']:.2f} s)"
+                     for rate, p in ((r["rate"], r) for r in rows) if rate in on]  # fmt: skip
+            if cells:
+                out.append(f"- The same arrivals with {name}: judge reuse " + "; ".join(cells) + ".")
     return out
 
 
