@@ -18,6 +18,7 @@ import os
 import tempfile
 import time
 
+import jax
 import numpy as np
 
 from bench.harness import (
@@ -75,7 +76,7 @@ def main(argv=None) -> dict:
     meta = run_metadata(__spec__.name, argv)
     cfg = GRANITE_8B if args.preset == "granite-8b" else TINY
     root = tempfile.mkdtemp(prefix="jalora-host-tier-cost-")
-    variants = ["full", "no-land", "gather-only"]
+    variants = ["full", "no-land", "gather-only", "pinned", "async-start"]
     # every timed step is a decode step of the same batch: room for all of them, and a spare region of
     # the cache (never allocated: the running requests take blocks from the front) read and written by the moves
     n_steps = (1 + 2 * len(args.moves) * (len(variants) + 2)) * args.steps + 64
@@ -112,6 +113,14 @@ def main(argv=None) -> dict:
         return before
 
     gather, land = runner.gather_kv_blocks, tier._land
+    dev = jax.devices()[0]
+    kinds = {m.kind for m in dev.addressable_memories()}
+    pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host" if "pinned_host" in kinds else None)
+
+    def start_copy(array):
+        array.copy_to_host_async()
+        return array
+
     out = {"none": timed_steps(engine, args.steps, lambda: None)}
     print(f"no moves: step {out['none']['step_ms_median']:.2f} ms", flush=True)
     for k in args.moves:
@@ -120,6 +129,10 @@ def main(argv=None) -> dict:
                 tier._land = lambda arriving, array: None  # nothing waits for the transfer or copies it
             if v == "gather-only":
                 runner.gather_kv_blocks = lambda blocks: runner._gather(runner.kv_caches, blocks)
+            if v == "pinned":  # the gather's result moved to pinned host memory by the device (no host thread)
+                runner.gather_kv_blocks = lambda blocks: jax.device_put(gather(blocks), pinned)
+            if v == "async-start":  # the transfer started on the engine's thread, as before
+                runner.gather_kv_blocks = lambda blocks: start_copy(gather(blocks))
             r = out[f"out{k}-{v}"] = timed_steps(engine, args.steps, outs(k))
             tier._land, runner.gather_kv_blocks = land, gather
             print(f"{k} out per step, {v}: step {r['step_ms_median']:.2f} ms (mean {r['step_ms_mean']:.2f}), "

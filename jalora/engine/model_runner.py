@@ -479,12 +479,12 @@ class ModelRunner:
         self.kv_caches = [tuple(zeros(c.shape, c.dtype, KV_SPEC) for c in kv) for kv in self.kv_caches]
 
     def gather_kv_blocks(self, blocks: np.ndarray) -> jax.Array:
-        """Enqueues a copy of cache blocks `blocks` (i32[n]) for the host tier and starts its transfer to
-        the host; returns the device array [n, layers, 2, block_size, kv heads, head_dim] (not waited for).
-        Enqueued before the step that overwrites them, it reads their KV as it was."""
-        out = self._gather(self.kv_caches, blocks)
-        out.copy_to_host_async()
-        return out
+        """Enqueues a copy of cache blocks `blocks` (i32[n]) for the host tier; returns the device array
+        [n, layers, 2, block_size, kv heads, head_dim] (not waited for). Enqueued before the step that
+        overwrites them, it reads their KV as it was. The transfer to the host is left to the tier's
+        thread: on the H200, `copy_to_host_async` here held the engine's thread for the whole transfer
+        (16 Granite-8B blocks, 42 MB: 20 ms per step, bench/host_tier_cost.py)."""
+        return self._gather(self.kv_caches, blocks)
 
     def scatter_kv_blocks(self, blocks: np.ndarray, data: np.ndarray) -> None:
         """Enqueues writing `data` ([n, layers, 2, block_size, kv heads, head_dim], host memory) into cache
