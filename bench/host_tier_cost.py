@@ -7,10 +7,13 @@ One engine (async scheduling, prefix caching, a host tier) decodes `--batch` seq
 timed step the bench records `k` block moves with the tier's own calls, as the block manager does under
 pressure: copies out (`keep`: the block's KV gathered on the device and sent to host RAM) or copies
 back (`copy_back` of blocks already in the pool). The step then issues them as it does in a workload.
-Variants of the copy out take parts away, to see which one costs: `full` (gather, start the transfer, land
-it in the pool on the tier's thread), `no-land` (the transfer is started but nothing waits for it or copies
-it into the pool), `gather-only` (no transfer). Every variant is timed over the same steps of the same
-engine, next to steps without moves.
+Variants of the copy out: `full` (the runner's own: gather, the result moved to pinned host memory by
+the device where it has some, landed in the pool on the tier's thread), `no-land` (nothing waits for the
+transfer or copies it into the pool), `gather-only` (no transfer), `device-array` (the tier's thread reads
+the gathered device array itself: the transfer is its wait), `async-start` (`copy_to_host_async` called on
+the engine's thread, the runner's first design); and `batched16`: the same blocks per step copied sixteen
+steps' worth at a time, as the block manager's copy-ahead does. Every variant is timed over the same steps
+of the same engine, next to steps without moves. The copy back has one variant: the tier's.
 """
 
 import argparse
@@ -18,7 +21,6 @@ import os
 import tempfile
 import time
 
-import jax
 import numpy as np
 
 from bench.harness import (
@@ -76,7 +78,7 @@ def main(argv=None) -> dict:
     meta = run_metadata(__spec__.name, argv)
     cfg = GRANITE_8B if args.preset == "granite-8b" else TINY
     root = tempfile.mkdtemp(prefix="jalora-host-tier-cost-")
-    variants = ["full", "no-land", "gather-only", "pinned", "async-start"]
+    variants = ["full", "no-land", "gather-only", "device-array", "async-start"]
     # every timed step is a decode step of the same batch: room for all of them, and a spare region of
     # the cache (never allocated: the running requests take blocks from the front) read and written by the moves
     n_steps = (1 + 2 * len(args.moves) * (len(variants) + 2)) * args.steps + 64
@@ -113,10 +115,6 @@ def main(argv=None) -> dict:
         return before
 
     gather, land = runner.gather_kv_blocks, tier._land
-    dev = jax.devices()[0]
-    kinds = {m.kind for m in dev.addressable_memories()}
-    pinned = jax.sharding.SingleDeviceSharding(dev, memory_kind="pinned_host" if "pinned_host" in kinds else None)
-
     def start_copy(array):
         array.copy_to_host_async()
         return array
@@ -129,10 +127,10 @@ def main(argv=None) -> dict:
                 tier._land = lambda arriving, array: None  # nothing waits for the transfer or copies it
             if v == "gather-only":
                 runner.gather_kv_blocks = lambda blocks: runner._gather(runner.kv_caches, blocks)
-            if v == "pinned":  # the gather's result moved to pinned host memory by the device (no host thread)
-                runner.gather_kv_blocks = lambda blocks: jax.device_put(gather(blocks), pinned)
-            if v == "async-start":  # the transfer started on the engine's thread, as before
-                runner.gather_kv_blocks = lambda blocks: start_copy(gather(blocks))
+            if v == "device-array":  # the tier's thread reads the device array (the transfer is its wait)
+                runner.gather_kv_blocks = lambda blocks: runner._gather(runner.kv_caches, blocks)
+            if v == "async-start":  # the transfer started on the engine's thread
+                runner.gather_kv_blocks = lambda blocks: start_copy(runner._gather(runner.kv_caches, blocks))
             r = out[f"out{k}-{v}"] = timed_steps(engine, args.steps, outs(k))
             tier._land, runner.gather_kv_blocks = land, gather
             print(f"{k} out per step, {v}: step {r['step_ms_median']:.2f} ms (mean {r['step_ms_mean']:.2f}), "

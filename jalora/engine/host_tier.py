@@ -13,8 +13,8 @@ while the scheduler runs; `issue` enqueues the copies, in the order recorded, ri
 and before the step is launched: a device->host gather of evicted blocks reads their old KV before
 the step that overwrites them (one device queue runs its work in order, and the step donates the
 cache only after the gather's read), and a host->device scatter lands before the step that reads the
-blocks. The gather's result is copied to the host asynchronously (`copy_to_host_async`) and moved into
-the pool by one worker thread (numpy releases the GIL while it copies), in the order the gathers were
+blocks. The gather's result is moved to pinned host memory by the device (the runner's
+`gather_kv_blocks`) and copied into the pool by one worker thread, in the order the gathers were
 issued, so the engine's thread neither waits for a transfer nor copies what it brings. Only a copy back
 of a block whose own copy has not landed yet waits for it. (A slot freed while an older copy is still
 on its way to it gets that copy first and its new block's copy after, as the worker takes them in
