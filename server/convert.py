@@ -144,4 +144,6 @@ def server_info_to_proto(
         adapter_roots=list(config.adapter_roots),
         num_running_requests=num_running_requests,
         max_pending_requests=config.max_pending_requests,
+        max_cpu_loras=info.max_cpu_loras,
+        host_kv_cache_blocks=info.host_kv_cache_blocks,
     )

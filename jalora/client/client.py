@@ -134,6 +134,8 @@ class ServerInfo:
     adapter_roots: list[str]
     num_running_requests: int
     max_pending_requests: int
+    max_cpu_loras: int  # adapters loaded at once; max_loras of them hold a device slot
+    host_kv_cache_blocks: int  # KV blocks the host-memory tier holds (0: no tier)
 
 
 def with_invocation(prompt: str | Sequence[int], adapter: AdapterInfo) -> str | list[int]:

@@ -334,6 +334,8 @@ class LLMEngine:
             vocab_size=cfg.vocab_size,
             eos_token_ids=list(self.eos_token_ids),
             max_session_ttl=self.config.max_session_ttl,
+            max_cpu_loras=self.adapters.max_cpu_loras,
+            host_kv_cache_blocks=0 if self.host_tier is None else self.host_tier.capacity,
         )
 
     def stats(self) -> EngineStats:

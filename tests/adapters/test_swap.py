@@ -62,6 +62,7 @@ def engines(adapters):
         for name in SPECS:
             llm.load_adapter(name, paths[name])
     assert swapping.engine.adapters.num_resident == 2 and swapping.engine.adapters.num_loaded == 6
+    assert (swapping.engine.info().max_cpu_loras, resident.engine.info().max_cpu_loras) == (6, 6)
     return swapping, resident
 
 

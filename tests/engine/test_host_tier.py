@@ -305,3 +305,17 @@ def test_a_copy_that_never_lands_is_never_served():
     tier.issue(dev.gather, dev.scatter)
     copy_back(tier, dev, 7, b"b")
     assert dev.kv[7, 0] == 1
+
+
+def test_server_info_reports_the_tier_and_the_adapter_limit(setup):
+    """GetServerInfo over a real gRPC server: the tier's capacity in blocks and max_cpu_loras."""
+    from jalora.client import Client
+    from server.app import ServerThread
+    from server.config import ServerConfig
+
+    _, _, llm, plain = setup
+    for engine, blocks in ((llm.engine, 64), (plain.engine, 0)):
+        with ServerThread(engine, ServerConfig(port=0, http_port=None, metrics_port=None)) as s:
+            with Client(s.target, timeout=120.0) as c:
+                info = c.server_info()
+        assert (info.host_kv_cache_blocks, info.max_cpu_loras, info.max_loras) == (blocks, 3, 3)
