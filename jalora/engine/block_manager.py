@@ -9,10 +9,10 @@ With a host tier (jalora/engine/host_tier.py) an overwritten cached block's KV m
 its hash, and a lookup continues there where the device misses: each block found on the host gets a
 fresh device block, registered at once, whose KV the tier copies back before the next step runs.
 Copies out are made ahead of the evictions (`copy_ahead`, once per step): the cached blocks nearest the
-head of the free list are the next to be overwritten, and copying them in batches of tens of blocks costs
-the step one gather and one transfer every few steps instead of one of each per step (on the H200,
-copying one or two blocks out per step as they were evicted slowed pipeline C's steps enough to turn a
-stable load into preemptions). An eviction of a block copied ahead copies nothing.
+head of the free list are the next to be overwritten; up to COPY_AHEAD_MAX of them are copied per step,
+before the step that needs their blocks rather than on its way, and an eviction of a block copied ahead
+copies nothing. Per step, not in bursts: on the H200 the copies cost per byte (bench/host_tier_cost.py),
+and 32 blocks copied at once every 16 steps stalled steps more than 2 every step.
 
 Pipeline sessions (jalora/engine/sessions.py) *retain* blocks: a retained block stays out of the free
 list even at refcount 0, so it is never evicted and admission does not count it as free; `retain` and
@@ -28,10 +28,12 @@ from jalora.engine.request import BlockIds, Request
 
 # Copy-ahead: the free-list positions looked at (at most half the host pool, so that copies made ahead
 # cannot push each other out of it), and when their cached blocks not yet on the host are copied: once
-# there are COPY_AHEAD_BATCH of them, or as soon as one is within COPY_AHEAD_SOON positions of the head.
+# there are COPY_AHEAD_BATCH of them, or as soon as one is within COPY_AHEAD_SOON positions of the head;
+# at most COPY_AHEAD_MAX per step, nearest the head first.
 COPY_AHEAD_WINDOW = 2 * MAX_MOVE_BLOCKS
-COPY_AHEAD_BATCH = MAX_MOVE_BLOCKS // 2
+COPY_AHEAD_BATCH = 16
 COPY_AHEAD_SOON = 16
+COPY_AHEAD_MAX = 16
 
 
 class BlockManager:
@@ -99,9 +101,9 @@ class BlockManager:
                 soon = soon or pos < COPY_AHEAD_SOON
         if len(due) < COPY_AHEAD_BATCH and not soon:
             return 0
-        for block, h in due[:MAX_MOVE_BLOCKS]:
+        for block, h in due[:COPY_AHEAD_MAX]:
             tier.keep(block, h)
-        return min(len(due), MAX_MOVE_BLOCKS)
+        return min(len(due), COPY_AHEAD_MAX)
 
     def lookup(self, req: Request) -> int:
         """Attaches the longest cached prefix of `req`'s tokens; returns the number of tokens reused.

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jalora import SamplingParams
-from jalora.engine.block_manager import BlockManager
+from jalora.engine.block_manager import COPY_AHEAD_MAX, BlockManager
 from jalora.engine.host_tier import HostKVTier
 from jalora.engine.request import Request
 
@@ -122,29 +122,33 @@ def _cache_and_free(bm, rid, n_blocks, first_token):
     return req, blocks
 
 
-def test_copy_ahead_copies_the_next_evictions_in_one_batch():
-    """The host tier's copies out are made before the evictions, in one batch: none while the cached
-    blocks are far from the head of the free list and few, all of them once one comes close; the
-    evictions then copy nothing, and what comes back is each block's KV."""
+def test_copy_ahead_copies_the_next_evictions_before_they_happen():
+    """The host tier's copies out are made before the evictions: none while the cached blocks are few and
+    far from the head of the free list, at most COPY_AHEAD_MAX a step once there are enough, the rest once
+    one comes close; the evictions then copy nothing, and what comes back is each block's own KV."""
     tier = HostKVTier(256, (1,), np.float32)
     bm = BlockManager(num_blocks=64, block_size=4, enable_prefix_caching=True, host_tier=tier)
     kv = np.arange(64, dtype=np.float32)[:, None]  # a stand-in for the device cache: block b holds b
     gather = lambda blocks: kv[blocks].copy()  # noqa: E731
     written = {}
     scatter = lambda blocks, data: written.update(zip(blocks.tolist(), data[:, 0].tolist()))  # noqa: E731
-    cached, blocks = _cache_and_free(bm, "a", 20, 0)  # 20 cached blocks behind 44 that hold nothing
+    first, first_blocks = _cache_and_free(bm, "a", 12, 0)  # 12 cached blocks behind 52 that hold nothing
     assert bm.copy_ahead() == 0 and not tier.has_moves  # fewer than a batch, none close to the head
-    filler = make_request("b", [999] * (4 * 36))
-    assert bm.allocate(filler, filler.num_tokens)  # the head now: 8 empty blocks, then the cached ones
-    assert bm.copy_ahead() == 20
+    second, second_blocks = _cache_and_free(bm, "b", 8, 100)  # 20 cached now, still far from the head
+    assert bm.copy_ahead() == COPY_AHEAD_MAX and bm.copy_ahead() == 0  # 16 this step; 4 left, far
+    tier.issue(gather, scatter)  # (the engine issues a step's copies before launching it)
+    filler = make_request("f", [999] * (4 * 48))
+    assert bm.allocate(filler, filler.num_tokens)  # 4 cached blocks overwritten (already copied: no copy)
+    assert not tier.has_moves and bm.copy_ahead() == 4  # the last 4 are within 16 of the head now
     tier.issue(gather, scatter)
     tier.drain()
     assert tier.counters.blocks_to_host == 20 and bm.copy_ahead() == 0
-    more = make_request("c", [998] * (4 * 28))
+    more = make_request("m", [998] * (4 * 16))
     assert bm.allocate(more, more.num_tokens)  # overwrites all 20 cached blocks
     assert bm.num_evictions == 20 and not tier.has_moves  # nothing left to copy
-    again = make_request("d", cached.prompt_token_ids)
     bm.release(filler)
-    assert bm.lookup(again) == 4 * 20
-    tier.issue(gather, scatter)
-    assert [written[b] for b in again.block_ids] == [float(b) for b in blocks]  # each block's own KV
+    for req, blocks in ((first, first_blocks), (second, second_blocks)):
+        again = make_request("again", req.prompt_token_ids)
+        assert bm.lookup(again) == 4 * len(blocks)
+        tier.issue(gather, scatter)
+        assert [written[b] for b in again.block_ids] == [float(b) for b in blocks]  # each block's own KV
