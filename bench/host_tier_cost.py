@@ -12,8 +12,9 @@ the device where it has some, landed in the pool on the tier's thread), `no-land
 transfer or copies it into the pool), `gather-only` (no transfer), `device-array` (the tier's thread reads
 the gathered device array itself: the transfer is its wait), `async-start` (`copy_to_host_async` called on
 the engine's thread, the runner's first design); and `batched16`: the same blocks per step copied sixteen
-steps' worth at a time, as the block manager's copy-ahead does. Every variant is timed over the same steps
-of the same engine, next to steps without moves. The copy back has one variant: the tier's.
+steps' worth at a time (bursts: the block manager's copy-ahead spreads its copies over steps instead).
+Every variant is timed over the same steps of the same engine, next to steps without moves. The copy back
+has one variant: the tier's.
 """
 
 import argparse
@@ -135,7 +136,7 @@ def main(argv=None) -> dict:
             tier._land, runner.gather_kv_blocks = land, gather
             print(f"{k} out per step, {v}: step {r['step_ms_median']:.2f} ms (mean {r['step_ms_mean']:.2f}), "
                   f"issue {r['issue_ms_per_step']:.2f} ms", flush=True)  # fmt: skip
-        if k * 16 <= 64:  # the same blocks per step, copied ahead in batches of 16 steps' worth
+        if k * 16 <= 64:  # the same blocks per step, copied in bursts of 16 steps' worth
             def batched(k=k, n=[0]):  # noqa: B006 (the step counter of this variant)
                 n[0] += 1
                 if n[0] % 16 == 1:
