@@ -21,10 +21,18 @@ ALPHABET = "abc"
 def test_released_text_is_the_text_before_the_first_stop(pieces, stops):
     matcher = StopStringMatcher(stops)
     out = "".join(matcher.push(p) for p in pieces) + matcher.flush()
-    whole = "".join(pieces)
-    starts = [i for i in (whole.find(s) for s in stops) if i >= 0]
-    assert out == (whole[: min(starts)] if starts else whole)
-    assert matcher.matched == bool(starts)
+    # Generation ends at the first piece after which the text holds a stop string; the text is cut
+    # where the earliest stop string then present starts. A longer stop string that begins earlier
+    # but would be completed only by a later piece never is: the stream has ended.
+    expected, seen, found = "".join(pieces), "", False
+    for piece in pieces:
+        seen += piece
+        starts = [i for i in (seen.find(s) for s in stops) if i >= 0]
+        if starts:
+            expected, found = seen[: min(starts)], True
+            break
+    assert out == expected
+    assert matcher.matched == found
 
 
 def test_sampling_params_check_stop_strings():
