@@ -14,7 +14,8 @@ the gathered device array itself: the transfer is its wait), `async-start` (`cop
 the engine's thread, the runner's first design); and `batched16`: the same blocks per step copied sixteen
 steps' worth at a time (bursts: the block manager's copy-ahead spreads its copies over steps instead).
 Every variant is timed over the same steps of the same engine, next to steps without moves. The copy back
-has one variant: the tier's.
+has one variant, the tier's: its thread gathers the pool slots and puts them on the device, and the
+engine's thread writes them into the cache at the next step (`land_loads`, timed apart).
 """
 
 import argparse
@@ -40,18 +41,24 @@ from jalora import LLM, SamplingParams
 
 def timed_steps(engine, steps: int, before) -> dict:
     """Median/mean engine.step() time over `steps` steps, `before()` run ahead of each (untimed), and the
-    time the tier's issue() took per step."""
+    time per step the engine's thread spent in the tier's issue() (copies started) and land_loads()
+    (copies back written into the cache)."""
     tier = engine.host_tier
-    issue, spent = tier.issue, [0.0]
+    spent = {"issue": 0.0, "land_loads": 0.0}
 
-    def timed_issue(*a):
-        t0 = time.perf_counter()
-        try:
-            return issue(*a)
-        finally:
-            spent[0] += time.perf_counter() - t0
+    def timed(name):
+        call = getattr(tier, name)
 
-    tier.issue = timed_issue
+        def run(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return call(*a, **k)
+            finally:
+                spent[name] += time.perf_counter() - t0
+        return run
+
+    for name in spent:
+        setattr(tier, name, timed(name))
     ts = []
     try:
         for _ in range(steps):
@@ -59,11 +66,14 @@ def timed_steps(engine, steps: int, before) -> dict:
             t0 = time.perf_counter()
             engine.step()
             ts.append(time.perf_counter() - t0)
-        tier.drain()
     finally:
-        del tier.issue
+        for name in spent:
+            delattr(tier, name)
+    tier.drain()
+    engine.block_manager.landed(tier.land_loads(engine.runner.scatter_kv_blocks, wait=True))
     return {"step_ms_median": float(np.median(ts)) * 1e3, "step_ms_mean": float(np.mean(ts)) * 1e3,
-            "issue_ms_per_step": spent[0] / steps * 1e3}  # fmt: skip
+            "issue_ms_per_step": spent["issue"] / steps * 1e3,
+            "land_ms_per_step": spent["land_loads"] / steps * 1e3}  # fmt: skip
 
 
 def main(argv=None) -> dict:
@@ -150,7 +160,7 @@ def main(argv=None) -> dict:
         timed_steps(engine, 2, outs(max(args.moves)))  # blocks in the pool to copy back
         r = out[f"in{k}"] = timed_steps(engine, args.steps, ins(k))
         print(f"{k} back per step: step {r['step_ms_median']:.2f} ms (mean {r['step_ms_mean']:.2f}), "
-              f"issue {r['issue_ms_per_step']:.2f} ms", flush=True)  # fmt: skip
+              f"issue {r['issue_ms_per_step']:.2f} ms, land {r['land_ms_per_step']:.2f} ms", flush=True)  # fmt: skip
     for rid in ids:
         engine.abort_request(rid)
     drain(engine)

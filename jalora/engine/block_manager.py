@@ -50,6 +50,9 @@ class BlockManager:
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self.num_evictions = 0  # cached blocks overwritten by new KV (a counter, never reset)
         self.retained: dict[int, int] = {}  # block -> sessions retaining it (kept out of `free`)
+        # Blocks released while the host tier's copy back into them is on its way: out of `free` until it
+        # is written (`landed`), so that no other request gets them before.
+        self.parked: set[int] = set()
 
     def num_free_blocks(self) -> int:
         """Blocks that can be handed out now (refcount 0, cached or not)."""
@@ -71,7 +74,10 @@ class BlockManager:
 
     def _take(self, block: int) -> None:
         if self.ref_count[block] == 0 and block not in self.retained:
-            del self.free[block]
+            if block in self.parked:
+                self.parked.discard(block)
+            else:
+                del self.free[block]
         self.ref_count[block] += 1
 
     def _new_block(self) -> int:
@@ -176,11 +182,32 @@ class BlockManager:
                 self.block_hash[block] = h
         req.num_registered_blocks = full
 
+    def is_loading(self, req: Request) -> bool:
+        """Whether one of `req`'s blocks waits for the host tier's copy back (no step may read it yet)."""
+        loading = self.host_tier.loading if self.host_tier is not None else None
+        return bool(loading) and not loading.isdisjoint(req.block_ids)
+
+    def landed(self, blocks: list[int]) -> None:
+        """The host tier wrote `blocks`: those released meanwhile are free now."""
+        for block in blocks:
+            if block in self.parked:
+                self.parked.discard(block)
+                self._free(block)
+
+    def _free(self, block: int) -> None:
+        self.free[block] = None
+        if self.block_hash[block] is None:  # holds nothing findable: reuse it before any cached block
+            self.free.move_to_end(block, last=False)
+
     def release(self, req: Request) -> None:
         """Drops `req`'s references, tail first; its cached blocks stay findable until evicted."""
+        loading = self.host_tier.loading if self.host_tier is not None else ()
         for block in reversed(req.block_ids):
             self.ref_count[block] -= 1
             if self.ref_count[block] == 0 and block not in self.retained:
+                if block in loading:
+                    self.parked.add(block)
+                    continue
                 self.free[block] = None
                 if self.block_hash[block] is None:  # holds nothing findable: reuse it before any cached block
                     self.free.move_to_end(block, last=False)
@@ -195,7 +222,10 @@ class BlockManager:
         """One more session keeps `block` (which must hold findable KV) out of the free list."""
         n = self.retained.get(block, 0)
         if n == 0 and self.ref_count[block] == 0:
-            del self.free[block]
+            if block in self.parked:  # (its copy back is on its way: unretain parks it again if so)
+                self.parked.discard(block)
+            else:
+                del self.free[block]
         self.retained[block] = n + 1
 
     def unretain(self, block: int) -> None:
@@ -205,9 +235,10 @@ class BlockManager:
         if n:
             self.retained[block] = n
         elif self.ref_count[block] == 0:
-            self.free[block] = None
-            if self.block_hash[block] is None:
-                self.free.move_to_end(block, last=False)
+            if self.host_tier is not None and block in self.host_tier.loading:
+                self.parked.add(block)
+            else:
+                self._free(block)
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached block, on the device and in the host tier."""
@@ -215,4 +246,5 @@ class BlockManager:
             self.block_hash[block] = None
         self.cached.clear()
         if self.host_tier is not None:
-            self.host_tier.reset()
+            self.host_tier.reset()  # (copies back still on their way are never written)
+            self.landed(list(self.parked))

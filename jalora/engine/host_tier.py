@@ -9,16 +9,17 @@ recently used block. A block copied back stays in the pool as well, so evicting 
 again costs no copy.
 
 Ordering is by the device's queue. The block manager only records what moves (`keep`, `copy_back`)
-while the scheduler runs; `issue` enqueues the copies, in the order recorded, right after scheduling
-and before the step is launched: a device->host gather of evicted blocks reads their old KV before
-the step that overwrites them (one device queue runs its work in order, and the step donates the
-cache only after the gather's read), and a host->device scatter lands before the step that reads the
-blocks. The gather's result is moved to pinned host memory by the device (the runner's
-`gather_kv_blocks`) and copied into the pool by one worker thread, in the order the gathers were
-issued, so the engine's thread neither waits for a transfer nor copies what it brings. Only a copy back
-of a block whose own copy has not landed yet waits for it. (A slot freed while an older copy is still
-on its way to it gets that copy first and its new block's copy after, as the worker takes them in
-order, and a block is read only once its own copy has landed.)
+while the scheduler runs; `issue` starts the copies, in the order recorded, right after scheduling and
+before the step is launched. A device->host gather of evicted blocks is enqueued before the step that
+overwrites them and so reads their old KV (one device queue runs its work in order, and the step
+donates the cache only after the gather's read); the device moves its result to pinned host memory (the
+runner's `gather_kv_blocks`) and one worker thread copies it into the pool. A copy back is the worker's
+job too (the pool slots gathered and put on the device), off the engine's thread: its device blocks are
+`loading` until `land_loads` writes them into the cache, and the scheduler runs no request that holds a
+loading block (jalora/engine/scheduler.py), so no step reads a block before its KV is written. The
+worker takes its jobs in order, so a copy back of a block whose copy out has not landed yet runs after
+that landing. (A slot freed while an older copy is still on its way to it gets that copy first and its
+new block's copy after, and a block is read only once its own copy has landed.)
 """
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ class _Arriving:
     landed: Future | None = None  # the worker's landing of the gather's host copy into the pool
 
 
+@dataclasses.dataclass(eq=False)
+class _Load:
+    """A copy back on its way: the worker gathers the blocks' pool slots and puts them on the device
+    (`future`: the device array); the engine's thread then writes them into `device_blocks`."""
+
+    device_blocks: np.ndarray
+    blocks: list[HostBlock]
+    future: Future
+
+
 @dataclasses.dataclass
 class HostTierCounters:
     hit_blocks: int = 0  # blocks copied back to serve a lookup
@@ -81,6 +92,8 @@ class HostKVTier:
         self._free_slots = list(range(capacity - 1, -1, -1))
         self._moves: list[tuple[str, int, bytes, HostBlock]] = []  # ("out" | "in", device block, hash, block)
         self._arriving: list[_Arriving] = []
+        self._loads: list[_Load] = []  # copies back on their way, in the order issued
+        self.loading: set[int] = set()  # device blocks whose KV is on its way: no step may read them yet
         self._lander = ThreadPoolExecutor(1, thread_name_prefix="jalora-host-kv")
         self.counters = HostTierCounters()
 
@@ -122,6 +135,7 @@ class HostKVTier:
         self.blocks.move_to_end(block_hash)
         self.counters.hit_blocks += 1
         self._moves.append(("in", device_block, block_hash, hb))
+        self.loading.add(device_block)  # (from now: the scheduler admits the request without running it)
 
     def _take_slot(self) -> int | None:
         if self._free_slots:
@@ -140,6 +154,8 @@ class HostKVTier:
         self.blocks.clear()
         self._moves.clear()
         self._arriving.clear()
+        self._loads.clear()  # (what is still on its way is never written)
+        self.loading.clear()
         self._free_slots = list(range(self.capacity - 1, -1, -1))
 
     # -- the engine's side: the copies ----------------------------------------------------------------
@@ -148,11 +164,17 @@ class HostKVTier:
     def has_moves(self) -> bool:
         return bool(self._moves)
 
-    def issue(self, gather: Callable[[np.ndarray], object], scatter: Callable[[np.ndarray, np.ndarray], None]) -> None:
-        """Enqueues the recorded copies in order (runs of one direction batched, in pieces of a power of
-        two up to MAX_MOVE_BLOCKS blocks): `gather(device blocks)` returns a device array [n, *block_shape]
-        whose copy to the host it has started; `scatter(device blocks, host array)` writes blocks into the
-        device cache."""
+    @property
+    def num_loads(self) -> int:
+        return len(self._loads)
+
+    def issue(self, gather: Callable[[np.ndarray], object], put: Callable[[np.ndarray], object]) -> None:
+        """Starts the recorded copies in order (runs of one direction batched, in pieces of a power of two
+        up to MAX_MOVE_BLOCKS blocks): `gather(device blocks)` enqueues a device gather [n, *block_shape]
+        (its result on its way to host memory), which the worker thread lands in the pool; a copy back is
+        handed to the worker too, which gathers the pool slots and calls `put(host array)` to place them
+        on the device; `land_loads` writes them into the cache. The worker takes its jobs in order, so a
+        copy back of a block whose copy out has not landed yet runs after that landing."""
         moves, self._moves = self._moves, []
         i = 0
         while i < len(moves):
@@ -172,16 +194,27 @@ class HostKVTier:
                 self._arriving.append(arriving)
                 self.counters.blocks_to_host += len(run)
             else:
-                for _, _, _, hb in run:
-                    waiting = hb.arriving
-                    if waiting is not None:  # its own copy out has not landed yet: wait for it
-                        waiting.landed.result()
-                host = self.pool[[hb.slot for _, _, _, hb in run]]  # (a copy: the slots may be reused)
-                scatter(blocks, host.view(self.dtype))
-                for _, _, _, hb in run:
-                    self.unpin(hb)
-                self.counters.blocks_to_device += len(run)
+                hbs = [hb for _, _, _, hb in run]
+                self._loads.append(_Load(blocks, hbs, self._lander.submit(self._load, hbs, put)))
             i = j
+
+    def land_loads(self, scatter: Callable[[np.ndarray, object], None], wait: bool = False) -> list[int]:
+        """Writes the copies back that have reached the device into the cache, in the order issued
+        (`scatter(device blocks, device array)`, enqueued ahead of any later step); with `wait`, all of
+        them, waiting. Returns the device blocks written (no longer loading). A copy that failed raises
+        its error (the engine then resets the cache and both tiers)."""
+        landed = []
+        while self._loads and (wait or self._loads[0].future.done()):
+            load = self._loads[0]
+            scatter(load.device_blocks, load.future.result())
+            del self._loads[0]
+            done = load.device_blocks.tolist()
+            self.loading.difference_update(done)
+            for hb in load.blocks:
+                self.unpin(hb)
+            self.counters.blocks_to_device += len(done)
+            landed += done
+        return landed
 
     def poll(self) -> None:
         """Forgets the landings that are done (never waits); the blocks of a copy that failed are dropped
@@ -205,6 +238,14 @@ class HostKVTier:
     def close(self) -> None:
         """Stops the worker thread (copies not landed yet are dropped)."""
         self._lander.shutdown(wait=False, cancel_futures=True)
+
+    def _load(self, blocks: list[HostBlock], put: Callable[[np.ndarray], object]):
+        """On the worker thread: the pool slots of a copy back, gathered and put on the device. Runs
+        after every landing issued before it; a block whose own landing failed fails the copy."""
+        for hb in blocks:
+            if hb.arriving is not None:
+                hb.arriving.landed.result()  # (done: issued earlier on this thread) raises its error
+        return put(self.pool[[hb.slot for hb in blocks]].view(self.dtype))
 
     def _land(self, arriving: _Arriving, array) -> None:
         """On the worker thread: waits for the gather's host copy and puts its blocks into their slots

@@ -471,7 +471,8 @@ class LLMEngine:
         return self.sessions.expire()
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._owed) or self.pipeline.busy
+        loads = self.host_tier is not None and self.host_tier.num_loads > 0  # (blocks parked until they land)
+        return self.scheduler.has_unfinished() or bool(self._owed) or self.pipeline.busy or loads
 
     def num_free_blocks(self) -> int:
         return self.block_manager.num_free_blocks()
@@ -494,12 +495,24 @@ class LLMEngine:
         tier = self.host_tier
         try:
             self.sessions.expire()
+            if tier is not None and tier.num_loads:  # copies back that reached the device: into the cache
+                moving = True
+                self.block_manager.landed(tier.land_loads(self.runner.scatter_kv_blocks))
+                moving = False
             batch = self.scheduler.schedule()
+            if tier is not None and not batch.requests and tier.num_loads and not self.pipeline.busy:
+                # Nothing runs but requests waiting for their KV from the host tier: wait for it.
+                moving = True
+                self.block_manager.landed(tier.land_loads(self.runner.scatter_kv_blocks, wait=True))
+                moving = False
+                again = self.scheduler.schedule()
+                again.preempted[:0] = batch.preempted
+                batch = again
             if tier is not None:
                 self.block_manager.copy_ahead()
             if tier is not None and tier.has_moves:  # the host tier's copies, ahead of the step (host_tier.py)
                 moving = True
-                tier.issue(self.runner.gather_kv_blocks, self.runner.scatter_kv_blocks)
+                tier.issue(self.runner.gather_kv_blocks, self.runner.put_kv_blocks)
                 moving = False
             new = self.pipeline.dispatch(batch, self.adapters.stacks)  # rolls itself back if it fails
             ready = self.pipeline.take_ready(new)

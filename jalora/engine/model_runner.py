@@ -495,11 +495,17 @@ class ModelRunner:
             out = jax.device_put(out, out.sharding.with_memory_kind("pinned_host"))
         return out
 
-    def scatter_kv_blocks(self, blocks: np.ndarray, data: np.ndarray) -> None:
-        """Enqueues writing `data` ([n, layers, 2, block_size, kv heads, head_dim], host memory) into cache
-        blocks `blocks` (i32[n]), the cache donated (as a step's); the next step reads them after it."""
+    def put_kv_blocks(self, data: np.ndarray) -> jax.Array:
+        """Host blocks ([n, layers, 2, block_size, kv heads, head_dim]) on the device(s), laid out as the
+        cache (each device its own KV heads). Any thread: the host tier's worker calls it."""
         if self.tp.sharded:
-            data = self.tp.put(data, P(None, None, None, None, AXIS, None))
+            return self.tp.put(data, P(None, None, None, None, AXIS, None))
+        return jax.device_put(data)  # (uncommitted, as a numpy argument would be: the cache's sharding
+        # after the scatter stays what the step was compiled for)
+
+    def scatter_kv_blocks(self, blocks: np.ndarray, data: jax.Array) -> None:
+        """Enqueues writing `data` (from `put_kv_blocks`) into cache blocks `blocks` (i32[n]), the cache
+        donated (as a step's); the next step reads them after it."""
         self.kv_caches = self._scatter(self.kv_caches, blocks, data)
 
     def warmup_kv_moves(self) -> None:
@@ -507,7 +513,7 @@ class ModelRunner:
         back with the KV it holds: nothing changes)."""
         for n in move_sizes(self.kv_caches[0][0].shape[0]):
             blocks = np.arange(n, dtype=np.int32)
-            self.scatter_kv_blocks(blocks, np.asarray(self.gather_kv_blocks(blocks)))
+            self.scatter_kv_blocks(blocks, self.put_kv_blocks(np.asarray(self.gather_kv_blocks(blocks))))
         jax.block_until_ready(self.kv_caches)
 
     def dispatch(

@@ -126,9 +126,9 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             n = min(req.num_tokens_with_pending - req.num_computed_tokens, budget)
-            if n <= 0 or req.ends_with_pending(self.max_model_len):
-                i += 1  # nothing to compute until its pending token is back (which may end it)
-                continue
+            if n <= 0 or req.ends_with_pending(self.max_model_len) or self.bm.is_loading(req):
+                i += 1  # nothing to compute until its pending token is back (which may end it), or its
+                continue  # KV from the host tier is written
             while not self.bm.allocate(req, req.num_computed_tokens + n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -185,6 +185,8 @@ class Scheduler:
             self.num_admitted += 1
             if busy is not None and req.adapter_name is not None:
                 busy.add(req.adapter_slot)
+            if self.bm.is_loading(req):  # admitted (blocks and slot held); it runs once its KV is written
+                continue
             batch.requests.append(req)
             batch.num_tokens.append(n)
             budget -= n

@@ -73,7 +73,7 @@ class _Tier:
     """The host tier's side of the block manager's calls: holds every hash the test gives it."""
 
     def __init__(self, hashes):
-        self.held, self.copies = set(hashes), []
+        self.held, self.copies, self.loading = set(hashes), [], set()
 
     def find(self, h):
         return h if h in self.held else None
@@ -83,9 +83,33 @@ class _Tier:
 
     def copy_back(self, block, h, hb):
         self.copies.append(block)
+        self.loading.add(block)
 
     def keep(self, block, h):
         self.held.add(h)
+
+
+def test_blocks_on_their_way_from_the_host_are_free_only_once_written():
+    """A request released (aborted, preempted) while its copy back is on its way: those blocks stay out
+    of the free list until the tier has written them, so no other request gets a block a late copy
+    would overwrite; retained and unretained meanwhile, the same."""
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=True)
+    req = make_request("a", list(range(9)))  # 2 full blocks on the host + 1 token
+    bm.host_tier = _Tier(req.update_block_hashes(4)[:2])
+    assert bm.lookup(req) == 8 and bm.allocate(req, 9)
+    assert bm.is_loading(req) and bm.host_tier.copies == req.block_ids[:2]
+    first, second = bm.host_tier.copies
+    bm.retain(first)
+    assert bm.num_free_blocks() == 1
+    bm.release(req)
+    assert bm.num_free_blocks() == 2  # and the third block: the second is parked, the first retained
+    bm.unretain(first)
+    assert bm.num_free_blocks() == 2
+    bm.host_tier.loading.clear()
+    bm.landed([first, second])
+    assert bm.num_free_blocks() == 4
+    again = make_request("b", list(range(9)))
+    assert bm.lookup(again) == 8 and again.block_ids == [first, second]  # written: found on the device
 
 
 def test_host_hits_need_free_blocks_even_when_the_device_hits_are_retained():
@@ -132,15 +156,16 @@ def test_copy_ahead_copies_the_next_evictions_before_they_happen():
     gather = lambda blocks: kv[blocks].copy()  # noqa: E731
     written = {}
     scatter = lambda blocks, data: written.update(zip(blocks.tolist(), data[:, 0].tolist()))  # noqa: E731
+    put = np.copy  # (the device placement of a copy back: none here)
     first, first_blocks = _cache_and_free(bm, "a", 12, 0)  # 12 cached blocks behind 52 that hold nothing
     assert bm.copy_ahead() == 0 and not tier.has_moves  # fewer than a batch, none close to the head
     second, second_blocks = _cache_and_free(bm, "b", 8, 100)  # 20 cached now, still far from the head
     assert bm.copy_ahead() == COPY_AHEAD_MAX and bm.copy_ahead() == 0  # 16 this step; 4 left, far
-    tier.issue(gather, scatter)  # (the engine issues a step's copies before launching it)
+    tier.issue(gather, put)  # (the engine issues a step's copies before launching it)
     filler = make_request("f", [999] * (4 * 48))
     assert bm.allocate(filler, filler.num_tokens)  # 4 cached blocks overwritten (already copied: no copy)
     assert not tier.has_moves and bm.copy_ahead() == 4  # the last 4 are within 16 of the head now
-    tier.issue(gather, scatter)
+    tier.issue(gather, put)
     tier.drain()
     assert tier.counters.blocks_to_host == 20 and bm.copy_ahead() == 0
     more = make_request("m", [998] * (4 * 16))
@@ -150,5 +175,6 @@ def test_copy_ahead_copies_the_next_evictions_before_they_happen():
     for req, blocks in ((first, first_blocks), (second, second_blocks)):
         again = make_request("again", req.prompt_token_ids)
         assert bm.lookup(again) == 4 * len(blocks)
-        tier.issue(gather, scatter)
+        tier.issue(gather, put)
+        bm.landed(tier.land_loads(scatter, wait=True))
         assert [written[b] for b in again.block_ids] == [float(b) for b in blocks]  # each block's own KV

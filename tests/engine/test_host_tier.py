@@ -173,6 +173,37 @@ def test_failed_copy_back_recomputes_and_leaks_nothing(setup, monkeypatch):
     check_peft(out, hf_models.load_oracle(base), prompt + [20], None)
 
 
+def test_a_request_runs_only_once_its_copy_back_is_written(setup, monkeypatch):
+    """The copy back runs on the tier's thread (held here until the test lets it go): meanwhile the
+    request that needs it is admitted but not run while another one runs; aborted, it leaks nothing once
+    the copy lands, and the blocks written then serve the next request (PEFT's tokens)."""
+    base, _, llm, off = setup
+    prompt = ctx(24, 81)
+    llm.generate([prompt], GEN)
+    evict_everything(llm)
+    engine, runner = llm.engine, llm.engine.runner
+    gate, put = threading.Event(), runner.put_kv_blocks
+    monkeypatch.setattr(runner, "put_kv_blocks", lambda data: (gate.wait(), put(data))[1])
+    other = ctx(8, 82)
+    engine.add_request("other", other, GEN)
+    engine.add_request("waits", prompt + [20], GEN)
+    waits = engine.requests["waits"]
+    tokens = []
+    for _ in range(4):  # "other" runs its prompt and three tokens
+        tokens += [t for d in engine.step() if d.request_id == "other" for t in d.token_ids]
+        assert engine.block_manager.is_loading(waits) and waits.num_computed_tokens == 24
+    engine.abort_request("waits")
+    gate.set()
+    while engine.has_unfinished_requests():
+        tokens += [t for d in engine.step() if d.request_id == "other" for t in d.token_ids]
+    monkeypatch.undo()
+    assert tokens == off.generate([other], GEN)[0].token_ids
+    assert engine.num_free_blocks() == engine.num_total_blocks and not engine.host_tier.loading
+    (out,) = llm.generate([prompt + [20]], GEN)
+    assert out.num_cached_tokens == 24
+    check_peft(out, hf_models.load_oracle(base), prompt + [20], None)
+
+
 @pytest.mark.parametrize(
     "changes, match",
     [
@@ -243,6 +274,9 @@ class _Device:
             self.copies[-1].gate.set()
         return self.copies[-1]
 
+    def put(self, data):
+        return data.copy()
+
     def scatter(self, blocks, data):
         self.kv[blocks] = data
 
@@ -251,18 +285,21 @@ def copy_back(tier, dev, device_block, h):
     hb = tier.find(h)
     tier.pin(hb)
     tier.copy_back(device_block, h, hb)
-    tier.issue(dev.gather, dev.scatter)
+    assert device_block in tier.loading  # from the moment it is recorded: no step may read it
+    tier.issue(dev.gather, dev.put)
+    assert tier.land_loads(dev.scatter, wait=True) == [device_block]
+    assert device_block not in tier.loading and hb.pins == 0
 
 
 def test_tier_lru_and_late_copies():
     dev, tier = _Device(8, open_gates=False), HostKVTier(2, (1,), np.float32)
     tier.keep(0, b"a")  # block 0 (KV 0) out to host
-    tier.issue(dev.gather, dev.scatter)
+    tier.issue(dev.gather, dev.put)
     dev.kv[0] = 100  # the step that overwrote it
     tier.keep(1, b"b")
     tier.keep(2, b"c")  # the tier is full: "a", the least recently used, is dropped (its copy still away)
     assert tier.find(b"a") is None and tier.num_used_blocks() == 2
-    tier.issue(dev.gather, dev.scatter)
+    tier.issue(dev.gather, dev.put)
     dev.copies[1].gate.set()  # "b" and "c" arrive first, then "a"'s late copy, which must not win "c"'s slot
     dev.copies[0].gate.set()
     tier.drain()
@@ -281,13 +318,16 @@ def test_pinned_blocks_keep_their_slot():
     """A block a lookup is about to copy back cannot be dropped by evictions in the same pass."""
     dev, tier = _Device(8), HostKVTier(1, (1,), np.float32)
     tier.keep(0, b"a")
-    tier.issue(dev.gather, dev.scatter)
+    tier.issue(dev.gather, dev.put)
     hb = tier.find(b"a")
     tier.pin(hb)
     tier.keep(1, b"b")  # no free slot and the only block is pinned: "b" is not kept
     assert tier.find(b"b") is None
     tier.copy_back(4, b"a", hb)
-    tier.issue(dev.gather, dev.scatter)
+    tier.issue(dev.gather, dev.put)
+    tier.keep(1, b"b")  # still pinned while the copy back is on its way
+    assert tier.find(b"b") is None
+    tier.land_loads(dev.scatter, wait=True)
     assert dev.kv[4, 0] == 0
     tier.keep(2, b"c")  # unpinned now: "a" gives way
     assert tier.find(b"a") is None and tier.find(b"c") is not None
@@ -297,12 +337,12 @@ def test_a_copy_that_never_lands_is_never_served():
     dev, tier = _Device(8), HostKVTier(4, (1,), np.float32)
     dev.fail = True
     tier.keep(0, b"a")
-    tier.issue(dev.gather, dev.scatter)
+    tier.issue(dev.gather, dev.put)
     tier.drain()
     assert tier.find(b"a") is None and tier.num_used_blocks() == 0
     dev.fail = False
     tier.keep(1, b"b")  # and its slot serves again
-    tier.issue(dev.gather, dev.scatter)
+    tier.issue(dev.gather, dev.put)
     copy_back(tier, dev, 7, b"b")
     assert dev.kv[7, 0] == 1
 
