@@ -70,16 +70,16 @@ def _child(args) -> None:
     llm = LLM(spec["model"], load_format="dummy", max_loras=4, max_lora_rank=32, warmup=False,
               compile_cache=spec["cache"], **spec["engine"])  # fmt: skip
     times = {"llm_s": time.perf_counter() - t}
-    t = time.perf_counter()
-    llm.engine.runner.warmup(progress=False)
-    times["warmup_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    for i, path in enumerate(spec["adapters"]):
-        llm.load_adapter(f"a{i}", path)
-    times["adapters_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    llm.engine.warmup_adapters(progress=False)
-    times["warmup_adapters_s"] = time.perf_counter() - t
+
+    def phase(name: str, fn) -> None:  # (each phase's time on stderr as it ends: a start cut off shows where)
+        t = time.perf_counter()
+        fn()
+        times[name] = time.perf_counter() - t
+        print(f"  {name} {times[name]:.1f} s ({counts['compiles']} compiles)", file=sys.stderr, flush=True)
+
+    phase("warmup_s", lambda: llm.engine.runner.warmup(progress=False))
+    phase("adapters_s", lambda: [llm.load_adapter(f"a{i}", path) for i, path in enumerate(spec["adapters"])])
+    phase("warmup_adapters_s", lambda: llm.engine.warmup_adapters(progress=False))
     times["ready_s"] = sum(times.values())
     times["cpu_s"] = time.process_time() - cpu0
     runner = llm.engine.runner
@@ -92,9 +92,9 @@ def _start(spec: dict) -> dict:
 
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "bench.startup_gpu", "--child", json.dumps(spec)], cwd=REPO_ROOT,
-                          capture_output=True, text=True)  # fmt: skip
+                          stdout=subprocess.PIPE, text=True)  # fmt: skip (its stderr: this process's)
     if proc.returncode != 0:
-        raise SystemExit(f"bench.startup_gpu: a start failed:\n{proc.stderr[-4000:]}")
+        raise SystemExit("bench.startup_gpu: a start failed (its error is above)")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["process_s"] = time.perf_counter() - t
     return result
@@ -127,23 +127,22 @@ def main(argv: list[str] | None = None) -> dict | None:
     cache = os.path.join(root, "compile-cache")
     spec = {"model": model, "adapters": adapters, "cache": cache, "engine": engine}
     runs = {}
-    for temp in ("cold", "warm"):
-        runs[temp] = _start(spec)
-        print(f"{temp}: ready in {runs[temp]['ready_s']:.1f} s", flush=True)
-    cache_bytes = _dir_bytes(cache)
-    if args.no_cache:
-        runs["off"] = _start({**spec, "cache": "none"})
-        print(f"off: ready in {runs['off']['ready_s']:.1f} s", flush=True)
     result = {
         **run_metadata(__spec__.name, argv),
         "model": {k: cfg[k] for k in MODEL_KEYS},
         "engine": {**engine, "max_loras": 4, "max_lora_rank": 32, "adapters": f"{NUM_ADAPTERS} aLoRA r=32 q/k/v"},
         "runs": runs,
-        "cache_bytes": cache_bytes,
         "goal_s": {"cold": 30.0, "warm": 10.0},
     }
+    path = result_path(args.out, "startup_gpu.json", smoke=args.quick)
+    starts = [("cold", spec), ("warm", spec)] + ([("off", {**spec, "cache": "none"})] if args.no_cache else [])
+    for temp, s in starts:
+        print(f"{temp} start:", file=sys.stderr, flush=True)
+        runs[temp] = _start(s)
+        print(f"{temp}: ready in {runs[temp]['ready_s']:.1f} s", flush=True)
+        result["cache_bytes"] = _dir_bytes(cache)
+        save(path, result)  # (after each start: a run cut off keeps the starts it finished)
     shutil.rmtree(root, ignore_errors=True)
-    path = save(result_path(args.out, "startup_gpu.json", smoke=args.quick), result)
     print(stdout_table(result))
     print(f"saved {path}")
     return result
