@@ -638,6 +638,39 @@ def adapter_swap(r) -> list[str]:
     ]
 
 
+def host_tier_cost(now, before) -> list[str]:
+    """bench/host_tier_cost.py: a decode step with the host tier's copies, this build beside an earlier one."""
+    runs = [("this build", now)] + ([("before", before)] if before else [])
+    rows = ["| build | blocks per step | copies | step ms (median) | step ms (mean) | engine thread: issue ms | "
+            "engine thread: land ms |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, r in runs:
+        res = r["results"]
+        for key, moves, what in (("none", 0, "none"), ("out16-full", 16, "out (device -> host)"),
+                                 ("in16", 16, "back (host -> device)")):  # fmt: skip
+            x = res.get(key)
+            if x is None:
+                continue
+            land = x.get("land_ms_per_step")
+            rows.append(f"| {label} ({commit_of(r)}) | {moves} | {what} | {x['step_ms_median']:.2f} | "
+                        f"{x['step_ms_mean']:.2f} | {x['issue_ms_per_step']:.2f} | {_f(land, '.2f')} |")  # fmt: skip
+    return [f"{now['batch']} sequences decoding (context {now['context']}) on {now['device']}, "
+            f"{now['block_bytes'] / 2**20:.1f} MiB per block, {now['steps']} timed steps per row; `before`: an "
+            "earlier build, whose engine thread started the copies out and ran the copies back. This build: "
+            f"{provenance(now)}" + (f"; before: {provenance(before)}." if before else "."), "", *rows]  # fmt: skip
+
+
+def startup_gpu(r) -> list[str]:
+    """bench/startup_gpu.py: start to ready on the GPU, with a cold and a warm compilation cache."""
+    from bench import startup_gpu as startup_gpu_bench
+
+    m = r["model"]
+    return [f"`LLM(...)` with its warm-up, then {r['engine']['adapters']} adapters loaded and "
+            f"`warmup_adapters()`, {m['num_hidden_layers']} layers of hidden size {m['hidden_size']} (dummy weights), "
+            f"each start a fresh process, the two sharing one compilation cache of "
+            f"{r.get('cache_bytes', 0) / 1e6:.0f} MB ({provenance(r)}); goal {r['goal_s']['cold']:.0f} s cold, "
+            f"{r['goal_s']['warm']:.0f} s warm.", "", startup_gpu_bench.stdout_table(r)]  # fmt: skip
+
+
 def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -776,6 +809,9 @@ def render() -> str:
         ("### Training throughput", train_throughput, ("train_throughput.json",)),
         ("### Trained judges: held-out accuracy", judge_accuracy, ("judge_accuracy.json",)),
         ("### More adapters than device slots", adapter_swap, ("adapter_swap.json",)),
+        ("### The host-memory KV tier: what its copies cost a decode step", host_tier_cost,
+         ("host_tier_cost.json", "host_tier_cost_before.json")),
+        ("### Start-up on the GPU: cold and warm compilation cache", startup_gpu, ("startup_gpu.json",)),
         ("### The aLoRA serving paper's pipelines on the H200", pipeline_bench_section,
          ("pipeline_bench_granite-8b.json",)),
     ]
