@@ -50,10 +50,20 @@ def _child(args) -> None:
     from jax import monitoring
 
     counts = {"compiles": 0, "cache_hits": 0}
+    # Where a start's compile work goes (seconds, summed over the start): tracing to a jaxpr and lowering it
+    # to MLIR run on every start, warm or cold (the cache is keyed by the lowered module); the backend step
+    # compiles, or on a hit loads the executable (`cache_load_s` of it reading the cache).
+    spent = {"trace_s": 0.0, "lower_s": 0.0, "backend_s": 0.0, "cache_load_s": 0.0}
+    events = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
+              "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+              "/jax/core/compile/backend_compile_duration": "backend_s",
+              "/jax/compilation_cache/cache_retrieval_time_sec": "cache_load_s"}  # fmt: skip
 
-    def on_duration(name, *_a, **_k):
+    def on_duration(name, secs, *_a, **_k):
         if name == "/jax/core/compile/backend_compile_duration":
             counts["compiles"] += 1
+        if name in events:
+            spent[events[name]] += secs
 
     def on_event(name, *_a, **_k):
         if name == "/jax/compilation_cache/cache_hits":
@@ -83,7 +93,8 @@ def _child(args) -> None:
     times["ready_s"] = sum(times.values())
     times["cpu_s"] = time.process_time() - cpu0
     runner = llm.engine.runner
-    print(json.dumps({**times, **counts, "executables": runner.num_compiled(), "buckets": runner.buckets,
+    print(json.dumps({**times, **counts, "compile_work": spent, "executables": runner.num_compiled(),
+                      "buckets": runner.buckets,
                       "platform": jax.default_backend(), "device": jax.devices()[0].device_kind}))  # fmt: skip
 
 
@@ -150,11 +161,14 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 def stdout_table(r: dict) -> str:
     rows = ["| cache | LLM() s | warm-up s | adapters s | warmup_adapters s | ready s | CPU s | compiles "
-            "(cache hits) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+            "(cache hits) | trace s | lower s | compile or load s |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for temp, s in r["runs"].items():
+        w = s.get("compile_work")  # (absent from runs before it was recorded)
+        work = " - | - | - |" if w is None else f" {w['trace_s']:.1f} | {w['lower_s']:.1f} | {w['backend_s']:.1f} |"
         rows.append(f"| {temp} | {s['llm_s']:.1f} | {s['warmup_s']:.1f} | {s['adapters_s']:.1f} | "
                     f"{s['warmup_adapters_s']:.1f} | {s['ready_s']:.1f} | {s['cpu_s']:.1f} | "
-                    f"{s['compiles']} ({s['cache_hits']}) |")  # fmt: skip
+                    f"{s['compiles']} ({s['cache_hits']}) |" + work)  # fmt: skip
     return "\n".join(rows)
 
 
