@@ -121,7 +121,10 @@ class LLM:
     def _abort(self, running: dict[str, OutputAccumulator]) -> None:
         for rid in running:
             self.engine.abort_request(rid)
-        self.engine.step()  # hands out the abort deltas (the blocks are free already)
+        # Hands out the abort deltas, and lets what is still on its way land (a step in flight, copies back
+        # from the host tier into blocks of the aborted requests): a few steps, each bounded.
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
 
     def load_adapter(self, name: str, path: str) -> AdapterInfo:
         return self.engine.load_adapter(name, path)

@@ -62,8 +62,10 @@ class BlockManager:
         return len(self.cached)
 
     def num_used_blocks(self) -> int:
-        """Blocks held by requests (refcount > 0); a retained block that no request holds is neither used nor free."""
-        return self.num_blocks - len(self.free) - sum(1 for b in self.retained if self.ref_count[b] == 0)
+        """Blocks held by requests (refcount > 0); a retained block that no request holds is neither used nor free,
+        nor is one parked for a copy back on its way."""
+        unheld = sum(1 for b in self.retained if self.ref_count[b] == 0) + len(self.parked)
+        return self.num_blocks - len(self.free) - unheld
 
     def reads_cache(self, req: Request) -> bool:
         """Whether `lookup` looks `req` up at all (a request that wants prompt logprobs computes every token)."""

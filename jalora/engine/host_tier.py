@@ -243,8 +243,9 @@ class HostKVTier:
         """On the worker thread: the pool slots of a copy back, gathered and put on the device. Runs
         after every landing issued before it; a block whose own landing failed fails the copy."""
         for hb in blocks:
-            if hb.arriving is not None:
-                hb.arriving.landed.result()  # (done: issued earlier on this thread) raises its error
+            arriving = hb.arriving  # (read once: the engine's thread may clear it meanwhile, in a reset)
+            if arriving is not None:
+                arriving.landed.result()  # (done: issued earlier on this thread) raises its error
         return put(self.pool[[hb.slot for hb in blocks]].view(self.dtype))
 
     def _land(self, arriving: _Arriving, array) -> None:

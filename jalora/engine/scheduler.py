@@ -166,6 +166,8 @@ class Scheduler:
             n = min(req.num_tokens - cached, budget)
             if not self.bm.allocate(req, cached + n):
                 self.bm.release(req)
+                if not self.running and self.bm.parked:
+                    break  # blocks are free once the host tier's copies into them land: the engine waits for them
                 if not self.running and self.reclaim is not None and self.reclaim():
                     continue  # sessions let blocks go: look it up again
                 if self.favored is not None and self.favored(req) and self._preempt_for_favored(batch, w):

@@ -112,6 +112,29 @@ def test_blocks_on_their_way_from_the_host_are_free_only_once_written():
     assert bm.lookup(again) == 8 and again.block_ids == [first, second]  # written: found on the device
 
 
+def test_blocks_on_their_way_are_waited_for_not_reclaimed_from_sessions():
+    """Nothing runs, the head request does not fit, and some blocks are parked for a copy back on its way:
+    the scheduler admits nothing this pass (the engine then waits for the copy) instead of ending
+    pipeline sessions for blocks that are about to be free; once written, the request fits."""
+    from jalora.engine.scheduler import Scheduler
+
+    bm = BlockManager(num_blocks=4, block_size=4, enable_prefix_caching=True)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    loading = make_request("l", list(range(9)))
+    bm.host_tier = _Tier(loading.update_block_hashes(4)[:2])
+    sched.add(loading)
+    assert not sched.schedule().requests and loading in sched.running  # admitted, not run: loading
+    sched.finish(loading, "abort")
+    assert bm.parked and bm.num_free_blocks() == 2 and bm.num_used_blocks() == 0
+    reclaimed = []
+    sched.reclaim = lambda: reclaimed.append(1) or False
+    sched.add(make_request("w", list(range(100, 113))))  # 4 blocks
+    assert not sched.schedule().requests and not reclaimed
+    bm.host_tier.loading.clear()
+    bm.landed(list(bm.parked))
+    assert bm.num_free_blocks() == 4 and sched.schedule().requests and not reclaimed
+
+
 def test_host_hits_need_free_blocks_even_when_the_device_hits_are_retained():
     """A lookup whose device hits are retained by a session (refcount 0, out of the free list) and whose
     next block is on the host, with no free block left: it stops before the host hit instead of taking a

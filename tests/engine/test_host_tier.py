@@ -204,6 +204,41 @@ def test_a_request_runs_only_once_its_copy_back_is_written(setup, monkeypatch):
     check_peft(out, hf_models.load_oracle(base), prompt + [20], None)
 
 
+def test_an_abort_while_a_copy_back_is_on_its_way_leaves_the_engine_to_the_next_generate(setup, monkeypatch):
+    """`LLM.generate` aborting its requests (a failure, a KeyboardInterrupt) while one waits for its copy
+    back and a step is in flight: the abort lets the copy land (the engine waits for it once nothing else
+    runs: only then does the test let the copy go), so nothing is left unfinished, parked or held."""
+    _, _, llm, off = setup
+    prompt = ctx(24, 181)
+    llm.generate([prompt], GEN)
+    evict_everything(llm)
+    engine, runner, tier = llm.engine, llm.engine.runner, llm.engine.host_tier
+    gate, put, land = threading.Event(), runner.put_kv_blocks, tier.land_loads
+    monkeypatch.setattr(runner, "put_kv_blocks", lambda data: (gate.wait(), put(data))[1])
+
+    def land_loads(scatter, wait=False):
+        if wait:
+            gate.set()  # the engine waits for the copy: let it finish
+        return land(scatter, wait)
+
+    monkeypatch.setattr(tier, "land_loads", land_loads)
+    engine.add_request("other", ctx(8, 182), GEN)
+    engine.step()
+    engine.add_request("waits", prompt + [20], GEN)
+    engine.step()
+    assert engine.pipeline.busy and tier.num_loads and not gate.is_set()
+    try:
+        llm._abort({"other": None, "waits": None})
+        assert gate.is_set() and not engine.has_unfinished_requests() and not engine.block_manager.parked
+    finally:  # (whatever failed above: the copy lands and the engine is left idle for the tests after)
+        gate.set()
+        while engine.has_unfinished_requests():
+            engine.step()
+        monkeypatch.undo()
+    assert engine.num_free_blocks() == engine.num_total_blocks and not tier.loading
+    assert llm.generate([ctx(6, 183)], GEN)[0].token_ids == off.generate([ctx(6, 183)], GEN)[0].token_ids
+
+
 @pytest.mark.parametrize(
     "changes, match",
     [
