@@ -582,31 +582,27 @@ def _generate(args: argparse.Namespace) -> int:
 # ---- pipeline ------------------------------------------------------------------------------------
 
 
-def _chat_turns(client: Any, question: str) -> tuple[list[int], list[int], int | None] | None:
-    """For a model with a chat template: (the question as a user turn ending in the generation prompt,
-    the tokens the template puts after a turn's end-of-turn token, that token); None without one."""
+def _as_chat(client: Any, question: str) -> str | list[dict[str, str]]:
+    """The question as a user turn where the model has a chat template, else as plain text."""
     from jalora.client import ServerError
 
     conversation = [{"role": "user", "content": question}]
     try:
-        asked = client.tokenize(conversation)
-        closed = client.tokenize(conversation, add_generation_prompt=False)
+        client.tokenize(conversation)
     except ServerError as e:
         if e.field != "messages":
             raise
-        return None
-    eos = set(client.server_info().eos_token_ids)
-    ends = [i for i, t in enumerate(closed) if t in eos]
-    if not ends:  # the template closes turns with no end-of-sequence token: the answer runs into the judge's turn
-        return asked, [], None
-    return asked, closed[ends[-1] + 1 :], closed[ends[-1]]
+        return question
+    return conversation
 
 
 def _pipeline(args: argparse.Namespace) -> int:
-    """Base answers the question, then each aLoRA judge reads question + answer + its invocation.
+    """Base answers the question, then each aLoRA judge reads question + answer + its invocation: one
+    Pipeline call per question (the server runs the judges in parallel and holds the base's KV blocks for
+    them in a session of the call).
 
-    With a chat model the question is a user turn of its template and each judge's invocation opens a
-    turn of its own after the answer's. The judges' prompts start with the base request's tokens
+    With a chat model the question is a user turn of its template, and the server closes the answer's
+    turn before each judge's invocation. The judges' prompts start with the base request's tokens
     (prompt and generated answer), so their KV comes from the prefix cache (the `cached` column): that
     reuse across base and adapters is what jalora is for.
     """
@@ -622,7 +618,7 @@ def _pipeline(args: argparse.Namespace) -> int:
             return 2
         rows = []
         for question in args.question or DEFAULT_QUESTIONS:
-            rows += _judge_one(client, question, names, adapters, args)
+            rows += _judge_one(client, question, names, args)
         judge_rows = [r for n, r in rows if n != "base"]
         prompt = sum(r.usage.prompt_tokens for r in judge_rows)
         cached = sum(r.usage.cached_tokens for r in judge_rows)
@@ -630,24 +626,17 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
-def _judge_one(client, question: str, names: list[str], adapters: dict, args: argparse.Namespace) -> list[tuple]:
+def _judge_one(client, question: str, names: list[str], args: argparse.Namespace) -> list[tuple]:
     """One question through the pipeline, `args.rounds` times; prints its table and returns its rows."""
-    turns = _chat_turns(client, question)
-    asked = client.tokenize(question) if turns is None else turns[0]
+    from jalora.client import PipelineJudge
+
+    prompt = _as_chat(client, question)
+    judges = [PipelineJudge(name, sampling=dict(max_tokens=args.judge_max_tokens, logprobs=0)) for name in names]
     rows = []
     for _ in range(args.rounds):
-        base = client.generate(asked, max_tokens=args.max_tokens, temperature=0.0)
-        rows.append(("base", base))
-        context = asked + base.token_ids
-        if turns is not None:  # close the answer's turn as the template does (a cut answer too)
-            _, separator, end_of_turn = turns
-            if end_of_turn is not None and (not base.token_ids or base.token_ids[-1] != end_of_turn):
-                context.append(end_of_turn)
-            context += separator
-        for name in names:
-            invocation = list(adapters[name].invocation_tokens)
-            rows.append((name, client.generate(context + invocation, name, max_tokens=args.judge_max_tokens,
-                                               logprobs=0)))  # fmt: skip
+        stages = sorted(client.pipeline(prompt, judges, max_tokens=args.max_tokens, temperature=0.0),
+                        key=lambda st: -1 if st.judge is None else st.judge)  # fmt: skip
+        rows += [("base" if st.judge is None else names[st.judge], st) for st in stages]
     print(f"question: {question!r}")
     print(f"answer:   {rows[0][1].text!r}")
     for name, r in rows[1 : 1 + len(names)]:

@@ -107,6 +107,8 @@ def pipeline_response(request_id: str, stage, received: float) -> pb.PipelineRes
                               text=stage.text, completion=completion_to_proto(stage.finished, received))  # fmt: skip
     if stage.judge is not None:
         msg.judge = stage.judge
+    if stage.logprobs is not None:
+        msg.logprobs.extend(_logprobs_to_proto(stage.logprobs))
     return msg
 
 

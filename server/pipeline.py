@@ -5,9 +5,12 @@ Everything is checked before the base starts (each judge's adapter is loaded, an
 session of its own (jalora/engine/sessions.py): the base's blocks are retained until the judges look
 them up, whatever else the engine runs meanwhile. Each judge's prompt is the base's prompt tokens plus
 its answer tokens plus the invocation (the adapter's tokens, or `invocation_text` tokenized without
-special tokens), so it extends the base's sequence exactly. Results come back as each stage finishes:
-the base first, then the judges in the order they finish. However the call ends (done, failed,
-cancelled), the judges still running are aborted and the session is ended. Imports neither JAX nor numpy.
+special tokens), so it extends the base's sequence exactly; when the prompt is a conversation, the
+answer's turn is closed first as the chat template closes a turn (its end token, unless the answer ends
+with it, and what the template puts after it), so the invocation opens a turn of its own. Results come
+back as each stage finishes: the base first, then the judges in the order they finish. However the call
+ends (done, failed, cancelled), the judges still running are aborted and the session is ended. Imports
+neither JAX nor numpy.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from jalora.api.limits import MAX_PIPELINE_JUDGES
+from jalora.engine.chat import close_turn, turn_end
 from jalora.errors import AdapterNotFoundError, InvalidRequestError, SessionNotFoundError
 from jalora.outputs import FinishedRequest
 from jalora.sampling_params import SamplingParams
@@ -42,6 +46,7 @@ class Stage:
     token_ids: list[int]
     text: str
     finished: FinishedRequest
+    logprobs: list[dict[int, float]] | None  # per generated token, when the stage's sampling asked
 
 
 def check_judges(judges: Sequence[Judge]) -> None:
@@ -59,15 +64,18 @@ def check_judges(judges: Sequence[Judge]) -> None:
             check_text(j.invocation_text, f"judges[{k}].invocation_text")
 
 
-async def _collect(stream: RequestStream) -> tuple[list[int], str, FinishedRequest]:
+async def _collect(stream: RequestStream) -> tuple[list[int], str, FinishedRequest, list | None]:
     ids: list[int] = []
     text: list[str] = []
+    logprobs: list[dict[int, float]] | None = None
     while True:
         delta = await stream.next()
         ids.extend(delta.token_ids)
         text.append(delta.text)
+        if delta.logprobs is not None:
+            logprobs = (logprobs or []) + delta.logprobs
         if delta.finished is not None:
-            return ids, "".join(text), delta.finished
+            return ids, "".join(text), delta.finished, logprobs
 
 
 async def run_pipeline(
@@ -96,13 +104,14 @@ async def run_pipeline(
         else:
             text = j.invocation_text
             invocations.append(await front.worker.run_host(lambda e, t=text: e.tokenize(t, add_special_tokens=False)))
+    turn = None if messages is None else await front.worker.run_host(lambda e: turn_end(e, messages))
     streams: list[RequestStream] = []
     tasks: dict[asyncio.Future, int] = {}
     try:
         streams.append(await front.start(prompt, messages, params, None, session=session))
-        ids, text, finished = await _collect(streams[0])
-        yield Stage(None, None, ids, text, finished)
-        context = list(finished.prompt_token_ids) + ids
+        ids, text, finished, logprobs = await _collect(streams[0])
+        yield Stage(None, None, ids, text, finished, logprobs)
+        context = list(finished.prompt_token_ids) + ids + ([] if turn is None else close_turn(ids, turn))
         for k, (j, inv) in enumerate(zip(judges, invocations)):
             stream = front.worker.submit(uuid.uuid4().hex, context + inv, j.params, j.adapter, session)
             streams.append(stream)
@@ -112,12 +121,12 @@ async def run_pipeline(
             for task in sorted(done, key=tasks.__getitem__):
                 k = tasks.pop(task)
                 try:
-                    ids, text, finished = task.result()
+                    ids, text, finished, logprobs = task.result()
                 except InvalidRequestError as e:
                     if type(e) is InvalidRequestError:  # (a subclass keeps its own status code and field)
                         raise InvalidRequestError(f"judges[{k}].{e.field}", e.message) from None
                     raise
-                yield Stage(k, judges[k].adapter, ids, text, finished)
+                yield Stage(k, judges[k].adapter, ids, text, finished, logprobs)
     finally:
         for task in tasks:
             task.cancel()

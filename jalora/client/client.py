@@ -257,6 +257,7 @@ class PipelineStage:
     usage: Usage
     timings: Timings
     activation_index: int | None
+    logprobs: list[dict[int, float]] | None = None  # per token of token_ids, when the stage's sampling asked
 
 
 def pipeline_request(
@@ -282,6 +283,7 @@ def _stage(msg: pb.PipelineResponse) -> PipelineStage:
         request_id=msg.request_id, judge=msg.judge if msg.HasField("judge") else None, adapter=msg.adapter or None,
         token_ids=list(msg.token_ids), text=msg.text, finish_reason=chunk.finish_reason, usage=chunk.usage,
         timings=chunk.timings, activation_index=chunk.activation_index,
+        logprobs=_logprobs(msg.logprobs) if msg.logprobs else None,
     )  # fmt: skip
 
 

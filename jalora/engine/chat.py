@@ -91,6 +91,25 @@ class ChatTemplate:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
 
+def turn_end(engine: Engine, messages) -> tuple[list[int], int | None]:
+    """How the chat template closes an assistant turn: (the tokens it puts after the turn's end token,
+    that token). Read from `messages` rendered without a generation prompt: the last end-of-sequence
+    token there closes the last turn. ([], None) where the template ends turns with no such token."""
+    closed = engine.apply_chat_template(messages, add_generation_prompt=False)
+    eos = set(engine.info().eos_token_ids)
+    ends = [i for i, t in enumerate(closed) if t in eos]
+    if not ends:
+        return [], None
+    return closed[ends[-1] + 1 :], closed[ends[-1]]
+
+
+def close_turn(answer: Sequence[int], turn: tuple[list[int], int | None]) -> list[int]:
+    """The tokens that close an answer's turn as the template does (`turn` from `turn_end`): its end token
+    unless the answer ends with it already (one cut by max_tokens does not), then what follows it."""
+    after, end = turn
+    return ([end] if end is not None and (not answer or answer[-1] != end) else []) + after
+
+
 def invocation_tokens(engine: Engine, adapter: str | None) -> list[int] | None:
     """The invocation tokens of aLoRA adapter `adapter`; None for the base model and a plain LoRA."""
     if adapter is None:

@@ -77,6 +77,34 @@ def test_pipeline_demo_reuses_the_base_answer(default_server, capsys):
     assert re.search(r"judges reused \d+/\d+ prompt tokens", out)
 
 
+def test_the_pipeline_closes_the_answers_turn_as_the_template_does(default_server):
+    """A conversation's judges read the answer's turn closed as the bundled template closes a turn
+    (`<|eos|>` and a newline), then their invocation: the Pipeline's judge equals a Generate of exactly
+    that prompt, logprobs included."""
+    from jalora.client import Client, PipelineJudge
+
+    _, target = default_server
+    with Client(target, timeout=DEMO_HANG) as c:
+        conversation = [{"role": "user", "content": "Is the sky blue?"}]
+        rendered = c.tokenize(conversation)
+        name = sorted(a.name for a in c.list_adapters() if a.kind == "alora")[0]
+        invocation = list(c.adapter(name).invocation_tokens)
+        closing = c.tokenize("<|eos|>\n")[-2:]  # (after the BOS tokenize puts first)
+        assert closing[0] in c.server_info().eos_token_ids
+        judge_sampling = dict(max_tokens=4, logprobs=0, temperature=0.0)
+        stages = c.pipeline(conversation, [PipelineJudge(name, sampling=judge_sampling)], max_tokens=6,
+                            temperature=0.0, ignore_eos=True)  # fmt: skip
+        base, judge = sorted(stages, key=lambda st: st.judge is not None)
+        assert base.judge is None and len(base.token_ids) == 6 and base.token_ids[-1] != closing[0]  # cut: not closed
+        prompt = rendered + base.token_ids + closing + invocation
+        ref = c.generate(prompt, name, **judge_sampling)
+        assert judge.usage.prompt_tokens == len(prompt) and judge.activation_index == len(prompt) - len(invocation)
+        assert judge.token_ids == ref.token_ids and len(judge.logprobs) == len(ref.token_ids)
+        for got, want in zip(judge.logprobs, ref.logprobs):
+            assert got.keys() == want.keys() and all(abs(got[t] - want[t]) < 1e-4 for t in got)
+        assert base.logprobs is None  # (the base asked for none)
+
+
 def test_generate_with_invocation(default_server, capsys):
     _, target = default_server
     args = ["generate", "What is the capital of France?", "--target", target, "--max-tokens", "5"]

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ajalora/api/v1/jalora.proto\x12\tjalora.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xa3\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\x05H\x05\x88\x01\x01\x12\x17\n\x0fprompt_logprobs\x18\t \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.jalora.v1.ChatMessage\"\xbf\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.jalora.v1.TokenIdsH\x00\x12+\n\x08messages\x18\x06 \x01(\x0b\x32\x17.jalora.v1.ChatMessagesH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.jalora.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x19\n\x11\x61ppend_invocation\x18\x07 \x01(\x08\x12\x0f\n\x07session\x18\x08 \x01(\t\x12\x18\n\x0bsession_ttl\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x0b\x65nd_session\x18\n \x01(\x08\x42\x08\n\x06promptB\x0e\n\x0c_session_ttl\"$\n\x11\x45ndSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\x14\n\x12\x45ndSessionResponse\"\x7f\n\rPipelineJudge\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x1c\n\x0finvocation_text\x18\x02 \x01(\tH\x00\x88\x01\x01\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.jalora.v1.SamplingParamsB\x12\n\x10_invocation_text\"\x97\x02\n\x0fPipelineRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.jalora.v1.TokenIdsH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.jalora.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.jalora.v1.SamplingParams\x12(\n\x06judges\x18\x05 \x03(\x0b\x32\x18.jalora.v1.PipelineJudge\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x18\n\x0bsession_ttl\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06promptB\x0e\n\x0c_session_ttl\"\xa1\x01\n\x10PipelineResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\x05judge\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\x12)\n\ncompletion\x18\x06 \x01(\x0b\x32\x15.jalora.v1.CompletionB\x08\n\x06_judge\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"<\n\x10PositionLogprobs\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.jalora.v1.TokenLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xec\x01\n\nCompletion\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.jalora.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.jalora.v1.Usage\x12\x1d\n\x10\x61\x63tivation_index\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12#\n\x07timings\x18\x04 \x01(\x0b\x32\x12.jalora.v1.Timings\x12\x34\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1b.jalora.v1.PositionLogprobsB\x13\n\x11_activation_index\"\xa1\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.jalora.v1.PositionLogprobs\x12)\n\ncompletion\x18\x05 \x01(\x0b\x32\x15.jalora.v1.Completion\"\xab\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x19\n\x11invocation_tokens\x18\x03 \x03(\x05\x12\x1e\n\x11invocation_string\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x0f\n\x07targets\x18\x06 \x03(\t\x12\x10\n\x08identity\x18\x07 \x01(\tB\x14\n\x12_invocation_string\"\x15\n\x13ListAdaptersRequest\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.jalora.v1.AdapterInfo\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x95\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.jalora.v1.ChatMessagesH\x00\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x18\n\x16_add_generation_prompt\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x16\n\x14GetServerInfoRequest\"\x87\x03\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x10\n\x08platform\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x06 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x07 \x01(\x05\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\t \x01(\x05\x12\x11\n\tmax_loras\x18\n \x01(\x05\x12\x12\n\nvocab_size\x18\x0b \x01(\x05\x12\x15\n\reos_token_ids\x18\x0c \x03(\x05\x12\x15\n\radapter_roots\x18\r \x03(\t\x12\x1c\n\x14num_running_requests\x18\x0e \x01(\x05\x12\x1c\n\x14max_pending_requests\x18\x0f \x01(\x05\x12\x15\n\rmax_cpu_loras\x18\x10 \x01(\x05\x12\x1c\n\x14host_kv_cache_blocks\x18\x11 \x01(\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xda\x04\n\x06Jalora\x12\x45\n\x08Generate\x12\x1a.jalora.v1.GenerateRequest\x1a\x1b.jalora.v1.GenerateResponse0\x01\x12O\n\x0cListAdapters\x12\x1e.jalora.v1.ListAdaptersRequest\x1a\x1f.jalora.v1.ListAdaptersResponse\x12\x44\n\x0bLoadAdapter\x12\x1d.jalora.v1.LoadAdapterRequest\x1a\x16.jalora.v1.AdapterInfo\x12R\n\rUnloadAdapter\x12\x1f.jalora.v1.UnloadAdapterRequest\x1a .jalora.v1.UnloadAdapterResponse\x12\x43\n\x08Tokenize\x12\x1a.jalora.v1.TokenizeRequest\x1a\x1b.jalora.v1.TokenizeResponse\x12G\n\rGetServerInfo\x12\x1f.jalora.v1.GetServerInfoRequest\x1a\x15.jalora.v1.ServerInfo\x12I\n\nEndSession\x12\x1c.jalora.v1.EndSessionRequest\x1a\x1d.jalora.v1.EndSessionResponse\x12\x45\n\x08Pipeline\x12\x1a.jalora.v1.PipelineRequest\x1a\x1b.jalora.v1.PipelineResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ajalora/api/v1/jalora.proto\x12\tjalora.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xa3\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x12\n\nignore_eos\x18\x07 \x01(\x08\x12\x15\n\x08logprobs\x18\x08 \x01(\x05H\x05\x88\x01\x01\x12\x17\n\x0fprompt_logprobs\x18\t \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\x0b\n\t_logprobs\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"8\n\x0c\x43hatMessages\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.jalora.v1.ChatMessage\"\xbf\x02\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.jalora.v1.TokenIdsH\x00\x12+\n\x08messages\x18\x06 \x01(\x0b\x32\x17.jalora.v1.ChatMessagesH\x00\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.jalora.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x19\n\x11\x61ppend_invocation\x18\x07 \x01(\x08\x12\x0f\n\x07session\x18\x08 \x01(\t\x12\x18\n\x0bsession_ttl\x18\t \x01(\x01H\x01\x88\x01\x01\x12\x13\n\x0b\x65nd_session\x18\n \x01(\x08\x42\x08\n\x06promptB\x0e\n\x0c_session_ttl\"$\n\x11\x45ndSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\x14\n\x12\x45ndSessionResponse\"\x7f\n\rPipelineJudge\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x1c\n\x0finvocation_text\x18\x02 \x01(\tH\x00\x88\x01\x01\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.jalora.v1.SamplingParamsB\x12\n\x10_invocation_text\"\x97\x02\n\x0fPipelineRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x13.jalora.v1.TokenIdsH\x00\x12+\n\x08messages\x18\x03 \x01(\x0b\x32\x17.jalora.v1.ChatMessagesH\x00\x12+\n\x08sampling\x18\x04 \x01(\x0b\x32\x19.jalora.v1.SamplingParams\x12(\n\x06judges\x18\x05 \x03(\x0b\x32\x18.jalora.v1.PipelineJudge\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x18\n\x0bsession_ttl\x18\x07 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06promptB\x0e\n\x0c_session_ttl\"\xd0\x01\n\x10PipelineResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\x05judge\x18\x02 \x01(\x05H\x00\x88\x01\x01\x12\x0f\n\x07\x61\x64\x61pter\x18\x03 \x01(\t\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\x12\x0c\n\x04text\x18\x05 \x01(\t\x12)\n\ncompletion\x18\x06 \x01(\x0b\x32\x15.jalora.v1.Completion\x12-\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1b.jalora.v1.PositionLogprobsB\x08\n\x06_judge\"1\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"<\n\x10PositionLogprobs\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.jalora.v1.TokenLogprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x15\n\rcached_tokens\x18\x03 \x01(\x05\"\\\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xec\x01\n\nCompletion\x12.\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x17.jalora.v1.FinishReason\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.jalora.v1.Usage\x12\x1d\n\x10\x61\x63tivation_index\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12#\n\x07timings\x18\x04 \x01(\x0b\x32\x12.jalora.v1.Timings\x12\x34\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1b.jalora.v1.PositionLogprobsB\x13\n\x11_activation_index\"\xa1\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1b.jalora.v1.PositionLogprobs\x12)\n\ncompletion\x18\x05 \x01(\x0b\x32\x15.jalora.v1.Completion\"\xab\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x19\n\x11invocation_tokens\x18\x03 \x03(\x05\x12\x1e\n\x11invocation_string\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x05 \x01(\x05\x12\x0f\n\x07targets\x18\x06 \x03(\t\x12\x10\n\x08identity\x18\x07 \x01(\tB\x14\n\x12_invocation_string\"\x15\n\x13ListAdaptersRequest\"@\n\x14ListAdaptersResponse\x12(\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x16.jalora.v1.AdapterInfo\"0\n\x12LoadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"$\n\x14UnloadAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x17\n\x15UnloadAdapterResponse\"\x95\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\x08messages\x18\x02 \x01(\x0b\x32\x17.jalora.v1.ChatMessagesH\x00\x12\"\n\x15\x61\x64\x64_generation_prompt\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x18\n\x16_add_generation_prompt\"%\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\x16\n\x14GetServerInfoRequest\"\x87\x03\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x10\n\x08platform\x18\x04 \x01(\t\x12\x12\n\nblock_size\x18\x05 \x01(\x05\x12\x18\n\x10num_total_blocks\x18\x06 \x01(\x05\x12\x17\n\x0fnum_free_blocks\x18\x07 \x01(\x05\x12\x15\n\rmax_model_len\x18\x08 \x01(\x05\x12\x14\n\x0cmax_num_seqs\x18\t \x01(\x05\x12\x11\n\tmax_loras\x18\n \x01(\x05\x12\x12\n\nvocab_size\x18\x0b \x01(\x05\x12\x15\n\reos_token_ids\x18\x0c \x03(\x05\x12\x15\n\radapter_roots\x18\r \x03(\t\x12\x1c\n\x14num_running_requests\x18\x0e \x01(\x05\x12\x1c\n\x14max_pending_requests\x18\x0f \x01(\x05\x12\x15\n\rmax_cpu_loras\x18\x10 \x01(\x05\x12\x1c\n\x14host_kv_cache_blocks\x18\x11 \x01(\x05*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xda\x04\n\x06Jalora\x12\x45\n\x08Generate\x12\x1a.jalora.v1.GenerateRequest\x1a\x1b.jalora.v1.GenerateResponse0\x01\x12O\n\x0cListAdapters\x12\x1e.jalora.v1.ListAdaptersRequest\x1a\x1f.jalora.v1.ListAdaptersResponse\x12\x44\n\x0bLoadAdapter\x12\x1d.jalora.v1.LoadAdapterRequest\x1a\x16.jalora.v1.AdapterInfo\x12R\n\rUnloadAdapter\x12\x1f.jalora.v1.UnloadAdapterRequest\x1a .jalora.v1.UnloadAdapterResponse\x12\x43\n\x08Tokenize\x12\x1a.jalora.v1.TokenizeRequest\x1a\x1b.jalora.v1.TokenizeResponse\x12G\n\rGetServerInfo\x12\x1f.jalora.v1.GetServerInfoRequest\x1a\x15.jalora.v1.ServerInfo\x12I\n\nEndSession\x12\x1c.jalora.v1.EndSessionRequest\x1a\x1d.jalora.v1.EndSessionResponse\x12\x45\n\x08Pipeline\x12\x1a.jalora.v1.PipelineRequest\x1a\x1b.jalora.v1.PipelineResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jalora.api.v1.jalora_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=3098
-  _globals['_FINISHREASON']._serialized_end=3218
+  _globals['_FINISHREASON']._serialized_start=3145
+  _globals['_FINISHREASON']._serialized_end=3265
   _globals['_TOKENIDS']._serialized_start=41
   _globals['_TOKENIDS']._serialized_end=64
   _globals['_SAMPLINGPARAMS']._serialized_start=67
@@ -52,39 +52,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PIPELINEREQUEST']._serialized_start=976
   _globals['_PIPELINEREQUEST']._serialized_end=1255
   _globals['_PIPELINERESPONSE']._serialized_start=1258
-  _globals['_PIPELINERESPONSE']._serialized_end=1419
-  _globals['_TOKENLOGPROB']._serialized_start=1421
-  _globals['_TOKENLOGPROB']._serialized_end=1470
-  _globals['_POSITIONLOGPROBS']._serialized_start=1472
-  _globals['_POSITIONLOGPROBS']._serialized_end=1532
-  _globals['_USAGE']._serialized_start=1534
-  _globals['_USAGE']._serialized_end=1614
-  _globals['_TIMINGS']._serialized_start=1616
-  _globals['_TIMINGS']._serialized_end=1708
-  _globals['_COMPLETION']._serialized_start=1711
-  _globals['_COMPLETION']._serialized_end=1947
-  _globals['_GENERATERESPONSE']._serialized_start=1950
-  _globals['_GENERATERESPONSE']._serialized_end=2111
-  _globals['_ADAPTERINFO']._serialized_start=2114
-  _globals['_ADAPTERINFO']._serialized_end=2285
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=2287
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=2308
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2310
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2374
-  _globals['_LOADADAPTERREQUEST']._serialized_start=2376
-  _globals['_LOADADAPTERREQUEST']._serialized_end=2424
-  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2426
-  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2462
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2464
-  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2487
-  _globals['_TOKENIZEREQUEST']._serialized_start=2490
-  _globals['_TOKENIZEREQUEST']._serialized_end=2639
-  _globals['_TOKENIZERESPONSE']._serialized_start=2641
-  _globals['_TOKENIZERESPONSE']._serialized_end=2678
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=2680
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=2702
-  _globals['_SERVERINFO']._serialized_start=2705
-  _globals['_SERVERINFO']._serialized_end=3096
-  _globals['_JALORA']._serialized_start=3221
-  _globals['_JALORA']._serialized_end=3823
+  _globals['_PIPELINERESPONSE']._serialized_end=1466
+  _globals['_TOKENLOGPROB']._serialized_start=1468
+  _globals['_TOKENLOGPROB']._serialized_end=1517
+  _globals['_POSITIONLOGPROBS']._serialized_start=1519
+  _globals['_POSITIONLOGPROBS']._serialized_end=1579
+  _globals['_USAGE']._serialized_start=1581
+  _globals['_USAGE']._serialized_end=1661
+  _globals['_TIMINGS']._serialized_start=1663
+  _globals['_TIMINGS']._serialized_end=1755
+  _globals['_COMPLETION']._serialized_start=1758
+  _globals['_COMPLETION']._serialized_end=1994
+  _globals['_GENERATERESPONSE']._serialized_start=1997
+  _globals['_GENERATERESPONSE']._serialized_end=2158
+  _globals['_ADAPTERINFO']._serialized_start=2161
+  _globals['_ADAPTERINFO']._serialized_end=2332
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=2334
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=2355
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=2357
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=2421
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2423
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2471
+  _globals['_UNLOADADAPTERREQUEST']._serialized_start=2473
+  _globals['_UNLOADADAPTERREQUEST']._serialized_end=2509
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_start=2511
+  _globals['_UNLOADADAPTERRESPONSE']._serialized_end=2534
+  _globals['_TOKENIZEREQUEST']._serialized_start=2537
+  _globals['_TOKENIZEREQUEST']._serialized_end=2686
+  _globals['_TOKENIZERESPONSE']._serialized_start=2688
+  _globals['_TOKENIZERESPONSE']._serialized_end=2725
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2727
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2749
+  _globals['_SERVERINFO']._serialized_start=2752
+  _globals['_SERVERINFO']._serialized_end=3143
+  _globals['_JALORA']._serialized_start=3268
+  _globals['_JALORA']._serialized_end=3870
 # @@protoc_insertion_point(module_scope)
