@@ -73,7 +73,8 @@ async def _collect(stream: RequestStream) -> tuple[list[int], str, FinishedReque
         ids.extend(delta.token_ids)
         text.append(delta.text)
         if delta.logprobs is not None:
-            logprobs = (logprobs or []) + delta.logprobs
+            logprobs = logprobs if logprobs is not None else []
+            logprobs.extend(delta.logprobs)
         if delta.finished is not None:
             return ids, "".join(text), delta.finished, logprobs
 

@@ -76,10 +76,7 @@ class BlockManager:
 
     def _take(self, block: int) -> None:
         if self.ref_count[block] == 0 and block not in self.retained:
-            if block in self.parked:
-                self.parked.discard(block)
-            else:
-                del self.free[block]
+            self._unfree(block)
         self.ref_count[block] += 1
 
     def _new_block(self) -> int:
@@ -201,18 +198,26 @@ class BlockManager:
         if self.block_hash[block] is None:  # holds nothing findable: reuse it before any cached block
             self.free.move_to_end(block, last=False)
 
+    def _let_go(self, block: int) -> None:
+        """`block` is no longer held or retained: free, or parked while the host tier's copy into it is on its way."""
+        if self.host_tier is not None and block in self.host_tier.loading:
+            self.parked.add(block)
+        else:
+            self._free(block)
+
+    def _unfree(self, block: int) -> None:
+        """`block` is held or retained again: out of the free list, or no longer parked (its copy lands anyway)."""
+        if block in self.parked:
+            self.parked.discard(block)
+        else:
+            del self.free[block]
+
     def release(self, req: Request) -> None:
         """Drops `req`'s references, tail first; its cached blocks stay findable until evicted."""
-        loading = self.host_tier.loading if self.host_tier is not None else ()
         for block in reversed(req.block_ids):
             self.ref_count[block] -= 1
             if self.ref_count[block] == 0 and block not in self.retained:
-                if block in loading:
-                    self.parked.add(block)
-                    continue
-                self.free[block] = None
-                if self.block_hash[block] is None:  # holds nothing findable: reuse it before any cached block
-                    self.free.move_to_end(block, last=False)
+                self._let_go(block)
         req.block_ids = BlockIds()
         req.num_registered_blocks = 0
 
@@ -224,10 +229,7 @@ class BlockManager:
         """One more session keeps `block` (which must hold findable KV) out of the free list."""
         n = self.retained.get(block, 0)
         if n == 0 and self.ref_count[block] == 0:
-            if block in self.parked:  # (its copy back is on its way: unretain parks it again if so)
-                self.parked.discard(block)
-            else:
-                del self.free[block]
+            self._unfree(block)  # (parked: unretain parks it again if its copy is still on its way)
         self.retained[block] = n + 1
 
     def unretain(self, block: int) -> None:
@@ -237,10 +239,7 @@ class BlockManager:
         if n:
             self.retained[block] = n
         elif self.ref_count[block] == 0:
-            if self.host_tier is not None and block in self.host_tier.loading:
-                self.parked.add(block)
-            else:
-                self._free(block)
+            self._let_go(block)
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached block, on the device and in the host tier."""
