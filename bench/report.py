@@ -621,17 +621,20 @@ def judge_accuracy(r) -> list[str]:
 
 def adapter_swap(r) -> list[str]:
     z, res = r["sizes"], r["results"]
-    rows = ["| engine | device slots | output tokens/s | steps | swaps | mean swap (host ms) |",
-            "|---|---|---|---|---|---|"]  # fmt: skip
+    note = f"; {r['note']}" if r.get("note") else ""
+    rows = ["| engine | device slots | output tokens/s | steps | ms per step | swaps | mean swap (host ms) |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
     for name, slots in (("resident", z["adapters"]), ("swapping", z["slots"])):
         x = res[name]
         swap = "-" if x["swap_host_ms_mean"] is None else f"{x['swap_host_ms_mean']:.1f}"
-        rows.append(f"| {name} | {slots} | {x['output_tokens_per_s']:.0f} | {x['steps']} | {x['swaps']} | {swap} |")
+        per_step = 1e3 * x["seconds"] / x["steps"]
+        rows.append(f"| {name} | {slots} | {x['output_tokens_per_s']:.0f} | {x['steps']} | {per_step:.1f} | "
+                    f"{x['swaps']} | {swap} |")  # fmt: skip
     return [
         f"{z['adapters']} aLoRA adapters (r={z['rank']}, q/k/v, {z['dtype']}) on {r['model']}, a random adapter per "
         f"request ({z['requests']} requests, {z['prompt_len']}-token prompts, {z['max_tokens']} new tokens, after a "
         f"warm pass), all resident vs {z['slots']} device slots swapped on demand, same run (`{r['command']}` on "
-        f"{r['device']}, JAX {r['jax_version']}, commit {commit_of(r)}; {r.get('note', '')}): swapping keeps "
+        f"{r['device']}, JAX {r['jax_version']}, commit {commit_of(r)}{note}): swapping keeps "
         f"{r['throughput_ratio']:.0%} of the resident throughput (goal: >= 80%).",
         "",
         *rows,
