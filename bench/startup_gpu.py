@@ -13,12 +13,17 @@ executable and writes it there, the second (warm) loads them. Each process repor
     adapters_s     loading the adapters (reading and placing their weights)
     warmup_adapters_s  `engine.warmup_adapters()`: every bucket's adapted step
     ready_s        the sum: what a server waits before it reports SERVING
-    compiles       XLA compilations the process asked for; `cache_hits` of them came from the cache
+    compiles       XLA compilations the process asked for; `cache_hits` of them came from JAX's cache
+    executables    the runner's compiled steps and functions behind them; `executables_loaded` of them were
+                   read from jalora's directory of compiled variants (neither traced nor lowered:
+                   jalora/engine/executables.py), the rest traced, lowered and compiled (or found in JAX's
+                   cache)
     cpu_s          the process's CPU time over the same span (on a shared CPU machine a steadier measure
                    of compile work than wall time)
 
 The warm start's remaining time is loading the executables, running each bucket's step once and placing
-the weights; `--no-cache` adds a third start with the cache off (`compile_cache=None`), the baseline the
+the weights (what little it still compiles, small functions outside the runner's steps, comes from JAX's
+cache); `--no-cache` adds a third start with the cache off (`compile_cache=None`), the baseline the
 cold start's cost of writing the cache is read against.
 """
 
@@ -94,6 +99,7 @@ def _child(args) -> None:
     times["cpu_s"] = time.process_time() - cpu0
     runner = llm.engine.runner
     print(json.dumps({**times, **counts, "compile_work": spent, "executables": runner.num_compiled(),
+                      "executables_loaded": runner.num_loaded(),
                       "buckets": runner.buckets,
                       "platform": jax.default_backend(), "device": jax.devices()[0].device_kind}))  # fmt: skip
 
@@ -161,11 +167,13 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 def stdout_table(r: dict) -> str:
     rows = ["| cache | LLM() s | warm-up s | adapters s | warmup_adapters s | ready s | CPU s | compiles "
-            "(cache hits) | trace s | lower s | compile or load s |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+            "(cache hits) | trace s | lower s | compile or load s | step executables (loaded) |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for temp, s in r["runs"].items():
         w = s.get("compile_work")  # (absent from runs before it was recorded)
         work = " - | - | - |" if w is None else f" {w['trace_s']:.1f} | {w['lower_s']:.1f} | {w['backend_s']:.1f} |"
+        loaded = s.get("executables_loaded")  # (absent from runs before jalora kept its own executables)
+        work += " - |" if loaded is None else f" {s['executables']} ({loaded}) |"
         rows.append(f"| {temp} | {s['llm_s']:.1f} | {s['warmup_s']:.1f} | {s['adapters_s']:.1f} | "
                     f"{s['warmup_adapters_s']:.1f} | {s['ready_s']:.1f} | {s['cpu_s']:.1f} | "
                     f"{s['compiles']} ({s['cache_hits']}) |" + work)  # fmt: skip

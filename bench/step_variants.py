@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         "warmup_s": warmup_s,
         "warmup_compiles": warmup_compiles,
         "first_use_compiles": first_use,
-        "step_executables": runner._step._cache_size(),
+        "step_executables": len(runner._step),
         "decode_ms_per_token_batch1": ms,
     }
     path = save(result_path(args.out, "step_variants.json", smoke=args.out is None), result)

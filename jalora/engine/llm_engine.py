@@ -16,6 +16,7 @@ import os
 import random
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -25,7 +26,7 @@ from jalora.adapters.manager import AdapterManager, PreparedAdapter
 from jalora.adapters.peft import AdapterInfo
 from jalora.cache import use_compile_cache
 from jalora.config import EngineConfig
-from jalora.engine import multihost
+from jalora.engine import executables, multihost
 from jalora.engine.block_manager import BlockManager
 from jalora.engine.chat import ChatTemplate, read_chat_template
 from jalora.engine.host_tier import HostKVTier
@@ -172,6 +173,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             decoder, num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
             self.max_model_len, self.dtype, tp, kv_moves=self.host_tier is not None,
+            executable_dir=self._executable_dir(),
         )  # fmt: skip
         self.pipeline = StepPipeline(self.runner, config.async_scheduling)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
@@ -193,6 +195,14 @@ class LLMEngine:
             self.runner.warmup()
         self.runner.leader = self.multihost_leader  # from here on process 0 sends each device call
         self.adapters.on_place = self._replay_place  # and each adapter swap, before the step that reads it
+
+    def _executable_dir(self) -> Path | None:
+        """Where the runner keeps its compiled step variants across starts (jalora/engine/executables.py):
+        inside the compile cache's directory, off with it. Several hosts keep JAX's cache only (each
+        process would write the same files)."""
+        if self.compile_cache is None or multihost.is_multihost():
+            return None
+        return self.compile_cache / executables.SUBDIR
 
     def _make_host_tier(self, cfg: ModelConfig, tp: TensorParallel) -> HostKVTier | None:
         """The host-memory KV tier of config.host_kv_cache_gb (None for 0). Raises InvalidRequestError

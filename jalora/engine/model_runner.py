@@ -19,8 +19,10 @@ is the first to target a projection group, which adds that group's stack).
 import dataclasses
 import logging
 import math
+import os
 import time
-from typing import Any, NamedTuple
+from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jalora.adapters.manager import AdapterStacks, LoraStack
+from jalora.engine.executables import Executables, fingerprint
 from jalora.engine.host_tier import MAX_MOVE_BLOCKS
 from jalora.engine.multihost import Recent
 from jalora.engine.scheduler import ScheduledBatch
@@ -166,7 +169,10 @@ class ModelRunner:
         kv_dtype,
         tp: TensorParallel | None = None,
         kv_moves: bool = False,
+        executable_dir: Path | None = None,
     ):
+        """`executable_dir`: where compiled variants of the step and the functions behind it are saved and
+        loaded from (jalora/engine/executables.py); None keeps them in memory only."""
         cfg = model.cfg
         self.tp = tp = TensorParallel() if tp is None else tp
         self.cfg = cfg
@@ -269,11 +275,16 @@ class ModelRunner:
         )
         self._gather = jax.jit(gather_fn)
         self._scatter = jax.jit(scatter_fn, donate_argnums=(0,), out_shardings=kv_shardings)
-        self._step = jax.jit(step_fn, static_argnames=("layout",), donate_argnums=(1,))
-        self._draw = jax.jit(draw_fn, static_argnames=("layout",))
-        self._top = jax.jit(top_fn)
-        self._prompt_lp = jax.jit(prompt_lp_fn)
-        self._prompt_lp_compiled: dict[int, Any] = {}  # bucket -> executable compiled by the warm-up
+        # The step and the functions behind it, each variant compiled once and kept in executable_dir:
+        # what decides a compiled module besides its arguments (their shapes, dtypes, shardings) is here.
+        fp = fingerprint(type(model).__name__, cfg, model.plan, block_size, max_num_seqs, self.max_pages,
+                         str(jnp.dtype(kv_dtype)), repr(tp.mesh) if tp.sharded else None)  # fmt: skip
+        self._step = Executables(step_fn, "step", executable_dir, fp, static_argnames=("layout",),
+                                 donate_argnums=(1,), variant_key=_step_variant)  # fmt: skip
+        self._draw = Executables(draw_fn, "draw", executable_dir, fp, static_argnames=("layout",))
+        self._top = Executables(top_fn, "top", executable_dir, fp)
+        self._prompt_lp = Executables(prompt_lp_fn, "prompt_lp", executable_dir, fp,
+                                      variant_key=lambda args, _: args[1].shape)  # fmt: skip (the hidden rows)
         # prev_tokens when nothing is pending (on every device of the mesh, as the step's own outputs)
         self._no_prev_tokens = tp.zeros((max_num_seqs,), jnp.int32, P())
         # Several hosts (jalora/engine/multihost.py): process 0's runner sends each launch to the others
@@ -426,31 +437,39 @@ class ModelRunner:
             top_lp, top_ids = self._top(logits)
             out = out._replace(top_ids=top_ids, top_logprobs=top_lp)
         if step.want_prompt_lp:
-            prompt_lp = self._prompt_lp_compiled.get(hidden.shape[0], self._prompt_lp)
-            out = out._replace(prompt_logprobs=prompt_lp(self.params, hidden, step.inputs.prompt_targets))
+            out = out._replace(prompt_logprobs=self._prompt_lp(self.params, hidden, step.inputs.prompt_targets))
         if self.num_compiled() > compiled:  # a first call returns once it is compiled (it runs async)
             groups = tuple(sorted(adapters)) if step.inputs.lora_slots is not None else ()
-            self._record_compile(step.inputs.token_ids.shape[0], groups, time.perf_counter() - start)
+            self._record_compile(1, groups, time.perf_counter() - start, step.inputs.token_ids.shape[0])
         self.recent.add(seq, out.tokens)
         return out
 
     def _launch_step(self, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None):
         """The step alone: (its outputs, logits f32[R, V], hidden f32[T, D]), all on the device."""
+        args, static = self._step_args(step, adapters, prev_tokens)
+        self.kv_caches, out, logits, hidden = self._step(*args, **static)
+        return out, logits, hidden
+
+    def _step_args(self, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None):
+        """The step function's (arguments, static arguments) for a prepared step."""
         # Base-only steps get no adapter stacks at all, so loading an adapter never changes (and
         # recompiles) their variant.
         stacks = adapters if step.inputs.lora_slots is not None else {}
         packed, layout = pack_inputs(step.inputs)
         prev = self._no_prev_tokens if prev_tokens is None else prev_tokens
-        self.kv_caches, out, logits, hidden = self._step(
-            self.params, self.kv_caches, stacks, packed, prev, layout=layout
-        )
-        return out, logits, hidden
+        return (self.params, self.kv_caches, stacks, packed, prev), {"layout": layout}
 
     def num_compiled(self) -> int:
-        """Executables compiled so far: the step (one per variant), the draw and the top-n (one per row
-        count), and the prompt-logprob function (one per bucket, ahead of time by the warm-up)."""
-        fns = (self._step, self._draw, self._top, self._prompt_lp)
-        return sum(f._cache_size() for f in fns) + len(self._prompt_lp_compiled)
+        """Executables compiled or loaded so far: the step (one per variant), the draw and the top-n (one
+        per row count), and the prompt-logprob function (one per bucket, ahead of time by the warm-up)."""
+        return sum(len(f) for f in self._executables())
+
+    def num_loaded(self) -> int:
+        """Of num_compiled(), those read from executable_dir (neither traced nor lowered)."""
+        return sum(f.loaded for f in self._executables())
+
+    def _executables(self) -> tuple[Executables, ...]:
+        return self._step, self._draw, self._top, self._prompt_lp
 
     @staticmethod
     def _sampling_inputs(step: PreparedStep) -> tuple[np.ndarray, tuple]:
@@ -459,16 +478,17 @@ class ModelRunner:
         packed, layout = pack_inputs(SamplingInputs(inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters))
         return packed, layout
 
-    def _record_compile(self, num_tokens: int, groups: tuple[str, ...], seconds: float) -> None:
+    def _record_compile(self, count: int, groups: tuple[str, ...], seconds: float, num_tokens: int = 0) -> None:
+        """First uses of `count` step variants (compiled or loaded, with the functions behind them) that
+        took `seconds`: by the warm-up, or by a step of `num_tokens` rows while serving."""
         c = self.compiles
         if self._warming_up:
-            c.warmup, c.warmup_seconds = c.warmup + 1, c.warmup_seconds + seconds
+            c.warmup, c.warmup_seconds = c.warmup + count, c.warmup_seconds + seconds
+            what = f"the warm-up's {count} step variants"
         else:
-            c.serving, c.serving_seconds = c.serving + 1, c.serving_seconds + seconds
-        logger.info(
-            "compiled the %d-token step%s%s in %.2f s", num_tokens, " with adapters " if groups else "",
-            "+".join(groups), seconds,
-        )  # fmt: skip
+            c.serving, c.serving_seconds = c.serving + count, c.serving_seconds + seconds
+            what = f"the {num_tokens}-token step"
+        logger.info("compiled %s%s%s in %.2f s", what, " with adapters " if groups else "", "+".join(groups), seconds)
 
     def kv_cache_deleted(self) -> bool:
         """After a failed step: True if the cache donated into it is gone."""
@@ -540,38 +560,54 @@ class ModelRunner:
         """Compiles everything a step of every token bucket can run: the step (base-only, or with the
         adapter path) and the draw and top-n functions behind it, each run once, and the prompt-logprob
         function, compiled ahead of time without running (for the largest bucket it would compute a
-        [T, V] logits matrix at every start)."""
+        [T, V] logits matrix at every start). The steps' variants are read or compiled first, on several
+        threads (`Executables.get_all`)."""
         from tqdm import tqdm
 
         desc = "jalora warm-up (adapters)" if adapters else "jalora warm-up"
+        groups = tuple(sorted(adapters or {}))
         self._warming_up = True
         try:
+            compiled, variants, start = self.num_compiled(), len(self._step), time.perf_counter()
+            steps = [self._warmup_step(t, adapters) for t in self.buckets]
+            self._step.get_all([self._step_args(step, adapters or {}, None) for step in steps], os.cpu_count() or 1)
             # Bars only on a terminal: piped into a log (a server's stderr) they would be noise.
-            for t in tqdm(self.buckets, desc=desc, disable=None if progress else True):
-                compiled, start = self.num_compiled(), time.perf_counter()
-                step = self.prepare(_WarmupBatch(t))
-                if adapters:  # every padding row in slot 0: the shapes of any adapted step of this bucket
-                    slots = np.zeros(t, np.int32)
-                    inputs = step.inputs._replace(lora_slots=slots, lora_segments=self._lora_segments(slots))
-                    step = dataclasses.replace(step, inputs=inputs)
+            for step in tqdm(steps, desc=desc, disable=None if progress else True):
                 out, logits, hidden = self._launch_step(step, adapters or {}, None)
                 jax.block_until_ready(out)
                 packed, layout = self._sampling_inputs(step)  # the draw and the top-n: at most S rows, run
                 jax.block_until_ready((self._draw(logits, packed, layout=layout), self._top(logits)))
-                if t not in self._prompt_lp_compiled:  # (the adapted pass finds it compiled)
-                    targets = step.inputs.prompt_targets
-                    self._prompt_lp_compiled[t] = self._prompt_lp.lower(self.params, hidden, targets).compile()
-                if self.num_compiled() > compiled:
-                    self._record_compile(t, tuple(sorted(adapters or {})), time.perf_counter() - start)
+                self._prompt_lp.get(self.params, hidden, step.inputs.prompt_targets)  # (the adapted pass has it)
+            if self.num_compiled() > compiled:  # (counted as the step's variants, with the functions' seconds)
+                self._record_compile(len(self._step) - variants, groups, time.perf_counter() - start)
             if self.kv_moves and not adapters:
                 self.warmup_kv_moves()
         finally:
             self._warming_up = False
 
+    def _warmup_step(self, t: int, adapters: AdapterStacks | None) -> PreparedStep:
+        """A step of `t` padding rows: the shapes of any step of that bucket (adapted: every row in slot 0)."""
+        step = self.prepare(_WarmupBatch(t))
+        if not adapters:
+            return step
+        slots = np.zeros(t, np.int32)
+        inputs = step.inputs._replace(lora_slots=slots, lora_segments=self._lora_segments(slots))
+        return dataclasses.replace(step, inputs=inputs)
+
 
 def move_sizes(num_blocks: int) -> list[int]:
     """The block counts the host tier's copies run with: powers of two up to MAX_MOVE_BLOCKS (and the cache)."""
     return [1 << i for i in range(MAX_MOVE_BLOCKS.bit_length()) if 1 << i <= min(MAX_MOVE_BLOCKS, num_blocks)]
+
+
+def _step_variant(args: tuple, static: dict) -> tuple:
+    """What picks a compiled variant of the step: its layout (static) and the adapter groups' stacks (every
+    other argument has one shape per engine)."""
+    stacks = args[2]
+    return static["layout"], tuple(
+        (g, s.a.shape, s.b.shape, s.a.dtype, None if s.a_flat is None else s.a_flat.shape)
+        for g, s in sorted(stacks.items())
+    )
 
 
 def _local(x: jax.Array) -> jax.Array:

@@ -51,7 +51,7 @@ def test_each_bucket_has_one_step_per_adapter_path(llm):
     for fields in KINDS.values():
         llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2, **fields))
         llm.generate([[3, 4, 5, *INV]], SamplingParams(max_tokens=2, **fields), "judge")
-    assert runner._step._cache_size() == 2 * len(runner.buckets)
+    assert len(runner._step) == 2 * len(runner.buckets)
 
 
 @pytest.mark.parametrize("adapter", [None, "judge"])

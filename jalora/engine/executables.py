@@ -1,0 +1,210 @@
+"""Compiled variants of the engine's jitted functions, kept on disk so that a restarted engine neither
+traces nor lowers them again.
+
+JAX's persistent compilation cache (jalora/cache.py) is keyed by the lowered module: a warm start still
+traces every variant's Python (the decoder's layers, unrolled) to a jaxpr and lowers it to MLIR before it
+can look the executable up. On a CPU at 40 layers that was 10.8 s of a 20.5 s warm start
+(bench/startup_gpu.py records the split). This cache is keyed instead by what decides the module:
+
+- the engine's fingerprint (`fingerprint`): the source of the `jalora` and `pallas_kernels` packages,
+  the model's config and kernel plan, the runner's fixed sizes, the JAX and jaxlib versions, the devices
+  and the XLA flags;
+- the variant: its static arguments and every other argument's shape, dtype and sharding.
+
+A hit deserializes the executable (`jax.experimental.serialize_executable`), which costs what JAX's own
+cache hit costs after lowering; a miss traces, lowers and compiles as `jax.jit` would (through JAX's
+cache) and writes the executable for the next start. A file that cannot be read back (corrupt, another
+jaxlib build) is replaced, never trusted. Serving picks a variant from a key that is cheap to compute on
+every call (`variant_key`); the full key is computed once per variant, on its first use.
+
+vLLM keys its compiled-graph cache the same way (a hash of the config and of the model's source files).
+"""
+
+import concurrent.futures
+import functools
+import hashlib
+import logging
+import os
+import pickle
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+
+logger = logging.getLogger(__name__)
+
+SUBDIR = "jalora-executables"
+_PACKAGES = ("jalora", "pallas_kernels")
+_FORMAT = 1  # of the files written here: (format, serialized executable, in_tree, out_tree, device ids)
+
+
+@functools.cache
+def source_hash() -> str:
+    """sha256 over the .py files of the packages whose code a step runs (jalora, pallas_kernels)."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parents[2]
+    for pkg in _PACKAGES:
+        for path in sorted((root / pkg).rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """What, besides a variant's arguments, decides every compiled module of an engine: `parts` (the
+    model config, kernel plan, fixed sizes: each by repr) and the code, versions, devices and flags."""
+    import jaxlib
+
+    devices = jax.devices()
+    env = {k: os.environ.get(k, "") for k in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")}
+    jax_flags = {k: getattr(jax.config, k) for k in ("jax_enable_x64", "jax_default_matmul_precision")}
+    text = repr((_FORMAT, source_hash(), jax.__version__, jaxlib.__version__, jax.default_backend(),
+                 devices[0].client.platform_version, [(d.id, d.device_kind) for d in devices], env, jax_flags,
+                 parts))  # fmt: skip
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _aval(x: Any) -> Any:
+    if isinstance(x, jax.Array):
+        return (tuple(x.shape), str(x.dtype), repr(x.sharding))
+    if hasattr(x, "shape") and hasattr(x, "dtype"):  # numpy: placed on the default device
+        return (tuple(x.shape), str(x.dtype))
+    return repr(x)
+
+
+class Executables:
+    """One jitted function's compiled variants: in memory, else from `directory`, else compiled (and
+    written there). Call it as the jitted function (static arguments by keyword).
+
+    `variant_key(args, static)` picks the variant on every call, so it must be cheap and must tell apart
+    every pair of calls that `jax.jit` would compile separately; by default it is every argument's shape,
+    dtype and sharding (fine for functions of a few arrays)."""
+
+    def __init__(
+        self,
+        fn: Callable,
+        name: str,
+        directory: Path | None,
+        fingerprint: str,
+        *,
+        static_argnames: tuple[str, ...] = (),
+        donate_argnums: tuple[int, ...] = (),
+        variant_key: Callable[[tuple, dict], Hashable] | None = None,
+        **jit_kwargs: Any,
+    ):
+        self.name = name
+        self._jit = jax.jit(fn, static_argnames=static_argnames, donate_argnums=donate_argnums, **jit_kwargs)
+        self._directory = directory
+        self._fingerprint = fingerprint
+        self._variant_key = variant_key or self._full_key
+        self._compiled: dict[Hashable, Any] = {}
+        self._lock = threading.Lock()  # (the warm-up may get variants from several threads)
+        self.loaded = 0  # variants read from the directory
+        self.compiled = 0  # variants traced, lowered and compiled (or found in JAX's cache) here
+
+    def __len__(self) -> int:
+        return len(self._compiled)
+
+    @staticmethod
+    def _full_key(args: tuple, static: dict) -> Hashable:
+        leaves, tree = jax.tree.flatten(args)
+        return (tuple(sorted(static.items())), tree, tuple(_aval(x) for x in leaves))
+
+    def __call__(self, *args: Any, **static: Any) -> Any:
+        exe = self._compiled.get(self._variant_key(args, static))
+        if exe is None:
+            exe = self.get(*args, **static)
+        return exe(*args)
+
+    def get(self, *args: Any, **static: Any) -> Any:
+        """The compiled variant for these arguments (not run): from memory, disk or the compiler."""
+        key = self._variant_key(args, static)
+        exe = self._compiled.get(key)
+        if exe is not None:
+            return exe
+        path = self._path(args, static)
+        exe = self._read(path) if path is not None else None
+        if exe is not None:
+            return self._keep(key, exe, loaded=True)
+        return self._keep(key, self._compile(self._jit.lower(*args, **static), path), loaded=False)
+
+    def get_all(self, calls: Sequence[tuple[tuple, dict]], workers: int) -> None:
+        """Every call's variant (`(args, static)` pairs), the reads and compilations on `workers` threads:
+        XLA compiles and deserializes without holding the GIL, so a cold start's compilations overlap.
+        Tracing and lowering run on this thread, one variant after another (they hold the GIL)."""
+        todo: dict[Hashable, tuple[tuple, dict]] = {}
+        for args, static in calls:
+            key = self._variant_key(args, static)
+            if key not in self._compiled:
+                todo.setdefault(key, (args, static))
+        if not todo:
+            return
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(todo)))) as pool:
+            paths = {key: self._path(args, static) for key, (args, static) in todo.items()}
+            reads = {key: pool.submit(self._read, path) for key, path in paths.items() if path is not None}
+            compiles = {}
+            for key, (args, static) in todo.items():
+                exe = reads[key].result() if key in reads else None
+                if exe is not None:
+                    self._keep(key, exe, loaded=True)
+                else:
+                    compiles[key] = pool.submit(self._compile, self._jit.lower(*args, **static), paths[key])
+            for key, future in compiles.items():
+                self._keep(key, future.result(), loaded=False)
+
+    def _keep(self, key: Hashable, exe: Any, loaded: bool) -> Any:
+        with self._lock:
+            if loaded:
+                self.loaded += 1
+            else:
+                self.compiled += 1
+            return self._compiled.setdefault(key, exe)
+
+    def _compile(self, lowered: Any, path: Path | None) -> Any:
+        exe = lowered.compile()
+        if path is not None:
+            self._write(path, exe)
+        return exe
+
+    def _path(self, args: tuple, static: dict) -> Path | None:
+        if self._directory is None:
+            return None
+        text = repr((self._fingerprint, self.name, self._full_key(args, static)))
+        return self._directory / f"{self.name}-{hashlib.sha256(text.encode()).hexdigest()[:40]}.bin"
+
+    def _read(self, path: Path) -> Any:
+        from jax.experimental import serialize_executable
+
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            logger.warning("cannot read the compiled %s at %s (%s): compiling it", self.name, path, e)
+            return None
+        try:
+            fmt, serialized, in_tree, out_tree, device_ids = pickle.loads(data)
+            if fmt != _FORMAT:
+                raise ValueError(f"format {fmt}, expected {_FORMAT}")
+            by_id = {d.id: d for d in jax.devices()}
+            devices = [by_id[i] for i in device_ids]  # (where it was compiled to run, not every device)
+            return serialize_executable.deserialize_and_load(serialized, in_tree, out_tree, execution_devices=devices)
+        except Exception as e:  # a torn or foreign file: compile, and the write replaces it
+            logger.warning("the compiled %s at %s cannot be loaded (%s): compiling it again", self.name, path, e)
+            return None
+
+    def _write(self, path: Path, exe: Any) -> None:
+        from jax.experimental import serialize_executable
+
+        try:
+            serialized, in_tree, out_tree = serialize_executable.serialize(exe)
+            device_ids = [d.id for d in exe.runtime_executable().local_devices()]
+            data = pickle.dumps((_FORMAT, serialized, in_tree, out_tree, device_ids))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, path)  # (a reader sees the whole file or none)
+        except Exception as e:  # a cache that cannot be written costs the next start time, not this one
+            logger.warning("cannot save the compiled %s to %s: %s", self.name, path, e)

@@ -1,0 +1,81 @@
+"""jalora/engine/executables.py on a small function: variants are saved and read back (neither traced nor
+lowered), a file that cannot be read back is compiled again and replaced, and the fingerprint and the
+arguments' shapes, dtypes and static values each pick their own file."""
+
+import logging
+
+import jax.numpy as jnp
+import numpy as np
+
+from jalora.engine.executables import Executables, fingerprint
+
+TRACES: list[tuple] = []
+
+
+def fn(x, w, *, power):
+    TRACES.append((x.shape, power))  # runs only while tracing
+    return (x @ w) ** power, x.sum()
+
+
+def make(directory, fp="fp"):
+    return Executables(fn, "f", directory, fp, static_argnames=("power",))
+
+
+def reference(x, w, power):
+    return (np.asarray(x) @ np.asarray(w)) ** power, np.asarray(x).sum()
+
+
+def check(outs, x, w, power):
+    for got, want in zip(outs, reference(x, w, power), strict=True):
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5)
+
+
+def test_a_second_cache_over_the_same_directory_reads_every_variant(tmp_path):
+    x, w = jnp.arange(12.0).reshape(3, 4), jnp.ones((4, 2))
+    first = make(tmp_path)
+    check(first(x, w, power=2), x, w, 2)
+    first.get_all([((x[:2], w), {"power": 2}), ((x, w), {"power": 3}), ((x, w), {"power": 2})], workers=2)
+    assert (len(first), first.compiled, first.loaded) == (3, 3, 0)
+    assert len(list(tmp_path.iterdir())) == 3
+    TRACES.clear()
+    second = make(tmp_path)
+    second.get_all([((x, w), {"power": 2}), ((x[:2], w), {"power": 2})], workers=2)
+    check(second(x, w, power=3), x, w, 3)
+    check(second(x[:2], w, power=2), x[:2], w, 2)
+    assert (len(second), second.compiled, second.loaded) == (3, 0, 3) and TRACES == []
+    # another dtype, another fingerprint: compiled, not read
+    check(second(x.astype(jnp.bfloat16).astype(jnp.float32), w.astype(jnp.bfloat16), power=2), x, w, 2)
+    assert second.compiled == 1
+    other = make(tmp_path, fp="other")
+    check(other(x, w, power=2), x, w, 2)
+    assert (other.compiled, other.loaded) == (1, 0)
+
+
+def test_a_file_that_cannot_be_read_back_is_compiled_again_and_replaced(tmp_path, caplog):
+    x, w = jnp.ones((2, 3)), jnp.ones((3, 3))
+    make(tmp_path)(x, w, power=1)
+    (path,) = tmp_path.iterdir()
+    path.write_bytes(path.read_bytes()[:100])  # torn
+    again = make(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="jalora.engine.executables"):
+        check(again(x, w, power=1), x, w, 1)
+    assert (again.compiled, again.loaded) == (1, 0)
+    assert [r.getMessage() for r in caplog.records if "cannot be loaded" in r.getMessage()], caplog.text
+    third = make(tmp_path)  # the replacement reads back
+    check(third(x, w, power=1), x, w, 1)
+    assert (third.compiled, third.loaded) == (0, 1)
+
+
+def test_no_directory_keeps_variants_in_memory_only(tmp_path):
+    ex = Executables(fn, "f", None, "fp", static_argnames=("power",))
+    x, w = jnp.ones((2, 3)), jnp.ones((3, 3))
+    ex(x, w, power=1)
+    ex(x, w, power=1)
+    assert (len(ex), ex.compiled, ex.loaded) == (1, 1, 0) and list(tmp_path.iterdir()) == []
+
+
+def test_the_fingerprint_names_what_decides_a_module(monkeypatch):
+    before = fingerprint("a", 1)
+    assert fingerprint("a", 1) == before != fingerprint("a", 2)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")  # flags change what XLA emits
+    assert fingerprint("a", 1) != before
