@@ -662,16 +662,25 @@ def host_tier_cost(now, before) -> list[str]:
             f"{provenance(now)}" + (f"; before: {provenance(before)}." if before else "."), "", *rows]  # fmt: skip
 
 
-def startup_gpu(r) -> list[str]:
-    """bench/startup_gpu.py: start to ready on the GPU, with a cold and a warm compilation cache."""
+def startup_gpu(r, before=None) -> list[str]:
+    """bench/startup_gpu.py: start to ready on the GPU, with a cold and a warm compilation cache (and the
+    same starts of an earlier build, `before`, where there is one)."""
     from bench import startup_gpu as startup_gpu_bench
 
     m = r["model"]
-    return [f"`LLM(...)` with its warm-up, then {r['engine']['adapters']} adapters loaded and "
-            f"`warmup_adapters()`, {m['num_hidden_layers']} layers of hidden size {m['hidden_size']} (dummy weights), "
-            f"each start a fresh process, the two sharing one compilation cache of "
-            f"{r.get('cache_bytes', 0) / 1e6:.0f} MB ({provenance(r)}); goal {r['goal_s']['cold']:.0f} s cold, "
-            f"{r['goal_s']['warm']:.0f} s warm.", "", startup_gpu_bench.stdout_table(r)]  # fmt: skip
+    runs = {f"{k} ({commit_of(r)})": v for k, v in r["runs"].items()}
+    if before is not None:
+        runs.update({f"{k} (before: {commit_of(before)})": v for k, v in before["runs"].items()})
+    text = (f"`LLM(...)` with its warm-up, then {r['engine']['adapters']} adapters loaded and `warmup_adapters()`, "
+            f"{m['num_hidden_layers']} layers of hidden size {m['hidden_size']} (dummy weights), each start a fresh "
+            f"process, the two sharing one compilation cache of {r.get('cache_bytes', 0) / 1e6:.0f} MB "
+            f"({provenance(r)}); goal {r['goal_s']['cold']:.0f} s cold, {r['goal_s']['warm']:.0f} s warm. Trace, "
+            "lower and compile-or-load seconds are summed over threads: a cold start's compilations overlap, its "
+            "tracing and lowering do not.")  # fmt: skip
+    if before is not None:
+        text += (f" Before: {provenance(before)}, whose warm start traced and lowered every step variant again "
+                 "(JAX's cache only) and whose warm-up compiled one variant after another.")  # fmt: skip
+    return [text, "", startup_gpu_bench.stdout_table({**r, "runs": runs})]
 
 
 def _f(v, fmt: str) -> str:
@@ -814,7 +823,8 @@ def render() -> str:
         ("### More adapters than device slots", adapter_swap, ("adapter_swap.json",)),
         ("### The host-memory KV tier: what its copies cost a decode step", host_tier_cost,
          ("host_tier_cost.json", "host_tier_cost_before.json")),
-        ("### Start-up on the GPU: cold and warm compilation cache", startup_gpu, ("startup_gpu.json",)),
+        ("### Start-up on the GPU: cold and warm compilation cache", startup_gpu,
+         ("startup_gpu.json", "startup_gpu_before.json")),
         ("### The aLoRA serving paper's pipelines on the H200", pipeline_bench_section,
          ("pipeline_bench_granite-8b.json",)),
     ]
