@@ -2,6 +2,7 @@
 the loop copy each layer's weights out of the stack before its matmuls?
 
     python -m bench.scan_layers                       # H200: Granite-8B matmul shapes, 40 layers, bf16
+    python -m bench.scan_layers --rows 16 512 4096    # the same at several step sizes (token rows)
     python -m bench.scan_layers --quick               # CPU smoke run (tiny shapes; written under /tmp)
 
 Why: start-up compiles every step variant with 40 unrolled layers (bench/startup_gpu.py: tracing and
@@ -10,8 +11,8 @@ the batch-1 decode step 2.6x slower on the H200 (reverted). At batch 1 a decode 
 once; a loop whose body first copies the layer's slice of each stacked weight (a read and a write) and
 then reads the copy moves about three times the bytes. This benchmark isolates that: the layers' four
 matmuls (fused q/k/v, o, fused gate/up, down) with the norms and activation between them and no
-attention, at the engine's smallest step (16 token rows), each variant in a process of its own (XLA
-flags are read once per process):
+attention, at the engine's smallest step (16 token rows) unless --rows says others, each variant in a
+process of its own (XLA flags are read once per process):
 
     unrolled     one copy of the body per layer, each over its own weight arrays (today's decoder)
     scan         lax.scan over weights stacked [layers, ...]
@@ -39,11 +40,11 @@ DSF_FLAG = "--xla_gpu_enable_dynamic_slice_fusion=true"
 NO_TRITON_GEMM = {"xla_gpu_enable_triton_gemm": False}
 
 
-def shapes(quick: bool, layers: int | None) -> dict:
+def shapes(quick: bool, layers: int | None, rows: int = 16) -> dict:
     cfg = TINY if quick else GRANITE_8B
     d, f = cfg["hidden_size"], cfg["intermediate_size"]
     kv = d // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    return {"d": d, "f": f, "qkv": d + 2 * kv, "layers": layers or cfg["num_hidden_layers"], "rows": 16,
+    return {"d": d, "f": f, "qkv": d + 2 * kv, "layers": layers or cfg["num_hidden_layers"], "rows": rows,
             "dtype": "float32" if quick else "bfloat16"}  # fmt: skip
 
 
@@ -118,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shapes, float32")
     p.add_argument("--layers", type=int, default=None, help="layers (default: the preset's)")
+    p.add_argument("--rows", type=int, nargs="+", default=[16], help="token rows of the step (default: 16)")
     p.add_argument("--out", default=None, help="result file (default: bench/results/scan_layers.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -126,24 +128,26 @@ def main(argv: list[str] | None = None) -> dict | None:
         return None
     import jax
 
-    s = shapes(args.quick, args.layers)
     gpu = jax.default_backend() == "gpu"
     variants = {"unrolled": "", "scan": ""}
     if gpu:
         variants |= {"scan+dsf": DSF_FLAG, "scan+cublas": "", "unrolled+cublas": ""}
-    result = {**run_metadata(__spec__.name, argv), "quick": args.quick, "shapes": s, "runs": {}}
+    result = {**run_metadata(__spec__.name, argv), "quick": args.quick, "shapes": shapes(args.quick, args.layers),
+              "runs": {}}  # fmt: skip
     path = result_path(args.out, "scan_layers.json", smoke=args.quick)
-    for name, flag in variants.items():
+    for rows, (name, flag) in [(r, v) for r in args.rows for v in variants.items()]:
+        s = shapes(args.quick, args.layers, rows)
+        key = name if args.rows == [16] else f"{name} @{rows}"
         env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()}
         proc = subprocess.run([sys.executable, "-m", "bench.scan_layers", "--child",
                                json.dumps({"shapes": s, "variant": name.split("+")[0],
                                            "compiler_options": NO_TRITON_GEMM if "cublas" in name else None})],
                               stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
         if proc.returncode != 0:
-            result["runs"][name] = {"error": f"exit {proc.returncode}"}
+            result["runs"][key] = {"error": f"exit {proc.returncode}", "rows": rows}
         else:
-            result["runs"][name] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(name, json.dumps(result["runs"][name]), flush=True)
+            result["runs"][key] = {**json.loads(proc.stdout.strip().splitlines()[-1]), "rows": rows}
+        print(key, json.dumps(result["runs"][key]), flush=True)
         save(path, result)
     print(stdout_table(result))
     print(f"saved {path}")
@@ -155,14 +159,15 @@ def stdout_table(r: dict) -> str:
     process measured (one process's measure varies by tens of percent)."""
     runs = {k: x for k, x in r["runs"].items() if "error" not in x}
     bw = max((x["copy_bandwidth_GBps"] for x in runs.values()), default=None)
-    base = runs.get("unrolled", {}).get("step_ms")
-    rows = ["| variant | step ms | x unrolled | x roofline | trace+lower s | compile s | dynamic-slices | copies |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    unrolled = {x.get("rows", 16): x["step_ms"] for k, x in runs.items() if k.split(" @")[0] == "unrolled"}
+    rows = ["| variant | step ms | x unrolled | x weight roofline | trace+lower s | compile s | dynamic-slices | "
+            "copies |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for name, x in r["runs"].items():
         if "error" in x:
             rows.append(f"| {name} | {x['error']} | | | | | | |")
             continue
         roof = x["weight_bytes"] / (bw * 1e9) * 1e3
+        base = unrolled.get(x.get("rows", 16))
         rel = "-" if base is None else f"{x['step_ms'] / base:.2f}"
         rows.append(f"| {name} | {x['step_ms']:.2f} | {rel} | {x['step_ms'] / roof:.2f} | {x['trace_lower_s']:.2f} | "
                     f"{x['compile_s']:.2f} | {x['dynamic_slices']} | {x['copies']} |")  # fmt: skip
