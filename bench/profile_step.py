@@ -182,17 +182,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--modes", nargs="+", choices=("async", "sync"), default=["async", "sync"],
                     help="scheduling modes to time, in order (sync: each step read back before the next), one "
                          "engine each; the device trace is taken in the first")  # fmt: skip
-    ap.add_argument("--cublas-min-tokens", type=int, default=None,
-                    help="GPU steps of this many token rows or more compile with XLA's Triton GEMM fusions off "
-                         "(default: jalora/model/kernel_plan.py's CUBLAS_MIN_TOKENS; a huge value keeps them on "
-                         "for every step, as before they were chosen by step size)")  # fmt: skip
     ap.add_argument("--out", default=None,
                     help="result file (default bench/results/profile_step_b<batch>_a<adapters>.json)")
     args = ap.parse_args(argv)
-    if args.cublas_min_tokens is not None:  # (read when the engines below make their kernel plans)
-        from jalora.model import kernel_plan
-
-        kernel_plan.CUBLAS_MIN_TOKENS = args.cublas_min_tokens
     if args.hlo:  # read by XLA when the backend starts, below
         dump = f" --xla_dump_to={args.hlo} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=step_fn"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + dump).strip()
@@ -216,7 +208,6 @@ def main(argv=None) -> dict:
 
     result = {**meta, "preset": args.preset, "batch": args.batch, "adapters": args.adapters,
               "context": args.context, "steps": args.steps, "mode": args.modes[0],
-              "cublas_min_tokens": engines[args.modes[0]][0].kernel_plan.cublas_min_tokens,
               "step_ms_median": step_s * 1e3,
               "host_ms_per_step": host, "by_mode": by_mode, "device_trace": device}  # fmt: skip
     path = result_path(args.out, f"profile_step_b{args.batch}_a{args.adapters}.json", smoke=args.preset == "tiny")

@@ -80,9 +80,7 @@ class Executables:
 
     `variant_key(args, static)` picks the variant on every call, so it must be cheap and must tell apart
     every pair of calls that `jax.jit` would compile separately; by default it is every argument's shape,
-    dtype and sharding (fine for functions of a few arrays). `compiler_options(args, static)` gives a
-    variant's XLA compile options (None: the defaults); they must follow from the fingerprint and the
-    variant, as nothing else keys the files."""
+    dtype and sharding (fine for functions of a few arrays)."""
 
     def __init__(
         self,
@@ -94,7 +92,6 @@ class Executables:
         static_argnames: tuple[str, ...] = (),
         donate_argnums: tuple[int, ...] = (),
         variant_key: Callable[[tuple, dict], Hashable] | None = None,
-        compiler_options: Callable[[tuple, dict], dict | None] | None = None,
         **jit_kwargs: Any,
     ):
         self.name = name
@@ -102,7 +99,6 @@ class Executables:
         self._directory = directory
         self._fingerprint = fingerprint
         self._variant_key = variant_key or self._full_key
-        self._compiler_options = compiler_options or (lambda args, static: None)
         self._compiled: dict[Hashable, Any] = {}
         self._lock = threading.Lock()  # (the warm-up may get variants from several threads)
         self.loaded = 0  # variants read from the directory
@@ -132,7 +128,7 @@ class Executables:
         exe = self._read(path) if path is not None else None
         if exe is not None:
             return self._keep(key, exe, loaded=True)
-        return self._keep(key, self._compile(self._lower(args, static), path), loaded=False)
+        return self._keep(key, self._compile(self._jit.lower(*args, **static), path), loaded=False)
 
     def get_all(self, calls: Sequence[tuple[tuple, dict]], workers: int) -> None:
         """Every call's variant (`(args, static)` pairs), the reads and compilations on `workers` threads:
@@ -154,7 +150,7 @@ class Executables:
                 if exe is not None:
                     self._keep(key, exe, loaded=True)
                 else:
-                    compiles[key] = pool.submit(self._compile, self._lower(args, static), paths[key])
+                    compiles[key] = pool.submit(self._compile, self._jit.lower(*args, **static), paths[key])
             for key, future in compiles.items():
                 self._keep(key, future.result(), loaded=False)
 
@@ -166,12 +162,8 @@ class Executables:
                 self.compiled += 1
             return self._compiled.setdefault(key, exe)
 
-    def _lower(self, args: tuple, static: dict) -> tuple[Any, dict | None]:
-        return self._jit.lower(*args, **static), self._compiler_options(args, static)
-
-    def _compile(self, lowered: tuple[Any, dict | None], path: Path | None) -> Any:
-        module, options = lowered
-        exe = module.compile(options)
+    def _compile(self, lowered: Any, path: Path | None) -> Any:
+        exe = lowered.compile()
         if path is not None:
             self._write(path, exe)
         return exe

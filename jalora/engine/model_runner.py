@@ -279,16 +279,12 @@ class ModelRunner:
         # what decides a compiled module besides its arguments (their shapes, dtypes, shardings) is here.
         fp = fingerprint(type(model).__name__, cfg, model.plan, block_size, max_num_seqs, self.max_pages,
                          str(jnp.dtype(kv_dtype)), repr(tp.mesh) if tp.sharded else None)  # fmt: skip
-        # (a step's options by its rows: token_ids is StepInputs' first field; prompt_lp's by the hidden rows)
-        plan = model.plan
         self._step = Executables(step_fn, "step", executable_dir, fp, static_argnames=("layout",),
-                                 donate_argnums=(1,), variant_key=_step_variant,
-                                 compiler_options=lambda _, static: plan.compile_options(static["layout"][1][0][0][0]))
+                                 donate_argnums=(1,), variant_key=_step_variant)  # fmt: skip
         self._draw = Executables(draw_fn, "draw", executable_dir, fp, static_argnames=("layout",))
         self._top = Executables(top_fn, "top", executable_dir, fp)
         self._prompt_lp = Executables(prompt_lp_fn, "prompt_lp", executable_dir, fp,
-                                      variant_key=lambda args, _: args[1].shape,
-                                      compiler_options=lambda args, _: plan.compile_options(args[1].shape[0]))
+                                      variant_key=lambda args, _: args[1].shape)  # fmt: skip (the hidden rows)
         # prev_tokens when nothing is pending (on every device of the mesh, as the step's own outputs)
         self._no_prev_tokens = tp.zeros((max_num_seqs,), jnp.int32, P())
         # Several hosts (jalora/engine/multihost.py): process 0's runner sends each launch to the others

@@ -10,13 +10,6 @@ activation). The one-hot form is two dense matmuls against every slot with the o
 zeroed, which needs only the per-token slots: cheaper than a kernel launch when the step is
 decode-sized. `lora_tuning.onehot_max_tokens` is the step size (token rows) up to which the one-hot form
 runs: on GPU decode-sized steps, on TPU none (the kernel always), on the CPU reference every step.
-
-On GPU, XLA compiles a step's matmuls either to its own Triton GEMM fusions (autotuned per shape) or to
-cuBLAS. Measured on the H200 (bench/scan_layers.py, 40 layers of Granite-8B matmuls): Triton is faster
-at 16 token rows (5.10 vs 5.48 ms), cuBLAS from 64 rows on (5.59 vs 5.86 ms at 64, 15.2 vs 16.0 at
-512, 108.8 vs 113.0 at 4096), and it compiles in about half the time (no Triton autotuning). So steps
-of `cublas_min_tokens` rows or more compile with XLA's Triton GEMM fusions off (`compile_options`); the
-Pallas kernels are Triton either way.
 """
 
 from __future__ import annotations
@@ -34,8 +27,6 @@ from pallas_kernels.ragged_paged_attention import (
     tpu_attention_tuning,
 )
 
-CUBLAS_MIN_TOKENS = 64  # (measured at 16 and 64 rows: 32 keeps XLA's default)
-
 
 @dataclasses.dataclass(frozen=True)
 class KernelPlan:
@@ -44,7 +35,6 @@ class KernelPlan:
     lora_tuning: MaskedLoraTuning  # when a step takes the one-hot form; the segment kernel's token tile
     interpret: bool  # Pallas kernels in interpret mode (CPU)
     attention_tuning: GpuAttentionTuning | TpuAttentionTuning | None  # the attention kernel's table entry
-    cublas_min_tokens: int | None = None  # GPU: steps of this many rows or more take cuBLAS matmuls
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> KernelPlan:
@@ -69,7 +59,6 @@ class KernelPlan:
             lora_tuning=lora_tuning,
             interpret=config.kernel_interpret,
             attention_tuning=None if attention_tuning is None else attention_tuning(kind),
-            cublas_min_tokens=CUBLAS_MIN_TOKENS if platform == "gpu" else None,
         )
 
     @property
@@ -77,12 +66,6 @@ class KernelPlan:
         """True if steps of one token row compile on their own: where no Pallas kernel runs, so no kernel
         tile sets a smallest step size (jalora/engine/model_runner.py, token_buckets)."""
         return self.attention == "reference" and self.lora == "reference"
-
-    def compile_options(self, num_tokens: int) -> dict | None:
-        """XLA compile options of a step (or another function) over `num_tokens` rows: None for the defaults."""
-        if self.cublas_min_tokens is None or num_tokens < self.cublas_min_tokens:
-            return None
-        return {"xla_gpu_enable_triton_gemm": False}
 
     def lora_takes_segments(self, num_tokens: int) -> bool:
         """True if a step of `num_tokens` rows runs the segment kernel (else the one-hot form)."""

@@ -6,9 +6,7 @@ import logging
 
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
-from jalora.config import EngineConfig
 from jalora.engine.executables import Executables, fingerprint
 
 TRACES: list[tuple] = []
@@ -81,27 +79,3 @@ def test_the_fingerprint_names_what_decides_a_module(monkeypatch):
     assert fingerprint("a", 1) == before != fingerprint("a", 2)
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")  # flags change what XLA emits
     assert fingerprint("a", 1) != before
-
-
-def test_a_variants_compile_options_reach_the_compiler(tmp_path):
-    """The options of `compiler_options(args, static)` are the ones XLA compiles with (an unknown one
-    fails the compile), per variant."""
-    def options(args, _static):
-        return {"no_such_option": 1} if args[0].shape[0] > 2 else None
-
-    ex = Executables(fn, "f", tmp_path, "fp", static_argnames=("power",), compiler_options=options)
-    x, w = jnp.ones((2, 3)), jnp.ones((3, 3))
-    check(ex(x, w, power=1), x, w, 1)
-    with pytest.raises(Exception, match="no_such_option"):
-        ex(jnp.ones((4, 3)), w, power=1)
-
-
-def test_gpu_plans_take_cublas_from_64_rows():
-    """bench/scan_layers.py on the H200: XLA's Triton GEMMs win at 16 rows, cuBLAS from 64 on."""
-    from jalora.model.kernel_plan import KernelPlan
-
-    gpu = KernelPlan("gpu", "gpu", None, False, None, cublas_min_tokens=64)
-    assert [gpu.compile_options(t) for t in (16, 32)] == [None, None]
-    assert gpu.compile_options(64) == gpu.compile_options(8192) == {"xla_gpu_enable_triton_gemm": False}
-    cpu = KernelPlan.from_config(EngineConfig(model="m"))
-    assert cpu.cublas_min_tokens is None and cpu.compile_options(8192) is None
