@@ -9,13 +9,14 @@ one [D, 2F] matmul; adapters follow the same fusion (jalora/adapters/manager.py)
 attention and masked LoRA is the engine's KernelPlan, a static attribute of the module.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jalora.adapters.manager import AdapterStacks
+from jalora.adapters.manager import AdapterStacks, LoraStack
 from jalora.model.config import ModelConfig
 from jalora.model.kernel_plan import KernelPlan
 from pallas_kernels.masked_lora import LoraSegments, masked_lora_add, masked_lora_onehot_flat
@@ -142,60 +143,21 @@ class Decoder(nnx.Module):
         if cfg.embedding_multiplier != 1.0:
             x = x * cfg.embedding_multiplier
         inv_freq = rope_inv_freq(cfg)
-        t = token_ids.shape[0]
-        plan = self.plan
+        # One layer body for all layers: a jitted function called once per layer with the same shapes is
+        # traced and lowered once (a private function of the step's module, called num_layers times),
+        # where a plain loop traced and lowered every layer again; XLA inlines the calls before it
+        # optimizes, so the compiled step is the unrolled one.
+        body = jax.jit(functools.partial(_layer, cfg, self.plan, tp_axis))
         new_caches = []
         for i, layer in enumerate(self.layers):
-
-            def proj(h, w, b, group, _i=i):
-                # Row-parallel (o, down) under tensor parallelism: partial sums, the LoRA delta of this
-                # device's rows included, all-reduced; the bias is added once, after.
-                reduce = tp_axis is not None and group in ("o", "down")
-                y = jnp.dot(h, w[...], preferred_element_type=jnp.float32)
-                if b is not None and not reduce:
-                    y = y + b[...].astype(jnp.float32)
-                y = y.astype(h.dtype)
-                if lora is not None and group in lora.stacks:
-                    st = lora.stacks[group]
-                    a_flat = None if st.a_flat is None else st.a_flat[_i]
-                    y = masked_lora_fn(y, h, st.a[_i], st.b[_i], a_flat, lora, plan)
-                if reduce:
-                    y = jax.lax.psum(y, tp_axis)
-                    if b is not None:
-                        y = (y.astype(jnp.float32) + b[...].astype(jnp.float32)).astype(h.dtype)
-                return y
-
-            h = rms_norm(x, layer.input_norm[...], cfg.rms_norm_eps)
-            qkv = proj(h, layer.w_qkv, layer.b_qkv, "qkv")
-            q = qkv[:, : cfg.q_size].reshape(t, cfg.num_heads, cfg.head_dim)
-            k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].reshape(t, cfg.num_kv_heads, cfg.head_dim)
-            v = qkv[:, cfg.q_size + cfg.kv_size :].reshape(t, cfg.num_kv_heads, cfg.head_dim)
-            q = apply_rope(q, positions, inv_freq)
-            k = apply_rope(k, positions, inv_freq)
-            k_cache, v_cache = write_kv(kv_caches[i][0], kv_caches[i][1], k, v, attn.slot_mapping)
+            w = {name: None if (p := getattr(layer, name)) is None else p[...] for name in _LAYER_PARAMS}
+            stacks = None
+            if lora is not None:
+                stacks = {g: LoraStack(st.a[i], st.b[i], None if st.a_flat is None else st.a_flat[i])
+                          for g, st in lora.stacks.items()}  # fmt: skip (this layer's slice of each group)
+                stacks = LoraBatch(stacks, lora.token_slots, lora.segments)
+            x, k_cache, v_cache = body(x, positions, inv_freq, w, kv_caches[i][0], kv_caches[i][1], attn, stacks)
             new_caches.append((k_cache, v_cache))
-            o = ragged_paged_attention(
-                q,
-                k_cache,
-                v_cache,
-                attn.kv_lens,
-                attn.page_indices,
-                attn.cu_q_lens,
-                attn.num_seqs,
-                sm_scale=cfg.sm_scale,
-                sliding_window=cfg.sliding_window,
-                impl=plan.attention,
-                interpret=plan.interpret_arg(plan.attention),
-                tuning=plan.attention_tuning,
-            )
-            o = proj(o.reshape(t, cfg.q_size), layer.w_o, layer.b_o, "o")
-            x = x + o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + o
-            h = rms_norm(x, layer.post_norm[...], cfg.rms_norm_eps)
-            gu = proj(h, layer.w_gate_up, layer.b_gate_up, "gate_up")
-            f = cfg.intermediate_size
-            m = (jax.nn.silu(gu[:, :f].astype(jnp.float32)) * gu[:, f:].astype(jnp.float32)).astype(h.dtype)
-            d = proj(m, layer.w_down, layer.b_down, "down")
-            x = x + d * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + d
         return rms_norm(x, self.norm[...], cfg.rms_norm_eps), new_caches
 
     def logits(self, hidden):
@@ -207,6 +169,67 @@ class Decoder(nnx.Module):
         if self.tp_axis is not None:  # each device's vocabulary columns, gathered (padding dropped)
             out = jax.lax.all_gather(out, self.tp_axis, axis=out.ndim - 1, tiled=True)[..., : self.vocab_size]
         return out
+
+
+_LAYER_PARAMS = ("input_norm", "w_qkv", "b_qkv", "w_o", "b_o", "post_norm", "w_gate_up", "b_gate_up", "w_down",
+                 "b_down")  # fmt: skip (DecoderLayer's parameters)
+
+
+def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, positions, inv_freq, w, k_cache, v_cache, attn, lora):
+    """One decoder layer: (x after it, new k_cache, new v_cache). `w` holds the layer's arrays by
+    DecoderLayer's names (None where a bias is absent); `lora` is None or a LoraBatch of this layer's
+    slice of each stack."""
+    t = x.shape[0]
+
+    def proj(h, name, group):
+        # Row-parallel (o, down) under tensor parallelism: partial sums, the LoRA delta of this
+        # device's rows included, all-reduced; the bias is added once, after.
+        reduce = tp_axis is not None and group in ("o", "down")
+        b = w["b_" + name]
+        y = jnp.dot(h, w["w_" + name], preferred_element_type=jnp.float32)
+        if b is not None and not reduce:
+            y = y + b.astype(jnp.float32)
+        y = y.astype(h.dtype)
+        if lora is not None and group in lora.stacks:
+            st = lora.stacks[group]
+            y = masked_lora_fn(y, h, st.a, st.b, st.a_flat, lora, plan)
+        if reduce:
+            y = jax.lax.psum(y, tp_axis)
+            if b is not None:
+                y = (y.astype(jnp.float32) + b.astype(jnp.float32)).astype(h.dtype)
+        return y
+
+    h = rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
+    qkv = proj(h, "qkv", "qkv")
+    q = qkv[:, : cfg.q_size].reshape(t, cfg.num_heads, cfg.head_dim)
+    k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    v = qkv[:, cfg.q_size + cfg.kv_size :].reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
+    k_cache, v_cache = write_kv(k_cache, v_cache, k, v, attn.slot_mapping)
+    o = ragged_paged_attention(
+        q,
+        k_cache,
+        v_cache,
+        attn.kv_lens,
+        attn.page_indices,
+        attn.cu_q_lens,
+        attn.num_seqs,
+        sm_scale=cfg.sm_scale,
+        sliding_window=cfg.sliding_window,
+        impl=plan.attention,
+        interpret=plan.interpret_arg(plan.attention),
+        tuning=plan.attention_tuning,
+    )
+    o = proj(o.reshape(t, cfg.q_size), "o", "o")
+    x = x + o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + o
+    h = rms_norm(x, w["post_norm"], cfg.rms_norm_eps)
+    gu = proj(h, "gate_up", "gate_up")
+    f = cfg.intermediate_size
+    m = (jax.nn.silu(gu[:, :f].astype(jnp.float32)) * gu[:, f:].astype(jnp.float32)).astype(h.dtype)
+    d = proj(m, "down", "down")
+    x = x + d * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + d
+    return x, k_cache, v_cache
 
 
 def _vocab_parallel_embed(embed, token_ids, axis):

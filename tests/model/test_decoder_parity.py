@@ -87,3 +87,24 @@ def test_engine_with_pallas_attention_kernels(tiny_models, impl, family_name):
         ref = hf_models.oracle_prompt_logprobs(oracle, ids)
         assert np.max(np.abs(np.asarray(out.prompt_logprobs[1:]) - np.asarray(ref))) <= 1e-4
         assert out.token_ids == hf_models.oracle_greedy(oracle, ids, 8)
+
+
+def test_the_layer_body_is_traced_once_per_step_variant(tiny_models, tmp_path, monkeypatch):
+    """Start-up: a step variant traces (and lowers) the decoder layer once, not once per layer; the
+    parity tests above hold with that (XLA inlines the layer calls back into the unrolled step)."""
+    from jalora.model import decoder
+
+    model = hf_models.make_model(str(tmp_path / "llama"), "llama", num_hidden_layers=4)
+    traced = []
+    layer = decoder._layer
+
+    def counting(*args, **kwargs):  # runs only while tracing
+        traced.append(1)
+        return layer(*args, **kwargs)
+
+    monkeypatch.setattr(decoder, "_layer", counting)
+    llm = LLM(model, num_kv_blocks=16, max_num_seqs=2, max_num_batched_tokens=32, warmup=False)
+    out = llm.generate([prompt_of(20)], SamplingParams(max_tokens=3, ignore_eos=True))[0]
+    assert len(out.token_ids) == 3
+    variants = len(llm.engine.runner._step)
+    assert variants >= 1 and len(traced) == variants, (len(traced), variants)
