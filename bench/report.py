@@ -662,24 +662,31 @@ def host_tier_cost(now, before) -> list[str]:
             f"{provenance(now)}" + (f"; before: {provenance(before)}." if before else "."), "", *rows]  # fmt: skip
 
 
-def startup_gpu(r, before=None) -> list[str]:
-    """bench/startup_gpu.py: start to ready on the GPU, with a cold and a warm compilation cache (and the
-    same starts of an earlier build, `before`, where there is one)."""
+def startup_gpu(r, executables=None, before=None) -> list[str]:
+    """bench/startup_gpu.py: start to ready on the GPU, with a cold and a warm compilation cache, this
+    build's run beside the earlier builds' runs where there are (`executables`: the build that first kept
+    compiled variants on disk; `before`: the one before it)."""
     from bench import startup_gpu as startup_gpu_bench
 
     m = r["model"]
-    runs = {f"{k} ({commit_of(r)})": v for k, v in r["runs"].items()}
-    if before is not None:
-        runs.update({f"{k} (before: {commit_of(before)})": v for k, v in before["runs"].items()})
+    builds = [(r, ""), (executables, "compiled variants kept on disk, layers traced one by one"),
+              (before, "JAX's cache only, variants compiled one after another")]  # fmt: skip
+    runs = {}
+    for b, what in builds:
+        if b is not None:
+            runs.update({f"{k} ({commit_of(b)}{': ' + what if what else ''})": v for k, v in b["runs"].items()})
     text = (f"`LLM(...)` with its warm-up, then {r['engine']['adapters']} adapters loaded and `warmup_adapters()`, "
             f"{m['num_hidden_layers']} layers of hidden size {m['hidden_size']} (dummy weights), each start a fresh "
-            f"process, the two sharing one compilation cache of {r.get('cache_bytes', 0) / 1e6:.0f} MB "
+            f"process, cold starts with an empty compilation cache, warm ones with the cold start's "
             f"({provenance(r)}); goal {r['goal_s']['cold']:.0f} s cold, {r['goal_s']['warm']:.0f} s warm. Trace, "
             "lower and compile-or-load seconds are summed over threads: a cold start's compilations overlap, its "
             "tracing and lowering do not.")  # fmt: skip
-    if before is not None:
-        text += (f" Before: {provenance(before)}, whose warm start traced and lowered every step variant again "
-                 "(JAX's cache only) and whose warm-up compiled one variant after another.")  # fmt: skip
+    if "warm" not in r["runs"]:
+        text += (" This build's run ended after its cold start (the session's device time ran out); a warm start "
+                 "traces nothing, so it is not expected to differ from the earlier build's, but it is not measured.")
+    for b, _ in builds[1:]:
+        if b is not None:
+            text += f" {commit_of(b)}: {provenance(b)}."
     return [text, "", startup_gpu_bench.stdout_table({**r, "runs": runs})]
 
 
@@ -824,7 +831,7 @@ def render() -> str:
         ("### The host-memory KV tier: what its copies cost a decode step", host_tier_cost,
          ("host_tier_cost.json", "host_tier_cost_before.json")),
         ("### Start-up on the GPU: cold and warm compilation cache", startup_gpu,
-         ("startup_gpu.json", "startup_gpu_before.json")),
+         ("startup_gpu.json", "startup_gpu_executables.json", "startup_gpu_before.json")),
         ("### The aLoRA serving paper's pipelines on the H200", pipeline_bench_section,
          ("pipeline_bench_granite-8b.json",)),
     ]
