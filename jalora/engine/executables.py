@@ -21,11 +21,13 @@ vLLM keys its compiled-graph cache the same way (a hash of the config and of the
 """
 
 import concurrent.futures
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import pickle
+import tempfile
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
@@ -54,21 +56,25 @@ def source_hash() -> str:
 
 def fingerprint(*parts: Any) -> str:
     """What, besides a variant's arguments, decides every compiled module of an engine: `parts` (the
-    model config, kernel plan, fixed sizes: each by repr) and the code, versions, devices and flags."""
+    model config, kernel plan, fixed sizes, mesh: each by repr) and the code, versions, devices, every JAX
+    setting (some change what a function traces to: the PRNG implementation, dtype promotion) and the
+    XLA flags. A setting that changes nothing only costs a miss."""
+    import flax
     import jaxlib
+    import numpy
 
     devices = jax.devices()
     env = {k: os.environ.get(k, "") for k in ("XLA_FLAGS", "LIBTPU_INIT_ARGS")}
-    jax_flags = {k: getattr(jax.config, k) for k in ("jax_enable_x64", "jax_default_matmul_precision")}
-    text = repr((_FORMAT, source_hash(), jax.__version__, jaxlib.__version__, jax.default_backend(),
-                 devices[0].client.platform_version, [(d.id, d.device_kind) for d in devices], env, jax_flags,
-                 parts))  # fmt: skip
+    settings = sorted((k, repr(v)) for k, v in jax.config.values.items())
+    text = repr((_FORMAT, source_hash(), jax.__version__, jaxlib.__version__, flax.__version__, numpy.__version__,
+                 jax.default_backend(), devices[0].client.platform_version, [(d.id, d.device_kind) for d in devices],
+                 env, settings, parts))  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _aval(x: Any) -> Any:
     if isinstance(x, jax.Array):
-        return (tuple(x.shape), str(x.dtype), repr(x.sharding))
+        return (tuple(x.shape), str(x.dtype), x.weak_type, repr(x.sharding))
     if hasattr(x, "shape") and hasattr(x, "dtype"):  # numpy: placed on the default device
         return (tuple(x.shape), str(x.dtype))
     return repr(x)
@@ -198,13 +204,20 @@ class Executables:
     def _write(self, path: Path, exe: Any) -> None:
         from jax.experimental import serialize_executable
 
+        tmp = None
         try:
             serialized, in_tree, out_tree = serialize_executable.serialize(exe)
             device_ids = [d.id for d in exe.runtime_executable().local_devices()]
             data = pickle.dumps((_FORMAT, serialized, in_tree, out_tree, device_ids))
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            tmp.write_bytes(data)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
             os.replace(tmp, path)  # (a reader sees the whole file or none)
+            tmp = None
         except Exception as e:  # a cache that cannot be written costs the next start time, not this one
             logger.warning("cannot save the compiled %s to %s: %s", self.name, path, e)
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)

@@ -278,7 +278,8 @@ class ModelRunner:
         # The step and the functions behind it, each variant compiled once and kept in executable_dir:
         # what decides a compiled module besides its arguments (their shapes, dtypes, shardings) is here.
         fp = fingerprint(type(model).__name__, cfg, model.plan, block_size, max_num_seqs, self.max_pages,
-                         str(jnp.dtype(kv_dtype)), repr(tp.mesh) if tp.sharded else None)  # fmt: skip
+                         str(jnp.dtype(kv_dtype)),
+                         (repr(tp.mesh), tp.mesh.device_ids.tolist()) if tp.sharded else None)  # fmt: skip
         self._step = Executables(step_fn, "step", executable_dir, fp, static_argnames=("layout",),
                                  donate_argnums=(1,), variant_key=_step_variant)  # fmt: skip
         self._draw = Executables(draw_fn, "draw", executable_dir, fp, static_argnames=("layout",))
@@ -570,7 +571,7 @@ class ModelRunner:
         try:
             compiled, variants, start = self.num_compiled(), len(self._step), time.perf_counter()
             steps = [self._warmup_step(t, adapters) for t in self.buckets]
-            self._step.get_all([self._step_args(step, adapters or {}, None) for step in steps], os.cpu_count() or 1)
+            self._step.get_all([self._step_args(step, adapters or {}, None) for step in steps], _usable_cores())
             # Bars only on a terminal: piped into a log (a server's stderr) they would be noise.
             for step in tqdm(steps, desc=desc, disable=None if progress else True):
                 out, logits, hidden = self._launch_step(step, adapters or {}, None)
@@ -598,6 +599,13 @@ class ModelRunner:
 def move_sizes(num_blocks: int) -> list[int]:
     """The block counts the host tier's copies run with: powers of two up to MAX_MOVE_BLOCKS (and the cache)."""
     return [1 << i for i in range(MAX_MOVE_BLOCKS.bit_length()) if 1 << i <= min(MAX_MOVE_BLOCKS, num_blocks)]
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS tells it), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def _step_variant(args: tuple, static: dict) -> tuple:

@@ -4,6 +4,7 @@ arguments' shapes, dtypes and static values each pick their own file."""
 
 import logging
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -77,5 +78,8 @@ def test_no_directory_keeps_variants_in_memory_only(tmp_path):
 def test_the_fingerprint_names_what_decides_a_module(monkeypatch):
     before = fingerprint("a", 1)
     assert fingerprint("a", 1) == before != fingerprint("a", 2)
+    with jax.numpy_rank_promotion("raise"):  # a JAX setting changes what a function traces to
+        assert fingerprint("a", 1) != before
+    assert fingerprint("a", 1) == before
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")  # flags change what XLA emits
     assert fingerprint("a", 1) != before
