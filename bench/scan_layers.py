@@ -5,8 +5,8 @@ the loop copy each layer's weights out of the stack before its matmuls?
     python -m bench.scan_layers --rows 16 512 4096    # the same at several step sizes (token rows)
     python -m bench.scan_layers --quick               # CPU smoke run (tiny shapes; written under /tmp)
 
-Why: start-up compiles every step variant with 40 unrolled layers (bench/startup_gpu.py: tracing and
-lowering alone take 111 s of a cold start), and a scanned decoder, which compiles one layer body, made
+Why: start-up compiles every step variant with 40 unrolled layers (bench/startup_gpu.py: compiling them
+is most of a cold start), and a scanned decoder, which compiles one layer body, made
 the batch-1 decode step 2.6x slower on the H200 (reverted). At batch 1 a decode step reads every weight
 once; a loop whose body first copies the layer's slice of each stacked weight (a read and a write) and
 then reads the copy moves about three times the bytes. This benchmark isolates that: the layers' four
@@ -14,13 +14,18 @@ matmuls (fused q/k/v, o, fused gate/up, down) with the norms and activation betw
 attention, at the engine's smallest step (16 token rows) unless --rows says others, each variant in a
 process of its own (XLA flags are read once per process):
 
-    unrolled     one copy of the body per layer, each over its own weight arrays (today's decoder)
+    unrolled     one copy of the body per layer, each over its own weight arrays (what the engine's
+                 compiled step is)
     scan         lax.scan over weights stacked [layers, ...]
     scan+dsf     the same with XLA's dynamic-slice fusion on (--xla_gpu_enable_dynamic_slice_fusion): a
                  matmul reads its operand at the loop's offset instead of from a copy (GPU only)
     scan+cublas  scan, compiled with XLA's Triton GEMM fusions off (the compile option
                  xla_gpu_enable_triton_gemm=False, for this executable only): the matmuls go to cuBLAS
     unrolled+cublas  the same option on the unrolled layers (GPU only)
+
+Found on the H200 (bench/results/scan_layers*.json): the scan is 2.57x the unrolled step at 16 rows and
+the cause is XLA's Triton GEMM fusions over the loop's dynamic slices, not a copy: with those off
+(`scan+cublas`) the scan costs what the unrolled layers do with cuBLAS.
 
 Each reports the step's median milliseconds, the weight bytes over the measured copy bandwidth (the
 roofline), the seconds to trace and lower and to compile, and how many dynamic-slice and copy

@@ -55,9 +55,10 @@ def _child(args) -> None:
     from jax import monitoring
 
     counts = {"compiles": 0, "cache_hits": 0}
-    # Where a start's compile work goes (seconds, summed over the start): tracing to a jaxpr and lowering it
-    # to MLIR run on every start, warm or cold (the cache is keyed by the lowered module); the backend step
-    # compiles, or on a hit loads the executable (`cache_load_s` of it reading the cache).
+    # Where a start's compile work goes (seconds, summed over the start and its threads): tracing to a jaxpr
+    # and lowering it to MLIR, for what is not read back from jalora's own executables (JAX's cache is keyed
+    # by the lowered module); the backend step compiles, or on a hit loads the executable (`cache_load_s` of
+    # it reading JAX's cache).
     spent = {"trace_s": 0.0, "lower_s": 0.0, "backend_s": 0.0, "cache_load_s": 0.0}
     events = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
               "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",

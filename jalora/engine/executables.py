@@ -2,14 +2,14 @@
 traces nor lowers them again.
 
 JAX's persistent compilation cache (jalora/cache.py) is keyed by the lowered module: a warm start still
-traces every variant's Python (the decoder's layers, unrolled) to a jaxpr and lowers it to MLIR before it
-can look the executable up. On a CPU at 40 layers that was 10.8 s of a 20.5 s warm start
-(bench/startup_gpu.py records the split). This cache is keyed instead by what decides the module:
+traces every variant's Python to a jaxpr and lowers it to MLIR before it can look the executable up. On a
+CPU at 40 layers that was 10.8 s of a 20.5 s warm start (bench/startup_gpu.py records the split). This
+cache is keyed instead by what decides the module:
 
 - the engine's fingerprint (`fingerprint`): the source of the `jalora` and `pallas_kernels` packages,
-  the model's config and kernel plan, the runner's fixed sizes, the JAX and jaxlib versions, the devices
-  and the XLA flags;
-- the variant: its static arguments and every other argument's shape, dtype and sharding.
+  the model's config and kernel plan, the runner's fixed sizes and mesh, the JAX, jaxlib, flax and numpy
+  versions, the devices, every JAX setting and the XLA flags;
+- the variant: its static arguments and every other argument's shape, dtype, weak type and sharding.
 
 A hit deserializes the executable (`jax.experimental.serialize_executable`), which costs what JAX's own
 cache hit costs after lowering; a miss traces, lowers and compiles as `jax.jit` would (through JAX's
