@@ -127,14 +127,9 @@ class Executables:
     def get(self, *args: Any, **static: Any) -> Any:
         """The compiled variant for these arguments (not run): from memory, disk or the compiler."""
         key = self._variant_key(args, static)
-        exe = self._compiled.get(key)
-        if exe is not None:
-            return exe
-        path = self._path(args, static)
-        exe = self._read(path) if path is not None else None
-        if exe is not None:
-            return self._keep(key, exe, loaded=True)
-        return self._keep(key, self._compile(self._jit.lower(*args, **static), path), loaded=False)
+        if key not in self._compiled:
+            self.get_all([(args, static)], workers=1)
+        return self._compiled[key]
 
     def get_all(self, calls: Sequence[tuple[tuple, dict]], workers: int) -> None:
         """Every call's variant (`(args, static)` pairs), the reads and compilations on `workers` threads:
