@@ -387,22 +387,29 @@ def test_tokens_guard_every_route_but_health(tiny, tokens):
 
 
 def test_full_admission_bound_is_429(tiny):
-    """Both fronts share the engine worker's bound: a gRPC stream and an HTTP stream fill it."""
+    """Both fronts share the engine worker's bound: a gRPC stream and an HTTP stream fill it.
+
+    The HTTP stream's response starts with its first token, so it is opened on a thread while no step
+    may run: it counts as in flight from its submission on, whatever the engine thread is doing."""
     config = ServerConfig(port=0, http_port=0, max_pending_requests=2, model_name="tiny")
     with ServerThread(tiny, config) as s, Client(s.target, timeout=HANG) as g, \
             openai.OpenAI(base_url=s.http_url, api_key="x", max_retries=0, timeout=HANG) as c:  # fmt: skip
         worker = s.server.worker
-        with _steps_limited(worker):  # neither stream can finish
+        with _steps_limited(worker):  # the gRPC stream cannot finish
             over_grpc = g.generate_stream([1, 2, 3], max_tokens=40, ignore_eos=True)
             next(over_grpc)
-            worker.limit_steps(STEP_LIMIT)
-            over_http = c.completions.create(model="tiny", prompt=[4, 5, 6], stream=True, **LONG)
-            next(iter(over_http))
+            worker.limit_steps(0)  # from here no request advances until the limit is lifted
+            first_http: list = []
+            opener = threading.Thread(target=lambda: first_http.append(next(iter(
+                c.completions.create(model="tiny", prompt=[4, 5, 6], stream=True, **LONG)))))  # fmt: skip
+            opener.start()
+            _until(lambda: worker.num_pending == 2, "the HTTP stream to be submitted")
             err = _error(lambda: c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}]))
             assert err.status_code == 429 and err.body["type"] == "rate_limit_error"
             assert "max_pending_requests=2" in err.body["message"]
             over_grpc.close()
-            over_http.close()
+        opener.join(HANG)  # the limit is lifted: the HTTP stream gets its first token
+        assert not opener.is_alive() and first_http[0].choices[0].token_ids
         _until(lambda: worker.num_pending == 0, "the streams to end")
         assert c.completions.create(model="tiny", prompt=[1, 2], max_tokens=2).usage.completion_tokens == 2
 

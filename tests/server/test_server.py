@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -293,6 +294,7 @@ def test_async_cancel_and_deadline_abort_the_request(server, client):
 
 _DISCONNECTING_CLIENT = """
 import sys
+import threading
 import grpc
 from jalora.api.v1 import jalora_pb2 as pb, jalora_pb2_grpc as pb_grpc
 stub = pb_grpc.JaloraStub(grpc.insecure_channel(sys.argv[1]))
@@ -455,11 +457,18 @@ def test_admission_queue_full_is_resource_exhausted(offline, built):
     config = ServerConfig(port=0, max_pending_requests=2)
     with ServerThread(offline.engine, config) as small, Client(small.target, timeout=HANG) as c:
         worker = small.server.worker
-        with _steps_limited(worker):  # neither LONG stream can finish: both stay in flight
+        with _steps_limited(worker, 0):  # no step until both LONG streams are in the engine
             streams = [c.generate_stream(CONTEXT[:10 + i], **LONG) for i in range(2)]
-            for s in streams:
-                worker.limit_steps(STEP_LIMIT)  # this stream's first steps; the other's share them
-                next(s)
+            # A stream is sent by its first next(), which returns with the first step: read it on a thread.
+            openers = [threading.Thread(target=next, args=(s,)) for s in streams]
+            for t in openers:
+                t.start()
+            _until(lambda: worker.num_pending == 2, "both streams to be submitted")
+            c.server_info()  # an engine command queued after both adds: they have reached the engine
+            worker.limit_steps(STEP_LIMIT)  # both prefill in the first step; neither can finish
+            for t in openers:
+                t.join(HANG)
+                assert not t.is_alive()
             with pytest.raises(ServerError) as err:
                 c.generate([1, 2, 3], max_tokens=2)
             assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_pending_requests" in err.value.details
