@@ -20,6 +20,8 @@ executable and writes it there, the second (warm) loads them. Each process repor
                    cache)
     cpu_s          the process's CPU time over the same span (on a shared CPU machine a steadier measure
                    of compile work than wall time)
+    longest_compiles_s  the longest backend compiles' seconds (compiles run on several threads: the longest
+                   bound the start's wall time)
 
 The warm start's remaining time is loading the executables, running each bucket's step once and placing
 the weights (what little it still compiles, small functions outside the runner's steps, comes from JAX's
@@ -65,9 +67,12 @@ def _child(args) -> None:
               "/jax/core/compile/backend_compile_duration": "backend_s",
               "/jax/compilation_cache/cache_retrieval_time_sec": "cache_load_s"}  # fmt: skip
 
+    each: list[float] = []  # every backend compile's seconds: the longest ones bound a start's wall time
+
     def on_duration(name, secs, *_a, **_k):
         if name == "/jax/core/compile/backend_compile_duration":
             counts["compiles"] += 1
+            each.append(round(secs, 2))
         if name in events:
             spent[events[name]] += secs
 
@@ -99,7 +104,8 @@ def _child(args) -> None:
     times["ready_s"] = sum(times.values())
     times["cpu_s"] = time.process_time() - cpu0
     runner = llm.engine.runner
-    print(json.dumps({**times, **counts, "compile_work": spent, "executables": runner.num_compiled(),
+    print(json.dumps({**times, **counts, "compile_work": spent, "longest_compiles_s": sorted(each)[::-1][:12],
+                      "executables": runner.num_compiled(),
                       "executables_loaded": runner.num_loaded(),
                       "buckets": runner.buckets,
                       "platform": jax.default_backend(), "device": jax.devices()[0].device_kind}))  # fmt: skip
@@ -127,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shapes, float32")
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
     p.add_argument("--no-cache", action="store_true", help="also start once with the compilation cache off")
+    p.add_argument("--cold-only", action="store_true", help="only the cold start (e.g. to compare XLA_FLAGS)")
     p.add_argument("--out", default=None, help="result file (default: bench/results/startup_gpu.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -151,9 +158,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         "engine": {**engine, "max_loras": 4, "max_lora_rank": 32, "adapters": f"{NUM_ADAPTERS} aLoRA r=32 q/k/v"},
         "runs": runs,
         "goal_s": {"cold": 30.0, "warm": 10.0},
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     path = result_path(args.out, "startup_gpu.json", smoke=args.quick)
-    starts = [("cold", spec), ("warm", spec)] + ([("off", {**spec, "cache": "none"})] if args.no_cache else [])
+    starts = [("cold", spec)] + ([] if args.cold_only else [("warm", spec)])
+    starts += [("off", {**spec, "cache": "none"})] if args.no_cache else []
     for temp, s in starts:
         print(f"{temp} start:", file=sys.stderr, flush=True)
         runs[temp] = _start(s)
