@@ -432,9 +432,11 @@ class ServerUnreachable(Exception):
 def _tls_mismatch(details: str) -> bool:
     """Whether a failed connection's details say the TLS handshake failed: TLS on one side only (a
     plaintext client sees the TLS server close the socket), an untrusted certificate, or no client
-    certificate where the server requires one."""
+    certificate where the server requires one. Under TLS 1.3 the client's side of the handshake ends
+    first; a server that then refuses its certificate closes the socket, which the client may read as
+    a reset when its next bytes were still unread there."""
     details = details.lower()
-    return "handshake failed" in details or "socket closed" in details
+    return any(s in details for s in ("handshake failed", "socket closed", "connection reset"))
 
 
 def _await_server(client, target: str, command: str, wait: float | None) -> None:

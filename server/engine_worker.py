@@ -190,6 +190,7 @@ class EngineWorker:
     # ---- any thread --------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._observe()  # (before the thread: the metrics hold the engine's state from the start on)
         self._thread.start()
 
     def stop(self, timeout: float | None = 30.0, message: str = SHUTTING_DOWN) -> None:
@@ -335,7 +336,6 @@ class EngineWorker:
     # ---- engine thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        self._observe()
         while True:
             try:
                 if not self._iterate():

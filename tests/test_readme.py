@@ -94,6 +94,13 @@ def default_serve():
         assert first == "jalora serving on 127.0.0.1:50051\n", first
         second = lines.get(timeout=60)
         assert second == "jalora OpenAI-compatible HTTP on http://127.0.0.1:8000/v1\n", second
+        # The server skipped its warm-up (minutes on two cores): one pass of the client snippet with a
+        # deadline that compiling cannot exceed compiles what its calls use, so that the snippet's own
+        # 60 s deadlines then time serving alone, as against a `jalora serve` that warmed up.
+        (code,) = [b for b in PYTHON_BLOCKS if "Client(" in b]
+        assert code.count("timeout=60") == 1
+        warm = _run_snippet(code.replace("timeout=60", "timeout=600"))
+        assert warm.returncode == 0, warm.stderr
         yield
     finally:
         proc.send_signal(signal.SIGTERM)

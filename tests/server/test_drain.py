@@ -63,7 +63,7 @@ def test_stop_drains_running_streams_and_refuses_new_calls(engine):
         stopper = threading.Thread(target=server.stop)  # waits for the stream: the grace is HANG
         stopper.start()
         assert watch.get(timeout=HANG) == "NOT_SERVING"
-        assert c.health("jalora.v1.Jalora") == "NOT_SERVING" and c.health() == "NOT_SERVING"
+        assert c.health("jalora.v1.Jalora", timeout=HANG) == "NOT_SERVING" and c.health(timeout=HANG) == "NOT_SERVING"
         with pytest.raises(ServerError) as err:
             c.generate(PROMPT, max_tokens=2)
         assert err.value.code == grpc.StatusCode.UNAVAILABLE and "server is shutting down" in err.value.details
@@ -95,12 +95,13 @@ def test_a_second_stop_ends_the_grace_now(engine):
     server = ServerThread(engine, ServerConfig(port=0, grace=HANG)).start()
     server.server.worker.limit_steps(STEP_LIMIT)
     watch = _watch(server.target)
+    assert watch.get(timeout=HANG) == "SERVING"  # the watch is on before the stop
     with Client(server.target, timeout=HANG) as c:
         stream = c.generate_stream(PROMPT, **LONG)
         assert next(stream).token_ids
         stopper = threading.Thread(target=server.stop)  # would wait the whole grace for the stream
         stopper.start()
-        assert watch.get(timeout=HANG) == "SERVING" and watch.get(timeout=HANG) == "NOT_SERVING"
+        assert watch.get(timeout=HANG) == "NOT_SERVING"
         asyncio.run_coroutine_threadsafe(server.server.stop(0), server._loop).result(timeout=HANG)
         with pytest.raises(ServerError) as err:
             list(stream)

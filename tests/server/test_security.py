@@ -130,7 +130,7 @@ def _code(call) -> grpc.StatusCode:
 
 def test_tls_client_with_the_ca_works_and_a_plaintext_client_fails(tls_token_server, pki):
     with Client(tls_token_server, tls=TLS(ca=pki["ca"]), token=TOKEN, timeout=HANG) as client:
-        assert client.health() == "SERVING"
+        assert client.health(timeout=HANG) == "SERVING"
         assert client.server_info().max_loras == 2
         result = client.generate("hello", max_tokens=2, temperature=0.0, ignore_eos=True)
         assert len(result.token_ids) == 2 and result.finish_reason == "length"
@@ -158,7 +158,7 @@ def mtls_server(engine, pki):
 def test_mutual_tls_needs_a_client_certificate_the_ca_signed(mtls_server, pki):
     signed = TLS(ca=pki["ca"], cert=pki["client"], key=pki["client_key"])
     with Client(mtls_server, tls=signed, timeout=HANG) as client:
-        assert client.health() == "SERVING" and client.list_adapters() == []
+        assert client.health(timeout=HANG) == "SERVING" and client.list_adapters() == []
     rogue = TLS(ca=pki["ca"], cert=pki["rogue_client"], key=pki["rogue_client_key"])
     for tls in (TLS(ca=pki["ca"]), rogue):
         with Client(mtls_server, tls=tls, timeout=HANG) as client:
@@ -190,14 +190,14 @@ def test_missing_or_wrong_token_is_unauthenticated(tls_token_server, pki):
             assert err.value.code == UNAUTHENTICATED
         async with AsyncClient(tls_token_server, tls=tls, token=TOKEN, timeout=HANG) as client:
             assert await client.list_adapters() == []
-            assert await client.health() == "SERVING"
+            assert await client.health(timeout=HANG) == "SERVING"
 
     asyncio.run(run())
 
 
 def test_health_needs_no_token(tls_token_server, pki):
     with Client(tls_token_server, tls=TLS(ca=pki["ca"]), timeout=HANG) as client:
-        assert client.health() == "SERVING"
+        assert client.health(timeout=HANG) == "SERVING"
         assert client.health("jalora.v1.Jalora") == "SERVING"
 
 
@@ -263,7 +263,7 @@ def test_no_reflection_removes_the_reflection_service(engine):
     with _serving(engine, reflection=False) as target:
         assert _reflected_services(target) == grpc.StatusCode.UNIMPLEMENTED
         with Client(target, timeout=HANG) as client:
-            assert client.health() == "SERVING" and client.list_adapters() == []
+            assert client.health(timeout=HANG) == "SERVING" and client.list_adapters() == []
     args = cli.build_parser().parse_args(["serve", "--model", "tiny", "--no-reflection"])
     assert cli.serve_plan(args).server_config.reflection is False
 
@@ -279,7 +279,7 @@ def test_server_options_reach_grpc(engine):
     assert "grpc.max_connection_age_ms" not in defaults and defaults["grpc.max_concurrent_streams"] == 1024
     with _serving(engine, **{k: v for k, v in vars(config).items() if k.startswith(("keep", "max_con"))}) as target:
         with Client(target, timeout=HANG) as client:
-            assert client.health() == "SERVING"
+            assert client.health(timeout=HANG) == "SERVING"
     args = cli.build_parser().parse_args(["serve", "--model", "tiny", "--keepalive-time", "30", "--keepalive-timeout",
                                           "5.5", "--max-connection-age", "900", "--max-connection-age-grace", "60",
                                           "--max-concurrent-streams", "8"])  # fmt: skip

@@ -217,6 +217,10 @@ def test_chat_renders_the_conversation_like_offline(offline, client):
 def test_step_limit_holds_requests_but_serves_calls(server, client):
     """The seam the cancellation tests rely on: a spent limit stops the steps, not the commands."""
     worker = server.server.worker
+    # Counted with no step able to run (an earlier request may leave one more queued step behind it):
+    # the call's round trip proves the engine thread took the zero limit.
+    worker.limit_steps(0)
+    client.server_info()
     steps, aborted = worker.num_steps, worker.num_aborted
     with _steps_limited(worker):
         stream = client.generate_stream(CONTEXT[:21], **LONG)
@@ -440,7 +444,7 @@ def test_server_info_health_and_reflection(server, client, built):
     assert info.vocab_size == 97 and info.eos_token_ids == [96] and info.block_size == 16
     assert info.max_num_seqs == 32 and info.max_loras == 4 and info.platform == "cpu"
     assert info.adapter_roots == [built[2]] and info.num_total_blocks > 0
-    assert client.health() == "SERVING" and _health(server.target) == "SERVING"
+    assert client.health(timeout=HANG) == "SERVING" and _health(server.target) == "SERVING"
     with grpc.insecure_channel(server.target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         [answer] = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
@@ -477,4 +481,4 @@ def test_admission_queue_full_is_resource_exhausted(offline, built):
                 s.close()
         _wait_idle(c)
         assert c.generate([1, 2, 3], max_tokens=2).usage.completion_tokens == 2
-        assert c.health() == "SERVING"
+        assert c.health(timeout=HANG) == "SERVING"

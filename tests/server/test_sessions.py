@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -131,9 +132,12 @@ def test_generate_session_end_session_and_expiry(setup, client):
     # An idle session expires by the engine's clock: the engine thread checks it between commands.
     client.generate(PROMPT, max_tokens=3, session="s3", session_ttl=5)
     clock.t += 5
-    client.server_info()  # a command wakes the engine thread; its next turn ends the session
-    info = client.server_info()
-    assert info.num_free_blocks == info.num_total_blocks and engine.stats().sessions_expired == 1
+    # A command wakes the engine thread; the first turn that finds no command queued ends the session
+    # (a call taken in the same turn as the waking one still sees its blocks).
+    deadline = time.monotonic() + HANG
+    while (info := client.server_info()).num_free_blocks != info.num_total_blocks:
+        assert time.monotonic() < deadline, "the session did not expire"
+    assert engine.stats().sessions_expired == 1
     metrics = scrape(server)  # the engine thread observed the expiry
     assert value(metrics, "sessions") == 0 and value(metrics, "sessions_ended_total", reason="expired") == 1
 
