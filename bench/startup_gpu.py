@@ -3,6 +3,7 @@ adapters (r=32, q/k/v) loaded and `warmup_adapters()`, on Granite-3.2-8B shapes 
 
     python -m bench.startup_gpu                       # H200 -> bench/results/startup_gpu.json
     python -m bench.startup_gpu --quick               # CPU smoke run: tiny shapes (written under /tmp)
+    python -m bench.startup_gpu --server-order        # as `jalora serve --adapter ...` starts (one warm-up)
 
 Each start runs in a fresh Python process, as a restarted server does. The two starts share one new,
 empty compilation cache directory (EngineConfig.compile_cache): the first (cold) compiles every
@@ -98,9 +99,10 @@ def _child(args) -> None:
         times[name] = time.perf_counter() - t
         print(f"  {name} {times[name]:.1f} s ({counts['compiles']} compiles)", file=sys.stderr, flush=True)
 
-    phase("warmup_s", lambda: llm.engine.runner.warmup(progress=False))
+    together = spec.get("together", False)  # `jalora serve --adapter ...`'s order: adapters first, one warm-up
+    phase("warmup_s", lambda: None if together else llm.engine.runner.warmup(progress=False))
     phase("adapters_s", lambda: [llm.load_adapter(f"a{i}", path) for i, path in enumerate(spec["adapters"])])
-    phase("warmup_adapters_s", lambda: llm.engine.warmup_adapters(progress=False))
+    phase("warmup_adapters_s", lambda: llm.engine.warmup_adapters(progress=False, with_base=together))
     times["ready_s"] = sum(times.values())
     times["cpu_s"] = time.process_time() - cpu0
     runner = llm.engine.runner
@@ -134,6 +136,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the preset's)")
     p.add_argument("--no-cache", action="store_true", help="also start once with the compilation cache off")
     p.add_argument("--cold-only", action="store_true", help="only the cold start (e.g. to compare XLA_FLAGS)")
+    p.add_argument("--server-order", action="store_true",
+                   help="as `jalora serve --adapter ...` starts: adapters loaded first, then one warm-up of the "
+                        "base-only and adapted steps together (warmup_s is 0)")  # fmt: skip
     p.add_argument("--out", default=None, help="result file (default: bench/results/startup_gpu.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -150,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                 for i in range(NUM_ADAPTERS)]  # fmt: skip
     engine = engine_kwargs(args.quick)
     cache = os.path.join(root, "compile-cache")
-    spec = {"model": model, "adapters": adapters, "cache": cache, "engine": engine}
+    spec = {"model": model, "adapters": adapters, "cache": cache, "engine": engine, "together": args.server_order}
     runs = {}
     result = {
         **run_metadata(__spec__.name, argv),
@@ -159,6 +164,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "runs": runs,
         "goal_s": {"cold": 30.0, "warm": 10.0},
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "order": "server: adapters, then one warm-up" if args.server_order else "LLM(), warm-up, adapters, warm-up",
     }
     path = result_path(args.out, "startup_gpu.json", smoke=args.quick)
     starts = [("cold", spec)] + ([] if args.cold_only else [("warm", spec)])

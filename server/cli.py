@@ -322,11 +322,17 @@ def preflight(plan: ServePlan) -> None:
 
 
 def build_engine(plan: ServePlan) -> LLMEngine:
-    """The slow part: loads the model and the start-up adapters, and compiles the adapted steps."""
+    """The slow part: loads the model and the start-up adapters, and compiles every step variant (the
+    base-only and adapted ones together, when there are start-up adapters)."""
+    from jalora.engine import multihost
     from jalora.engine.llm_engine import LLMEngine
 
     logs.say(f"jalora: loading {plan.engine_config.model}")
-    engine = LLMEngine(plan.engine_config)
+    config = plan.engine_config
+    # With start-up adapters on one process, the base steps compile together with the adapted ones
+    # after the adapters are loaded (the warm-up then waits for its longest compilation once).
+    together = config.warmup and bool(plan.adapters) and not multihost.is_multihost()
+    engine = LLMEngine(config.replace(warmup=False) if together else config)
     for name, path in plan.adapters:
         try:
             info = engine.load_adapter(name, path)
@@ -334,8 +340,8 @@ def build_engine(plan: ServePlan) -> LLMEngine:
             raise StartupError([f"adapter {name}: {e}"]) from None
         inv = f" invocation={info.invocation_tokens}" if info.invocation_tokens else ""
         logs.say(f"jalora: adapter {name} ({info.kind}, r={info.rank}){inv}")
-    if plan.engine_config.warmup:  # --no-warmup compiles nothing before serving, adapted steps included
-        engine.warmup_adapters()
+    if config.warmup:  # --no-warmup compiles nothing before serving, adapted steps included
+        engine.warmup_adapters(with_base=together)
     return engine
 
 

@@ -248,10 +248,18 @@ class LLMEngine:
             self.multihost_leader.close()
             self.multihost_leader = self.runner.leader = None
 
-    def warmup_adapters(self, progress: bool = True) -> None:
+    def warmup_adapters(self, progress: bool = True, with_base: bool = False) -> None:
         """Compiles the adapted-step variant of every bucket (call after loading adapters; a server
-        does, so the first adapter request does not pay a compilation)."""
-        if self.adapters.stacks:
+        does, so the first adapter request does not pay a compilation). `with_base`: the base-only
+        variants too, compiled together with the adapted ones, for an engine built with
+        `warmup=False` whose adapters were loaded next (a server's start: its start-up adapters are
+        known before anything compiles). One process only: over several, each launch of a warm-up step
+        runs with the other processes, which warm up the base steps as they build their engines."""
+        if with_base:
+            if self.multihost_leader is not None:
+                raise ValueError("warmup_adapters(with_base=True) needs a single-process engine")
+            self.runner.warmup(progress, adapters=self.adapters.stacks, with_base=True)
+        elif self.adapters.stacks:
             if self.multihost_leader is not None:
                 self.multihost_leader.send("warmup_adapters")
             self.runner.warmup(progress, adapters=self.adapters.stacks)

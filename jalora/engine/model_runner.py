@@ -557,31 +557,33 @@ class ModelRunner:
         """Waits for a dispatched step and brings its results to the host."""
         return StepResult(*jax.device_get(tuple(None if x is None else _local(x) for x in out)))
 
-    def warmup(self, progress: bool = True, adapters: AdapterStacks | None = None) -> None:
+    def warmup(self, progress: bool = True, adapters: AdapterStacks | None = None, with_base: bool = False) -> None:
         """Compiles everything a step of every token bucket can run: the step (base-only, or with the
-        adapter path) and the draw and top-n functions behind it, each run once, and the prompt-logprob
-        function, compiled ahead of time without running (for the largest bucket it would compute a
-        [T, V] logits matrix at every start). The steps' variants are read or compiled first, on several
-        threads (`Executables.get_all`)."""
+        adapter path; with `adapters` and `with_base`, both) and the draw and top-n functions behind it,
+        each run once, and the prompt-logprob function, compiled ahead of time without running (for the
+        largest bucket it would compute a [T, V] logits matrix at every start). The steps' variants are
+        read or compiled first, all of them together on several threads (`Executables.get_all`): a start
+        whose adapters are known (a server's) waits for its longest compilation once, not once per kind."""
         from tqdm import tqdm
 
-        desc = "jalora warm-up (adapters)" if adapters else "jalora warm-up"
+        kinds = [adapters] if adapters and not with_base else [None] + ([adapters] if adapters else [])
+        desc = "jalora warm-up" + (" (adapters)" if adapters and not with_base else "")
         groups = tuple(sorted(adapters or {}))
         self._warming_up = True
         try:
             compiled, variants, start = self.num_compiled(), len(self._step), time.perf_counter()
-            steps = [self._warmup_step(t, adapters) for t in self.buckets]
-            self._step.get_all([self._step_args(step, adapters or {}, None) for step in steps], _usable_cores())
+            steps = [(a or {}, self._warmup_step(t, a)) for a in kinds for t in self.buckets]
+            self._step.get_all([self._step_args(step, a, None) for a, step in steps], _usable_cores())
             # Bars only on a terminal: piped into a log (a server's stderr) they would be noise.
-            for step in tqdm(steps, desc=desc, disable=None if progress else True):
-                out, logits, hidden = self._launch_step(step, adapters or {}, None)
+            for a, step in tqdm(steps, desc=desc, disable=None if progress else True):
+                out, logits, hidden = self._launch_step(step, a, None)
                 jax.block_until_ready(out)
                 packed, layout = self._sampling_inputs(step)  # the draw and the top-n: at most S rows, run
                 jax.block_until_ready((self._draw(logits, packed, layout=layout), self._top(logits)))
                 self._prompt_lp.get(self.params, hidden, step.inputs.prompt_targets)  # (the adapted pass has it)
             if self.num_compiled() > compiled:  # (counted as the step's variants, with the functions' seconds)
                 self._record_compile(len(self._step) - variants, groups, time.perf_counter() - start)
-            if self.kv_moves and not adapters:
+            if self.kv_moves and None in kinds:
                 self.warmup_kv_moves()
         finally:
             self._warming_up = False

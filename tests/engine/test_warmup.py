@@ -77,3 +77,32 @@ def test_host_tier_copies_compile_in_the_warmup(llm):
         llm.generate(prompts, SamplingParams(max_tokens=1))
     assert llm.engine.stats().host_kv_cache_hits > hits
     assert len(COMPILES) == compiles, "a host-tier copy compiled after the warm-up"
+
+
+def test_a_server_with_start_up_adapters_warms_both_paths_at_once(tiny_models, tmp_path):
+    """`jalora serve --adapter ...` builds its engine without a warm-up, loads the adapters, then
+    compiles the base-only and adapted variants together (one wait for the longest compilation):
+    every bucket's two variants, counted as the warm-up's, and no request compiles after it."""
+    from server import cli
+
+    base = tiny_models["llama"]
+    path = hf_models.make_adapter(base, str(tmp_path / "alora"), ["q_proj", "v_proj"], r=4, invocation=INV, seed=2)
+    args = cli.build_parser().parse_args([
+        "serve", "--model", base, "--num-kv-blocks", "64", "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
+        "--max-model-len", "64", "--max-loras", "2", "--max-lora-rank", "4", "--adapter", f"judge={path}",
+    ])  # fmt: skip
+    engine = cli.build_engine(cli.serve_plan(args))
+    runner = engine.runner
+    stats = engine.stats()
+    assert len(runner._step) == 2 * len(runner.buckets) == stats.warmup_compilations
+    assert stats.compilations == 0
+    compiles = len(COMPILES)
+    for i, (adapter, suffix) in enumerate(((None, []), ("judge", INV))):
+        engine.add_request(f"short{i}", [3, 4, 5, 6] + suffix, SamplingParams(max_tokens=3), adapter)
+        engine.add_request(f"long{i}", list(range(10, 38)) + suffix, SamplingParams(max_tokens=3), adapter)
+        finished = set()
+        while engine.has_unfinished_requests():
+            finished |= {d.request_id for d in engine.step() if d.finished}
+        assert finished == {f"short{i}", f"long{i}"}
+    assert len(COMPILES) == compiles, "a request compiled after the warm-up"
+    assert engine.stats().compilations == 0
