@@ -430,7 +430,7 @@ def summary(tp, att, step) -> list[str]:
             f"- Decode attention (batch >= 8, context >= 4k) reads KV at {worst['gbs'] / REF_HBM_GBPS:.0%}-"
             f"{best['gbs'] / REF_HBM_GBPS:.0%} of {REF_HBM_GBPS / 1e3:.1f} TB/s; the low end is batch "
             f"{worst['batch']} at {worst['context']} tokens (launch cost, few programs). Prefill attention reaches "
-            f"{min(pre):.0f}-{max(pre):.0f}% of cuDNN (goal 70%): the Triton lowering gathers K/V pages with "
+            f"{min(pre):.0f}-{max(pre):.0f}% of cuDNN (goal 80%): the Triton lowering gathers K/V pages with "
             "pointer loads, without the bulk-copy engine or warp specialisation; a Mosaic GPU kernel is next."
         )
     if step:
