@@ -73,8 +73,8 @@ def fingerprint(*parts: Any) -> str:
 
 
 def _aval(x: Any) -> Any:
-    if isinstance(x, jax.Array):
-        return (tuple(x.shape), str(x.dtype), x.weak_type, repr(x.sharding))
+    if isinstance(x, jax.Array) or (isinstance(x, jax.ShapeDtypeStruct) and x.sharding is not None):
+        return (tuple(x.shape), str(x.dtype), x.weak_type, repr(x.sharding))  # (a spec keys as its array)
     if hasattr(x, "shape") and hasattr(x, "dtype"):  # numpy: placed on the default device
         return (tuple(x.shape), str(x.dtype))
     return repr(x)
@@ -132,28 +132,9 @@ class Executables:
         return self._compiled[key]
 
     def get_all(self, calls: Sequence[tuple[tuple, dict]], workers: int) -> None:
-        """Every call's variant (`(args, static)` pairs), the reads and compilations on `workers` threads:
-        XLA compiles and deserializes without holding the GIL, so a cold start's compilations overlap.
-        Tracing and lowering run on this thread, one variant after another (they hold the GIL)."""
-        todo: dict[Hashable, tuple[tuple, dict]] = {}
-        for args, static in calls:
-            key = self._variant_key(args, static)
-            if key not in self._compiled:
-                todo.setdefault(key, (args, static))
-        if not todo:
-            return
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(todo)))) as pool:
-            paths = {key: self._path(args, static) for key, (args, static) in todo.items()}
-            reads = {key: pool.submit(self._read, path) for key, path in paths.items() if path is not None}
-            compiles = {}
-            for key, (args, static) in todo.items():
-                exe = reads[key].result() if key in reads else None
-                if exe is not None:
-                    self._keep(key, exe, loaded=True)
-                else:
-                    compiles[key] = pool.submit(self._compile, self._jit.lower(*args, **static), paths[key])
-            for key, future in compiles.items():
-                self._keep(key, future.result(), loaded=False)
+        """Every call's variant (`(args, static)` pairs), read or compiled on `workers` threads
+        (`get_all` of several functions at once)."""
+        get_all([(self, calls)], workers)
 
     def _keep(self, key: Hashable, exe: Any, loaded: bool) -> Any:
         with self._lock:
@@ -216,3 +197,31 @@ class Executables:
             if tmp is not None:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
+
+
+def get_all(work: Sequence[tuple[Executables, Sequence[tuple[tuple, dict]]]], workers: int) -> None:
+    """The variant of every call of every function in `work` (`(function, [(args, static), ...])`), the
+    reads and compilations on `workers` threads shared by all of them: XLA compiles and deserializes
+    without holding the GIL, so a cold start's compilations overlap and the start waits for the longest
+    one, not for each function's in turn. Tracing and lowering run on this thread, one variant after
+    another (they hold the GIL)."""
+    todo: dict[tuple[int, Hashable], tuple[Executables, tuple, dict]] = {}
+    for fn, calls in work:
+        for args, static in calls:
+            key = fn._variant_key(args, static)
+            if key not in fn._compiled:
+                todo.setdefault((id(fn), key), (fn, args, static))
+    if not todo:
+        return
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(todo)))) as pool:
+        paths = {k: fn._path(args, static) for k, (fn, args, static) in todo.items()}
+        reads = {k: pool.submit(todo[k][0]._read, path) for k, path in paths.items() if path is not None}
+        compiles = {}
+        for k, (fn, args, static) in todo.items():
+            exe = reads[k].result() if k in reads else None
+            if exe is not None:
+                fn._keep(k[1], exe, loaded=True)
+            else:
+                compiles[k] = pool.submit(fn._compile, fn._jit.lower(*args, **static), paths[k])
+        for k, future in compiles.items():
+            todo[k][0]._keep(k[1], future.result(), loaded=False)

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from jalora.adapters.manager import AdapterStacks, LoraStack
-from jalora.engine.executables import Executables, fingerprint
+from jalora.engine.executables import Executables, fingerprint, get_all
 from jalora.engine.host_tier import MAX_MOVE_BLOCKS
 from jalora.engine.multihost import Recent
 from jalora.engine.scheduler import ScheduledBatch
@@ -559,28 +559,42 @@ class ModelRunner:
 
     def warmup(self, progress: bool = True, adapters: AdapterStacks | None = None, with_base: bool = False) -> None:
         """Compiles everything a step of every token bucket can run: the step (base-only, or with the
-        adapter path; with `adapters` and `with_base`, both) and the draw and top-n functions behind it,
-        each run once, and the prompt-logprob function, compiled ahead of time without running (for the
-        largest bucket it would compute a [T, V] logits matrix at every start). The steps' variants are
-        read or compiled first, all of them together on several threads (`Executables.get_all`): a start
-        whose adapters are known (a server's) waits for its longest compilation once, not once per kind."""
+        adapter path; with `adapters` and `with_base`, both), each variant run once, and the draw, top-n
+        and prompt-logprob functions behind it (the draw and the top-n run once; the prompt logprobs only
+        compiled: for the largest bucket they would compute a [T, V] logits matrix at every start).
+        Compilations come in two waves on a thread per core (`executables.get_all`), each waiting for
+        its longest one: every step variant (all of them together: a start whose adapters are known, a
+        server's, waits once, not once per kind), then, from the steps' outputs, every function behind
+        them."""
         from tqdm import tqdm
 
         kinds = [adapters] if adapters and not with_base else [None] + ([adapters] if adapters else [])
         desc = "jalora warm-up" + (" (adapters)" if adapters and not with_base else "")
         groups = tuple(sorted(adapters or {}))
+        cores = _usable_cores()
         self._warming_up = True
         try:
             compiled, variants, start = self.num_compiled(), len(self._step), time.perf_counter()
             steps = [(a or {}, self._warmup_step(t, a)) for a in kinds for t in self.buckets]
-            self._step.get_all([self._step_args(step, a, None) for a, step in steps], _usable_cores())
+            get_all([(self._step, [self._step_args(step, a, None) for a, step in steps])], cores)
+            # What the functions behind the steps take: the draw's and top-n's inputs (kept once per shape,
+            # to run them), and the prompt logprobs' (the hidden states' shape only: [T, D] f32 a bucket).
+            draws: dict[tuple, tuple] = {}
+            prompt_lp_args = []
             # Bars only on a terminal: piped into a log (a server's stderr) they would be noise.
             for a, step in tqdm(steps, desc=desc, disable=None if progress else True):
                 out, logits, hidden = self._launch_step(step, a, None)
                 jax.block_until_ready(out)
-                packed, layout = self._sampling_inputs(step)  # the draw and the top-n: at most S rows, run
+                packed, layout = self._sampling_inputs(step)
+                draws.setdefault((logits.shape, layout), (logits, packed, layout))
+                prompt_lp_args.append((self.params, _spec(hidden), step.inputs.prompt_targets))
+            get_all([
+                (self._draw, [((logits, packed), {"layout": layout}) for logits, packed, layout in draws.values()]),
+                (self._top, [((logits,), {}) for logits, _, _ in draws.values()]),
+                (self._prompt_lp, [(args, {}) for args in prompt_lp_args]),
+            ], cores)  # fmt: skip
+            for logits, packed, layout in draws.values():
                 jax.block_until_ready((self._draw(logits, packed, layout=layout), self._top(logits)))
-                self._prompt_lp.get(self.params, hidden, step.inputs.prompt_targets)  # (the adapted pass has it)
             if self.num_compiled() > compiled:  # (counted as the step's variants, with the functions' seconds)
                 self._record_compile(len(self._step) - variants, groups, time.perf_counter() - start)
             if self.kv_moves and None in kinds:
@@ -618,6 +632,11 @@ def _step_variant(args: tuple, static: dict) -> tuple:
         (g, s.a.shape, s.b.shape, s.a.dtype, None if s.a_flat is None else s.a_flat.shape)
         for g, s in sorted(stacks.items())
     )
+
+
+def _spec(x: jax.Array) -> jax.ShapeDtypeStruct:
+    """What compiling a function of `x` needs of it (its variant key is the same as `x`'s)."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type)
 
 
 def _local(x: jax.Array) -> jax.Array:

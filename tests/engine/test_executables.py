@@ -83,3 +83,23 @@ def test_the_fingerprint_names_what_decides_a_module(monkeypatch):
     assert fingerprint("a", 1) == before
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")  # flags change what XLA emits
     assert fingerprint("a", 1) != before
+
+
+def test_several_functions_share_one_get_all_and_a_spec_keys_as_its_array(tmp_path):
+    """`executables.get_all` over two functions at once reads or compiles each one's variants; a
+    ShapeDtypeStruct with the array's sharding picks the same variant (and file) as the array, so the
+    warm-up can compile a function of a large array it no longer holds."""
+    from jalora.engine.executables import get_all
+
+    x, w = jnp.arange(12.0).reshape(3, 4), jnp.ones((4, 2))
+    spec = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type)
+    f, g = make(tmp_path), Executables(lambda x: x * 2, "g", tmp_path, "fp")
+    get_all([(f, [((spec, w), {"power": 2}), ((x[:2], w), {"power": 2})]), (g, [((spec,), {})])], workers=3)
+    assert (len(f), f.compiled, len(g), g.compiled) == (2, 2, 1, 1)
+    TRACES.clear()
+    check(f(x, w, power=2), x, w, 2)  # the spec's variant, run on the array: nothing traced again
+    np.testing.assert_allclose(np.asarray(g(x)), np.asarray(x) * 2)
+    assert (len(f), f.compiled, len(g), g.compiled) == (2, 2, 1, 1) and TRACES == []
+    again = make(tmp_path)
+    get_all([(again, [((x, w), {"power": 2})])], workers=1)  # the spec's file, read for the array
+    assert (again.compiled, again.loaded) == (0, 1)
