@@ -22,6 +22,10 @@ process of its own (XLA flags are read once per process):
     scan+cublas  scan, compiled with XLA's Triton GEMM fusions off (the compile option
                  xla_gpu_enable_triton_gemm=False, for this executable only): the matmuls go to cuBLAS
     unrolled+cublas  the same option on the unrolled layers (GPU only)
+    calls        one compiled layer (the body alone) launched once per layer from Python, each launch
+                 with that layer's own weight arrays: compiles one layer like the scan, reads the weights
+                 like the unrolled step, and pays a launch per layer on the host (`dispatch_ms`: the
+                 time to enqueue the step's launches, which the device must not wait for)
 
 Found on the H200 (bench/results/scan_layers*.json): the scan is 2.57x the unrolled step at 16 rows and
 the cause is XLA's Triton GEMM fusions over the loop's dynamic slices, not a copy: with those off
@@ -85,6 +89,38 @@ def _child(spec: dict) -> None:
         gu = mm(rms(h, g[1]), lw["gate_up"]).astype(jnp.float32)
         return h + mm((jax.nn.silu(gu[:, :f]) * gu[:, f:]).astype(dt), lw["down"])
 
+    if variant == "calls":  # one compiled layer, launched once per layer from this thread
+        per_layer = [({k: a[i] for k, a in w.items()}, norms[i]) for i in range(n)]
+        jax.block_until_ready(per_layer)
+        del w
+        t0 = time.perf_counter()
+        lowered = jax.jit(layer).lower(x, *per_layer[0])
+        t1 = time.perf_counter()
+        compiled = lowered.compile(spec.get("compiler_options") or None)
+        t2 = time.perf_counter()
+
+        def run():
+            h = x
+            for lw, g in per_layer:
+                h = compiled(h, lw, g)
+            return h
+
+        step = timeit(lambda: run().block_until_ready(), warmup=3, iters=30)
+        jax.block_until_ready(run())
+        t3 = time.perf_counter()
+        out = run()  # the host's time to enqueue the n launches (the device runs behind it)
+        dispatch = time.perf_counter() - t3
+        out.block_until_ready()
+        hlo = compiled.as_text()
+        bw = copy_bandwidth(1 << 30) * 1e9
+        print(json.dumps({
+            "step_ms": step * 1e3, "weight_bytes": weight_bytes, "roofline_ms": weight_bytes / bw * 1e3,
+            "step_over_roofline": step / (weight_bytes / bw), "copy_bandwidth_GBps": bw / 1e9,
+            "trace_lower_s": t1 - t0, "compile_s": t2 - t1, "dispatch_ms": dispatch * 1e3,
+            "dynamic_slices": hlo.count("dynamic-slice("), "copies": hlo.count(" copy("),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        }))  # fmt: skip
+        return
     if variant == "unrolled":
         per_layer = [({k: a[i] for k, a in w.items()}, norms[i]) for i in range(n)]  # separate arrays
         jax.block_until_ready(per_layer)
@@ -125,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shapes, float32")
     p.add_argument("--layers", type=int, default=None, help="layers (default: the preset's)")
     p.add_argument("--rows", type=int, nargs="+", default=[16], help="token rows of the step (default: 16)")
+    p.add_argument("--variants", nargs="+", default=None, help="only these variants (default: all)")
     p.add_argument("--out", default=None, help="result file (default: bench/results/scan_layers.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -134,9 +171,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     import jax
 
     gpu = jax.default_backend() == "gpu"
-    variants = {"unrolled": "", "scan": ""}
+    variants = {"unrolled": "", "scan": "", "calls": ""}
     if gpu:
         variants |= {"scan+dsf": DSF_FLAG, "scan+cublas": "", "unrolled+cublas": ""}
+    if args.variants:
+        variants = {k: v for k, v in variants.items() if k in args.variants}
     result = {**run_metadata(__spec__.name, argv), "quick": args.quick, "shapes": shapes(args.quick, args.layers),
               "runs": {}}  # fmt: skip
     path = result_path(args.out, "scan_layers.json", smoke=args.quick)
