@@ -23,6 +23,8 @@ executable and writes it there, the second (warm) loads them. Each process repor
                    of compile work than wall time)
     longest_compiles_s  the longest backend compiles' seconds (compiles run on several threads: the longest
                    bound the start's wall time)
+    warmup_phases  per warm-up call: reading or compiling the step variants, running them, reading or
+                   compiling the functions behind them, running those
 
 The warm start's remaining time is loading the executables, running each bucket's step once and placing
 the weights (what little it still compiles, small functions outside the runner's steps, comes from JAX's
@@ -107,7 +109,7 @@ def _child(args) -> None:
     times["cpu_s"] = time.process_time() - cpu0
     runner = llm.engine.runner
     print(json.dumps({**times, **counts, "compile_work": spent, "longest_compiles_s": sorted(each)[::-1][:12],
-                      "executables": runner.num_compiled(),
+                      "warmup_phases": runner.warmup_phases, "executables": runner.num_compiled(),
                       "executables_loaded": runner.num_loaded(),
                       "buckets": runner.buckets,
                       "platform": jax.default_backend(), "device": jax.devices()[0].device_kind}))  # fmt: skip

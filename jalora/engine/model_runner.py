@@ -297,6 +297,7 @@ class ModelRunner:
         # stacks' tree; every other argument has one shape per engine).
         self.compiles = CompileCounters()
         self._warming_up = False
+        self.warmup_phases: list[dict] = []  # per warm-up call: where its seconds went
 
     def bucket(self, num_tokens: int) -> int:
         for b in self.buckets:
@@ -575,8 +576,10 @@ class ModelRunner:
         self._warming_up = True
         try:
             compiled, variants, start = self.num_compiled(), len(self._step), time.perf_counter()
+            phases = {"kinds": len(kinds)}  # seconds of each part (bench/startup_gpu.py reports them)
             steps = [(a or {}, self._warmup_step(t, a)) for a in kinds for t in self.buckets]
             get_all([(self._step, [self._step_args(step, a, None) for a, step in steps])], cores)
+            phases["steps_compile_s"] = (t := time.perf_counter()) - start
             # What the functions behind the steps take: the draw's and top-n's inputs (kept once per shape,
             # to run them), and the prompt logprobs' (the hidden states' shape only: [T, D] f32 a bucket).
             draws: dict[tuple, tuple] = {}
@@ -588,13 +591,17 @@ class ModelRunner:
                 packed, layout = self._sampling_inputs(step)
                 draws.setdefault((logits.shape, layout), (logits, packed, layout))
                 prompt_lp_args.append((self.params, _spec(hidden), step.inputs.prompt_targets))
+            phases["steps_run_s"] = (t2 := time.perf_counter()) - t
             get_all([
                 (self._draw, [((logits, packed), {"layout": layout}) for logits, packed, layout in draws.values()]),
                 (self._top, [((logits,), {}) for logits, _, _ in draws.values()]),
                 (self._prompt_lp, [(args, {}) for args in prompt_lp_args]),
             ], cores)  # fmt: skip
+            phases["functions_compile_s"] = (t := time.perf_counter()) - t2
             for logits, packed, layout in draws.values():
                 jax.block_until_ready((self._draw(logits, packed, layout=layout), self._top(logits)))
+            phases["functions_run_s"] = time.perf_counter() - t
+            self.warmup_phases.append(phases)
             if self.num_compiled() > compiled:  # (counted as the step's variants, with the functions' seconds)
                 self._record_compile(len(self._step) - variants, groups, time.perf_counter() - start)
             if self.kv_moves and None in kinds:
