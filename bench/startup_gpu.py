@@ -3,7 +3,8 @@ adapters (r=32, q/k/v) loaded and `warmup_adapters()`, on Granite-3.2-8B shapes 
 
     python -m bench.startup_gpu                       # H200 -> bench/results/startup_gpu.json
     python -m bench.startup_gpu --quick               # CPU smoke run: tiny shapes (written under /tmp)
-    python -m bench.startup_gpu --server-order        # as `jalora serve --adapter ...` starts (one warm-up)
+    python -m bench.startup_gpu --server-order        # as `jalora serve --adapter ...` starts (one warm-up;
+                                                      # -> bench/results/startup_gpu_server_order.json)
 
 Each start runs in a fresh Python process, as a restarted server does. The two starts share one new,
 empty compilation cache directory (EngineConfig.compile_cache): the first (cold) compiles every
@@ -12,7 +13,8 @@ executable and writes it there, the second (warm) loads them. Each process repor
     llm_s          `LLM(..., warmup=False)`: config, weights (made on the device), KV cache
     warmup_s       `engine.runner.warmup()`: every token bucket's step and the functions behind it
     adapters_s     loading the adapters (reading and placing their weights)
-    warmup_adapters_s  `engine.warmup_adapters()`: every bucket's adapted step
+    warmup_adapters_s  `engine.warmup_adapters()`: every bucket's adapted step (with --server-order every
+                   bucket's base-only and adapted steps, and `warmup_s` is 0)
     ready_s        the sum: what a server waits before it reports SERVING
     compiles       XLA compilations the process asked for; `cache_hits` of them came from JAX's cache
     executables    the runner's compiled steps and functions behind them; `executables_loaded` of them were
@@ -168,7 +170,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "order": "server: adapters, then one warm-up" if args.server_order else "LLM(), warm-up, adapters, warm-up",
     }
-    path = result_path(args.out, "startup_gpu.json", smoke=args.quick)
+    default = "startup_gpu_server_order.json" if args.server_order else "startup_gpu.json"
+    path = result_path(args.out, default, smoke=args.quick)
     starts = [("cold", spec)] + ([] if args.cold_only else [("warm", spec)])
     starts += [("off", {**spec, "cache": "none"})] if args.no_cache else []
     for temp, s in starts:

@@ -213,7 +213,8 @@ def get_all(work: Sequence[tuple[Executables, Sequence[tuple[tuple, dict]]]], wo
                 todo.setdefault((id(fn), key), (fn, args, static))
     if not todo:
         return
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(todo)))) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(todo))))
+    try:
         paths = {k: fn._path(args, static) for k, (fn, args, static) in todo.items()}
         reads = {k: pool.submit(todo[k][0]._read, path) for k, path in paths.items() if path is not None}
         compiles = {}
@@ -225,3 +226,7 @@ def get_all(work: Sequence[tuple[Executables, Sequence[tuple[tuple, dict]]]], wo
                 compiles[k] = pool.submit(fn._compile, fn._jit.lower(*args, **static), paths[k])
         for k, future in compiles.items():
             todo[k][0]._keep(k[1], future.result(), loaded=False)
+    except BaseException:  # the error now: the queued compilations are dropped (running ones end on their own)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()

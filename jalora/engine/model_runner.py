@@ -563,15 +563,15 @@ class ModelRunner:
         adapter path; with `adapters` and `with_base`, both), each variant run once, and the draw, top-n
         and prompt-logprob functions behind it (the draw and the top-n run once; the prompt logprobs only
         compiled: for the largest bucket they would compute a [T, V] logits matrix at every start).
-        Compilations come in two waves on a thread per core (`executables.get_all`), each waiting for
-        its longest one: every step variant (all of them together: a start whose adapters are known, a
-        server's, waits once, not once per kind), then, from the steps' outputs, every function behind
-        them."""
+        The compilations come in two waves on a thread per core (`executables.get_all`), each waiting
+        for its longest one: every step variant (all of them together: a start whose adapters are known,
+        a server's, waits once, not once per kind), then, from the steps' outputs, every function behind
+        them (the host tier's few small copies compile after that)."""
         from tqdm import tqdm
 
         kinds = [adapters] if adapters and not with_base else [None] + ([adapters] if adapters else [])
         desc = "jalora warm-up" + (" (adapters)" if adapters and not with_base else "")
-        groups = tuple(sorted(adapters or {}))
+        groups = () if with_base else tuple(sorted(adapters or {}))  # (the log's "with adapters ...")
         cores = _usable_cores()
         self._warming_up = True
         try:

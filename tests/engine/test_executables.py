@@ -103,3 +103,39 @@ def test_several_functions_share_one_get_all_and_a_spec_keys_as_its_array(tmp_pa
     again = make(tmp_path)
     get_all([(again, [((x, w), {"power": 2})])], workers=1)  # the spec's file, read for the array
     assert (again.compiled, again.loaded) == (0, 1)
+
+
+def test_a_failed_compilation_is_raised_without_waiting_for_the_queued_ones(tmp_path):
+    """One worker: the first compilation is held running, two more are queued, then another function
+    fails to trace. The error comes out at once, and the queued compilations never start (without the
+    cancellation each held one would wait out its guard and all three would start)."""
+    import threading
+
+    from jalora.engine.executables import get_all
+
+    x = jnp.ones((2, 2))
+
+    def bad(x):
+        raise ValueError("cannot trace this")
+
+    release, started = threading.Event(), []
+    good = Executables(lambda x: x + 1, "good", tmp_path, "fp")
+    compile_one = good._compile
+
+    def held(lowered, path):
+        started.append(path)
+        release.wait(60)  # (set below: a guard against a hang, never a margin)
+        return compile_one(lowered, path)
+
+    good._compile = held
+    try:
+        try:
+            get_all([(good, [((x[:1],), {}), ((x,), {}), ((x[:, :1],), {})]),
+                     (Executables(bad, "bad", tmp_path, "fp"), [((x,), {})])], workers=1)  # fmt: skip
+        except ValueError as e:
+            assert "cannot trace this" in str(e)
+        else:
+            raise AssertionError("the tracing error was not raised")
+        assert len(started) <= 1 and len(good) == 0  # (the first may have been dropped before it started)
+    finally:
+        release.set()
