@@ -54,8 +54,25 @@ def extend_block_hashes(
     activation_start: int | None,
     adapter_identity: bytes | None,
 ) -> None:
-    """Appends to `hashes` the hash of every full block of `token_ids` not hashed yet (O(new blocks))."""
-    for j in range(len(hashes), len(token_ids) // block_size):
-        prev = hashes[j - 1] if j else SEED
-        key = block_key(j, block_size, activation_start, adapter_identity)
-        hashes.append(hash_block(prev, token_ids[j * block_size : (j + 1) * block_size], key))
+    """Appends to `hashes` the hash of every full block of `token_ids` not hashed yet (O(new blocks)).
+
+    The same hashes as `hash_block` over each block in turn; the new blocks' tokens are converted to
+    bytes in one call (a 64k-token prompt is 4096 blocks, hashed on the engine's thread as it arrives:
+    converting block by block took three times as long)."""
+    first, end = len(hashes), len(token_ids) // block_size
+    if first >= end:
+        return
+    data = np.asarray(token_ids[first * block_size : end * block_size], dtype=np.int64).tobytes()
+    step = block_size * 8
+    prev = hashes[-1] if first else SEED
+    sha256 = hashlib.sha256
+    suffix, suffix_until = b"\x00", end  # the key's bytes, the same for every block up to suffix_until
+    if adapter_identity is not None and activation_start is not None:
+        suffix_until = min(end, activation_start // block_size)  # blocks wholly before the activation
+    for j in range(first, end):
+        if j >= suffix_until:
+            key = block_key(j, block_size, activation_start, adapter_identity)
+            suffix, suffix_until = b"\x01" + key, end if key == adapter_identity else j + 1
+        offset = (j - first) * step
+        prev = sha256(prev + data[offset : offset + step] + suffix).digest()  # (= hash_block's three updates)
+        hashes.append(prev)

@@ -1,5 +1,8 @@
 """The base-aligned hashing rule (docs/architecture.md, "Prefix reuse"), block by block."""
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from jalora.engine.block_hasher import SEED, block_key, extend_block_hashes, hash_block, num_base_keyed_blocks
 
 B = 4
@@ -62,3 +65,25 @@ def test_base_keyed_block_count_follows_block_key():
         for n in range(6):
             want = sum(block_key(j, B, a, identity) is None for j in range(n))
             assert num_base_keyed_blocks(n, B, a, identity) == want, (a, n)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tokens=st.lists(st.integers(0, 2**40), max_size=80),
+    block_size=st.sampled_from([1, 2, 3, 4, 16]),
+    activation=st.one_of(st.none(), st.integers(0, 90)),
+    identity=st.sampled_from([None, ID]),
+    cuts=st.lists(st.integers(0, 80), max_size=3),
+)
+def test_extending_in_any_pieces_gives_the_block_by_block_chain(tokens, block_size, activation, identity, cuts):
+    """The oracle: hash_block over each full block in turn, keyed by block_key (what the engine keeps
+    for a request as its tokens arrive in pieces: the prompt, then generated tokens)."""
+    want, prev = [], SEED
+    for j in range(len(tokens) // block_size):
+        key = block_key(j, block_size, activation, identity)
+        prev = hash_block(prev, tokens[j * block_size : (j + 1) * block_size], key)
+        want.append(prev)
+    got = []
+    for cut in [*sorted(cuts), len(tokens)]:
+        extend_block_hashes(got, tokens[:cut], block_size, activation, identity)
+    assert got == want
