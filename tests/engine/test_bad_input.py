@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from checkpoints.make_adapters import make_alora
@@ -60,6 +61,9 @@ def test_sampling_params_name_the_field(kwargs, field):
         (["a"], "prompt_token_ids"),
         ([[1, 2]], "prompt_token_ids"),
         ([1.7, 2], "prompt_token_ids"),
+        ([5, True], "prompt_token_ids"),  # a bool is not a token id, though Python counts it an int
+        ([5, 2**70], "prompt_token_ids"),  # past int64
+        (np.array([5.0, 6.0]), "prompt_token_ids"),
     ],
 )
 def test_bad_prompts_leave_engine_serving(llm, prompt, field):
