@@ -38,6 +38,20 @@ import jax
 logger = logging.getLogger(__name__)
 
 SUBDIR = "jalora-executables"
+_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+_thread = threading.local()  # .hits: JAX cache hits of this thread's compilations (JAX records them there)
+
+
+def _count_hit(event: str, *_args: Any, **_kwargs: Any) -> None:
+    if event == _HIT_EVENT:
+        _thread.hits = getattr(_thread, "hits", 0) + 1
+
+
+def _cache_hits() -> int:
+    return getattr(_thread, "hits", 0)
+
+
+jax.monitoring.register_event_listener(_count_hit)
 _PACKAGES = ("jalora", "pallas_kernels")
 _FORMAT = 1  # of the files written here: (format, serialized executable, in_tree, out_tree, device ids)
 
@@ -145,8 +159,12 @@ class Executables:
             return self._compiled.setdefault(key, exe)
 
     def _compile(self, lowered: Any, path: Path | None) -> Any:
+        hits = _cache_hits()
         exe = lowered.compile()
-        if path is not None:
+        # An executable JAX read from its own cache is not written: serialized again, it loads but on a
+        # CPU fails when run ("Function ... not found"). The next start then reads JAX's cache again
+        # (tracing and lowering first), until a compilation writes the file.
+        if path is not None and _cache_hits() == hits:
             self._write(path, exe)
         return exe
 

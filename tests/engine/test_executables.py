@@ -139,3 +139,42 @@ def test_a_failed_compilation_is_raised_without_waiting_for_the_queued_ones(tmp_
         assert len(started) <= 1 and len(good) == 0  # (the first may have been dropped before it started)
     finally:
         release.set()
+
+
+_WORKER = """
+import sys
+from pathlib import Path
+import jax, jax.numpy as jnp
+jax.config.update("jax_compilation_cache_dir", sys.argv[1])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+from jalora.engine.executables import Executables
+f = Executables(lambda x: jnp.cumsum(x * jnp.arange(x.shape[0], dtype=x.dtype)) + jnp.sin(x), "f",
+                Path(sys.argv[2]), "fp")
+print(float(f(jnp.ones(1000)).sum()), f.loaded, f.compiled)
+"""
+
+
+def test_an_executable_from_jax_cache_is_not_written(tmp_path):
+    """A start whose executables directory is new but whose JAX cache holds the module (another build of
+    jalora compiled it) gets the executable from JAX's cache. Serialized again, such an executable loads
+    and then fails when run on a CPU ("Function ... not found"), so it is not written: the next start
+    reads JAX's cache again, and gives the same result."""
+    import os
+    import subprocess
+    import sys
+
+    def start(executables_dir):
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        proc = subprocess.run([sys.executable, "-c", _WORKER, str(tmp_path / "jax-cache"), str(executables_dir)],
+                              capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        value, loaded, compiled = proc.stdout.split()
+        return float(value), int(loaded), int(compiled)
+
+    first = start(tmp_path / "a")  # compiled: written to both caches
+    assert first[1:] == (0, 1) and len(list((tmp_path / "a").iterdir())) == 1
+    assert start(tmp_path / "b") == first  # from JAX's cache: not written
+    assert not (tmp_path / "b").exists() or not list((tmp_path / "b").iterdir())
+    assert start(tmp_path / "b") == first
+    assert start(tmp_path / "a") == (first[0], 1, 0)  # the compiled one is read back and runs
