@@ -83,6 +83,10 @@ class EngineConfig:
         "(default: the device's tuning table; 0 = always the kernel)"
     )
     kernel_interpret: bool = config_field(False, "run the Pallas kernels in interpret mode (CPU tests)")
+    layer_launches: bool = config_field(
+        False, "run each step as one compiled decoder layer launched once per layer (compiles a layer per step "
+        "variant instead of every layer unrolled: a faster cold start); unsharded models only"
+    )
     compile_cache: str | None = config_field(
         "auto", "directory of JAX's persistent compilation cache, so a later start loads the compiled steps "
         "instead of compiling them ('auto': compile-cache under jalora's cache directory; 'none': off)",
@@ -122,8 +126,10 @@ class EngineConfig:
                 "host_kv_cache_gb", f"must be a number >= 0 (GiB; 0 = no host tier), got {g!r}")  # fmt: skip
         require(g == 0 or self.enable_prefix_caching is not False, "host_kv_cache_gb",
                 "keeps prefix-cache blocks: it needs enable_prefix_caching")  # fmt: skip
-        for name in ("enable_prefix_caching", "async_scheduling", "warmup", "kernel_interpret"):
+        for name in ("enable_prefix_caching", "async_scheduling", "warmup", "kernel_interpret", "layer_launches"):
             require(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
+        require(not (self.layer_launches and self.tensor_parallel_size > 1), "layer_launches",
+                "runs an unsharded model only (tensor_parallel_size is 1)")  # fmt: skip
         require(is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
         for name in ("attention_impl", "lora_impl"):
             value = getattr(self, name)

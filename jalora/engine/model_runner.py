@@ -17,6 +17,7 @@ is the first to target a projection group, which adds that group's stack).
 """
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -36,7 +37,16 @@ from jalora.engine.host_tier import MAX_MOVE_BLOCKS
 from jalora.engine.multihost import Recent
 from jalora.engine.scheduler import ScheduledBatch
 from jalora.model.checkpoint import param_name
-from jalora.model.decoder import AttentionMetadata, Decoder, LoraBatch
+from jalora.model.decoder import (
+    AttentionMetadata,
+    Decoder,
+    LoraBatch,
+    decoder_layer,
+    embed_tokens,
+    layer_stacks,
+    logits_of,
+    rms_norm,
+)
 from jalora.model.sampler import sample
 from jalora.model.sharding import AXIS, KV_SPEC, TensorParallel
 from jalora.sampling_params import MAX_LOGPROBS
@@ -170,9 +180,13 @@ class ModelRunner:
         tp: TensorParallel | None = None,
         kv_moves: bool = False,
         executable_dir: Path | None = None,
+        layer_launches: bool = False,
     ):
         """`executable_dir`: where compiled variants of the step and the functions behind it are saved and
-        loaded from (jalora/engine/executables.py); None keeps them in memory only."""
+        loaded from (jalora/engine/executables.py); None keeps them in memory only. `layer_launches`: run
+        a step as one compiled layer launched once per layer between the embedding's and the head's
+        launches, instead of one compiled step of every layer (unsharded models only; see
+        `_launch_layers`)."""
         cfg = model.cfg
         self.tp = tp = TensorParallel() if tp is None else tp
         self.cfg = cfg
@@ -288,6 +302,11 @@ class ModelRunner:
                                       variant_key=lambda args, _: args[1].shape)  # fmt: skip (the hidden rows)
         # prev_tokens when nothing is pending (on every device of the mesh, as the step's own outputs)
         self._no_prev_tokens = tp.zeros((max_num_seqs,), jnp.int32, P())
+        self.layer_launches = layer_launches
+        if layer_launches:
+            if tp.sharded:
+                raise ValueError("layer launches run an unsharded model only")
+            self._init_layer_launches(model, fp, executable_dir, pad_rows)
         # Several hosts (jalora/engine/multihost.py): process 0's runner sends each launch to the others
         # (`leader`); every runner numbers its launches and keeps the last few sampled-token arrays.
         self.leader = None
@@ -448,6 +467,8 @@ class ModelRunner:
 
     def _launch_step(self, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None):
         """The step alone: (its outputs, logits f32[R, V], hidden f32[T, D]), all on the device."""
+        if self.layer_launches:
+            return self._launch_layers(step, adapters, prev_tokens)
         args, static = self._step_args(step, adapters, prev_tokens)
         self.kv_caches, out, logits, hidden = self._step(*args, **static)
         return out, logits, hidden
@@ -471,7 +492,103 @@ class ModelRunner:
         return sum(f.loaded for f in self._executables())
 
     def _executables(self) -> tuple[Executables, ...]:
-        return self._step, self._draw, self._top, self._prompt_lp
+        steps = (self._pre, self._layer, self._post) if self.layer_launches else (self._step,)
+        return *steps, self._draw, self._top, self._prompt_lp
+
+    @property
+    def num_step_variants(self) -> int:
+        """Compiled variants of the step (with layer launches: of the layer, one per step variant)."""
+        return len(self._layer if self.layer_launches else self._step)
+
+    # -- layer launches ----------------------------------------------------------------------------------
+    # A step as 2 + num_layers launches: the embedding (`_pre`: it also unpacks the step's inputs once),
+    # one compiled layer called with each layer's own weights and KV cache (donated), and the final norm
+    # with the logits (`_post`). A cold start then compiles one layer per step variant instead of
+    # num_layers unrolled copies of it (bench/startup_gpu.py), while each matmul still reads its own
+    # weight array, as in the unrolled step (a scanned loop over stacked weights made XLA's GEMM fusions
+    # read through dynamic slices: bench/scan_layers.py). The cost is the host's: a launch per layer,
+    # which async scheduling overlaps with the device's work (bench/scan_layers.py `calls`,
+    # bench/profile_step.py --layer-launches).
+
+    def _init_layer_launches(self, model: Decoder, fp: str, executable_dir: Path | None, pad_rows) -> None:
+        cfg, plan = self.cfg, self.plan
+        self._layer_weights = [model.layer_weights(i) for i in range(cfg.num_layers)]
+        self._head = model.head_weights()
+        self._embed = model.embed[...]
+        self._stack_slices: tuple[tuple, list] | None = None  # (the stacks they were cut from, per-layer stacks)
+
+        def pre_fn(embed, packed, prev_tokens, layout):
+            inp: StepInputs = unpack_inputs(packed, layout)
+            token_ids = jnp.where(inp.token_src >= 0, prev_tokens[jnp.maximum(inp.token_src, 0)], inp.token_ids)
+            meta = (inp.positions, inp.attn, inp.lora_slots, inp.lora_segments, inp.logits_indices)
+            return embed_tokens(cfg, embed, token_ids), meta
+
+        def layer_fn(w, x, k_cache, v_cache, stacks, meta):
+            positions, attn, slots, segments, _ = meta
+            lora = None if slots is None else LoraBatch(stacks, slots, segments)
+            return decoder_layer(cfg, plan, x, positions, w, k_cache, v_cache, attn, lora)
+
+        def post_fn(head, x, logits_indices):
+            norm, w = head
+            hidden = rms_norm(x, norm, cfg.rms_norm_eps)
+            logits = logits_of(cfg, w, hidden[logits_indices])
+            tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return StepOutputs(pad_rows(tokens), _logprob_of(logits, tokens), None, None, None), logits, hidden
+
+        def slice_fn(stacks):  # each layer's slice of every stack, in one launch per set of stacks
+            return [layer_stacks(stacks, i) for i in range(cfg.num_layers)]
+
+        self._pre = Executables(pre_fn, "pre", executable_dir, fp, static_argnames=("layout",),
+                                variant_key=lambda args, static: static["layout"])  # fmt: skip
+        self._layer = Executables(layer_fn, "layer", executable_dir, fp, donate_argnums=(2, 3),
+                                  variant_key=_layer_variant)  # fmt: skip
+        self._post = Executables(post_fn, "post", executable_dir, fp,
+                                 variant_key=lambda args, _: args[1].shape)  # fmt: skip (the step's rows)
+        self._slice_stacks = jax.jit(slice_fn)
+
+    def _layer_stacks(self, adapters: AdapterStacks) -> list:
+        """Per layer, its slice of each adapter stack: cut once per set of stacks (an adapter load or
+        swap makes new ones), so a layer launch reads its adapters as it reads its weights."""
+        source = tuple((g, st.a, st.b, st.a_flat) for g, st in sorted(adapters.items()))
+        kept = self._stack_slices
+        if kept is None or len(kept[0]) != len(source) or any(
+            x is not y for old, new in zip(kept[0], source) for x, y in zip(old, new)
+        ):
+            kept = self._stack_slices = (source, self._slice_stacks(adapters))
+        return kept[1]
+
+    def _layer_calls(self, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None):
+        """(pre's arguments, its layout, the per-layer adapter stacks) of a step with layer launches."""
+        packed, layout = pack_inputs(step.inputs)
+        prev = self._no_prev_tokens if prev_tokens is None else prev_tokens
+        adapted = step.inputs.lora_slots is not None and bool(adapters)
+        stacks = self._layer_stacks(adapters) if adapted else [{}] * self.cfg.num_layers
+        return (self._embed, packed, prev), layout, stacks
+
+    def _launch_layers(self, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None):
+        args, layout, stacks = self._layer_calls(step, adapters, prev_tokens)
+        x, meta = self._pre(*args, layout=layout)
+        caches = self.kv_caches = list(self.kv_caches)  # (updated layer by layer: a failed launch leaves
+        # the layers before it updated and its own donated cache deleted, which kv_cache_deleted sees)
+        layer = self._layer.get(self._layer_weights[0], x, *caches[0], stacks[0], meta)
+        for i, w in enumerate(self._layer_weights):
+            x, k, v = layer(w, x, *caches[i], stacks[i], meta)
+            caches[i] = (k, v)
+        return self._post(self._head, x, meta[4])
+
+    def _layer_compile_calls(self, step: PreparedStep, adapters: AdapterStacks) -> list:
+        """What compiles a step variant with layer launches, for `get_all`: pre, the layer and post, the
+        last two from the shapes pre returns (traced, not run)."""
+        args, layout, stacks = self._layer_calls(step, adapters, None)
+        traced = jax.eval_shape(functools.partial(self._pre._jit, layout=layout), *args)
+        x, meta = jax.tree.map(self._like_weights, traced)
+        layer_args = (self._layer_weights[0], x, *self.kv_caches[0], stacks[0], meta)
+        return [(self._pre, (args, {"layout": layout})), (self._layer, (layer_args, {})),
+                (self._post, ((self._head, x, meta[4]), {}))]  # fmt: skip
+
+    def _like_weights(self, spec: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        """A traced output's shape on the weights' device, as the launch's real arrays are."""
+        return jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=self._embed.sharding, weak_type=spec.weak_type)
 
     @staticmethod
     def _sampling_inputs(step: PreparedStep) -> tuple[np.ndarray, tuple]:
@@ -575,10 +692,17 @@ class ModelRunner:
         cores = _usable_cores()
         self._warming_up = True
         try:
-            compiled, variants, start = self.num_compiled(), len(self._step), time.perf_counter()
+            compiled, variants, start = self.num_compiled(), self.num_step_variants, time.perf_counter()
             phases = {"kinds": len(kinds)}  # seconds of each part (bench/startup_gpu.py reports them)
             steps = [(a or {}, self._warmup_step(t, a)) for a in kinds for t in self.buckets]
-            get_all([(self._step, [self._step_args(step, a, None) for a, step in steps])], cores)
+            if self.layer_launches:
+                calls: dict[int, tuple[Executables, list]] = {}
+                for a, step in steps:
+                    for fn, call in self._layer_compile_calls(step, a):
+                        calls.setdefault(id(fn), (fn, []))[1].append(call)
+                get_all(list(calls.values()), cores)
+            else:
+                get_all([(self._step, [self._step_args(step, a, None) for a, step in steps])], cores)
             phases["steps_compile_s"] = (t := time.perf_counter()) - start
             # What the functions behind the steps take: the draw's and top-n's inputs (kept once per shape,
             # to run them), and the prompt logprobs' (the hidden states' shape only: [T, D] f32 a bucket).
@@ -603,7 +727,7 @@ class ModelRunner:
             phases["functions_run_s"] = time.perf_counter() - t
             self.warmup_phases.append(phases)
             if self.num_compiled() > compiled:  # (counted as the step's variants, with the functions' seconds)
-                self._record_compile(len(self._step) - variants, groups, time.perf_counter() - start)
+                self._record_compile(self.num_step_variants - variants, groups, time.perf_counter() - start)
             if self.kv_moves and None in kinds:
                 self.warmup_kv_moves()
         finally:
@@ -636,6 +760,17 @@ def _step_variant(args: tuple, static: dict) -> tuple:
     other argument has one shape per engine)."""
     stacks = args[2]
     return static["layout"], tuple(
+        (g, s.a.shape, s.b.shape, s.a.dtype, None if s.a_flat is None else s.a_flat.shape)
+        for g, s in sorted(stacks.items())
+    )
+
+
+def _layer_variant(args: tuple, static: dict) -> tuple:
+    """What picks a compiled variant of the layer: the step's rows, the adapter stacks' shapes and whether
+    (and how) the step adapts tokens."""
+    x, stacks, (_, _, slots, segments, _) = args[1], args[4], args[5]
+    runs = None if segments is None else tuple(s.shape for s in jax.tree.leaves(segments))
+    return x.shape, slots is None, runs, tuple(
         (g, s.a.shape, s.b.shape, s.a.dtype, None if s.a_flat is None else s.a_flat.shape)
         for g, s in sorted(stacks.items())
     )

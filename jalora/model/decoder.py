@@ -138,10 +138,7 @@ class Decoder(nnx.Module):
         """Returns (hidden [T, D] after the final norm, new kv_caches)."""
         cfg = self.cfg
         tp_axis = self.tp_axis
-        embed = self.embed[...]
-        x = embed[token_ids] if tp_axis is None else _vocab_parallel_embed(embed, token_ids, tp_axis)
-        if cfg.embedding_multiplier != 1.0:
-            x = x * cfg.embedding_multiplier
+        x = embed_tokens(cfg, self.embed[...], token_ids, tp_axis)
         inv_freq = rope_inv_freq(cfg)
         # One layer body for all layers: a jitted function called once per layer with the same shapes is
         # traced and lowered once (a private function of the step's module, called num_layers times),
@@ -149,26 +146,56 @@ class Decoder(nnx.Module):
         # optimizes, so the compiled step is the unrolled one.
         body = jax.jit(functools.partial(_layer, cfg, self.plan, tp_axis))
         new_caches = []
-        for i, layer in enumerate(self.layers):
-            w = {name: None if (p := getattr(layer, name)) is None else p[...] for name in _LAYER_PARAMS}
+        for i in range(cfg.num_layers):
             stacks = None
             if lora is not None:
-                stacks = {g: LoraStack(st.a[i], st.b[i], None if st.a_flat is None else st.a_flat[i])
-                          for g, st in lora.stacks.items()}  # fmt: skip (this layer's slice of each group)
-                stacks = LoraBatch(stacks, lora.token_slots, lora.segments)
-            x, k_cache, v_cache = body(x, positions, inv_freq, w, kv_caches[i][0], kv_caches[i][1], attn, stacks)
+                stacks = LoraBatch(layer_stacks(lora.stacks, i), lora.token_slots, lora.segments)
+            x, k_cache, v_cache = body(x, positions, inv_freq, self.layer_weights(i), kv_caches[i][0],
+                                       kv_caches[i][1], attn, stacks)  # fmt: skip
             new_caches.append((k_cache, v_cache))
         return rms_norm(x, self.norm[...], cfg.rms_norm_eps), new_caches
 
+    def layer_weights(self, i: int) -> dict:
+        """Layer `i`'s arrays by DecoderLayer's names (None where a bias is absent)."""
+        layer = self.layers[i]
+        return {name: None if (p := getattr(layer, name)) is None else p[...] for name in _LAYER_PARAMS}
+
+    def head_weights(self) -> tuple:
+        """(final norm, output matrix [D, V]): what `logits_of` takes after the norm (a tied model's
+        output matrix is its embedding, transposed where it is used)."""
+        return self.norm[...], self.embed[...] if self.lm_head is None else self.lm_head[...]
+
     def logits(self, hidden):
         """f32[..., V] logits (Granite divides by logits_scaling)."""
-        w = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        out = jnp.dot(hidden, w, preferred_element_type=jnp.float32)
-        if self.cfg.logits_scaling != 1.0:
-            out = out / self.cfg.logits_scaling
+        out = logits_of(self.cfg, self.head_weights()[1], hidden)
         if self.tp_axis is not None:  # each device's vocabulary columns, gathered (padding dropped)
             out = jax.lax.all_gather(out, self.tp_axis, axis=out.ndim - 1, tiled=True)[..., : self.vocab_size]
         return out
+
+
+def embed_tokens(cfg: ModelConfig, embed, token_ids, tp_axis=None):
+    """The embeddings [T, D] of i32[T] token ids (Granite scales them by embedding_multiplier)."""
+    x = embed[token_ids] if tp_axis is None else _vocab_parallel_embed(embed, token_ids, tp_axis)
+    return x * cfg.embedding_multiplier if cfg.embedding_multiplier != 1.0 else x
+
+
+def logits_of(cfg: ModelConfig, w, hidden):
+    """f32[..., V] logits of hidden states against `w`: [D, V], or a tied embedding [V, D]."""
+    if cfg.tie_word_embeddings:
+        w = w.T
+    out = jnp.dot(hidden, w, preferred_element_type=jnp.float32)
+    return out / cfg.logits_scaling if cfg.logits_scaling != 1.0 else out
+
+
+def layer_stacks(stacks: AdapterStacks, i: int) -> AdapterStacks:
+    """Layer `i`'s slice of each adapter group's stack."""
+    return {g: LoraStack(st.a[i], st.b[i], None if st.a_flat is None else st.a_flat[i]) for g, st in stacks.items()}
+
+
+def decoder_layer(cfg: ModelConfig, plan: KernelPlan, x, positions, w, k_cache, v_cache, attn, lora):
+    """One layer of an unsharded decoder as a function of its own arrays (`w`: `Decoder.layer_weights`;
+    `lora`: None or a LoraBatch of the layer's stacks): (x after it, new k_cache, new v_cache)."""
+    return _layer(cfg, plan, None, x, positions, rope_inv_freq(cfg), w, k_cache, v_cache, attn, lora)
 
 
 _LAYER_PARAMS = ("input_norm", "w_qkv", "b_qkv", "w_o", "b_o", "post_norm", "w_gate_up", "b_gate_up", "w_down",
