@@ -696,11 +696,7 @@ class ModelRunner:
             phases = {"kinds": len(kinds)}  # seconds of each part (bench/startup_gpu.py reports them)
             steps = [(a or {}, self._warmup_step(t, a)) for a in kinds for t in self.buckets]
             if self.layer_launches:
-                calls: dict[int, tuple[Executables, list]] = {}
-                for a, step in steps:
-                    for fn, call in self._layer_compile_calls(step, a):
-                        calls.setdefault(id(fn), (fn, []))[1].append(call)
-                get_all(list(calls.values()), cores)
+                get_all([(fn, [call]) for a, step in steps for fn, call in self._layer_compile_calls(step, a)], cores)
             else:
                 get_all([(self._step, [self._step_args(step, a, None) for a, step in steps])], cores)
             phases["steps_compile_s"] = (t := time.perf_counter()) - start
@@ -758,11 +754,7 @@ def _usable_cores() -> int:
 def _step_variant(args: tuple, static: dict) -> tuple:
     """What picks a compiled variant of the step: its layout (static) and the adapter groups' stacks (every
     other argument has one shape per engine)."""
-    stacks = args[2]
-    return static["layout"], tuple(
-        (g, s.a.shape, s.b.shape, s.a.dtype, None if s.a_flat is None else s.a_flat.shape)
-        for g, s in sorted(stacks.items())
-    )
+    return static["layout"], _stacks_key(args[2])
 
 
 def _layer_variant(args: tuple, static: dict) -> tuple:
@@ -770,7 +762,12 @@ def _layer_variant(args: tuple, static: dict) -> tuple:
     (and how) the step adapts tokens."""
     x, stacks, (_, _, slots, segments, _) = args[1], args[4], args[5]
     runs = None if segments is None else tuple(s.shape for s in jax.tree.leaves(segments))
-    return x.shape, slots is None, runs, tuple(
+    return x.shape, slots is None, runs, _stacks_key(stacks)
+
+
+def _stacks_key(stacks: AdapterStacks) -> tuple:
+    """The adapter groups' stacks as a compiled variant sees them: their shapes and dtype."""
+    return tuple(
         (g, s.a.shape, s.b.shape, s.a.dtype, None if s.a_flat is None else s.a_flat.shape)
         for g, s in sorted(stacks.items())
     )
