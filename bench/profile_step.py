@@ -125,7 +125,7 @@ def build_engine(args, cfg: dict, root: str, mode: str):
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=PREFILL_TOKENS_PER_STEP, max_model_len=max_len,
               num_kv_blocks=kv_blocks(args.batch, args.context + max_tokens(args) + 16),
               max_loras=max(args.adapters, 1), max_lora_rank=32, enable_prefix_caching=False, warmup=False,
-              async_scheduling=mode == "async", layer_launches=args.layer_launches)  # fmt: skip
+              async_scheduling=mode == "async", layers_per_launch=args.layers_per_launch)  # fmt: skip
     invocations = load_qkv_aloras(llm, os.path.join(root, f"adapters-{mode}"), cfg, args.adapters)
     return llm.engine, invocations
 
@@ -173,8 +173,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--adapters", type=int, default=0, help="aLoRA adapters (r=32, q/k/v); 0 = base model")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--layer-launches", action="store_true",
-                    help="EngineConfig.layer_launches: one compiled layer launched per layer")  # fmt: skip
+    ap.add_argument("--layers-per-launch", type=int, default=0, metavar="N",
+                   help="EngineConfig.layers_per_launch: a compiled group of N layers launched per group "
+                        "(0: one compiled step)")  # fmt: skip
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--hlo", default=None, metavar="DIR",
@@ -209,7 +210,7 @@ def main(argv=None) -> dict:
     step_s, host = by_mode[args.modes[0]]["step_ms_median"] / 1e3, by_mode[args.modes[0]]["host_ms_per_step"]
 
     result = {**meta, "preset": args.preset, "batch": args.batch, "adapters": args.adapters,
-              "layer_launches": args.layer_launches,
+              "layers_per_launch": args.layers_per_launch,
               "context": args.context, "steps": args.steps, "mode": args.modes[0],
               "step_ms_median": step_s * 1e3,
               "host_ms_per_step": host, "by_mode": by_mode, "device_trace": device}  # fmt: skip

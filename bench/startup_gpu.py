@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--server-order", action="store_true",
                    help="as `jalora serve --adapter ...` starts: adapters loaded first, then one warm-up of the "
                         "base-only and adapted steps together (warmup_s is 0)")  # fmt: skip
-    p.add_argument("--layer-launches", action="store_true",
-                   help="EngineConfig.layer_launches: one compiled layer launched per layer")  # fmt: skip
+    p.add_argument("--layers-per-launch", type=int, default=0, metavar="N",
+                   help="EngineConfig.layers_per_launch: a compiled group of N layers launched per group "
+                        "(0: one compiled step)")  # fmt: skip
     p.add_argument("--out", default=None, help="result file (default: bench/results/startup_gpu.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     v = cfg["vocab_size"]
     adapters = [write_adapter(os.path.join(root, f"a{i}"), cfg, 32, QKV, [v - 3 - i, v - 2], seed=i)
                 for i in range(NUM_ADAPTERS)]  # fmt: skip
-    engine = engine_kwargs(args.quick) | ({"layer_launches": True} if args.layer_launches else {})
+    engine = engine_kwargs(args.quick) | {"layers_per_launch": args.layers_per_launch}
     cache = os.path.join(root, "compile-cache")
     spec = {"model": model, "adapters": adapters, "cache": cache, "engine": engine, "together": args.server_order}
     runs = {}

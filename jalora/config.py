@@ -83,9 +83,10 @@ class EngineConfig:
         "(default: the device's tuning table; 0 = always the kernel)"
     )
     kernel_interpret: bool = config_field(False, "run the Pallas kernels in interpret mode (CPU tests)")
-    layer_launches: bool = config_field(
-        False, "run each step as one compiled decoder layer launched once per layer (compiles a layer per step "
-        "variant instead of every layer unrolled: a faster cold start); unsharded models only"
+    layers_per_launch: int = config_field(
+        0, "run each step as a compiled group of this many decoder layers launched once per group (a cold "
+        "start compiles a group per step variant instead of every layer unrolled); 0 = one compiled launch "
+        "of the whole step; unsharded models only"
     )
     compile_cache: str | None = config_field(
         "auto", "directory of JAX's persistent compilation cache, so a later start loads the compiled steps "
@@ -126,9 +127,11 @@ class EngineConfig:
                 "host_kv_cache_gb", f"must be a number >= 0 (GiB; 0 = no host tier), got {g!r}")  # fmt: skip
         require(g == 0 or self.enable_prefix_caching is not False, "host_kv_cache_gb",
                 "keeps prefix-cache blocks: it needs enable_prefix_caching")  # fmt: skip
-        for name in ("enable_prefix_caching", "async_scheduling", "warmup", "kernel_interpret", "layer_launches"):
+        for name in ("enable_prefix_caching", "async_scheduling", "warmup", "kernel_interpret"):
             require(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
-        require(not (self.layer_launches and self.tensor_parallel_size > 1), "layer_launches",
+        n = self.layers_per_launch
+        require(is_int(n) and n >= 0, "layers_per_launch", f"must be an integer >= 0, got {n!r}")
+        require(not (n and self.tensor_parallel_size > 1), "layers_per_launch",
                 "runs an unsharded model only (tensor_parallel_size is 1)")  # fmt: skip
         require(is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
         for name in ("attention_impl", "lora_impl"):

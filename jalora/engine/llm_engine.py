@@ -173,7 +173,7 @@ class LLMEngine:
         self.runner = ModelRunner(
             decoder, num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
             self.max_model_len, self.dtype, tp, kv_moves=self.host_tier is not None,
-            executable_dir=self._executable_dir(), layer_launches=config.layer_launches,
+            executable_dir=self._executable_dir(), layers_per_launch=config.layers_per_launch,
         )  # fmt: skip
         self.pipeline = StepPipeline(self.runner, config.async_scheduling)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)

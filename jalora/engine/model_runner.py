@@ -23,7 +23,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -180,12 +180,12 @@ class ModelRunner:
         tp: TensorParallel | None = None,
         kv_moves: bool = False,
         executable_dir: Path | None = None,
-        layer_launches: bool = False,
+        layers_per_launch: int = 0,
     ):
         """`executable_dir`: where compiled variants of the step and the functions behind it are saved and
-        loaded from (jalora/engine/executables.py); None keeps them in memory only. `layer_launches`: run
-        a step as one compiled layer launched once per layer between the embedding's and the head's
-        launches, instead of one compiled step of every layer (unsharded models only; see
+        loaded from (jalora/engine/executables.py); None keeps them in memory only. `layers_per_launch` > 0:
+        run a step as a compiled group of that many layers launched once per group between the embedding's
+        and the head's launches, instead of one compiled step of every layer (unsharded models only; see
         `_launch_layers`)."""
         cfg = model.cfg
         self.tp = tp = TensorParallel() if tp is None else tp
@@ -302,11 +302,11 @@ class ModelRunner:
                                       variant_key=lambda args, _: args[1].shape)  # fmt: skip (the hidden rows)
         # prev_tokens when nothing is pending (on every device of the mesh, as the step's own outputs)
         self._no_prev_tokens = tp.zeros((max_num_seqs,), jnp.int32, P())
-        self.layer_launches = layer_launches
-        if layer_launches:
+        self.layer_launches = layers_per_launch > 0
+        if self.layer_launches:
             if tp.sharded:
                 raise ValueError("layer launches run an unsharded model only")
-            self._init_layer_launches(model, fp, executable_dir, pad_rows)
+            self._init_layer_launches(model, fp, executable_dir, pad_rows, layers_per_launch)
         # Several hosts (jalora/engine/multihost.py): process 0's runner sends each launch to the others
         # (`leader`); every runner numbers its launches and keeps the last few sampled-token arrays.
         self.leader = None
@@ -497,21 +497,25 @@ class ModelRunner:
 
     @property
     def num_step_variants(self) -> int:
-        """Compiled variants of the step (with layer launches: of the layer, one per step variant)."""
+        """Compiled variants of the step (with layer launches: of the layer group, one per step variant and
+        group size: a last group of fewer layers is a variant of its own)."""
         return len(self._layer if self.layer_launches else self._step)
 
     # -- layer launches ----------------------------------------------------------------------------------
-    # A step as 2 + num_layers launches: the embedding (`_pre`: it also unpacks the step's inputs once),
-    # one compiled layer called with each layer's own weights and KV cache (donated), and the final norm
-    # with the logits (`_post`). A cold start then compiles one layer per step variant instead of
-    # num_layers unrolled copies of it (bench/startup_gpu.py), while each matmul still reads its own
-    # weight array, as in the unrolled step (a scanned loop over stacked weights made XLA's GEMM fusions
-    # read through dynamic slices: bench/scan_layers.py). The cost is the host's: a launch per layer,
-    # which async scheduling overlaps with the device's work (bench/scan_layers.py `calls`,
-    # bench/profile_step.py --layer-launches).
+    # A step as 2 + num_layers / layers_per_launch launches: the embedding (`_pre`: it also unpacks the
+    # step's inputs once), one compiled group of `layers_per_launch` layers called with each group's own
+    # weights and KV caches (donated), and the final norm with the logits (`_post`). A cold start then
+    # compiles one group per step variant instead of num_layers unrolled layers (bench/startup_gpu.py),
+    # while each matmul still reads its own weight array, as in the unrolled step (a scanned loop over
+    # stacked weights made XLA's GEMM fusions read through dynamic slices: bench/scan_layers.py). The cost
+    # is the host's: a launch per group, which async scheduling overlaps with the device's work; too many
+    # launches per step (one per layer) outrun what the host can queue ahead of the device
+    # (bench/profile_step.py --layers-per-launch).
 
-    def _init_layer_launches(self, model: Decoder, fp: str, executable_dir: Path | None, pad_rows) -> None:
+    def _init_layer_launches(self, model: Decoder, fp: str, executable_dir: Path | None, pad_rows,
+                             per_launch: int) -> None:  # fmt: skip
         cfg, plan = self.cfg, self.plan
+        self._groups = [range(i, min(i + per_launch, cfg.num_layers)) for i in range(0, cfg.num_layers, per_launch)]
         self._layer_weights = [model.layer_weights(i) for i in range(cfg.num_layers)]
         self._head = model.head_weights()
         self._embed = model.embed[...]
@@ -523,10 +527,15 @@ class ModelRunner:
             meta = (inp.positions, inp.attn, inp.lora_slots, inp.lora_segments, inp.logits_indices)
             return embed_tokens(cfg, embed, token_ids), meta
 
-        def layer_fn(w, x, k_cache, v_cache, stacks, meta):
+        def layer_fn(ws, x, k_caches, v_caches, stacks, meta):  # a group: a tuple of each per layer
             positions, attn, slots, segments, _ = meta
-            lora = None if slots is None else LoraBatch(stacks, slots, segments)
-            return decoder_layer(cfg, plan, x, positions, w, k_cache, v_cache, attn, lora)
+            ks, vs = [], []
+            for w, k, v, st in zip(ws, k_caches, v_caches, stacks, strict=True):
+                lora = None if slots is None else LoraBatch(st, slots, segments)
+                x, k, v = decoder_layer(cfg, plan, x, positions, w, k, v, attn, lora)
+                ks.append(k)
+                vs.append(v)
+            return x, tuple(ks), tuple(vs)
 
         def post_fn(head, x, logits_indices):
             norm, w = head
@@ -565,15 +574,26 @@ class ModelRunner:
         stacks = self._layer_stacks(adapters) if adapted else [{}] * self.cfg.num_layers
         return (self._embed, packed, prev), layout, stacks
 
+    def _group_args(self, group: range, x, stacks: list, meta) -> tuple:
+        """A layer group's arguments: its layers' weights, the hidden states, its K and V caches, its
+        layers' adapter stacks and the step's metadata."""
+        caches = self.kv_caches
+        return (tuple(self._layer_weights[i] for i in group), x, tuple(caches[i][0] for i in group),
+                tuple(caches[i][1] for i in group), tuple(stacks[i] for i in group), meta)  # fmt: skip
+
     def _launch_layers(self, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None):
         args, layout, stacks = self._layer_calls(step, adapters, prev_tokens)
         x, meta = self._pre(*args, layout=layout)
-        caches = self.kv_caches = list(self.kv_caches)  # (updated layer by layer: a failed launch leaves
-        # the layers before it updated and its own donated cache deleted, which kv_cache_deleted sees)
-        layer = self._layer.get(self._layer_weights[0], x, *caches[0], stacks[0], meta)
-        for i, w in enumerate(self._layer_weights):
-            x, k, v = layer(w, x, *caches[i], stacks[i], meta)
-            caches[i] = (k, v)
+        caches = self.kv_caches = list(self.kv_caches)  # (updated group by group: a failed launch leaves
+        # the groups before it updated and its own donated caches deleted, which kv_cache_deleted sees)
+        by_size: dict[int, Any] = {}  # the compiled group of each size (the last group may be smaller)
+        for group in self._groups:
+            group_args = self._group_args(group, x, stacks, meta)
+            if (layer := by_size.get(len(group))) is None:
+                layer = by_size[len(group)] = self._layer.get(*group_args)
+            x, ks, vs = layer(*group_args)
+            for i, k, v in zip(group, ks, vs, strict=True):
+                caches[i] = (k, v)
         return self._post(self._head, x, meta[4])
 
     def _layer_compile_calls(self, step: PreparedStep, adapters: AdapterStacks) -> list:
@@ -582,9 +602,9 @@ class ModelRunner:
         args, layout, stacks = self._layer_calls(step, adapters, None)
         traced = jax.eval_shape(functools.partial(self._pre._jit, layout=layout), *args)
         x, meta = jax.tree.map(self._like_weights, traced)
-        layer_args = (self._layer_weights[0], x, *self.kv_caches[0], stacks[0], meta)
-        return [(self._pre, (args, {"layout": layout})), (self._layer, (layer_args, {})),
-                (self._post, ((self._head, x, meta[4]), {}))]  # fmt: skip
+        sizes = {len(g): g for g in self._groups}  # (one group of each size)
+        layers = [(self._layer, (self._group_args(g, x, stacks, meta), {})) for g in sizes.values()]
+        return [(self._pre, (args, {"layout": layout})), *layers, (self._post, ((self._head, x, meta[4]), {}))]
 
     def _like_weights(self, spec: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
         """A traced output's shape on the weights' device, as the launch's real arrays are."""
@@ -680,7 +700,8 @@ class ModelRunner:
         adapter path; with `adapters` and `with_base`, both), each variant run once, and the draw, top-n
         and prompt-logprob functions behind it (the draw and the top-n run once; the prompt logprobs only
         compiled: for the largest bucket they would compute a [T, V] logits matrix at every start).
-        The compilations come in two waves on a thread per core (`executables.get_all`), each waiting
+        The compilations come in two waves on a thread per core (`executables.get_all`; on a GPU fewer
+        where its free memory is short: `_compile_workers`), each waiting
         for its longest one: every step variant (all of them together: a start whose adapters are known,
         a server's, waits once, not once per kind), then, from the steps' outputs, every function behind
         them (the host tier's few small copies compile after that)."""
@@ -689,11 +710,12 @@ class ModelRunner:
         kinds = [adapters] if adapters and not with_base else [None] + ([adapters] if adapters else [])
         desc = "jalora warm-up" + (" (adapters)" if adapters and not with_base else "")
         groups = () if with_base else tuple(sorted(adapters or {}))  # (the log's "with adapters ...")
-        cores = _usable_cores()
+        cores = _compile_workers()
         self._warming_up = True
         try:
             compiled, variants, start = self.num_compiled(), self.num_step_variants, time.perf_counter()
-            phases = {"kinds": len(kinds)}  # seconds of each part (bench/startup_gpu.py reports them)
+            # seconds of each part (bench/startup_gpu.py reports them)
+            phases = {"kinds": len(kinds), "workers": cores}
             steps = [(a or {}, self._warmup_step(t, a)) for a in kinds for t in self.buckets]
             if self.layer_launches:
                 get_all([(fn, [call]) for a, step in steps for fn, call in self._layer_compile_calls(step, a)], cores)
@@ -744,6 +766,24 @@ def move_sizes(num_blocks: int) -> list[int]:
     return [1 << i for i in range(MAX_MOVE_BLOCKS.bit_length()) if 1 << i <= min(MAX_MOVE_BLOCKS, num_blocks)]
 
 
+# What one compilation may allocate on a GPU while XLA's autotuner times its matmuls (inputs, outputs and
+# red zones of the largest prefill GEMM of an 8B model: 784 MiB in one allocation on an H100).
+COMPILE_DEVICE_BYTES = 1 << 30
+
+
+def _compile_workers() -> int:
+    """Compilations run at once by the warm-up: a thread per usable core, but on a GPU no more than the
+    device memory still free can give each one's autotuning (the KV cache already fills its share: 16
+    compilations at once ran an H100 out of memory)."""
+    cores = _usable_cores()
+    dev = jax.local_devices()[0]
+    stats = dev.memory_stats() if dev.platform == "gpu" and hasattr(dev, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        return cores
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return max(1, min(cores, free // COMPILE_DEVICE_BYTES))
+
+
 def _usable_cores() -> int:
     """The cores this process may run on (its affinity, where the OS tells it), at least 1."""
     if hasattr(os, "sched_getaffinity"):
@@ -758,11 +798,11 @@ def _step_variant(args: tuple, static: dict) -> tuple:
 
 
 def _layer_variant(args: tuple, static: dict) -> tuple:
-    """What picks a compiled variant of the layer: the step's rows, the adapter stacks' shapes and whether
-    (and how) the step adapts tokens."""
-    x, stacks, (_, _, slots, segments, _) = args[1], args[4], args[5]
+    """What picks a compiled variant of a layer group: its size, the step's rows, the adapter stacks'
+    shapes and whether (and how) the step adapts tokens."""
+    ws, x, stacks, (_, _, slots, segments, _) = args[0], args[1], args[4], args[5]
     runs = None if segments is None else tuple(s.shape for s in jax.tree.leaves(segments))
-    return x.shape, slots is None, runs, _stacks_key(stacks)
+    return len(ws), x.shape, slots is None, runs, _stacks_key(stacks[0])
 
 
 def _stacks_key(stacks: AdapterStacks) -> tuple:

@@ -1,7 +1,8 @@
-"""Layer launches (EngineConfig.layer_launches): a step run as the embedding, one compiled decoder layer
-launched once per layer and the head (jalora/engine/model_runner.py) computes what transformers + PEFT
-compute: base and aLoRA requests, batched, chunked and cached, with sampling and logprobs behind it; it
-compiles one layer per step variant, the warm-up covers every variant, and a restart loads them."""
+"""Layer launches (EngineConfig.layers_per_launch): a step run as the embedding, a compiled group of
+decoder layers launched once per group and the head (jalora/engine/model_runner.py) computes what
+transformers + PEFT compute: base and aLoRA requests, batched, chunked and cached, with sampling and
+logprobs behind it, also where the last group is smaller; it compiles one group per step variant and
+group size, the warm-up covers every variant, and a restart loads them."""
 
 import numpy as np
 import pytest
@@ -30,12 +31,14 @@ def prompt_of(n: int, salt: int = 0) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_models, tmp_path_factory):
-    base = tiny_models["granite"]  # (embedding, residual and logits multipliers: every scale of the head)
-    adapter = hf_models.make_adapter(base, str(tmp_path_factory.mktemp("layers") / "alora"), TARGETS, r=4,
-                                     invocation=INV, seed=2)  # fmt: skip
+def setup(tmp_path_factory):
+    # Granite (embedding, residual and logits multipliers: every scale of the head) with 3 layers in
+    # groups of 2: a group of 2 layers, then one of 1.
+    root = tmp_path_factory.mktemp("layers")
+    base = hf_models.make_model(str(root / "granite3"), "granite", seed=3, num_hidden_layers=3)
+    adapter = hf_models.make_adapter(base, str(root / "alora"), TARGETS, r=4, invocation=INV, seed=2)
     llm = LLM(base, num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96, max_loras=2,
-              max_lora_rank=4, warmup=False, layer_launches=True)  # fmt: skip
+              max_lora_rank=4, warmup=False, layers_per_launch=2)  # fmt: skip
     llm.load_adapter("judge", adapter)
     oracles = {None: hf_models.load_oracle(base), "judge": hf_models.load_peft_oracle(base, adapter)}
     return base, adapter, llm, oracles
@@ -46,6 +49,7 @@ def test_base_and_alora_requests_match_peft(setup):
     _, _, llm, oracles = setup
     runner = llm.engine.runner
     assert runner.layer_launches and runner.num_step_variants == 0 and len(runner._step) == 0
+    assert [list(g) for g in runner._groups] == [[0, 1], [2]]
     cases = [(prompt_of(40), None), (prompt_of(12, 1) + INV, "judge"), (prompt_of(5, 2), None)]
     params = SamplingParams(max_tokens=6, prompt_logprobs=True, logprobs=0, ignore_eos=True)
     outs = [llm.generate([ids], params, name)[0] for ids, name in cases[:1]]
@@ -57,8 +61,9 @@ def test_base_and_alora_requests_match_peft(setup):
         assert np.max(np.abs(np.asarray(out.prompt_logprobs[1:]) - np.asarray(ref_plp))) <= 1e-4, name
         lps = [step[t] for step, t in zip(out.logprobs, out.token_ids)]
         assert np.max(np.abs(np.asarray(lps) - np.asarray(ref_lps))) <= 1e-4, name
-    # Each step variant compiled one layer (not one per layer): base-only and adapted, in the buckets used.
-    assert 2 <= runner.num_step_variants <= 2 * len(runner.buckets)
+    # Each step variant compiled a group of 2 and one of 1 (not every layer): base-only and adapted, in
+    # the buckets used.
+    assert 4 <= runner.num_step_variants <= 4 * len(runner.buckets)
     assert len(runner._pre) >= 1 and len(runner._post) >= 1
 
 
@@ -84,7 +89,7 @@ def test_warmup_covers_every_variant_and_a_restart_loads_them(tiny_models, tmp_p
     base = tiny_models["llama"]
     adapter = hf_models.make_adapter(base, str(tmp_path / "alora"), TARGETS, r=4, invocation=INV, seed=1)
     kwargs = dict(num_kv_blocks=32, max_num_seqs=2, max_num_batched_tokens=32, max_model_len=64, max_loras=2,
-                  max_lora_rank=4, layer_launches=True, compile_cache=str(tmp_path / "cache"))  # fmt: skip
+                  max_lora_rank=4, layers_per_launch=1, compile_cache=str(tmp_path / "cache"))  # fmt: skip
 
     def start():
         llm = LLM(base, warmup=False, **kwargs)
@@ -106,9 +111,15 @@ def test_warmup_covers_every_variant_and_a_restart_loads_them(tiny_models, tmp_p
     assert again.generate([ids], greedy, "judge")[0].token_ids == llm.generate([ids], greedy, "judge")[0].token_ids
 
 
-def test_layer_launches_need_an_unsharded_model(tiny_models):
+@pytest.mark.parametrize(
+    "kwargs", [{"layers_per_launch": 1, "tensor_parallel_size": 2}, {"layers_per_launch": -1},
+               {"layers_per_launch": True}, {"layers_per_launch": 1.5}],  # fmt: skip
+)
+def test_bad_layers_per_launch_is_refused(tiny_models, kwargs):
+    """Layer launches run an unsharded model, in groups of a whole number of layers (one error naming the
+    field, before any weights are made)."""
     from jalora.errors import InvalidRequestError
 
-    with pytest.raises(InvalidRequestError, match="layer_launches") as e:
-        LLM(tiny_models["llama"], tensor_parallel_size=2, layer_launches=True, warmup=False)
-    assert str(e.value).count("layer_launches") == 1
+    with pytest.raises(InvalidRequestError, match="layers_per_launch") as e:
+        LLM(tiny_models["llama"], warmup=False, **kwargs)
+    assert str(e.value).count("layers_per_launch") == 1
