@@ -173,9 +173,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--adapters", type=int, default=0, help="aLoRA adapters (r=32, q/k/v); 0 = base model")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--layers-per-launch", type=int, default=0, metavar="N",
+    ap.add_argument("--layers-per-launch", type=int, default=None, metavar="N",
                    help="EngineConfig.layers_per_launch: a compiled group of N layers launched per group "
-                        "(0: one compiled step)")  # fmt: skip
+                        "(0: one compiled step; default: the engine's, 8 on a GPU)")  # fmt: skip
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--hlo", default=None, metavar="DIR",
@@ -210,7 +210,7 @@ def main(argv=None) -> dict:
     step_s, host = by_mode[args.modes[0]]["step_ms_median"] / 1e3, by_mode[args.modes[0]]["host_ms_per_step"]
 
     result = {**meta, "preset": args.preset, "batch": args.batch, "adapters": args.adapters,
-              "layers_per_launch": args.layers_per_launch,
+              "layers_per_launch": engines[args.modes[0]][0].runner.layers_per_launch,
               "context": args.context, "steps": args.steps, "mode": args.modes[0],
               "step_ms_median": step_s * 1e3,
               "host_ms_per_step": host, "by_mode": by_mode, "device_trace": device}  # fmt: skip

@@ -113,7 +113,7 @@ def _child(args) -> None:
     print(json.dumps({**times, **counts, "compile_work": spent, "longest_compiles_s": sorted(each)[::-1][:12],
                       "warmup_phases": runner.warmup_phases, "executables": runner.num_compiled(),
                       "executables_loaded": runner.num_loaded(),
-                      "buckets": runner.buckets,
+                      "buckets": runner.buckets, "layers_per_launch": runner.layers_per_launch,
                       "platform": jax.default_backend(), "device": jax.devices()[0].device_kind}))  # fmt: skip
 
 
@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--server-order", action="store_true",
                    help="as `jalora serve --adapter ...` starts: adapters loaded first, then one warm-up of the "
                         "base-only and adapted steps together (warmup_s is 0)")  # fmt: skip
-    p.add_argument("--layers-per-launch", type=int, default=0, metavar="N",
+    p.add_argument("--layers-per-launch", type=int, default=None, metavar="N",
                    help="EngineConfig.layers_per_launch: a compiled group of N layers launched per group "
-                        "(0: one compiled step)")  # fmt: skip
+                        "(0: one compiled step; default: the engine's, 8 on a GPU)")  # fmt: skip
     p.add_argument("--out", default=None, help="result file (default: bench/results/startup_gpu.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

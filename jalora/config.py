@@ -83,10 +83,10 @@ class EngineConfig:
         "(default: the device's tuning table; 0 = always the kernel)"
     )
     kernel_interpret: bool = config_field(False, "run the Pallas kernels in interpret mode (CPU tests)")
-    layers_per_launch: int = config_field(
-        0, "run each step as a compiled group of this many decoder layers launched once per group (a cold "
+    layers_per_launch: int | None = config_field(
+        None, "run each step as a compiled group of this many decoder layers launched once per group (a cold "
         "start compiles a group per step variant instead of every layer unrolled); 0 = one compiled launch "
-        "of the whole step; unsharded models only"
+        "of the whole step (default: 8 on a GPU with an unsharded model, else 0); unsharded models only"
     )
     compile_cache: str | None = config_field(
         "auto", "directory of JAX's persistent compilation cache, so a later start loads the compiled steps "
@@ -130,7 +130,7 @@ class EngineConfig:
         for name in ("enable_prefix_caching", "async_scheduling", "warmup", "kernel_interpret"):
             require(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r}")
         n = self.layers_per_launch
-        require(is_int(n) and n >= 0, "layers_per_launch", f"must be an integer >= 0, got {n!r}")
+        require(n is None or (is_int(n) and n >= 0), "layers_per_launch", f"must be None or an integer >= 0, got {n!r}")
         require(not (n and self.tensor_parallel_size > 1), "layers_per_launch",
                 "runs an unsharded model only (tensor_parallel_size is 1)")  # fmt: skip
         require(is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")

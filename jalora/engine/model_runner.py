@@ -302,6 +302,7 @@ class ModelRunner:
                                       variant_key=lambda args, _: args[1].shape)  # fmt: skip (the hidden rows)
         # prev_tokens when nothing is pending (on every device of the mesh, as the step's own outputs)
         self._no_prev_tokens = tp.zeros((max_num_seqs,), jnp.int32, P())
+        self.layers_per_launch = layers_per_launch
         self.layer_launches = layers_per_launch > 0
         if self.layer_launches:
             if tp.sharded:

@@ -72,6 +72,7 @@ def test_same_tokens_as_the_fused_step_with_sampling(setup):
     base, adapter, llm, _ = setup
     fused = LLM(base, num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=96, max_loras=2,
                 max_lora_rank=4, warmup=False)  # fmt: skip
+    assert fused.engine.runner.layers_per_launch == 0  # (the default on a CPU: the fused step)
     fused.load_adapter("judge", adapter)
     prompts = [prompt_of(20, 3), prompt_of(9, 4) + INV]
     params = SamplingParams(max_tokens=8, temperature=0.8, top_k=20, seed=11, logprobs=2, ignore_eos=True)
