@@ -662,15 +662,18 @@ def host_tier_cost(now, before) -> list[str]:
             f"{provenance(now)}" + (f"; before: {provenance(before)}." if before else "."), "", *rows]  # fmt: skip
 
 
-def startup_gpu(r, executables=None, before=None) -> list[str]:
+def startup_gpu(r, fused=None, unrolled=None, executables=None) -> list[str]:
     """bench/startup_gpu.py: start to ready on the GPU, with a cold and a warm compilation cache, this
-    build's run beside the earlier builds' runs where there are (`executables`: the build that first kept
-    compiled variants on disk; `before`: the one before it)."""
+    build's run (layer groups) beside the fused step's cold start in the same device call, and the earlier
+    builds' runs where there are (`unrolled`: the last build that compiled every layer unrolled;
+    `executables`: the build that first kept compiled variants on disk)."""
     from bench import startup_gpu as startup_gpu_bench
 
     m = r["model"]
-    builds = [(r, ""), (executables, "compiled variants kept on disk, layers traced one by one"),
-              (before, "JAX's cache only, variants compiled one after another")]  # fmt: skip
+    builds = [(r, f"{r['runs']['cold'].get('layers_per_launch', 0)} layers per launch"),
+              (fused, "one compiled step of every layer, same device call"),
+              (unrolled, "one compiled step of every layer"),
+              (executables, "compiled variants kept on disk, layers traced one by one")]  # fmt: skip
     runs = {}
     for b, what in builds:
         if b is not None:
@@ -688,6 +691,43 @@ def startup_gpu(r, executables=None, before=None) -> list[str]:
         if b is not None:
             text += f" {commit_of(b)}: {provenance(b)}."
     return [text, "", startup_gpu_bench.stdout_table({**r, "runs": runs})]
+
+
+LAYER_GROUP_RUNS = tuple(
+    f"layers_h100_{c}_{n}.json"
+    for c, names in (("b8196e0", ("pb1_fused", "pb1_layers", "pb64_fused", "pb64_layers")),
+                     ("c1b1273", ("pb1_fused", "pb1_g4", "pb1_g8", "pb64_fused", "pb64_g4", "pb64_g8")))
+    for n in names
+) + ("profile_step_b1_g8_h200.json", "profile_step_b1_ctx65536_fused.json",
+     "profile_step_b1_ctx65536.json")  # fmt: skip
+
+
+def _per_launch(r) -> int:
+    """A profile's decoder layers per launch (0: the fused step; the first build recorded a flag: 1 layer)."""
+    return int(r["layers_per_launch"]) if "layers_per_launch" in r else int(bool(r.get("layer_launches")))
+
+
+def layer_groups(*runs) -> list[str]:
+    """bench/profile_step.py with --layers-per-launch N beside the fused step (N = 0) in the same device call
+    (same commit and device): the step, the host's time enqueuing it, and the device's busy time."""
+    runs = [r for r in runs if r is not None]
+    out = ["The decode step run as compiled groups of layers against the fused step, each pair in one device call "
+           "(`python -m bench.profile_step --modes async --layers-per-launch N`; N = 0 is the fused step): median "
+           "engine.step() with async scheduling, the host's time to enqueue a step's launches (profile_step's "
+           "`dispatch`), and the device's busy time per step from the profiler trace.", "",
+           "| device | commit | batch | adapters | context | layers per launch | step ms | vs fused | "
+           "host enqueue ms | device busy ms |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in runs:
+        key = (r["device"], commit_of(r), r["batch"], r["adapters"], r["context"])
+        fused = next((f for f in runs if _per_launch(f) == 0 and
+                      (f["device"], commit_of(f), f["batch"], f["adapters"], f["context"]) == key), None)  # fmt: skip
+        busy = next((v["busy_us_per_step"] for k, v in r["device_trace"].items() if "Compute" in k), None)
+        change = "-" if fused is None or fused is r else f"{r['step_ms_median'] / fused['step_ms_median'] - 1:+.1%}"
+        out.append(f"| {r['device']} | {commit_of(r)} | {r['batch']} | {r['adapters']} | {r['context']} | "
+                   f"{_per_launch(r)} | {r['step_ms_median']:.2f} | {change} | "
+                   f"{r['host_ms_per_step']['dispatch']:.2f} | "
+                   f"{_f(None if busy is None else busy / 1e3, '.2f')} |")  # fmt: skip
+    return out
 
 
 def _f(v, fmt: str) -> str:
@@ -831,7 +871,8 @@ def render() -> str:
         ("### The host-memory KV tier: what its copies cost a decode step", host_tier_cost,
          ("host_tier_cost.json", "host_tier_cost_before.json")),
         ("### Start-up on the GPU: cold and warm compilation cache", startup_gpu,
-         ("startup_gpu.json", "startup_gpu_executables.json", "startup_gpu_before.json")),
+         ("startup_gpu.json", "startup_gpu_fused.json", "startup_gpu_b463092.json", "startup_gpu_executables.json")),
+        ("### Layer groups against the fused step", layer_groups, LAYER_GROUP_RUNS),
         ("### The aLoRA serving paper's pipelines on the H200", pipeline_bench_section,
          ("pipeline_bench_granite-8b.json",)),
     ]
