@@ -528,12 +528,16 @@ class ModelRunner:
             meta = (inp.positions, inp.attn, inp.lora_slots, inp.lora_segments, inp.logits_indices)
             return embed_tokens(cfg, embed, token_ids), meta
 
+        # One layer body for the group's layers: traced and lowered once per variant, not once per layer
+        # (as the fused step's, jalora/model/decoder.py); XLA inlines the calls before it optimizes.
+        body = jax.jit(functools.partial(decoder_layer, cfg, plan))
+
         def layer_fn(ws, x, k_caches, v_caches, stacks, meta):  # a group: a tuple of each per layer
             positions, attn, slots, segments, _ = meta
             ks, vs = [], []
             for w, k, v, st in zip(ws, k_caches, v_caches, stacks, strict=True):
                 lora = None if slots is None else LoraBatch(st, slots, segments)
-                x, k, v = decoder_layer(cfg, plan, x, positions, w, k, v, attn, lora)
+                x, k, v = body(x, positions, w, k, v, attn, lora)
                 ks.append(k)
                 vs.append(v)
             return x, tuple(ks), tuple(vs)
