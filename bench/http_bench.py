@@ -204,6 +204,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3, help="measured rounds of each mode, after a warm-up round")
     ap.add_argument("--clients", type=int, default=4, help="client processes sharing the streams (gRPC and HTTP)")
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                    help="fronts to measure (in-process always runs: the others' losses are against it; "
+                         "http needs the server's HTTP extras)")  # fmt: skip
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, 8 streams of 24 tokens, 1 round (CPU)")
     ap.add_argument("--drive", action="store_true", help=argparse.SUPPRESS)  # the client process
     ap.add_argument("--out", default=None, help="result file (default bench/results/http_bench.json)")
@@ -211,6 +214,7 @@ def main(argv=None) -> dict:
     if args.drive:
         print(json.dumps(drive(json.loads(sys.stdin.readline()))))
         return {}
+    modes = [m for m in MODES if m == "inproc" or m in args.modes]
     if args.smoke:
         args.preset, args.streams, args.prompt_tokens, args.max_tokens, args.rounds = "tiny", 8, 24, 8, 1
 
@@ -232,17 +236,17 @@ def main(argv=None) -> dict:
             return run_inproc(llm, convs, args.max_tokens, round_)
         return run_front(llm, mode, convs, args.max_tokens, round_, args.clients)
 
-    warmup = [run(mode, 0) for mode in MODES]
-    rounds = [run(mode, r) for r in range(1, args.rounds + 1) for mode in MODES]
-    median = {m: statistics.median(r["tokens_per_s"] for r in rounds if r["mode"] == m) for m in MODES}
+    warmup = [run(mode, 0) for mode in modes]
+    rounds = [run(mode, r) for r in range(1, args.rounds + 1) for mode in modes]
+    median = {m: statistics.median(r["tokens_per_s"] for r in rounds if r["mode"] == m) for m in modes}
     result = {
         **meta, "preset": args.preset, "streams": args.streams, "prompt_tokens": args.prompt_tokens,
         "max_tokens": args.max_tokens, "clients": args.clients, "rounds": rounds, "warmup_rounds": warmup,
         "median_tokens_per_s": median,
-        "loss_vs_inproc": {m: 1 - median[m] / median["inproc"] for m in ("grpc", "http")},
+        "loss_vs_inproc": {m: 1 - median[m] / median["inproc"] for m in modes if m != "inproc"},
     }  # fmt: skip
     path = save(result_path(args.out, "http_bench.json", smoke=args.preset == "tiny"), result)
-    for m in MODES:
+    for m in modes:
         loss = "" if m == "inproc" else f"  ({-100 * result['loss_vs_inproc'][m]:+.1f}% vs in-process)"
         print(f"{m:>7}: {median[m]:10.1f} completion tokens/s{loss}")
     print("wrote", path)
