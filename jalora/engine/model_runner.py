@@ -199,6 +199,7 @@ class ModelRunner:
         # The parameters cross into the step as a flat list: flattening the nnx.State pytree on every
         # call cost ~0.6 ms of host time per step for 40 layers (bench/profile_step.py).
         self.params, self.params_def = jax.tree.flatten(state)
+        self._hidden_dtype = model.embed[...].dtype  # (the final hidden states', as every activation's)
         shape = tp.kv_shape(cfg, num_blocks, block_size)
         self.kv_caches = [
             (tp.zeros(shape, kv_dtype, KV_SPEC), tp.zeros(shape, kv_dtype, KV_SPEC)) for _ in range(cfg.num_layers)
@@ -253,7 +254,7 @@ class ModelRunner:
             # Left on the device for the functions behind the step (each output costs host time per
             # step, so only these two): logits f32[R, V] of each sequence's last token, R = min(T, S)
             # (the draw and the top-n compile per row count, not per bucket), and every row's final
-            # hidden state f32[T, D] (prompt logprobs).
+            # hidden state [T, D] in the model's dtype (prompt logprobs).
             return kv_caches, StepOutputs(pad_rows(tokens), token_lp, None, None, None), logits, hidden
 
         def draw_fn(logits, packed, layout):
@@ -299,7 +300,7 @@ class ModelRunner:
         self._draw = Executables(draw_fn, "draw", executable_dir, fp, static_argnames=("layout",))
         self._top = Executables(top_fn, "top", executable_dir, fp)
         self._prompt_lp = Executables(prompt_lp_fn, "prompt_lp", executable_dir, fp,
-                                      variant_key=lambda args, _: args[1].shape)  # fmt: skip (the hidden rows)
+                                      variant_key=lambda args, _: (args[1].shape, args[1].dtype))  # fmt: skip
         # prev_tokens when nothing is pending (on every device of the mesh, as the step's own outputs)
         self._no_prev_tokens = tp.zeros((max_num_seqs,), jnp.int32, P())
         self.layers_per_launch = layers_per_launch
@@ -723,14 +724,17 @@ class ModelRunner:
             phases = {"kinds": len(kinds), "workers": cores}
             steps = [(a or {}, self._warmup_step(t, a)) for a in kinds for t in self.buckets]
             if self.layer_launches:
-                get_all([(fn, [call]) for a, step in steps for fn, call in self._layer_compile_calls(step, a)], cores)
+                work = [(fn, [call]) for a, step in steps for fn, call in self._layer_compile_calls(step, a)]
             else:
-                get_all([(self._step, [self._step_args(step, a, None) for a, step in steps])], cores)
+                work = [(self._step, [self._step_args(step, a, None) for a, step in steps])]
+            # The functions behind the steps compile in the same wave, from the shapes the steps return.
+            get_all(work + self._function_calls([step for _, step in steps]), cores)
             phases["steps_compile_s"] = (t := time.perf_counter()) - start
-            # What the functions behind the steps take: the draw's and top-n's inputs (kept once per shape,
-            # to run them), and the prompt logprobs' (the hidden states' shape only: [T, D] f32 a bucket).
+            # The draw's and top-n's inputs, kept once per shape to run them, and the prompt logprobs' (the
+            # hidden states' shape only): compiled above unless a step returned other shapes.
             draws: dict[tuple, tuple] = {}
             prompt_lp_args = []
+            late = self.num_compiled()
             # Bars only on a terminal: piped into a log (a server's stderr) they would be noise.
             for a, step in tqdm(steps, desc=desc, disable=None if progress else True):
                 out, logits, hidden = self._launch_step(step, a, None)
@@ -745,6 +749,7 @@ class ModelRunner:
                 (self._prompt_lp, [(args, {}) for args in prompt_lp_args]),
             ], cores)  # fmt: skip
             phases["functions_compile_s"] = (t := time.perf_counter()) - t2
+            phases["functions_compiled_late"] = self.num_compiled() - late  # (0: all in the steps' wave)
             for logits, packed, layout in draws.values():
                 jax.block_until_ready((self._draw(logits, packed, layout=layout), self._top(logits)))
             phases["functions_run_s"] = time.perf_counter() - t
@@ -755,6 +760,22 @@ class ModelRunner:
                 self.warmup_kv_moves()
         finally:
             self._warming_up = False
+
+    def _function_calls(self, steps: list[PreparedStep]) -> list:
+        """What compiles the functions behind `steps` before they run, for `get_all`: the draw and the
+        top-n of their logits (f32[R, V], R the rows of logits_indices) and the prompt logprobs of their
+        final hidden states ([T, D] in the model's dtype), placed as the steps' outputs are."""
+        like = self._no_prev_tokens.sharding  # (every step output: replicated, on the device(s) of the step)
+        draws, tops, prompt_lps = [], [], []
+        for step in steps:
+            rows, tokens = step.inputs.logits_indices.shape[0], step.inputs.token_ids.shape[0]
+            logits = jax.ShapeDtypeStruct((rows, self.cfg.vocab_size), jnp.float32, sharding=like)
+            hidden = jax.ShapeDtypeStruct((tokens, self.cfg.hidden_size), self._hidden_dtype, sharding=like)
+            packed, layout = self._sampling_inputs(step)
+            draws.append(((logits, packed), {"layout": layout}))
+            tops.append(((logits,), {}))
+            prompt_lps.append(((self.params, hidden, step.inputs.prompt_targets), {}))
+        return [(self._draw, draws), (self._top, tops), (self._prompt_lp, prompt_lps)]
 
     def _warmup_step(self, t: int, adapters: AdapterStacks | None) -> PreparedStep:
         """A step of `t` padding rows: the shapes of any step of that bucket (adapted: every row in slot 0)."""

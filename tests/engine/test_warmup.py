@@ -52,6 +52,9 @@ def test_each_bucket_has_one_step_per_adapter_path(llm):
         llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2, **fields))
         llm.generate([[3, 4, 5, *INV]], SamplingParams(max_tokens=2, **fields), "judge")
     assert len(runner._step) == 2 * len(runner.buckets)
+    # The draw, top-n and prompt logprobs compiled with the steps (from their output shapes), not after
+    # the steps ran: a compile then would be one more wave to wait for.
+    assert [p["functions_compiled_late"] for p in runner.warmup_phases] == [0, 0]
 
 
 @pytest.mark.parametrize("adapter", [None, "judge"])
