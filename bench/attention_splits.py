@@ -34,6 +34,7 @@ from pallas_kernels.ragged_paged_attention import gpu_attention_tuning, ragged_p
 
 # --grid: a rule whose grid holds 64 splits, all of them working for <= 16 programs.
 WIDE_RULE = (64, ((16, 48), (64, 12), (256, 2), (1024, 1)))
+LONG128_RULE = (128, ((8, 64), (16, 48), (64, 12), (256, 2), (1024, 1)))
 GRID_SHAPES = [(1, 1024), (1, 8192), (1, 65536), (2, 65536), (4, 65536), (4, 8192), (16, 8192)]
 
 
@@ -47,6 +48,9 @@ def grid_variants(base):
         "dyn_new": (wide, {"max_kv_splits": 64}),
         "dyn_new_min4": (dataclasses.replace(wide, min_tiles_per_split=4), {"max_kv_splits": 64}),
         "dyn_new_min8": (dataclasses.replace(wide, min_tiles_per_split=8), {"max_kv_splits": 64}),
+        # the engine's long-context decode (its grid and rule from the record), and one of 128 splits
+        "long": (base, {"long_context": True}),
+        "long128": (dataclasses.replace(base, long_split_rule=LONG128_RULE), {"long_context": True}),
     }
 
 
@@ -117,6 +121,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 4, 16, 64])
     ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 8192, 65536])
     ap.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--grid-shapes", nargs="*", default=None, metavar="B:C",
+                    help="--grid: (batch, context) pairs to time instead of the default set")
     ap.add_argument("--max-tokens", type=int, default=2 << 20, help="skip B * C above this (memory)")
     ap.add_argument("--out", default=None, help="result file name in bench/results/ (or a path); default "
                     "attention_splits.json, with --grid attention_split_grid.json (--smoke: under /tmp)")  # fmt: skip
@@ -127,7 +133,8 @@ def main(argv=None) -> dict:
         args.batches, args.contexts, args.splits = [1, 4], [64], [1, 2]
     path = result_path(args.out, "attention_split_grid.json" if args.grid else "attention_splits.json", args.smoke)
     if args.grid:
-        rows = run_grid([(1, 64)] if args.smoke else GRID_SHAPES, interpret, args.smoke)
+        shapes = [tuple(int(x) for x in bc.split(":")) for bc in args.grid_shapes] if args.grid_shapes else GRID_SHAPES
+        rows = run_grid([(1, 64)] if args.smoke else shapes, interpret, args.smoke)
     else:
         rows = run_splits(args, interpret)
     result = {**meta, "rows": rows}

@@ -14,11 +14,14 @@ by name (per step), the busy time of the GPU streams and the gaps between kernel
 """
 
 import argparse
+import dataclasses
+import functools
 import glob
 import os
 import tempfile
 import time
 from collections import defaultdict
+from types import MappingProxyType
 
 import jax
 import numpy as np
@@ -116,6 +119,15 @@ def max_tokens(args) -> int:
     return prefill_steps + 1 + 3 + 2 * (1 + args.steps) + 16
 
 
+def no_long_grid() -> None:
+    """Every device's attention tuning without its long-context rule, for the engines built after."""
+    from pallas_kernels.ragged_paged_attention import tuning
+
+    off = functools.partial(dataclasses.replace, long_split_rule=None)
+    tuning.GPU_ATTENTION_TUNING = MappingProxyType({k: off(v) for k, v in tuning.GPU_ATTENTION_TUNING.items()})
+    tuning.DEFAULT_GPU_ATTENTION_TUNING = off(tuning.DEFAULT_GPU_ATTENTION_TUNING)
+
+
 def build_engine(args, cfg: dict, root: str, mode: str):
     """An engine with `mode` scheduling and the run's adapters loaded. Its KV cache holds the run's
     requests and no more, so that the engines of both modes fit on the device together (the default,
@@ -177,6 +189,9 @@ def main(argv=None) -> dict:
                    help="EngineConfig.layers_per_launch: a compiled group of N layers launched per group "
                         "(0: one compiled step; default: the engine's, 8 on a GPU)")  # fmt: skip
     ap.add_argument("--max-num-seqs", type=int, default=64)
+    ap.add_argument("--no-long-grid", action="store_true",
+                    help="decode at long contexts with the attention kernel's default kv-split grid (the tuning's "
+                         "long_split_rule off), the baseline of the long-context grid")  # fmt: skip
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--hlo", default=None, metavar="DIR",
                     help="also dump the HLO of the compiled steps (XLA's jit_step_fn modules, before and "
@@ -192,6 +207,8 @@ def main(argv=None) -> dict:
         dump = f" --xla_dump_to={args.hlo} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=step_fn"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + dump).strip()
     meta = run_metadata(__spec__.name, argv)
+    if args.no_long_grid:
+        no_long_grid()
     cfg = GRANITE_8B if args.preset == "granite-8b" else TINY
     root = tempfile.mkdtemp(prefix="jalora-profile-")
     engines = {mode: build_engine(args, cfg, root, mode) for mode in args.modes}
@@ -211,6 +228,7 @@ def main(argv=None) -> dict:
 
     result = {**meta, "preset": args.preset, "batch": args.batch, "adapters": args.adapters,
               "layers_per_launch": engines[args.modes[0]][0].runner.layers_per_launch,
+              "long_grid": engines[args.modes[0]][0].runner.long_decode,
               "context": args.context, "steps": args.steps, "mode": args.modes[0],
               "step_ms_median": step_s * 1e3,
               "host_ms_per_step": host, "by_mode": by_mode, "device_trace": device}  # fmt: skip

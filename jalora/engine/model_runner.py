@@ -195,6 +195,10 @@ class ModelRunner:
         self.max_pages = -(-max_model_len // block_size)
         self.buckets = token_buckets(max_num_batched_tokens, model.plan.single_token_step)
         self.plan = model.plan
+        # Decode steps of the smallest bucket with a long context may run the attention kernel's
+        # long-context grid (KernelPlan.long_decode): one more variant of that bucket, if it can happen.
+        self._kv_heads = tp.kv_heads(cfg)
+        self.long_decode = self.buckets[0] <= max_num_seqs and model.plan.long_decode(1, self._kv_heads, max_model_len)
         self.graphdef, state = nnx.split(model)
         # The parameters cross into the step as a flat list: flattening the nnx.State pytree on every
         # call cost ~0.6 ms of host time per step for 40 layers (bench/profile_step.py).
@@ -413,7 +417,10 @@ class ModelRunner:
         top_p = per_seq([p.top_p for p in params], np.float32, 1.0, rows)
         seeds = per_seq([r.seed for r in reqs], np.uint32, 0, rows)
         counters = per_seq([len(r.output_token_ids) + len(r.pending) for r in reqs], np.int32, 0, rows)
-        attn = AttentionMetadata(slot_mapping, kv_lens, page_indices, cu, np.array([k], np.int32))
+        long = self.long_decode and t == self.buckets[0]
+        long = long and self.plan.long_decode(k, self._kv_heads, int(kv_lens.max()))
+        attn = AttentionMetadata(slot_mapping, kv_lens, page_indices, cu, np.array([k], np.int32),
+                                 np.ones(1, np.int32) if long else None)  # fmt: skip
         lora_slots, segments = None, None
         if (token_slots >= 0).any():  # base-only steps skip the LoRA path entirely (another compilation)
             lora_slots, segments = token_slots, self._lora_segments(token_slots)
@@ -723,6 +730,8 @@ class ModelRunner:
             # seconds of each part (bench/startup_gpu.py reports them)
             phases = {"kinds": len(kinds), "workers": cores}
             steps = [(a or {}, self._warmup_step(t, a)) for a in kinds for t in self.buckets]
+            if self.long_decode:  # (the smallest bucket's long-context variant)
+                steps += [(a or {}, self._warmup_step(self.buckets[0], a, long=True)) for a in kinds]
             if self.layer_launches:
                 work = [(fn, [call]) for a, step in steps for fn, call in self._layer_compile_calls(step, a)]
             else:
@@ -777,9 +786,13 @@ class ModelRunner:
             prompt_lps.append(((self.params, hidden, step.inputs.prompt_targets), {}))
         return [(self._draw, draws), (self._top, tops), (self._prompt_lp, prompt_lps)]
 
-    def _warmup_step(self, t: int, adapters: AdapterStacks | None) -> PreparedStep:
-        """A step of `t` padding rows: the shapes of any step of that bucket (adapted: every row in slot 0)."""
+    def _warmup_step(self, t: int, adapters: AdapterStacks | None, long: bool = False) -> PreparedStep:
+        """A step of `t` padding rows: the shapes of any step of that bucket (adapted: every row in slot 0;
+        `long`: with the long-context attention grid)."""
         step = self.prepare(_WarmupBatch(t))
+        if long:
+            attn = step.inputs.attn._replace(long_context=np.ones(1, np.int32))
+            step = dataclasses.replace(step, inputs=step.inputs._replace(attn=attn))
         if not adapters:
             return step
         slots = np.zeros(t, np.int32)
@@ -825,10 +838,10 @@ def _step_variant(args: tuple, static: dict) -> tuple:
 
 def _layer_variant(args: tuple, static: dict) -> tuple:
     """What picks a compiled variant of a layer group: its size, the step's rows, the adapter stacks'
-    shapes and whether (and how) the step adapts tokens."""
-    ws, x, stacks, (_, _, slots, segments, _) = args[0], args[1], args[4], args[5]
+    shapes, whether (and how) the step adapts tokens and whether it runs the long-context attention grid."""
+    ws, x, stacks, (_, attn, slots, segments, _) = args[0], args[1], args[4], args[5]
     runs = None if segments is None else tuple(s.shape for s in jax.tree.leaves(segments))
-    return len(ws), x.shape, slots is None, runs, _stacks_key(stacks[0])
+    return len(ws), x.shape, slots is None, runs, _stacks_key(stacks[0]), attn.long_context is None
 
 
 def _stacks_key(stacks: AdapterStacks) -> tuple:

@@ -29,6 +29,9 @@ class AttentionMetadata(NamedTuple):
     page_indices: jax.Array  # i32[S, P]
     cu_q_lens: jax.Array  # i32[S + 1]
     num_seqs: jax.Array  # i32[1]
+    # None, or i32[1] (any value) where the step is a decode of few sequences with a long context: the
+    # GPU kernel's long-context grid (a compiled variant of its own; KernelPlan.long_decode)
+    long_context: jax.Array | None = None
 
 
 class LoraBatch(NamedTuple):
@@ -247,6 +250,7 @@ def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, positions, inv_freq, 
         impl=plan.attention,
         interpret=plan.interpret_arg(plan.attention),
         tuning=plan.attention_tuning,
+        long_context=attn.long_context is not None,
     )
     o = proj(o.reshape(t, cfg.q_size), "o", "o")
     x = x + o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + o

@@ -75,6 +75,15 @@ class KernelPlan:
         """True if some step can take the one-hot form, whose A layout adapter stacks must then keep."""
         return not self.lora_takes_segments(smallest_step)
 
+    def long_decode(self, num_seqs: int, num_kv_heads: int, max_kv_len: int) -> bool:
+        """True if a decode step of `num_seqs` sequences (`num_kv_heads` per device), the longest holding
+        `max_kv_len` keys, should run the attention kernel's long-context grid (GPU kernel only)."""
+        if self.attention != "gpu":
+            return False
+        from pallas_kernels.ragged_paged_attention.gpu import wants_long_grid
+
+        return wants_long_grid(self.attention_tuning, num_seqs, num_kv_heads, max_kv_len)
+
     def interpret_arg(self, impl: str):
         """The `interpret` argument of a Pallas call for kernel `impl`."""
         if not self.interpret or impl == "reference":

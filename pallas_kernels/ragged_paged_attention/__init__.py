@@ -42,6 +42,7 @@ def ragged_paged_attention(
     impl: str | None = None,
     interpret=False,
     tuning: GpuAttentionTuning | TpuAttentionTuning | None = None,
+    long_context: bool = False,
     **knobs,
 ):
     """Attention output [T, Hq, D] in q's dtype; padding rows past cu_q_lens[num_seqs] are zero.
@@ -50,7 +51,8 @@ def ragged_paged_attention(
     Pallas kernel in interpret mode (True; for "tpu" also a `pltpu.InterpretParams`). tuning: the
     kernel's record (`GpuAttentionTuning` for "gpu", `TpuAttentionTuning` for "tpu"; None = the
     current device's table entry); the reference ignores it. `knobs` go to the kernel as per-call
-    overrides (block sizes, splits; see gpu.py / tpu.py).
+    overrides (block sizes, splits; see gpu.py / tpu.py). long_context: a hint for decode steps with a
+    long context (the GPU kernel's bigger kv-split grid, `gpu.wants_long_grid`); the others ignore it.
     """
     if impl is None:
         impl = default_impl()
@@ -66,7 +68,8 @@ def ragged_paged_attention(
     if impl == "gpu":
         from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
 
-        return ragged_paged_attention_gpu(*args, **kw, interpret=bool(interpret), tuning=tuning, **knobs)
+        return ragged_paged_attention_gpu(*args, **kw, interpret=bool(interpret), tuning=tuning,
+                                          long_context=long_context, **knobs)  # fmt: skip
     from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention_tpu
 
     return ragged_paged_attention_tpu(*args, **kw, interpret=interpret, tuning=tuning, **knobs)

@@ -31,6 +31,7 @@ as in jax's attention_mgpu.py) would pay; it needs one TMA descriptor walk per p
 implemented.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -203,6 +204,17 @@ def split_rule(programs, tuning: GpuAttentionTuning):
     return splits
 
 
+def wants_long_grid(tuning: GpuAttentionTuning, num_seqs: int, num_kv_heads: int, max_kv_len: int) -> bool:
+    """True if a decode step of `num_seqs` sequences, the longest holding `max_kv_len` keys, should pass
+    `long_context=True`: the tuning has a long-context rule, the context reaches its threshold, and the
+    rule gives these sequences more kv splits than the default one."""
+    if tuning.long_split_rule is None or max_kv_len < tuning.long_context_keys:
+        return False
+    programs = max(1, num_seqs) * num_kv_heads
+    long = dataclasses.replace(tuning, split_rule=tuning.long_split_rule)
+    return split_rule(programs, long) > split_rule(programs, tuning)
+
+
 def decode_grid_splits(
     num_tokens: int, num_kv_heads: int, max_kv: int, block_k: int, tuning: GpuAttentionTuning
 ) -> int:
@@ -245,6 +257,7 @@ def ragged_paged_attention_gpu(
     max_kv_splits: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    long_context: bool = False,
     tuning: GpuAttentionTuning | None = None,
     interpret: bool = False,
 ):
@@ -255,7 +268,8 @@ def ragged_paged_attention_gpu(
     (block_q tokens x the GQA group), block_k keys per tile, num_kv_splits (flash-decoding style
     split of the context; given, the split count is static), max_kv_splits (decode-shaped steps
     with the dynamic rule: the grid's split count, of which `split_rule` picks how many work),
-    num_warps, num_stages.
+    num_warps, num_stages. long_context: a decode-shaped step takes `tuning.long_split_rule` (and its
+    grid) instead of `split_rule` (`wants_long_grid` says when it pays); the result is the same.
     """
     if tuning is None:
         tuning = gpu_attention_tuning()
@@ -270,6 +284,8 @@ def ragged_paged_attention_gpu(
     if d & (d - 1) or d < 16:
         raise ValueError(f"q head_dim must be a power of two >= 16 for the GPU kernel, got {d}")
     decode_like = t <= s
+    if long_context and decode_like and tuning.long_split_rule is not None:
+        tuning = dataclasses.replace(tuning, split_rule=tuning.long_split_rule)
     if block_m is None:
         block_m = tuning.decode_block_m if decode_like else tuning.prefill_block_m
     block_m = max(_next_pow2(block_m), _next_pow2(g), 16)

@@ -32,6 +32,12 @@ class GpuAttentionTuning:
     # step of the same bucket (batch 1 at 1k 19 -> 28 us, batch 16 at 8k 162 -> 202 us;
     # bench/results/attention_split_grid.json), so the 16-split rule is the default.
     split_rule: SplitRule = (16, ((64, 12), (256, 2), (1024, 1)))
+    # Long-context decode: a decode-shaped step whose caller passes `long_context=True` (the engine does
+    # for its smallest bucket when a sequence holds >= `long_context_keys` keys and this rule gives its
+    # sequences more splits than `split_rule`: a variant of its own) launches this rule's grid instead,
+    # so the idle programs of the bigger grid cost only the steps that gain from it. None: never.
+    long_split_rule: SplitRule | None = (64, ((16, 48), (64, 12), (256, 2), (1024, 1)))
+    long_context_keys: int = 32768
     # The dynamic rule gives each working split at least this many kv tiles of the sequence (1 = no
     # floor). Floors of 4 and 8 with the 64-split rule above: no better than without
     # (bench/results/attention_split_grid.json).
@@ -66,14 +72,18 @@ class GpuAttentionTuning:
     wide_head_num_stages: int = 2
 
     def __post_init__(self):
-        most, bounds = self.split_rule
-        bounds = tuple((int(b), int(f)) for b, f in bounds)  # lists in, hashable tuples kept
-        object.__setattr__(self, "split_rule", (int(most), bounds))
-        if most < 1 or sum(f for _, f in bounds) >= most or any(f < 0 for _, f in bounds):
-            raise ValueError(f"split_rule must keep at least one split at every bound, got {self.split_rule}")
-        if [b for b, _ in bounds] != sorted(b for b, _ in bounds):
-            raise ValueError(f"split_rule bounds must be increasing, got {self.split_rule}")
-        for name in ("min_tiles_per_split", "num_sms", "static_waves", "static_max_splits",
+        for field in ("split_rule", "long_split_rule"):
+            rule = getattr(self, field)
+            if rule is None and field == "long_split_rule":
+                continue
+            most, bounds = rule
+            bounds = tuple((int(b), int(f)) for b, f in bounds)  # lists in, hashable tuples kept
+            object.__setattr__(self, field, (int(most), bounds))
+            if most < 1 or sum(f for _, f in bounds) >= most or any(f < 0 for _, f in bounds):
+                raise ValueError(f"{field} must keep at least one split at every bound, got {rule}")
+            if [b for b, _ in bounds] != sorted(b for b, _ in bounds):
+                raise ValueError(f"{field} bounds must be increasing, got {rule}")
+        for name in ("long_context_keys", "min_tiles_per_split", "num_sms", "static_waves", "static_max_splits",
                      "static_min_keys_per_split", "decode_block_m", "prefill_block_m", "decode_block_k",
                      "prefill_block_k", "num_warps", "decode_num_stages", "prefill_num_stages",
                      "wide_head_num_stages"):  # fmt: skip

@@ -308,6 +308,41 @@ def test_tuning_reaches_the_gpu_kernel():
     assert grid(GpuAttentionTuning(split_rule=(4, ((8, 2),))), max_kv_splits=8) == 8
 
 
+def test_long_context_takes_the_long_rule_and_its_grid():
+    """long_context=True on a decode-shaped step: the grid and the working splits come from
+    long_split_rule (here 8 splits for <= 4 programs, 2 past), the result is the reference's; a
+    prefill-shaped step and a tuning without a long rule ignore the hint."""
+    from pallas_kernels.ragged_paged_attention.gpu import wants_long_grid
+
+    long = GpuAttentionTuning(split_rule=(2, ()), long_split_rule=(8, ((4, 6),)), long_context_keys=100,
+                              decode_block_k=16)  # fmt: skip
+    cfg = dict(t=4, s=8, p=12, bs=16, hq=8, hkv=2, d=64)
+    args, _ = _make_inputs((2, [1, 1], [190, 17], 4), **cfg, dtype=jnp.float32)
+
+    def grid(tuning, **knobs):
+        fn = functools.partial(ragged_paged_attention, sm_scale=0.125, impl="gpu", interpret=True, tuning=tuning,
+                               **knobs)  # fmt: skip
+        (g,) = _kernel_grids(fn, *args)
+        return g[2]
+
+    assert grid(long) == 2 and grid(long, long_context=True) == 8
+    assert grid(dataclasses.replace(long, long_split_rule=None), long_context=True) == 2
+    tu = (("tuning", long), ("long_context", True))
+    _check("gpu", (2, [1, 1], [190, 17], 4), cfg, tu)  # 4 programs: all 8 splits work
+    _check("gpu", (3, [1, 1, 1], [190, 100, 33], 5), cfg, tu)  # 6 programs: 2 of the 8 work
+    _check("gpu", (4, [1, 9, 1, 2], [96, 40, 3, 9], 6), dict(cfg, t=16, s=4, p=6), tu)  # prefill-shaped
+    # when the engine asks for it: a long rule, the threshold reached, more splits than the default rule
+    assert wants_long_grid(long, num_seqs=1, num_kv_heads=2, max_kv_len=100)
+    assert not wants_long_grid(long, num_seqs=1, num_kv_heads=2, max_kv_len=99)
+    assert not wants_long_grid(long, num_seqs=3, num_kv_heads=2, max_kv_len=10**6)  # 6 programs: 2 = 2
+    assert not wants_long_grid(dataclasses.replace(long, long_split_rule=None), 1, 2, 10**6)
+    h200 = gpu_attention_tuning("NVIDIA H200")
+    assert [wants_long_grid(h200, n, 8, 65536) for n in (1, 2, 3)] == [True, True, False]
+    assert not wants_long_grid(h200, 1, 8, 16384)
+    with pytest.raises(ValueError, match="long_split_rule"):
+        GpuAttentionTuning(long_split_rule=(4, ((8, 4),)))
+
+
 NON_DEFAULT_GPU_TUNINGS = {
     # another rule: 4 splits up to 16 programs, 2 past; a floor of 3 key tiles per working split
     "rule4_min3": GpuAttentionTuning(split_rule=(4, ((16, 2),)), min_tiles_per_split=3, decode_block_k=16),

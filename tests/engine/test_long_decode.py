@@ -1,0 +1,101 @@
+"""Long-context decode (jalora/engine/model_runner.py, KernelPlan.long_decode): a decode step of the
+smallest bucket whose sequences are few and long runs the GPU attention kernel's long-context grid, a
+compiled variant of its own that the warm-up covers; tokens and logprobs stay PEFT's. The GPU kernel
+runs in interpret mode, with a tuning whose long-context threshold is 48 keys."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from jax import monitoring
+
+from jalora import LLM, SamplingParams
+from pallas_kernels.ragged_paged_attention import tuning as attention_tuning
+from tests import hf_models
+
+INV = [7, 8]
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+COMPILES: list[str] = []
+
+
+def _count(name: str, *_args, **_kwargs) -> None:
+    if name == _BACKEND_COMPILE:
+        COMPILES.append(name)
+
+
+monitoring.register_event_duration_secs_listener(_count)
+
+# 4 splits (2 working past 4 programs) by default; the long rule: 8 splits for <= 4 programs (2 kv heads x
+# 2 sequences), 2 past; from 48 keys on
+TUNING = attention_tuning.GpuAttentionTuning(split_rule=(4, ((4, 2),)), long_split_rule=(8, ((4, 6),)),
+                                             long_context_keys=48, decode_block_k=16)  # fmt: skip
+
+
+def prompt_of(n: int, salt: int = 0) -> list[int]:
+    rng = np.random.default_rng(n * 31 + salt)
+    return [int(t) for t in rng.integers(9, hf_models.VOCAB - 1, size=n)]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_models, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setattr(attention_tuning, "DEFAULT_GPU_ATTENTION_TUNING", TUNING)  # (the CPU's entry)
+    base = tiny_models["llama"]
+    adapter = hf_models.make_adapter(base, str(tmp_path_factory.mktemp("long") / "alora"), ["q_proj", "v_proj"],
+                                     r=4, invocation=INV, seed=4)  # fmt: skip
+    llm = LLM(base, num_kv_blocks=48, max_num_seqs=16, max_num_batched_tokens=32, max_model_len=96, max_loras=2,
+              max_lora_rank=4, warmup=False, attention_impl="gpu", kernel_interpret=True)  # fmt: skip
+    llm.load_adapter("judge", adapter)
+    llm.engine.warmup_adapters(progress=False, with_base=True)
+    oracles = {None: hf_models.load_oracle(base), "judge": hf_models.load_peft_oracle(base, adapter)}
+    yield llm, oracles
+    mp.undo()
+
+
+def test_long_decode_steps_run_their_variant_and_match_peft(setup):
+    llm, oracles = setup
+    runner = llm.engine.runner
+    assert runner.plan.attention_tuning == TUNING and runner.long_decode
+    # the warm-up compiled the smallest bucket's long variant for the base-only and the adapted step
+    assert runner.num_step_variants == 2 * len(runner.buckets) + 2
+    long_steps = []
+    prepare = runner.prepare
+
+    def spy(batch, *args, **kwargs):  # which steps the runner gives the long-context grid
+        step = prepare(batch, *args, **kwargs)
+        long_steps.append((batch.total_tokens, len(batch.requests), step.inputs.attn.long_context is not None))
+        return step
+
+    runner.prepare = spy
+    compiles = len(COMPILES)
+    try:
+        cases = [(prompt_of(40), None), (prompt_of(38, 1) + INV, "judge")]
+        params = SamplingParams(max_tokens=12, logprobs=0, ignore_eos=True)
+        for ids, name in cases:  # one at a time: a lone decode from 41 to 52 keys (long from 48 on)
+            (out,) = llm.generate([ids], params, name)
+            activation = len(ids) - len(INV) if name else None
+            _, ref_tokens, ref_lps = hf_models.oracle_run(oracles[name], ids, 12, activation)
+            assert out.token_ids == ref_tokens, name
+            lps = [step[t] for step, t in zip(out.logprobs, out.token_ids)]
+            assert np.max(np.abs(np.asarray(lps) - np.asarray(ref_lps))) <= 1e-4, name
+        # both together: 2 sequences x 2 kv heads = 4 programs, still long
+        outs = llm.generate([ids for ids, _ in cases], params, [name for _, name in cases])
+        assert [o.token_ids for o in outs] == [hf_models.oracle_run(oracles[n], ids, 12,
+                                               len(ids) - len(INV) if n else None)[1] for ids, n in cases]  # fmt: skip
+    finally:
+        runner.prepare = prepare
+    assert len(COMPILES) == compiles, "a request compiled after the warm-up"
+    decodes = [(n, long) for tokens, n, long in long_steps if tokens == n]  # one token per sequence
+    assert any(long for _, long in decodes) and any(not long for _, long in decodes)
+    assert all(not long for tokens, n, long in long_steps if tokens > n)  # prefill steps never
+
+
+def test_many_or_short_sequences_keep_the_default_grid(setup):
+    """3 sequences (6 programs): the long rule gives 2 splits, no more than the default, so no long step."""
+    llm, _ = setup
+    runner = llm.engine.runner
+    assert not runner.plan.long_decode(3, 2, 90) and runner.plan.long_decode(2, 2, 48)
+    assert not runner.plan.long_decode(1, 2, 47)
+    off = dataclasses.replace(TUNING, long_split_rule=None)
+    assert not dataclasses.replace(runner.plan, attention_tuning=off).long_decode(1, 2, 90)
+    assert not dataclasses.replace(runner.plan, attention="reference").long_decode(1, 2, 90)
