@@ -9,7 +9,8 @@ logprobs (`_top`) and the prompt logprobs (`_prompt_lp`, every row's logits). A 
 step could skip that work instead, but XLA:GPU copies a conditional's predicate to the host and waits
 for it (a stall of async scheduling every step), and on a CPU two conditionals cost ~40 us a step (12%
 of the tiny model's batch-1 decode). So each bucket has one step (two once an adapter is loaded:
-base-only and adapted) plus the small functions, and the warm-up compiles all of them: no request
+base-only and adapted; the smallest bucket one more of each where a long-context decode can happen,
+see `prepare`) plus the small functions, and the warm-up compiles all of them: no request
 compiles on the engine thread while other streams wait. The KV cache
 is donated into the step and comes back updated in place; the adapter stacks come in as an argument
 (owned by the AdapterManager), so loading an adapter changes values, not the compiled step (unless it
@@ -198,7 +199,10 @@ class ModelRunner:
         # Decode steps of the smallest bucket with a long context may run the attention kernel's
         # long-context grid (KernelPlan.long_decode): one more variant of that bucket, if it can happen.
         self._kv_heads = tp.kv_heads(cfg)
-        self.long_decode = self.buckets[0] <= max_num_seqs and model.plan.long_decode(1, self._kv_heads, max_model_len)
+        self._window_keys = cfg.sliding_window or max_model_len  # (the most keys a query reads)
+        self.long_decode = self.buckets[0] <= max_num_seqs and model.plan.long_decode(
+            1, self._kv_heads, min(max_model_len, self._window_keys)
+        )
         self.graphdef, state = nnx.split(model)
         # The parameters cross into the step as a flat list: flattening the nnx.State pytree on every
         # call cost ~0.6 ms of host time per step for 40 layers (bench/profile_step.py).
@@ -417,8 +421,11 @@ class ModelRunner:
         top_p = per_seq([p.top_p for p in params], np.float32, 1.0, rows)
         seeds = per_seq([r.seed for r in reqs], np.uint32, 0, rows)
         counters = per_seq([len(r.output_token_ids) + len(r.pending) for r in reqs], np.int32, 0, rows)
-        long = self.long_decode and t == self.buckets[0]
-        long = long and self.plan.long_decode(k, self._kv_heads, int(kv_lens.max()))
+        # Long-context decode: one token per sequence in the smallest bucket, with a context long enough
+        # (what the kernel reads of it: a sliding window bounds that) that the kernel's long-context grid
+        # pays (KernelPlan.long_decode); prefill chunks keep the bucket's grid.
+        long = self.long_decode and t == self.buckets[0] and total == k
+        long = long and self.plan.long_decode(k, self._kv_heads, min(int(kv_lens.max()), self._window_keys))
         attn = AttentionMetadata(slot_mapping, kv_lens, page_indices, cu, np.array([k], np.int32),
                                  np.ones(1, np.int32) if long else None)  # fmt: skip
         lora_slots, segments = None, None
@@ -475,7 +482,8 @@ class ModelRunner:
         return out
 
     def _launch_step(self, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None):
-        """The step alone: (its outputs, logits f32[R, V], hidden f32[T, D]), all on the device."""
+        """The step alone: (its outputs, logits f32[R, V], hidden [T, D] in the model's dtype), all on the
+        device."""
         if self.layer_launches:
             return self._launch_layers(step, adapters, prev_tokens)
         args, static = self._step_args(step, adapters, prev_tokens)
@@ -713,11 +721,11 @@ class ModelRunner:
         adapter path; with `adapters` and `with_base`, both), each variant run once, and the draw, top-n
         and prompt-logprob functions behind it (the draw and the top-n run once; the prompt logprobs only
         compiled: for the largest bucket they would compute a [T, V] logits matrix at every start).
-        The compilations come in two waves on a thread per core (`executables.get_all`; on a GPU fewer
-        where its free memory is short: `_compile_workers`), each waiting
-        for its longest one: every step variant (all of them together: a start whose adapters are known,
-        a server's, waits once, not once per kind), then, from the steps' outputs, every function behind
-        them (the host tier's few small copies compile after that)."""
+        The compilations come in one wave on a thread per core (`executables.get_all`; on a GPU fewer
+        where its free memory is short: `_compile_workers`), which waits for its longest one: every step
+        variant (all of them together: a start whose adapters are known, a server's, waits once, not once
+        per kind) and every function behind them, from the shapes the steps return (`_function_calls`);
+        the host tier's few small copies compile after that."""
         from tqdm import tqdm
 
         kinds = [adapters] if adapters and not with_base else [None] + ([adapters] if adapters else [])

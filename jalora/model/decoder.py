@@ -29,8 +29,8 @@ class AttentionMetadata(NamedTuple):
     page_indices: jax.Array  # i32[S, P]
     cu_q_lens: jax.Array  # i32[S + 1]
     num_seqs: jax.Array  # i32[1]
-    # None, or i32[1] (any value) where the step is a decode of few sequences with a long context: the
-    # GPU kernel's long-context grid (a compiled variant of its own; KernelPlan.long_decode)
+    # None, or i32[1] (any value) where the step decodes one token for each of few sequences with a long
+    # context: the GPU kernel's long-context grid (a compiled variant of its own; KernelPlan.long_decode)
     long_context: jax.Array | None = None
 
 

@@ -205,11 +205,11 @@ def split_rule(programs, tuning: GpuAttentionTuning):
 
 
 def wants_long_grid(tuning: GpuAttentionTuning, num_seqs: int, num_kv_heads: int, max_kv_len: int) -> bool:
-    """True if a decode step of `num_seqs` sequences, the longest holding `max_kv_len` keys, should pass
-    `long_context=True`: the tuning has a long-context rule, the context reaches its threshold, and the
-    rule gives these sequences more kv splits than the default one."""
-    if tuning.long_split_rule is None or max_kv_len < tuning.long_context_keys:
-        return False
+    """True if a decode step of `num_seqs` sequences, the longest reading `max_kv_len` keys, should pass
+    `long_context=True`: the tuning splits dynamically and has a long-context rule, the context reaches its
+    threshold, and the rule gives these sequences more kv splits than the default one."""
+    if not tuning.dynamic_splits or tuning.long_split_rule is None or max_kv_len < tuning.long_context_keys:
+        return False  # (the static split heuristic reads no rule)
     programs = max(1, num_seqs) * num_kv_heads
     long = dataclasses.replace(tuning, split_rule=tuning.long_split_rule)
     return split_rule(programs, long) > split_rule(programs, tuning)

@@ -36,15 +36,16 @@ def prompt_of(n: int, salt: int = 0) -> list[int]:
     return [int(t) for t in rng.integers(9, hf_models.VOCAB - 1, size=n)]
 
 
-@pytest.fixture(scope="module")
-def setup(tiny_models, tmp_path_factory):
+@pytest.fixture(scope="module", params=[0, 2], ids=["fused", "layer-groups"])
+def setup(tiny_models, tmp_path_factory, request):
     mp = pytest.MonkeyPatch()
     mp.setattr(attention_tuning, "DEFAULT_GPU_ATTENTION_TUNING", TUNING)  # (the CPU's entry)
     base = tiny_models["llama"]
     adapter = hf_models.make_adapter(base, str(tmp_path_factory.mktemp("long") / "alora"), ["q_proj", "v_proj"],
                                      r=4, invocation=INV, seed=4)  # fmt: skip
     llm = LLM(base, num_kv_blocks=48, max_num_seqs=16, max_num_batched_tokens=32, max_model_len=96, max_loras=2,
-              max_lora_rank=4, warmup=False, attention_impl="gpu", kernel_interpret=True)  # fmt: skip
+              max_lora_rank=4, warmup=False, attention_impl="gpu", kernel_interpret=True,
+              layers_per_launch=request.param)  # fmt: skip
     llm.load_adapter("judge", adapter)
     llm.engine.warmup_adapters(progress=False, with_base=True)
     oracles = {None: hf_models.load_oracle(base), "judge": hf_models.load_peft_oracle(base, adapter)}
@@ -82,11 +83,18 @@ def test_long_decode_steps_run_their_variant_and_match_peft(setup):
         outs = llm.generate([ids for ids, _ in cases], params, [name for _, name in cases])
         assert [o.token_ids for o in outs] == [hf_models.oracle_run(oracles[n], ids, 12,
                                                len(ids) - len(INV) if n else None)[1] for ids, n in cases]  # fmt: skip
+        # a prompt whose first 48 tokens are cached: its last 8 run as one 8-token step at 56 keys, in the
+        # smallest bucket and past the threshold, but a prefill chunk: the bucket's own grid
+        first = prompt_of(50, 7)
+        llm.generate([first], SamplingParams(max_tokens=1))
+        (out,) = llm.generate([first[:48] + prompt_of(8, 8)], SamplingParams(max_tokens=2, ignore_eos=True))
+        assert len(out.token_ids) == 2
     finally:
         runner.prepare = prepare
     assert len(COMPILES) == compiles, "a request compiled after the warm-up"
     decodes = [(n, long) for tokens, n, long in long_steps if tokens == n]  # one token per sequence
     assert any(long for _, long in decodes) and any(not long for _, long in decodes)
+    assert (8, 1, False) in long_steps  # the cached prompt's tail (it ran: the prefix cache hit)
     assert all(not long for tokens, n, long in long_steps if tokens > n)  # prefill steps never
 
 
@@ -99,3 +107,14 @@ def test_many_or_short_sequences_keep_the_default_grid(setup):
     off = dataclasses.replace(TUNING, long_split_rule=None)
     assert not dataclasses.replace(runner.plan, attention_tuning=off).long_decode(1, 2, 90)
     assert not dataclasses.replace(runner.plan, attention="reference").long_decode(1, 2, 90)
+
+
+def test_a_sliding_window_bounds_the_context_that_counts(setup, tiny_models):
+    """Mistral's window (24 keys) is all a query reads: below the 48-key threshold at any context length,
+    so its engine never has a long-context variant."""
+    llm, _ = setup
+    assert llm.engine.runner.long_decode
+    mistral = LLM(tiny_models["mistral"], num_kv_blocks=48, max_num_seqs=16, max_num_batched_tokens=32,
+                  max_model_len=96, warmup=False, attention_impl="gpu", kernel_interpret=True)  # fmt: skip
+    runner = mistral.engine.runner
+    assert runner.cfg.sliding_window == 24 and not runner.long_decode

@@ -336,6 +336,7 @@ def test_long_context_takes_the_long_rule_and_its_grid():
     assert not wants_long_grid(long, num_seqs=1, num_kv_heads=2, max_kv_len=99)
     assert not wants_long_grid(long, num_seqs=3, num_kv_heads=2, max_kv_len=10**6)  # 6 programs: 2 = 2
     assert not wants_long_grid(dataclasses.replace(long, long_split_rule=None), 1, 2, 10**6)
+    assert not wants_long_grid(dataclasses.replace(long, dynamic_splits=False), 1, 2, 10**6)  # (reads no rule)
     h200 = gpu_attention_tuning("NVIDIA H200")
     assert [wants_long_grid(h200, n, 8, 65536) for n in (1, 2, 3)] == [True, True, False]
     assert not wants_long_grid(h200, 1, 8, 16384)
