@@ -25,6 +25,8 @@ executable and writes it there, the second (warm) loads them. Each process repor
                    of compile work than wall time)
     longest_compiles_s  the longest backend compiles' seconds (compiles run on several threads: the longest
                    bound the start's wall time)
+    longest_variants  the longest compilations of the engine's functions, each with its variant (e.g.
+                   "layer x8 T=8192 adapted"), timed around XLA's compile call
     warmup_phases  per warm-up call: reading or compiling the step variants, running them, reading or
                    compiling the functions behind them, running those
 
@@ -111,6 +113,7 @@ def _child(args) -> None:
     times["cpu_s"] = time.process_time() - cpu0
     runner = llm.engine.runner
     print(json.dumps({**times, **counts, "compile_work": spent, "longest_compiles_s": sorted(each)[::-1][:12],
+                      "longest_variants": [(what, round(t, 2)) for what, t in runner.compile_log()[:12]],
                       "warmup_phases": runner.warmup_phases, "executables": runner.num_compiled(),
                       "executables_loaded": runner.num_loaded(),
                       "buckets": runner.buckets, "layers_per_launch": runner.layers_per_launch,

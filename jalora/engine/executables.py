@@ -29,6 +29,7 @@ import os
 import pickle
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ class Executables:
         static_argnames: tuple[str, ...] = (),
         donate_argnums: tuple[int, ...] = (),
         variant_key: Callable[[tuple, dict], Hashable] | None = None,
+        describe: Callable[[tuple, dict], str] | None = None,
         **jit_kwargs: Any,
     ):
         self.name = name
@@ -123,6 +125,10 @@ class Executables:
         self._lock = threading.Lock()  # (the warm-up may get variants from several threads)
         self.loaded = 0  # variants read from the directory
         self.compiled = 0  # variants traced, lowered and compiled (or found in JAX's cache) here
+        # (what, seconds) of each compilation here: `describe(args, static)` names a variant (default: the
+        # function's name), so that a start's longest compilations say which variants they were
+        self._describe = describe or (lambda args, static: name)
+        self.compile_log: list[tuple[str, float]] = []
 
     def __len__(self) -> int:
         return len(self._compiled)
@@ -158,9 +164,11 @@ class Executables:
                 self.compiled += 1
             return self._compiled.setdefault(key, exe)
 
-    def _compile(self, lowered: Any, path: Path | None) -> Any:
-        hits = _cache_hits()
+    def _compile(self, lowered: Any, path: Path | None, label: str) -> Any:
+        hits, start = _cache_hits(), time.perf_counter()
         exe = lowered.compile()
+        with self._lock:
+            self.compile_log.append((label, time.perf_counter() - start))
         # An executable JAX read from its own cache is not written: serialized again, it loads but on a
         # CPU fails when run ("Function ... not found"). The next start then reads JAX's cache again
         # (tracing and lowering first), until a compilation writes the file.
@@ -241,7 +249,8 @@ def get_all(work: Sequence[tuple[Executables, Sequence[tuple[tuple, dict]]]], wo
             if exe is not None:
                 fn._keep(k[1], exe, loaded=True)
             else:
-                compiles[k] = pool.submit(fn._compile, fn._jit.lower(*args, **static), paths[k])
+                label = fn._describe(args, static)
+                compiles[k] = pool.submit(fn._compile, fn._jit.lower(*args, **static), paths[k], label)
         for k, future in compiles.items():
             todo[k][0]._keep(k[1], future.result(), loaded=False)
     except BaseException:  # the error now: the queued compilations are dropped (running ones end on their own)

@@ -304,11 +304,14 @@ class ModelRunner:
                          str(jnp.dtype(kv_dtype)),
                          (repr(tp.mesh), tp.mesh.device_ids.tolist()) if tp.sharded else None)  # fmt: skip
         self._step = Executables(step_fn, "step", executable_dir, fp, static_argnames=("layout",),
-                                 donate_argnums=(1,), variant_key=_step_variant)  # fmt: skip
-        self._draw = Executables(draw_fn, "draw", executable_dir, fp, static_argnames=("layout",))
-        self._top = Executables(top_fn, "top", executable_dir, fp)
+                                 donate_argnums=(1,), variant_key=_step_variant,
+                                 describe=lambda args, static: _describe_step("step", static["layout"], args[2]))
+        self._draw = Executables(draw_fn, "draw", executable_dir, fp, static_argnames=("layout",),
+                                 describe=lambda args, _: f"draw R={args[0].shape[0]}")
+        self._top = Executables(top_fn, "top", executable_dir, fp, describe=lambda args, _: f"top R={args[0].shape[0]}")
         self._prompt_lp = Executables(prompt_lp_fn, "prompt_lp", executable_dir, fp,
-                                      variant_key=lambda args, _: (args[1].shape, args[1].dtype))  # fmt: skip
+                                      variant_key=lambda args, _: (args[1].shape, args[1].dtype),
+                                      describe=lambda args, _: f"prompt_lp T={args[1].shape[0]}")  # fmt: skip
         # prev_tokens when nothing is pending (on every device of the mesh, as the step's own outputs)
         self._no_prev_tokens = tp.zeros((max_num_seqs,), jnp.int32, P())
         self.layers_per_launch = layers_per_launch
@@ -512,6 +515,11 @@ class ModelRunner:
         steps = (self._pre, self._layer, self._post) if self.layer_launches else (self._step,)
         return *steps, self._draw, self._top, self._prompt_lp
 
+    def compile_log(self) -> list[tuple[str, float]]:
+        """(variant, seconds) of every compilation of this runner's functions, the longest first (bench/
+        startup_gpu.py reports them: on several threads, the longest bound a start's wall time)."""
+        return sorted((x for f in self._executables() for x in f.compile_log), key=lambda x: -x[1])
+
     @property
     def num_step_variants(self) -> int:
         """Compiled variants of the step (with layer launches: of the layer group, one per step variant and
@@ -569,11 +577,13 @@ class ModelRunner:
             return [layer_stacks(stacks, i) for i in range(cfg.num_layers)]
 
         self._pre = Executables(pre_fn, "pre", executable_dir, fp, static_argnames=("layout",),
-                                variant_key=lambda args, static: static["layout"])  # fmt: skip
+                                variant_key=lambda args, static: static["layout"],
+                                describe=lambda args, static: _describe_step("pre", static["layout"]))  # fmt: skip
         self._layer = Executables(layer_fn, "layer", executable_dir, fp, donate_argnums=(2, 3),
-                                  variant_key=_layer_variant)  # fmt: skip
+                                  variant_key=_layer_variant, describe=_describe_layer)  # fmt: skip
         self._post = Executables(post_fn, "post", executable_dir, fp,
-                                 variant_key=lambda args, _: args[1].shape)  # fmt: skip (the step's rows)
+                                 variant_key=lambda args, _: args[1].shape,  # (the step's rows)
+                                 describe=lambda args, _: f"post T={args[1].shape[0]}")  # fmt: skip
         self._slice_stacks = jax.jit(slice_fn)
 
     def _layer_stacks(self, adapters: AdapterStacks) -> list:
@@ -850,6 +860,20 @@ def _layer_variant(args: tuple, static: dict) -> tuple:
     ws, x, stacks, (_, attn, slots, segments, _) = args[0], args[1], args[4], args[5]
     runs = None if segments is None else tuple(s.shape for s in jax.tree.leaves(segments))
     return len(ws), x.shape, slots is None, runs, _stacks_key(stacks[0]), attn.long_context is None
+
+
+def _describe_step(name: str, layout: tuple, stacks: AdapterStacks | None = None) -> str:
+    """A step variant (or its `pre`) by its rows, adapter path and attention grid, for the compile log."""
+    inp: StepInputs = jax.tree.unflatten(layout[0], [shape for shape, _ in layout[1]])
+    flags = ("" if inp.lora_slots is None else " adapted") + ("" if inp.attn.long_context is None else " long")
+    return f"{name} T={inp.token_ids[0]}{flags}{' ' + '+'.join(sorted(stacks)) if stacks else ''}"
+
+
+def _describe_layer(args: tuple, static: dict) -> str:
+    """A layer group variant by its size, rows, adapter path and attention grid, for the compile log."""
+    ws, x, (_, attn, slots, _, _) = args[0], args[1], args[5]
+    flags = ("" if slots is None else " adapted") + ("" if attn.long_context is None else " long")
+    return f"layer x{len(ws)} T={x.shape[0]}{flags}"
 
 
 def _stacks_key(stacks: AdapterStacks) -> tuple:
