@@ -132,3 +132,24 @@ def test_pallas_kernels_run_per_shard(models, tiny_models, tmp_path, impl):
     for got, want in zip(outs[1], outs[0]):
         assert_same(got, want)
     assert outs[1][1].num_cached_tokens > 0
+
+
+def test_tensor_parallel_warmup_covers_every_variant(models):
+    """tp 2: the warm-up compiles the sharded steps (base-only and adapted) and the functions behind them in
+    one wave, from the shapes and shardings the steps return; then no request compiles, whatever it asks
+    for (sampling, top-n and prompt logprobs)."""
+    from jax import monitoring
+
+    base, alora, _ = models["llama"]
+    llm = LLM(base, tensor_parallel_size=2, **dict(ENGINE, warmup=False))
+    llm.load_adapter("judge", alora)
+    llm.engine.warmup_adapters(progress=False, with_base=True)
+    runner = llm.engine.runner
+    assert [p["functions_compiled_late"] for p in runner.warmup_phases] == [0]
+    compiles = []
+    monitoring.register_event_duration_secs_listener(
+        lambda name, *_a, **_k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None
+    )
+    sampled = SamplingParams(max_tokens=3, temperature=0.8, top_p=0.9, seed=1, logprobs=2, prompt_logprobs=True)
+    llm.generate([prompt(20, 9), prompt(21, 5) + INV], [SP_PROMPT, sampled], [None, "judge"])
+    assert compiles == [], "a request compiled after the warm-up"
