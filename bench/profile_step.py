@@ -14,6 +14,7 @@ by name (per step), the busy time of the GPU streams and the gaps between kernel
 """
 
 import argparse
+import ast
 import dataclasses
 import functools
 import glob
@@ -119,13 +120,27 @@ def max_tokens(args) -> int:
     return prefill_steps + 1 + 3 + 2 * (1 + args.steps) + 16
 
 
-def no_long_grid() -> None:
-    """Every device's attention tuning without its long-context rule, for the engines built after."""
+def set_gpu_tuning(fields: dict) -> None:
+    """Every device's GPU attention tuning with `fields` replaced, for the engines built after."""
     from pallas_kernels.ragged_paged_attention import tuning
 
-    off = functools.partial(dataclasses.replace, long_split_rule=None)
-    tuning.GPU_ATTENTION_TUNING = MappingProxyType({k: off(v) for k, v in tuning.GPU_ATTENTION_TUNING.items()})
-    tuning.DEFAULT_GPU_ATTENTION_TUNING = off(tuning.DEFAULT_GPU_ATTENTION_TUNING)
+    change = functools.partial(dataclasses.replace, **fields)
+    tuning.GPU_ATTENTION_TUNING = MappingProxyType({k: change(v) for k, v in tuning.GPU_ATTENTION_TUNING.items()})
+    tuning.DEFAULT_GPU_ATTENTION_TUNING = change(tuning.DEFAULT_GPU_ATTENTION_TUNING)
+
+
+def tuning_fields(pairs: list[str]) -> dict:
+    """`--tuning` FIELD=VALUE pairs as a dict (values as Python literals); unknown fields are refused."""
+    from pallas_kernels.ragged_paged_attention.tuning import GpuAttentionTuning
+
+    known = {f.name for f in dataclasses.fields(GpuAttentionTuning)}
+    fields = {}
+    for pair in pairs:
+        name, eq, value = pair.partition("=")
+        if not eq or name not in known:
+            raise SystemExit(f"--tuning: expected FIELD=VALUE with FIELD one of {sorted(known)}, got {pair!r}")
+        fields[name] = ast.literal_eval(value)
+    return fields
 
 
 def build_engine(args, cfg: dict, root: str, mode: str):
@@ -192,6 +207,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--no-long-grid", action="store_true",
                     help="decode at long contexts with the attention kernel's default kv-split grid (the tuning's "
                          "long_split_rule off), the baseline of the long-context grid")  # fmt: skip
+    ap.add_argument("--tuning", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="GPU attention tuning fields to replace for this run (e.g. combine_kernel=True), "
+                         "recorded in the result")  # fmt: skip
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--hlo", default=None, metavar="DIR",
                     help="also dump the HLO of the compiled steps (XLA's jit_step_fn modules, before and "
@@ -207,8 +225,9 @@ def main(argv=None) -> dict:
         dump = f" --xla_dump_to={args.hlo} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=step_fn"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + dump).strip()
     meta = run_metadata(__spec__.name, argv)
-    if args.no_long_grid:
-        no_long_grid()
+    tuning = tuning_fields(args.tuning) | ({"long_split_rule": None} if args.no_long_grid else {})
+    if tuning:
+        set_gpu_tuning(tuning)
     cfg = GRANITE_8B if args.preset == "granite-8b" else TINY
     root = tempfile.mkdtemp(prefix="jalora-profile-")
     engines = {mode: build_engine(args, cfg, root, mode) for mode in args.modes}
@@ -228,7 +247,7 @@ def main(argv=None) -> dict:
 
     result = {**meta, "preset": args.preset, "batch": args.batch, "adapters": args.adapters,
               "layers_per_launch": engines[args.modes[0]][0].runner.layers_per_launch,
-              "long_grid": engines[args.modes[0]][0].runner.long_decode,
+              "long_grid": engines[args.modes[0]][0].runner.long_decode, "gpu_tuning_changes": tuning,
               "context": args.context, "steps": args.steps, "mode": args.modes[0],
               "step_ms_median": step_s * 1e3,
               "host_ms_per_step": host, "by_mode": by_mode, "device_trace": device}  # fmt: skip

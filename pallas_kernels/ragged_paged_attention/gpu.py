@@ -190,6 +190,64 @@ def _kernel(
             plgpu.store(l_ref.at[prow], l_i, mask=row_valid)
 
 
+def _combine_kernel(
+    cu_q_lens_ref,  # i32[S + 1]
+    num_seqs_ref,  # i32[1]
+    acc_ref,  # f32[splits * rows, D] unnormalised partial outputs
+    m_ref,  # f32[splits * rows] partial maxima (log2 domain)
+    l_ref,  # f32[splits * rows] partial denominators
+    o_ref,  # [rows, D] output, q's dtype
+    *,
+    num_splits: int,
+    num_rows: int,  # T * Hq
+    num_q_heads: int,
+    block_r: int,
+):
+    """Merge the kv splits' partials of `block_r` rows into the normalised output; rows of padding
+    tokens (past cu_q_lens[num_seqs]) are written as exact zeros and their partials never read."""
+    r = pl.program_id(0) * block_r + jnp.arange(block_r, dtype=jnp.int32)
+    d_idx = jnp.arange(acc_ref.shape[1], dtype=jnp.int32)
+    live = r < cu_q_lens_ref[num_seqs_ref[0]] * num_q_heads
+
+    def split_max(s, m_max):
+        return jnp.maximum(m_max, plgpu.load(m_ref.at[s * num_rows + r], mask=live, other=_MASKED))
+
+    m_max = jax.lax.fori_loop(0, num_splits, split_max, jnp.full((block_r,), _MASKED, jnp.float32))
+
+    def add_split(s, carry):
+        acc, den = carry
+        rows = s * num_rows + r
+        w = jnp.exp2(plgpu.load(m_ref.at[rows], mask=live, other=_MASKED) - m_max)
+        den = den + w * plgpu.load(l_ref.at[rows], mask=live, other=0.0)
+        part = plgpu.load(acc_ref.at[rows[:, None], d_idx[None, :]], mask=live[:, None], other=0.0)
+        return acc + w[:, None] * part, den
+
+    zeros = jnp.zeros((block_r, acc_ref.shape[1]), jnp.float32)
+    acc, den = jax.lax.fori_loop(0, num_splits, add_split, (zeros, jnp.zeros((block_r,), jnp.float32)))
+    out = jnp.where(live[:, None], acc / jnp.where(den == 0.0, 1.0, den)[:, None], 0.0)
+    plgpu.store(o_ref.at[r[:, None], d_idx[None, :]], out.astype(o_ref.dtype), mask=(r < num_rows)[:, None])
+
+
+def combine_splits(acc, m_part, l_part, cu_q_lens, num_seqs, *, num_splits: int, num_q_heads: int, dtype,
+                   tuning: GpuAttentionTuning, interpret: bool = False):
+    """The output [rows, D] in `dtype` from `num_splits` kv splits' partials (acc f32[splits * rows, D],
+    m and l f32[splits * rows]; rows = T * Hq), padding rows zero, in one launch of
+    `tuning.combine_block_rows` rows a program (XLA's combine is a chain of reductions, a launch each)."""
+    num_rows = m_part.shape[0] // num_splits
+    d = acc.shape[1]
+    block_r = tuning.combine_block_rows
+    kernel = functools.partial(_combine_kernel, num_splits=num_splits, num_rows=num_rows,
+                               num_q_heads=num_q_heads, block_r=block_r)
+    return pl.pallas_call(
+        kernel,
+        grid=(-(-num_rows // block_r),),
+        out_shape=jax.ShapeDtypeStruct((num_rows, d), dtype),
+        compiler_params=plgpu.CompilerParams(num_warps=tuning.combine_num_warps, num_stages=1),
+        interpret=interpret,
+        name="ragged_paged_attention_combine",
+    )(cu_q_lens, jnp.asarray(num_seqs, jnp.int32).reshape(1), acc, m_part, l_part)
+
+
 def split_rule(programs, tuning: GpuAttentionTuning):
     """kv splits per query block for `programs` (real query blocks x kv heads) at decode shapes,
     by `tuning.split_rule` (the measurements behind the default are in tuning.py). Works on Python
@@ -357,6 +415,9 @@ def ragged_paged_attention_gpu(
     )
     if num_kv_splits == 1:
         out = outs[0].reshape(t, hq, d)
+    elif tuning.combine_kernel:
+        return combine_splits(*outs, cu_q_lens, num_seqs, num_splits=num_kv_splits, num_q_heads=hq, dtype=q.dtype,
+                              tuning=tuning, interpret=interpret).reshape(t, hq, d)
     else:
         acc, m_part, l_part = outs
         acc = acc.reshape(num_kv_splits, rows, d)

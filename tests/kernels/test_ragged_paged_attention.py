@@ -127,6 +127,15 @@ GPU_CASES = {
     "g4_decode_dynamic_splits": dict(t=4, s=8, p=12, bs=16, hq=8, hkv=2, d=64, tuning=(("block_k", 16),)),
     # GQA 6 (not a power of two), tiles of 32 keys over pages of 16
     "g6_bs16_bk32": dict(t=12, s=3, p=4, bs=16, hq=6, hkv=1, d=64, tuning=(("block_k", 32),)),
+    # the splits merged by the combine kernel: dynamic splits with a program of 64 rows over 5 * 8 (one
+    # partial program), soft cap, bf16; and 3 static splits, window, programs of 16 rows
+    "g8_cap_decode_combine_kernel": dict(t=5, s=6, p=5, bs=16, hq=8, hkv=1, d=64, cap=5.0, dtype=jnp.bfloat16,
+                                         tuning=(("block_k", 16), ("tuning", GpuAttentionTuning(
+                                             combine_kernel=True, combine_block_rows=64)))),
+    "g4_d128_bs32_window_split_combine_kernel": dict(
+        t=16, s=3, p=3, bs=32, hq=8, hkv=2, d=128, window=20,
+        tuning=(("num_kv_splits", 3), ("block_k", 16),
+                ("tuning", GpuAttentionTuning(combine_kernel=True, combine_block_rows=16)))),
 }
 
 TPU_CASES = {
@@ -250,6 +259,8 @@ def test_tuning_records_are_hashable_and_checked():
         GpuAttentionTuning(split_rule=(4, ((8, 2), (16, 2))))  # would reach zero splits
     with pytest.raises(ValueError, match="increasing"):
         GpuAttentionTuning(split_rule=(16, ((64, 2), (8, 2))))
+    with pytest.raises(ValueError, match="combine_block_rows"):
+        GpuAttentionTuning(combine_block_rows=24)
     with pytest.raises(ValueError, match="num_sms"):
         GpuAttentionTuning(num_sms=0)
     with pytest.raises(ValueError, match="tile_keys"):
