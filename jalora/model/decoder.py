@@ -236,7 +236,8 @@ def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, positions, inv_freq, 
     v = qkv[:, cfg.q_size + cfg.kv_size :].reshape(t, cfg.num_kv_heads, cfg.head_dim)
     q = apply_rope(q, positions, inv_freq)
     k = apply_rope(k, positions, inv_freq)
-    k_cache, v_cache = write_kv(k_cache, v_cache, k, v, attn.slot_mapping)
+    k_cache, v_cache = write_kv(k_cache, v_cache, k, v, attn.slot_mapping, impl=plan.attention,
+                                interpret=plan.interpret_arg(plan.attention), tuning=plan.attention_tuning)
     o = ragged_paged_attention(
         q,
         k_cache,

@@ -81,12 +81,25 @@ def write_kv(
     k,  # [T, Hkv, D] new keys of this step
     v,  # [T, Hkv, D]
     slot_mapping,  # i32[T] flat slot (block * block_size + offset); -1 = padding, not written
+    *,
+    impl: str = "reference",
+    interpret=False,
+    tuning: GpuAttentionTuning | TpuAttentionTuning | None = None,
 ):
     """Scatter this step's K/V into the paged cache; returns (k_pages, v_pages).
 
-    Under jit with the caches donated XLA updates them in place (a scatter, no copy of the cache).
+    impl "gpu" with a tuning whose `kv_write_kernel` is set (None = the current device's entry) writes
+    both in one Pallas launch (`gpu.write_kv_gpu`); otherwise XLA scatters, one per cache. Under jit
+    with the caches donated either updates them in place (no copy of the cache).
     """
     validate_write_inputs(k_pages, v_pages, k, v, slot_mapping)
+    if impl == "gpu":
+        if tuning is None:
+            tuning = gpu_attention_tuning()
+        if tuning.kv_write_kernel:
+            from pallas_kernels.ragged_paged_attention.gpu import write_kv_gpu
+
+            return write_kv_gpu(k_pages, v_pages, k, v, slot_mapping, interpret=bool(interpret))
     return write_kv_reference(k_pages, v_pages, k, v, slot_mapping)
 
 

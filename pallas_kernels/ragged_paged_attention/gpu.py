@@ -248,6 +248,43 @@ def combine_splits(acc, m_part, l_part, cu_q_lens, num_seqs, *, num_splits: int,
     )(cu_q_lens, jnp.asarray(num_seqs, jnp.int32).reshape(1), acc, m_part, l_part)
 
 
+def _write_kv_kernel(slot_ref, k_ref, v_ref, k_pages_in, v_pages_in, k_pages_ref, v_pages_ref, *, width: int):
+    """Token t's K and V rows ([Hkv * D], flattened) into cache row slot_mapping[t]; -1 writes nothing."""
+    del k_pages_in, v_pages_in  # aliased to the outputs: the rows not written keep their contents
+    t = pl.program_id(0)
+    slot = slot_ref[t]
+
+    @pl.when(slot >= 0)
+    def _():
+        cols = jnp.arange(_next_pow2(width), dtype=jnp.int32)
+        mask = cols < width
+        k = plgpu.load(k_ref.at[t, cols], mask=mask, other=0.0)
+        v = plgpu.load(v_ref.at[t, cols], mask=mask, other=0.0)
+        plgpu.store(k_pages_ref.at[slot, cols], k.astype(k_pages_ref.dtype), mask=mask)
+        plgpu.store(v_pages_ref.at[slot, cols], v.astype(v_pages_ref.dtype), mask=mask)
+
+
+def write_kv_gpu(k_pages, v_pages, k, v, slot_mapping, *, num_warps: int = 4, interpret: bool = False):
+    """This step's K and V ([T, Hkv, D]) into the paged caches in one launch (XLA's are two scatters),
+    a program per token row; the caches are aliased to the outputs, so under jit with them donated the
+    update is in place. Same result as `write_kv_reference` (slot -1: padding, not written)."""
+    nb, bs, hkv, d = k_pages.shape
+    t = k.shape[0]
+    width = hkv * d
+    flat = jax.ShapeDtypeStruct((nb * bs, width), k_pages.dtype)
+    k_new, v_new = pl.pallas_call(
+        functools.partial(_write_kv_kernel, width=width),
+        grid=(t,),
+        out_shape=[flat, flat],
+        input_output_aliases={3: 0, 4: 1},
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        interpret=interpret,
+        name="write_kv",
+    )(slot_mapping, k.reshape(t, width), v.reshape(t, width), k_pages.reshape(nb * bs, width),
+      v_pages.reshape(nb * bs, width))  # fmt: skip
+    return k_new.reshape(nb, bs, hkv, d), v_new.reshape(nb, bs, hkv, d)
+
+
 def split_rule(programs, tuning: GpuAttentionTuning):
     """kv splits per query block for `programs` (real query blocks x kv heads) at decode shapes,
     by `tuning.split_rule` (the measurements behind the default are in tuning.py). Works on Python

@@ -52,6 +52,9 @@ class GpuAttentionTuning:
     combine_kernel: bool = False
     combine_block_rows: int = 32
     combine_num_warps: int = 4
+    # Write a step's K and V into the caches in one Pallas launch (`write_kv_gpu`) instead of XLA's two
+    # scatters (~2.2 us each a layer at batch-1 decode on the H200).
+    kv_write_kernel: bool = False
     # SMs of the device (H100/H200: 132); only the static split heuristic uses it.
     num_sms: int = 132
     # The static heuristic (`default_num_kv_splits`, prefill-shaped steps and dynamic_splits=False):

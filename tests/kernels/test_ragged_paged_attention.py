@@ -192,20 +192,27 @@ def test_dispatch_and_validation():
         ragged_paged_attention(q, kv, kv, kl, pi[0], cu, 1, sm_scale=0.1)
 
 
-def test_write_kv_skips_padding_slots():
+@pytest.mark.parametrize("kernel", [False, True], ids=["xla", "kernel"])
+@pytest.mark.parametrize("hkv,d,dtype", [(2, 8, jnp.float32), (3, 16, jnp.bfloat16)])
+def test_write_kv_skips_padding_slots(kernel, hkv, d, dtype):
+    """XLA's scatters and the one-launch kernel (interpret mode; a row of Hkv * D = 48 columns is not a
+    power of two; a bf16 cache takes f32 keys cast) write the same rows and nothing else."""
     rng = np.random.default_rng(0)
-    k_pages = jnp.asarray(rng.standard_normal((3, 4, 2, 8)), jnp.float32)
-    v_pages = jnp.asarray(rng.standard_normal((3, 4, 2, 8)), jnp.float32)
-    k = jnp.asarray(rng.standard_normal((3, 2, 8)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((3, 2, 8)), jnp.float32)
+    k_pages = jnp.asarray(rng.standard_normal((3, 4, hkv, d)), dtype)
+    v_pages = jnp.asarray(rng.standard_normal((3, 4, hkv, d)), dtype)
+    k = jnp.asarray(rng.standard_normal((3, hkv, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((3, hkv, d)), jnp.float32)
     slots = jnp.array([5, -1, 11], jnp.int32)
-    nk, nv = jax.jit(write_kv, donate_argnums=(0, 1))(k_pages + 0, v_pages + 0, k, v, slots)
+    write = functools.partial(write_kv, impl="gpu" if kernel else "reference", interpret=kernel,
+                              tuning=GpuAttentionTuning(kv_write_kernel=kernel))
+    nk, nv = jax.jit(write, donate_argnums=(0, 1))(k_pages + 0, v_pages + 0, k, v, slots)
     rk, rv = write_kv_reference(k_pages, v_pages, k, v, slots)
     np.testing.assert_array_equal(nk, rk)
     np.testing.assert_array_equal(nv, rv)
-    np.testing.assert_array_equal(nk[1, 1], k[0])
-    np.testing.assert_array_equal(nk[2, 3], k[2])
+    np.testing.assert_array_equal(nk[1, 1], k[0].astype(dtype))
+    np.testing.assert_array_equal(nv[2, 3], v[2].astype(dtype))
     np.testing.assert_array_equal(nk[2, 3 - 1], k_pages[2, 2])  # neighbours untouched
+    np.testing.assert_array_equal(nk[0], k_pages[0])  # slot -1 wrote nothing
 
 
 def test_decode_split_rule():
