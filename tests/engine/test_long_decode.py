@@ -36,10 +36,15 @@ def prompt_of(n: int, salt: int = 0) -> list[int]:
     return [int(t) for t in rng.integers(9, hf_models.VOCAB - 1, size=n)]
 
 
-@pytest.fixture(scope="module", params=[0, 2], ids=["fused", "layer-groups"])
+# The layer-groups engine also merges the kv splits and writes K/V with the one-launch kernels.
+KERNELS = dataclasses.replace(TUNING, combine_kernel=True, kv_write_kernel=True)
+
+
+@pytest.fixture(scope="module", params=[0, 2], ids=["fused", "layer-groups+kernels"])
 def setup(tiny_models, tmp_path_factory, request):
     mp = pytest.MonkeyPatch()
-    mp.setattr(attention_tuning, "DEFAULT_GPU_ATTENTION_TUNING", TUNING)  # (the CPU's entry)
+    tuning = TUNING if request.param == 0 else KERNELS
+    mp.setattr(attention_tuning, "DEFAULT_GPU_ATTENTION_TUNING", tuning)  # (the CPU's entry)
     base = tiny_models["llama"]
     adapter = hf_models.make_adapter(base, str(tmp_path_factory.mktemp("long") / "alora"), ["q_proj", "v_proj"],
                                      r=4, invocation=INV, seed=4)  # fmt: skip
@@ -56,7 +61,7 @@ def setup(tiny_models, tmp_path_factory, request):
 def test_long_decode_steps_run_their_variant_and_match_peft(setup):
     llm, oracles = setup
     runner = llm.engine.runner
-    assert runner.plan.attention_tuning == TUNING and runner.long_decode
+    assert runner.plan.attention_tuning in (TUNING, KERNELS) and runner.long_decode
     # the warm-up compiled the smallest bucket's long variant for the base-only and the adapted step
     assert runner.num_step_variants == 2 * len(runner.buckets) + 2
     long_steps = []
