@@ -152,7 +152,8 @@ def build_engine(args, cfg: dict, root: str, mode: str):
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=PREFILL_TOKENS_PER_STEP, max_model_len=max_len,
               num_kv_blocks=kv_blocks(args.batch, args.context + max_tokens(args) + 16),
               max_loras=max(args.adapters, 1), max_lora_rank=32, enable_prefix_caching=False, warmup=False,
-              async_scheduling=mode == "async", layers_per_launch=args.layers_per_launch)  # fmt: skip
+              async_scheduling=mode == "async", layers_per_launch=args.layers_per_launch,
+              norm_impl=args.norm_impl)  # fmt: skip
     invocations = load_qkv_aloras(llm, os.path.join(root, f"adapters-{mode}"), cfg, args.adapters)
     return llm.engine, invocations
 
@@ -210,6 +211,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--tuning", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="GPU attention tuning fields to replace for this run (e.g. combine_kernel=True), "
                          "recorded in the result")  # fmt: skip
+    ap.add_argument("--norm-impl", choices=("reference", "gpu"), default=None,
+                    help="the engines' norm_impl (gpu: residual add + RMSNorm in one kernel)")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--hlo", default=None, metavar="DIR",
                     help="also dump the HLO of the compiled steps (XLA's jit_step_fn modules, before and "
@@ -248,6 +251,7 @@ def main(argv=None) -> dict:
     result = {**meta, "preset": args.preset, "batch": args.batch, "adapters": args.adapters,
               "layers_per_launch": engines[args.modes[0]][0].runner.layers_per_launch,
               "long_grid": engines[args.modes[0]][0].runner.long_decode, "gpu_tuning_changes": tuning,
+              "norm_impl": engines[args.modes[0]][0].runner.plan.norm,
               "context": args.context, "steps": args.steps, "mode": args.modes[0],
               "step_ms_median": step_s * 1e3,
               "host_ms_per_step": host, "by_mode": by_mode, "device_trace": device}  # fmt: skip

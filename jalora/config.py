@@ -78,6 +78,10 @@ class EngineConfig:
     lora_impl: str | None = config_field(
         None, "masked multi-LoRA kernel (default: the platform's)", choices=KERNEL_IMPLS
     )
+    norm_impl: str | None = config_field(
+        None, "residual add + RMSNorm: 'gpu' fuses them in one Pallas kernel (default: 'reference', the jnp "
+        "form XLA compiles, on every platform)", choices=("reference", "gpu")
+    )
     lora_onehot_max_tokens: int | None = config_field(
         None, "steps of at most this many token rows take the one-hot LoRA matmuls instead of the kernel "
         "(default: the device's tuning table; 0 = always the kernel)"
@@ -134,10 +138,10 @@ class EngineConfig:
         require(not (n and self.tensor_parallel_size > 1), "layers_per_launch",
                 "runs an unsharded model only (tensor_parallel_size is 1)")  # fmt: skip
         require(is_int(self.seed), "seed", f"must be an integer, got {self.seed!r}")
-        for name in ("attention_impl", "lora_impl"):
+        for name, impls in (("attention_impl", KERNEL_IMPLS), ("lora_impl", KERNEL_IMPLS),
+                            ("norm_impl", ("reference", "gpu"))):  # fmt: skip
             value = getattr(self, name)
-            require(value is None or value in KERNEL_IMPLS, name,
-                    f"must be None or one of {list(KERNEL_IMPLS)}, got {value!r}")  # fmt: skip
+            require(value is None or value in impls, name, f"must be None or one of {list(impls)}, got {value!r}")
         n = self.max_cpu_loras
         require(n is None or (is_int(n) and n >= self.max_loras), "max_cpu_loras",
                 f"must be None or an integer >= max_loras ({self.max_loras}), got {n!r}")  # fmt: skip

@@ -21,6 +21,7 @@ from jalora.model.config import ModelConfig
 from jalora.model.kernel_plan import KernelPlan
 from pallas_kernels.masked_lora import LoraSegments, masked_lora_add, masked_lora_onehot_flat
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv
+from pallas_kernels.rms_norm import add_rms_norm
 
 
 class AttentionMetadata(NamedTuple):
@@ -254,8 +255,12 @@ def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, positions, inv_freq, 
         long_context=attn.long_context is not None,
     )
     o = proj(o.reshape(t, cfg.q_size), "o", "o")
-    x = x + o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + o
-    h = rms_norm(x, w["post_norm"], cfg.rms_norm_eps)
+    if plan.norm == "reference":
+        x = x + o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + o
+        h = rms_norm(x, w["post_norm"], cfg.rms_norm_eps)
+    else:  # one kernel: the residual add and the norm of its rounded sum
+        x, h = add_rms_norm(x, o, w["post_norm"], eps=cfg.rms_norm_eps, residual_multiplier=cfg.residual_multiplier,
+                            impl=plan.norm, interpret=plan.interpret_arg(plan.norm))
     gu = proj(h, "gate_up", "gate_up")
     f = cfg.intermediate_size
     m = (jax.nn.silu(gu[:, :f].astype(jnp.float32)) * gu[:, f:].astype(jnp.float32)).astype(h.dtype)

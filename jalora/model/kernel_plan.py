@@ -35,6 +35,7 @@ class KernelPlan:
     lora_tuning: MaskedLoraTuning  # when a step takes the one-hot form; the segment kernel's token tile
     interpret: bool  # Pallas kernels in interpret mode (CPU)
     attention_tuning: GpuAttentionTuning | TpuAttentionTuning | None  # the attention kernel's table entry
+    norm: str = "reference"  # residual add + RMSNorm: "reference" (jnp) | "gpu" (one fused kernel)
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> KernelPlan:
@@ -44,7 +45,8 @@ class KernelPlan:
         platform, kind = kernel_platform(), device_kind()
         attention = config.attention_impl or platform
         lora = config.lora_impl or platform
-        for field, impl in (("attention_impl", attention), ("lora_impl", lora)):
+        norm = config.norm_impl or "reference"
+        for field, impl in (("attention_impl", attention), ("lora_impl", lora), ("norm_impl", norm)):
             if impl not in ("reference", platform) and not config.kernel_interpret:
                 raise InvalidRequestError(
                     field, f"the {impl} kernel cannot run on this {platform} platform (kernel_interpret runs it on any)"
@@ -59,6 +61,7 @@ class KernelPlan:
             lora_tuning=lora_tuning,
             interpret=config.kernel_interpret,
             attention_tuning=None if attention_tuning is None else attention_tuning(kind),
+            norm=norm,
         )
 
     @property

@@ -132,10 +132,10 @@ def test_adapter_and_config_errors_name_the_field_once(llm, tiny_models, tmp_pat
         assert_names_the_field_once(e.value, field)
 
 
-@pytest.mark.parametrize("field", ["attention_impl", "lora_impl"])
-def test_a_kernel_this_platform_cannot_run_is_refused_before_loading(tiny_models, field, monkeypatch):
-    """The CPU cannot run the TPU kernel except in interpret mode: the config says so, naming the field,
-    before any weight is read."""
+@pytest.mark.parametrize("field,impl", [("attention_impl", "tpu"), ("lora_impl", "tpu"), ("norm_impl", "gpu")])
+def test_a_kernel_this_platform_cannot_run_is_refused_before_loading(tiny_models, field, impl, monkeypatch):
+    """The CPU cannot run the TPU or GPU kernels except in interpret mode: the config says so, naming the
+    field, before any weight is read."""
     import jalora.engine.llm_engine as llm_engine
 
     def no_load(*args, **kwargs):
@@ -143,7 +143,7 @@ def test_a_kernel_this_platform_cannot_run_is_refused_before_loading(tiny_models
 
     monkeypatch.setattr(llm_engine, "load_model", no_load)
     with pytest.raises(InvalidRequestError) as err:
-        LLM(tiny_models["llama"], warmup=False, **{field: "tpu"})
+        LLM(tiny_models["llama"], warmup=False, **{field: impl})
     assert err.value.field == field
 
 

@@ -36,7 +36,7 @@ def prompt_of(n: int, salt: int = 0) -> list[int]:
     return [int(t) for t in rng.integers(9, hf_models.VOCAB - 1, size=n)]
 
 
-# The layer-groups engine also merges the kv splits and writes K/V with the one-launch kernels.
+# The layer-groups engine also merges the kv splits, writes K/V and adds + norms with the one-launch kernels.
 KERNELS = dataclasses.replace(TUNING, combine_kernel=True, kv_write_kernel=True)
 
 
@@ -50,7 +50,7 @@ def setup(tiny_models, tmp_path_factory, request):
                                      r=4, invocation=INV, seed=4)  # fmt: skip
     llm = LLM(base, num_kv_blocks=48, max_num_seqs=16, max_num_batched_tokens=32, max_model_len=96, max_loras=2,
               max_lora_rank=4, warmup=False, attention_impl="gpu", kernel_interpret=True,
-              layers_per_launch=request.param)  # fmt: skip
+              layers_per_launch=request.param, norm_impl="gpu" if request.param else None)  # fmt: skip
     llm.load_adapter("judge", adapter)
     llm.engine.warmup_adapters(progress=False, with_base=True)
     oracles = {None: hf_models.load_oracle(base), "judge": hf_models.load_peft_oracle(base, adapter)}
