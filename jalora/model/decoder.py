@@ -150,14 +150,15 @@ class Decoder(nnx.Module):
         # optimizes, so the compiled step is the unrolled one.
         body = jax.jit(functools.partial(_layer, cfg, self.plan, tp_axis))
         new_caches = []
+        d = jnp.zeros_like(x)  # a layer's MLP output, added to x in the next norm's kernel
         for i in range(cfg.num_layers):
             stacks = None
             if lora is not None:
                 stacks = LoraBatch(layer_stacks(lora.stacks, i), lora.token_slots, lora.segments)
-            x, k_cache, v_cache = body(x, positions, inv_freq, self.layer_weights(i), kv_caches[i][0],
-                                       kv_caches[i][1], attn, stacks)  # fmt: skip
+            x, d, k_cache, v_cache = body(x, d, positions, inv_freq, self.layer_weights(i), kv_caches[i][0],
+                                          kv_caches[i][1], attn, stacks)  # fmt: skip
             new_caches.append((k_cache, v_cache))
-        return rms_norm(x, self.norm[...], cfg.rms_norm_eps), new_caches
+        return add_norm(cfg, self.plan, x, d, self.norm[...])[1], new_caches
 
     def layer_weights(self, i: int) -> dict:
         """Layer `i`'s arrays by DecoderLayer's names (None where a bias is absent)."""
@@ -196,20 +197,38 @@ def layer_stacks(stacks: AdapterStacks, i: int) -> AdapterStacks:
     return {g: LoraStack(st.a[i], st.b[i], None if st.a_flat is None else st.a_flat[i]) for g, st in stacks.items()}
 
 
-def decoder_layer(cfg: ModelConfig, plan: KernelPlan, x, positions, w, k_cache, v_cache, attn, lora):
+def decoder_layer(cfg: ModelConfig, plan: KernelPlan, x, d, positions, w, k_cache, v_cache, attn, lora):
     """One layer of an unsharded decoder as a function of its own arrays (`w`: `Decoder.layer_weights`;
-    `lora`: None or a LoraBatch of the layer's stacks): (x after it, new k_cache, new v_cache)."""
-    return _layer(cfg, plan, None, x, positions, rope_inv_freq(cfg), w, k_cache, v_cache, attn, lora)
+    `lora`: None or a LoraBatch of the layer's stacks). `x` and `d` are the residual stream and the
+    previous layer's MLP output not yet added to it (zeros before the first layer: one traced body for
+    all layers); returns (x, d, new k_cache, new v_cache) of the same form, so the add lands in the next
+    norm's kernel (`add_residual` adds the last layer's d)."""
+    return _layer(cfg, plan, None, x, d, positions, rope_inv_freq(cfg), w, k_cache, v_cache, attn, lora)
+
+
+def add_norm(cfg: ModelConfig, plan: KernelPlan, x, d, w):
+    """(x + d * residual_multiplier, its RMSNorm with weight `w`). With `plan.norm == "gpu"`, one kernel
+    (`pallas_kernels.rms_norm.add_rms_norm`); else XLA's ops (which fold a d of zeros away)."""
+    if plan.norm == "reference":
+        x = add_residual(cfg, x, d)
+        return x, rms_norm(x, w, cfg.rms_norm_eps)
+    return add_rms_norm(x, d, w, eps=cfg.rms_norm_eps, residual_multiplier=cfg.residual_multiplier,
+                        impl=plan.norm, interpret=plan.interpret_arg(plan.norm))  # fmt: skip
+
+
+def add_residual(cfg: ModelConfig, x, d):
+    """x + d * residual_multiplier."""
+    return x + d * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + d
 
 
 _LAYER_PARAMS = ("input_norm", "w_qkv", "b_qkv", "w_o", "b_o", "post_norm", "w_gate_up", "b_gate_up", "w_down",
                  "b_down")  # fmt: skip (DecoderLayer's parameters)
 
 
-def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, positions, inv_freq, w, k_cache, v_cache, attn, lora):
-    """One decoder layer: (x after it, new k_cache, new v_cache). `w` holds the layer's arrays by
-    DecoderLayer's names (None where a bias is absent); `lora` is None or a LoraBatch of this layer's
-    slice of each stack."""
+def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, d, positions, inv_freq, w, k_cache, v_cache, attn, lora):
+    """One decoder layer: (x, d, new k_cache, new v_cache), the residual stream and the MLP output still
+    to add to it (`decoder_layer`). `w` holds the layer's arrays by DecoderLayer's names (None where a
+    bias is absent); `lora` is None or a LoraBatch of this layer's slice of each stack."""
     t = x.shape[0]
 
     def proj(h, name, group):
@@ -230,7 +249,7 @@ def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, positions, inv_freq, 
                 y = (y.astype(jnp.float32) + b.astype(jnp.float32)).astype(h.dtype)
         return y
 
-    h = rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
+    x, h = add_norm(cfg, plan, x, d, w["input_norm"])
     qkv = proj(h, "qkv", "qkv")
     q = qkv[:, : cfg.q_size].reshape(t, cfg.num_heads, cfg.head_dim)
     k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].reshape(t, cfg.num_kv_heads, cfg.head_dim)
@@ -255,18 +274,11 @@ def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, positions, inv_freq, 
         long_context=attn.long_context is not None,
     )
     o = proj(o.reshape(t, cfg.q_size), "o", "o")
-    if plan.norm == "reference":
-        x = x + o * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + o
-        h = rms_norm(x, w["post_norm"], cfg.rms_norm_eps)
-    else:  # one kernel: the residual add and the norm of its rounded sum
-        x, h = add_rms_norm(x, o, w["post_norm"], eps=cfg.rms_norm_eps, residual_multiplier=cfg.residual_multiplier,
-                            impl=plan.norm, interpret=plan.interpret_arg(plan.norm))
+    x, h = add_norm(cfg, plan, x, o, w["post_norm"])
     gu = proj(h, "gate_up", "gate_up")
     f = cfg.intermediate_size
     m = (jax.nn.silu(gu[:, :f].astype(jnp.float32)) * gu[:, f:].astype(jnp.float32)).astype(h.dtype)
-    d = proj(m, "down", "down")
-    x = x + d * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + d
-    return x, k_cache, v_cache
+    return x, proj(m, "down", "down"), k_cache, v_cache
 
 
 def _vocab_parallel_embed(embed, token_ids, axis):
