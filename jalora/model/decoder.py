@@ -20,7 +20,7 @@ from jalora.adapters.manager import AdapterStacks, LoraStack
 from jalora.model.config import ModelConfig
 from jalora.model.kernel_plan import KernelPlan
 from pallas_kernels.masked_lora import LoraSegments, masked_lora_add, masked_lora_onehot_flat
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention, write_kv
+from pallas_kernels.ragged_paged_attention import apply_rope, ragged_paged_attention, write_kv, write_kv_rope
 from pallas_kernels.rms_norm import add_rms_norm
 
 
@@ -80,17 +80,6 @@ def rope_inv_freq(cfg: ModelConfig):
     scaled = jnp.where(wavelen > old_len / lo, inv / factor, inv)
     mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
     return jnp.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-
-
-def apply_rope(x, positions, inv_freq):
-    """x [T, H, D] rotated in HF's rotate-half layout; positions i32[T]."""
-    ang = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
-    cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, None, :]
-    sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, None, :]
-    xf = x.astype(jnp.float32)
-    half = x.shape[-1] // 2
-    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
-    return (xf * cos + rot * sin).astype(x.dtype)
 
 
 def _param(shape, dtype):
@@ -255,9 +244,11 @@ def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, d, positions, inv_fre
     k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].reshape(t, cfg.num_kv_heads, cfg.head_dim)
     v = qkv[:, cfg.q_size + cfg.kv_size :].reshape(t, cfg.num_kv_heads, cfg.head_dim)
     q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
-    k_cache, v_cache = write_kv(k_cache, v_cache, k, v, attn.slot_mapping, impl=plan.attention,
-                                interpret=plan.interpret_arg(plan.attention), tuning=plan.attention_tuning)
+    if plan.attention == "gpu" and plan.attention_tuning.kv_write_kernel:  # rotate + write: one launch
+        k_cache, v_cache = write_kv_rope(k_cache, v_cache, qkv, positions, inv_freq, attn.slot_mapping,
+                                         q_size=cfg.q_size, impl="gpu", interpret=plan.interpret_arg("gpu"))
+    else:
+        k_cache, v_cache = write_kv(k_cache, v_cache, apply_rope(k, positions, inv_freq), v, attn.slot_mapping)
     o = ragged_paged_attention(
         q,
         k_cache,

@@ -9,8 +9,10 @@ The kernels' tuning is a record per device kind (`tuning.py`), passed as `tuning
 from pallas_kernels.platform import kernel_platform
 from pallas_kernels.ragged_paged_attention.common import validate_inputs, validate_write_inputs
 from pallas_kernels.ragged_paged_attention.reference import (
+    apply_rope,
     ragged_paged_attention_reference,
     write_kv_reference,
+    write_kv_rope_reference,
 )
 from pallas_kernels.ragged_paged_attention.tuning import (
     GpuAttentionTuning,
@@ -81,26 +83,36 @@ def write_kv(
     k,  # [T, Hkv, D] new keys of this step
     v,  # [T, Hkv, D]
     slot_mapping,  # i32[T] flat slot (block * block_size + offset); -1 = padding, not written
-    *,
-    impl: str = "reference",
-    interpret=False,
-    tuning: GpuAttentionTuning | TpuAttentionTuning | None = None,
 ):
     """Scatter this step's K/V into the paged cache; returns (k_pages, v_pages).
 
-    impl "gpu" with a tuning whose `kv_write_kernel` is set (None = the current device's entry) writes
-    both in one Pallas launch (`gpu.write_kv_gpu`); otherwise XLA scatters, one per cache. Under jit
-    with the caches donated either updates them in place (no copy of the cache).
+    Under jit with the caches donated XLA updates them in place (a scatter, no copy of the cache).
     """
     validate_write_inputs(k_pages, v_pages, k, v, slot_mapping)
-    if impl == "gpu":
-        if tuning is None:
-            tuning = gpu_attention_tuning()
-        if tuning.kv_write_kernel:
-            from pallas_kernels.ragged_paged_attention.gpu import write_kv_gpu
-
-            return write_kv_gpu(k_pages, v_pages, k, v, slot_mapping, interpret=bool(interpret))
     return write_kv_reference(k_pages, v_pages, k, v, slot_mapping)
+
+
+def write_kv_rope(
+    k_pages,  # [num_blocks, block_size, Hkv, D]
+    v_pages,  # [num_blocks, block_size, Hkv, D]
+    qkv,  # [T, q_size + 2 * Hkv * D] the step's fused projection: q, then k, then v
+    positions,  # i32[T]
+    inv_freq,  # f32[D / 2] RoPE frequencies
+    slot_mapping,  # i32[T]; -1 = padding, not written
+    *,
+    q_size: int,
+    impl: str = "reference",
+    interpret=False,
+):
+    """The step's keys rotated (RoPE, rotate-half) and its values, from the fused projection, into the
+    paged caches; returns (k_pages, v_pages). impl "gpu": one Pallas launch (`gpu.write_kv_rope_gpu`);
+    "reference": XLA (`write_kv_rope_reference`)."""
+    if impl == "gpu":
+        from pallas_kernels.ragged_paged_attention.gpu import write_kv_rope_gpu
+
+        return write_kv_rope_gpu(k_pages, v_pages, qkv, positions, inv_freq, slot_mapping, q_size=q_size,
+                                 interpret=bool(interpret))  # fmt: skip
+    return write_kv_rope_reference(k_pages, v_pages, qkv, positions, inv_freq, slot_mapping, q_size=q_size)
 
 
 __all__ = [
@@ -113,4 +125,7 @@ __all__ = [
     "ragged_paged_attention_reference",
     "write_kv",
     "write_kv_reference",
+    "write_kv_rope",
+    "write_kv_rope_reference",
+    "apply_rope",
 ]

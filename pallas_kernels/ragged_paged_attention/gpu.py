@@ -202,45 +202,43 @@ def _combine_kernel(
     num_rows: int,  # T * Hq
     num_q_heads: int,
     block_r: int,
+    block_d: int,
 ):
-    """Merge the kv splits' partials of `block_r` rows into the normalised output; rows of padding
-    tokens (past cu_q_lens[num_seqs]) are written as exact zeros and their partials never read."""
+    """Merge the kv splits' partials of `block_r` rows x `block_d` columns into the normalised output;
+    rows of padding tokens (past cu_q_lens[num_seqs]) are written as exact zeros and their partials never
+    read. The splits are unrolled: every load is independent of the others, so they are all in flight at
+    once (a loop over the splits waits for each)."""
     r = pl.program_id(0) * block_r + jnp.arange(block_r, dtype=jnp.int32)
-    d_idx = jnp.arange(acc_ref.shape[1], dtype=jnp.int32)
+    cols = pl.program_id(1) * block_d + jnp.arange(block_d, dtype=jnp.int32)
     live = r < cu_q_lens_ref[num_seqs_ref[0]] * num_q_heads
-
-    def split_max(s, m_max):
-        return jnp.maximum(m_max, plgpu.load(m_ref.at[s * num_rows + r], mask=live, other=_MASKED))
-
-    m_max = jax.lax.fori_loop(0, num_splits, split_max, jnp.full((block_r,), _MASKED, jnp.float32))
-
-    def add_split(s, carry):
-        acc, den = carry
+    ms = [plgpu.load(m_ref.at[s * num_rows + r], mask=live, other=_MASKED) for s in range(num_splits)]
+    m_max = functools.reduce(jnp.maximum, ms)
+    acc = jnp.zeros((block_r, block_d), jnp.float32)
+    den = jnp.zeros((block_r,), jnp.float32)
+    for s in range(num_splits):
         rows = s * num_rows + r
-        w = jnp.exp2(plgpu.load(m_ref.at[rows], mask=live, other=_MASKED) - m_max)
-        den = den + w * plgpu.load(l_ref.at[rows], mask=live, other=0.0)
-        part = plgpu.load(acc_ref.at[rows[:, None], d_idx[None, :]], mask=live[:, None], other=0.0)
-        return acc + w[:, None] * part, den
-
-    zeros = jnp.zeros((block_r, acc_ref.shape[1]), jnp.float32)
-    acc, den = jax.lax.fori_loop(0, num_splits, add_split, (zeros, jnp.zeros((block_r,), jnp.float32)))
+        w = jnp.exp2(ms[s] - m_max)
+        den += w * plgpu.load(l_ref.at[rows], mask=live, other=0.0)
+        acc += w[:, None] * plgpu.load(acc_ref.at[rows[:, None], cols[None, :]], mask=live[:, None], other=0.0)
     out = jnp.where(live[:, None], acc / jnp.where(den == 0.0, 1.0, den)[:, None], 0.0)
-    plgpu.store(o_ref.at[r[:, None], d_idx[None, :]], out.astype(o_ref.dtype), mask=(r < num_rows)[:, None])
+    plgpu.store(o_ref.at[r[:, None], cols[None, :]], out.astype(o_ref.dtype), mask=(r < num_rows)[:, None])
 
 
 def combine_splits(acc, m_part, l_part, cu_q_lens, num_seqs, *, num_splits: int, num_q_heads: int, dtype,
                    tuning: GpuAttentionTuning, interpret: bool = False):
     """The output [rows, D] in `dtype` from `num_splits` kv splits' partials (acc f32[splits * rows, D],
-    m and l f32[splits * rows]; rows = T * Hq), padding rows zero, in one launch of
-    `tuning.combine_block_rows` rows a program (XLA's combine is a chain of reductions, a launch each)."""
+    m and l f32[splits * rows]; rows = T * Hq), padding rows zero, in one launch of programs of
+    `tuning.combine_block_rows` rows x `combine_block_cols` columns (XLA's combine is a chain of
+    reductions, a launch each)."""
     num_rows = m_part.shape[0] // num_splits
     d = acc.shape[1]
     block_r = tuning.combine_block_rows
+    block_d = min(tuning.combine_block_cols, d)
     kernel = functools.partial(_combine_kernel, num_splits=num_splits, num_rows=num_rows,
-                               num_q_heads=num_q_heads, block_r=block_r)
+                               num_q_heads=num_q_heads, block_r=block_r, block_d=block_d)  # fmt: skip
     return pl.pallas_call(
         kernel,
-        grid=(-(-num_rows // block_r),),
+        grid=(-(-num_rows // block_r), d // block_d),
         out_shape=jax.ShapeDtypeStruct((num_rows, d), dtype),
         compiler_params=plgpu.CompilerParams(num_warps=tuning.combine_num_warps, num_stages=1),
         interpret=interpret,
@@ -248,40 +246,70 @@ def combine_splits(acc, m_part, l_part, cu_q_lens, num_seqs, *, num_splits: int,
     )(cu_q_lens, jnp.asarray(num_seqs, jnp.int32).reshape(1), acc, m_part, l_part)
 
 
-def _write_kv_kernel(slot_ref, k_ref, v_ref, k_pages_in, v_pages_in, k_pages_ref, v_pages_ref, *, width: int):
-    """Token t's K and V rows ([Hkv * D], flattened) into cache row slot_mapping[t]; -1 writes nothing."""
+def _write_kv_kernel(slot_ref, pos_ref, inv_freq_ref, qkv_ref, k_pages_in, v_pages_in, k_pages_ref, v_pages_ref,
+                     *, k_offset: int, v_offset: int, num_kv_heads: int, head_dim: int):  # fmt: skip
+    """Token t's keys (rotated: RoPE in the rotate-half layout) and values, read from its fused q/k/v row,
+    into cache row slot_mapping[t] ([Hkv * D], flattened); slot -1 writes nothing."""
     del k_pages_in, v_pages_in  # aliased to the outputs: the rows not written keep their contents
     t = pl.program_id(0)
     slot = slot_ref[t]
 
     @pl.when(slot >= 0)
     def _():
+        width = num_kv_heads * head_dim
+        half = head_dim // 2
         cols = jnp.arange(_next_pow2(width), dtype=jnp.int32)
         mask = cols < width
-        k = plgpu.load(k_ref.at[t, cols], mask=mask, other=0.0)
-        v = plgpu.load(v_ref.at[t, cols], mask=mask, other=0.0)
-        plgpu.store(k_pages_ref.at[slot, cols], k.astype(k_pages_ref.dtype), mask=mask)
+        j = cols % head_dim  # column within the head
+        partner = cols - j + (j + half) % head_dim  # rotate-half: the other half's column
+        k = plgpu.load(qkv_ref.at[t, k_offset + cols], mask=mask, other=0.0).astype(jnp.float32)
+        k_partner = plgpu.load(qkv_ref.at[t, k_offset + partner], mask=mask, other=0.0).astype(jnp.float32)
+        inv_freq = plgpu.load(inv_freq_ref.at[j % half], mask=mask, other=0.0)
+        ang = pos_ref[t].astype(jnp.float32) * inv_freq
+        rot = jnp.where(j < half, -k_partner, k_partner)
+        k = k * jnp.cos(ang) + rot * jnp.sin(ang)
+        v = plgpu.load(qkv_ref.at[t, v_offset + cols], mask=mask, other=0.0)
+        plgpu.store(k_pages_ref.at[slot, cols], k.astype(qkv_ref.dtype).astype(k_pages_ref.dtype), mask=mask)
         plgpu.store(v_pages_ref.at[slot, cols], v.astype(v_pages_ref.dtype), mask=mask)
 
 
-def write_kv_gpu(k_pages, v_pages, k, v, slot_mapping, *, num_warps: int = 4, interpret: bool = False):
-    """This step's K and V ([T, Hkv, D]) into the paged caches in one launch (XLA's are two scatters),
-    a program per token row; the caches are aliased to the outputs, so under jit with them donated the
-    update is in place. Same result as `write_kv_reference` (slot -1: padding, not written)."""
+def write_kv_rope_gpu(
+    k_pages,  # [num_blocks, block_size, Hkv, D]
+    v_pages,  # [num_blocks, block_size, Hkv, D]
+    qkv,  # [T, q_size + 2 * Hkv * D] the step's fused projection: q, then k, then v
+    positions,  # i32[T]
+    inv_freq,  # f32[D / 2] RoPE frequencies
+    slot_mapping,  # i32[T] flat slot; -1 = padding, not written
+    *,
+    q_size: int,
+    num_warps: int = 4,
+    interpret: bool = False,
+):
+    """Rotate this step's keys (RoPE, rotate-half) and write them and the values into the paged caches in
+    one launch, reading both from the fused q/k/v projection: XLA's form materialises the rotated keys and
+    the value slice and scatters each (four launches a layer). A program per token row; the caches are
+    aliased to the outputs (in place when donated). Same result as `write_kv_rope_reference` up to the
+    device's cos/sin (a rotated key may differ by one ulp of its dtype)."""
     nb, bs, hkv, d = k_pages.shape
-    t = k.shape[0]
+    t = qkv.shape[0]
     width = hkv * d
+    if qkv.ndim != 2 or qkv.shape[1] != q_size + 2 * width:
+        raise ValueError(f"qkv must be [T, q_size + 2 * Hkv * D] = [T, {q_size + 2 * width}], got {qkv.shape}")
+    if inv_freq.shape != (d // 2,):
+        raise ValueError(f"inv_freq must be f32[{d // 2}], got {inv_freq.shape}")
     flat = jax.ShapeDtypeStruct((nb * bs, width), k_pages.dtype)
+    kernel = functools.partial(_write_kv_kernel, k_offset=q_size, v_offset=q_size + width, num_kv_heads=hkv,
+                               head_dim=d)  # fmt: skip
     k_new, v_new = pl.pallas_call(
-        functools.partial(_write_kv_kernel, width=width),
+        kernel,
         grid=(t,),
         out_shape=[flat, flat],
-        input_output_aliases={3: 0, 4: 1},
+        input_output_aliases={4: 0, 5: 1},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="write_kv",
-    )(slot_mapping, k.reshape(t, width), v.reshape(t, width), k_pages.reshape(nb * bs, width),
-      v_pages.reshape(nb * bs, width))  # fmt: skip
+    )(slot_mapping, positions.astype(jnp.int32), inv_freq.astype(jnp.float32), qkv,
+      k_pages.reshape(nb * bs, width), v_pages.reshape(nb * bs, width))  # fmt: skip
     return k_new.reshape(nb, bs, hkv, d), v_new.reshape(nb, bs, hkv, d)
 
 

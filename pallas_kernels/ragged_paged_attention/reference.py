@@ -30,6 +30,35 @@ def write_kv_reference(
     return k_pages.reshape(n, b, h, d), v_pages.reshape(n, b, h, d)
 
 
+def apply_rope(x, positions, inv_freq):
+    """x [T, H, D] rotated in HF's rotate-half layout; positions i32[T]; inv_freq f32[D / 2]."""
+    ang = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # [T, D/2]
+    cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, None, :]
+    sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, None, :]
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
+    return (xf * cos + rot * sin).astype(x.dtype)
+
+
+def write_kv_rope_reference(
+    k_pages,  # [num_blocks, block_size, Hkv, D]
+    v_pages,  # [num_blocks, block_size, Hkv, D]
+    qkv,  # [T, q_size + 2 * Hkv * D] fused projection: q, then k, then v
+    positions,  # i32[T]
+    inv_freq,  # f32[D / 2]
+    slot_mapping,  # i32[T]; -1 = padding, not written
+    *,
+    q_size: int,
+):
+    """The keys of `qkv` rotated (`apply_rope`) and its values, written as `write_kv_reference` does."""
+    _, _, h, d = k_pages.shape
+    t = qkv.shape[0]
+    k = apply_rope(qkv[:, q_size : q_size + h * d].reshape(t, h, d), positions, inv_freq)
+    v = qkv[:, q_size + h * d :].reshape(t, h, d)
+    return write_kv_reference(k_pages, v_pages, k, v, slot_mapping)
+
+
 def ragged_paged_attention_reference(
     q,  # [T, Hq, D]
     k_pages,  # [num_blocks, block_size, Hkv, D]

@@ -46,14 +46,18 @@ class GpuAttentionTuning:
     # from the step's real sequence count, how many of them work (`split_rule`): batch 1 and batch 64
     # pad to the same shapes but want 16 and 2 splits. False: the static `default_num_kv_splits`.
     dynamic_splits: bool = True
-    # Merge the kv splits' partials in one Pallas launch of `combine_block_rows` rows a program
-    # (`combine_splits`) instead of XLA's combine (its reductions and the padding-row select, ~4 launches a
-    # layer: at batch-1 decode ~0.3 ms of a 5.2 ms step on the H200, bench/results/profile_step_b1_g8_h200.json).
+    # Merge the kv splits' partials in one Pallas launch of `combine_block_rows` x `combine_block_cols`
+    # programs (`combine_splits`) instead of XLA's combine (its reductions and the padding-row select: 3
+    # launches, 236 us of the H200's 5.26 ms batch-1 step at 1k). A first version looping over the splits
+    # took 303 us (bench/results/profile_step_b1_onelaunch_h200.json).
     combine_kernel: bool = False
-    combine_block_rows: int = 32
+    combine_block_rows: int = 16
+    combine_block_cols: int = 64
     combine_num_warps: int = 4
-    # Write a step's K and V into the caches in one Pallas launch (`write_kv_gpu`) instead of XLA's two
-    # scatters (~2.2 us each a layer at batch-1 decode on the H200).
+    # The decoder rotates the keys and writes K and V into the caches in one Pallas launch reading the
+    # fused q/k/v projection (`write_kv_rope_gpu`) instead of XLA's key RoPE and two scatters. (Writing
+    # already split K and V in one launch saved nothing: XLA then materialised the rotated keys and the
+    # value slice, two launches; same file.)
     kv_write_kernel: bool = False
     # SMs of the device (H100/H200: 132); only the static split heuristic uses it.
     num_sms: int = 132
@@ -94,12 +98,13 @@ class GpuAttentionTuning:
                 raise ValueError(f"{field} bounds must be increasing, got {rule}")
         for name in ("long_context_keys", "min_tiles_per_split", "num_sms", "static_waves", "static_max_splits",
                      "static_min_keys_per_split", "decode_block_m", "prefill_block_m", "decode_block_k",
-                     "prefill_block_k", "num_warps", "combine_block_rows", "combine_num_warps", "decode_num_stages",
-                     "prefill_num_stages", "wide_head_num_stages"):  # fmt: skip
+                     "prefill_block_k", "num_warps", "combine_block_rows", "combine_block_cols", "combine_num_warps",
+                     "decode_num_stages", "prefill_num_stages", "wide_head_num_stages"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.combine_block_rows & (self.combine_block_rows - 1):
-            raise ValueError(f"combine_block_rows must be a power of two, got {self.combine_block_rows}")
+        for name in ("combine_block_rows", "combine_block_cols"):
+            if getattr(self, name) & (getattr(self, name) - 1):
+                raise ValueError(f"{name} must be a power of two, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(frozen=True)

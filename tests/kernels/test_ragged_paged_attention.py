@@ -25,6 +25,8 @@ from pallas_kernels.ragged_paged_attention import (
     tpu_attention_tuning,
     write_kv,
     write_kv_reference,
+    write_kv_rope,
+    write_kv_rope_reference,
 )
 from pallas_kernels.ragged_paged_attention.tuning import (
     DEFAULT_GPU_ATTENTION_TUNING,
@@ -192,27 +194,48 @@ def test_dispatch_and_validation():
         ragged_paged_attention(q, kv, kv, kl, pi[0], cu, 1, sm_scale=0.1)
 
 
-@pytest.mark.parametrize("kernel", [False, True], ids=["xla", "kernel"])
-@pytest.mark.parametrize("hkv,d,dtype", [(2, 8, jnp.float32), (3, 16, jnp.bfloat16)])
-def test_write_kv_skips_padding_slots(kernel, hkv, d, dtype):
-    """XLA's scatters and the one-launch kernel (interpret mode; a row of Hkv * D = 48 columns is not a
-    power of two; a bf16 cache takes f32 keys cast) write the same rows and nothing else."""
+def test_write_kv_skips_padding_slots():
     rng = np.random.default_rng(0)
-    k_pages = jnp.asarray(rng.standard_normal((3, 4, hkv, d)), dtype)
-    v_pages = jnp.asarray(rng.standard_normal((3, 4, hkv, d)), dtype)
-    k = jnp.asarray(rng.standard_normal((3, hkv, d)), jnp.float32)
-    v = jnp.asarray(rng.standard_normal((3, hkv, d)), jnp.float32)
+    k_pages = jnp.asarray(rng.standard_normal((3, 4, 2, 8)), jnp.float32)
+    v_pages = jnp.asarray(rng.standard_normal((3, 4, 2, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((3, 2, 8)), jnp.float32)
     slots = jnp.array([5, -1, 11], jnp.int32)
-    write = functools.partial(write_kv, impl="gpu" if kernel else "reference", interpret=kernel,
-                              tuning=GpuAttentionTuning(kv_write_kernel=kernel))
-    nk, nv = jax.jit(write, donate_argnums=(0, 1))(k_pages + 0, v_pages + 0, k, v, slots)
+    nk, nv = jax.jit(write_kv, donate_argnums=(0, 1))(k_pages + 0, v_pages + 0, k, v, slots)
     rk, rv = write_kv_reference(k_pages, v_pages, k, v, slots)
     np.testing.assert_array_equal(nk, rk)
     np.testing.assert_array_equal(nv, rv)
-    np.testing.assert_array_equal(nk[1, 1], k[0].astype(dtype))
-    np.testing.assert_array_equal(nv[2, 3], v[2].astype(dtype))
+    np.testing.assert_array_equal(nk[1, 1], k[0])
+    np.testing.assert_array_equal(nk[2, 3], k[2])
     np.testing.assert_array_equal(nk[2, 3 - 1], k_pages[2, 2])  # neighbours untouched
-    np.testing.assert_array_equal(nk[0], k_pages[0])  # slot -1 wrote nothing
+
+
+@pytest.mark.parametrize("hkv,d,dtype", [(2, 16, jnp.float32), (3, 16, jnp.bfloat16)])
+def test_write_kv_rope_kernel_equals_the_reference(hkv, d, dtype):
+    """The one-launch kernel (interpret mode) rotates the keys of the fused projection and writes them and
+    the values where the reference does, and nothing else: a row of Hkv * D = 48 columns (not a power of
+    two), a bf16 cache, padding slots, positions far from 0 (the rotation matters)."""
+    rng = np.random.default_rng(0)
+    t, q_size = 4, 2 * hkv * d
+    k_pages = jnp.asarray(rng.standard_normal((3, 4, hkv, d)), dtype)
+    v_pages = jnp.asarray(rng.standard_normal((3, 4, hkv, d)), dtype)
+    qkv = jnp.asarray(rng.standard_normal((t, q_size + 2 * hkv * d)), dtype)
+    positions = jnp.array([7, 0, 1000, 33], jnp.int32)
+    inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    slots = jnp.array([5, -1, 11, 0], jnp.int32)
+    kernel = functools.partial(write_kv_rope, q_size=q_size, impl="gpu", interpret=True)
+    nk, nv = jax.jit(kernel, donate_argnums=(0, 1))(k_pages + 0, v_pages + 0, qkv, positions, inv_freq, slots)
+    rk, rv = write_kv_rope_reference(k_pages, v_pages, qkv, positions, inv_freq, slots, q_size=q_size)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2  # cos/sin of the kernel's lowering: one ulp of the cache
+    np.testing.assert_allclose(np.asarray(nk, np.float32), np.asarray(rk, np.float32), rtol=tol, atol=tol)
+    np.testing.assert_array_equal(nv, rv)
+    np.testing.assert_array_equal(nv[2, 3], qkv[2, q_size + hkv * d:].reshape(hkv, d))
+    assert not np.allclose(np.asarray(nk[2, 3], np.float32),
+                           np.asarray(qkv[2, q_size:q_size + hkv * d].reshape(hkv, d), np.float32), atol=0.1)
+    untouched = np.ones(12, bool)
+    untouched[[5, 11, 0]] = False
+    np.testing.assert_array_equal(np.asarray(nk).reshape(12, hkv, d)[untouched],
+                                  np.asarray(k_pages).reshape(12, hkv, d)[untouched])  # fmt: skip
 
 
 def test_decode_split_rule():
