@@ -47,18 +47,21 @@ class GpuAttentionTuning:
     # pad to the same shapes but want 16 and 2 splits. False: the static `default_num_kv_splits`.
     dynamic_splits: bool = True
     # Merge the kv splits' partials in one Pallas launch of `combine_block_rows` x `combine_block_cols`
-    # programs (`combine_splits`) instead of XLA's combine (its reductions and the padding-row select: 3
-    # launches, 236 us of the H200's 5.26 ms batch-1 step at 1k). A first version looping over the splits
-    # took 303 us (bench/results/profile_step_b1_onelaunch_h200.json).
-    combine_kernel: bool = False
+    # programs (`combine_splits`) instead of XLA's combine (its reductions and the padding-row select). One
+    # H100 call, batch-1 decode (bench/results/profile_step_b1*_onelaunch2*_h100.json): 165 us a step against
+    # XLA's 169 us at 1k (16 splits), 369 us against ~540 us at 64k (the 64-split long grid). A first
+    # version looping over the splits took 303 us at 1k on the H200 (profile_step_b1_onelaunch_h200.json).
+    combine_kernel: bool = True
     combine_block_rows: int = 16
     combine_block_cols: int = 64
     combine_num_warps: int = 4
     # The decoder rotates the keys and writes K and V into the caches in one Pallas launch reading the
-    # fused q/k/v projection (`write_kv_rope_gpu`) instead of XLA's key RoPE and two scatters. (Writing
-    # already split K and V in one launch saved nothing: XLA then materialised the rotated keys and the
-    # value slice, two launches; same file.)
-    kv_write_kernel: bool = False
+    # fused q/k/v projection (`write_kv_rope_gpu`) instead of XLA's key RoPE and two scatters: same H100
+    # call, 121 us a step against 174 us of scatters, the keys bit-equal. (Writing already split K and V
+    # in one launch saved nothing: XLA then materialised the rotated keys and the value slice, two
+    # launches; H200, profile_step_b1_onelaunch_h200.json.) With both: the batch-1 step's device time
+    # 6.86 -> 6.81 ms at 1k, 10.67 -> 10.52 ms at 64k, 682 -> 607 launches.
+    kv_write_kernel: bool = True
     # SMs of the device (H100/H200: 132); only the static split heuristic uses it.
     num_sms: int = 132
     # The static heuristic (`default_num_kv_splits`, prefill-shaped steps and dynamic_splits=False):

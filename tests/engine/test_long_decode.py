@@ -36,14 +36,15 @@ def prompt_of(n: int, salt: int = 0) -> list[int]:
     return [int(t) for t in rng.integers(9, hf_models.VOCAB - 1, size=n)]
 
 
-# The layer-groups engine also merges the kv splits, writes K/V and adds + norms with the one-launch kernels.
-KERNELS = dataclasses.replace(TUNING, combine_kernel=True, kv_write_kernel=True)
+# The fused engine merges the kv splits and writes K/V with XLA's ops; the layer-groups engine with the
+# one-launch kernels (the tuning's default) and adds + norms with the fused kernel too.
+XLA_FORMS = dataclasses.replace(TUNING, combine_kernel=False, kv_write_kernel=False)
 
 
-@pytest.fixture(scope="module", params=[0, 2], ids=["fused", "layer-groups+kernels"])
+@pytest.fixture(scope="module", params=[0, 2], ids=["fused+xla", "layer-groups+kernels"])
 def setup(tiny_models, tmp_path_factory, request):
     mp = pytest.MonkeyPatch()
-    tuning = TUNING if request.param == 0 else KERNELS
+    tuning = XLA_FORMS if request.param == 0 else TUNING
     mp.setattr(attention_tuning, "DEFAULT_GPU_ATTENTION_TUNING", tuning)  # (the CPU's entry)
     base = tiny_models["llama"]
     adapter = hf_models.make_adapter(base, str(tmp_path_factory.mktemp("long") / "alora"), ["q_proj", "v_proj"],
@@ -61,7 +62,7 @@ def setup(tiny_models, tmp_path_factory, request):
 def test_long_decode_steps_run_their_variant_and_match_peft(setup):
     llm, oracles = setup
     runner = llm.engine.runner
-    assert runner.plan.attention_tuning in (TUNING, KERNELS) and runner.long_decode
+    assert runner.plan.attention_tuning in (TUNING, XLA_FORMS) and runner.long_decode
     # the warm-up compiled the smallest bucket's long variant for the base-only and the adapted step
     assert runner.num_step_variants == 2 * len(runner.buckets) + 2
     long_steps = []

@@ -129,15 +129,17 @@ GPU_CASES = {
     "g4_decode_dynamic_splits": dict(t=4, s=8, p=12, bs=16, hq=8, hkv=2, d=64, tuning=(("block_k", 16),)),
     # GQA 6 (not a power of two), tiles of 32 keys over pages of 16
     "g6_bs16_bk32": dict(t=12, s=3, p=4, bs=16, hq=6, hkv=1, d=64, tuning=(("block_k", 32),)),
-    # the splits merged by the combine kernel: dynamic splits with a program of 64 rows over 5 * 8 (one
-    # partial program), soft cap, bf16; and 3 static splits, window, programs of 16 rows
-    "g8_cap_decode_combine_kernel": dict(t=5, s=6, p=5, bs=16, hq=8, hkv=1, d=64, cap=5.0, dtype=jnp.bfloat16,
+    # the splits merged by XLA (the tuning's combine_kernel off; the cases above merge them with the kernel,
+    # programs of 64 rows over 5 * 8 here: one partial program), soft cap, bf16; and 3 static splits, window,
+    # programs of 16 rows through the kernel
+    "g8_cap_decode_xla_combine": dict(t=5, s=6, p=5, bs=16, hq=8, hkv=1, d=64, cap=5.0, dtype=jnp.bfloat16,
+                                      tuning=(("block_k", 16), ("tuning", GpuAttentionTuning(combine_kernel=False)))),
+    "g8_cap_decode_combine_rows64": dict(t=5, s=6, p=5, bs=16, hq=8, hkv=1, d=64, cap=5.0, dtype=jnp.bfloat16,
                                          tuning=(("block_k", 16), ("tuning", GpuAttentionTuning(
-                                             combine_kernel=True, combine_block_rows=64)))),
-    "g4_d128_bs32_window_split_combine_kernel": dict(
+                                             combine_block_rows=64, combine_block_cols=32)))),
+    "g4_d128_bs32_window_split_xla_combine": dict(
         t=16, s=3, p=3, bs=32, hq=8, hkv=2, d=128, window=20,
-        tuning=(("num_kv_splits", 3), ("block_k", 16),
-                ("tuning", GpuAttentionTuning(combine_kernel=True, combine_block_rows=16)))),
+        tuning=(("num_kv_splits", 3), ("block_k", 16), ("tuning", GpuAttentionTuning(combine_kernel=False)))),
 }
 
 TPU_CASES = {
@@ -338,7 +340,7 @@ def test_tuning_reaches_the_gpu_kernel():
     def grid(tuning, **knobs):
         fn = functools.partial(ragged_paged_attention, sm_scale=0.125, impl="gpu", interpret=True,
                                tuning=tuning, block_k=16, **knobs)
-        (g,) = _kernel_grids(fn, *args)
+        g = _kernel_grids(fn, *args)[0]  # the attention kernel (the split merge launches after it)
         return g[2]
 
     assert grid(None) == 12  # default rule wants 16, capped by the 12 tiles
@@ -363,7 +365,7 @@ def test_long_context_takes_the_long_rule_and_its_grid():
     def grid(tuning, **knobs):
         fn = functools.partial(ragged_paged_attention, sm_scale=0.125, impl="gpu", interpret=True, tuning=tuning,
                                **knobs)  # fmt: skip
-        (g,) = _kernel_grids(fn, *args)
+        g = _kernel_grids(fn, *args)[0]  # the attention kernel (the split merge launches after it)
         return g[2]
 
     assert grid(long) == 2 and grid(long, long_context=True) == 8
