@@ -731,6 +731,46 @@ def layer_groups(*runs) -> list[str]:
     return out
 
 
+DECODE_PAIRS = (
+    ("profile_step_b1_ctx65536_nolonggrid_h200.json", "profile_step_b1_ctx65536_longgrid_h200.json"),
+    ("profile_step_b1_onelaunch_baseline_h200.json", "profile_step_b1_onelaunch_h200.json"),
+    ("profile_step_b1_onelaunch2_baseline_h100.json", "profile_step_b1_onelaunch2_h100.json"),
+    ("profile_step_b1_ctx65536_onelaunch2_baseline_h100.json", "profile_step_b1_ctx65536_onelaunch2_h100.json"),
+)
+
+
+def _change_of(r) -> str:
+    """What a profile changed against the engine's defaults of its commit (tuning fields, norm kernel)."""
+    parts = [f"{k}={v}" for k, v in (r.get("gpu_tuning_changes") or {}).items()]
+    if r.get("norm_impl") == "gpu":
+        parts.append("norm_impl=gpu")
+    return ", ".join(parts) or "defaults"
+
+
+def decode_pairs(*runs) -> list[str]:
+    """bench/profile_step.py pairs, each pair from one device call (same commit and device): a change to the
+    decode step's kernels against its baseline, with the attention kernel's and all launches' device time."""
+    out = ["Batch-1 decode step, one change at a time, each pair in one device call (`python -m bench.profile_step "
+           "--modes async --batch 1 [--context 65536] [--no-long-grid | --tuning FIELD=VALUE ... | --norm-impl gpu]`"
+           "): median engine.step(), the device's busy time and launches per step and the attention kernel's "
+           "time per step, from the profiler trace. The field values are those of the run's commit (the "
+           "one-launch kernels were switches then, on by default since).", "",
+           "| device | commit | context | run | step ms | vs baseline | device busy ms | launches | attention ms |",
+           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for i in range(0, len(runs), 2):
+        base, new = runs[i], runs[i + 1]
+        if base is None or new is None:
+            continue
+        for r in (base, new):
+            trace = next(v for k, v in r["device_trace"].items() if "Compute" in k)
+            attn = sum(t["us_per_step"] for t in trace["top"] if t["name"] == "ragged_paged_attention")
+            change = "-" if r is base else f"{r['step_ms_median'] / base['step_ms_median'] - 1:+.1%}"
+            out.append(f"| {r['device']} | {commit_of(r)} | {r['context']} | {_change_of(r)} | "
+                       f"{r['step_ms_median']:.2f} | {change} | {trace['busy_us_per_step'] / 1e3:.2f} | "
+                       f"{trace['events_per_step']:.0f} | {attn / 1e3:.2f} |")  # fmt: skip
+    return out
+
+
 def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -874,6 +914,7 @@ def render() -> str:
         ("### Start-up on the GPU: cold and warm compilation cache", startup_gpu,
          ("startup_gpu.json", "startup_gpu_fused.json", "startup_gpu_b463092.json", "startup_gpu_executables.json")),
         ("### Layer groups against the fused step", layer_groups, LAYER_GROUP_RUNS),
+        ("### Decode step changes, pair by pair", decode_pairs, tuple(n for pair in DECODE_PAIRS for n in pair)),
         ("### The aLoRA serving paper's pipelines on the H200", pipeline_bench_section,
          ("pipeline_bench_granite-8b.json",)),
     ]

@@ -12,10 +12,11 @@ Per block the kv tiles split in three ranges: a masked head (sliding-window edge
 body (every key <= the block's first query position and inside the window, so no mask and no
 select), and a masked tail (causal diagonal and kv_len). With `num_kv_splits > 1` (decode, few
 sequences, long context: too few programs to fill the SMs) every program covers a slice of the
-tiles and writes an unnormalised partial (acc, m, l); a small XLA combine merges the splits. A
-decode-shaped step (T <= S) launches the most splits its bucket can want and each program reads the
-step's real sequence count to decide how many of them work (`split_rule`): batch 1 and batch 64 pad
-to the same shapes but want 16 and 2 splits.
+tiles and writes an unnormalised partial (acc, m, l); one more launch merges the splits
+(`combine_splits`; XLA's ops with the tuning's `combine_kernel` off). A decode-shaped step (T <= S)
+launches the most splits its bucket can want and each program reads the step's real sequence count
+to decide how many of them work (`split_rule`): batch 1 and batch 64 pad to the same shapes but want
+16 and 2 splits.
 
 The split rule, block sizes, warps and stages come from a `GpuAttentionTuning` record (tuning.py),
 one per device kind; explicit per-call knobs override it.
