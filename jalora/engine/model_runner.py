@@ -42,7 +42,6 @@ from jalora.model.decoder import (
     AttentionMetadata,
     Decoder,
     LoraBatch,
-    add_residual,
     decoder_layer,
     embed_tokens,
     layer_stacks,
@@ -560,13 +559,12 @@ class ModelRunner:
         def layer_fn(ws, x, k_caches, v_caches, stacks, meta):  # a group: a tuple of each per layer
             positions, attn, slots, segments, _ = meta
             ks, vs = [], []
-            d = jnp.zeros_like(x)  # within the group each MLP output is added in the next layer's norm kernel
             for w, k, v, st in zip(ws, k_caches, v_caches, stacks, strict=True):
                 lora = None if slots is None else LoraBatch(st, slots, segments)
-                x, d, k, v = body(x, d, positions, w, k, v, attn, lora)
+                x, k, v = body(x, positions, w, k, v, attn, lora)
                 ks.append(k)
                 vs.append(v)
-            return add_residual(cfg, x, d), tuple(ks), tuple(vs)
+            return x, tuple(ks), tuple(vs)
 
         def post_fn(head, x, logits_indices):
             norm, w = head

@@ -20,8 +20,9 @@ from jalora.adapters.manager import AdapterStacks, LoraStack
 from jalora.model.config import ModelConfig
 from jalora.model.kernel_plan import KernelPlan
 from pallas_kernels.masked_lora import LoraSegments, masked_lora_add, masked_lora_onehot_flat
-from pallas_kernels.ragged_paged_attention import apply_rope, ragged_paged_attention, write_kv, write_kv_rope
+from pallas_kernels.ragged_paged_attention import apply_rope, ragged_paged_attention, write_kv_rope
 from pallas_kernels.rms_norm import add_rms_norm
+from pallas_kernels.rms_norm import rms_norm_reference as rms_norm
 
 
 class AttentionMetadata(NamedTuple):
@@ -55,12 +56,6 @@ def masked_lora_fn(y, x, a, b, a_flat, lora: LoraBatch, plan: KernelPlan):
         raise ValueError("the one-hot LoRA form needs the flat A stack (the plan takes segments for every step)")
     delta = masked_lora_onehot_flat(x, a_flat, b, lora.token_slots)
     return (y.astype(jnp.float32) + delta).astype(y.dtype)
-
-
-def rms_norm(x, w, eps):
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (xf * w.astype(jnp.float32)).astype(x.dtype)
 
 
 def rope_inv_freq(cfg: ModelConfig):
@@ -139,15 +134,14 @@ class Decoder(nnx.Module):
         # optimizes, so the compiled step is the unrolled one.
         body = jax.jit(functools.partial(_layer, cfg, self.plan, tp_axis))
         new_caches = []
-        d = jnp.zeros_like(x)  # a layer's MLP output, added to x in the next norm's kernel
         for i in range(cfg.num_layers):
             stacks = None
             if lora is not None:
                 stacks = LoraBatch(layer_stacks(lora.stacks, i), lora.token_slots, lora.segments)
-            x, d, k_cache, v_cache = body(x, d, positions, inv_freq, self.layer_weights(i), kv_caches[i][0],
-                                          kv_caches[i][1], attn, stacks)  # fmt: skip
+            x, k_cache, v_cache = body(x, positions, inv_freq, self.layer_weights(i), kv_caches[i][0],
+                                       kv_caches[i][1], attn, stacks)  # fmt: skip
             new_caches.append((k_cache, v_cache))
-        return add_norm(cfg, self.plan, x, d, self.norm[...])[1], new_caches
+        return rms_norm(x, self.norm[...], cfg.rms_norm_eps), new_caches
 
     def layer_weights(self, i: int) -> dict:
         """Layer `i`'s arrays by DecoderLayer's names (None where a bias is absent)."""
@@ -186,38 +180,20 @@ def layer_stacks(stacks: AdapterStacks, i: int) -> AdapterStacks:
     return {g: LoraStack(st.a[i], st.b[i], None if st.a_flat is None else st.a_flat[i]) for g, st in stacks.items()}
 
 
-def decoder_layer(cfg: ModelConfig, plan: KernelPlan, x, d, positions, w, k_cache, v_cache, attn, lora):
+def decoder_layer(cfg: ModelConfig, plan: KernelPlan, x, positions, w, k_cache, v_cache, attn, lora):
     """One layer of an unsharded decoder as a function of its own arrays (`w`: `Decoder.layer_weights`;
-    `lora`: None or a LoraBatch of the layer's stacks). `x` and `d` are the residual stream and the
-    previous layer's MLP output not yet added to it (zeros before the first layer: one traced body for
-    all layers); returns (x, d, new k_cache, new v_cache) of the same form, so the add lands in the next
-    norm's kernel (`add_residual` adds the last layer's d)."""
-    return _layer(cfg, plan, None, x, d, positions, rope_inv_freq(cfg), w, k_cache, v_cache, attn, lora)
-
-
-def add_norm(cfg: ModelConfig, plan: KernelPlan, x, d, w):
-    """(x + d * residual_multiplier, its RMSNorm with weight `w`). With `plan.norm == "gpu"`, one kernel
-    (`pallas_kernels.rms_norm.add_rms_norm`); else XLA's ops (which fold a d of zeros away)."""
-    if plan.norm == "reference":
-        x = add_residual(cfg, x, d)
-        return x, rms_norm(x, w, cfg.rms_norm_eps)
-    return add_rms_norm(x, d, w, eps=cfg.rms_norm_eps, residual_multiplier=cfg.residual_multiplier,
-                        impl=plan.norm, interpret=plan.interpret_arg(plan.norm))  # fmt: skip
-
-
-def add_residual(cfg: ModelConfig, x, d):
-    """x + d * residual_multiplier."""
-    return x + d * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + d
+    `lora`: None or a LoraBatch of the layer's stacks): (x after it, new k_cache, new v_cache)."""
+    return _layer(cfg, plan, None, x, positions, rope_inv_freq(cfg), w, k_cache, v_cache, attn, lora)
 
 
 _LAYER_PARAMS = ("input_norm", "w_qkv", "b_qkv", "w_o", "b_o", "post_norm", "w_gate_up", "b_gate_up", "w_down",
                  "b_down")  # fmt: skip (DecoderLayer's parameters)
 
 
-def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, d, positions, inv_freq, w, k_cache, v_cache, attn, lora):
-    """One decoder layer: (x, d, new k_cache, new v_cache), the residual stream and the MLP output still
-    to add to it (`decoder_layer`). `w` holds the layer's arrays by DecoderLayer's names (None where a
-    bias is absent); `lora` is None or a LoraBatch of this layer's slice of each stack."""
+def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, positions, inv_freq, w, k_cache, v_cache, attn, lora):
+    """One decoder layer: (x after it, new k_cache, new v_cache). `w` holds the layer's arrays by
+    DecoderLayer's names (None where a bias is absent); `lora` is None or a LoraBatch of this layer's
+    slice of each stack."""
     t = x.shape[0]
 
     def proj(h, name, group):
@@ -238,17 +214,14 @@ def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, d, positions, inv_fre
                 y = (y.astype(jnp.float32) + b.astype(jnp.float32)).astype(h.dtype)
         return y
 
-    x, h = add_norm(cfg, plan, x, d, w["input_norm"])
+    h = rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
     qkv = proj(h, "qkv", "qkv")
     q = qkv[:, : cfg.q_size].reshape(t, cfg.num_heads, cfg.head_dim)
-    k = qkv[:, cfg.q_size : cfg.q_size + cfg.kv_size].reshape(t, cfg.num_kv_heads, cfg.head_dim)
-    v = qkv[:, cfg.q_size + cfg.kv_size :].reshape(t, cfg.num_kv_heads, cfg.head_dim)
     q = apply_rope(q, positions, inv_freq)
-    if plan.attention == "gpu" and plan.attention_tuning.kv_write_kernel:  # rotate + write: one launch
-        k_cache, v_cache = write_kv_rope(k_cache, v_cache, qkv, positions, inv_freq, attn.slot_mapping,
-                                         q_size=cfg.q_size, impl="gpu", interpret=plan.interpret_arg("gpu"))
-    else:
-        k_cache, v_cache = write_kv(k_cache, v_cache, apply_rope(k, positions, inv_freq), v, attn.slot_mapping)
+    # The keys rotated and K/V written from the fused projection: one launch with the GPU kernel.
+    write = "gpu" if plan.attention == "gpu" and plan.attention_tuning.kv_write_kernel else "reference"
+    k_cache, v_cache = write_kv_rope(k_cache, v_cache, qkv, positions, inv_freq, attn.slot_mapping, q_size=cfg.q_size,
+                                     impl=write, interpret=plan.interpret_arg(write))
     o = ragged_paged_attention(
         q,
         k_cache,
@@ -265,11 +238,14 @@ def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, d, positions, inv_fre
         long_context=attn.long_context is not None,
     )
     o = proj(o.reshape(t, cfg.q_size), "o", "o")
-    x, h = add_norm(cfg, plan, x, o, w["post_norm"])
+    x, h = add_rms_norm(x, o, w["post_norm"], eps=cfg.rms_norm_eps, residual_multiplier=cfg.residual_multiplier,
+                        impl=plan.norm, interpret=plan.interpret_arg(plan.norm))  # (one kernel with norm_impl="gpu")
     gu = proj(h, "gate_up", "gate_up")
     f = cfg.intermediate_size
     m = (jax.nn.silu(gu[:, :f].astype(jnp.float32)) * gu[:, f:].astype(jnp.float32)).astype(h.dtype)
-    return x, proj(m, "down", "down"), k_cache, v_cache
+    d = proj(m, "down", "down")
+    x = x + d * cfg.residual_multiplier if cfg.residual_multiplier != 1.0 else x + d
+    return x, k_cache, v_cache
 
 
 def _vocab_parallel_embed(embed, token_ids, axis):

@@ -3,9 +3,9 @@ differentiable arguments, applied to the tokens at or after each row's activatio
 
 Serving runs `Decoder.__call__` over a paged KV cache; training needs whole sequences, causal
 attention over them and gradients, so this module walks the same `Decoder` parameters with the same
-building blocks (`rms_norm`, `rope_inv_freq`, `apply_rope`, `Decoder.logits` from decoder.py) and the
-same fused projections, in the same order, but with dense causal attention. The parity tests compare
-it with transformers + PEFT on the loss and the LoRA gradients.
+building blocks (`rms_norm`, `rope_inv_freq`, `Decoder.logits` from decoder.py, `apply_rope` from the
+kernels' reference) and the same fused projections, in the same order, but with dense causal attention.
+The parity tests compare it with transformers + PEFT on the loss and the LoRA gradients.
 
 LoRA weights are kept in PEFT's layout, stacked over layers: `{module: {"A": [L, r, in], "B": [L, out,
 r]}}` in float32, so gradients and the exported file are PEFT's tensors.
@@ -22,7 +22,8 @@ from flax import nnx
 
 from jalora.adapters.peft import GROUPS, MODULE_GROUP, module_dims
 from jalora.model.config import ModelConfig
-from jalora.model.decoder import Decoder, apply_rope, rms_norm, rope_inv_freq
+from jalora.model.decoder import Decoder, rms_norm, rope_inv_freq
+from pallas_kernels.ragged_paged_attention import apply_rope
 
 # projection group -> the layer's fused weight and bias (decoder.py)
 GROUP_WEIGHTS = {"qkv": ("w_qkv", "b_qkv"), "o": ("w_o", "b_o"), "gate_up": ("w_gate_up", "b_gate_up"),

@@ -7,7 +7,11 @@ The kernels' tuning is a record per device kind (`tuning.py`), passed as `tuning
 """
 
 from pallas_kernels.platform import kernel_platform
-from pallas_kernels.ragged_paged_attention.common import validate_inputs, validate_write_inputs
+from pallas_kernels.ragged_paged_attention.common import (
+    validate_inputs,
+    validate_write_inputs,
+    validate_write_rope_inputs,
+)
 from pallas_kernels.ragged_paged_attention.reference import (
     apply_rope,
     ragged_paged_attention_reference,
@@ -105,8 +109,13 @@ def write_kv_rope(
     interpret=False,
 ):
     """The step's keys rotated (RoPE, rotate-half) and its values, from the fused projection, into the
-    paged caches; returns (k_pages, v_pages). impl "gpu": one Pallas launch (`gpu.write_kv_rope_gpu`);
-    "reference": XLA (`write_kv_rope_reference`)."""
+    paged caches; returns (k_pages, v_pages). impl "gpu": one Pallas launch (`gpu.write_kv_rope_gpu`;
+    off a GPU only with `interpret`); "reference": XLA (`write_kv_rope_reference`)."""
+    validate_write_rope_inputs(k_pages, v_pages, qkv, positions, inv_freq, slot_mapping, q_size=q_size)
+    if impl not in ("reference", "gpu"):
+        raise ValueError(f"impl must be 'reference' or 'gpu', got {impl!r}")
+    if impl == "gpu" and not interpret and default_impl() != "gpu":
+        raise ValueError(f"impl='gpu' cannot run on platform {default_impl()!r} without interpret")
     if impl == "gpu":
         from pallas_kernels.ragged_paged_attention.gpu import write_kv_rope_gpu
 

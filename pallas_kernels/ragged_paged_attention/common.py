@@ -75,6 +75,26 @@ def validate_write_inputs(
         raise ValueError(f"slot_mapping must be i32[T], got {slot_mapping.dtype}{list(slot_mapping.shape)}")
 
 
+def validate_write_rope_inputs(k_pages, v_pages, qkv, positions, inv_freq, slot_mapping, *, q_size):
+    """Static checks of `write_kv_rope`'s arguments; raises ValueError naming the offending argument."""
+    if k_pages.ndim != 4 or v_pages.shape != k_pages.shape or v_pages.dtype != k_pages.dtype:
+        raise ValueError(f"k_pages/v_pages must both be [num_blocks, block_size, Hkv, D] of one dtype, got "
+                         f"{k_pages.dtype}{list(k_pages.shape)} and {v_pages.dtype}{list(v_pages.shape)}")
+    _, _, h, d = k_pages.shape
+    if d % 2:
+        raise ValueError(f"k_pages head_dim must be even (rotate-half RoPE), got {d}")
+    if not isinstance(q_size, int) or isinstance(q_size, bool) or q_size < 0:
+        raise ValueError(f"q_size must be an int >= 0, got {q_size!r}")
+    if qkv.ndim != 2 or qkv.shape[1] != q_size + 2 * h * d:
+        raise ValueError(f"qkv must be [T, q_size + 2 * Hkv * D] = [T, {q_size + 2 * h * d}], got {list(qkv.shape)}")
+    t = qkv.shape[0]
+    for name, x in (("positions", positions), ("slot_mapping", slot_mapping)):
+        if x.shape != (t,) or x.dtype != jnp.int32:
+            raise ValueError(f"{name} must be i32[{t}], got {x.dtype}{list(x.shape)}")
+    if inv_freq.shape != (d // 2,) or inv_freq.dtype != jnp.float32:
+        raise ValueError(f"inv_freq must be f32[{d // 2}], got {inv_freq.dtype}{list(inv_freq.shape)}")
+
+
 def q_block_metadata(
     kv_lens,  # i32[S]
     cu_q_lens,  # i32[S + 1]

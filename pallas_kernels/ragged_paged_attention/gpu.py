@@ -44,6 +44,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.ragged_paged_attention.common import (
     q_block_metadata,
     validate_inputs,
+    validate_write_rope_inputs,
     zero_padding_rows,
 )
 from pallas_kernels.ragged_paged_attention.tuning import GpuAttentionTuning, gpu_attention_tuning
@@ -287,17 +288,14 @@ def write_kv_rope_gpu(
     interpret: bool = False,
 ):
     """Rotate this step's keys (RoPE, rotate-half) and write them and the values into the paged caches in
-    one launch, reading both from the fused q/k/v projection: XLA's form materialises the rotated keys and
-    the value slice and scatters each (four launches a layer). A program per token row; the caches are
+    one launch, reading both from the fused q/k/v projection, where XLA runs two scatters (the key RoPE
+    fused into one of them). A program per token row; the caches are
     aliased to the outputs (in place when donated). Same result as `write_kv_rope_reference` up to the
     device's cos/sin (a rotated key may differ by one ulp of its dtype)."""
     nb, bs, hkv, d = k_pages.shape
     t = qkv.shape[0]
     width = hkv * d
-    if qkv.ndim != 2 or qkv.shape[1] != q_size + 2 * width:
-        raise ValueError(f"qkv must be [T, q_size + 2 * Hkv * D] = [T, {q_size + 2 * width}], got {qkv.shape}")
-    if inv_freq.shape != (d // 2,):
-        raise ValueError(f"inv_freq must be f32[{d // 2}], got {inv_freq.shape}")
+    validate_write_rope_inputs(k_pages, v_pages, qkv, positions, inv_freq, slot_mapping, q_size=q_size)
     flat = jax.ShapeDtypeStruct((nb * bs, width), k_pages.dtype)
     kernel = functools.partial(_write_kv_kernel, k_offset=q_size, v_offset=q_size + width, num_kv_heads=hkv,
                                head_dim=d)  # fmt: skip

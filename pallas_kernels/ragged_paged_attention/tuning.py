@@ -6,7 +6,9 @@ argument of a jitted caller. Explicit per-call knobs of the kernels (block_m, nu
 override the record.
 
 Measured on one H200 (JAX 0.11.2, bf16, Hq 32 / Hkv 8, D 128, block_size 16); the H100 shares the
-H200's SM count and entry. Any other device gets the same values (`DEFAULT_*`), unmeasured there.
+H200's SM count and entry. The one-launch split merge and K/V write (combine_*, kv_write_kernel) were
+measured at batch-1 decode on an H100 only (their first versions on the H200), batch 64 and prefill
+steps not at all. Any other device gets the same values (`DEFAULT_*`), unmeasured there.
 """
 
 import dataclasses
@@ -49,15 +51,15 @@ class GpuAttentionTuning:
     # Merge the kv splits' partials in one Pallas launch of `combine_block_rows` x `combine_block_cols`
     # programs (`combine_splits`) instead of XLA's combine (its reductions and the padding-row select). One
     # H100 call, batch-1 decode (bench/results/profile_step_b1*_onelaunch2*_h100.json): 165 us a step against
-    # XLA's 169 us at 1k (16 splits), 369 us against ~540 us at 64k (the 64-split long grid). A first
+    # XLA's 169 us at 1k (16 splits), 369 us against ~455 us at 64k (the 64-split long grid). A first
     # version looping over the splits took 303 us at 1k on the H200 (profile_step_b1_onelaunch_h200.json).
     combine_kernel: bool = True
     combine_block_rows: int = 16
     combine_block_cols: int = 64
     combine_num_warps: int = 4
     # The decoder rotates the keys and writes K and V into the caches in one Pallas launch reading the
-    # fused q/k/v projection (`write_kv_rope_gpu`) instead of XLA's key RoPE and two scatters: same H100
-    # call, 121 us a step against 174 us of scatters, the keys bit-equal. (Writing already split K and V
+    # fused q/k/v projection (`write_kv_rope_gpu`) instead of XLA's two scatters (the key RoPE fused into
+    # one): same H100 call, 121 us a step against 174 us, the keys bit-equal. (Writing already split K and V
     # in one launch saved nothing: XLA then materialised the rotated keys and the value slice, two
     # launches; H200, profile_step_b1_onelaunch_h200.json.) With both: the batch-1 step's device time
     # 6.86 -> 6.81 ms at 1k, 10.67 -> 10.52 ms at 64k, 682 -> 607 launches.

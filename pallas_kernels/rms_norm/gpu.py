@@ -9,7 +9,7 @@ Rounding follows the jnp code exactly: the multiplier is taken in x's dtype (a w
 float), `y * m` is rounded to x's dtype, then the add is rounded to x's dtype; the norm reads that
 rounded x_new. Each op is done in float32 and rounded once, which gives the dtype's own correctly
 rounded result for bf16/f16 inputs (the product of two such values is exact in f32, and a sum
-rounded to f32 then to bf16/f16 is the correctly rounded sum: f32 has more than 2p + 2 bits), so
+rounded to f32 then to bf16/f16 is the correctly rounded sum: an add needs 2p + 1 bits, f32 has 24), so
 x_new matches jnp bit for bit. h differs from the reference by the order of the f32 reduction only.
 (XLA itself may not: under jit on CPU, JAX 0.10.2, `xla_allow_excess_precision` drops the bf16
 round trip of the sum, so the jitted jnp code normalises the unrounded sum, one bf16 ulp off in about

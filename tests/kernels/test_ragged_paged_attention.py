@@ -216,7 +216,8 @@ def test_write_kv_skips_padding_slots():
 def test_write_kv_rope_kernel_equals_the_reference(hkv, d, dtype):
     """The one-launch kernel (interpret mode) rotates the keys of the fused projection and writes them and
     the values where the reference does, and nothing else: a row of Hkv * D = 48 columns (not a power of
-    two), a bf16 cache, padding slots, positions far from 0 (the rotation matters)."""
+    two), a bf16 cache, a padding slot (-1 must not land on the last row or on row 0, which no token
+    writes), positions far from 0 (the rotation matters)."""
     rng = np.random.default_rng(0)
     t, q_size = 4, 2 * hkv * d
     k_pages = jnp.asarray(rng.standard_normal((3, 4, hkv, d)), dtype)
@@ -224,20 +225,35 @@ def test_write_kv_rope_kernel_equals_the_reference(hkv, d, dtype):
     qkv = jnp.asarray(rng.standard_normal((t, q_size + 2 * hkv * d)), dtype)
     positions = jnp.array([7, 0, 1000, 33], jnp.int32)
     inv_freq = 1.0 / (10000.0 ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-    slots = jnp.array([5, -1, 11, 0], jnp.int32)
+    slots = jnp.array([5, -1, 6, 2], jnp.int32)
     kernel = functools.partial(write_kv_rope, q_size=q_size, impl="gpu", interpret=True)
     nk, nv = jax.jit(kernel, donate_argnums=(0, 1))(k_pages + 0, v_pages + 0, qkv, positions, inv_freq, slots)
     rk, rv = write_kv_rope_reference(k_pages, v_pages, qkv, positions, inv_freq, slots, q_size=q_size)
     tol = 1e-6 if dtype == jnp.float32 else 1e-2  # cos/sin of the kernel's lowering: one ulp of the cache
     np.testing.assert_allclose(np.asarray(nk, np.float32), np.asarray(rk, np.float32), rtol=tol, atol=tol)
     np.testing.assert_array_equal(nv, rv)
-    np.testing.assert_array_equal(nv[2, 3], qkv[2, q_size + hkv * d:].reshape(hkv, d))
-    assert not np.allclose(np.asarray(nk[2, 3], np.float32),
+    np.testing.assert_array_equal(nv[1, 2], qkv[2, q_size + hkv * d:].reshape(hkv, d))
+    assert not np.allclose(np.asarray(nk[1, 2], np.float32),
                            np.asarray(qkv[2, q_size:q_size + hkv * d].reshape(hkv, d), np.float32), atol=0.1)
     untouched = np.ones(12, bool)
-    untouched[[5, 11, 0]] = False
-    np.testing.assert_array_equal(np.asarray(nk).reshape(12, hkv, d)[untouched],
-                                  np.asarray(k_pages).reshape(12, hkv, d)[untouched])  # fmt: skip
+    untouched[[5, 6, 2]] = False
+    assert untouched[0] and untouched[11]
+    for new, old in ((nk, k_pages), (nv, v_pages)):
+        np.testing.assert_array_equal(np.asarray(new).reshape(12, hkv, d)[untouched],
+                                      np.asarray(old).reshape(12, hkv, d)[untouched])  # fmt: skip
+
+
+def test_write_kv_rope_refuses_bad_arguments_by_name():
+    k = jnp.zeros((3, 4, 2, 16), jnp.float32)
+    qkv = jnp.zeros((4, 32 + 64), jnp.float32)
+    pos, slots, inv = jnp.zeros(4, jnp.int32), jnp.zeros(4, jnp.int32), jnp.zeros(8, jnp.float32)
+    for kw, field in ((dict(qkv=qkv[:, 1:]), "qkv"), (dict(positions=pos[:3]), "positions"),
+                      (dict(slot_mapping=slots.astype(jnp.float32)), "slot_mapping"),
+                      (dict(inv_freq=inv[:4]), "inv_freq"), (dict(impl="tpu"), "impl"),
+                      (dict(impl="gpu", interpret=False), "impl='gpu'")):  # fmt: skip
+        args = dict(k_pages=k, v_pages=k, qkv=qkv, positions=pos, inv_freq=inv, slot_mapping=slots) | kw
+        with pytest.raises(ValueError, match=field):
+            write_kv_rope(**args, q_size=32)
 
 
 def test_decode_split_rule():
