@@ -115,12 +115,15 @@ def test_pallas_kernels_run_per_shard(models, tiny_models, tmp_path, impl):
     """The Pallas attention and masked-LoRA kernels (interpret mode) inside the sharded step: the same
     tokens and logprobs as the single-device reference path. A prefill long enough for the segment
     kernel, an aLoRA judge and decode steps (the one-hot form on GPU-sized steps). The GPU attention
-    kernel needs head_dim >= 16: the 4-head model."""
+    kernel needs head_dim >= 16: the 4-head model. (Each device's fused q/k/v columns are [q | k | v], as
+    the GPU K/V write kernel reads them.)"""
     base, alora, _ = models["llama"]
     if impl == "gpu":
         base = tiny_models["llama"]
         alora = hf_models.make_adapter(base, str(tmp_path / "alora"), hf_models.ALL_PROJ, r=8, invocation=INV, seed=2)
     kernels = dict(attention_impl=impl, lora_impl=impl, kernel_interpret=True)
+    if impl == "gpu":  # also the fused add + RMSNorm; the K/V write and split merge kernels are the defaults
+        kernels["norm_impl"] = "gpu"
     question = prompt(8, 14)
     outs = []
     for tp, extra in ((1, {}), (2, kernels)):
