@@ -162,12 +162,17 @@ def command_line(module: str, argv: list[str] | None = None) -> str:
 def run_metadata(module: str, argv: list[str] | None = None) -> dict:
     """Device, platform, JAX version, commit, command line and time of this run (every result file
     starts with these). `module` is the script's module name (`__spec__.name`), `argv` its arguments."""
+    from jalora.engine.executables import source_hash
+
     dev = jax.devices()[0]
     return {
         "device": getattr(dev, "device_kind", str(dev)),
         "platform": dev.platform,
         "jax_version": jax.__version__,
         "commit": commit(),
+        # sha256 of the jalora and pallas_kernels sources that ran: it names the tree even where the
+        # commit above is stale (the device copy's .git), by comparison with source_hash() at a commit.
+        "source_sha256": source_hash(),
         "command": command_line(module, argv),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
