@@ -218,10 +218,8 @@ def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, positions, inv_freq, 
     qkv = proj(h, "qkv", "qkv")
     q = qkv[:, : cfg.q_size].reshape(t, cfg.num_heads, cfg.head_dim)
     q = apply_rope(q, positions, inv_freq)
-    # The keys rotated and K/V written from the fused projection: one launch with the GPU kernel.
-    write = "gpu" if plan.attention == "gpu" and plan.attention_tuning.kv_write_kernel else "reference"
     k_cache, v_cache = write_kv_rope(k_cache, v_cache, qkv, positions, inv_freq, attn.slot_mapping, q_size=cfg.q_size,
-                                     impl=write, interpret=plan.interpret_arg(write))
+                                     impl=plan.kv_write, interpret=plan.interpret_arg(plan.kv_write))
     o = ragged_paged_attention(
         q,
         k_cache,

@@ -87,6 +87,12 @@ class KernelPlan:
 
         return wants_long_grid(self.attention_tuning, num_seqs, num_kv_heads, max_kv_len)
 
+    @property
+    def kv_write(self) -> str:
+        """The impl that rotates the keys and writes K/V into the cache (`write_kv_rope`): "gpu" (one
+        kernel) where the GPU attention kernel runs and its tuning asks for it, else "reference"."""
+        return "gpu" if self.attention == "gpu" and self.attention_tuning.kv_write_kernel else "reference"
+
     def interpret_arg(self, impl: str):
         """The `interpret` argument of a Pallas call for kernel `impl`."""
         if not self.interpret or impl == "reference":

@@ -44,7 +44,6 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.ragged_paged_attention.common import (
     q_block_metadata,
     validate_inputs,
-    validate_write_rope_inputs,
     zero_padding_rows,
 )
 from pallas_kernels.ragged_paged_attention.tuning import GpuAttentionTuning, gpu_attention_tuning
@@ -291,11 +290,11 @@ def write_kv_rope_gpu(
     one launch, reading both from the fused q/k/v projection, where XLA runs two scatters (the key RoPE
     fused into one of them). A program per token row; the caches are
     aliased to the outputs (in place when donated). Same result as `write_kv_rope_reference` up to the
-    device's cos/sin (a rotated key may differ by one ulp of its dtype)."""
+    device's cos/sin (a rotated key may differ by one ulp of its dtype). Called through `write_kv_rope`,
+    which has checked the arguments (`validate_write_rope_inputs`)."""
     nb, bs, hkv, d = k_pages.shape
     t = qkv.shape[0]
     width = hkv * d
-    validate_write_rope_inputs(k_pages, v_pages, qkv, positions, inv_freq, slot_mapping, q_size=q_size)
     flat = jax.ShapeDtypeStruct((nb * bs, width), k_pages.dtype)
     kernel = functools.partial(_write_kv_kernel, k_offset=q_size, v_offset=q_size + width, num_kv_heads=hkv,
                                head_dim=d)  # fmt: skip
@@ -307,8 +306,7 @@ def write_kv_rope_gpu(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="write_kv",
-    )(slot_mapping, positions.astype(jnp.int32), inv_freq.astype(jnp.float32), qkv,
-      k_pages.reshape(nb * bs, width), v_pages.reshape(nb * bs, width))  # fmt: skip
+    )(slot_mapping, positions, inv_freq, qkv, k_pages.reshape(nb * bs, width), v_pages.reshape(nb * bs, width))
     return k_new.reshape(nb, bs, hkv, d), v_new.reshape(nb, bs, hkv, d)
 
 
