@@ -141,6 +141,10 @@ def pipeline_bench_tables(r: dict) -> list[str]:
             out.append(f"| {x['prompt_len']} | {x['kind']} | {j['prompt_tokens']} | {j['cached_tokens']} | "
                        f"{j['hit_rate']:.0%} | {ms(j['queue_s'])} | {ms(j['prefill_s'])} | {ms(j['decode_s'])} | "
                        f"{ms(j['ttft_s'])} | {ms(j['e2e_s'])} | {ms(x['pipeline_s'])} |")  # fmt: skip
+        late = [x for x in a["rows"] if x.get("compilations")]
+        if late:  # (rows of a run that recorded them; a compile while serving is in that row's times)
+            out += ["", "Compiled while serving (in these rows' times): " + ", ".join(
+                f"{x['prompt_len']} {x['kind']}: {x['compilations']} ({x['compile_s']:.1f} s)" for x in late)]
         out += [""] + pb_ratio_table(a["rows"], lambda x: x["judge"]["ttft_s"], lambda x: x["judge"]["e2e_s"],
                                   parts.get("Aconc"))  # fmt: skip
     if "Aconc" in parts:
