@@ -13,6 +13,11 @@
   (`jax.nn.dot_product_attention(implementation="cudnn")` on dense [1, N, H, D]) and the jnp
   reference (skipped where its [N, Hq, N] f32 scores would not fit).
 - variants: a few tiling choices of our kernel, so the defaults are picked with numbers.
+- split: the engine's route for one sequence's prefill chunk (`split_prefill_attention`, cuDNN's flash
+  attention over the prefix and over the chunk's own keys, merged; `--smoke`: its jnp form) on the same
+  inputs, and chunks: the engine's shape, one chunk of 256 / 2048 / 8192 rows after a prefix of up to 62k
+  keys in a cache of `--cache-tokens` (FLOPs = 4 * n * (prefix + n / 2) * Hq * D), kernel vs split, outputs
+  compared.
 
 Each timing is the median of 5 runs of a jitted loop of `iters` dependent calls (the next call's
 q = q + 0 * out, so nothing is hoisted), per call. Writes JSON (default bench/results/attention.json;
@@ -30,7 +35,7 @@ import numpy as np
 
 from bench.harness import copy_bandwidth, result_path, run_metadata, save
 from bench.report import attention_stdout
-from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, split_prefill_attention
 from pallas_kernels.ragged_paged_attention.reference import ragged_paged_attention_reference
 
 HQ, HKV, D = 32, 8, 128
@@ -82,6 +87,18 @@ def kernel_fn(interpret=False, tuning=None, **knobs):
     overrides; interpret=True runs it on CPU (--smoke)."""
     return lambda q, *rest: ragged_paged_attention(q, *rest, sm_scale=SM_SCALE, impl="gpu", interpret=interpret,
                                                    tuning=tuning, **knobs)  # fmt: skip
+
+
+def split_fn(interpret=False):
+    """The split prefill route as fn(q, *rest, slot_mapping): cuDNN on a GPU, its jnp form in a smoke run."""
+    impl = "reference" if interpret else "cudnn"
+    return lambda q, *rest: split_prefill_attention(q, *rest, sm_scale=SM_SCALE, impl=impl)
+
+
+def chunk_slots(pages, p0: int, n: int, bs: int):
+    """The flat cache slots of context positions [p0, p0 + n) of a sequence whose blocks are `pages`."""
+    pos = p0 + jnp.arange(n)
+    return pages[pos // bs] * bs + pos % bs
 
 
 def rel_err(a, b):
@@ -147,6 +164,17 @@ def run_prefill(results, n, bs, iters, variants, interpret=False):
         row.update(kernel_best=best[0], kernel_ms=best[2] * 1e3, kernel_tflops=best[1])
         if "cudnn_tflops" in row:
             row["pct_cudnn"] = 100 * best[1] / row["cudnn_tflops"]
+    # The engine's split route on the same paged inputs (a chunk without a prefix: the self part does it all).
+    split_args = (*args, chunk_slots(args[4][0], 0, n, bs))
+    try:
+        t = bench_loop(split_fn(interpret), *split_args, iters=iters)
+        row.update(split_ms=t * 1e3, split_tflops=flops / t / 1e12)
+        if "cudnn_tflops" in row:
+            row["split_pct_cudnn"] = 100 * row["split_tflops"] / row["cudnn_tflops"]
+        got = jax.jit(split_fn(interpret))(*split_args)
+        row["split_rel_err_vs_cudnn"], row["split_max_abs_vs_cudnn"] = rel_err(got, jax.jit(cudnn)(q, k_dense, v_dense))
+    except Exception as e:
+        row["split_error"] = f"{type(e).__name__}: {e}"[:500]
     # Correctness on the device: kernel (default tiling) against cuDNN on the same inputs.
     try:
         out = jax.jit(kernel_fn(interpret))(*args)
@@ -166,6 +194,41 @@ def run_prefill(results, n, bs, iters, variants, interpret=False):
         row["reference_skipped"] = "f32 scores [N, Hq, N] would not fit in HBM"
     print("prefill", row, flush=True)
     results["prefill"].append(row)
+
+
+def run_chunks(results, chunks, cache_tokens, bs, iters, interpret=False):
+    """One sequence's chunk of n rows after a prefix of p0 keys for each (n, p0) of `chunks`, its blocks
+    scattered in a cache of cache_tokens (cuDNN's paged layout reads a page table as long as the cache): kernel
+    vs split route, same inputs."""
+    nblk = max(-(-cache_tokens // bs), max(-(-(p0 + n) // bs) for n, p0 in chunks))
+    kk, kv, kq, kp = jax.random.split(jax.random.key(4), 4)
+    k_pages = jax.random.normal(kk, (nblk, bs, HKV, D), DTYPE)
+    v_pages = jax.random.normal(kv, (nblk, bs, HKV, D), DTYPE)
+    for n, p0 in chunks:
+        q = jax.random.normal(kq, (n, HQ, D), DTYPE)
+        ctx = p0 + n
+        p = -(-ctx // bs)
+        pages = jax.random.permutation(kp, nblk)[:p].astype(jnp.int32).reshape(1, p)
+        args = (q, k_pages, v_pages, jnp.array([ctx], jnp.int32), pages, jnp.array([0, n], jnp.int32),
+                jnp.int32(1))  # fmt: skip
+        flops = 4 * n * (p0 + n / 2) * HQ * D
+        row = dict(rows=n, prefix=p0, cache_blocks=nblk, flops=flops)
+        for name, fn, a in (("kernel", kernel_fn(interpret), args),
+                            ("split", split_fn(interpret), (*args, chunk_slots(pages[0], p0, n, bs)))):
+            try:
+                t = bench_loop(fn, *a, iters=iters)
+                row.update({f"{name}_ms": t * 1e3, f"{name}_tflops": flops / t / 1e12})
+                row[f"{name}_out"] = jax.jit(fn)(*a)
+            except Exception as e:
+                row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:500]
+        if "kernel_out" in row and "split_out" in row:
+            err = rel_err(row["split_out"], row["kernel_out"])
+            row["split_rel_err_vs_kernel"], row["split_max_abs_vs_kernel"] = err
+        row.pop("kernel_out", None), row.pop("split_out", None)
+        if "kernel_ms" in row and "split_ms" in row:
+            row["speedup"] = row["kernel_ms"] / row["split_ms"]
+        print("chunk", row, flush=True)
+        results.setdefault("chunks", []).append(row)
 
 
 def check_mixed(results, interpret=False):
@@ -202,6 +265,8 @@ def main(argv=None) -> dict:
                     "attention.json (--smoke: under /tmp)")  # fmt: skip
     ap.add_argument("--skip-variants", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode, CPU")
+    ap.add_argument("--prefill-only", action="store_true", help="skip the decode shapes and their variants")
+    ap.add_argument("--cache-tokens", type=int, default=1 << 19, help="KV cache of the chunk rows (tokens)")
     args = ap.parse_args(argv)
     interpret = args.smoke
     path = result_path(args.out, "attention.json", smoke=args.smoke)
@@ -228,10 +293,11 @@ def main(argv=None) -> dict:
         batches, ctxs = [8, 64], [4096, 16384]
     else:
         batches, ctxs = [1, 8, 32, 128, 256], [1024, 4096, 16384, 65536]
-    run_decode(results, copy_gbs, batches, ctxs, bs=16, max_tokens=4 << 20, iters=2 if args.smoke else 20,
-               interpret=interpret)
+    if not args.prefill_only:
+        run_decode(results, copy_gbs, batches, ctxs, bs=16, max_tokens=4 << 20, iters=2 if args.smoke else 20,
+                   interpret=interpret)
     save(path, results)
-    if not args.skip_variants:
+    if not args.skip_variants and not args.prefill_only:
         sweep = [dict(block_k=128), dict(num_stages=2)]
         for b, c, knob_sets in [(2, 128, sweep)] if args.smoke else [(8, 4096, sweep), (8, 16384, sweep)]:
             args_d = paged_inputs(jax.random.key(3), b, 1, c, 16)
@@ -257,6 +323,12 @@ def main(argv=None) -> dict:
     best8k = results["prefill"][-1].get("kernel_best", "default")
     best = variants[[(",".join(f"{k}={v}" for k, v in t.items()) or "default") for t in variants].index(best8k)]
     run_prefill(results, n2, 16, iters=1 if args.smoke else 3, variants=[best], interpret=interpret)
+    save(path, results)
+    if args.smoke:
+        run_chunks(results, [(64, 0), (64, 48)], 512, 16, iters=1, interpret=interpret)
+    else:
+        chunks = [(256, 0), (256, 14336), (2048, 0), (2048, 14336), (2048, 63488), (8192, 0), (8192, 57344)]
+        run_chunks(results, chunks, args.cache_tokens, 16, iters=10)
     results["copy_gbs_at_end"] = copy_ceiling(args.smoke)
     results["wall_s"] = time.time() - t_start
     save(path, results)

@@ -304,7 +304,8 @@ class Bench:
                        max_num_batched_tokens=sz["max_num_batched_tokens"], max_model_len=self.max_len,
                        num_kv_blocks=sz["num_kv_blocks"], max_loras=2 * NUM_JUDGES, max_lora_rank=32,
                        tensor_parallel_size=args.tensor_parallel_size, warmup=False,
-                       host_kv_cache_gb=args.c_host_kv_gb, compile_cache=args.compile_cache or None)  # fmt: skip
+                       host_kv_cache_gb=args.c_host_kv_gb, compile_cache=args.compile_cache or None,
+                       prefill_attention_impl=args.prefill_attention_impl)  # fmt: skip
         self.engine = self.llm.engine
         self.engine.block_manager.host_tier = None  # attached for part C's tier-on runs only (c_runs)
         self.counters = EngineCounters(self.engine)
@@ -808,6 +809,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--num-kv-blocks", type=int, help="default: from device memory (GPU), 512 (--quick)")
     ap.add_argument("--compile-cache", default=os.path.join(tempfile.gettempdir(), "jalora-jax-cache"),
                     help="JAX persistent compilation cache, EngineConfig.compile_cache ('' to disable)")  # fmt: skip
+    ap.add_argument("--prefill-attention-impl", choices=("kernel", "cudnn", "reference"), default=None,
+                    help="EngineConfig.prefill_attention_impl (one sequence's prefill chunks; default: the engine's)")
     ap.add_argument("--no-warmup", action="store_true",
                     help="skip compiling every bucket up front (then the first measurements include compilation)")
     ap.add_argument("--tp-passes", type=int, default=1,
@@ -886,7 +889,8 @@ def main(argv=None) -> dict:
     bench = Bench(args, sz, cfg)
     if not args.no_warmup:
         bench.warm()
-    common = {"warmup_s": bench.warmup_s, "kv_tokens": bench.kv_tokens(), "max_model_len": bench.engine.max_model_len}
+    common = {"warmup_s": bench.warmup_s, "kv_tokens": bench.kv_tokens(), "max_model_len": bench.engine.max_model_len,
+              "prefill_attention": bench.engine.runner.plan.prefill}
 
     def flush() -> dict:
         """Saves what is measured so far: a run cut short by a time limit keeps its finished parts."""

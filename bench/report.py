@@ -831,13 +831,24 @@ def attention_stdout(r) -> list[str]:
         else:
             lines.append(f"| {row['batch']} | {row['context']} | - | - | "
                          f"{row.get('skipped') or row.get('error', '')[:60]} |")  # fmt: skip
-    lines += ["", "| prefill tokens | kernel TFLOP/s | cuDNN TFLOP/s | % of cuDNN | reference TFLOP/s |",
-              "| --- | --- | --- | --- | --- |"]  # fmt: skip
+    nan = float("nan")
+    lines += ["", "| prefill tokens | kernel TFLOP/s | cuDNN TFLOP/s | % of cuDNN | split route TFLOP/s | % of cuDNN | "
+              "reference TFLOP/s |", "| --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for row in r["prefill"]:
         ref = f"{row['reference_tflops']:.1f}" if "reference_tflops" in row else "skipped (OOM)"
-        lines.append(f"| {row['tokens']} | {row.get('kernel_tflops', float('nan')):.0f} | "
-                     f"{row.get('cudnn_tflops', float('nan')):.0f} | {row.get('pct_cudnn', float('nan')):.0f}% | "
+        lines.append(f"| {row['tokens']} | {row.get('kernel_tflops', nan):.0f} | "
+                     f"{row.get('cudnn_tflops', nan):.0f} | {row.get('pct_cudnn', nan):.0f}% | "
+                     f"{row.get('split_tflops', nan):.0f} | {row.get('split_pct_cudnn', nan):.0f}% | "
                      f"{ref} |")  # fmt: skip
+    if r.get("chunks"):
+        lines += ["", "| chunk rows | prefix | cache blocks | kernel ms | TFLOP/s | split ms | TFLOP/s | speed-up | "
+                  "rel. error vs kernel |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for row in r["chunks"]:
+            lines.append(f"| {row['rows']} | {row['prefix']} | {row['cache_blocks']} | "
+                         f"{row.get('kernel_ms', nan):.3f} | "
+                         f"{row.get('kernel_tflops', nan):.0f} | {row.get('split_ms', nan):.3f} | "
+                         f"{row.get('split_tflops', nan):.0f} | {row.get('speedup', nan):.2f}x | "
+                         f"{row.get('split_rel_err_vs_kernel', nan):.1e} |")  # fmt: skip
     return lines
 
 

@@ -82,6 +82,12 @@ class EngineConfig:
         None, "residual add + RMSNorm: 'gpu' fuses them in one Pallas kernel (default: 'reference', the jnp "
         "form XLA compiles, on every platform)", choices=("reference", "gpu")
     )
+    prefill_attention_impl: str | None = config_field(
+        None, "a step that is one sequence's prefill chunk (>= 256 rows): 'kernel' runs the attention kernel as "
+        "every step does; 'cudnn' runs cuDNN's flash attention, the chunk's prefix and its own keys apart, "
+        "merged (NVIDIA GPUs; models without a sliding window); 'reference' that split in jnp (tests) "
+        "(default: 'kernel')", choices=("kernel", "cudnn", "reference")
+    )
     lora_onehot_max_tokens: int | None = config_field(
         None, "steps of at most this many token rows take the one-hot LoRA matmuls instead of the kernel "
         "(default: the device's tuning table; 0 = always the kernel)"

@@ -10,7 +10,8 @@ step could skip that work instead, but XLA:GPU copies a conditional's predicate 
 for it (a stall of async scheduling every step), and on a CPU two conditionals cost ~40 us a step (12%
 of the tiny model's batch-1 decode). So each bucket has one step (two once an adapter is loaded:
 base-only and adapted; the smallest bucket one more of each where a long-context decode can happen,
-see `prepare`) plus the small functions, and the warm-up compiles all of them: no request
+and each large bucket one more of each where one sequence's prefill chunk runs split (see `prepare`)
+plus the small functions, and the warm-up compiles all of them: no request
 compiles on the engine thread while other streams wait. The KV cache
 is donated into the step and comes back updated in place; the adapter stacks come in as an argument
 (owned by the AdapterManager), so loading an adapter changes values, not the compiled step (unless it
@@ -203,6 +204,9 @@ class ModelRunner:
         self.long_decode = self.buckets[0] <= max_num_seqs and model.plan.long_decode(
             1, self._kv_heads, min(max_model_len, self._window_keys)
         )
+        # A large bucket whose last sequence is a prefill chunk may run it through split_prefill_attention
+        # (KernelPlan.split_prefill): one more variant of each such bucket.
+        self.split_prefill_buckets = [b for b in self.buckets if model.plan.split_prefill(b, b, cfg.sliding_window)]
         self.graphdef, state = nnx.split(model)
         # The parameters cross into the step as a flat list: flattening the nnx.State pytree on every
         # call cost ~0.6 ms of host time per step for 40 layers (bench/profile_step.py).
@@ -429,8 +433,12 @@ class ModelRunner:
         # pays (KernelPlan.long_decode); prefill chunks keep the bucket's grid.
         long = self.long_decode and t == self.buckets[0] and total == k
         long = long and self.plan.long_decode(k, self._kv_heads, min(int(kv_lens.max()), self._window_keys))
+        # The last sequence's prefill chunk in a large bucket: prefix and self attention apart (KernelPlan.
+        # split_prefill).
+        split = not long and k > 0 and self.plan.split_prefill(t, int(ns[k - 1]), self.cfg.sliding_window)
+        flag = np.ones(1, np.int32)
         attn = AttentionMetadata(slot_mapping, kv_lens, page_indices, cu, np.array([k], np.int32),
-                                 np.ones(1, np.int32) if long else None)  # fmt: skip
+                                 flag if long else None, flag if split else None)  # fmt: skip
         lora_slots, segments = None, None
         if (token_slots >= 0).any():  # base-only steps skip the LoRA path entirely (another compilation)
             lora_slots, segments = token_slots, self._lora_segments(token_slots)
@@ -750,6 +758,8 @@ class ModelRunner:
             steps = [(a or {}, self._warmup_step(t, a)) for a in kinds for t in self.buckets]
             if self.long_decode:  # (the smallest bucket's long-context variant)
                 steps += [(a or {}, self._warmup_step(self.buckets[0], a, long=True)) for a in kinds]
+            # (the large buckets' one-sequence prefill variants)
+            steps += [(a or {}, self._warmup_step(t, a, split=True)) for a in kinds for t in self.split_prefill_buckets]
             if self.layer_launches:
                 work = [(fn, [call]) for a, step in steps for fn, call in self._layer_compile_calls(step, a)]
             else:
@@ -804,12 +814,15 @@ class ModelRunner:
             prompt_lps.append(((self.params, hidden, step.inputs.prompt_targets), {}))
         return [(self._draw, draws), (self._top, tops), (self._prompt_lp, prompt_lps)]
 
-    def _warmup_step(self, t: int, adapters: AdapterStacks | None, long: bool = False) -> PreparedStep:
+    def _warmup_step(
+        self, t: int, adapters: AdapterStacks | None, long: bool = False, split: bool = False
+    ) -> PreparedStep:
         """A step of `t` padding rows: the shapes of any step of that bucket (adapted: every row in slot 0;
-        `long`: with the long-context attention grid)."""
+        `long`: with the long-context attention grid; `split`: as one sequence's prefill chunk, split)."""
         step = self.prepare(_WarmupBatch(t))
-        if long:
-            attn = step.inputs.attn._replace(long_context=np.ones(1, np.int32))
+        if long or split:
+            flag = np.ones(1, np.int32)
+            attn = step.inputs.attn._replace(long_context=flag if long else None, split_prefill=flag if split else None)
             step = dataclasses.replace(step, inputs=step.inputs._replace(attn=attn))
         if not adapters:
             return step
@@ -856,24 +869,30 @@ def _step_variant(args: tuple, static: dict) -> tuple:
 
 def _layer_variant(args: tuple, static: dict) -> tuple:
     """What picks a compiled variant of a layer group: its size, the step's rows, the adapter stacks'
-    shapes, whether (and how) the step adapts tokens and whether it runs the long-context attention grid."""
+    shapes, whether (and how) the step adapts tokens and its attention variant (long-context grid, split prefill)."""
     ws, x, stacks, (_, attn, slots, segments, _) = args[0], args[1], args[4], args[5]
     runs = None if segments is None else tuple(s.shape for s in jax.tree.leaves(segments))
-    return len(ws), x.shape, slots is None, runs, _stacks_key(stacks[0]), attn.long_context is None
+    return (len(ws), x.shape, slots is None, runs, _stacks_key(stacks[0]), attn.long_context is None,
+            attn.split_prefill is None)  # fmt: skip
 
 
 def _describe_step(name: str, layout: tuple, stacks: AdapterStacks | None = None) -> str:
     """A step variant (or its `pre`) by its rows, adapter path and attention grid, for the compile log."""
     inp: StepInputs = jax.tree.unflatten(layout[0], [shape for shape, _ in layout[1]])
-    flags = ("" if inp.lora_slots is None else " adapted") + ("" if inp.attn.long_context is None else " long")
+    flags = ("" if inp.lora_slots is None else " adapted") + _attn_flags(inp.attn)
     return f"{name} T={inp.token_ids[0]}{flags}{' ' + '+'.join(sorted(stacks)) if stacks else ''}"
 
 
 def _describe_layer(args: tuple, static: dict) -> str:
     """A layer group variant by its size, rows, adapter path and attention grid, for the compile log."""
     ws, x, (_, attn, slots, _, _) = args[0], args[1], args[5]
-    flags = ("" if slots is None else " adapted") + ("" if attn.long_context is None else " long")
+    flags = ("" if slots is None else " adapted") + _attn_flags(attn)
     return f"layer x{len(ws)} T={x.shape[0]}{flags}"
+
+
+def _attn_flags(attn) -> str:
+    """The attention variant of a step, for the compile log: the long-context grid or the split prefill."""
+    return ("" if attn.long_context is None else " long") + ("" if attn.split_prefill is None else " split-prefill")
 
 
 def _stacks_key(stacks: AdapterStacks) -> tuple:

@@ -20,7 +20,12 @@ from jalora.adapters.manager import AdapterStacks, LoraStack
 from jalora.model.config import ModelConfig
 from jalora.model.kernel_plan import KernelPlan
 from pallas_kernels.masked_lora import LoraSegments, masked_lora_add, masked_lora_onehot_flat
-from pallas_kernels.ragged_paged_attention import apply_rope, ragged_paged_attention, write_kv_rope
+from pallas_kernels.ragged_paged_attention import (
+    apply_rope,
+    ragged_paged_attention,
+    split_prefill_attention,
+    write_kv_rope,
+)
 from pallas_kernels.rms_norm import add_rms_norm
 from pallas_kernels.rms_norm import rms_norm_reference as rms_norm
 
@@ -34,6 +39,9 @@ class AttentionMetadata(NamedTuple):
     # None, or i32[1] (any value) where the step decodes one token for each of few sequences with a long
     # context: the GPU kernel's long-context grid (a compiled variant of its own; KernelPlan.long_decode)
     long_context: jax.Array | None = None
+    # None, or i32[1] (any value) where the step's last sequence is a prefill chunk that runs split into
+    # prefix and self attention through a library (KernelPlan.split_prefill; a compiled variant of its own)
+    split_prefill: jax.Array | None = None
 
 
 class LoraBatch(NamedTuple):
@@ -220,14 +228,14 @@ def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, positions, inv_freq, 
     q = apply_rope(q, positions, inv_freq)
     k_cache, v_cache = write_kv_rope(k_cache, v_cache, qkv, positions, inv_freq, attn.slot_mapping, q_size=cfg.q_size,
                                      impl=plan.kv_write, interpret=plan.interpret_arg(plan.kv_write))
+    meta = (attn.kv_lens, attn.page_indices, attn.cu_q_lens)
+    split = attn.split_prefill is not None  # the last sequence, a prefill chunk, runs split; the kernel the rest
     o = ragged_paged_attention(
         q,
         k_cache,
         v_cache,
-        attn.kv_lens,
-        attn.page_indices,
-        attn.cu_q_lens,
-        attn.num_seqs,
+        *meta,
+        jnp.maximum(attn.num_seqs - 1, 0) if split else attn.num_seqs,
         sm_scale=cfg.sm_scale,
         sliding_window=cfg.sliding_window,
         impl=plan.attention,
@@ -235,6 +243,9 @@ def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, positions, inv_freq, 
         tuning=plan.attention_tuning,
         long_context=attn.long_context is not None,
     )
+    if split:  # (rows of the others from the kernel, zero elsewhere; the chunk's rows from the split)
+        o = o + split_prefill_attention(q, k_cache, v_cache, *meta, attn.num_seqs, attn.slot_mapping,
+                                        sm_scale=cfg.sm_scale, impl=plan.prefill)  # fmt: skip
     o = proj(o.reshape(t, cfg.q_size), "o", "o")
     x, h = add_rms_norm(x, o, w["post_norm"], eps=cfg.rms_norm_eps, residual_multiplier=cfg.residual_multiplier,
                         impl=plan.norm, interpret=plan.interpret_arg(plan.norm))  # (one kernel with norm_impl="gpu")

@@ -27,6 +27,10 @@ from pallas_kernels.ragged_paged_attention import (
     tpu_attention_tuning,
 )
 
+# The smallest step (token rows) whose last sequence's prefill chunk may take the split (a chunk of at least
+# half of it): a chunk's attention is compute-bound from there (bench/attention.py's chunk rows measure it).
+SPLIT_PREFILL_MIN_ROWS = 256
+
 
 @dataclasses.dataclass(frozen=True)
 class KernelPlan:
@@ -36,6 +40,9 @@ class KernelPlan:
     interpret: bool  # Pallas kernels in interpret mode (CPU)
     attention_tuning: GpuAttentionTuning | TpuAttentionTuning | None  # the attention kernel's table entry
     norm: str = "reference"  # residual add + RMSNorm: "reference" (jnp) | "gpu" (one fused kernel)
+    # one sequence's prefill chunk: "kernel" (the attention kernel, as every step) | "cudnn" | "reference"
+    # (split_prefill_attention's impls)
+    prefill: str = "kernel"
 
     @classmethod
     def from_config(cls, config: EngineConfig) -> KernelPlan:
@@ -46,6 +53,11 @@ class KernelPlan:
         attention = config.attention_impl or platform
         lora = config.lora_impl or platform
         norm = config.norm_impl or "reference"
+        prefill = config.prefill_attention_impl or "kernel"
+        if prefill == "cudnn" and platform != "gpu":
+            raise InvalidRequestError(
+                "prefill_attention_impl", f"cudnn needs an NVIDIA GPU, not this {platform} platform"
+            )
         for field, impl in (("attention_impl", attention), ("lora_impl", lora), ("norm_impl", norm)):
             if impl not in ("reference", platform) and not config.kernel_interpret:
                 raise InvalidRequestError(
@@ -62,6 +74,7 @@ class KernelPlan:
             interpret=config.kernel_interpret,
             attention_tuning=None if attention_tuning is None else attention_tuning(kind),
             norm=norm,
+            prefill=prefill,
         )
 
     @property
@@ -86,6 +99,14 @@ class KernelPlan:
         from pallas_kernels.ragged_paged_attention.gpu import wants_long_grid
 
         return wants_long_grid(self.attention_tuning, num_seqs, num_kv_heads, max_kv_len)
+
+    def split_prefill(self, rows: int, last_chunk: int, sliding_window: int | None) -> bool:
+        """True if a step of `rows` token rows (its bucket) whose last sequence brings `last_chunk` query rows
+        runs that sequence through split_prefill_attention (the others through the kernel): a bucket of at
+        least SPLIT_PREFILL_MIN_ROWS and a chunk of at least half that, where the plan asks for the split
+        and the model has no sliding window."""
+        return (self.prefill != "kernel" and rows >= SPLIT_PREFILL_MIN_ROWS
+                and 2 * last_chunk >= SPLIT_PREFILL_MIN_ROWS and not sliding_window)  # fmt: skip
 
     @property
     def kv_write(self) -> str:

@@ -18,6 +18,7 @@ from pallas_kernels.ragged_paged_attention.reference import (
     write_kv_reference,
     write_kv_rope_reference,
 )
+from pallas_kernels.ragged_paged_attention.split_prefill import split_prefill_attention
 from pallas_kernels.ragged_paged_attention.tuning import (
     GpuAttentionTuning,
     TpuAttentionTuning,
@@ -132,6 +133,7 @@ __all__ = [
     "tpu_attention_tuning",
     "ragged_paged_attention",
     "ragged_paged_attention_reference",
+    "split_prefill_attention",
     "write_kv",
     "write_kv_reference",
     "write_kv_rope",
