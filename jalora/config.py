@@ -83,10 +83,11 @@ class EngineConfig:
         "form XLA compiles, on every platform)", choices=("reference", "gpu")
     )
     prefill_attention_impl: str | None = config_field(
-        None, "a step that is one sequence's prefill chunk (>= 256 rows): 'kernel' runs the attention kernel as "
-        "every step does; 'cudnn' runs cuDNN's flash attention, the chunk's prefix and its own keys apart, "
-        "merged (NVIDIA GPUs; models without a sliding window); 'reference' that split in jnp (tests) "
-        "(default: 'kernel')", choices=("kernel", "cudnn", "reference")
+        None, "a step's last sequence when it is a prefill chunk of >= 1024 rows in a step of >= 2048: 'kernel' "
+        "runs the attention kernel as every step does; 'cudnn' runs cuDNN's flash attention, the chunk's prefix "
+        "and its own keys apart, merged (NVIDIA GPUs; models without a sliding window); 'reference' that split "
+        "in jnp (tests) (default: 'cudnn' where the GPU attention kernel runs on an NVIDIA GPU, else 'kernel')",
+        choices=("kernel", "cudnn", "reference")
     )
     lora_onehot_max_tokens: int | None = config_field(
         None, "steps of at most this many token rows take the one-hot LoRA matmuls instead of the kernel "

@@ -28,8 +28,9 @@ from pallas_kernels.ragged_paged_attention import (
 )
 
 # The smallest step (token rows) whose last sequence's prefill chunk may take the split (a chunk of at least
-# half of it): a chunk's attention is compute-bound from there (bench/attention.py's chunk rows measure it).
-SPLIT_PREFILL_MIN_ROWS = 256
+# half of it). bench/attention.py on an H100 (725dc95): chunks of 256 rows run 0.72-0.80x the kernel's speed
+# split, of 2048 rows 1.32x (no prefix) to 1.69x, of 8192 rows 1.64-1.66x; 1024 is unmeasured.
+SPLIT_PREFILL_MIN_ROWS = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +54,13 @@ class KernelPlan:
         attention = config.attention_impl or platform
         lora = config.lora_impl or platform
         norm = config.norm_impl or "reference"
-        prefill = config.prefill_attention_impl or "kernel"
-        if prefill == "cudnn" and platform != "gpu":
+        nvidia = platform == "gpu" and kind.startswith("NVIDIA")
+        # cuDNN's chunks by default where the GPU kernel runs on an NVIDIA GPU (bench/attention.py: 1.3-1.7x the
+        # kernel on chunks of 2048 and 8192 rows on an H100)
+        prefill = config.prefill_attention_impl or ("cudnn" if nvidia and attention == "gpu" else "kernel")
+        if prefill == "cudnn" and not nvidia:
             raise InvalidRequestError(
-                "prefill_attention_impl", f"cudnn needs an NVIDIA GPU, not this {platform} platform"
+                "prefill_attention_impl", f"cudnn needs an NVIDIA GPU, not this {platform} platform ({kind})"
             )
         for field, impl in (("attention_impl", attention), ("lora_impl", lora), ("norm_impl", norm)):
             if impl not in ("reference", platform) and not config.kernel_interpret:

@@ -9,7 +9,7 @@ from jax import monitoring
 
 from jalora import LLM, SamplingParams
 from jalora.errors import InvalidRequestError
-from jalora.model.kernel_plan import SPLIT_PREFILL_MIN_ROWS
+from jalora.model import kernel_plan
 from tests import hf_models
 
 INV = [7, 8]
@@ -30,24 +30,31 @@ def prompt_of(n: int, salt: int = 0) -> list[int]:
     return [int(t) for t in rng.integers(9, hf_models.VOCAB - 1, size=n)]
 
 
+# Steps of 256 rows (the engine's threshold is 2048: CPU-sized prompts chunk at 256 here)
+ROWS = 256
+
+
 @pytest.fixture(scope="module")
 def setup(tiny_models, tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setattr(kernel_plan, "SPLIT_PREFILL_MIN_ROWS", ROWS)
     base = tiny_models["granite"]
     adapter = hf_models.make_adapter(base, str(tmp_path_factory.mktemp("split") / "alora"), ["q_proj", "v_proj"],
                                      r=4, invocation=INV, seed=6)  # fmt: skip
-    llm = LLM(base, num_kv_blocks=160, max_num_seqs=4, max_num_batched_tokens=SPLIT_PREFILL_MIN_ROWS,
+    llm = LLM(base, num_kv_blocks=160, max_num_seqs=4, max_num_batched_tokens=ROWS,
               max_model_len=700, max_loras=2, max_lora_rank=4, warmup=False,
               prefill_attention_impl="reference")  # fmt: skip
     llm.load_adapter("judge", adapter)
     llm.engine.warmup_adapters(progress=False, with_base=True)
     oracles = {None: hf_models.load_oracle(base), "judge": hf_models.load_peft_oracle(base, adapter)}
-    return llm, oracles
+    yield llm, oracles
+    mp.undo()
 
 
 def test_one_sequence_chunks_run_split_and_match_the_oracles(setup):
     llm, oracles = setup
     runner = llm.engine.runner
-    assert runner.plan.prefill == "reference" and runner.split_prefill_buckets == [SPLIT_PREFILL_MIN_ROWS]
+    assert runner.plan.prefill == "reference" and runner.split_prefill_buckets == [ROWS]
     # every bucket base-only and adapted, and the largest's split variant of each
     assert runner.num_step_variants == 2 * len(runner.buckets) + 2
     seen = []
@@ -80,11 +87,12 @@ def test_one_sequence_chunks_run_split_and_match_the_oracles(setup):
     finally:
         runner.prepare = prepare
     assert len(COMPILES) == compiles, "a request compiled after the warm-up"
-    assert seen.count((SPLIT_PREFILL_MIN_ROWS, 1, True)) >= 4  # 2 chunks of the base prompt, 2 of the judge's
+    assert seen.count((ROWS, 1, True)) >= 4  # 2 chunks of the base prompt, 2 of the judge's
     assert any(split and n > 1 for _, n, split in seen)  # the concurrent prompts' mixed steps
-    assert all(not split for rows, n, split in seen if rows <= SPLIT_PREFILL_MIN_ROWS // 2)
+    assert all(not split for rows, n, split in seen if rows <= ROWS // 2)
 
 
-def test_cudnn_needs_a_gpu(tiny_models):
+def test_cudnn_needs_a_gpu_and_is_not_the_cpu_default(tiny_models):
+    assert LLM(tiny_models["llama"], max_model_len=64, warmup=False).engine.runner.plan.prefill == "kernel"
     with pytest.raises(InvalidRequestError, match="prefill_attention_impl"):
         LLM(tiny_models["llama"], max_model_len=64, warmup=False, prefill_attention_impl="cudnn")
