@@ -6,23 +6,13 @@ group size, the warm-up covers every variant, and a restart loads them."""
 
 import numpy as np
 import pytest
-from jax import monitoring
 
 from jalora import LLM, SamplingParams
 from tests import hf_models
+from tests.compile_events import COMPILES
 
 INV = [7, 8]
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
-COMPILES: list[str] = []
-
-
-def _count(name: str, *_args, **_kwargs) -> None:
-    if name == _BACKEND_COMPILE:
-        COMPILES.append(name)
-
-
-monitoring.register_event_duration_secs_listener(_count)
 
 
 def prompt_of(n: int, salt: int = 0) -> list[int]:

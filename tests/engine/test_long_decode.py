@@ -7,23 +7,13 @@ import dataclasses
 
 import numpy as np
 import pytest
-from jax import monitoring
 
 from jalora import LLM, SamplingParams
 from pallas_kernels.ragged_paged_attention import tuning as attention_tuning
 from tests import hf_models
+from tests.compile_events import COMPILES
 
 INV = [7, 8]
-_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
-COMPILES: list[str] = []
-
-
-def _count(name: str, *_args, **_kwargs) -> None:
-    if name == _BACKEND_COMPILE:
-        COMPILES.append(name)
-
-
-monitoring.register_event_duration_secs_listener(_count)
 
 # 4 splits (2 working past 4 programs) by default; the long rule: 8 splits for <= 4 programs (2 kv heads x
 # 2 sequences), 2 past; from 48 keys on

@@ -5,24 +5,14 @@ transformers' and PEFT's, chunks after a prefix and steps mixing the chunk with 
 
 import numpy as np
 import pytest
-from jax import monitoring
 
 from jalora import LLM, SamplingParams
 from jalora.errors import InvalidRequestError
 from jalora.model import kernel_plan
 from tests import hf_models
+from tests.compile_events import COMPILES
 
 INV = [7, 8]
-_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
-COMPILES: list[str] = []
-
-
-def _count(name: str, *_args, **_kwargs) -> None:
-    if name == _BACKEND_COMPILE:
-        COMPILES.append(name)
-
-
-monitoring.register_event_duration_secs_listener(_count)
 
 
 def prompt_of(n: int, salt: int = 0) -> list[int]:
