@@ -57,7 +57,7 @@ class KernelPlan:
         nvidia = platform == "gpu" and kind.startswith("NVIDIA")
         # The kernel by default: cuDNN's chunks are 1.3-1.7x faster (bench/attention.py, chunks of 2048 and 8192
         # rows on an H100), but a default start with them on an H100 (ff1b924) ran out of device memory in the
-        # warm-up's GEMM autotuning (a 1.52 GiB allocation); on until that is understood, off by default.
+        # warm-up's GEMM autotuning (a 1.52 GiB allocation); off by default until that is understood.
         prefill = config.prefill_attention_impl or "kernel"
         if prefill == "cudnn" and not nvidia:
             raise InvalidRequestError(
