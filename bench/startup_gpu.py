@@ -28,7 +28,8 @@ executable and writes it there, the second (warm) loads them. Each process repor
     longest_variants  the longest compilations of the engine's functions, each with its variant (e.g.
                    "layer x8 T=8192 adapted"), timed around XLA's compile call
     warmup_phases  per warm-up call: reading or compiling the step variants, running them, reading or
-                   compiling the functions behind them, running those
+                   compiling the functions behind them, running those; `compiled_alone`: compilations so
+                   far that ran out of device memory beside others and were compiled again alone
 
 The warm start's remaining time is loading the executables, running each bucket's step once and placing
 the weights (what little it still compiles, small functions outside the runner's steps, comes from JAX's
@@ -149,6 +150,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--layers-per-launch", type=int, default=None, metavar="N",
                    help="EngineConfig.layers_per_launch: a compiled group of N layers launched per group "
                         "(0: one compiled step; default: the engine's, 8 on a GPU)")  # fmt: skip
+    p.add_argument("--prefill-attention-impl", choices=("kernel", "cudnn"), default=None,
+                   help="EngineConfig.prefill_attention_impl (default: the engine's)")
     p.add_argument("--out", default=None, help="result file (default: bench/results/startup_gpu.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -163,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     v = cfg["vocab_size"]
     adapters = [write_adapter(os.path.join(root, f"a{i}"), cfg, 32, QKV, [v - 3 - i, v - 2], seed=i)
                 for i in range(NUM_ADAPTERS)]  # fmt: skip
-    engine = engine_kwargs(args.quick) | {"layers_per_launch": args.layers_per_launch}
+    engine = engine_kwargs(args.quick) | {"layers_per_launch": args.layers_per_launch,
+                                          "prefill_attention_impl": args.prefill_attention_impl}
     cache = os.path.join(root, "compile-cache")
     spec = {"model": model, "adapters": adapters, "cache": cache, "engine": engine, "together": args.server_order}
     runs = {}

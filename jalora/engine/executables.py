@@ -125,6 +125,7 @@ class Executables:
         self._lock = threading.Lock()  # (the warm-up may get variants from several threads)
         self.loaded = 0  # variants read from the directory
         self.compiled = 0  # variants traced, lowered and compiled (or found in JAX's cache) here
+        self.compiled_alone = 0  # of them, compiled again alone after running out of device memory (`get_all`)
         # (what, seconds) of each compilation here: `describe(args, static)` names a variant (default: the
         # function's name), so that a start's longest compilations say which variants they were
         self._describe = describe or (lambda args, static: name)
@@ -240,6 +241,7 @@ def get_all(work: Sequence[tuple[Executables, Sequence[tuple[tuple, dict]]]], wo
     if not todo:
         return
     pool = concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(todo))))
+    short: list[tuple[Hashable, Any, str]] = []  # (key, lowered, label) of compilations short of device memory
     try:
         paths = {k: fn._path(args, static) for k, (fn, args, static) in todo.items()}
         reads = {k: pool.submit(todo[k][0]._read, path) for k, path in paths.items() if path is not None}
@@ -249,11 +251,32 @@ def get_all(work: Sequence[tuple[Executables, Sequence[tuple[tuple, dict]]]], wo
             if exe is not None:
                 fn._keep(k[1], exe, loaded=True)
             else:
-                label = fn._describe(args, static)
-                compiles[k] = pool.submit(fn._compile, fn._jit.lower(*args, **static), paths[k], label)
-        for k, future in compiles.items():
-            todo[k][0]._keep(k[1], future.result(), loaded=False)
+                label, lowered = fn._describe(args, static), fn._jit.lower(*args, **static)
+                compiles[k] = (pool.submit(fn._compile, lowered, paths[k], label), lowered, label)
+        for k, (future, lowered, label) in compiles.items():
+            try:
+                exe = future.result()
+            except Exception as e:
+                if not out_of_device_memory(e):
+                    raise
+                short.append((k, lowered, label))
+                continue
+            todo[k][0]._keep(k[1], exe, loaded=False)
     except BaseException:  # the error now: the queued compilations are dropped (running ones end on their own)
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
+    # A GPU compilation allocates device memory while XLA's autotuner times its kernels (operands, outputs, red
+    # zones): several at once can run out of it where each alone fits. Those are compiled again one at a time,
+    # once the others are done; one that runs out alone raises.
+    for k, lowered, label in short:
+        fn = todo[k][0]
+        logger.warning("compiling %s ran out of device memory beside other compilations: compiling it alone", label)
+        fn._keep(k[1], fn._compile(lowered, paths[k], label), loaded=False)
+        fn.compiled_alone += 1
+
+
+def out_of_device_memory(error: BaseException) -> bool:
+    """True if `error` is XLA's report of a device allocation that failed (RESOURCE_EXHAUSTED)."""
+    text = str(error)
+    return isinstance(error, jax.errors.JaxRuntimeError) and ("RESOURCE_EXHAUSTED" in text or "Out of memory" in text)

@@ -767,6 +767,8 @@ class ModelRunner:
             # The functions behind the steps compile in the same wave, from the shapes the steps return.
             get_all(work + self._function_calls([step for _, step in steps]), cores)
             phases["steps_compile_s"] = (t := time.perf_counter()) - start
+            # (compilations that ran out of device memory beside others, compiled again alone: `get_all`)
+            phases["compiled_alone"] = sum(f.compiled_alone for f in self._executables())
             # The draw's and top-n's inputs, kept once per shape to run them, and the prompt logprobs' (the
             # hidden states' shape only): compiled above unless a step returned other shapes.
             draws: dict[tuple, tuple] = {}

@@ -122,10 +122,10 @@ def test_a_failed_compilation_is_raised_without_waiting_for_the_queued_ones(tmp_
     good = Executables(lambda x: x + 1, "good", tmp_path, "fp")
     compile_one = good._compile
 
-    def held(lowered, path):
+    def held(lowered, path, label):
         started.append(path)
         release.wait(60)  # (set below: a guard against a hang, never a margin)
-        return compile_one(lowered, path)
+        return compile_one(lowered, path, label)
 
     good._compile = held
     try:
@@ -178,3 +178,54 @@ def test_an_executable_from_jax_cache_is_not_written(tmp_path):
     assert not (tmp_path / "b").exists() or not list((tmp_path / "b").iterdir())
     assert start(tmp_path / "b") == first
     assert start(tmp_path / "a") == (first[0], 1, 0)  # the compiled one is read back and runs
+
+
+def test_a_compilation_short_of_device_memory_is_compiled_again_alone(tmp_path, caplog):
+    """A compilation that fails with XLA's RESOURCE_EXHAUSTED beside others (the GPU autotuner's
+    allocations) is compiled again once the others are done, alone, and kept; any other compile error,
+    or running out again alone, is raised."""
+    import threading
+
+    import pytest
+
+    from jalora.engine.executables import get_all
+
+    x = jnp.ones((2, 2))
+    f = Executables(lambda x: x * 2, "f", tmp_path, "fp")
+    compile_one, calls, running = f._compile, [], [0]  # calls: (label, compilations running with it)
+    lock = threading.Lock()
+
+    def short_once(lowered, path, label):
+        with lock:
+            running[0] += 1
+            calls.append((label, running[0]))
+            first = len(calls) == 1
+        try:
+            if first:
+                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1.52GiB")
+            return compile_one(lowered, path, label)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    f._compile = short_once
+    with caplog.at_level(logging.WARNING, logger="jalora.engine.executables"):
+        get_all([(f, [((x[:1],), {}), ((x,), {}), ((x[:, :1],), {})])], workers=3)
+    assert len(f) == 3 and f.compiled == 3 and f.compiled_alone == 1 and len(calls) == 4
+    assert calls[-1] == (calls[0][0], 1)  # the failed one again, last, with nothing else compiling
+    assert sum("ran out of device memory" in r.getMessage() for r in caplog.records) == 1
+    for arr in (x[:1], x, x[:, :1]):
+        np.testing.assert_array_equal(np.asarray(f(arr)), np.asarray(arr) * 2)
+
+    def always(message):
+        def fail(lowered, path, label):
+            raise jax.errors.JaxRuntimeError(message)
+
+        return fail
+
+    for message in ("RESOURCE_EXHAUSTED: Out of memory", "INTERNAL: something else"):
+        g = Executables(lambda x: x - 1, "g", tmp_path, "fp-" + message[:3])
+        g._compile = always(message)
+        with pytest.raises(jax.errors.JaxRuntimeError, match=message.split(":")[0]):
+            get_all([(g, [((x,), {})])], workers=2)
+        assert len(g) == 0
