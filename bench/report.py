@@ -888,6 +888,14 @@ def attention_stdout(r) -> list[str]:
                          f"{row.get('kernel_tflops', nan):.0f} | {row.get('split_ms', nan):.3f} | "
                          f"{row.get('split_tflops', nan):.0f} | {row.get('speedup', nan):.2f}x | "
                          f"{row.get('split_rel_err_vs_kernel', nan):.1e} |")  # fmt: skip
+    if r.get("small_chunks"):
+        lines += ["", "| chunk rows (bucket) | context | decode blocks us | GB/s | long chunk us | GB/s | speed-up | "
+                  "rel. error |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+        for row in r["small_chunks"]:
+            lines.append(f"| {row['rows']} ({row['bucket']}) | {row['context']} | "
+                         f"{row.get('decode_blocks_us', nan):.0f} | {row.get('decode_blocks_gbs', nan):.0f} | "
+                         f"{row.get('long_chunk_us', nan):.0f} | {row.get('long_chunk_gbs', nan):.0f} | "
+                         f"{row.get('speedup', nan):.2f}x | {row.get('rel_err', nan):.1e} |")  # fmt: skip
     return lines
 
 

@@ -10,7 +10,8 @@ step could skip that work instead, but XLA:GPU copies a conditional's predicate 
 for it (a stall of async scheduling every step), and on a CPU two conditionals cost ~40 us a step (12%
 of the tiny model's batch-1 decode). So each bucket has one step (two once an adapter is loaded:
 base-only and adapted; the smallest bucket one more of each where a long-context decode can happen,
-and each large bucket one more of each where one sequence's prefill chunk runs split (see `prepare`)
+each large bucket one more of each where one sequence's prefill chunk runs split, and each small bucket
+one more of each where a short chunk can follow a long context (see `prepare`)
 plus the small functions, and the warm-up compiles all of them: no request
 compiles on the engine thread while other streams wait. The KV cache
 is donated into the step and comes back updated in place; the adapter stacks come in as an argument
@@ -207,6 +208,11 @@ class ModelRunner:
         # A large bucket whose last sequence is a prefill chunk may run it through split_prefill_attention
         # (KernelPlan.split_prefill): one more variant of each such bucket.
         self.split_prefill_buckets = [b for b in self.buckets if model.plan.split_prefill(b, b, cfg.sliding_window)]
+        # A small decode-shaped bucket in which a sequence brings several rows after a long context (an adapter's
+        # invocation, a new chat turn) may run the kernel's long-chunk variant (KernelPlan.long_chunk): one more
+        # variant of each such bucket.
+        longest = min(max_model_len, self._window_keys)
+        self.long_chunk_buckets = [b for b in self.buckets if b <= max_num_seqs and model.plan.long_chunk(b, longest)]
         self.graphdef, state = nnx.split(model)
         # The parameters cross into the step as a flat list: flattening the nnx.State pytree on every
         # call cost ~0.6 ms of host time per step for 40 layers (bench/profile_step.py).
@@ -436,9 +442,13 @@ class ModelRunner:
         # The last sequence's prefill chunk in a large bucket: prefix and self attention apart (KernelPlan.
         # split_prefill).
         split = not long and k > 0 and self.plan.split_prefill(t, int(ns[k - 1]), self.cfg.sliding_window)
+        # A small step in which a sequence brings several rows after a long context: the kernel's long-chunk
+        # variant (KernelPlan.long_chunk; each query block of the chunk would read the whole context again).
+        chunk = not long and total > k and t in self.long_chunk_buckets
+        chunk = chunk and self.plan.long_chunk(t, min(int(kv_lens.max()), self._window_keys))
         flag = np.ones(1, np.int32)
         attn = AttentionMetadata(slot_mapping, kv_lens, page_indices, cu, np.array([k], np.int32),
-                                 flag if long else None, flag if split else None)  # fmt: skip
+                                 flag if long else None, flag if split else None, flag if chunk else None)  # fmt: skip
         lora_slots, segments = None, None
         if (token_slots >= 0).any():  # base-only steps skip the LoRA path entirely (another compilation)
             lora_slots, segments = token_slots, self._lora_segments(token_slots)
@@ -760,6 +770,8 @@ class ModelRunner:
                 steps += [(a or {}, self._warmup_step(self.buckets[0], a, long=True)) for a in kinds]
             # (the large buckets' one-sequence prefill variants)
             steps += [(a or {}, self._warmup_step(t, a, split=True)) for a in kinds for t in self.split_prefill_buckets]
+            # (the small buckets' long-chunk variants)
+            steps += [(a or {}, self._warmup_step(t, a, chunk=True)) for a in kinds for t in self.long_chunk_buckets]
             if self.layer_launches:
                 work = [(fn, [call]) for a, step in steps for fn, call in self._layer_compile_calls(step, a)]
             else:
@@ -817,14 +829,16 @@ class ModelRunner:
         return [(self._draw, draws), (self._top, tops), (self._prompt_lp, prompt_lps)]
 
     def _warmup_step(
-        self, t: int, adapters: AdapterStacks | None, long: bool = False, split: bool = False
+        self, t: int, adapters: AdapterStacks | None, long: bool = False, split: bool = False, chunk: bool = False
     ) -> PreparedStep:
         """A step of `t` padding rows: the shapes of any step of that bucket (adapted: every row in slot 0;
-        `long`: with the long-context attention grid; `split`: as one sequence's prefill chunk, split)."""
+        `long`: with the long-context attention grid; `split`: as one sequence's prefill chunk, split; `chunk`:
+        the long-chunk attention variant)."""
         step = self.prepare(_WarmupBatch(t))
-        if long or split:
+        if long or split or chunk:
             flag = np.ones(1, np.int32)
-            attn = step.inputs.attn._replace(long_context=flag if long else None, split_prefill=flag if split else None)
+            attn = step.inputs.attn._replace(long_context=flag if long else None, split_prefill=flag if split else None,
+                                             long_chunk=flag if chunk else None)  # fmt: skip
             step = dataclasses.replace(step, inputs=step.inputs._replace(attn=attn))
         if not adapters:
             return step
@@ -871,11 +885,12 @@ def _step_variant(args: tuple, static: dict) -> tuple:
 
 def _layer_variant(args: tuple, static: dict) -> tuple:
     """What picks a compiled variant of a layer group: its size, the step's rows, the adapter stacks'
-    shapes, whether (and how) the step adapts tokens and its attention variant (long-context grid, split prefill)."""
+    shapes, whether (and how) the step adapts tokens and its attention variant (long-context grid, split prefill,
+    long chunk)."""
     ws, x, stacks, (_, attn, slots, segments, _) = args[0], args[1], args[4], args[5]
     runs = None if segments is None else tuple(s.shape for s in jax.tree.leaves(segments))
     return (len(ws), x.shape, slots is None, runs, _stacks_key(stacks[0]), attn.long_context is None,
-            attn.split_prefill is None)  # fmt: skip
+            attn.split_prefill is None, attn.long_chunk is None)  # fmt: skip
 
 
 def _describe_step(name: str, layout: tuple, stacks: AdapterStacks | None = None) -> str:
@@ -893,8 +908,10 @@ def _describe_layer(args: tuple, static: dict) -> str:
 
 
 def _attn_flags(attn) -> str:
-    """The attention variant of a step, for the compile log: the long-context grid or the split prefill."""
-    return ("" if attn.long_context is None else " long") + ("" if attn.split_prefill is None else " split-prefill")
+    """The attention variant of a step, for the compile log: the long-context grid, the split prefill or the
+    long chunk."""
+    return (("" if attn.long_context is None else " long") + ("" if attn.split_prefill is None else " split-prefill")
+            + ("" if attn.long_chunk is None else " long-chunk"))
 
 
 def _stacks_key(stacks: AdapterStacks) -> tuple:

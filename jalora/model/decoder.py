@@ -42,6 +42,9 @@ class AttentionMetadata(NamedTuple):
     # None, or i32[1] (any value) where the step's last sequence is a prefill chunk that runs split into
     # prefix and self attention through a library (KernelPlan.split_prefill; a compiled variant of its own)
     split_prefill: jax.Array | None = None
+    # None, or i32[1] (any value) where a small decode-shaped step holds a sequence of several rows and a
+    # long context: the GPU kernel's long-chunk variant (KernelPlan.long_chunk; a compiled variant of its own)
+    long_chunk: jax.Array | None = None
 
 
 class LoraBatch(NamedTuple):
@@ -242,6 +245,7 @@ def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, positions, inv_freq, 
         interpret=plan.interpret_arg(plan.attention),
         tuning=plan.attention_tuning,
         long_context=attn.long_context is not None,
+        long_chunk=attn.long_chunk is not None,
     )
     if split:  # (rows of the others from the kernel, zero elsewhere; the chunk's rows from the split)
         o = o + split_prefill_attention(q, k_cache, v_cache, *meta, attn.num_seqs, attn.slot_mapping,

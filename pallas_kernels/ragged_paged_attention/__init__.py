@@ -50,6 +50,7 @@ def ragged_paged_attention(
     interpret=False,
     tuning: GpuAttentionTuning | TpuAttentionTuning | None = None,
     long_context: bool = False,
+    long_chunk: bool = False,
     **knobs,
 ):
     """Attention output [T, Hq, D] in q's dtype; padding rows past cu_q_lens[num_seqs] are zero.
@@ -59,7 +60,9 @@ def ragged_paged_attention(
     kernel's record (`GpuAttentionTuning` for "gpu", `TpuAttentionTuning` for "tpu"; None = the
     current device's table entry); the reference ignores it. `knobs` go to the kernel as per-call
     overrides (block sizes, splits; see gpu.py / tpu.py). long_context: a hint for decode steps with a
-    long context (the GPU kernel's bigger kv-split grid, `gpu.wants_long_grid`); the others ignore it.
+    long context (the GPU kernel's bigger kv-split grid, `gpu.wants_long_grid`); long_chunk: a hint for
+    decode-shaped steps whose sequences bring several rows after a long context (its query blocks and grid,
+    `gpu.wants_long_chunk`); the others ignore both.
     """
     if impl is None:
         impl = default_impl()
@@ -76,7 +79,7 @@ def ragged_paged_attention(
         from pallas_kernels.ragged_paged_attention.gpu import ragged_paged_attention_gpu
 
         return ragged_paged_attention_gpu(*args, **kw, interpret=bool(interpret), tuning=tuning,
-                                          long_context=long_context, **knobs)  # fmt: skip
+                                          long_context=long_context, long_chunk=long_chunk, **knobs)  # fmt: skip
     from pallas_kernels.ragged_paged_attention.tpu import ragged_paged_attention_tpu
 
     return ragged_paged_attention_tpu(*args, **kw, interpret=interpret, tuning=tuning, **knobs)

@@ -335,6 +335,15 @@ def wants_long_grid(tuning: GpuAttentionTuning, num_seqs: int, num_kv_heads: int
     return split_rule(programs, long) > split_rule(programs, tuning)
 
 
+def wants_long_chunk(tuning: GpuAttentionTuning, rows: int, max_kv_len: int) -> bool:
+    """True if a decode-shaped step of `rows` token rows (its bucket), in which a sequence brings several
+    rows and the longest context holds `max_kv_len` keys, should pass `long_chunk=True`: the tuning splits
+    dynamically and has a long-context rule, the bucket is at most `long_chunk_max_rows` and the context
+    reaches `long_context_keys`."""
+    return (tuning.dynamic_splits and tuning.long_split_rule is not None and rows <= tuning.long_chunk_max_rows
+            and max_kv_len >= tuning.long_context_keys)  # fmt: skip
+
+
 def decode_grid_splits(
     num_tokens: int, num_kv_heads: int, max_kv: int, block_k: int, tuning: GpuAttentionTuning
 ) -> int:
@@ -378,6 +387,7 @@ def ragged_paged_attention_gpu(
     num_warps: int | None = None,
     num_stages: int | None = None,
     long_context: bool = False,
+    long_chunk: bool = False,
     tuning: GpuAttentionTuning | None = None,
     interpret: bool = False,
 ):
@@ -390,6 +400,9 @@ def ragged_paged_attention_gpu(
     with the dynamic rule: the grid's split count, of which `split_rule` picks how many work),
     num_warps, num_stages. long_context: a decode-shaped step takes `tuning.long_split_rule` (and its
     grid) instead of `split_rule` (`wants_long_grid` says when it pays); the result is the same.
+    long_chunk: a decode-shaped step whose sequences may bring several rows each after a long context
+    (`wants_long_chunk`): query blocks of up to T tokens (`prefill_block_m` rows at most) and the long rule
+    with its whole grid; the result is the same.
     """
     if tuning is None:
         tuning = gpu_attention_tuning()
@@ -404,8 +417,11 @@ def ragged_paged_attention_gpu(
     if d & (d - 1) or d < 16:
         raise ValueError(f"q head_dim must be a power of two >= 16 for the GPU kernel, got {d}")
     decode_like = t <= s
-    if long_context and decode_like and tuning.long_split_rule is not None:
+    long_chunk = long_chunk and decode_like and tuning.long_split_rule is not None
+    if (long_context or long_chunk) and decode_like and tuning.long_split_rule is not None:
         tuning = dataclasses.replace(tuning, split_rule=tuning.long_split_rule)
+    if block_m is None and long_chunk:  # (a chunk of up to t rows in one block, within prefill's block)
+        block_m = min(max(tuning.decode_block_m, _next_pow2(t) * g), max(tuning.prefill_block_m, tuning.decode_block_m))
     if block_m is None:
         block_m = tuning.decode_block_m if decode_like else tuning.prefill_block_m
     block_m = max(_next_pow2(block_m), _next_pow2(g), 16)
@@ -415,8 +431,8 @@ def ragged_paged_attention_gpu(
     block_k = max(_next_pow2(block_k), 16)
     num_q_blocks = -(-t // block_q) + min(s, t)
     dynamic_splits = num_kv_splits is None and decode_like and tuning.dynamic_splits
-    if dynamic_splits:
-        num_kv_splits = max_kv_splits or decode_grid_splits(t, hkv, p * bs, block_k, tuning)
+    if dynamic_splits:  # (a chunk step's grid as for one sequence: it may hold no other)
+        num_kv_splits = max_kv_splits or decode_grid_splits(1 if long_chunk else t, hkv, p * bs, block_k, tuning)
         dynamic_splits = num_kv_splits > 1
     elif num_kv_splits is None:
         num_kv_splits = default_num_kv_splits(t, s, hkv, block_q, p * bs, tuning)

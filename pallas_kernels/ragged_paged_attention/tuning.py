@@ -40,6 +40,15 @@ class GpuAttentionTuning:
     # so the idle programs of the bigger grid cost only the steps that gain from it. None: never.
     long_split_rule: SplitRule | None = (64, ((16, 48), (64, 12), (256, 2), (1024, 1)))
     long_context_keys: int = 32768
+    # Small chunks after a long context: a decode-shaped step of at most `long_chunk_max_rows` rows in which
+    # a sequence brings several query rows (an adapter's invocation after a long cached prompt, a new chat
+    # turn) and the context reaches `long_context_keys`. Decode's query blocks hold `decode_block_m // g`
+    # tokens (4 at g = 4), so each block of such a chunk reads the whole context again: an 18-row aLoRA
+    # judge after 64k cached keys read it 5 times, ~0.5 ms a layer on an H100 (pipeline A: 28.7 ms of its
+    # 36 ms TTFT). The caller's `long_chunk=True` (a variant of its own) takes query blocks of the bucket's
+    # rows (at most `prefill_block_m`: the chunk in one block, the context read once per kv head) and the
+    # long-context rule with its whole grid (a chunk step may hold one sequence).
+    long_chunk_max_rows: int = 32
     # The dynamic rule gives each working split at least this many kv tiles of the sequence (1 = no
     # floor). Floors of 4 and 8 with the 64-split rule above: no better than without
     # (bench/results/attention_split_grid.json).
@@ -101,7 +110,8 @@ class GpuAttentionTuning:
                 raise ValueError(f"{field} must keep at least one split at every bound, got {rule}")
             if [b for b, _ in bounds] != sorted(b for b, _ in bounds):
                 raise ValueError(f"{field} bounds must be increasing, got {rule}")
-        for name in ("long_context_keys", "min_tiles_per_split", "num_sms", "static_waves", "static_max_splits",
+        for name in ("long_context_keys", "long_chunk_max_rows", "min_tiles_per_split", "num_sms", "static_waves",
+                     "static_max_splits",
                      "static_min_keys_per_split", "decode_block_m", "prefill_block_m", "decode_block_k",
                      "prefill_block_k", "num_warps", "combine_block_rows", "combine_block_cols", "combine_num_warps",
                      "decode_num_stages", "prefill_num_stages", "wide_head_num_stages"):  # fmt: skip

@@ -1,7 +1,9 @@
 """Long-context decode (jalora/engine/model_runner.py, KernelPlan.long_decode): a decode step of the
 smallest bucket whose sequences are few and long runs the GPU attention kernel's long-context grid, a
-compiled variant of its own that the warm-up covers; tokens and logprobs stay PEFT's. The GPU kernel
-runs in interpret mode, with a tuning whose long-context threshold is 48 keys."""
+compiled variant of its own that the warm-up covers; a small step in which a sequence brings several rows
+after a long context (a cached prompt's tail, an aLoRA judge's invocation) runs the long-chunk variant
+(KernelPlan.long_chunk); tokens and logprobs stay PEFT's. The GPU kernel runs in interpret mode, with a
+tuning whose long-context threshold is 48 keys."""
 
 import dataclasses
 
@@ -55,14 +57,18 @@ def test_long_decode_steps_run_their_variant_and_match_peft(setup):
     kernels = runner.layers_per_launch > 0  # the layer-groups engine runs the one-launch kernels
     assert runner.plan.attention_tuning == (TUNING if kernels else XLA_FORMS) and runner.long_decode
     assert runner.plan.norm == ("gpu" if kernels else "reference")
-    # the warm-up compiled the smallest bucket's long variant for the base-only and the adapted step
-    assert runner.num_step_variants == 2 * len(runner.buckets) + 2
-    long_steps = []
+    # the warm-up compiled the smallest bucket's long variant and the long-chunk one of each bucket of at most
+    # 16 rows (max_num_seqs: a decode-shaped step) for the base-only and the adapted step
+    assert runner.long_chunk_buckets == [16] and runner.buckets == [16, 32]
+    assert runner.num_step_variants == 2 * len(runner.buckets) + 2 + 2
+    long_steps, chunk_steps = [], []
     prepare = runner.prepare
 
     def spy(batch, *args, **kwargs):  # which steps the runner gives the long-context grid
         step = prepare(batch, *args, **kwargs)
-        long_steps.append((batch.total_tokens, len(batch.requests), step.inputs.attn.long_context is not None))
+        attn = step.inputs.attn
+        long_steps.append((batch.total_tokens, len(batch.requests), attn.long_context is not None))
+        chunk_steps.append((batch.total_tokens, len(batch.requests), attn.long_chunk is not None))
         return step
 
     runner.prepare = spy
@@ -82,11 +88,17 @@ def test_long_decode_steps_run_their_variant_and_match_peft(setup):
         assert [o.token_ids for o in outs] == [hf_models.oracle_run(oracles[n], ids, 12,
                                                len(ids) - len(INV) if n else None)[1] for ids, n in cases]  # fmt: skip
         # a prompt whose first 48 tokens are cached: its last 8 run as one 8-token step at 56 keys, in the
-        # smallest bucket and past the threshold, but a prefill chunk: the bucket's own grid
+        # smallest bucket and past the threshold, but a prefill chunk: not the long grid, the long chunk; and
+        # an aLoRA judge after the same cached base prefix: its 7 rows (invocation included) as a long chunk
         first = prompt_of(50, 7)
         llm.generate([first], SamplingParams(max_tokens=1))
-        (out,) = llm.generate([first[:48] + prompt_of(8, 8)], SamplingParams(max_tokens=2, ignore_eos=True))
-        assert len(out.token_ids) == 2
+        for ids, name in ((first[:48] + prompt_of(8, 8), None), (first[:48] + prompt_of(5, 10) + INV, "judge")):
+            (out,) = llm.generate([ids], params, name)
+            assert out.num_cached_tokens == 48, name
+            _, ref_tokens, ref_lps = hf_models.oracle_run(oracles[name], ids, 12, len(ids) - len(INV) if name else None)
+            assert out.token_ids == ref_tokens, name
+            lps = [step[t] for step, t in zip(out.logprobs, out.token_ids)]
+            assert np.max(np.abs(np.asarray(lps) - np.asarray(ref_lps))) <= 1e-4, name
     finally:
         runner.prepare = prepare
     assert len(COMPILES) == compiles, "a request compiled after the warm-up"
@@ -94,6 +106,10 @@ def test_long_decode_steps_run_their_variant_and_match_peft(setup):
     assert any(long for _, long in decodes) and any(not long for _, long in decodes)
     assert (8, 1, False) in long_steps  # the cached prompt's tail (it ran: the prefix cache hit)
     assert all(not long for tokens, n, long in long_steps if tokens > n)  # prefill steps never
+    assert (8, 1, True) in chunk_steps and (7, 1, True) in chunk_steps  # the cached tail, the judge's chunk
+    assert all(not chunk for tokens, n, chunk in chunk_steps if tokens == n)  # decode steps never
+    # the prompts from scratch (40 tokens: 32 rows, then 8 at 40 keys, below the threshold) never
+    assert (32, 1, False) in chunk_steps and (8, 1, False) in chunk_steps
 
 
 def test_many_or_short_sequences_keep_the_default_grid(setup):

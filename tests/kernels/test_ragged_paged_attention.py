@@ -403,6 +403,45 @@ def test_long_context_takes_the_long_rule_and_its_grid():
         GpuAttentionTuning(long_split_rule=(4, ((8, 4),)))
 
 
+def test_long_chunk_takes_query_blocks_of_the_bucket_and_the_long_grid():
+    """long_chunk=True on a decode-shaped step: query blocks of the bucket's rows (here 16 tokens x the GQA
+    group of 4 = 64 rows, so a 9-row chunk is one block: its context read once, not once per 4 tokens), the
+    long rule with its whole grid (as for one sequence); the result is the reference's, with several chunks,
+    chunks longer than a block, windows and soft caps; a prefill-shaped step ignores the hint."""
+    from pallas_kernels.ragged_paged_attention.gpu import wants_long_chunk
+
+    long = GpuAttentionTuning(split_rule=(2, ()), long_split_rule=(8, ((4, 6),)), long_context_keys=100,
+                              decode_block_k=16, long_chunk_max_rows=16)  # fmt: skip
+    cfg = dict(t=16, s=16, p=12, bs=16, hq=8, hkv=2, d=64)
+    args, _ = _make_inputs((2, [9, 1], [190, 17], 21), **cfg, dtype=jnp.float32)
+
+    def grid(tuning, **knobs):
+        fn = functools.partial(ragged_paged_attention, sm_scale=0.125, impl="gpu", interpret=True, tuning=tuning,
+                               **knobs)  # fmt: skip
+        return _kernel_grids(fn, *args)[0]  # the attention kernel (the split merge launches after it)
+
+    # blocks of 4 tokens: 16 / 4 + 16 blocks, the decode rule's 2 splits; of 16 tokens: 1 + 16, all 8 splits
+    assert grid(long) == (20, 2, 2) and grid(long, long_chunk=True) == (17, 2, 8)
+    assert grid(dataclasses.replace(long, long_split_rule=None), long_chunk=True) == (20, 2, 2)
+    tu = (("tuning", long), ("long_chunk", True))
+    _check("gpu", (2, [9, 1], [190, 17], 21), cfg, tu)  # 4 programs: all 8 splits work
+    _check("gpu", (3, [1, 12, 3], [180, 100, 33], 22), dict(cfg, window=50, cap=20.0), tu)  # 6 programs: 2 work
+    _check("gpu", (2, [1, 20], [64, 190], 23), dict(cfg, t=24, s=24), tu)  # a chunk of 20 rows: 2 blocks of 16
+    _check("gpu", (1, [16], [192], 24), dict(cfg, dtype=jnp.bfloat16), tu)  # one chunk filling the bucket
+    _check("gpu", (4, [1, 9, 1, 2], [96, 40, 3, 9], 25), dict(cfg, t=16, s=4, p=6), tu)  # prefill-shaped
+    # when the engine asks for it: a long rule, a bucket of at most long_chunk_max_rows, the threshold reached
+    assert wants_long_chunk(long, rows=16, max_kv_len=100)
+    assert not wants_long_chunk(long, rows=16, max_kv_len=99)
+    assert not wants_long_chunk(long, rows=32, max_kv_len=10**6)
+    assert not wants_long_chunk(dataclasses.replace(long, long_split_rule=None), 16, 10**6)
+    assert not wants_long_chunk(dataclasses.replace(long, dynamic_splits=False), 16, 10**6)
+    h200 = gpu_attention_tuning("NVIDIA H200")
+    assert [wants_long_chunk(h200, rows, 65536) for rows in (16, 32, 64)] == [True, True, False]
+    assert not wants_long_chunk(h200, 32, 16384)
+    with pytest.raises(ValueError, match="long_chunk_max_rows"):
+        GpuAttentionTuning(long_chunk_max_rows=0)
+
+
 NON_DEFAULT_GPU_TUNINGS = {
     # another rule: 4 splits up to 16 programs, 2 past; a floor of 3 key tiles per working split
     "rule4_min3": GpuAttentionTuning(split_rule=(4, ((16, 2),)), min_tiles_per_split=3, decode_block_k=16),
