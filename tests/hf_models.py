@@ -1,5 +1,6 @@
 """Tiny random HF checkpoints and the transformers/PEFT oracle used by the parity tests."""
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -123,3 +124,15 @@ def oracle_run(model, ids: list[int], n: int, activation: int | None = None):
         seq.append(t)
         lp = torch.log_softmax(logits_of(seq), -1)
     return prompt_lps, tokens, token_lps
+
+
+def assert_matches_oracle(out, model, ids: list[int], n: int, activation: int | None = None, *,
+                          prompt_logprobs: bool = False, atol: float = 1e-4, what: str = "") -> None:
+    """A request's output (`logprobs=0`, n tokens) against `oracle_run`: the same n greedy tokens, each one's
+    logprob within `atol`, and with `prompt_logprobs` the prompt's logprobs too."""
+    ref_plp, tokens, token_lps = oracle_run(model, ids, n, activation)
+    assert out.token_ids == tokens, what
+    got = [step[t] for step, t in zip(out.logprobs, out.token_ids)]
+    assert np.max(np.abs(np.asarray(got) - np.asarray(token_lps))) <= atol, what
+    if prompt_logprobs:
+        assert np.max(np.abs(np.asarray(out.prompt_logprobs[1:]) - np.asarray(ref_plp))) <= atol, what

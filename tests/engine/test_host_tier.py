@@ -56,10 +56,7 @@ def evict_everything(llm) -> None:
 
 
 def check_peft(out, model, ids, activation):
-    _, tokens, token_lps = hf_models.oracle_run(model, ids, len(out.token_ids), activation)
-    assert out.token_ids == tokens
-    got = [lp[t] for lp, t in zip(out.logprobs, out.token_ids)]
-    assert np.max(np.abs(np.asarray(got) - np.asarray(token_lps))) <= 1e-4
+    hf_models.assert_matches_oracle(out, model, ids, GEN.max_tokens, activation)
 
 
 def test_evicted_prefix_comes_back_from_host(setup):

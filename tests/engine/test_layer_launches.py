@@ -46,11 +46,7 @@ def test_base_and_alora_requests_match_peft(setup):
     outs += llm.generate([ids for ids, _ in cases[1:]], params, [name for _, name in cases[1:]])
     for (ids, name), out in zip(cases, outs):
         activation = len(ids) - len(INV) if name else None  # (the invocation ends the prompt)
-        ref_plp, ref_tokens, ref_lps = hf_models.oracle_run(oracles[name], ids, 6, activation)
-        assert out.token_ids == ref_tokens, name
-        assert np.max(np.abs(np.asarray(out.prompt_logprobs[1:]) - np.asarray(ref_plp))) <= 1e-4, name
-        lps = [step[t] for step, t in zip(out.logprobs, out.token_ids)]
-        assert np.max(np.abs(np.asarray(lps) - np.asarray(ref_lps))) <= 1e-4, name
+        hf_models.assert_matches_oracle(out, oracles[name], ids, 6, activation, prompt_logprobs=True, what=name)
     # Each step variant compiled a group of 2 and one of 1 (not every layer): base-only and adapted, in
     # the buckets used.
     assert 4 <= runner.num_step_variants <= 4 * len(runner.buckets)

@@ -79,10 +79,7 @@ def test_long_decode_steps_run_their_variant_and_match_peft(setup):
         for ids, name in cases:  # one at a time: a lone decode from 41 to 52 keys (long from 48 on)
             (out,) = llm.generate([ids], params, name)
             activation = len(ids) - len(INV) if name else None
-            _, ref_tokens, ref_lps = hf_models.oracle_run(oracles[name], ids, 12, activation)
-            assert out.token_ids == ref_tokens, name
-            lps = [step[t] for step, t in zip(out.logprobs, out.token_ids)]
-            assert np.max(np.abs(np.asarray(lps) - np.asarray(ref_lps))) <= 1e-4, name
+            hf_models.assert_matches_oracle(out, oracles[name], ids, 12, activation, what=name)
         # both together: 2 sequences x 2 kv heads = 4 programs, still long
         outs = llm.generate([ids for ids, _ in cases], params, [name for _, name in cases])
         assert [o.token_ids for o in outs] == [hf_models.oracle_run(oracles[n], ids, 12,
@@ -95,10 +92,8 @@ def test_long_decode_steps_run_their_variant_and_match_peft(setup):
         for ids, name in ((first[:48] + prompt_of(8, 8), None), (first[:48] + prompt_of(5, 10) + INV, "judge")):
             (out,) = llm.generate([ids], params, name)
             assert out.num_cached_tokens == 48, name
-            _, ref_tokens, ref_lps = hf_models.oracle_run(oracles[name], ids, 12, len(ids) - len(INV) if name else None)
-            assert out.token_ids == ref_tokens, name
-            lps = [step[t] for step, t in zip(out.logprobs, out.token_ids)]
-            assert np.max(np.abs(np.asarray(lps) - np.asarray(ref_lps))) <= 1e-4, name
+            activation = len(ids) - len(INV) if name else None
+            hf_models.assert_matches_oracle(out, oracles[name], ids, 12, activation, what=name)
     finally:
         runner.prepare = prepare
     assert len(COMPILES) == compiles, "a request compiled after the warm-up"

@@ -64,11 +64,7 @@ def test_one_sequence_chunks_run_split_and_match_the_oracles(setup):
         cases = [(prompt_of(600), None), (prompt_of(20, 1) + INV + prompt_of(400, 2), "judge")]
         for ids, name in cases:
             (out,) = llm.generate([ids], params, name)
-            activation = 20 if name else None
-            _, ref_tokens, ref_lps = hf_models.oracle_run(oracles[name], ids, 4, activation)
-            assert out.token_ids == ref_tokens, name
-            lps = [step[t] for step, t in zip(out.logprobs, out.token_ids)]
-            assert np.max(np.abs(np.asarray(lps) - np.asarray(ref_lps))) <= 1e-4, name
+            hf_models.assert_matches_oracle(out, oracles[name], ids, 4, 20 if name else None, what=name)
         # two prompts at once: steps of both (the second's chunk last, split) and then steps of one's decode
         # row before the other's chunk (split)
         both = [prompt_of(300, 3), prompt_of(500, 4)]
