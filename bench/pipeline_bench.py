@@ -43,6 +43,12 @@ One device command is limited to 10 minutes, so split it:
     python -m bench.pipeline_bench --model granite-8b --parts C --c-rates 8 16 32 --c-sessions --c-pipelines 200 \
         --c-max-seconds 40                                                         # sessions off vs on
 
+`--tuning FIELD=VALUE ...` replaces GPU attention tuning fields for the run (recorded as `gpu_tuning_changes`), e.g.
+the long-chunk attention variant, off by default until measured on a device, against the default in two runs:
+
+    python -m bench.pipeline_bench --model granite-8b --parts A --prompt-lens 65536 --tuning long_chunk_max_rows=32 \
+        --out pipeline_bench_granite-8b_longchunk.json
+
 `--parts baseline --reuse-peft` measures only jalora's side again against the stored PEFT numbers (which
 keep their own run record), when the code under test is jalora's.
 
@@ -811,6 +817,9 @@ def main(argv=None) -> dict:
                     help="JAX persistent compilation cache, EngineConfig.compile_cache ('' to disable)")  # fmt: skip
     ap.add_argument("--prefill-attention-impl", choices=("kernel", "cudnn", "reference"), default=None,
                     help="EngineConfig.prefill_attention_impl (one sequence's prefill chunks; default: the engine's)")
+    ap.add_argument("--tuning", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="GPU attention tuning fields to replace for this run (e.g. long_chunk_max_rows=32), "
+                         "recorded as gpu_tuning_changes")  # fmt: skip
     ap.add_argument("--no-warmup", action="store_true",
                     help="skip compiling every bucket up front (then the first measurements include compilation)")
     ap.add_argument("--tp-passes", type=int, default=1,
@@ -836,6 +845,9 @@ def main(argv=None) -> dict:
         ap.error(f"unknown parts {bad}; choose from {PARTS}")
     if "baseline" in parts and args.tensor_parallel_size > 1:
         ap.error("the PEFT baseline runs on one device; leave out the baseline part with --tensor-parallel-size")
+    from bench.profile_step import set_gpu_tuning, tuning_fields
+
+    tuning = tuning_fields(args.tuning)  # (refused now, before any slow work; applied before the engine is built)
     sz = sizes(args.model, args.quick)
     for k, v in (("prompt_lens", args.prompt_lens), ("b_prompts", args.b_prompts), ("c_rates", args.c_rates),
                  ("c_pipelines", args.c_pipelines), ("c_kv_pipelines", args.c_kv_pipelines),
@@ -873,6 +885,8 @@ def main(argv=None) -> dict:
         with open(os.path.join(os.environ["OUT"], "peft_baseline.json"), "w") as f:
             json.dump(peft_res, f, indent=2)
 
+    if tuning:
+        set_gpu_tuning(tuning)
     from bench.harness import measure_ceilings, run_metadata
 
     meta = run_metadata(__spec__.name, argv)
@@ -890,7 +904,7 @@ def main(argv=None) -> dict:
     if not args.no_warmup:
         bench.warm()
     common = {"warmup_s": bench.warmup_s, "kv_tokens": bench.kv_tokens(), "max_model_len": bench.engine.max_model_len,
-              "prefill_attention": bench.engine.runner.plan.prefill}
+              "prefill_attention": bench.engine.runner.plan.prefill, "gpu_tuning_changes": tuning}
 
     def flush() -> dict:
         """Saves what is measured so far: a run cut short by a time limit keeps its finished parts."""

@@ -338,8 +338,8 @@ def wants_long_grid(tuning: GpuAttentionTuning, num_seqs: int, num_kv_heads: int
 def wants_long_chunk(tuning: GpuAttentionTuning, rows: int, max_kv_len: int) -> bool:
     """True if a decode-shaped step of `rows` token rows (its bucket), in which a sequence brings several
     rows and the longest context holds `max_kv_len` keys, should pass `long_chunk=True`: the tuning splits
-    dynamically and has a long-context rule, the bucket is at most `long_chunk_max_rows` and the context
-    reaches `long_context_keys`."""
+    dynamically and has a long-context rule, the bucket is at most `long_chunk_max_rows` (0: never) and the
+    context reaches `long_context_keys`."""
     return (tuning.dynamic_splits and tuning.long_split_rule is not None and rows <= tuning.long_chunk_max_rows
             and max_kv_len >= tuning.long_context_keys)  # fmt: skip
 

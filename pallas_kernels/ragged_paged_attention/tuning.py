@@ -47,8 +47,9 @@ class GpuAttentionTuning:
     # judge after 64k cached keys read it 5 times, ~0.5 ms a layer on an H100 (pipeline A: 28.7 ms of its
     # 36 ms TTFT). The caller's `long_chunk=True` (a variant of its own) takes query blocks of the bucket's
     # rows (at most `prefill_block_m`: the chunk in one block, the context read once per kv head) and the
-    # long-context rule with its whole grid (a chunk step may hold one sequence).
-    long_chunk_max_rows: int = 32
+    # long-context rule with its whole grid (a chunk step may hold one sequence). 0: never (the default until
+    # measured on a device: interpret-mode tests only; 32 is the intended value for H100/H200).
+    long_chunk_max_rows: int = 0
     # The dynamic rule gives each working split at least this many kv tiles of the sequence (1 = no
     # floor). Floors of 4 and 8 with the 64-split rule above: no better than without
     # (bench/results/attention_split_grid.json).
@@ -110,7 +111,9 @@ class GpuAttentionTuning:
                 raise ValueError(f"{field} must keep at least one split at every bound, got {rule}")
             if [b for b, _ in bounds] != sorted(b for b, _ in bounds):
                 raise ValueError(f"{field} bounds must be increasing, got {rule}")
-        for name in ("long_context_keys", "long_chunk_max_rows", "min_tiles_per_split", "num_sms", "static_waves",
+        if self.long_chunk_max_rows < 0:
+            raise ValueError(f"long_chunk_max_rows must be >= 0, got {self.long_chunk_max_rows}")
+        for name in ("long_context_keys", "min_tiles_per_split", "num_sms", "static_waves",
                      "static_max_splits",
                      "static_min_keys_per_split", "decode_block_m", "prefill_block_m", "decode_block_k",
                      "prefill_block_k", "num_warps", "combine_block_rows", "combine_block_cols", "combine_num_warps",

@@ -18,9 +18,10 @@ from tests.compile_events import COMPILES
 INV = [7, 8]
 
 # 4 splits (2 working past 4 programs) by default; the long rule: 8 splits for <= 4 programs (2 kv heads x
-# 2 sequences), 2 past; from 48 keys on
+# 2 sequences), 2 past; from 48 keys on; the long-chunk variant in buckets of up to 32 rows
 TUNING = attention_tuning.GpuAttentionTuning(split_rule=(4, ((4, 2),)), long_split_rule=(8, ((4, 6),)),
-                                             long_context_keys=48, decode_block_k=16)  # fmt: skip
+                                             long_context_keys=48, decode_block_k=16,
+                                             long_chunk_max_rows=32)  # fmt: skip
 
 
 def prompt_of(n: int, salt: int = 0) -> list[int]:
