@@ -132,7 +132,8 @@ def assert_matches_oracle(out, model, ids: list[int], n: int, activation: int | 
     logprob within `atol`, and with `prompt_logprobs` the prompt's logprobs too."""
     ref_plp, tokens, token_lps = oracle_run(model, ids, n, activation)
     assert out.token_ids == tokens, what
-    got = [step[t] for step, t in zip(out.logprobs, out.token_ids)]
+    got = [step[t] for step, t in zip(out.logprobs, out.token_ids, strict=True)]
     assert np.max(np.abs(np.asarray(got) - np.asarray(token_lps))) <= atol, what
     if prompt_logprobs:
+        assert len(out.prompt_logprobs) == len(ids), what
         assert np.max(np.abs(np.asarray(out.prompt_logprobs[1:]) - np.asarray(ref_plp))) <= atol, what

@@ -241,7 +241,7 @@ def get_all(work: Sequence[tuple[Executables, Sequence[tuple[tuple, dict]]]], wo
     if not todo:
         return
     pool = concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(todo))))
-    short: list[tuple[Hashable, Any, str]] = []  # (key, lowered, label) of compilations short of device memory
+    short: list[Hashable] = []  # keys of compilations that ran out of device memory beside others
     try:
         paths = {k: fn._path(args, static) for k, (fn, args, static) in todo.items()}
         reads = {k: pool.submit(todo[k][0]._read, path) for k, path in paths.items() if path is not None}
@@ -251,15 +251,16 @@ def get_all(work: Sequence[tuple[Executables, Sequence[tuple[tuple, dict]]]], wo
             if exe is not None:
                 fn._keep(k[1], exe, loaded=True)
             else:
-                label, lowered = fn._describe(args, static), fn._jit.lower(*args, **static)
-                compiles[k] = (pool.submit(fn._compile, lowered, paths[k], label), lowered, label)
-        for k, (future, lowered, label) in compiles.items():
+                label = fn._describe(args, static)
+                compiles[k] = pool.submit(fn._compile, fn._jit.lower(*args, **static), paths[k], label)
+        together = len(compiles) > 1 and workers > 1  # (alone already: a retry would run out again)
+        for k, future in compiles.items():
             try:
                 exe = future.result()
             except Exception as e:
-                if not out_of_device_memory(e):
+                if not (together and out_of_device_memory(e)):
                     raise
-                short.append((k, lowered, label))
+                short.append(k)
                 continue
             todo[k][0]._keep(k[1], exe, loaded=False)
     except BaseException:  # the error now: the queued compilations are dropped (running ones end on their own)
@@ -268,11 +269,13 @@ def get_all(work: Sequence[tuple[Executables, Sequence[tuple[tuple, dict]]]], wo
     pool.shutdown()
     # A GPU compilation allocates device memory while XLA's autotuner times its kernels (operands, outputs, red
     # zones): several at once can run out of it where each alone fits. Those are compiled again one at a time,
-    # once the others are done; one that runs out alone raises.
-    for k, lowered, label in short:
-        fn = todo[k][0]
+    # once the others are done (lowered again: the wave's lowered modules are not kept); one that runs out alone
+    # raises.
+    for k in short:
+        fn, args, static = todo[k]
+        label = fn._describe(args, static)
         logger.warning("compiling %s ran out of device memory beside other compilations: compiling it alone", label)
-        fn._keep(k[1], fn._compile(lowered, paths[k], label), loaded=False)
+        fn._keep(k[1], fn._compile(fn._jit.lower(*args, **static), paths[k], label), loaded=False)
         fn.compiled_alone += 1
 
 

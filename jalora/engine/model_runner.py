@@ -212,7 +212,9 @@ class ModelRunner:
         # invocation, a new chat turn) may run the kernel's long-chunk variant (KernelPlan.long_chunk): one more
         # variant of each such bucket.
         longest = min(max_model_len, self._window_keys)
-        self.long_chunk_buckets = [b for b in self.buckets if b <= max_num_seqs and model.plan.long_chunk(b, longest)]
+        self._group = max(cfg.num_heads // tp.size // self._kv_heads, 1)  # (query heads per kv head, per device)
+        self.long_chunk_buckets = [b for b in self.buckets
+                                   if b <= max_num_seqs and model.plan.long_chunk(b, longest, b, self._group)]
         self.graphdef, state = nnx.split(model)
         # The parameters cross into the step as a flat list: flattening the nnx.State pytree on every
         # call cost ~0.6 ms of host time per step for 40 layers (bench/profile_step.py).
@@ -444,8 +446,9 @@ class ModelRunner:
         split = not long and k > 0 and self.plan.split_prefill(t, int(ns[k - 1]), self.cfg.sliding_window)
         # A small step in which a sequence brings several rows after a long context: the kernel's long-chunk
         # variant (KernelPlan.long_chunk; each query block of the chunk would read the whole context again).
-        chunk = not long and total > k and t in self.long_chunk_buckets
-        chunk = chunk and self.plan.long_chunk(t, min(int(kv_lens.max()), self._window_keys))
+        chunk = not long and not split and total > k and t in self.long_chunk_buckets
+        keys = min(int(kv_lens.max()), self._window_keys)
+        chunk = chunk and self.plan.long_chunk(t, keys, int(ns.max()), self._group)
         flag = np.ones(1, np.int32)
         attn = AttentionMetadata(slot_mapping, kv_lens, page_indices, cu, np.array([k], np.int32),
                                  flag if long else None, flag if split else None, flag if chunk else None)  # fmt: skip

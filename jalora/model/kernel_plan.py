@@ -106,15 +106,16 @@ class KernelPlan:
 
         return wants_long_grid(self.attention_tuning, num_seqs, num_kv_heads, max_kv_len)
 
-    def long_chunk(self, rows: int, max_kv_len: int) -> bool:
-        """True if a decode-shaped step of `rows` token rows (its bucket) in which a sequence brings several
-        rows, the longest context holding `max_kv_len` keys, should run the attention kernel's long-chunk
-        variant (query blocks of the bucket, the long-context grid; GPU kernel only)."""
+    def long_chunk(self, rows: int, max_kv_len: int, longest_chunk: int, group: int) -> bool:
+        """True if a decode-shaped step of `rows` token rows (its bucket) whose longest sequence brings
+        `longest_chunk` rows, the longest context holding `max_kv_len` keys (`group` query heads per kv head),
+        should run the attention kernel's long-chunk variant (query blocks of the bucket, the long-context grid;
+        GPU kernel only; `gpu.wants_long_chunk`)."""
         if self.attention != "gpu":
             return False
         from pallas_kernels.ragged_paged_attention.gpu import wants_long_chunk
 
-        return wants_long_chunk(self.attention_tuning, rows, max_kv_len)
+        return wants_long_chunk(self.attention_tuning, rows, max_kv_len, longest_chunk, group)
 
     def split_prefill(self, rows: int, last_chunk: int, sliding_window: int | None) -> bool:
         """True if a step of `rows` token rows (its bucket) whose last sequence brings `last_chunk` query rows

@@ -335,13 +335,17 @@ def wants_long_grid(tuning: GpuAttentionTuning, num_seqs: int, num_kv_heads: int
     return split_rule(programs, long) > split_rule(programs, tuning)
 
 
-def wants_long_chunk(tuning: GpuAttentionTuning, rows: int, max_kv_len: int) -> bool:
-    """True if a decode-shaped step of `rows` token rows (its bucket), in which a sequence brings several
-    rows and the longest context holds `max_kv_len` keys, should pass `long_chunk=True`: the tuning splits
-    dynamically and has a long-context rule, the bucket is at most `long_chunk_max_rows` (0: never) and the
-    context reaches `long_context_keys`."""
+def wants_long_chunk(
+    tuning: GpuAttentionTuning, rows: int, max_kv_len: int, longest_chunk: int, group: int
+) -> bool:
+    """True if a decode-shaped step of `rows` token rows (its bucket), whose longest sequence brings
+    `longest_chunk` rows and whose longest context holds `max_kv_len` keys, should pass `long_chunk=True`: the
+    tuning splits dynamically and has a long-context rule, the bucket is at most `long_chunk_max_rows` (0:
+    never), the context reaches `long_context_keys`, and the chunk is longer than a decode query block holds
+    (`decode_block_m // group` tokens, `group` the query heads per kv head: a shorter one reads its context
+    once already)."""
     return (tuning.dynamic_splits and tuning.long_split_rule is not None and rows <= tuning.long_chunk_max_rows
-            and max_kv_len >= tuning.long_context_keys)  # fmt: skip
+            and max_kv_len >= tuning.long_context_keys and longest_chunk * group > tuning.decode_block_m)  # fmt: skip
 
 
 def decode_grid_splits(

@@ -183,7 +183,7 @@ def test_an_executable_from_jax_cache_is_not_written(tmp_path):
 def test_a_compilation_short_of_device_memory_is_compiled_again_alone(tmp_path, caplog):
     """A compilation that fails with XLA's RESOURCE_EXHAUSTED beside others (the GPU autotuner's
     allocations) is compiled again once the others are done, alone, and kept; any other compile error,
-    or running out again alone, is raised."""
+    running out again alone, or running out as the only compilation is raised (no retry)."""
     import threading
 
     import pytest
@@ -191,7 +191,7 @@ def test_a_compilation_short_of_device_memory_is_compiled_again_alone(tmp_path, 
     from jalora.engine.executables import get_all
 
     x = jnp.ones((2, 2))
-    f = Executables(lambda x: x * 2, "f", tmp_path, "fp")
+    f = Executables(lambda x: x * 2, "f", tmp_path, "fp", describe=lambda args, static: f"f{args[0].shape}")
     compile_one, calls, running = f._compile, [], [0]  # calls: (label, compilations running with it)
     lock = threading.Lock()
 
@@ -212,20 +212,26 @@ def test_a_compilation_short_of_device_memory_is_compiled_again_alone(tmp_path, 
     with caplog.at_level(logging.WARNING, logger="jalora.engine.executables"):
         get_all([(f, [((x[:1],), {}), ((x,), {}), ((x[:, :1],), {})])], workers=3)
     assert len(f) == 3 and f.compiled == 3 and f.compiled_alone == 1 and len(calls) == 4
+    assert len({label for label, _ in calls[:3]}) == 3  # (three variants, told apart by their labels)
     assert calls[-1] == (calls[0][0], 1)  # the failed one again, last, with nothing else compiling
     assert sum("ran out of device memory" in r.getMessage() for r in caplog.records) == 1
     for arr in (x[:1], x, x[:, :1]):
         np.testing.assert_array_equal(np.asarray(f(arr)), np.asarray(arr) * 2)
 
+    tries: list[str] = []
+
     def always(message):
         def fail(lowered, path, label):
+            tries.append(label)
             raise jax.errors.JaxRuntimeError(message)
 
         return fail
 
-    for message in ("RESOURCE_EXHAUSTED: Out of memory", "INTERNAL: something else"):
+    for message, calls_of in (("RESOURCE_EXHAUSTED: Out of memory", [x[:1], x]), ("INTERNAL: something else", [x]),
+                              ("RESOURCE_EXHAUSTED: Out of memory", [x])):  # fmt: skip
         g = Executables(lambda x: x - 1, "g", tmp_path, "fp-" + message[:3])
-        g._compile = always(message)
+        g._compile, tries[:] = always(message), []
         with pytest.raises(jax.errors.JaxRuntimeError, match=message.split(":")[0]):
-            get_all([(g, [((x,), {})])], workers=2)
-        assert len(g) == 0
+            get_all([(g, [((arr,), {}) for arr in calls_of])], workers=2)
+        assert len(g) == 0 and g.compiled_alone == 0
+        assert len(tries) == (3 if len(calls_of) == 2 else 1)  # (two, then the first again alone; one, no retry)

@@ -85,12 +85,15 @@ def test_long_decode_steps_run_their_variant_and_match_peft(setup):
         outs = llm.generate([ids for ids, _ in cases], params, [name for _, name in cases])
         assert [o.token_ids for o in outs] == [hf_models.oracle_run(oracles[n], ids, 12,
                                                len(ids) - len(INV) if n else None)[1] for ids, n in cases]  # fmt: skip
-        # a prompt whose first 48 tokens are cached: its last 8 run as one 8-token step at 56 keys, in the
-        # smallest bucket and past the threshold, but a prefill chunk: not the long grid, the long chunk; and
-        # an aLoRA judge after the same cached base prefix: its 7 rows (invocation included) as a long chunk
+        # prompts whose first 48 tokens are cached: a tail of 8 runs as one 8-token step at 56 keys, in the
+        # smallest bucket and past the threshold, but a prefill chunk (not the long grid), and one decode query
+        # block holds it (16 rows / 2 query heads per kv head = 8 tokens: not the long chunk either); a tail of
+        # 12 and an aLoRA judge's 12 rows after the same cached base prefix (invocation included) run the long
+        # chunk, its query blocks of 16 tokens against decode's 8
         first = prompt_of(50, 7)
         llm.generate([first], SamplingParams(max_tokens=1))
-        for ids, name in ((first[:48] + prompt_of(8, 8), None), (first[:48] + prompt_of(5, 10) + INV, "judge")):
+        tails = [(first[:48] + prompt_of(n, 8), None) for n in (8, 12)]
+        for ids, name in (*tails, (first[:48] + prompt_of(10, 10) + INV, "judge")):
             (out,) = llm.generate([ids], params, name)
             assert out.num_cached_tokens == 48, name
             activation = len(ids) - len(INV) if name else None
@@ -102,7 +105,7 @@ def test_long_decode_steps_run_their_variant_and_match_peft(setup):
     assert any(long for _, long in decodes) and any(not long for _, long in decodes)
     assert (8, 1, False) in long_steps  # the cached prompt's tail (it ran: the prefix cache hit)
     assert all(not long for tokens, n, long in long_steps if tokens > n)  # prefill steps never
-    assert (8, 1, True) in chunk_steps and (7, 1, True) in chunk_steps  # the cached tail, the judge's chunk
+    assert (8, 1, False) in chunk_steps and chunk_steps.count((12, 1, True)) == 2  # the cached tails, the judge
     assert all(not chunk for tokens, n, chunk in chunk_steps if tokens == n)  # decode steps never
     # the prompts from scratch (40 tokens: 32 rows, then 8 at 40 keys, below the threshold) never
     assert (32, 1, False) in chunk_steps and (8, 1, False) in chunk_steps

@@ -426,20 +426,26 @@ def test_long_chunk_takes_query_blocks_of_the_bucket_and_the_long_grid():
     tu = (("tuning", long), ("long_chunk", True))
     _check("gpu", (2, [9, 1], [190, 17], 21), cfg, tu)  # 4 programs: all 8 splits work
     _check("gpu", (3, [1, 12, 3], [180, 100, 33], 22), dict(cfg, window=50, cap=20.0), tu)  # 6 programs: 2 work
-    _check("gpu", (2, [1, 20], [64, 190], 23), dict(cfg, t=24, s=24), tu)  # a chunk of 20 rows: 2 blocks of 16
+    _check("gpu", (2, [1, 20], [64, 190], 23), dict(cfg, t=24, s=24), tu)  # a 20-row chunk in a block of 32
+    # blocks capped at prefill_block_m = 32 rows (8 tokens): chunks of 20 rows over 3 blocks, window and cap
+    capped = (("tuning", dataclasses.replace(long, prefill_block_m=32)), ("long_chunk", True))
+    _check("gpu", (2, [1, 20], [64, 190], 26), dict(cfg, t=24, s=24), capped)
+    _check("gpu", (3, [3, 20, 1], [150, 190, 70], 27), dict(cfg, t=24, s=24, window=60, cap=15.0), capped)
     _check("gpu", (1, [16], [192], 24), dict(cfg, dtype=jnp.bfloat16), tu)  # one chunk filling the bucket
     _check("gpu", (4, [1, 9, 1, 2], [96, 40, 3, 9], 25), dict(cfg, t=16, s=4, p=6), tu)  # prefill-shaped
-    # when the engine asks for it: a long rule, a bucket of at most long_chunk_max_rows, the threshold reached
-    assert wants_long_chunk(long, rows=16, max_kv_len=100)
-    assert not wants_long_chunk(long, rows=16, max_kv_len=99)
-    assert not wants_long_chunk(long, rows=32, max_kv_len=10**6)
-    assert not wants_long_chunk(dataclasses.replace(long, long_split_rule=None), 16, 10**6)
-    assert not wants_long_chunk(dataclasses.replace(long, dynamic_splits=False), 16, 10**6)
+    # when the engine asks for it: a long rule, a bucket of at most long_chunk_max_rows, the threshold reached, a
+    # chunk longer than a decode block holds (decode_block_m 16 / group 4 = 4 tokens)
+    assert wants_long_chunk(long, rows=16, max_kv_len=100, longest_chunk=5, group=4)
+    assert not wants_long_chunk(long, rows=16, max_kv_len=100, longest_chunk=4, group=4)
+    assert not wants_long_chunk(long, rows=16, max_kv_len=99, longest_chunk=9, group=4)
+    assert not wants_long_chunk(long, rows=32, max_kv_len=10**6, longest_chunk=9, group=4)
+    assert not wants_long_chunk(dataclasses.replace(long, long_split_rule=None), 16, 10**6, 9, 4)
+    assert not wants_long_chunk(dataclasses.replace(long, dynamic_splits=False), 16, 10**6, 9, 4)
     h200 = gpu_attention_tuning("NVIDIA H200")  # (off until measured on a device)
-    assert not any(wants_long_chunk(h200, rows, 65536) for rows in (16, 32, 64))
+    assert not any(wants_long_chunk(h200, rows, 65536, 18, 4) for rows in (16, 32, 64))
     on = dataclasses.replace(h200, long_chunk_max_rows=32)
-    assert [wants_long_chunk(on, rows, 65536) for rows in (16, 32, 64)] == [True, True, False]
-    assert not wants_long_chunk(on, 32, 16384)
+    assert [wants_long_chunk(on, rows, 65536, 18, 4) for rows in (16, 32, 64)] == [True, True, False]
+    assert not wants_long_chunk(on, 32, 16384, 18, 4)
     with pytest.raises(ValueError, match="long_chunk_max_rows"):
         GpuAttentionTuning(long_chunk_max_rows=-1)
 
