@@ -848,13 +848,6 @@ def main(argv=None) -> dict:
     from bench.profile_step import set_gpu_tuning, tuning_fields
 
     tuning = tuning_fields(args.tuning)  # (refused now, before any slow work; applied before the engine is built)
-    if tuning:
-        from pallas_kernels.ragged_paged_attention.tuning import GpuAttentionTuning
-
-        try:
-            dataclasses.replace(GpuAttentionTuning(), **tuning)
-        except (TypeError, ValueError) as e:
-            raise SystemExit(f"--tuning: {e}") from e
     sz = sizes(args.model, args.quick)
     for k, v in (("prompt_lens", args.prompt_lens), ("b_prompts", args.b_prompts), ("c_rates", args.c_rates),
                  ("c_pipelines", args.c_pipelines), ("c_kv_pipelines", args.c_kv_pipelines),

@@ -130,7 +130,8 @@ def set_gpu_tuning(fields: dict) -> None:
 
 
 def tuning_fields(pairs: list[str]) -> dict:
-    """`--tuning` FIELD=VALUE pairs as a dict (values as Python literals); unknown fields are refused."""
+    """`--tuning` FIELD=VALUE pairs as a dict (values as Python literals); unknown fields and values the tuning
+    record refuses are refused here, before any slow work."""
     from pallas_kernels.ragged_paged_attention.tuning import GpuAttentionTuning
 
     known = {f.name for f in dataclasses.fields(GpuAttentionTuning)}
@@ -140,6 +141,10 @@ def tuning_fields(pairs: list[str]) -> dict:
         if not eq or name not in known:
             raise SystemExit(f"--tuning: expected FIELD=VALUE with FIELD one of {sorted(known)}, got {pair!r}")
         fields[name] = ast.literal_eval(value)
+    try:
+        dataclasses.replace(GpuAttentionTuning(), **fields)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"--tuning: {e}") from e
     return fields
 
 

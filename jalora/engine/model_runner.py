@@ -447,8 +447,8 @@ class ModelRunner:
         # A small step in which a sequence brings several rows after a long context: the kernel's long-chunk
         # variant (KernelPlan.long_chunk; each query block of the chunk would read the whole context again).
         chunk = not long and not split and total > k and t in self.long_chunk_buckets
-        keys = min(int(kv_lens.max()), self._window_keys)
-        chunk = chunk and self.plan.long_chunk(t, keys, int(ns.max()), self._group)
+        if chunk:  # (the reductions only for the steps that can take it: prepare runs every step)
+            chunk = self.plan.long_chunk(t, min(int(kv_lens.max()), self._window_keys), int(ns.max()), self._group)
         flag = np.ones(1, np.int32)
         attn = AttentionMetadata(slot_mapping, kv_lens, page_indices, cu, np.array([k], np.int32),
                                  flag if long else None, flag if split else None, flag if chunk else None)  # fmt: skip

@@ -113,8 +113,7 @@ class GpuAttentionTuning:
                 raise ValueError(f"{field} bounds must be increasing, got {rule}")
         if self.long_chunk_max_rows < 0:
             raise ValueError(f"long_chunk_max_rows must be >= 0, got {self.long_chunk_max_rows}")
-        for name in ("long_context_keys", "min_tiles_per_split", "num_sms", "static_waves",
-                     "static_max_splits",
+        for name in ("long_context_keys", "min_tiles_per_split", "num_sms", "static_waves", "static_max_splits",
                      "static_min_keys_per_split", "decode_block_m", "prefill_block_m", "decode_block_k",
                      "prefill_block_k", "num_warps", "combine_block_rows", "combine_block_cols", "combine_num_warps",
                      "decode_num_stages", "prefill_num_stages", "wide_head_num_stages"):  # fmt: skip
