@@ -540,6 +540,25 @@ def host_stream(r) -> list[str]:
     return out
 
 
+def admission(r) -> list[str]:
+    """bench/admission.py: the host's lookup of an aLoRA judge after its base request, donors against hashing all."""
+    out = [f"An aLoRA judge's prefix-cache lookup on the engine's thread (its blocks' hashes and cached blocks) after "
+           f"a base request of the length shown and its {r['answer']}-token answer; host only, median of "
+           f"{r['repeats']} ({provenance(r)}; host CPU {r['host_cpu']}, Python {r['python']}).", ""]  # fmt: skip
+    return out + admission_stdout(r)
+
+
+def admission_stdout(r) -> list[str]:
+    """bench/admission.py's table: one row per context length."""
+    out = ["| context | judge blocks | judge lookup ms: donors | hashing all | saved | base lookup ms |",
+           "|---|---|---|---|---|---|"]  # fmt: skip
+    for row in r["rows"]:
+        j = row["judge_lookup_ms"]
+        out.append(f"| {row['length']} | {row['judge_blocks']} | {j['donors']:.3f} | {j['hash all']:.3f} | "
+                   f"{j['hash all'] - j['donors']:.3f} | {row['base_lookup_ms']:.3f} |")  # fmt: skip
+    return out
+
+
 def default_model_cpu(startup, decode) -> list[str]:
     """bench/startup.py and bench/cpu_decode.py: SmolLM2-135M-Instruct on a CPU."""
     from bench import cpu_decode as cpu_decode_bench
@@ -959,6 +978,7 @@ def render() -> str:
          ("profile_step_b1.json", "profile_step_b64_a8.json", "profile_step_b1_baseline.json",
           "profile_step_b64_a8_baseline.json")),
         ("### Host output work per token over a long stream", host_stream, ("host_stream.json",)),
+        ("### Admitting a judge after a long context: the host's lookup", admission, ("admission.json",)),
         ("### Masked multi-LoRA", lora, ("lora.json", "lora_step.json")),
         ("### Decode attention: kv splits at the engine's step shapes", attention_splits,
          ("attention_splits.json",)),

@@ -7,6 +7,7 @@ adapter. Otherwise key_j is the adapter's content-bound identity.
 """
 
 import hashlib
+from collections import deque
 
 import numpy as np
 
@@ -53,17 +54,26 @@ def extend_block_hashes(
     block_size: int,
     activation_start: int | None,
     adapter_identity: bytes | None,
+    hashed: bytearray | None = None,
+    donors: "HashDonors | None" = None,
 ) -> None:
     """Appends to `hashes` the hash of every full block of `token_ids` not hashed yet (O(new blocks)).
 
     The same hashes as `hash_block` over each block in turn; the new blocks' tokens are converted to
     bytes in one call (a 64k-token prompt is 4096 blocks, hashed on the engine's thread as it arrives:
-    converting block by block took three times as long)."""
+    converting block by block took three times as long). `hashed`, if given, gets the int64 bytes of the
+    blocks hashed (what `HashDonors` compares); with `donors`, a request's first hashes are taken from a
+    recent request with the same leading tokens where they are the same (`HashDonors.give`)."""
     first, end = len(hashes), len(token_ids) // block_size
     if first >= end:
         return
     data = np.asarray(token_ids[first * block_size : end * block_size], dtype=np.int64).tobytes()
     step = block_size * 8
+    if hashed is not None:
+        hashed += data
+    if first == 0 and donors is not None:
+        first = donors.give(hashes, data, activation_start, adapter_identity)
+        data = data[first * step :]
     prev = hashes[-1] if first else SEED
     sha256 = hashlib.sha256
     suffix, suffix_until = b"\x00", end  # the key's bytes, the same for every block up to suffix_until
@@ -76,3 +86,67 @@ def extend_block_hashes(
         offset = (j - first) * step
         prev = sha256(prev + data[offset : offset + step] + suffix).digest()  # (= hash_block's three updates)
         hashes.append(prev)
+
+
+class HashDonors:
+    """Recent requests whose leading block hashes a new request with the same leading tokens takes instead
+    of computing them again.
+
+    An adapter's prompt in a pipeline is its base request's prompt and answer plus the invocation: at 64k
+    tokens, 4096 of its 4112 blocks, whose SHA-256 chain (~2-7 ms on one CPU core) would run on the
+    engine's thread between the request's arrival and its first step. Block j's hash depends only on the
+    tokens of blocks 0..j and their keys (`block_key`), so a donor's hashes are the new request's for every
+    leading block whose tokens are the same and whose key is the same for both: all blocks when the two
+    have the same adapter identity and activation index (or are both base requests), else those that both
+    key None (wholly before either's activation index). A donor is a request hashed lately (the last
+    `capacity`, of at least `min_blocks` full blocks); it is read by
+    reference, so its entry follows its hashes as its outputs extend them. The tokens are compared as the
+    int64 bytes the hasher made of them (`Request.hashed_tokens`), with one memcmp where all are the same.
+    """
+
+    def __init__(self, block_size: int, capacity: int = 16, min_blocks: int = 4):
+        self.block_size = block_size
+        self.min_blocks = min_blocks
+        # (hashes, their tokens' bytes, activation index, adapter identity), oldest first
+        self.entries: deque[tuple[list[bytes], bytearray, int | None, bytes | None]] = deque(maxlen=capacity)
+        self.num_given = 0  # block hashes taken from donors (a counter, never reset)
+
+    def add(self, hashes: list[bytes], hashed: bytearray, activation_start, adapter_identity) -> None:
+        """Offers a request's hashes (`hashed` their tokens' bytes) to the requests that come after it."""
+        if len(hashes) < self.min_blocks or any(e[0] is hashes for e in self.entries):
+            return
+        self.entries.append((hashes, hashed, activation_start, adapter_identity))
+
+    def give(self, hashes: list[bytes], data: bytes, activation_start, adapter_identity) -> int:
+        """Appends to the empty `hashes` the longest run of leading block hashes a donor has for the full
+        blocks whose int64 token bytes are `data`; returns how many it appended."""
+        step = self.block_size * 8
+        want = len(data) // step
+        if want < self.min_blocks:
+            return 0
+        mine = _key_pair(activation_start, adapter_identity)
+        own_base = num_base_keyed_blocks(want, self.block_size, activation_start, adapter_identity)
+        best, best_hashes = 0, None
+        for d_hashes, d_hashed, d_act, d_id in self.entries:
+            n = min(want, len(d_hashes), len(d_hashed) // step)
+            if _key_pair(d_act, d_id) != mine:  # the same keys for both only where both key None
+                n = min(n, own_base, num_base_keyed_blocks(n, self.block_size, d_act, d_id))
+            if n <= best or d_hashed[:step] != data[:step]:
+                continue
+            shared = d_hashed[: n * step]  # (a copy: the donor's bytes grow with its outputs)
+            if shared != data[: n * step]:  # the first differing token ends the shared blocks
+                differ = np.frombuffer(data, np.int64, n * self.block_size) != np.frombuffer(shared, np.int64)
+                n = int(np.flatnonzero(differ)[0]) // self.block_size
+            if n > best:
+                best, best_hashes = n, d_hashes
+        if best:
+            hashes.extend(best_hashes[:best])
+            self.num_given += best
+        return best
+
+
+def _key_pair(activation_start: int | None, adapter_identity: bytes | None) -> tuple:
+    """What `block_key` keys a request's blocks by: (None, None) for a base request."""
+    if adapter_identity is None or activation_start is None:
+        return (None, None)
+    return (activation_start, adapter_identity)

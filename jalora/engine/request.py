@@ -6,7 +6,7 @@ import time
 import numpy as np
 
 from jalora.adapters.peft import BASE, ResolvedAdapter
-from jalora.engine.block_hasher import extend_block_hashes
+from jalora.engine.block_hasher import HashDonors, extend_block_hashes
 from jalora.outputs import RequestMetrics
 from jalora.sampling_params import SamplingParams
 
@@ -66,6 +66,7 @@ class Request:
         self.num_cached_tokens = 0
         self.block_ids = BlockIds()
         self.block_hashes: list[bytes] = []
+        self.hashed_tokens = bytearray()  # the int64 bytes of the blocks hashed so far (block_hasher.HashDonors)
         self.num_registered_blocks = 0  # leading blocks already published to the prefix cache
         # Async scheduling: (step id, row) of each token sampled by a step whose results the host has
         # not read yet, oldest first. The next step already feeds such a token (from the previous
@@ -100,8 +101,18 @@ class Request:
         be scheduled after it."""
         return bool(self.pending) and self.length_reached(max_model_len, len(self.pending))
 
-    def update_block_hashes(self, block_size: int) -> list[bytes]:
+    def update_block_hashes(self, block_size: int, donors: HashDonors | None = None) -> list[bytes]:
+        """Hashes the full blocks not hashed yet; the first ones from `donors` where one has them."""
+        first = not self.block_hashes
         extend_block_hashes(
-            self.block_hashes, self.all_token_ids, block_size, self.activation_start, self.adapter_identity
+            self.block_hashes,
+            self.all_token_ids,
+            block_size,
+            self.activation_start,
+            self.adapter_identity,
+            self.hashed_tokens,
+            donors if first else None,
         )
+        if first and donors is not None:
+            donors.add(self.block_hashes, self.hashed_tokens, self.activation_start, self.adapter_identity)
         return self.block_hashes

@@ -106,7 +106,7 @@ class Sessions:
         s = self.live.get(session)
         if s is None or not s.blocks:
             return full
-        hashes = req.update_block_hashes(b)[: req.num_tokens // b]
+        hashes = req.update_block_hashes(b, self.bm.donors)[: req.num_tokens // b]
         return full - sum(1 for h in hashes if h in s.blocks)
 
     def check_share(self, req: Request, session: str, max_model_len: int) -> int:
