@@ -1,0 +1,37 @@
+"""bench/report.py's serving-goals table: rooflines from the model's bytes and the device's bandwidth, and each
+row's verdict against its goal (no device run needed: the result files are built here)."""
+
+from bench.harness import GRANITE_8B
+from bench.report import GRANITE_WEIGHT_BYTES, kv_bytes_per_token, serving_goals
+
+
+def profile(device, context, ms):
+    return {"device": device, "commit": "abc1234", "context": context, "batch": 1, "step_ms_median": ms}
+
+
+def test_decode_rows_against_the_roofline_of_their_device():
+    kv = kv_bytes_per_token(GRANITE_8B)
+    assert kv == 40 * 2 * 8 * 128 * 2  # 40 layers, K and V, 8 kv heads of 128, bf16
+    h200_64k = (GRANITE_WEIGHT_BYTES + 65536 * kv) / 4300e9 * 1e3  # 6.30 ms
+    h100_1k = (GRANITE_WEIGHT_BYTES + 1024 * kv) / 3350e9 * 1e3
+    lines = serving_goals(None, None, None, profile("NVIDIA H100 80GB HBM3", 1024, 1.05 * h100_1k),
+                          profile("NVIDIA H200", 65536, 1.2 * h200_64k), None, None)  # fmt: skip
+    rows = [line for line in lines if line.startswith("| batch-1")]
+    assert len(rows) == 2
+    assert f"{h100_1k:.2f} ms (weights + KV at 3.35 TB/s, H100); 1.05x" in rows[0] and "| met |" in rows[0]
+    assert f"{h200_64k:.2f} ms (weights + KV at 4.3 TB/s); 1.20x" in rows[1] and "| missed |" in rows[1]
+    assert round(h200_64k, 2) == 6.30
+
+
+def test_judge_rows_and_missing_runs():
+    run = {"device": "NVIDIA H200", "commit": "abc1234"}
+    judge = lambda e2e: {"e2e_s": e2e, "completion_tokens": 16, "prompt_tokens": 65794}  # noqa: E731
+    rows = [{"prompt_len": 65536, "kind": "alora", "judge": judge(0.120), "compilations": 0},
+            {"prompt_len": 65536, "kind": "lora", "judge": judge(4.8), "compilations": 1}]  # fmt: skip
+    a = {"rows": rows, "run": run}
+    lines = serving_goals(None, {"parts": {"A": a}}, None, None, None, None, None)
+    text = "\n".join(lines)
+    assert "| compilations while serving (pipeline A rows) | 1 |" in text and "| 0 | missed |" in text
+    assert "| aLoRA judge e2e at 64k, 16 tokens (ms) | 120.00 ms |" in text and "<= 130 ms | met |" in text
+    assert "| judge e2e, LoRA / aLoRA at 64k (x) | 40.00x | - | >= 50x | missed |" in text
+    assert "start to ready" not in text  # no start-up run: no row
