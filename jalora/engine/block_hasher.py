@@ -7,7 +7,7 @@ adapter. Otherwise key_j is the adapter's content-bound identity.
 """
 
 import hashlib
-from collections import deque
+from collections import OrderedDict
 
 import numpy as np
 
@@ -61,17 +61,18 @@ def extend_block_hashes(
 
     The same hashes as `hash_block` over each block in turn; the new blocks' tokens are converted to
     bytes in one call (a 64k-token prompt is 4096 blocks, hashed on the engine's thread as it arrives:
-    converting block by block took three times as long). `hashed`, if given, gets the int64 bytes of the
-    blocks hashed (what `HashDonors` compares); with `donors`, a request's first hashes are taken from a
-    recent request with the same leading tokens where they are the same (`HashDonors.give`)."""
+    converting block by block took three times as long). `hashed`, if given, holds the int64 bytes of the
+    blocks hashed (what `HashDonors` compares; emptied for good if it ever stops matching `hashes`); with
+    `donors`, a request's first hashes are taken from a recent request where they are the same
+    (`HashDonors.give`)."""
     first, end = len(hashes), len(token_ids) // block_size
     if first >= end:
         return
     data = np.asarray(token_ids[first * block_size : end * block_size], dtype=np.int64).tobytes()
-    step = block_size * 8
-    if hashed is not None:
-        hashed += data
+    step, hashed_from, new = block_size * 8, first, data
     if first == 0 and donors is not None:
+        if donors.block_size != block_size:
+            raise ValueError(f"donors hold blocks of {donors.block_size} tokens, not {block_size}")
         first = donors.give(hashes, data, activation_start, adapter_identity)
         data = data[first * step :]
     prev = hashes[-1] if first else SEED
@@ -86,6 +87,11 @@ def extend_block_hashes(
         offset = (j - first) * step
         prev = sha256(prev + data[offset : offset + step] + suffix).digest()  # (= hash_block's three updates)
         hashes.append(prev)
+    if hashed is not None:  # (after the hashes: the bytes never run ahead of them)
+        if len(hashed) == hashed_from * step:
+            hashed += new
+        else:  # out of step with the hashes (a caller cut them): this request is no donor any more
+            hashed.clear()
 
 
 class HashDonors:
@@ -98,51 +104,83 @@ class HashDonors:
     tokens of blocks 0..j and their keys (`block_key`), so a donor's hashes are the new request's for every
     leading block whose tokens are the same and whose key is the same for both: all blocks when the two
     have the same adapter identity and activation index (or are both base requests), else those that both
-    key None (wholly before either's activation index). A donor is a request hashed lately (the last
-    `capacity`, of at least `min_blocks` full blocks); it is read by
-    reference, so its entry follows its hashes as its outputs extend them. The tokens are compared as the
-    int64 bytes the hasher made of them (`Request.hashed_tokens`), with one memcmp where all are the same.
+    key None (wholly before either's activation index).
+
+    The block manager offers a request when it is admitted and again when it is released (finished or
+    preempted: its answer hashed by then), which makes it the newest donor; the pool keeps the `capacity`
+    most recently offered of at least `min_blocks` full blocks, within `max_bytes` of token bytes. An entry
+    is read by reference, so it follows the request's hashes as its outputs extend them. The tokens are
+    compared as the int64 bytes the hasher made of them (`Request.hashed_tokens`), newest donor first: one
+    memcmp where all agree, and where they do not, prefixes of doubling length until one differs, then the
+    first differing token within the last doubling (a donor that shares only a system prompt costs a few
+    blocks' comparison, not the whole prompt's).
     """
 
-    def __init__(self, block_size: int, capacity: int = 16, min_blocks: int = 4):
+    def __init__(self, block_size: int, capacity: int = 16, min_blocks: int = 4, max_bytes: int = 64 << 20):
         self.block_size = block_size
+        self.capacity = capacity
         self.min_blocks = min_blocks
-        # (hashes, their tokens' bytes, activation index, adapter identity), oldest first
-        self.entries: deque[tuple[list[bytes], bytearray, int | None, bytes | None]] = deque(maxlen=capacity)
+        self.max_bytes = max_bytes
+        # id(hashes) -> (hashes, their tokens' bytes, activation index, adapter identity), oldest first
+        self.entries: OrderedDict[int, tuple[list[bytes], bytearray, int | None, bytes | None]] = OrderedDict()
         self.num_given = 0  # block hashes taken from donors (a counter, never reset)
 
     def add(self, hashes: list[bytes], hashed: bytearray, activation_start, adapter_identity) -> None:
-        """Offers a request's hashes (`hashed` their tokens' bytes) to the requests that come after it."""
-        if len(hashes) < self.min_blocks or any(e[0] is hashes for e in self.entries):
+        """Offers a request's hashes (`hashed` their tokens' bytes) to the requests that come after it, as the
+        newest donor; the oldest go beyond `capacity` entries or `max_bytes`."""
+        key = id(hashes)
+        if len(hashed) // (self.block_size * 8) < self.min_blocks:
+            self.entries.pop(key, None)
             return
-        self.entries.append((hashes, hashed, activation_start, adapter_identity))
+        self.entries[key] = (hashes, hashed, activation_start, adapter_identity)
+        self.entries.move_to_end(key)
+        while len(self.entries) > self.capacity or (
+            len(self.entries) > 1 and sum(len(e[1]) for e in self.entries.values()) > self.max_bytes
+        ):
+            self.entries.popitem(last=False)
 
     def give(self, hashes: list[bytes], data: bytes, activation_start, adapter_identity) -> int:
         """Appends to the empty `hashes` the longest run of leading block hashes a donor has for the full
         blocks whose int64 token bytes are `data`; returns how many it appended."""
         step = self.block_size * 8
         want = len(data) // step
-        if want < self.min_blocks:
+        if want < self.min_blocks or not self.entries:
             return 0
         mine = _key_pair(activation_start, adapter_identity)
         own_base = num_base_keyed_blocks(want, self.block_size, activation_start, adapter_identity)
         best, best_hashes = 0, None
-        for d_hashes, d_hashed, d_act, d_id in self.entries:
-            n = min(want, len(d_hashes), len(d_hashed) // step)
-            if _key_pair(d_act, d_id) != mine:  # the same keys for both only where both key None
-                n = min(n, own_base, num_base_keyed_blocks(n, self.block_size, d_act, d_id))
-            if n <= best or d_hashed[:step] != data[:step]:
+        for d_hashes, d_hashed, d_act, d_id in reversed(self.entries.values()):
+            bound = want if _key_pair(d_act, d_id) == mine else own_base  # (other keys: both key None only)
+            n = min(bound, len(d_hashes), len(d_hashed) // step)
+            if _key_pair(d_act, d_id) != mine:
+                n = min(n, num_base_keyed_blocks(n, self.block_size, d_act, d_id))
+            if n <= best:
                 continue
-            shared = d_hashed[: n * step]  # (a copy: the donor's bytes grow with its outputs)
-            if shared != data[: n * step]:  # the first differing token ends the shared blocks
-                differ = np.frombuffer(data, np.int64, n * self.block_size) != np.frombuffer(shared, np.int64)
-                n = int(np.flatnonzero(differ)[0]) // self.block_size
+            n = self._shared_blocks(d_hashed, data, n)
             if n > best:
                 best, best_hashes = n, d_hashes
+                if best == want:
+                    break  # (no donor can give more)
         if best:
             hashes.extend(best_hashes[:best])
             self.num_given += best
         return best
+
+    def _shared_blocks(self, theirs: bytearray, data: bytes, n: int) -> int:
+        """How many of the first `n` blocks of `data` a donor's token bytes hold too."""
+        step, view = self.block_size * 8, memoryview(data)
+        lo, k = 0, 1  # blocks [0, lo) agree
+        while True:
+            k = min(k, n)
+            if not theirs.startswith(view[: k * step]):
+                break
+            if k == n:
+                return n
+            lo, k = k, 2 * k
+        # the first difference lies in blocks [lo, k): find its token
+        ours = np.frombuffer(data, np.int64, (k - lo) * self.block_size, lo * step)
+        differ = ours != np.frombuffer(bytes(theirs[lo * step : k * step]), np.int64)
+        return lo + int(np.flatnonzero(differ)[0]) // self.block_size
 
 
 def _key_pair(activation_start: int | None, adapter_identity: bytes | None) -> tuple:

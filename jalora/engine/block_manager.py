@@ -120,6 +120,7 @@ class BlockManager:
         if not self.reads_cache(req):
             return 0
         hashes = req.update_block_hashes(self.block_size, self.donors)
+        req.offer_hashes(self.donors)
         max_blocks = (req.num_tokens - 1) // self.block_size
         tier = self.host_tier
         if tier is None:  # device hits only: one pass (a 64k judge's 4096 hits)
@@ -137,21 +138,20 @@ class BlockManager:
         chain = []  # (hash, its device block or None, its host-tier block where the device has none)
         for h in hashes[:max_blocks]:
             block = self.cached.get(h)
-            hb = None if block is not None or tier is None else tier.find(h)
+            hb = None if block is not None else tier.find(h)
             if block is None and hb is None:
                 break
             chain.append((h, block, hb))
-        if tier is not None:
-            # Each block copied back takes a fresh block: as many as stay free once the device hits are taken.
-            # (A retained device hit at refcount 0 is not in the free list: taking it costs no free block.)
-            room = len(self.free) - sum(1 for _, b, _ in chain if b is not None and b in self.free)
-            for i, (_, block, hb) in enumerate(chain):
-                if block is None:
-                    if room <= 0:
-                        del chain[i:]
-                        break
-                    room -= 1
-                    tier.pin(hb)  # (before any eviction below can reuse its host slot)
+        # Each block copied back takes a fresh block: as many as stay free once the device hits are taken.
+        # (A retained device hit at refcount 0 is not in the free list: taking it costs no free block.)
+        room = len(self.free) - sum(1 for _, b, _ in chain if b is not None and b in self.free)
+        for i, (_, block, hb) in enumerate(chain):
+            if block is None:
+                if room <= 0:
+                    del chain[i:]
+                    break
+                room -= 1
+                tier.pin(hb)  # (before any eviction below can reuse its host slot)
         for _, block, _ in chain:
             if block is not None:
                 self._take(block)
@@ -234,6 +234,8 @@ class BlockManager:
                 self._let_go(block)
         req.block_ids = BlockIds()
         req.num_registered_blocks = 0
+        if self.enable_prefix_caching:  # (its answer hashed by now: the newest donor, for its judges)
+            req.offer_hashes(self.donors)
 
     def findable_block(self, h: bytes) -> int | None:
         """The block a lookup finds for hash `h` (None if none)."""

@@ -103,7 +103,6 @@ class Request:
 
     def update_block_hashes(self, block_size: int, donors: HashDonors | None = None) -> list[bytes]:
         """Hashes the full blocks not hashed yet; the first ones from `donors` where one has them."""
-        first = not self.block_hashes
         extend_block_hashes(
             self.block_hashes,
             self.all_token_ids,
@@ -111,8 +110,10 @@ class Request:
             self.activation_start,
             self.adapter_identity,
             self.hashed_tokens,
-            donors if first else None,
+            donors,
         )
-        if first and donors is not None:
-            donors.add(self.block_hashes, self.hashed_tokens, self.activation_start, self.adapter_identity)
         return self.block_hashes
+
+    def offer_hashes(self, donors: HashDonors) -> None:
+        """Offers this request's hashes to the requests after it (`HashDonors.add`)."""
+        donors.add(self.block_hashes, self.hashed_tokens, self.activation_start, self.adapter_identity)

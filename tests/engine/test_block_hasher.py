@@ -120,9 +120,10 @@ def test_hashes_taken_from_donors_are_the_chain_of_the_request(donors, length, k
     for same, extra, (a, identity) in donors:  # the first `same` tokens shared, then its own
         tokens = common[:same] + rng.integers(50, 99, extra).tolist()
         got, hashed = [], bytearray()
-        extend_block_hashes(got, tokens, block_size, a, identity, hashed, pool)
-        assert got == chain(tokens, block_size, a, identity)
+        extend_block_hashes(got, tokens[: same + extra // 2], block_size, a, identity, hashed, pool)
         pool.add(got, hashed, a, identity)
+        extend_block_hashes(got, tokens, block_size, a, identity, hashed, pool)  # it grows once offered
+        assert got == chain(tokens, block_size, a, identity)
     a, identity = keys
     tokens = common[:length] + [7, 7]
     got, hashed = [], bytearray()
@@ -155,3 +156,74 @@ def test_a_judge_takes_its_base_blocks_from_the_base_request_and_a_lora_none():
     again = []
     extend_block_hashes(again, judge + [9, 9], B, 42, ID, bytearray(), pool)  # the same judge, 2 more tokens
     assert pool.num_given == 21 and again == chain(judge + [9, 9], B, 42, ID)
+
+
+def test_the_block_manager_offers_a_request_on_admission_and_again_on_release():
+    """A base request whose judge arrives after 16 other long requests were admitted (the pool's capacity; the
+    base the oldest when released), and one whose prompt was too short to offer at admission, hand their
+    blocks to the judge once released: a release makes a request the newest donor, its answer hashed. The
+    judge's hashes are its own chain (the answer runs through its straddling block) and its lookup finds the
+    base's blocks."""
+    from jalora import SamplingParams
+    from jalora.adapters.peft import ResolvedAdapter
+    from jalora.engine.block_manager import BlockManager
+    from jalora.engine.request import Request
+
+    params = SamplingParams(max_tokens=64)
+    for prompt_len in (100, 6):  # 25 blocks, or 1 (under min_blocks: not offered at admission)
+        bm = BlockManager(num_blocks=400, block_size=B, enable_prefix_caching=True)
+        prompt = list(range(1000, 1000 + prompt_len))
+        base = Request("base", prompt, params, seed=0)
+        bm.lookup(base)
+        answer = list(range(5000, 5042))
+        assert bm.allocate(base, prompt_len + len(answer))
+        base.all_token_ids.extend(answer)
+        base.num_computed_tokens = prompt_len + len(answer)
+        bm.register(base)
+        others = [Request(f"o{i}", [7 + i] * 40, params, seed=0) for i in range(16)]
+        for other in others[:15]:
+            bm.lookup(other)
+        offered = list(bm.donors.entries)
+        assert offered.index(id(base.block_hashes)) == 0 if prompt_len == 100 else len(offered) == 15
+        bm.release(base)
+        bm.lookup(others[15])  # the pool's 17th: its oldest goes, no longer the base
+        a = prompt_len + 40  # activated inside the answer: the answer's last 2 tokens in a straddling block
+        ids = prompt + answer + [9, 9]
+        judge = Request("judge", ids, params, seed=0, adapter_name="j", adapter=ResolvedAdapter(0, ID, a))
+        given_before = bm.donors.num_given
+        reused = bm.lookup(judge)
+        assert judge.block_hashes == chain(ids, B, a, ID)
+        assert bm.donors.num_given - given_before == a // B  # every block before the activation
+        assert reused == a // B * B  # the base's blocks: found
+
+
+def test_a_request_whose_hashes_were_cut_is_no_donor():
+    """The donors compare token bytes that must line up with the hashes: cut hashes empty the bytes for good."""
+    from jalora.engine.block_hasher import HashDonors
+
+    pool = HashDonors(B, min_blocks=1)
+    hashes, hashed = [], bytearray()
+    extend_block_hashes(hashes, TOKENS, B, None, None, hashed, pool)
+    assert len(hashed) == 5 * B * 8
+    del hashes[2:]
+    extend_block_hashes(hashes, TOKENS + [1, 2, 3, 4], B, None, None, hashed, pool)
+    assert hashed == bytearray() and hashes == chain(TOKENS + [1, 2, 3, 4], B, None, None)
+    pool.add(hashes, hashed, None, None)
+    assert not pool.entries
+
+
+def test_a_donor_that_shares_a_system_prompt_gives_its_blocks_and_no_more():
+    from jalora.engine.block_hasher import HashDonors
+
+    pool = HashDonors(B, min_blocks=1)
+    system = list(range(12))  # 3 blocks
+    for i in range(3):  # unrelated long requests after the same system prompt
+        tokens = system + [100 + i] * 400
+        hashes, hashed = [], bytearray()
+        extend_block_hashes(hashes, tokens, B, None, None, hashed, pool)
+        pool.add(hashes, hashed, None, None)
+    assert pool.num_given == 2 * 3  # (the second and third took the system prompt's from the first)
+    mine = system + [1, 2, 3, 4, 5, 6, 7, 8] + [99] * 400
+    hashes = []
+    extend_block_hashes(hashes, mine, B, None, None, bytearray(), pool)
+    assert pool.num_given == 3 * 3 and hashes == chain(mine, B, None, None)
