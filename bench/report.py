@@ -355,13 +355,13 @@ def pb_goals(r: dict) -> list[str]:
 # The serving goals' table: which result file each row reads (the latest run of each measure; a device run
 # that measures a row again replaces its file here).
 SERVING_GOAL_RUNS = {
-    "startup": "startup_gpu.json",
-    "pipeline": "pipeline_bench_granite-8b.json",
+    "startup": "startup_gpu_h100.json",
+    "pipeline": "pipeline_bench_granite-8b_h100.json",
     "concurrent": "pipeline_bench_granite-8b_aconc_h100.json",
-    "decode_1k": "profile_step_b1_onelaunch_baseline_h200.json",
-    "decode_64k": "profile_step_b1_ctx65536_longgrid_h200.json",
-    "prefill_attention": "attention_split_h100.json",
-    "grpc": "http_bench.json",
+    "decode_1k": "profile_step_b1_h100.json",
+    "decode_64k": "profile_step_b1_ctx65536_h100.json",
+    "prefill_attention": "attention_prefill_h100.json",
+    "grpc": "http_bench_h100.json",
 }
 GRANITE_WEIGHT_BYTES = 16_341_696_512  # Granite-3.2-8B in bf16 (bench/pipeline_bench.py's ceilings record it)
 
@@ -432,7 +432,7 @@ def serving_goals(startup, pipeline, concurrent, decode_1k, decode_64k, prefill_
         for p in prefill_attention.get("prefill", []):
             if p["tokens"] in (8192, 32768):
                 best = max(p["pct_cudnn"], p.get("split_pct_cudnn", 0.0))
-                how = "split route, opt-in" if p.get("split_pct_cudnn", 0.0) > p["pct_cudnn"] else "kernel"
+                how = "split route" if p.get("split_pct_cudnn", 0.0) > p["pct_cudnn"] else "kernel"
                 row(f"prefill attention {p['tokens'] // 1024}k, % of cuDNN ({how})", best, "%",
                     f"cuDNN {p['cudnn_ms']:.2f} ms", ">= 80%", best >= 80, prefill_attention)  # fmt: skip
     if grpc:
@@ -1000,14 +1000,51 @@ def attention_stdout(r) -> list[str]:
                          f"{row.get('split_tflops', nan):.0f} | {row.get('speedup', nan):.2f}x | "
                          f"{row.get('split_rel_err_vs_kernel', nan):.1e} |")  # fmt: skip
     if r.get("small_chunks"):
-        lines += ["", "| chunk rows (bucket) | context | decode blocks us | GB/s | long chunk us | GB/s | speed-up | "
-                  "rel. error |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
-        for row in r["small_chunks"]:
-            lines.append(f"| {row['rows']} ({row['bucket']}) | {row['context']} | "
-                         f"{row.get('decode_blocks_us', nan):.0f} | {row.get('decode_blocks_gbs', nan):.0f} | "
-                         f"{row.get('long_chunk_us', nan):.0f} | {row.get('long_chunk_gbs', nan):.0f} | "
-                         f"{row.get('speedup', nan):.2f}x | {row.get('rel_err', nan):.1e} |")  # fmt: skip
+        lines += ["", *small_chunks_table(r["small_chunks"])]
     return lines
+
+
+def small_chunks_table(rows: list) -> list[str]:
+    """bench/attention.py's small chunks: a few rows after a long context, decode's query blocks vs the long chunk."""
+    nan = float("nan")
+    out = ["| chunk rows (bucket) | context | decode blocks us | GB/s | long chunk us | GB/s | speed-up | rel. error |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for row in rows:
+        out.append(f"| {row['rows']} ({row['bucket']}) | {row['context']} | "
+                   f"{row.get('decode_blocks_us', nan):.0f} | {row.get('decode_blocks_gbs', nan):.0f} | "
+                   f"{row.get('long_chunk_us', nan):.0f} | {row.get('long_chunk_gbs', nan):.0f} | "
+                   f"{row.get('speedup', nan):.2f}x | {row.get('rel_err', nan):.1e} |")  # fmt: skip
+    return out
+
+
+def long_chunk_and_cudnn(small, default, optin, start, start_cudnn) -> list[str]:
+    """The long-chunk variant and cuDNN prefill chunks, measured off (the defaults then) and on in one H100 session
+    before they became the defaults: the kernel alone, pipeline A at 64k, a cold start."""
+    out = [f"Per layer, K + V of 8 kv heads read by one sequence's chunk after its context ({provenance(small)}; "
+           f"{small['note']}):", "", *small_chunks_table(small["small_chunks"]), ""]  # fmt: skip
+    rows = {}
+    for name, r in (("off", default), ("on", optin)):
+        for x in r["parts"]["A"]["rows"]:
+            if x["prompt_len"] == 65536:
+                rows[(name, x["kind"])] = x
+    out += [f"Pipeline A at 65536 with both off ({provenance(default['parts']['A']['run'])}) and on "
+            f"({provenance(optin['parts']['A']['run'])}):", "",
+            "| kind | both | base prefill ms | judge queue ms | judge prefill ms | judge TTFT ms | judge e2e ms |",
+            "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for kind in ("alora", "lora"):
+        for name in ("off", "on"):
+            x = rows.get((name, kind))
+            if x:
+                b, j = x["base"], x["judge"]
+                ms = [b["prefill_s"], j["queue_s"], j["prefill_s"], j["ttft_s"], j["e2e_s"]]
+                out.append(f"| {kind} | {name} | " + " | ".join(f"{1e3 * v:.1f}" for v in ms) + " |")
+    c0, c1 = start["runs"]["cold"], start_cudnn["runs"]["cold"]
+    alone = sum(p.get("compiled_alone", 0) for p in c1["warmup_phases"])
+    out += ["", f"A cold start ({c0['device']}): {c0['ready_s']:.1f} s with the kernel's prefill, "
+            f"{c1['ready_s']:.1f} s with cuDNN's chunks ({c1['executables']} executables against "
+            f"{c0['executables']}; compiled again alone after running out of device memory: {alone}) "
+            f"({provenance(start_cudnn)})."]  # fmt: skip
+    return out
 
 
 def attention_splits_stdout(r, splits) -> list[str]:
@@ -1093,6 +1130,9 @@ def render() -> str:
         ("### Layer groups against the fused step", layer_groups, LAYER_GROUP_RUNS),
         ("### Decode step changes, pair by pair", decode_pairs, tuple(n for pair in DECODE_PAIRS for n in pair)),
         ("### Serving goals: where each stands", serving_goals, tuple(SERVING_GOAL_RUNS.values())),
+        ("### Long chunks after a long context, prefill chunks through cuDNN: off and on (H100)", long_chunk_and_cudnn,
+         ("attention_small_chunks_h100.json", "pipeline_bench_granite-8b_h100.json",
+          "pipeline_bench_granite-8b_optin_h100.json", "startup_gpu_h100.json", "startup_gpu_cudnn_h100.json")),
         ("### The aLoRA serving paper's pipelines on the H200", pipeline_bench_section,
          ("pipeline_bench_granite-8b.json",)),
     ]

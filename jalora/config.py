@@ -86,7 +86,7 @@ class EngineConfig:
         None, "a step's last sequence when it is a prefill chunk of >= 1024 rows in a step of >= 2048: 'kernel' "
         "runs the attention kernel as every step does; 'cudnn' runs cuDNN's flash attention, the chunk's prefix "
         "and its own keys apart, merged (NVIDIA GPUs; models without a sliding window); 'reference' that split "
-        "in jnp (tests) (default: 'kernel')",
+        "in jnp (tests) (default: 'cudnn' where the GPU attention kernel runs on an NVIDIA GPU, else 'kernel')",
         choices=("kernel", "cudnn", "reference")
     )
     lora_onehot_max_tokens: int | None = config_field(

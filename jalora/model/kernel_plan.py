@@ -55,11 +55,12 @@ class KernelPlan:
         lora = config.lora_impl or platform
         norm = config.norm_impl or "reference"
         nvidia = platform == "gpu" and kind.startswith("NVIDIA")
-        # The kernel by default: cuDNN's chunks are 1.3-1.7x faster (bench/attention.py, chunks of 2048 and 8192
-        # rows on an H100), but a default start with them on an H100 (ff1b924) ran out of device memory in the
-        # warm-up's autotuning, several compilations at once (a 1.52 GiB allocation). Such a compilation is now
-        # compiled again alone (executables.get_all); on by default once a start with it has run on a device.
-        prefill = config.prefill_attention_impl or "kernel"
+        # cuDNN's chunks by default where the GPU kernel runs on an NVIDIA GPU (bench/attention.py: 1.3-1.7x the
+        # kernel on chunks of 2048 and 8192 rows on an H100; pipeline A's 64k base prefill 6.13 -> 4.63 s). A
+        # start with them once ran out of device memory in the warm-up's autotuning, several compilations at
+        # once: such a compilation is now compiled again alone (executables.get_all); the H100 start at
+        # 795904c came up without needing it (bench/results/startup_gpu_cudnn_h100.json).
+        prefill = config.prefill_attention_impl or ("cudnn" if nvidia and attention == "gpu" else "kernel")
         if prefill == "cudnn" and not nvidia:
             raise InvalidRequestError(
                 "prefill_attention_impl", f"cudnn needs an NVIDIA GPU, not this {platform} platform ({kind})"

@@ -47,9 +47,10 @@ class GpuAttentionTuning:
     # judge after 64k cached keys read it 5 times, ~0.5 ms a layer on an H100 (pipeline A: 28.7 ms of its
     # 36 ms TTFT). The caller's `long_chunk=True` (a variant of its own) takes query blocks of the bucket's
     # rows (at most `prefill_block_m`: the chunk in one block, the context read once per kv head) and the
-    # long-context rule with its whole grid (a chunk step may hold one sequence). 0: never (the default until
-    # measured on a device: interpret-mode tests only; 32 is the intended value for H100/H200).
-    long_chunk_max_rows: int = 0
+    # long-context rule with its whole grid (a chunk step may hold one sequence). 0: never. H100 (795904c):
+    # an 18-row chunk after 64k keys 535 -> 188 us a layer (16k: 141 -> 97 us; bench/results/attention.json,
+    # small chunks); pipeline A's 64k aLoRA judge 35.8 -> 20.2 ms TTFT (pipeline_bench_granite-8b_optin.json).
+    long_chunk_max_rows: int = 32
     # The dynamic rule gives each working split at least this many kv tiles of the sequence (1 = no
     # floor). Floors of 4 and 8 with the 64-split rule above: no better than without
     # (bench/results/attention_split_grid.json).

@@ -115,3 +115,40 @@ def test_a_server_with_start_up_adapters_warms_both_paths_at_once(tiny_models, t
         assert finished == {f"short{i}", f"long{i}"}
     assert len(COMPILES) == compiles, "a request compiled after the warm-up"
     assert engine.stats().compilations == 0
+
+
+def test_the_kv_cache_leaves_the_device_while_a_start_compiles(tiny_models, tmp_path, monkeypatch):
+    """Before anything is served the KV cache holds nothing: the warm-up's compile wave runs with only its
+    shapes in place (its device memory free for the compilations' autotuning) and a zeroed cache comes back
+    before the warm-up's steps run. Once a request was served, a later warm-up (adapters loaded then) keeps
+    the cache: the prompt served before hits its cached blocks after it and still matches transformers."""
+    import jax
+
+    from jalora.engine import model_runner
+
+    base = tiny_models["llama"]
+    path = hf_models.make_adapter(base, str(tmp_path / "alora"), ["q_proj", "v_proj"], r=4, invocation=INV, seed=5)
+    llm = LLM(base, num_kv_blocks=64, max_num_seqs=4, max_num_batched_tokens=32, max_model_len=64, max_loras=2,
+              max_lora_rank=4, warmup=False)  # fmt: skip
+    runner = llm.engine.runner
+    shapes = [(c.shape, c.dtype, c.sharding) for kv in runner.kv_caches for c in kv]
+    during = []
+    real = model_runner.get_all
+
+    def spy(work, workers):
+        during.append([type(c) for kv in runner.kv_caches for c in kv])
+        return real(work, workers)
+
+    monkeypatch.setattr(model_runner, "get_all", spy)
+    runner.warmup(progress=False)
+    assert set(during[0]) == {jax.ShapeDtypeStruct} and runner.warmup_phases[0]["kv_cache_parked"]
+    assert [(c.shape, c.dtype, c.sharding) for kv in runner.kv_caches for c in kv] == shapes
+    assert all(isinstance(c, jax.Array) and not c.is_deleted() for kv in runner.kv_caches for c in kv)
+    ids = list(range(10, 40))  # 1 full block of 16 to reuse
+    first = llm.generate([ids], SamplingParams(max_tokens=4, logprobs=0))[0]
+    llm.load_adapter("judge", path)
+    llm.engine.warmup_adapters(progress=False)
+    assert jax.ShapeDtypeStruct not in during[-1] and not runner.warmup_phases[-1]["kv_cache_parked"]
+    again = llm.generate([ids], SamplingParams(max_tokens=4, logprobs=0))[0]
+    assert again.num_cached_tokens == 16 and again.token_ids == first.token_ids
+    hf_models.assert_matches_oracle(again, hf_models.load_oracle(base), ids, 4, what="a cached prompt after it")

@@ -441,9 +441,10 @@ def test_long_chunk_takes_query_blocks_of_the_bucket_and_the_long_grid():
     assert not wants_long_chunk(long, rows=32, max_kv_len=10**6, longest_chunk=9, group=4)
     assert not wants_long_chunk(dataclasses.replace(long, long_split_rule=None), 16, 10**6, 9, 4)
     assert not wants_long_chunk(dataclasses.replace(long, dynamic_splits=False), 16, 10**6, 9, 4)
-    h200 = gpu_attention_tuning("NVIDIA H200")  # (off until measured on a device)
-    assert not any(wants_long_chunk(h200, rows, 65536, 18, 4) for rows in (16, 32, 64))
-    on = dataclasses.replace(h200, long_chunk_max_rows=32)
+    on = gpu_attention_tuning("NVIDIA H200")  # (32 rows: on since measured on an H100)
+    off = dataclasses.replace(on, long_chunk_max_rows=0)
+    assert not any(wants_long_chunk(off, rows, 65536, 18, 4) for rows in (16, 32, 64))
+    assert gpu_attention_tuning("NVIDIA H100 80GB HBM3") == on
     assert [wants_long_chunk(on, rows, 65536, 18, 4) for rows in (16, 32, 64)] == [True, True, False]
     assert not wants_long_chunk(on, 32, 16384, 18, 4)
     with pytest.raises(ValueError, match="long_chunk_max_rows"):
