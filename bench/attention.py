@@ -234,7 +234,7 @@ def run_chunks(results, chunks, cache_tokens, bs, iters, interpret=False):
         results.setdefault("chunks", []).append(row)
 
 
-def run_small_chunks(results, cases, num_seqs, cache_tokens, bs, iters, interpret=False):
+def run_small_chunks(results, cases, num_seqs, cache_tokens, bs, iters, interpret=False, checkpoint=None):
     """A short chunk of n rows after a context of p0 keys in a decode-shaped step (bucket rows <= num_seqs, the
     engine's max_num_seqs, one sequence real): decode's query blocks (the default) vs the long-chunk variant
     (`long_chunk=True`: the bucket's rows in one block, the long rule's grid). Bytes: K + V of the context
@@ -266,6 +266,8 @@ def run_small_chunks(results, cases, num_seqs, cache_tokens, bs, iters, interpre
             row["speedup"] = row["decode_blocks_us"] / row["long_chunk_us"]
         print("small chunk", row, flush=True)
         results.setdefault("small_chunks", []).append(row)
+        if checkpoint is not None:  # (each row saved as it comes: a run stopped at its limit keeps them)
+            checkpoint()
 
 
 def check_mixed(results, interpret=False):
@@ -368,10 +370,11 @@ def main(argv=None) -> dict:
         run_chunks(results, chunks, args.cache_tokens, 16, iters=10)
     save(path, results)
     if args.smoke:
-        run_small_chunks(results, [(9, 16, 100)], 16, 256, 16, iters=1, interpret=interpret)
+        run_small_chunks(results, [(9, 16, 100)], 16, 256, 16, iters=1, interpret=interpret,
+                         checkpoint=lambda: save(path, results))  # fmt: skip
     else:  # (an aLoRA judge's invocation after its base's 64k: 18 rows in the 32-row bucket; a chat turn)
         cases = [(18, 32, 65518), (18, 32, 16366), (9, 16, 65527), (30, 32, 32738)]
-        run_small_chunks(results, cases, 64, args.cache_tokens, 16, iters=20)
+        run_small_chunks(results, cases, 64, args.cache_tokens, 16, iters=20, checkpoint=lambda: save(path, results))
     results["copy_gbs_at_end"] = copy_ceiling(args.smoke)
     results["wall_s"] = time.time() - t_start
     save(path, results)
