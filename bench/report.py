@@ -439,7 +439,8 @@ def serving_goals(startup, pipeline, concurrent, decode_1k, decode_64k, prefill_
         loss = grpc["loss_vs_inproc"]["grpc"] * 100
         row("64 streams through gRPC vs in-process (loss %)", loss, "%", "-", "<= 3%", loss <= 3, grpc)
     return ["Each row from the latest run that measured it (device and commit in the last column; the result files "
-            "are `SERVING_GOAL_RUNS` in bench/report.py).", "",
+            "are `SERVING_GOAL_RUNS` in bench/report.py). `python -m bench.serving_goals --out-dir DIR` measures every "
+            "row again in one command (`--parts` splits it over device calls) and prints this table from DIR.", "",
             "| measure | value | roofline / anchor | goal | | device, commit |", "|---|---|---|---|---|---|",
             *rows]  # fmt: skip
 
