@@ -567,7 +567,8 @@ def summary(tp, att, step) -> list[str]:
             f"{best['gbs'] / REF_HBM_GBPS:.0%} of {REF_HBM_GBPS / 1e3:.1f} TB/s; the low end is batch "
             f"{worst['batch']} at {worst['context']} tokens (launch cost, few programs). Prefill attention reaches "
             f"{min(pre):.0f}-{max(pre):.0f}% of cuDNN (goal 80%): the Triton lowering gathers K/V pages with "
-            "pointer loads, without the bulk-copy engine or warp specialisation; a Mosaic GPU kernel is next."
+            "pointer loads, without the bulk-copy engine or warp specialisation. On NVIDIA GPUs the engine's long "
+            "prefill chunks go through cuDNN instead (split prefill, the default: 81-93% of cuDNN, section above)."
         )
     if step:
         d, p = step["decode"], step["prefill"]
