@@ -681,22 +681,6 @@ class ModelRunner:
             what = f"the {num_tokens}-token step"
         logger.info("compiled %s%s%s in %.2f s", what, " with adapters " if groups else "", "+".join(groups), seconds)
 
-    def _park_kv_cache(self) -> bool:
-        """Frees the KV cache's device memory, leaving its shapes and shardings in its place (what lowering a
-        step needs); `_fresh_kv_cache` puts a zeroed cache back. Only while the cache holds nothing."""
-        caches = self.kv_caches
-        jax.block_until_ready(caches)  # (nothing may still read or write it: the warm-up's earlier steps)
-        self.kv_caches = [tuple(jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=c.sharding) for c in kv)
-                          for kv in caches]  # fmt: skip
-        for kv in caches:
-            for c in kv:
-                c.delete()
-        return True
-
-    def _fresh_kv_cache(self) -> None:
-        zeros = self.tp.zeros
-        self.kv_caches = [tuple(zeros(c.shape, c.dtype, KV_SPEC) for c in kv) for kv in self.kv_caches]
-
     def kv_cache_deleted(self) -> bool:
         """After a failed step: True if the cache donated into it is gone."""
         return any(k.is_deleted() or v.is_deleted() for k, v in self.kv_caches)
@@ -705,7 +689,8 @@ class ModelRunner:
         """A zeroed cache in place of one that is gone or cannot be trusted."""
         if self.leader is not None:
             self.leader.send("reset_kv_cache")
-        self._fresh_kv_cache()
+        zeros = self.tp.zeros
+        self.kv_caches = [tuple(zeros(c.shape, c.dtype, KV_SPEC) for c in kv) for kv in self.kv_caches]
 
     def gather_kv_blocks(self, blocks: np.ndarray) -> jax.Array:
         """Enqueues a copy of cache blocks `blocks` (i32[n]) for the host tier; returns the device array
@@ -777,17 +762,12 @@ class ModelRunner:
         kinds = [adapters] if adapters and not with_base else [None] + ([adapters] if adapters else [])
         desc = "jalora warm-up" + (" (adapters)" if adapters and not with_base else "")
         groups = () if with_base else tuple(sorted(adapters or {}))  # (the log's "with adapters ...")
+        cores = _compile_workers()
         self._warming_up = True
         try:
             compiled, variants, start = self.num_compiled(), self.num_step_variants, time.perf_counter()
             # seconds of each part (bench/startup_gpu.py reports them)
-            # Before the first step is served the KV cache holds nothing: it leaves the device while the wave
-            # compiles, so that the compilations' autotuning gets its memory (`_compile_workers` gives each
-            # compilation at once 1 GiB of free device memory: on an H100 the cache left 5), and comes back
-            # zeroed after (`_park_kv_cache`).
-            parked = self._launches == 0 and self._park_kv_cache()
-            cores = _compile_workers()
-            phases = {"kinds": len(kinds), "workers": cores, "kv_cache_parked": parked}
+            phases = {"kinds": len(kinds), "workers": cores}
             steps = [(a or {}, self._warmup_step(t, a)) for a in kinds for t in self.buckets]
             if self.long_decode:  # (the smallest bucket's long-context variant)
                 steps += [(a or {}, self._warmup_step(self.buckets[0], a, long=True)) for a in kinds]
@@ -800,11 +780,7 @@ class ModelRunner:
             else:
                 work = [(self._step, [self._step_args(step, a, None) for a, step in steps])]
             # The functions behind the steps compile in the same wave, from the shapes the steps return.
-            try:
-                get_all(work + self._function_calls([step for _, step in steps]), cores)
-            finally:
-                if parked:
-                    self._fresh_kv_cache()
+            get_all(work + self._function_calls([step for _, step in steps]), cores)
             phases["steps_compile_s"] = (t := time.perf_counter()) - start
             # (compilations that ran out of device memory beside others, compiled again alone: `get_all`)
             phases["compiled_alone"] = sum(f.compiled_alone for f in self._executables())
