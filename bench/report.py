@@ -363,7 +363,6 @@ SERVING_GOAL_RUNS = {
     "prefill_attention": "attention_prefill_h100.json",
     "grpc": "http_bench_h100.json",
 }
-GRANITE_WEIGHT_BYTES = 16_341_696_512  # Granite-3.2-8B in bf16 (bench/pipeline_bench.py's ceilings record it)
 
 
 def device_bandwidth(r: dict) -> tuple[float, str]:
@@ -372,10 +371,13 @@ def device_bandwidth(r: dict) -> tuple[float, str]:
     return (3350.0, "3.35 TB/s, H100") if "H100" in (r.get("device") or "") else (REF_HBM_GBPS, "4.3 TB/s")
 
 
-def kv_bytes_per_token(cfg: dict) -> int:
-    """K and V of every layer for one token, bf16."""
-    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    return cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * 2
+def bf16_bytes(cfg: dict) -> tuple[int, int]:
+    """(weight bytes, K + V bytes of one token over every layer) of a model's HF config in bf16, as the engine's
+    ModelConfig counts them (bench/throughput.py's decode rows do the same)."""
+    from jalora.model.config import ModelConfig
+
+    c = ModelConfig.from_dict(cfg)
+    return c.num_params() * 2, c.num_layers * 2 * c.kv_size * 2
 
 
 def serving_goals(startup, pipeline, concurrent, decode_1k, decode_64k, prefill_attention, grpc) -> list[str]:
@@ -383,7 +385,7 @@ def serving_goals(startup, pipeline, concurrent, decode_1k, decode_64k, prefill_
     from the latest run that measured it, with its roofline or anchor, device and commit."""
     from bench.harness import GRANITE_8B
 
-    kv = kv_bytes_per_token(GRANITE_8B)
+    weight_bytes, kv = bf16_bytes(GRANITE_8B)
     rows = []
 
     def row(what, value, unit, anchor, goal, ok, r):
@@ -400,7 +402,7 @@ def serving_goals(startup, pipeline, concurrent, decode_1k, decode_64k, prefill_
     for r, ctx_goal in ((decode_1k, 1.10), (decode_64k, 1.15)):
         if r:
             ctx, (gbps, named) = r["context"], device_bandwidth(r)
-            roof = (GRANITE_WEIGHT_BYTES + r["batch"] * ctx * kv) / gbps / 1e6
+            roof = (weight_bytes + r["batch"] * ctx * kv) / gbps / 1e6
             x = r["step_ms_median"] / roof
             anchor = f"{roof:.2f} ms (weights + KV at {named}); {x:.2f}x"
             row(f"batch-1 decode step, {ctx // 1024}k context (ms)", r["step_ms_median"], " ms", anchor,
@@ -415,7 +417,7 @@ def serving_goals(startup, pipeline, concurrent, decode_1k, decode_64k, prefill_
         if n:
             a, lo = by[(n, "alora")]["judge"], by[(n, "lora")]["judge"]
             steps = a["completion_tokens"]
-            roof = steps * (GRANITE_WEIGHT_BYTES + a["prompt_tokens"] * kv) / device_bandwidth(run)[0] / 1e6
+            roof = steps * (weight_bytes + a["prompt_tokens"] * kv) / device_bandwidth(run)[0] / 1e6
             anchor = f"~{roof:.0f} ms ({steps} steps at the decode roofline)"
             row(f"aLoRA judge e2e at {n // 1024}k, {steps} tokens (ms)", a["e2e_s"] * 1e3, " ms", anchor, "<= 130 ms",
                 a["e2e_s"] <= 0.130, run)  # fmt: skip

@@ -150,10 +150,9 @@ class HashDonors:
         own_base = num_base_keyed_blocks(want, self.block_size, activation_start, adapter_identity)
         best, best_hashes = 0, None
         for d_hashes, d_hashed, d_act, d_id in reversed(self.entries.values()):
-            bound = want if _key_pair(d_act, d_id) == mine else own_base  # (other keys: both key None only)
-            n = min(bound, len(d_hashes), len(d_hashed) // step)
-            if _key_pair(d_act, d_id) != mine:
-                n = min(n, num_base_keyed_blocks(n, self.block_size, d_act, d_id))
+            n = min(want, len(d_hashes), len(d_hashed) // step)
+            if _key_pair(d_act, d_id) != mine:  # other keys: the same only where both key None
+                n = min(n, own_base, num_base_keyed_blocks(n, self.block_size, d_act, d_id))
             if n <= best:
                 continue
             n = self._shared_blocks(d_hashed, data, n)

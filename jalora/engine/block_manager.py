@@ -122,8 +122,7 @@ class BlockManager:
         hashes = req.update_block_hashes(self.block_size, self.donors)
         req.offer_hashes(self.donors)
         max_blocks = (req.num_tokens - 1) // self.block_size
-        tier = self.host_tier
-        if tier is None:  # device hits only: one pass (a 64k judge's 4096 hits)
+        if self.host_tier is None:  # device hits only: one pass (a 64k judge's 4096 hits)
             ids = []
             get = self.cached.get
             for h in hashes[:max_blocks]:
@@ -132,11 +131,18 @@ class BlockManager:
                     break
                 self._take(block)
                 ids.append(block)
-            req.block_ids = BlockIds(ids)
-            req.num_registered_blocks = len(ids)
-            return len(ids) * self.block_size
+        else:
+            ids = self._take_with_tier(hashes[:max_blocks])
+        req.block_ids = BlockIds(ids)
+        req.num_registered_blocks = len(ids)
+        return len(ids) * self.block_size
+
+    def _take_with_tier(self, hashes: list[bytes]) -> list[int]:
+        """`lookup`'s blocks where a host tier is attached: the longest prefix of `hashes` found on the device
+        or, where it misses, in the tier (each such block registered at once on a fresh device block)."""
+        tier = self.host_tier
         chain = []  # (hash, its device block or None, its host-tier block where the device has none)
-        for h in hashes[:max_blocks]:
+        for h in hashes:
             block = self.cached.get(h)
             hb = None if block is not None else tier.find(h)
             if block is None and hb is None:
@@ -163,9 +169,7 @@ class BlockManager:
                 self.block_hash[block] = h
                 tier.copy_back(block, h, hb)
             ids.append(block)
-        req.block_ids = BlockIds(ids)
-        req.num_registered_blocks = len(ids)
-        return len(ids) * self.block_size
+        return ids
 
     def blocks_needed(self, req: Request, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(req.block_ids))

@@ -56,7 +56,7 @@ class KernelPlan:
         norm = config.norm_impl or "reference"
         nvidia = platform == "gpu" and kind.startswith("NVIDIA")
         # cuDNN's chunks by default where the GPU kernel runs on an NVIDIA GPU (bench/attention.py: 1.3-1.7x the
-        # kernel on chunks of 2048 and 8192 rows on an H100; pipeline A's 64k base prefill 6.13 -> 4.63 s). A
+        # kernel on chunks of 2048 and 8192 rows on an H100; pipeline A's 64k base prefill 6.12 -> 4.61 s). A
         # start with them once ran out of device memory in the warm-up's autotuning, several compilations at
         # once: such a compilation is now compiled again alone (executables.get_all); the H100 start at
         # 795904c came up without needing it (bench/results/startup_gpu_cudnn_h100.json).

@@ -48,8 +48,9 @@ class GpuAttentionTuning:
     # 36 ms TTFT). The caller's `long_chunk=True` (a variant of its own) takes query blocks of the bucket's
     # rows (at most `prefill_block_m`: the chunk in one block, the context read once per kv head) and the
     # long-context rule with its whole grid (a chunk step may hold one sequence). 0: never. H100 (795904c):
-    # an 18-row chunk after 64k keys 535 -> 188 us a layer (16k: 141 -> 97 us; bench/results/attention.json,
-    # small chunks); pipeline A's 64k aLoRA judge 35.8 -> 20.2 ms TTFT (pipeline_bench_granite-8b_optin.json).
+    # an 18-row chunk after 64k keys 535 -> 188 us a layer (16k: 141 -> 97 us;
+    # bench/results/attention_small_chunks_h100.json); pipeline A's 64k aLoRA judge 35.8 -> 20.2 ms TTFT
+    # (pipeline_bench_granite-8b_h100.json against pipeline_bench_granite-8b_optin_h100.json).
     long_chunk_max_rows: int = 32
     # The dynamic rule gives each working split at least this many kv tiles of the sequence (1 = no
     # floor). Floors of 4 and 8 with the 64-split rule above: no better than without
