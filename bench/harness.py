@@ -231,10 +231,25 @@ def copy_bandwidth(nbytes: int, warmup: int = 2, iters: int = 10) -> float:
     return 2 * nbytes / t / 1e9
 
 
+def gemv_bandwidth(nbytes: int, k: int = 4096, warmup: int = 2, iters: int = 10) -> float:
+    """GB/s of weight bytes a batch-1 bf16 matmul reads (x[1, k] @ W[k, nbytes / 2k], f32 accumulation as the
+    engine's projections): what a decode step's weight GEMMs can reach on this device, where an elementwise
+    copy is XLA's other kernel family (on the H100 it ran at 2.39 TB/s while the step's gate/up GEMM read
+    at 2.99, bench/results/pipeline_bench_granite-8b_h100.json and profile_step_b1_h100.json)."""
+    n = nbytes // (2 * k)
+    w = jax.random.normal(jax.random.key(3), (k, n), jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(4), (1, k), jnp.bfloat16)
+    f = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    t = timeit(lambda: f(x, w).block_until_ready(), warmup=warmup, iters=iters)
+    return 2 * k * n / t / 1e9
+
+
 def measure_ceilings() -> dict:
-    """HBM bandwidth (a copy: read + write bytes; a reduction: read bytes) and the bf16 matmul rate."""
+    """HBM bandwidth (a copy: read + write bytes; a reduction and a batch-1 matmul: read bytes) and the bf16
+    matmul rate."""
     n = 1 << 30  # 2 GiB of bf16, far beyond L2
     copy_bw = copy_bandwidth(2 * n)
+    gemv_bw = gemv_bandwidth(2 * n)
     src = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
     read = jax.jit(lambda a: jnp.sum(a.reshape(-1, 4096).astype(jnp.float32), axis=0))
     t_read = timeit(lambda: read(src).block_until_ready())
@@ -247,7 +262,8 @@ def measure_ceilings() -> dict:
     return {
         "hbm_copy_GBps": copy_bw,
         "hbm_read_GBps": read_bw,
-        "hbm_GBps": max(copy_bw, read_bw),  # the roofline's bandwidth: the best we measured
+        "hbm_gemv_GBps": gemv_bw,
+        "hbm_GBps": max(copy_bw, read_bw, gemv_bw),  # the roofline's bandwidth: the best we measured
         "bf16_matmul_TFLOPs": 2 * m**3 / t_mm / 1e12,
     }
 

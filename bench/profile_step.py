@@ -30,7 +30,9 @@ import numpy as np
 from bench.harness import (
     GRANITE_8B,
     TINY,
+    copy_bandwidth,
     drain,
+    gemv_bandwidth,
     kv_blocks,
     load_qkv_aloras,
     result_path,
@@ -238,6 +240,10 @@ def main(argv=None) -> dict:
         set_gpu_tuning(tuning)
     cfg = GRANITE_8B if args.preset == "granite-8b" else TINY
     root = tempfile.mkdtemp(prefix="jalora-profile-")
+    # The device's read ceilings, measured before the engine takes its memory: a batch-1 matmul's (what the
+    # step's weight GEMMs could reach) and an elementwise copy's (read + write bytes)
+    on_gpu = jax.default_backend() == "gpu"
+    ceilings = {"hbm_gemv_GBps": gemv_bandwidth(2 << 30), "hbm_copy_GBps": copy_bandwidth(2 << 30)} if on_gpu else {}
     engines = {mode: build_engine(args, cfg, root, mode) for mode in args.modes}
     v = cfg["vocab_size"]
     rng = np.random.default_rng(0)
@@ -259,9 +265,11 @@ def main(argv=None) -> dict:
               "norm_impl": engines[args.modes[0]][0].runner.plan.norm,
               "context": args.context, "steps": args.steps, "mode": args.modes[0],
               "step_ms_median": step_s * 1e3,
-              "host_ms_per_step": host, "by_mode": by_mode, "device_trace": device}  # fmt: skip
+              "host_ms_per_step": host, "by_mode": by_mode, "device_trace": device, "ceilings": ceilings}  # fmt: skip
     path = result_path(args.out, f"profile_step_b{args.batch}_a{args.adapters}.json", smoke=args.preset == "tiny")
     save(path, result)
+    for name, gbps in ceilings.items():
+        print(f"ceiling {name} {gbps:.0f} GB/s")
     for mode, m in by_mode.items():
         print(f"{mode}: step {m['step_ms_median']:.2f} ms (median of {args.steps})")
     print(f"{args.modes[0]}:")

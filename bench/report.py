@@ -405,6 +405,11 @@ def serving_goals(startup, pipeline, concurrent, decode_1k, decode_64k, prefill_
             roof = (weight_bytes + r["batch"] * ctx * kv) / gbps / 1e6
             x = r["step_ms_median"] / roof
             anchor = f"{roof:.2f} ms (weights + KV at {named}); {x:.2f}x"
+            gemv = r.get("ceilings", {}).get("hbm_gemv_GBps")
+            if gemv:  # (the same bytes at the rate a batch-1 matmul reached in the same run)
+                measured = roof * gbps / gemv
+                anchor += (f"; {measured:.2f} ms at the run's batch-1 matmul read rate ({gemv / 1e3:.2f} TB/s): "
+                           f"{r['step_ms_median'] / measured:.2f}x")
             row(f"batch-1 decode step, {ctx // 1024}k context (ms)", r["step_ms_median"], " ms", anchor,
                 f"<= {ctx_goal:.2f}x", x <= ctx_goal, r)  # fmt: skip
     a_rows = (pipeline or {}).get("parts", {}).get("A", {}).get("rows", [])

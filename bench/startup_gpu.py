@@ -114,11 +114,21 @@ def _child(args) -> None:
     times["cpu_s"] = time.process_time() - cpu0
     runner = llm.engine.runner
     print(json.dumps({**times, **counts, "compile_work": spent, "longest_compiles_s": sorted(each)[::-1][:12],
-                      "longest_variants": [(what, round(t, 2)) for what, t in runner.compile_log()[:12]],
+                      "longest_variants": [(what, round(t, 2)) for what, t, _ in runner.compile_log()[:12]],
+                      "compile_timeline": _timeline(runner.compile_log()),
                       "warmup_phases": runner.warmup_phases, "executables": runner.num_compiled(),
                       "executables_loaded": runner.num_loaded(),
                       "buckets": runner.buckets, "layers_per_launch": runner.layers_per_launch,
                       "platform": jax.default_backend(), "device": jax.devices()[0].device_kind}))  # fmt: skip
+
+
+def _timeline(log: list) -> list:
+    """Each compilation as [variant, seconds from the first one's start to its own, seconds], in the order
+    they began: where the longest ones sat in their wave (the wave waits for its last)."""
+    if not log:
+        return []
+    first = min(started for _, _, started in log)
+    return [[what, round(started - first, 2), round(t, 2)] for what, t, started in sorted(log, key=lambda x: x[2])]
 
 
 def _start(spec: dict) -> dict:

@@ -126,10 +126,11 @@ class Executables:
         self.loaded = 0  # variants read from the directory
         self.compiled = 0  # variants traced, lowered and compiled (or found in JAX's cache) here
         self.compiled_alone = 0  # of them, compiled again alone after running out of device memory (`get_all`)
-        # (what, seconds) of each compilation here: `describe(args, static)` names a variant (default: the
-        # function's name), so that a start's longest compilations say which variants they were
+        # (what, seconds, started: perf_counter) of each compilation here: `describe(args, static)` names a
+        # variant (default: the function's name), so that a start's longest compilations say which variants
+        # they were, and when in the wave each began
         self._describe = describe or (lambda args, static: name)
-        self.compile_log: list[tuple[str, float]] = []
+        self.compile_log: list[tuple[str, float, float]] = []
 
     def __len__(self) -> int:
         return len(self._compiled)
@@ -169,7 +170,7 @@ class Executables:
         hits, start = _cache_hits(), time.perf_counter()
         exe = lowered.compile()
         with self._lock:
-            self.compile_log.append((label, time.perf_counter() - start))
+            self.compile_log.append((label, time.perf_counter() - start, start))
         # An executable JAX read from its own cache is not written: serialized again, it loads but on a
         # CPU fails when run ("Function ... not found"). The next start then reads JAX's cache again
         # (tracing and lowering first), until a compilation writes the file.

@@ -536,9 +536,10 @@ class ModelRunner:
         steps = (self._pre, self._layer, self._post) if self.layer_launches else (self._step,)
         return *steps, self._draw, self._top, self._prompt_lp
 
-    def compile_log(self) -> list[tuple[str, float]]:
-        """(variant, seconds) of every compilation of this runner's functions, the longest first (bench/
-        startup_gpu.py reports them: on several threads, the longest bound a start's wall time)."""
+    def compile_log(self) -> list[tuple[str, float, float]]:
+        """(variant, seconds, started: perf_counter) of every compilation of this runner's functions, the
+        longest first (bench/startup_gpu.py reports them: on several threads, the longest bound a start's
+        wall time)."""
         return sorted((x for f in self._executables() for x in f.compile_log), key=lambda x: -x[1])
 
     @property
@@ -768,13 +769,7 @@ class ModelRunner:
             compiled, variants, start = self.num_compiled(), self.num_step_variants, time.perf_counter()
             # seconds of each part (bench/startup_gpu.py reports them)
             phases = {"kinds": len(kinds), "workers": cores}
-            steps = [(a or {}, self._warmup_step(t, a)) for a in kinds for t in self.buckets]
-            if self.long_decode:  # (the smallest bucket's long-context variant)
-                steps += [(a or {}, self._warmup_step(self.buckets[0], a, long=True)) for a in kinds]
-            # (the large buckets' one-sequence prefill variants)
-            steps += [(a or {}, self._warmup_step(t, a, split=True)) for a in kinds for t in self.split_prefill_buckets]
-            # (the small buckets' long-chunk variants)
-            steps += [(a or {}, self._warmup_step(t, a, chunk=True)) for a in kinds for t in self.long_chunk_buckets]
+            steps = self._warmup_steps(kinds)
             if self.layer_launches:
                 work = [(fn, [call]) for a, step in steps for fn, call in self._layer_compile_calls(step, a)]
             else:
@@ -814,6 +809,24 @@ class ModelRunner:
                 self.warmup_kv_moves()
         finally:
             self._warming_up = False
+
+    def _warmup_steps(self, kinds: list[AdapterStacks | None]) -> list[tuple[AdapterStacks, PreparedStep]]:
+        """Every step variant the warm-up compiles for these adapter kinds (None: base-only), as (stacks,
+        step), in the order their compilations start (each is lowered on the warm-up's thread, then
+        queued): the longest first, since the wave waits for its last. On an H100
+        (bench/results/startup_gpu_h100.json) the long-context grid's were the longest by far (18.6 and
+        14.3 s against 6-9.5 s), then the large buckets'; queued last, as they were, the long grid's could
+        begin only once every other variant had been lowered. Adapted variants (more to compile) before
+        base-only ones."""
+        order = kinds[::-1]
+        steps = []
+        if self.long_decode:  # (the smallest bucket's long-context variant)
+            steps += [(a or {}, self._warmup_step(self.buckets[0], a, long=True)) for a in order]
+        steps += [(a or {}, self._warmup_step(t, a)) for t in self.buckets[::-1] for a in order]
+        for flag, buckets in (("split", self.split_prefill_buckets), ("chunk", self.long_chunk_buckets)):
+            # (the large buckets' one-sequence prefill variants, the small buckets' long-chunk variants)
+            steps += [(a or {}, self._warmup_step(t, a, **{flag: True})) for t in buckets[::-1] for a in order]
+        return steps
 
     def _function_calls(self, steps: list[PreparedStep]) -> list:
         """What compiles the functions behind `steps` before they run, for `get_all`: the draw and the

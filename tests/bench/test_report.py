@@ -22,6 +22,17 @@ def test_decode_rows_against_the_roofline_of_their_device():
     assert f"{h100_1k:.2f} ms (weights + KV at 3.35 TB/s, H100); 1.05x" in rows[0] and "| met |" in rows[0]
     assert f"{h200_64k:.2f} ms (weights + KV at 4.3 TB/s); 1.20x" in rows[1] and "| missed |" in rows[1]
     assert round(h200_64k, 2) == 6.30
+    assert "matmul read rate" not in rows[0]  # (a run without its own ceiling: the data-sheet rate only)
+
+
+def test_decode_rows_beside_the_runs_own_matmul_read_rate():
+    weights, kv = bf16_bytes(GRANITE_8B)
+    h100_1k = (weights + 1024 * kv) / 3350e9 * 1e3
+    run = profile("NVIDIA H100 80GB HBM3", 1024, 1.3 * h100_1k) | {"ceilings": {"hbm_gemv_GBps": 2680.0}}
+    (row,) = [line for line in serving_goals(None, None, None, run, None, None, None) if line.startswith("| batch-1")]
+    at_gemv = (weights + 1024 * kv) / 2680e9 * 1e3  # the same bytes at 80% of the data sheet's rate
+    assert f"; {at_gemv:.2f} ms at the run's batch-1 matmul read rate (2.68 TB/s): 1.04x |" in row
+    assert "1.30x" in row and "| missed |" in row  # (the goal stays against the data-sheet rate)
 
 
 def test_judge_rows_and_missing_runs():

@@ -88,7 +88,7 @@ def test_warmup_covers_every_variant_and_a_restart_loads_them(tiny_models, tmp_p
     runner = llm.engine.runner
     assert runner.num_step_variants == 2 * len(runner.buckets)
     assert [p["functions_compiled_late"] for p in runner.warmup_phases] == [0]  # (in the steps' wave)
-    labels = {what for what, _ in runner.compile_log()}
+    labels = {what for what, *_ in runner.compile_log()}
     assert {f"layer x1 T={b}{a}" for b in runner.buckets for a in ("", " adapted")} <= labels
     compiles = len(COMPILES)
     for ids, name in ((prompt_of(30, 5), None), (prompt_of(6, 6) + INV, "judge")):

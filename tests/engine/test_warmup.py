@@ -58,7 +58,7 @@ def test_each_bucket_has_one_step_per_adapter_path(llm):
     # every compilation is logged with its variant: each bucket's base-only and adapted step
     log = runner.compile_log()
     assert len(log) == sum(f.compiled for f in runner._executables()) and log == sorted(log, key=lambda x: -x[1])
-    labels = [what for what, _ in log]
+    labels = [what for what, *_ in log]
     for b in runner.buckets:
         assert labels.count(f"step T={b}") == 1 and labels.count(f"step T={b} adapted down+qkv") == 1, b
 
