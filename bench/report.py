@@ -363,6 +363,16 @@ SERVING_GOAL_RUNS = {
     "prefill_attention": "attention_prefill_h100.json",
     "grpc": "http_bench_h100.json",
 }
+# The runs each row is shown beside (the README's "previous" column), the same parts in the same order.
+SERVING_GOAL_PREVIOUS = {
+    "startup": "startup_gpu_h100.json",
+    "pipeline": "pipeline_bench_granite-8b_h100.json",
+    "concurrent": "pipeline_bench_granite-8b_aconc_h100.json",
+    "decode_1k": "profile_step_b1_h100.json",
+    "decode_64k": "profile_step_b1_ctx65536_h100.json",
+    "prefill_attention": "attention_prefill_h100.json",
+    "grpc": "http_bench_h100.json",
+}
 
 
 def device_bandwidth(r: dict) -> tuple[float, str]:
@@ -380,9 +390,29 @@ def bf16_bytes(cfg: dict) -> tuple[int, int]:
     return c.num_params() * 2, c.num_layers * 2 * c.kv_size * 2
 
 
-def serving_goals(startup, pipeline, concurrent, decode_1k, decode_64k, prefill_attention, grpc) -> list[str]:
+def serving_goals(*runs) -> list[str]:
     """One row per serving goal (start-up, decode at the roofline, the judge at 64k, prefill attention, gRPC), each
-    from the latest run that measured it, with its roofline or anchor, device and commit."""
+    from the latest run that measured it, with its roofline or anchor, device and commit. `runs`: the result
+    files of `SERVING_GOAL_RUNS`' parts in its order, then optionally as many earlier ones (a "previous" column,
+    matched by row)."""
+    now, before = runs[:len(SERVING_GOAL_RUNS)], runs[len(SERVING_GOAL_RUNS):]
+    previous = {r[0]: f"{r[1]} ({r[5]})" for r in _goal_rows(*before)} if any(before) else None
+    head = ("| measure | value | " + ("previous (device, commit) | " if previous is not None else "")
+            + "roofline / anchor | goal | | device, commit |")  # fmt: skip
+    lines = []
+    for what, shown, anchor, goal, status, where in _goal_rows(*now):
+        earlier = "" if previous is None else f"{previous.get(what, '-')} | "
+        lines.append(f"| {what} | {shown} | {earlier}{anchor} | {goal} | {status} | {where} |")
+    return ["Each row from the latest run that measured it (device and commit in the last column; the result files "
+            "are `SERVING_GOAL_RUNS` in bench/report.py, the previous ones `SERVING_GOAL_PREVIOUS`). "
+            "`python -m bench.serving_goals --out-dir DIR` measures every row again in one command (`--parts` splits "
+            "it over device calls) and prints this table from DIR.", "",
+            head, "|---|---|" + ("---|" if previous is not None else "") + "---|---|---|---|", *lines]  # fmt: skip
+
+
+def _goal_rows(startup=None, pipeline=None, concurrent=None, decode_1k=None, decode_64k=None, prefill_attention=None,
+               grpc=None) -> list[tuple[str, str, str, str, str, str]]:
+    """(measure, value, anchor, goal, verdict, device and commit) of each serving goal its runs measured."""
     from bench.harness import GRANITE_8B
 
     weight_bytes, kv = bf16_bytes(GRANITE_8B)
@@ -392,7 +422,7 @@ def serving_goals(startup, pipeline, concurrent, decode_1k, decode_64k, prefill_
         status = "—" if value is None else ("met" if ok else "missed")
         shown = "not measured" if value is None else f"{value:.{0 if unit == '' else 2}f}{unit}"
         where = "" if r is None else f"{r.get('device', r.get('run', {}).get('device', '?'))}, {commit_of(r)}"
-        rows.append(f"| {what} | {shown} | {anchor} | {goal} | {status} | {where} |")
+        rows.append((what, shown, anchor, goal, status, where))
 
     if startup:
         cold, warm = startup["runs"]["cold"]["ready_s"], startup["runs"].get("warm", {}).get("ready_s")
@@ -445,11 +475,7 @@ def serving_goals(startup, pipeline, concurrent, decode_1k, decode_64k, prefill_
     if grpc:
         loss = grpc["loss_vs_inproc"]["grpc"] * 100
         row("64 streams through gRPC vs in-process (loss %)", loss, "%", "-", "<= 3%", loss <= 3, grpc)
-    return ["Each row from the latest run that measured it (device and commit in the last column; the result files "
-            "are `SERVING_GOAL_RUNS` in bench/report.py). `python -m bench.serving_goals --out-dir DIR` measures every "
-            "row again in one command (`--parts` splits it over device calls) and prints this table from DIR.", "",
-            "| measure | value | roofline / anchor | goal | | device, commit |", "|---|---|---|---|---|---|",
-            *rows]  # fmt: skip
+    return rows
 
 
 def roofline_bandwidth(ceilings: dict | None) -> float:
@@ -1138,7 +1164,8 @@ def render() -> str:
          ("startup_gpu.json", "startup_gpu_fused.json", "startup_gpu_b463092.json", "startup_gpu_executables.json")),
         ("### Layer groups against the fused step", layer_groups, LAYER_GROUP_RUNS),
         ("### Decode step changes, pair by pair", decode_pairs, tuple(n for pair in DECODE_PAIRS for n in pair)),
-        ("### Serving goals: where each stands", serving_goals, tuple(SERVING_GOAL_RUNS.values())),
+        ("### Serving goals: where each stands", serving_goals,
+         tuple(SERVING_GOAL_RUNS.values()) + tuple(SERVING_GOAL_PREVIOUS.values())),
         ("### Long chunks after a long context, prefill chunks through cuDNN: off and on (H100)", long_chunk_and_cudnn,
          ("attention_small_chunks_h100.json", "pipeline_bench_granite-8b_h100.json",
           "pipeline_bench_granite-8b_optin_h100.json", "startup_gpu_h100.json", "startup_gpu_cudnn_h100.json")),

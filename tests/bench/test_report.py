@@ -47,3 +47,21 @@ def test_judge_rows_and_missing_runs():
     assert "| aLoRA judge e2e at 64k, 16 tokens (ms) | 120.00 ms |" in text and "<= 130 ms | met |" in text
     assert "| judge e2e, LoRA / aLoRA at 64k (x) | 40.00x | - | >= 50x | missed |" in text
     assert "start to ready" not in text  # no start-up run: no row
+
+
+def test_a_previous_column_beside_each_row_from_earlier_runs():
+    run = lambda device, commit: {"device": device, "commit": commit}  # noqa: E731
+    now = {"device": "NVIDIA H200", "commit": "new1234", "loss_vs_inproc": {"grpc": 0.012}}
+    before = {"device": "NVIDIA H100 80GB HBM3", "commit": "old5678", "loss_vs_inproc": {"grpc": 0.026}}
+    nones = [None] * 6
+    lines = serving_goals(*nones, now, *nones, before)
+    assert "| measure | value | previous (device, commit) | roofline / anchor |" in lines[2]
+    (row,) = [line for line in lines if line.startswith("| 64 streams")]
+    assert row == ("| 64 streams through gRPC vs in-process (loss %) | 1.20% | 2.60% (NVIDIA H100 80GB HBM3, old5678) "
+                   "| - | <= 3% | met | NVIDIA H200, new1234 |")
+    # a row the earlier runs did not measure: "-"; no earlier runs at all: no column
+    decode = run("NVIDIA H200", "new1234") | {"context": 1024, "batch": 1, "step_ms_median": 5.0}
+    lines = serving_goals(None, None, None, decode, None, None, now, *nones, before)
+    assert [line for line in lines if line.startswith("| batch-1")][0].split(" | ")[2] == "-"
+    assert "previous" not in serving_goals(*nones, now)[2]
+

@@ -29,4 +29,6 @@ def test_a_part_out_of_time_is_logged_and_the_table_reads_the_directory(tmp_path
     assert json.loads((tmp_path / "serving_goals_runs.json").read_text()) == log
     out = capsys.readouterr().out
     assert "| 64 streams through gRPC vs in-process (loss %) | 2.62% |" in out
+    # beside the README's run of that row (bench/results), the previous column
+    assert "| measure | value | previous (device, commit) |" in out
     assert "batch-1 decode step" not in out  # (no row without its file)
