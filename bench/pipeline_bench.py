@@ -118,9 +118,13 @@ def merge_rows(old: list, new: list, key) -> list:
 # -- sizes ----------------------------------------------------------------------------------------------
 
 
-def model_config(model: str) -> dict:
-    """HF config of a --model name: tiny, or the shapes of bench/harness.py's MODELS."""
-    return TINY if model == "tiny" else MODELS[model]
+def model_config(model: str, layers: int | None = None) -> dict:
+    """HF config of a --model name: tiny, or the shapes of bench/harness.py's MODELS; `layers` keeps that many
+    of its decoder layers (--layers: a large model's layer shapes on one device)."""
+    cfg = dict(TINY if model == "tiny" else MODELS[model])
+    if layers is not None:
+        cfg["num_hidden_layers"] = layers
+    return cfg
 
 
 def sizes(model: str, quick: bool) -> dict:
@@ -592,7 +596,7 @@ def hf_worker(args) -> dict:
     from transformers.generation.streamers import BaseStreamer
 
     sz = sizes(args.model, args.quick)
-    cfg = model_config(args.model)
+    cfg = model_config(args.model, args.layers)
     dev = "cuda" if torch.cuda.is_available() and not args.quick else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     hf_cfg = AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items()
@@ -690,6 +694,8 @@ def run_hf_child(args) -> dict:
     cmd = [sys.executable, "-m", __spec__.name, "--model", args.model, "--hf-worker", path]
     if args.quick:
         cmd.append("--quick")
+    if args.layers is not None:
+        cmd += ["--layers", str(args.layers)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT)
@@ -795,6 +801,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", choices=("tiny", *MODELS), default="granite-8b",
                     help="shapes (dummy weights); llama-70b and mistral-large need several GPUs")
     ap.add_argument("--tensor-parallel-size", type=int, default=1, help="devices the model is split over")
+    ap.add_argument("--layers", type=int, default=None, metavar="N",
+                    help="keep N of the model's decoder layers: a large model's layer shapes on one device")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--quick", action="store_true", help="CPU smoke sizes")
     ap.add_argument("--prompt-lens", type=int, nargs="*", help="A / Aconc prompt lengths")
@@ -859,13 +867,17 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     new: dict = {}
 
+    if args.layers is not None and args.layers < 1:
+        ap.error("--layers must be >= 1")
     tp = f"_tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
+    tp += f"_l{args.layers}" if args.layers is not None else ""
     path = result_path(args.out, f"pipeline_bench_{args.model}{tp}.json", smoke=args.quick)
     old = None
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-    if old and (old.get("model") != args.model or old.get("quick") != args.quick):
+    if old and (old.get("model") != args.model or old.get("quick") != args.quick
+                or old.get("layers") != args.layers):  # fmt: skip
         old = None  # never mix a CPU smoke run with a GPU run
 
     # 1. transformers + PEFT first, in a child process, before JAX takes the GPU.
@@ -899,7 +911,7 @@ def main(argv=None) -> dict:
             ceil = measure_ceilings()
         else:
             print("ceilings: GPU only (measure_ceilings allocates 2 GiB buffers); CPU runs the engine half only")
-    cfg = model_config(args.model)
+    cfg = model_config(args.model, args.layers)
     bench = Bench(args, sz, cfg)
     if not args.no_warmup:
         bench.warm()
@@ -908,7 +920,7 @@ def main(argv=None) -> dict:
 
     def flush() -> dict:
         """Saves what is measured so far: a run cut short by a time limit keeps its finished parts."""
-        result = {**meta, "model": args.model, "tensor_parallel_size": args.tensor_parallel_size,
+        result = {**meta, "model": args.model, "layers": args.layers, "tensor_parallel_size": args.tensor_parallel_size,
                   "quick": args.quick, "sizes": sz, **common,
                   "parts": merge(old, new), "seconds": time.perf_counter() - t_start}  # fmt: skip
         save(path, result)

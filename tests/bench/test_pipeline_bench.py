@@ -145,7 +145,20 @@ def test_part_a_runs_tensor_parallel(tmp_path):
 
     out = str(tmp_path / "pipeline_bench_tiny_tp2.json")
     result = main(["--model", "tiny", "--quick", "--tensor-parallel-size", "2", "--parts", "A", "--prompt-lens", "64",
-                   "--no-warmup", "--compile-cache", "", "--out", out])  # fmt: skip
-    assert result["tensor_parallel_size"] == 2
+                   "--no-warmup", "--compile-cache", "", "--layers", "1", "--out", out])  # fmt: skip
+    assert result["tensor_parallel_size"] == 2 and result["layers"] == 1
     rows = {r["kind"]: r for r in result["parts"]["A"]["rows"]}
     assert rows["alora"]["judge"]["cached_tokens"] >= 64 and rows["lora"]["judge"]["cached_tokens"] == 0
+
+
+def test_layers_keeps_a_large_models_layer_shapes():
+    """--layers N: a large model's layers (the multi-GPU run's shapes) N times, on one device."""
+    from bench.harness import MODELS
+    from bench.pipeline_bench import model_config
+
+    cfg = model_config("llama-70b", 20)
+    assert cfg["num_hidden_layers"] == 20 and MODELS["llama-70b"]["num_hidden_layers"] == 80  # (a copy)
+    assert {k: v for k, v in cfg.items() if k != "num_hidden_layers"} == {
+        k: v for k, v in MODELS["llama-70b"].items() if k != "num_hidden_layers"}
+    assert model_config("llama-70b") == MODELS["llama-70b"]
+
