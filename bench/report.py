@@ -26,6 +26,8 @@ BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 def load(name):
+    if name is None:
+        return None
     path = os.path.join(RESULTS, name)
     return json.load(open(path)) if os.path.isfile(path) else None
 
@@ -375,6 +377,14 @@ SERVING_GOAL_PREVIOUS = {
 }
 
 
+def serving_goal_files() -> tuple:
+    """The serving-goals table's result files: `SERVING_GOAL_RUNS`, then `SERVING_GOAL_PREVIOUS` where it names
+    another file (None: no run is shown beside itself)."""
+    previous = (SERVING_GOAL_PREVIOUS[p] if SERVING_GOAL_PREVIOUS[p] != name else None
+                for p, name in SERVING_GOAL_RUNS.items())  # fmt: skip
+    return (*SERVING_GOAL_RUNS.values(), *previous)
+
+
 def device_bandwidth(r: dict) -> tuple[float, str]:
     """GB/s a run's decode roofline is drawn at, and how it is named: the H200's 4.3 TB/s reference copy, or
     the H100's 3.35 TB/s data-sheet rate (no copy reaches it either)."""
@@ -396,12 +406,12 @@ def serving_goals(*runs) -> list[str]:
     files of `SERVING_GOAL_RUNS`' parts in its order, then optionally as many earlier ones (a "previous" column,
     matched by row)."""
     now, before = runs[:len(SERVING_GOAL_RUNS)], runs[len(SERVING_GOAL_RUNS):]
-    previous = {r[0]: f"{r[1]} ({r[5]})" for r in _goal_rows(*before)} if any(before) else None
+    previous = {r[0]: f"{r[2]} ({r[6]})" for r in _goal_rows(*before)} if any(before) else None
     head = ("| measure | value | " + ("previous (device, commit) | " if previous is not None else "")
             + "roofline / anchor | goal | | device, commit |")  # fmt: skip
     lines = []
-    for what, shown, anchor, goal, status, where in _goal_rows(*now):
-        earlier = "" if previous is None else f"{previous.get(what, '-')} | "
+    for key, what, shown, anchor, goal, status, where in _goal_rows(*now):
+        earlier = "" if previous is None else f"{previous.get(key, '-')} | "
         lines.append(f"| {what} | {shown} | {earlier}{anchor} | {goal} | {status} | {where} |")
     return ["Each row from the latest run that measured it (device and commit in the last column; the result files "
             "are `SERVING_GOAL_RUNS` in bench/report.py, the previous ones `SERVING_GOAL_PREVIOUS`). "
@@ -411,24 +421,25 @@ def serving_goals(*runs) -> list[str]:
 
 
 def _goal_rows(startup=None, pipeline=None, concurrent=None, decode_1k=None, decode_64k=None, prefill_attention=None,
-               grpc=None) -> list[tuple[str, str, str, str, str, str]]:
-    """(measure, value, anchor, goal, verdict, device and commit) of each serving goal its runs measured."""
+               grpc=None) -> list[tuple[str, str, str, str, str, str, str]]:
+    """(key, measure, value, anchor, goal, verdict, device and commit) of each serving goal its runs measured;
+    the key names the row whatever its measure's words say of the run (a route, a batch), to match runs."""
     from bench.harness import GRANITE_8B
 
     weight_bytes, kv = bf16_bytes(GRANITE_8B)
     rows = []
 
-    def row(what, value, unit, anchor, goal, ok, r):
+    def row(key, what, value, unit, anchor, goal, ok, r):
         status = "—" if value is None else ("met" if ok else "missed")
         shown = "not measured" if value is None else f"{value:.{0 if unit == '' else 2}f}{unit}"
         where = "" if r is None else f"{r.get('device', r.get('run', {}).get('device', '?'))}, {commit_of(r)}"
-        rows.append((what, shown, anchor, goal, status, where))
+        rows.append((key, what, shown, anchor, goal, status, where))
 
     if startup:
         cold, warm = startup["runs"]["cold"]["ready_s"], startup["runs"].get("warm", {}).get("ready_s")
-        row("start to ready, cold compilation cache (s)", cold, " s", "-", "<= 30 s", cold <= 30, startup)
-        row("start to ready, warm compilation cache (s)", warm, " s", "-", "<= 10 s", warm is not None and warm <= 10,
-            startup)  # fmt: skip
+        row("cold", "start to ready, cold compilation cache (s)", cold, " s", "-", "<= 30 s", cold <= 30, startup)
+        row("warm", "start to ready, warm compilation cache (s)", warm, " s", "-", "<= 10 s",
+            warm is not None and warm <= 10, startup)  # fmt: skip
     for r, ctx_goal in ((decode_1k, 1.10), (decode_64k, 1.15)):
         if r:
             ctx, (gbps, named) = r["context"], device_bandwidth(r)
@@ -440,13 +451,13 @@ def _goal_rows(startup=None, pipeline=None, concurrent=None, decode_1k=None, dec
                 measured = roof * gbps / gemv
                 anchor += (f"; {measured:.2f} ms at the run's batch-1 matmul read rate ({gemv / 1e3:.2f} TB/s): "
                            f"{r['step_ms_median'] / measured:.2f}x")
-            row(f"batch-1 decode step, {ctx // 1024}k context (ms)", r["step_ms_median"], " ms", anchor,
-                f"<= {ctx_goal:.2f}x", x <= ctx_goal, r)  # fmt: skip
+            row(f"decode {ctx}", f"batch-1 decode step, {ctx // 1024}k context (ms)", r["step_ms_median"], " ms",
+                anchor, f"<= {ctx_goal:.2f}x", x <= ctx_goal, r)  # fmt: skip
     a_rows = (pipeline or {}).get("parts", {}).get("A", {}).get("rows", [])
     if a_rows:
         compiles = sum(x.get("compilations", 0) for x in a_rows)
         run = pipeline["parts"]["A"]["run"]
-        row("compilations while serving (pipeline A rows)", compiles, "", "-", "0", compiles == 0, run)
+        row("compiles", "compilations while serving (pipeline A rows)", compiles, "", "-", "0", compiles == 0, run)
         by = {(x["prompt_len"], x["kind"]): x for x in a_rows}
         n = max((n for n, k in by if k == "alora" and (n, "lora") in by), default=None)
         if n:
@@ -454,27 +465,27 @@ def _goal_rows(startup=None, pipeline=None, concurrent=None, decode_1k=None, dec
             steps = a["completion_tokens"]
             roof = steps * (weight_bytes + a["prompt_tokens"] * kv) / device_bandwidth(run)[0] / 1e6
             anchor = f"~{roof:.0f} ms ({steps} steps at the decode roofline)"
-            row(f"aLoRA judge e2e at {n // 1024}k, {steps} tokens (ms)", a["e2e_s"] * 1e3, " ms", anchor, "<= 130 ms",
-                a["e2e_s"] <= 0.130, run)  # fmt: skip
-            row(f"judge e2e, LoRA / aLoRA at {n // 1024}k (x)", lo["e2e_s"] / a["e2e_s"], "x", "-", ">= 50x",
-                lo["e2e_s"] / a["e2e_s"] >= 50, run)  # fmt: skip
+            row(f"judge {n}", f"aLoRA judge e2e at {n // 1024}k, {steps} tokens (ms)", a["e2e_s"] * 1e3, " ms",
+                anchor, "<= 130 ms", a["e2e_s"] <= 0.130, run)  # fmt: skip
+            row(f"ratio {n}", f"judge e2e, LoRA / aLoRA at {n // 1024}k (x)", lo["e2e_s"] / a["e2e_s"], "x", "-",
+                ">= 50x", lo["e2e_s"] / a["e2e_s"] >= 50, run)  # fmt: skip
     c_rows = (concurrent or {}).get("parts", {}).get("Aconc", {})
     if c_rows:
         by = {x["kind"]: x for x in c_rows["rows"]}
         if "alora" in by and "lora" in by:
             x = by["lora"]["judge_e2e_s_mean"] / by["alora"]["judge_e2e_s_mean"]
-            row(f"same, the paper's concurrent batch ({c_rows['batch']} pipelines) (x)", x, "x", "paper: 58x",
-                ">= 58x", x >= 58, c_rows["run"])  # fmt: skip
+            row("concurrent", f"same, the paper's concurrent batch ({c_rows['batch']} pipelines) (x)", x, "x",
+                "paper: 58x", ">= 58x", x >= 58, c_rows["run"])  # fmt: skip
     if prefill_attention:
         for p in prefill_attention.get("prefill", []):
             if p["tokens"] in (8192, 32768):
                 best = max(p["pct_cudnn"], p.get("split_pct_cudnn", 0.0))
                 how = "split route" if p.get("split_pct_cudnn", 0.0) > p["pct_cudnn"] else "kernel"
-                row(f"prefill attention {p['tokens'] // 1024}k, % of cuDNN ({how})", best, "%",
-                    f"cuDNN {p['cudnn_ms']:.2f} ms", ">= 80%", best >= 80, prefill_attention)  # fmt: skip
+                row(f"prefill {p['tokens']}", f"prefill attention {p['tokens'] // 1024}k, % of cuDNN ({how})", best,
+                    "%", f"cuDNN {p['cudnn_ms']:.2f} ms", ">= 80%", best >= 80, prefill_attention)  # fmt: skip
     if grpc:
         loss = grpc["loss_vs_inproc"]["grpc"] * 100
-        row("64 streams through gRPC vs in-process (loss %)", loss, "%", "-", "<= 3%", loss <= 3, grpc)
+        row("grpc", "64 streams through gRPC vs in-process (loss %)", loss, "%", "-", "<= 3%", loss <= 3, grpc)
     return rows
 
 
@@ -1164,8 +1175,7 @@ def render() -> str:
          ("startup_gpu.json", "startup_gpu_fused.json", "startup_gpu_b463092.json", "startup_gpu_executables.json")),
         ("### Layer groups against the fused step", layer_groups, LAYER_GROUP_RUNS),
         ("### Decode step changes, pair by pair", decode_pairs, tuple(n for pair in DECODE_PAIRS for n in pair)),
-        ("### Serving goals: where each stands", serving_goals,
-         tuple(SERVING_GOAL_RUNS.values()) + tuple(SERVING_GOAL_PREVIOUS.values())),
+        ("### Serving goals: where each stands", serving_goals, serving_goal_files()),
         ("### Long chunks after a long context, prefill chunks through cuDNN: off and on (H100)", long_chunk_and_cudnn,
          ("attention_small_chunks_h100.json", "pipeline_bench_granite-8b_h100.json",
           "pipeline_bench_granite-8b_optin_h100.json", "startup_gpu_h100.json", "startup_gpu_cudnn_h100.json")),

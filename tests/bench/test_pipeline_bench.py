@@ -145,8 +145,8 @@ def test_part_a_runs_tensor_parallel(tmp_path):
 
     out = str(tmp_path / "pipeline_bench_tiny_tp2.json")
     result = main(["--model", "tiny", "--quick", "--tensor-parallel-size", "2", "--parts", "A", "--prompt-lens", "64",
-                   "--no-warmup", "--compile-cache", "", "--layers", "1", "--out", out])  # fmt: skip
-    assert result["tensor_parallel_size"] == 2 and result["layers"] == 1
+                   "--no-warmup", "--compile-cache", "", "--layers", "3", "--out", out])  # fmt: skip
+    assert result["tensor_parallel_size"] == 2 and result["layers"] == 3
     rows = {r["kind"]: r for r in result["parts"]["A"]["rows"]}
     assert rows["alora"]["judge"]["cached_tokens"] >= 64 and rows["lora"]["judge"]["cached_tokens"] == 0
 

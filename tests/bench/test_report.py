@@ -64,4 +64,10 @@ def test_a_previous_column_beside_each_row_from_earlier_runs():
     lines = serving_goals(None, None, None, decode, None, None, now, *nones, before)
     assert [line for line in lines if line.startswith("| batch-1")][0].split(" | ")[2] == "-"
     assert "previous" not in serving_goals(*nones, now)[2]
+    # rows are matched by what they measure, not by their words about the run (a route, a batch size)
+    prefill = lambda pct, split: {"device": "NVIDIA H200", "commit": "c", "prefill": [  # noqa: E731
+        {"tokens": 8192, "pct_cudnn": pct, "split_pct_cudnn": split, "cudnn_ms": 1.0}]}
+    lines = serving_goals(*[None] * 5, prefill(85.0, 70.0), None, *[None] * 5, prefill(60.0, 81.0), None)
+    (row,) = [line for line in lines if line.startswith("| prefill")]
+    assert row.startswith("| prefill attention 8k, % of cuDNN (kernel) | 85.00% | 81.00% (NVIDIA H200, c) |")
 

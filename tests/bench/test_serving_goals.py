@@ -31,4 +31,7 @@ def test_a_part_out_of_time_is_logged_and_the_table_reads_the_directory(tmp_path
     assert "| 64 streams through gRPC vs in-process (loss %) | 2.62% |" in out
     # beside the README's run of that row (bench/results), the previous column
     assert "| measure | value | previous (device, commit) |" in out
+    readme = json.load(open(os.path.join(REPO_ROOT, "bench/results", SERVING_GOAL_RUNS["grpc"])))
+    before = f"{readme['loss_vs_inproc']['grpc'] * 100:.2f}% ({readme['device']}, {readme['commit'][:10]})"
+    assert f"| 64 streams through gRPC vs in-process (loss %) | 2.62% | {before} | - |" in out
     assert "batch-1 decode step" not in out  # (no row without its file)
