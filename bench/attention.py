@@ -305,6 +305,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--skip-variants", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, interpret mode, CPU")
     ap.add_argument("--prefill-only", action="store_true", help="skip the decode shapes and their variants")
+    ap.add_argument("--no-chunks", action="store_true",
+                    help="stop after the 8k and 32k prefill rows (the serving-goals table's): no chunk rows")
     ap.add_argument("--cache-tokens", type=int, default=1 << 19, help="KV cache of the chunk rows (tokens)")
     args = ap.parse_args(argv)
     interpret = args.smoke
@@ -363,13 +365,17 @@ def main(argv=None) -> dict:
     best = variants[[(",".join(f"{k}={v}" for k, v in t.items()) or "default") for t in variants].index(best8k)]
     run_prefill(results, n2, 16, iters=1 if args.smoke else 3, variants=[best], interpret=interpret)
     save(path, results)
-    if args.smoke:
+    if args.no_chunks:
+        pass
+    elif args.smoke:
         run_chunks(results, [(64, 0), (64, 48)], 512, 16, iters=1, interpret=interpret)
     else:
         chunks = [(256, 0), (256, 14336), (2048, 0), (2048, 14336), (2048, 63488), (8192, 0), (8192, 57344)]
         run_chunks(results, chunks, args.cache_tokens, 16, iters=10)
     save(path, results)
-    if args.smoke:
+    if args.no_chunks:
+        pass
+    elif args.smoke:
         run_small_chunks(results, [(9, 16, 100)], 16, 256, 16, iters=1, interpret=interpret,
                          checkpoint=lambda: save(path, results))  # fmt: skip
     else:  # (an aLoRA judge's invocation after its base's 64k: 18 rows in the 32-row bucket; a chat turn)

@@ -35,7 +35,8 @@ PARTS = {
                   "profile_step_b1.json", 150),
     "decode_64k": (["bench.profile_step", "--modes", "async", "--batch", "1", "--context", "65536", "--steps", "30"],
                    "profile_step_b1_ctx65536.json", 150),
-    "prefill_attention": (["bench.attention", "--prefill-only", "--skip-variants"], "attention_prefill.json", 400),
+    "prefill_attention": (["bench.attention", "--prefill-only", "--skip-variants", "--no-chunks"],
+                          "attention_prefill.json", 200),
     "grpc": (["bench.http_bench", "--modes", "inproc", "grpc", "--rounds", "2", "--clients", "4"],
              "http_bench.json", 300),
 }  # fmt: skip
