@@ -365,22 +365,19 @@ def main(argv=None) -> dict:
     best = variants[[(",".join(f"{k}={v}" for k, v in t.items()) or "default") for t in variants].index(best8k)]
     run_prefill(results, n2, 16, iters=1 if args.smoke else 3, variants=[best], interpret=interpret)
     save(path, results)
-    if args.no_chunks:
-        pass
-    elif args.smoke:
-        run_chunks(results, [(64, 0), (64, 48)], 512, 16, iters=1, interpret=interpret)
-    else:
-        chunks = [(256, 0), (256, 14336), (2048, 0), (2048, 14336), (2048, 63488), (8192, 0), (8192, 57344)]
-        run_chunks(results, chunks, args.cache_tokens, 16, iters=10)
-    save(path, results)
-    if args.no_chunks:
-        pass
-    elif args.smoke:
-        run_small_chunks(results, [(9, 16, 100)], 16, 256, 16, iters=1, interpret=interpret,
-                         checkpoint=lambda: save(path, results))  # fmt: skip
-    else:  # (an aLoRA judge's invocation after its base's 64k: 18 rows in the 32-row bucket; a chat turn)
-        cases = [(18, 32, 65518), (18, 32, 16366), (9, 16, 65527), (30, 32, 32738)]
-        run_small_chunks(results, cases, 64, args.cache_tokens, 16, iters=20, checkpoint=lambda: save(path, results))
+    if not args.no_chunks:
+        if args.smoke:
+            run_chunks(results, [(64, 0), (64, 48)], 512, 16, iters=1, interpret=interpret)
+        else:
+            chunks = [(256, 0), (256, 14336), (2048, 0), (2048, 14336), (2048, 63488), (8192, 0), (8192, 57344)]
+            run_chunks(results, chunks, args.cache_tokens, 16, iters=10)
+        save(path, results)
+        checkpoint = lambda: save(path, results)  # noqa: E731
+        if args.smoke:
+            run_small_chunks(results, [(9, 16, 100)], 16, 256, 16, iters=1, interpret=interpret, checkpoint=checkpoint)
+        else:  # (an aLoRA judge's invocation after its base's 64k: 18 rows in the 32-row bucket; a chat turn)
+            cases = [(18, 32, 65518), (18, 32, 16366), (9, 16, 65527), (30, 32, 32738)]
+            run_small_chunks(results, cases, 64, args.cache_tokens, 16, iters=20, checkpoint=checkpoint)
     results["copy_gbs_at_end"] = copy_ceiling(args.smoke)
     results["wall_s"] = time.time() - t_start
     save(path, results)

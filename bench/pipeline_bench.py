@@ -847,6 +847,8 @@ def main(argv=None) -> dict:
         ap.error("--tp-passes must be >= 1")
     if not args.c_host_kv_gb >= 0:
         ap.error("--c-host-kv-gb must be >= 0")
+    if args.layers is not None and args.layers < 1:
+        ap.error("--layers must be >= 1")
     parts = [p for p in args.parts.split(",") if p]
     bad = [p for p in parts if p not in PARTS]
     if bad:
@@ -867,11 +869,9 @@ def main(argv=None) -> dict:
     t_start = time.perf_counter()
     new: dict = {}
 
-    if args.layers is not None and args.layers < 1:
-        ap.error("--layers must be >= 1")
-    tp = f"_tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
-    tp += f"_l{args.layers}" if args.layers is not None else ""
-    path = result_path(args.out, f"pipeline_bench_{args.model}{tp}.json", smoke=args.quick)
+    suffix = f"_tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
+    suffix += f"_l{args.layers}" if args.layers is not None else ""
+    path = result_path(args.out, f"pipeline_bench_{args.model}{suffix}.json", smoke=args.quick)
     old = None
     if os.path.isfile(path):
         with open(path) as f:

@@ -365,24 +365,15 @@ SERVING_GOAL_RUNS = {
     "prefill_attention": "attention_prefill_h100.json",
     "grpc": "http_bench_h100.json",
 }
-# The runs each row is shown beside (the README's "previous" column), the same parts in the same order.
-SERVING_GOAL_PREVIOUS = {
-    "startup": "startup_gpu_h100.json",
-    "pipeline": "pipeline_bench_granite-8b_h100.json",
-    "concurrent": "pipeline_bench_granite-8b_aconc_h100.json",
-    "decode_1k": "profile_step_b1_h100.json",
-    "decode_64k": "profile_step_b1_ctx65536_h100.json",
-    "prefill_attention": "attention_prefill_h100.json",
-    "grpc": "http_bench_h100.json",
-}
+# The earlier run each row is shown beside (the README's "previous" column), by part: when a device run
+# replaces a file in SERVING_GOAL_RUNS, the file it replaced goes here. None yet: no column.
+SERVING_GOAL_PREVIOUS: dict[str, str] = {}
 
 
 def serving_goal_files() -> tuple:
-    """The serving-goals table's result files: `SERVING_GOAL_RUNS`, then `SERVING_GOAL_PREVIOUS` where it names
-    another file (None: no run is shown beside itself)."""
-    previous = (SERVING_GOAL_PREVIOUS[p] if SERVING_GOAL_PREVIOUS[p] != name else None
-                for p, name in SERVING_GOAL_RUNS.items())  # fmt: skip
-    return (*SERVING_GOAL_RUNS.values(), *previous)
+    """The serving-goals table's result files: `SERVING_GOAL_RUNS`, then each part's `SERVING_GOAL_PREVIOUS`
+    (None where it has none)."""
+    return (*SERVING_GOAL_RUNS.values(), *(SERVING_GOAL_PREVIOUS.get(p) for p in SERVING_GOAL_RUNS))
 
 
 def device_bandwidth(r: dict) -> tuple[float, str]:

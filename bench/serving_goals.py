@@ -52,15 +52,14 @@ def commands(out_dir: str, parts: list[str]) -> list[tuple[str, list[str], float
 def table(out_dir: str) -> list[str]:
     """The serving-goals table from the result files `out_dir` holds (a part without one has no row), beside
     the README's (bench/results, `SERVING_GOAL_RUNS`) as the previous values."""
-    from bench.report import SERVING_GOAL_RUNS, serving_goals  # (its keys: serving_goals' arguments in order)
+    from bench.report import SERVING_GOAL_RUNS, load, serving_goals  # (its keys: serving_goals' arguments in order)
 
-    def load(directory, name):
-        path = os.path.join(directory, name)
+    def here(name):
+        path = os.path.join(out_dir, name)
         return json.load(open(path)) if os.path.isfile(path) else None
 
-    results = os.path.join(REPO_ROOT, "bench", "results")
-    return serving_goals(*[load(out_dir, FILES[p]) for p in SERVING_GOAL_RUNS],
-                         *[load(results, name) for name in SERVING_GOAL_RUNS.values()])  # fmt: skip
+    return serving_goals(*[here(FILES[p]) for p in SERVING_GOAL_RUNS],
+                         *[load(name) for name in SERVING_GOAL_RUNS.values()])  # fmt: skip
 
 
 def main(argv=None) -> dict:
