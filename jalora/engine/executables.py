@@ -25,8 +25,10 @@ import contextlib
 import functools
 import hashlib
 import logging
+import math
 import os
 import pickle
+import re
 import tempfile
 import threading
 import time
@@ -227,12 +229,16 @@ class Executables:
                     os.unlink(tmp)
 
 
-def get_all(work: Sequence[tuple[Executables, Sequence[tuple[tuple, dict]]]], workers: int) -> None:
+def get_all(
+    work: Sequence[tuple[Executables, Sequence[tuple[tuple, dict]]]], workers: int, device_bytes: int | None = None
+) -> None:
     """The variant of every call of every function in `work` (`(function, [(args, static), ...])`), the
     reads and compilations on `workers` threads shared by all of them: XLA compiles and deserializes
     without holding the GIL, so a cold start's compilations overlap and the start waits for the longest
     one, not for each function's in turn. Tracing and lowering run on this thread, one variant after
-    another (they hold the GIL)."""
+    another (they hold the GIL). With `device_bytes` (a GPU's free memory), the compilations running at
+    once together claim no more than that for their autotuning (`autotune_bytes` of each; one that claims
+    more than all of it runs alone)."""
     todo: dict[tuple[int, Hashable], tuple[Executables, tuple, dict]] = {}
     for fn, calls in work:
         for args, static in calls:
@@ -242,6 +248,7 @@ def get_all(work: Sequence[tuple[Executables, Sequence[tuple[tuple, dict]]]], wo
     if not todo:
         return
     pool = concurrent.futures.ThreadPoolExecutor(max(1, min(workers, len(todo))))
+    budget = None if device_bytes is None else _Budget(device_bytes)
     short: list[Hashable] = []  # keys of compilations that ran out of device memory beside others
     try:
         paths = {k: fn._path(args, static) for k, (fn, args, static) in todo.items()}
@@ -252,8 +259,11 @@ def get_all(work: Sequence[tuple[Executables, Sequence[tuple[tuple, dict]]]], wo
             if exe is not None:
                 fn._keep(k[1], exe, loaded=True)
             else:
-                label = fn._describe(args, static)
-                compiles[k] = pool.submit(fn._compile, fn._jit.lower(*args, **static), paths[k], label)
+                label, lowered = fn._describe(args, static), fn._jit.lower(*args, **static)
+                job = (fn._compile, lowered, paths[k], label)
+                if budget is not None:  # (the claim from the lowered text, on this thread)
+                    job = (budget.run, autotune_bytes(lowered), *job)
+                compiles[k] = pool.submit(*job)
         together = len(compiles) > 1 and workers > 1  # (alone already: a retry would run out again)
         for k, future in compiles.items():
             try:
@@ -278,6 +288,58 @@ def get_all(work: Sequence[tuple[Executables, Sequence[tuple[tuple, dict]]]], wo
         logger.warning("compiling %s ran out of device memory beside other compilations: compiling it alone", label)
         fn._keep(k[1], fn._compile(fn._jit.lower(*args, **static), paths[k], label), loaded=False)
         fn.compiled_alone += 1
+
+
+class _Budget:
+    """Device bytes shared by the compilations running at once: each waits until its claim fits beside
+    the others' (or nothing else runs: a claim larger than the whole budget runs alone)."""
+
+    def __init__(self, total: int):
+        self._total, self._used, self._changed = total, 0, threading.Condition()
+
+    def run(self, claim: int, fn: Any, *args: Any) -> Any:
+        with self._changed:
+            self._changed.wait_for(lambda: self._used == 0 or self._used + claim <= self._total)
+            self._used += claim
+        try:
+            return fn(*args)
+        finally:
+            with self._changed:
+                self._used -= claim
+                self._changed.notify_all()
+
+
+# A matrix product's operands and result in the lowered text: `: (tensor<8x4096xbf16>, ...) -> tensor<...>`.
+_DOT = re.compile(r"stablehlo\.dot(?:_general)?\b.*?:\s*\((.*?)\)\s*->\s*(tensor<[^>]*>)")
+_TENSOR = re.compile(r"tensor<([^>]*)>")
+# What XLA's GPU autotuner allocates beside a product's buffers: a red zone on each side of each of its four
+# buffers (the operands, the result and the reference result it checks candidates against; 8 MiB each by
+# default) and the library's workspace.
+AUTOTUNE_EXTRA_BYTES = 96 << 20
+
+
+def autotune_bytes(lowered: Any) -> int:
+    """Device bytes a GPU compilation of `lowered` may allocate at once while XLA's autotuner times its
+    kernels: its largest matrix product's operands, its result twice (the candidate's and the reference's),
+    and `AUTOTUNE_EXTRA_BYTES`. The autotuner times one product at a time, so the largest is the claim.
+    (784 MiB in one allocation on an H100 was the [8192, vocab] bf16 logits of an 8B model's prompt
+    logprobs, with its red zones.)"""
+    largest = 0
+    for line in lowered.as_text().splitlines():
+        if "stablehlo.dot" not in line or not (m := _DOT.search(line)):
+            continue
+        operands = sum(_tensor_bytes(t) for t in _TENSOR.findall(m.group(1)))
+        largest = max(largest, operands + 2 * _tensor_bytes(_TENSOR.match(m.group(2)).group(1)))
+    return largest + AUTOTUNE_EXTRA_BYTES
+
+
+def _tensor_bytes(spec: str) -> int:
+    """Bytes of a tensor type's text (`8x4096xbf16`; a scalar: `f32`)."""
+    *dims, dtype = spec.split(",")[0].split("x")
+    bits = re.search(r"\d+", dtype)
+    if not all(d.isdigit() for d in dims):  # (a dynamic size: none in jalora's steps)
+        return 0
+    return math.prod(int(d) for d in dims) * -(-int(bits.group() if bits else 8) // 8)
 
 
 def out_of_device_memory(error: BaseException) -> bool:

@@ -753,29 +753,29 @@ class ModelRunner:
         adapter path; with `adapters` and `with_base`, both), each variant run once, and the draw, top-n
         and prompt-logprob functions behind it (the draw and the top-n run once; the prompt logprobs only
         compiled: for the largest bucket they would compute a [T, V] logits matrix at every start).
-        The compilations come in one wave on a thread per core (`executables.get_all`; on a GPU fewer
-        where its free memory is short: `_compile_workers`), which waits for its longest one: every step
-        variant (all of them together: a start whose adapters are known, a server's, waits once, not once
-        per kind) and every function behind them, from the shapes the steps return (`_function_calls`);
+        The compilations come in one wave on a thread per core (`executables.get_all`; on a GPU only as
+        many at once as its free memory lets autotune: `_compile_limits`), which waits for its longest
+        one: every step variant (all of them together: a start whose adapters are known, a server's, waits
+        once, not once per kind) and every function behind them, from the shapes the steps return (`_function_calls`);
         the host tier's few small copies compile after that."""
         from tqdm import tqdm
 
         kinds = [adapters] if adapters and not with_base else [None] + ([adapters] if adapters else [])
         desc = "jalora warm-up" + (" (adapters)" if adapters and not with_base else "")
         groups = () if with_base else tuple(sorted(adapters or {}))  # (the log's "with adapters ...")
-        cores = _compile_workers()
+        cores, device_bytes = _compile_limits()
         self._warming_up = True
         try:
             compiled, variants, start = self.num_compiled(), self.num_step_variants, time.perf_counter()
             # seconds of each part (bench/startup_gpu.py reports them)
-            phases = {"kinds": len(kinds), "workers": cores}
+            phases = {"kinds": len(kinds), "workers": cores, "compile_device_bytes": device_bytes}
             steps = self._warmup_steps(kinds)
             if self.layer_launches:
                 work = [(fn, [call]) for a, step in steps for fn, call in self._layer_compile_calls(step, a)]
             else:
                 work = [(self._step, [self._step_args(step, a, None) for a, step in steps])]
             # The functions behind the steps compile in the same wave, from the shapes the steps return.
-            get_all(work + self._function_calls([step for _, step in steps]), cores)
+            get_all(work + self._function_calls([step for _, step in steps]), cores, device_bytes)
             phases["steps_compile_s"] = (t := time.perf_counter()) - start
             # (compilations that ran out of device memory beside others, compiled again alone: `get_all`)
             phases["compiled_alone"] = sum(f.compiled_alone for f in self._executables())
@@ -796,7 +796,7 @@ class ModelRunner:
                 (self._draw, [((logits, packed), {"layout": layout}) for logits, packed, layout in draws.values()]),
                 (self._top, [((logits,), {}) for logits, _, _ in draws.values()]),
                 (self._prompt_lp, [(args, {}) for args in prompt_lp_args]),
-            ], cores)  # fmt: skip
+            ], cores, device_bytes)  # fmt: skip
             phases["functions_compile_s"] = (t := time.perf_counter()) - t2
             phases["functions_compiled_late"] = self.num_compiled() - late  # (0: all in the steps' wave)
             for logits, packed, layout in draws.values():
@@ -868,22 +868,22 @@ def move_sizes(num_blocks: int) -> list[int]:
     return [1 << i for i in range(MAX_MOVE_BLOCKS.bit_length()) if 1 << i <= min(MAX_MOVE_BLOCKS, num_blocks)]
 
 
-# What one compilation may allocate on a GPU while XLA's autotuner times its matmuls (inputs, outputs and
-# red zones of the largest prefill GEMM of an 8B model: 784 MiB in one allocation on an H100).
-COMPILE_DEVICE_BYTES = 1 << 30
+# Device memory the warm-up leaves to everything but its compilations' autotuning (the allocator's
+# fragmentation, the runtime's own buffers).
+COMPILE_RESERVE_BYTES = 512 << 20
 
 
-def _compile_workers() -> int:
-    """Compilations run at once by the warm-up: a thread per usable core, but on a GPU no more than the
-    device memory still free can give each one's autotuning (the KV cache already fills its share: 16
-    compilations at once ran an H100 out of memory)."""
+def _compile_limits() -> tuple[int, int | None]:
+    """Compilations the warm-up runs at once: a thread per usable core, and on a GPU the device memory
+    still free, which their autotuning shares (`executables.get_all`'s `device_bytes`: the KV cache
+    already fills its share, and 16 compilations at once given 1 GiB each ran an H100 out of memory)."""
     cores = _usable_cores()
     dev = jax.local_devices()[0]
     stats = dev.memory_stats() if dev.platform == "gpu" and hasattr(dev, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
-        return cores
+        return cores, None
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    return max(1, min(cores, free // COMPILE_DEVICE_BYTES))
+    return cores, max(0, free - COMPILE_RESERVE_BYTES)
 
 
 def _usable_cores() -> int:

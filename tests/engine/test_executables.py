@@ -235,3 +235,103 @@ def test_a_compilation_short_of_device_memory_is_compiled_again_alone(tmp_path, 
             get_all([(g, [((arr,), {}) for arr in calls_of])], workers=2)
         assert len(g) == 0 and g.compiled_alone == 0
         assert len(tries) == (3 if len(calls_of) == 2 else 1)  # (two, then the first again alone; one, no retry)
+
+
+def test_a_compilation_claims_its_largest_matrix_products_buffers():
+    """`autotune_bytes` from the lowered text: the largest product's operands and its result twice (the
+    candidate's and the reference's), a product inside a scanned layer body included, plus the red zones and
+    workspace; a function without a product claims only those."""
+    from jalora.engine.executables import AUTOTUNE_EXTRA_BYTES, autotune_bytes
+
+    def layers(x, ws, head):
+        def body(c, w):
+            return jnp.tanh(c @ w), None
+
+        return jax.lax.scan(body, x, ws)[0] @ head
+
+    spec = jax.ShapeDtypeStruct
+    for rows, width in ((8, 64), (512, 64), (8, 4096)):
+        lowered = jax.jit(layers).lower(
+            spec((rows, 64), jnp.bfloat16), spec((3, 64, 64), jnp.bfloat16), spec((64, width), jnp.bfloat16)
+        )
+        body = rows * 64 * 2 + 64 * 64 * 2 + 2 * rows * 64 * 2  # (bf16: 2 bytes)
+        head = rows * 64 * 2 + 64 * width * 2 + 2 * rows * width * 2
+        assert autotune_bytes(lowered) == max(body, head) + AUTOTUNE_EXTRA_BYTES
+    f32 = jax.jit(lambda a, b: a @ b).lower(spec((4, 3), jnp.float32), spec((3, 5), jnp.float32))
+    assert autotune_bytes(f32) == (12 + 15 + 2 * 20) * 4 + AUTOTUNE_EXTRA_BYTES
+    assert autotune_bytes(jax.jit(lambda a: a * 2).lower(spec((4096, 4096), jnp.float32))) == AUTOTUNE_EXTRA_BYTES
+
+
+def test_compilations_run_at_once_only_while_their_claims_fit():
+    """The warm-up's device budget (`get_all(..., device_bytes)`): two claims that fit run together, one that
+    does not waits for the running one to end, and a claim above the whole budget runs alone. Each check
+    waits for an event the other compilation sets. Where they must overlap, the wait ends as soon as the
+    other starts (30 s only if it never does); where they must not, a correct budget lets the wait run out,
+    and the order shows the second started after the first ended."""
+    import threading
+
+    from jalora.engine.executables import _Budget
+
+    budget, order, lock = _Budget(10), [], threading.Lock()
+
+    def job(name, seen, waits_for, timeout):
+        def run():
+            with lock:
+                order.append(f"{name} starts")
+            seen[name].set()
+            together = seen[waits_for].wait(timeout=timeout) if waits_for else None
+            with lock:
+                order.append(f"{name} ends")
+            return together
+
+        return run
+
+    def run_all(claims, waits, timeout):
+        seen = {name: threading.Event() for name in claims}
+        results, threads = {}, []
+        for name, claim in claims.items():
+            fn = job(name, seen, waits.get(name), timeout)
+            t = threading.Thread(target=lambda n=name, c=claim, f=fn: results.__setitem__(n, budget.run(c, f)))
+            t.start()
+            threads.append(t)
+            if name in waits:  # (the next one starts only once this one runs)
+                seen[name].wait(timeout=10)
+        for t in threads:
+            t.join(timeout=30)
+        return results
+
+    # 4 + 4 <= 10: each sees the other running (the wait ends when it does; 30 s only if it never does).
+    assert run_all({"a": 4, "b": 4}, {"a": "b", "b": "a"}, timeout=30) == {"a": True, "b": True}
+    # 6 + 6 > 10: b starts only after a ends (a's wait for b ends unanswered).
+    order.clear()
+    assert run_all({"a": 6, "b": 6}, {"a": "b"}, timeout=0.5)["a"] is False
+    assert order == ["a starts", "a ends", "b starts", "b ends"]
+    # 25 > 10 runs, alone; the next one waits for it.
+    order.clear()
+    assert run_all({"a": 25, "b": 1}, {"a": "b"}, timeout=0.5)["a"] is False
+    assert order == ["a starts", "a ends", "b starts", "b ends"]
+    assert budget._used == 0
+
+
+def test_get_all_passes_each_compilations_claim_to_the_budget(tmp_path, monkeypatch):
+    """With `device_bytes`, every compilation of the wave goes through the budget with its own claim (the
+    larger shapes claim more), and a budget smaller than any claim still compiles all of them, one at a time."""
+    from jalora.engine.executables import _Budget, autotune_bytes, get_all
+
+    claims = []
+    run = _Budget.run
+
+    def recorded(self, claim, fn, *args):
+        claims.append((args[2], claim))  # (fn._compile's label)
+        return run(self, claim, fn, *args)
+
+    monkeypatch.setattr(_Budget, "run", recorded)
+    w = jnp.ones((64, 32))
+    f = Executables(lambda x, w: x @ w, "f", tmp_path, "fp", describe=lambda args, static: f"rows={args[0].shape[0]}")
+    calls = [((jnp.ones((rows, 64)), w), {}) for rows in (1, 16, 256)]
+    get_all([(f, calls)], workers=3, device_bytes=1)
+    want = {f"rows={a[0].shape[0]}": autotune_bytes(jax.jit(lambda x, w: x @ w).lower(*a)) for a, _ in calls}
+    assert dict(claims) == want and len(claims) == 3
+    assert want["rows=1"] < want["rows=16"] < want["rows=256"]
+    for (x, w_), _ in calls:
+        np.testing.assert_allclose(np.asarray(f(x, w_)), np.asarray(x) @ np.asarray(w_), rtol=1e-6)
