@@ -322,8 +322,8 @@ def autotune_bytes(lowered: Any) -> int:
     """Device bytes a GPU compilation of `lowered` may allocate at once while XLA's autotuner times its
     kernels: its largest matrix product's operands, its result twice (the candidate's and the reference's),
     and `AUTOTUNE_EXTRA_BYTES`. The autotuner times one product at a time, so the largest is the claim.
-    (784 MiB in one allocation on an H100 was the [8192, vocab] bf16 logits of an 8B model's prompt
-    logprobs, with its red zones.)"""
+    (The one allocation of 784 MiB an H100 reported is the size of an 8B model's [8192, vocab] bf16 prompt
+    logprob logits with an 8 MiB red zone on each side.)"""
     largest = 0
     for line in lowered.as_text().splitlines():
         if "stablehlo.dot" not in line or not (m := _DOT.search(line)):
