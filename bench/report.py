@@ -357,6 +357,17 @@ def pb_goals(r: dict) -> list[str]:
 # The serving goals' table: which result file each row reads (the latest run of each measure; a device run
 # that measures a row again replaces its file here).
 SERVING_GOAL_RUNS = {
+    "startup": "startup_gpu_h100_74d6c06.json",
+    "pipeline": "pipeline_bench_granite-8b_h100_74d6c06.json",
+    "concurrent": "pipeline_bench_granite-8b_aconc_h100_74d6c06.json",
+    "decode_1k": "profile_step_b1_h100_74d6c06.json",
+    "decode_64k": "profile_step_b1_ctx65536_h100_74d6c06.json",
+    "prefill_attention": "attention_prefill_h100_74d6c06.json",
+    "grpc": "http_bench_h100_74d6c06.json",
+}
+# The earlier run each row is shown beside (the README's "previous" column), by part: when a device run
+# replaces a file in SERVING_GOAL_RUNS, the file it replaced goes here.
+SERVING_GOAL_PREVIOUS: dict[str, str] = {
     "startup": "startup_gpu_h100.json",
     "pipeline": "pipeline_bench_granite-8b_h100.json",
     "concurrent": "pipeline_bench_granite-8b_aconc_h100.json",
@@ -365,9 +376,6 @@ SERVING_GOAL_RUNS = {
     "prefill_attention": "attention_prefill_h100.json",
     "grpc": "http_bench_h100.json",
 }
-# The earlier run each row is shown beside (the README's "previous" column), by part: when a device run
-# replaces a file in SERVING_GOAL_RUNS, the file it replaced goes here. None yet: no column.
-SERVING_GOAL_PREVIOUS: dict[str, str] = {}
 
 
 def serving_goal_files() -> tuple:
