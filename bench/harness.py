@@ -231,17 +231,30 @@ def copy_bandwidth(nbytes: int, warmup: int = 2, iters: int = 10) -> float:
     return 2 * nbytes / t / 1e9
 
 
-def gemv_bandwidth(nbytes: int, k: int = 4096, warmup: int = 2, iters: int = 10) -> float:
-    """GB/s of weight bytes a batch-1 bf16 matmul reads (x[1, k] @ W[k, nbytes / 2k], f32 accumulation as the
-    engine's projections): what a decode step's weight GEMMs can reach on this device, where an elementwise
-    copy is XLA's other kernel family (on the H100 it ran at 2.39 TB/s while the step's gate/up GEMM read
-    at 2.99, bench/results/pipeline_bench_granite-8b_h100.json and profile_step_b1_h100.json)."""
-    n = nbytes // (2 * k)
-    w = jax.random.normal(jax.random.key(3), (k, n), jnp.bfloat16)
+# Output widths the batch-1 matmul ceiling tries (a decoder's projections span these: o 4096, qkv 6144, gate/up
+# 25600, the LM head 49155 for an 8B model), with 4096 rows.
+GEMV_WIDTHS = (4096, 8192, 16384, 32768, 65536)
+
+
+def gemv_bandwidth(nbytes: int, k: int = 4096, warmup: int = 2, iters: int = 10,
+                   widths: tuple[int, ...] = GEMV_WIDTHS) -> float:  # fmt: skip
+    """GB/s of weight bytes a batch-1 bf16 matmul reads (x[1, k] @ W[k, n], f32 accumulation as the engine's
+    projections): what a decode step's weight GEMMs can reach on this device, where an elementwise copy is
+    XLA's other kernel family (on the H100 it ran at 2.39 TB/s while the step's gate/up GEMM read at 2.99,
+    bench/results/pipeline_bench_granite-8b_h100.json and profile_step_b1_h100.json). The best of
+    `widths`: for each, one launch of as many distinct [k, n] matrices as `nbytes` holds, one after another
+    as a step's layers are (XLA picks a kernel per shape: one [4096, 262144] matrix, the earlier single
+    shape, read at 2.52 TB/s on the H100 while the step's own [4096, 25600] read at 2.97)."""
     x = jax.random.normal(jax.random.key(4), (1, k), jnp.bfloat16)
-    f = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
-    t = timeit(lambda: f(x, w).block_until_ready(), warmup=warmup, iters=iters)
-    return 2 * k * n / t / 1e9
+    f = jax.jit(lambda x, ws: [jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16) for w in ws])
+    best = 0.0
+    for n in widths:
+        count = max(1, nbytes // (2 * k * n))
+        ws = [jax.random.normal(jax.random.key(3 + i), (k, n), jnp.bfloat16) for i in range(count)]
+        t = timeit(lambda ws=ws: jax.block_until_ready(f(x, ws)), warmup=warmup, iters=iters)
+        best = max(best, 2 * k * n * count / t / 1e9)
+        del ws
+    return best
 
 
 def measure_ceilings() -> dict:
