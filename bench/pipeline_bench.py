@@ -805,6 +805,7 @@ def main(argv=None) -> dict:
                     help="keep N of the model's decoder layers: a large model's layer shapes on one device")
     ap.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     ap.add_argument("--quick", action="store_true", help="CPU smoke sizes")
+    ap.add_argument("--no-plots", action="store_true", help="no PNG beside the result file (its tables only)")
     ap.add_argument("--prompt-lens", type=int, nargs="*", help="A / Aconc prompt lengths")
     ap.add_argument("--a-batch", type=int, default=None, help="Aconc batch (default: KV capacity / longest sequence)")
     ap.add_argument("--b-prompts", type=int, nargs="*")
@@ -947,7 +948,7 @@ def main(argv=None) -> dict:
     print()
     print("\n".join(pipeline_bench_tables(result)))
     folder = os.path.dirname(os.path.abspath(path))
-    written = plots(result, os.path.splitext(os.path.basename(path))[0], folder)
+    written = [] if args.no_plots else plots(result, os.path.splitext(os.path.basename(path))[0], folder)
     out_dir = os.environ.get("OUT")
     if out_dir and os.path.abspath(out_dir) != folder:  # the device machine's return folder
         import shutil

@@ -1,16 +1,16 @@
 """Every row of the serving-goals table in one command: start-up, batch-1 decode at 1k and 64k, pipeline A
 single and concurrent, prefill attention against cuDNN, gRPC against in-process.
 
-    python -m bench.serving_goals --out-dir /root/out                      # GPU: every part (~20 min)
-    python -m bench.serving_goals --out-dir /root/out --parts startup pipeline concurrent   # one device command
-    python -m bench.serving_goals --out-dir /root/out --parts decode_1k decode_64k prefill_attention grpc
+    python -m bench.serving_goals --out-dir /root/out                      # GPU: every part (~7 min, H100)
+    python -m bench.serving_goals --out-dir /root/out --parts startup decode_1k decode_64k   # a part of them
     python -m bench.serving_goals --dry-run                                # the commands, nothing run
 
 Each part runs its own bench script in a child process (a fresh engine, as the scripts run alone) with a time
 limit, writing its result file into `--out-dir` under the name the table reads (`FILES`); a part that fails
-or runs out of time is reported and the next one runs. A device command is limited to 10 minutes, so the
-parts are split over two or three calls (`--parts`); the table is drawn from whatever files the directory
-holds (`bench/report.py serving_goals`), so the last call prints every row. `serving_goals_runs.json` in the
+or runs out of time is reported and the next one runs. A device command is limited to 10 minutes; every part
+fits one (their runs took 388 s together on an H100 at 74d6c06, two calls' logs merged in
+bench/results/serving_goals_runs_h100_74d6c06.json), and `--parts` splits them over calls where less device time is left. The table is
+drawn from whatever files the directory holds (`bench/report.py serving_goals`), so the last call prints every row. `serving_goals_runs.json` in the
 directory keeps each part's command, exit status and seconds. To put a run into the README, copy its files
 into bench/results and name them in `bench/report.py`'s SERVING_GOAL_RUNS.
 """
@@ -24,13 +24,15 @@ import time
 
 from bench.harness import REPO_ROOT
 
-# part -> (the bench module and its arguments, its result file, seconds it may take on an H100)
+# part -> (the bench module and its arguments, its result file, seconds it may take on an H100). A part writes
+# its result file only (pipeline_bench: no plot), so one run's directory holds 8 files with the runs log: as
+# many as a device call brings back.
 PARTS = {
     "startup": (["bench.startup_gpu"], "startup_gpu.json", 300),
     "pipeline": (["bench.pipeline_bench", "--model", "granite-8b", "--parts", "ceilings,A", "--prompt-lens", "1024",
-                  "65536"], "pipeline_bench_granite-8b.json", 300),
-    "concurrent": (["bench.pipeline_bench", "--model", "granite-8b", "--parts", "Aconc", "--prompt-lens", "65536"],
-                   "pipeline_bench_granite-8b_aconc.json", 200),
+                  "65536", "--no-plots"], "pipeline_bench_granite-8b.json", 300),
+    "concurrent": (["bench.pipeline_bench", "--model", "granite-8b", "--parts", "Aconc", "--prompt-lens", "65536",
+                    "--no-plots"], "pipeline_bench_granite-8b_aconc.json", 200),
     "decode_1k": (["bench.profile_step", "--modes", "async", "--batch", "1", "--steps", "30"],
                   "profile_step_b1.json", 150),
     "decode_64k": (["bench.profile_step", "--modes", "async", "--batch", "1", "--context", "65536", "--steps", "30"],

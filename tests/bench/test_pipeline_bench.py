@@ -138,14 +138,19 @@ def test_run_pipelines_stages_and_arrivals():
     assert {s["session"] for *_, s in eng.added if s} == {"s0", "s1", "s2"}  # a stage's add_request keywords
 
 
-def test_part_a_runs_tensor_parallel(tmp_path):
+def test_part_a_runs_tensor_parallel(tmp_path, monkeypatch):
     """The multi-GPU run's script, on 2 of the test process's 8 CPU devices: pipeline A's aLoRA judge
-    reuses the base model's blocks through the sharded engine as through one device."""
+    reuses the base model's blocks through the sharded engine as through one device (and `--no-plots`
+    draws none)."""
+    from bench import pipeline_bench
     from bench.pipeline_bench import main
 
+    drawn = []
+    monkeypatch.setattr(pipeline_bench, "plots", lambda *a: drawn.append(a) or [])
     out = str(tmp_path / "pipeline_bench_tiny_tp2.json")
     result = main(["--model", "tiny", "--quick", "--tensor-parallel-size", "2", "--parts", "A", "--prompt-lens", "64",
-                   "--no-warmup", "--compile-cache", "", "--layers", "3", "--out", out])  # fmt: skip
+                   "--no-warmup", "--compile-cache", "", "--layers", "3", "--no-plots", "--out", out])  # fmt: skip
+    assert drawn == []
     assert result["tensor_parallel_size"] == 2 and result["layers"] == 3
     rows = {r["kind"]: r for r in result["parts"]["A"]["rows"]}
     assert rows["alora"]["judge"]["cached_tokens"] >= 64 and rows["lora"]["judge"]["cached_tokens"] == 0

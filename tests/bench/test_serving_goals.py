@@ -17,7 +17,10 @@ def test_every_table_row_has_a_part_writing_its_file(tmp_path, capsys):
     for argv, (part, name) in zip(runs, serving_goals.FILES.items(), strict=True):
         assert argv[argv.index("--out") + 1] == str(tmp_path / name), part
     out = capsys.readouterr().out
-    assert "python -m bench.pipeline_bench --model granite-8b --parts Aconc --prompt-lens 65536 --out" in out
+    assert "python -m bench.pipeline_bench --model granite-8b --parts Aconc --prompt-lens 65536 --no-plots --out" in out
+    # one run's files (each part's result and the runs log) are as many as a device call brings back: 8
+    assert len(set(serving_goals.FILES.values())) + 1 <= 8
+    assert all("--no-plots" in argv for argv in runs if "bench.pipeline_bench" in argv)  # (its PNGs: more files)
     assert not list(tmp_path.iterdir())  # a dry run runs nothing
 
 
