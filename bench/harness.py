@@ -231,9 +231,9 @@ def copy_bandwidth(nbytes: int, warmup: int = 2, iters: int = 10) -> float:
     return 2 * nbytes / t / 1e9
 
 
-# Output widths the batch-1 matmul ceiling tries (a decoder's projections span these: o 4096, qkv 6144, gate/up
-# 25600, the LM head 49155 for an 8B model), with 4096 rows.
-GEMV_WIDTHS = (4096, 8192, 16384, 32768, 65536)
+# Output widths the batch-1 matmul ceiling tries, with 4096 rows: an 8B decoder's own (o 4096, qkv 6144, gate/up
+# 25600, about the LM head's 49155) and one between.
+GEMV_WIDTHS = (4096, 6144, 16384, 25600, 49152)
 
 
 def gemv_bandwidth(nbytes: int, k: int = 4096, warmup: int = 2, iters: int = 10,

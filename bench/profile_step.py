@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from bench.harness import (
+    GEMV_WIDTHS,
     GRANITE_8B,
     TINY,
     copy_bandwidth,
@@ -243,7 +244,8 @@ def main(argv=None) -> dict:
     # The device's read ceilings, measured before the engine takes its memory: a batch-1 matmul's (what the
     # step's weight GEMMs could reach) and an elementwise copy's (read + write bytes)
     on_gpu = jax.default_backend() == "gpu"
-    ceilings = {"hbm_gemv_GBps": gemv_bandwidth(2 << 30), "hbm_copy_GBps": copy_bandwidth(2 << 30)} if on_gpu else {}
+    ceilings = {"hbm_gemv_GBps": gemv_bandwidth(2 << 30), "gemv_widths": list(GEMV_WIDTHS),
+                "hbm_copy_GBps": copy_bandwidth(2 << 30)} if on_gpu else {}  # fmt: skip
     engines = {mode: build_engine(args, cfg, root, mode) for mode in args.modes}
     v = cfg["vocab_size"]
     rng = np.random.default_rng(0)

@@ -445,8 +445,10 @@ def _goal_rows(startup=None, pipeline=None, concurrent=None, decode_1k=None, dec
             roof = (weight_bytes + r["batch"] * ctx * kv) / gbps / 1e6
             x = r["step_ms_median"] / roof
             anchor = f"{roof:.2f} ms (weights + KV at {named}); {x:.2f}x"
-            gemv = r.get("ceilings", {}).get("hbm_gemv_GBps")
-            if gemv:  # (the same bytes at the rate a batch-1 matmul reached in the same run)
+            # (the same bytes at the rate a batch-1 matmul reached in the same run: only where it is the best of
+            # several widths, `gemv_widths`; one [4096, 262144] matrix, before, read slower than the step's GEMMs)
+            gemv = r.get("ceilings", {}).get("hbm_gemv_GBps") if r.get("ceilings", {}).get("gemv_widths") else None
+            if gemv:
                 measured = roof * gbps / gemv
                 anchor += (f"; {measured:.2f} ms at the run's batch-1 matmul read rate ({gemv / 1e3:.2f} TB/s): "
                            f"{r['step_ms_median'] / measured:.2f}x")

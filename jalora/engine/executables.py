@@ -275,6 +275,8 @@ def get_all(
                 continue
             todo[k][0]._keep(k[1], exe, loaded=False)
     except BaseException:  # the error now: the queued compilations are dropped (running ones end on their own)
+        if budget is not None:
+            budget.close()  # (and those waiting for device memory)
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     pool.shutdown()
@@ -291,16 +293,26 @@ def get_all(
 
 
 class _Budget:
-    """Device bytes shared by the compilations running at once: each waits until its claim fits beside
-    the others' (or nothing else runs: a claim larger than the whole budget runs alone)."""
+    """Device bytes shared by the compilations running at once, handed out in the order the claims came: each
+    waits until every earlier claim has started and its own fits beside the running ones' (or nothing else
+    runs: a claim larger than the whole budget runs alone). In order, so a large claim is not passed over by
+    later small ones until the wave's end. `close` makes the waiting ones raise instead of starting."""
 
     def __init__(self, total: int):
         self._total, self._used, self._changed = total, 0, threading.Condition()
+        self._tickets = self._next = 0  # (tickets handed out; the next one to start)
+        self._closed = False
 
     def run(self, claim: int, fn: Any, *args: Any) -> Any:
         with self._changed:
-            self._changed.wait_for(lambda: self._used == 0 or self._used + claim <= self._total)
+            ticket, self._tickets = self._tickets, self._tickets + 1
+            self._changed.wait_for(lambda: self._closed or (
+                ticket == self._next and (self._used == 0 or self._used + claim <= self._total)))
+            if self._closed:
+                raise concurrent.futures.CancelledError("the wave stopped: not compiled")
             self._used += claim
+            self._next += 1
+            self._changed.notify_all()
         try:
             return fn(*args)
         finally:
@@ -308,10 +320,16 @@ class _Budget:
                 self._used -= claim
                 self._changed.notify_all()
 
+    def close(self) -> None:
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
 
-# A matrix product's operands and result in the lowered text: `: (tensor<8x4096xbf16>, ...) -> tensor<...>`.
-_DOT = re.compile(r"stablehlo\.dot(?:_general)?\b.*?:\s*\((.*?)\)\s*->\s*(tensor<[^>]*>)")
-_TENSOR = re.compile(r"tensor<([^>]*)>")
+
+# A matrix product's operands and result in the lowered text: `: (tensor<8x4096xbf16>, ...) -> tensor<...>`, and a
+# tensor type's sizes and element type (`8x4096xbf16`, `4x3xcomplex<f32>`, `?x64xf32`; any encoding after it).
+_DOT = re.compile(r"stablehlo\.dot(?:_general)?\b.*?:\s*\((.*)\)\s*->\s*(.*)$")
+_TENSOR = re.compile(r"tensor<((?:[0-9?]+x)*)(complex<\w+>|\w+)")
 # What XLA's GPU autotuner allocates beside a product's buffers: a red zone on each side of each of its four
 # buffers (the operands, the result and the reference result it checks candidates against; 8 MiB each by
 # default) and the library's workspace.
@@ -321,25 +339,32 @@ AUTOTUNE_EXTRA_BYTES = 96 << 20
 def autotune_bytes(lowered: Any) -> int:
     """Device bytes a GPU compilation of `lowered` may allocate at once while XLA's autotuner times its
     kernels: its largest matrix product's operands, its result twice (the candidate's and the reference's),
-    and `AUTOTUNE_EXTRA_BYTES`. The autotuner times one product at a time, so the largest is the claim.
-    (The one allocation of 784 MiB an H100 reported is the size of an 8B model's [8192, vocab] bf16 prompt
-    logprob logits with an 8 MiB red zone on each side.)"""
+    and `AUTOTUNE_EXTRA_BYTES`. The autotuner times one product at a time, so the largest is the claim. A
+    product with a size unknown until it runs claims everything (`UNKNOWN_BYTES`: it compiles alone). Shapes
+    are the lowered module's, global ones under tensor parallelism: a sharded product claims more than each
+    device's share (safe, fewer at once)."""
     largest = 0
     for line in lowered.as_text().splitlines():
         if "stablehlo.dot" not in line or not (m := _DOT.search(line)):
             continue
-        operands = sum(_tensor_bytes(t) for t in _TENSOR.findall(m.group(1)))
-        largest = max(largest, operands + 2 * _tensor_bytes(_TENSOR.match(m.group(2)).group(1)))
+        operands, result = _TENSOR.findall(m.group(1)), _TENSOR.findall(m.group(2))[:1]
+        sizes = [_tensor_bytes(*t) for t in operands] + [2 * _tensor_bytes(*t) for t in result]
+        largest = max(largest, UNKNOWN_BYTES if None in sizes else sum(sizes))
     return largest + AUTOTUNE_EXTRA_BYTES
 
 
-def _tensor_bytes(spec: str) -> int:
-    """Bytes of a tensor type's text (`8x4096xbf16`; a scalar: `f32`)."""
-    *dims, dtype = spec.split(",")[0].split("x")
+UNKNOWN_BYTES = 1 << 60
+
+
+def _tensor_bytes(dims: str, dtype: str) -> int | None:
+    """Bytes of a tensor type from its sizes' text (`8x4096x`, empty for a scalar) and element type (`bf16`,
+    `i1`: a byte, `complex<f32>`: two f32); None for a size unknown until it runs (`?`)."""
+    sizes = dims.split("x")[:-1]
+    if "?" in dims:
+        return None
     bits = re.search(r"\d+", dtype)
-    if not all(d.isdigit() for d in dims):  # (a dynamic size: none in jalora's steps)
-        return 0
-    return math.prod(int(d) for d in dims) * -(-int(bits.group() if bits else 8) // 8)
+    width = -(-int(bits.group() if bits else 8) // 8) * (2 if dtype.startswith("complex") else 1)
+    return math.prod(int(d) for d in sizes) * width
 
 
 def out_of_device_memory(error: BaseException) -> bool:

@@ -875,8 +875,8 @@ COMPILE_RESERVE_BYTES = 512 << 20
 
 def _compile_limits() -> tuple[int, int | None]:
     """Compilations the warm-up runs at once: a thread per usable core, and on a GPU the device memory
-    still free, which their autotuning shares (`executables.get_all`'s `device_bytes`: the KV cache
-    already fills its share, and 16 compilations at once given 1 GiB each ran an H100 out of memory)."""
+    still free, which their autotuning shares (`executables.get_all`'s `device_bytes`): the KV cache already
+    fills its share, and 16 compilations at once with no bound ran an H100 out of memory."""
     cores = _usable_cores()
     dev = jax.local_devices()[0]
     stats = dev.memory_stats() if dev.platform == "gpu" and hasattr(dev, "memory_stats") else None

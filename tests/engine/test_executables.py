@@ -260,14 +260,24 @@ def test_a_compilation_claims_its_largest_matrix_products_buffers():
     f32 = jax.jit(lambda a, b: a @ b).lower(spec((4, 3), jnp.float32), spec((3, 5), jnp.float32))
     assert autotune_bytes(f32) == (12 + 15 + 2 * 20) * 4 + AUTOTUNE_EXTRA_BYTES
     assert autotune_bytes(jax.jit(lambda a: a * 2).lower(spec((4096, 4096), jnp.float32))) == AUTOTUNE_EXTRA_BYTES
+    c64 = jax.jit(lambda a, b: a @ b).lower(spec((4, 3), jnp.complex64), spec((3, 5), jnp.complex64))
+    assert autotune_bytes(c64) == (12 + 15 + 2 * 20) * 8 + AUTOTUNE_EXTRA_BYTES  # (complex<f32>: 8 bytes)
+    # the types as the text writes them: a byte per i1, a scalar, an encoding after the type, an unknown size
+    from jalora.engine.executables import _TENSOR, _tensor_bytes
+
+    for text, want in (("tensor<2x3xi1>", 6), ("tensor<f32>", 4), ("tensor<8x64xbf16, #enc>", 1024),
+                       ("tensor<4xf8E4M3FN>", 4), ("tensor<?x64xf32>", None)):  # fmt: skip
+        assert _tensor_bytes(*_TENSOR.findall(text)[0]) == want, text
 
 
 def test_compilations_run_at_once_only_while_their_claims_fit():
     """The warm-up's device budget (`get_all(..., device_bytes)`): two claims that fit run together, one that
-    does not waits for the running one to end, and a claim above the whole budget runs alone. Each check
-    waits for an event the other compilation sets. Where they must overlap, the wait ends as soon as the
-    other starts (30 s only if it never does); where they must not, a correct budget lets the wait run out,
-    and the order shows the second started after the first ended."""
+    does not waits for the running one to end, a claim above the whole budget runs alone, claims start in
+    the order they came (a later small one that would fit waits behind an earlier large one), and `close`
+    stops the waiting ones. Each check waits for an event another compilation sets. Where they must overlap,
+    the wait ends as soon as the other starts (30 s only if it never does); where they must not, a correct
+    budget lets the wait run out, and the order shows who started after whom."""
+    import concurrent.futures
     import threading
 
     from jalora.engine.executables import _Budget
@@ -286,23 +296,36 @@ def test_compilations_run_at_once_only_while_their_claims_fit():
 
         return run
 
-    def run_all(claims, waits, timeout):
+    def run_all(claims, waits, timeout, before=None):
         seen = {name: threading.Event() for name in claims}
         results, threads = {}, []
-        for name, claim in claims.items():
+
+        def call(name, claim, fn):
+            try:
+                results[name] = budget.run(claim, fn)
+            except concurrent.futures.CancelledError:
+                results[name] = "cancelled"
+
+        for i, (name, claim) in enumerate(claims.items()):
             fn = job(name, seen, waits.get(name), timeout)
-            t = threading.Thread(target=lambda n=name, c=claim, f=fn: results.__setitem__(n, budget.run(c, f)))
+            t = threading.Thread(target=call, args=(name, claim, fn), daemon=True)
             t.start()
             threads.append(t)
-            if name in waits:  # (the next one starts only once this one runs)
-                seen[name].wait(timeout=10)
+            if i == 0:  # (the next ones come once this one runs)
+                assert seen[name].wait(timeout=30)
+            else:  # (and each has its ticket before the next comes: the budget's state, not a sleep)
+                while budget._tickets < i + 1:
+                    threading.Event().wait(0.001)
+        if before is not None:
+            before()
         for t in threads:
             t.join(timeout=30)
+            assert not t.is_alive()  # (a budget that deadlocked fails here instead of hanging the run)
         return results
 
-    # 4 + 4 <= 10: each sees the other running (the wait ends when it does; 30 s only if it never does).
+    # 4 + 4 <= 10: each sees the other running.
     assert run_all({"a": 4, "b": 4}, {"a": "b", "b": "a"}, timeout=30) == {"a": True, "b": True}
-    # 6 + 6 > 10: b starts only after a ends (a's wait for b ends unanswered).
+    # 6 + 6 > 10: b starts only after a ends (a's wait for b runs out).
     order.clear()
     assert run_all({"a": 6, "b": 6}, {"a": "b"}, timeout=0.5)["a"] is False
     assert order == ["a starts", "a ends", "b starts", "b ends"]
@@ -310,20 +333,68 @@ def test_compilations_run_at_once_only_while_their_claims_fit():
     order.clear()
     assert run_all({"a": 25, "b": 1}, {"a": "b"}, timeout=0.5)["a"] is False
     assert order == ["a starts", "a ends", "b starts", "b ends"]
+    # c (2) would fit beside a (4), but b (8) came first and does not: c starts after b, then beside it.
+    order.clear()
+    results = run_all({"a": 4, "b": 8, "c": 2}, {"a": "c", "c": "b"}, timeout=0.5)
+    assert results["a"] is False and results["c"] is True
+    assert order.index("b starts") < order.index("c starts") and order.index("a ends") < order.index("b starts")
+    # close: the running one ends as it would, the waiting one is not run.
+    order.clear()
+    results = run_all({"a": 8, "b": 8}, {"a": "b"}, timeout=0.5, before=budget.close)
+    assert results == {"a": False, "b": "cancelled"} and order == ["a starts", "a ends"]
     assert budget._used == 0
+
+
+def test_the_compile_budget_is_the_gpus_free_memory_less_a_reserve(monkeypatch):
+    """`_compile_limits`: a thread per core, and on a GPU the memory its allocator still has less
+    `COMPILE_RESERVE_BYTES` (never below 0); no budget where the device reports none (the CPU)."""
+    from jalora.engine import model_runner
+
+    class Device:
+        platform = "gpu"
+
+        def __init__(self, limit, in_use):
+            self.stats = {"bytes_limit": limit, "bytes_in_use": in_use}
+
+        def memory_stats(self):
+            return self.stats
+
+    monkeypatch.setattr(model_runner, "_usable_cores", lambda: 16)
+    reserve = model_runner.COMPILE_RESERVE_BYTES
+    for limit, in_use, want in ((80 << 30, 74 << 30, (6 << 30) - reserve), (80 << 30, (80 << 30) - 100, 0)):
+        device = Device(limit, in_use)
+        monkeypatch.setattr(jax, "local_devices", lambda device=device: [device])
+        assert model_runner._compile_limits() == (16, want)
+    monkeypatch.undo()
+    assert model_runner._compile_limits()[1] is None  # (this process's CPU)
 
 
 def test_get_all_passes_each_compilations_claim_to_the_budget(tmp_path, monkeypatch):
     """With `device_bytes`, every compilation of the wave goes through the budget with its own claim (the
     larger shapes claim more), and a budget smaller than any claim still compiles all of them, one at a time."""
+    import threading
+
     from jalora.engine.executables import _Budget, autotune_bytes, get_all
 
-    claims = []
-    run = _Budget.run
+    claims, running, most = [], [0], [0]
+    run, lock = _Budget.run, threading.Lock()
+
+    def counted(fn):
+        def compile_it(*args):
+            with lock:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            try:
+                return fn(*args)
+            finally:
+                with lock:
+                    running[0] -= 1
+
+        return compile_it
 
     def recorded(self, claim, fn, *args):
         claims.append((args[2], claim))  # (fn._compile's label)
-        return run(self, claim, fn, *args)
+        return run(self, claim, counted(fn), *args)
 
     monkeypatch.setattr(_Budget, "run", recorded)
     w = jnp.ones((64, 32))
@@ -331,7 +402,7 @@ def test_get_all_passes_each_compilations_claim_to_the_budget(tmp_path, monkeypa
     calls = [((jnp.ones((rows, 64)), w), {}) for rows in (1, 16, 256)]
     get_all([(f, calls)], workers=3, device_bytes=1)
     want = {f"rows={a[0].shape[0]}": autotune_bytes(jax.jit(lambda x, w: x @ w).lower(*a)) for a, _ in calls}
-    assert dict(claims) == want and len(claims) == 3
+    assert dict(claims) == want and len(claims) == 3 and most[0] == 1  # (one at a time: each claim > 1 byte)
     assert want["rows=1"] < want["rows=16"] < want["rows=256"]
     for (x, w_), _ in calls:
         np.testing.assert_allclose(np.asarray(f(x, w_)), np.asarray(x) @ np.asarray(w_), rtol=1e-6)
