@@ -2,9 +2,9 @@
 
 
 def test_the_batch1_matmul_ceiling_is_the_best_width_over_the_bytes_each_reads(monkeypatch):
-    """`gemv_bandwidth` times one launch per width of as many distinct [k, n] matrices as the bytes hold, and
-    reports the best rate: bytes read (k * n * count * 2) over the launch's time. The timer here is the test's
-    (so each width's time is known), and the launch's outputs are checked against numpy products."""
+    """`gemv_bandwidth` times launches per width of as many distinct [k, n] matrices as the bytes hold, and
+    reports the best rate: bytes read (k * n * count * 2 per launch) over the launches' time. The timer here
+    is the test's (so each width's time is known), and the last launch's outputs are checked against numpy."""
     import jax
     import numpy as np
 
@@ -19,7 +19,8 @@ def test_the_batch1_matmul_ceiling_is_the_best_width_over_the_bytes_each_reads(m
 
     monkeypatch.setattr(harness, "timeit", fake_timeit)
     k, nbytes = 4, 2 * 4 * 32 * 3  # three [4, 32] bf16 matrices: 768 bytes
-    assert harness.gemv_bandwidth(nbytes, k=k, widths=(8, 16, 32)) == 768 / 1.0 / 1e9  # (width 16's second)
+    # width 16's second, for GEMV_LAUNCHES launches of 768 bytes each
+    assert harness.gemv_bandwidth(nbytes, k=k, widths=(8, 16, 32)) == harness.GEMV_LAUNCHES * 768 / 1.0 / 1e9
     assert [[o.shape for o in outs] for outs in seen] == [[(1, 8)] * 12, [(1, 16)] * 6, [(1, 32)] * 3]
     x = np.asarray(jax.random.normal(jax.random.key(4), (1, k), "bfloat16"), np.float32)
     for outs in seen:
