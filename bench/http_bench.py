@@ -19,7 +19,9 @@ completion tokens over the wall time from the first request sent to the last str
 runs `--rounds` times,
 interleaved, after a warm-up round of each (the compilations), with fresh conversations every round (no
 prefix-cache hits across rounds). The result records each round and the median, and each front's loss
-against in-process.
+against in-process. A gRPC round also records its streams' median TTFT and queue time on the server's clock
+(from its receipt of the request, the final message's timings): the client's TTFT less the server's is the
+way there and back, and the server's queue is the wait before the engine's first step for it.
 """
 
 import argparse
@@ -76,12 +78,14 @@ async def _drive_grpc(target: str, convs, max_tokens: int) -> tuple[float, list[
         await _ready()
 
         async def one(messages):
-            t0, first, tokens = time.perf_counter(), None, 0
+            t0, first, tokens, timings = time.perf_counter(), None, 0, None
             async for chunk in client.chat_stream(messages, max_tokens=max_tokens, temperature=0.0, ignore_eos=True):
                 if chunk.token_ids and first is None:
                     first = time.perf_counter() - t0
                 tokens += len(chunk.token_ids)
-            return {"tokens": tokens, "ttft": first}
+                timings = chunk.timings or timings  # (the last chunk's: the server's clock from its receipt)
+            server = {"server_ttft": timings.time_to_first_token_seconds, "server_queue": timings.queue_seconds}
+            return {"tokens": tokens, "ttft": first, **(server if timings else {})}
 
         t0, cpu = time.time(), time.process_time()
         rows = await asyncio.gather(*(one(m) for m in convs))
@@ -132,7 +136,8 @@ def drive(spec: dict) -> dict:
     # client_busy: the client's CPU time over the round's wall time; near 1 (one event loop), the client
     # process was the limit, not the server.
     return {"span": span, "tokens": sum(r["tokens"] for r in rows), "ttft": [r["ttft"] for r in rows],
-            "client_busy": busy}
+            "server_ttft": [r.get("server_ttft") for r in rows], "server_queue": [r.get("server_queue") for r in rows],
+            "client_busy": busy}  # fmt: skip
 
 
 # ---- the server process ---------------------------------------------------------------------------
@@ -193,6 +198,12 @@ def run_front(llm, mode: str, convs, max_tokens: int, round_: int, clients: int)
             got.append(json.loads(out.strip().splitlines()[-1]))
     seconds = max(g["span"][1] for g in got) - min(g["span"][0] for g in got)
     summary = _summary(mode, round_, sum(g["tokens"] for g in got), seconds, [t for g in got for t in g["ttft"]])
+    # Where a stream's first token waited (gRPC: the server's clock, from its receipt of the request): the
+    # client's TTFT less the server's is the way there and back; the server's queue, before its first step.
+    for key in ("server_ttft", "server_queue"):
+        seen = [t for g in got for t in g.get(key, []) if t is not None]
+        if seen:
+            summary[f"{key}_median_s"] = statistics.median(seen)
     return {**summary, "clients": clients, "client_busy": [round(g["client_busy"], 3) for g in got]}
 
 
