@@ -253,7 +253,7 @@ def get_all(
     try:
         paths = {k: fn._path(args, static) for k, (fn, args, static) in todo.items()}
         reads = {k: pool.submit(todo[k][0]._read, path) for k, path in paths.items() if path is not None}
-        compiles = {}
+        compiles, alone = {}, set()  # (alone: keys whose claim exceeds the budget, so nothing ran beside them)
         for k, (fn, args, static) in todo.items():
             exe = reads[k].result() if k in reads else None
             if exe is not None:
@@ -262,14 +262,17 @@ def get_all(
                 label, lowered = fn._describe(args, static), fn._jit.lower(*args, **static)
                 job = (fn._compile, lowered, paths[k], label)
                 if budget is not None:  # (the claim from the lowered text, on this thread)
-                    job = (budget.run, autotune_bytes(lowered), *job)
+                    claim = autotune_bytes(lowered)
+                    if claim > budget.total:
+                        alone.add(k)
+                    job = (budget.run, claim, *job)
                 compiles[k] = pool.submit(*job)
         together = len(compiles) > 1 and workers > 1  # (alone already: a retry would run out again)
         for k, future in compiles.items():
             try:
                 exe = future.result()
             except Exception as e:
-                if not (together and out_of_device_memory(e)):
+                if not (together and k not in alone and out_of_device_memory(e)):
                     raise
                 short.append(k)
                 continue
@@ -299,7 +302,7 @@ class _Budget:
     later small ones until the wave's end. `close` makes the waiting ones raise instead of starting."""
 
     def __init__(self, total: int):
-        self._total, self._used, self._changed = total, 0, threading.Condition()
+        self.total, self._used, self._changed = total, 0, threading.Condition()
         self._tickets = self._next = 0  # (tickets handed out; the next one to start)
         self._closed = False
 
@@ -307,7 +310,7 @@ class _Budget:
         with self._changed:
             ticket, self._tickets = self._tickets, self._tickets + 1
             self._changed.wait_for(lambda: self._closed or (
-                ticket == self._next and (self._used == 0 or self._used + claim <= self._total)))
+                ticket == self._next and (self._used == 0 or self._used + claim <= self.total)))
             if self._closed:
                 raise concurrent.futures.CancelledError("the wave stopped: not compiled")
             self._used += claim

@@ -235,6 +235,13 @@ def test_a_compilation_short_of_device_memory_is_compiled_again_alone(tmp_path, 
             get_all([(g, [((arr,), {}) for arr in calls_of])], workers=2)
         assert len(g) == 0 and g.compiled_alone == 0
         assert len(tries) == (3 if len(calls_of) == 2 else 1)  # (two, then the first again alone; one, no retry)
+    # With a device budget below both claims each compiled alone already: running out of memory is the error,
+    # with no second try (the first one's error stops the wave; the second may have started by then, or not).
+    g = Executables(lambda x: x - 1, "g", tmp_path, "fp-budget", describe=lambda args, static: f"g{args[0].shape}")
+    g._compile, tries[:] = always("RESOURCE_EXHAUSTED: Out of memory"), []
+    with pytest.raises(jax.errors.JaxRuntimeError, match="RESOURCE_EXHAUSTED"):
+        get_all([(g, [((x[:1],), {}), ((x,), {})])], workers=2, device_bytes=1)
+    assert 1 <= len(tries) <= 2 and len(set(tries)) == len(tries) and g.compiled_alone == 0
 
 
 def test_a_compilation_claims_its_largest_matrix_products_buffers():
