@@ -357,6 +357,20 @@ def pb_goals(r: dict) -> list[str]:
 # The serving goals' table: which result file each row reads (the latest run of each measure; a device run
 # that measures a row again replaces its file here).
 SERVING_GOAL_RUNS = {
+    "startup": "startup_gpu_h100_8d36705.json",
+    "pipeline": "pipeline_bench_granite-8b_h100_8d36705.json",
+    "concurrent": "pipeline_bench_granite-8b_aconc_h100_8d36705.json",
+    "decode_1k": "profile_step_b1_h100_8d36705.json",
+    "decode_64k": "profile_step_b1_ctx65536_h100_8d36705.json",
+    "prefill_attention": "attention_prefill_h100_8d36705.json",
+    "grpc": "http_bench_h100_8d36705.json",
+}
+# The earlier run each row is shown beside (the README's "previous" column), by part: when a device run
+# replaces a file in SERVING_GOAL_RUNS, the file it replaced goes here, or an earlier run of the same defaults
+# where one exists. The 8d36705 files are one call's run of every part (serving_goals_runs_h100_8d36705.json);
+# the 74d6c06 ones before them were two calls on one machine. Both take cuDNN's prefill chunks and long chunks
+# (on since bffa835).
+SERVING_GOAL_PREVIOUS: dict[str, str] = {
     "startup": "startup_gpu_h100_74d6c06.json",
     "pipeline": "pipeline_bench_granite-8b_h100_74d6c06.json",
     "concurrent": "pipeline_bench_granite-8b_aconc_h100_74d6c06.json",
@@ -364,20 +378,6 @@ SERVING_GOAL_RUNS = {
     "decode_64k": "profile_step_b1_ctx65536_h100_74d6c06.json",
     "prefill_attention": "attention_prefill_h100_74d6c06.json",
     "grpc": "http_bench_h100_74d6c06.json",
-}
-# The earlier run each row is shown beside (the README's "previous" column), by part: when a device run
-# replaces a file in SERVING_GOAL_RUNS, the file it replaced goes here, or an earlier run of the same defaults
-# where one exists. At 74d6c06 the engine takes cuDNN's prefill chunks and long chunks (on since bffa835); at
-# 795904c pipeline A was also measured with both on (the README's table then had them off). The start-up's
-# previous run had both off: 70 step executables to compile against 90 now.
-SERVING_GOAL_PREVIOUS: dict[str, str] = {
-    "startup": "startup_gpu_h100.json",
-    "pipeline": "pipeline_bench_granite-8b_optin_h100.json",
-    "concurrent": "pipeline_bench_granite-8b_aconc_h100.json",
-    "decode_1k": "profile_step_b1_h100.json",
-    "decode_64k": "profile_step_b1_ctx65536_h100.json",
-    "prefill_attention": "attention_prefill_h100.json",
-    "grpc": "http_bench_h100.json",
 }
 
 

@@ -813,19 +813,23 @@ class ModelRunner:
     def _warmup_steps(self, kinds: list[AdapterStacks | None]) -> list[tuple[AdapterStacks, PreparedStep]]:
         """Every step variant the warm-up compiles for these adapter kinds (None: base-only), as (stacks,
         step), in the order their compilations start (each is lowered on the warm-up's thread, then
-        queued): the longest first, since the wave waits for its last. On an H100
-        (bench/results/startup_gpu_h100.json) the long-context grid's were the longest by far (18.6 and
-        14.3 s against 6-9.5 s), then the large buckets'; queued last, as they were, the long grid's could
-        begin only once every other variant had been lowered. Adapted variants (more to compile) before
-        base-only ones."""
+        queued): the longest first, since the wave waits for its last. Those are the variants with their
+        own attention kernels, the long-context grid's and the long-chunk ones: on an H100 at 8d36705 each
+        took 11-12 s to compile with XLA's autotuning off and 14-15 s with it, against 2-4 s and 12-19 s for
+        a bucket's (bench/results/startup_gpu*_h100_8d36705.json). Queued after the buckets, the long-chunk
+        ones began 25 s into the first warm-up and 11 s into the second, and each wave ended with them. Then
+        the buckets from the largest, then the split-prefill ones. Adapted variants (more to compile)
+        before base-only ones."""
         order = kinds[::-1]
         steps = []
         if self.long_decode:  # (the smallest bucket's long-context variant)
             steps += [(a or {}, self._warmup_step(self.buckets[0], a, long=True)) for a in order]
-        steps += [(a or {}, self._warmup_step(t, a)) for t in self.buckets[::-1] for a in order]
-        for flag, buckets in (("split", self.split_prefill_buckets), ("chunk", self.long_chunk_buckets)):
-            # (the large buckets' one-sequence prefill variants, the small buckets' long-chunk variants)
-            steps += [(a or {}, self._warmup_step(t, a, **{flag: True})) for t in buckets[::-1] for a in order]
+        # (the small buckets' long-chunk variants; then every bucket; then the large buckets' one-sequence
+        # prefill variants)
+        groups = (("chunk", self.long_chunk_buckets), (None, self.buckets), ("split", self.split_prefill_buckets))
+        for flag, buckets in groups:
+            kw = {flag: True} if flag else {}
+            steps += [(a or {}, self._warmup_step(t, a, **kw)) for t in buckets[::-1] for a in order]
         return steps
 
     def _function_calls(self, steps: list[PreparedStep]) -> list:

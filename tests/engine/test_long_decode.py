@@ -54,19 +54,19 @@ def setup(tiny_models, tmp_path_factory, request):
 
 def test_the_warmup_queues_its_longest_compilations_first(setup):
     """The warm-up's wave waits for its last compilation, and they begin in the order of `_warmup_steps`:
-    the long-context grid's first (the longest on an H100), then the buckets from the largest, adapted before
-    base-only, the long-chunk variants last."""
+    the variants with their own attention kernels first (the longest on an H100: the long-context grid's,
+    then the long-chunk ones), then the buckets from the largest, adapted before base-only."""
     llm, _ = setup
     runner = llm.engine.runner
     steps = runner._warmup_steps([None, llm.engine.adapters.stacks])
     seen = [(s.inputs.token_ids.shape[0], "adapted" if s.inputs.lora_slots is not None else "base",
              "long" if s.inputs.attn.long_context is not None else "chunk" if s.inputs.attn.long_chunk is not None
              else "") for _, s in steps]  # fmt: skip
-    assert seen == [(16, "adapted", "long"), (16, "base", "long"), (32, "adapted", ""), (32, "base", ""),
-                    (16, "adapted", ""), (16, "base", ""), (16, "adapted", "chunk"), (16, "base", "chunk")]  # fmt: skip
+    assert seen == [(16, "adapted", "long"), (16, "base", "long"), (16, "adapted", "chunk"), (16, "base", "chunk"),
+                    (32, "adapted", ""), (32, "base", ""), (16, "adapted", ""), (16, "base", "")]  # fmt: skip
     # the warm-up's own variants, no more and no fewer (each compiled once: the count above)
     assert len(steps) == runner.num_step_variants
-    assert [s.inputs.token_ids.shape[0] for _, s in runner._warmup_steps([None])] == [16, 32, 16, 16]
+    assert [s.inputs.token_ids.shape[0] for _, s in runner._warmup_steps([None])] == [16, 16, 32, 16]
 
 
 def test_long_decode_steps_run_their_variant_and_match_peft(setup):
