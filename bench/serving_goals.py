@@ -8,9 +8,9 @@ single and concurrent, prefill attention against cuDNN, gRPC against in-process.
 Each part runs its own bench script in a child process (a fresh engine, as the scripts run alone) with a time
 limit, writing its result file into `--out-dir` under the name the table reads (`FILES`); a part that fails
 or runs out of time is reported and the next one runs. A device command is limited to 10 minutes; all the parts
-fit in one (their runs took 388 s together on an H100 at 74d6c06, two calls' logs merged in
-bench/results/serving_goals_runs_h100_74d6c06.json; that was before the batch-1 matmul ceiling tried five
-widths in the parts that measure it), and `--parts` splits them over calls where less device time is left.
+fit in one (448 s of parts in one 451 s call on an H100 at 8d36705, `--time-scale 0.6`:
+bench/results/serving_goals_runs_h100_8d36705.json), and `--parts` splits them over calls where less device
+time is left.
 The table is drawn from whatever files the directory holds (`bench/report.py serving_goals`), so the last
 call prints every row. `serving_goals_runs.json` in the directory keeps each part's command, exit status and
 seconds. To put a run into the README, copy its files into bench/results and name them in
