@@ -6,8 +6,8 @@
 One engine serves every mode. `--streams` chat requests (each its own conversation of about
 `--prompt-tokens` tokens, `--max-tokens` new tokens, ignore_eos) start at once:
 
-- in-process: the conversations rendered by the engine's chat template, then `LLM.generate` over all
-  of them (the engine alone: the ceiling);
+- in-process: `LLM.chat` over all of them (the same work as the fronts': the chat template rendered, the
+  prompts tokenized and generated; the engine alone: the ceiling);
 - grpc: `jalora.client.AsyncClient.chat_stream`, one stream per request;
 - http: the official `openai.AsyncOpenAI` client, `chat.completions.create(stream=True)`.
 
@@ -21,11 +21,15 @@ interleaved, after a warm-up round of each (the compilations), with fresh conver
 prefix-cache hits across rounds). The result records each round and the median, and each front's loss
 against in-process. A gRPC round also records its streams' median TTFT and queue time on the server's clock
 (from its receipt of the request, the final message's timings): the client's TTFT less the server's is the
-way there and back, and the server's queue is the wait before the engine's first step for it.
+way there and back, and the server's queue is the wait before the engine's first step for it. Every round
+records, on the clients' clock (`time.time()`, one clock on one machine), when the engine took its first and
+last request and how many steps it ran (`engine_clock`): a front's requests that reach the engine later than
+in-process ones, or its extra steps, are where its loss goes.
 """
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -149,17 +153,51 @@ def _summary(mode: str, round_: int, tokens: int, seconds: float, ttft: list) ->
             "ttft_median_s": statistics.median(ttft) if ttft else None}  # fmt: skip
 
 
+@contextlib.contextmanager
+def engine_clock(engine):
+    """Yields a dict that, once the block ends, holds the wall-clock times (`time.time()`) at which `engine`
+    took each request (`adds`) and ended each step (`steps`) within the block: the two methods are shadowed
+    on the instance for its length (the server's engine thread and `LLM.chat` call them there)."""
+    seen = {"adds": [], "steps": []}
+    add_request, step = engine.add_request, engine.step
+
+    def timed_add_request(*args, **kwargs):
+        out = add_request(*args, **kwargs)
+        seen["adds"].append(time.time())
+        return out
+
+    def timed_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        seen["steps"].append(time.time())
+        return out
+
+    engine.add_request, engine.step = timed_add_request, timed_step
+    try:
+        yield seen
+    finally:
+        del engine.add_request, engine.step  # (the class's methods again)
+
+
+def _engine_summary(seen: dict, start: float) -> dict:
+    """When the engine took its first and last request and ended its first step, from the round's start, and
+    how many steps it ran."""
+    adds, steps = seen["adds"], seen["steps"]
+    return {"engine_first_add_s": adds[0] - start if adds else None,
+            "engine_last_add_s": adds[-1] - start if adds else None,
+            "engine_first_step_end_s": steps[0] - start if steps else None, "engine_steps": len(steps)}  # fmt: skip
+
+
 def run_inproc(llm, convs, max_tokens: int, round_: int) -> dict:
     from jalora import SamplingParams
 
-    engine = llm.engine
-    prompts = [engine.apply_chat_template(c) for c in convs]
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params)
-    seconds = time.perf_counter() - t0
+    with engine_clock(llm.engine) as seen:
+        start, t0 = time.time(), time.perf_counter()
+        outs = llm.chat(convs, params)
+        seconds = time.perf_counter() - t0
     ttft = [o.metrics.first_token_time - o.metrics.arrival_time for o in outs]
-    return _summary("inproc", round_, sum(len(o.token_ids) for o in outs), seconds, ttft)
+    summary = _summary("inproc", round_, sum(len(o.token_ids) for o in outs), seconds, ttft)
+    return {**summary, **_engine_summary(seen, start)}
 
 
 def run_front(llm, mode: str, convs, max_tokens: int, round_: int, clients: int) -> dict:
@@ -187,15 +225,16 @@ def run_front(llm, mode: str, convs, max_tokens: int, round_: int, clients: int)
         for p in procs:
             if p.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"a {mode} client process failed:\n{p.communicate()[1][-3000:]}")
-        for p in procs:
-            p.stdin.write("go\n")
-            p.stdin.flush()
         got = []
-        for p in procs:
-            out, err = p.communicate()
-            if p.returncode != 0:
-                raise RuntimeError(f"a {mode} client process failed:\n{err[-3000:]}")
-            got.append(json.loads(out.strip().splitlines()[-1]))
+        with engine_clock(llm.engine) as clock:
+            for p in procs:
+                p.stdin.write("go\n")
+                p.stdin.flush()
+            for p in procs:
+                out, err = p.communicate()
+                if p.returncode != 0:
+                    raise RuntimeError(f"a {mode} client process failed:\n{err[-3000:]}")
+                got.append(json.loads(out.strip().splitlines()[-1]))
     seconds = max(g["span"][1] for g in got) - min(g["span"][0] for g in got)
     summary = _summary(mode, round_, sum(g["tokens"] for g in got), seconds, [t for g in got for t in g["ttft"]])
     # Where a stream's first token waited (gRPC: the server's clock, from its receipt of the request): the
@@ -204,7 +243,8 @@ def run_front(llm, mode: str, convs, max_tokens: int, round_: int, clients: int)
         seen = [t for g in got for t in g.get(key, []) if t is not None]
         if seen:
             summary[f"{key}_median_s"] = statistics.median(seen)
-    return {**summary, "clients": clients, "client_busy": [round(g["client_busy"], 3) for g in got]}
+    engine = _engine_summary(clock, min(g["span"][0] for g in got))
+    return {**summary, **engine, "clients": clients, "client_busy": [round(g["client_busy"], 3) for g in got]}
 
 
 def main(argv=None) -> dict:
