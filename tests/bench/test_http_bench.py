@@ -16,3 +16,9 @@ def test_grpc_rounds_record_the_servers_clock_beside_the_clients(tmp_path):
     # before its first token: per stream, so for the medians too.
     assert 0 <= grpc["server_queue_median_s"] <= grpc["server_ttft_median_s"] <= grpc["ttft_median_s"]
     assert "server_ttft_median_s" not in rounds["inproc"]
+    # The engine's clock (the clients' wall clock): every mode's requests reached the engine within the
+    # round, its first step ended after its first request, and it stepped at least once per token.
+    for r in rounds.values():
+        assert 0 <= r["engine_first_add_s"] <= r["engine_last_add_s"] <= r["seconds"], r
+        assert r["engine_first_add_s"] <= r["engine_first_step_end_s"] <= r["seconds"], r
+        assert r["engine_steps"] >= r["tokens"] // 8  # (8 streams of 8 tokens: at least 8 steps)
