@@ -357,27 +357,30 @@ def pb_goals(r: dict) -> list[str]:
 # The serving goals' table: which result file each row reads (the latest run of each measure; a device run
 # that measures a row again replaces its file here).
 SERVING_GOAL_RUNS = {
-    "startup": "startup_gpu_h100_8d36705.json",
-    "pipeline": "pipeline_bench_granite-8b_h100_8d36705.json",
+    "startup": "startup_gpu_h200_7c67e61.json",
+    "pipeline": "pipeline_bench_granite-8b_h200_7c67e61.json",
     "concurrent": "pipeline_bench_granite-8b_aconc_h100_8d36705.json",
-    "decode_1k": "profile_step_b1_h100_8d36705.json",
-    "decode_64k": "profile_step_b1_ctx65536_h100_8d36705.json",
-    "prefill_attention": "attention_prefill_h100_8d36705.json",
-    "grpc": "http_bench_h100_8d36705.json",
+    "decode_1k": "profile_step_b1_h200_7c67e61.json",
+    "decode_64k": "profile_step_b1_ctx65536_h200_7c67e61.json",
+    "prefill_attention": "attention_prefill_h200_7c67e61.json",
+    "grpc": "http_bench_h200_7c67e61.json",
 }
-# The earlier run each row is shown beside (the README's "previous" column), by part: when a device run
-# replaces a file in SERVING_GOAL_RUNS, the file it replaced goes here, or an earlier run of the same defaults
-# where one exists. The 8d36705 files are one call's run of every part (serving_goals_runs_h100_8d36705.json);
-# the 74d6c06 ones before them were two calls on one machine. Both take cuDNN's prefill chunks and long chunks
-# (on since bffa835).
+# The earlier run each row is shown beside (the README's "previous" column), by part: the last run of the same
+# measure on the same card where one exists. The 7c67e61 files are two calls on one warm H200
+# (serving_goals_runs_h200_7c67e61.json); the device time ran out in the concurrent part, whose row is still
+# the one-call H100 run at 8d36705 (serving_goals_runs_h100_8d36705.json), beside the H100 run at 74d6c06.
+# The H200 runs before 7c67e61 (7cbd39d, b916b6c, 26f4920) had cuDNN's prefill chunks and long chunks off
+# (on since bffa835), and the gRPC one rendered the in-process round's chat template before its clock started
+# (084790b puts it inside, as the server renders it). No H200 run measured prefill attention's split route
+# before, so that row's previous is the H100's.
 SERVING_GOAL_PREVIOUS: dict[str, str] = {
-    "startup": "startup_gpu_h100_74d6c06.json",
-    "pipeline": "pipeline_bench_granite-8b_h100_74d6c06.json",
+    "startup": "startup_gpu.json",
+    "pipeline": "pipeline_bench_granite-8b.json",
     "concurrent": "pipeline_bench_granite-8b_aconc_h100_74d6c06.json",
-    "decode_1k": "profile_step_b1_h100_74d6c06.json",
-    "decode_64k": "profile_step_b1_ctx65536_h100_74d6c06.json",
-    "prefill_attention": "attention_prefill_h100_74d6c06.json",
-    "grpc": "http_bench_h100_74d6c06.json",
+    "decode_1k": "profile_step_b1_onelaunch_baseline_h200.json",
+    "decode_64k": "profile_step_b1_ctx65536_longgrid_h200.json",
+    "prefill_attention": "attention_prefill_h100_8d36705.json",
+    "grpc": "http_bench.json",
 }
 
 
