@@ -771,6 +771,14 @@ def tp_one_vs_before(*runs) -> list[str]:
     return out
 
 
+def _inproc_call(r: dict) -> str:
+    """What an http_bench run's in-process rounds called: `LLM.chat` since 084790b (its rounds record the
+    engine's clock), before it `LLM.generate` over prompts rendered before the clock started."""
+    if any("engine_steps" in round_ for round_ in r["rounds"]):
+        return "`LLM.chat`, the chat template rendered inside the round"
+    return "`LLM.generate`, the chat template rendered before the round"
+
+
 def http_bench(r) -> list[str]:
     """Streaming chat through each front against the engine alone (bench/http_bench.py)."""
     med, loss = r["median_tokens_per_s"], r["loss_vs_inproc"]
@@ -782,7 +790,7 @@ def http_bench(r) -> list[str]:
         "",
         "| front | completion tokens/s | loss vs in-process |",
         "|---|---|---|",
-        f"| in-process (`LLM.generate`) | {med['inproc']:.0f} | - |",
+        f"| in-process ({_inproc_call(r)}) | {med['inproc']:.0f} | - |",
         *(f"| {name} | {med[m]:.0f} | {loss[m]:.1%} |"
           for m, name in (("grpc", "gRPC (`AsyncClient.chat_stream`)"), ("http", "HTTP (`openai.AsyncOpenAI`, SSE)"))
           if m in med),

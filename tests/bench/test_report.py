@@ -75,3 +75,18 @@ def test_a_previous_column_beside_each_row_from_earlier_runs():
     lines = serving_goals(*[None] * 5, prefill(85.0, 70.0), None, *[None] * 5, prefill(60.0, 81.0), None)
     (row,) = [line for line in lines if line.startswith("| prefill")]
     assert row.startswith("| prefill attention 8k, % of cuDNN (kernel) | 85.00% | 81.00% (NVIDIA H200, c) |")
+
+
+def test_the_streaming_table_names_what_the_in_process_rounds_called():
+    """Runs since 084790b time `LLM.chat` (their rounds carry the engine's clock), older ones `LLM.generate`
+    over prompts rendered before the clock: the README's row says which one its number is."""
+    from bench.report import http_bench
+
+    run = {"streams": 2, "prompt_tokens": 8, "max_tokens": 4, "preset": "tiny", "clients": 1, "command": "c",
+           "device": "cpu", "jax_version": "0", "commit": "abc1234", "loss_vs_inproc": {"grpc": 0.5},
+           "median_tokens_per_s": {"inproc": 100.0, "grpc": 50.0}}  # fmt: skip
+    old = http_bench({**run, "rounds": [{"mode": "inproc", "tokens_per_s": 100.0}]})
+    new = http_bench({**run, "rounds": [{"mode": "inproc", "tokens_per_s": 100.0, "engine_steps": 3}]})
+    assert "| in-process (`LLM.generate`, the chat template rendered before the round) | 100 | - |" in old
+    assert "| in-process (`LLM.chat`, the chat template rendered inside the round) | 100 | - |" in new
+    assert "| gRPC (`AsyncClient.chat_stream`) | 50 | 50.0% |" in new
