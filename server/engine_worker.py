@@ -233,16 +233,14 @@ class EngineWorker:
     # ---- event-loop side -------------------------------------------------------------------------
 
     def submit(
-        self, request_id: str, prompt: str | Sequence[int] | None, params: SamplingParams, adapter: str | None,
-        session: dict | None = None, render: Callable[[Engine], str | Sequence[int]] | None = None,
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, adapter: str | None,
+        session: dict | None = None,
     ) -> RequestStream:  # fmt: skip
         """Queues a request for the engine. Must be called on the event loop that reads the stream.
 
         Raises ServerOverloadedError when `max_pending_requests` requests are already in flight (or
         ServerShuttingDownError after `stop`). A text prompt is tokenized on the host pool first; token
-        ids are checked here, their length before their values. `render`: the prompt is `render(engine)`
-        instead (a chat template's rendering, an invocation appended), computed on the host pool in the
-        same job as its tokenization. Prompt errors (the rendering's included) and the engine's
+        ids are checked here, their length before their values. Prompt errors and the engine's
         validation errors (unknown adapter, ...) come out of the stream's first `next()`. `session`: the
         keywords `session`, `session_ttl`, `end_session` of `Engine.add_request`.
         """
@@ -256,12 +254,10 @@ class EngineWorker:
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
         self.num_pending += 1  # from here on every outcome reaches the stream, which releases it
         try:
-            if render is not None or isinstance(prompt, str):
+            if isinstance(prompt, str):
                 # Skipped if the call ends while the job waits for a thread: nobody wants the tokens then.
                 def encode_prompt():
-                    if stream.aborted:
-                        return None
-                    return self.engine.encode_prompt(render(self.engine) if render is not None else prompt)
+                    return None if stream.aborted else self.engine.encode_prompt(prompt)
 
                 encode = self._offload(self._host, encode_prompt)
                 encode.add_done_callback(lambda job: self._admit(job, request_id, params, adapter, stream, session))

@@ -165,14 +165,11 @@ class Frontend:
         conversation in the model's chat template, with its generation prompt). With `append_invocation`
         the aLoRA `adapter`'s invocation is appended (to a conversation: in place of the generation
         prompt); otherwise the prompt must hold it already, as the engine checks. `session`: what
-        `session_fields` returned. A conversation or an invocation is rendered on the host pool in the job
-        that tokenizes the result (one hop there and back per request); its errors, like the prompt's,
-        come out of the stream's first `next()`."""
-        render = None
+        `session_fields` returned."""
         if messages is not None or append_invocation:
             invoke = adapter if append_invocation else None
-            render = lambda e: prompt_with_invocation(e, prompt, messages, invoke)  # noqa: E731
-        return self.worker.submit(uuid.uuid4().hex, prompt, params, adapter, session, render=render)
+            prompt = await self.worker.run_host(lambda e: prompt_with_invocation(e, prompt, messages, invoke))
+        return self.worker.submit(uuid.uuid4().hex, prompt, params, adapter, session)
 
     async def end_session(self, session: str, field: str = "session") -> None:
         """Ends a live pipeline session (NOT_FOUND if it is not live)."""
