@@ -24,7 +24,9 @@ against in-process. A gRPC round also records its streams' median TTFT and queue
 way there and back, and the server's queue is the wait before the engine's first step for it. Every round
 records, on the clients' clock (`time.time()`, one clock on one machine), when the engine took its first and
 last request and how many steps it ran (`engine_clock`): a front's requests that reach the engine later than
-in-process ones, or its extra steps, are where its loss goes.
+in-process ones, or its extra steps, are where its loss goes. (The in-process TTFT runs from the engine's
+receipt, after `LLM.chat` rendered every conversation; the gRPC server's from the call's receipt, before its
+rendering: the two TTFT medians are not the same span.)
 """
 
 import argparse
@@ -171,11 +173,13 @@ def engine_clock(engine):
         seen["steps"].append(time.time())
         return out
 
+    before = {name: engine.__dict__[name] for name in ("add_request", "step") if name in engine.__dict__}
     engine.add_request, engine.step = timed_add_request, timed_step
     try:
         yield seen
     finally:
-        del engine.add_request, engine.step  # (the class's methods again)
+        del engine.add_request, engine.step  # (the class's methods again, or what the instance held before)
+        engine.__dict__.update(before)
 
 
 def _engine_summary(seen: dict, start: float) -> dict:

@@ -363,16 +363,19 @@ SERVING_GOAL_RUNS = {
     "decode_1k": "profile_step_b1_h200_7c67e61.json",
     "decode_64k": "profile_step_b1_ctx65536_h200_7c67e61.json",
     "prefill_attention": "attention_prefill_h200_7c67e61.json",
-    "grpc": "http_bench_h200_7c67e61.json",
+    "grpc": "http_bench_h200_084790b.json",
 }
-# The earlier run each row is shown beside (the README's "previous" column), by part: the last run of the same
-# measure on the same card where one exists. The 7c67e61 files are two calls on one warm H200
-# (serving_goals_runs_h200_7c67e61.json); the device time ran out in the concurrent part, whose row is still
-# the one-call H100 run at 8d36705 (serving_goals_runs_h100_8d36705.json), beside the H100 run at 74d6c06.
-# The H200 runs before 7c67e61 (7cbd39d, b916b6c, 26f4920) had cuDNN's prefill chunks and long chunks off
-# (on since bffa835), and the gRPC one rendered the in-process round's chat template before its clock started
-# (084790b puts it inside, as the server renders it). No H200 run measured prefill attention's split route
-# before, so that row's previous is the H100's.
+# The earlier run each row is shown beside (the README's "previous" column), by part: the last run before
+# these of the same measure on the same card where one exists. The 7c67e61 files are two calls on one warm
+# H200 (serving_goals_runs_h200_7c67e61.json). The gRPC row is the 4-round run on the same H200 just before
+# them, at 084790b: 7c67e61's server rendered chat templates in the tokenizing job (5d31a18, since reverted:
+# 0.80% loss on that H200 against 0.07%, within the rounds' spread), and 084790b's server is main's again. The
+# device time ran out in the concurrent part, whose row is still the one-call H100 run at 8d36705
+# (serving_goals_runs_h100_8d36705.json), beside the H100 run at 74d6c06. The H200 runs before (7cbd39d,
+# b916b6c, 26f4920) had cuDNN's prefill chunks and long chunks off (on since bffa835), and the gRPC one
+# rendered the in-process round's chat template before its clock started (084790b puts it inside, as the
+# server renders it). No H200 run measured prefill attention's split route before, so that row's previous
+# is the H100's.
 SERVING_GOAL_PREVIOUS: dict[str, str] = {
     "startup": "startup_gpu.json",
     "pipeline": "pipeline_bench_granite-8b.json",

@@ -813,13 +813,15 @@ class ModelRunner:
     def _warmup_steps(self, kinds: list[AdapterStacks | None]) -> list[tuple[AdapterStacks, PreparedStep]]:
         """Every step variant the warm-up compiles for these adapter kinds (None: base-only), as (stacks,
         step), in the order their compilations start (each is lowered on the warm-up's thread, then
-        queued): the longest first, since the wave waits for its last. Those are the variants with their
-        own attention kernels, the long-context grid's and the long-chunk ones: on an H100 at 8d36705 each
-        took 11-12 s to compile with XLA's autotuning off and 14-15 s with it, against 2-4 s and 12-19 s for
-        a bucket's (bench/results/startup_gpu*_h100_8d36705.json). Queued after the buckets, the long-chunk
-        ones began 25 s into the first warm-up and 11 s into the second, and each wave ended with them. Then
-        the buckets from the largest, then the split-prefill ones. Adapted variants (more to compile)
-        before base-only ones."""
+        queued): the longest first, since the wave waits for its last. First the variants with their own
+        attention kernels, the long-context grid's and the long-chunk ones: on an H100 at 8d36705 each took
+        11-12 s to compile with XLA's autotuning off, against 2-4 s for a bucket's, and that time autotuning
+        does not shorten (with it, the large buckets took 12-19 s, as long or longer, but many at once;
+        bench/results/startup_gpu*_h100_8d36705.json). Queued after the buckets, the long-chunk ones began
+        25 s into the first warm-up and 11 s into the second, and each wave ended with them; queued first,
+        the H200's cold start went from 71.3 to 57.7 s (startup_gpu_cold_h200_*.json). Then the buckets
+        from the largest, then the split-prefill ones. Adapted variants (more to compile) before base-only
+        ones."""
         order = kinds[::-1]
         steps = []
         if self.long_decode:  # (the smallest bucket's long-context variant)

@@ -54,8 +54,9 @@ def setup(tiny_models, tmp_path_factory, request):
 
 def test_the_warmup_queues_its_longest_compilations_first(setup):
     """The warm-up's wave waits for its last compilation, and they begin in the order of `_warmup_steps`:
-    the variants with their own attention kernels first (the longest on an H100: the long-context grid's,
-    then the long-chunk ones), then the buckets from the largest, adapted before base-only."""
+    the variants with their own attention kernels first (the long-context grid's, then the long-chunk ones:
+    queued last, they ended an H100's warm-up waves), then the buckets from the largest, adapted before
+    base-only, then the split-prefill variants."""
     llm, _ = setup
     runner = llm.engine.runner
     steps = runner._warmup_steps([None, llm.engine.adapters.stacks])
