@@ -45,7 +45,13 @@ from jalora.engine.interface import EncodedPrompt, Engine, EngineStats
 from jalora.errors import EngineLostError
 from jalora.outputs import RequestDelta
 from jalora.sampling_params import SamplingParams
-from server.errors import EngineFailure, EngineUnavailable, ServerOverloadedError, ServerShuttingDownError
+from server.errors import (
+    EngineFailure,
+    EngineUnavailable,
+    RequestCancelledError,
+    ServerOverloadedError,
+    ServerShuttingDownError,
+)
 
 if TYPE_CHECKING:
     from jalora.adapters.manager import PreparedAdapter
@@ -274,7 +280,7 @@ class EngineWorker:
         try:
             encoded = job.result()
             if stream.aborted:
-                raise RuntimeError("the call ended before its prompt was tokenized")
+                raise RequestCancelledError("the call ended before its prompt was tokenized")
             self._put(AddRequest(request_id, encoded, params, adapter, stream, session))
         except Exception as exc:  # the prompt's error, or a stop: that request's alone
             stream._push(exc)

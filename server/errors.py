@@ -41,6 +41,11 @@ class ServerOverloadedError(CapacityError):
     """The admission bound of the server is reached (RESOURCE_EXHAUSTED)."""
 
 
+class RequestCancelledError(Exception):
+    """The call ended (its client went away, its deadline passed) before its request reached the engine:
+    CANCELLED, HTTP 499 (the client closed the request). Not a server error: no traceback is logged."""
+
+
 class ServerShuttingDownError(RuntimeError):
     """The server stopped while the request ran (UNAVAILABLE: the client may retry elsewhere)."""
 
@@ -78,6 +83,8 @@ def _classify(exc: BaseException) -> tuple[grpc.StatusCode, str, str | None]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc) or "server is at capacity", None
     if isinstance(exc, FileNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc), "path"
+    if isinstance(exc, RequestCancelledError):
+        return grpc.StatusCode.CANCELLED, str(exc), None
     if isinstance(exc, ServerShuttingDownError):
         return grpc.StatusCode.UNAVAILABLE, str(exc), None
     if isinstance(exc, EngineUnavailable):  # a lost host: another server may answer
@@ -98,6 +105,7 @@ _HTTP = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
     grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable_error"),
     grpc.StatusCode.INTERNAL: (500, "server_error"),
+    grpc.StatusCode.CANCELLED: (499, "client_closed_request"),  # (nginx's status: nobody reads the body)
 }
 
 

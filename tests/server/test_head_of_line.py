@@ -183,3 +183,47 @@ def test_prompt_sizes_are_checked_before_tokens(engine, monkeypatch):
     with pytest.raises(InvalidRequestError, match="5000000 tokens") as err:
         engine.encode_prompt(["not an id"] * 5_000_000)
     assert err.value.field == "prompt"
+
+
+
+def test_a_call_that_ends_while_its_prompt_waits_for_tokenizing_is_cancelled_not_a_server_error(held, caplog):
+    """A request whose call ended (its HTTP client went away, its gRPC call was cancelled) while its prompt
+    waited for the host pool is never admitted: its stream ends in RequestCancelledError, which is CANCELLED
+    (HTTP 499, as a stream whose client left is logged), with no traceback logged and nothing left pending.
+    The order is the test's: the pool's four threads are held by the tokenizing of four big prompts (which
+    then fail on their size) while the request is submitted and its call ends."""
+    import asyncio
+
+    from jalora import SamplingParams
+    from server.errors import RequestCancelledError, http_status_for, status_for
+
+    held, server = held
+    worker = server.server.worker
+    gate = held.hold("encode_prompt")
+    busy = _calls(server.target, *[("generate", (BIG,), {"max_tokens": 2})] * 4)
+    gate.wait_entered(4)
+
+    async def cancelled_while_waiting() -> BaseException:
+        stream = worker.submit("left", "t5 t6", SamplingParams(max_tokens=2), None)
+        assert worker.num_pending == 5
+        stream.abort()
+        gate.release.set()
+        with pytest.raises(RequestCancelledError) as err:
+            await asyncio.wait_for(stream.next(), HANG)
+        return err.value
+
+    exc = asyncio.run(cancelled_while_waiting())
+    for big in busy:
+        with pytest.raises(ServerError) as err:
+            big.result(timeout=HANG)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert worker.num_pending == 0
+    with caplog.at_level("ERROR", logger="server.errors"):
+        assert status_for(exc)[0] == grpc.StatusCode.CANCELLED
+        assert http_status_for(exc)[:3] == (499, "client_closed_request", "cancelled")
+    assert not caplog.records  # (an unexpected error would log its traceback here)
+    # Never admitted: the engine holds no request and no KV block, and it goes on serving.
+    stats = held.engine.stats()
+    assert stats.num_requests_running == stats.num_requests_waiting == stats.num_used_blocks == 0
+    with Client(server.target, timeout=HANG) as c:
+        assert len(c.generate("t5 t6", max_tokens=2).token_ids) == 2
