@@ -234,20 +234,26 @@ def copy_bandwidth(nbytes: int, warmup: int = 2, iters: int = 10) -> float:
 # Output widths the batch-1 matmul ceiling tries, with 4096 rows: an 8B decoder's own (o 4096, qkv 6144, gate/up
 # 25600, about the LM head's 49155) and one between.
 GEMV_WIDTHS = (4096, 6144, 16384, 25600, 49152)
+# Rows of its activations: a batch-1 decode step's, padded to the smallest token bucket. XLA picks its kernel by
+# shape, and with one row it picked a slower one: on the H200 at 7c67e61 the step's own [16, 4096] x
+# [4096, 25600] read at 4.20 TB/s (profile_step_b1_h200_7c67e61.json's trace) while x[1, 4096] read at most
+# 3.72 TB/s over the same widths in the same run.
+GEMV_ROWS = 16
 
 
 def gemv_bandwidth(nbytes: int, k: int = 4096, warmup: int = 2, iters: int = 10,
-                   widths: tuple[int, ...] = GEMV_WIDTHS) -> float:  # fmt: skip
-    """GB/s of weight bytes a batch-1 bf16 matmul reads (x[1, k] @ W[k, n], f32 accumulation as the engine's
-    projections): what a decode step's weight GEMMs can reach on this device, where an elementwise copy is
-    XLA's other kernel family (on the H100 it ran at 2.39 TB/s while the step's gate/up GEMM read at 2.99,
-    bench/results/pipeline_bench_granite-8b_h100.json and profile_step_b1_h100.json). The best of
+                   widths: tuple[int, ...] = GEMV_WIDTHS, rows: int = GEMV_ROWS) -> float:  # fmt: skip
+    """GB/s of weight bytes a batch-1 bf16 matmul reads (x[rows, k] @ W[k, n], f32 accumulation as the engine's
+    projections; `rows` as a batch-1 step pads them): what a decode step's weight GEMMs can reach on this
+    device, where an elementwise copy is XLA's other kernel family (on the H100 it ran at 2.39 TB/s while
+    the step's gate/up GEMM read at 2.99, bench/results/pipeline_bench_granite-8b_h100.json and
+    profile_step_b1_h100.json). The best of
     `widths`: for each, one launch of as many distinct [k, n] matrices as `nbytes` holds, one after another
     as a step's layers are (XLA picks a kernel per shape: one [4096, 262144] matrix, the earlier single
     shape, read at 2.52 TB/s on the H100 while the step's own [4096, 25600] read at 2.97). Each timed call
     queues `GEMV_LAUNCHES` launches and waits for the last, so the device is not idle while the host
     dispatches a launch's arguments (65 at the narrowest width)."""
-    x = jax.random.normal(jax.random.key(4), (1, k), jnp.bfloat16)
+    x = jax.random.normal(jax.random.key(4), (rows, k), jnp.bfloat16)
     f = jax.jit(lambda x, ws: [jnp.dot(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16) for w in ws])
     best = 0.0
     for n in widths:

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from bench.harness import (
+    GEMV_ROWS,
     GEMV_WIDTHS,
     GRANITE_8B,
     TINY,
@@ -249,7 +250,7 @@ def main(argv=None) -> dict:
     # The device's read ceilings, measured before the engine takes its memory: a batch-1 matmul's (what the
     # step's weight GEMMs could reach) and an elementwise copy's (read + write bytes)
     on_gpu = jax.default_backend() == "gpu"
-    ceilings = {"hbm_gemv_GBps": gemv_bandwidth(2 << 30), "gemv_widths": list(GEMV_WIDTHS),
+    ceilings = {"hbm_gemv_GBps": gemv_bandwidth(2 << 30), "gemv_widths": list(GEMV_WIDTHS), "gemv_rows": GEMV_ROWS,
                 "hbm_copy_GBps": copy_bandwidth(2 << 30)} if on_gpu else {}  # fmt: skip
     engines = {mode: build_engine(args, cfg, root, mode) for mode in args.modes}
     v = cfg["vocab_size"]

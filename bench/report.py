@@ -455,8 +455,10 @@ def _goal_rows(startup=None, pipeline=None, concurrent=None, decode_1k=None, dec
             x = r["step_ms_median"] / roof
             anchor = f"{roof:.2f} ms (weights + KV at {named}); {x:.2f}x"
             # (the same bytes at the rate a batch-1 matmul reached in the same run: only where it is the best of
-            # several widths, `gemv_widths`; one [4096, 262144] matrix, before, read slower than the step's GEMMs)
-            gemv = r.get("ceilings", {}).get("hbm_gemv_GBps") if r.get("ceilings", {}).get("gemv_widths") else None
+            # several widths over the step's own rows, `gemv_widths` and `gemv_rows`; one [4096, 262144] matrix,
+            # and then one-row activations, read slower than the step's GEMMs: no ceiling)
+            c = r.get("ceilings", {})
+            gemv = c.get("hbm_gemv_GBps") if c.get("gemv_widths") and c.get("gemv_rows") else None
             if gemv:
                 measured = roof * gbps / gemv
                 anchor += (f"; {measured:.2f} ms at the run's batch-1 matmul read rate ({gemv / 1e3:.2f} TB/s): "
