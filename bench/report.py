@@ -467,7 +467,9 @@ def _goal_rows(startup=None, pipeline=None, concurrent=None, decode_1k=None, dec
                 anchor, f"<= {ctx_goal:.2f}x", x <= ctx_goal, r)  # fmt: skip
     a_rows = (pipeline or {}).get("parts", {}).get("A", {}).get("rows", [])
     if a_rows:
-        compiles = sum(x.get("compilations", 0) for x in a_rows)
+        # (a run whose rows did not record them, before the count existed, measured nothing: not 0)
+        recorded = all("compilations" in x for x in a_rows)
+        compiles = sum(x["compilations"] for x in a_rows) if recorded else None
         run = pipeline["parts"]["A"]["run"]
         row("compiles", "compilations while serving (pipeline A rows)", compiles, "", "-", "0", compiles == 0, run)
         by = {(x["prompt_len"], x["kind"]): x for x in a_rows}

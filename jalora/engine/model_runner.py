@@ -818,7 +818,8 @@ class ModelRunner:
         11-12 s to compile with XLA's autotuning off, against 2-4 s for a bucket's, and that time autotuning
         does not shorten (with it, the large buckets took 12-19 s, as long or longer, but many at once;
         bench/results/startup_gpu*_h100_8d36705.json). Queued after the buckets, the long-chunk ones began
-        25 s into the first warm-up and 11 s into the second, and each wave ended with them; queued first,
+        25 s into the first warm-up and 11 s into the second (with autotuning, the default), and each wave
+        ended with them; queued first,
         the H200's cold start went from 71.3 to 57.7 s (startup_gpu_cold_h200_*.json). Then the buckets
         from the largest, then the split-prefill ones. Adapted variants (more to compile) before base-only
         ones."""

@@ -55,6 +55,11 @@ def test_judge_rows_and_missing_runs():
     assert "| aLoRA judge e2e at 64k, 16 tokens (ms) | 120.00 ms |" in text and "<= 130 ms | met |" in text
     assert "| judge e2e, LoRA / aLoRA at 64k (x) | 40.00x | - | >= 50x | missed |" in text
     assert "start to ready" not in text  # no start-up run: no row
+    # rows that never recorded their compilations (runs before the count existed) measured nothing, not 0
+    for x in rows:
+        del x["compilations"]
+    text = "\n".join(serving_goals(None, {"parts": {"A": a}}, None, None, None, None, None))
+    assert "| compilations while serving (pipeline A rows) | not measured |" in text
 
 
 def test_a_previous_column_beside_each_row_from_earlier_runs():
