@@ -2,7 +2,8 @@
 
     python -m bench.attention_splits                 # H200 -> bench/results/attention_splits.json
     python -m bench.attention_splits --grid          # H200 -> bench/results/attention_split_grid.json
-    python -m bench.attention_splits --smoke [--grid] [--out /tmp/x.json]   # CPU, interpret mode, tiny shapes
+    python -m bench.attention_splits --combine       # H200 -> bench/results/attention_combine.json
+    python -m bench.attention_splits --smoke [--grid | --combine] [--out /tmp/x.json]   # CPU, interpret mode
 
 The engine pads a step to a token bucket (T >= 16, a power of two) and the sequence axis to
 max_num_seqs (64), so a batch-1 decode step launches the kernel over 16 query rows and 64 sequence
@@ -16,6 +17,12 @@ split), each a `GpuAttentionTuning` passed to the kernel and checked against the
 H200 (bench/results/attention_split_grid.json): the 64 grid takes batch 1 at 64k from 164 to 100 us,
 but its idle programs cost every other step of the same bucket (batch 1 at 1k 19 -> 28 us, batch 16
 at 8k 162 -> 202 us), so the default stays.
+
+--combine: the tiling of the split merge (`combine_splits`). Per (batch, context) at the engine's variant
+(the long-context grid where `wants_long_grid` says so), the kernel pair with each combine tiling of
+`COMBINE_VARIANTS` and with XLA's merge, each checked against the jnp reference. A program of the merge holds
+one partial tile of `combine_block_rows` x `combine_block_cols` f32 per split in flight (the splits are
+unrolled), so the 64-split grid's tiles are 4x the 16-split grid's, spread over as few programs.
 
 A --smoke run writes under /tmp unless --out is given (bench/results/ keeps device runs).
 """
@@ -31,6 +38,7 @@ import bench.attention as att
 from bench.harness import result_path, run_metadata, save
 from bench.report import attention_splits_stdout
 from pallas_kernels.ragged_paged_attention import gpu_attention_tuning, ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention.gpu import decode_grid_splits, wants_long_grid
 
 # --grid: a rule whose grid holds 64 splits, all of them working for <= 16 programs.
 WIDE_RULE = (64, ((16, 48), (64, 12), (256, 2), (1024, 1)))
@@ -52,6 +60,21 @@ def grid_variants(base):
         "long": (base, {"long_context": True}),
         "long128": (dataclasses.replace(base, long_split_rule=LONG128_RULE), {"long_context": True}),
     }
+
+
+# name -> GpuAttentionTuning fields of the --combine comparison (r: rows, c: columns, w: warps of a program)
+COMBINE_VARIANTS = {
+    "xla": {"combine_kernel": False},
+    "r16c64w4": {"combine_block_rows": 16, "combine_block_cols": 64, "combine_num_warps": 4},
+    "r16c128w4": {"combine_block_rows": 16, "combine_block_cols": 128, "combine_num_warps": 4},
+    "r16c32w4": {"combine_block_rows": 16, "combine_block_cols": 32, "combine_num_warps": 4},
+    "r16c32w2": {"combine_block_rows": 16, "combine_block_cols": 32, "combine_num_warps": 2},
+    "r16c16w2": {"combine_block_rows": 16, "combine_block_cols": 16, "combine_num_warps": 2},
+    "r8c32w2": {"combine_block_rows": 8, "combine_block_cols": 32, "combine_num_warps": 2},
+    "r8c16w1": {"combine_block_rows": 8, "combine_block_cols": 16, "combine_num_warps": 1},
+    "r32c32w4": {"combine_block_rows": 32, "combine_block_cols": 32, "combine_num_warps": 4},
+}
+COMBINE_SHAPES = [(1, 1024), (1, 8192), (1, 32768), (1, 65536), (4, 65536), (16, 8192), (64, 8192)]
 
 
 def engine_shaped(key, batch, ctx, bs, max_seqs):
@@ -114,6 +137,31 @@ def run_grid(shapes, interpret: bool, smoke: bool) -> list[dict]:
     return rows
 
 
+def run_combine(shapes, interpret: bool, smoke: bool) -> list[dict]:
+    """Per (batch, context): microseconds per call of the kernel pair with each `COMBINE_VARIANTS` tiling,
+    and each one's largest error against the jnp reference."""
+    base = gpu_attention_tuning()
+    rows = []
+    for b, c in shapes:
+        inputs = engine_shaped(jax.random.key(b * 7 + c), b, c, 16, 64)
+        ref = jax.jit(lambda *a: ragged_paged_attention_reference(*a, sm_scale=att.SM_SCALE))(*inputs)
+        long = wants_long_grid(base, b, att.HKV, c)
+        splits = decode_grid_splits(1 if long else inputs[0].shape[0], att.HKV, inputs[4].shape[1] * 16,
+                                    base.decode_block_k,
+                                    dataclasses.replace(base, split_rule=base.long_split_rule) if long else base)
+        row = {"batch": b, "context": c, "long_grid": long, "grid_splits": splits, "us": {}, "max_err": {}}
+        for name, fields in COMBINE_VARIANTS.items():
+            fn = att.kernel_fn(interpret, tuning=dataclasses.replace(base, **fields), long_context=long)
+            out = jax.jit(fn)(*inputs)
+            row["max_err"][name] = float(jnp.abs(out[:b].astype(jnp.float32) - ref[:b].astype(jnp.float32)).max())
+            row["us"][name] = att.bench_loop(fn, *inputs, iters=2 if smoke else 40, reps=1 if smoke else 5) * 1e6
+        row["best"] = min(row["us"], key=row["us"].get)
+        print(row, flush=True)
+        rows.append(row)
+        del inputs
+    return rows
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true")
@@ -121,8 +169,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--batches", type=int, nargs="*", default=[1, 4, 16, 64])
     ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 8192, 65536])
     ap.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--combine", action="store_true", help="tilings of the split merge (see above)")
     ap.add_argument("--grid-shapes", nargs="*", default=None, metavar="B:C",
-                    help="--grid: (batch, context) pairs to time instead of the default set")
+                    help="--grid, --combine: (batch, context) pairs to time instead of the default set")
     ap.add_argument("--max-tokens", type=int, default=2 << 20, help="skip B * C above this (memory)")
     ap.add_argument("--out", default=None, help="result file name in bench/results/ (or a path); default "
                     "attention_splits.json, with --grid attention_split_grid.json (--smoke: under /tmp)")  # fmt: skip
@@ -131,15 +180,21 @@ def main(argv=None) -> dict:
     meta = run_metadata(__spec__.name, argv)
     if args.smoke:
         args.batches, args.contexts, args.splits = [1, 4], [64], [1, 2]
-    path = result_path(args.out, "attention_split_grid.json" if args.grid else "attention_splits.json", args.smoke)
-    if args.grid:
-        shapes = [tuple(int(x) for x in bc.split(":")) for bc in args.grid_shapes] if args.grid_shapes else GRID_SHAPES
-        rows = run_grid([(1, 64)] if args.smoke else shapes, interpret, args.smoke)
+    if args.grid and args.combine:
+        ap.error("--grid and --combine are separate runs")
+    default = {"grid": "attention_split_grid.json", "combine": "attention_combine.json"}
+    path = result_path(args.out, default["grid"] if args.grid else default["combine"] if args.combine
+                       else "attention_splits.json", args.smoke)  # fmt: skip
+    pairs = [tuple(int(x) for x in bc.split(":")) for bc in args.grid_shapes] if args.grid_shapes else None
+    if args.combine:
+        rows = run_combine([(2, 96)] if args.smoke else pairs or COMBINE_SHAPES, interpret, args.smoke)
+    elif args.grid:
+        rows = run_grid([(1, 64)] if args.smoke else pairs or GRID_SHAPES, interpret, args.smoke)
     else:
         rows = run_splits(args, interpret)
     result = {**meta, "rows": rows}
     save(path, result)
-    if not args.grid:
+    if not (args.grid or args.combine):
         print("\n".join(attention_splits_stdout(result, args.splits)))
     print("wrote", path)
     return result

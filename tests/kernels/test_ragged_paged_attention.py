@@ -137,6 +137,11 @@ GPU_CASES = {
     "g8_cap_decode_combine_rows64": dict(t=5, s=6, p=5, bs=16, hq=8, hkv=1, d=64, cap=5.0, dtype=jnp.bfloat16,
                                          tuning=(("block_k", 16), ("tuning", GpuAttentionTuning(
                                              combine_block_rows=64, combine_block_cols=32)))),
+    # programs of 8 rows x 16 columns (four per head's 64) with one warp: bench.attention_splits --combine's
+    # smallest tiling
+    "g8_cap_decode_combine_r8c16": dict(t=5, s=6, p=5, bs=16, hq=8, hkv=1, d=64, cap=5.0, dtype=jnp.bfloat16,
+                                        tuning=(("block_k", 16), ("tuning", GpuAttentionTuning(
+                                            combine_block_rows=8, combine_block_cols=16, combine_num_warps=1)))),
     "g4_d128_bs32_window_split_xla_combine": dict(
         t=16, s=3, p=3, bs=32, hq=8, hkv=2, d=128, window=20,
         tuning=(("num_kv_splits", 3), ("block_k", 16), ("tuning", GpuAttentionTuning(combine_kernel=False)))),
