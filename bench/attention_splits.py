@@ -3,7 +3,8 @@
     python -m bench.attention_splits                 # H200 -> bench/results/attention_splits.json
     python -m bench.attention_splits --grid          # H200 -> bench/results/attention_split_grid.json
     python -m bench.attention_splits --combine       # H200 -> bench/results/attention_combine.json
-    python -m bench.attention_splits --smoke [--grid | --combine] [--out /tmp/x.json]   # CPU, interpret mode
+    python -m bench.attention_splits --tiles         # H200 -> bench/results/attention_tiles.json
+    python -m bench.attention_splits --smoke [--grid | --combine | --tiles] [--out /tmp/x.json]   # CPU
 
 The engine pads a step to a token bucket (T >= 16, a power of two) and the sequence axis to
 max_num_seqs (64), so a batch-1 decode step launches the kernel over 16 query rows and 64 sequence
@@ -23,6 +24,8 @@ at 8k 162 -> 202 us), so the default stays.
 `COMBINE_VARIANTS` and with XLA's merge, each checked against the jnp reference. A program of the merge holds
 one partial tile of `combine_block_rows` x `combine_block_cols` f32 per split in flight (the splits are
 unrolled), so the 64-split grid's tiles are 4x the 16-split grid's, spread over as few programs.
+
+--tiles: the same for the decode kernel's keys per tile, pipeline stages and warps (`TILE_VARIANTS`).
 
 A --smoke run writes under /tmp unless --out is given (bench/results/ keeps device runs).
 """
@@ -73,6 +76,17 @@ COMBINE_VARIANTS = {
     "r8c32w2": {"combine_block_rows": 8, "combine_block_cols": 32, "combine_num_warps": 2},
     "r8c16w1": {"combine_block_rows": 8, "combine_block_cols": 16, "combine_num_warps": 1},
     "r32c32w4": {"combine_block_rows": 32, "combine_block_cols": 32, "combine_num_warps": 4},
+}
+# name -> fields of the --tiles comparison: the decode kernel's keys per tile (k), pipeline stages (s), warps (w)
+TILE_VARIANTS = {
+    "k64s2w4": {"decode_block_k": 64, "decode_num_stages": 2, "num_warps": 4},
+    "k64s3w4": {"decode_block_k": 64, "decode_num_stages": 3, "num_warps": 4},
+    "k64s4w4": {"decode_block_k": 64, "decode_num_stages": 4, "num_warps": 4},
+    "k128s2w4": {"decode_block_k": 128, "decode_num_stages": 2, "num_warps": 4},
+    "k128s3w4": {"decode_block_k": 128, "decode_num_stages": 3, "num_warps": 4},
+    "k128s2w8": {"decode_block_k": 128, "decode_num_stages": 2, "num_warps": 8},
+    "k32s3w4": {"decode_block_k": 32, "decode_num_stages": 3, "num_warps": 4},
+    "k32s4w2": {"decode_block_k": 32, "decode_num_stages": 4, "num_warps": 2},
 }
 COMBINE_SHAPES = [(1, 1024), (1, 8192), (1, 32768), (1, 65536), (4, 65536), (16, 8192), (64, 8192)]
 
@@ -137,9 +151,9 @@ def run_grid(shapes, interpret: bool, smoke: bool) -> list[dict]:
     return rows
 
 
-def run_combine(shapes, interpret: bool, smoke: bool) -> list[dict]:
-    """Per (batch, context): microseconds per call of the kernel pair with each `COMBINE_VARIANTS` tiling,
-    and each one's largest error against the jnp reference."""
+def run_variants(shapes, variants: dict, interpret: bool, smoke: bool) -> list[dict]:
+    """Per (batch, context): microseconds per call of the kernel (and its merge) with each of `variants` (name ->
+    tuning fields replaced in the device's record), and each one's largest error against the jnp reference."""
     base = gpu_attention_tuning()
     rows = []
     for b, c in shapes:
@@ -150,7 +164,7 @@ def run_combine(shapes, interpret: bool, smoke: bool) -> list[dict]:
                                     base.decode_block_k,
                                     dataclasses.replace(base, split_rule=base.long_split_rule) if long else base)
         row = {"batch": b, "context": c, "long_grid": long, "grid_splits": splits, "us": {}, "max_err": {}}
-        for name, fields in COMBINE_VARIANTS.items():
+        for name, fields in variants.items():
             fn = att.kernel_fn(interpret, tuning=dataclasses.replace(base, **fields), long_context=long)
             out = jax.jit(fn)(*inputs)
             row["max_err"][name] = float(jnp.abs(out[:b].astype(jnp.float32) - ref[:b].astype(jnp.float32)).max())
@@ -170,8 +184,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--contexts", type=int, nargs="*", default=[1024, 8192, 65536])
     ap.add_argument("--splits", type=int, nargs="*", default=[1, 2, 4, 8, 16])
     ap.add_argument("--combine", action="store_true", help="tilings of the split merge (see above)")
+    ap.add_argument("--tiles", action="store_true", help="the decode kernel's tile, stages and warps, as --combine")
     ap.add_argument("--grid-shapes", nargs="*", default=None, metavar="B:C",
-                    help="--grid, --combine: (batch, context) pairs to time instead of the default set")
+                    help="--grid, --combine, --tiles: (batch, context) pairs to time instead of the default set")
     ap.add_argument("--max-tokens", type=int, default=2 << 20, help="skip B * C above this (memory)")
     ap.add_argument("--out", default=None, help="result file name in bench/results/ (or a path); default "
                     "attention_splits.json, with --grid attention_split_grid.json (--smoke: under /tmp)")  # fmt: skip
@@ -180,21 +195,23 @@ def main(argv=None) -> dict:
     meta = run_metadata(__spec__.name, argv)
     if args.smoke:
         args.batches, args.contexts, args.splits = [1, 4], [64], [1, 2]
-    if args.grid and args.combine:
-        ap.error("--grid and --combine are separate runs")
-    default = {"grid": "attention_split_grid.json", "combine": "attention_combine.json"}
-    path = result_path(args.out, default["grid"] if args.grid else default["combine"] if args.combine
-                       else "attention_splits.json", args.smoke)  # fmt: skip
+    modes = [m for m in ("grid", "combine", "tiles") if getattr(args, m)]
+    if len(modes) > 1:
+        ap.error("--grid, --combine and --tiles are separate runs")
+    default = {"grid": "attention_split_grid.json", "combine": "attention_combine.json",
+               "tiles": "attention_tiles.json"}
+    path = result_path(args.out, default[modes[0]] if modes else "attention_splits.json", args.smoke)
     pairs = [tuple(int(x) for x in bc.split(":")) for bc in args.grid_shapes] if args.grid_shapes else None
-    if args.combine:
-        rows = run_combine([(2, 96)] if args.smoke else pairs or COMBINE_SHAPES, interpret, args.smoke)
+    if args.combine or args.tiles:
+        rows = run_variants([(2, 96)] if args.smoke else pairs or COMBINE_SHAPES,
+                            COMBINE_VARIANTS if args.combine else TILE_VARIANTS, interpret, args.smoke)
     elif args.grid:
         rows = run_grid([(1, 64)] if args.smoke else pairs or GRID_SHAPES, interpret, args.smoke)
     else:
         rows = run_splits(args, interpret)
     result = {**meta, "rows": rows}
     save(path, result)
-    if not (args.grid or args.combine):
+    if not modes:
         print("\n".join(attention_splits_stdout(result, args.splits)))
     print("wrote", path)
     return result

@@ -3,6 +3,8 @@ reads, then nothing more (interpret mode on the CPU: the rows' shapes, not their
 
 import json
 
+import pytest
+
 from bench.attention import main
 
 
@@ -14,15 +16,17 @@ def test_no_chunks_stops_after_the_prefill_rows(tmp_path):
     assert "chunks" not in saved and "small_chunks" not in saved and saved["decode"] == []
 
 
-def test_combine_sweep_checks_every_tiling_against_the_reference(tmp_path):
-    """bench/attention_splits.py --combine: its smoke shape splits the context (so every tiling's merge runs),
-    each tiling's output is compared with the jnp reference, and the fastest is one of them."""
-    from bench.attention_splits import COMBINE_VARIANTS
+@pytest.mark.parametrize("mode", ["--combine", "--tiles"])
+def test_variant_sweeps_check_every_variant_against_the_reference(tmp_path, mode):
+    """bench/attention_splits.py --combine / --tiles: the smoke shape splits the context (so the merge runs),
+    each variant's output is compared with the jnp reference, and the fastest is one of them."""
+    from bench.attention_splits import COMBINE_VARIANTS, TILE_VARIANTS
     from bench.attention_splits import main as splits_main
 
-    out = tmp_path / "attention_combine.json"
-    splits_main(["--smoke", "--combine", "--out", str(out)])
+    variants = COMBINE_VARIANTS if mode == "--combine" else TILE_VARIANTS
+    out = tmp_path / "attention_variants.json"
+    splits_main(["--smoke", mode, "--out", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert row["grid_splits"] > 1
-    assert set(row["max_err"]) == set(COMBINE_VARIANTS) and row["best"] in COMBINE_VARIANTS
+    assert set(row["max_err"]) == set(variants) and row["best"] in variants
     assert all(err < 2e-2 for err in row["max_err"].values()), row["max_err"]
