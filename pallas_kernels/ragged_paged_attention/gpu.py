@@ -225,6 +225,18 @@ def _combine_kernel(
     plgpu.store(o_ref.at[r[:, None], cols[None, :]], out.astype(o_ref.dtype), mask=(r < num_rows)[:, None])
 
 
+def combine_warps(num_splits: int, block_r: int, block_d: int, tuning: GpuAttentionTuning) -> int:
+    """Warps of a merge program over `num_splits` partial tiles of `block_r` x `block_d` f32, all in flight: the
+    fewest (a power of two, at most `tuning.combine_num_warps`) whose threads hold at most
+    `tuning.combine_thread_elems` elements each; `combine_num_warps` where that is 0."""
+    if not tuning.combine_thread_elems:
+        return tuning.combine_num_warps
+    warps, elems = 1, num_splits * block_r * block_d
+    while warps < tuning.combine_num_warps and elems > 32 * warps * tuning.combine_thread_elems:
+        warps *= 2
+    return min(warps, tuning.combine_num_warps)
+
+
 def combine_splits(acc, m_part, l_part, cu_q_lens, num_seqs, *, num_splits: int, num_q_heads: int, dtype,
                    tuning: GpuAttentionTuning, interpret: bool = False):
     """The output [rows, D] in `dtype` from `num_splits` kv splits' partials (acc f32[splits * rows, D],
@@ -235,13 +247,14 @@ def combine_splits(acc, m_part, l_part, cu_q_lens, num_seqs, *, num_splits: int,
     d = acc.shape[1]
     block_r = tuning.combine_block_rows
     block_d = min(tuning.combine_block_cols, d)
+    warps = combine_warps(num_splits, block_r, block_d, tuning)
     kernel = functools.partial(_combine_kernel, num_splits=num_splits, num_rows=num_rows,
                                num_q_heads=num_q_heads, block_r=block_r, block_d=block_d)  # fmt: skip
     return pl.pallas_call(
         kernel,
         grid=(-(-num_rows // block_r), d // block_d),
         out_shape=jax.ShapeDtypeStruct((num_rows, d), dtype),
-        compiler_params=plgpu.CompilerParams(num_warps=tuning.combine_num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=1),
         interpret=interpret,
         name="ragged_paged_attention_combine",
     )(cu_q_lens, jnp.asarray(num_seqs, jnp.int32).reshape(1), acc, m_part, l_part)

@@ -65,10 +65,20 @@ class GpuAttentionTuning:
     # H100 call, batch-1 decode (bench/results/profile_step_b1*_onelaunch2*_h100.json): 165 us a step against
     # XLA's 169 us at 1k (16 splits), 369 us against ~455 us at 64k (the 64-split long grid). A first
     # version looping over the splits took 303 us at 1k on the H200 (profile_step_b1_onelaunch_h200.json).
+    # A program unrolls the splits, so it holds one partial tile of rows x columns f32 per split in flight:
+    # with `combine_thread_elems` > 0 it takes the fewest warps (at most `combine_num_warps`) that keep a
+    # thread's share of them at or below it (0: always `combine_num_warps`). H100, one machine, the batch-1
+    # step (bench/results/profile_step_b{1,1_ctx65536,64}_h100_39efc23_combine_*.json):
+    # - 1k (16 splits): 16 x 64 tiles of 4 warps (128 elements a thread) 165 us a step; 8 x 16 of one warp
+    #   (64 a thread, and 16x the programs on the live rows) 97 us; the step 6.78 -> 6.72 ms.
+    # - 64k (the long grid's 64 splits): 16 x 64 of 4 warps (512 a thread) 366 us, 8 x 16 of one warp and
+    #   16 x 16 of two (256 a thread) 377 and 380 us. 8 x 16 of 4 warps (64 a thread) is the rule's choice.
+    # - batch 64 at 1k (2 splits): 106 us with 16 x 64 of 4 warps, 126 us with 8 x 16 of one (0.2% of its step).
     combine_kernel: bool = True
-    combine_block_rows: int = 16
-    combine_block_cols: int = 64
+    combine_block_rows: int = 8
+    combine_block_cols: int = 16
     combine_num_warps: int = 4
+    combine_thread_elems: int = 64
     # The decoder rotates the keys and writes K and V into the caches in one Pallas launch reading the
     # fused q/k/v projection (`write_kv_rope_gpu`) instead of XLA's two scatters (the key RoPE fused into
     # one): same H100 call, 121 us a step against 174 us, the keys bit-equal. (Writing already split K and V
@@ -113,6 +123,8 @@ class GpuAttentionTuning:
                 raise ValueError(f"{field} must keep at least one split at every bound, got {rule}")
             if [b for b, _ in bounds] != sorted(b for b, _ in bounds):
                 raise ValueError(f"{field} bounds must be increasing, got {rule}")
+        if self.combine_thread_elems < 0:
+            raise ValueError(f"combine_thread_elems must be >= 0, got {self.combine_thread_elems}")
         if self.long_chunk_max_rows < 0:
             raise ValueError(f"long_chunk_max_rows must be >= 0, got {self.long_chunk_max_rows}")
         for name in ("long_context_keys", "min_tiles_per_split", "num_sms", "static_waves", "static_max_splits",

@@ -316,10 +316,24 @@ def test_tuning_records_are_hashable_and_checked():
         GpuAttentionTuning(combine_block_rows=24)
     with pytest.raises(ValueError, match="num_sms"):
         GpuAttentionTuning(num_sms=0)
+    with pytest.raises(ValueError, match="combine_thread_elems"):
+        GpuAttentionTuning(combine_thread_elems=-1)
     with pytest.raises(ValueError, match="tile_keys"):
         TpuAttentionTuning(tile_keys=0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.num_sms = 1
+
+
+def test_combine_warps_keep_a_threads_tiles_within_the_budget():
+    """The merge's warps: the fewest, up to combine_num_warps, whose threads hold at most combine_thread_elems of
+    the splits' partial tiles (8 x 16 = 128 elements a split); 0 turns the rule off."""
+    from pallas_kernels.ragged_paged_attention.gpu import combine_warps
+
+    t = GpuAttentionTuning(combine_block_rows=8, combine_block_cols=16, combine_num_warps=4, combine_thread_elems=64)
+    assert [combine_warps(s, 8, 16, t) for s in (2, 16, 17, 32, 64, 256)] == [1, 1, 2, 2, 4, 4]
+    assert combine_warps(16, 16, 64, t) == 4  # 16 x 64 x 16 elements: 128 a thread even with 4 warps
+    assert combine_warps(2, 8, 16, dataclasses.replace(t, combine_thread_elems=0)) == 4
+    assert combine_warps(64, 8, 16, dataclasses.replace(t, combine_num_warps=2)) == 2
 
 
 def test_tuning_table_lookup():
