@@ -174,6 +174,7 @@ def run_metadata(module: str, argv: list[str] | None = None) -> dict:
         # commit above is stale (the device copy's .git), by comparison with source_hash() at a commit.
         "source_sha256": source_hash(),
         "command": command_line(module, argv),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # (they change what compiles: the autotuning level)
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

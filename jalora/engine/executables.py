@@ -116,12 +116,14 @@ class Executables:
         donate_argnums: tuple[int, ...] = (),
         variant_key: Callable[[tuple, dict], Hashable] | None = None,
         describe: Callable[[tuple, dict], str] | None = None,
+        compiler_options: dict | None = None,
         **jit_kwargs: Any,
     ):
         self.name = name
         self._jit = jax.jit(fn, static_argnames=static_argnames, donate_argnums=donate_argnums, **jit_kwargs)
         self._directory = directory
-        self._fingerprint = fingerprint
+        self._fingerprint = fingerprint  # (the caller's: it must cover `compiler_options`)
+        self._compiler_options = compiler_options or None  # XLA options of each compilation
         self._variant_key = variant_key or self._full_key
         self._compiled: dict[Hashable, Any] = {}
         self._lock = threading.Lock()  # (the warm-up may get variants from several threads)
@@ -170,7 +172,7 @@ class Executables:
 
     def _compile(self, lowered: Any, path: Path | None, label: str) -> Any:
         hits, start = _cache_hits(), time.perf_counter()
-        exe = lowered.compile()
+        exe = lowered.compile(compiler_options=self._compiler_options)
         with self._lock:
             self.compile_log.append((label, time.perf_counter() - start, start))
         # An executable JAX read from its own cache is not written: serialized again, it loads but on a

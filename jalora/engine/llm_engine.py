@@ -57,6 +57,21 @@ PROMPT_BYTES_PER_TOKEN = 16
 # Granite-8B steps in groups of 8 ran as fast as the fused step (batch 1: 6.85 vs 6.82 ms; batch 64 with 8
 # adapters: 11.67 vs 11.83 ms) and a cold start compiled in 58 s; groups of 1 took 4.5% longer at batch 1.
 GPU_LAYERS_PER_LAUNCH = 8
+# XLA's GPU autotuning level of the engine's compilations (EngineConfig.autotune_level's default on a GPU):
+# level 2 times the candidate kernels on initialised buffers but skips XLA's default check of each result
+# against a reference. H100, one machine (bench/results/startup_gpu_cold_at*_h100_39efc23.json): a cold
+# start 58.0 s at XLA's default (4), 45.7 s at 2, 39.9 s at 1 (uninitialised buffers), the batch-1 step
+# 6.78 ms at each.
+GPU_AUTOTUNE_LEVEL = 2
+
+
+def autotune_options(level: int | None) -> dict[str, int]:
+    """The compiler options that set XLA's GPU autotuning `level` (EngineConfig.autotune_level): none off a
+    GPU, nor where XLA_FLAGS sets the level (the user's flag stands); None = `GPU_AUTOTUNE_LEVEL`."""
+    flagged = "xla_gpu_autotune_level" in os.environ.get("XLA_FLAGS", "")
+    if jax.default_backend() != "gpu" or (level is None and flagged):
+        return {}
+    return {"xla_gpu_autotune_level": GPU_AUTOTUNE_LEVEL if level is None else level}
 
 
 def _kv_blocks_from_memory(block_bytes: int, fraction: float) -> int | None:
@@ -181,6 +196,7 @@ class LLMEngine:
             decoder, num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
             self.max_model_len, self.dtype, tp, kv_moves=self.host_tier is not None,
             executable_dir=self._executable_dir(), layers_per_launch=per_launch,
+            compiler_options=autotune_options(config.autotune_level),
         )  # fmt: skip
         self.pipeline = StepPipeline(self.runner, config.async_scheduling)
         self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)

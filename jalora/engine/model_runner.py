@@ -184,12 +184,13 @@ class ModelRunner:
         kv_moves: bool = False,
         executable_dir: Path | None = None,
         layers_per_launch: int = 0,
+        compiler_options: dict | None = None,
     ):
         """`executable_dir`: where compiled variants of the step and the functions behind it are saved and
         loaded from (jalora/engine/executables.py); None keeps them in memory only. `layers_per_launch` > 0:
         run a step as a compiled group of that many layers launched once per group between the embedding's
         and the head's launches, instead of one compiled step of every layer (unsharded models only; see
-        `_launch_layers`)."""
+        `_launch_layers`). `compiler_options`: XLA options of every compilation (the autotuning level)."""
         cfg = model.cfg
         self.tp = tp = TensorParallel() if tp is None else tp
         self.cfg = cfg
@@ -314,14 +315,18 @@ class ModelRunner:
         # what decides a compiled module besides its arguments (their shapes, dtypes, shardings) is here.
         fp = fingerprint(type(model).__name__, cfg, model.plan, block_size, max_num_seqs, self.max_pages,
                          str(jnp.dtype(kv_dtype)),
-                         (repr(tp.mesh), tp.mesh.device_ids.tolist()) if tp.sharded else None)  # fmt: skip
-        self._step = Executables(step_fn, "step", executable_dir, fp, static_argnames=("layout",),
+                         (repr(tp.mesh), tp.mesh.device_ids.tolist()) if tp.sharded else None,
+                         sorted((compiler_options or {}).items()))  # fmt: skip
+        # (every compiled function of the runner: its variants kept in executable_dir, compiled with these options)
+        self._executables_of = functools.partial(Executables, directory=executable_dir, fingerprint=fp,
+                                                 compiler_options=compiler_options or None)  # fmt: skip
+        self._step = self._executables_of(step_fn, "step", static_argnames=("layout",),
                                  donate_argnums=(1,), variant_key=_step_variant,
                                  describe=lambda args, static: _describe_step("step", static["layout"], args[2]))
-        self._draw = Executables(draw_fn, "draw", executable_dir, fp, static_argnames=("layout",),
+        self._draw = self._executables_of(draw_fn, "draw", static_argnames=("layout",),
                                  describe=lambda args, _: f"draw R={args[0].shape[0]}")
-        self._top = Executables(top_fn, "top", executable_dir, fp, describe=lambda args, _: f"top R={args[0].shape[0]}")
-        self._prompt_lp = Executables(prompt_lp_fn, "prompt_lp", executable_dir, fp,
+        self._top = self._executables_of(top_fn, "top", describe=lambda args, _: f"top R={args[0].shape[0]}")
+        self._prompt_lp = self._executables_of(prompt_lp_fn, "prompt_lp",
                                       variant_key=lambda args, _: (args[1].shape, args[1].dtype),
                                       describe=lambda args, _: f"prompt_lp T={args[1].shape[0]}")  # fmt: skip
         # prev_tokens when nothing is pending (on every device of the mesh, as the step's own outputs)
@@ -331,7 +336,7 @@ class ModelRunner:
         if self.layer_launches:
             if tp.sharded:
                 raise ValueError("layer launches run an unsharded model only")
-            self._init_layer_launches(model, fp, executable_dir, pad_rows, layers_per_launch)
+            self._init_layer_launches(model, pad_rows, layers_per_launch)
         # Several hosts (jalora/engine/multihost.py): process 0's runner sends each launch to the others
         # (`leader`); every runner numbers its launches and keeps the last few sampled-token arrays.
         self.leader = None
@@ -559,7 +564,7 @@ class ModelRunner:
     # launches per step (one per layer) outrun what the host can queue ahead of the device
     # (bench/profile_step.py --layers-per-launch).
 
-    def _init_layer_launches(self, model: Decoder, fp: str, executable_dir: Path | None, pad_rows,
+    def _init_layer_launches(self, model: Decoder, pad_rows,
                              per_launch: int) -> None:  # fmt: skip
         cfg, plan = self.cfg, self.plan
         self._groups = [range(i, min(i + per_launch, cfg.num_layers)) for i in range(0, cfg.num_layers, per_launch)]
@@ -598,12 +603,12 @@ class ModelRunner:
         def slice_fn(stacks):  # each layer's slice of every stack, in one launch per set of stacks
             return [layer_stacks(stacks, i) for i in range(cfg.num_layers)]
 
-        self._pre = Executables(pre_fn, "pre", executable_dir, fp, static_argnames=("layout",),
+        self._pre = self._executables_of(pre_fn, "pre", static_argnames=("layout",),
                                 variant_key=lambda args, static: static["layout"],
                                 describe=lambda args, static: _describe_step("pre", static["layout"]))  # fmt: skip
-        self._layer = Executables(layer_fn, "layer", executable_dir, fp, donate_argnums=(2, 3),
+        self._layer = self._executables_of(layer_fn, "layer", donate_argnums=(2, 3),
                                   variant_key=_layer_variant, describe=_describe_layer)  # fmt: skip
-        self._post = Executables(post_fn, "post", executable_dir, fp,
+        self._post = self._executables_of(post_fn, "post",
                                  variant_key=lambda args, _: args[1].shape,  # (the step's rows)
                                  describe=lambda args, _: f"post T={args[1].shape[0]}")  # fmt: skip
         self._slice_stacks = jax.jit(slice_fn)

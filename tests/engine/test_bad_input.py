@@ -88,6 +88,9 @@ def test_engine_config_errors(tiny_models, tmp_path):
         LLM(path, dtype="float8", warmup=False)
     with pytest.raises(InvalidRequestError, match="load_format"):
         LLM(path, load_format="pickle", warmup=False)
+    for level in (5, -1, "2", True):
+        with pytest.raises(InvalidRequestError, match="autotune_level"):
+            LLM(path, autotune_level=level, warmup=False)
     with pytest.raises(InvalidRequestError, match="model"):
         LLM(str(tmp_path / "nowhere"), warmup=False)
     broken = tmp_path / "broken"

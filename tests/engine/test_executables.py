@@ -413,3 +413,31 @@ def test_get_all_passes_each_compilations_claim_to_the_budget(tmp_path, monkeypa
     assert want["rows=1"] < want["rows=16"] < want["rows=256"]
     for (x, w_), _ in calls:
         np.testing.assert_allclose(np.asarray(f(x, w_)), np.asarray(x) @ np.asarray(w_), rtol=1e-6)
+
+
+def test_compiler_options_reach_every_compilation(tmp_path):
+    """An Executables' compiler options go into XLA's compilation: an option XLA does not know fails it, the
+    autotuning level compiles (on any backend)."""
+    x, w = jnp.ones((2, 3)), jnp.ones((3, 3))
+    with np.testing.assert_raises_regex(Exception, "xla_no_such_option"):
+        Executables(fn, "f", None, "fp", static_argnames=("power",), compiler_options={"xla_no_such_option": 1})(
+            x, w, power=2)
+    tuned = Executables(fn, "f", tmp_path, "fp", static_argnames=("power",),
+                        compiler_options={"xla_gpu_autotune_level": 2})  # fmt: skip
+    check(tuned(x, w, power=2), x, w, 2)
+
+
+def test_autotune_options_default_to_level_2_on_a_gpu_unless_xla_flags_set_it(monkeypatch):
+    """EngineConfig.autotune_level: None gives GPU_AUTOTUNE_LEVEL on a GPU, nothing where XLA_FLAGS sets the
+    level (the user's flag stands) or off a GPU; a level given in the config is passed on a GPU either way."""
+    from jalora.engine import llm_engine
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    assert llm_engine.autotune_options(None) == {}  # (the tests' CPU backend)
+    monkeypatch.setattr(llm_engine.jax, "default_backend", lambda: "gpu")
+    assert llm_engine.autotune_options(None) == {"xla_gpu_autotune_level": llm_engine.GPU_AUTOTUNE_LEVEL} == {
+        "xla_gpu_autotune_level": 2}
+    assert llm_engine.autotune_options(4) == {"xla_gpu_autotune_level": 4}
+    monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
+    assert llm_engine.autotune_options(None) == {}
+    assert llm_engine.autotune_options(1) == {"xla_gpu_autotune_level": 1}
