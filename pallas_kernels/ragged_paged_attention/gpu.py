@@ -225,29 +225,23 @@ def _combine_kernel(
     plgpu.store(o_ref.at[r[:, None], cols[None, :]], out.astype(o_ref.dtype), mask=(r < num_rows)[:, None])
 
 
-def combine_warps(num_splits: int, block_r: int, block_d: int, tuning: GpuAttentionTuning) -> int:
-    """Warps of a merge program over `num_splits` partial tiles of `block_r` x `block_d` f32, all in flight: the
-    fewest (a power of two, at most `tuning.combine_num_warps`) whose threads hold at most
-    `tuning.combine_thread_elems` elements each; `combine_num_warps` where that is 0."""
-    if not tuning.combine_thread_elems:
-        return tuning.combine_num_warps
-    warps, elems = 1, num_splits * block_r * block_d
-    while warps < tuning.combine_num_warps and elems > 32 * warps * tuning.combine_thread_elems:
-        warps *= 2
-    return min(warps, tuning.combine_num_warps)
+def combine_tiling(num_rows: int, num_splits: int, tuning: GpuAttentionTuning) -> tuple[int, int, int]:
+    """(rows, columns, warps) of a merge program over `num_rows` rows of `num_splits` splits: the tuning's small
+    tiling where both are within its `combine_small_max_*` bounds, else its default one."""
+    if num_rows <= tuning.combine_small_max_rows and num_splits <= tuning.combine_small_max_splits:
+        return tuning.combine_small_block_rows, tuning.combine_small_block_cols, tuning.combine_small_num_warps
+    return tuning.combine_block_rows, tuning.combine_block_cols, tuning.combine_num_warps
 
 
 def combine_splits(acc, m_part, l_part, cu_q_lens, num_seqs, *, num_splits: int, num_q_heads: int, dtype,
                    tuning: GpuAttentionTuning, interpret: bool = False):
     """The output [rows, D] in `dtype` from `num_splits` kv splits' partials (acc f32[splits * rows, D],
     m and l f32[splits * rows]; rows = T * Hq), padding rows zero, in one launch of programs of
-    `tuning.combine_block_rows` rows x `combine_block_cols` columns (XLA's combine is a chain of
-    reductions, a launch each)."""
+    `combine_tiling`'s rows x columns (XLA's combine is a chain of reductions, a launch each)."""
     num_rows = m_part.shape[0] // num_splits
     d = acc.shape[1]
-    block_r = tuning.combine_block_rows
-    block_d = min(tuning.combine_block_cols, d)
-    warps = combine_warps(num_splits, block_r, block_d, tuning)
+    block_r, block_d, warps = combine_tiling(num_rows, num_splits, tuning)
+    block_d = min(block_d, d)
     kernel = functools.partial(_combine_kernel, num_splits=num_splits, num_rows=num_rows,
                                num_q_heads=num_q_heads, block_r=block_r, block_d=block_d)  # fmt: skip
     return pl.pallas_call(

@@ -65,20 +65,24 @@ class GpuAttentionTuning:
     # H100 call, batch-1 decode (bench/results/profile_step_b1*_onelaunch2*_h100.json): 165 us a step against
     # XLA's 169 us at 1k (16 splits), 369 us against ~455 us at 64k (the 64-split long grid). A first
     # version looping over the splits took 303 us at 1k on the H200 (profile_step_b1_onelaunch_h200.json).
-    # A program unrolls the splits, so it holds one partial tile of rows x columns f32 per split in flight:
-    # with `combine_thread_elems` > 0 it takes the fewest warps (at most `combine_num_warps`) that keep a
-    # thread's share of them at or below it (0: always `combine_num_warps`). H100, one machine, the batch-1
-    # step (bench/results/profile_step_b{1,1_ctx65536,64}_h100_39efc23_combine_*.json):
-    # - 1k (16 splits): 16 x 64 tiles of 4 warps (128 elements a thread) 165 us a step; 8 x 16 of one warp
-    #   (64 a thread, and 16x the programs on the live rows) 97 us; the step 6.78 -> 6.72 ms.
-    # - 64k (the long grid's 64 splits): 16 x 64 of 4 warps (512 a thread) 366 us, 8 x 16 of one warp and
-    #   16 x 16 of two (256 a thread) 377 and 380 us. 8 x 16 of 4 warps (64 a thread) is the rule's choice.
-    # - batch 64 at 1k (2 splits): 106 us with 16 x 64 of 4 warps, 126 us with 8 x 16 of one (0.2% of its step).
+    # A program unrolls the splits: it holds one partial tile of rows x columns per split in flight. A merge
+    # of at most `combine_small_max_rows` rows (T x Hq) and `combine_small_max_splits` splits takes the small
+    # tiling (`combine_small_*`) instead: many programs of one warp on the few live rows of a small batch.
+    # H100, one machine, each A/B in one call (bench/results/profile_step_b{1,1_ctx65536,64}_h100_*_combine_*.json):
+    # - batch 1 at 1k (512 rows, 16 splits): 16 x 64 tiles of 4 warps 165 us a step, 8 x 16 of one warp 97 us;
+    #   the step 6.81 -> 6.72 ms (035dc01).
+    # - batch 1 at 64k (512 rows, the long grid's 64 splits): 16 x 64 of 4 warps 366 us, 8 x 16 of one warp
+    #   377, 16 x 16 of two 380, 8 x 16 of four 619 (the step 10.55 -> 10.86 ms, 035dc01).
+    # - batch 64 at 1k (2048 rows, 2 splits): 16 x 64 of 4 warps 109 us, 8 x 16 of one 128.
     combine_kernel: bool = True
-    combine_block_rows: int = 8
-    combine_block_cols: int = 16
+    combine_block_rows: int = 16
+    combine_block_cols: int = 64
     combine_num_warps: int = 4
-    combine_thread_elems: int = 64
+    combine_small_max_rows: int = 512
+    combine_small_max_splits: int = 16
+    combine_small_block_rows: int = 8
+    combine_small_block_cols: int = 16
+    combine_small_num_warps: int = 1
     # The decoder rotates the keys and writes K and V into the caches in one Pallas launch reading the
     # fused q/k/v projection (`write_kv_rope_gpu`) instead of XLA's two scatters (the key RoPE fused into
     # one): same H100 call, 121 us a step against 174 us, the keys bit-equal. (Writing already split K and V
@@ -123,17 +127,20 @@ class GpuAttentionTuning:
                 raise ValueError(f"{field} must keep at least one split at every bound, got {rule}")
             if [b for b, _ in bounds] != sorted(b for b, _ in bounds):
                 raise ValueError(f"{field} bounds must be increasing, got {rule}")
-        if self.combine_thread_elems < 0:
-            raise ValueError(f"combine_thread_elems must be >= 0, got {self.combine_thread_elems}")
+        for name in ("combine_small_max_rows", "combine_small_max_splits"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.long_chunk_max_rows < 0:
             raise ValueError(f"long_chunk_max_rows must be >= 0, got {self.long_chunk_max_rows}")
         for name in ("long_context_keys", "min_tiles_per_split", "num_sms", "static_waves", "static_max_splits",
                      "static_min_keys_per_split", "decode_block_m", "prefill_block_m", "decode_block_k",
                      "prefill_block_k", "num_warps", "combine_block_rows", "combine_block_cols", "combine_num_warps",
+                     "combine_small_block_rows", "combine_small_block_cols", "combine_small_num_warps",
                      "decode_num_stages", "prefill_num_stages", "wide_head_num_stages"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("combine_block_rows", "combine_block_cols"):
+        for name in ("combine_block_rows", "combine_block_cols", "combine_small_block_rows",
+                     "combine_small_block_cols"):  # fmt: skip
             if getattr(self, name) & (getattr(self, name) - 1):
                 raise ValueError(f"{name} must be a power of two, got {getattr(self, name)}")
 

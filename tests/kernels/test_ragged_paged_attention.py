@@ -134,14 +134,14 @@ GPU_CASES = {
     # programs of 16 rows through the kernel
     "g8_cap_decode_xla_combine": dict(t=5, s=6, p=5, bs=16, hq=8, hkv=1, d=64, cap=5.0, dtype=jnp.bfloat16,
                                       tuning=(("block_k", 16), ("tuning", GpuAttentionTuning(combine_kernel=False)))),
+    # the merge's programs: 64 rows x 32 columns, and its default tiling (16 x 64, one program per head's
+    # columns); the cases above are small enough for its small tiling (8 x 16)
     "g8_cap_decode_combine_rows64": dict(t=5, s=6, p=5, bs=16, hq=8, hkv=1, d=64, cap=5.0, dtype=jnp.bfloat16,
                                          tuning=(("block_k", 16), ("tuning", GpuAttentionTuning(
-                                             combine_block_rows=64, combine_block_cols=32)))),
-    # programs of 8 rows x 16 columns (four per head's 64) with one warp: bench.attention_splits --combine's
-    # smallest tiling
-    "g8_cap_decode_combine_r8c16": dict(t=5, s=6, p=5, bs=16, hq=8, hkv=1, d=64, cap=5.0, dtype=jnp.bfloat16,
-                                        tuning=(("block_k", 16), ("tuning", GpuAttentionTuning(
-                                            combine_block_rows=8, combine_block_cols=16, combine_num_warps=1)))),
+                                             combine_block_rows=64, combine_block_cols=32, combine_small_max_rows=0)))),
+    "g8_cap_decode_combine_default_tiling": dict(t=5, s=6, p=5, bs=16, hq=8, hkv=1, d=64, cap=5.0, dtype=jnp.bfloat16,
+                                                 tuning=(("block_k", 16), ("tuning", GpuAttentionTuning(
+                                                     combine_small_max_rows=0)))),
     "g4_d128_bs32_window_split_xla_combine": dict(
         t=16, s=3, p=3, bs=32, hq=8, hkv=2, d=128, window=20,
         tuning=(("num_kv_splits", 3), ("block_k", 16), ("tuning", GpuAttentionTuning(combine_kernel=False)))),
@@ -316,24 +316,26 @@ def test_tuning_records_are_hashable_and_checked():
         GpuAttentionTuning(combine_block_rows=24)
     with pytest.raises(ValueError, match="num_sms"):
         GpuAttentionTuning(num_sms=0)
-    with pytest.raises(ValueError, match="combine_thread_elems"):
-        GpuAttentionTuning(combine_thread_elems=-1)
+    with pytest.raises(ValueError, match="combine_small_max_splits"):
+        GpuAttentionTuning(combine_small_max_splits=-1)
+    with pytest.raises(ValueError, match="combine_small_block_cols"):
+        GpuAttentionTuning(combine_small_block_cols=12)
     with pytest.raises(ValueError, match="tile_keys"):
         TpuAttentionTuning(tile_keys=0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.num_sms = 1
 
 
-def test_combine_warps_keep_a_threads_tiles_within_the_budget():
-    """The merge's warps: the fewest, up to combine_num_warps, whose threads hold at most combine_thread_elems of
-    the splits' partial tiles (8 x 16 = 128 elements a split); 0 turns the rule off."""
-    from pallas_kernels.ragged_paged_attention.gpu import combine_warps
+def test_combine_tiling_is_small_only_within_both_bounds():
+    """The merge's (rows, columns, warps): the small tiling for at most combine_small_max_rows rows and
+    combine_small_max_splits splits (batch-1 decode of 32 query heads: 512 rows, 16 splits), the default one
+    past either bound (the long grid's 64 splits, batch 64's 2048 rows); 0 rows turns the small one off."""
+    from pallas_kernels.ragged_paged_attention.gpu import combine_tiling
 
-    t = GpuAttentionTuning(combine_block_rows=8, combine_block_cols=16, combine_num_warps=4, combine_thread_elems=64)
-    assert [combine_warps(s, 8, 16, t) for s in (2, 16, 17, 32, 64, 256)] == [1, 1, 2, 2, 4, 4]
-    assert combine_warps(16, 16, 64, t) == 4  # 16 x 64 x 16 elements: 128 a thread even with 4 warps
-    assert combine_warps(2, 8, 16, dataclasses.replace(t, combine_thread_elems=0)) == 4
-    assert combine_warps(64, 8, 16, dataclasses.replace(t, combine_num_warps=2)) == 2
+    t = GpuAttentionTuning()
+    assert combine_tiling(512, 16, t) == (8, 16, 1)
+    assert combine_tiling(512, 64, t) == combine_tiling(2048, 2, t) == (16, 64, 4)
+    assert combine_tiling(40, 3, dataclasses.replace(t, combine_small_max_rows=0)) == (16, 64, 4)
 
 
 def test_tuning_table_lookup():
