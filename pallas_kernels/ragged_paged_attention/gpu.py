@@ -61,6 +61,10 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, int(x) - 1).bit_length()
 
 
+def _prev_pow2(x: int) -> int:
+    return 1 << max(0, int(x).bit_length() - 1)
+
+
 def _kernel(
     blk_seq_ref,  # i32[NB] sequence of each query block, -1 = unused block
     blk_q0_ref,  # i32[NB] first query row of each block
@@ -204,30 +208,48 @@ def _combine_kernel(
     num_q_heads: int,
     block_r: int,
     block_d: int,
+    split_axis: bool,
 ):
     """Merge the kv splits' partials of `block_r` rows x `block_d` columns into the normalised output;
     rows of padding tokens (past cu_q_lens[num_seqs]) are written as exact zeros and their partials never
     read. The splits are unrolled: every load is independent of the others, so they are all in flight at
-    once (a loop over the splits waits for each)."""
+    once (a loop over the splits waits for each). `split_axis`: the splits are instead the first axis of one
+    tensor (padded to a power of two), each partial read by one load of every split's tile and reduced over
+    that axis."""
     r = pl.program_id(0) * block_r + jnp.arange(block_r, dtype=jnp.int32)
     cols = pl.program_id(1) * block_d + jnp.arange(block_d, dtype=jnp.int32)
     live = r < cu_q_lens_ref[num_seqs_ref[0]] * num_q_heads
-    ms = [plgpu.load(m_ref.at[s * num_rows + r], mask=live, other=_MASKED) for s in range(num_splits)]
-    m_max = functools.reduce(jnp.maximum, ms)
-    acc = jnp.zeros((block_r, block_d), jnp.float32)
-    den = jnp.zeros((block_r,), jnp.float32)
-    for s in range(num_splits):
-        rows = s * num_rows + r
-        w = jnp.exp2(ms[s] - m_max)
-        den += w * plgpu.load(l_ref.at[rows], mask=live, other=0.0)
-        acc += w[:, None] * plgpu.load(acc_ref.at[rows[:, None], cols[None, :]], mask=live[:, None], other=0.0)
+    if split_axis:
+        split = jnp.arange(_next_pow2(num_splits), dtype=jnp.int32)
+        rows = split[:, None] * num_rows + r[None, :]  # [splits, R]
+        ok = (split[:, None] < num_splits) & live[None, :]
+        m = plgpu.load(m_ref.at[rows], mask=ok, other=_MASKED)
+        w = jnp.exp2(m - jnp.max(m, axis=0)[None, :])  # (0 for the padding splits of a live row)
+        den = jnp.sum(w * plgpu.load(l_ref.at[rows], mask=ok, other=0.0), axis=0)
+        part = plgpu.load(acc_ref.at[rows[:, :, None], cols[None, None, :]], mask=ok[:, :, None], other=0.0)
+        acc = jnp.sum(w[:, :, None] * part, axis=0)
+    else:
+        ms = [plgpu.load(m_ref.at[s * num_rows + r], mask=live, other=_MASKED) for s in range(num_splits)]
+        m_max = functools.reduce(jnp.maximum, ms)
+        acc = jnp.zeros((block_r, block_d), jnp.float32)
+        den = jnp.zeros((block_r,), jnp.float32)
+        for s in range(num_splits):
+            rows = s * num_rows + r
+            w = jnp.exp2(ms[s] - m_max)
+            den += w * plgpu.load(l_ref.at[rows], mask=live, other=0.0)
+            acc += w[:, None] * plgpu.load(acc_ref.at[rows[:, None], cols[None, :]], mask=live[:, None], other=0.0)
     out = jnp.where(live[:, None], acc / jnp.where(den == 0.0, 1.0, den)[:, None], 0.0)
     plgpu.store(o_ref.at[r[:, None], cols[None, :]], out.astype(o_ref.dtype), mask=(r < num_rows)[:, None])
 
 
 def combine_tiling(num_rows: int, num_splits: int, tuning: GpuAttentionTuning) -> tuple[int, int, int]:
     """(rows, columns, warps) of a merge program over `num_rows` rows of `num_splits` splits: the tuning's small
-    tiling where both are within its `combine_small_max_*` bounds, else its default one."""
+    tiling where both are within its `combine_small_max_*` bounds, else its default one; with
+    `combine_split_axis`, the default rows and warps and the most columns (a power of two) whose tiles of every
+    split hold at most `combine_axis_elems` elements, but at least 16 (past the bound, at many splits)."""
+    if tuning.combine_split_axis:  # (every split's tile in one tensor of at most combine_axis_elems)
+        cols = max(16, _prev_pow2(tuning.combine_axis_elems // (_next_pow2(num_splits) * tuning.combine_block_rows)))
+        return tuning.combine_block_rows, cols, tuning.combine_num_warps
     if num_rows <= tuning.combine_small_max_rows and num_splits <= tuning.combine_small_max_splits:
         return tuning.combine_small_block_rows, tuning.combine_small_block_cols, tuning.combine_small_num_warps
     return tuning.combine_block_rows, tuning.combine_block_cols, tuning.combine_num_warps
@@ -242,8 +264,8 @@ def combine_splits(acc, m_part, l_part, cu_q_lens, num_seqs, *, num_splits: int,
     d = acc.shape[1]
     block_r, block_d, warps = combine_tiling(num_rows, num_splits, tuning)
     block_d = min(block_d, d)
-    kernel = functools.partial(_combine_kernel, num_splits=num_splits, num_rows=num_rows,
-                               num_q_heads=num_q_heads, block_r=block_r, block_d=block_d)  # fmt: skip
+    kernel = functools.partial(_combine_kernel, num_splits=num_splits, num_rows=num_rows, num_q_heads=num_q_heads,
+                               block_r=block_r, block_d=block_d, split_axis=tuning.combine_split_axis)  # fmt: skip
     return pl.pallas_call(
         kernel,
         grid=(-(-num_rows // block_r), d // block_d),

@@ -83,6 +83,13 @@ class GpuAttentionTuning:
     combine_small_block_rows: int = 8
     combine_small_block_cols: int = 16
     combine_small_num_warps: int = 1
+    # The splits as the first axis of one tensor instead of unrolled (`combine_tiling` then takes the default
+    # rows and warps and as many columns as keep every split's tiles within `combine_axis_elems`). Off:
+    # unmeasured. Why try it: the merge's time grows with the splits as if each split's loads waited for the
+    # last (H100, 16 x 64 tiles: 4.1 us a call at 16 splits, 9.1 at 64; 8 x 16: 2.4 and 9.4), where one load
+    # of every split's tile is issued at once.
+    combine_split_axis: bool = False
+    combine_axis_elems: int = 8192
     # The decoder rotates the keys and writes K and V into the caches in one Pallas launch reading the
     # fused q/k/v projection (`write_kv_rope_gpu`) instead of XLA's two scatters (the key RoPE fused into
     # one): same H100 call, 121 us a step against 174 us, the keys bit-equal. (Writing already split K and V
@@ -136,6 +143,7 @@ class GpuAttentionTuning:
                      "static_min_keys_per_split", "decode_block_m", "prefill_block_m", "decode_block_k",
                      "prefill_block_k", "num_warps", "combine_block_rows", "combine_block_cols", "combine_num_warps",
                      "combine_small_block_rows", "combine_small_block_cols", "combine_small_num_warps",
+                     "combine_axis_elems",
                      "decode_num_stages", "prefill_num_stages", "wide_head_num_stages"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

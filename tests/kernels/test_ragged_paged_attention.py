@@ -142,6 +142,12 @@ GPU_CASES = {
     "g8_cap_decode_combine_default_tiling": dict(t=5, s=6, p=5, bs=16, hq=8, hkv=1, d=64, cap=5.0, dtype=jnp.bfloat16,
                                                  tuning=(("block_k", 16), ("tuning", GpuAttentionTuning(
                                                      combine_small_max_rows=0)))),
+    # the merge with the splits as a tensor axis: 12 splits padded to 16 (decode, dynamic: some of them
+    # neutral), and 3 static splits with a window over 128-wide heads (programs of 16 x 128 columns)
+    "g4_decode_dynamic_splits_axis_combine": dict(t=4, s=8, p=12, bs=16, hq=8, hkv=2, d=64, tuning=(
+        ("block_k", 16), ("tuning", GpuAttentionTuning(combine_split_axis=True)))),
+    "g4_d128_bs32_window_split_axis_combine": dict(t=16, s=3, p=3, bs=32, hq=8, hkv=2, d=128, window=20, tuning=(
+        ("num_kv_splits", 3), ("block_k", 16), ("tuning", GpuAttentionTuning(combine_split_axis=True)))),
     "g4_d128_bs32_window_split_xla_combine": dict(
         t=16, s=3, p=3, bs=32, hq=8, hkv=2, d=128, window=20,
         tuning=(("num_kv_splits", 3), ("block_k", 16), ("tuning", GpuAttentionTuning(combine_kernel=False)))),
@@ -336,6 +342,8 @@ def test_combine_tiling_is_small_only_within_both_bounds():
     assert combine_tiling(512, 16, t) == (8, 16, 1)
     assert combine_tiling(512, 64, t) == combine_tiling(2048, 2, t) == (16, 64, 4)
     assert combine_tiling(40, 3, dataclasses.replace(t, combine_small_max_rows=0)) == (16, 64, 4)
+    axis = dataclasses.replace(t, combine_split_axis=True)  # 16 rows, columns within 8192 elements, 16 at least
+    assert [combine_tiling(512, s, axis) for s in (3, 16, 64)] == [(16, 128, 4), (16, 32, 4), (16, 16, 4)]
 
 
 def test_tuning_table_lookup():
