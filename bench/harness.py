@@ -163,6 +163,7 @@ def run_metadata(module: str, argv: list[str] | None = None) -> dict:
     """Device, platform, JAX version, commit, command line and time of this run (every result file
     starts with these). `module` is the script's module name (`__spec__.name`), `argv` its arguments."""
     from jalora.engine.executables import source_hash
+    from jalora.engine.llm_engine import autotune_options
 
     dev = jax.devices()[0]
     return {
@@ -175,6 +176,9 @@ def run_metadata(module: str, argv: list[str] | None = None) -> dict:
         "source_sha256": source_hash(),
         "command": command_line(module, argv),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),  # (they change what compiles: the autotuning level)
+        # the options an engine of the default config compiles with (the autotuning level on a GPU; {} where
+        # XLA_FLAGS sets it or off a GPU)
+        "engine_compiler_options": autotune_options(None),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 

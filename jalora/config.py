@@ -105,9 +105,10 @@ class EngineConfig:
         metavar="DIR",
     )
     autotune_level: int | None = config_field(
-        None, "XLA's GPU autotuning level for the engine's compilations, 0 (off) to 4 (XLA's own default: "
-        "buffers initialised, results checked against a reference); default: 2 on a GPU (buffers initialised, "
-        "no check), unless XLA_FLAGS sets --xla_gpu_autotune_level", metavar="LEVEL",
+        None, "XLA's GPU autotuning level for the engine's compilations, 0 (off) to 5 (4: XLA's own default, "
+        "buffers initialised, outputs reinitialised, results checked against a reference); default: 2 on a GPU "
+        "(buffers initialised, no reinitialising, no check), unless XLA_FLAGS sets --xla_gpu_autotune_level",
+        metavar="LEVEL",
     )
     tensor_parallel_size: int = config_field(
         1, "devices the model is split over (Megatron-style: heads, MLP features, vocabulary; KV cache by KV head)"
@@ -158,7 +159,7 @@ class EngineConfig:
         require(n is None or (is_int(n) and n >= self.max_loras), "max_cpu_loras",
                 f"must be None or an integer >= max_loras ({self.max_loras}), got {n!r}")  # fmt: skip
         n = self.autotune_level
-        require(n is None or (is_int(n) and 0 <= n <= 4), "autotune_level", f"must be None or 0 to 4, got {n!r}")
+        require(n is None or (is_int(n) and 0 <= n <= 5), "autotune_level", f"must be None or 0 to 5, got {n!r}")
         cc = os.fspath(self.compile_cache) if isinstance(self.compile_cache, os.PathLike) else self.compile_cache
         require(cc is None or (isinstance(cc, str) and bool(cc)), "compile_cache",
                 f"must be a directory, 'auto' or 'none', got {self.compile_cache!r}")  # fmt: skip

@@ -58,10 +58,10 @@ PROMPT_BYTES_PER_TOKEN = 16
 # adapters: 11.67 vs 11.83 ms) and a cold start compiled in 58 s; groups of 1 took 4.5% longer at batch 1.
 GPU_LAYERS_PER_LAUNCH = 8
 # XLA's GPU autotuning level of the engine's compilations (EngineConfig.autotune_level's default on a GPU):
-# level 2 times the candidate kernels on initialised buffers but skips XLA's default check of each result
-# against a reference. H100, one machine (bench/results/startup_gpu_cold_at*_h100_39efc23.json): a cold
-# start 58.0 s at XLA's default (4), 45.7 s at 2, 39.9 s at 1 (uninitialised buffers), the batch-1 step
-# 6.78 ms at each.
+# level 2 times the candidate kernels on initialised buffers but skips what XLA's default (4) adds: the
+# outputs reinitialised between candidates (3) and each result checked against a reference (4). H100, one
+# machine (bench/results/startup_gpu_cold_at*_h100_39efc23.json): a cold start 58.0 s at XLA's default, 45.7 s
+# at 2, 39.9 s at 1 (uninitialised buffers), the batch-1 step 6.78-6.79 ms at each.
 GPU_AUTOTUNE_LEVEL = 2
 
 

@@ -224,7 +224,7 @@ def _combine_kernel(
         rows = split[:, None] * num_rows + r[None, :]  # [splits, R]
         ok = (split[:, None] < num_splits) & live[None, :]
         m = plgpu.load(m_ref.at[rows], mask=ok, other=_MASKED)
-        w = jnp.exp2(m - jnp.max(m, axis=0)[None, :])  # (0 for the padding splits of a live row)
+        w = jnp.exp2(m - jnp.max(m, axis=0)[None, :])  # (padding splits: their l and acc load as 0)
         den = jnp.sum(w * plgpu.load(l_ref.at[rows], mask=ok, other=0.0), axis=0)
         part = plgpu.load(acc_ref.at[rows[:, :, None], cols[None, None, :]], mask=ok[:, :, None], other=0.0)
         acc = jnp.sum(w[:, :, None] * part, axis=0)
@@ -242,15 +242,16 @@ def _combine_kernel(
     plgpu.store(o_ref.at[r[:, None], cols[None, :]], out.astype(o_ref.dtype), mask=(r < num_rows)[:, None])
 
 
-def combine_tiling(num_rows: int, num_splits: int, tuning: GpuAttentionTuning) -> tuple[int, int, int]:
-    """(rows, columns, warps) of a merge program over `num_rows` rows of `num_splits` splits: the tuning's small
-    tiling where both are within its `combine_small_max_*` bounds, else its default one; with
-    `combine_split_axis`, the default rows and warps and the most columns (a power of two) whose tiles of every
-    split hold at most `combine_axis_elems` elements, but at least 16 (past the bound, at many splits)."""
+def combine_tiling(num_tokens: int, num_splits: int, tuning: GpuAttentionTuning) -> tuple[int, int, int]:
+    """(rows, columns, warps) of a merge program over a step of `num_tokens` tokens (its bucket) and
+    `num_splits` splits: the tuning's small tiling where both are within its `combine_small_max_*` bounds, else
+    its default one. With `combine_split_axis` (whatever the bounds): the default rows and warps and the most
+    columns (a power of two) whose tiles of every split hold at most `combine_axis_elems` elements, but at least
+    16 (past the bound, at many splits). The caller clips the columns to the head dim."""
     if tuning.combine_split_axis:  # (every split's tile in one tensor of at most combine_axis_elems)
         cols = max(16, _prev_pow2(tuning.combine_axis_elems // (_next_pow2(num_splits) * tuning.combine_block_rows)))
         return tuning.combine_block_rows, cols, tuning.combine_num_warps
-    if num_rows <= tuning.combine_small_max_rows and num_splits <= tuning.combine_small_max_splits:
+    if num_tokens <= tuning.combine_small_max_tokens and num_splits <= tuning.combine_small_max_splits:
         return tuning.combine_small_block_rows, tuning.combine_small_block_cols, tuning.combine_small_num_warps
     return tuning.combine_block_rows, tuning.combine_block_cols, tuning.combine_num_warps
 
@@ -262,7 +263,7 @@ def combine_splits(acc, m_part, l_part, cu_q_lens, num_seqs, *, num_splits: int,
     `combine_tiling`'s rows x columns (XLA's combine is a chain of reductions, a launch each)."""
     num_rows = m_part.shape[0] // num_splits
     d = acc.shape[1]
-    block_r, block_d, warps = combine_tiling(num_rows, num_splits, tuning)
+    block_r, block_d, warps = combine_tiling(num_rows // num_q_heads, num_splits, tuning)
     block_d = min(block_d, d)
     kernel = functools.partial(_combine_kernel, num_splits=num_splits, num_rows=num_rows, num_q_heads=num_q_heads,
                                block_r=block_r, block_d=block_d, split_axis=tuning.combine_split_axis)  # fmt: skip

@@ -65,20 +65,23 @@ class GpuAttentionTuning:
     # H100 call, batch-1 decode (bench/results/profile_step_b1*_onelaunch2*_h100.json): 165 us a step against
     # XLA's 169 us at 1k (16 splits), 369 us against ~455 us at 64k (the 64-split long grid). A first
     # version looping over the splits took 303 us at 1k on the H200 (profile_step_b1_onelaunch_h200.json).
-    # A program unrolls the splits: it holds one partial tile of rows x columns per split in flight. A merge
-    # of at most `combine_small_max_rows` rows (T x Hq) and `combine_small_max_splits` splits takes the small
-    # tiling (`combine_small_*`) instead: many programs of one warp on the few live rows of a small batch.
-    # H100, one machine, each A/B in one call (bench/results/profile_step_b{1,1_ctx65536,64}_h100_*_combine_*.json):
-    # - batch 1 at 1k (512 rows, 16 splits): 16 x 64 tiles of 4 warps 165 us a step, 8 x 16 of one warp 97 us;
-    #   the step 6.81 -> 6.72 ms (035dc01).
-    # - batch 1 at 64k (512 rows, the long grid's 64 splits): 16 x 64 of 4 warps 366 us, 8 x 16 of one warp
-    #   377, 16 x 16 of two 380, 8 x 16 of four 619 (the step 10.55 -> 10.86 ms, 035dc01).
-    # - batch 64 at 1k (2048 rows, 2 splits): 16 x 64 of 4 warps 109 us, 8 x 16 of one 128.
+    # A program unrolls the splits: it holds one partial tile of rows x columns per split in flight. The merge
+    # of a step of at most `combine_small_max_tokens` tokens (its bucket: a batch of at most 16 decode rows)
+    # and `combine_small_max_splits` splits takes the small tiling (`combine_small_*`) instead: many programs of
+    # one warp on the few live rows of a small batch. H100, Granite-8B shapes (32 query heads), each line an
+    # A/B in one call on one machine (bench/results/profile_step_b{1,1_ctx65536,64}_h100_*_combine_*.json):
+    # - batch 1 at 1k (16 tokens, 16 splits; 035dc01): 16 x 64 tiles of 4 warps 165 us a step, 8 x 16 of one
+    #   warp 97 us; the step 6.81 -> 6.72 ms.
+    # - batch 1 at 64k (16 tokens, the long grid's 64 splits): 16 x 64 of 4 warps 366 us and 8 x 16 of four
+    #   619 (035dc01: the step 10.55 -> 10.86 ms); 8 x 16 of one warp 377 and 16 x 16 of two 380 against 366
+    #   (39efc23, at XLA's default autotuning level).
+    # - batch 64 at 1k (64 tokens, 2 splits; 035dc01): 16 x 64 of 4 warps 109 us, 8 x 16 of one 128.
+    # Unmeasured: batches of 2-16 (the same bucket, more live rows), other head counts, the H200.
     combine_kernel: bool = True
     combine_block_rows: int = 16
     combine_block_cols: int = 64
     combine_num_warps: int = 4
-    combine_small_max_rows: int = 512
+    combine_small_max_tokens: int = 16
     combine_small_max_splits: int = 16
     combine_small_block_rows: int = 8
     combine_small_block_cols: int = 16
@@ -134,7 +137,7 @@ class GpuAttentionTuning:
                 raise ValueError(f"{field} must keep at least one split at every bound, got {rule}")
             if [b for b, _ in bounds] != sorted(b for b, _ in bounds):
                 raise ValueError(f"{field} bounds must be increasing, got {rule}")
-        for name in ("combine_small_max_rows", "combine_small_max_splits"):
+        for name in ("combine_small_max_tokens", "combine_small_max_splits"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.long_chunk_max_rows < 0:

@@ -28,5 +28,6 @@ def test_variant_sweeps_check_every_variant_against_the_reference(tmp_path, mode
     splits_main(["--smoke", mode, "--out", str(out)])
     (row,) = json.loads(out.read_text())["rows"]
     assert row["grid_splits"] > 1
+    assert all(isinstance(us, float) for us in row["us"].values()), row["us"]  # (a failed variant: its error)
     assert set(row["max_err"]) == set(variants) and row["best"] in variants
     assert all(err < 2e-2 for err in row["max_err"].values()), row["max_err"]

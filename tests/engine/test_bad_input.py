@@ -88,7 +88,7 @@ def test_engine_config_errors(tiny_models, tmp_path):
         LLM(path, dtype="float8", warmup=False)
     with pytest.raises(InvalidRequestError, match="load_format"):
         LLM(path, load_format="pickle", warmup=False)
-    for level in (5, -1, "2", True):
+    for level in (6, -1, "2", True):
         with pytest.raises(InvalidRequestError, match="autotune_level"):
             LLM(path, autotune_level=level, warmup=False)
     with pytest.raises(InvalidRequestError, match="model"):

@@ -7,6 +7,7 @@ import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from jalora.engine.executables import Executables, fingerprint
 
@@ -433,7 +434,8 @@ def test_autotune_options_default_to_level_2_on_a_gpu_unless_xla_flags_set_it(mo
     from jalora.engine import llm_engine
 
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    assert llm_engine.autotune_options(None) == {}  # (the tests' CPU backend)
+    monkeypatch.setattr(llm_engine.jax, "default_backend", lambda: "cpu")
+    assert llm_engine.autotune_options(None) == llm_engine.autotune_options(2) == {}
     monkeypatch.setattr(llm_engine.jax, "default_backend", lambda: "gpu")
     assert llm_engine.autotune_options(None) == {"xla_gpu_autotune_level": llm_engine.GPU_AUTOTUNE_LEVEL} == {
         "xla_gpu_autotune_level": 2}
@@ -441,3 +443,30 @@ def test_autotune_options_default_to_level_2_on_a_gpu_unless_xla_flags_set_it(mo
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
     assert llm_engine.autotune_options(None) == {}
     assert llm_engine.autotune_options(1) == {"xla_gpu_autotune_level": 1}
+
+
+@pytest.mark.parametrize("layers_per_launch", [0, 2])
+def test_an_engine_compiles_every_function_with_its_options(tiny_models, monkeypatch, layers_per_launch):
+    """The engine hands autotune_options(config.autotune_level) to every compiled function of its runner (the
+    step, or its pre/layer/post launches, and the draw, top-n and prompt-logprob functions), and they are part
+    of the fingerprint that names its executables: an option XLA does not know fails the first step."""
+    from jalora import LLM, SamplingParams
+    from jalora.engine import llm_engine
+
+    levels = []
+
+    def options(level):
+        levels.append(level)
+        return {"xla_no_such_option": 1}
+
+    plain = LLM(tiny_models["llama"], warmup=False, layers_per_launch=layers_per_launch)
+    monkeypatch.setattr(llm_engine, "autotune_options", options)
+    llm = LLM(tiny_models["llama"], warmup=False, layers_per_launch=layers_per_launch, autotune_level=3)
+    assert levels == [3]
+    runner = llm.engine.runner
+    assert len(runner._executables()) == (6 if layers_per_launch else 4)
+    for exe in runner._executables():
+        assert exe._compiler_options == {"xla_no_such_option": 1}, exe.name
+        assert exe._fingerprint != plain.engine.runner._step._fingerprint
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=1))

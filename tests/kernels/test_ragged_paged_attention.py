@@ -138,10 +138,11 @@ GPU_CASES = {
     # columns); the cases above are small enough for its small tiling (8 x 16)
     "g8_cap_decode_combine_rows64": dict(t=5, s=6, p=5, bs=16, hq=8, hkv=1, d=64, cap=5.0, dtype=jnp.bfloat16,
                                          tuning=(("block_k", 16), ("tuning", GpuAttentionTuning(
-                                             combine_block_rows=64, combine_block_cols=32, combine_small_max_rows=0)))),
+                                             combine_block_rows=64, combine_block_cols=32,
+                                             combine_small_max_tokens=0)))),
     "g8_cap_decode_combine_default_tiling": dict(t=5, s=6, p=5, bs=16, hq=8, hkv=1, d=64, cap=5.0, dtype=jnp.bfloat16,
                                                  tuning=(("block_k", 16), ("tuning", GpuAttentionTuning(
-                                                     combine_small_max_rows=0)))),
+                                                     combine_small_max_tokens=0)))),
     # the merge with the splits as a tensor axis: 12 splits padded to 16 (decode, dynamic: some of them
     # neutral), and 3 static splits with a window over 128-wide heads (programs of 16 x 128 columns)
     "g4_decode_dynamic_splits_axis_combine": dict(t=4, s=8, p=12, bs=16, hq=8, hkv=2, d=64, tuning=(
@@ -333,17 +334,17 @@ def test_tuning_records_are_hashable_and_checked():
 
 
 def test_combine_tiling_is_small_only_within_both_bounds():
-    """The merge's (rows, columns, warps): the small tiling for at most combine_small_max_rows rows and
-    combine_small_max_splits splits (batch-1 decode of 32 query heads: 512 rows, 16 splits), the default one
-    past either bound (the long grid's 64 splits, batch 64's 2048 rows); 0 rows turns the small one off."""
+    """The merge's (rows, columns, warps): the small tiling for a step of at most combine_small_max_tokens
+    tokens and combine_small_max_splits splits (batch-1 decode: the 16-token bucket, 16 splits), the default one
+    past either bound (the long grid's 64 splits, batch 64's bucket); 0 tokens turns the small one off."""
     from pallas_kernels.ragged_paged_attention.gpu import combine_tiling
 
     t = GpuAttentionTuning()
-    assert combine_tiling(512, 16, t) == (8, 16, 1)
-    assert combine_tiling(512, 64, t) == combine_tiling(2048, 2, t) == (16, 64, 4)
-    assert combine_tiling(40, 3, dataclasses.replace(t, combine_small_max_rows=0)) == (16, 64, 4)
+    assert combine_tiling(16, 16, t) == (8, 16, 1)
+    assert combine_tiling(16, 64, t) == combine_tiling(64, 2, t) == combine_tiling(32, 4, t) == (16, 64, 4)
+    assert combine_tiling(5, 3, dataclasses.replace(t, combine_small_max_tokens=0)) == (16, 64, 4)
     axis = dataclasses.replace(t, combine_split_axis=True)  # 16 rows, columns within 8192 elements, 16 at least
-    assert [combine_tiling(512, s, axis) for s in (3, 16, 64)] == [(16, 128, 4), (16, 32, 4), (16, 16, 4)]
+    assert [combine_tiling(16, s, axis) for s in (3, 16, 64)] == [(16, 128, 4), (16, 32, 4), (16, 16, 4)]
 
 
 def test_tuning_table_lookup():
