@@ -137,18 +137,29 @@ def run_splits(args, interpret: bool) -> list[dict]:
     return rows
 
 
+def reference_of(inputs):
+    """The jnp reference's output for `engine_shaped` inputs."""
+    return jax.jit(lambda *a: ragged_paged_attention_reference(*a, sm_scale=att.SM_SCALE))(*inputs)
+
+
+def time_against(fn, inputs, ref, batch: int, iters: int, reps: int) -> tuple[float, float]:
+    """(largest error of fn's output against `ref` on the batch's rows, microseconds per call of fn)."""
+    out = jax.jit(fn)(*inputs)
+    err = float(jnp.abs(out[:batch].astype(jnp.float32) - ref[:batch].astype(jnp.float32)).max())
+    return err, att.bench_loop(fn, *inputs, iters=iters, reps=reps) * 1e6
+
+
 def run_grid(shapes, interpret: bool, smoke: bool) -> list[dict]:
     variants = grid_variants(gpu_attention_tuning())
     rows = []
     for b, c in shapes:
         inputs = engine_shaped(jax.random.key(b * 7 + c), b, c, 16, 64)
-        ref = jax.jit(lambda *a: ragged_paged_attention_reference(*a, sm_scale=att.SM_SCALE))(*inputs)
+        ref = reference_of(inputs)
         row = {"batch": b, "context": c, "us": {}, "max_err": {}}
         for name, (tuning, knobs) in variants.items():
             fn = att.kernel_fn(interpret, tuning=tuning, **knobs)
-            out = jax.jit(fn)(*inputs)
-            row["max_err"][name] = float(jnp.abs(out[:b].astype(jnp.float32) - ref[:b].astype(jnp.float32)).max())
-            row["us"][name] = att.bench_loop(fn, *inputs, iters=2 if smoke else 20, reps=1 if smoke else 3) * 1e6
+            row["max_err"][name], row["us"][name] = time_against(fn, inputs, ref, b, iters=2 if smoke else 20,
+                                                                 reps=1 if smoke else 3)  # fmt: skip
         print(row, flush=True)
         rows.append(row)
         del inputs
@@ -162,7 +173,7 @@ def run_variants(shapes, variants: dict, interpret: bool, smoke: bool) -> list[d
     rows = []
     for b, c in shapes:
         inputs = engine_shaped(jax.random.key(b * 7 + c), b, c, 16, 64)
-        ref = jax.jit(lambda *a: ragged_paged_attention_reference(*a, sm_scale=att.SM_SCALE))(*inputs)
+        ref = reference_of(inputs)
         long = wants_long_grid(base, b, att.HKV, c)
         splits = decode_grid_splits(1 if long else inputs[0].shape[0], att.HKV, inputs[4].shape[1] * 16,
                                     base.decode_block_k,
@@ -171,9 +182,8 @@ def run_variants(shapes, variants: dict, interpret: bool, smoke: bool) -> list[d
         for name, fields in variants.items():
             fn = att.kernel_fn(interpret, tuning=dataclasses.replace(base, **fields), long_context=long)
             try:  # (a variant that fails to compile is recorded and the next one runs)
-                out = jax.jit(fn)(*inputs)
-                row["max_err"][name] = float(jnp.abs(out[:b].astype(jnp.float32) - ref[:b].astype(jnp.float32)).max())
-                row["us"][name] = att.bench_loop(fn, *inputs, iters=2 if smoke else 40, reps=1 if smoke else 5) * 1e6
+                row["max_err"][name], row["us"][name] = time_against(fn, inputs, ref, b, iters=2 if smoke else 40,
+                                                                     reps=1 if smoke else 5)  # fmt: skip
             except Exception as e:
                 row["us"][name] = f"{type(e).__name__}: {e}"[:300]
         timed = {k: v for k, v in row["us"].items() if isinstance(v, float)}

@@ -319,16 +319,17 @@ class ModelRunner:
                          sorted((compiler_options or {}).items()))  # fmt: skip
         # (every compiled function of the runner: its variants kept in executable_dir, compiled with these options)
         self._executables_of = functools.partial(Executables, directory=executable_dir, fingerprint=fp,
-                                                 compiler_options=compiler_options or None)  # fmt: skip
+                                                 compiler_options=compiler_options)  # fmt: skip
         self._step = self._executables_of(step_fn, "step", static_argnames=("layout",),
-                                 donate_argnums=(1,), variant_key=_step_variant,
-                                 describe=lambda args, static: _describe_step("step", static["layout"], args[2]))
+                                          donate_argnums=(1,), variant_key=_step_variant,
+                                          describe=lambda args, static: _describe_step("step", static["layout"],
+                                                                                       args[2]))  # fmt: skip
         self._draw = self._executables_of(draw_fn, "draw", static_argnames=("layout",),
-                                 describe=lambda args, _: f"draw R={args[0].shape[0]}")
+                                          describe=lambda args, _: f"draw R={args[0].shape[0]}")
         self._top = self._executables_of(top_fn, "top", describe=lambda args, _: f"top R={args[0].shape[0]}")
         self._prompt_lp = self._executables_of(prompt_lp_fn, "prompt_lp",
-                                      variant_key=lambda args, _: (args[1].shape, args[1].dtype),
-                                      describe=lambda args, _: f"prompt_lp T={args[1].shape[0]}")  # fmt: skip
+                                               variant_key=lambda args, _: (args[1].shape, args[1].dtype),
+                                               describe=lambda args, _: f"prompt_lp T={args[1].shape[0]}")  # fmt: skip
         # prev_tokens when nothing is pending (on every device of the mesh, as the step's own outputs)
         self._no_prev_tokens = tp.zeros((max_num_seqs,), jnp.int32, P())
         self.layers_per_launch = layers_per_launch
@@ -564,8 +565,7 @@ class ModelRunner:
     # launches per step (one per layer) outrun what the host can queue ahead of the device
     # (bench/profile_step.py --layers-per-launch).
 
-    def _init_layer_launches(self, model: Decoder, pad_rows,
-                             per_launch: int) -> None:  # fmt: skip
+    def _init_layer_launches(self, model: Decoder, pad_rows, per_launch: int) -> None:
         cfg, plan = self.cfg, self.plan
         self._groups = [range(i, min(i + per_launch, cfg.num_layers)) for i in range(0, cfg.num_layers, per_launch)]
         self._layer_weights = [model.layer_weights(i) for i in range(cfg.num_layers)]
@@ -604,13 +604,14 @@ class ModelRunner:
             return [layer_stacks(stacks, i) for i in range(cfg.num_layers)]
 
         self._pre = self._executables_of(pre_fn, "pre", static_argnames=("layout",),
-                                variant_key=lambda args, static: static["layout"],
-                                describe=lambda args, static: _describe_step("pre", static["layout"]))  # fmt: skip
+                                         variant_key=lambda args, static: static["layout"],
+                                         describe=lambda args, static: _describe_step("pre",
+                                                                                      static["layout"]))  # fmt: skip
         self._layer = self._executables_of(layer_fn, "layer", donate_argnums=(2, 3),
-                                  variant_key=_layer_variant, describe=_describe_layer)  # fmt: skip
+                                           variant_key=_layer_variant, describe=_describe_layer)  # fmt: skip
         self._post = self._executables_of(post_fn, "post",
-                                 variant_key=lambda args, _: args[1].shape,  # (the step's rows)
-                                 describe=lambda args, _: f"post T={args[1].shape[0]}")  # fmt: skip
+                                          variant_key=lambda args, _: args[1].shape,  # (the step's rows)
+                                          describe=lambda args, _: f"post T={args[1].shape[0]}")  # fmt: skip
         self._slice_stacks = jax.jit(slice_fn)
 
     def _layer_stacks(self, adapters: AdapterStacks) -> list:

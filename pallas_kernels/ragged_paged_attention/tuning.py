@@ -137,11 +137,9 @@ class GpuAttentionTuning:
                 raise ValueError(f"{field} must keep at least one split at every bound, got {rule}")
             if [b for b, _ in bounds] != sorted(b for b, _ in bounds):
                 raise ValueError(f"{field} bounds must be increasing, got {rule}")
-        for name in ("combine_small_max_tokens", "combine_small_max_splits"):
+        for name in ("long_chunk_max_rows", "combine_small_max_tokens", "combine_small_max_splits"):  # (0: never)
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.long_chunk_max_rows < 0:
-            raise ValueError(f"long_chunk_max_rows must be >= 0, got {self.long_chunk_max_rows}")
         for name in ("long_context_keys", "min_tiles_per_split", "num_sms", "static_waves", "static_max_splits",
                      "static_min_keys_per_split", "decode_block_m", "prefill_block_m", "decode_block_k",
                      "prefill_block_k", "num_warps", "combine_block_rows", "combine_block_cols", "combine_num_warps",
