@@ -89,8 +89,9 @@ def test_engine_config_errors(tiny_models, tmp_path):
     with pytest.raises(InvalidRequestError, match="load_format"):
         LLM(path, load_format="pickle", warmup=False)
     for level in (6, -1, "2", True):
-        with pytest.raises(InvalidRequestError, match="autotune_level"):
+        with pytest.raises(InvalidRequestError, match="autotune_level") as e:
             LLM(path, autotune_level=level, warmup=False)
+        assert_names_the_field_once(e.value, "autotune_level")
     with pytest.raises(InvalidRequestError, match="model"):
         LLM(str(tmp_path / "nowhere"), warmup=False)
     broken = tmp_path / "broken"
