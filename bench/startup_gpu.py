@@ -5,6 +5,7 @@ adapters (r=32, q/k/v) loaded and `warmup_adapters()`, on Granite-3.2-8B shapes 
     python -m bench.startup_gpu --quick               # CPU smoke run: tiny shapes (written under /tmp)
     python -m bench.startup_gpu --server-order        # as `jalora serve --adapter ...` starts (one warm-up;
                                                       # -> bench/results/startup_gpu_server_order.json)
+    python -m bench.startup_gpu --cold-only --tuning combine_split_axis=True   # a kernel variant's compile cost
 
 Each start runs in a fresh Python process, as a restarted server does. The two starts share one new,
 empty compilation cache directory (EngineConfig.compile_cache): the first (cold) compiles every
@@ -47,6 +48,7 @@ import tempfile
 import time
 
 from bench.harness import GRANITE_8B, TINY, result_path, run_metadata, save, write_adapter, write_model_dir
+from bench.profile_step import set_gpu_tuning, tuning_fields
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 NUM_ADAPTERS = 2
@@ -95,6 +97,8 @@ def _child(args) -> None:
     from jalora import LLM
 
     spec = json.loads(args.child)
+    if spec.get("tuning"):
+        set_gpu_tuning(spec["tuning"])
     cpu0, t = time.process_time(), time.perf_counter()
     llm = LLM(spec["model"], load_format="dummy", max_loras=4, max_lora_rank=32, warmup=False,
               compile_cache=spec["cache"], **spec["engine"])  # fmt: skip
@@ -119,7 +123,15 @@ def _child(args) -> None:
                       "warmup_phases": runner.warmup_phases, "executables": runner.num_compiled(),
                       "executables_loaded": runner.num_loaded(),
                       "buckets": runner.buckets, "layers_per_launch": runner.layers_per_launch,
+                      "tuning_in_effect": _tuning_in_effect(spec.get("tuning") or {}),
                       "platform": jax.default_backend(), "device": jax.devices()[0].device_kind}))  # fmt: skip
+
+
+def _tuning_in_effect(fields: dict) -> dict:
+    """The default GPU attention tuning's value of each field `--tuning` replaced, as this process reads it."""
+    from pallas_kernels.ragged_paged_attention import tuning
+
+    return {k: getattr(tuning.DEFAULT_GPU_ATTENTION_TUNING, k) for k in fields}
 
 
 def _timeline(log: list) -> list:
@@ -162,6 +174,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                         "(0: one compiled step; default: the engine's, 8 on a GPU)")  # fmt: skip
     p.add_argument("--prefill-attention-impl", choices=("kernel", "cudnn"), default=None,
                    help="EngineConfig.prefill_attention_impl (default: the engine's)")
+    p.add_argument("--tuning", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="GPU attention tuning fields to replace in the starts (as bench.profile_step's), recorded "
+                        "in the result: e.g. what a kernel variant costs to compile")  # fmt: skip
     p.add_argument("--out", default=None, help="result file (default: bench/results/startup_gpu.json)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -179,7 +194,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     engine = engine_kwargs(args.quick) | {"layers_per_launch": args.layers_per_launch,
                                           "prefill_attention_impl": args.prefill_attention_impl}
     cache = os.path.join(root, "compile-cache")
-    spec = {"model": model, "adapters": adapters, "cache": cache, "engine": engine, "together": args.server_order}
+    tuning = tuning_fields(args.tuning)
+    spec = {"model": model, "adapters": adapters, "cache": cache, "engine": engine, "together": args.server_order,
+            "tuning": tuning}  # fmt: skip
     runs = {}
     result = {
         **run_metadata(__spec__.name, argv),
@@ -188,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         "runs": runs,
         "goal_s": {"cold": 30.0, "warm": 10.0},
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "gpu_tuning_changes": tuning,
         "order": "server: adapters, then one warm-up" if args.server_order else "LLM(), warm-up, adapters, warm-up",
     }
     default = "startup_gpu_server_order.json" if args.server_order else "startup_gpu.json"
