@@ -391,7 +391,8 @@ class Bench:
                 rows.append(row)
                 print(f"Aconc prompt {n} {kind} x{batch}: judge TTFT {row['judge_ttft_s_mean'] * 1e3:.1f} ms, "
                       f"wall {wall:.2f} s, hit {row['judge_hit_rate_mean']:.0%}", flush=True)  # fmt: skip
-        return {"batch": batch, "kv_tokens": self.kv_tokens(), "longest_seq": longest, "rows": rows}
+        return {"batch": batch, "kv_tokens": self.kv_tokens(), "longest_seq": longest, "eval_len": sz["eval_len"],
+                "rows": rows}
 
     # -- B -----------------------------------------------------------------------------------------------
 
