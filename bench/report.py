@@ -1011,6 +1011,71 @@ def decode_pairs(*runs) -> list[str]:
     return out
 
 
+# A decode step's device kernels by what they do, from their names in the profiler trace (XLA's fusions and the
+# Pallas kernels'): (part, does the name belong to it). The first match wins; what matches none is "other".
+STEP_PARTS = (
+    ("weight GEMMs (q/k/v, o, gate/up, down, LM head)", lambda n: n.startswith(("gemm_fusion", "cutlass", "sm90_"))),
+    ("attention kernel", lambda n: n == "ragged_paged_attention"),
+    ("its split merge", lambda n: n == "ragged_paged_attention_combine"),
+    ("KV write", lambda n: n == "write_kv"),
+)
+
+
+def step_parts(r: dict) -> dict[str, float]:
+    """Microseconds a step of a bench/profile_step.py run spends in each of `STEP_PARTS`, in the other kernels
+    (norms, residual adds, q's RoPE, converts, sampling: the trace's other names and what its top list left
+    out) and between launches."""
+    trace = next(v for k, v in r["device_trace"].items() if "Compute" in k)
+    parts = dict.fromkeys([name for name, _ in STEP_PARTS], 0.0)
+    for t in trace["top"]:
+        part = next((name for name, match in STEP_PARTS if match(t["name"])), None)
+        if part is not None:
+            parts[part] += t["us_per_step"]
+    parts["other kernels (norms, residual adds, q's RoPE, converts, sampling)"] = (
+        trace["busy_us_per_step"] - sum(parts.values()))
+    parts["gaps between launches"] = trace["gap_us_per_step"]
+    return parts
+
+
+def decode_time(*runs) -> list[str]:
+    """Where the serving goals' batch-1 decode steps spend their device time (their profiler traces), each part
+    against the bytes it must read where it has a floor: the weights for the GEMMs, the context's K and V for
+    the attention kernel, at the device's roofline bandwidth."""
+    from bench.harness import GRANITE_8B
+
+    runs = [r for r in runs if r is not None and r.get("device_trace")]
+    if not runs:
+        return []
+    weight_bytes, kv = bf16_bytes(GRANITE_8B)
+    out = ["Each serving-goal decode row's device trace (`python -m bench.profile_step --modes async --batch 1 "
+           "[--context 65536] --steps 30`), per step; in brackets the rate at which the part reads the bytes it "
+           "must (weights; the context's K and V) and its time at the device's roofline bandwidth. The traced "
+           "steps run a little slower than the untraced median below them (the profiler's own cost), so their "
+           "parts add up to more than it.", "",
+           "| part | " + " | ".join(f"{r['context'] // 1024}k: us ({r['device']}, {commit_of(r)})" for r in runs)
+           + " |", "|---|" + "---|" * len(runs)]  # fmt: skip
+    parts = [step_parts(r) for r in runs]
+    floors = {STEP_PARTS[0][0]: lambda r: weight_bytes, STEP_PARTS[1][0]: lambda r: r["batch"] * r["context"] * kv}
+    for name in parts[0]:
+        cells = []
+        for r, p in zip(runs, parts, strict=True):
+            cell = f"{p[name]:.0f}"
+            if name in floors and p[name] > 0:
+                nbytes, gbps = floors[name](r), device_bandwidth(r)[0]
+                cell += f" ({nbytes / p[name] / 1e6:.2f} TB/s; {nbytes / gbps / 1e3:.0f} at {gbps / 1e3:.2f})"
+            cells.append(cell)
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    out.append("| step (median engine.step(), ms) | " + " | ".join(f"{r['step_ms_median']:.2f}" for r in runs) + " |")
+    goals = {1024: 1.10, 65536: 1.15}
+    budget = []
+    for r in runs:
+        roof = (weight_bytes + r["batch"] * r["context"] * kv) / device_bandwidth(r)[0] / 1e6
+        g = goals.get(r["context"])
+        budget.append(f"{roof:.2f}" + (f"; goal {g:.2f}x = {roof * g:.2f}" if g else ""))
+    out.append("| roofline (ms) | " + " | ".join(budget) + " |")
+    return out
+
+
 def _f(v, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -1216,6 +1281,8 @@ def render() -> str:
         ("### Layer groups against the fused step", layer_groups, LAYER_GROUP_RUNS),
         ("### Decode step changes, pair by pair", decode_pairs, tuple(n for pair in DECODE_PAIRS for n in pair)),
         ("### Serving goals: where each stands", serving_goals, serving_goal_files()),
+        ("### Where a batch-1 decode step's time goes", decode_time,
+         (SERVING_GOAL_RUNS["decode_1k"], SERVING_GOAL_RUNS["decode_64k"])),
         ("### Long chunks after a long context, prefill chunks through cuDNN: off and on (H100)", long_chunk_and_cudnn,
          ("attention_small_chunks_h100.json", "pipeline_bench_granite-8b_h100.json",
           "pipeline_bench_granite-8b_optin_h100.json", "startup_gpu_h100.json", "startup_gpu_cudnn_h100.json")),

@@ -123,3 +123,28 @@ def test_the_concurrent_ratio_row_sets_the_goal_against_the_judges_batched_roofl
            "below it | >= 58x | missed |" in conc(11.6)
     slow = conc(20.0)  # (80x: met, and 344.8 ms is above the roofline)
     assert "needs aLoRA e2e <= 344.8 ms" in slow and "below it" not in slow and "| >= 58x | met |" in slow
+
+
+def test_a_decode_steps_time_by_part_with_the_floors_of_the_parts_that_have_one():
+    """Kernels sorted into parts by name; the rest of the busy time (what the top list left out too) is
+    "other"; the GEMMs and the attention kernel against the bytes they must read."""
+    from bench.report import decode_time, step_parts
+
+    w, kv = bf16_bytes(GRANITE_8B)
+    top = [{"name": "gemm_fusion_dot_general_34", "us_per_step": 3000.0},
+           {"name": "gemm_fusion_dot", "us_per_step": 1000.0}, {"name": "ragged_paged_attention", "us_per_step": 500.0},
+           {"name": "ragged_paged_attention_combine", "us_per_step": 100.0}, {"name": "write_kv", "us_per_step": 50.0},
+           {"name": "loop_add_fusion_14", "us_per_step": 200.0}]  # fmt: skip
+    trace = {"busy_us_per_step": 5000.0, "gap_us_per_step": 300.0, "top": top}
+    r = {**profile("NVIDIA H200", 65536, 5.2), "device_trace": {"/device:GPU:0 | Stream #14(Compute)": trace}}
+    parts = step_parts(r)
+    assert list(parts.values()) == [4000.0, 500.0, 100.0, 50.0, 350.0, 300.0]  # (other: 200 listed + 150 not)
+    text = "\n".join(decode_time(r, None))
+    assert f"| weight GEMMs (q/k/v, o, gate/up, down, LM head) | 4000 ({w / 4000 / 1e6:.2f} TB/s; " \
+           f"{w / 4300 / 1e3:.0f} at 4.30) |" in text
+    kv_64k = 65536 * kv
+    assert f"| attention kernel | 500 ({kv_64k / 500 / 1e6:.2f} TB/s; {kv_64k / 4300 / 1e3:.0f} at 4.30) |" in text
+    assert "| its split merge | 100 |" in text and "| gaps between launches | 300 |" in text
+    roof = (w + 65536 * kv) / 4300 / 1e6
+    assert f"| roofline (ms) | {roof:.2f}; goal 1.15x = {roof * 1.15:.2f} |" in text
+    assert decode_time(None, {**r, "device_trace": {}}) == []  # (no traced run: no table)
