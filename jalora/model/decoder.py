@@ -227,10 +227,15 @@ def _layer(cfg: ModelConfig, plan: KernelPlan, tp_axis, x, positions, inv_freq, 
 
     h = rms_norm(x, w["input_norm"], cfg.rms_norm_eps)
     qkv = proj(h, "qkv", "qkv")
-    q = qkv[:, : cfg.q_size].reshape(t, cfg.num_heads, cfg.head_dim)
-    q = apply_rope(q, positions, inv_freq)
-    k_cache, v_cache = write_kv_rope(k_cache, v_cache, qkv, positions, inv_freq, attn.slot_mapping, q_size=cfg.q_size,
-                                     impl=plan.kv_write, interpret=plan.interpret_arg(plan.kv_write))
+    written = write_kv_rope(k_cache, v_cache, qkv, positions, inv_freq, attn.slot_mapping, q_size=cfg.q_size,
+                            rotate_q=plan.kv_write_rotates_q, impl=plan.kv_write,
+                            interpret=plan.interpret_arg(plan.kv_write))  # fmt: skip
+    if plan.kv_write_rotates_q:  # (the queries rotated in the same launch)
+        k_cache, v_cache, q = written
+        q = q.reshape(t, cfg.num_heads, cfg.head_dim)
+    else:
+        k_cache, v_cache = written
+        q = apply_rope(qkv[:, : cfg.q_size].reshape(t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
     meta = (attn.kv_lens, attn.page_indices, attn.cu_q_lens)
     split = attn.split_prefill is not None  # the last sequence, a prefill chunk, runs split; the kernel the rest
     o = ragged_paged_attention(

@@ -132,6 +132,12 @@ class KernelPlan:
         kernel) where the GPU attention kernel runs and its tuning asks for it, else "reference"."""
         return "gpu" if self.attention == "gpu" and self.attention_tuning.kv_write_kernel else "reference"
 
+    @property
+    def kv_write_rotates_q(self) -> bool:
+        """True if the K/V write kernel also rotates the step's queries (`write_kv_rope(rotate_q=True)`), where
+        it runs ("gpu") and its tuning asks for it; else XLA rotates them (`apply_rope`)."""
+        return self.kv_write == "gpu" and self.attention_tuning.rope_q_in_kv_write
+
     def interpret_arg(self, impl: str):
         """The `interpret` argument of a Pallas call for kernel `impl`."""
         if not self.interpret or impl == "reference":

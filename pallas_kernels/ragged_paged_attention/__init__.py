@@ -109,13 +109,16 @@ def write_kv_rope(
     slot_mapping,  # i32[T]; -1 = padding, not written
     *,
     q_size: int,
+    rotate_q: bool = False,
     impl: str = "reference",
     interpret=False,
 ):
     """The step's keys rotated (RoPE, rotate-half) and its values, from the fused projection, into the
-    paged caches; returns (k_pages, v_pages). impl "gpu": one Pallas launch (`gpu.write_kv_rope_gpu`;
+    paged caches; returns (k_pages, v_pages), and with `rotate_q` the step's queries rotated too,
+    (k_pages, v_pages, q [T, q_size]). impl "gpu": one Pallas launch (`gpu.write_kv_rope_gpu`;
     off a GPU only with `interpret`); "reference": XLA (`write_kv_rope_reference`)."""
-    validate_write_rope_inputs(k_pages, v_pages, qkv, positions, inv_freq, slot_mapping, q_size=q_size)
+    validate_write_rope_inputs(k_pages, v_pages, qkv, positions, inv_freq, slot_mapping, q_size=q_size,
+                               rotate_q=rotate_q)  # fmt: skip
     if impl not in ("reference", "gpu"):
         raise ValueError(f"impl must be 'reference' or 'gpu', got {impl!r}")
     if impl == "gpu" and not interpret and default_impl() != "gpu":
@@ -124,8 +127,9 @@ def write_kv_rope(
         from pallas_kernels.ragged_paged_attention.gpu import write_kv_rope_gpu
 
         return write_kv_rope_gpu(k_pages, v_pages, qkv, positions, inv_freq, slot_mapping, q_size=q_size,
-                                 interpret=bool(interpret))  # fmt: skip
-    return write_kv_rope_reference(k_pages, v_pages, qkv, positions, inv_freq, slot_mapping, q_size=q_size)
+                                 rotate_q=rotate_q, interpret=bool(interpret))  # fmt: skip
+    return write_kv_rope_reference(k_pages, v_pages, qkv, positions, inv_freq, slot_mapping, q_size=q_size,
+                                   rotate_q=rotate_q)  # fmt: skip
 
 
 __all__ = [

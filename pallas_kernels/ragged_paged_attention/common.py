@@ -75,7 +75,7 @@ def validate_write_inputs(
         raise ValueError(f"slot_mapping must be i32[T], got {slot_mapping.dtype}{list(slot_mapping.shape)}")
 
 
-def validate_write_rope_inputs(k_pages, v_pages, qkv, positions, inv_freq, slot_mapping, *, q_size):
+def validate_write_rope_inputs(k_pages, v_pages, qkv, positions, inv_freq, slot_mapping, *, q_size, rotate_q=False):
     """Static checks of `write_kv_rope`'s arguments; raises ValueError naming the offending argument."""
     if k_pages.ndim != 4 or v_pages.shape != k_pages.shape or v_pages.dtype != k_pages.dtype:
         raise ValueError(f"k_pages/v_pages must both be [num_blocks, block_size, Hkv, D] of one dtype, got "
@@ -85,6 +85,8 @@ def validate_write_rope_inputs(k_pages, v_pages, qkv, positions, inv_freq, slot_
         raise ValueError(f"k_pages head_dim must be even (rotate-half RoPE), got {d}")
     if not isinstance(q_size, int) or isinstance(q_size, bool) or q_size < 0:
         raise ValueError(f"q_size must be an int >= 0, got {q_size!r}")
+    if rotate_q and q_size % d:
+        raise ValueError(f"q_size must be a multiple of head_dim {d} to rotate the queries (rotate_q), got {q_size}")
     if qkv.ndim != 2 or qkv.shape[1] != q_size + 2 * h * d:
         raise ValueError(f"qkv must be [T, q_size + 2 * Hkv * D] = [T, {q_size + 2 * h * d}], got {list(qkv.shape)}")
     t = qkv.shape[0]

@@ -277,28 +277,39 @@ def combine_splits(acc, m_part, l_part, cu_q_lens, num_seqs, *, num_splits: int,
     )(cu_q_lens, jnp.asarray(num_seqs, jnp.int32).reshape(1), acc, m_part, l_part)
 
 
+def _rope_row(ref, t, offset: int, width: int, head_dim: int, pos, inv_freq_ref):
+    """Columns [offset, offset + width) of row t of `ref`, heads of `head_dim` rotated (RoPE, rotate-half) to
+    position `pos`, in float32; and the mask of the real columns (the row is padded to a power of two)."""
+    half = head_dim // 2
+    cols = jnp.arange(_next_pow2(width), dtype=jnp.int32)
+    mask = cols < width
+    j = cols % head_dim  # column within the head
+    partner = cols - j + (j + half) % head_dim  # rotate-half: the other half's column
+    x = plgpu.load(ref.at[t, offset + cols], mask=mask, other=0.0).astype(jnp.float32)
+    x_partner = plgpu.load(ref.at[t, offset + partner], mask=mask, other=0.0).astype(jnp.float32)
+    inv_freq = plgpu.load(inv_freq_ref.at[j % half], mask=mask, other=0.0)
+    ang = pos.astype(jnp.float32) * inv_freq
+    rot = jnp.where(j < half, -x_partner, x_partner)
+    return x * jnp.cos(ang) + rot * jnp.sin(ang), cols, mask
+
+
 def _write_kv_kernel(slot_ref, pos_ref, inv_freq_ref, qkv_ref, k_pages_in, v_pages_in, k_pages_ref, v_pages_ref,
-                     *, k_offset: int, v_offset: int, num_kv_heads: int, head_dim: int):  # fmt: skip
+                     *q_ref, k_offset: int, v_offset: int, num_kv_heads: int, head_dim: int):  # fmt: skip
     """Token t's keys (rotated: RoPE in the rotate-half layout) and values, read from its fused q/k/v row,
-    into cache row slot_mapping[t] ([Hkv * D], flattened); slot -1 writes nothing."""
+    into cache row slot_mapping[t] ([Hkv * D], flattened); slot -1 writes nothing. With `q_ref` (one output
+    more): its queries rotated too, into row t of it, whatever its slot (padding rows have positions)."""
     del k_pages_in, v_pages_in  # aliased to the outputs: the rows not written keep their contents
     t = pl.program_id(0)
     slot = slot_ref[t]
+    if q_ref:
+        (q_ref,) = q_ref
+        q, cols, mask = _rope_row(qkv_ref, t, 0, k_offset, head_dim, pos_ref[t], inv_freq_ref)
+        plgpu.store(q_ref.at[t, cols], q.astype(q_ref.dtype), mask=mask)
 
     @pl.when(slot >= 0)
     def _():
         width = num_kv_heads * head_dim
-        half = head_dim // 2
-        cols = jnp.arange(_next_pow2(width), dtype=jnp.int32)
-        mask = cols < width
-        j = cols % head_dim  # column within the head
-        partner = cols - j + (j + half) % head_dim  # rotate-half: the other half's column
-        k = plgpu.load(qkv_ref.at[t, k_offset + cols], mask=mask, other=0.0).astype(jnp.float32)
-        k_partner = plgpu.load(qkv_ref.at[t, k_offset + partner], mask=mask, other=0.0).astype(jnp.float32)
-        inv_freq = plgpu.load(inv_freq_ref.at[j % half], mask=mask, other=0.0)
-        ang = pos_ref[t].astype(jnp.float32) * inv_freq
-        rot = jnp.where(j < half, -k_partner, k_partner)
-        k = k * jnp.cos(ang) + rot * jnp.sin(ang)
+        k, cols, mask = _rope_row(qkv_ref, t, k_offset, width, head_dim, pos_ref[t], inv_freq_ref)
         v = plgpu.load(qkv_ref.at[t, v_offset + cols], mask=mask, other=0.0)
         plgpu.store(k_pages_ref.at[slot, cols], k.astype(qkv_ref.dtype).astype(k_pages_ref.dtype), mask=mask)
         plgpu.store(v_pages_ref.at[slot, cols], v.astype(v_pages_ref.dtype), mask=mask)
@@ -313,6 +324,7 @@ def write_kv_rope_gpu(
     slot_mapping,  # i32[T] flat slot; -1 = padding, not written
     *,
     q_size: int,
+    rotate_q: bool = False,
     num_warps: int = 4,
     interpret: bool = False,
 ):
@@ -320,24 +332,26 @@ def write_kv_rope_gpu(
     one launch, reading both from the fused q/k/v projection, where XLA runs two scatters (the key RoPE
     fused into one of them). A program per token row; the caches are
     aliased to the outputs (in place when donated). Same result as `write_kv_rope_reference` up to the
-    device's cos/sin (a rotated key may differ by one ulp of its dtype). Called through `write_kv_rope`,
-    which has checked the arguments (`validate_write_rope_inputs`)."""
+    device's cos/sin (a rotated key may differ by one ulp of its dtype). `rotate_q`: the queries rotated in
+    the same launch, a third output [T, q_size] (instead of XLA's fusion of `apply_rope`). Called through
+    `write_kv_rope`, which has checked the arguments (`validate_write_rope_inputs`)."""
     nb, bs, hkv, d = k_pages.shape
     t = qkv.shape[0]
     width = hkv * d
     flat = jax.ShapeDtypeStruct((nb * bs, width), k_pages.dtype)
     kernel = functools.partial(_write_kv_kernel, k_offset=q_size, v_offset=q_size + width, num_kv_heads=hkv,
                                head_dim=d)  # fmt: skip
-    k_new, v_new = pl.pallas_call(
+    outs = pl.pallas_call(
         kernel,
         grid=(t,),
-        out_shape=[flat, flat],
+        out_shape=[flat, flat] + ([jax.ShapeDtypeStruct((t, q_size), qkv.dtype)] if rotate_q else []),
         input_output_aliases={4: 0, 5: 1},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
         name="write_kv",
     )(slot_mapping, positions, inv_freq, qkv, k_pages.reshape(nb * bs, width), v_pages.reshape(nb * bs, width))
-    return k_new.reshape(nb, bs, hkv, d), v_new.reshape(nb, bs, hkv, d)
+    kv = (outs[0].reshape(nb, bs, hkv, d), outs[1].reshape(nb, bs, hkv, d))
+    return (*kv, outs[2]) if rotate_q else kv
 
 
 def split_rule(programs, tuning: GpuAttentionTuning):

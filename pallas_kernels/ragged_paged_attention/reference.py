@@ -50,13 +50,18 @@ def write_kv_rope_reference(
     slot_mapping,  # i32[T]; -1 = padding, not written
     *,
     q_size: int,
+    rotate_q: bool = False,
 ):
-    """The keys of `qkv` rotated (`apply_rope`) and its values, written as `write_kv_reference` does."""
+    """The keys of `qkv` rotated (`apply_rope`) and its values, written as `write_kv_reference` does; with
+    `rotate_q`, also its queries rotated, [T, q_size]."""
     _, _, h, d = k_pages.shape
     t = qkv.shape[0]
     k = apply_rope(qkv[:, q_size : q_size + h * d].reshape(t, h, d), positions, inv_freq)
     v = qkv[:, q_size + h * d :].reshape(t, h, d)
-    return write_kv_reference(k_pages, v_pages, k, v, slot_mapping)
+    kv = write_kv_reference(k_pages, v_pages, k, v, slot_mapping)
+    if not rotate_q:
+        return kv
+    return (*kv, apply_rope(qkv[:, :q_size].reshape(t, q_size // d, d), positions, inv_freq).reshape(t, q_size))
 
 
 def ragged_paged_attention_reference(

@@ -100,6 +100,10 @@ class GpuAttentionTuning:
     # launches; H200, profile_step_b1_onelaunch_h200.json.) With both: the batch-1 step's device time
     # 6.86 -> 6.81 ms at 1k, 10.67 -> 10.52 ms at 64k, 682 -> 607 launches.
     kv_write_kernel: bool = True
+    # The same launch rotates the queries too (a third output), where XLA runs q's RoPE as a fusion of its own
+    # per layer (the H200's batch-1 1k trace: input_concatenate_fusion_7, 63 us a step over 40 layers at
+    # 7c67e61). Off: unmeasured in the engine.
+    rope_q_in_kv_write: bool = False
     # SMs of the device (H100/H200: 132); only the static split heuristic uses it.
     num_sms: int = 132
     # The static heuristic (`default_num_kv_splits`, prefill-shaped steps and dynamic_splits=False):

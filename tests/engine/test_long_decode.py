@@ -21,7 +21,7 @@ INV = [7, 8]
 # 2 sequences), 2 past; from 48 keys on; the long-chunk variant in buckets of up to 32 rows
 TUNING = attention_tuning.GpuAttentionTuning(split_rule=(4, ((4, 2),)), long_split_rule=(8, ((4, 6),)),
                                              long_context_keys=48, decode_block_k=16,
-                                             long_chunk_max_rows=32)  # fmt: skip
+                                             long_chunk_max_rows=32, rope_q_in_kv_write=True)  # fmt: skip
 
 
 def prompt_of(n: int, salt: int = 0) -> list[int]:
@@ -29,8 +29,9 @@ def prompt_of(n: int, salt: int = 0) -> list[int]:
     return [int(t) for t in rng.integers(9, hf_models.VOCAB - 1, size=n)]
 
 
-# The fused engine merges the kv splits and writes K/V with XLA's ops; the layer-groups engine with the
-# one-launch kernels (the tuning's default) and adds + norms with the fused kernel too.
+# The fused engine merges the kv splits, writes K/V and rotates q with XLA's ops; the layer-groups engine with
+# the one-launch kernels (the tuning's default; q rotated in the K/V write's launch, off by default) and adds +
+# norms with the fused kernel too.
 XLA_FORMS = dataclasses.replace(TUNING, combine_kernel=False, kv_write_kernel=False)
 
 
@@ -76,6 +77,7 @@ def test_long_decode_steps_run_their_variant_and_match_peft(setup):
     kernels = runner.layers_per_launch > 0  # the layer-groups engine runs the one-launch kernels
     assert runner.plan.attention_tuning == (TUNING if kernels else XLA_FORMS) and runner.long_decode
     assert runner.plan.norm == ("gpu" if kernels else "reference")
+    assert runner.plan.kv_write_rotates_q == kernels
     # the warm-up compiled the smallest bucket's long variant and the long-chunk one of each bucket of at most
     # 16 rows (max_num_seqs: a decode-shaped step) for the base-only and the adapted step
     assert runner.long_chunk_buckets == [16] and runner.buckets == [16, 32]

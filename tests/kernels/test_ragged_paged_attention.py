@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from pallas_kernels.ragged_paged_attention import (
     GpuAttentionTuning,
     TpuAttentionTuning,
+    apply_rope,
     gpu_attention_tuning,
     ragged_paged_attention,
     ragged_paged_attention_reference,
@@ -242,6 +243,18 @@ def test_write_kv_rope_kernel_equals_the_reference(hkv, d, dtype):
     nk, nv = jax.jit(kernel, donate_argnums=(0, 1))(k_pages + 0, v_pages + 0, qkv, positions, inv_freq, slots)
     rk, rv = write_kv_rope_reference(k_pages, v_pages, qkv, positions, inv_freq, slots, q_size=q_size)
     tol = 1e-6 if dtype == jnp.float32 else 1e-2  # cos/sin of the kernel's lowering: one ulp of the cache
+    # rotate_q: the same caches, and every row's queries rotated as apply_rope does (the padding row's too)
+    kernel_q = functools.partial(kernel, rotate_q=True)
+    *kv_q, q = jax.jit(kernel_q, donate_argnums=(0, 1))(k_pages + 0, v_pages + 0, qkv, positions, inv_freq, slots)
+    *ref_kv_q, ref_q = write_kv_rope_reference(k_pages, v_pages, qkv, positions, inv_freq, slots, q_size=q_size,
+                                               rotate_q=True)  # fmt: skip
+    assert q.shape == (t, q_size) and q.dtype == dtype
+    np.testing.assert_allclose(np.asarray(q, np.float32), np.asarray(ref_q, np.float32), rtol=tol, atol=tol)
+    heads = apply_rope(qkv[:, :q_size].reshape(t, q_size // d, d), positions, inv_freq).reshape(t, q_size)
+    np.testing.assert_array_equal(ref_q, heads)
+    assert not np.allclose(np.asarray(q[2], np.float32), np.asarray(qkv[2, :q_size], np.float32), atol=0.1)
+    for a, b in ((kv_q[0], nk), (kv_q[1], nv), (ref_kv_q[0], rk), (ref_kv_q[1], rv)):
+        np.testing.assert_array_equal(a, b)
     np.testing.assert_allclose(np.asarray(nk, np.float32), np.asarray(rk, np.float32), rtol=tol, atol=tol)
     np.testing.assert_array_equal(nv, rv)
     np.testing.assert_array_equal(nv[1, 2], qkv[2, q_size + hkv * d:].reshape(hkv, d))
@@ -266,6 +279,8 @@ def test_write_kv_rope_refuses_bad_arguments_by_name():
         args = dict(k_pages=k, v_pages=k, qkv=qkv, positions=pos, inv_freq=inv, slot_mapping=slots) | kw
         with pytest.raises(ValueError, match=field):
             write_kv_rope(**args, q_size=32)
+    with pytest.raises(ValueError, match="q_size must be a multiple of head_dim 16"):  # (queries of whole heads)
+        write_kv_rope(k, k, jnp.zeros((4, 24 + 64), jnp.float32), pos, inv, slots, q_size=24, rotate_q=True)
 
 
 def test_decode_split_rule():
