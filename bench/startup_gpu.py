@@ -128,10 +128,11 @@ def _child(args) -> None:
 
 
 def _tuning_in_effect(fields: dict) -> dict:
-    """The default GPU attention tuning's value of each field `--tuning` replaced, as this process reads it."""
-    from pallas_kernels.ragged_paged_attention import tuning
+    """The value of each field `--tuning` replaced in the GPU attention tuning of this process's device, the
+    record its engine's kernel plan reads."""
+    from pallas_kernels.ragged_paged_attention.tuning import gpu_attention_tuning
 
-    return {k: getattr(tuning.DEFAULT_GPU_ATTENTION_TUNING, k) for k in fields}
+    return {k: getattr(gpu_attention_tuning(), k) for k in fields}
 
 
 def _timeline(log: list) -> list:
@@ -183,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.child is not None:
         _child(args)
         return None
+    tuning = tuning_fields(args.tuning)  # (a bad field refused before anything is written)
     cfg = dict(TINY if args.quick else GRANITE_8B)
     if args.layers is not None:
         cfg["num_hidden_layers"] = args.layers
@@ -194,7 +196,6 @@ def main(argv: list[str] | None = None) -> dict | None:
     engine = engine_kwargs(args.quick) | {"layers_per_launch": args.layers_per_launch,
                                           "prefill_attention_impl": args.prefill_attention_impl}
     cache = os.path.join(root, "compile-cache")
-    tuning = tuning_fields(args.tuning)
     spec = {"model": model, "adapters": adapters, "cache": cache, "engine": engine, "together": args.server_order,
             "tuning": tuning}  # fmt: skip
     runs = {}

@@ -1,6 +1,9 @@
 """bench/startup_gpu.py: its --tuning reaches the start's own process, and a bad field stops it first."""
 
+import glob
 import json
+import os
+import tempfile
 
 import pytest
 
@@ -21,7 +24,9 @@ def test_tuning_is_in_effect_in_the_start_and_recorded(tmp_path):
 def test_an_unknown_tuning_field_is_refused_before_the_start(tmp_path, capsys):
     from bench.startup_gpu import main
 
+    made = set(glob.glob(os.path.join(tempfile.gettempdir(), "jalora-startup-gpu-*")))
     with pytest.raises(SystemExit, match="--tuning: expected FIELD=VALUE.*'no_such_field=1'"):
         main(["--quick", "--cold-only", "--tuning", "no_such_field=1", "--out", str(tmp_path / "s.json")])
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "jalora-startup-gpu-*"))) == made  # (no model written)
     assert not (tmp_path / "s.json").exists()
     assert "start:" not in capsys.readouterr().err
