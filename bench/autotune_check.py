@@ -4,9 +4,10 @@ engine per level (`EngineConfig.autotune_level`), each level's results against t
     python -m bench.autotune_check --out /root/out/autotune_check.json        # GPU: Granite-8B shapes, 4 vs 2
     python -m bench.autotune_check --preset tiny --out /tmp/autotune_check.json   # CPU smoke (no autotuning there)
 
-Level 2 (the engine's default on a GPU) skips what XLA's default level 4 adds: outputs reinitialised between
-candidate kernels and each candidate's result checked against a reference. A candidate that computed a wrong
-result would then go unnoticed. Each engine scores the same prompts (`prompt_logprobs`: every prompt position
+Level 2 (`autotune_level=2`, a faster cold start) skips what XLA's default level 4 (the engine's) adds: outputs
+reinitialised between candidate kernels and each candidate's result checked against a reference. A candidate
+that computed a wrong result would then go unnoticed, on these shapes or on others: a run that agrees says
+so for its own shapes only. Each engine scores the same prompts (`prompt_logprobs`: every prompt position
 through the prefill path) and decodes greedily (`logprobs=0`: the sampled token's logprob per decode step).
 Compared with the first level: the largest difference of the prompt logprobs, and of the decode logprobs up
 to the first token where the two greedy continuations part (random dummy weights leave close logits, so a

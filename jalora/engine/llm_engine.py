@@ -58,11 +58,13 @@ PROMPT_BYTES_PER_TOKEN = 16
 # adapters: 11.67 vs 11.83 ms) and a cold start compiled in 58 s; groups of 1 took 4.5% longer at batch 1.
 GPU_LAYERS_PER_LAUNCH = 8
 # XLA's GPU autotuning level of the engine's compilations (EngineConfig.autotune_level's default on a GPU):
-# level 2 times the candidate kernels on initialised buffers but skips what XLA's default (4) adds: the
-# outputs reinitialised between candidates (3) and each result checked against a reference (4). H100, one
-# machine (bench/results/startup_gpu_cold_at*_h100_39efc23.json): a cold start 58.0 s at XLA's default, 45.7 s
-# at 2, 39.9 s at 1 (uninitialised buffers), the batch-1 step 6.78-6.79 ms at each.
-GPU_AUTOTUNE_LEVEL = 2
+# XLA's own default, 4, whose check of each candidate kernel's result against a reference is what keeps a
+# wrong one from being picked (XLA's GEMM-fusion autotuner disqualifies a candidate whose output differs;
+# below 4 nothing compares outputs, and the fastest candidate wins whatever it computed). Level 2 (no
+# reinitialising, no check) made an H100's cold start 45.7 s against 58.0 s at 4 with the same batch-1 step,
+# 6.78 ms (bench/results/startup_gpu_cold_at*_h100_39efc23.json); it is `autotune_level=2` for whoever takes
+# that risk for 12 s of a start that a warm compilation cache does not repeat.
+GPU_AUTOTUNE_LEVEL = 4
 
 
 def autotune_options(level: int | None) -> dict[str, int]:

@@ -428,7 +428,7 @@ def test_compiler_options_reach_every_compilation(tmp_path):
     check(tuned(x, w, power=2), x, w, 2)
 
 
-def test_autotune_options_default_to_level_2_on_a_gpu_unless_xla_flags_set_it(monkeypatch):
+def test_autotune_options_default_to_xlas_checked_level_on_a_gpu_unless_xla_flags_set_it(monkeypatch):
     """EngineConfig.autotune_level: None gives GPU_AUTOTUNE_LEVEL on a GPU, nothing where XLA_FLAGS sets the
     level (the user's flag stands) or off a GPU; a level given in the config is passed on a GPU either way."""
     from jalora.engine import llm_engine
@@ -437,9 +437,10 @@ def test_autotune_options_default_to_level_2_on_a_gpu_unless_xla_flags_set_it(mo
     monkeypatch.setattr(llm_engine.jax, "default_backend", lambda: "cpu")
     assert llm_engine.autotune_options(None) == llm_engine.autotune_options(2) == {}
     monkeypatch.setattr(llm_engine.jax, "default_backend", lambda: "gpu")
+    # (4: the level whose autotuning checks each candidate's result)
     assert llm_engine.autotune_options(None) == {"xla_gpu_autotune_level": llm_engine.GPU_AUTOTUNE_LEVEL} == {
-        "xla_gpu_autotune_level": 2}
-    assert llm_engine.autotune_options(4) == {"xla_gpu_autotune_level": 4}
+        "xla_gpu_autotune_level": 4}
+    assert llm_engine.autotune_options(2) == {"xla_gpu_autotune_level": 2}
     monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
     assert llm_engine.autotune_options(None) == {}
     assert llm_engine.autotune_options(1) == {"xla_gpu_autotune_level": 1}
