@@ -78,7 +78,7 @@ COMBINE_VARIANTS = {
     "r8c32w2": {"combine_block_rows": 8, "combine_block_cols": 32, "combine_num_warps": 2, **FORCED},
     "r8c16w1": {"combine_block_rows": 8, "combine_block_cols": 16, "combine_num_warps": 1, **FORCED},
     "r32c32w4": {"combine_block_rows": 32, "combine_block_cols": 32, "combine_num_warps": 4, **FORCED},
-    "axis": {"combine_split_axis": True},  # the splits as a tensor axis (gpu.combine_tiling picks the tile)
+    "axis": {"combine_axis_min_splits": 1},  # the splits as a tensor axis (gpu.combine_tiling picks the tile)
 }
 # name -> fields of the --tiles comparison: the decode kernel's keys per tile (k), pipeline stages (s), warps (w)
 TILE_VARIANTS = {

@@ -242,13 +242,20 @@ def _combine_kernel(
     plgpu.store(o_ref.at[r[:, None], cols[None, :]], out.astype(o_ref.dtype), mask=(r < num_rows)[:, None])
 
 
+def split_axis_merge(num_splits: int, tuning: GpuAttentionTuning) -> bool:
+    """True if the merge of `num_splits` splits reads them as the first axis of one tensor (at the tuning's
+    `combine_axis_min_splits` or more; 0: never) instead of unrolled."""
+    return 0 < tuning.combine_axis_min_splits <= num_splits
+
+
 def combine_tiling(num_tokens: int, num_splits: int, tuning: GpuAttentionTuning) -> tuple[int, int, int]:
     """(rows, columns, warps) of a merge program over a step of `num_tokens` tokens (its bucket) and
     `num_splits` splits: the tuning's small tiling where both are within its `combine_small_max_*` bounds, else
-    its default one. With `combine_split_axis` (whatever the bounds): the default rows and warps and the most
-    columns (a power of two) whose tiles of every split hold at most `combine_axis_elems` elements, but at least
-    16 (past the bound, at many splits). The caller clips the columns to the head dim."""
-    if tuning.combine_split_axis:  # (every split's tile in one tensor of at most combine_axis_elems)
+    its default one. Where the merge takes the splits as a tensor axis (`split_axis_merge`), whatever the
+    bounds: the default rows and warps and the most columns (a power of two) whose tiles of every split hold at
+    most `combine_axis_elems` elements, but at least 16 (past the bound, at many splits). The caller clips the
+    columns to the head dim."""
+    if split_axis_merge(num_splits, tuning):  # (every split's tile in one tensor of at most combine_axis_elems)
         cols = max(16, _prev_pow2(tuning.combine_axis_elems // (_next_pow2(num_splits) * tuning.combine_block_rows)))
         return tuning.combine_block_rows, cols, tuning.combine_num_warps
     if num_tokens <= tuning.combine_small_max_tokens and num_splits <= tuning.combine_small_max_splits:
@@ -265,8 +272,9 @@ def combine_splits(acc, m_part, l_part, cu_q_lens, num_seqs, *, num_splits: int,
     d = acc.shape[1]
     block_r, block_d, warps = combine_tiling(num_rows // num_q_heads, num_splits, tuning)
     block_d = min(block_d, d)
+    axis = split_axis_merge(num_splits, tuning)
     kernel = functools.partial(_combine_kernel, num_splits=num_splits, num_rows=num_rows, num_q_heads=num_q_heads,
-                               block_r=block_r, block_d=block_d, split_axis=tuning.combine_split_axis)  # fmt: skip
+                               block_r=block_r, block_d=block_d, split_axis=axis)  # fmt: skip
     return pl.pallas_call(
         kernel,
         grid=(-(-num_rows // block_r), d // block_d),
@@ -277,12 +285,15 @@ def combine_splits(acc, m_part, l_part, cu_q_lens, num_seqs, *, num_splits: int,
     )(cu_q_lens, jnp.asarray(num_seqs, jnp.int32).reshape(1), acc, m_part, l_part)
 
 
-def _rope_row(ref, t, offset: int, width: int, head_dim: int, pos, inv_freq_ref):
-    """Columns [offset, offset + width) of row t of `ref`, heads of `head_dim` rotated (RoPE, rotate-half) to
-    position `pos`, in float32; and the mask of the real columns (the row is padded to a power of two)."""
+def _rope_row(ref, t, offset, width: int, head_dim: int, pos, inv_freq_ref, limit: int | None = None):
+    """Columns [offset, offset + width) of row t of `ref` (`offset` a multiple of `head_dim`; columns from
+    `limit` on masked off), heads of `head_dim` rotated (RoPE, rotate-half) to position `pos`, in float32; and
+    the columns (from 0) and the mask of the real ones (the row is padded to a power of two)."""
     half = head_dim // 2
     cols = jnp.arange(_next_pow2(width), dtype=jnp.int32)
     mask = cols < width
+    if limit is not None:
+        mask = mask & (offset + cols < limit)
     j = cols % head_dim  # column within the head
     partner = cols - j + (j + half) % head_dim  # rotate-half: the other half's column
     x = plgpu.load(ref.at[t, offset + cols], mask=mask, other=0.0).astype(jnp.float32)
@@ -297,18 +308,28 @@ def _write_kv_kernel(slot_ref, pos_ref, inv_freq_ref, qkv_ref, k_pages_in, v_pag
                      *q_ref, k_offset: int, v_offset: int, num_kv_heads: int, head_dim: int):  # fmt: skip
     """Token t's keys (rotated: RoPE in the rotate-half layout) and values, read from its fused q/k/v row,
     into cache row slot_mapping[t] ([Hkv * D], flattened); slot -1 writes nothing. With `q_ref` (one output
-    more): its queries rotated too, into row t of it, whatever its slot (padding rows have positions)."""
+    more) the grid has a second axis: its program 0 writes K and V, program j > 0 rotates the j-th block of
+    Hkv * D columns of the token's queries into row t of `q_ref`, whatever its slot (padding rows have
+    positions). (One program rotating all of a row's queries, 4096 columns at Granite-8B's shapes, took 29 us
+    a launch on an H100 against 3 for the K/V write: bench/results/profile_step_b1_h100_7912fae_ropeq.json.)"""
     del k_pages_in, v_pages_in  # aliased to the outputs: the rows not written keep their contents
     t = pl.program_id(0)
     slot = slot_ref[t]
+    width = num_kv_heads * head_dim
+    write = slot >= 0
     if q_ref:
         (q_ref,) = q_ref
-        q, cols, mask = _rope_row(qkv_ref, t, 0, k_offset, head_dim, pos_ref[t], inv_freq_ref)
-        plgpu.store(q_ref.at[t, cols], q.astype(q_ref.dtype), mask=mask)
+        part = pl.program_id(1)
+        write = write & (part == 0)
 
-    @pl.when(slot >= 0)
+        @pl.when(part > 0)
+        def _():
+            start = (part - 1) * width
+            q, cols, mask = _rope_row(qkv_ref, t, start, width, head_dim, pos_ref[t], inv_freq_ref, limit=k_offset)
+            plgpu.store(q_ref.at[t, start + cols], q.astype(q_ref.dtype), mask=mask)
+
+    @pl.when(write)
     def _():
-        width = num_kv_heads * head_dim
         k, cols, mask = _rope_row(qkv_ref, t, k_offset, width, head_dim, pos_ref[t], inv_freq_ref)
         v = plgpu.load(qkv_ref.at[t, v_offset + cols], mask=mask, other=0.0)
         plgpu.store(k_pages_ref.at[slot, cols], k.astype(qkv_ref.dtype).astype(k_pages_ref.dtype), mask=mask)
@@ -343,7 +364,7 @@ def write_kv_rope_gpu(
                                head_dim=d)  # fmt: skip
     outs = pl.pallas_call(
         kernel,
-        grid=(t,),
+        grid=(t, 1 + -(-q_size // width)) if rotate_q else (t,),  # (rotate_q: K/V, then q's blocks of `width`)
         out_shape=[flat, flat] + ([jax.ShapeDtypeStruct((t, q_size), qkv.dtype)] if rotate_q else []),
         input_output_aliases={4: 0, 5: 1},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),

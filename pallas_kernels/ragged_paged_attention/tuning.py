@@ -86,12 +86,17 @@ class GpuAttentionTuning:
     combine_small_block_rows: int = 8
     combine_small_block_cols: int = 16
     combine_small_num_warps: int = 1
-    # The splits as the first axis of one tensor instead of unrolled (`combine_tiling` then takes the default
-    # rows and warps and as many columns as keep every split's tiles within `combine_axis_elems`). Off:
-    # unmeasured. Why try it: the merge's time grows with the splits as if each split's loads waited for the
-    # last (H100, 16 x 64 tiles: 4.1 us a call at 16 splits, 9.1 at 64; 8 x 16: 2.4 and 9.4), where one load
-    # of every split's tile is issued at once.
-    combine_split_axis: bool = False
+    # At `combine_axis_min_splits` splits or more (0: never) the merge takes the splits as the first axis of one
+    # tensor instead of unrolled: one load of every split's tile, reduced over that axis (`combine_tiling` then
+    # takes the default rows and warps and as many columns as keep every split's tiles within
+    # `combine_axis_elems`). Unrolled, the merge's time grew with the splits as if each split's loads waited for
+    # the last (H100, 16 x 64 tiles: 4.1 us a call at 16 splits, 9.1 at 64). H100, batch 1 at 64k (the long
+    # grid's 64 splits), three A/B pairs on one machine at 7912fae
+    # (bench/results/profile_step_b1_ctx65536_h100_7912fae_combine_{unrolled,axis}*.json): 369 -> 254 us a
+    # step, the step 10.63-10.66 -> 10.53-10.54 ms. 32: the long grid's merges only (its 64 splits; the other
+    # grids have at most 16), where it was measured; fewer splits (batch-1 decode's 16, batch 64's 2), the
+    # long-chunk variant's larger buckets, the H200 and the compile time are unmeasured.
+    combine_axis_min_splits: int = 32
     combine_axis_elems: int = 8192
     # The decoder rotates the keys and writes K and V into the caches in one Pallas launch reading the
     # fused q/k/v projection (`write_kv_rope_gpu`) instead of XLA's two scatters (the key RoPE fused into
@@ -101,8 +106,11 @@ class GpuAttentionTuning:
     # 6.86 -> 6.81 ms at 1k, 10.67 -> 10.52 ms at 64k, 682 -> 607 launches.
     kv_write_kernel: bool = True
     # The same launch rotates the queries too (a third output), where XLA runs q's RoPE as a fusion of its own
-    # per layer (the H200's batch-1 1k trace: input_concatenate_fusion_7, 63 us a step over 40 layers at
-    # 7c67e61). Off: unmeasured in the engine.
+    # per layer (input_concatenate_fusion_7: 63 us a step on the H200 at 7c67e61, 66 on an H100). Off. H100,
+    # batch 1 at 1k, 7912fae (bench/results/profile_step_b1_h100_7912fae{,_ropeq}.json): the fusion went, and
+    # 50 launches a step with it, but one program rotating a whole row of queries (4096 columns) took the write
+    # from 125 to 1179 us a step, the step 6.73 -> 7.74 ms. Since then the queries are rotated in blocks of
+    # Hkv * D columns, a program each, as the keys are (a second grid axis): unmeasured.
     rope_q_in_kv_write: bool = False
     # SMs of the device (H100/H200: 132); only the static split heuristic uses it.
     num_sms: int = 132
@@ -141,7 +149,8 @@ class GpuAttentionTuning:
                 raise ValueError(f"{field} must keep at least one split at every bound, got {rule}")
             if [b for b, _ in bounds] != sorted(b for b, _ in bounds):
                 raise ValueError(f"{field} bounds must be increasing, got {rule}")
-        for name in ("long_chunk_max_rows", "combine_small_max_tokens", "combine_small_max_splits"):  # (0: never)
+        for name in ("long_chunk_max_rows", "combine_small_max_tokens", "combine_small_max_splits",
+                     "combine_axis_min_splits"):  # (0: never)
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("long_context_keys", "min_tiles_per_split", "num_sms", "static_waves", "static_max_splits",

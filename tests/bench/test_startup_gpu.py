@@ -14,10 +14,10 @@ def test_tuning_is_in_effect_in_the_start_and_recorded(tmp_path):
     from bench.startup_gpu import main
 
     out = tmp_path / "startup.json"
-    main(["--quick", "--cold-only", "--tuning", "combine_split_axis=True", "decode_block_k=128", "--out", str(out)])
+    main(["--quick", "--cold-only", "--tuning", "combine_axis_min_splits=1", "decode_block_k=128", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert result["gpu_tuning_changes"] == {"combine_split_axis": True, "decode_block_k": 128}
-    assert result["runs"]["cold"]["tuning_in_effect"] == {"combine_split_axis": True, "decode_block_k": 128}
+    assert result["gpu_tuning_changes"] == {"combine_axis_min_splits": 1, "decode_block_k": 128}
+    assert result["runs"]["cold"]["tuning_in_effect"] == {"combine_axis_min_splits": 1, "decode_block_k": 128}
     assert result["runs"]["cold"]["executables"] > 0
 
 

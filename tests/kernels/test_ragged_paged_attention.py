@@ -147,9 +147,13 @@ GPU_CASES = {
     # the merge with the splits as a tensor axis: 12 splits padded to 16 (decode, dynamic: some of them
     # neutral), and 3 static splits with a window over 128-wide heads (programs of 16 x 128 columns)
     "g4_decode_dynamic_splits_axis_combine": dict(t=4, s=8, p=12, bs=16, hq=8, hkv=2, d=64, tuning=(
-        ("block_k", 16), ("tuning", GpuAttentionTuning(combine_split_axis=True)))),
+        ("block_k", 16), ("tuning", GpuAttentionTuning(combine_axis_min_splits=1)))),
     "g4_d128_bs32_window_split_axis_combine": dict(t=16, s=3, p=3, bs=32, hq=8, hkv=2, d=128, window=20, tuning=(
-        ("num_kv_splits", 3), ("block_k", 16), ("tuning", GpuAttentionTuning(combine_split_axis=True)))),
+        ("num_kv_splits", 3), ("block_k", 16), ("tuning", GpuAttentionTuning(combine_axis_min_splits=1)))),
+    # 32 static splits over 40 kv tiles: the default tuning's merge takes them as a tensor axis
+    # (combine_axis_min_splits, as for the long grid's 64)
+    "g4_32_splits_default_axis_combine": dict(t=4, s=8, p=40, bs=16, hq=8, hkv=2, d=64, tuning=(
+        ("num_kv_splits", 32), ("block_k", 16))),
     "g4_d128_bs32_window_split_xla_combine": dict(
         t=16, s=3, p=3, bs=32, hq=8, hkv=2, d=128, window=20,
         tuning=(("num_kv_splits", 3), ("block_k", 16), ("tuning", GpuAttentionTuning(combine_kernel=False)))),
@@ -225,14 +229,16 @@ def test_write_kv_skips_padding_slots():
     np.testing.assert_array_equal(nk[2, 3 - 1], k_pages[2, 2])  # neighbours untouched
 
 
-@pytest.mark.parametrize("hkv,d,dtype", [(2, 16, jnp.float32), (3, 16, jnp.bfloat16)])
-def test_write_kv_rope_kernel_equals_the_reference(hkv, d, dtype):
+@pytest.mark.parametrize("hkv,d,dtype,q_heads", [(2, 16, jnp.float32, 4), (3, 16, jnp.bfloat16, 6),
+                                                 (2, 16, jnp.float32, 5)])  # fmt: skip
+def test_write_kv_rope_kernel_equals_the_reference(hkv, d, dtype, q_heads):
     """The one-launch kernel (interpret mode) rotates the keys of the fused projection and writes them and
     the values where the reference does, and nothing else: a row of Hkv * D = 48 columns (not a power of
     two), a bf16 cache, a padding slot (-1 must not land on the last row or on row 0, which no token
-    writes), positions far from 0 (the rotation matters)."""
+    writes), positions far from 0 (the rotation matters). With rotate_q the queries too, in blocks of Hkv * D
+    columns (5 heads of 16 over blocks of 32: the last block half past q)."""
     rng = np.random.default_rng(0)
-    t, q_size = 4, 2 * hkv * d
+    t, q_size = 4, q_heads * d
     k_pages = jnp.asarray(rng.standard_normal((3, 4, hkv, d)), dtype)
     v_pages = jnp.asarray(rng.standard_normal((3, 4, hkv, d)), dtype)
     qkv = jnp.asarray(rng.standard_normal((t, q_size + 2 * hkv * d)), dtype)
@@ -351,14 +357,20 @@ def test_tuning_records_are_hashable_and_checked():
 def test_combine_tiling_is_small_only_within_both_bounds():
     """The merge's (rows, columns, warps): the small tiling for a step of at most combine_small_max_tokens
     tokens and combine_small_max_splits splits (batch-1 decode: the 16-token bucket, 16 splits), the default one
-    past either bound (the long grid's 64 splits, batch 64's bucket); 0 tokens turns the small one off."""
-    from pallas_kernels.ragged_paged_attention.gpu import combine_tiling
+    past either bound (batch 64's bucket; the long grid's 64 splits where they are unrolled); 0 tokens turns the
+    small one off. From combine_axis_min_splits splits on (the long grid's 64), the split-axis merge's tiling:
+    16 rows, columns within combine_axis_elems elements over every split, 16 at least."""
+    from pallas_kernels.ragged_paged_attention.gpu import combine_tiling, split_axis_merge
 
     t = GpuAttentionTuning()
     assert combine_tiling(16, 16, t) == (8, 16, 1)
-    assert combine_tiling(16, 64, t) == combine_tiling(64, 2, t) == combine_tiling(32, 4, t) == (16, 64, 4)
+    assert combine_tiling(64, 2, t) == combine_tiling(32, 4, t) == (16, 64, 4)
     assert combine_tiling(5, 3, dataclasses.replace(t, combine_small_max_tokens=0)) == (16, 64, 4)
-    axis = dataclasses.replace(t, combine_split_axis=True)  # 16 rows, columns within 8192 elements, 16 at least
+    assert [split_axis_merge(s, t) for s in (2, 16, 31, 32, 64)] == [False, False, False, True, True]
+    assert combine_tiling(16, 64, t) == combine_tiling(32, 64, t) == (16, 16, 4)  # (the long grid's merge)
+    unrolled = dataclasses.replace(t, combine_axis_min_splits=0)  # (0: never)
+    assert not split_axis_merge(64, unrolled) and combine_tiling(16, 64, unrolled) == (16, 64, 4)
+    axis = dataclasses.replace(t, combine_axis_min_splits=1)
     assert [combine_tiling(16, s, axis) for s in (3, 16, 64)] == [(16, 128, 4), (16, 32, 4), (16, 16, 4)]
 
 
