@@ -978,6 +978,11 @@ DECODE_PAIRS = (
     ("profile_step_b1_onelaunch_baseline_h200.json", "profile_step_b1_onelaunch_h200.json"),
     ("profile_step_b1_onelaunch2_baseline_h100.json", "profile_step_b1_onelaunch2_h100.json"),
     ("profile_step_b1_ctx65536_onelaunch2_baseline_h100.json", "profile_step_b1_ctx65536_onelaunch2_h100.json"),
+    # (the split-axis merge at the long grid's 64 splits: three pairs on one H100 machine; then the first form of
+    # the query rotation in the K/V write, one program per row)
+    *((f"profile_step_b1_ctx65536_h100_7912fae_combine_unrolled{i}.json",
+       f"profile_step_b1_ctx65536_h100_7912fae_combine_axis{i}.json") for i in ("", "2", "3")),
+    ("profile_step_b1_h100_7912fae.json", "profile_step_b1_h100_7912fae_ropeq.json"),
 )
 
 
