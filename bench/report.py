@@ -408,6 +408,20 @@ def bf16_bytes(cfg: dict) -> tuple[int, int]:
     return c.num_params() * 2, c.num_layers * 2 * c.kv_size * 2
 
 
+# batch-1 decode step against its roofline, the goal by context length (the serving goals' decode_1k and
+# decode_64k rows, in that order)
+DECODE_GOALS = {1024: 1.10, 65536: 1.15}
+
+
+def read_ms(run: dict, kv_tokens: int, steps: int = 1) -> float:
+    """Milliseconds `steps` steps take to read Granite-8B's bf16 weights and `kv_tokens` tokens' K and V each, at
+    the roofline bandwidth of `run`'s device (`device_bandwidth`): a decode step's or a judge's roofline."""
+    from bench.harness import GRANITE_8B
+
+    weight_bytes, kv = bf16_bytes(GRANITE_8B)
+    return steps * (weight_bytes + kv_tokens * kv) / device_bandwidth(run)[0] / 1e6
+
+
 def serving_goals(*runs) -> list[str]:
     """One row per serving goal (start-up, decode at the roofline, the judge at 64k, prefill attention, gRPC), each
     from the latest run that measured it, with its roofline or anchor, device and commit. `runs`: the result
@@ -432,9 +446,6 @@ def _goal_rows(startup=None, pipeline=None, concurrent=None, decode_1k=None, dec
                grpc=None) -> list[tuple[str, str, str, str, str, str, str]]:
     """(key, measure, value, anchor, goal, verdict, device and commit) of each serving goal its runs measured;
     the key names the row whatever its measure's words say of the run (a route, a batch), to match runs."""
-    from bench.harness import GRANITE_8B
-
-    weight_bytes, kv = bf16_bytes(GRANITE_8B)
     rows = []
 
     def row(key, what, value, unit, anchor, goal, ok, r):
@@ -448,10 +459,10 @@ def _goal_rows(startup=None, pipeline=None, concurrent=None, decode_1k=None, dec
         row("cold", "start to ready, cold compilation cache (s)", cold, " s", "-", "<= 30 s", cold <= 30, startup)
         row("warm", "start to ready, warm compilation cache (s)", warm, " s", "-", "<= 10 s",
             warm is not None and warm <= 10, startup)  # fmt: skip
-    for r, ctx_goal in ((decode_1k, 1.10), (decode_64k, 1.15)):
+    for r, ctx_goal in zip((decode_1k, decode_64k), DECODE_GOALS.values(), strict=True):
         if r:
             ctx, (gbps, named) = r["context"], device_bandwidth(r)
-            roof = (weight_bytes + r["batch"] * ctx * kv) / gbps / 1e6
+            roof = read_ms(r, r["batch"] * ctx)
             x = r["step_ms_median"] / roof
             anchor = f"{roof:.2f} ms (weights + KV at {named}); {x:.2f}x"
             # (the same bytes at the rate a batch-1 matmul reached in the same run: only where it is the best of
@@ -477,7 +488,7 @@ def _goal_rows(startup=None, pipeline=None, concurrent=None, decode_1k=None, dec
         if n:
             a, lo = by[(n, "alora")]["judge"], by[(n, "lora")]["judge"]
             steps = a["completion_tokens"]
-            roof = steps * (weight_bytes + a["prompt_tokens"] * kv) / device_bandwidth(run)[0] / 1e6
+            roof = read_ms(run, a["prompt_tokens"], steps)
             anchor = f"~{roof:.0f} ms ({steps} steps at the decode roofline)"
             row(f"judge {n}", f"aLoRA judge e2e at {n // 1024}k, {steps} tokens (ms)", a["e2e_s"] * 1e3, " ms",
                 anchor, "<= 130 ms", a["e2e_s"] <= 0.130, run)  # fmt: skip
@@ -491,8 +502,7 @@ def _goal_rows(startup=None, pipeline=None, concurrent=None, decode_1k=None, dec
             # (the judges decode together: each of their steps reads the weights and every sequence's KV)
             batch, ctx = c_rows["batch"], c_rows.get("longest_seq")
             steps = c_rows.get("eval_len", 16)  # (16: what every run before the field was recorded judged)
-            gbps = device_bandwidth(c_rows["run"])[0]
-            roof = steps * (weight_bytes + batch * ctx * kv) / gbps / 1e6 if ctx else None
+            roof = read_ms(c_rows["run"], batch * ctx, steps) if ctx else None
             bound = ratio_bound(by["lora"]["judge_e2e_s_mean"], 58, roof, f"{batch} sequences a step")
             row("concurrent", f"same, the paper's concurrent batch ({batch} pipelines) (x)", x, "x",
                 f"paper: 58x; {bound}", ">= 58x", x >= 58, c_rows["run"])  # fmt: skip
@@ -518,8 +528,10 @@ def ratio_bound(lora_e2e_s: float, goal: float, alora_roofline_ms: float | None,
     if alora_roofline_ms:
         text += f"; its roofline ~{alora_roofline_ms:.1f} ms" + (f" ({how})" if how else "")
         # (within 3% of it: at it; a roofline drawn at a reference copy rate is no sharper than that)
-        near = 0.97 * alora_roofline_ms <= need < 1.03 * alora_roofline_ms
-        text += ": below it" if need < 0.97 * alora_roofline_ms else ": at it" if near else ""
+        if need < 0.97 * alora_roofline_ms:
+            text += ": below it"
+        elif need < 1.03 * alora_roofline_ms:
+            text += ": at it"
     return text
 
 
@@ -1075,11 +1087,10 @@ def decode_time(*runs) -> list[str]:
             cells.append(cell)
         out.append(f"| {name} | " + " | ".join(cells) + " |")
     out.append("| step (median engine.step(), ms) | " + " | ".join(f"{r['step_ms_median']:.2f}" for r in runs) + " |")
-    goals = {1024: 1.10, 65536: 1.15}
     budget = []
     for r in runs:
-        roof = (weight_bytes + r["batch"] * r["context"] * kv) / device_bandwidth(r)[0] / 1e6
-        g = goals.get(r["context"])
+        roof = read_ms(r, r["batch"] * r["context"])
+        g = DECODE_GOALS.get(r["context"])
         budget.append(f"{roof:.2f}" + (f"; goal {g:.2f}x = {roof * g:.2f}" if g else ""))
     out.append("| roofline (ms) | " + " | ".join(budget) + " |")
     return out
