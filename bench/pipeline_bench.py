@@ -36,7 +36,7 @@ One device command is limited to 10 minutes, so split it:
 
     python -m bench.pipeline_bench --model granite-8b --parts baseline        # ~6 min (PEFT, then jalora 32x)
     python -m bench.pipeline_bench --model granite-8b --parts ceilings,A,B    # ~6 min
-    python -m bench.pipeline_bench --model granite-8b --parts Aconc           # not measured yet (batch ~7 at 64k)
+    python -m bench.pipeline_bench --model granite-8b --parts Aconc           # ~1.5 min (the paper's concurrent batch)
     python -m bench.pipeline_bench --model granite-8b --parts C --c-rates 8 16 32   # 7.5 min
     python -m bench.pipeline_bench --model granite-8b --parts C --c-rates 8 16 32 --c-host-kv-gb 16 \
         --c-pipelines 120 --c-max-seconds 25      # host-memory KV tier off vs on, same run
@@ -44,10 +44,10 @@ One device command is limited to 10 minutes, so split it:
         --c-max-seconds 40                                                         # sessions off vs on
 
 `--tuning FIELD=VALUE ...` replaces GPU attention tuning fields for the run (recorded as `gpu_tuning_changes`), e.g.
-the long-chunk attention variant, off by default until measured on a device, against the default in two runs:
+the default against the long-chunk attention variant turned off, in two runs:
 
-    python -m bench.pipeline_bench --model granite-8b --parts A --prompt-lens 65536 --tuning long_chunk_max_rows=32 \
-        --out pipeline_bench_granite-8b_longchunk.json
+    python -m bench.pipeline_bench --model granite-8b --parts A --prompt-lens 65536 --tuning long_chunk_max_rows=0 \
+        --out pipeline_bench_granite-8b_nolongchunk.json
 
 `--parts baseline --reuse-peft` measures only jalora's side again against the stored PEFT numbers (which
 keep their own run record), when the code under test is jalora's.

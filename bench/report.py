@@ -628,7 +628,7 @@ def pipeline_bench_section(r) -> list[str]:
     return out + pipeline_bench_tables(r)
 
 
-def summary(tp, att, step) -> list[str]:
+def summary(tp, att, step, split=None) -> list[str]:
     """The reading of the tables, with every number taken from the results."""
     out = []
     if tp:
@@ -658,7 +658,9 @@ def summary(tp, att, step) -> list[str]:
             f"{worst['batch']} at {worst['context']} tokens (launch cost, few programs). Prefill attention reaches "
             f"{min(pre):.0f}-{max(pre):.0f}% of cuDNN (goal 80%): the Triton lowering gathers K/V pages with "
             "pointer loads, without the bulk-copy engine or warp specialisation. On NVIDIA GPUs the engine's long "
-            "prefill chunks go through cuDNN instead (split prefill, the default: 81-93% of cuDNN, section above)."
+            "prefill chunks go through cuDNN instead (split prefill, the default"
+            + (f": {min(sp):.0f}-{max(sp):.0f}% of cuDNN, section above)." if (sp := [
+                p["split_pct_cudnn"] for p in (split or {}).get("prefill", []) if "split_pct_cudnn" in p]) else ").")
         )
     if step:
         d, p = step["decode"], step["prefill"]
@@ -1013,7 +1015,8 @@ def decode_pairs(*runs) -> list[str]:
            "--modes async --batch 1 [--context 65536] [--no-long-grid | --tuning FIELD=VALUE ... | --norm-impl gpu]`"
            "): median engine.step(), the device's busy time and launches per step and the attention kernel's "
            "time per step, from the profiler trace. The field values are those of the run's commit (the "
-           "one-launch kernels were switches then, on by default since).", "",
+           "one-launch kernels were switches then, on by default since; `combine_split_axis=True` became "
+           "`combine_axis_min_splits`, 32 by default: the axis merge for the long grid's 64 splits).", "",
            "| device | commit | context | run | step ms | vs baseline | device busy ms | launches | attention ms |",
            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for i in range(0, len(runs), 2):
@@ -1314,7 +1317,8 @@ def render() -> str:
         if any(d is not None for d in data):
             parts += [title, "", *fn(*data), ""]
     parts += ["### What the numbers say", "",
-              *summary(load("throughput.json"), load("attention.json"), load("lora_step.json")),
+              *summary(load("throughput.json"), load("attention.json"), load("lora_step.json"),
+                      load("attention_split_h100.json")),
               *pipeline_summary(load("pipeline_bench_granite-8b.json") or {}), ""]
     return "\n".join(parts)
 

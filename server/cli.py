@@ -5,7 +5,7 @@
     jalora generate "Why is the sky blue?" --chat --max-tokens 32
     jalora pipeline                           # base answers, then every aLoRA judge scores the answer
     jalora demo                               # serve + pipeline in one process, on a free port
-    jalora train --data d.jsonl --output-dir judge --invocation "<|im_start|>judge\n"   # train an aLoRA
+    jalora train --data d.jsonl --output-dir judge --invocation $'<|im_start|>judge\\n'   # train an aLoRA
 
 --model takes a model directory, a llama .gguf file, or a bundled model's name (checkpoints/bundled.py):
 `smollm2` (the default; fetched and converted the first time) or `tiny` (random weights, instant).
@@ -34,6 +34,7 @@ import errno
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import ssl
@@ -75,14 +76,23 @@ def _flag_type(hint: Any) -> Any:
 
 class HelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default, `(default: VALUE)`, unless the help already says what
-    the default is (a default of None usually means something: "default: the model's")."""
+    the default is, `default: ...` (a default of None usually means something: "default: the model's")."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help_text = action.help or ""
         if help_text and action.option_strings and action.default is not argparse.SUPPRESS:
-            if "default" not in help_text:
+            if not re.search(r"default( here)?:", help_text):
                 help_text += " (default: %(default)s)"
         return help_text
+
+
+def _override_defaults(parser: argparse.ArgumentParser, **values) -> None:
+    """`parser.set_defaults(**values)`, and a help that states its field's own default (`default: ...`) states
+    this subcommand's instead."""
+    parser.set_defaults(**values)
+    for action in parser._actions:
+        if action.dest in values and action.option_strings and "default:" in (action.help or ""):
+            action.help = re.sub(r"\(default: [^)]*\)", "(default here: %(default)s)", action.help)
 
 
 def add_config_flags(
@@ -848,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     _call_args(d)
     # A free port: the pipeline runs in this process. A demo's prompts are short: smaller steps and
     # sequences compile fewer step sizes and decode faster on a CPU (bench/results/cpu_decode.json).
-    d.set_defaults(func=_demo, port=0, max_num_batched_tokens=256, max_model_len=2048, access_log=False)
+    _override_defaults(d, func=_demo, port=0, max_num_batched_tokens=256, max_model_len=2048, access_log=False)
 
     t = sub.add_parser("train", help="train a LoRA / aLoRA adapter on JSON-lines data and write it as a PEFT "
                        "directory", formatter_class=HelpFormatter)  # fmt: skip

@@ -3,9 +3,10 @@
 Requests in: `parse_completion` and `parse_chat` turn a JSON body into a `Generation` (prompt or
 conversation, sampling parameters, the model name, streaming options), raising InvalidRequestError
 named by the OpenAI parameter at fault; the bounds themselves are server/frontend.py's, shared with
-gRPC. Results out: `completion_body`, `chat_body` and their streamed chunks, with usage in OpenAI's
-shape (`usage.prompt_tokens_details.cached_tokens`) and jalora's own fields under `jalora` (the aLoRA
-activation index, timings from the server's receipt of the call, and each choice's `token_ids`).
+gRPC. Results out: the parts server/http.py builds its responses and streamed chunks from: `usage` in OpenAI's
+shape (`usage.prompt_tokens_details.cached_tokens`), `extension`, jalora's own fields under `jalora` (the
+aLoRA activation index, timings from the server's receipt of the call, each choice's `token_ids`), and
+`completion_logprobs` / `chat_logprobs`.
 Pure Python: no JAX, no numpy.
 """
 

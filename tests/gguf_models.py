@@ -34,7 +34,8 @@ MIXED = {"token_embd": "Q8_0", "attn_q": "Q4_0", "attn_k": "Q4_1", "attn_v": "Q5
 
 
 def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """convert_hf_to_gguf.py's LlamaModel.permute (HF rotate_half rows -> llama.cpp's interleaved pairs)."""
+    """The row order a GGUF file holds a Q or K projection in: each head's rotate-half rows (HF) as llama.cpp's
+    interleaved pairs [r0, r(d/2), r1, r(d/2+1), ...]."""
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 

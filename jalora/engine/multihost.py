@@ -14,7 +14,7 @@ server) and sends the others, before each device call, what that call needs:
 - `warmup_adapters`, `reset_kv_cache`, `stop`.
 
 The channel is a `multiprocessing.connection` socket from each follower to process 0, on the
-coordinator's host at its port + 1, authenticated with a key (HMAC) derived from `--multihost-key` or
+coordinator's host at its port + 1, authenticated with a key (HMAC) derived from `--multihost-key-file` or
 a fixed default: run it on the hosts' private network, as the coordinator itself. Followers never send
 anything; process 0 watches each connection, and a follower that exits or whose host goes away closes
 it: process 0 then refuses every further step with `FollowerLostError` (a server reports NOT_SERVING)
