@@ -282,74 +282,104 @@ def test_compilations_run_at_once_only_while_their_claims_fit():
     """The warm-up's device budget (`get_all(..., device_bytes)`): two claims that fit run together, one that
     does not waits for the running one to end, a claim above the whole budget runs alone, claims start in
     the order they came (a later small one that would fit waits behind an earlier large one), and `close`
-    stops the waiting ones. Each check waits for an event another compilation sets. Where they must overlap,
-    the wait ends as soon as the other starts (30 s only if it never does); where they must not, a correct
-    budget lets the wait run out, and the order shows who started after whom."""
+    stops the waiting ones. Every compilation is held until the test releases it, and a claim that must wait
+    is seen parked in the budget's wait before anything is released: no check rests on a timeout (HANG only
+    ends a run whose budget deadlocked)."""
     import concurrent.futures
     import threading
+    import time
 
     from jalora.engine.executables import _Budget
 
-    budget, order, lock = _Budget(10), [], threading.Lock()
+    hang = 30.0
+    budget, order, lock, threads = _Budget(10), [], threading.Lock(), {}
+    seen, release, results = {}, {}, {}
 
-    def job(name, seen, waits_for, timeout):
-        def run():
+    def until(condition, what):
+        end = time.monotonic() + hang
+        while not condition():
+            assert time.monotonic() < end, f"never: {what}"
+            time.sleep(0.001)
+
+    def start(name, claim):
+        seen[name], release[name] = threading.Event(), threading.Event()
+
+        def job():
             with lock:
                 order.append(f"{name} starts")
             seen[name].set()
-            together = seen[waits_for].wait(timeout=timeout) if waits_for else None
+            assert release[name].wait(hang)
             with lock:
                 order.append(f"{name} ends")
-            return together
+            return "done"
 
-        return run
-
-    def run_all(claims, waits, timeout, before=None):
-        seen = {name: threading.Event() for name in claims}
-        results, threads = {}, []
-
-        def call(name, claim, fn):
+        def call():
             try:
-                results[name] = budget.run(claim, fn)
+                results[name] = budget.run(claim, job)
             except concurrent.futures.CancelledError:
                 results[name] = "cancelled"
 
-        for i, (name, claim) in enumerate(claims.items()):
-            fn = job(name, seen, waits.get(name), timeout)
-            t = threading.Thread(target=call, args=(name, claim, fn), daemon=True)
-            t.start()
-            threads.append(t)
-            if i == 0:  # (the next ones come once this one runs)
-                assert seen[name].wait(timeout=30)
-            else:  # (and each has its ticket before the next comes: the budget's state, not a sleep)
-                while budget._tickets < i + 1:
-                    threading.Event().wait(0.001)
-        if before is not None:
-            before()
-        for t in threads:
-            t.join(timeout=30)
-            assert not t.is_alive()  # (a budget that deadlocked fails here instead of hanging the run)
-        return results
+        threads[name] = threading.Thread(target=call, daemon=True)
+        threads[name].start()
 
-    # 4 + 4 <= 10: each sees the other running.
-    assert run_all({"a": 4, "b": 4}, {"a": "b", "b": "a"}, timeout=30) == {"a": True, "b": True}
-    # 6 + 6 > 10: b starts only after a ends (a's wait for b runs out).
+    def parked(*names):  # (each has its ticket and waits in the budget, not started)
+        until(lambda: len(budget._changed._waiters) >= len(names) or any(seen[n].is_set() for n in names),
+              f"{names} parked")
+        assert not any(seen[n].is_set() for n in names), (names, order)
+
+    def finish():
+        for name, t in threads.items():
+            release[name].set()
+            t.join(hang)
+            assert not t.is_alive()
+        threads.clear()
+
+    # 4 + 4 <= 10: both run at once.
+    start("a", 4)
+    assert seen["a"].wait(hang)
+    start("b", 4)
+    assert seen["b"].wait(hang)  # (while a is held)
+    finish()
+    # 6 + 6 > 10: b waits until a ends.
     order.clear()
-    assert run_all({"a": 6, "b": 6}, {"a": "b"}, timeout=0.5)["a"] is False
+    start("a", 6)
+    assert seen["a"].wait(hang)
+    start("b", 6)
+    parked("b")
+    finish()
     assert order == ["a starts", "a ends", "b starts", "b ends"]
     # 25 > 10 runs, alone; the next one waits for it.
     order.clear()
-    assert run_all({"a": 25, "b": 1}, {"a": "b"}, timeout=0.5)["a"] is False
+    start("a", 25)
+    assert seen["a"].wait(hang)
+    start("b", 1)
+    parked("b")
+    finish()
     assert order == ["a starts", "a ends", "b starts", "b ends"]
     # c (2) would fit beside a (4), but b (8) came first and does not: c starts after b, then beside it.
     order.clear()
-    results = run_all({"a": 4, "b": 8, "c": 2}, {"a": "c", "c": "b"}, timeout=0.5)
-    assert results["a"] is False and results["c"] is True
-    assert order.index("b starts") < order.index("c starts") and order.index("a ends") < order.index("b starts")
+    start("a", 4)
+    assert seen["a"].wait(hang)
+    start("b", 8)
+    until(lambda: budget._tickets == budget._next + 1, "b's ticket")
+    start("c", 2)
+    parked("b", "c")
+    release["a"].set()
+    assert seen["b"].wait(hang) and seen["c"].wait(hang)  # (b and c together: 8 + 2 <= 10)
+    assert order.index("a ends") < order.index("b starts") < order.index("c starts")
+    finish()
     # close: the running one ends as it would, the waiting one is not run.
     order.clear()
-    results = run_all({"a": 8, "b": 8}, {"a": "b"}, timeout=0.5, before=budget.close)
-    assert results == {"a": False, "b": "cancelled"} and order == ["a starts", "a ends"]
+    results.clear()
+    start("a", 8)
+    assert seen["a"].wait(hang)
+    start("b", 8)
+    parked("b")
+    budget.close()
+    threads["b"].join(hang)
+    assert results["b"] == "cancelled"
+    finish()
+    assert results == {"a": "done", "b": "cancelled"} and order == ["a starts", "a ends"]
     assert budget._used == 0
 
 

@@ -4,7 +4,7 @@ all three off (every adapter resident, no tier, no sessions) on the same random 
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from jalora import LLM, SamplingParams
@@ -65,6 +65,14 @@ def run(engine, pipelines, sessions: bool) -> dict[str, tuple[list[int], list[fl
     return out
 
 
+# Five pipelines of 12-token contexts, plain LoRA and base answers, both judges: on fresh engines (an explicit
+# example runs before the generated ones) this one swaps adapters, evicts sessions, and sends blocks to the host
+# tier and takes them back, every time (a deterministic workload on a deterministic engine).
+PRESSURE = [(0, 12, True, "judge_a", 5, 3), (1, 12, False, "judge_b", 5, 3), (2, 12, True, "judge_b", 5, 3),
+            (0, 12, False, "judge_a", 5, 3), (1, 12, True, "judge_a", 5, 3)]  # fmt: skip
+MECHANISMS = ("adapter_swaps", "sessions_evicted", "host_kv_cache_bytes_to_host", "host_kv_cache_hits")
+
+
 # A pipeline's session retains at most 11 blocks (a 15-token prompt + 5 answered as a plain LoRA: 5 blocks its
 # judge cannot reuse; the judge's 20 + 3 + 3 tokens: 6 more), within the 12 of session_cache_share 0.5; five
 # pipelines at once need more than the 24 blocks, so sessions are evicted and blocks go to the host.
@@ -83,8 +91,10 @@ def run(engine, pipelines, sessions: bool) -> dict[str, tuple[list[int], list[fl
         max_size=5,
     )
 )
+@example(PRESSURE)
 def test_outputs_identical_with_sessions_host_tier_and_swapping(engines, workload):
     on, off = engines
+    before = on.stats()
     pipelines = [(ctx(n, 300 + shared) + ctx(3, 400 + i), lora, judge, bn, jn)
                  for i, (shared, n, lora, judge, bn, jn) in enumerate(workload)]  # fmt: skip
     for _ in range(2):  # the second round finds what the first left on the device, the host or a slot
@@ -96,11 +106,5 @@ def test_outputs_identical_with_sessions_host_tier_and_swapping(engines, workloa
     stats = on.stats()
     assert stats.num_sessions == 0 and stats.num_retained_blocks == 0  # every judge ended its session
     assert on.num_free_blocks() == on.num_total_blocks and off.num_free_blocks() == off.num_total_blocks
-
-
-def test_the_mechanisms_were_exercised(engines):
-    """Runs after the property test (same module engines): the workload really swapped adapters, retained
-    blocks and went through the host tier, so the property above compared something."""
-    stats = engines[0].stats()
-    assert stats.adapter_swaps > 0
-    assert stats.host_kv_cache_bytes_to_host > 0
+    if workload == PRESSURE:  # (so the comparison above covered every mechanism)
+        assert all(getattr(stats, k) > getattr(before, k) for k in MECHANISMS), (before, stats)

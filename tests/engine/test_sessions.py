@@ -1,11 +1,12 @@
 """Pipeline sessions (jalora/engine/sessions.py): retained blocks survive pressure, outputs never change,
 sessions end by TTL (an injected clock), by a call or by end_session, and bad input changes nothing."""
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from jalora import LLM, InvalidRequestError, SamplingParams, SessionNotFoundError
@@ -84,6 +85,11 @@ def run_pipelines(engine, pipelines, sessions: bool) -> list[tuple[list[int], li
     return [(outs[f"b{i}"], outs[f"j{i}"]) for i in range(len(pipelines))]
 
 
+# Four pipelines of 8-token contexts over three shared ones, the last judge ending its session: on the 10-block
+# cache, sessions are evicted and reclaimed (a deterministic workload on a deterministic engine).
+PRESSURE = [(0, 8, 6, 4, False), (1, 8, 6, 4, False), (2, 8, 6, 4, False), (0, 8, 6, 4, True)]
+
+
 @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     st.lists(
@@ -94,17 +100,23 @@ def run_pipelines(engine, pipelines, sessions: bool) -> list[tuple[list[int], li
         max_size=4,
     )
 )
+@example(PRESSURE)
 def test_outputs_identical_with_sessions_on_and_off(llm, workload):
     """The same engine runs a random workload of pipelines without sessions (the oracle), then with one
-    session per pipeline over a cache small enough that sessions are evicted and reclaimed."""
+    session per pipeline over a cache small enough that sessions are evicted and reclaimed (certainly in the
+    explicit example, PRESSURE)."""
     eng = llm.engine
     clean(eng)
+    before = dataclasses.replace(eng.sessions.counters)
     pipelines = [(ctx(n, 100 + shared) + ctx(2, 200 + i), bn, jn, end)
                  for i, (shared, n, bn, jn, end) in enumerate(workload)]  # fmt: skip
     want = run_pipelines(eng, pipelines, sessions=False)
     eng.block_manager.reset_prefix_cache()
     got = run_pipelines(eng, pipelines, sessions=True)
     assert got == want
+    if workload == PRESSURE:
+        counters = eng.sessions.counters
+        assert counters.evicted > before.evicted and counters.reclaimed > before.reclaimed, (before, counters)
     for i, p in enumerate(pipelines):  # a judge that ended its session left nothing live
         assert (f"p{i}" in eng.sessions.live) <= (not p[3])
     for sid in list(eng.sessions.live):

@@ -313,9 +313,13 @@ def test_smollm2_chat_greedy_matches_transformers(smollm2):
 
 
 def test_smollm2_answer_stops_at_end_of_turn(smollm2):
-    """The converted config's eos (<|im_end|>) ends the turn; the text matches transformers' decode."""
+    """The converted config's eos (<|im_end|>) ends the turn: the tokens are transformers' greedy ones up to and
+    including the first <|im_end|>, and the text is transformers' decode of those before it."""
     (out,) = smollm2["llm"].generate(smollm2["texts"][0], SamplingParams(max_tokens=N_TOKENS))
-    assert out.finish_reason == "stop" and out.text == "The capital of France is Paris."
+    ref_tokens, end = smollm2["base"][0][1], smollm2["tok"].convert_tokens_to_ids("<|im_end|>")
+    assert end in ref_tokens, ref_tokens
+    assert out.finish_reason == "stop" and out.token_ids == ref_tokens[: ref_tokens.index(end) + 1]
+    assert out.text == smollm2["tok"].decode(ref_tokens[: ref_tokens.index(end)], skip_special_tokens=True)
     tok_cfg = json.loads(Path(smollm2["llm"].engine.model_dir, "tokenizer_config.json").read_text())
     assert [tok_cfg[k] for k in ("bos_token", "eos_token", "pad_token")] == ["<|im_start|>", "<|im_end|>", "<|im_end|>"]
 

@@ -82,13 +82,12 @@ def test_seeded_requests_reproduce_alone_and_batched(llm):
     assert c.token_ids != a.token_ids  # 12 draws at temperature 1 over 97 tokens: equal only by accident
 
 
-def test_stop_token_and_eos(llm):
+def test_stop_token(llm):
+    """A stop token ends the request at its first occurrence, included. (End-of-sequence ids, which this random
+    model never emits by chance, are made certain in test_chat's generation-config test.)"""
     (free,) = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=8, ignore_eos=True))
     stop = free.token_ids[3]
     (out,) = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=8, stop_token_ids=[stop], ignore_eos=True))
     first = free.token_ids.index(stop)
     assert out.token_ids == free.token_ids[: first + 1]
     assert out.finish_reason == "stop"
-    eos = llm.engine.info().eos_token_ids[0]
-    (e,) = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=8))
-    assert e.finish_reason == ("stop" if eos in e.token_ids else "length")
