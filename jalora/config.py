@@ -35,6 +35,16 @@ def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_number(value) -> bool:
+    """A finite int or float that is not a bool; an int too large for a float (10**400) is not one."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     model: str = config_field(
@@ -138,10 +148,10 @@ class EngineConfig:
         require(self.max_model_len is None or (is_int(self.max_model_len) and self.max_model_len >= 2),
                 "max_model_len", f"must be None or an integer >= 2, got {self.max_model_len!r}")  # fmt: skip
         u = self.gpu_memory_utilization
-        require(isinstance(u, int | float) and not isinstance(u, bool) and math.isfinite(u) and 0 < u <= 1,
+        require(is_number(u) and 0 < u <= 1,
                 "gpu_memory_utilization", f"must be a number in (0, 1], got {u!r}")  # fmt: skip
         g = self.host_kv_cache_gb
-        require(isinstance(g, int | float) and not isinstance(g, bool) and math.isfinite(g) and g >= 0,
+        require(is_number(g) and g >= 0,
                 "host_kv_cache_gb", f"must be a number >= 0 (GiB; 0 = no host tier), got {g!r}")  # fmt: skip
         require(g == 0 or self.enable_prefix_caching is not False, "host_kv_cache_gb",
                 "keeps prefix-cache blocks: it needs enable_prefix_caching")  # fmt: skip
@@ -170,20 +180,18 @@ class EngineConfig:
                 f"must be None or an integer >= 0, got {n!r}")  # fmt: skip
 
         share = self.session_cache_share
-        require(_is_number(share) and 0 <= share < 1, "session_cache_share",
+        require(is_number(share) and 0 <= share < 1, "session_cache_share",
                 f"must be a number in [0, 1), got {share!r}")  # fmt: skip
-        require(_is_number(self.max_session_ttl) and self.max_session_ttl > 0, "max_session_ttl",
+        require(is_number(self.max_session_ttl) and self.max_session_ttl > 0, "max_session_ttl",
                 f"must be a number > 0, got {self.max_session_ttl!r}")  # fmt: skip
         ttl = self.session_ttl
-        require(_is_number(ttl) and 0 < ttl <= self.max_session_ttl, "session_ttl",
+        require(is_number(ttl) and 0 < ttl <= self.max_session_ttl, "session_ttl",
                 f"must be a number in (0, max_session_ttl={self.max_session_ttl!r}], got {ttl!r}")  # fmt: skip
 
     def replace(self, **changes) -> EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _dtype_name(dtype) -> str | None:

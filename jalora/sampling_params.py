@@ -1,12 +1,12 @@
 """Sampling parameters (vLLM's names), validated on construction."""
 
 import dataclasses
-import math
 
 from jalora.api.limits import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
-from jalora.config import is_int, require
+from jalora.config import is_int, is_number, require
 
 MAX_LOGPROBS = 20
+MAX_INT32 = 2**31 - 1  # (top_k and token ids go to the device as int32; gRPC's fields are int32)
 
 
 @dataclasses.dataclass
@@ -23,13 +23,12 @@ class SamplingParams:
     prompt_logprobs: bool = False
 
     def __post_init__(self):
-        def is_real(v):
-            return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-        require(is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
-        require(is_real(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0")
-        require(is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be a number in (0, 1]")
-        require(is_int(self.top_k) and self.top_k >= 0, "top_k", "must be an integer >= 0 (0 disables)")
+        require(is_int(self.max_tokens) and 1 <= self.max_tokens <= MAX_INT32, "max_tokens",
+                f"must be an integer in [1, {MAX_INT32}]")
+        require(is_number(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0")
+        require(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be a number in (0, 1]")
+        require(is_int(self.top_k) and 0 <= self.top_k <= MAX_INT32, "top_k",
+                f"must be an integer in [0, {MAX_INT32}] (0 disables)")
         require(
             self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**32),
             "seed",
@@ -43,9 +42,9 @@ class SamplingParams:
         if self.stop_token_ids is not None:
             require(
                 isinstance(self.stop_token_ids, list | tuple)
-                and all(is_int(t) and t >= 0 for t in self.stop_token_ids),
+                and all(is_int(t) and 0 <= t <= MAX_INT32 for t in self.stop_token_ids),
                 "stop_token_ids",
-                "must be a list of non-negative integers",
+                f"must be a list of integers in [0, {MAX_INT32}]",
             )
             self.stop_token_ids = list(self.stop_token_ids)
         if self.stop is not None:
@@ -61,6 +60,9 @@ class SamplingParams:
                 f"strings must be at most {MAX_STOP_STRING_CHARS} characters long",
             )
             self.stop = list(self.stop)
+        for name in ("ignore_eos", "prompt_logprobs"):
+            value = getattr(self, name)
+            require(isinstance(value, bool), name, f"must be true or false, got {value!r:.40}")
 
     @property
     def greedy(self) -> bool:

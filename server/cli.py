@@ -534,6 +534,28 @@ def _client_credentials(args: argparse.Namespace):
     return tls, token
 
 
+def _check_call_flags(args: argparse.Namespace, *sampling: str) -> None:
+    """The flags of a command that calls a server, checked before it connects (or, for `demo`, starts one):
+    --timeout, --wait, and the sampling flags named in `sampling` (dests whose SamplingParams field is the dest
+    without `judge_`) that are set. Raises InvalidRequestError naming the flag."""
+    from jalora.config import is_number
+    from jalora.sampling_params import SamplingParams
+
+    if not (is_number(args.timeout) and args.timeout > 0):
+        raise InvalidRequestError("--timeout", f"must be a number of seconds > 0, got {args.timeout!r}")
+    wait = getattr(args, "wait", None)
+    if wait is not None and not (is_number(wait) and wait >= 0):
+        raise InvalidRequestError("--wait", f"must be a number of seconds >= 0, got {wait!r}")
+    for dest in sampling:
+        value = getattr(args, dest)
+        if value is None:
+            continue
+        try:
+            SamplingParams(**{dest.removeprefix("judge_"): value})
+        except InvalidRequestError as e:
+            raise InvalidRequestError("--" + dest.replace("_", "-"), e.message) from None
+
+
 def _connect(args: argparse.Namespace):
     """A Client of the server at --target, once it is SERVING (see _await_server; `demo` has no --wait)."""
     from jalora.client import Client
@@ -557,10 +579,15 @@ def _generate(args: argparse.Namespace) -> int:
     if args.chat and args.token_ids:
         print("jalora generate: --chat takes PROMPT as text (a user message), not --token-ids", file=sys.stderr)
         return 2
+    _check_call_flags(args, "max_tokens", "temperature", "top_p", "top_k", "seed")
+    prompt: str | list[int] | list[dict[str, str]] = args.prompt
+    if args.token_ids:
+        words = args.prompt.replace(",", " ").split()
+        if not words or not all(re.fullmatch(r"\d+", w) and int(w) < 2**31 for w in words):
+            raise InvalidRequestError("PROMPT", f"with --token-ids must be token ids (integers >= 0 separated by "
+                                      f"spaces or commas), got {args.prompt!r:.60}")
+        prompt = [int(w) for w in words]
     with _connect(args) as client:
-        prompt: str | list[int] | list[dict[str, str]] = args.prompt
-        if args.token_ids:
-            prompt = [int(t) for t in args.prompt.replace(",", " ").split()]
         if args.chat:  # the server renders the conversation (and appends the invocation if asked)
             prompt = [{"role": "user", "content": args.prompt}]
         elif args.with_invocation:
@@ -624,15 +651,16 @@ def _pipeline(args: argparse.Namespace) -> int:
     (prompt and generated answer), so their KV comes from the prefix cache (the `cached` column): that
     reuse across base and adapters is what jalora is for.
     """
+    _check_pipeline_flags(args)
     with _connect(args) as client:
         adapters = {a.name: a for a in client.list_adapters()}
         names = args.judge or sorted(n for n, a in adapters.items() if a.kind == "alora")
         missing = [n for n in names if n not in adapters]
         if missing:
-            print(f"jalora pipeline: adapters not loaded: {missing}", file=sys.stderr)
+            print(f"jalora {args.command}: --judge: adapters not loaded: {missing}", file=sys.stderr)
             return 2
         if not names:
-            print("jalora pipeline: the server has no aLoRA adapters to judge with", file=sys.stderr)
+            print(f"jalora {args.command}: the server has no aLoRA adapters to judge with", file=sys.stderr)
             return 2
         rows = []
         for question in args.question or DEFAULT_QUESTIONS:
@@ -642,6 +670,13 @@ def _pipeline(args: argparse.Namespace) -> int:
         cached = sum(r.usage.cached_tokens for r in judge_rows)
         print(f"judges reused {cached}/{prompt} prompt tokens from the prefix cache ({cached / prompt:.0%})")
     return 0
+
+
+def _check_pipeline_flags(args: argparse.Namespace) -> None:
+    """`pipeline`'s and `demo`'s own flags (see _check_call_flags)."""
+    _check_call_flags(args, "max_tokens", "judge_max_tokens")
+    if not (isinstance(args.rounds, int) and args.rounds >= 1):
+        raise InvalidRequestError("--rounds", f"must be an integer >= 1, got {args.rounds!r}")
 
 
 def _judge_one(client, question: str, names: list[str], args: argparse.Namespace) -> list[tuple]:
@@ -687,6 +722,7 @@ def _demo(args: argparse.Namespace) -> int:
     """`jalora serve` on a free loopback port, in this process, and the pipeline against it over gRPC."""
     from server.app import ServerThread
 
+    _check_pipeline_flags(args)
     plan = prepare(args)
     engine = build_engine(plan)
     with ServerThread(engine, plan.server_config) as server:

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import math
 import os
 
 from jalora.api import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIMEOUT, read_token_file
-from jalora.config import config_field, is_int, require
+from jalora.config import config_field, is_int, is_number, require
+
+# gRPC channel arguments are 32-bit ints: the keepalive and connection-age times go in as milliseconds.
+MAX_INT32 = 2**31 - 1
+MAX_CHANNEL_SECONDS = MAX_INT32 // 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +112,8 @@ class ServerConfig:
             n = getattr(self, name)
             require(is_int(n) and n >= 1, name, f"must be an integer >= 1, got {n!r}")
         g = self.grace
-        require(isinstance(g, int | float) and not isinstance(g, bool) and math.isfinite(g) and g >= 0, "grace",
-                f"must be a number of seconds >= 0, got {g!r}")  # fmt: skip
+        require(is_number(g) and g >= 0, "grace",
+                f"must be a number of seconds >= 0, got {g!r:.40}")  # fmt: skip
         require(isinstance(self.model_name, str), "model_name", f"must be a string, got {self.model_name!r}")
         for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "admin_token_file"):
             object.__setattr__(self, name, _readable_file(name, getattr(self, name)))
@@ -132,9 +135,11 @@ class ServerConfig:
             value = getattr(self, name)
             if value is None and name == "max_connection_age":
                 continue
-            require(_is_seconds(value) and value > 0, name, f"must be a number of seconds > 0, got {value!r}")
+            require(_is_seconds(value) and 0 < value <= MAX_CHANNEL_SECONDS, name,
+                    f"must be a number of seconds in (0, {MAX_CHANNEL_SECONDS}], got {value!r:.40}")  # fmt: skip
         n = self.max_concurrent_streams
-        require(is_int(n) and n >= 1, "max_concurrent_streams", f"must be an integer >= 1, got {n!r}")
+        require(is_int(n) and 1 <= n <= MAX_INT32, "max_concurrent_streams",
+                f"must be an integer in [1, {MAX_INT32}], got {n!r}")  # fmt: skip
         if not (self.insecure or is_loopback(self.host)):
             require(self.tls_cert is not None and (self.auth_token_file or self.tls_client_ca), "host",
                     f"{self.host} is not a loopback address: serving it needs TLS (--tls-cert, --tls-key) and "
@@ -166,7 +171,7 @@ def is_loopback(host: str) -> bool:
 
 
 def _is_seconds(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return is_number(value)
 
 
 def _readable_file(field: str, path) -> str | None:

@@ -243,6 +243,8 @@ class HttpFront:
                 body = await self.front.worker.run_host(lambda _: json.loads(data))
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             raise MalformedRequestError(f"the request body is not JSON: {e}") from None
+        except RecursionError:
+            raise MalformedRequestError("the request body nests arrays or objects too deeply") from None
         if not isinstance(body, dict):
             raise MalformedRequestError("the request body must be a JSON object")
         return body

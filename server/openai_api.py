@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from jalora.config import is_number
 from jalora.errors import InvalidRequestError
 from jalora.outputs import FinishedRequest
 from jalora.sampling_params import SamplingParams
@@ -80,8 +81,8 @@ def _session(body: dict) -> dict:
     session, ttl = _value(body, "session"), _value(body, "session_ttl")
     if session is not None and not isinstance(session, str):
         raise InvalidRequestError("session", f"must be a string, got {session!r:.40}")
-    if ttl is not None and not (isinstance(ttl, int | float) and not isinstance(ttl, bool)):
-        raise InvalidRequestError("session_ttl", f"must be a number of seconds, got {ttl!r:.40}")
+    if ttl is not None and not is_number(ttl):
+        raise InvalidRequestError("session_ttl", f"must be a finite number of seconds, got {ttl!r:.40}")
     return {"session": session, "session_ttl": None if ttl is None else float(ttl),
             "end_session": _bool(body, "end_session")}  # fmt: skip
 
@@ -117,10 +118,11 @@ def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingPa
     kwargs: dict[str, Any] = dataclasses.asdict(defaults)
     max_tokens = "max_completion_tokens" if chat and _value(body, "max_completion_tokens") is not None else "max_tokens"
     renamed = {"max_tokens": max_tokens}
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos"):
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
         value = _value(body, renamed.get(name, name))
         if value is not None:
             kwargs[name] = value
+    kwargs["ignore_eos"] = _bool(body, "ignore_eos", defaults.ignore_eos)
     stop = _value(body, "stop")
     if stop is not None:
         kwargs["stop"] = [stop] if isinstance(stop, str) else stop

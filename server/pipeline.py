@@ -106,6 +106,15 @@ async def run_pipeline(
             text = j.invocation_text
             invocations.append(await front.worker.run_host(lambda e, t=text: e.tokenize(t, add_special_tokens=False)))
     turn = None if messages is None else await front.worker.run_host(lambda e: turn_end(e, messages))
+    # A judge reads at least the prompt, one answer token and its invocation, and adds a token: one whose
+    # invocation cannot fit is refused before the base model runs (a prompt of text counts one token here).
+    shortest = (len(prompt) if prompt is not None and not isinstance(prompt, str) else 1) + 1
+    limit = await front.model_len()
+    for k, (j, inv) in enumerate(zip(judges, invocations)):
+        if shortest + len(inv) >= limit:
+            field = f"judges[{k}]." + ("adapter" if j.invocation_text is None else "invocation_text")
+            raise InvalidRequestError(field, f"its invocation has {len(inv)} tokens: with the prompt and an answer, "
+                                      f"the judge's prompt would reach max_model_len ({limit})")
     streams: list[RequestStream] = []
     tasks: dict[asyncio.Future, int] = {}
     try:

@@ -21,6 +21,7 @@ GenerateRequest message the clients send, for callers that use the generated stu
 from __future__ import annotations
 
 import dataclasses
+import operator
 import os
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -210,7 +211,21 @@ def _put_prompt(msg, prompt) -> None:
     elif _is_conversation(prompt):
         msg.messages.CopyFrom(_chat_messages(prompt))
     else:
-        msg.token_ids.ids.extend(int(t) for t in prompt)
+        ids = list(prompt)
+        bad = next((t for t in ids if not _is_token_id(t)), None)
+        if bad is not None:
+            raise ValueError(f"prompt: token ids must be integers in [0, 2**31), got {bad!r:.40}")
+        msg.token_ids.ids.extend(int(t) for t in ids)
+
+
+def _is_token_id(value: Any) -> bool:
+    """An int (or numpy integer) that is not a bool and fits the protocol's int32 ids."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return 0 <= operator.index(value) < 2**31
+    except TypeError:
+        return False
 
 
 def _sampling_message(params: Any, sampling: Mapping[str, Any]) -> pb.SamplingParams:
@@ -225,10 +240,13 @@ def _sampling_message(params: Any, sampling: Mapping[str, Any]) -> pb.SamplingPa
     for name, value in values.items():
         if value is None:
             continue
-        if name == "stop_token_ids":
-            sp.stop_token_ids.extend(value)
-        else:
-            setattr(sp, name, value)
+        try:
+            if name == "stop_token_ids":
+                sp.stop_token_ids.extend(value)
+            else:
+                setattr(sp, name, value)
+        except (TypeError, ValueError) as e:  # (out of the field's range, or of the wrong type)
+            raise ValueError(f"sampling.{name}: {e}") from None
     return sp
 
 

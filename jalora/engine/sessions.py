@@ -23,11 +23,11 @@ Rules (docs/architecture.md, "Pipeline sessions"):
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import OrderedDict
 from collections.abc import Callable
 
 from jalora.api.limits import MAX_SESSION_ID_CHARS
+from jalora.config import is_number
 from jalora.engine.block_manager import BlockManager
 from jalora.engine.request import Request
 from jalora.errors import InvalidRequestError, SessionNotFoundError, quoted
@@ -90,7 +90,7 @@ class Sessions:
             )
         if ttl is None:
             return None
-        ok = isinstance(ttl, int | float) and not isinstance(ttl, bool) and math.isfinite(ttl)
+        ok = is_number(ttl)
         if not ok or not 0 < ttl <= self.max_ttl:
             raise InvalidRequestError(
                 "session_ttl", f"must be a number of seconds in (0, {self.max_ttl:g}] (max_session_ttl), got {ttl!r}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import numpy as np
 import pytest
 
 from jalora import SamplingParams
@@ -46,6 +47,24 @@ def test_request_takes_sampling_params_and_keyword_overrides():
     assert generate_request("hi", params=params, seed=None).sampling.seed == 9  # None keeps params' seed
     with pytest.raises(TypeError, match="unknown sampling fields"):
         generate_request("hi", max_token=4)
+
+
+@pytest.mark.parametrize("prompt, sampling, field", [
+    ([3, 1.7], {}, "prompt"),  # (would be sent as 1)
+    ([3, True], {}, "prompt"),
+    ([3, 2**40], {}, "prompt"),
+    ([3, -1], {}, "prompt"),
+    ([3], {"max_tokens": 2**31}, "sampling.max_tokens"),
+    ([3], {"seed": 2**64}, "sampling.seed"),
+    ([3], {"stop_token_ids": [2**40]}, "sampling.stop_token_ids"),
+    ([3], {"top_k": "3"}, "sampling.top_k"),
+])  # fmt: skip
+def test_a_request_the_protocol_cannot_carry_is_refused_naming_the_field(prompt, sampling, field):
+    """Before anything is sent: one ValueError naming the field, not the protocol buffer's bare range error."""
+    with pytest.raises(ValueError) as err:
+        generate_request(prompt, **sampling)
+    assert str(err.value).startswith(f"{field}: ") and str(err.value).count(field) == 1, err.value
+    assert list(generate_request(np.array([3, 4])).token_ids.ids) == [3, 4]  # numpy ints are token ids
 
 
 def test_unreachable_server_raises_typed_error():

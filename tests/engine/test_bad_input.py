@@ -41,6 +41,12 @@ def assert_names_the_field_once(err: InvalidRequestError, field: str) -> None:
         ({"top_p": "0.5"}, "top_p"),
         ({"max_tokens": 2.0}, "max_tokens"),
         ({"top_k": True}, "top_k"),
+        ({"top_k": 2**31}, "top_k"),  # (past int32: the engine's step would overflow)
+        ({"stop_token_ids": [2**31]}, "stop_token_ids"),
+        ({"temperature": 10**400}, "temperature"),  # (too large for a float)
+        ({"top_p": 10**400}, "top_p"),
+        ({"ignore_eos": "no"}, "ignore_eos"),
+        ({"prompt_logprobs": "yes"}, "prompt_logprobs"),
     ],
 )
 def test_sampling_params_name_the_field(kwargs, field):

@@ -202,6 +202,30 @@ def test_with_invocation_needs_an_adapter(refused_target, capsys):
     )
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["generate", "3 x", "--token-ids"], "PROMPT"),
+    (["generate", "3 -4", "--token-ids"], "PROMPT"),
+    (["generate", "hi", "--top-k", "3000000000"], "--top-k"),
+    (["generate", "hi", "--max-tokens", "0"], "--max-tokens"),
+    (["generate", "hi", "--temperature", "nan"], "--temperature"),
+    (["generate", "hi", "--wait", "nan"], "--wait"),
+    (["generate", "hi", "--wait", "-3"], "--wait"),
+    (["generate", "hi", "--timeout", "0"], "--timeout"),
+    (["pipeline", "--rounds", "0"], "--rounds"),
+    (["pipeline", "--max-tokens", "3000000000"], "--max-tokens"),
+    (["pipeline", "--judge-max-tokens", "-1"], "--judge-max-tokens"),
+    (["demo", "--model", "/nowhere", "--rounds", "0"], "--rounds"),
+    (["demo", "--model", "/nowhere", "--max-tokens", "0"], "--max-tokens"),
+])  # fmt: skip
+def test_client_flags_are_checked_before_connecting_or_starting(refused_target, capsys, argv, flag):
+    """A bad value is one usage error naming its flag, before any connection (the target refuses them, which
+    would be a different error) or, for demo, before the model is read (it does not exist)."""
+    target = [] if argv[0] == "demo" else ["--target", refused_target]
+    assert cli.main([*argv, *target]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"jalora {argv[0]}: {flag}: ") and err.count("\n") == 1 and err.count(flag) == 1, err
+
+
 def test_bad_adapter_argument_is_a_usage_error():
     with pytest.raises(SystemExit) as exit_:
         cli.main(["serve", "--adapter", "no-equals-sign"])

@@ -263,6 +263,11 @@ BAD_REQUESTS = {
     "temperature < 0": (_completion(temperature=-1), 400, "temperature"),
     "top_p 0": (_completion(top_p=0), 400, "top_p"),
     "seed < 0": (_completion(seed=-1), 400, "seed"),
+    "top_k past int32": (_completion(top_k=2**31, temperature=1), 400, "top_k"),
+    "temperature past a float": (_completion(temperature=10**400), 400, "temperature"),
+    "ignore_eos text": (_completion(ignore_eos="no"), 400, "ignore_eos"),
+    "session_ttl past a float": (_completion(session="s", session_ttl=10**400), 400, "session_ttl"),
+    "stop_token_ids past int32": (_completion(stop_token_ids=[2**31]), 400, "stop_token_ids"),
     "logprobs 100": (_completion(logprobs=100), 400, "logprobs"),
     "top_logprobs 100": (_chat(logprobs=True, top_logprobs=100), 400, "top_logprobs"),
     "top_logprobs alone": (_chat(top_logprobs=2), 400, "top_logprobs"),
@@ -302,7 +307,8 @@ def test_bad_request_gets_openai_error_naming_the_param(server, oai, case):
 
 def test_bodies_that_are_not_json_objects(server, oai):
     json_type = {"headers": {"Content-Type": "application/json"}}
-    for content in (b"{not json", b"[1, 2]", b"\xff\xfe"):
+    nested = b'{"model": "m", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # (deeper than Python recurses)
+    for content in (b"{not json", b"[1, 2]", b"\xff\xfe", nested):
         err = _error(lambda content=content: oai.post("/completions", content=content, cast_to=object,
                                                       options=json_type))  # fmt: skip
         assert err.status_code == 400 and err.body["param"] is None and err.body["type"] == "invalid_request_error"

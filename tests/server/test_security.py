@@ -286,6 +286,20 @@ def test_server_options_reach_grpc(engine):
     assert cli.serve_plan(args).server_config == config
 
 
+@pytest.mark.parametrize("field, value", [("max_concurrent_streams", 10**10), ("keepalive_time", 1e12),
+                                          ("max_connection_age", 1e12), ("keepalive_timeout", 10**400),
+                                          ("grace", 10**400), ("max_connection_age_grace", float("nan"))])  # fmt: skip
+def test_channel_values_past_grpcs_32_bit_arguments_are_refused_at_the_command_line(field, value, capsys):
+    """gRPC takes these as 32-bit ints (the times in ms) and would fail the start after the warm-up; an int too
+    large for a float is not a number of seconds. Both are refused before the model is read."""
+    with pytest.raises(InvalidRequestError) as err:
+        ServerConfig(**{field: value})
+    assert err.value.field == field and str(err.value).count(field) == 1
+    flag = "--" + field.replace("_", "-")
+    assert cli.main(["serve", "--model", "/nowhere", flag, str(value)]) == 2
+    assert capsys.readouterr().err.startswith(f"jalora serve: {field}: ")
+
+
 # ---- configuration and the command line -----------------------------------------------------------
 
 

@@ -100,12 +100,19 @@ def test_pipeline_streams_base_then_judges_that_reuse_its_blocks(setup, client):
         ([PipelineJudge("judge_a", sampling=dict(top_p=2.0))], grpc.StatusCode.INVALID_ARGUMENT,
          "judges[0].sampling.top_p"),
         ([PipelineJudge("judge_a", invocation_text="t5")], grpc.StatusCode.FAILED_PRECONDITION, "prompt"),
+        ([PipelineJudge("judge_a"), PipelineJudge("judge_a", invocation_text="t90 t91 " + "t5 " * 1000)],
+         grpc.StatusCode.INVALID_ARGUMENT, "judges[1].invocation_text"),
     ],
 )  # fmt: skip
 def test_bad_pipeline_is_refused_naming_the_field(setup, client, judges, code, field):
+    """Refused before the base model runs, but for an invocation that is not the adapter's (found only in the
+    judge's own prompt)."""
+    before = setup[0].server.worker.engine.stats().generation_tokens
     with pytest.raises(ServerError) as e:
         list(client.pipeline(PROMPT, judges, max_tokens=2))
     assert (e.value.code, e.value.field) == (code, field), e.value
+    ran = setup[0].server.worker.engine.stats().generation_tokens - before
+    assert ran == (2 if field == "prompt" else 0), ran
     client.server_info()  # queued behind the call's clean-up on the engine thread
     assert setup[0].server.worker.engine.stats().num_sessions == 0
 
