@@ -269,10 +269,15 @@ def _bind_problem(host: str, port: int) -> str | None:
 
 
 def _tls_problems(config: ServerConfig) -> list[str]:
-    """Why the config's PEM files would not make a TLS server (ServerConfig checked they are readable).
+    """Why the config's PEM files would not make a TLS server (ServerConfig checked they are readable)."""
+    return _pem_problems(("tls_cert", config.tls_cert), ("tls_key", config.tls_key),
+                         ("tls_client_ca", config.tls_client_ca))  # fmt: skip
 
-    Python's ssl module parses them as OpenSSL will when gRPC loads them at start; an encrypted key
-    counts as unreadable (gRPC takes no password)."""
+
+def _pem_problems(cert: tuple[str, str | None], key: tuple[str, str | None], ca: tuple[str, str | None]) -> list[str]:
+    """Why PEM files, each (field or flag, path or None), would not make a TLS end: a certificate chain and its
+    private key, and root certificates. Python's ssl module parses them as OpenSSL will when gRPC loads them;
+    an encrypted key counts as unreadable (gRPC takes no password)."""
     problems = []
 
     def certificates(field: str, path: str) -> bool:
@@ -283,16 +288,17 @@ def _tls_problems(config: ServerConfig) -> list[str]:
             problems.append(f"{field}: {path} holds no PEM certificate")
             return False
 
-    if config.tls_cert is not None and certificates("tls_cert", config.tls_cert):
+    (cert_field, cert_path), (key_field, key_path) = cert, key
+    if cert_path is not None and certificates(cert_field, cert_path):
         try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(config.tls_cert, config.tls_key, password=b"")
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert_path, key_path, password=b"")
         except ssl.SSLError as e:
             if e.reason == "KEY_VALUES_MISMATCH":
-                problems.append(f"tls_key: {config.tls_key} is not the private key of {config.tls_cert}")
+                problems.append(f"{key_field}: {key_path} is not the private key of {cert_path}")
             else:
-                problems.append(f"tls_key: {config.tls_key} holds no unencrypted PEM private key")
-    if config.tls_client_ca is not None:
-        certificates("tls_client_ca", config.tls_client_ca)
+                problems.append(f"{key_field}: {key_path} holds no unencrypted PEM private key")
+    if ca[1] is not None:
+        certificates(*ca)
     return problems
 
 
@@ -373,6 +379,10 @@ def _start_multihost(args: argparse.Namespace) -> bool:
 def _serve(args: argparse.Namespace) -> int:
     from server.app import JaloraServer, format_address
 
+    if args.coordinator_address or args.num_processes is not None or args.process_id is not None:
+        from jalora.engine import multihost
+
+        multihost.check_group(args.coordinator_address, args.num_processes, args.process_id, args.multihost_timeout)
     plan = prepare(args)
     if _start_multihost(args):
         from jalora.engine import multihost
@@ -522,6 +532,10 @@ def _client_credentials(args: argparse.Namespace):
             raise InvalidRequestError("--tls-cert", "needs --tls-key, its private key")
         files = {flag: _flag_file(flag, path) for flag, path in (("--tls-ca", ca), ("--tls-cert", cert),
                                                                  ("--tls-key", key)) if path}  # fmt: skip
+        problems = _pem_problems(("--tls-cert", cert), ("--tls-key", key), ("--tls-ca", ca))
+        if problems:  # (gRPC would log its own errors and report the server unreachable)
+            flag, message = problems[0].split(": ", 1)
+            raise InvalidRequestError(flag, message)
         tls = TLS(ca=files.get("--tls-ca"), cert=files.get("--tls-cert"), key=files.get("--tls-key"))
     token = None
     if getattr(args, "token_file", None):

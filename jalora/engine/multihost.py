@@ -34,12 +34,14 @@ from multiprocessing.connection import Client, Connection, Listener
 
 import jax
 
+from jalora.config import is_int
 from jalora.errors import EngineLostError, InvalidRequestError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_KEY = b"jalora-multihost"
 FIELD = "coordinator_address"
+MAX_TIMEOUT = 24 * 3600  # seconds the processes may take to find each other, at most
 
 
 class FollowerLostError(EngineLostError):
@@ -60,14 +62,7 @@ def initialize(
     with cross-process collectives on CPU devices too. Call it first, before anything touches a device.
     Raises InvalidRequestError naming coordinator_address if the group does not form within `timeout`
     seconds (no coordinator at that address, or processes missing)."""
-    if coordinator_address is not None:
-        host, _, port = coordinator_address.rpartition(":")
-        if not host or not port.isdigit():
-            raise InvalidRequestError(FIELD, f"must be HOST:PORT, got {coordinator_address!r}")
-    if (coordinator_address is None) != (num_processes is None) or (num_processes is None) != (process_id is None):
-        raise InvalidRequestError(
-            FIELD, "the coordinator address, the number of processes and the process id go together (or none)"
-        )
+    check_group(coordinator_address, num_processes, process_id, timeout)
     if coordinator_address is not None and process_id != 0:
         # JAX's client aborts the process (a fatal log and a stack trace) when it cannot register with
         # the coordinator: find it first, and fail with one error if it never answers.
@@ -80,6 +75,28 @@ def initialize(
     if coordinator_address is None:  # inferred by JAX (TPU VM, SLURM, ...): process 0's address
         coordinator_address = jax._src.distributed.global_state.coordinator_address  # noqa: SLF001
     _coordinator.update(address=coordinator_address, key=key or DEFAULT_KEY)
+
+
+def check_group(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
+                timeout: int) -> None:
+    """The arguments of `initialize`, checked before anything is started (the CLI calls it before the model is
+    read). Raises InvalidRequestError naming the one at fault."""
+    if not (is_int(timeout) and 1 <= timeout <= MAX_TIMEOUT):
+        raise InvalidRequestError("multihost_timeout", f"must be a whole number of seconds in [1, {MAX_TIMEOUT}], "
+                                  f"got {timeout!r}")  # fmt: skip
+    if coordinator_address is not None:
+        host, _, port = coordinator_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise InvalidRequestError(FIELD, f"must be HOST:PORT, got {coordinator_address!r}")
+    if (coordinator_address is None) != (num_processes is None) or (num_processes is None) != (process_id is None):
+        raise InvalidRequestError(
+            FIELD, "the coordinator address, the number of processes and the process id go together (or none)"
+        )
+    if num_processes is not None and not (is_int(num_processes) and num_processes >= 1):
+        raise InvalidRequestError("num_processes", f"must be an integer >= 1, got {num_processes!r}")
+    if process_id is not None and not (is_int(process_id) and 0 <= process_id < num_processes):
+        raise InvalidRequestError("process_id", f"must be an integer in [0, {num_processes - 1}] (the processes' "
+                                  f"indices), got {process_id!r}")  # fmt: skip
 
 
 def _wait_for(address: str, timeout: float) -> None:

@@ -58,6 +58,9 @@ def export_orbax(model_dir: str, out_dir: str, tensor_parallel_size: int = 1, dt
     from jalora.model.kernel_plan import KernelPlan
     from jalora.model.sharding import check_tensor_parallel
 
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir):  # (before the model is read)
+        raise InvalidRequestError("output_dir", f"{out_dir} exists; choose a new directory")
     model_dir = resolve_model_dir(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     check_tensor_parallel(cfg, tensor_parallel_size, tensor_parallel_size)
@@ -70,9 +73,6 @@ def export_orbax(model_dir: str, out_dir: str, tensor_parallel_size: int = 1, dt
     for path, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]:
         name = param_name(path)
         params[name] = np.asarray(layout.layout_param(cfg, name, _hf_param(cfg, name, reader)))
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir):
-        raise InvalidRequestError("output_dir", f"{out_dir} exists; choose a new directory")
     os.makedirs(out_dir)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(out_dir, PARAMS), params)

@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jalora.config import is_int
 from jalora.errors import InvalidRequestError
 from jalora.model.config import ModelConfig
 
@@ -59,6 +60,8 @@ KV_SPEC = P(None, None, AXIS, None)  # [num_blocks, block_size, kv heads, head_d
 
 def check_tensor_parallel(cfg: ModelConfig, tp: int, num_devices: int) -> None:
     """Raises InvalidRequestError naming tensor_parallel_size unless the model splits over `tp` devices."""
+    if not (is_int(tp) and tp >= 1):
+        raise InvalidRequestError(FIELD, f"must be an integer >= 1, got {tp!r}")
     if tp > num_devices:
         raise InvalidRequestError(FIELD, f"is {tp} but this process sees {num_devices} device(s)")
     h, hkv, f = cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size

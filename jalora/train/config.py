@@ -8,9 +8,10 @@ these fields, as `serve` does from EngineConfig). The adapter fields mean what t
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from jalora.adapters.peft import MODULE_GROUP
-from jalora.config import DTYPES, config_field, is_int, require
+from jalora.config import DTYPES, config_field, is_int, is_number, require
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 SAVE_DTYPES = ("float32", "bfloat16")
@@ -71,7 +72,8 @@ class TrainConfig:
     def __post_init__(self):
         for name in ("model", "data", "output_dir"):
             require(bool(getattr(self, name)), name, "is required")
-        require(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        f = self.eval_fraction
+        require(is_number(f) and 0.0 <= f < 1.0, "eval_fraction", f"must be in [0, 1), got {f!r:.40}")
         require(not (self.invocation and self.invocation_tokens), "invocation",
                 "give the invocation as a string or as token ids, not both")  # fmt: skip
         require(all(is_int(t) and t >= 0 for t in self.invocation_tokens), "invocation_tokens",
@@ -83,19 +85,23 @@ class TrainConfig:
         bad = [m for m in self.target_modules if m not in MODULE_GROUP]
         require(not bad, "target_modules", f"{bad} are not projections ({', '.join(MODULE_GROUP)})")
         require(is_int(self.r) and self.r >= 1, "r", f"must be an integer >= 1, got {self.r}")
-        require(self.lora_alpha > 0, "lora_alpha", f"must be > 0, got {self.lora_alpha}")
-        require(0.0 <= self.lora_dropout < 1.0, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
-        require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
-        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
-        require(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
-        require(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
-        require(self.max_steps is None or self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
-        for name in ("batch_size", "grad_accum"):
-            require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
-        require(self.max_grad_norm >= 0, "max_grad_norm", f"must be >= 0, got {self.max_grad_norm}")
-        require(self.max_seq_len is None or self.max_seq_len >= 2, "max_seq_len", "must be >= 2")
-        for name in ("eval_every", "save_every"):
-            require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        for name, low, low_ok in (("lora_alpha", 0, False), ("learning_rate", 0, False), ("weight_decay", 0, True),
+                                  ("epochs", 0, False), ("max_grad_norm", 0, True)):  # fmt: skip
+            v = getattr(self, name)
+            ok = is_number(v) and (v >= low if low_ok else v > low)
+            require(ok, name, f"must be a finite number {'>=' if low_ok else '>'} {low}, got {v!r:.40}")
+        d = self.lora_dropout
+        require(is_number(d) and 0.0 <= d < 1.0, "lora_dropout", f"must be in [0, 1), got {d!r:.40}")
+        for name, low in (("warmup_steps", 0), ("batch_size", 1), ("grad_accum", 1), ("eval_every", 0),
+                          ("save_every", 0)):  # fmt: skip
+            v = getattr(self, name)
+            require(is_int(v) and v >= low, name, f"must be an integer >= {low}, got {v!r:.40}")
+        require(self.max_steps is None or (is_int(self.max_steps) and self.max_steps >= 1), "max_steps",
+                f"must be an integer >= 1, got {self.max_steps!r:.40}")  # fmt: skip
+        require(self.max_seq_len is None or (is_int(self.max_seq_len) and self.max_seq_len >= 2), "max_seq_len",
+                "must be an integer >= 2")  # fmt: skip
+        require(not os.path.exists(self.output_dir) or os.path.isdir(self.output_dir), "output_dir",
+                f"{self.output_dir} is a file, not a directory")  # fmt: skip
 
     @property
     def is_alora(self) -> bool:

@@ -256,6 +256,8 @@ def train_adapter(
     buckets = B.bucket_lengths(setup.max_seq_len)
     r_slots = B.response_slots(train + evals)
     per_epoch = len(B.epoch_batches(train, buckets, config.batch_size, config.seed, 0))
+    # Rows of a micro-batch: batch_size, but no more than the examples there are (the rest would be padding).
+    train_rows, eval_rows = min(config.batch_size, len(train)), min(config.batch_size, max(1, len(evals)))
     total_steps = config.max_steps or max(1, math.ceil(math.ceil(per_epoch * config.epochs) / config.grad_accum))
     epochs_cache: dict[int, list] = {}
 
@@ -299,7 +301,7 @@ def train_adapter(
     def evaluate(params) -> dict:
         loss_sum = count = exact = rows = 0.0
         for t, idx in B.eval_batches(evals, buckets, config.batch_size):
-            batch = B.make_batch(evals, idx, t, config.batch_size, r_slots)
+            batch = B.make_batch(evals, idx, t, eval_rows, r_slots)
             ls, (c, e, n) = _eval_step(params, base_state, batch, **static)
             loss_sum, count, exact, rows = loss_sum + float(ls), count + float(c), exact + float(e), rows + float(n)
         return {"loss": loss_sum / max(count, 1.0), "accuracy": exact / rows if rows else None}
@@ -319,7 +321,7 @@ def train_adapter(
             grads_sum, loss_sum, count, tokens = None, 0.0, 0.0, 0
             for j in range(step * config.grad_accum, (step + 1) * config.grad_accum):
                 t, idx = micro_batch(j)
-                batch = B.make_batch(train, idx, t, config.batch_size, r_slots)
+                batch = B.make_batch(train, idx, t, train_rows, r_slots)
                 key = jax.random.fold_in(dropout_key, j)
                 (ls, (c, _, _)), g = _grad_step(lora, base_state, batch, key, dropout=config.lora_dropout, **static)
                 grads_sum = g if grads_sum is None else jax.tree.map(jnp.add, grads_sum, g)

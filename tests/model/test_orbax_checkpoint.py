@@ -48,3 +48,24 @@ def test_another_size_or_dtype_is_refused_by_name(model):
     with pytest.raises(InvalidRequestError) as e:
         LLM(orbax_dir, tensor_parallel_size=4, dtype="bfloat16", **ENGINE)
     assert e.value.field == "dtype"
+
+
+@pytest.mark.parametrize("argv, field", [
+    (["--tensor-parallel-size", "0"], "tensor_parallel_size"),
+    (["--tensor-parallel-size", "-1"], "tensor_parallel_size"),
+    (["--tensor-parallel-size", "3"], "tensor_parallel_size"),  # (does not divide 8 heads)
+])  # fmt: skip
+def test_bad_export_arguments_are_one_error_and_write_nothing(model, tmp_path, capsys, argv, field):
+    hf, _ = model
+    out = tmp_path / "out"
+    assert cli.main(["export-orbax", hf, str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"jalora export-orbax: {field}: ") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_an_existing_output_directory_is_refused_before_the_model_is_read(tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    assert cli.main(["export-orbax", str(tmp_path / "no-model"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"jalora export-orbax: output_dir: {tmp_path / 'out'} exists; choose a new " \
+                                      "directory\n"

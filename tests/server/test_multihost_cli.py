@@ -31,6 +31,21 @@ def test_the_three_flags_go_together(capsys):
         in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, field", [
+    (["--num-processes", "2", "--process-id", "1", "--multihost-timeout", "-1"], "multihost_timeout"),
+    (["--num-processes", "2", "--process-id", "1", "--multihost-timeout", "0"], "multihost_timeout"),
+    (["--num-processes", "0", "--process-id", "0"], "num_processes"),
+    (["--num-processes", "1", "--process-id", "3"], "process_id"),
+    (["--num-processes", "2", "--process-id", "-1"], "process_id"),
+])  # fmt: skip
+def test_group_values_are_checked_before_anything_starts(capsys, flags, field):
+    """Refused at once, naming the flag's field: not after the model load, not after waiting --multihost-timeout
+    for a coordinator (127.0.0.1:9 has none), not as a traceback."""
+    assert cli.main(["serve", "--model", "/nowhere", "--coordinator-address", "127.0.0.1:9", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"jalora serve: {field}: ") and err.count("\n") == 1, err
+
+
 def test_two_processes_serve_and_a_lost_one_turns_health_not_serving(tmp_path):
     """`jalora serve` as process 0 and 1 of a group on localhost (one CPU device each, tp=2): process 0
     serves the one-process tokens; once process 1 dies, health turns NOT_SERVING (watched, not polled)

@@ -404,6 +404,12 @@ def test_client_commands_take_tls_and_a_token(tls_token_server, pki, capsys):
     assert cli.main([*base, "--tls-ca", pki["ca"], "--token-file", pki["ca"] + ".missing"]) == 2
     assert capsys.readouterr().err == (f"jalora generate: --token-file: cannot read {pki['ca']}.missing: no such file "
                                        "or directory\n")  # fmt: skip
+    # Files that are not what the flag needs: named before connecting (not gRPC's own log lines and "no server")
+    for flags, want in ((["--tls-ca", pki["token"]], f"--tls-ca: {pki['token']} holds no PEM certificate"),
+                        (["--tls-ca", pki["ca"], "--tls-cert", pki["client"], "--tls-key", pki["server_key"]],
+                         f"--tls-key: {pki['server_key']} is not the private key of {pki['client']}")):  # fmt: skip
+        assert cli.main([*base, *flags]) == 2
+        assert capsys.readouterr() == ("", f"jalora generate: {want}\n")
 
 
 def test_pipeline_takes_mutual_tls(mtls_server, pki, capsys):

@@ -49,3 +49,24 @@ def test_not_json_and_bad_settings(text_llama, tmp_path, capsys):
     assert cli.main([*base, "--invocation-tokens", "7", "--invocation-tokens", "500"]) == 2
     want = "jalora train: invocation: alora_invocation_tokens must be token ids in [0, 97) (the base vocabulary)\n"
     assert capsys.readouterr().err == want
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--learning-rate", "inf"], "learning_rate"),  # (trained to a NaN loss and wrote "lora_alpha": Infinity)
+    (["--lora-alpha", "inf"], "lora_alpha"),
+    (["--lora-alpha", "nan"], "lora_alpha"),
+    (["--max-grad-norm", "-1"], "max_grad_norm"),
+    (["--epochs", "inf"], "epochs"),
+    (["--lora-dropout", "nan"], "lora_dropout"),
+    (["--output-dir", "FILE"], "output_dir"),  # an existing file
+])  # fmt: skip
+def test_bad_settings_are_one_error_before_training(text_llama, tmp_path, capsys, flags, field):
+    data, existing = tmp_path / "data.jsonl", tmp_path / "a-file"
+    data.write_text(json.dumps(GOOD) + "\n")
+    existing.write_text("not a directory")
+    flags = [str(existing) if f == "FILE" else f for f in flags]
+    argv = ["train", "--model", text_llama, "--data", str(data), "--output-dir", str(tmp_path / "o"), *flags]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"jalora train: {field}: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()

@@ -52,3 +52,17 @@ def test_resumed_run_equals_uninterrupted_run(text_llama, tmp_path):
 
     with pytest.raises(InvalidRequestError, match="^resume: the checkpoint in .* was made with other settings"):
         train_adapter(output_dir=str(tmp_path / "cut"), **{**settings, "learning_rate": 1e-3})
+
+
+def test_a_batch_larger_than_the_data_trains_as_one_of_the_data(text_llama, tmp_path):
+    """A batch size past the examples there are pads no rows beyond them (10**8 rows would not fit in memory):
+    the run equals one whose batch holds exactly the training examples (16 of 20, 4 held out), without dropout."""
+    data = _data(tmp_path / "data.jsonl")
+    settings = dict(model=text_llama, data=data, invocation=JUDGE, r=4, max_steps=2, learning_rate=3e-3,
+                    warmup_steps=0, save_every=0, eval_fraction=0.2, progress=False)  # fmt: skip
+    exact = train_adapter(output_dir=str(tmp_path / "exact"), batch_size=16, **settings)
+    huge = train_adapter(output_dir=str(tmp_path / "huge"), batch_size=10**8, **settings)
+    a = load_file(str(tmp_path / "exact" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "huge" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert (exact.train_loss, exact.eval_loss) == (huge.train_loss, huge.eval_loss)
