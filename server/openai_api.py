@@ -157,7 +157,10 @@ def _stream_options(body: dict, stream: bool) -> bool:
         raise InvalidRequestError("stream_options", "needs stream: true")
     if not isinstance(options, dict):
         raise InvalidRequestError("stream_options", "must be an object")
-    return _bool(options, "include_usage")
+    usage = _value(options, "include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise InvalidRequestError("stream_options.include_usage", f"must be true or false, got {usage!r:.40}")
+    return bool(usage)
 
 
 def parse_completion(body: dict, defaults: SamplingParams) -> tuple[Generation, Sequence[int] | None]:

@@ -250,6 +250,8 @@ class AdapterManager:
         """Installs an adapter directory (read here, confined to `roots` if given) or a prepared one under
         `name`. Raises InvalidRequestError (or CapacityError) and changes nothing."""
         self._check_name(name)
+        if not isinstance(adapter, str | os.PathLike | PreparedAdapter):
+            raise InvalidRequestError("path", f"must be an adapter directory, got {adapter!r:.60}")
         self._check_capacity()  # before the files are read
         prepared = adapter if isinstance(adapter, PreparedAdapter) else self.prepare(adapter, roots)
         return self.install(name, prepared)

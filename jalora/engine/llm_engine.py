@@ -23,7 +23,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from jalora.adapters.manager import AdapterManager, PreparedAdapter
-from jalora.adapters.peft import AdapterInfo
+from jalora.adapters.peft import AdapterInfo, module_dims
 from jalora.cache import use_compile_cache
 from jalora.config import EngineConfig
 from jalora.engine import executables, multihost
@@ -85,6 +85,65 @@ def _kv_blocks_from_memory(block_bytes: int, fraction: float) -> int | None:
         return None
     free = stats["bytes_limit"] * fraction - stats.get("bytes_in_use", 0)
     return max(int(free // block_bytes), 1)
+
+
+def memory_floor(config: EngineConfig, cfg: ModelConfig, tp: TensorParallel, max_model_len: int, dtype) -> dict:
+    """{what: bytes} each device surely allocates for what the config sizes, known before any weight is read:
+    the weights ("model"), the KV cache and a page-table row per sequence of an explicit num_kv_blocks, a
+    float32 logits row per sequence (max_num_seqs), two hidden-state rows per step token
+    (max_num_batched_tokens), and the smallest adapter stack, which loading any adapter allocates at max_loras
+    x max_lora_rank. A floor, not an estimate: the engine needs more (activations, compiled steps), never less."""
+    item = np.dtype(dtype).itemsize
+    floor = {"model": cfg.num_params() * item // tp.size}
+    pages = 0
+    if config.num_kv_blocks is not None:
+        floor["num_kv_blocks"] = config.num_kv_blocks * tp.kv_block_bytes(cfg, config.block_size, dtype)
+        pages = -(-min(max_model_len, config.num_kv_blocks * config.block_size) // config.block_size)
+    floor["max_num_seqs"] = config.max_num_seqs * (4 * pages + 4 * cfg.vocab_size)
+    floor["max_num_batched_tokens"] = config.max_num_batched_tokens * 2 * cfg.hidden_size * item
+    smallest = min(din + dout for din, dout in module_dims(cfg).values())
+    lora = cfg.num_layers * config.max_loras * config.max_lora_rank * smallest * item // tp.size
+    floor["max_lora_rank" if config.max_lora_rank >= config.max_loras else "max_loras"] = lora
+    return floor
+
+
+def memory_limit() -> int | None:
+    """Bytes one device can hold: a GPU's or TPU's limit, or on a CPU the host's memory (less where the
+    process's address space is limited lower); None where unknown."""
+    dev = jax.local_devices()[0]
+    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    if dev.platform != "cpu":
+        return None
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            limit = min(limit, soft)
+    except (ImportError, ValueError, OSError):
+        pass
+    return limit
+
+
+def check_memory_floor(floor: dict, limit: int | None) -> None:
+    """Raises InvalidRequestError naming the largest sized field (or the model) when `floor` (memory_floor)
+    cannot fit in `limit` bytes."""
+    total = sum(floor.values())
+    if limit is None or total <= limit:
+        return
+    field = max(floor, key=floor.get)
+    size = lambda n: f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"  # noqa: E731
+    rest = [f"{k} {size(v)}" for k, v in sorted(floor.items(), key=lambda kv: -kv[1])
+            if k != field and v >= total / 100]  # fmt: skip
+    others = f" ({', '.join(rest)} besides)" if rest else ""
+    raise InvalidRequestError(field, f"takes at least {size(floor[field])} of device memory: with the rest, at least "
+                              f"{size(total)}{others}, more than the {size(limit)} there are")  # fmt: skip
 
 
 def _read_generation_config(model_dir: str) -> dict:
@@ -150,6 +209,8 @@ class LLMEngine:
         self.eos_token_ids = tuple(dict.fromkeys(cfg.eos_token_ids + _ids(self.generation_config.get("eos_token_id"))))
         self.kernel_plan = KernelPlan.from_config(config)
         self.tp = tp = TensorParallel.create(cfg, config.tensor_parallel_size)  # checked before any weight is read
+        # Sizes that cannot fit fail before any weight is read (or a follower joins), not in the warm-up.
+        check_memory_floor(memory_floor(config, cfg, tp, max_model_len, self.dtype), memory_limit())
         self.host_tier = self._make_host_tier(cfg, tp)  # (before any weight or follower: a bad size fails fast)
         # Several hosts: process 0 leads (it schedules and sends every device call), the others follow.
         self.multihost_leader: multihost.Leader | None = None
@@ -293,6 +354,8 @@ class LLMEngine:
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Thread-safe (tokenizers' Rust tokenizer releases the GIL while it encodes)."""
+        if not isinstance(text, str):
+            raise InvalidRequestError("prompt", f"must be text to tokenize, got {type(text).__name__}")
         if self.tokenizer is None:
             raise InvalidRequestError("prompt", f"{self.config.model} has no tokenizer.json; pass token ids instead")
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
@@ -86,6 +87,42 @@ def test_one_bad_prompt_in_a_batch_adds_nothing(llm):
     with pytest.raises(InvalidRequestError):
         llm.generate([[3, 4], [], [5]], SamplingParams(max_tokens=2))
     assert not llm.engine.requests and not llm.engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("field, value", [("num_kv_blocks", 10**12), ("max_num_seqs", 10**12), ("max_loras", 10**9),
+                                          ("max_lora_rank", 10**12), ("max_num_batched_tokens", 10**12)])  # fmt: skip
+def test_sizes_no_memory_holds_are_refused_before_the_weights_are_read(tiny_models, tmp_path, field, value):
+    """Each would fail an allocation after the load or in the warm-up (a traceback): refused naming the field
+    before the weights are read (they are broken here, which would be a different error)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_models["llama"], broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(InvalidRequestError) as e:
+        LLM(str(broken), warmup=False, **{field: value})
+    assert_names_the_field_once(e.value, field)
+    assert "GiB of device memory" in e.value.message
+
+
+def test_arguments_of_the_wrong_type_name_their_field(llm):
+    with pytest.raises(InvalidRequestError) as e:
+        llm.load_adapter("x", None)
+    assert_names_the_field_once(e.value, "path")
+    with pytest.raises(InvalidRequestError) as e:
+        llm.engine.tokenize(5)
+    assert_names_the_field_once(e.value, "prompt")
+    assert llm.list_adapters() == []
+
+
+def test_the_memory_floor_is_what_the_engine_allocates_at_least(tiny_models):
+    """The floor's exact terms against the engine's own arrays: the weights, and the KV cache of num_kv_blocks."""
+    from jalora.engine.llm_engine import memory_floor
+
+    llm = LLM(tiny_models["llama"], num_kv_blocks=24, block_size=4, warmup=False)
+    eng = llm.engine
+    floor = memory_floor(eng.config, eng.model_config, eng.tp, eng.max_model_len, eng.dtype)
+    assert floor["num_kv_blocks"] == sum(c.nbytes for kv in eng.runner.kv_caches for c in kv)
+    params = jax.tree_util.tree_leaves(eng.runner.params)
+    assert floor["model"] == sum(p.nbytes for p in params), (floor, [p.shape for p in params])
 
 
 def test_engine_config_errors(tiny_models, tmp_path):

@@ -276,6 +276,8 @@ BAD_REQUESTS = {
     "stop_token_ids < 0": (_completion(stop_token_ids=[-3]), 400, "stop_token_ids"),
     "stream not bool": (_completion(stream="yes"), 400, "stream"),
     "stream_options alone": (_completion(stream_options={"include_usage": True}), 400, "stream_options"),
+    "include_usage text": (_completion(stream=True, stream_options={"include_usage": "yes"}), 400,
+                           "stream_options.include_usage"),
     "presence_penalty": (_completion(presence_penalty=0.5), 400, "presence_penalty"),
     "tools": (_chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
     "echo stream logprobs": (_completion(echo=True, stream=True, logprobs=1), 400, "echo"),
