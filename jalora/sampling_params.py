@@ -20,7 +20,7 @@ class SamplingParams:
     stop: list[str] | None = None  # stop once the text holds one of these (it is left out of the text)
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs of each generated token (0 = only the sampled one)
-    prompt_logprobs: bool = False
+    prompt_logprobs: bool = False  # each prompt token's logprob (vLLM's count, 0 or 1, turns it on too)
 
     def __post_init__(self):
         require(is_int(self.max_tokens) and 1 <= self.max_tokens <= MAX_INT32, "max_tokens",
@@ -60,9 +60,13 @@ class SamplingParams:
                 f"strings must be at most {MAX_STOP_STRING_CHARS} characters long",
             )
             self.stop = list(self.stop)
-        for name in ("ignore_eos", "prompt_logprobs"):
-            value = getattr(self, name)
-            require(isinstance(value, bool), name, f"must be true or false, got {value!r:.40}")
+        require(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be true or false, got {self.ignore_eos!r:.40}")
+        p = self.prompt_logprobs
+        if is_int(p):  # vLLM's count of top logprobs per prompt token: 0 or 1 hold the token's own one, given here
+            require(p in (0, 1), "prompt_logprobs", f"must be true, false, or a count of 0 or 1 as vLLM takes it (each "
+                    f"prompt token's own logprob), got {p}")  # fmt: skip
+            self.prompt_logprobs = True
+        require(isinstance(self.prompt_logprobs, bool), "prompt_logprobs", f"must be true or false, got {p!r:.40}")
 
     @property
     def greedy(self) -> bool:

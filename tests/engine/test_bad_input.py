@@ -48,9 +48,12 @@ def assert_names_the_field_once(err: InvalidRequestError, field: str) -> None:
         ({"top_p": 10**400}, "top_p"),
         ({"ignore_eos": "no"}, "ignore_eos"),
         ({"prompt_logprobs": "yes"}, "prompt_logprobs"),
+        ({"prompt_logprobs": 5}, "prompt_logprobs"),  # (vLLM's top-5: only each token's own is given)
     ],
 )
 def test_sampling_params_name_the_field(kwargs, field):
+    assert SamplingParams(prompt_logprobs=0).prompt_logprobs is True  # (vLLM's count: the token's own logprob)
+    assert SamplingParams(prompt_logprobs=1).prompt_logprobs is True
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**kwargs)
     assert_names_the_field_once(e.value, field)
