@@ -1,9 +1,11 @@
 """Sampling parameters (vLLM's names), validated on construction."""
 
 import dataclasses
+import operator
 
 from jalora.api.limits import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from jalora.config import is_int, is_number, require
+from jalora.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 MAX_INT32 = 2**31 - 1  # (top_k and token ids go to the device as int32; gRPC's fields are int32)
@@ -60,13 +62,20 @@ class SamplingParams:
                 f"strings must be at most {MAX_STOP_STRING_CHARS} characters long",
             )
             self.stop = list(self.stop)
+        if self.ignore_eos is None:  # (vLLM's unset)
+            self.ignore_eos = False
         require(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be true or false, got {self.ignore_eos!r:.40}")
         p = self.prompt_logprobs
-        if is_int(p):  # vLLM's count of top logprobs per prompt token: 0 or 1 hold the token's own one, given here
-            require(p in (0, 1), "prompt_logprobs", f"must be true, false, or a count of 0 or 1 as vLLM takes it (each "
-                    f"prompt token's own logprob), got {p}")  # fmt: skip
+        if p is None:  # vLLM's unset
+            self.prompt_logprobs = False
+        elif not isinstance(p, bool):  # vLLM's count of top logprobs per prompt token: 0 or 1 hold the token's own
+            try:
+                count = operator.index(p)
+            except TypeError:
+                raise InvalidRequestError("prompt_logprobs", f"must be true or false, got {p!r:.40}") from None
+            require(count in (0, 1), "prompt_logprobs", f"must be true, false, or a count of 0 or 1 as vLLM takes it "
+                    f"(each prompt token's own logprob), got {count}")  # fmt: skip
             self.prompt_logprobs = True
-        require(isinstance(self.prompt_logprobs, bool), "prompt_logprobs", f"must be true or false, got {p!r:.40}")
 
     @property
     def greedy(self) -> bool:

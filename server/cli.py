@@ -379,7 +379,7 @@ def _start_multihost(args: argparse.Namespace) -> bool:
 def _serve(args: argparse.Namespace) -> int:
     from server.app import JaloraServer, format_address
 
-    if args.coordinator_address or args.num_processes is not None or args.process_id is not None:
+    if args.multihost or args.coordinator_address or args.num_processes is not None or args.process_id is not None:
         from jalora.engine import multihost
 
         multihost.check_group(args.coordinator_address, args.num_processes, args.process_id, args.multihost_timeout)

@@ -228,9 +228,10 @@ def _is_token_id(value: Any) -> bool:
         return False
 
 
-def _sampling_message(params: Any, sampling: Mapping[str, Any]) -> pb.SamplingParams:
+def _sampling_message(params: Any, sampling: Mapping[str, Any], field: str = "sampling") -> pb.SamplingParams:
     """Sampling fields from `params` (anything with SamplingParams' attribute names), then keyword
-    overrides; a value left None stays unset (the server's default)."""
+    overrides; a value left None stays unset (the server's default). A value the message cannot hold raises
+    ValueError naming `field`.name."""
     unknown = sorted(set(sampling) - set(_SAMPLING_FIELDS))
     if unknown:
         raise TypeError(f"unknown sampling fields {unknown} (known: {list(_SAMPLING_FIELDS)})")
@@ -246,7 +247,7 @@ def _sampling_message(params: Any, sampling: Mapping[str, Any]) -> pb.SamplingPa
             else:
                 setattr(sp, name, value)
         except (TypeError, ValueError) as e:  # (out of the field's range, or of the wrong type)
-            raise ValueError(f"sampling.{name}: {e}") from None
+            raise ValueError(f"{field}.{name}: {e}") from None
     return sp
 
 
@@ -285,8 +286,9 @@ def pipeline_request(
     """The PipelineRequest that `Client.pipeline` sends."""
     msg = pb.PipelineRequest(sampling=_sampling_message(params, sampling), request_id=request_id or "")
     _put_prompt(msg, prompt)
-    for j in judges:
-        judge = pb.PipelineJudge(adapter=j.adapter or "", sampling=_sampling_message(j.params, j.sampling))
+    for k, j in enumerate(judges):
+        sampling_k = _sampling_message(j.params, j.sampling, f"judges[{k}].sampling")
+        judge = pb.PipelineJudge(adapter=j.adapter or "", sampling=sampling_k)
         if j.invocation_text is not None:
             judge.invocation_text = j.invocation_text
         msg.judges.append(judge)

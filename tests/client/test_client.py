@@ -14,8 +14,10 @@ from jalora.client import (
     AdapterInfo,
     AsyncClient,
     Client,
+    PipelineJudge,
     ServerError,
     generate_request,
+    pipeline_request,
     read_token_file,
     with_invocation,
 )
@@ -65,6 +67,11 @@ def test_a_request_the_protocol_cannot_carry_is_refused_naming_the_field(prompt,
         generate_request(prompt, **sampling)
     assert str(err.value).startswith(f"{field}: ") and str(err.value).count(field) == 1, err.value
     assert list(generate_request(np.array([3, 4])).token_ids.ids) == [3, 4]  # numpy ints are token ids
+    if field.startswith("sampling."):  # a judge's own sampling is named as the server names it
+        judges = [PipelineJudge("a"), PipelineJudge("b", sampling=sampling)]
+        with pytest.raises(ValueError) as err:
+            pipeline_request(prompt, judges)
+        assert str(err.value).startswith(f"judges[1].{field}: "), err.value
 
 
 def test_unreachable_server_raises_typed_error():

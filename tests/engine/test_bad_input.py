@@ -5,12 +5,15 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from checkpoints import DEFAULT_MODEL_DIR
 from checkpoints.make_adapters import make_alora
 from jalora import LLM, InvalidRequestError, SamplingParams
 from jalora.errors import AdapterNotFoundError, InvocationNotFoundError
+from tests import hf_models
 
 
 @pytest.fixture(scope="module")
@@ -110,22 +113,42 @@ def test_arguments_of_the_wrong_type_name_their_field(llm):
     with pytest.raises(InvalidRequestError) as e:
         llm.load_adapter("x", None)
     assert_names_the_field_once(e.value, "path")
-    with pytest.raises(InvalidRequestError) as e:
-        llm.engine.tokenize(5)
-    assert_names_the_field_once(e.value, "prompt")
     assert llm.list_adapters() == []
+    with_tokenizer = LLM(DEFAULT_MODEL_DIR, num_kv_blocks=8, warmup=False)  # (this module's model has none)
+    with pytest.raises(InvalidRequestError) as e:
+        with_tokenizer.engine.tokenize(5)
+    assert_names_the_field_once(e.value, "prompt")
+    assert "must be text" in e.value.message
+    assert SamplingParams(prompt_logprobs=None).prompt_logprobs is False  # (vLLM's unset values)
+    assert SamplingParams(ignore_eos=None).ignore_eos is False
+    assert SamplingParams(prompt_logprobs=np.int64(1)).prompt_logprobs is True
 
 
-def test_the_memory_floor_is_what_the_engine_allocates_at_least(tiny_models):
-    """The floor's exact terms against the engine's own arrays: the weights, and the KV cache of num_kv_blocks."""
+def test_the_memory_floor_is_what_the_engine_allocates_at_least(tiny_models, tmp_path):
+    """Each term of the floor against what the engine holds: the weights and the KV cache (equal), a step's page
+    table and the model's logits rows for max_num_seqs, its embedded rows twice for max_num_batched_tokens (the
+    model code's shapes and dtypes), and the adapter stacks a loaded adapter allocates (at least the term)."""
     from jalora.engine.llm_engine import memory_floor
+    from jalora.model.decoder import embed_tokens, logits_of
 
-    llm = LLM(tiny_models["llama"], num_kv_blocks=24, block_size=4, warmup=False)
-    eng = llm.engine
-    floor = memory_floor(eng.config, eng.model_config, eng.tp, eng.max_model_len, eng.dtype)
+    llm = LLM(tiny_models["llama"], num_kv_blocks=24, block_size=4, max_num_seqs=3, max_num_batched_tokens=32,
+              max_loras=2, max_lora_rank=8, warmup=False)  # fmt: skip
+    eng, cfg = llm.engine, llm.engine.model_config
+    floor = memory_floor(eng.config, cfg, eng.tp, eng.max_model_len, eng.dtype)
     assert floor["num_kv_blocks"] == sum(c.nbytes for kv in eng.runner.kv_caches for c in kv)
     params = jax.tree_util.tree_leaves(eng.runner.params)
     assert floor["model"] == sum(p.nbytes for p in params), (floor, [p.shape for p in params])
+    nbytes = lambda s: int(np.prod(s.shape)) * np.dtype(s.dtype).itemsize  # noqa: E731
+    hidden = jax.ShapeDtypeStruct((3, cfg.hidden_size), eng.dtype)
+    head = jax.ShapeDtypeStruct((cfg.hidden_size, cfg.vocab_size), eng.dtype)
+    logits = jax.eval_shape(lambda h, w: logits_of(cfg, w, h), hidden, head)
+    assert floor["max_num_seqs"] == 3 * eng.runner.max_pages * 4 + nbytes(logits)
+    embed = jax.ShapeDtypeStruct((cfg.vocab_size, cfg.hidden_size), eng.dtype)
+    rows = jax.eval_shape(lambda e, t: embed_tokens(cfg, e, t), embed, jax.ShapeDtypeStruct((32,), jnp.int32))
+    assert floor["max_num_batched_tokens"] == 2 * nbytes(rows)
+    llm.load_adapter("k", hf_models.make_adapter(tiny_models["llama"], str(tmp_path / "k"), ["k_proj"], r=4))
+    stacks = eng.adapters.stacks.values()
+    assert 0 < floor["max_lora_rank"] <= min(s.a.nbytes + s.b.nbytes for s in stacks), (floor, list(stacks))
 
 
 def test_engine_config_errors(tiny_models, tmp_path):

@@ -44,6 +44,9 @@ def test_group_values_are_checked_before_anything_starts(capsys, flags, field):
     assert cli.main(["serve", "--model", "/nowhere", "--coordinator-address", "127.0.0.1:9", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"jalora serve: {field}: ") and err.count("\n") == 1, err
+    if field == "multihost_timeout":  # the same with --multihost (JAX finds the group: a TPU slice)
+        assert cli.main(["serve", "--model", "/nowhere", "--multihost", *flags[-2:]]) == 2
+        assert capsys.readouterr().err.startswith("jalora serve: multihost_timeout: ")
 
 
 def test_two_processes_serve_and_a_lost_one_turns_health_not_serving(tmp_path):
