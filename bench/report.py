@@ -387,10 +387,34 @@ SERVING_GOAL_PREVIOUS: dict[str, str] = {
 }
 
 
-def serving_goal_files() -> tuple:
-    """The serving-goals table's result files: `SERVING_GOAL_RUNS`, then each part's `SERVING_GOAL_PREVIOUS`
-    (None where it has none)."""
-    return (*SERVING_GOAL_RUNS.values(), *(SERVING_GOAL_PREVIOUS.get(p) for p in SERVING_GOAL_RUNS))
+# The same rows on an H100, the card most device calls get: every part in one call at e954969
+# (serving_goals_runs_h100_e954969.json), beside the H100's one-call run at 8d36705
+# (serving_goals_runs_h100_8d36705.json; its two decode parts failed there and were measured in the next call).
+SERVING_GOAL_RUNS_H100 = {
+    "startup": "startup_gpu_h100_e954969.json",
+    "pipeline": "pipeline_bench_granite-8b_h100_e954969.json",
+    "concurrent": "pipeline_bench_granite-8b_aconc_h100_e954969.json",
+    "decode_1k": "profile_step_b1_h100_e954969.json",
+    "decode_64k": "profile_step_b1_ctx65536_h100_e954969.json",
+    "prefill_attention": "attention_prefill_h100_e954969.json",
+    "grpc": "http_bench_h100_e954969.json",
+}
+SERVING_GOAL_PREVIOUS_H100 = {part: name.replace("e954969", "8d36705") for part, name in SERVING_GOAL_RUNS_H100.items()}
+
+
+def serving_goal_files(runs: dict | None = None, previous: dict | None = None) -> tuple:
+    """A serving-goals table's result files: `runs` (default `SERVING_GOAL_RUNS`), then each part's file of
+    `previous` (default `SERVING_GOAL_PREVIOUS`; None where it has none)."""
+    runs = SERVING_GOAL_RUNS if runs is None else runs
+    previous = SERVING_GOAL_PREVIOUS if previous is None else previous
+    return (*runs.values(), *(previous.get(p) for p in runs))
+
+
+def serving_goals_h100(*runs) -> list[str]:
+    """`serving_goals` of the H100's runs (`SERVING_GOAL_RUNS_H100`, beside `SERVING_GOAL_PREVIOUS_H100`)."""
+    return ["The same rows measured on an H100 (its rooflines at its 3.35 TB/s data-sheet rate), every part in one "
+            "call (`SERVING_GOAL_RUNS_H100` in bench/report.py, beside `SERVING_GOAL_PREVIOUS_H100`):",
+            *serving_goals(*runs)[1:]]  # fmt: skip
 
 
 def device_bandwidth(r: dict) -> tuple[float, str]:
@@ -997,6 +1021,14 @@ DECODE_PAIRS = (
     *((f"profile_step_b1_ctx65536_h100_7912fae_combine_unrolled{i}.json",
        f"profile_step_b1_ctx65536_h100_7912fae_combine_axis{i}.json") for i in ("", "2", "3")),
     ("profile_step_b1_h100_7912fae.json", "profile_step_b1_h100_7912fae_ropeq.json"),
+    # (the query rotation in blocks of Hkv * D columns, two pairs; then 128-key tiles for decode, three pairs at 1k
+    # and two at 64k; all on one H100 machine at e954969)
+    *((f"profile_step_b1_h100_e954969_ropeq_off{i}.json", f"profile_step_b1_h100_e954969_ropeq_on{i}.json")
+      for i in ("", "2")),
+    *((f"profile_step_b1_h100_e954969_k64{i}.json", f"profile_step_b1_h100_e954969_k128{i}.json")
+      for i in ("", "_2", "_3")),
+    *((f"profile_step_b1_ctx65536_h100_e954969_k64{i}.json", f"profile_step_b1_ctx65536_h100_e954969_k128{i}.json")
+      for i in ("", "_2")),
 )
 
 
@@ -1304,6 +1336,8 @@ def render() -> str:
         ("### Layer groups against the fused step", layer_groups, LAYER_GROUP_RUNS),
         ("### Decode step changes, pair by pair", decode_pairs, tuple(n for pair in DECODE_PAIRS for n in pair)),
         ("### Serving goals: where each stands", serving_goals, serving_goal_files()),
+        ("### Serving goals on an H100", serving_goals_h100,
+         serving_goal_files(SERVING_GOAL_RUNS_H100, SERVING_GOAL_PREVIOUS_H100)),
         ("### Where a batch-1 decode step's time goes", decode_time,
          (SERVING_GOAL_RUNS["decode_1k"], SERVING_GOAL_RUNS["decode_64k"])),
         ("### Long chunks after a long context, prefill chunks through cuDNN: off and on (H100)", long_chunk_and_cudnn,

@@ -4,7 +4,7 @@ adapters (r=32, q/k/v) loaded and `warmup_adapters()`, on Granite-3.2-8B shapes 
     python -m bench.startup_gpu                       # H200 -> bench/results/startup_gpu.json
     python -m bench.startup_gpu --quick               # CPU smoke run: tiny shapes (written under /tmp)
     python -m bench.startup_gpu --server-order        # as `jalora serve --adapter ...` starts (one warm-up;
-                                                      # -> bench/results/startup_gpu_server_order.json)
+                                                      # -> startup_gpu_server_order.json)
     python -m bench.startup_gpu --cold-only --tuning combine_axis_min_splits=0   # a kernel variant's compile cost
 
 Each start runs in a fresh Python process, as a restarted server does. The two starts share one new,

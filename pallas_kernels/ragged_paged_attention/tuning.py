@@ -110,7 +110,10 @@ class GpuAttentionTuning:
     # batch 1 at 1k, 7912fae (bench/results/profile_step_b1_h100_7912fae{,_ropeq}.json): the fusion went, and
     # 50 launches a step with it, but one program rotating a whole row of queries (4096 columns) took the write
     # from 125 to 1179 us a step, the step 6.73 -> 7.74 ms. Since then the queries are rotated in blocks of
-    # Hkv * D columns, a program each, as the keys are (a second grid axis): unmeasured.
+    # Hkv * D columns, a program each, as the keys are (a second grid axis). H100, e954969, two pairs at batch 1
+    # (bench/results/profile_step_b1_h100_e954969_ropeq_*.json): the write 120 -> 168-172 us, 50 launches fewer,
+    # but the gaps between launches grew as much: the step 6.67 / 6.64 -> 6.67 / 6.66 ms, no gain (batch 64:
+    # 11.05 -> 11.08 ms). So it stays off.
     rope_q_in_kv_write: bool = False
     # SMs of the device (H100/H200: 132); only the static split heuristic uses it.
     num_sms: int = 132
@@ -124,6 +127,10 @@ class GpuAttentionTuning:
     # sweep of block_m 64/128, block_k 32/64/128, warps 4/8, stages 2-4: best block_m 128 (32 tokens x
     # 4 heads) and block_k 64, 272 TFLOP/s with 4 warps (block_m 64: 236, block_k 32: 192)
     # (bench/results/attention_run1.json).
+    # Decode with 128-key tiles, H100 at e954969 (bench/results/profile_step_b*_h100_e954969_k*.json): batch 1 at 1k
+    # gains (the step 6.69 / 6.67 / 6.68 -> 6.53 / 6.54 / 6.63 ms: attention 339 -> 315 us, the merge 96 -> 81), but
+    # batch 1 at 64k (10.26 / 10.33 -> 10.34 / 10.35 ms), batch 64 at 1k (11.03 -> 11.19) and batch 16 at 8k
+    # (13.68 -> 13.82) lose, and batch 1 and 16 share a compiled variant: 64 stays.
     decode_block_m: int = 16
     prefill_block_m: int = 128
     decode_block_k: int = 64
