@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import random
 import time
@@ -65,6 +66,8 @@ GPU_LAYERS_PER_LAUNCH = 8
 # 6.78 ms (bench/results/startup_gpu_cold_at*_h100_39efc23.json); it is `autotune_level=2` for whoever takes
 # that risk for 12 s of a start that a warm compilation cache does not repeat.
 GPU_AUTOTUNE_LEVEL = 4
+
+logger = logging.getLogger(__name__)
 
 
 def autotune_options(level: int | None) -> dict[str, int]:
@@ -197,6 +200,9 @@ class LLMEngine:
         max_model_len = config.max_model_len or cfg.max_position_embeddings
         if max_model_len < 2:
             raise InvalidRequestError("max_model_len", f"must be >= 2, got {max_model_len}")
+        if max_model_len > cfg.max_position_embeddings:  # (allowed, as RoPE takes any position; said once)
+            logger.warning("max_model_len %d is above the model's max_position_embeddings %d: positions past it are "
+                           "outside what the model was trained on", max_model_len, cfg.max_position_embeddings)
         self.tokenizer = _load_tokenizer(model_dir)
         template, special_tokens = read_chat_template(model_dir)
         self.chat_template = None

@@ -151,6 +151,20 @@ def test_the_memory_floor_is_what_the_engine_allocates_at_least(tiny_models, tmp
     assert 0 < floor["max_lora_rank"] <= min(s.a.nbytes + s.b.nbytes for s in stacks), (floor, list(stacks))
 
 
+def test_a_max_model_len_past_the_models_positions_is_served_with_a_warning(tiny_models, caplog):
+    """RoPE takes any position, so it is allowed (as vLLM does when told to), but not silently."""
+    with caplog.at_level("WARNING", logger="jalora.engine.llm_engine"):
+        llm = LLM(tiny_models["llama"], max_model_len=600, num_kv_blocks=160, warmup=False)  # (the model's: 512)
+    assert llm.engine.max_model_len == 600
+    assert [r.getMessage() for r in caplog.records] == [
+        "max_model_len 600 is above the model's max_position_embeddings 512: positions past it are outside what the "
+        "model was trained on"]  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="jalora.engine.llm_engine"):
+        LLM(tiny_models["llama"], max_model_len=512, num_kv_blocks=160, warmup=False)
+    assert caplog.records == []
+
+
 def test_engine_config_errors(tiny_models, tmp_path):
     path = tiny_models["llama"]
     with pytest.raises(InvalidRequestError, match="dtype"):
