@@ -229,9 +229,10 @@ def main(argv=None) -> dict:
                     help="the engines' norm_impl (gpu: residual add + RMSNorm in one kernel)")
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--hlo", default=None, metavar="DIR",
-                    help="also dump the HLO of the compiled steps (XLA's jit_step_fn modules, before and "
-                         "after optimisation) into DIR, through XLA_FLAGS=--xla_dump_to; takes effect only where "
-                         "this process has not used JAX yet")  # fmt: skip
+                    help="also dump the HLO of the compiled steps (XLA's jit_step_fn modules, or with layer groups "
+                         "jit_pre_fn, jit_layer_fn and jit_post_fn, before and after optimisation) into DIR, through "
+                         "XLA_FLAGS=--xla_dump_to; takes effect only where this process has not used JAX "
+                         "yet")  # fmt: skip
     ap.add_argument("--modes", nargs="+", choices=("async", "sync"), default=["async", "sync"],
                     help="scheduling modes to time, in order (sync: each step read back before the next), one "
                          "engine each; the device trace is taken in the first")  # fmt: skip
@@ -239,7 +240,8 @@ def main(argv=None) -> dict:
                     help="result file (default bench/results/profile_step_b<batch>_a<adapters>.json)")
     args = ap.parse_args(argv)
     if args.hlo:  # read by XLA when the backend starts, below
-        dump = f" --xla_dump_to={args.hlo} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=step_fn"
+        modules = "step_fn|pre_fn|layer_fn|post_fn"  # (the fused step; a GPU's layer groups, the default there)
+        dump = f" --xla_dump_to={args.hlo} --xla_dump_hlo_as_text --xla_dump_hlo_module_re={modules}"
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + dump).strip()
     meta = run_metadata(__spec__.name, argv)
     tuning = tuning_fields(args.tuning) | ({"long_split_rule": None} if args.no_long_grid else {})
