@@ -262,7 +262,20 @@ def train(model: str, data: dict[str, dict[str, Path]], out: Path, judges: list[
         subprocess.run(cmd, check=True, cwd=HERE.parent)
         times[name] = time.perf_counter() - t0
         shutil.rmtree(out / name / "checkpoints", ignore_errors=True)  # resumable until done; not shipped
+        neutral_paths(out / name / "training_log.json", model, name, out / name)
     return times
+
+
+def neutral_paths(log_path: Path, model: str, name: str, adapter_dir: Path) -> None:
+    """The training log as shipped: the model as given (a bundled name, not this machine's cache path), the data
+    files by their names under the data directory, the output directory relative to the repository (where it is
+    inside it), so that the log says nothing of the machine that trained it."""
+    log = json.loads(log_path.read_text())
+    where = adapter_dir.resolve()
+    shown = str(where.relative_to(HERE.parent)) if where.is_relative_to(HERE.parent) else where.name
+    log["config"].update(model=model, data=f"{name}/train.jsonl", eval_data=f"{name}/heldout.jsonl", output_dir=shown)
+    log["result"]["adapter_dir"] = shown
+    log_path.write_text(json.dumps(log, indent=1))  # (as the trainer writes it)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,3 +105,18 @@ def test_committed_judge_was_trained_with_the_scripts_flags(name):
     config = json.loads((tj.OUT / name / "adapter_config.json").read_text())
     assert config["invocation_string"] == invocation
     assert sorted(config["target_modules"]) == sorted(log["config"]["target_modules"])
+
+
+@pytest.mark.parametrize("name", sorted(tj.JUDGES))
+def test_a_rerun_writes_the_log_without_the_machines_paths(name, tmp_path):
+    """What `jalora train` records (the resolved model file, temporary data files, absolute output directories)
+    becomes what is shipped: the shipped log is what neutral_paths makes of such a log, byte for byte."""
+    shipped = (tj.OUT / name / "training_log.json").read_text()
+    log = json.loads(shipped)
+    log["config"].update(model="/root/.cache/jalora/models/m.gguf", data=f"/tmp/tmpab12/{name}/train.jsonl",
+                         eval_data=f"/tmp/tmpab12/{name}/heldout.jsonl", output_dir=str(tj.OUT / name))  # fmt: skip
+    log["result"]["adapter_dir"] = str(tj.OUT / name)
+    path = tmp_path / "training_log.json"
+    path.write_text(json.dumps(log, indent=1))
+    tj.neutral_paths(path, "smollm2", name, tj.OUT / name)
+    assert path.read_text() == shipped
