@@ -676,15 +676,15 @@ def summary(tp, att, step, split=None) -> list[str]:
         worst = min(rows, key=lambda d: d["gbs"])
         best = max(rows, key=lambda d: d["gbs"])
         pre = [p["pct_cudnn"] for p in att["prefill"]]
+        sp = [p["split_pct_cudnn"] for p in (split or {}).get("prefill", []) if "split_pct_cudnn" in p]
+        split_range = f": {min(sp):.0f}-{max(sp):.0f}% of cuDNN, section above" if sp else ""
         out.append(
             f"- Decode attention (batch >= 8, context >= 4k) reads KV at {worst['gbs'] / REF_HBM_GBPS:.0%}-"
             f"{best['gbs'] / REF_HBM_GBPS:.0%} of {REF_HBM_GBPS / 1e3:.1f} TB/s; the low end is batch "
             f"{worst['batch']} at {worst['context']} tokens (launch cost, few programs). Prefill attention reaches "
             f"{min(pre):.0f}-{max(pre):.0f}% of cuDNN (goal 80%): the Triton lowering gathers K/V pages with "
             "pointer loads, without the bulk-copy engine or warp specialisation. On NVIDIA GPUs the engine's long "
-            "prefill chunks go through cuDNN instead (split prefill, the default"
-            + (f": {min(sp):.0f}-{max(sp):.0f}% of cuDNN, section above)." if (sp := [
-                p["split_pct_cudnn"] for p in (split or {}).get("prefill", []) if "split_pct_cudnn" in p]) else ").")
+            f"prefill chunks go through cuDNN instead (split prefill, the default{split_range})."
         )
     if step:
         d, p = step["decode"], step["prefill"]

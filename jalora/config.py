@@ -192,8 +192,6 @@ class EngineConfig:
         return dataclasses.replace(self, **changes)
 
 
-
-
 def _dtype_name(dtype) -> str | None:
     """'bfloat16' from a name, a numpy/JAX dtype or a scalar type such as jnp.bfloat16."""
     if isinstance(dtype, str):

@@ -3,12 +3,11 @@
 import dataclasses
 import operator
 
-from jalora.api.limits import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
+from jalora.api.limits import MAX_INT32, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from jalora.config import is_int, is_number, require
 from jalora.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
-MAX_INT32 = 2**31 - 1  # (top_k and token ids go to the device as int32; gRPC's fields are int32)
 
 
 @dataclasses.dataclass

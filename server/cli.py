@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from jalora.api import DEFAULT_TARGET, DEFAULT_TIMEOUT, read_token_file
-from jalora.api.limits import ADAPTER_NAME_RULE, is_adapter_name
+from jalora.api.limits import ADAPTER_NAME_RULE, MAX_INT32, is_adapter_name
 from jalora.config import EngineConfig
 from jalora.errors import InvalidRequestError
 from server import logs
@@ -597,7 +597,7 @@ def _generate(args: argparse.Namespace) -> int:
     prompt: str | list[int] | list[dict[str, str]] = args.prompt
     if args.token_ids:
         words = args.prompt.replace(",", " ").split()
-        if not words or not all(re.fullmatch(r"\d+", w) and int(w) < 2**31 for w in words):
+        if not words or not all(re.fullmatch(r"\d+", w) and int(w) <= MAX_INT32 for w in words):
             raise InvalidRequestError("PROMPT", f"with --token-ids must be token ids (integers >= 0 separated by "
                                       f"spaces or commas), got {args.prompt!r:.60}")
         prompt = [int(w) for w in words]

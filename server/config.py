@@ -20,10 +20,10 @@ import ipaddress
 import os
 
 from jalora.api import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIMEOUT, read_token_file
+from jalora.api.limits import MAX_INT32
 from jalora.config import config_field, is_int, is_number, require
 
 # gRPC channel arguments are 32-bit ints: the keepalive and connection-age times go in as milliseconds.
-MAX_INT32 = 2**31 - 1
 MAX_CHANNEL_SECONDS = MAX_INT32 // 1000
 
 
@@ -135,7 +135,7 @@ class ServerConfig:
             value = getattr(self, name)
             if value is None and name == "max_connection_age":
                 continue
-            require(_is_seconds(value) and 0 < value <= MAX_CHANNEL_SECONDS, name,
+            require(is_number(value) and 0 < value <= MAX_CHANNEL_SECONDS, name,
                     f"must be a number of seconds in (0, {MAX_CHANNEL_SECONDS}], got {value!r:.40}")  # fmt: skip
         n = self.max_concurrent_streams
         require(is_int(n) and 1 <= n <= MAX_INT32, "max_concurrent_streams",
@@ -168,10 +168,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def _is_seconds(value) -> bool:
-    return is_number(value)
 
 
 def _readable_file(field: str, path) -> str | None:

@@ -66,12 +66,14 @@ def _value(body: dict, name: str) -> Any:
     return body.get(name)
 
 
-def _bool(body: dict, name: str, default: bool = False) -> bool:
+def _bool(body: dict, name: str, default: bool = False, field: str | None = None) -> bool:
+    """`body[name]` as a JSON boolean (absent: `default`); anything else is refused naming `field` (default: the
+    name itself)."""
     value = _value(body, name)
     if value is None:
         return default
     if not isinstance(value, bool):
-        raise InvalidRequestError(name, f"must be true or false, got {value!r:.40}")
+        raise InvalidRequestError(field or name, f"must be true or false, got {value!r:.40}")
     return value
 
 
@@ -157,10 +159,7 @@ def _stream_options(body: dict, stream: bool) -> bool:
         raise InvalidRequestError("stream_options", "needs stream: true")
     if not isinstance(options, dict):
         raise InvalidRequestError("stream_options", "must be an object")
-    usage = _value(options, "include_usage")
-    if usage is not None and not isinstance(usage, bool):
-        raise InvalidRequestError("stream_options.include_usage", f"must be true or false, got {usage!r:.40}")
-    return bool(usage)
+    return _bool(options, "include_usage", field="stream_options.include_usage")
 
 
 def parse_completion(body: dict, defaults: SamplingParams) -> tuple[Generation, Sequence[int] | None]:

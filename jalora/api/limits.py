@@ -15,6 +15,8 @@ import re
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 ADAPTER_NAME_RULE = "1 to 128 characters of A-Z a-z 0-9 . _ -, starting with a letter or a digit"
 MAX_REQUEST_ID_CHARS = 256
+# The protocol's int32 fields (token ids, max_tokens, top_k), which the engine's steps take as int32 too.
+MAX_INT32 = 2**31 - 1
 MAX_SESSION_ID_CHARS = 256  # a pipeline session's id (Generate's `session`, EndSession)
 MAX_PIPELINE_JUDGES = 16  # judges of one Pipeline call
 # A text prompt, or a conversation's roles and contents together (UTF-8 bytes).

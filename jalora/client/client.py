@@ -38,6 +38,7 @@ from jalora.api import (
     DEFAULT_TIMEOUT,
     FIELD_METADATA_KEY,
 )
+from jalora.api.limits import MAX_INT32
 from jalora.api.v1 import jalora_pb2 as pb
 from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
 
@@ -214,7 +215,7 @@ def _put_prompt(msg, prompt) -> None:
         ids = list(prompt)
         bad = next((t for t in ids if not _is_token_id(t)), None)
         if bad is not None:
-            raise ValueError(f"prompt: token ids must be integers in [0, 2**31), got {bad!r:.40}")
+            raise ValueError(f"prompt: token ids must be integers in [0, {MAX_INT32}], got {bad!r:.40}")
         msg.token_ids.ids.extend(int(t) for t in ids)
 
 
@@ -223,7 +224,7 @@ def _is_token_id(value: Any) -> bool:
     if isinstance(value, bool):
         return False
     try:
-        return 0 <= operator.index(value) < 2**31
+        return 0 <= operator.index(value) <= MAX_INT32
     except TypeError:
         return False
 

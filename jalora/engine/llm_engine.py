@@ -82,8 +82,7 @@ def autotune_options(level: int | None) -> dict[str, int]:
 def _kv_blocks_from_memory(block_bytes: int, fraction: float) -> int | None:
     """Blocks of `block_bytes` (per device) that fit in `fraction` of the first device's memory, less what
     it holds already (the weights: under tensor parallelism every device holds the same share)."""
-    dev = jax.local_devices()[0]  # (on several hosts jax.devices()[0] may be another process's)
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    stats = _memory_stats()
     if not stats or "bytes_limit" not in stats:
         return None
     free = stats["bytes_limit"] * fraction - stats.get("bytes_in_use", 0)
@@ -110,14 +109,20 @@ def memory_floor(config: EngineConfig, cfg: ModelConfig, tp: TensorParallel, max
     return floor
 
 
+def _memory_stats() -> dict | None:
+    """The first local device's memory statistics (None where it has none). On several hosts jax.devices()[0]
+    may be another process's."""
+    dev = jax.local_devices()[0]
+    return dev.memory_stats() if hasattr(dev, "memory_stats") else None
+
+
 def memory_limit() -> int | None:
     """Bytes one device can hold: a GPU's or TPU's limit, or on a CPU the host's memory (less where the
     process's address space is limited lower); None where unknown."""
-    dev = jax.local_devices()[0]
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
+    stats = _memory_stats()
     if stats and "bytes_limit" in stats:
         return int(stats["bytes_limit"])
-    if dev.platform != "cpu":
+    if jax.local_devices()[0].platform != "cpu":
         return None
     try:
         limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

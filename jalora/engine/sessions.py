@@ -90,8 +90,7 @@ class Sessions:
             )
         if ttl is None:
             return None
-        ok = is_number(ttl)
-        if not ok or not 0 < ttl <= self.max_ttl:
+        if not (is_number(ttl) and 0 < ttl <= self.max_ttl):
             raise InvalidRequestError(
                 "session_ttl", f"must be a number of seconds in (0, {self.max_ttl:g}] (max_session_ttl), got {ttl!r}"
             )

@@ -308,11 +308,11 @@ def unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undoes llama.cpp's row permutation of a Q or K projection (rows = output features).
 
     HF Llama rotates query/key features with `rotate_half`: within a head of d rows, row i and row
-    i + d/2 form one rotation pair. llama.cpp's RoPE rotates adjacent rows (2i, 2i+1), so a GGUF file written from an HF
-    checkpoint holds each head's rows reordered from [r0 .. r(d/2-1), r(d/2)
-    .. r(d-1)] to [r0, r(d/2), r1, r(d/2+1), ...]: reshape to (heads, 2, d/2, ...) and swap the two
-    middle axes. The inverse views each head as (d/2, 2) pairs and swaps them back. K is permuted by
-    its own (key/value) head count.
+    i + d/2 form one rotation pair. llama.cpp's RoPE rotates adjacent rows (2i, 2i+1), so a GGUF file
+    written from an HF checkpoint holds each head's rows reordered from [r0 .. r(d/2-1), r(d/2) .. r(d-1)]
+    to [r0, r(d/2), r1, r(d/2+1), ...]: reshape to (heads, 2, d/2, ...) and swap the two middle axes. The
+    inverse views each head as (d/2, 2) pairs and swaps them back. K is permuted by its own (key/value)
+    head count.
     """
     d = w.shape[0] // n_heads
     return w.reshape(n_heads, d // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)

@@ -19,7 +19,6 @@ import shutil
 import jax
 import numpy as np
 
-from jalora.config import is_int
 from jalora.errors import InvalidRequestError
 from jalora.model.config import ModelConfig
 from jalora.model.sharding import TensorParallel
@@ -57,13 +56,12 @@ def export_orbax(model_dir: str, out_dir: str, tensor_parallel_size: int = 1, dt
     from jalora.model.decoder import Decoder
     from jalora.model.gguf import resolve_model_dir
     from jalora.model.kernel_plan import KernelPlan
-    from jalora.model.sharding import check_tensor_parallel
+    from jalora.model.sharding import check_tensor_parallel, check_tensor_parallel_size
 
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir):  # (before the model is read)
         raise InvalidRequestError("output_dir", f"{out_dir} exists; choose a new directory")
-    if not (is_int(tensor_parallel_size) and tensor_parallel_size >= 1):  # (before a GGUF is converted)
-        raise InvalidRequestError("tensor_parallel_size", f"must be an integer >= 1, got {tensor_parallel_size!r}")
+    check_tensor_parallel_size(tensor_parallel_size)  # (before a GGUF is converted)
     model_dir = resolve_model_dir(model_dir)
     cfg = ModelConfig.from_dir(model_dir)
     check_tensor_parallel(cfg, tensor_parallel_size, tensor_parallel_size)

@@ -58,10 +58,15 @@ COLUMN_GROUPS = ("qkv", "gate_up")  # LoRA groups of column-parallel projections
 KV_SPEC = P(None, None, AXIS, None)  # [num_blocks, block_size, kv heads, head_dim]
 
 
-def check_tensor_parallel(cfg: ModelConfig, tp: int, num_devices: int) -> None:
-    """Raises InvalidRequestError naming tensor_parallel_size unless the model splits over `tp` devices."""
+def check_tensor_parallel_size(tp: int) -> None:
+    """Raises InvalidRequestError naming tensor_parallel_size unless `tp` is a size at all (what needs no model)."""
     if not (is_int(tp) and tp >= 1):
         raise InvalidRequestError(FIELD, f"must be an integer >= 1, got {tp!r}")
+
+
+def check_tensor_parallel(cfg: ModelConfig, tp: int, num_devices: int) -> None:
+    """Raises InvalidRequestError naming tensor_parallel_size unless the model splits over `tp` devices."""
+    check_tensor_parallel_size(tp)
     if tp > num_devices:
         raise InvalidRequestError(FIELD, f"is {tp} but this process sees {num_devices} device(s)")
     h, hkv, f = cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
