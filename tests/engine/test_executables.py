@@ -287,19 +287,16 @@ def test_compilations_run_at_once_only_while_their_claims_fit():
     ends a run whose budget deadlocked)."""
     import concurrent.futures
     import threading
-    import time
 
     from jalora.engine.executables import _Budget
+    from tests import waiting
 
     hang = 30.0
     budget, order, lock, threads = _Budget(10), [], threading.Lock(), {}
     seen, release, results = {}, {}, {}
 
     def until(condition, what):
-        end = time.monotonic() + hang
-        while not condition():
-            assert time.monotonic() < end, f"never: {what}"
-            time.sleep(0.001)
+        waiting.until(condition, what, timeout=hang, poll=0.001)
 
     def start(name, claim):
         seen[name], release[name] = threading.Event(), threading.Event()

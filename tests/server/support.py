@@ -3,6 +3,7 @@ real PEFT (a)LoRA adapters."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -19,6 +20,20 @@ ADAPTERS = {
     "plain": (None, ["q_proj", "v_proj"], 13),
 }
 EXTRA_ADAPTER = ("judge_c", [88, 89], ["o_proj", "down_proj"], 14)  # loaded over gRPC by the tests
+# Steps a test lets the engine run while a request must stay unfinished: enough for its first tokens (prefill,
+# then decode), far from the end of the tests' long requests.
+STEP_LIMIT = 8
+
+
+@contextlib.contextmanager
+def steps_limited(worker, steps: int = STEP_LIMIT):
+    """The engine thread of `worker` (an EngineWorker) runs at most `steps` more steps inside the block (it still
+    takes aborts and calls); the limit is lifted on leaving it."""
+    worker.limit_steps(steps)
+    try:
+        yield
+    finally:
+        worker.limit_steps(None)
 
 
 def write_tokenizer(model_dir: str) -> None:

@@ -21,9 +21,9 @@ from jalora import LLM
 from jalora.client import Client, ServerError
 from server.app import ServerThread
 from server.config import ServerConfig
+from tests.server.support import STEP_LIMIT
+from tests.waiting import HANG
 
-HANG = 120.0  # seconds: a wait for a certain event that lasts this long is a hang
-STEP_LIMIT = 8  # enough steps for a stream's first chunks, far from LONG's end
 LONG = dict(max_tokens=60, ignore_eos=True)
 PROMPT = [3, 4, 5, 6, 7]
 

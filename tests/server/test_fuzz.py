@@ -24,10 +24,10 @@ from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
 from server.app import ServerThread
 from server.config import ServerConfig
 from tests.server.support import TINY_ENGINE_ARGS, TINY_VOCAB, tiny_engine, write_adapter
+from tests.waiting import HANG
 
 SEED = 14
 NUM_REQUESTS = 2000
-HANG = 120.0  # seconds: a call that takes this long is a hang
 MAX_MODEL_LEN = TINY_ENGINE_ARGS["max_model_len"]
 INVOCATION = (5, 6)  # the adapters' (support.write_adapter)
 SERVICE = pb.DESCRIPTOR.services_by_name["Jalora"]

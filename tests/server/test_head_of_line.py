@@ -24,8 +24,8 @@ from jalora.errors import InvalidRequestError
 from server.app import ServerThread
 from server.config import ServerConfig
 from tests.server.support import EXTRA_ADAPTER, make_model_with_adapters
+from tests.waiting import HANG
 
-HANG = 120.0  # seconds: a wait for a certain event that lasts this long is a hang
 HOLD_BYTES = 1 << 20  # texts at least this long are held; a small prompt passes
 # The largest text a request may carry (jalora/api/limits.py; a longer one, like the 10 MB of the probe
 # that found this, is refused before any work), in few words so that the test stays quick.

@@ -32,8 +32,8 @@ from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
 from server.app import ServerThread
 from server.config import ServerConfig
 from tests.server.support import TINY_ENGINE_ARGS, TINY_VOCAB, tiny_engine, write_adapter
+from tests.waiting import HANG
 
-HANG = 120.0
 MAX_MODEL_LEN = TINY_ENGINE_ARGS["max_model_len"]
 Q_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
 SECRET = "SECRET-7f3a"  # written outside the adapter root; no error may ever show it

@@ -8,10 +8,8 @@ HANG only guards against a hang.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
 
@@ -23,12 +21,11 @@ from jalora.client import Client
 from server import cli
 from server.app import ServerThread
 from server.config import ServerConfig
-from tests.server.support import VOCAB, make_model_with_adapters, tiny_engine
+from tests.server.support import STEP_LIMIT, VOCAB, make_model_with_adapters, steps_limited, tiny_engine
+from tests.waiting import HANG, until
 
-HANG = 120.0
 MODEL = "tiny-llama"
 ENGINE_ARGS = dict(max_num_seqs=8, max_num_batched_tokens=64, max_loras=4, max_lora_rank=8)
-STEP_LIMIT = 8  # enough steps for a stream's first tokens, far from LONG's end
 LONG = dict(max_tokens=40, extra_body={"ignore_eos": True})
 TOKEN, ADMIN_TOKEN = "user-token-0123456789", "admin-token-9876543210"
 
@@ -59,22 +56,6 @@ def oai(server):
 def grpc_client(server):
     with Client(server.target, timeout=HANG) as c:
         yield c
-
-
-def _until(condition, what: str) -> None:
-    deadline = time.monotonic() + HANG
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def _steps_limited(worker, steps: int = STEP_LIMIT):
-    worker.limit_steps(steps)
-    try:
-        yield
-    finally:
-        worker.limit_steps(None)
 
 
 def _error(call) -> openai.APIStatusError:
@@ -319,12 +300,12 @@ def test_bodies_that_are_not_json_objects(server, oai):
 def test_disconnected_stream_aborts_its_request(server, oai):
     worker = server.server.worker
     aborted = worker.num_aborted
-    with _steps_limited(worker):
+    with steps_limited(worker):
         stream = oai.completions.create(model=MODEL, prompt=[3, 4, 5], stream=True, **LONG)
         assert next(iter(stream)).choices[0].token_ids
         stream.close()
-        _until(lambda: worker.num_aborted == aborted + 1, "the disconnection to reach the engine")
-    _until(lambda: worker.num_pending == 0 and server.server.front.calls.num_calls == 0, "the call to end")
+        until(lambda: worker.num_aborted == aborted + 1, "the disconnection to reach the engine")
+    until(lambda: worker.num_pending == 0 and server.server.front.calls.num_calls == 0, "the call to end")
 
 
 def test_cli_flag_and_config():
@@ -403,7 +384,7 @@ def test_full_admission_bound_is_429(tiny):
     with ServerThread(tiny, config) as s, Client(s.target, timeout=HANG) as g, \
             openai.OpenAI(base_url=s.http_url, api_key="x", max_retries=0, timeout=HANG) as c:  # fmt: skip
         worker = s.server.worker
-        with _steps_limited(worker):  # the gRPC stream cannot finish
+        with steps_limited(worker):  # the gRPC stream cannot finish
             over_grpc = g.generate_stream([1, 2, 3], max_tokens=40, ignore_eos=True)
             next(over_grpc)
             worker.limit_steps(0)  # from here no request advances until the limit is lifted
@@ -411,14 +392,14 @@ def test_full_admission_bound_is_429(tiny):
             opener = threading.Thread(target=lambda: first_http.append(next(iter(
                 c.completions.create(model="tiny", prompt=[4, 5, 6], stream=True, **LONG)))))  # fmt: skip
             opener.start()
-            _until(lambda: worker.num_pending == 2, "the HTTP stream to be submitted")
+            until(lambda: worker.num_pending == 2, "the HTTP stream to be submitted")
             err = _error(lambda: c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}]))
             assert err.status_code == 429 and err.body["type"] == "rate_limit_error"
             assert "max_pending_requests=2" in err.body["message"]
             over_grpc.close()
         opener.join(HANG)  # the limit is lifted: the HTTP stream gets its first token
         assert not opener.is_alive() and first_http[0].choices[0].token_ids
-        _until(lambda: worker.num_pending == 0, "the streams to end")
+        until(lambda: worker.num_pending == 0, "the streams to end")
         assert c.completions.create(model="tiny", prompt=[1, 2], max_tokens=2).usage.completion_tokens == 2
 
 
@@ -431,7 +412,7 @@ def test_drain_finishes_running_streams_and_refuses_new_calls(tiny):
         tokens = list(next(stream).choices[0].token_ids)
         stopper = threading.Thread(target=s.stop)  # waits for the stream: the grace is HANG
         stopper.start()
-        _until(lambda: _raw(s.http_url, "/health")[0] == 503, "the drain to begin")
+        until(lambda: _raw(s.http_url, "/health")[0] == 503, "the drain to begin")
         err = _error(lambda: c.completions.create(model="tiny", prompt=[1, 2], max_tokens=2))
         assert err.status_code == 503 and "server is shutting down" in err.body["message"]
         assert stopper.is_alive()  # still draining: the stream is running

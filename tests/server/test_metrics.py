@@ -17,7 +17,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import pytest
@@ -29,8 +28,8 @@ from server.app import ServerThread
 from server.config import ServerConfig
 from server.logs import ACCESS_LOGGER, REQUEST_ID, JsonFormatter, RateLimitFilter, RequestIdFilter
 from tests.server.support import ADAPTERS, REPO, VOCAB, make_model_with_adapters
+from tests.waiting import HANG, until
 
-HANG = 120.0
 ENGINE_ARGS = dict(max_num_seqs=8, max_num_batched_tokens=64, max_loras=2, max_lora_rank=8, warmup=False)
 BLOCK = 16  # the engine's default block_size
 CONTEXT = [(7 * i + 3) % 80 for i in range(40)]  # two full blocks and a partial one
@@ -89,12 +88,6 @@ def value(samples: dict, name: str, **labels) -> float:
     assert len(found) == 1, (name, labels, samples.get("jalora:" + name))
     return found[0]
 
-
-def _until(condition, what: str) -> None:
-    deadline = time.monotonic() + HANG
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def _access_lines(access_log: io.StringIO) -> dict[str, dict]:
@@ -194,7 +187,7 @@ def _aborted_while_waiting(server: ServerThread, client: Client) -> dict:
             stream = c.generate_stream(JUDGE_PROMPT, "judge_a", max_tokens=3, request_id="m-held")
             task = asyncio.create_task(anext(stream))
             # The engine thread publishes its stats once it has taken the request.
-            await asyncio.to_thread(_until, lambda: value(scrape(server), "num_requests_waiting") == 1, "the add")
+            await asyncio.to_thread(until, lambda: value(scrape(server), "num_requests_waiting") == 1, "the add")
             samples = scrape(server)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
@@ -204,11 +197,11 @@ def _aborted_while_waiting(server: ServerThread, client: Client) -> dict:
     worker.limit_steps(0)
     try:
         samples = asyncio.run(held_then_cancelled())
-        _until(lambda: worker.num_aborted == aborted + 1, "the cancellation to reach the engine")
+        until(lambda: worker.num_aborted == aborted + 1, "the cancellation to reach the engine")
     finally:
         worker.limit_steps(None)
-    _until(lambda: value(scrape(server), "request_success_total", finished_reason="abort") == 1, "the abort's end")
-    _until(lambda: client.server_info().num_running_requests == 0, "the server to go idle")
+    until(lambda: value(scrape(server), "request_success_total", finished_reason="abort") == 1, "the abort's end")
+    until(lambda: client.server_info().num_running_requests == 0, "the server to go idle")
     return samples
 
 

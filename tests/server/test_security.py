@@ -29,8 +29,8 @@ from jalora.errors import InvalidRequestError
 from server import cli
 from server.app import ServerThread, server_options
 from server.config import ServerConfig, is_loopback
+from tests.waiting import HANG
 
-HANG = 120.0  # seconds: a call that takes this long hangs
 ADAPTERS = DEFAULT_MODEL_DIR / "adapters"  # the bundled tiny model's judges
 TOKEN, ADMIN_TOKEN = "user-token-0123456789", "admin-token-9876543210"
 UNAUTHENTICATED, PERMISSION_DENIED = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED

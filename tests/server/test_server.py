@@ -10,7 +10,6 @@ a hang, never a margin that an event has to beat.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -30,8 +29,8 @@ from jalora.client import AsyncClient, Client, ServerError, with_invocation
 from server import cli
 from server.app import ServerThread
 from server.config import ServerConfig
-from server.engine_worker import EngineWorker
-from tests.server.support import ADAPTERS, EXTRA_ADAPTER, REPO, make_model_with_adapters
+from tests.server.support import ADAPTERS, EXTRA_ADAPTER, REPO, STEP_LIMIT, make_model_with_adapters, steps_limited
+from tests.waiting import HANG, until
 
 ENGINE_ARGS = dict(max_num_seqs=32, max_num_batched_tokens=256, max_loras=4, max_lora_rank=8)
 STARTUP_ADAPTERS = ("judge_a", "judge_b", "plain")
@@ -40,8 +39,6 @@ STARTUP_ADAPTERS = ("judge_a", "judge_b", "plain")
 CONTEXT = [(7 * i + 3) % 80 for i in range(40)]
 # More tokens than STEP_LIMIT steps can make: a LONG request cannot finish while steps are limited.
 LONG = dict(max_tokens=460, ignore_eos=True)
-STEP_LIMIT = 8  # enough steps for a request's first deltas (prefill, then decode), far from LONG's end
-HANG = 120.0  # seconds: a wait for a certain event that lasts this long is a hang
 
 
 @pytest.fixture(scope="module")
@@ -74,23 +71,6 @@ def server(built):
 def client(server):
     with Client(server.target, timeout=HANG) as c:
         yield c
-
-
-def _until(condition, what: str, timeout: float = HANG) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
-@contextlib.contextmanager
-def _steps_limited(worker: EngineWorker, steps: int = STEP_LIMIT):
-    """The engine runs at most `steps` more steps inside the block (it still takes aborts and calls)."""
-    worker.limit_steps(steps)
-    try:
-        yield
-    finally:
-        worker.limit_steps(None)
 
 
 def _wait_idle(client: Client, timeout: float = HANG):
@@ -129,7 +109,7 @@ def test_concurrent_streams_match_offline_generate(server, offline, client):
 
     async def all_at_once():
         # No step runs until every request is in the engine, so they must share steps.
-        with _steps_limited(server.server.worker, 0):
+        with steps_limited(server.server.worker, 0):
             tasks = [asyncio.create_task(one(*r)) for r in requests]
             async with AsyncClient(server.target, timeout=HANG) as c:
                 deadline = time.monotonic() + HANG
@@ -222,26 +202,26 @@ def test_step_limit_holds_requests_but_serves_calls(server, client):
     worker.limit_steps(0)
     client.server_info()
     steps, aborted = worker.num_steps, worker.num_aborted
-    with _steps_limited(worker):
+    with steps_limited(worker):
         stream = client.generate_stream(CONTEXT[:21], **LONG)
         assert next(stream).token_ids
-        _until(lambda: worker.num_steps == steps + STEP_LIMIT, "the step limit to be spent")
+        until(lambda: worker.num_steps == steps + STEP_LIMIT, "the step limit to be spent")
         assert client.server_info().num_running_requests == 1  # an engine call, served while held
         assert worker.num_steps == steps + STEP_LIMIT
         stream.close()
-        _until(lambda: worker.num_aborted == aborted + 1, "the cancellation to reach the engine")
+        until(lambda: worker.num_aborted == aborted + 1, "the cancellation to reach the engine")
     _wait_idle(client)
 
 
 def test_cancel_mid_stream_frees_blocks(server, client):
     worker = server.server.worker
     aborted = worker.num_aborted
-    with _steps_limited(worker):
+    with steps_limited(worker):
         stream = client.generate_stream(CONTEXT[:20], **LONG)
         first, second = next(stream), next(stream)
         assert first.token_ids and second.token_ids and not second.finished
         stream.close()  # cancels the call
-        _until(lambda: worker.num_aborted == aborted + 1, "the cancellation to reach the engine")
+        until(lambda: worker.num_aborted == aborted + 1, "the cancellation to reach the engine")
     _wait_idle(client)
     assert worker.num_aborted == aborted + 1
     assert client.generate(CONTEXT[:20], max_tokens=3).finish_reason == "length"
@@ -265,9 +245,9 @@ def test_async_cancel_and_deadline_abort_the_request(server, client):
             with pytest.raises(asyncio.CancelledError):
                 await task
 
-    with _steps_limited(worker):
+    with steps_limited(worker):
         asyncio.run(cancel_task())
-        _until(lambda: worker.num_aborted == aborted + 1, "the cancellation to reach the engine")
+        until(lambda: worker.num_aborted == aborted + 1, "the cancellation to reach the engine")
     _wait_idle(client)
     assert worker.num_aborted == aborted + 1
 
@@ -277,7 +257,7 @@ def test_async_cancel_and_deadline_abort_the_request(server, client):
     # repeated with twice the deadline (each step limit is that attempt's own).
     late = 0  # attempts whose deadline came first: each may still reach the engine, and then be aborted
     timeout = 0.5
-    with _steps_limited(worker):
+    with steps_limited(worker):
         while True:
             worker.limit_steps(STEP_LIMIT)
             stream = client.generate_stream(CONTEXT[:19], timeout=timeout, **LONG)
@@ -291,7 +271,7 @@ def test_async_cancel_and_deadline_abort_the_request(server, client):
             for _ in stream:  # LONG cannot finish within the step limit: only the deadline ends this
                 pass
         assert err.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
-        _until(lambda: worker.num_aborted >= aborted + 2, "the deadline's abort to reach the engine")
+        until(lambda: worker.num_aborted >= aborted + 2, "the deadline's abort to reach the engine")
     _wait_idle(client)
     assert aborted + 2 <= worker.num_aborted <= aborted + 2 + late
 
@@ -313,7 +293,7 @@ def test_client_killed_mid_stream_frees_blocks(server, client):
     worker = server.server.worker
     aborted = worker.num_aborted
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    with _steps_limited(worker):
+    with steps_limited(worker):
         proc = subprocess.Popen(
             [sys.executable, "-c", _DISCONNECTING_CLIENT, server.target], stdout=subprocess.PIPE, env=env, cwd=REPO
         )
@@ -322,7 +302,7 @@ def test_client_killed_mid_stream_frees_blocks(server, client):
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=HANG)
-        _until(lambda: worker.num_aborted == aborted + 1, "the disconnection to reach the engine")
+        until(lambda: worker.num_aborted == aborted + 1, "the disconnection to reach the engine")
     _wait_idle(client)
     assert worker.num_aborted == aborted + 1
     assert client.generate([1, 2, 3], max_tokens=2).usage.completion_tokens == 2
@@ -461,13 +441,13 @@ def test_admission_queue_full_is_resource_exhausted(offline, built):
     config = ServerConfig(port=0, max_pending_requests=2)
     with ServerThread(offline.engine, config) as small, Client(small.target, timeout=HANG) as c:
         worker = small.server.worker
-        with _steps_limited(worker, 0):  # no step until both LONG streams are in the engine
+        with steps_limited(worker, 0):  # no step until both LONG streams are in the engine
             streams = [c.generate_stream(CONTEXT[:10 + i], **LONG) for i in range(2)]
             # A stream is sent by its first next(), which returns with the first step: read it on a thread.
             openers = [threading.Thread(target=next, args=(s,)) for s in streams]
             for t in openers:
                 t.start()
-            _until(lambda: worker.num_pending == 2, "both streams to be submitted")
+            until(lambda: worker.num_pending == 2, "both streams to be submitted")
             c.server_info()  # an engine command queued after both adds: they have reached the engine
             worker.limit_steps(STEP_LIMIT)  # both prefill in the first step; neither can finish
             for t in openers:

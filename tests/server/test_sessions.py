@@ -20,8 +20,8 @@ from server.app import ServerThread
 from server.config import ServerConfig
 from tests.server.support import ADAPTERS, make_model_with_adapters
 from tests.server.test_metrics import scrape, value
+from tests.waiting import HANG
 
-HANG = 120.0  # a guard against a hang, never a margin
 B = 8  # block size
 ENGINE_ARGS = dict(block_size=B, num_kv_blocks=40, max_num_seqs=8, max_num_batched_tokens=64, max_loras=2,
                    max_lora_rank=8, warmup=False, session_cache_share=0.5, max_session_ttl=100.0)  # fmt: skip
