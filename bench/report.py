@@ -387,19 +387,20 @@ SERVING_GOAL_PREVIOUS: dict[str, str] = {
 }
 
 
-# The same rows on an H100, the card most device calls get: every part in one call at e954969
-# (serving_goals_runs_h100_e954969.json), beside the H100's one-call run at 8d36705
-# (serving_goals_runs_h100_8d36705.json; its two decode parts failed there and were measured in the next call).
+# The same rows on an H100, the card most device calls get: every part in one call at 45df62d
+# (serving_goals_runs_h100_45df62d.json), beside the H100's one-call run at e954969
+# (serving_goals_runs_h100_e954969.json). Each was its machine's first start (a cold start there is slower than a
+# second one on the same machine: 65.6 s against 54.9 s at e954969).
 SERVING_GOAL_RUNS_H100 = {
-    "startup": "startup_gpu_h100_e954969.json",
-    "pipeline": "pipeline_bench_granite-8b_h100_e954969.json",
-    "concurrent": "pipeline_bench_granite-8b_aconc_h100_e954969.json",
-    "decode_1k": "profile_step_b1_h100_e954969.json",
-    "decode_64k": "profile_step_b1_ctx65536_h100_e954969.json",
-    "prefill_attention": "attention_prefill_h100_e954969.json",
-    "grpc": "http_bench_h100_e954969.json",
+    "startup": "startup_gpu_h100_45df62d.json",
+    "pipeline": "pipeline_bench_granite-8b_h100_45df62d.json",
+    "concurrent": "pipeline_bench_granite-8b_aconc_h100_45df62d.json",
+    "decode_1k": "profile_step_b1_h100_45df62d.json",
+    "decode_64k": "profile_step_b1_ctx65536_h100_45df62d.json",
+    "prefill_attention": "attention_prefill_h100_45df62d.json",
+    "grpc": "http_bench_h100_45df62d.json",
 }
-SERVING_GOAL_PREVIOUS_H100 = {part: name.replace("e954969", "8d36705") for part, name in SERVING_GOAL_RUNS_H100.items()}
+SERVING_GOAL_PREVIOUS_H100 = {part: name.replace("45df62d", "e954969") for part, name in SERVING_GOAL_RUNS_H100.items()}
 
 
 def serving_goal_files(runs: dict | None = None, previous: dict | None = None) -> tuple:
