@@ -362,7 +362,7 @@ class HttpFront:
             session = await self.front.session_fields(gen.session, gen.session_ttl, gen.end_session)
             adapter = await self._adapter(gen.model)
             stream = await self.front.start(
-                gen.prompt, gen.messages, gen.params, adapter, gen.append_invocation, session
+                gen.prompt, gen.messages, gen.params, adapter, gen.append_invocation, session, gen.max_tokens_field
             )
             watcher = asyncio.ensure_future(_abort_on_disconnect(request, stream))
             first = await stream.next()  # errors before the first token get their own status

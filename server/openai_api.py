@@ -24,22 +24,41 @@ from jalora.outputs import FinishedRequest
 from jalora.sampling_params import SamplingParams
 from server.frontend import check_messages, check_stop_token_ids, check_text
 
-# Parameters of OpenAI's API that jalora does not implement: a request that sets one to anything but its
-# neutral value is refused naming it, rather than silently served as if it had not.
-_UNSUPPORTED = {
-    "n": 1,
-    "best_of": 1,
-    "suffix": None,
-    "logit_bias": None,
-    "presence_penalty": 0,
-    "frequency_penalty": 0,
-    "tools": None,
-    "tool_choice": None,
-    "functions": None,
-    "function_call": None,
-    "parallel_tool_calls": None,
-    "audio": None,
-    "prediction": None,
+# Parameters of OpenAI's API, and of vLLM's extensions of it, that jalora does not implement: a request that sets
+# one to anything but a neutral value (a value that asks for nothing; JSON null always is one) is refused naming
+# it, rather than silently served as if it had not been set.
+_UNSUPPORTED: dict[str, tuple] = {
+    "n": (1,),
+    "best_of": (1,),
+    "suffix": ("",),
+    "logit_bias": ({},),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),  # with no tools, both ask for no call
+    "functions": ([],),
+    "function_call": ("none", "auto"),
+    "parallel_tool_calls": (True, False),  # with no tools there is nothing to call in parallel
+    "audio": ({},),
+    "prediction": ({},),
+    # vLLM's sampling extensions
+    "repetition_penalty": (1,),
+    "min_p": (0,),
+    "min_tokens": (0,),
+    "length_penalty": (1,),
+    "use_beam_search": (False,),
+    "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "truncate_prompt_tokens": (),
+    "allowed_token_ids": (),
+    "bad_words": ([],),
+    "logits_processors": ([],),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "structured_outputs": (),
 }
 
 
@@ -59,6 +78,9 @@ class Generation:
     session: str | None = None
     session_ttl: float | None = None
     end_session: bool = False
+    # The body's name of the max_tokens it set (None when it left it to the engine's default): a prompt that
+    # leaves less room than that within max_model_len is refused naming it, as OpenAI's API does.
+    max_tokens_field: str | None = None
 
 
 def _value(body: dict, name: str) -> Any:
@@ -96,7 +118,9 @@ def _is_int(value: Any) -> bool:
 def _refuse_unsupported(body: dict) -> None:
     for name, neutral in _UNSUPPORTED.items():
         value = _value(body, name)
-        if value is None or value == neutral or value in ({}, []):
+        # (compared with their types: true is not 1, nor 0.0 False)
+        if value is None or any(type(value) is type(n) and value == n for n in neutral) or (
+                is_number(value) and any(is_number(n) and value == n for n in neutral)):  # fmt: skip
             continue
         if name == "n":
             raise InvalidRequestError("n", f"must be 1: jalora returns one choice per request (got {value!r:.40}); "
@@ -118,7 +142,7 @@ def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingPa
     """SamplingParams from the body's OpenAI parameters (and vLLM's extensions top_k, ignore_eos,
     stop_token_ids); what the body leaves out keeps the engine's defaults, as over gRPC."""
     kwargs: dict[str, Any] = dataclasses.asdict(defaults)
-    max_tokens = "max_completion_tokens" if chat and _value(body, "max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _max_tokens_field(body, chat=chat) or "max_tokens"
     renamed = {"max_tokens": max_tokens}
     for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
         value = _value(body, renamed.get(name, name))
@@ -149,6 +173,12 @@ def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingPa
     except InvalidRequestError as exc:
         field = {"max_tokens": max_tokens, "logprobs": "top_logprobs" if chat else "logprobs"}.get(exc.field, exc.field)
         raise InvalidRequestError(field, exc.message) from None
+
+
+def _max_tokens_field(body: dict, *, chat: bool) -> str | None:
+    """The name under which the body set its max_tokens (chat: max_completion_tokens first), None if it did not."""
+    names = ("max_completion_tokens", "max_tokens") if chat else ("max_tokens",)
+    return next((name for name in names if _value(body, name) is not None), None)
 
 
 def _stream_options(body: dict, stream: bool) -> bool:
@@ -197,6 +227,7 @@ def parse_completion(body: dict, defaults: SamplingParams) -> tuple[Generation, 
             echo=echo,
             append_invocation=_bool(body, "append_invocation"),
             **_session(body),
+            max_tokens_field=_max_tokens_field(body, chat=False),
         ),
         ids,
     )
@@ -215,7 +246,7 @@ def _content(message: dict, i: int) -> str:
                 raise InvalidRequestError(f"messages[{i}].content[{j}]", "must be a text part {'type': 'text', "
                                           "'text': str}; this server reads text only")  # fmt: skip
             texts.append(part["text"])
-        return "".join(texts)
+        return "\n".join(texts)  # as vLLM joins a message's text parts
     raise InvalidRequestError(f"messages[{i}].content", "must be a string or a list of text parts")
 
 
@@ -246,6 +277,7 @@ def parse_chat(body: dict, defaults: SamplingParams) -> Generation:
         echo=False,
         append_invocation=_bool(body, "append_invocation"),
         **_session(body),
+        max_tokens_field=_max_tokens_field(body, chat=True),
     )
 
 

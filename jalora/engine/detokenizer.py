@@ -20,14 +20,33 @@ from tokenizers.decoders import DecodeStream
 # Ids before the held-back ones that a window decode starts from, so a tokenizer whose decoder looks
 # at the previous token (leading-space rules) gives the same text as a whole-sequence decode.
 _CONTEXT_IDS = 8
+# The prompt's last ids the stream starts from: the shortest suffix of at least _MIN_PROMPT_IDS ids (at most
+# _MAX_PROMPT_IDS) whose text is whole (no U+FFFD of a character cut in two), as vLLM primes its stream.
+_MIN_PROMPT_IDS, _MAX_PROMPT_IDS = 4, 23
+
+
+def prompt_context(tokenizer: Tokenizer, prompt_ids) -> list[int]:
+    """The prompt's last ids that a request's text is decoded after (see _MIN_PROMPT_IDS)."""
+    ids = list(prompt_ids[-_MAX_PROMPT_IDS:])
+    for n in range(min(_MIN_PROMPT_IDS, len(ids)), len(ids) + 1):
+        if "\ufffd" not in tokenizer.decode(ids[-n:], skip_special_tokens=True):
+            return ids[-n:]
+    return ids[-_MIN_PROMPT_IDS:]
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer: Tokenizer):
+    """The text of a request's output ids, decoded after `prompt_ids` (its prompt) where given: the text a
+    whole-sequence decode of prompt and output adds to the prompt's, so a tokenizer that drops the leading space of
+    a sequence's first word (SentencePiece) still gives the space the output's first word has after the prompt
+    (vLLM's texts are the same)."""
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids=()):
         self._tokenizer = tokenizer
-        self._stream = DecodeStream(skip_special_tokens=True)
+        context = prompt_context(tokenizer, prompt_ids) if len(prompt_ids) else []
+        self._stream = DecodeStream(ids=context, skip_special_tokens=True) if context else \
+            DecodeStream(skip_special_tokens=True)  # fmt: skip
         self._held: list[int] = []  # ids pushed since the last text the stream produced
-        self._context: deque[int] = deque(maxlen=_CONTEXT_IDS)  # the last ids that did produce text
+        self._context: deque[int] = deque(context, maxlen=_CONTEXT_IDS)  # the last ids that did produce text
 
     def push(self, token_id: int) -> str:
         """The text `token_id` completes ("" while it is held back)."""

@@ -28,7 +28,7 @@ class OutputProcessor:
 
     def add(self, req: Request) -> None:
         if self.tokenizer is not None:
-            self._detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer)
+            self._detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
             if req.params.stop:
                 self._stop_strings[req.request_id] = StopStringMatcher(req.params.stop)
 
@@ -37,7 +37,8 @@ class OutputProcessor:
     ) -> tuple[RequestDelta, str | None]:
         """Appends a sampled token to `req`; returns its delta and the finish reason it causes, if any."""
         detok = self._detokenizers.get(req.request_id)
-        text = "" if detok is None else detok.push(token)  # first: if it fails, the request is unchanged
+        stop_token = token in req.stop_ids  # its text is left out, as a stop string's is (vLLM's default)
+        text = "" if detok is None or stop_token else detok.push(token)  # first: if it fails, nothing changed
         stops = self._stop_strings.get(req.request_id)
         if stops is not None:
             text = stops.push(text)
@@ -48,7 +49,7 @@ class OutputProcessor:
             req.metrics.first_token_time = now
             self.num_prompt_tokens += len(req.prompt_token_ids)
         reason = None
-        if token in req.stop_ids or (stops is not None and stops.matched):
+        if stop_token or (stops is not None and stops.matched):
             reason = "stop"
         elif req.length_reached(self.max_model_len):
             reason = "length"

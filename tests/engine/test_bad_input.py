@@ -35,7 +35,7 @@ def assert_names_the_field_once(err: InvalidRequestError, field: str) -> None:
         ({"temperature": -0.5}, "temperature"),
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
-        ({"top_k": -1}, "top_k"),
+        ({"top_k": -2}, "top_k"),  # (-1 is vLLM's "all tokens", as 0)
         ({"logprobs": 99}, "logprobs"),
         ({"seed": -3}, "seed"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
@@ -57,6 +57,7 @@ def assert_names_the_field_once(err: InvalidRequestError, field: str) -> None:
 def test_sampling_params_name_the_field(kwargs, field):
     assert SamplingParams(prompt_logprobs=0).prompt_logprobs is True  # (vLLM's count: the token's own logprob)
     assert SamplingParams(prompt_logprobs=1).prompt_logprobs is True
+    assert SamplingParams(top_k=-1).top_k == 0
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**kwargs)
     assert_names_the_field_once(e.value, field)

@@ -1,5 +1,6 @@
 """Text prompts through the model's tokenizer.json, and streamed text: every delta holds only what is
-new, and the pieces add up to the whole-sequence decode (the oracle), multi-byte characters included."""
+new, and the pieces add up to the whole-sequence decode (the oracle), multi-byte characters included; after a
+prompt, to what the decode of prompt and output adds to the prompt's."""
 
 import os
 
@@ -10,7 +11,7 @@ from tokenizers import Tokenizer
 
 from checkpoints import DEFAULT_MODEL_DIR
 from jalora import LLM, SamplingParams
-from jalora.engine.detokenizer import IncrementalDetokenizer
+from jalora.engine.detokenizer import IncrementalDetokenizer, prompt_context
 
 TOKENIZER = Tokenizer.from_file(os.path.join(DEFAULT_MODEL_DIR, "tokenizer.json"))
 
@@ -107,3 +108,47 @@ def test_byte_fallback_stream_goes_on_after_an_invalid_byte_run():
     detok = IncrementalDetokenizer(BYTE_FALLBACK)
     pieces = [detok.push(t) for t in ids] + [detok.flush()]
     assert "".join(pieces).endswith(" hello日")
+
+
+def _after(tokenizer: Tokenizer, prompt: list[int], ids: list[int]) -> str | None:
+    """What the whole decode of `prompt + ids` adds to the prompt's decode (None where it rewrites it)."""
+    before, whole = (tokenizer.decode(x, skip_special_tokens=True) for x in (prompt, prompt + ids))
+    return whole[len(before):] if whole.startswith(before) else None
+
+
+def test_text_after_a_prompt_keeps_the_space_a_sentencepiece_decode_drops_at_the_start():
+    """The decoder strips the leading space of a sequence's first piece: alone, "▁hello" reads "hello", but after a
+    prompt it reads " hello", and a request's text is what it adds to its prompt (as vLLM's is)."""
+    a, hello = BYTE_FALLBACK.token_to_id("▁a"), BYTE_FALLBACK.token_to_id("▁hello")
+    assert BYTE_FALLBACK.decode([hello]) == "hello" and _after(BYTE_FALLBACK, [a], [hello]) == " hello"
+    detok = IncrementalDetokenizer(BYTE_FALLBACK, [1, a])
+    assert [detok.push(hello), detok.push(a), detok.flush()] == [" hello", " a", ""]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, BYTE_FALLBACK.get_vocab_size() - 1), min_size=1, max_size=30),
+       st.lists(st.integers(0, BYTE_FALLBACK.get_vocab_size() - 1), max_size=16))  # fmt: skip
+def test_pieces_after_a_prompt_add_up_to_what_the_whole_decode_adds(prompt, ids):
+    """Wherever the decodes are valid text, the pieces after any prompt add up to what decoding prompt + output adds
+    to the prompt's own decode, the prompt's context being its last ids (`prompt_context`)."""
+    detok = IncrementalDetokenizer(BYTE_FALLBACK, prompt)
+    text = "".join([detok.push(t) for t in ids] + [detok.flush()])
+    context = prompt_context(BYTE_FALLBACK, prompt)
+    assert prompt[-len(context):] == context and 1 <= len(context) <= 23
+    expected = _after(BYTE_FALLBACK, context, ids)
+    if expected is not None and "\ufffd" not in BYTE_FALLBACK.decode(context + ids, skip_special_tokens=True):
+        assert text == expected
+
+
+def test_a_stop_tokens_text_is_left_out(llm):
+    """A stop token ends the request with the token in its ids but not its text (vLLM's default, as for a stop
+    string)."""
+    params = dict(max_tokens=8, temperature=1.0, seed=5, ignore_eos=True)
+    (free,) = llm.generate(["The capital of France is"], SamplingParams(**params))
+    k = next(i for i in range(1, 8) if TOKENIZER.decode([free.token_ids[i]]).strip())  # a token with text
+    stop = free.token_ids[k]
+    first = free.token_ids.index(stop)
+    (out,) = llm.generate(["The capital of France is"], SamplingParams(**params, stop_token_ids=[stop]))
+    assert out.token_ids == free.token_ids[: first + 1] and out.finish_reason == "stop"
+    assert out.text == TOKENIZER.decode(free.token_ids[:first], skip_special_tokens=True)
+    assert free.text.startswith(out.text) and len(free.text) > len(out.text)

@@ -260,6 +260,18 @@ BAD_REQUESTS = {
     "include_usage text": (_completion(stream=True, stream_options={"include_usage": "yes"}), 400,
                            "stream_options.include_usage"),
     "presence_penalty": (_completion(presence_penalty=0.5), 400, "presence_penalty"),
+    "repetition_penalty": (_completion(repetition_penalty=1.5), 400, "repetition_penalty"),  # (vLLM's extensions)
+    "min_p": (_completion(min_p=0.5), 400, "min_p"),
+    "min_tokens": (_chat(min_tokens=4), 400, "min_tokens"),
+    "guided_choice": (_chat(guided_choice=["t1", "t2"]), 400, "guided_choice"),
+    "n true": (_completion(n=True), 400, "n"),
+    "tool_choice required": (_chat(tool_choice="required"), 400, "tool_choice"),
+    "top_k -2": (_completion(top_k=-2, temperature=1), 400, "top_k"),
+    # OpenAI's API refuses a max_tokens that the context cannot hold (max_model_len 512 here)
+    "max_tokens past the context": (_completion(max_tokens=510), 400, "max_tokens"),
+    "text prompt's max_tokens past the context": (_completion(prompt="t1 t2 t3", max_tokens=510), 400, "max_tokens"),
+    "max_completion_tokens past the context": (_chat(max_completion_tokens=600, max_tokens=2), 400,
+                                               "max_completion_tokens"),
     "tools": (_chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),
     "echo stream logprobs": (_completion(echo=True, stream=True, logprobs=1), 400, "echo"),
     "empty prompt": (_completion(prompt=""), 400, "prompt"),
@@ -286,6 +298,40 @@ def test_bad_request_gets_openai_error_naming_the_param(server, oai, case):
     assert err.body["param"] == param and err.body["message"].startswith(f"{param}: "), err.body
     assert set(err.body) == {"message", "type", "param", "code"}
     assert server.server.worker.num_pending == 0
+
+
+def test_neutral_values_of_unimplemented_parameters_are_served(server, oai):
+    """Values that ask for nothing (vLLM's top_k -1, no tool call, an empty suffix, a penalty of 1, JSON null) are
+    served as if left out; the full context is a max_tokens that still fits."""
+    plain = oai.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=4, temperature=0)
+    neutral = dict(top_k=-1, suffix="", repetition_penalty=1.0, min_p=0, min_tokens=0, skip_special_tokens=True,
+                   logit_bias={}, best_of=None)  # fmt: skip
+    got = oai.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=4, temperature=0, extra_body=neutral)
+    assert got.choices[0].token_ids == plain.choices[0].token_ids
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "t5"}], max_tokens=3, temperature=0)
+    ref = oai.chat.completions.create(**chat)
+    for extra in ({"tool_choice": "none"}, {"tool_choice": "auto", "tools": []}, {"parallel_tool_calls": False}):
+        assert oai.chat.completions.create(**chat, extra_body=extra).choices[0].token_ids == ref.choices[0].token_ids
+    full = oai.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=509, extra_body={"ignore_eos": True})
+    assert full.usage.completion_tokens == 509 and full.choices[0].finish_reason == "length"
+    assert server.server.worker.num_pending == 0
+
+
+def test_text_continues_the_prompt_and_text_parts_join_by_lines(oai):
+    """A completion's text is what it adds to the prompt's text, so `echo` reads as the whole sequence decoded (this
+    tokenizer joins words with spaces: the first word's space is the completion's); a message's text parts are
+    joined with newlines, as vLLM joins them."""
+    plain = oai.completions.create(model=MODEL, prompt="t5 t6", max_tokens=3, temperature=0)
+    words = " ".join(f"t{t}" for t in plain.choices[0].token_ids)
+    assert plain.choices[0].text == " " + words
+    echoed = oai.completions.create(model=MODEL, prompt="t5 t6", max_tokens=3, temperature=0, echo=True)
+    assert echoed.choices[0].text == "t5 t6 " + words
+    parts = [{"type": "text", "text": "t5"}, {"type": "text", "text": "t6"}]
+    kwargs = dict(model=MODEL, max_tokens=2, temperature=0)
+    by_parts = oai.chat.completions.create(messages=[{"role": "user", "content": parts}], **kwargs)
+    joined = oai.chat.completions.create(messages=[{"role": "user", "content": "t5\nt6"}], **kwargs)
+    assert by_parts.usage.prompt_tokens == joined.usage.prompt_tokens == 5  # t1 t5 t6 t2 t3
+    assert by_parts.choices[0].token_ids == joined.choices[0].token_ids
 
 
 def test_bodies_that_are_not_json_objects(server, oai):

@@ -331,7 +331,7 @@ BAD_GENERATE = {
                         "INVALID_ARGUMENT", "sampling.temperature"),
     "top_p 0": (_generate_request(token_ids=IDS, sampling=dict(top_p=0.0)), "INVALID_ARGUMENT", "sampling.top_p"),
     "top_p > 1": (_generate_request(token_ids=IDS, sampling=dict(top_p=1.5)), "INVALID_ARGUMENT", "sampling.top_p"),
-    "top_k < 0": (_generate_request(token_ids=IDS, sampling=dict(top_k=-1)), "INVALID_ARGUMENT", "sampling.top_k"),
+    "top_k < -1": (_generate_request(token_ids=IDS, sampling=dict(top_k=-2)), "INVALID_ARGUMENT", "sampling.top_k"),
     "seed < 0": (_generate_request(token_ids=IDS, sampling=dict(seed=-1)), "INVALID_ARGUMENT", "sampling.seed"),
     "logprobs 100": (_generate_request(token_ids=IDS, sampling=dict(logprobs=100)), "INVALID_ARGUMENT",
                      "sampling.logprobs"),
