@@ -100,6 +100,11 @@ class TrainConfig:
                 f"must be an integer >= 1, got {self.max_steps!r:.40}")  # fmt: skip
         require(self.max_seq_len is None or (is_int(self.max_seq_len) and self.max_seq_len >= 2), "max_seq_len",
                 "must be an integer >= 2")  # fmt: skip
+        require(is_int(self.seed) and 0 <= self.seed < 2**32, "seed", f"must be an integer in [0, 2**32), got "
+                f"{self.seed!r:.40}")  # fmt: skip
+        for name, choices in (("dtype", DTYPES), ("save_dtype", SAVE_DTYPES), ("attention", ATTENTION_IMPLS)):
+            require(getattr(self, name) in choices, name, f"must be one of {', '.join(choices)}, got "
+                    f"{getattr(self, name)!r:.40}")  # fmt: skip
         require(not os.path.exists(self.output_dir) or os.path.isdir(self.output_dir), "output_dir",
                 f"{self.output_dir} is a file, not a directory")  # fmt: skip
 

@@ -42,9 +42,13 @@ def read_lora(path: str, cfg, r: int, targets) -> dict:
     `path`, read and validated as the engine reads adapters; it must have rank `r` and adapt `targets` in
     every layer."""
     from jalora.adapters.peft import module_dims, read_peft_adapter
+    from jalora.api.limits import MAX_INT32
     from jalora.errors import InvalidRequestError
 
-    acfg, pairs, _ = read_peft_adapter(path, cfg, max_rank=r)
+    try:
+        acfg, pairs, _ = read_peft_adapter(path, cfg, max_rank=MAX_INT32)  # (its rank is checked below)
+    except InvalidRequestError as e:  # (the engine's errors name its own fields: this run's is init_adapter)
+        raise InvalidRequestError("init_adapter", f"{path}: {e.message}") from None
     if acfg["r"] != r:
         raise InvalidRequestError("init_adapter", f"{path} has r={acfg['r']}, the run trains r={r}")
     want = {(layer, m) for layer in range(cfg.num_layers) for m in targets}

@@ -21,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from functools import partial
@@ -120,15 +121,28 @@ def _prepare(config: TrainConfig) -> _Setup:
 
 
 def _fingerprint(config: TrainConfig) -> str:
-    """What a checkpoint must agree with to be resumed: the settings that change the weights, and the data."""
-    ignore = {"output_dir", "eval_every", "save_every", "resume", "progress"}
+    """What a checkpoint must agree with to be resumed: the settings that change the weights, and the data (by
+    content: the same lines under another path resume)."""
+    ignore = {"output_dir", "eval_every", "save_every", "resume", "progress", "data", "eval_data"}
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignore}
+    fields["eval_data"] = config.eval_data is not None
     h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
     for path in (config.data, config.eval_data):
         if path is not None:
             with open(path, "rb") as f:
                 h.update(hashlib.file_digest(f, "sha256").digest())
     return h.hexdigest()
+
+
+def _check_platform(config: TrainConfig) -> None:
+    """Settings this backend cannot train with, refused before any file is read: cuDNN's attention needs a GPU, and
+    XLA's CPU matmuls take no float16 inputs with float32 accumulation."""
+    backend = jax.default_backend()
+    if config.attention == "cudnn" and backend != "gpu":
+        raise InvalidRequestError("attention", f"cudnn needs a GPU (this backend is {backend}); use auto or xla")
+    if config.dtype == "float16" and backend == "cpu":
+        raise InvalidRequestError("dtype", "float16 does not train on a CPU (XLA's CPU matmuls refuse it); use "
+                                  "bfloat16 or float32")  # fmt: skip
 
 
 def _attention_impl(config: TrainConfig) -> str:
@@ -249,9 +263,19 @@ def train_adapter(
     from jalora.model.kernel_plan import KernelPlan
 
     config = TrainConfig(**fields) if config is None else config.replace(**fields)
+    _check_platform(config)
     setup = _prepare(config)
     cfg, train, evals = setup.model_config, setup.train, setup.eval
-    os.makedirs(config.output_dir, exist_ok=True)
+    # Before the model is read: the adapter to start from, and the output directory.
+    init = None if config.init_adapter is None else read_lora(config.init_adapter, cfg, config.r,
+                                                             config.target_modules)  # fmt: skip
+    try:
+        os.makedirs(config.output_dir, exist_ok=True)
+    except OSError as e:
+        raise InvalidRequestError("output_dir", f"cannot be created: {e.strerror or e}") from None
+    checkpoints_dir = os.path.join(config.output_dir, "checkpoints")
+    if not config.resume and config.save_every and os.path.isdir(checkpoints_dir):
+        shutil.rmtree(checkpoints_dir)  # starting over: an older run's later steps would block this run's saves
 
     buckets = B.bucket_lengths(setup.max_seq_len)
     r_slots = B.response_slots(train + evals)
@@ -274,8 +298,8 @@ def train_adapter(
     plan = KernelPlan.from_config(EngineConfig(model=config.model))
     model = load_model(setup.model_dir, cfg, plan, resolve_dtype(config.dtype), "auto")
     graphdef, base_state = nnx.split(model)
-    if config.init_adapter is not None:
-        lora = jax.tree.map(jnp.asarray, read_lora(config.init_adapter, cfg, config.r, config.target_modules))
+    if init is not None:
+        lora = jax.tree.map(jnp.asarray, init)
     else:
         lora = init_lora(cfg, config.target_modules, config.r, jax.random.key(config.seed))
     optimizer, schedule = make_optimizer(config, total_steps)
@@ -287,7 +311,7 @@ def train_adapter(
     history: list[dict] = []
     eval_history: list[dict] = []
     start = 0
-    ckpt = _Checkpoints(os.path.join(config.output_dir, "checkpoints")) if config.save_every else None
+    ckpt = _Checkpoints(checkpoints_dir) if config.save_every else None
     if ckpt is not None and config.resume and ckpt.latest() is not None:
         state, meta = ckpt.restore(ckpt.latest(), {"lora": lora, "opt": opt_state})
         if meta["fingerprint"] != fingerprint:

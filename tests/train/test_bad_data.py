@@ -2,9 +2,12 @@
 the line and the field."""
 
 import json
+import shutil
 
 import pytest
 
+from jalora.errors import InvalidRequestError
+from jalora.train import TrainConfig, train_adapter
 from server import cli
 from tests.train.conftest import JUDGE
 
@@ -59,14 +62,50 @@ def test_not_json_and_bad_settings(text_llama, tmp_path, capsys):
     (["--epochs", "inf"], "epochs"),
     (["--lora-dropout", "nan"], "lora_dropout"),
     (["--output-dir", "FILE"], "output_dir"),  # an existing file
+    (["--output-dir", "FILE/out"], "output_dir"),  # under a file: cannot be created (was a NotADirectoryError)
+    (["--seed", "-1"], "seed"),  # (was numpy's ValueError, after the model was read)
+    (["--seed", str(2**70)], "seed"),
+    (["--attention", "cudnn"], "attention"),  # no GPU here (was cuDNN's RuntimeError while compiling)
+    (["--dtype", "float16"], "dtype"),  # on a CPU (was XLA's refusal of F16_F16_F32 dots while compiling)
 ])  # fmt: skip
 def test_bad_settings_are_one_error_before_training(text_llama, tmp_path, capsys, flags, field):
     data, existing = tmp_path / "data.jsonl", tmp_path / "a-file"
     data.write_text(json.dumps(GOOD) + "\n")
     existing.write_text("not a directory")
-    flags = [str(existing) if f == "FILE" else f for f in flags]
+    flags = [f.replace("FILE", str(existing)) for f in flags]
     argv = ["train", "--model", text_llama, "--data", str(data), "--output-dir", str(tmp_path / "o"), *flags]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"jalora train: {field}: ") and err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("field, value", [("save_dtype", "float16"), ("attention", "flash"), ("dtype", "float64"),
+                                          ("seed", 2**32), ("seed", True)])  # fmt: skip
+def test_every_setting_is_checked_on_construction(field, value):
+    """TrainConfig checks the choices too, not only the command line's parser (save_dtype="float16" used to write
+    float32 silently, attention="flash" to fail inside JAX after the model was read)."""
+    with pytest.raises(InvalidRequestError, match=f"^{field}: "):
+        TrainConfig(model="m", data="d", output_dir="o", **{field: value})
+
+
+def test_a_bad_init_adapter_is_named_before_the_model_is_read(text_llama, tmp_path, capsys):
+    """The adapter to start from is read before the base weights (which here cannot be read at all), and its
+    errors name init_adapter, not the engine's own fields (path, max_lora_rank)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n")
+    r4 = tmp_path / "r4"
+    train_adapter(model=text_llama, data=str(data), output_dir=str(r4), invocation=JUDGE, r=4, max_steps=1,
+                  save_every=0, eval_fraction=0.0, progress=False)  # fmt: skip
+    broken = tmp_path / "broken"
+    shutil.copytree(text_llama, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    (tmp_path / "empty").mkdir()
+    for flags, message in ((["--init-adapter", str(tmp_path / "empty")], "adapter_config.json"),
+                           (["--r", "2", "--init-adapter", str(r4)], "has r=4, the run trains r=2")):  # fmt: skip
+        for model in (text_llama, str(broken)):
+            argv = ["train", "--model", model, "--data", str(data), "--invocation", JUDGE, "--no-progress",
+                    "--output-dir", str(tmp_path / "o"), *flags]  # fmt: skip
+            assert cli.main(argv) == 2
+            err = capsys.readouterr().err
+            assert err.startswith("jalora train: init_adapter: ") and message in err and err.count("\n") == 1, err

@@ -2,6 +2,7 @@
 losses of an uninterrupted run with the same seed (dropout, accumulation and two buckets included)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -66,3 +67,20 @@ def test_a_batch_larger_than_the_data_trains_as_one_of_the_data(text_llama, tmp_
     b = load_file(str(tmp_path / "huge" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert (exact.train_loss, exact.eval_loss) == (huge.train_loss, huge.eval_loss)
+
+
+def test_no_resume_starts_over_and_can_itself_be_resumed(text_llama, tmp_path):
+    """--no-resume replaces an earlier run's checkpoints (orbax saves no step at or below the latest one there, so
+    they used to stay, and the new run could never be resumed), and the same data under another path resumes."""
+    data = _data(tmp_path / "data.jsonl")
+    settings = dict(model=text_llama, invocation=JUDGE, r=4, max_steps=4, batch_size=4, warmup_steps=0,
+                    save_every=2, eval_fraction=0.0, progress=False, output_dir=str(tmp_path / "out"))  # fmt: skip
+    train_adapter(data=data, learning_rate=1e-3, **settings)
+    first = train_adapter(data=data, learning_rate=3e-3, resume=False, **settings)
+    moved = str(tmp_path / "moved.jsonl")
+    shutil.copy(data, moved)
+    steps = []
+    again = train_adapter(data=moved, learning_rate=3e-3, callback=lambda step, _: steps.append(step), **settings)
+    assert steps == [] and again.train_loss == first.train_loss  # resumed at the new run's last step
+    with pytest.raises(InvalidRequestError, match="^resume: "):
+        train_adapter(data=data, learning_rate=1e-3, **settings)  # the first run's settings: its checkpoints went
