@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 
 from jalora.adapters.peft import (
     BASE,
+    DEFAULT_LORA_ALPHA,
     GROUPS,
     MODULE_GROUP,
     AdapterInfo,
@@ -197,7 +198,7 @@ class AdapterManager:
         Raises InvalidRequestError; changes nothing."""
         acfg, pairs, identity = read_peft_adapter(path, self.cfg, self.max_rank, roots)
         invocation, inv_string = invocation_of(acfg, self.tokenize, self.cfg.vocab_size, self.max_model_len)
-        r, alpha = acfg["r"], float(acfg.get("lora_alpha", acfg["r"]))
+        r, alpha = acfg["r"], float(acfg.get("lora_alpha", DEFAULT_LORA_ALPHA))
         scaling = alpha / math.sqrt(r) if acfg.get("use_rslora") else alpha / r
         pairs = self._scaled(pairs, scaling)
         targets = sorted({m for _, m in pairs}, key=list(MODULE_GROUP).index)

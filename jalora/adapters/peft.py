@@ -32,7 +32,16 @@ MODULE_GROUP = {m: g for g, ms in GROUPS.items() for m in ms}
 # safetensors' names of the floating-point types a LoRA weight may have
 WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_CONFIG_BYTES = 1024 * 1024  # adapter_config.json is about 1 KB; a larger one is refused unparsed
-_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
+# (PEFT's files name no adapter, `lora_A.weight`; a state dict saved as is names it, `lora_A.default.weight`, and
+# PEFT loads both)
+_KEY = re.compile(
+    r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
+)
+# PEFT LoraConfig's lora_alpha where adapter_config.json leaves it out
+DEFAULT_LORA_ALPHA = 8
+# init_lora_weights whose saved adapter is a difference to a base that PEFT changes at load (PiSSA, OLoRA, CorDA,
+# LoftQ): served on the original base weights, such an adapter would compute something else
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +153,11 @@ def _check_config(acfg: dict, max_rank: int) -> None:
     r = acfg.get("r")
     if not is_int(r) or not 1 <= r <= max_rank:
         _reject_config(f"r={quoted(r)} must be an integer in [1, max_lora_rank={max_rank}]")
-    alpha = acfg.get("lora_alpha", r)
+    init = acfg.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower().startswith(_BASE_CHANGING_INITS):
+        _reject_config(f"init_lora_weights={quoted(init)} is not supported: such an adapter needs the base weights "
+                       "PEFT derives from it at load, not the model's own")  # fmt: skip
+    alpha = acfg.get("lora_alpha", DEFAULT_LORA_ALPHA)
     if not _is_finite_number(alpha):
         _reject_config(f"lora_alpha={quoted(alpha)} must be a finite number")
     if not isinstance(acfg.get("use_rslora", False), bool | None):

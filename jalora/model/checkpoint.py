@@ -40,8 +40,10 @@ def _safetensors_files(model_dir: str) -> dict[str, str]:
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise InvalidRequestError("model.safetensors.index.json", f"malformed index: {e!r}") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InvalidRequestError("model.safetensors.index.json", "weight_map must map tensor names to file names")
         return {k: os.path.join(model_dir, v) for k, v in weight_map.items()}
     if os.path.isfile(single):
         try:

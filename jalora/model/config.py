@@ -9,6 +9,47 @@ from jalora.errors import InvalidRequestError
 SUPPORTED_MODEL_TYPES = ("llama", "granite", "mistral")
 
 
+# ModelConfig's names that config.json spells otherwise
+_HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "num_kv_heads": "num_key_value_heads"}  # fmt: skip
+# Keys each supported RoPE scaling needs (rope_inv_freq reads them), all positive numbers.
+_ROPE_KEYS = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def _rope(cfg: dict) -> tuple[float | None, dict | None]:
+    """(rope_theta, rope_scaling) of a config.json: transformers 5's `rope_parameters` where it is there (its theta
+    and type win over a top-level `rope_theta`), else v4's `rope_theta` and `rope_scaling`. A scaling is checked
+    here, not when the first step is traced."""
+    params = cfg.get("rope_parameters")
+    if params is not None and not isinstance(params, dict):
+        raise InvalidRequestError("config.rope_parameters", "must be an object")
+    scaling = cfg.get("rope_scaling")
+    theta = cfg.get("rope_theta")
+    field = "config.rope_scaling"
+    if scaling is not None and not isinstance(scaling, dict):
+        raise InvalidRequestError(field, f"must be an object, got {scaling!r:.40}")
+    if params:
+        theta = params.get("rope_theta", theta)
+        scaling, field = params, "config.rope_parameters"
+    if scaling is None:
+        return theta, None
+    if not isinstance(scaling, dict):
+        raise InvalidRequestError(field, f"must be an object, got {scaling!r:.40}")
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind not in _ROPE_KEYS:
+        raise InvalidRequestError(field, f"rope type {kind!r} is not supported (default, linear, llama3)")
+    for key in _ROPE_KEYS[kind]:
+        value = scaling.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise InvalidRequestError(f"{field}.{key}", f"the {kind} rope needs a positive number, got {value!r:.40}")
+    if kind == "llama3" and not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise InvalidRequestError(f"{field}.high_freq_factor", "must be above low_freq_factor")
+    return theta, scaling
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     model_type: str
@@ -57,6 +98,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict) -> "ModelConfig":
+        if not isinstance(cfg, dict):
+            raise InvalidRequestError("config.json", f"must be a JSON object, got {type(cfg).__name__}")
         model_type = cfg.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise InvalidRequestError(
@@ -66,22 +109,17 @@ class ModelConfig:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
             head_dim = cfg.get("head_dim") or hidden // heads
-            rope_scaling = cfg.get("rope_scaling")
-            rope_theta = cfg.get("rope_theta")
-            if rope_theta is None and isinstance(cfg.get("rope_parameters"), dict):
-                rope_theta = cfg["rope_parameters"].get("rope_theta")
-                if cfg["rope_parameters"].get("rope_type", "default") != "default":
-                    rope_scaling = cfg["rope_parameters"]
-            if rope_scaling is not None:
-                kind = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-                if kind not in ("default", "llama3", "linear"):
-                    raise InvalidRequestError("config.rope_scaling", f"rope type {kind!r} is not supported")
-                if kind == "default":
-                    rope_scaling = None
+            rope_theta, rope_scaling = _rope(cfg)
+            act = cfg.get("hidden_act", "silu")
+            if act not in ("silu", "swish"):  # the decoder's MLP is SwiGLU
+                raise InvalidRequestError("config.hidden_act", f"{act!r} is not supported (only silu)")
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
             window = cfg.get("sliding_window") if model_type == "mistral" else None
-            return cls(
+            attention_multiplier = cfg.get("attention_multiplier")
+            if attention_multiplier is None and model_type == "granite":
+                attention_multiplier = 1.0  # (transformers' GraniteConfig default; Llama's is 1 / sqrt(head_dim))
+            config = cls(
                 model_type=model_type,
                 vocab_size=int(cfg["vocab_size"]),
                 hidden_size=hidden,
@@ -99,18 +137,25 @@ class ModelConfig:
                 sliding_window=int(window) if window else None,
                 embedding_multiplier=float(cfg.get("embedding_multiplier", 1.0)),
                 residual_multiplier=float(cfg.get("residual_multiplier", 1.0)),
-                attention_multiplier=(
-                    float(cfg["attention_multiplier"]) if cfg.get("attention_multiplier") is not None else None
-                ),
+                attention_multiplier=None if attention_multiplier is None else float(attention_multiplier),
                 logits_scaling=float(cfg.get("logits_scaling", 1.0)),
                 rope_scaling=rope_scaling,
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             if isinstance(e, InvalidRequestError):
                 raise
             raise InvalidRequestError("config.json", f"malformed model config: {e!r}") from e
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):  # fmt: skip
+            if getattr(config, name) < 1:
+                raise InvalidRequestError(f"config.{_HF_NAMES.get(name, name)}", f"must be >= 1, "
+                                          f"got {getattr(config, name)}")  # fmt: skip
+        if config.num_heads % config.num_kv_heads:
+            raise InvalidRequestError("config.num_key_value_heads", f"{config.num_kv_heads} does not divide "
+                                      f"num_attention_heads={config.num_heads}")  # fmt: skip
+        return config
 
     @classmethod
     def from_dir(cls, model_dir: str) -> "ModelConfig":
