@@ -2,7 +2,7 @@
 
 from jalora.config import EngineConfig
 from jalora.errors import AdapterNotFoundError, InvalidRequestError, InvocationNotFoundError, SessionNotFoundError
-from jalora.outputs import RequestDelta, RequestOutput
+from jalora.outputs import CompletionOutput, RequestDelta, RequestOutput
 from jalora.sampling_params import SamplingParams
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "SamplingParams",
     "RequestDelta",
     "RequestOutput",
+    "CompletionOutput",
     "InvalidRequestError",
     "AdapterNotFoundError",
     "InvocationNotFoundError",

@@ -5,14 +5,17 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
+import numpy as np
+
 from jalora.adapters.peft import AdapterInfo
 from jalora.config import EngineConfig
 from jalora.engine.chat import prompt_with_invocation
 from jalora.engine.llm_engine import LLMEngine
+from jalora.errors import InvalidRequestError
 from jalora.outputs import OutputAccumulator, RequestOutput
 from jalora.sampling_params import SamplingParams
 
-Prompt = str | Sequence[int]
+Prompt = str | Sequence[int] | dict
 
 
 class LLM:
@@ -45,15 +48,16 @@ class LLM:
         `session="id"` keeps the blocks these requests computed (prompt and output) from eviction for the
         session's next requests, e.g. the judges of this answer, until the session has been idle for
         `session_ttl` seconds, `end_session(id)` is called, or a request with `end_session=True` finishes."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        prompts, texts = _prompts(prompts)
         n = len(prompts)
         if sampling_params is None:
             sampling_params = self.engine.default_sampling_params()
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
         adapters = adapter if isinstance(adapter, list) else [adapter] * n
-        if len(params) != n or len(adapters) != n:
-            raise ValueError("sampling_params and adapter lists must have one entry per prompt")
+        for name, values in (("sampling_params", params), ("adapter", adapters)):
+            if len(values) != n:
+                raise InvalidRequestError(name, f"a list must have one entry per prompt: {len(values)} for {n}")
+        opened = session is not None and not self.engine.sessions.is_live(session)
         if self.engine.has_unfinished_requests():  # their deltas would be consumed here and lost
             raise RuntimeError(
                 "LLM.generate runs the engine to completion and needs it to itself: finish the requests "
@@ -62,14 +66,15 @@ class LLM:
         ids = [f"llm-{next(self._ids)}" for _ in range(n)]
         running: dict[str, OutputAccumulator] = {}
         try:
-            for rid, prompt, p, a in zip(ids, prompts, params, adapters):
+            for rid, prompt, text, p, a in zip(ids, prompts, texts, params, adapters):
                 self.engine.add_request(
                     rid, prompt, p, a, session=session, session_ttl=session_ttl, end_session=end_session
                 )
-                text = prompt if isinstance(prompt, str) else None
                 running[rid] = OutputAccumulator(rid, text, p.logprobs is not None)
         except Exception:
             self._abort(running)
+            if opened and self.engine.sessions.is_live(session):  # opened by this call's requests: end it too
+                self.engine.end_session(session)
             raise
         final: dict[str, RequestOutput] = {}
         try:
@@ -107,7 +112,8 @@ class LLM:
             messages = [messages]
         adapters = adapter if isinstance(adapter, list) else [adapter] * len(messages)
         if len(adapters) != len(messages):
-            raise ValueError("the adapter list must have one entry per conversation")
+            raise InvalidRequestError("adapter", f"a list must have one entry per conversation: {len(adapters)} "
+                                      f"for {len(messages)}")  # fmt: skip
         prompts = [
             prompt_with_invocation(self.engine, None, conversation, name if with_invocation else None)
             for conversation, name in zip(messages, adapters)
@@ -134,3 +140,40 @@ class LLM:
 
     def list_adapters(self) -> list[AdapterInfo]:
         return self.engine.list_adapters()
+
+
+def _prompts(prompts) -> tuple[list, list[str | None]]:
+    """`generate`'s prompts as a list of texts or token-id lists, and each one's text (None for ids). One prompt or
+    a list of them: a text, token ids (a list, a tuple or a 1-D numpy array of integers), or vLLM's
+    {"prompt": text} / {"prompt_token_ids": ids}."""
+    if isinstance(prompts, str | dict) or _is_ids(prompts):
+        prompts = [prompts]
+    elif not isinstance(prompts, list | tuple):
+        raise InvalidRequestError("prompt", "must be a string, token ids, or a list of them")
+    out, texts = [], []
+    for prompt in prompts:
+        if isinstance(prompt, dict):
+            keys = set(prompt)
+            if keys == {"prompt"} and isinstance(prompt["prompt"], str):
+                prompt = prompt["prompt"]
+            elif keys == {"prompt_token_ids"} and _is_ids(prompt["prompt_token_ids"]):
+                prompt = prompt["prompt_token_ids"]
+            else:
+                raise InvalidRequestError("prompt", f"a dict prompt holds 'prompt' (a text) or 'prompt_token_ids' "
+                                          f"(token ids) and nothing else, got keys {sorted(keys)}")  # fmt: skip
+        if isinstance(prompt, np.ndarray):
+            prompt = prompt.tolist() if prompt.ndim == 1 else prompt
+        elif _is_ids(prompt):
+            prompt = [int(t) for t in prompt]
+        out.append(prompt)
+        texts.append(prompt if isinstance(prompt, str) else None)
+    return out, texts
+
+
+def _is_ids(value) -> bool:
+    """Token ids, as one prompt: a 1-D numpy integer array, or a non-empty list or tuple whose first item is an integer
+    (the engine checks every id)."""
+    if isinstance(value, np.ndarray):
+        return value.ndim == 1 and value.dtype.kind in "iu"
+    return isinstance(value, list | tuple) and bool(value) and isinstance(value[0], int | np.integer) \
+        and not isinstance(value[0], bool)  # fmt: skip

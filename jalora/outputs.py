@@ -72,6 +72,26 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """vLLM's `outputs`: the one completion of this request (`output.outputs[0].text` is `output.text`)."""
+        cumulative = None
+        if self.logprobs is not None:
+            cumulative = sum(lp[t] for t, lp in zip(self.token_ids, self.logprobs) if t in lp)
+        return [CompletionOutput(0, self.text, self.token_ids, cumulative, self.logprobs, self.finish_reason)]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompletionOutput:
+    """One completion of a request, in vLLM's shape (jalora returns one per request)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None  # the sum of the sampled tokens' logprobs, where logprobs were asked for
+    logprobs: list[dict[int, float]] | None
+    finish_reason: str | None
+
 
 class OutputAccumulator:
     """Folds one request's deltas into a RequestOutput (the text in pieces, joined once at the end)."""

@@ -12,7 +12,7 @@ MAX_LOGPROBS = 20
 
 @dataclasses.dataclass
 class SamplingParams:
-    max_tokens: int = 16
+    max_tokens: int = 16  # (None: up to max_model_len)
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k (vLLM's -1 too: it is read as 0)
@@ -24,6 +24,13 @@ class SamplingParams:
     prompt_logprobs: bool = False  # each prompt token's logprob (vLLM's count, 0 or 1, turns it on too)
 
     def __post_init__(self):
+        # vLLM's other spellings: max_tokens None (up to max_model_len), one stop string, seed -1 (none)
+        if self.max_tokens is None:
+            self.max_tokens = MAX_INT32
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if is_int(self.seed) and self.seed == -1:
+            self.seed = None
         require(is_int(self.max_tokens) and 1 <= self.max_tokens <= MAX_INT32, "max_tokens",
                 f"must be an integer in [1, {MAX_INT32}]")
         require(is_number(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0")

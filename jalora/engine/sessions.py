@@ -178,6 +178,10 @@ class Sessions:
             self.counters.evicted += 1
         return True
 
+    def is_live(self, session) -> bool:
+        """Whether `session` names a live session."""
+        return isinstance(session, str) and session in self.live
+
     def continues(self, session: str | None) -> bool:
         """Whether a request of `session` would find blocks the session retains (the scheduler admits
         such a request ahead of new work: it mostly reuses them, and its session ends sooner)."""

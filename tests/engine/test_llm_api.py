@@ -1,0 +1,75 @@
+"""The offline API takes what a vLLM user passes it (prompt forms, SamplingParams spellings) and returns vLLM's shape
+of output too; a bad call is one InvalidRequestError naming its field and leaves nothing behind."""
+
+import numpy as np
+import pytest
+
+from checkpoints import DEFAULT_MODEL_DIR
+from jalora import LLM, InvalidRequestError, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(str(DEFAULT_MODEL_DIR), warmup=False, max_model_len=64, num_kv_blocks=32, block_size=4, max_num_seqs=4)
+
+
+def test_prompt_forms_give_the_same_tokens(llm):
+    """Token ids as a list, a tuple, a numpy array, numpy integers or vLLM's {"prompt_token_ids": ...}; a text as
+    a string or {"prompt": ...}: one prompt each, alone or in a list (a dict or a list of numpy ints used to fail
+    with a KeyError or be split into one prompt per id)."""
+    params = SamplingParams(max_tokens=3)
+    (ref,) = llm.generate([[5, 6, 7]], params)
+    for prompt in ((5, 6, 7), np.array([5, 6, 7]), [np.int64(5), np.int64(6), np.int64(7)],
+                   {"prompt_token_ids": [5, 6, 7]}):  # fmt: skip
+        outs = llm.generate(prompt, params)
+        assert len(outs) == 1 and outs[0].token_ids == ref.token_ids and outs[0].prompt is None, prompt
+    (text,) = llm.generate("The sky is", params)
+    (as_dict,) = llm.generate([{"prompt": "The sky is"}], params)
+    assert as_dict.token_ids == text.token_ids and as_dict.prompt == "The sky is"
+    with pytest.raises(InvalidRequestError) as err:
+        llm.generate({"prompt_token_ids": [5], "multi_modal_data": {}}, params)
+    assert err.value.field == "prompt"
+
+
+def test_request_output_has_vllms_outputs(llm):
+    (out,) = llm.generate("hello", SamplingParams(max_tokens=3, logprobs=1))
+    (completion,) = out.outputs
+    assert (completion.index, completion.text, completion.token_ids, completion.finish_reason) == \
+        (0, out.text, out.token_ids, out.finish_reason)  # fmt: skip
+    assert completion.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(out.token_ids, out.logprobs)))
+    assert llm.generate("hello", SamplingParams(max_tokens=1))[0].outputs[0].cumulative_logprob is None
+
+
+def test_sampling_params_take_vllms_spellings(llm):
+    assert SamplingParams(stop="x").stop == ["x"]
+    assert SamplingParams(seed=-1).seed is None and SamplingParams(top_k=-1).top_k == 0
+    (out,) = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=None, ignore_eos=True))
+    assert out.finish_reason == "length" and len(out.prompt_token_ids) + len(out.token_ids) == 64  # max_model_len
+
+
+@pytest.mark.parametrize("call, field", [
+    (lambda llm: llm.generate(["a", "b"], [SamplingParams(max_tokens=2)]), "sampling_params"),
+    (lambda llm: llm.generate(["a", "b"], SamplingParams(max_tokens=2), adapter=[None]), "adapter"),
+    (lambda llm: llm.chat([[{"role": "user", "content": "hi"}]] * 2, SamplingParams(max_tokens=2), adapter=[None]),
+     "adapter"),
+    (lambda llm: llm.generate(5, SamplingParams(max_tokens=2)), "prompt"),
+])  # fmt: skip
+def test_lists_of_the_wrong_length_name_their_field(llm, call, field):
+    with pytest.raises(InvalidRequestError) as err:
+        call(llm)
+    assert err.value.field == field
+
+
+def test_a_failed_batch_leaves_no_session_open(llm):
+    """The batch's second prompt is refused after the first was added: the first is aborted, and the session it
+    opened ends with it (it used to stay live, empty, until its TTL)."""
+    info = llm.engine.info()
+    with pytest.raises(InvalidRequestError):
+        llm.generate(["hello there", [99999]], SamplingParams(max_tokens=2), session="s")
+    assert llm.engine.stats().num_sessions == 0 and llm.engine.info().num_free_blocks == info.num_free_blocks
+    # a live session is left as it was
+    llm.generate("hello there", SamplingParams(max_tokens=2), session="s")
+    with pytest.raises(InvalidRequestError):
+        llm.generate(["hello there", [99999]], SamplingParams(max_tokens=2), session="s")
+    assert llm.engine.stats().num_sessions == 1
+    llm.end_session("s")
