@@ -164,7 +164,7 @@ def _prompts(prompts) -> tuple[list, list[str | None]]:
         if isinstance(prompt, np.ndarray):
             prompt = prompt.tolist() if prompt.ndim == 1 else prompt
         elif _is_ids(prompt):
-            prompt = [int(t) for t in prompt]
+            prompt = list(prompt)  # (the engine checks each id: a bool among them is refused, not read as 1)
         out.append(prompt)
         texts.append(prompt if isinstance(prompt, str) else None)
     return out, texts

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from jalora.engine.interface import EncodedPrompt, Engine, EngineStats
-from jalora.errors import EngineLostError
+from jalora.errors import EngineLostError, InvalidRequestError
 from jalora.outputs import RequestDelta
 from jalora.sampling_params import SamplingParams
 from server.errors import (
@@ -240,7 +240,7 @@ class EngineWorker:
 
     def submit(
         self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, adapter: str | None,
-        session: dict | None = None,
+        session: dict | None = None, max_tokens_check: tuple[str, int] | None = None,
     ) -> RequestStream:  # fmt: skip
         """Queues a request for the engine. Must be called on the event loop that reads the stream.
 
@@ -248,7 +248,10 @@ class EngineWorker:
         ServerShuttingDownError after `stop`). A text prompt is tokenized on the host pool first; token
         ids are checked here, their length before their values. Prompt errors and the engine's
         validation errors (unknown adapter, ...) come out of the stream's first `next()`. `session`: the
-        keywords `session`, `session_ttl`, `end_session` of `Engine.add_request`.
+        keywords `session`, `session_ttl`, `end_session` of `Engine.add_request`. With `max_tokens_check` (the
+        caller's name of an explicit max_tokens, and max_model_len), a prompt that fits but leaves less room than
+        max_tokens is refused naming it, once the prompt is encoded (as OpenAI's API does; without, the request
+        ends at max_model_len, "length").
         """
         if self._closed:
             raise ServerShuttingDownError(SHUTTING_DOWN)
@@ -258,17 +261,28 @@ class EngineWorker:
                 f"(max_pending_requests={self.max_pending_requests}); retry later"
             )
         stream = RequestStream(self, request_id, asyncio.get_running_loop())
+
+        def _room(encoded):
+            if max_tokens_check is None:
+                return encoded
+            field, limit = max_tokens_check
+            room = limit - len(encoded.token_ids)
+            if 0 < room < params.max_tokens:  # (no room at all: the prompt's own error)
+                raise InvalidRequestError(field, f"is {params.max_tokens}, but the prompt's {len(encoded.token_ids)} "
+                                          f"tokens leave room for {room} within max_model_len {limit}")  # fmt: skip
+            return encoded
+
         self.num_pending += 1  # from here on every outcome reaches the stream, which releases it
         try:
             if isinstance(prompt, str):
                 # Skipped if the call ends while the job waits for a thread: nobody wants the tokens then.
                 def encode_prompt():
-                    return None if stream.aborted else self.engine.encode_prompt(prompt)
+                    return None if stream.aborted else _room(self.engine.encode_prompt(prompt))
 
                 encode = self._offload(self._host, encode_prompt)
                 encode.add_done_callback(lambda job: self._admit(job, request_id, params, adapter, stream, session))
             else:
-                encoded = self.engine.encode_prompt(prompt)
+                encoded = _room(self.engine.encode_prompt(prompt))
                 self._put(AddRequest(request_id, encoded, params, adapter, stream, session))
         except Exception as exc:  # the prompt's error, or a stop: that request's alone
             stream._push(exc)

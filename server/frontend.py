@@ -169,16 +169,11 @@ class Frontend:
         `session_fields` returned. With `max_tokens_field` (the caller's name of an explicit max_tokens), a
         prompt that fits but leaves less room than max_tokens is refused naming it, as OpenAI's API does; without,
         the request ends at max_model_len ("length")."""
-        if messages is not None or append_invocation or (max_tokens_field is not None and isinstance(prompt, str)):
+        if messages is not None or append_invocation:
             invoke = adapter if append_invocation else None
             prompt = await self.worker.run_host(lambda e: prompt_with_invocation(e, prompt, messages, invoke))
-        if max_tokens_field is not None:
-            limit = await self.model_len()
-            room = limit - len(prompt)
-            if 0 < room < params.max_tokens:  # (a prompt with no room at all gets the engine's prompt error)
-                raise InvalidRequestError(max_tokens_field, f"is {params.max_tokens}, but the prompt's {len(prompt)} "
-                                          f"tokens leave room for {room} within max_model_len {limit}")  # fmt: skip
-        return self.worker.submit(uuid.uuid4().hex, prompt, params, adapter, session)
+        check = None if max_tokens_field is None else (max_tokens_field, await self.model_len())
+        return self.worker.submit(uuid.uuid4().hex, prompt, params, adapter, session, check)
 
     async def end_session(self, session: str, field: str = "session") -> None:
         """Ends a live pipeline session (NOT_FOUND if it is not live)."""

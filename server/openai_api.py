@@ -59,6 +59,13 @@ _UNSUPPORTED: dict[str, tuple] = {
     "guided_choice": (),
     "guided_grammar": (),
     "structured_outputs": (),
+    "prompt_logprobs": (),  # (completions: echo with logprobs gives the prompt's)
+    # vLLM's chat extensions
+    "add_generation_prompt": (True,),
+    "continue_final_message": (False,),
+    "chat_template": (),
+    "chat_template_kwargs": ({},),
+    "documents": ([],),
 }
 
 
@@ -253,6 +260,8 @@ def _content(message: dict, i: int) -> str:
 def parse_chat(body: dict, defaults: SamplingParams) -> Generation:
     """A /v1/chat/completions body."""
     _refuse_unsupported(body)
+    if _bool(body, "echo"):  # (vLLM's chat extension: the last message's text before the answer's)
+        raise InvalidRequestError("echo", "is not supported by this server's chat completions")
     model = _model(body)
     messages = _value(body, "messages")
     if not isinstance(messages, list):

@@ -32,16 +32,16 @@ MODULE_GROUP = {m: g for g, ms in GROUPS.items() for m in ms}
 # safetensors' names of the floating-point types a LoRA weight may have
 WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_CONFIG_BYTES = 1024 * 1024  # adapter_config.json is about 1 KB; a larger one is refused unparsed
-# (PEFT's files name no adapter, `lora_A.weight`; a state dict saved as is names it, `lora_A.default.weight`, and
-# PEFT loads both)
+# (PEFT's files name no adapter, `lora_A.weight`; a state dict saved as is names its default one,
+# `lora_A.default.weight`, and PEFT loads both; it leaves another adapter's name unloaded)
 _KEY = re.compile(
-    r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
+    r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$"
 )
 # PEFT LoraConfig's lora_alpha where adapter_config.json leaves it out
 DEFAULT_LORA_ALPHA = 8
 # init_lora_weights whose saved adapter is a difference to a base that PEFT changes at load (PiSSA, OLoRA, CorDA,
-# LoftQ): served on the original base weights, such an adapter would compute something else
-_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq")
+# LoftQ, ASTRA, LoRA-GA): served on the original base weights, such an adapter would compute something else
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "loftq", "astra", "lora_ga")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,7 +209,10 @@ def read_peft_adapter(
         weights = t.astype(np.float32)
         if not np.isfinite(weights).all():
             _reject_weights(f"{quoted(name)} holds NaN or infinite values (in float32)")
-        pairs.setdefault((int(m.group(1)), m.group(2)), {})[m.group(3)] = weights
+        pair = pairs.setdefault((int(m.group(1)), m.group(2)), {})
+        if m.group(3) in pair:  # the same weight with and without `.default`
+            _reject_weights(f"{quoted(name)} repeats a weight the file already holds")
+        pair[m.group(3)] = weights
     if not pairs:
         _reject_weights("holds no LoRA weights")
     for (layer, module), ab in pairs.items():

@@ -21,7 +21,9 @@ from tokenizers.decoders import DecodeStream
 # at the previous token (leading-space rules) gives the same text as a whole-sequence decode.
 _CONTEXT_IDS = 8
 # The prompt's last ids the stream starts from: the shortest suffix of at least _MIN_PROMPT_IDS ids (at most
-# _MAX_PROMPT_IDS) whose text is whole (no U+FFFD of a character cut in two), as vLLM primes its stream.
+# _MAX_PROMPT_IDS) whose text is whole (no U+FFFD), as vLLM primes its stream; none where no suffix is whole (a
+# prompt ending inside a character, or in a literal U+FFFD): the stream then starts bare, since a window whose
+# text holds U+FFFD would hand out prompt text again, or swallow the output's.
 _MIN_PROMPT_IDS, _MAX_PROMPT_IDS = 4, 23
 
 
@@ -31,7 +33,7 @@ def prompt_context(tokenizer: Tokenizer, prompt_ids) -> list[int]:
     for n in range(min(_MIN_PROMPT_IDS, len(ids)), len(ids) + 1):
         if "\ufffd" not in tokenizer.decode(ids[-n:], skip_special_tokens=True):
             return ids[-n:]
-    return ids[-_MIN_PROMPT_IDS:]
+    return []
 
 
 class IncrementalDetokenizer:

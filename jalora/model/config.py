@@ -17,6 +17,16 @@ _ROPE_KEYS = {"linear": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
 
 
+def _rope_kind(rope: dict) -> str:
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def _same_rope(scaling: dict, params: dict) -> bool:
+    """Whether a v4 `rope_scaling` says what `rope_parameters` says (its type, under either name, and its keys)."""
+    return _rope_kind(scaling) == _rope_kind(params) and all(
+        params.get(k) == v for k, v in scaling.items() if k not in ("type", "rope_type"))
+
+
 def _rope(cfg: dict) -> tuple[float | None, dict | None]:
     """(rope_theta, rope_scaling) of a config.json: transformers 5's `rope_parameters` where it is there (its theta
     and type win over a top-level `rope_theta`), else v4's `rope_theta` and `rope_scaling`. A scaling is checked
@@ -30,13 +40,16 @@ def _rope(cfg: dict) -> tuple[float | None, dict | None]:
     if scaling is not None and not isinstance(scaling, dict):
         raise InvalidRequestError(field, f"must be an object, got {scaling!r:.40}")
     if params:
+        if scaling is not None and not _same_rope(scaling, params):
+            # (transformers' versions read such a pair differently: which one wins is not the file's to say)
+            raise InvalidRequestError("config.rope_scaling", "disagrees with rope_parameters; give one of them")
         theta = params.get("rope_theta", theta)
         scaling, field = params, "config.rope_parameters"
     if scaling is None:
         return theta, None
     if not isinstance(scaling, dict):
         raise InvalidRequestError(field, f"must be an object, got {scaling!r:.40}")
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = _rope_kind(scaling)
     if kind == "default":
         return theta, None
     if kind not in _ROPE_KEYS:
@@ -143,7 +156,7 @@ class ModelConfig:
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=eos_ids,
             )
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, ArithmeticError) as e:
             if isinstance(e, InvalidRequestError):
                 raise
             raise InvalidRequestError("config.json", f"malformed model config: {e!r}") from e

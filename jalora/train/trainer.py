@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from functools import partial
@@ -182,6 +181,11 @@ class _Checkpoints:
     def latest(self) -> int | None:
         return self.manager.latest_step()
 
+    def delete_all(self) -> None:
+        """Deletes every step orbax saved here (and only those)."""
+        for step in self.manager.all_steps():
+            self.manager.delete(step)
+
     def save(self, step: int, state, meta: dict) -> None:
         args = self.ocp.args
         self.manager.save(step, args=args.Composite(state=args.StandardSave(state), meta=args.JsonSave(meta)))
@@ -274,8 +278,6 @@ def train_adapter(
     except OSError as e:
         raise InvalidRequestError("output_dir", f"cannot be created: {e.strerror or e}") from None
     checkpoints_dir = os.path.join(config.output_dir, "checkpoints")
-    if not config.resume and config.save_every and os.path.isdir(checkpoints_dir):
-        shutil.rmtree(checkpoints_dir)  # starting over: an older run's later steps would block this run's saves
 
     buckets = B.bucket_lengths(setup.max_seq_len)
     r_slots = B.response_slots(train + evals)
@@ -312,6 +314,8 @@ def train_adapter(
     eval_history: list[dict] = []
     start = 0
     ckpt = _Checkpoints(checkpoints_dir) if config.save_every else None
+    if ckpt is not None and not config.resume:
+        ckpt.delete_all()  # starting over: an earlier run's later steps would keep this run's saves out
     if ckpt is not None and config.resume and ckpt.latest() is not None:
         state, meta = ckpt.restore(ckpt.latest(), {"lora": lora, "opt": opt_state})
         if meta["fingerprint"] != fingerprint:

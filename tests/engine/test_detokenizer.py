@@ -125,19 +125,44 @@ def test_text_after_a_prompt_keeps_the_space_a_sentencepiece_decode_drops_at_the
     assert [detok.push(hello), detok.push(a), detok.flush()] == [" hello", " a", ""]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(0, BYTE_FALLBACK.get_vocab_size() - 1), min_size=1, max_size=30),
        st.lists(st.integers(0, BYTE_FALLBACK.get_vocab_size() - 1), max_size=16))  # fmt: skip
 def test_pieces_after_a_prompt_add_up_to_what_the_whole_decode_adds(prompt, ids):
-    """Wherever the decodes are valid text, the pieces after any prompt add up to what decoding prompt + output adds
-    to the prompt's own decode, the prompt's context being its last ids (`prompt_context`)."""
+    """After any prompt whose text is whole, the pieces add up to what decoding prompt + output adds to the
+    prompt's own decode, wherever that decode is valid text; after a prompt whose text is not whole (it ends inside
+    a character, or in a literal U+FFFD), they are the output's own pieces, never prompt text again."""
     detok = IncrementalDetokenizer(BYTE_FALLBACK, prompt)
     text = "".join([detok.push(t) for t in ids] + [detok.flush()])
     context = prompt_context(BYTE_FALLBACK, prompt)
-    assert prompt[-len(context):] == context and 1 <= len(context) <= 23
-    expected = _after(BYTE_FALLBACK, context, ids)
-    if expected is not None and "\ufffd" not in BYTE_FALLBACK.decode(context + ids, skip_special_tokens=True):
+    if not context:
+        assert "\ufffd" in BYTE_FALLBACK.decode(prompt[-4:], skip_special_tokens=True)
+        assert text == "".join(_stream_of(BYTE_FALLBACK, ids))
+        return
+    assert prompt[-len(context):] == context and len(context) <= 23
+    expected = _after(BYTE_FALLBACK, prompt, ids)
+    if expected is not None and "\ufffd" not in BYTE_FALLBACK.decode(prompt + ids, skip_special_tokens=True):
         assert text == expected
+
+
+def _stream_of(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    detok = IncrementalDetokenizer(tokenizer)
+    return [detok.push(t) for t in ids] + [detok.flush()]
+
+
+def test_a_prompt_cut_inside_a_character_is_not_handed_out_again():
+    """Token ids that end inside a character (日's first byte): the output's text holds none of the prompt's."""
+    byte = {b: 3 + b for b in range(256)}
+    a, b = BYTE_FALLBACK.token_to_id("▁a"), BYTE_FALLBACK.token_to_id("▁b")
+    prompt = [a, b, a, byte["日".encode()[0]]]
+    detok = IncrementalDetokenizer(BYTE_FALLBACK, prompt)
+    text = "".join([detok.push(t) for t in (b, a)] + [detok.flush()])
+    assert text == "".join(_stream_of(BYTE_FALLBACK, [b, a])) == "b a"
+    ids = TOKENIZER.encode("ab 日本 ok", add_special_tokens=False).ids
+    cut = next(i for i in range(1, len(ids)) if TOKENIZER.decode(ids[:i]).endswith("\ufffd"))
+    detok = IncrementalDetokenizer(TOKENIZER, ids[:cut])
+    pieces = [detok.push(t) for t in ids[cut:]] + [detok.flush()]
+    assert "ab" not in "".join(pieces)
 
 
 def test_a_stop_tokens_text_is_left_out(llm):

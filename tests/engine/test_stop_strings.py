@@ -36,10 +36,11 @@ def test_released_text_is_the_text_before_the_first_stop(pieces, stops):
 
 
 def test_sampling_params_check_stop_strings():
-    for bad in (["a", ""], "abc", [3], ["x"] * 17, ["x" * 257]):
+    for bad in (["a", ""], "", [3], ["x"] * 17, ["x" * 257]):
         with pytest.raises(InvalidRequestError) as err:
             SamplingParams(stop=bad)
         assert err.value.field == "stop"
+    assert SamplingParams(stop="abc").stop == ["abc"]  # (vLLM's one string)
 
 
 def test_generation_ends_at_a_stop_string():

@@ -86,6 +86,11 @@ BAD_CONFIGS = {
     ),
     "rope_scaling_not_a_dict": lambda c: c.__setitem__("rope_scaling", "linear"),
     "negative_vocab_size": lambda c: c.__setitem__("vocab_size", -5),
+    "zero_heads": lambda c: c.__setitem__("num_attention_heads", 0),  # (was a ZeroDivisionError)
+    # transformers' versions read this pair differently (5.25: the v4 rope_scaling wins): refused
+    "rope_scaling_disagrees_with_rope_parameters": lambda c: c.update(
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6}, rope_scaling={"type": "linear", "factor": 4.0}
+    ),
     "config_is_a_list": lambda c: [c],
 }
 
@@ -149,3 +154,21 @@ def test_adapter_keys_with_adapter_name(tiny_models, tmp_path):
     save_file({k.replace(".weight", ".default.weight"): v for k, v in load_file(f).items()}, f)
     _adapter_same_as_peft_or_refused(base, ad, "no-refusal-expected")
 
+
+
+def test_adapter_keys_naming_another_adapter_or_repeated_are_refused(tiny_models, tmp_path):
+    """PEFT leaves a weight saved under another adapter's name unloaded, and a file holding a weight twice (with and
+    without `.default`) has no one reading: both are refused, naming the tensor."""
+    base = tiny_models["llama"]
+    for name, rename in (("other", lambda k: k.replace(".weight", ".other.weight")), ("twice", None)):
+        ad = hf_models.make_adapter(base, str(tmp_path / name), ["q_proj", "v_proj"])
+        f = os.path.join(ad, "adapter_model.safetensors")
+        tensors = load_file(f)
+        if rename is None:
+            first = sorted(tensors)[0]
+            tensors[first.replace(".weight", ".default.weight")] = tensors[first].clone()
+        else:
+            tensors = {rename(k): v for k, v in tensors.items()}
+        save_file(tensors, f)
+        with pytest.raises(InvalidRequestError, match="adapter_model.safetensors"):
+            _llm(base).load_adapter("a", ad)

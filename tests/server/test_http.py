@@ -243,7 +243,7 @@ BAD_REQUESTS = {
     "max_completion_tokens 0": (_chat(max_completion_tokens=0), 400, "max_completion_tokens"),
     "temperature < 0": (_completion(temperature=-1), 400, "temperature"),
     "top_p 0": (_completion(top_p=0), 400, "top_p"),
-    "seed < 0": (_completion(seed=-1), 400, "seed"),
+    "seed < -1": (_completion(seed=-2), 400, "seed"),  # (-1: vLLM's "no seed")
     "top_k past int32": (_completion(top_k=2**31, temperature=1), 400, "top_k"),
     "temperature past a float": (_completion(temperature=10**400), 400, "temperature"),
     "ignore_eos text": (_completion(ignore_eos="no"), 400, "ignore_eos"),
@@ -267,6 +267,10 @@ BAD_REQUESTS = {
     "n true": (_completion(n=True), 400, "n"),
     "tool_choice required": (_chat(tool_choice="required"), 400, "tool_choice"),
     "top_k -2": (_completion(top_k=-2, temperature=1), 400, "top_k"),
+    "add_generation_prompt false": (_chat(add_generation_prompt=False), 400, "add_generation_prompt"),
+    "chat_template_kwargs": (_chat(chat_template_kwargs={"enable_thinking": True}), 400, "chat_template_kwargs"),
+    "chat echo": (_chat(echo=True), 400, "echo"),
+    "prompt_logprobs": (_completion(prompt_logprobs=1), 400, "prompt_logprobs"),
     # OpenAI's API refuses a max_tokens that the context cannot hold (max_model_len 512 here)
     "max_tokens past the context": (_completion(max_tokens=510), 400, "max_tokens"),
     "text prompt's max_tokens past the context": (_completion(prompt="t1 t2 t3", max_tokens=510), 400, "max_tokens"),
@@ -304,13 +308,18 @@ def test_neutral_values_of_unimplemented_parameters_are_served(server, oai):
     """Values that ask for nothing (vLLM's top_k -1, no tool call, an empty suffix, a penalty of 1, JSON null) are
     served as if left out; the full context is a max_tokens that still fits."""
     plain = oai.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=4, temperature=0)
-    neutral = dict(top_k=-1, suffix="", repetition_penalty=1.0, min_p=0, min_tokens=0, skip_special_tokens=True,
-                   logit_bias={}, best_of=None)  # fmt: skip
+    neutral = dict(suffix="", repetition_penalty=1.0, min_p=0, min_tokens=0, skip_special_tokens=True,
+                   logit_bias={}, best_of=None, presence_penalty=0.0)  # fmt: skip
     got = oai.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=4, temperature=0, extra_body=neutral)
     assert got.choices[0].token_ids == plain.choices[0].token_ids
+    sampled = dict(model=MODEL, prompt=[1, 2, 3], max_tokens=8, temperature=1.0, seed=3)  # all tokens, as top_k 0
+    assert oai.completions.create(**sampled, extra_body={"top_k": -1}).choices[0].token_ids == \
+        oai.completions.create(**sampled).choices[0].token_ids != \
+        oai.completions.create(**sampled, extra_body={"top_k": 1}).choices[0].token_ids  # fmt: skip
     chat = dict(model=MODEL, messages=[{"role": "user", "content": "t5"}], max_tokens=3, temperature=0)
     ref = oai.chat.completions.create(**chat)
-    for extra in ({"tool_choice": "none"}, {"tool_choice": "auto", "tools": []}, {"parallel_tool_calls": False}):
+    for extra in ({"tool_choice": "none"}, {"tool_choice": "auto", "tools": []}, {"parallel_tool_calls": False},
+                  {"add_generation_prompt": True, "continue_final_message": False, "chat_template_kwargs": {}}):
         assert oai.chat.completions.create(**chat, extra_body=extra).choices[0].token_ids == ref.choices[0].token_ids
     full = oai.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=509, extra_body={"ignore_eos": True})
     assert full.usage.completion_tokens == 509 and full.choices[0].finish_reason == "length"

@@ -332,7 +332,7 @@ BAD_GENERATE = {
     "top_p 0": (_generate_request(token_ids=IDS, sampling=dict(top_p=0.0)), "INVALID_ARGUMENT", "sampling.top_p"),
     "top_p > 1": (_generate_request(token_ids=IDS, sampling=dict(top_p=1.5)), "INVALID_ARGUMENT", "sampling.top_p"),
     "top_k < -1": (_generate_request(token_ids=IDS, sampling=dict(top_k=-2)), "INVALID_ARGUMENT", "sampling.top_k"),
-    "seed < 0": (_generate_request(token_ids=IDS, sampling=dict(seed=-1)), "INVALID_ARGUMENT", "sampling.seed"),
+    "seed < -1": (_generate_request(token_ids=IDS, sampling=dict(seed=-2)), "INVALID_ARGUMENT", "sampling.seed"),
     "logprobs 100": (_generate_request(token_ids=IDS, sampling=dict(logprobs=100)), "INVALID_ARGUMENT",
                      "sampling.logprobs"),
     "stop id < 0": (_generate_request(token_ids=IDS, sampling=dict(stop_token_ids=[-3])), "INVALID_ARGUMENT",

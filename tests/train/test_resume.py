@@ -84,3 +84,8 @@ def test_no_resume_starts_over_and_can_itself_be_resumed(text_llama, tmp_path):
     assert steps == [] and again.train_loss == first.train_loss  # resumed at the new run's last step
     with pytest.raises(InvalidRequestError, match="^resume: "):
         train_adapter(data=data, learning_rate=1e-3, **settings)  # the first run's settings: its checkpoints went
+    # only orbax's steps go: anything else under checkpoints/ stays
+    keep = tmp_path / "out" / "checkpoints" / "notes.txt"
+    keep.write_text("mine")
+    train_adapter(data=data, learning_rate=1e-3, resume=False, **settings)
+    assert keep.read_text() == "mine"
