@@ -24,7 +24,7 @@ import dataclasses
 import operator
 import os
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -210,13 +210,20 @@ def _put_prompt(msg, prompt) -> None:
     if isinstance(prompt, str):
         msg.text = prompt
     elif _is_conversation(prompt):
-        msg.messages.CopyFrom(_chat_messages(prompt))
+        msg.messages.CopyFrom(_chat_messages(prompt, "prompt"))
     else:
-        ids = list(prompt)
-        bad = next((t for t in ids if not _is_token_id(t)), None)
-        if bad is not None:
-            raise ValueError(f"prompt: token ids must be integers in [0, {MAX_INT32}], got {bad!r:.40}")
-        msg.token_ids.ids.extend(int(t) for t in ids)
+        msg.token_ids.ids.extend(_token_ids(prompt))
+
+
+def _token_ids(prompt) -> list[int]:
+    """A prompt of token ids as ints; anything else raises ValueError naming `prompt` (bytes too: not ids)."""
+    if isinstance(prompt, bytes | bytearray | Mapping) or not isinstance(prompt, Iterable):
+        raise ValueError(f"prompt: must be text, token ids or a conversation, got {type(prompt).__name__}")
+    ids = list(prompt)
+    bad = [t for t in ids if not _is_token_id(t)]
+    if bad:  # (a list: the bad id may be None itself)
+        raise ValueError(f"prompt: token ids must be integers in [0, {MAX_INT32}], got {bad[0]!r:.40}")
+    return [int(t) for t in ids]
 
 
 def _is_token_id(value: Any) -> bool:
@@ -235,7 +242,7 @@ def _sampling_message(params: Any, sampling: Mapping[str, Any], field: str = "sa
     ValueError naming `field`.name."""
     unknown = sorted(set(sampling) - set(_SAMPLING_FIELDS))
     if unknown:
-        raise TypeError(f"unknown sampling fields {unknown} (known: {list(_SAMPLING_FIELDS)})")
+        raise TypeError(f"{field}: unknown sampling fields {unknown} (known: {list(_SAMPLING_FIELDS)})")
     values = {f: getattr(params, f) for f in _SAMPLING_FIELDS if hasattr(params, f)} if params is not None else {}
     values.update((k, v) for k, v in sampling.items() if v is not None)
     sp = pb.SamplingParams()
@@ -308,7 +315,11 @@ def _stage(msg: pb.PipelineResponse) -> PipelineStage:
     )  # fmt: skip
 
 
-def _chat_messages(messages: Sequence[Mapping[str, str]]) -> pb.ChatMessages:
+def _chat_messages(messages: Sequence[Mapping[str, str]], field: str = "messages") -> pb.ChatMessages:
+    """A conversation's messages; one that is not {'role': str, 'content': str} raises ValueError naming it."""
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or not all(isinstance(m.get(k), str) for k in ("role", "content")):
+            raise ValueError(f"{field}[{i}]: must be {{'role': str, 'content': str}}, got {m!r:.60}")
     return pb.ChatMessages(messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages])
 
 
@@ -348,7 +359,7 @@ class _Accumulator:
 
     def __init__(self, prompt: Prompt, want_logprobs: bool):
         ids = not isinstance(prompt, str) and not _is_conversation(prompt)
-        self.prompt_token_ids = [int(t) for t in prompt] if ids else None
+        self.prompt_token_ids = _token_ids(prompt) if ids else None
         self.token_ids: list[int] = []
         self.text: list[str] = []
         self.logprobs: list[dict[int, float]] | None = [] if want_logprobs else None

@@ -47,8 +47,10 @@ def test_request_takes_sampling_params_and_keyword_overrides():
     assert generate_request("hi").text == "hi"
     assert not generate_request("hi").sampling.HasField("max_tokens")  # server default
     assert generate_request("hi", params=params, seed=None).sampling.seed == 9  # None keeps params' seed
-    with pytest.raises(TypeError, match="unknown sampling fields"):
+    with pytest.raises(TypeError, match="^sampling: unknown sampling fields"):
         generate_request("hi", max_token=4)
+    with pytest.raises(TypeError, match=r"^judges\[1\]\.sampling: unknown sampling fields"):  # (named which judge)
+        pipeline_request("hi", [PipelineJudge("a"), PipelineJudge("b", sampling={"max_token": 3})])
 
 
 @pytest.mark.parametrize("prompt, sampling, field", [
@@ -60,6 +62,11 @@ def test_request_takes_sampling_params_and_keyword_overrides():
     ([3], {"seed": 2**64}, "sampling.seed"),
     ([3], {"stop_token_ids": [2**40]}, "sampling.stop_token_ids"),
     ([3], {"top_k": "3"}, "sampling.top_k"),
+    ([3, None], {}, "prompt"),
+    (b"hi", {}, "prompt"),  # (bytes used to be sent as the ids 104, 105)
+    ([{"role": "user"}], {}, "prompt[0]"),  # (was a KeyError)
+    ([{"role": "user", "content": None}], {}, "prompt[0]"),  # (was sent as an empty message)
+    ([{"role": "user", "content": "hi"}, "oops"], {}, "prompt[1]"),
 ])  # fmt: skip
 def test_a_request_the_protocol_cannot_carry_is_refused_naming_the_field(prompt, sampling, field):
     """Before anything is sent: one ValueError naming the field, not the protocol buffer's bare range error."""
@@ -72,6 +79,22 @@ def test_a_request_the_protocol_cannot_carry_is_refused_naming_the_field(prompt,
         with pytest.raises(ValueError) as err:
             pipeline_request(prompt, judges)
         assert str(err.value).startswith(f"judges[1].{field}: "), err.value
+
+
+@pytest.mark.parametrize("bad", [None, "x", 2.5j])
+def test_generate_refuses_bad_token_ids_before_any_call(bad):
+    """generate folds the stream's chunks with the prompt's ids: a bad id is the prompt's error, not int()'s, for the
+    sync and the async client alike (the port has no server: nothing may be sent)."""
+    with Client("127.0.0.1:1", timeout=1.0) as client:
+        with pytest.raises(ValueError, match="^prompt: "):
+            client.generate([3, bad], max_tokens=1)
+
+    async def run():
+        async with AsyncClient("127.0.0.1:1", timeout=1.0) as client:
+            with pytest.raises(ValueError, match="^prompt: "):
+                await client.generate([3, bad], max_tokens=1)
+
+    asyncio.run(run())
 
 
 def test_unreachable_server_raises_typed_error():
