@@ -48,7 +48,7 @@ class LLM:
         `session="id"` keeps the blocks these requests computed (prompt and output) from eviction for the
         session's next requests, e.g. the judges of this answer, until the session has been idle for
         `session_ttl` seconds, `end_session(id)` is called, or a request with `end_session=True` finishes."""
-        prompts, texts = _prompts(prompts)
+        prompts = _prompts(prompts)
         n = len(prompts)
         if sampling_params is None:
             sampling_params = self.engine.default_sampling_params()
@@ -66,10 +66,11 @@ class LLM:
         ids = [f"llm-{next(self._ids)}" for _ in range(n)]
         running: dict[str, OutputAccumulator] = {}
         try:
-            for rid, prompt, text, p, a in zip(ids, prompts, texts, params, adapters):
+            for rid, prompt, p, a in zip(ids, prompts, params, adapters):
                 self.engine.add_request(
                     rid, prompt, p, a, session=session, session_ttl=session_ttl, end_session=end_session
                 )
+                text = prompt if isinstance(prompt, str) else None
                 running[rid] = OutputAccumulator(rid, text, p.logprobs is not None)
         except Exception:
             self._abort(running)
@@ -142,15 +143,15 @@ class LLM:
         return self.engine.list_adapters()
 
 
-def _prompts(prompts) -> tuple[list, list[str | None]]:
-    """`generate`'s prompts as a list of texts or token-id lists, and each one's text (None for ids). One prompt or
-    a list of them: a text, token ids (a list, a tuple or a 1-D numpy array of integers), or vLLM's
-    {"prompt": text} / {"prompt_token_ids": ids}."""
+def _prompts(prompts) -> list:
+    """`generate`'s prompts as a list of texts and token ids (as the engine takes them: a list, a tuple or a 1-D
+    numpy array of integers). One prompt or a list of them, vLLM's {"prompt": text} / {"prompt_token_ids": ids}
+    read as their text or ids."""
     if isinstance(prompts, str | dict) or _is_ids(prompts):
         prompts = [prompts]
     elif not isinstance(prompts, list | tuple):
         raise InvalidRequestError("prompt", "must be a string, token ids, or a list of them")
-    out, texts = [], []
+    out = []
     for prompt in prompts:
         if isinstance(prompt, dict):
             keys = set(prompt)
@@ -161,13 +162,8 @@ def _prompts(prompts) -> tuple[list, list[str | None]]:
             else:
                 raise InvalidRequestError("prompt", f"a dict prompt holds 'prompt' (a text) or 'prompt_token_ids' "
                                           f"(token ids) and nothing else, got keys {sorted(keys)}")  # fmt: skip
-        if isinstance(prompt, np.ndarray):
-            prompt = prompt.tolist() if prompt.ndim == 1 else prompt
-        elif _is_ids(prompt):
-            prompt = list(prompt)  # (the engine checks each id: a bool among them is refused, not read as 1)
         out.append(prompt)
-        texts.append(prompt if isinstance(prompt, str) else None)
-    return out, texts
+    return out
 
 
 def _is_ids(value) -> bool:

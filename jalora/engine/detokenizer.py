@@ -44,9 +44,8 @@ class IncrementalDetokenizer:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids=()):
         self._tokenizer = tokenizer
-        context = prompt_context(tokenizer, prompt_ids) if len(prompt_ids) else []
-        self._stream = DecodeStream(ids=context, skip_special_tokens=True) if context else \
-            DecodeStream(skip_special_tokens=True)  # fmt: skip
+        context = prompt_context(tokenizer, prompt_ids)  # ([] for no prompt: a bare stream)
+        self._stream = DecodeStream(ids=context, skip_special_tokens=True)
         self._held: list[int] = []  # ids pushed since the last text the stream produced
         self._context: deque[int] = deque(context, maxlen=_CONTEXT_IDS)  # the last ids that did produce text
 

@@ -42,13 +42,11 @@ def _rope(cfg: dict) -> tuple[float | None, dict | None]:
     if params:
         if scaling is not None and not _same_rope(scaling, params):
             # (transformers' versions read such a pair differently: which one wins is not the file's to say)
-            raise InvalidRequestError("config.rope_scaling", "disagrees with rope_parameters; give one of them")
+            raise InvalidRequestError(field, "disagrees with rope_parameters; give one of them")
         theta = params.get("rope_theta", theta)
         scaling, field = params, "config.rope_parameters"
     if scaling is None:
         return theta, None
-    if not isinstance(scaling, dict):
-        raise InvalidRequestError(field, f"must be an object, got {scaling!r:.40}")
     kind = _rope_kind(scaling)
     if kind == "default":
         return theta, None

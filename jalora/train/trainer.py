@@ -277,7 +277,6 @@ def train_adapter(
         os.makedirs(config.output_dir, exist_ok=True)
     except OSError as e:
         raise InvalidRequestError("output_dir", f"cannot be created: {e.strerror or e}") from None
-    checkpoints_dir = os.path.join(config.output_dir, "checkpoints")
 
     buckets = B.bucket_lengths(setup.max_seq_len)
     r_slots = B.response_slots(train + evals)
@@ -313,7 +312,7 @@ def train_adapter(
     history: list[dict] = []
     eval_history: list[dict] = []
     start = 0
-    ckpt = _Checkpoints(checkpoints_dir) if config.save_every else None
+    ckpt = _Checkpoints(os.path.join(config.output_dir, "checkpoints")) if config.save_every else None
     if ckpt is not None and not config.resume:
         ckpt.delete_all()  # starting over: an earlier run's later steps would keep this run's saves out
     if ckpt is not None and config.resume and ckpt.latest() is not None:
