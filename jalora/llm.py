@@ -57,7 +57,7 @@ class LLM:
         for name, values in (("sampling_params", params), ("adapter", adapters)):
             if len(values) != n:
                 raise InvalidRequestError(name, f"a list must have one entry per prompt: {len(values)} for {n}")
-        opened = session is not None and not self.engine.sessions.is_live(session)
+        opened = session is not None and not self.engine.is_session_live(session)
         if self.engine.has_unfinished_requests():  # their deltas would be consumed here and lost
             raise RuntimeError(
                 "LLM.generate runs the engine to completion and needs it to itself: finish the requests "
@@ -74,7 +74,7 @@ class LLM:
                 running[rid] = OutputAccumulator(rid, text, p.logprobs is not None)
         except Exception:
             self._abort(running)
-            if opened and self.engine.sessions.is_live(session):  # opened by this call's requests: end it too
+            if opened and self.engine.is_session_live(session):  # opened by this call's requests: end it too
                 self.engine.end_session(session)
             raise
         final: dict[str, RequestOutput] = {}

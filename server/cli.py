@@ -55,6 +55,8 @@ from server.config import ServerConfig
 if TYPE_CHECKING:
     from jalora.engine.llm_engine import LLMEngine
 
+MULTIHOST_TIMEOUT = 300  # seconds the processes of a group may take to find each other
+
 DEFAULT_QUESTIONS = (
     "What is the capital of France? Answer in one sentence.",
     "Why is the sky blue? Answer in one sentence.",
@@ -361,15 +363,37 @@ def build_engine(plan: ServePlan) -> LLMEngine:
     return engine
 
 
+def _asks_for_group(args: argparse.Namespace) -> bool:
+    return args.multihost or any(
+        value is not None for value in (args.coordinator_address, args.num_processes, args.process_id)
+    )
+
+
+def _check_group(args: argparse.Namespace) -> None:
+    """The multi-host flags, checked before the model is read. A flag that only applies to a group is refused
+    without one, rather than ignored."""
+    from jalora.engine import multihost
+
+    if _asks_for_group(args):
+        timeout = MULTIHOST_TIMEOUT if args.multihost_timeout is None else args.multihost_timeout
+        multihost.check_group(args.coordinator_address, args.num_processes, args.process_id, timeout)
+        return
+    for flag in ("--multihost-key-file", "--multihost-timeout"):
+        if getattr(args, flag[2:].replace("-", "_")) is not None:
+            raise InvalidRequestError(flag, "applies to a group of processes: give it with --coordinator-address, "
+                                      "--num-processes and --process-id, or with --multihost")  # fmt: skip
+
+
 def _start_multihost(args: argparse.Namespace) -> bool:
     """Joins the process group of a multi-host engine if the flags ask for one; True if this process
     follows (it runs process 0's steps and serves nothing)."""
-    if not (args.multihost or args.coordinator_address or args.num_processes or args.process_id is not None):
+    if not _asks_for_group(args):
         return False
     from jalora.engine import multihost
 
     key = _flag_file("--multihost-key-file", args.multihost_key_file) if args.multihost_key_file else None
-    multihost.initialize(args.coordinator_address, args.num_processes, args.process_id, key, args.multihost_timeout)
+    timeout = MULTIHOST_TIMEOUT if args.multihost_timeout is None else args.multihost_timeout
+    multihost.initialize(args.coordinator_address, args.num_processes, args.process_id, key, timeout)
     import jax
 
     logs.say(f"jalora: process {jax.process_index()} of {jax.process_count()}, {jax.device_count()} devices in all")
@@ -379,10 +403,7 @@ def _start_multihost(args: argparse.Namespace) -> bool:
 def _serve(args: argparse.Namespace) -> int:
     from server.app import JaloraServer, format_address
 
-    if args.multihost or args.coordinator_address or args.num_processes is not None or args.process_id is not None:
-        from jalora.engine import multihost
-
-        multihost.check_group(args.coordinator_address, args.num_processes, args.process_id, args.multihost_timeout)
+    _check_group(args)
     plan = prepare(args)
     if _start_multihost(args):
         from jalora.engine import multihost
@@ -748,13 +769,20 @@ def _demo(args: argparse.Namespace) -> int:
 # ---- train ---------------------------------------------------------------------------------------
 
 
+def _train_config(args: argparse.Namespace):
+    """The TrainConfig the flags make; `--target-modules` may repeat (each adds its projections, once)."""
+    from jalora.train import TrainConfig
+
+    modules = tuple(dict.fromkeys(args.target_modules or TrainConfig.target_modules))
+    return config_from_args(TrainConfig, args, model=args.model or "smollm2", target_modules=modules)
+
+
 def _train(args: argparse.Namespace) -> int:
     """`jalora train`: the flags make a TrainConfig (validated before any file is read); a bundled
     model's name is resolved to its files; jalora.train does the rest."""
-    from jalora.train import TrainConfig, train_adapter
+    from jalora.train import train_adapter
 
-    config = config_from_args(TrainConfig, args, model=args.model or "smollm2",
-                              target_modules=tuple(args.target_modules))  # fmt: skip
+    config = _train_config(args)
     if config.model in _bundled_names() and not os.path.exists(config.model):
         from checkpoints import bundled
 
@@ -780,8 +808,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
     add_config_flags(p, TrainConfig, exclude=("target_modules",),
                      notes={"model": ", or a bundled model's name (default: smollm2)"})  # fmt: skip
-    p.add_argument("--target-modules", nargs="+", default=list(TrainConfig.target_modules), metavar="MODULE",
-                   choices=list(MODULE_GROUP), help=f"projections to adapt, of {' '.join(MODULE_GROUP)}")  # fmt: skip
+    p.add_argument("--target-modules", nargs="+", action="extend", metavar="MODULE", choices=list(MODULE_GROUP),
+                   help=f"projections to adapt, of {' '.join(MODULE_GROUP)}; the flag may repeat (default: "
+                   f"{' '.join(TrainConfig.target_modules)})")  # fmt: skip
 
 
 # ---- entry point ---------------------------------------------------------------------------------
@@ -821,9 +850,9 @@ def _multihost_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0 to N - 1 (default: 0)")
     group.add_argument("--multihost", action="store_true",
                        help="join the group JAX finds by itself, as on a Cloud TPU VM slice (default: off)")
-    group.add_argument("--multihost-timeout", type=int, default=300, metavar="SECONDS",
+    group.add_argument("--multihost-timeout", type=int, metavar="SECONDS",
                        help="how long the processes may take to find each other before the start fails (default: "
-                       "300)")  # fmt: skip
+                       f"{MULTIHOST_TIMEOUT})")  # fmt: skip
     group.add_argument("--multihost-key-file", metavar="FILE",
                        help="secret that authenticates the processes' channel (default: a fixed key: keep the "
                        "ports on a private network)")  # fmt: skip

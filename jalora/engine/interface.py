@@ -142,6 +142,9 @@ class Engine(Protocol):
     def end_session(self, session: str) -> None:
         """Ends a live pipeline session (its blocks become evictable); SessionNotFoundError if not live."""
 
+    def is_session_live(self, session: str) -> bool:
+        """Whether `session` names a live pipeline session (one that a request opened and that has not ended)."""
+
     def expire_sessions(self) -> tuple[int, float | None]:
         """Ends the sessions idle past their TTL; how many it ended, and the seconds until the next may
         expire (None: no idle one)."""

@@ -595,6 +595,9 @@ class LLMEngine:
         evicted). Raises SessionNotFoundError for an id that is not live."""
         self.sessions.end(session)
 
+    def is_session_live(self, session: str) -> bool:
+        return self.sessions.is_live(session)
+
     def expire_sessions(self) -> tuple[int, float | None]:
         """Ends the sessions idle past their TTL (every step does too); returns how many it ended and the
         seconds until the next idle session may expire (None if there is none)."""

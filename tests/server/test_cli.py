@@ -498,3 +498,16 @@ def test_busy_metrics_port_fails_before_the_model_loads(unloadable_model):
             cli.preflight(plan)
     assert err.value.problems == [f"metrics_port {port}: address already in use"]
 
+
+
+@pytest.mark.parametrize("flags, modules", [
+    ([], ("q_proj", "k_proj", "v_proj")),
+    (["--target-modules", "o_proj"], ("o_proj",)),
+    (["--target-modules", "q_proj", "v_proj", "--target-modules", "down_proj", "q_proj"],
+     ("q_proj", "v_proj", "down_proj")),
+])  # fmt: skip
+def test_train_target_modules_may_repeat(flags, modules):
+    """A repeated flag adds its projections: it used to keep only the last list, training fewer projections than
+    asked for without a word."""
+    args = cli.build_parser().parse_args(["train", "--data", "d", "--output-dir", "o", *flags])
+    assert cli._train_config(args).target_modules == modules

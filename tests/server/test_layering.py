@@ -30,13 +30,13 @@ def test_jalora_never_imports_server():
     assert not offenders, offenders
 
 
-def test_server_uses_only_the_engine_protocol():
-    """`engine.<name>` and `self.engine.<name>` in server/ are Engine methods (plus warmup_adapters, which
-    the CLI calls on the engine it builds): no scheduler, adapter manager or runner."""
+def test_server_and_the_offline_api_use_only_the_engine_protocol():
+    """`engine.<name>` and `self.engine.<name>` in server/ and in `LLM` are Engine methods (plus warmup_adapters,
+    which the CLI calls on the engine it builds): no scheduler, adapter manager, session table or runner."""
     allowed = {name for name in vars(Engine) if not name.startswith("_")} | {"warmup_adapters"}
     assert {"add_request", "step", "abort_request", "info"} <= allowed
     offenders = []
-    for path in _sources("server"):
+    for path in [*_sources("server"), REPO / "jalora" / "llm.py"]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if not isinstance(node, ast.Attribute):
                 continue

@@ -49,6 +49,14 @@ def test_group_values_are_checked_before_anything_starts(capsys, flags, field):
         assert capsys.readouterr().err.startswith("jalora serve: multihost_timeout: ")
 
 
+@pytest.mark.parametrize("flags", [["--multihost-key-file", "/nowhere/key"], ["--multihost-timeout", "5"]])
+def test_a_group_flag_without_a_group_is_refused(capsys, flags):
+    """It used to be ignored: a one-process server started without the key it was given."""
+    assert cli.main(["serve", "--model", "/nowhere", *flags]) == 2
+    assert capsys.readouterr().err == (f"jalora serve: {flags[0]}: applies to a group of processes: give it with "
+                                       "--coordinator-address, --num-processes and --process-id, or with --multihost\n")
+
+
 def test_two_processes_serve_and_a_lost_one_turns_health_not_serving(tmp_path):
     """`jalora serve` as process 0 and 1 of a group on localhost (one CPU device each, tp=2): process 0
     serves the one-process tokens; once process 1 dies, health turns NOT_SERVING (watched, not polled)
