@@ -146,8 +146,6 @@ def _check_config(acfg: dict, max_rank: int) -> None:
     for key in ("rank_pattern", "alpha_pattern"):
         if acfg.get(key):
             _reject_config(f"{key} is not supported")
-    if acfg.get("layers_to_transform") is not None:
-        _reject_config("layers_to_transform is not supported")
     if acfg.get("fan_in_fan_out"):
         _reject_config("fan_in_fan_out is not supported")
     r = acfg.get("r")
@@ -182,6 +180,26 @@ def _check_weights_header(header: dict[str, tuple[str, tuple[int, ...]]], cfg: M
             _reject_weights(f"{quoted(name)} has shape {quoted(shape)}, the base model needs {want}")
 
 
+def _check_layers(acfg: dict, header: dict, num_layers: int) -> None:
+    """PEFT's `layers_to_transform` (one layer index or a list of them): the adapter adapts only those layers,
+    so its file holds weights of no other (the other layers run the base weights, as their zero rows do)."""
+    layers = acfg.get("layers_to_transform")
+    if layers is None:
+        return
+    listed = [layers] if is_int(layers) else layers
+    if not (isinstance(listed, list) and listed and all(is_int(i) and 0 <= i < num_layers for i in listed)):
+        _reject_config(f"layers_to_transform={quoted(layers)} must be a layer index or a list of them, in "
+                       f"[0, {num_layers})")  # fmt: skip
+    pattern = acfg.get("layers_pattern")
+    if pattern not in (None, "layers", ["layers"]):
+        _reject_config(f"layers_pattern={quoted(pattern)} is not supported: the decoder's layers are 'layers'")
+    for name in header:
+        layer = int(_KEY.match(name).group(1))
+        if layer not in listed:
+            _reject_weights(f"{quoted(name)} adapts layer {layer}, which layers_to_transform={quoted(layers)} "
+                            "leaves out")  # fmt: skip
+
+
 def read_peft_adapter(
     path: str, cfg: ModelConfig, max_rank: int, roots: Sequence[str] | None = None
 ) -> tuple[dict, dict, bytes]:
@@ -197,6 +215,7 @@ def read_peft_adapter(
         with safe_open(w_path, framework="flax") as f:
             header = {k: (f.get_slice(k).get_dtype(), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
             _check_weights_header(header, cfg, r)
+            _check_layers(acfg, header, cfg.num_layers)
             with np.errstate(over="ignore"):  # F64 values beyond float32 turn infinite: refused below
                 tensors = {k: np.asarray(f.get_tensor(k)) for k in header}
     except InvalidRequestError:

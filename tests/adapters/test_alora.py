@@ -188,6 +188,21 @@ def _corrupt(src: str, dst, edit_config=None, edit_weights=None) -> str:
     return str(dst)
 
 
+def test_layers_to_transform_matches_peft(setup, tmp_path):
+    """PEFT adapts only the listed layers (its file holds only their weights); the others run the base weights."""
+    base, _, _, llm, _ = setup
+    path = hf_models.make_adapter(base, str(tmp_path / "some_layers"), ["q_proj", "v_proj", "down_proj"], r=8,
+                                  invocation=INV, seed=5, layers_to_transform=[1], layers_pattern="layers")  # fmt: skip
+    info = llm.load_adapter("some_layers", path)
+    try:
+        assert info.kind == "alora"
+        ids = ctx(27, 41) + INV + ctx(4, 42)
+        (out,) = llm.generate([ids], FULL, adapter="some_layers")
+        check(out, hf_models.oracle_run(hf_models.load_peft_oracle(base, path), ids, 16, 27), "layers_to_transform")
+    finally:
+        llm.unload_adapter("some_layers")
+
+
 @pytest.mark.parametrize(
     "edit_config, edit_weights, match",
     [
@@ -196,6 +211,10 @@ def _corrupt(src: str, dst, edit_config=None, edit_weights=None) -> str:
         (lambda c: c.update(bias="all"), None, "bias"),
         (lambda c: c.update(modules_to_save=["lm_head"]), None, "modules_to_save"),
         (lambda c: c.update(rank_pattern={"q_proj": 4}), None, "rank_pattern"),
+        (lambda c: c.update(layers_to_transform=[0]), None, "adapts layer 1, which layers_to_transform=\\[0\\] leaves"),
+        (lambda c: c.update(layers_to_transform=[0, 9]), None, "layers_to_transform=.* must be a layer index"),
+        (lambda c: c.update(layers_to_transform=True), None, "layers_to_transform=.* must be a layer index"),
+        (lambda c: c.update(layers_to_transform=0, layers_pattern="h"), None, "layers_pattern"),
         (lambda c: c.update(r=128), None, "max_lora_rank"),
         (None, lambda t: t.update({"base_model.model.model.embed_tokens.lora_A.weight": np.zeros((8, 97), "f4")}),
          "unsupported tensor"),
