@@ -2,7 +2,7 @@
 
 from jalora.config import EngineConfig
 from jalora.errors import AdapterNotFoundError, InvalidRequestError, InvocationNotFoundError, SessionNotFoundError
-from jalora.outputs import CompletionOutput, RequestDelta, RequestOutput
+from jalora.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutput
 from jalora.sampling_params import SamplingParams
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "RequestDelta",
     "RequestOutput",
     "CompletionOutput",
+    "Logprob",
     "InvalidRequestError",
     "AdapterNotFoundError",
     "InvocationNotFoundError",

@@ -71,7 +71,7 @@ class LLM:
                     rid, prompt, p, a, session=session, session_ttl=session_ttl, end_session=end_session
                 )
                 text = prompt if isinstance(prompt, str) else None
-                running[rid] = OutputAccumulator(rid, text, p.logprobs is not None)
+                running[rid] = OutputAccumulator(rid, text, p.logprobs is not None, self._token_text)
         except Exception:
             self._abort(running)
             if opened and self.engine.is_session_live(session):  # opened by this call's requests: end it too
@@ -124,6 +124,10 @@ class LLM:
     def end_session(self, session: str) -> None:
         """Ends a live pipeline session: its blocks become evictable (SessionNotFoundError if not live)."""
         self.engine.end_session(session)
+
+    def _token_text(self, token: int) -> str:
+        """A logprob's decoded_token: the token's own text, as the HTTP front's logprobs show it."""
+        return self.engine.token_texts([token])[0]
 
     def _abort(self, running: dict[str, OutputAccumulator]) -> None:
         for rid in running:

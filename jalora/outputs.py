@@ -45,6 +45,9 @@ class RequestDelta:
     text: str  # the text they completed ("" while a multi-byte character is incomplete)
     logprobs: list[dict[int, float]] | None  # per new token: {token id: logprob}, if asked for
     finished: FinishedRequest | None = None
+    # per new token, with `logprobs`: {token id: rank} (1: the most likely token; the sampled token's rank
+    # counts every token at least as likely, itself included, and a top-n token's is its place, as in vLLM)
+    logprob_ranks: list[dict[int, int]] | None = None
 
     @property
     def is_final(self) -> bool:
@@ -67,6 +70,8 @@ class RequestOutput:
     activation_start: int | None  # None for base requests, 0 for plain LoRA
     adapter: str | None
     metrics: RequestMetrics | None
+    # vLLM's form of `logprobs` (what `outputs` returns): {token id: Logprob} per output token
+    logprob_objects: list[dict[int, Logprob]] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -74,11 +79,21 @@ class RequestOutput:
 
     @property
     def outputs(self) -> list[CompletionOutput]:
-        """vLLM's `outputs`: the one completion of this request (`output.outputs[0].text` is `output.text`)."""
+        """vLLM's `outputs`: the one completion of this request (`output.outputs[0].text` is `output.text`; its
+        logprobs are vLLM's `Logprob` objects)."""
         cumulative = None
         if self.logprobs is not None:
             cumulative = sum(lp[t] for t, lp in zip(self.token_ids, self.logprobs) if t in lp)
-        return [CompletionOutput(0, self.text, self.token_ids, cumulative, self.logprobs, self.finish_reason)]
+        return [CompletionOutput(0, self.text, self.token_ids, cumulative, self.logprob_objects, self.finish_reason)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Logprob:
+    """One token's entry in a completion's logprobs, as vLLM's `Logprob`."""
+
+    logprob: float
+    rank: int | None = None  # 1: the most likely token of its position
+    decoded_token: str | None = None  # the token's own text (None where no tokenizer decodes it)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,19 +104,22 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None  # the sum of the sampled tokens' logprobs, where logprobs were asked for
-    logprobs: list[dict[int, float]] | None
+    logprobs: list[dict[int, Logprob]] | None  # per token: {token id: Logprob}, where logprobs were asked for
     finish_reason: str | None
 
 
 class OutputAccumulator:
-    """Folds one request's deltas into a RequestOutput (the text in pieces, joined once at the end)."""
+    """Folds one request's deltas into a RequestOutput (the text in pieces, joined once at the end).
+    `decode` (token id -> its text) fills the `Logprob` objects' decoded_token."""
 
-    def __init__(self, request_id: str, prompt: str | None, want_logprobs: bool):
+    def __init__(self, request_id: str, prompt: str | None, want_logprobs: bool, decode=None):
         self.request_id = request_id
         self.prompt = prompt
         self.token_ids: list[int] = []
         self.text: list[str] = []
         self.logprobs: list[dict[int, float]] | None = [] if want_logprobs else None
+        self.objects: list[dict[int, Logprob]] | None = [] if want_logprobs else None
+        self.decode = decode
         self.finished: FinishedRequest | None = None
 
     def add(self, delta: RequestDelta) -> None:
@@ -109,6 +127,12 @@ class OutputAccumulator:
         self.text.append(delta.text)
         if self.logprobs is not None and delta.logprobs is not None:
             self.logprobs.extend(delta.logprobs)
+            ranks = delta.logprob_ranks or [{}] * len(delta.logprobs)
+            for lps, rank in zip(delta.logprobs, ranks):
+                self.objects.append({
+                    t: Logprob(lp, rank.get(t), None if self.decode is None else self.decode(t))
+                    for t, lp in lps.items()
+                })  # fmt: skip
         if delta.finished is not None:
             self.finished = delta.finished
 
@@ -122,6 +146,7 @@ class OutputAccumulator:
             text="".join(self.text),
             finish_reason=None if f is None else f.finish_reason,
             logprobs=self.logprobs,
+            logprob_objects=self.objects,
             prompt_logprobs=None if f is None else f.prompt_logprobs,
             num_cached_tokens=0 if f is None else f.num_cached_tokens,
             activation_start=None if f is None else f.activation_start,

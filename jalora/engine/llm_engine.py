@@ -684,13 +684,15 @@ class LLMEngine:
         if not row.sampled:
             return  # a prefill chunk: nothing sampled
         token = int(result.tokens[i])
-        logprobs = None
+        logprobs = ranks = None
         n = req.params.logprobs
-        if n is not None:
+        if n is not None:  # the sampled token, then the top n (vLLM's order and ranks: a top one's is its place)
             logprobs = {token: float(result.token_logprobs[i])}
-            for t, lp in zip(result.top_ids[i, :n], result.top_logprobs[i, :n]):
-                logprobs[int(t)] = float(lp)
-        delta, reason = self.output_processor.append(req, token, logprobs, now)
+            ranks = {token: int(result.token_ranks[i])}
+            for place, (t, lp) in enumerate(zip(result.top_ids[i, :n].tolist(), result.top_logprobs[i, :n])):
+                logprobs[t] = float(lp)
+                ranks[t] = place + 1
+        delta, reason = self.output_processor.append(req, token, logprobs, now, ranks)
         if reason is not None:
             self._finish(req, reason)
             delta = self.output_processor.finish(req, delta)

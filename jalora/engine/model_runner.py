@@ -116,6 +116,7 @@ class StepOutputs(NamedTuple):
     top_ids: jax.Array | None  # i32[S, MAX_LOGPROBS]
     top_logprobs: jax.Array | None  # f32[S, MAX_LOGPROBS]
     prompt_logprobs: jax.Array | None  # f32[T]
+    token_ranks: jax.Array | None = None  # i32[S] each sampled token's rank in its row's vocabulary (1: most likely)
 
 
 class StepResult(NamedTuple):
@@ -124,6 +125,7 @@ class StepResult(NamedTuple):
     top_ids: np.ndarray | None  # i32[S, MAX_LOGPROBS]
     top_logprobs: np.ndarray | None  # f32[S, MAX_LOGPROBS]
     prompt_logprobs: np.ndarray | None  # f32[T]
+    token_ranks: np.ndarray | None = None  # i32[S]
 
 
 def pack_inputs(inp: StepInputs) -> tuple[np.ndarray, tuple]:
@@ -284,9 +286,14 @@ class ModelRunner:
             tokens = sample(logits, sp.temperature, sp.top_k, sp.top_p, sp.seeds, sp.counters)
             return pad_rows(tokens), _logprob_of(logits, tokens)
 
-        def top_fn(logits):
-            """(f32[R, MAX_LOGPROBS], i32[R, MAX_LOGPROBS]): each row's most likely tokens' logprobs and ids."""
-            return jax.lax.top_k(jax.nn.log_softmax(logits, axis=-1), MAX_LOGPROBS)
+        def top_fn(logits, tokens):
+            """(f32[R, MAX_LOGPROBS], i32[R, MAX_LOGPROBS], i32[R]): each row's most likely tokens' logprobs
+            and ids, and the rank of the row's sampled token (i32[S] `tokens`): how many of the row's tokens
+            are at least as likely as it, itself included (vLLM's rank)."""
+            all_lp = jax.nn.log_softmax(logits, axis=-1)
+            top_lp, top_ids = jax.lax.top_k(all_lp, MAX_LOGPROBS)
+            chosen = jnp.take_along_axis(all_lp, tokens[: logits.shape[0], None], axis=-1)
+            return top_lp, top_ids, jnp.sum(all_lp >= chosen, axis=-1, dtype=jnp.int32)
 
         def prompt_lp_fn(params, hidden, targets):
             """f32[T]: log p(targets[t] | tokens <= t) from each row's final hidden state (i32[T] targets,
@@ -501,8 +508,8 @@ class ModelRunner:
             tokens, token_lp = self._draw(logits, packed, layout=layout)
             out = out._replace(tokens=tokens, token_logprobs=token_lp)
         if step.want_logprobs:
-            top_lp, top_ids = self._top(logits)
-            out = out._replace(top_ids=top_ids, top_logprobs=top_lp)
+            top_lp, top_ids, ranks = self._top(logits, out.tokens)
+            out = out._replace(top_ids=top_ids, top_logprobs=top_lp, token_ranks=ranks)
         if step.want_prompt_lp:
             out = out._replace(prompt_logprobs=self._prompt_lp(self.params, hidden, step.inputs.prompt_targets))
         if self.num_compiled() > compiled:  # a first call returns once it is compiled (it runs async)
@@ -800,13 +807,13 @@ class ModelRunner:
             phases["steps_run_s"] = (t2 := time.perf_counter()) - t
             get_all([
                 (self._draw, [((logits, packed), {"layout": layout}) for logits, packed, layout in draws.values()]),
-                (self._top, [((logits,), {}) for logits, _, _ in draws.values()]),
+                (self._top, [((logits, out.tokens), {}) for logits, _, _ in draws.values()]),
                 (self._prompt_lp, [(args, {}) for args in prompt_lp_args]),
             ], cores, device_bytes)  # fmt: skip
             phases["functions_compile_s"] = (t := time.perf_counter()) - t2
             phases["functions_compiled_late"] = self.num_compiled() - late  # (0: all in the steps' wave)
             for logits, packed, layout in draws.values():
-                jax.block_until_ready((self._draw(logits, packed, layout=layout), self._top(logits)))
+                jax.block_until_ready((self._draw(logits, packed, layout=layout), self._top(logits, out.tokens)))
             phases["functions_run_s"] = time.perf_counter() - t
             self.warmup_phases.append(phases)
             if self.num_compiled() > compiled:  # (counted as the step's variants, with the functions' seconds)
@@ -853,7 +860,7 @@ class ModelRunner:
             hidden = jax.ShapeDtypeStruct((tokens, self.cfg.hidden_size), self._hidden_dtype, sharding=like)
             packed, layout = self._sampling_inputs(step)
             draws.append(((logits, packed), {"layout": layout}))
-            tops.append(((logits,), {}))
+            tops.append(((logits, self._no_prev_tokens), {}))
             prompt_lps.append(((self.params, hidden, step.inputs.prompt_targets), {}))
         return [(self._draw, draws), (self._top, tops), (self._prompt_lp, prompt_lps)]
 

@@ -8,6 +8,8 @@ the text comes from an incremental detokenizer, never from decoding the whole ou
 
 from __future__ import annotations
 
+import dataclasses
+
 from tokenizers import Tokenizer
 
 from jalora.engine.detokenizer import IncrementalDetokenizer
@@ -33,9 +35,11 @@ class OutputProcessor:
                 self._stop_strings[req.request_id] = StopStringMatcher(req.params.stop)
 
     def append(
-        self, req: Request, token: int, logprobs: dict[int, float] | None, now: float
+        self, req: Request, token: int, logprobs: dict[int, float] | None, now: float,
+        ranks: dict[int, int] | None = None,
     ) -> tuple[RequestDelta, str | None]:
-        """Appends a sampled token to `req`; returns its delta and the finish reason it causes, if any."""
+        """Appends a sampled token to `req` (with its logprobs and their ranks, if asked for); returns its delta and
+        the finish reason it causes, if any."""
         detok = self._detokenizers.get(req.request_id)
         stop_token = token in req.stop_ids  # its text is left out, as a stop string's is (vLLM's default)
         text = "" if detok is None or stop_token else detok.push(token)  # first: if it fails, nothing changed
@@ -53,7 +57,9 @@ class OutputProcessor:
             reason = "stop"
         elif req.length_reached(self.max_model_len):
             reason = "length"
-        return RequestDelta(req.request_id, [token], text, None if logprobs is None else [logprobs]), reason
+        if logprobs is None:
+            return RequestDelta(req.request_id, [token], text, None), reason
+        return RequestDelta(req.request_id, [token], text, [logprobs], logprob_ranks=[ranks or {}]), reason
 
     def finish(self, req: Request, last: RequestDelta | None = None) -> RequestDelta:
         """The final delta of an ended request (`last`, its last token's delta, if it has one): the text
@@ -75,5 +81,6 @@ class OutputProcessor:
             metrics=req.metrics,
         )
         if last is None:
-            return RequestDelta(req.request_id, [], tail, None if req.params.logprobs is None else [], finished)
-        return RequestDelta(last.request_id, last.token_ids, last.text + tail, last.logprobs, finished)
+            want = req.params.logprobs is not None
+            return RequestDelta(req.request_id, [], tail, [] if want else None, finished, [] if want else None)
+        return dataclasses.replace(last, text=last.text + tail, finished=finished)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from checkpoints import DEFAULT_MODEL_DIR
-from jalora import LLM, InvalidRequestError, SamplingParams
+from jalora import LLM, InvalidRequestError, Logprob, SamplingParams
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,24 @@ def test_request_output_has_vllms_outputs(llm):
         (0, out.text, out.token_ids, out.finish_reason)  # fmt: skip
     assert completion.cumulative_logprob == pytest.approx(sum(lp[t] for t, lp in zip(out.token_ids, out.logprobs)))
     assert llm.generate("hello", SamplingParams(max_tokens=1))[0].outputs[0].cumulative_logprob is None
+
+
+def test_completion_logprobs_are_vllms_logprob_objects(llm):
+    """`outputs[0].logprobs[i][token]` has vLLM's `.logprob`, `.rank` and `.decoded_token` (the token's own text,
+    as the model's tokenizer decodes it alone); RequestOutput's flat `logprobs` keeps plain floats."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(DEFAULT_MODEL_DIR))
+    (out,) = llm.generate("The capital of France is", SamplingParams(max_tokens=4, logprobs=2, ignore_eos=True))
+    (completion,) = out.outputs
+    assert len(completion.logprobs) == len(out.token_ids) == 4
+    for token, entries, floats in zip(out.token_ids, completion.logprobs, out.logprobs):
+        assert list(entries) == list(floats) and token in entries and 2 <= len(entries) <= 3
+        assert entries[token].rank == 1  # greedy: the sampled token is the most likely
+        assert sorted(e.rank for e in entries.values()) == list(range(1, len(entries) + 1))
+        for t, entry in entries.items():
+            assert isinstance(entry, Logprob) and entry.logprob == floats[t]
+            assert entry.decoded_token == tokenizer.decode([t])
 
 
 def test_sampling_params_take_vllms_spellings(llm):

@@ -73,6 +73,35 @@ def test_top_logprobs_match_oracle(tiny_models):
         assert out.token_ids[k] == top.indices[0].item()  # greedy = top-1
 
 
+def test_logprob_ranks_match_oracle(tiny_models):
+    """vLLM's `Logprob` objects in `outputs[0].logprobs`: a sampled token's rank counts the tokens at least as
+    likely as it (itself included), a top-n token's rank is its place; sampled at temperature 1.5, so most
+    sampled tokens are not the most likely one."""
+    import torch
+
+    path = tiny_models["llama"]
+    llm = LLM(path, num_kv_blocks=32, max_num_seqs=4, max_num_batched_tokens=64, warmup=False)
+    ids = prompt_of(20)
+    params = SamplingParams(max_tokens=8, logprobs=3, temperature=1.5, seed=7, ignore_eos=True)
+    (out,) = llm.generate([ids], params)
+    oracle = hf_models.load_oracle(path)
+    with torch.no_grad():
+        lp = torch.log_softmax(oracle(torch.tensor([ids + out.token_ids[:-1]])).logits[0].double(), -1)
+    ranks = []
+    for k, (token, entries) in enumerate(zip(out.token_ids, out.outputs[0].logprobs)):
+        row = lp[len(ids) - 1 + k]
+        gaps = (row - row[token]).abs()
+        assert sorted(gaps.tolist())[1] > 1e-4  # no near tie: the oracle's rank is well defined
+        ranks.append(int((row >= row[token]).sum()))
+        top = torch.topk(row, 3).indices.tolist()
+        assert list(entries) == list(dict.fromkeys([token, *top]))  # vLLM's order: the sampled token, then the top
+        for t, entry in entries.items():
+            assert abs(entry.logprob - row[t].item()) <= 1e-4 and entry.logprob == out.logprobs[k][t]
+            assert entry.rank == (top.index(t) + 1 if t in top else ranks[-1]), (k, t)
+            assert entry.decoded_token == f"token_id:{t}"  # (this model has no tokenizer: the HTTP front's name)
+    assert sum(r > 1 for r in ranks) >= 4, ranks
+
+
 @pytest.mark.parametrize("impl", ["gpu", "tpu"])
 @pytest.mark.parametrize("family_name", ["llama", "mistral"])
 def test_engine_with_pallas_attention_kernels(tiny_models, impl, family_name):
