@@ -16,6 +16,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = no top-k (vLLM's -1 too: it is read as 0)
+    min_p: float = 0.0  # keep tokens at least min_p times as likely as the most likely one (0 = off)
     seed: int | None = None
     stop_token_ids: list[int] | None = None
     stop: list[str] | None = None  # stop once the text holds one of these (it is left out of the text)
@@ -35,6 +36,7 @@ class SamplingParams:
                 f"must be an integer in [1, {MAX_INT32}]")
         require(is_number(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0")
         require(is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be a number in (0, 1]")
+        require(is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", "must be a number in [0, 1]")
         require(is_int(self.top_k) and -1 <= self.top_k <= MAX_INT32, "top_k",
                 f"must be an integer in [-1, {MAX_INT32}] (0 or -1 disables)")
         if self.top_k == -1:  # vLLM's other "all tokens"

@@ -614,7 +614,7 @@ def _generate(args: argparse.Namespace) -> int:
     if args.chat and args.token_ids:
         print("jalora generate: --chat takes PROMPT as text (a user message), not --token-ids", file=sys.stderr)
         return 2
-    _check_call_flags(args, "max_tokens", "temperature", "top_p", "top_k", "seed")
+    _check_call_flags(args, "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed")
     prompt: str | list[int] | list[dict[str, str]] = args.prompt
     if args.token_ids:
         words = args.prompt.replace(",", " ").split()
@@ -640,6 +640,7 @@ def _generate(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             top_p=args.top_p,
             top_k=args.top_k,
+            min_p=args.min_p,
             seed=args.seed,
         ):
             if args.show_ids:
@@ -919,6 +920,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, 1 = off (default: the server's)")
     g.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest, 0 = off (default: the "
                    "server's)")  # fmt: skip
+    g.add_argument("--min-p", type=float, default=None, help="keep tokens at least this fraction as likely as the "
+                   "likeliest, 0 = off (default: the server's)")  # fmt: skip
     g.add_argument("--seed", type=int, default=None, help="seed of this request's sampling (default: the server "
                    "draws one)")  # fmt: skip
     _client_args(g)

@@ -43,7 +43,6 @@ _UNSUPPORTED: dict[str, tuple] = {
     "prediction": ({},),
     # vLLM's sampling extensions
     "repetition_penalty": (1,),
-    "min_p": (0,),
     "min_tokens": (0,),
     "length_penalty": (1,),
     "use_beam_search": (False,),
@@ -146,12 +145,12 @@ def _model(body: dict) -> str:
 
 
 def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingParams:
-    """SamplingParams from the body's OpenAI parameters (and vLLM's extensions top_k, ignore_eos,
+    """SamplingParams from the body's OpenAI parameters (and vLLM's extensions top_k, min_p, ignore_eos,
     stop_token_ids); what the body leaves out keeps the engine's defaults, as over gRPC."""
     kwargs: dict[str, Any] = dataclasses.asdict(defaults)
     max_tokens = _max_tokens_field(body, chat=chat) or "max_tokens"
     renamed = {"max_tokens": max_tokens}
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "seed"):
+    for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed"):
         value = _value(body, renamed.get(name, name))
         if value is not None:
             kwargs[name] = value

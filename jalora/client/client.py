@@ -524,6 +524,7 @@ class Client:
         temperature: float | None = None,
         top_p: float | None = None,
         top_k: int | None = None,
+        min_p: float | None = None,
         seed: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool | None = None,
@@ -544,7 +545,7 @@ class Client:
         request = generate_request(
             prompt, adapter, params=params, request_id=request_id, append_invocation=append_invocation,
             session=session, session_ttl=session_ttl, end_session=end_session, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop_token_ids,
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
         want_logprobs = request.sampling.HasField("logprobs")
@@ -707,6 +708,7 @@ class AsyncClient:
         temperature: float | None = None,
         top_p: float | None = None,
         top_k: int | None = None,
+        min_p: float | None = None,
         seed: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool | None = None,
@@ -722,7 +724,7 @@ class AsyncClient:
         request = generate_request(
             prompt, adapter, params=params, request_id=request_id, append_invocation=append_invocation,
             session=session, session_ttl=session_ttl, end_session=end_session, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, stop_token_ids=stop_token_ids,
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
         want_logprobs = request.sampling.HasField("logprobs")

@@ -396,12 +396,12 @@ class LLMEngine:
         return dataclasses.replace(self._default_params)
 
     def _sampling_defaults(self) -> SamplingParams:
-        """Sampled with generation_config's temperature / top_p / top_k where it sets do_sample, else
+        """Sampled with generation_config's temperature / top_p / top_k / min_p where it sets do_sample, else
         greedy; its max_new_tokens as max_tokens; SamplingParams' own defaults for the rest."""
         gen = self.generation_config
         fields = {}
         if gen.get("do_sample"):
-            for key in ("temperature", "top_p", "top_k"):
+            for key in ("temperature", "top_p", "top_k", "min_p"):
                 if gen.get(key) is not None:
                     fields[key] = gen[key]
             fields.setdefault("temperature", 1.0)

@@ -85,6 +85,7 @@ class StepInputs(NamedTuple):
     top_p: jax.Array  # f32[S]
     seeds: jax.Array  # u32[S]
     counters: jax.Array  # i32[S]
+    min_p: jax.Array  # f32[S]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,7 @@ class SamplingInputs(NamedTuple):
     top_p: np.ndarray  # f32[R]
     seeds: np.ndarray  # u32[R]
     counters: np.ndarray  # i32[R]
+    min_p: np.ndarray  # f32[R]
 
 
 class StepOutputs(NamedTuple):
@@ -283,7 +285,7 @@ class ModelRunner:
         def draw_fn(logits, packed, layout):
             """The step's tokens drawn per row (greedy rows keep the argmax) and their logprobs."""
             sp: SamplingInputs = unpack_inputs(packed, layout)
-            tokens = sample(logits, sp.temperature, sp.top_k, sp.top_p, sp.seeds, sp.counters)
+            tokens = sample(logits, sp.temperature, sp.top_k, sp.top_p, sp.seeds, sp.counters, sp.min_p)
             return pad_rows(tokens), _logprob_of(logits, tokens)
 
         def top_fn(logits, tokens):
@@ -449,6 +451,7 @@ class ModelRunner:
         top_p = per_seq([p.top_p for p in params], np.float32, 1.0, rows)
         seeds = per_seq([r.seed for r in reqs], np.uint32, 0, rows)
         counters = per_seq([len(r.output_token_ids) + len(r.pending) for r in reqs], np.int32, 0, rows)
+        min_p = per_seq([p.min_p for p in params], np.float32, 0.0, rows)
         # Long-context decode: one token per sequence in the smallest bucket, with a context long enough
         # (what the kernel reads of it: a sliding window bounds that) that the kernel's long-context grid
         # pays (KernelPlan.long_decode); prefill chunks keep the bucket's grid.
@@ -470,7 +473,7 @@ class ModelRunner:
             lora_slots, segments = token_slots, self._lora_segments(token_slots)
         inp = StepInputs(
             token_ids, token_src, positions, lora_slots, segments, prompt_targets, attn, logits_indices,
-            temperature, top_k, top_p, seeds, counters,
+            temperature, top_k, top_p, seeds, counters, min_p,
         )  # fmt: skip
         return PreparedStep(
             inp,
@@ -680,7 +683,9 @@ class ModelRunner:
     def _sampling_inputs(step: PreparedStep) -> tuple[np.ndarray, tuple]:
         """The draw's (packed, layout) arguments: the step's per-row sampling parameters."""
         inp = step.inputs
-        packed, layout = pack_inputs(SamplingInputs(inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters))
+        packed, layout = pack_inputs(
+            SamplingInputs(inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters, inp.min_p)
+        )
         return packed, layout
 
     def _record_compile(self, count: int, groups: tuple[str, ...], seconds: float, num_tokens: int = 0) -> None:

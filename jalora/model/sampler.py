@@ -1,4 +1,4 @@
-"""On-device sampling: greedy, temperature, top-k, top-p with per-request reproducible keys."""
+"""On-device sampling: greedy, temperature, min-p, top-k, top-p with per-request reproducible keys."""
 
 import jax
 import jax.numpy as jnp
@@ -11,15 +11,22 @@ def sample(
     top_p,  # f32[S]; 1 = off
     seeds,  # u32[S] per-request seed
     counters,  # i32[S] tokens generated so far (the key of the next draw)
+    min_p=None,  # f32[S]; 0 = off (None: off for every row)
 ):
     """Returns i32[S] token ids. A request's draw depends only on (seed, counter, logits).
 
     Greedy or sampled is a per-row choice (temperature 0 or not) made on the device, so one compiled
     function serves any mix of requests; every row pays the draw (a sort over the vocabulary), which is
-    why the engine runs this only for steps where some row samples (jalora/engine/model_runner.py)."""
+    why the engine runs this only for steps where some row samples (jalora/engine/model_runner.py).
+
+    The filters apply in vLLM's order: temperature, then min-p (a token stays if its probability is at
+    least min_p times the most likely token's), then top-k and top-p over what min-p kept."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     v = logits.shape[-1]
     x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    if min_p is not None:  # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p) (log 0 = -inf keeps all)
+        floor = jnp.max(x, axis=-1) + jnp.log(min_p)
+        x = jnp.where(x < floor[:, None], -jnp.inf, x)
     srt = -jnp.sort(-x, axis=-1)  # descending
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
     rank = jnp.arange(v)[None, :]

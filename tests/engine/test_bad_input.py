@@ -36,6 +36,9 @@ def assert_names_the_field_once(err: InvalidRequestError, field: str) -> None:
         ({"top_p": 0.0}, "top_p"),
         ({"top_p": 1.5}, "top_p"),
         ({"top_k": -2}, "top_k"),  # (-1 is vLLM's "all tokens", as 0)
+        ({"min_p": -0.1}, "min_p"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"min_p": "0.1"}, "min_p"),
         ({"logprobs": 99}, "logprobs"),
         ({"seed": -3}, "seed"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),

@@ -23,6 +23,7 @@ monitoring.register_event_duration_secs_listener(_count)
 KINDS = {
     "greedy": {},
     "sampled": {"temperature": 0.9, "top_k": 20, "top_p": 0.8, "seed": 3},
+    "min_p": {"temperature": 1.0, "min_p": 0.05},
     "temperature only": {"temperature": 1.3},
     "logprobs": {"logprobs": 5},
     "sampled logprobs": {"temperature": 0.7, "logprobs": 0},

@@ -10,7 +10,7 @@ from jalora.model.sampler import sample
 V = 8
 
 
-def draw(logits, n, temperature=1.0, top_k=0, top_p=1.0):
+def draw(logits, n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     logits = jnp.asarray(np.tile(logits, (n, 1)), jnp.float32)
     return np.asarray(
         sample(
@@ -20,6 +20,7 @@ def draw(logits, n, temperature=1.0, top_k=0, top_p=1.0):
             jnp.full(n, top_p, jnp.float32),
             jnp.arange(n, dtype=jnp.uint32),
             jnp.zeros(n, jnp.int32),
+            jnp.full(n, min_p, jnp.float32),
         )
     )
 
@@ -53,6 +54,37 @@ def test_top_p_keeps_smallest_prefix_reaching_p():
     keep = [1, 3, 5]
     want = np.zeros(V)
     want[keep] = np.exp(LOGITS[keep]) / np.exp(LOGITS[keep]).sum()
+    np.testing.assert_allclose(counts, want, atol=0.015)
+
+
+def renormalised(keep):
+    want = np.zeros(V)
+    want[keep] = np.exp(LOGITS[keep]) / np.exp(LOGITS[keep]).sum()
+    return want
+
+
+def test_min_p_keeps_tokens_at_least_min_p_times_the_most_likely():
+    # p_max = .3: min_p .5 keeps p >= .15 (.3 .25 .18)
+    counts = np.bincount(draw(LOGITS, 20000, min_p=0.5), minlength=V) / 20000
+    np.testing.assert_allclose(counts, renormalised([1, 3, 5]), atol=0.015)
+
+
+def test_min_p_applies_before_top_p_as_in_vllm():
+    """min_p .3 keeps .3 .25 .18 .1 (>= .09), renormalised over their .83: .361 .301 .217 .120, and top_p .75 then
+    stops after .217 (.663 before it, .88 after). The other order (top-p on the whole distribution first, as
+    transformers' warpers run) would keep .1 as well (.73 before it)."""
+    counts = np.bincount(draw(LOGITS, 20000, top_p=0.75, min_p=0.3), minlength=V) / 20000
+    np.testing.assert_allclose(counts, renormalised([1, 3, 5]), atol=0.015)
+
+
+def test_min_p_is_relative_to_the_tempered_distribution():
+    """At temperature 2 the probabilities flatten (p ~ sqrt of the original): min_p .5 keeps p_i >= .5 p_max, i.e.
+    original p_i >= .25 p_max = .075 (.3 .25 .18 .1)."""
+    t = 2.0
+    keep = [1, 3, 5, 2]
+    want = np.zeros(V)
+    want[keep] = np.exp(LOGITS[keep] / t) / np.exp(LOGITS[keep] / t).sum()
+    counts = np.bincount(draw(LOGITS, 20000, temperature=t, min_p=0.5), minlength=V) / 20000
     np.testing.assert_allclose(counts, want, atol=0.015)
 
 

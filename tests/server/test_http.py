@@ -261,7 +261,7 @@ BAD_REQUESTS = {
                            "stream_options.include_usage"),
     "presence_penalty": (_completion(presence_penalty=0.5), 400, "presence_penalty"),
     "repetition_penalty": (_completion(repetition_penalty=1.5), 400, "repetition_penalty"),  # (vLLM's extensions)
-    "min_p": (_completion(min_p=0.5), 400, "min_p"),
+    "min_p > 1": (_completion(min_p=1.5), 400, "min_p"),
     "min_tokens": (_chat(min_tokens=4), 400, "min_tokens"),
     "guided_choice": (_chat(guided_choice=["t1", "t2"]), 400, "guided_choice"),
     "n true": (_completion(n=True), 400, "n"),
@@ -316,6 +316,9 @@ def test_neutral_values_of_unimplemented_parameters_are_served(server, oai):
     assert oai.completions.create(**sampled, extra_body={"top_k": -1}).choices[0].token_ids == \
         oai.completions.create(**sampled).choices[0].token_ids != \
         oai.completions.create(**sampled, extra_body={"top_k": 1}).choices[0].token_ids  # fmt: skip
+    # vLLM's min_p is served: at 1 only the most likely token stays, so sampling draws the greedy tokens
+    greedy = oai.completions.create(**{**sampled, "temperature": 0}).choices[0].token_ids
+    assert oai.completions.create(**sampled, extra_body={"min_p": 1.0}).choices[0].token_ids == greedy
     chat = dict(model=MODEL, messages=[{"role": "user", "content": "t5"}], max_tokens=3, temperature=0)
     ref = oai.chat.completions.create(**chat)
     for extra in ({"tool_choice": "none"}, {"tool_choice": "auto", "tools": []}, {"parallel_tool_calls": False},

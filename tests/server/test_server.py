@@ -158,6 +158,13 @@ def test_text_prompt_logprobs_and_tokenize_match_offline(offline, client):
     for i, want in enumerate(ref.prompt_logprobs[1:], start=1):
         assert abs(result.prompt_logprobs[i][ref.prompt_token_ids[i]] - want) < 1e-5
 
+    # min_p travels too: at 1 only the most likely token stays, so a sampled request draws the greedy tokens, and
+    # the same seed and min_p give the offline tokens
+    sampled = dict(max_tokens=6, temperature=1.0, seed=5)
+    assert client.generate(ids, min_p=1.0, **sampled).token_ids == client.generate(ids, max_tokens=6).token_ids
+    [ref_min_p] = offline.generate([ids], SamplingParams(min_p=0.2, **sampled))
+    assert client.generate(ids, min_p=0.2, **sampled).token_ids == ref_min_p.token_ids
+
     text = client.generate("t5 t6 t7 t8", max_tokens=4, request_id="mine-1")
     [ref_text] = offline.generate("t5 t6 t7 t8", SamplingParams(max_tokens=4))
     assert text.request_id == "mine-1"
@@ -332,6 +339,7 @@ BAD_GENERATE = {
     "top_p 0": (_generate_request(token_ids=IDS, sampling=dict(top_p=0.0)), "INVALID_ARGUMENT", "sampling.top_p"),
     "top_p > 1": (_generate_request(token_ids=IDS, sampling=dict(top_p=1.5)), "INVALID_ARGUMENT", "sampling.top_p"),
     "top_k < -1": (_generate_request(token_ids=IDS, sampling=dict(top_k=-2)), "INVALID_ARGUMENT", "sampling.top_k"),
+    "min_p > 1": (_generate_request(token_ids=IDS, sampling=dict(min_p=1.5)), "INVALID_ARGUMENT", "sampling.min_p"),
     "seed < -1": (_generate_request(token_ids=IDS, sampling=dict(seed=-2)), "INVALID_ARGUMENT", "sampling.seed"),
     "logprobs 100": (_generate_request(token_ids=IDS, sampling=dict(logprobs=100)), "INVALID_ARGUMENT",
                      "sampling.logprobs"),
