@@ -89,8 +89,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_admitted = 0  # admissions so far: how many passed a request held back for a slot
         self.prefix_cache = PrefixCacheCounters()
-        # Called when nothing runs and the first waiting request cannot get its blocks: frees blocks that
-        # pipeline sessions retain (True if it freed any), so retention never stalls the engine.
+        # Called when nothing runs and the first waiting request cannot get its blocks, or a lone running one
+        # cannot get its next chunk's: frees blocks that pipeline sessions retain (True if it freed any), so
+        # retention never stalls the engine.
         self.reclaim: Callable[[], bool] | None = None
         # Whether a request continues a pipeline session that retains blocks: such a request waits for no
         # other, and may preempt running requests that do not (it needs few new blocks and frees many).
@@ -130,6 +131,8 @@ class Scheduler:
                 i += 1  # nothing to compute until its pending token is back (which may end it), or its
                 continue  # KV from the host tier is written
             while not self.bm.allocate(req, req.num_computed_tokens + n):
+                if self._alone_may_reclaim(req):
+                    continue  # sessions let blocks go rather than the lone request preempt itself
                 victim = self.running.pop()
                 self._preempt(victim)
                 batch.preempted.append(victim)
@@ -197,6 +200,13 @@ class Scheduler:
         batch.requests = [batch.requests[k] for k in order]
         batch.num_tokens = [batch.num_tokens[k] for k in order]
         return batch
+
+    def _alone_may_reclaim(self, req: Request) -> bool:
+        """`req` runs alone and its next chunk finds no blocks: True if pipeline sessions let some go. Without
+        this, a prompt that fits the cache but not beside the retained blocks would be admitted chunk by chunk,
+        preempt itself once the cache ran out, and be admitted again from its own cached prefix, forever (its
+        first chunk fits, so the admission's reclaim never runs)."""
+        return self.running == [req] and not self.bm.parked and self.reclaim is not None and self.reclaim()
 
     def _preempt_for_favored(self, batch: ScheduledBatch, w: int) -> bool:
         """Preempts the most recently admitted running request that is not favored (out of this step's

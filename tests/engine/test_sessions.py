@@ -195,6 +195,27 @@ def test_sessions_over_the_share_end_oldest_first_and_yield_to_a_stalled_request
     assert len(o.token_ids) == 3 and eng.stats().num_sessions == 0
 
 
+def test_a_lone_chunked_prefill_reclaims_rather_than_preempt_itself(llm):
+    """8 blocks are free beside the session's 2, a lone request needs 9: its first chunk (32 tokens, 8 blocks)
+    fits, its second does not. It used to preempt itself there and be admitted again from its own cached prefix,
+    forever (11,033 preemptions in 5 s until the session's TTL ended it; the session's next request, queued
+    behind it, kept the TTL from ever ending it here). Now the session lets its blocks go, within a few steps."""
+    eng = llm.engine
+    llm.generate(ctx(6, 8), gen(4), session="held")  # 9 tokens of KV: 2 full blocks retained
+    assert eng.stats().num_retained_blocks == 2 and eng.num_free_blocks() == 8
+    preemptions = eng.scheduler.num_preemptions
+    eng.add_request("long", ctx(36, 9), gen(2))
+    eng.step()  # the first chunk
+    eng.add_request("next", ctx(6, 8) + [40], gen(2), session="held")  # the session's next request waits
+    finished = set()
+    for _ in range(12):  # (a bound: without the reclaim this loop never ends)
+        finished |= {d.request_id for d in eng.step() if d.is_final}
+        if not eng.has_unfinished_requests():
+            break
+    assert finished == {"long", "next"}
+    assert eng.scheduler.num_preemptions == preemptions and eng.stats().sessions_evicted >= 1
+
+
 @pytest.mark.parametrize(
     "kwargs, field",
     [
