@@ -23,20 +23,25 @@ def sample(
     least min_p times the most likely token's), then top-k and top-p over what min-p kept."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     v = logits.shape[-1]
-    x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    if min_p is not None:  # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p) (log 0 = -inf keeps all)
-        floor = jnp.max(x, axis=-1) + jnp.log(min_p)
-        x = jnp.where(x < floor[:, None], -jnp.inf, x)
-    srt = -jnp.sort(-x, axis=-1)  # descending
+    # Tempered from the row's maximum: the most likely token sits at 0 however small the temperature (dividing
+    # the raw logits by 1e-37 overflowed to infinities, and the draw took the first of them, not the argmax).
+    x = (logits - jnp.max(logits, axis=-1, keepdims=True)) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    if min_p is not None:  # p_i >= min_p * p_max  <=>  x_i >= log(min_p), x_max being 0 (log 0 = -inf keeps all)
+        x = jnp.where(x < jnp.log(min_p)[:, None], -jnp.inf, x)
+    # One ascending sort serves both filters, as transformers' warpers define them. Top-k keeps every token
+    # at least as likely as the k-th (ties at the boundary stay); top-p then drops the least likely tokens while
+    # the mass they add up to stays <= 1 - top_p (so the kept ones reach top_p), one by one in sorted order:
+    # of tokens tied at the boundary only as many stay as the mass needs (the lower ids go first).
+    order = jnp.argsort(x, axis=-1, stable=True)
+    srt = jnp.take_along_axis(x, order, axis=-1)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
-    rank = jnp.arange(v)[None, :]
-    srt = jnp.where(rank < k[:, None], srt, -jnp.inf)
-    probs = jax.nn.softmax(srt, axis=-1)
-    # Keep the smallest prefix of the sorted tokens whose mass reaches top_p (the first always stays).
-    keep = (jnp.cumsum(probs, axis=-1) - probs) < top_p[:, None]
-    n_keep = jnp.maximum(jnp.sum(keep & (rank < k[:, None]), axis=-1), 1)
-    threshold = jnp.take_along_axis(srt, (n_keep - 1)[:, None], axis=-1)
-    x = jnp.where(x < threshold, -jnp.inf, x)
+    kth = jnp.take_along_axis(srt, (v - k)[:, None], axis=-1)
+    srt = jnp.where(srt < kth, -jnp.inf, srt)
+    mass = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
+    drop = (mass <= (1 - top_p)[:, None]) | (srt == -jnp.inf)
+    drop = drop.at[:, -1].set(False)  # the most likely token always stays
+    rows = jnp.arange(x.shape[0])[:, None]
+    x = jnp.where(jnp.zeros_like(drop).at[rows, order].set(drop), -jnp.inf, x)
     keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
     drawn = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)

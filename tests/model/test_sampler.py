@@ -88,6 +88,44 @@ def test_min_p_is_relative_to_the_tempered_distribution():
     np.testing.assert_allclose(counts, want, atol=0.015)
 
 
+def hf_probs(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """The distribution transformers' warpers sample from (temperature, then top-k, then top-p)."""
+    import torch
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    scores, ids = torch.tensor(np.asarray(logits, np.float32))[None], torch.zeros(1, 1, dtype=torch.long)
+    if temperature != 1.0:
+        scores = TemperatureLogitsWarper(temperature)(ids, scores)
+    if top_k > 0:
+        scores = TopKLogitsWarper(top_k)(ids, scores)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(ids, scores)
+    return torch.softmax(scores, -1)[0].double().numpy()
+
+
+@pytest.mark.parametrize("logits, kw", [
+    ([0.0, 0.0, 0.0, 0.0, -3.0, -3.0], dict(top_p=0.5)),  # 3 of the 4 tied tokens reach .5 (it kept all 4)
+    ([2.0, 1.0, 1.0, 1.0, -1.0], dict(top_k=2, top_p=0.8)),  # top-k keeps the tie at its boundary, top-p drops one
+    ([2.0, 1.5, 1.0, 0.3, -1.0], dict(top_k=3, top_p=0.7, temperature=0.7)),
+])  # fmt: skip
+def test_ties_at_the_boundaries_match_transformers(logits, kw):
+    """Top-k keeps every token tied with the k-th; top-p keeps only as many of the tokens tied at its boundary as
+    the mass needs. Which of the tied ids stay is the implementations' own order, so the sorted distributions are
+    compared, and the count of kept tokens exactly."""
+    n = 20000
+    want = hf_probs(logits, **kw)
+    got = np.bincount(draw(np.asarray(logits), n, **kw), minlength=len(logits)) / n
+    assert np.count_nonzero(got) == np.count_nonzero(want), (got, want)
+    np.testing.assert_allclose(np.sort(got), np.sort(want), atol=0.015)
+
+
+@pytest.mark.parametrize("logits, temperature, argmax", [([40.0, 50.0, 45.0], 1e-37, 1),
+                                                         ([-17.0, -15.0, -14.0, -16.0], 2e-38, 2)])
+def test_a_tiny_temperature_draws_the_argmax(logits, temperature, argmax):
+    """Dividing the raw logits by it overflowed to infinities, and the draw took the first of them (token 0)."""
+    assert set(draw(np.asarray(logits), 200, temperature=temperature).tolist()) == {argmax}
+
+
 def test_greedy_rows_ignore_sampling_rows():
     logits = jnp.asarray(np.tile(LOGITS, (2, 1)), jnp.float32)
     out = sample(
