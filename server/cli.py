@@ -351,16 +351,31 @@ def build_engine(plan: ServePlan) -> LLMEngine:
     # after the adapters are loaded (the warm-up then waits for its longest compilation once).
     together = config.warmup and bool(plan.adapters) and not multihost.is_multihost()
     engine = LLMEngine(config.replace(warmup=False) if together else config)
-    for name, path in plan.adapters:
-        try:
-            info = engine.load_adapter(name, path)
-        except InvalidRequestError as e:  # which of the start-up adapters, then what is wrong with it
-            raise StartupError([f"adapter {name}: {e}"]) from None
-        inv = f" invocation={info.invocation_tokens}" if info.invocation_tokens else ""
-        logs.say(f"jalora: adapter {name} ({info.kind}, r={info.rank}){inv}")
-    if config.warmup:  # --no-warmup compiles nothing before serving, adapted steps included
-        engine.warmup_adapters(with_base=together)
+    try:
+        for name, path in plan.adapters:
+            try:
+                info = engine.load_adapter(name, path)
+            except InvalidRequestError as e:  # which of the start-up adapters, then what is wrong with it
+                raise StartupError([f"adapter {name}: {e}"]) from None
+            inv = f" invocation={info.invocation_tokens}" if info.invocation_tokens else ""
+            logs.say(f"jalora: adapter {name} ({info.kind}, r={info.rank}){inv}")
+        if config.warmup:  # --no-warmup compiles nothing before serving, adapted steps included
+            engine.warmup_adapters(with_base=together)
+    except BaseException as e:
+        # A multi-host process 0 lets its followers go (they would wait for its next call until JAX's
+        # shutdown barrier gave up on them), telling them why.
+        engine.close(_failure(e))
+        raise
     return engine
+
+
+def _failure(e: BaseException) -> str:
+    """Why process 0 stops, in a line for its followers to print."""
+    if isinstance(e, StartupError):
+        return "; ".join(e.problems)
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted"
+    return f"{type(e).__name__}: {e}" if isinstance(e, Exception) else type(e).__name__
 
 
 def _asks_for_group(args: argparse.Namespace) -> bool:
@@ -409,7 +424,11 @@ def _serve(args: argparse.Namespace) -> int:
         from jalora.engine import multihost
         from jalora.engine.llm_engine import LLMEngine
 
-        multihost.run_follower(lambda: LLMEngine(plan.engine_config))  # process 0 sends adapters and warm-up
+        # Process 0 sends adapters and warm-up; the follower ends when process 0 stops.
+        failure = multihost.run_follower(lambda: LLMEngine(plan.engine_config))
+        if failure is not None:
+            print(f"jalora serve: process 0 stopped: {failure}", file=sys.stderr, flush=True)
+            return 1
         return 0
     engine = build_engine(plan)
 
@@ -458,8 +477,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(run())
-    finally:
-        engine.close()  # a multi-host engine's followers stop too
+    except BaseException as e:
+        engine.close(_failure(e))  # a multi-host engine's followers stop too, told why
+        raise
+    engine.close()
     return 0
 
 

@@ -193,6 +193,15 @@ def _adapter_names(requests) -> tuple[str, ...]:
 class LLMEngine:
     def __init__(self, config: EngineConfig, *, clock=time.monotonic):
         """`clock` (seconds, monotonic) times pipeline sessions' TTLs; tests pass one they control."""
+        self.host_tier = self.runner = self.multihost_leader = None
+        try:
+            self._start(config, clock)
+        except BaseException as e:  # a multi-host process 0 that fails to start lets its followers go
+            if self.multihost_leader is not None:
+                self.close(f"process 0 failed to start: {type(e).__name__}: {e}")
+            raise
+
+    def _start(self, config: EngineConfig, clock) -> None:
         self.config = config
         # Before anything compiles (loading dummy weights does): the steps this start compiles are saved
         # there, and a later start with the same directory loads them instead (jalora/cache.py).
@@ -336,14 +345,16 @@ class LLMEngine:
         if self.multihost_leader is not None:
             self.multihost_leader.send("place_adapter", name, slot)
 
-    def close(self) -> None:
-        """Stops the follower processes of a multi-host engine (they return from `multihost.follow`) and
-        the host tier's worker thread."""
+    def close(self, error: str | None = None) -> None:
+        """Stops the follower processes of a multi-host engine (they return from `multihost.follow`, with
+        `error`: why process 0 stops, if it failed) and the host tier's worker thread."""
         if self.host_tier is not None:
             self.host_tier.close()
         if self.multihost_leader is not None:
-            self.multihost_leader.close()
-            self.multihost_leader = self.runner.leader = None
+            self.multihost_leader.close(error)
+            self.multihost_leader = None
+            if getattr(self, "runner", None) is not None:
+                self.runner.leader = None
 
     def warmup_adapters(self, progress: bool = True, with_base: bool = False) -> None:
         """Compiles the adapted-step variant of every bucket (call after loading adapters; a server

@@ -11,7 +11,7 @@ server) and sends the others, before each device call, what that call needs:
   exist on every host, as the model directory must) and installs it into the same slot (or none);
 - `place_adapter`: an adapter swapped into a slot (more adapters loaded than slots); the follower writes
   its own host copy into the same slot, before the step that reads it;
-- `warmup_adapters`, `reset_kv_cache`, `stop`.
+- `warmup_adapters`, `reset_kv_cache`, `stop` (with why, when process 0 stops because it failed).
 
 The channel is a `multiprocessing.connection` socket from each follower to process 0, on the
 coordinator's host at its port + 1, authenticated with a key (HMAC) derived from `--multihost-key-file` or
@@ -138,6 +138,7 @@ class Leader:
         self._conns: list[Connection] = [self._listener.accept() for _ in range(followers)]
         self.lost: str | None = None
         self.lost_event = threading.Event()
+        self._closed = False
         self._on_lost: list[Callable[[str], None]] = []
         self._lock = threading.Lock()
         for i, conn in enumerate(self._conns):
@@ -155,7 +156,8 @@ class Leader:
             conn.recv()  # followers send nothing: this returns only when the connection ends
         except (EOFError, OSError):
             pass
-        self._lose(f"follower process {index} disconnected")
+        if not self._closed:  # (closing ends the followers: not a loss)
+            self._lose(f"follower process {index} disconnected")
 
     def _lose(self, reason: str) -> None:
         with self._lock:
@@ -178,11 +180,16 @@ class Leader:
                 self._lose(f"follower process {i + 1} unreachable: {e}")
                 raise FollowerLostError(self.lost) from e
 
-    def close(self) -> None:
+    def close(self, error: str | None = None) -> None:
+        """Stops the followers (`follow` returns `error`: why process 0 stops, None for a plain stop) and
+        closes the channel. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         if self.lost is None:
             for conn in self._conns:
                 try:
-                    conn.send(("stop", ()))
+                    conn.send(("stop", (error,)))
                 except OSError:
                     pass
         for conn in self._conns:
@@ -199,12 +206,13 @@ def connect() -> Connection:
     return conn
 
 
-def run_follower(make_engine: Callable[[], object]) -> None:
-    """A follower process's whole life: builds its engine and follows process 0. If anything fails, the
-    channel is closed first, so process 0 sees the follower gone (and stops serving) at once, and the
-    process exits without JAX's distributed shutdown, which would wait for the others."""
+def run_follower(make_engine: Callable[[], object]) -> str | None:
+    """A follower process's whole life: builds its engine and follows process 0; returns what `follow`
+    does (why process 0 stopped, if it failed). If anything fails here, the channel is closed first, so
+    process 0 sees the follower gone (and stops serving) at once, and the process exits without JAX's
+    distributed shutdown, which would wait for the others."""
     try:
-        follow(make_engine())
+        return follow(make_engine())
     except BaseException:
         logger.exception("follower process %d failed", jax.process_index())
         conn = _coordinator.get("conn")
@@ -237,9 +245,10 @@ class Recent:
         return next(t for s, t in self._items if s == seq)
 
 
-def follow(engine) -> None:
+def follow(engine) -> str | None:
     """A follower's loop: runs what process 0 sends on `engine` (built from the same EngineConfig) until
-    `stop` or until the channel closes."""
+    `stop` or until the channel closes. Returns None, or why process 0 stopped when it stopped because it
+    failed (a start-up adapter it refused, say): the follower's process should exit non-zero then."""
     conn = engine.multihost_conn
     runner = engine.runner
     while True:
@@ -247,7 +256,7 @@ def follow(engine) -> None:
             op, args = conn.recv()
         except (EOFError, OSError):
             logger.info("process 0 closed the channel; stopping")
-            return
+            return None
         if op == "launch":
             seq, step, prev_seq = args  # (the outputs stay in runner.recent for the steps that read them)
             runner.launch(step, engine.adapters.stacks, runner.recent.tokens_of(prev_seq), seq=seq)
@@ -263,6 +272,6 @@ def follow(engine) -> None:
         elif op == "reset_kv_cache":
             runner.reset_kv_cache()
         elif op == "stop":
-            return
+            return args[0] if args else None
         else:
             raise RuntimeError(f"unknown multi-host operation {op!r}")

@@ -102,3 +102,60 @@ def test_two_processes_serve_and_a_lost_one_turns_health_not_serving(tmp_path):
         for p in procs:
             p.kill()
             p.wait()
+
+
+def _serve_group(tmp_path, port: int, flags_of) -> list:
+    """`jalora serve` as process 1 then 0 of a group on localhost (one CPU device each, tp=2), with
+    `flags_of(process_id)` added; stdout and stderr piped."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.engine.test_multihost import ROOT
+
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JALORA_COMPILE_CACHE": "none"}  # fmt: skip
+    return [subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--no-warmup", "--tensor-parallel-size",
+                              "2", "--coordinator-address", f"127.0.0.1:{port}", "--num-processes", "2",
+                              "--process-id", str(i), "--port", "0", *flags_of(i)],
+                             cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for i in (1, 0)]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    """A tiny llama (8 query heads, 2 KV heads: tp=2 splits them) and an aLoRA adapter of rank 8."""
+    from tests import hf_models
+    from tests.engine import multihost_worker as worker
+
+    root = tmp_path_factory.mktemp("multihost_cli")
+    base = hf_models.make_model(str(root / "llama"), "llama", num_attention_heads=8, num_key_value_heads=2)
+    adapter = hf_models.make_adapter(base, str(root / "judge"), hf_models.ALL_PROJ, r=8, invocation=worker.INV)
+    return base, adapter
+
+
+def test_a_start_up_failure_on_process_0_ends_both_processes(tmp_path, llama):
+    """Process 0 refuses its start-up adapter (rank 8 above --max-lora-rank 4) once the group has formed: it
+    exits 2 with its one-line error, and lets the follower go, which exits 1 saying why. Both used to wait
+    for each other (the follower for process 0's next call, process 0 in JAX's shutdown barrier) until
+    that barrier gave up, 5 minutes later: the timeout below only guards against that hang."""
+    from tests.engine.test_multihost import free_port_pair
+
+    base, adapter = llama
+    procs = _serve_group(tmp_path, free_port_pair(),
+                         lambda i: ["--model", base, "--max-lora-rank", "4", "--adapter", f"j={adapter}"])
+    try:
+        follower, leader = procs
+        _, leader_err = leader.communicate(timeout=200)
+        _, follower_err = follower.communicate(timeout=200)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    error = [line for line in leader_err.splitlines() if line.startswith("jalora serve: ")]
+    assert leader.returncode == 2 and len(error) == 1, leader_err
+    assert error[0].startswith("jalora serve: adapter j: ") and "rank" in error[0], error
+    why = error[0].removeprefix("jalora serve: ")
+    assert follower.returncode == 1, follower_err
+    assert f"jalora serve: process 0 stopped: {why}" in follower_err.splitlines(), follower_err
+
