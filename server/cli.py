@@ -214,9 +214,11 @@ def resolve_bundled(plan: ServePlan) -> ServePlan:
 
 def prepare(args: argparse.Namespace) -> ServePlan:
     """serve_plan, preflight, resolve_bundled: every check that takes a moment before any that takes
-    longer (a busy port fails before a download)."""
+    longer (a busy port fails before a download). A follower of a process group (--process-id above 0)
+    serves nothing and reads no adapter (process 0 sends them): its ports and adapter directories are not
+    checked, only the names (they size its engine as process 0's)."""
     plan = serve_plan(args)
-    preflight(plan)
+    preflight(plan, follower=bool(getattr(args, "process_id", None)))
     return resolve_bundled(plan)
 
 
@@ -304,9 +306,10 @@ def _pem_problems(cert: tuple[str, str | None], key: tuple[str, str | None], ca:
     return problems
 
 
-def preflight(plan: ServePlan) -> None:
+def preflight(plan: ServePlan, follower: bool = False) -> None:
     """Checks what `build_engine` and the server will need from the file system and the network, so
-    that a typo fails in a moment instead of after the model load and the compilation.
+    that a typo fails in a moment instead of after the model load and the compilation (`follower`: the
+    adapters' names only, see `prepare`).
 
     Raises StartupError listing every problem found."""
     problems = []
@@ -317,9 +320,13 @@ def preflight(plan: ServePlan) -> None:
         seen.add(name)
         if not is_adapter_name(name):
             problems.append(f"adapter {name}: not an adapter name ({ADAPTER_NAME_RULE})")
-        problem = _adapter_dir_problem(path)
+        problem = None if follower else _adapter_dir_problem(path)
         if problem:
             problems.append(f"adapter {name}: {problem}")
+    if follower:
+        if problems:
+            raise StartupError(problems)
+        return
     for root in plan.server_config.adapter_roots:
         if not os.path.isdir(root):
             what = "is not a directory" if os.path.exists(root) else "does not exist"

@@ -250,12 +250,18 @@ class AdapterManager:
     ) -> AdapterInfo:
         """Installs an adapter directory (read here, confined to `roots` if given) or a prepared one under
         `name`. Raises InvalidRequestError (or CapacityError) and changes nothing."""
+        return self.load_prepared(name, adapter, roots)[0]
+
+    def load_prepared(
+        self, name: str, adapter: str | os.PathLike | PreparedAdapter, roots: Sequence[str] | None = None
+    ) -> tuple[AdapterInfo, PreparedAdapter]:
+        """`load`, which also returns what it installed (a multi-host leader sends it to its followers)."""
         self._check_name(name)
         if not isinstance(adapter, str | os.PathLike | PreparedAdapter):
             raise InvalidRequestError("path", f"must be an adapter directory, got {adapter!r:.60}")
         self._check_capacity()  # before the files are read
         prepared = adapter if isinstance(adapter, PreparedAdapter) else self.prepare(adapter, roots)
-        return self.install(name, prepared)
+        return self.install(name, prepared), prepared
 
     def _check_name(self, name: str) -> None:
         if not is_adapter_name(name):

@@ -433,10 +433,12 @@ class LLMEngine:
         self, name: str, adapter: str | PreparedAdapter, roots: Sequence[str] | None = None
     ) -> AdapterInfo:
         """Loads a PEFT directory (confined to `roots` if given), or installs what `prepare_adapter` made
-        of one, under `name`. On several hosts every process reads the same directory itself."""
-        info = self.adapters.load(name, adapter, roots)
-        if self.multihost_leader is not None:  # the follower puts it in the same slot (or none)
-            self.multihost_leader.send("load_adapter", name, info.path, self.adapters.slot_of(name))
+        of one, under `name`. On several hosts process 0 alone reads it, and sends the followers what it
+        read and checked (they read nothing: a directory missing or different on their hosts changes
+        nothing)."""
+        info, prepared = self.adapters.load_prepared(name, adapter, roots)
+        if self.multihost_leader is not None:  # the very arrays process 0 installed, into the same slot (or none)
+            self.multihost_leader.send("load_adapter", name, prepared, self.adapters.slot_of(name))
         return info
 
     def unload_adapter(self, name: str) -> None:

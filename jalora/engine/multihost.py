@@ -7,8 +7,9 @@ server) and sends the others, before each device call, what that call needs:
 
 - `launch`: a prepared step (numpy arrays of a few kilobytes) and which earlier step's sampled tokens it
   reads (async scheduling feeds them from the device);
-- `load_adapter` / `unload_adapter`: a follower reads the same adapter directory itself (the path must
-  exist on every host, as the model directory must) and installs it into the same slot (or none);
+- `load_adapter` / `unload_adapter`: the adapter as process 0 read and validated it (its host arrays, a
+  few megabytes at most), which a follower installs into the same slot (or none) without reading any file:
+  every process runs exactly the weights process 0 checked, whatever the followers' disks hold;
 - `place_adapter`: an adapter swapped into a slot (more adapters loaded than slots); the follower writes
   its own host copy into the same slot, before the step that reads it;
 - `warmup_adapters`, `reset_kv_cache`, `stop` (with why, when process 0 stops because it failed).
@@ -260,9 +261,9 @@ def follow(engine) -> str | None:
         if op == "launch":
             seq, step, prev_seq = args  # (the outputs stay in runner.recent for the steps that read them)
             runner.launch(step, engine.adapters.stacks, runner.recent.tokens_of(prev_seq), seq=seq)
-        elif op == "load_adapter":
-            name, path, slot = args
-            engine.adapters.install(name, engine.adapters.prepare(path), slot)
+        elif op == "load_adapter":  # what process 0 read and checked: nothing is read here
+            name, prepared, slot = args
+            engine.adapters.install(name, prepared, slot)
         elif op == "place_adapter":
             engine.adapters.place(*args)
         elif op == "unload_adapter":

@@ -1,12 +1,16 @@
 """One process of the two-process test (tests/engine/test_multihost.py): process 0 runs the workload and
 prints its outputs as JSON; process 1 follows. `python -m tests.engine.multihost_worker PID PORT MODEL
-ADAPTERS [--lose-follower]` (ADAPTERS: the judges' directories, comma-separated); with --lose-follower
+ADAPTERS [--lose-follower | --private-adapters]` (ADAPTERS: the judges' directories, comma-separated); with
+--private-adapters process 0 loads each judge from a copy it deletes once read, before the load that
+sends it to process 1 (as a directory on process 0's host only would be); with --lose-follower
 process 0 runs once, prints `ready`, waits for a line on stdin (sent once the test has killed process 1),
 then tries again and prints what the engine said."""
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 from jalora import LLM, SamplingParams
 from jalora.engine import multihost
@@ -20,9 +24,14 @@ INV = [7, 8, 9]
 PROMPTS = [[20, 21, 22, 23, 24, 25, 26], [30, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40]]
 
 
-def load_judges(llm: LLM, adapters: str) -> None:
+def load_judges(llm: LLM, adapters: str, private: bool = False) -> None:
     for name, path in zip(JUDGES, adapters.split(",")):
-        llm.load_adapter(name, path)
+        if not private:
+            llm.load_adapter(name, path)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:  # gone before the load (no other process can read it)
+            prepared = llm.engine.prepare_adapter(shutil.copytree(path, os.path.join(tmp, name)))
+        llm.engine.load_adapter(name, prepared)
 
 
 def workload(llm: LLM) -> list[dict]:
@@ -54,7 +63,7 @@ def main() -> None:
     if pid != 0:
         multihost.follow(llm.engine)
         return
-    load_judges(llm, adapter)
+    load_judges(llm, adapter, private="--private-adapters" in sys.argv)
     if not lose:
         print(json.dumps(workload(llm)), flush=True)
         llm.engine.close()

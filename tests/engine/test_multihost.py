@@ -1,7 +1,7 @@
 """Two processes on localhost (`jax.distributed` over CPU devices, one device each) serve one engine with
 tensor_parallel_size=2: process 0 schedules and sends every device call (jalora/engine/multihost.py),
-process 1 follows, adapter swaps included. Its outputs equal one process's; a lost follower is reported,
-not waited for."""
+process 1 follows, adapter swaps included. Its outputs equal one process's (process 1 reading no adapter
+file: process 0 sends what it read); a lost follower is reported, not waited for."""
 
 import json
 import os
@@ -65,8 +65,11 @@ def start(processes, pid: int, port: int, model, *extra) -> subprocess.Popen:
 
 
 def test_two_processes_give_one_process_tokens(model, processes):
+    """Process 0 loads the judges from directories it deletes once read, before the loads reach process 1
+    (which used to read each directory again itself, and died on a path its host lacked): process 1
+    installs what process 0 sent, and the tokens are one process's."""
     port = free_port_pair()
-    follower, leader = start(processes, 1, port, model), start(processes, 0, port, model)
+    follower, leader = start(processes, 1, port, model), start(processes, 0, port, model, "--private-adapters")
     out, _ = leader.communicate(timeout=600)
     assert leader.returncode == 0 and follower.wait(timeout=60) == 0
     got = json.loads(out.strip().splitlines()[-1])

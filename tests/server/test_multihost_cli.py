@@ -159,3 +159,36 @@ def test_a_start_up_failure_on_process_0_ends_both_processes(tmp_path, llama):
     assert follower.returncode == 1, follower_err
     assert f"jalora serve: process 0 stopped: {why}" in follower_err.splitlines(), follower_err
 
+
+def test_start_up_adapters_are_read_by_process_0_only(tmp_path, llama):
+    """The follower's --adapter names a directory its host lacks: it installs what process 0 read (it
+    reads no adapter file), and the group serves the adapter's one-process tokens."""
+    from jalora import LLM, SamplingParams
+    from jalora.client import Client
+    from tests.engine import multihost_worker as worker
+    from tests.engine.test_multihost import free_port_pair
+
+    base, adapter = llama
+    missing = str(tmp_path / "not-on-this-host")
+    procs = _serve_group(tmp_path, free_port_pair(), lambda i: ["--model", base, "--max-lora-rank", "8",
+                                                               "--adapter", f"j={missing if i else adapter}"])
+    prompt = [20, 21, 22, 23, *worker.INV]
+    try:
+        follower, leader = procs
+        while (line := leader.stdout.readline()) and not line.startswith("jalora serving on "):
+            pass
+        assert line.startswith("jalora serving on "), leader.communicate(timeout=60)
+        with Client(line.split()[-1], timeout=300) as client:
+            got = client.generate(prompt, max_tokens=6, ignore_eos=True, adapter="j").token_ids
+            base_got = client.generate(prompt, max_tokens=6, ignore_eos=True).token_ids
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    llm = LLM(base, max_lora_rank=8, warmup=False)
+    llm.load_adapter("j", adapter)
+    sp = SamplingParams(max_tokens=6, ignore_eos=True)
+    want = llm.generate([prompt], sp, adapter="j")[0].token_ids
+    assert got == want
+    assert base_got == llm.generate([prompt], sp)[0].token_ids
+    assert got != base_got, "the adapter was meant to change the tokens"
