@@ -368,9 +368,11 @@ class LLMEngine:
                 raise ValueError("warmup_adapters(with_base=True) needs a single-process engine")
             self.runner.warmup(progress, adapters=self.adapters.stacks, with_base=True)
         elif self.adapters.stacks:
-            if self.multihost_leader is not None:
-                self.multihost_leader.send("warmup_adapters")
-            self.runner.warmup(progress, adapters=self.adapters.stacks)
+            if self.multihost_leader is None:
+                self.runner.warmup(progress, adapters=self.adapters.stacks)
+                return
+            with self.multihost_leader.lockstep("warmup_adapters"):  # (an interrupt here loses the group)
+                self.runner.warmup(progress, adapters=self.adapters.stacks)
 
     # -- tokenizer -------------------------------------------------------------------------------
 

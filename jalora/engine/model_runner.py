@@ -502,8 +502,15 @@ class ModelRunner:
         takes process 0's number)."""
         seq = self._launches if seq is None else seq
         self._launches = seq + 1
-        if self.leader is not None:
-            self.leader.send("launch", seq, step, self.recent.seq_of(prev_tokens))
+        if self.leader is None:
+            return self._launch(seq, step, adapters, prev_tokens)
+        # Process 0: the followers launch it too; a failure here leaves them a collective ahead (lost group).
+        with self.leader.lockstep("launch", seq, step, self.recent.seq_of(prev_tokens)):
+            return self._launch(seq, step, adapters, prev_tokens)
+
+    def _launch(
+        self, seq: int, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None
+    ) -> StepOutputs:
         compiled, start = self.num_compiled(), time.perf_counter()
         out, logits, hidden = self._launch_step(step, adapters, prev_tokens)
         if step.do_sample:
@@ -706,8 +713,13 @@ class ModelRunner:
 
     def reset_kv_cache(self) -> None:
         """A zeroed cache in place of one that is gone or cannot be trusted."""
-        if self.leader is not None:
-            self.leader.send("reset_kv_cache")
+        if self.leader is None:
+            self._zero_kv_cache()
+            return
+        with self.leader.lockstep("reset_kv_cache"):
+            self._zero_kv_cache()
+
+    def _zero_kv_cache(self) -> None:
         zeros = self.tp.zeros
         self.kv_caches = [tuple(zeros(c.shape, c.dtype, KV_SPEC) for c in kv) for kv in self.kv_caches]
 

@@ -19,12 +19,15 @@ coordinator's host at its port + 1, authenticated with a key (HMAC) derived from
 a fixed default: run it on the hosts' private network, as the coordinator itself. Followers never send
 anything; process 0 watches each connection, and a follower that exits or whose host goes away closes
 it: process 0 then refuses every further step with `FollowerLostError` (a server reports NOT_SERVING)
-instead of entering a collective that would wait for it forever.
+instead of entering a collective that would wait for it forever. Process 0 sends each call before making
+it: if it fails in between (an error in its half of a step, an interrupt), the followers are a call ahead
+of it, so the group is lost the same way (`Leader.lockstep`), never retried as one process would.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import socket
@@ -180,6 +183,30 @@ class Leader:
             except OSError as e:
                 self._lose(f"follower process {i + 1} unreachable: {e}")
                 raise FollowerLostError(self.lost) from e
+
+    @contextlib.contextmanager
+    def lockstep(self, op: str, *args):
+        """Sends (op, args), then runs the block: process 0's half of what the followers now run. Once the
+        send has begun, the followers may be inside (or about to enter) a collective that waits for this
+        process: anything failing before the block ends (an error, an interrupt) leaves them out of step,
+        so the group is lost (`fail`), not recovered; an Exception becomes FollowerLostError."""
+        try:
+            self.send(op, *args)
+            yield
+        except BaseException as e:
+            if self.lost is not None and isinstance(e, FollowerLostError):
+                raise
+            reason = f"process 0 failed while its followers ran {op!r} ({type(e).__name__}: {e})"
+            self.fail(reason)
+            if isinstance(e, Exception):
+                raise FollowerLostError(reason) from e
+            raise
+
+    def fail(self, reason: str) -> None:
+        """Process 0 itself broke the lockstep: the group is lost, as if a follower were (every step is refused,
+        a server turns NOT_SERVING), and the channel closes (a follower waiting for its next call ends)."""
+        self._lose(reason)
+        self.close()
 
     def close(self, error: str | None = None) -> None:
         """Stops the followers (`follow` returns `error`: why process 0 stops, None for a plain stop) and

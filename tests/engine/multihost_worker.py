@@ -1,10 +1,12 @@
 """One process of the two-process test (tests/engine/test_multihost.py): process 0 runs the workload and
 prints its outputs as JSON; process 1 follows. `python -m tests.engine.multihost_worker PID PORT MODEL
-ADAPTERS [--lose-follower | --private-adapters]` (ADAPTERS: the judges' directories, comma-separated); with
---private-adapters process 0 loads each judge from a copy it deletes once read, before the load that
-sends it to process 1 (as a directory on process 0's host only would be); with --lose-follower
-process 0 runs once, prints `ready`, waits for a line on stdin (sent once the test has killed process 1),
-then tries again and prints what the engine said."""
+ADAPTERS [--lose-follower | --private-adapters | --fail-launch]` (ADAPTERS: the judges' directories,
+comma-separated). With --private-adapters process 0 loads each judge from a copy it deletes once read,
+before the load that sends it to process 1 (as a directory on process 0's host only would be). With
+--lose-follower process 0 runs once, prints `ready`, waits for a line on stdin (sent once the test has
+killed process 1), then tries again and prints what the engine said. With --fail-launch process 0 runs
+once, then its own half of the next step raises (a fault put into process 0 only, after the step was sent
+to process 1), and it prints what that call and the one after it raised."""
 
 import json
 import os
@@ -64,6 +66,22 @@ def main() -> None:
         multihost.follow(llm.engine)
         return
     load_judges(llm, adapter, private="--private-adapters" in sys.argv)
+    if "--fail-launch" in sys.argv:
+        llm.generate(PROMPTS[:1], SP)
+
+        def broken(*args):
+            raise RuntimeError("injected fault")
+
+        llm.engine.runner._launch_step = broken
+        errors = []
+        for _ in range(2):
+            try:
+                llm.generate(PROMPTS[:1], SP)
+                errors.append(None)
+            except Exception as e:
+                errors.append([type(e).__name__, str(e)])
+        print("errors", json.dumps(errors), flush=True)
+        os._exit(0)  # process 1 waits in the step's collective: no shutdown together
     if not lose:
         print(json.dumps(workload(llm)), flush=True)
         llm.engine.close()

@@ -99,3 +99,20 @@ def test_a_lost_follower_is_reported_not_waited_for(model, processes):
     result = json.loads(line)
     leader.wait(timeout=60)
     assert result == {"error": "FollowerLostError", "message": "follower process 1 disconnected"}
+
+
+def test_a_failure_on_process_0_after_sending_a_step_loses_the_group(model, processes):
+    """Process 0 sent a step, then its own half failed: process 1 is one step ahead of it (in a collective
+    process 0 never joins). That step and every later one fail with FollowerLostError (a server turns
+    NOT_SERVING), instead of being retried as a single-process engine retries a failed step, which would
+    put the two processes' collectives out of step."""
+    port = free_port_pair()
+    start(processes, 1, port, model)
+    leader = start(processes, 0, port, model, "--fail-launch")
+    while (line := leader.stdout.readline()) and not line.startswith("errors "):  # (gloo prints to stdout too)
+        pass
+    first, second = json.loads(line.removeprefix("errors "))
+    assert leader.wait(timeout=60) == 0
+    reason = "process 0 failed while its followers ran 'launch' (RuntimeError: injected fault)"
+    assert first == ["FollowerLostError", reason]
+    assert second == ["FollowerLostError", reason]
