@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 
@@ -47,7 +48,11 @@ class LLM:
 
         `session="id"` keeps the blocks these requests computed (prompt and output) from eviction for the
         session's next requests, e.g. the judges of this answer, until the session has been idle for
-        `session_ttl` seconds, `end_session(id)` is called, or a request with `end_session=True` finishes."""
+        `session_ttl` seconds, `end_session(id)` is called, or a request with `end_session=True` finishes.
+
+        A prompt whose parameters ask for `n` > 1 completions runs n requests (`params.child(i)`: with a seed,
+        completion i draws with seed + i, as vLLM's); its RequestOutput's `outputs` holds the n completions and
+        its flat fields are the first's."""
         prompts = _prompts(prompts)
         n = len(prompts)
         if sampling_params is None:
@@ -63,15 +68,21 @@ class LLM:
                 "LLM.generate runs the engine to completion and needs it to itself: finish the requests "
                 "added through llm.engine first (step until has_unfinished_requests() is False)"
             )
-        ids = [f"llm-{next(self._ids)}" for _ in range(n)]
+        ids = []  # per prompt, the ids of its completions' requests
         running: dict[str, OutputAccumulator] = {}
         try:
-            for rid, prompt, p, a in zip(ids, prompts, params, adapters):
-                self.engine.add_request(
-                    rid, prompt, p, a, session=session, session_ttl=session_ttl, end_session=end_session
-                )
-                text = prompt if isinstance(prompt, str) else None
-                running[rid] = OutputAccumulator(rid, text, p.logprobs is not None, self._token_text)
+            for prompt, p, a in zip(prompts, params, adapters):
+                if not isinstance(p, SamplingParams):
+                    raise InvalidRequestError("sampling_params", "must be a SamplingParams")
+                rid = f"llm-{next(self._ids)}"
+                ids.append([rid] if p.n == 1 else [f"{c}_{rid}" for c in range(p.n)])
+                for c, child in enumerate(ids[-1]):
+                    self.engine.add_request(
+                        child, prompt, p if p.n == 1 else p.child(c), a, session=session, session_ttl=session_ttl,
+                        end_session=end_session,
+                    )  # fmt: skip
+                    text = prompt if isinstance(prompt, str) else None
+                    running[child] = OutputAccumulator(child, text, p.logprobs is not None, self._token_text)
         except Exception:
             self._abort(running)
             if opened and self.engine.is_session_live(session):  # opened by this call's requests: end it too
@@ -79,7 +90,7 @@ class LLM:
             raise
         final: dict[str, RequestOutput] = {}
         try:
-            while len(final) < n:
+            while running:
                 for delta in self.engine.step():
                     acc = running[delta.request_id]
                     acc.add(delta)
@@ -90,7 +101,7 @@ class LLM:
         except BaseException:  # an error or Ctrl-C mid-run: end this call's requests, free their blocks
             self._abort(running)
             raise
-        return [final[rid] for rid in ids]
+        return [_one_output([final[rid] for rid in children]) for children in ids]
 
     def chat(
         self,
@@ -177,3 +188,11 @@ def _is_ids(value) -> bool:
         return value.ndim == 1 and value.dtype.kind in "iu"
     return isinstance(value, list | tuple) and bool(value) and isinstance(value[0], int | np.integer) \
         and not isinstance(value[0], bool)  # fmt: skip
+
+
+def _one_output(outputs: list[RequestOutput]) -> RequestOutput:
+    """A prompt's RequestOutput from its completions' (one, or n): the first's, holding all n in `outputs`."""
+    if len(outputs) == 1:
+        return outputs[0]
+    completions = [dataclasses.replace(o.outputs[0], index=c) for c, o in enumerate(outputs)]
+    return dataclasses.replace(outputs[0], completions=completions)

@@ -72,6 +72,8 @@ class RequestOutput:
     metrics: RequestMetrics | None
     # vLLM's form of `logprobs` (what `outputs` returns): {token id: Logprob} per output token
     logprob_objects: list[dict[int, Logprob]] | None = dataclasses.field(default=None, repr=False)
+    # with n > 1 completions of the prompt: all n (the flat fields above are the first's)
+    completions: list[CompletionOutput] | None = dataclasses.field(default=None, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -79,8 +81,10 @@ class RequestOutput:
 
     @property
     def outputs(self) -> list[CompletionOutput]:
-        """vLLM's `outputs`: the one completion of this request (`output.outputs[0].text` is `output.text`; its
-        logprobs are vLLM's `Logprob` objects)."""
+        """vLLM's `outputs`: the completions of this request, n of them if its parameters asked for n
+        (`output.outputs[0].text` is `output.text`; their logprobs are vLLM's `Logprob` objects)."""
+        if self.completions is not None:
+            return list(self.completions)
         cumulative = None
         if self.logprobs is not None:
             cumulative = sum(lp[t] for t, lp in zip(self.token_ids, self.logprobs) if t in lp)

@@ -8,10 +8,12 @@ from jalora.config import is_int, is_number, require
 from jalora.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+MAX_N = 128  # completions of one prompt (OpenAI's bound on `n`)
 
 
 @dataclasses.dataclass
 class SamplingParams:
+    n: int = 1  # completions of the prompt (LLM and the HTTP front run one engine request each)
     max_tokens: int = 16  # (None: up to max_model_len)
     temperature: float = 0.0
     top_p: float = 1.0
@@ -32,6 +34,7 @@ class SamplingParams:
             self.stop = [self.stop]
         if is_int(self.seed) and self.seed == -1:
             self.seed = None
+        require(is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"must be an integer in [1, {MAX_N}]")
         require(is_int(self.max_tokens) and 1 <= self.max_tokens <= MAX_INT32, "max_tokens",
                 f"must be an integer in [1, {MAX_INT32}]")
         require(is_number(self.temperature) and self.temperature >= 0, "temperature", "must be a finite number >= 0")
@@ -90,3 +93,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def child(self, index: int) -> "SamplingParams":
+        """The parameters of completion `index` of n: one completion, and with a seed the seed + index (vLLM's
+        rule, wrapped to 32 bits), so the n completions differ and each reproduces."""
+        seed = None if self.seed is None else (self.seed + index) % 2**32
+        return dataclasses.replace(self, n=1, seed=seed)

@@ -341,7 +341,7 @@ class HttpFront:
         REQUEST_ID.set(request_id)
         route = f"POST {request.url.path}"
         fields = _CHAT_FIELDS if chat else _COMPLETION_FIELDS
-        stream: RequestStream | None = None
+        streams: list[RequestStream] = []  # one per completion (`n`)
         watcher: asyncio.Future | None = None
         gen: Generation | None = None
         adapter = None
@@ -361,27 +361,34 @@ class HttpFront:
                                               "with the end of the request)")  # fmt: skip
             session = await self.front.session_fields(gen.session, gen.session_ttl, gen.end_session)
             adapter = await self._adapter(gen.model)
-            stream = await self.front.start(
-                gen.prompt, gen.messages, gen.params, adapter, gen.append_invocation, session, gen.max_tokens_field
-            )
-            watcher = asyncio.ensure_future(_abort_on_disconnect(request, stream))
-            first = await stream.next()  # errors before the first token get their own status
+            n = gen.params.n  # n completions: n requests (completion c draws with the seed + c, as vLLM's)
+            for c in range(n):
+                streams.append(await self.front.start(
+                    gen.prompt, gen.messages, gen.params if n == 1 else gen.params.child(c), adapter,
+                    gen.append_invocation, session, gen.max_tokens_field,
+                ))  # fmt: skip
+            watcher = asyncio.ensure_future(_abort_on_disconnect(request, streams))
+            firsts = [await stream.next() for stream in streams]  # errors before the first token: their own status
             if gen.stream:
-                opened, watching = stream, watcher
+                opened, watching = list(streams), watcher
 
-                def cleanup() -> None:  # a client that went away: the engine drops the request
-                    opened.abort()
+                def cleanup() -> None:  # a client that went away: the engine drops the requests
+                    for one in opened:
+                        one.abort()
                     watching.cancel()
                     release()
 
-                events = self._events(request_id, gen, chat, stream, first, received, route, cleanup)
+                events = self._events(request_id, gen, chat, streams, firsts, received, route, cleanup)
                 status = "200"
                 return _EventStream(events, cleanup)
-            deltas = [first]
-            while deltas[-1].finished is None:
-                deltas.append(await stream.next())
-            finished = deltas[-1].finished
-            response = await self._whole(request_id, gen, chat, deltas, received)
+            choices = []
+            for stream, first in zip(streams, firsts):
+                deltas = [first]
+                while deltas[-1].finished is None:
+                    deltas.append(await stream.next())
+                choices.append(deltas)
+            finished = choices[0][-1].finished
+            response = await self._whole(request_id, gen, chat, choices, received)
             status = "200"
             return JSONResponse(response)
         except Exception as exc:
@@ -390,7 +397,7 @@ class HttpFront:
             return response
         finally:
             if status != "200" or not (gen is not None and gen.stream):
-                if stream is not None:
+                for stream in streams:
                     stream.abort()  # a cancelled handler, or a request that failed: the engine drops it
                 if watcher is not None:
                     watcher.cancel()
@@ -417,22 +424,31 @@ class HttpFront:
         ids = list(gen.prompt)
         return await self.front.worker.run_host(lambda engine: engine.decode(ids))
 
-    async def _whole(self, request_id: str, gen: Generation, chat: bool, deltas: list[RequestDelta], received):
+    async def _whole(
+        self, request_id: str, gen: Generation, chat: bool, choices: list[list[RequestDelta]], received: float
+    ) -> dict:
+        """The response body of a whole request: one choice per completion (each its list of deltas)."""
+        head = {"id": request_id, "created": int(time.time()), "model": gen.model}
+        body = {**head, "object": "chat.completion" if chat else "text_completion"}
+        finisheds = [deltas[-1].finished for deltas in choices]
+        body.update(choices=[await self._choice(gen, chat, index, deltas) for index, deltas in enumerate(choices)],
+                    usage=usage(finisheds), jalora=extension(finisheds[0], received))  # fmt: skip
+        return body
+
+    async def _choice(self, gen: Generation, chat: bool, index: int, deltas: list[RequestDelta]) -> dict:
         finished = deltas[-1].finished
         assert finished is not None
         token_ids = [t for d in deltas for t in d.token_ids]
         text = "".join(d.text for d in deltas)
         logprobs = None if gen.params.logprobs is None else [lp for d in deltas for lp in (d.logprobs or [])]
-        head = {"id": request_id, "created": int(time.time()), "model": gen.model}
         if chat:
-            choice = {
-                "index": 0,
+            return {
+                "index": index,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": await self._logprobs(gen, chat, token_ids, logprobs, 0),
                 "finish_reason": finished.finish_reason,
                 "token_ids": token_ids,
             }
-            body = {**head, "object": "chat.completion"}
         else:
             prefix = await self._prompt_text(gen) if gen.echo else ""
             lp = await self._logprobs(gen, chat, token_ids, logprobs, len(prefix))
@@ -444,63 +460,69 @@ class HttpFront:
                     lp[key] = echoed[key] + lp[key]
                 lp["token_logprobs"][0] = None
                 lp["top_logprobs"][0] = None
-            choice = {
-                "index": 0,
+            return {
+                "index": index,
                 "text": prefix + text,
                 "logprobs": lp,
                 "finish_reason": finished.finish_reason,
                 "token_ids": token_ids,
             }
-            body = {**head, "object": "text_completion"}
-        body.update(choices=[choice], usage=usage(finished), jalora=extension(finished, received))
-        return body
 
     async def _events(
-        self, request_id: str, gen: Generation, chat: bool, stream: RequestStream, first: RequestDelta,
+        self, request_id: str, gen: Generation, chat: bool, streams: list[RequestStream], firsts: list[RequestDelta],
         received: float, route: str, cleanup: Callable[[], None],
     ) -> AsyncIterator[str]:  # fmt: skip
-        """The server-sent events of a streamed request, from its first delta on; `cleanup` ends the
-        request and the call's admission."""
+        """The server-sent events of a streamed request (one stream per completion, each event naming its
+        choice's index), from their first deltas on; `cleanup` ends the requests and the call's admission."""
         head = {"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": gen.model}  # fmt: skip
-        finished: FinishedRequest | None = None
+        finished: list[FinishedRequest | None] = [None] * len(streams)
+        waits: dict[int, asyncio.Future] = {}
         status = "200"
-        offset = 0
+        offsets = [0] * len(streams)
         try:
-            if chat:
-                role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                        "finish_reason": None, "token_ids": []}  # fmt: skip
-                yield _sse({**head, "choices": [role]})
-            elif gen.echo:
-                prefix = await self._prompt_text(gen)
-                offset = len(prefix)
-                yield _sse({**head, "choices": [{"index": 0, "text": prefix, "logprobs": None,
-                                                 "finish_reason": None, "token_ids": []}]})  # fmt: skip
-            delta = first
+            opening = []
+            prefix = await self._prompt_text(gen) if gen.echo and not chat else None
+            for index in range(len(streams)):
+                if chat:
+                    opening.append({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                    "finish_reason": None, "token_ids": []})  # fmt: skip
+                elif prefix is not None:
+                    offsets[index] = len(prefix)
+                    opening.append({"index": index, "text": prefix, "logprobs": None, "finish_reason": None,
+                                    "token_ids": []})  # fmt: skip
+            if opening:
+                yield "".join(_sse({**head, "choices": [choice]}) for choice in opening)
+            arrived = list(enumerate(firsts))
             while True:
                 # One event per delta, but every delta that has arrived already goes out in one write:
                 # under load the loop falls behind the engine, and each write costs the server more
                 # than the event it carries.
                 events = []
-                while delta is not None:
-                    finished = delta.finished
-                    lp = await self._logprobs(gen, chat, delta.token_ids, delta.logprobs, offset)
-                    offset += len(delta.text)
-                    choice = {"index": 0, "logprobs": lp, "finish_reason": finished and finished.finish_reason,
-                              "token_ids": delta.token_ids}  # fmt: skip
-                    if chat:
-                        choice["delta"] = {"content": delta.text}
-                    else:
-                        choice["text"] = delta.text
-                    chunk = {**head, "choices": [choice]}
-                    if finished is not None:
-                        chunk["jalora"] = extension(finished, received)
-                    events.append(_sse(chunk))
-                    delta = None if finished is not None else stream.next_ready()
+                for index, delta in arrived:
+                    while delta is not None:
+                        done = finished[index] = delta.finished
+                        lp = await self._logprobs(gen, chat, delta.token_ids, delta.logprobs, offsets[index])
+                        offsets[index] += len(delta.text)
+                        choice = {"index": index, "logprobs": lp, "finish_reason": done and done.finish_reason,
+                                  "token_ids": delta.token_ids}  # fmt: skip
+                        if chat:
+                            choice["delta"] = {"content": delta.text}
+                        else:
+                            choice["text"] = delta.text
+                        chunk = {**head, "choices": [choice]}
+                        if done is not None:
+                            chunk["jalora"] = extension(done, received)
+                        events.append(_sse(chunk))
+                        delta = None if done is not None else streams[index].next_ready()
                 yield "".join(events)
-                if finished is not None:
+                if all(f is not None for f in finished):
                     break
-                delta = await stream.next()
+                for index, stream in enumerate(streams):
+                    if finished[index] is None and index not in waits:
+                        waits[index] = asyncio.ensure_future(stream.next())
+                await asyncio.wait(waits.values(), return_when=asyncio.FIRST_COMPLETED)
+                arrived = [(index, waits.pop(index).result()) for index in sorted(waits) if waits[index].done()]
             if gen.include_usage:
                 yield _sse({**head, "choices": [], "usage": usage(finished)})
             yield _sse("[DONE]")
@@ -509,19 +531,23 @@ class HttpFront:
             status = str(error.status_code)
             yield _sse(json.loads(error.body))
         finally:
+            for wait in waits.values():
+                wait.cancel()
             cleanup()
-            log_access(request_id, gen.model if gen.model != self._served else None, finished,
-                       status if finished is not None or status != "200" else "499", time.monotonic() - received,
+            ended = finished[0] if all(f is not None for f in finished) else None
+            log_access(request_id, gen.model if gen.model != self._served else None, ended,
+                       status if ended is not None or status != "200" else "499", time.monotonic() - received,
                        rpc=route)  # fmt: skip
 
 
-async def _abort_on_disconnect(request: Request, stream: RequestStream) -> None:
-    """Waits for the client to go away and aborts its request then (the engine frees its blocks at once);
+async def _abort_on_disconnect(request: Request, streams: list[RequestStream]) -> None:
+    """Waits for the client to go away and aborts its requests then (the engine frees their blocks at once);
     the handler cancels this when the call ends. The body has been read, so the next ASGI message is the
     disconnection."""
     with contextlib.suppress(Exception):
         while True:
             message = await request.receive()
             if message["type"] == "http.disconnect":
-                stream.abort()
+                for stream in streams:
+                    stream.abort()
                 return

@@ -28,7 +28,6 @@ from server.frontend import check_messages, check_stop_token_ids, check_text
 # one to anything but a neutral value (a value that asks for nothing; JSON null always is one) is refused naming
 # it, rather than silently served as if it had not been set.
 _UNSUPPORTED: dict[str, tuple] = {
-    "n": (1,),
     "best_of": (1,),
     "suffix": ("",),
     "logit_bias": ({},),
@@ -128,9 +127,6 @@ def _refuse_unsupported(body: dict) -> None:
         if value is None or any(type(value) is type(n) and value == n for n in neutral) or (
                 is_number(value) and any(is_number(n) and value == n for n in neutral)):  # fmt: skip
             continue
-        if name == "n":
-            raise InvalidRequestError("n", f"must be 1: jalora returns one choice per request (got {value!r:.40}); "
-                                      "send n requests instead, which share the prompt's KV cache")  # fmt: skip
         raise InvalidRequestError(name, "is not supported by this server")
     response_format = _value(body, "response_format")
     if response_format is not None and response_format != {"type": "text"}:
@@ -150,7 +146,7 @@ def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingPa
     kwargs: dict[str, Any] = dataclasses.asdict(defaults)
     max_tokens = _max_tokens_field(body, chat=chat) or "max_tokens"
     renamed = {"max_tokens": max_tokens}
-    for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed"):
+    for name in ("n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed"):
         value = _value(body, renamed.get(name, name))
         if value is not None:
             kwargs[name] = value
@@ -292,8 +288,12 @@ def parse_chat(body: dict, defaults: SamplingParams) -> Generation:
 # ---- responses ------------------------------------------------------------------------------------
 
 
-def usage(finished: FinishedRequest) -> dict:
-    prompt, completion = len(finished.prompt_token_ids), finished.num_output_tokens
+def usage(finished: FinishedRequest | list[FinishedRequest]) -> dict:
+    """OpenAI's usage of a request, or of the n completions of one prompt (its tokens and cached tokens counted
+    once, the completions' tokens summed)."""
+    finisheds = finished if isinstance(finished, list) else [finished]
+    finished = finisheds[0]
+    prompt, completion = len(finished.prompt_token_ids), sum(f.num_output_tokens for f in finisheds)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,

@@ -41,6 +41,7 @@ from jalora.api import (
 from jalora.api.limits import MAX_INT32
 from jalora.api.v1 import jalora_pb2 as pb
 from jalora.api.v1 import jalora_pb2_grpc as pb_grpc
+from jalora.sampling_params import SamplingParams
 
 _FINISH_REASONS = {
     pb.FINISH_REASON_STOP: "stop",
@@ -163,6 +164,10 @@ def with_invocation(prompt: str | Sequence[int], adapter: AdapterInfo) -> str | 
 
 
 _SAMPLING_FIELDS = tuple(pb.SamplingParams.DESCRIPTOR.fields_by_name)  # jalora.SamplingParams' names
+# jalora.SamplingParams' fields that Generate has no place for, and what to do instead
+_NOT_CARRIED = {"n": "send n requests: they share the prompt's KV cache",
+                "stop": "use stop_token_ids, or the HTTP front's stop"}  # fmt: skip
+_DEFAULT_PARAMS = SamplingParams()
 
 
 Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
@@ -243,6 +248,11 @@ def _sampling_message(params: Any, sampling: Mapping[str, Any], field: str = "sa
     unknown = sorted(set(sampling) - set(_SAMPLING_FIELDS))
     if unknown:
         raise TypeError(f"{field}: unknown sampling fields {unknown} (known: {list(_SAMPLING_FIELDS)})")
+    if isinstance(params, SamplingParams):  # what the message cannot carry is refused, not dropped
+        for name in _NOT_CARRIED:
+            value = getattr(params, name)
+            if value != getattr(_DEFAULT_PARAMS, name) and value:
+                raise ValueError(f"{field}.{name}: {value!r:.60} is not carried over gRPC ({_NOT_CARRIED[name]})")
     values = {f: getattr(params, f) for f in _SAMPLING_FIELDS if hasattr(params, f)} if params is not None else {}
     values.update((k, v) for k, v in sampling.items() if v is not None)
     sp = pb.SamplingParams()

@@ -580,6 +580,9 @@ class LLMEngine:
         blocks the request computed are retained for the session's next requests (jalora/engine/sessions.py)."""
         if not isinstance(params, SamplingParams):
             raise InvalidRequestError("sampling_params", "must be a SamplingParams")
+        if params.n != 1:
+            raise InvalidRequestError("n", f"is {params.n}: an engine request makes one completion (LLM.generate and "
+                                      "the HTTP front run n requests, with params.child(i))")  # fmt: skip
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
         if params.stop and self.tokenizer is None:

@@ -53,6 +53,27 @@ def test_request_takes_sampling_params_and_keyword_overrides():
         pipeline_request("hi", [PipelineJudge("a"), PipelineJudge("b", sampling={"max_token": 3})])
 
 
+# A value of each jalora.SamplingParams field that Generate's message has no place for
+NOT_CARRIED = {"n": 2, "stop": ["done"]}
+
+
+def test_sampling_params_that_grpc_cannot_carry_are_refused_not_dropped():
+    """SamplingParams(stop=[...]) used to go out without its stop strings, and n would be dropped alike; every such
+    field is listed here, so a new SamplingParams field without a place in the proto fails this test."""
+    import dataclasses
+
+    from jalora.api.v1 import jalora_pb2 as pb
+
+    fields = {f.name for f in dataclasses.fields(SamplingParams)} - set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
+    assert fields == set(NOT_CARRIED)
+    for name, value in NOT_CARRIED.items():
+        with pytest.raises(ValueError, match=f"^sampling\\.{name}: .* is not carried over gRPC"):
+            generate_request("hi", params=SamplingParams(**{name: value}))
+        with pytest.raises(ValueError, match=rf"^judges\[0\]\.sampling\.{name}: "):
+            pipeline_request("hi", [PipelineJudge("a", params=SamplingParams(**{name: value}))])
+    assert generate_request("hi", params=SamplingParams(n=1, stop=[])).sampling.max_tokens == 16  # defaults pass
+
+
 @pytest.mark.parametrize("prompt, sampling, field", [
     ([3, 1.7], {}, "prompt"),  # (would be sent as 1)
     ([3, True], {}, "prompt"),

@@ -58,6 +58,32 @@ def test_completion_logprobs_are_vllms_logprob_objects(llm):
             assert entry.decoded_token == tokenizer.decode([t])
 
 
+def test_n_completions_of_a_prompt(llm):
+    """vLLM's n: one RequestOutput per prompt whose `outputs` hold n completions, completion i drawn with seed + i
+    (so each is the single request with that seed); the flat fields are the first completion's."""
+    params = SamplingParams(n=3, max_tokens=6, temperature=1.0, seed=5, logprobs=1, ignore_eos=True)
+    outs = llm.generate(["The sky is", [5, 6, 7]], [params, SamplingParams(max_tokens=2)])
+    assert len(outs) == 2 and len(outs[1].outputs) == 1
+    completions = outs[0].outputs
+    assert [c.index for c in completions] == [0, 1, 2]
+    for c, completion in enumerate(completions):
+        alone_params = SamplingParams(max_tokens=6, temperature=1.0, seed=5 + c, ignore_eos=True)
+        (alone,) = llm.generate("The sky is", alone_params)
+        assert completion.token_ids == alone.token_ids and completion.text == alone.text
+        assert completion.cumulative_logprob is not None and len(completion.logprobs) == 6
+    assert len({tuple(c.token_ids) for c in completions}) > 1  # 6 draws at temperature 1: equal only by accident
+    assert outs[0].token_ids == completions[0].token_ids and outs[0].text == completions[0].text
+    greedy = llm.generate([[5, 6, 7]], SamplingParams(n=2, max_tokens=4))[0].outputs
+    assert greedy[0].token_ids == greedy[1].token_ids
+    with pytest.raises(InvalidRequestError) as err:  # the engine makes one completion per request
+        llm.engine.add_request("x", [5, 6], SamplingParams(n=2))
+    assert err.value.field == "n" and not llm.engine.has_unfinished_requests()
+    with pytest.raises(InvalidRequestError) as err:
+        SamplingParams(n=0)
+    assert err.value.field == "n"
+    assert llm.engine.num_free_blocks() == llm.engine.num_total_blocks
+
+
 def test_sampling_params_take_vllms_spellings(llm):
     assert SamplingParams(stop="x").stop == ["x"]
     assert SamplingParams(seed=-1).seed is None and SamplingParams(top_k=-1).top_k == 0

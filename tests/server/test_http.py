@@ -120,6 +120,30 @@ def test_chat_base_and_alora_equal_grpc(oai, grpc_client):
     assert chunks[-1].usage.prompt_tokens == ref.usage.prompt_tokens and chunks[-1].choices == []
 
 
+def test_n_choices_are_n_seeded_requests(server, oai, grpc_client):
+    """OpenAI's n: choice c is the request drawn with seed + c (vLLM's rule; gRPC is the oracle), usage counts the
+    prompt once and every choice's tokens; streamed, each event names its choice and the choices add up the same."""
+    sampled = dict(max_tokens=5, temperature=1.0, extra_body={"ignore_eos": True})
+    got = oai.completions.create(model=MODEL, prompt=[3, 4, 5], n=3, seed=11, logprobs=1, **sampled)
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    for c, choice in enumerate(got.choices):
+        ref = grpc_client.generate([3, 4, 5], max_tokens=5, temperature=1.0, seed=11 + c, ignore_eos=True)
+        assert choice.token_ids == ref.token_ids and choice.text == ref.text
+        assert len(choice.logprobs.tokens) == 5
+    assert len({tuple(c.token_ids) for c in got.choices}) > 1  # 5 draws at temperature 1: equal only by accident
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens, got.usage.total_tokens) == (3, 15, 18)
+    chat = dict(model=MODEL, messages=[{"role": "user", "content": "t5"}], n=2, seed=4, **sampled)
+    whole = oai.chat.completions.create(**chat)
+    chunks = list(oai.chat.completions.create(**chat, stream=True, stream_options={"include_usage": True}))
+    for c in range(2):
+        mine = [ch.choices[0] for ch in chunks if ch.choices and ch.choices[0].index == c]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == whole.choices[c].finish_reason
+        assert [t for m in mine for t in m.token_ids] == whole.choices[c].token_ids
+        assert "".join(m.delta.content or "" for m in mine) == whole.choices[c].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens == 10
+    assert server.server.worker.num_pending == 0
+
+
 def test_missing_invocation_is_400_saying_how_to_fix_it(oai):
     err = _error(lambda: oai.completions.create(model="judge_a", prompt=[5, 6, 7], max_tokens=2))
     assert err.status_code == 400 and err.body["param"] == "prompt" and err.body["type"] == "invalid_request_error"
@@ -235,9 +259,9 @@ def _chat(**body):
 
 
 BAD_REQUESTS = {
-    "n": (_completion(n=2), 400, "n"),
+    "n 0": (_completion(n=0), 400, "n"),
     "best_of": (_completion(best_of=3), 400, "best_of"),
-    "chat n": (_chat(n=2), 400, "n"),
+    "chat n past 128": (_chat(n=129), 400, "n"),
     "max_tokens 0": (_completion(max_tokens=0), 400, "max_tokens"),
     "max_tokens text": (_completion(max_tokens="8"), 400, "max_tokens"),
     "max_completion_tokens 0": (_chat(max_completion_tokens=0), 400, "max_completion_tokens"),
@@ -459,6 +483,11 @@ def test_full_admission_bound_is_429(tiny):
         assert not opener.is_alive() and first_http[0].choices[0].token_ids
         until(lambda: worker.num_pending == 0, "the streams to end")
         assert c.completions.create(model="tiny", prompt=[1, 2], max_tokens=2).usage.completion_tokens == 2
+        # n requests are admitted one by one: the third of three is over the bound, and the two before it end
+        err = _error(lambda: c.completions.create(model="tiny", prompt=[1, 2], max_tokens=2, n=3))
+        assert err.status_code == 429
+        until(lambda: worker.num_pending == 0, "the first two of the n requests to end")
+        assert len(c.completions.create(model="tiny", prompt=[1, 2], max_tokens=2, n=2).choices) == 2
 
 
 def test_drain_finishes_running_streams_and_refuses_new_calls(tiny):
