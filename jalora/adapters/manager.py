@@ -24,6 +24,7 @@ requests and cache blocks know an adapter by its content identity, never by its 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -315,9 +316,9 @@ class AdapterManager:
         makes sure no running request uses the slot: a step already enqueued still reads the old weights
         (the stacks are replaced, not overwritten under it)."""
         start = time.perf_counter()
-        if self.on_place is not None:
-            self.on_place(name, slot)
-        self._write(name, slot)
+        # (a multi-host leader's followers write the same slot: `on_place` holds the write in lockstep with them)
+        with self.on_place(name, slot) if self.on_place is not None else contextlib.nullcontext():
+            self._write(name, slot)
         self.swaps.swaps += 1
         self.swaps.seconds += time.perf_counter() - start
 

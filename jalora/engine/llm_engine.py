@@ -10,6 +10,7 @@ validating its files) is split from admitting it (`add_request`, `load_adapter`)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -341,9 +342,12 @@ class LLMEngine:
         if self.multihost_leader is not None:
             self.multihost_leader.on_lost(callback)
 
-    def _replay_place(self, name: str, slot: int) -> None:
-        if self.multihost_leader is not None:
-            self.multihost_leader.send("place_adapter", name, slot)
+    def _replay_place(self, name: str, slot: int):
+        """The context of an adapter swap's write: on a multi-host process 0, the followers' writes of the same
+        slot run with it (a failure in between loses the group, as a step's would)."""
+        if self.multihost_leader is None:
+            return contextlib.nullcontext()
+        return self.multihost_leader.lockstep("place_adapter", name, slot)
 
     def close(self, error: str | None = None) -> None:
         """Stops the follower processes of a multi-host engine (they return from `multihost.follow`, with
