@@ -438,6 +438,8 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
         return 0
     engine = build_engine(plan)
+    lost: list[str] = []  # why a multi-host group was lost, once it is
+    engine.on_failure(lost.append)
 
     async def run() -> None:
         server = JaloraServer(engine, plan.server_config)
@@ -488,6 +490,10 @@ def _serve(args: argparse.Namespace) -> int:
         engine.close(_failure(e))  # a multi-host engine's followers stop too, told why
         raise
     engine.close()
+    if lost:  # JAX's shutdown at exit would wait for the lost process until its coordination service aborted this
+        print(f"jalora serve: stopped after the process group was lost ({lost[0]})", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     return 0
 
 

@@ -76,10 +76,12 @@ def test_two_processes_serve_and_a_lost_one_turns_health_not_serving(tmp_path):
     port = free_port_pair()
     one_device = "--xla_force_host_platform_device_count=1"
     env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": one_device}
+    log = open(tmp_path / "leader.err", "w")  # noqa: SIM115 (closed below, once the process has ended)
     procs = [subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", "tiny", "--no-warmup",
                                "--tensor-parallel-size", "2", "--coordinator-address", f"127.0.0.1:{port}",
                                "--num-processes", "2", "--process-id", str(i), "--port", "0"],
-                              cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                              cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=log if i == 0 else subprocess.DEVNULL)
              for i in (1, 0)]  # fmt: skip
     follower, leader = procs
     try:
@@ -98,10 +100,17 @@ def test_two_processes_serve_and_a_lost_one_turns_health_not_serving(tmp_path):
         with Client(target, timeout=60) as client, pytest.raises(ServerError) as e:
             client.generate([5, 6, 7, 8], max_tokens=4)
         assert e.value.code == grpc.StatusCode.UNAVAILABLE and "follower process 1 disconnected" in str(e.value)
+        # SIGTERM then stops it with one line and status 1: JAX's shutdown barrier, which would wait for the lost
+        # process until its coordination service aborted this one (SIGABRT), is skipped
+        leader.terminate()
+        assert leader.wait(timeout=200) == 1
+        assert "stopped after the process group was lost (follower process 1 disconnected)" in \
+            (tmp_path / "leader.err").read_text()
     finally:
         for p in procs:
             p.kill()
             p.wait()
+        log.close()
 
 
 def _serve_group(tmp_path, port: int, flags_of) -> list:
