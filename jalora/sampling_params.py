@@ -9,6 +9,8 @@ from jalora.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
 MAX_N = 128  # completions of one prompt (OpenAI's bound on `n`)
+MAX_LOGIT_BIAS = 300  # tokens one request's logit_bias may bias (each step that has one carries this many per row)
+MAX_BIAS = 100.0  # OpenAI's bound on a bias
 
 
 @dataclasses.dataclass
@@ -25,6 +27,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # top-n logprobs of each generated token (0 = only the sampled one)
     prompt_logprobs: bool = False  # each prompt token's logprob (vLLM's count, 0 or 1, turns it on too)
+    logit_bias: dict[int, float] | None = None  # added to those tokens' logits before the draw (greedy too)
 
     def __post_init__(self):
         # vLLM's other spellings: max_tokens None (up to max_model_len), one stop string, seed -1 (none)
@@ -75,6 +78,15 @@ class SamplingParams:
                 f"strings must be at most {MAX_STOP_STRING_CHARS} characters long",
             )
             self.stop = list(self.stop)
+        if self.logit_bias is not None:
+            bias = self.logit_bias
+            require(isinstance(bias, dict) and len(bias) <= MAX_LOGIT_BIAS, "logit_bias",
+                    f"must map at most {MAX_LOGIT_BIAS} token ids to biases")  # fmt: skip
+            require(all(is_int(t) and 0 <= t <= MAX_INT32 for t in bias), "logit_bias",
+                    f"keys must be token ids (integers in [0, {MAX_INT32}])")  # fmt: skip
+            require(all(is_number(b) and -MAX_BIAS <= b <= MAX_BIAS for b in bias.values()), "logit_bias",
+                    f"values must be numbers in [-{MAX_BIAS:g}, {MAX_BIAS:g}]")  # fmt: skip
+            self.logit_bias = {int(t): float(b) for t, b in bias.items()} or None
         if self.ignore_eos is None:  # (vLLM's unset)
             self.ignore_eos = False
         require(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be true or false, got {self.ignore_eos!r:.40}")

@@ -31,12 +31,15 @@ def sampling_params_from_proto(msg: pb.SamplingParams, defaults: SamplingParams 
     SamplingParams' own); bad values raise naming `sampling.<field>`.
 
     The proto mirrors SamplingParams field for field: an `optional` field is set when present; a plain
-    bool or a repeated field when true / non-empty (false and empty are SamplingParams' defaults)."""
+    bool, a repeated or a map field when true / non-empty (false and empty are SamplingParams' defaults)."""
     kwargs: dict[str, Any] = {} if defaults is None else dataclasses.asdict(defaults)
     for field in msg.DESCRIPTOR.fields:
         value = getattr(msg, field.name)
         if msg.HasField(field.name) if field.has_presence else value:
-            kwargs[field.name] = value if isinstance(value, int | float) else list(value)
+            if isinstance(value, int | float):
+                kwargs[field.name] = value
+            else:
+                kwargs[field.name] = dict(value) if field.message_type is not None else list(value)
     try:
         return SamplingParams(**kwargs)
     except InvalidRequestError as exc:

@@ -30,7 +30,6 @@ from server.frontend import check_messages, check_stop_token_ids, check_text
 _UNSUPPORTED: dict[str, tuple] = {
     "best_of": (1,),
     "suffix": ("",),
-    "logit_bias": ({},),
     "presence_penalty": (0,),
     "frequency_penalty": (0,),
     "tools": ([],),
@@ -141,7 +140,7 @@ def _model(body: dict) -> str:
 
 
 def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingParams:
-    """SamplingParams from the body's OpenAI parameters (and vLLM's extensions top_k, min_p, ignore_eos,
+    """SamplingParams from the body's OpenAI parameters (logit_bias too, and vLLM's extensions top_k, min_p, ignore_eos,
     stop_token_ids); what the body leaves out keeps the engine's defaults, as over gRPC."""
     kwargs: dict[str, Any] = dataclasses.asdict(defaults)
     max_tokens = _max_tokens_field(body, chat=chat) or "max_tokens"
@@ -154,6 +153,11 @@ def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingPa
     stop = _value(body, "stop")
     if stop is not None:
         kwargs["stop"] = [stop] if isinstance(stop, str) else stop
+    bias = _value(body, "logit_bias")
+    if bias is not None:  # OpenAI's keys are token ids as strings
+        if not isinstance(bias, dict) or not all(isinstance(t, str) and t.isdecimal() for t in bias):
+            raise InvalidRequestError("logit_bias", "must map token ids (as strings) to biases")
+        kwargs["logit_bias"] = {int(t): b for t, b in bias.items()}
     ids = _value(body, "stop_token_ids")
     if ids is not None:
         if not isinstance(ids, list):

@@ -262,6 +262,10 @@ def _sampling_message(params: Any, sampling: Mapping[str, Any], field: str = "sa
         try:
             if name == "stop_token_ids":
                 sp.stop_token_ids.extend(value)
+            elif name == "logit_bias":
+                if not isinstance(value, Mapping):
+                    raise TypeError(f"must map token ids to biases, got {type(value).__name__}")
+                sp.logit_bias.update(value)
             else:
                 setattr(sp, name, value)
         except (TypeError, ValueError) as e:  # (out of the field's range, or of the wrong type)
@@ -536,6 +540,7 @@ class Client:
         top_k: int | None = None,
         min_p: float | None = None,
         seed: int | None = None,
+        logit_bias: Mapping[int, float] | None = None,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool | None = None,
         logprobs: int | None = None,
@@ -555,7 +560,8 @@ class Client:
         request = generate_request(
             prompt, adapter, params=params, request_id=request_id, append_invocation=append_invocation,
             session=session, session_ttl=session_ttl, end_session=end_session, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, stop_token_ids=stop_token_ids,
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, logit_bias=logit_bias,
+            stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
         want_logprobs = request.sampling.HasField("logprobs")
@@ -720,6 +726,7 @@ class AsyncClient:
         top_k: int | None = None,
         min_p: float | None = None,
         seed: int | None = None,
+        logit_bias: Mapping[int, float] | None = None,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool | None = None,
         logprobs: int | None = None,
@@ -734,7 +741,8 @@ class AsyncClient:
         request = generate_request(
             prompt, adapter, params=params, request_id=request_id, append_invocation=append_invocation,
             session=session, session_ttl=session_ttl, end_session=end_session, max_tokens=max_tokens,
-            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, stop_token_ids=stop_token_ids,
+            temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, logit_bias=logit_bias,
+            stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
         want_logprobs = request.sampling.HasField("logprobs")

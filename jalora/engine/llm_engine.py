@@ -589,6 +589,9 @@ class LLMEngine:
                                       "the HTTP front run n requests, with params.child(i))")  # fmt: skip
         if request_id in self.requests:
             raise InvalidRequestError("request_id", f"{request_id!r} is already running")
+        if params.logit_bias and max(params.logit_bias) >= self.model_config.vocab_size:
+            raise InvalidRequestError("logit_bias", f"keys must be token ids in [0, {self.model_config.vocab_size}) "
+                                      "(the vocabulary)")  # fmt: skip
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", f"{self.config.model} has no tokenizer.json: no text to match them in")
         ttl = self.sessions.check(session, session_ttl, end_session)

@@ -52,7 +52,7 @@ from jalora.model.decoder import (
 )
 from jalora.model.sampler import sample
 from jalora.model.sharding import AXIS, KV_SPEC, TensorParallel
-from jalora.sampling_params import MAX_LOGPROBS
+from jalora.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
 from pallas_kernels.masked_lora import LoraSegments, build_lora_segments
 
 logger = logging.getLogger(__name__)
@@ -94,9 +94,12 @@ class PreparedStep:
     the small functions behind it; none picks a compiled variant of the step)."""
 
     inputs: StepInputs
-    do_sample: bool  # some request samples (else the step's argmax is every token)
+    do_sample: bool  # some request samples or biases logits (else the step's argmax is every token)
     want_logprobs: bool  # some request wants top-n logprobs
     want_prompt_lp: bool  # some row has a next prompt token whose logprob a request wants
+    # (i32[R, MAX_LOGIT_BIAS] token ids, f32[R, MAX_LOGIT_BIAS] biases) where some request has a logit_bias: the
+    # draw's own inputs, outside the step's (whose layout would otherwise pick another compiled step)
+    logit_bias: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class SamplingInputs(NamedTuple):
@@ -108,6 +111,8 @@ class SamplingInputs(NamedTuple):
     seeds: np.ndarray  # u32[R]
     counters: np.ndarray  # i32[R]
     min_p: np.ndarray  # f32[R]
+    bias_ids: np.ndarray | None = None  # i32[R, MAX_LOGIT_BIAS] (rows without a bias: token 0, bias 0)
+    bias_values: np.ndarray | None = None  # f32[R, MAX_LOGIT_BIAS]
 
 
 class StepOutputs(NamedTuple):
@@ -285,7 +290,10 @@ class ModelRunner:
         def draw_fn(logits, packed, layout):
             """The step's tokens drawn per row (greedy rows keep the argmax) and their logprobs."""
             sp: SamplingInputs = unpack_inputs(packed, layout)
-            tokens = sample(logits, sp.temperature, sp.top_k, sp.top_p, sp.seeds, sp.counters, sp.min_p)
+            biased = logits
+            if sp.bias_ids is not None:  # (the logprobs stay the model's own, as vLLM's)
+                biased = logits.at[jnp.arange(logits.shape[0])[:, None], sp.bias_ids].add(sp.bias_values)
+            tokens = sample(biased, sp.temperature, sp.top_k, sp.top_p, sp.seeds, sp.counters, sp.min_p)
             return pad_rows(tokens), _logprob_of(logits, tokens)
 
         def top_fn(logits, tokens):
@@ -475,11 +483,19 @@ class ModelRunner:
             token_ids, token_src, positions, lora_slots, segments, prompt_targets, attn, logits_indices,
             temperature, top_k, top_p, seeds, counters, min_p,
         )  # fmt: skip
+        bias = None
+        if any(p.logit_bias for p in params):
+            bias = (np.zeros((rows, MAX_LOGIT_BIAS), np.int32), np.zeros((rows, MAX_LOGIT_BIAS), np.float32))
+            for i, p in enumerate(params):
+                if p.logit_bias:
+                    bias[0][i, : len(p.logit_bias)] = list(p.logit_bias)
+                    bias[1][i, : len(p.logit_bias)] = list(p.logit_bias.values())
         return PreparedStep(
             inp,
-            do_sample=any(not p.greedy for p in params),
+            do_sample=bias is not None or any(not p.greedy for p in params),
             want_logprobs=any(p.logprobs is not None for p in params),
             want_prompt_lp=want_prompt_lp,
+            logit_bias=bias,
         )
 
     def _lora_segments(self, token_slots: np.ndarray) -> LoraSegments | None:
@@ -687,13 +703,19 @@ class ModelRunner:
         return jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=self._embed.sharding, weak_type=spec.weak_type)
 
     @staticmethod
-    def _sampling_inputs(step: PreparedStep) -> tuple[np.ndarray, tuple]:
-        """The draw's (packed, layout) arguments: the step's per-row sampling parameters."""
+    def _sampling_inputs(step: PreparedStep, bias: bool = False) -> tuple[np.ndarray, tuple]:
+        """The draw's (packed, layout) arguments: the step's per-row sampling parameters, with the step's logit
+        biases (with `bias`, zero biases where it has none: the warm-up's other draw of each row count)."""
         inp = step.inputs
-        packed, layout = pack_inputs(
-            SamplingInputs(inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters, inp.min_p)
+        ids = values = None
+        if step.logit_bias is not None:
+            ids, values = step.logit_bias
+        elif bias:
+            rows = inp.temperature.shape[0]
+            ids, values = np.zeros((rows, MAX_LOGIT_BIAS), np.int32), np.zeros((rows, MAX_LOGIT_BIAS), np.float32)
+        return pack_inputs(
+            SamplingInputs(inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters, inp.min_p, ids, values)
         )
-        return packed, layout
 
     def _record_compile(self, count: int, groups: tuple[str, ...], seconds: float, num_tokens: int = 0) -> None:
         """First uses of `count` step variants (compiled or loaded, with the functions behind them) that
@@ -818,8 +840,9 @@ class ModelRunner:
             for a, step in tqdm(steps, desc=desc, disable=None if progress else True):
                 out, logits, hidden = self._launch_step(step, a, None)
                 jax.block_until_ready(out)
-                packed, layout = self._sampling_inputs(step)
-                draws.setdefault((logits.shape, layout), (logits, packed, layout))
+                for bias in (False, True):  # (a step with a logit_bias draws with its own layout)
+                    packed, layout = self._sampling_inputs(step, bias)
+                    draws.setdefault((logits.shape, layout), (logits, packed, layout))
                 prompt_lp_args.append((self.params, _spec(hidden), step.inputs.prompt_targets))
             phases["steps_run_s"] = (t2 := time.perf_counter()) - t
             get_all([
@@ -875,8 +898,9 @@ class ModelRunner:
             rows, tokens = step.inputs.logits_indices.shape[0], step.inputs.token_ids.shape[0]
             logits = jax.ShapeDtypeStruct((rows, self.cfg.vocab_size), jnp.float32, sharding=like)
             hidden = jax.ShapeDtypeStruct((tokens, self.cfg.hidden_size), self._hidden_dtype, sharding=like)
-            packed, layout = self._sampling_inputs(step)
-            draws.append(((logits, packed), {"layout": layout}))
+            for bias in (False, True):
+                packed, layout = self._sampling_inputs(step, bias)
+                draws.append(((logits, packed), {"layout": layout}))
             tops.append(((logits, self._no_prev_tokens), {}))
             prompt_lps.append(((self.params, hidden, step.inputs.prompt_targets), {}))
         return [(self._draw, draws), (self._top, tops), (self._prompt_lp, prompt_lps)]

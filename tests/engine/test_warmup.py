@@ -24,6 +24,8 @@ KINDS = {
     "greedy": {},
     "sampled": {"temperature": 0.9, "top_k": 20, "top_p": 0.8, "seed": 3},
     "min_p": {"temperature": 1.0, "min_p": 0.05},
+    "logit bias": {"logit_bias": {3: 2.0}},  # (greedy, yet drawn: the draw adds the bias)
+    "sampled logit bias": {"temperature": 0.8, "logit_bias": {3: -1.5, 4: 2.0}},
     "temperature only": {"temperature": 1.3},
     "logprobs": {"logprobs": 5},
     "sampled logprobs": {"temperature": 0.7, "logprobs": 0},

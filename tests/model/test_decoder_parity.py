@@ -102,6 +102,40 @@ def test_logprob_ranks_match_oracle(tiny_models):
     assert sum(r > 1 for r in ranks) >= 4, ranks
 
 
+def test_logit_bias_matches_a_biased_oracle(tiny_models):
+    """OpenAI's logit_bias, added to the logits before every draw, greedy included: against transformers' logits
+    with the same biases, step by step. The bias lifts the oracle's second choice of the first step over its first,
+    and bans the first; the logprobs stay the model's own (unbiased), as vLLM returns them."""
+    import torch
+
+    path = tiny_models["llama"]
+    oracle = hf_models.load_oracle(path)
+    ids = prompt_of(20)
+    with torch.no_grad():
+        first = oracle(torch.tensor([ids])).logits[0, -1].double()
+    best, second = torch.topk(first, 2).indices.tolist()
+    bias = {second: float(first[best] - first[second]) + 1.0, best: -100.0}
+    want, want_lps, seq = [], [], list(ids)
+    with torch.no_grad():
+        for _ in range(6):
+            logits = oracle(torch.tensor([seq])).logits[0, -1].double()
+            biased = logits.clone()
+            for t, b in bias.items():
+                biased[t] += b
+            token = int(torch.argmax(biased))
+            want.append(token)
+            want_lps.append(float(torch.log_softmax(logits, -1)[token]))
+            seq.append(token)
+    assert want[0] == second
+    llm = LLM(path, num_kv_blocks=32, max_num_seqs=4, max_num_batched_tokens=64, warmup=False)
+    (out,) = llm.generate([ids], SamplingParams(max_tokens=6, logprobs=0, logit_bias=bias, ignore_eos=True))
+    assert out.token_ids == want
+    got = [lp[t] for lp, t in zip(out.logprobs, out.token_ids)]
+    assert np.max(np.abs(np.asarray(got) - np.asarray(want_lps))) <= 1e-4
+    (plain,) = llm.generate([ids], SamplingParams(max_tokens=1, ignore_eos=True))
+    assert plain.token_ids == [best]  # (and a request without one keeps the model's choice beside it)
+
+
 @pytest.mark.parametrize("impl", ["gpu", "tpu"])
 @pytest.mark.parametrize("family_name", ["llama", "mistral"])
 def test_engine_with_pallas_attention_kernels(tiny_models, impl, family_name):

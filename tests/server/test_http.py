@@ -286,6 +286,9 @@ BAD_REQUESTS = {
     "presence_penalty": (_completion(presence_penalty=0.5), 400, "presence_penalty"),
     "repetition_penalty": (_completion(repetition_penalty=1.5), 400, "repetition_penalty"),  # (vLLM's extensions)
     "min_p > 1": (_completion(min_p=1.5), 400, "min_p"),
+    "logit_bias key": (_completion(logit_bias={"t5": 1}), 400, "logit_bias"),
+    "logit_bias past 100": (_chat(logit_bias={"5": 101}), 400, "logit_bias"),
+    "logit_bias past vocab": (_completion(logit_bias={"97": 1}), 400, "logit_bias"),
     "min_tokens": (_chat(min_tokens=4), 400, "min_tokens"),
     "guided_choice": (_chat(guided_choice=["t1", "t2"]), 400, "guided_choice"),
     "n true": (_completion(n=True), 400, "n"),
@@ -340,6 +343,10 @@ def test_neutral_values_of_unimplemented_parameters_are_served(server, oai):
     assert oai.completions.create(**sampled, extra_body={"top_k": -1}).choices[0].token_ids == \
         oai.completions.create(**sampled).choices[0].token_ids != \
         oai.completions.create(**sampled, extra_body={"top_k": 1}).choices[0].token_ids  # fmt: skip
+    # OpenAI's logit_bias is served, greedy requests included: +100 on one token makes it every token
+    for extra in ({"temperature": 0}, {"temperature": 1.0, "n": 2}):
+        biased = oai.completions.create(**{**sampled, **extra}, logit_bias={"5": 100})
+        assert all(choice.token_ids == [5] * 8 for choice in biased.choices)
     # vLLM's min_p is served: at 1 only the most likely token stays, so sampling draws the greedy tokens
     greedy = oai.completions.create(**{**sampled, "temperature": 0}).choices[0].token_ids
     assert oai.completions.create(**sampled, extra_body={"min_p": 1.0}).choices[0].token_ids == greedy

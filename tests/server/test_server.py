@@ -164,6 +164,10 @@ def test_text_prompt_logprobs_and_tokenize_match_offline(offline, client):
     assert client.generate(ids, min_p=1.0, **sampled).token_ids == client.generate(ids, max_tokens=6).token_ids
     [ref_min_p] = offline.generate([ids], SamplingParams(min_p=0.2, **sampled))
     assert client.generate(ids, min_p=0.2, **sampled).token_ids == ref_min_p.token_ids
+    # and logit_bias (a map in the message): +100 on one token makes it every token, greedy or sampled
+    assert client.generate(ids, max_tokens=4, logit_bias={5: 100.0}).token_ids == [5] * 4
+    [ref_bias] = offline.generate([ids], SamplingParams(logit_bias={7: 3.0, 9: -2.0}, **sampled))
+    assert client.generate(ids, logit_bias={7: 3.0, 9: -2.0}, **sampled).token_ids == ref_bias.token_ids
 
     text = client.generate("t5 t6 t7 t8", max_tokens=4, request_id="mine-1")
     [ref_text] = offline.generate("t5 t6 t7 t8", SamplingParams(max_tokens=4))
@@ -340,6 +344,10 @@ BAD_GENERATE = {
     "top_p > 1": (_generate_request(token_ids=IDS, sampling=dict(top_p=1.5)), "INVALID_ARGUMENT", "sampling.top_p"),
     "top_k < -1": (_generate_request(token_ids=IDS, sampling=dict(top_k=-2)), "INVALID_ARGUMENT", "sampling.top_k"),
     "min_p > 1": (_generate_request(token_ids=IDS, sampling=dict(min_p=1.5)), "INVALID_ARGUMENT", "sampling.min_p"),
+    "logit_bias > 100": (_generate_request(token_ids=IDS, sampling=dict(logit_bias={5: 101.0})), "INVALID_ARGUMENT",
+                         "sampling.logit_bias"),
+    "logit_bias past vocab": (_generate_request(token_ids=IDS, sampling=dict(logit_bias={97: 1.0})),
+                              "INVALID_ARGUMENT", "logit_bias"),
     "seed < -1": (_generate_request(token_ids=IDS, sampling=dict(seed=-2)), "INVALID_ARGUMENT", "sampling.seed"),
     "logprobs 100": (_generate_request(token_ids=IDS, sampling=dict(logprobs=100)), "INVALID_ARGUMENT",
                      "sampling.logprobs"),
