@@ -212,13 +212,13 @@ def resolve_bundled(plan: ServePlan) -> ServePlan:
     return ServePlan(engine_config, server_config, adapters)
 
 
-def prepare(args: argparse.Namespace) -> ServePlan:
+def prepare(args: argparse.Namespace, follower: bool | None = None) -> ServePlan:
     """serve_plan, preflight, resolve_bundled: every check that takes a moment before any that takes
     longer (a busy port fails before a download). A follower of a process group (--process-id above 0)
     serves nothing and reads no adapter (process 0 sends them): its ports and adapter directories are not
-    checked, only the names (they size its engine as process 0's)."""
+    checked, only the names (they size its engine as process 0's). `follower` None: from --process-id."""
     plan = serve_plan(args)
-    preflight(plan, follower=bool(getattr(args, "process_id", None)))
+    preflight(plan, follower=bool(getattr(args, "process_id", None)) if follower is None else follower)
     return resolve_bundled(plan)
 
 
@@ -426,7 +426,10 @@ def _serve(args: argparse.Namespace) -> int:
     from server.app import JaloraServer, format_address
 
     _check_group(args)
-    plan = prepare(args)
+    # With --multihost each process learns its index from JAX once the group forms: until then every one is
+    # checked as a follower is (the adapter names), and process 0 checks the rest after joining.
+    deferred = bool(args.multihost)
+    plan = prepare(args, follower=True if deferred else None)
     if _start_multihost(args):
         from jalora.engine import multihost
         from jalora.engine.llm_engine import LLMEngine
@@ -437,6 +440,8 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"jalora serve: process 0 stopped: {failure}", file=sys.stderr, flush=True)
             return 1
         return 0
+    if deferred:
+        preflight(plan)
     engine = build_engine(plan)
     lost: list[str] = []  # why a multi-host group was lost, once it is
     engine.on_failure(lost.append)

@@ -362,6 +362,10 @@ class HttpFront:
             session = await self.front.session_fields(gen.session, gen.session_ttl, gen.end_session)
             adapter = await self._adapter(gen.model)
             n = gen.params.n  # n completions: n requests (completion c draws with the seed + c, as vLLM's)
+            bound = self.front.worker.max_pending_requests
+            if n > bound:  # (a 429 would say "retry later" to a call that can never be admitted)
+                raise InvalidRequestError("n", f"is {n}, more requests than the server admits at once "
+                                          f"(max_pending_requests={bound}): each completion is a request")  # fmt: skip
             for c in range(n):
                 streams.append(await self.front.start(
                     gen.prompt, gen.messages, gen.params if n == 1 else gen.params.child(c), adapter,

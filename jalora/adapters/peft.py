@@ -190,9 +190,12 @@ def _check_layers(acfg: dict, header: dict, num_layers: int) -> None:
     if not (isinstance(listed, list) and listed and all(is_int(i) and 0 <= i < num_layers for i in listed)):
         _reject_config(f"layers_to_transform={quoted(layers)} must be a layer index or a list of them, in "
                        f"[0, {num_layers})")  # fmt: skip
-    pattern = acfg.get("layers_pattern")
-    if pattern not in (None, "layers", ["layers"]):
-        _reject_config(f"layers_pattern={quoted(pattern)} is not supported: the decoder's layers are 'layers'")
+    pattern = acfg.get("layers_pattern")  # (PEFT tries each of a list; one must name the decoder's layers)
+    patterns = [pattern] if isinstance(pattern, str) else pattern
+    named = isinstance(patterns, list) and {"layers", "model.layers"} & set(map(str, patterns))
+    if pattern is not None and not named:
+        _reject_config(f"layers_pattern={quoted(pattern)} is not supported: the decoder's layers are "
+                       "'model.layers'")  # fmt: skip
     for name in header:
         layer = int(_KEY.match(name).group(1))
         if layer not in listed:

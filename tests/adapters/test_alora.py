@@ -192,7 +192,8 @@ def test_layers_to_transform_matches_peft(setup, tmp_path):
     """PEFT adapts only the listed layers (its file holds only their weights); the others run the base weights."""
     base, _, _, llm, _ = setup
     path = hf_models.make_adapter(base, str(tmp_path / "some_layers"), ["q_proj", "v_proj", "down_proj"], r=8,
-                                  invocation=INV, seed=5, layers_to_transform=[1], layers_pattern="layers")  # fmt: skip
+                                  invocation=INV, seed=5, layers_to_transform=[1],
+                                  layers_pattern=["h", "layers"])  # (PEFT tries each)  # fmt: skip
     info = llm.load_adapter("some_layers", path)
     try:
         assert info.kind == "alora"

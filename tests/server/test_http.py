@@ -490,11 +490,21 @@ def test_full_admission_bound_is_429(tiny):
         assert not opener.is_alive() and first_http[0].choices[0].token_ids
         until(lambda: worker.num_pending == 0, "the streams to end")
         assert c.completions.create(model="tiny", prompt=[1, 2], max_tokens=2).usage.completion_tokens == 2
-        # n requests are admitted one by one: the third of three is over the bound, and the two before it end
-        err = _error(lambda: c.completions.create(model="tiny", prompt=[1, 2], max_tokens=2, n=3))
-        assert err.status_code == 429
-        until(lambda: worker.num_pending == 0, "the first two of the n requests to end")
         assert len(c.completions.create(model="tiny", prompt=[1, 2], max_tokens=2, n=2).choices) == 2
+        # n requests are admitted one by one: with one in flight, the second of n = 2 is over the bound, and the
+        # first ends with the call
+        with steps_limited(worker):
+            held = g.generate_stream([1, 2, 3], max_tokens=40, ignore_eos=True)
+            next(held)
+            worker.limit_steps(0)
+            err = _error(lambda: c.completions.create(model="tiny", prompt=[1, 2], max_tokens=2, n=2))
+            assert err.status_code == 429 and "max_pending_requests=2" in err.body["message"]
+            held.close()
+        until(lambda: worker.num_pending == 0, "the held stream and the first of the n requests to end")
+        # more than the bound could ever admit is a 400 naming n, before any is submitted (not a 429 to retry)
+        err = _error(lambda: c.completions.create(model="tiny", prompt=[1, 2], max_tokens=2, n=3))
+        assert err.status_code == 400 and err.body["param"] == "n" and "max_pending_requests=2" in err.body["message"]
+        assert worker.num_pending == 0
 
 
 def test_drain_finishes_running_streams_and_refuses_new_calls(tiny):

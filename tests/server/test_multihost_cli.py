@@ -57,6 +57,18 @@ def test_a_group_flag_without_a_group_is_refused(capsys, flags):
                                        "--coordinator-address, --num-processes and --process-id, or with --multihost\n")
 
 
+def test_with_multihost_only_process_0_checks_adapter_directories(capsys):
+    """On a TPU slice (--multihost) each worker learns its index once the group forms, and only worker 0 reads the
+    adapters: a worker without their directories used to refuse to start. Here no group can form (no slice), so
+    the start fails joining it, not on the missing directory; an adapter's name is still checked first."""
+    argv = ["serve", "--model", "tiny", "--multihost", "--multihost-timeout", "2", "--port", "0"]
+    assert cli.main([*argv, "--adapter", "j=/nonexistent/j"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot start the process group" in err and "does not exist" not in err and err.count("\n") == 1
+    assert cli.main([*argv, "--adapter", "no/name=/nonexistent/j"]) == 2
+    assert "adapter no/name: not an adapter name" in capsys.readouterr().err
+
+
 def test_two_processes_serve_and_a_lost_one_turns_health_not_serving(tmp_path):
     """`jalora serve` as process 0 and 1 of a group on localhost (one CPU device each, tp=2): process 0
     serves the one-process tokens; once process 1 dies, health turns NOT_SERVING (watched, not polled)
