@@ -11,6 +11,9 @@ MAX_LOGPROBS = 20
 MAX_N = 128  # completions of one prompt (OpenAI's bound on `n`)
 MAX_LOGIT_BIAS = 300  # tokens one request's logit_bias may bias (each step that has one carries this many per row)
 MAX_BIAS = 100.0  # OpenAI's bound on a bias
+# Token ids the draw biases per row, each step that biases any: a logit_bias, and within min_tokens the request's
+# stop and end-of-sequence ids (banned)
+MAX_DRAW_BIASES = 512
 
 
 @dataclasses.dataclass
@@ -28,6 +31,7 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs of each generated token (0 = only the sampled one)
     prompt_logprobs: bool = False  # each prompt token's logprob (vLLM's count, 0 or 1, turns it on too)
     logit_bias: dict[int, float] | None = None  # added to those tokens' logits before the draw (greedy too)
+    min_tokens: int = 0  # tokens before a stop token, end-of-sequence or stop string may end the request
 
     def __post_init__(self):
         # vLLM's other spellings: max_tokens None (up to max_model_len), one stop string, seed -1 (none)
@@ -87,6 +91,8 @@ class SamplingParams:
             require(all(is_number(b) and -MAX_BIAS <= b <= MAX_BIAS for b in bias.values()), "logit_bias",
                     f"values must be numbers in [-{MAX_BIAS:g}, {MAX_BIAS:g}]")  # fmt: skip
             self.logit_bias = {int(t): float(b) for t, b in bias.items()} or None
+        require(is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+                f"must be an integer in [0, max_tokens={self.max_tokens}]")  # fmt: skip
         if self.ignore_eos is None:  # (vLLM's unset)
             self.ignore_eos = False
         require(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be true or false, got {self.ignore_eos!r:.40}")

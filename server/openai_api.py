@@ -41,7 +41,6 @@ _UNSUPPORTED: dict[str, tuple] = {
     "prediction": ({},),
     # vLLM's sampling extensions
     "repetition_penalty": (1,),
-    "min_tokens": (0,),
     "length_penalty": (1,),
     "use_beam_search": (False,),
     "include_stop_str_in_output": (False,),
@@ -140,12 +139,13 @@ def _model(body: dict) -> str:
 
 
 def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingParams:
-    """SamplingParams from the body's OpenAI parameters (logit_bias too, and vLLM's extensions top_k, min_p, ignore_eos,
+    """SamplingParams from the body's OpenAI parameters (logit_bias too, and vLLM's extensions top_k, min_p, min_tokens,
+    ignore_eos,
     stop_token_ids); what the body leaves out keeps the engine's defaults, as over gRPC."""
     kwargs: dict[str, Any] = dataclasses.asdict(defaults)
     max_tokens = _max_tokens_field(body, chat=chat) or "max_tokens"
     renamed = {"max_tokens": max_tokens}
-    for name in ("n", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed"):
+    for name in ("n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed"):
         value = _value(body, renamed.get(name, name))
         if value is not None:
             kwargs[name] = value

@@ -541,6 +541,7 @@ class Client:
         min_p: float | None = None,
         seed: int | None = None,
         logit_bias: Mapping[int, float] | None = None,
+        min_tokens: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool | None = None,
         logprobs: int | None = None,
@@ -561,6 +562,7 @@ class Client:
             prompt, adapter, params=params, request_id=request_id, append_invocation=append_invocation,
             session=session, session_ttl=session_ttl, end_session=end_session, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, logit_bias=logit_bias,
+            min_tokens=min_tokens,
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
@@ -727,6 +729,7 @@ class AsyncClient:
         min_p: float | None = None,
         seed: int | None = None,
         logit_bias: Mapping[int, float] | None = None,
+        min_tokens: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool | None = None,
         logprobs: int | None = None,
@@ -742,6 +745,7 @@ class AsyncClient:
             prompt, adapter, params=params, request_id=request_id, append_invocation=append_invocation,
             session=session, session_ttl=session_ttl, end_session=end_session, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, logit_bias=logit_bias,
+            min_tokens=min_tokens,
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip

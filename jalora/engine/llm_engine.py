@@ -46,7 +46,7 @@ from jalora.model.gguf import resolve_model_dir
 from jalora.model.kernel_plan import KernelPlan
 from jalora.model.sharding import TensorParallel
 from jalora.outputs import RequestDelta
-from jalora.sampling_params import SamplingParams
+from jalora.sampling_params import MAX_DRAW_BIASES, SamplingParams
 
 # Host memory the KV cache may take where the device reports no memory limit (a CPU): like vLLM's
 # CPU backend, a fixed budget rather than a share of RAM, which other processes also use.
@@ -599,6 +599,10 @@ class LLMEngine:
         resolved = self.adapters.resolve(adapter, ids)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**32)
         req = Request(request_id, ids, params, seed, self.eos_token_ids, adapter, resolved)
+        if params.min_tokens and len(params.logit_bias or ()) + len(req.stop_ids) > MAX_DRAW_BIASES:
+            raise InvalidRequestError("min_tokens", f"bans {len(req.stop_ids)} stop and end-of-sequence ids, which "
+                                      f"with the logit_bias's {len(params.logit_bias or ())} are more than the draw's "
+                                      f"{MAX_DRAW_BIASES}")  # fmt: skip
         first = self.sessions.continues(session)
         if session is not None:
             reserve = self.sessions.check_share(req, session, self.max_model_len)

@@ -52,7 +52,7 @@ from jalora.model.decoder import (
 )
 from jalora.model.sampler import sample
 from jalora.model.sharding import AXIS, KV_SPEC, TensorParallel
-from jalora.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
+from jalora.sampling_params import MAX_DRAW_BIASES, MAX_LOGPROBS
 from pallas_kernels.masked_lora import LoraSegments, build_lora_segments
 
 logger = logging.getLogger(__name__)
@@ -97,8 +97,9 @@ class PreparedStep:
     do_sample: bool  # some request samples or biases logits (else the step's argmax is every token)
     want_logprobs: bool  # some request wants top-n logprobs
     want_prompt_lp: bool  # some row has a next prompt token whose logprob a request wants
-    # (i32[R, MAX_LOGIT_BIAS] token ids, f32[R, MAX_LOGIT_BIAS] biases) where some request has a logit_bias: the
-    # draw's own inputs, outside the step's (whose layout would otherwise pick another compiled step)
+    # (i32[R, MAX_DRAW_BIASES] token ids, f32[R, MAX_DRAW_BIASES] biases) where some request has a logit_bias or
+    # bans its stop ids (min_tokens): the draw's own inputs, outside the step's (whose layout would otherwise pick
+    # another compiled step)
     logit_bias: tuple[np.ndarray, np.ndarray] | None = None
 
 
@@ -111,8 +112,8 @@ class SamplingInputs(NamedTuple):
     seeds: np.ndarray  # u32[R]
     counters: np.ndarray  # i32[R]
     min_p: np.ndarray  # f32[R]
-    bias_ids: np.ndarray | None = None  # i32[R, MAX_LOGIT_BIAS] (rows without a bias: token 0, bias 0)
-    bias_values: np.ndarray | None = None  # f32[R, MAX_LOGIT_BIAS]
+    bias_ids: np.ndarray | None = None  # i32[R, MAX_DRAW_BIASES] (rows without a bias: token 0, bias 0)
+    bias_values: np.ndarray | None = None  # f32[R, MAX_DRAW_BIASES]
 
 
 class StepOutputs(NamedTuple):
@@ -458,7 +459,7 @@ class ModelRunner:
         top_k = per_seq([p.top_k for p in params], np.int32, 0, rows)
         top_p = per_seq([p.top_p for p in params], np.float32, 1.0, rows)
         seeds = per_seq([r.seed for r in reqs], np.uint32, 0, rows)
-        counters = per_seq([len(r.output_token_ids) + len(r.pending) for r in reqs], np.int32, 0, rows)
+        counters = per_seq([r.num_output_tokens_with_pending for r in reqs], np.int32, 0, rows)
         min_p = per_seq([p.min_p for p in params], np.float32, 0.0, rows)
         # Long-context decode: one token per sequence in the smallest bucket, with a context long enough
         # (what the kernel reads of it: a sliding window bounds that) that the kernel's long-context grid
@@ -483,13 +484,20 @@ class ModelRunner:
             token_ids, token_src, positions, lora_slots, segments, prompt_targets, attn, logits_indices,
             temperature, top_k, top_p, seeds, counters, min_p,
         )  # fmt: skip
+        # The draw's biases: each request's logit_bias, and within its first min_tokens tokens its stop ids banned
+        biases = [
+            list((r.params.logit_bias or {}).items())
+            + ([(t, -np.inf) for t in sorted(r.stop_ids)] if r.num_output_tokens_with_pending < r.params.min_tokens
+               else [])
+            for r in reqs
+        ]  # fmt: skip
         bias = None
-        if any(p.logit_bias for p in params):
-            bias = (np.zeros((rows, MAX_LOGIT_BIAS), np.int32), np.zeros((rows, MAX_LOGIT_BIAS), np.float32))
-            for i, p in enumerate(params):
-                if p.logit_bias:
-                    bias[0][i, : len(p.logit_bias)] = list(p.logit_bias)
-                    bias[1][i, : len(p.logit_bias)] = list(p.logit_bias.values())
+        if any(biases):
+            bias = (np.zeros((rows, MAX_DRAW_BIASES), np.int32), np.zeros((rows, MAX_DRAW_BIASES), np.float32))
+            for i, entries in enumerate(biases):
+                if entries:
+                    bias[0][i, : len(entries)] = [t for t, _ in entries]
+                    bias[1][i, : len(entries)] = [b for _, b in entries]
         return PreparedStep(
             inp,
             do_sample=bias is not None or any(not p.greedy for p in params),
@@ -712,7 +720,7 @@ class ModelRunner:
             ids, values = step.logit_bias
         elif bias:
             rows = inp.temperature.shape[0]
-            ids, values = np.zeros((rows, MAX_LOGIT_BIAS), np.int32), np.zeros((rows, MAX_LOGIT_BIAS), np.float32)
+            ids, values = np.zeros((rows, MAX_DRAW_BIASES), np.int32), np.zeros((rows, MAX_DRAW_BIASES), np.float32)
         return pack_inputs(
             SamplingInputs(inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters, inp.min_p, ids, values)
         )

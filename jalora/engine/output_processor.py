@@ -41,11 +41,14 @@ class OutputProcessor:
         """Appends a sampled token to `req` (with its logprobs and their ranks, if asked for); returns its delta and
         the finish reason it causes, if any."""
         detok = self._detokenizers.get(req.request_id)
-        stop_token = token in req.stop_ids  # its text is left out, as a stop string's is (vLLM's default)
+        # Nothing stops the request within its first min_tokens tokens (vLLM's rule: the draw cannot pick a stop
+        # token there, and a stop string is looked for once the output is longer).
+        may_stop = len(req.output_token_ids) >= req.params.min_tokens
+        stop_token = may_stop and token in req.stop_ids  # its text is left out, as a stop string's is (vLLM's)
         text = "" if detok is None or stop_token else detok.push(token)  # first: if it fails, nothing changed
         stops = self._stop_strings.get(req.request_id)
         if stops is not None:
-            text = stops.push(text)
+            text = stops.push(text, match=may_stop)
         req.output_token_ids.append(token)
         req.all_token_ids.append(token)
         self.num_generation_tokens += 1

@@ -92,6 +92,11 @@ class Request:
     def num_tokens_with_pending(self) -> int:
         return len(self.all_token_ids) + len(self.pending)
 
+    @property
+    def num_output_tokens_with_pending(self) -> int:
+        """Output tokens, those still on the device included: how many come before the next draw."""
+        return len(self.output_token_ids) + len(self.pending)
+
     def length_reached(self, max_model_len: int, extra: int = 0) -> bool:
         """True if `extra` more tokens bring the request to its length limit (max_tokens or the model's)."""
         return len(self.output_token_ids) + extra >= self.params.max_tokens or self.num_tokens + extra >= max_model_len

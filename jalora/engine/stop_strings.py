@@ -20,14 +20,18 @@ class StopStringMatcher:
         self._held = ""
         self.matched = False
 
-    def push(self, text: str) -> str:
+    def push(self, text: str, match: bool = True) -> str:
         """The text that can be released after `text` arrived; sets `matched` on a match (after which
-        every later push releases nothing)."""
+        every later push releases nothing). Without `match` (a request's first min_tokens tokens) the text
+        only passes through: a stop string ending in it does not count, one ending later still may."""
         if self.matched:
             return ""
         window = self._held + text
-        # Every occurrence lies inside the window: an earlier one would have matched an earlier window.
-        starts = [i for i in (window.find(s) for s in self._stops) if i >= 0]
+        # An occurrence that ends in `text` lies inside the window; one that ended earlier would have matched an
+        # earlier window, unless matching was off then, so only the ones ending in `text` count.
+        held = len(self._held)
+        found = (window.find(s, max(0, held - len(s) + 1)) for s in self._stops) if match else ()
+        starts = [i for i in found if i >= 0]
         if starts:
             self.matched = True
             self._held = ""

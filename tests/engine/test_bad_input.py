@@ -39,6 +39,8 @@ def assert_names_the_field_once(err: InvalidRequestError, field: str) -> None:
         ({"min_p": -0.1}, "min_p"),
         ({"min_p": 1.5}, "min_p"),
         ({"min_p": "0.1"}, "min_p"),
+        ({"min_tokens": 17}, "min_tokens"),  # (past max_tokens 16)
+        ({"min_tokens": -1}, "min_tokens"),
         ({"logit_bias": {1: 101}}, "logit_bias"),
         ({"logit_bias": {-1: 1}}, "logit_bias"),
         ({"logit_bias": [1]}, "logit_bias"),

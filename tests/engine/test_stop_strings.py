@@ -35,6 +35,28 @@ def test_released_text_is_the_text_before_the_first_stop(pieces, stops):
     assert matcher.matched == found
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.text(ALPHABET, max_size=5), max_size=12),
+    st.lists(st.text(ALPHABET, min_size=1, max_size=4), min_size=1, max_size=3),
+    st.integers(0, 12),
+)
+def test_a_stop_string_counts_once_matching_is_on(pieces, stops, k):
+    """min_tokens: the first k pieces pass through unmatched; from piece k on, a stop string counts if it ends in
+    the piece that arrived (vLLM looks for one only in the newest text and the few characters before it)."""
+    matcher = StopStringMatcher(stops)
+    out = "".join(matcher.push(p, match=j >= k) for j, p in enumerate(pieces)) + matcher.flush()
+    expected, seen, found = "".join(pieces), "", False
+    for j, piece in enumerate(pieces):
+        before, seen = len(seen), seen + piece
+        ends = [i for s in stops for i in [seen.find(s, max(0, before - len(s) + 1))] if i >= 0]
+        if j >= k and ends:
+            expected, found = seen[: min(ends)], True
+            break
+    assert out == expected
+    assert matcher.matched == found
+
+
 def test_sampling_params_check_stop_strings():
     for bad in (["a", ""], "", [3], ["x"] * 17, ["x" * 257]):
         with pytest.raises(InvalidRequestError) as err:
@@ -61,3 +83,8 @@ def test_generation_ends_at_a_stop_string():
     decoded = [llm.engine.tokenizer.decode(ref.token_ids[:n], skip_special_tokens=True) for n in range(25)]
     n = next(n for n, d in enumerate(decoded) if stop in d)
     assert out.token_ids == ref.token_ids[:n]
+    # With min_tokens n the stop string completed by the n-th token does not count (vLLM looks for stop strings
+    # only past min_tokens): the request goes on past it, through the same tokens.
+    [held] = llm.generate(["Hello there"], SamplingParams(stop=[stop], min_tokens=n, **params))
+    assert len(held.token_ids) > n and held.token_ids == ref.token_ids[: len(held.token_ids)]
+    assert held.text.startswith(text[: first + len(stop)])

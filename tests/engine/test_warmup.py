@@ -26,6 +26,7 @@ KINDS = {
     "min_p": {"temperature": 1.0, "min_p": 0.05},
     "logit bias": {"logit_bias": {3: 2.0}},  # (greedy, yet drawn: the draw adds the bias)
     "sampled logit bias": {"temperature": 0.8, "logit_bias": {3: -1.5, 4: 2.0}},
+    "min_tokens": {"min_tokens": 2, "stop_token_ids": [3]},  # (greedy, yet drawn: stop ids banned)
     "temperature only": {"temperature": 1.3},
     "logprobs": {"logprobs": 5},
     "sampled logprobs": {"temperature": 0.7, "logprobs": 0},

@@ -161,3 +161,35 @@ def test_stop_token(llm):
     first = free.token_ids.index(stop)
     assert out.token_ids == free.token_ids[: first + 1]
     assert out.finish_reason == "stop"
+
+
+def test_min_tokens_bans_stop_tokens_until_then(llm, tiny_models):
+    """vLLM's min_tokens: the draw cannot pick a stop token (or end-of-sequence) within the first min_tokens tokens,
+    greedy rows included; after them one ends the request. Against transformers' greedy loop with the stop token's
+    logit at -inf for those draws."""
+    import torch
+
+    from tests import hf_models
+
+    prompt = [3, 4, 5]
+    (free,) = llm.generate([prompt], SamplingParams(max_tokens=10, ignore_eos=True))
+    stop = free.token_ids[1]
+    (early,) = llm.generate([prompt], SamplingParams(max_tokens=10, stop_token_ids=[stop], ignore_eos=True))
+    assert early.token_ids == free.token_ids[: free.token_ids.index(stop) + 1] and early.finish_reason == "stop"
+    oracle, want, seq = hf_models.load_oracle(tiny_models["llama"]), [], list(prompt)
+    with torch.no_grad():
+        while len(want) < 10:
+            logits = oracle(torch.tensor([seq])).logits[0, -1]
+            if len(want) < 4:
+                logits[stop] = -torch.inf
+            want.append(int(torch.argmax(logits)))
+            seq.append(want[-1])
+            if len(want) > 4 and want[-1] == stop:
+                break
+    params = SamplingParams(max_tokens=10, min_tokens=4, stop_token_ids=[stop], ignore_eos=True)
+    (out,) = llm.generate([prompt], params)
+    assert out.token_ids == want and stop not in want[:4]
+    assert out.finish_reason == ("stop" if want[-1] == stop and len(want) < 10 else "length")
+    sampled = SamplingParams(max_tokens=12, min_tokens=6, stop_token_ids=free.token_ids[:3], temperature=1.0, seed=3)
+    (drawn,) = llm.generate([prompt], sampled)
+    assert len(drawn.token_ids) >= 6 and not set(drawn.token_ids[:6]) & set(free.token_ids[:3])

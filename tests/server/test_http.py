@@ -289,7 +289,7 @@ BAD_REQUESTS = {
     "logit_bias key": (_completion(logit_bias={"t5": 1}), 400, "logit_bias"),
     "logit_bias past 100": (_chat(logit_bias={"5": 101}), 400, "logit_bias"),
     "logit_bias past vocab": (_completion(logit_bias={"97": 1}), 400, "logit_bias"),
-    "min_tokens": (_chat(min_tokens=4), 400, "min_tokens"),
+    "min_tokens past max_tokens": (_chat(min_tokens=4, max_tokens=2), 400, "min_tokens"),
     "guided_choice": (_chat(guided_choice=["t1", "t2"]), 400, "guided_choice"),
     "n true": (_completion(n=True), 400, "n"),
     "tool_choice required": (_chat(tool_choice="required"), 400, "tool_choice"),
@@ -343,6 +343,11 @@ def test_neutral_values_of_unimplemented_parameters_are_served(server, oai):
     assert oai.completions.create(**sampled, extra_body={"top_k": -1}).choices[0].token_ids == \
         oai.completions.create(**sampled).choices[0].token_ids != \
         oai.completions.create(**sampled, extra_body={"top_k": 1}).choices[0].token_ids  # fmt: skip
+    # vLLM's min_tokens is served: a stop token that would end the greedy answer at once waits for the 5th token
+    free = oai.completions.create(**{**sampled, "temperature": 0}).choices[0].token_ids
+    body = dict(extra_body={"ignore_eos": True, "stop_token_ids": [free[0]], "min_tokens": 5})
+    held = oai.completions.create(**{**sampled, "temperature": 0}, **body).choices[0]
+    assert len(held.token_ids) >= 5 and free[0] not in held.token_ids[:5]
     # OpenAI's logit_bias is served, greedy requests included: +100 on one token makes it every token
     for extra in ({"temperature": 0}, {"temperature": 1.0, "n": 2}):
         biased = oai.completions.create(**{**sampled, **extra}, logit_bias={"5": 100})

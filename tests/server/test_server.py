@@ -164,6 +164,12 @@ def test_text_prompt_logprobs_and_tokenize_match_offline(offline, client):
     assert client.generate(ids, min_p=1.0, **sampled).token_ids == client.generate(ids, max_tokens=6).token_ids
     [ref_min_p] = offline.generate([ids], SamplingParams(min_p=0.2, **sampled))
     assert client.generate(ids, min_p=0.2, **sampled).token_ids == ref_min_p.token_ids
+    # min_tokens: the greedy answer's first token as a stop token waits for the 4th
+    free = client.generate(ids, max_tokens=6, ignore_eos=True).token_ids
+    held = client.generate(ids, max_tokens=6, ignore_eos=True, stop_token_ids=[free[0]], min_tokens=4).token_ids
+    [ref_held] = offline.generate([ids], SamplingParams(max_tokens=6, ignore_eos=True, stop_token_ids=[free[0]],
+                                                        min_tokens=4))  # fmt: skip
+    assert held == ref_held.token_ids and len(held) >= 4 and free[0] not in held[:4]
     # and logit_bias (a map in the message): +100 on one token makes it every token, greedy or sampled
     assert client.generate(ids, max_tokens=4, logit_bias={5: 100.0}).token_ids == [5] * 4
     [ref_bias] = offline.generate([ids], SamplingParams(logit_bias={7: 3.0, 9: -2.0}, **sampled))
@@ -344,6 +350,8 @@ BAD_GENERATE = {
     "top_p > 1": (_generate_request(token_ids=IDS, sampling=dict(top_p=1.5)), "INVALID_ARGUMENT", "sampling.top_p"),
     "top_k < -1": (_generate_request(token_ids=IDS, sampling=dict(top_k=-2)), "INVALID_ARGUMENT", "sampling.top_k"),
     "min_p > 1": (_generate_request(token_ids=IDS, sampling=dict(min_p=1.5)), "INVALID_ARGUMENT", "sampling.min_p"),
+    "min_tokens > max_tokens": (_generate_request(token_ids=IDS, sampling=dict(min_tokens=9, max_tokens=2)),
+                                "INVALID_ARGUMENT", "sampling.min_tokens"),
     "logit_bias > 100": (_generate_request(token_ids=IDS, sampling=dict(logit_bias={5: 101.0})), "INVALID_ARGUMENT",
                          "sampling.logit_bias"),
     "logit_bias past vocab": (_generate_request(token_ids=IDS, sampling=dict(logit_bias={97: 1.0})),
