@@ -165,8 +165,7 @@ def with_invocation(prompt: str | Sequence[int], adapter: AdapterInfo) -> str | 
 
 _SAMPLING_FIELDS = tuple(pb.SamplingParams.DESCRIPTOR.fields_by_name)  # jalora.SamplingParams' names
 # jalora.SamplingParams' fields that Generate has no place for, and what to do instead
-_NOT_CARRIED = {"n": "send n requests: they share the prompt's KV cache",
-                "stop": "use stop_token_ids, or the HTTP front's stop"}  # fmt: skip
+_NOT_CARRIED = {"n": "send n requests: they share the prompt's KV cache"}
 _DEFAULT_PARAMS = SamplingParams()
 
 
@@ -262,6 +261,8 @@ def _sampling_message(params: Any, sampling: Mapping[str, Any], field: str = "sa
         try:
             if name == "stop_token_ids":
                 sp.stop_token_ids.extend(value)
+            elif name == "stop":  # (one string, as vLLM takes it, or a list)
+                sp.stop.extend([value] if isinstance(value, str) else value)
             elif name == "logit_bias":
                 if not isinstance(value, Mapping):
                     raise TypeError(f"must map token ids to biases, got {type(value).__name__}")
@@ -542,6 +543,7 @@ class Client:
         seed: int | None = None,
         logit_bias: Mapping[int, float] | None = None,
         min_tokens: int | None = None,
+        stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool | None = None,
         logprobs: int | None = None,
@@ -562,7 +564,7 @@ class Client:
             prompt, adapter, params=params, request_id=request_id, append_invocation=append_invocation,
             session=session, session_ttl=session_ttl, end_session=end_session, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, logit_bias=logit_bias,
-            min_tokens=min_tokens,
+            min_tokens=min_tokens, stop=stop,
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
@@ -730,6 +732,7 @@ class AsyncClient:
         seed: int | None = None,
         logit_bias: Mapping[int, float] | None = None,
         min_tokens: int | None = None,
+        stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool | None = None,
         logprobs: int | None = None,
@@ -745,7 +748,7 @@ class AsyncClient:
             prompt, adapter, params=params, request_id=request_id, append_invocation=append_invocation,
             session=session, session_ttl=session_ttl, end_session=end_session, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, logit_bias=logit_bias,
-            min_tokens=min_tokens,
+            min_tokens=min_tokens, stop=stop,
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip

@@ -54,12 +54,13 @@ def test_request_takes_sampling_params_and_keyword_overrides():
 
 
 # A value of each jalora.SamplingParams field that Generate's message has no place for
-NOT_CARRIED = {"n": 2, "stop": ["done"]}
+NOT_CARRIED = {"n": 2}
 
 
 def test_sampling_params_that_grpc_cannot_carry_are_refused_not_dropped():
-    """SamplingParams(stop=[...]) used to go out without its stop strings, and n would be dropped alike; every such
-    field is listed here, so a new SamplingParams field without a place in the proto fails this test."""
+    """SamplingParams(n=2) would go out as one request (stop strings went out dropped, before the proto carried
+    them); every such field is listed here, so a new SamplingParams field without a place in the proto fails this
+    test."""
     import dataclasses
 
     from jalora.api.v1 import jalora_pb2 as pb

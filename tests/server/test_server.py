@@ -175,6 +175,14 @@ def test_text_prompt_logprobs_and_tokenize_match_offline(offline, client):
     [ref_bias] = offline.generate([ids], SamplingParams(logit_bias={7: 3.0, 9: -2.0}, **sampled))
     assert client.generate(ids, logit_bias={7: 3.0, 9: -2.0}, **sampled).token_ids == ref_bias.token_ids
 
+    # stop strings travel too (the proto used to have no place for them)
+    [free] = offline.generate("t5 t6 t7 t8", SamplingParams(max_tokens=8, ignore_eos=True))
+    stop = free.text.split()[2]  # a word of the answer
+    [ref_stop] = offline.generate("t5 t6 t7 t8", SamplingParams(max_tokens=8, ignore_eos=True, stop=stop))
+    got = client.generate("t5 t6 t7 t8", max_tokens=8, ignore_eos=True, stop=stop)
+    assert (got.text, got.token_ids, got.finish_reason) == (ref_stop.text, ref_stop.token_ids, "stop")
+    assert len(got.token_ids) < 8 and stop not in got.text
+
     text = client.generate("t5 t6 t7 t8", max_tokens=4, request_id="mine-1")
     [ref_text] = offline.generate("t5 t6 t7 t8", SamplingParams(max_tokens=4))
     assert text.request_id == "mine-1"
@@ -350,6 +358,8 @@ BAD_GENERATE = {
     "top_p > 1": (_generate_request(token_ids=IDS, sampling=dict(top_p=1.5)), "INVALID_ARGUMENT", "sampling.top_p"),
     "top_k < -1": (_generate_request(token_ids=IDS, sampling=dict(top_k=-2)), "INVALID_ARGUMENT", "sampling.top_k"),
     "min_p > 1": (_generate_request(token_ids=IDS, sampling=dict(min_p=1.5)), "INVALID_ARGUMENT", "sampling.min_p"),
+    "stop too long": (_generate_request(token_ids=IDS, sampling=dict(stop=["x" * 300])), "INVALID_ARGUMENT",
+                      "sampling.stop"),
     "min_tokens > max_tokens": (_generate_request(token_ids=IDS, sampling=dict(min_tokens=9, max_tokens=2)),
                                 "INVALID_ARGUMENT", "sampling.min_tokens"),
     "logit_bias > 100": (_generate_request(token_ids=IDS, sampling=dict(logit_bias={5: 101.0})), "INVALID_ARGUMENT",
