@@ -35,7 +35,7 @@ from jalora.engine.host_tier import HostKVTier
 from jalora.engine.interface import EncodedPrompt, EngineInfo, EngineStats
 from jalora.engine.model_runner import ModelRunner, StepResult
 from jalora.engine.output_processor import OutputProcessor
-from jalora.engine.request import Request, Status
+from jalora.engine.request import Request, Status, banned_early
 from jalora.engine.scheduler import Scheduler
 from jalora.engine.sessions import Sessions
 from jalora.engine.step_pipeline import Row, StepPipeline
@@ -594,15 +594,16 @@ class LLMEngine:
                                       "(the vocabulary)")  # fmt: skip
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", f"{self.config.model} has no tokenizer.json: no text to match them in")
+        bans = len(banned_early(params, self.eos_token_ids))
+        if bans + len(params.logit_bias or ()) > MAX_DRAW_BIASES:
+            raise InvalidRequestError("min_tokens", f"bans {bans} stop and end-of-sequence ids, which with the "
+                                      f"logit_bias's {len(params.logit_bias or ())} are more than the draw's "
+                                      f"{MAX_DRAW_BIASES}")  # fmt: skip
         ttl = self.sessions.check(session, session_ttl, end_session)
         ids = (prompt if isinstance(prompt, EncodedPrompt) else self.encode_prompt(prompt)).token_ids
         resolved = self.adapters.resolve(adapter, ids)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**32)
         req = Request(request_id, ids, params, seed, self.eos_token_ids, adapter, resolved)
-        if params.min_tokens and len(params.logit_bias or ()) + len(req.stop_ids) > MAX_DRAW_BIASES:
-            raise InvalidRequestError("min_tokens", f"bans {len(req.stop_ids)} stop and end-of-sequence ids, which "
-                                      f"with the logit_bias's {len(params.logit_bias or ())} are more than the draw's "
-                                      f"{MAX_DRAW_BIASES}")  # fmt: skip
         first = self.sessions.continues(session)
         if session is not None:
             reserve = self.sessions.check_share(req, session, self.max_model_len)

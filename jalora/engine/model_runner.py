@@ -487,8 +487,7 @@ class ModelRunner:
         # The draw's biases: each request's logit_bias, and within its first min_tokens tokens its stop ids banned
         biases = [
             list((r.params.logit_bias or {}).items())
-            + ([(t, -np.inf) for t in sorted(r.stop_ids)] if r.num_output_tokens_with_pending < r.params.min_tokens
-               else [])
+            + ([(t, -np.inf) for t in r.early_bans] if r.num_output_tokens_with_pending < r.params.min_tokens else [])
             for r in reqs
         ]  # fmt: skip
         bias = None

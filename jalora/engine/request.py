@@ -56,6 +56,9 @@ class Request:
         self.params = params
         self.seed = seed
         self.stop_ids = set(params.stop_token_ids or ()) | (set() if params.ignore_eos else set(eos_token_ids))
+        # what the draw bans within the first min_tokens tokens: every stop id and end-of-sequence, ignore_eos or not
+        # (vLLM's all_stop_token_ids)
+        self.early_bans = banned_early(params, eos_token_ids)
         self.adapter_name = adapter_name
         self.adapter_slot = adapter.slot  # device slot, -1 for the base model
         self.adapter_identity = adapter.identity
@@ -122,3 +125,8 @@ class Request:
     def offer_hashes(self, donors: HashDonors) -> None:
         """Offers this request's hashes to the requests after it (`HashDonors.add`)."""
         donors.add(self.block_hashes, self.hashed_tokens, self.activation_start, self.adapter_identity)
+
+
+def banned_early(params: SamplingParams, eos_token_ids) -> list[int]:
+    """The ids a request's min_tokens bans: its stop ids and the model's end-of-sequence ids (none without it)."""
+    return sorted(set(params.stop_token_ids or ()) | set(eos_token_ids)) if params.min_tokens else []

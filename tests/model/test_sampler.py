@@ -193,3 +193,17 @@ def test_min_tokens_bans_stop_tokens_until_then(llm, tiny_models):
     sampled = SamplingParams(max_tokens=12, min_tokens=6, stop_token_ids=free.token_ids[:3], temperature=1.0, seed=3)
     (drawn,) = llm.generate([prompt], sampled)
     assert len(drawn.token_ids) >= 6 and not set(drawn.token_ids[:6]) & set(free.token_ids[:3])
+
+
+def test_min_tokens_bans_end_of_sequence_with_ignore_eos_too(llm):
+    """vLLM bans every stop id and end-of-sequence within min_tokens, ignore_eos or not (its all_stop_token_ids): a
+    +100 bias on EOS makes it every token after them, and none of the first 3."""
+    from tests import hf_models
+
+    eos = hf_models.VOCAB - 1
+    assert llm.engine.eos_token_ids == (eos,)
+    for ignore_eos in (False, True):
+        params = SamplingParams(max_tokens=6, min_tokens=3, ignore_eos=ignore_eos, logit_bias={eos: 100.0})
+        (out,) = llm.generate([list(range(3, 23))], params)
+        assert eos not in out.token_ids[:3] and out.token_ids[3:] == [eos] * (1 if not ignore_eos else 3), out
+        assert out.finish_reason == ("length" if ignore_eos else "stop")
