@@ -16,6 +16,7 @@ Imports neither JAX nor numpy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import uuid
@@ -107,6 +108,7 @@ class Frontend:
         self.calls = CallGate(config.max_pending_calls)
         self.broken: str | None = None  # why the engine can serve nothing any more (a lost host), if so
         self._defaults: SamplingParams | None = None
+        self._chat_defaults: SamplingParams | None = None
         self._max_model_len: int | None = None
         self._max_session_ttl: float | None = None
 
@@ -115,6 +117,17 @@ class Frontend:
         if self._defaults is None:
             self._defaults = await self.worker.call(lambda engine: engine.default_sampling_params())
         return self._defaults
+
+    async def chat_sampling_defaults(self) -> SamplingParams:
+        """The defaults of an OpenAI chat request: the engine's, except that a request without max_tokens runs to
+        max_model_len unless the model's generation_config sets max_new_tokens (OpenAI's and vLLM's chat
+        default; a completion keeps the engine's, 16 as in OpenAI's legacy API)."""
+        if self._chat_defaults is None:
+            defaults = await self.sampling_defaults()
+            info = await self.worker.call(lambda engine: engine.info())
+            self._chat_defaults = defaults if info.max_new_tokens is not None else \
+                dataclasses.replace(defaults, max_tokens=None)  # fmt: skip
+        return self._chat_defaults
 
     async def model_len(self) -> int:
         """The engine's max_model_len, asked once: a prompt of token ids is checked against it up front."""

@@ -349,11 +349,10 @@ class HttpFront:
         status = "500"
         try:
             body = await self._json(request)
-            defaults = await self.front.sampling_defaults()
             if chat:
-                gen = parse_chat(body, defaults)
+                gen = parse_chat(body, await self.front.chat_sampling_defaults())
             else:
-                gen, ids = parse_completion(body, defaults)
+                gen, ids = parse_completion(body, await self.front.sampling_defaults())
                 if ids is not None:
                     await self.front.check_token_ids(ids, "prompt")
                 if gen.echo and gen.stream and gen.params.logprobs is not None:

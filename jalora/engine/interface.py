@@ -49,6 +49,7 @@ class EngineInfo:
     max_session_ttl: float = 3600.0  # the longest TTL a request may give its pipeline session
     max_cpu_loras: int = 0  # adapters that may be loaded at once (0: as many as max_loras)
     host_kv_cache_blocks: int = 0  # KV blocks the host-memory tier holds (0: no tier)
+    max_new_tokens: int | None = None  # generation_config's max_new_tokens (None: the model sets none)
 
 
 @dataclasses.dataclass(frozen=True)

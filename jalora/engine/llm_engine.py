@@ -472,6 +472,7 @@ class LLMEngine:
             max_session_ttl=self.config.max_session_ttl,
             max_cpu_loras=self.adapters.max_cpu_loras,
             host_kv_cache_blocks=0 if self.host_tier is None else self.host_tier.capacity,
+            max_new_tokens=self.generation_config.get("max_new_tokens"),
         )
 
     def stats(self) -> EngineStats:

@@ -112,6 +112,12 @@ def test_chat_base_and_alora_equal_grpc(oai, grpc_client):
     assert got.choices[0].token_ids == judged.token_ids
     assert got.jalora["activation_index"] == judged.activation_index == judged.usage.prompt_tokens - 2
 
+    # Without max_tokens a chat runs to the context, as OpenAI's and vLLM's do (the model sets no max_new_tokens);
+    # a completion keeps 16, OpenAI's legacy default
+    whole = oai.chat.completions.create(model=MODEL, messages=messages, temperature=0, extra_body={"ignore_eos": True})
+    assert whole.choices[0].finish_reason == "length" and whole.usage.total_tokens == 512
+    assert oai.completions.create(model=MODEL, prompt=[1, 2], temperature=0).usage.completion_tokens == 16
+
     chunks = list(oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
                                               stream=True, stream_options={"include_usage": True}))  # fmt: skip
     assert chunks[0].choices[0].delta.role == "assistant"
