@@ -32,7 +32,9 @@ class OutputProcessor:
         if self.tokenizer is not None:
             self._detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
             if req.params.stop:
-                self._stop_strings[req.request_id] = StopStringMatcher(req.params.stop)
+                self._stop_strings[req.request_id] = StopStringMatcher(
+                    req.params.stop, req.params.include_stop_str_in_output
+                )
 
     def append(
         self, req: Request, token: int, logprobs: dict[int, float] | None, now: float,
@@ -44,8 +46,9 @@ class OutputProcessor:
         # Nothing stops the request within its first min_tokens tokens (vLLM's rule: the draw cannot pick a stop
         # token there, and a stop string is looked for once the output is longer).
         may_stop = len(req.output_token_ids) >= req.params.min_tokens
-        stop_token = may_stop and token in req.stop_ids  # its text is left out, as a stop string's is (vLLM's)
-        text = "" if detok is None or stop_token else detok.push(token)  # first: if it fails, nothing changed
+        stop_token = may_stop and token in req.stop_ids  # its text is left out, as a stop string's is (vLLM's),
+        drop = stop_token and not req.params.include_stop_str_in_output  # unless the request keeps them
+        text = "" if detok is None or drop else detok.push(token)  # first: if it fails, nothing changed
         stops = self._stop_strings.get(req.request_id)
         if stops is not None:
             text = stops.push(text, match=may_stop)

@@ -14,8 +14,10 @@ from collections.abc import Sequence
 
 
 class StopStringMatcher:
-    def __init__(self, stops: Sequence[str]):
+    def __init__(self, stops: Sequence[str], include: bool = False):
+        """`include`: the text released on a match ends with the stop string (vLLM's include_stop_str_in_output)."""
         self._stops = tuple(stops)
+        self._include = include
         self._hold = max(len(s) for s in self._stops) - 1
         self._held = ""
         self.matched = False
@@ -30,12 +32,13 @@ class StopStringMatcher:
         # An occurrence that ends in `text` lies inside the window; one that ended earlier would have matched an
         # earlier window, unless matching was off then, so only the ones ending in `text` count.
         held = len(self._held)
-        found = (window.find(s, max(0, held - len(s) + 1)) for s in self._stops) if match else ()
-        starts = [i for i in found if i >= 0]
+        found = ((window.find(s, max(0, held - len(s) + 1)), s) for s in self._stops) if match else ()
+        starts = [(i, s) for i, s in found if i >= 0]
         if starts:
             self.matched = True
             self._held = ""
-            return window[: min(starts)]
+            start, stop = min(starts, key=lambda x: x[0])  # (the earliest; of those starting there, the first given)
+            return window[: start + len(stop)] if self._include else window[:start]
         cut = max(0, len(window) - self._hold)
         self._held = window[cut:]
         return window[:cut]

@@ -40,18 +40,21 @@ def test_released_text_is_the_text_before_the_first_stop(pieces, stops):
     st.lists(st.text(ALPHABET, max_size=5), max_size=12),
     st.lists(st.text(ALPHABET, min_size=1, max_size=4), min_size=1, max_size=3),
     st.integers(0, 12),
+    st.booleans(),
 )
-def test_a_stop_string_counts_once_matching_is_on(pieces, stops, k):
+def test_a_stop_string_counts_once_matching_is_on(pieces, stops, k, include):
     """min_tokens: the first k pieces pass through unmatched; from piece k on, a stop string counts if it ends in
-    the piece that arrived (vLLM looks for one only in the newest text and the few characters before it)."""
-    matcher = StopStringMatcher(stops)
+    the piece that arrived (vLLM looks for one only in the newest text and the few characters before it). With
+    `include` (include_stop_str_in_output) the text ends with the stop string that starts first."""
+    matcher = StopStringMatcher(stops, include)
     out = "".join(matcher.push(p, match=j >= k) for j, p in enumerate(pieces)) + matcher.flush()
     expected, seen, found = "".join(pieces), "", False
     for j, piece in enumerate(pieces):
         before, seen = len(seen), seen + piece
-        ends = [i for s in stops for i in [seen.find(s, max(0, before - len(s) + 1))] if i >= 0]
+        ends = [(i, s) for s in stops for i in [seen.find(s, max(0, before - len(s) + 1))] if i >= 0]
         if j >= k and ends:
-            expected, found = seen[: min(ends)], True
+            start, stop = min(ends, key=lambda x: x[0])
+            expected, found = seen[: start + (len(stop) if include else 0)], True
             break
     assert out == expected
     assert matcher.matched == found
@@ -83,6 +86,17 @@ def test_generation_ends_at_a_stop_string():
     decoded = [llm.engine.tokenizer.decode(ref.token_ids[:n], skip_special_tokens=True) for n in range(25)]
     n = next(n for n, d in enumerate(decoded) if stop in d)
     assert out.token_ids == ref.token_ids[:n]
+    # vLLM's include_stop_str_in_output: the same tokens, the text through the stop string
+    [kept] = llm.generate(["Hello there"], SamplingParams(stop=[stop], include_stop_str_in_output=True, **params))
+    assert kept.token_ids == out.token_ids and kept.text == text[: first + len(stop)]
+    # and a stop token's text (left out by default) stays
+    last = ref.token_ids[5]
+    [by_token] = llm.generate(["Hello there"], SamplingParams(stop_token_ids=[last], **params))
+    [with_it] = llm.generate(["Hello there"], SamplingParams(stop_token_ids=[last], include_stop_str_in_output=True,
+                                                             **params))  # fmt: skip
+    n_stop = ref.token_ids.index(last) + 1
+    assert by_token.token_ids == with_it.token_ids == ref.token_ids[:n_stop]
+    assert with_it.text == decoded[n_stop] and by_token.text == decoded[n_stop - 1]
     # With min_tokens n the stop string completed by the n-th token does not count (vLLM looks for stop strings
     # only past min_tokens): the request goes on past it, through the same tokens.
     [held] = llm.generate(["Hello there"], SamplingParams(stop=[stop], min_tokens=n, **params))

@@ -16,7 +16,7 @@ import urllib.request
 import openai
 import pytest
 
-from jalora import LLM
+from jalora import LLM, SamplingParams
 from jalora.client import Client
 from server import cli
 from server.app import ServerThread
@@ -187,6 +187,12 @@ def test_stop_strings_logprobs_and_echo(oai, grpc_client):
                                  extra_body={"ignore_eos": True})  # fmt: skip
     assert got.choices[0].finish_reason == "stop" and got.choices[0].text == ref.text[: ref.text.index(stop)]
     assert got.choices[0].token_ids == ref.token_ids[:4]  # up to the token that completed the stop string
+    kept = oai.completions.create(model=MODEL, prompt="t5 t6 t7", max_tokens=8, temperature=0, stop=[stop],
+                                  extra_body={"ignore_eos": True, "include_stop_str_in_output": True})  # fmt: skip
+    assert kept.choices[0].text == ref.text[: ref.text.index(stop) + len(stop)]  # vLLM's include_stop_str_in_output
+    over_grpc = grpc_client.generate("t5 t6 t7", params=SamplingParams(
+        max_tokens=8, ignore_eos=True, stop=[stop], include_stop_str_in_output=True))  # fmt: skip
+    assert (over_grpc.text, over_grpc.token_ids) == (kept.choices[0].text, kept.choices[0].token_ids)
 
     got = oai.completions.create(model=MODEL, prompt="t5 t6 t7", max_tokens=8, temperature=0, logprobs=2,
                                  extra_body={"ignore_eos": True})  # fmt: skip
@@ -266,6 +272,8 @@ def _chat(**body):
 
 BAD_REQUESTS = {
     "n 0": (_completion(n=0), 400, "n"),
+    "include_stop_str_in_output text": (_completion(include_stop_str_in_output="yes"), 400,
+                                        "include_stop_str_in_output"),
     "best_of": (_completion(best_of=3), 400, "best_of"),
     "chat n past 128": (_chat(n=129), 400, "n"),
     "max_tokens 0": (_completion(max_tokens=0), 400, "max_tokens"),
