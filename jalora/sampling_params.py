@@ -33,6 +33,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # added to those tokens' logits before the draw (greedy too)
     min_tokens: int = 0  # tokens before a stop token, end-of-sequence or stop string may end the request
     include_stop_str_in_output: bool = False  # keep the stop string (or a stop token's text) at the text's end
+    skip_special_tokens: bool = True  # leave special tokens' text out of the output text
 
     def __post_init__(self):
         # vLLM's other spellings: max_tokens None (up to max_model_len), one stop string, seed -1 (none)
@@ -97,8 +98,9 @@ class SamplingParams:
         if self.ignore_eos is None:  # (vLLM's unset)
             self.ignore_eos = False
         require(isinstance(self.ignore_eos, bool), "ignore_eos", f"must be true or false, got {self.ignore_eos!r:.40}")
-        require(isinstance(self.include_stop_str_in_output, bool), "include_stop_str_in_output",
-                f"must be true or false, got {self.include_stop_str_in_output!r:.40}")  # fmt: skip
+        for flag in ("include_stop_str_in_output", "skip_special_tokens"):
+            value = getattr(self, flag)
+            require(isinstance(value, bool), flag, f"must be true or false, got {value!r:.40}")
         p = self.prompt_logprobs
         if p is None:  # vLLM's unset
             self.prompt_logprobs = False

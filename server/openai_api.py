@@ -43,7 +43,6 @@ _UNSUPPORTED: dict[str, tuple] = {
     "repetition_penalty": (1,),
     "length_penalty": (1,),
     "use_beam_search": (False,),
-    "skip_special_tokens": (True,),
     "spaces_between_special_tokens": (True,),
     "truncate_prompt_tokens": (),
     "allowed_token_ids": (),
@@ -139,7 +138,7 @@ def _model(body: dict) -> str:
 
 def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingParams:
     """SamplingParams from the body's OpenAI parameters (logit_bias too, and vLLM's extensions top_k, min_p, min_tokens,
-    ignore_eos, include_stop_str_in_output,
+    ignore_eos, include_stop_str_in_output, skip_special_tokens,
     stop_token_ids); what the body leaves out keeps the engine's defaults, as over gRPC."""
     kwargs: dict[str, Any] = dataclasses.asdict(defaults)
     max_tokens = _max_tokens_field(body, chat=chat) or "max_tokens"
@@ -150,6 +149,7 @@ def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingPa
             kwargs[name] = value
     kwargs["ignore_eos"] = _bool(body, "ignore_eos", defaults.ignore_eos)
     kwargs["include_stop_str_in_output"] = _bool(body, "include_stop_str_in_output", False)
+    kwargs["skip_special_tokens"] = _bool(body, "skip_special_tokens", True)
     stop = _value(body, "stop")
     if stop is not None:
         kwargs["stop"] = [stop] if isinstance(stop, str) else stop

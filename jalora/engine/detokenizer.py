@@ -42,10 +42,12 @@ class IncrementalDetokenizer:
     a sequence's first word (SentencePiece) still gives the space the output's first word has after the prompt
     (vLLM's texts are the same)."""
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids=()):
+    def __init__(self, tokenizer: Tokenizer, prompt_ids=(), skip_special_tokens: bool = True):
+        """`skip_special_tokens` False: special tokens' text stays in the output (vLLM's option of that name)."""
         self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
         context = prompt_context(tokenizer, prompt_ids)  # ([] for no prompt: a bare stream)
-        self._stream = DecodeStream(ids=context, skip_special_tokens=True)
+        self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
         self._held: list[int] = []  # ids pushed since the last text the stream produced
         self._context: deque[int] = deque(context, maxlen=_CONTEXT_IDS)  # the last ids that did produce text
 
@@ -55,7 +57,7 @@ class IncrementalDetokenizer:
             piece = self._stream.step(self._tokenizer, token_id)
         except Exception:  # the window's text no longer extends what was handed out: see the module doc
             piece = self._window_text([*self._held, token_id])
-            self._stream = DecodeStream(ids=[*self._context, *self._held, token_id], skip_special_tokens=True)
+            self._stream = DecodeStream(ids=[*self._context, *self._held, token_id], skip_special_tokens=self._skip)
         if piece is None:
             self._held.append(token_id)
             return ""
@@ -75,8 +77,8 @@ class IncrementalDetokenizer:
         """The text `ids` add after the recent context (their own decode if they rewrite it)."""
         context = list(self._context)
         decode = self._tokenizer.decode
-        before = decode(context, skip_special_tokens=True)
-        whole = decode(context + ids, skip_special_tokens=True)
+        before = decode(context, skip_special_tokens=self._skip)
+        whole = decode(context + ids, skip_special_tokens=self._skip)
         if whole.startswith(before):
             return whole[len(before) :]
-        return decode(ids, skip_special_tokens=True)
+        return decode(ids, skip_special_tokens=self._skip)

@@ -30,7 +30,9 @@ class OutputProcessor:
 
     def add(self, req: Request) -> None:
         if self.tokenizer is not None:
-            self._detokenizers[req.request_id] = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids)
+            self._detokenizers[req.request_id] = IncrementalDetokenizer(
+                self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens
+            )
             if req.params.stop:
                 self._stop_strings[req.request_id] = StopStringMatcher(
                     req.params.stop, req.params.include_stop_str_in_output

@@ -84,6 +84,20 @@ def test_n_completions_of_a_prompt(llm):
     assert llm.engine.num_free_blocks() == llm.engine.num_total_blocks
 
 
+def test_skip_special_tokens_false_keeps_their_text(llm):
+    """vLLM's skip_special_tokens: False keeps special tokens' text (here end-of-sequence, made every token by a
+    logit_bias under ignore_eos), as the tokenizer decodes them; by default it is left out."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(DEFAULT_MODEL_DIR))
+    eos = llm.engine.eos_token_ids[0]
+    params = dict(max_tokens=3, ignore_eos=True, logit_bias={eos: 100.0})
+    (skipped,) = llm.generate("The sky is", SamplingParams(**params))
+    (kept,) = llm.generate("The sky is", SamplingParams(skip_special_tokens=False, **params))
+    assert skipped.token_ids == kept.token_ids == [eos] * 3
+    assert skipped.text == "" and kept.text == tokenizer.decode([eos] * 3, skip_special_tokens=False) != ""
+
+
 def test_sampling_params_take_vllms_spellings(llm):
     assert SamplingParams(stop="x").stop == ["x"]
     assert SamplingParams(seed=-1).seed is None and SamplingParams(top_k=-1).top_k == 0

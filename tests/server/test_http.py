@@ -193,6 +193,16 @@ def test_stop_strings_logprobs_and_echo(oai, grpc_client):
     over_grpc = grpc_client.generate("t5 t6 t7", params=SamplingParams(
         max_tokens=8, ignore_eos=True, stop=[stop], include_stop_str_in_output=True))  # fmt: skip
     assert (over_grpc.text, over_grpc.token_ids) == (kept.choices[0].text, kept.choices[0].token_ids)
+    # vLLM's skip_special_tokens false keeps their text (end-of-sequence, made every token by a logit_bias)
+    eos = {"ignore_eos": True, "logit_bias": {str(VOCAB - 1): 100}}
+    skipped = oai.completions.create(model=MODEL, prompt="t5", max_tokens=2, temperature=0, extra_body=eos)
+    shown = oai.completions.create(model=MODEL, prompt="t5", max_tokens=2, temperature=0,
+                                   extra_body={**eos, "skip_special_tokens": False})  # fmt: skip
+    assert skipped.choices[0].token_ids == shown.choices[0].token_ids == [VOCAB - 1] * 2
+    assert (skipped.choices[0].text, shown.choices[0].text) == ("", " </s> </s>")  # (its decoder joins with spaces)
+    over_grpc = grpc_client.generate("t5", params=SamplingParams(
+        max_tokens=2, ignore_eos=True, logit_bias={VOCAB - 1: 100.0}, skip_special_tokens=False))  # fmt: skip
+    assert over_grpc.text == " </s> </s>"
 
     got = oai.completions.create(model=MODEL, prompt="t5 t6 t7", max_tokens=8, temperature=0, logprobs=2,
                                  extra_body={"ignore_eos": True})  # fmt: skip
@@ -272,6 +282,7 @@ def _chat(**body):
 
 BAD_REQUESTS = {
     "n 0": (_completion(n=0), 400, "n"),
+    "skip_special_tokens text": (_completion(skip_special_tokens=0), 400, "skip_special_tokens"),
     "include_stop_str_in_output text": (_completion(include_stop_str_in_output="yes"), 400,
                                         "include_stop_str_in_output"),
     "best_of": (_completion(best_of=3), 400, "best_of"),
