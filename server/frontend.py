@@ -121,7 +121,8 @@ class Frontend:
     async def chat_sampling_defaults(self) -> SamplingParams:
         """The defaults of an OpenAI chat request: the engine's, except that a request without max_tokens runs to
         max_model_len unless the model's generation_config sets max_new_tokens (OpenAI's and vLLM's chat
-        default; a completion keeps the engine's, 16 as in OpenAI's legacy API)."""
+        default; a completion keeps the engine's, 16 as in OpenAI's legacy API, and so does a chat in a pipeline
+        session, whose share would reserve a whole context's blocks for each such request)."""
         if self._chat_defaults is None:
             defaults = await self.sampling_defaults()
             info = await self.worker.call(lambda engine: engine.info())

@@ -349,8 +349,10 @@ class HttpFront:
         status = "500"
         try:
             body = await self._json(request)
-            if chat:
-                gen = parse_chat(body, await self.front.chat_sampling_defaults())
+            if chat:  # (a pipeline session's chat keeps the engine's default: its share reserves max_tokens' blocks)
+                in_session = isinstance(body, dict) and body.get("session") is not None
+                defaults = await (self.front.sampling_defaults() if in_session else self.front.chat_sampling_defaults())
+                gen = parse_chat(body, defaults)
             else:
                 gen, ids = parse_completion(body, await self.front.sampling_defaults())
                 if ids is not None:

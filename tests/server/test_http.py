@@ -117,6 +117,11 @@ def test_chat_base_and_alora_equal_grpc(oai, grpc_client):
     whole = oai.chat.completions.create(model=MODEL, messages=messages, temperature=0, extra_body={"ignore_eos": True})
     assert whole.choices[0].finish_reason == "length" and whole.usage.total_tokens == 512
     assert oai.completions.create(model=MODEL, prompt=[1, 2], temperature=0).usage.completion_tokens == 16
+    # ...and so does a chat in a pipeline session: its share would reserve a whole context per request (five
+    # requests of 31 blocks each were refused over the share of 128)
+    session = {"ignore_eos": True, "session": "chat-s", "end_session": True}
+    in_session = oai.chat.completions.create(model=MODEL, messages=messages, temperature=0, n=5, extra_body=session)
+    assert [len(c.token_ids) for c in in_session.choices] == [16] * 5
 
     chunks = list(oai.chat.completions.create(model=MODEL, messages=messages, max_tokens=5, temperature=0,
                                               stream=True, stream_options={"include_usage": True}))  # fmt: skip
