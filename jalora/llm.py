@@ -82,7 +82,7 @@ class LLM:
                         end_session=end_session,
                     )  # fmt: skip
                     text = prompt if isinstance(prompt, str) else None
-                    running[child] = OutputAccumulator(child, text, p.logprobs is not None, self._token_text)
+                    running[child] = OutputAccumulator(child, text, p.logprobs is not None, self.engine.token_texts)
         except Exception:
             self._abort(running)
             if opened and self.engine.is_session_live(session):  # opened by this call's requests: end it too
@@ -135,10 +135,6 @@ class LLM:
     def end_session(self, session: str) -> None:
         """Ends a live pipeline session: its blocks become evictable (SessionNotFoundError if not live)."""
         self.engine.end_session(session)
-
-    def _token_text(self, token: int) -> str:
-        """A logprob's decoded_token: the token's own text, as the HTTP front's logprobs show it."""
-        return self.engine.token_texts([token])[0]
 
     def _abort(self, running: dict[str, OutputAccumulator]) -> None:
         for rid in running:

@@ -114,7 +114,7 @@ class CompletionOutput:
 
 class OutputAccumulator:
     """Folds one request's deltas into a RequestOutput (the text in pieces, joined once at the end).
-    `decode` (token id -> its text) fills the `Logprob` objects' decoded_token."""
+    `decode` (token ids -> each one's own text) fills the `Logprob` objects' decoded_token."""
 
     def __init__(self, request_id: str, prompt: str | None, want_logprobs: bool, decode=None):
         self.request_id = request_id
@@ -132,11 +132,10 @@ class OutputAccumulator:
         if self.logprobs is not None and delta.logprobs is not None:
             self.logprobs.extend(delta.logprobs)
             ranks = delta.logprob_ranks or [{}] * len(delta.logprobs)
+            ids = sorted({t for lps in delta.logprobs for t in lps})  # (decoded once each, in one call)
+            texts = dict(zip(ids, self.decode(ids))) if self.decode is not None else {}
             for lps, rank in zip(delta.logprobs, ranks):
-                self.objects.append({
-                    t: Logprob(lp, rank.get(t), None if self.decode is None else self.decode(t))
-                    for t, lp in lps.items()
-                })  # fmt: skip
+                self.objects.append({t: Logprob(lp, rank.get(t), texts.get(t)) for t, lp in lps.items()})
         if delta.finished is not None:
             self.finished = delta.finished
 

@@ -100,7 +100,7 @@ class PreparedStep:
     # (i32[R, MAX_DRAW_BIASES] token ids, f32[R, MAX_DRAW_BIASES] biases) where some request has a logit_bias or
     # bans its stop ids (min_tokens): the draw's own inputs, outside the step's (whose layout would otherwise pick
     # another compiled step)
-    logit_bias: tuple[np.ndarray, np.ndarray] | None = None
+    draw_biases: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class SamplingInputs(NamedTuple):
@@ -485,24 +485,25 @@ class ModelRunner:
             temperature, top_k, top_p, seeds, counters, min_p,
         )  # fmt: skip
         # The draw's biases: each request's logit_bias, and within its first min_tokens tokens its stop ids banned
-        biases = [
-            list((r.params.logit_bias or {}).items())
-            + ([(t, -np.inf) for t in r.early_bans] if r.num_output_tokens_with_pending < r.params.min_tokens else [])
-            for r in reqs
-        ]  # fmt: skip
+        # (built only for a step that has some: prepare runs every step)
+        def banning(r) -> bool:  # (its stop ids are banned this step)
+            return r.num_output_tokens_with_pending < r.params.min_tokens
+
         bias = None
-        if any(biases):
+        if any(r.params.logit_bias or banning(r) for r in reqs):
             bias = (np.zeros((rows, MAX_DRAW_BIASES), np.int32), np.zeros((rows, MAX_DRAW_BIASES), np.float32))
-            for i, entries in enumerate(biases):
-                if entries:
-                    bias[0][i, : len(entries)] = [t for t, _ in entries]
-                    bias[1][i, : len(entries)] = [b for _, b in entries]
+            for i, r in enumerate(reqs):
+                entries = list((r.params.logit_bias or {}).items())
+                if banning(r):
+                    entries += [(t, -np.inf) for t in r.early_bans]
+                bias[0][i, : len(entries)] = [t for t, _ in entries]
+                bias[1][i, : len(entries)] = [b for _, b in entries]
         return PreparedStep(
             inp,
             do_sample=bias is not None or any(not p.greedy for p in params),
             want_logprobs=any(p.logprobs is not None for p in params),
             want_prompt_lp=want_prompt_lp,
-            logit_bias=bias,
+            draw_biases=bias,
         )
 
     def _lora_segments(self, token_slots: np.ndarray) -> LoraSegments | None:
@@ -715,8 +716,8 @@ class ModelRunner:
         biases (with `bias`, zero biases where it has none: the warm-up's other draw of each row count)."""
         inp = step.inputs
         ids = values = None
-        if step.logit_bias is not None:
-            ids, values = step.logit_bias
+        if step.draw_biases is not None:
+            ids, values = step.draw_biases
         elif bias:
             rows = inp.temperature.shape[0]
             ids, values = np.zeros((rows, MAX_DRAW_BIASES), np.int32), np.zeros((rows, MAX_DRAW_BIASES), np.float32)
