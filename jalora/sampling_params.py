@@ -14,6 +14,7 @@ MAX_BIAS = 100.0  # OpenAI's bound on a bias
 # Token ids the draw biases per row, each step that biases any: a logit_bias, and within min_tokens the request's
 # stop and end-of-sequence ids (banned)
 MAX_DRAW_BIASES = 512
+MAX_PENALTY = 2.0  # OpenAI's bound on presence_penalty and frequency_penalty (either sign)
 
 
 @dataclasses.dataclass
@@ -34,6 +35,12 @@ class SamplingParams:
     min_tokens: int = 0  # tokens before a stop token, end-of-sequence or stop string may end the request
     include_stop_str_in_output: bool = False  # keep the stop string (or a stop token's text) at the text's end
     skip_special_tokens: bool = True  # leave special tokens' text out of the output text
+    # Penalties (OpenAI's, vLLM's): each generated token's logit loses presence_penalty once it has been generated
+    # and frequency_penalty per time; a token of the prompt or the output has its logit divided by
+    # repetition_penalty where positive, multiplied where not (transformers' and vLLM's rule)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         # vLLM's other spellings: max_tokens None (up to max_model_len), one stop string, seed -1 (none)
@@ -101,6 +108,12 @@ class SamplingParams:
         for flag in ("include_stop_str_in_output", "skip_special_tokens"):
             value = getattr(self, flag)
             require(isinstance(value, bool), flag, f"must be true or false, got {value!r:.40}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            require(is_number(value) and -MAX_PENALTY <= value <= MAX_PENALTY, name,
+                    f"must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")  # fmt: skip
+        require(is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+                "must be a finite number > 0 (1: off)")  # fmt: skip
         p = self.prompt_logprobs
         if p is None:  # vLLM's unset
             self.prompt_logprobs = False
@@ -116,6 +129,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        """Some penalty is on: the draw needs the request's token counts (jalora/engine/model_runner.py)."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
 
     def child(self, index: int) -> "SamplingParams":
         """The parameters of completion `index` of n: one completion, and with a seed the seed + index (vLLM's

@@ -653,7 +653,8 @@ def _generate(args: argparse.Namespace) -> int:
     if args.chat and args.token_ids:
         print("jalora generate: --chat takes PROMPT as text (a user message), not --token-ids", file=sys.stderr)
         return 2
-    _check_call_flags(args, "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed")
+    _check_call_flags(args, "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
+                      "frequency_penalty", "repetition_penalty")
     prompt: str | list[int] | list[dict[str, str]] = args.prompt
     if args.token_ids:
         words = args.prompt.replace(",", " ").split()
@@ -681,6 +682,9 @@ def _generate(args: argparse.Namespace) -> int:
             top_k=args.top_k,
             min_p=args.min_p,
             seed=args.seed,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+            repetition_penalty=args.repetition_penalty,
         ):
             if args.show_ids:
                 print(" ".join(map(str, chunk.token_ids)), end=" ", flush=True)
@@ -963,6 +967,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "likeliest, 0 = off (default: the server's)")  # fmt: skip
     g.add_argument("--seed", type=int, default=None, help="seed of this request's sampling (default: the server "
                    "draws one)")  # fmt: skip
+    g.add_argument("--presence-penalty", type=float, default=None, help="subtracted once from the logit of each "
+                   "token already generated, in [-2, 2] (default: the server's)")  # fmt: skip
+    g.add_argument("--frequency-penalty", type=float, default=None, help="subtracted from a generated token's logit "
+                   "per time it was generated, in [-2, 2] (default: the server's)")  # fmt: skip
+    g.add_argument("--repetition-penalty", type=float, default=None, help="divides (or, where negative, multiplies) "
+                   "the logits of prompt and generated tokens, 1 = off (default: the server's)")  # fmt: skip
     _client_args(g)
     g.set_defaults(func=_generate)
 

@@ -414,7 +414,8 @@ class LLMEngine:
 
     def _sampling_defaults(self) -> SamplingParams:
         """Sampled with generation_config's temperature / top_p / top_k / min_p where it sets do_sample, else
-        greedy; its max_new_tokens as max_tokens; SamplingParams' own defaults for the rest."""
+        greedy; its max_new_tokens as max_tokens and its repetition_penalty (transformers applies it greedy or
+        not; vLLM takes it too); SamplingParams' own defaults for the rest."""
         gen = self.generation_config
         fields = {}
         if gen.get("do_sample"):
@@ -424,6 +425,8 @@ class LLMEngine:
             fields.setdefault("temperature", 1.0)
         if gen.get("max_new_tokens") is not None:
             fields["max_tokens"] = gen["max_new_tokens"]
+        if gen.get("repetition_penalty") is not None:
+            fields["repetition_penalty"] = gen["repetition_penalty"]
         try:
             return SamplingParams(**fields)
         except InvalidRequestError as e:

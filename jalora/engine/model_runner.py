@@ -38,6 +38,7 @@ from jalora.adapters.manager import AdapterStacks, LoraStack
 from jalora.engine.executables import Executables, fingerprint, get_all
 from jalora.engine.host_tier import MAX_MOVE_BLOCKS
 from jalora.engine.multihost import Recent
+from jalora.engine.penalties import PenaltySlots, RowWrite
 from jalora.engine.scheduler import ScheduledBatch
 from jalora.model.checkpoint import param_name
 from jalora.model.decoder import (
@@ -50,7 +51,7 @@ from jalora.model.decoder import (
     logits_of,
     rms_norm,
 )
-from jalora.model.sampler import sample
+from jalora.model.sampler import apply_penalties, sample
 from jalora.model.sharding import AXIS, KV_SPEC, TensorParallel
 from jalora.sampling_params import MAX_DRAW_BIASES, MAX_LOGPROBS
 from pallas_kernels.masked_lora import LoraSegments, build_lora_segments
@@ -101,6 +102,10 @@ class PreparedStep:
     # bans its stop ids (min_tokens): the draw's own inputs, outside the step's (whose layout would otherwise pick
     # another compiled step)
     draw_biases: tuple[np.ndarray, np.ndarray] | None = None
+    # Where some request has a penalty: each row's (penalty slot, slot that counts its drawn token, presence,
+    # frequency, repetition), and the slots' rows to write before the draw (jalora/engine/penalties.py)
+    penalties: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None
+    row_writes: tuple[RowWrite, ...] = ()
 
 
 class SamplingInputs(NamedTuple):
@@ -114,6 +119,12 @@ class SamplingInputs(NamedTuple):
     min_p: np.ndarray  # f32[R]
     bias_ids: np.ndarray | None = None  # i32[R, MAX_DRAW_BIASES] (rows without a bias: token 0, bias 0)
     bias_values: np.ndarray | None = None  # f32[R, MAX_DRAW_BIASES]
+    # The draw that adjusts logits has the biases and these together (rows without a penalty: slot -1, 0, 0, 1)
+    penalty_slot: np.ndarray | None = None  # i32[R] row of the counts table the row's penalties read
+    count_slot: np.ndarray | None = None  # i32[R] row that counts the row's drawn token (-1: none)
+    presence: np.ndarray | None = None  # f32[R]
+    frequency: np.ndarray | None = None  # f32[R]
+    repetition: np.ndarray | None = None  # f32[R]
 
 
 class StepOutputs(NamedTuple):
@@ -288,14 +299,27 @@ class ModelRunner:
             # hidden state [T, D] in the model's dtype (prompt logprobs).
             return kv_caches, StepOutputs(pad_rows(tokens), token_lp, None, None, None), logits, hidden
 
-        def draw_fn(logits, packed, layout):
-            """The step's tokens drawn per row (greedy rows keep the argmax) and their logprobs."""
+        def draw_fn(logits, packed, counts, layout):
+            """The step's tokens drawn per row (greedy rows keep the argmax) and their logprobs; with the
+            penalties' counts table (`counts`, donated), the logits adjusted first (biases, then penalties, in
+            vLLM's order) and the table with each drawn token counted."""
             sp: SamplingInputs = unpack_inputs(packed, layout)
-            biased = logits
-            if sp.bias_ids is not None:  # (the logprobs stay the model's own, as vLLM's)
-                biased = logits.at[jnp.arange(logits.shape[0])[:, None], sp.bias_ids].add(sp.bias_values)
-            tokens = sample(biased, sp.temperature, sp.top_k, sp.top_p, sp.seeds, sp.counters, sp.min_p)
-            return pad_rows(tokens), _logprob_of(logits, tokens)
+            x = logits  # (the logprobs stay the model's own, as vLLM's)
+            if counts is not None:
+                x = x.at[jnp.arange(x.shape[0])[:, None], sp.bias_ids].add(sp.bias_values)
+                seen = counts[jnp.maximum(sp.penalty_slot, 0)]
+                x = apply_penalties(x, seen, sp.presence, sp.frequency, sp.repetition)
+            tokens = sample(x, sp.temperature, sp.top_k, sp.top_p, sp.seeds, sp.counters, sp.min_p)
+            if counts is None:
+                return pad_rows(tokens), _logprob_of(logits, tokens)
+            target = jnp.where(sp.count_slot >= 0, sp.count_slot, counts.shape[0])  # (out of range: dropped)
+            counts = counts.at[target, tokens].add(1, mode="drop")
+            return pad_rows(tokens), _logprob_of(logits, tokens), counts
+
+        def write_row_fn(counts, slot, row, prev_tokens, pending_row):
+            """The counts table with `row` in `slot`, plus one for prev_tokens[pending_row] unless it is -1."""
+            row = row.at[prev_tokens[jnp.maximum(pending_row, 0)]].add((pending_row >= 0).astype(row.dtype))
+            return counts.at[slot].set(row)
 
         def top_fn(logits, tokens):
             """(f32[R, MAX_LOGPROBS], i32[R, MAX_LOGPROBS], i32[R]): each row's most likely tokens' logprobs
@@ -342,8 +366,12 @@ class ModelRunner:
                                           donate_argnums=(1,), variant_key=_step_variant,
                                           describe=lambda args, static: _describe_step("step", static["layout"],
                                                                                        args[2]))  # fmt: skip
-        self._draw = self._executables_of(draw_fn, "draw", static_argnames=("layout",),
+        self._draw = self._executables_of(draw_fn, "draw", static_argnames=("layout",), donate_argnums=(2,),
                                           describe=lambda args, _: f"draw R={args[0].shape[0]}")
+        self._write_row = self._executables_of(write_row_fn, "write_row", donate_argnums=(0,))
+        # The penalties' token counts: a row per slot, each penalized request in one (jalora/engine/penalties.py)
+        self.penalty_counts = tp.zeros((max_num_seqs, cfg.vocab_size), jnp.int32, P())
+        self.penalty_slots = PenaltySlots(max_num_seqs, cfg.vocab_size)
         self._top = self._executables_of(top_fn, "top", describe=lambda args, _: f"top R={args[0].shape[0]}")
         self._prompt_lp = self._executables_of(prompt_lp_fn, "prompt_lp",
                                                variant_key=lambda args, _: (args[1].shape, args[1].dtype),
@@ -498,12 +526,29 @@ class ModelRunner:
                     entries += [(t, -np.inf) for t in r.early_bans]
                 bias[0][i, : len(entries)] = [t for t, _ in entries]
                 bias[1][i, : len(entries)] = [b for _, b in entries]
+        penalties, writes = None, []
+        if any(p.penalized for p in params):
+            penalties = (np.full(rows, -1, np.int32), np.full(rows, -1, np.int32), np.zeros(rows, np.float32),
+                         np.zeros(rows, np.float32), np.ones(rows, np.float32))  # fmt: skip
+            in_step = {id(r) for r in reqs}
+            for i, r in enumerate(reqs):
+                p = r.params
+                if not p.penalized:
+                    continue
+                slot = self.penalty_slots.slot(r, in_step, writes)
+                penalties[0][i], penalties[2][i], penalties[3][i], penalties[4][i] = (
+                    slot, p.presence_penalty, p.frequency_penalty, p.repetition_penalty)
+                if starts[i] + ns[i] >= r.num_tokens_with_pending:  # (its drawn token is kept: it is not a chunk)
+                    penalties[1][i] = slot
+                    self.penalty_slots.counted(slot)
         return PreparedStep(
             inp,
-            do_sample=bias is not None or any(not p.greedy for p in params),
+            do_sample=bias is not None or penalties is not None or any(not p.greedy for p in params),
             want_logprobs=any(p.logprobs is not None for p in params),
             want_prompt_lp=want_prompt_lp,
             draw_biases=bias,
+            penalties=penalties,
+            row_writes=tuple(writes),
         )
 
     def _lora_segments(self, token_slots: np.ndarray) -> LoraSegments | None:
@@ -538,8 +583,7 @@ class ModelRunner:
         compiled, start = self.num_compiled(), time.perf_counter()
         out, logits, hidden = self._launch_step(step, adapters, prev_tokens)
         if step.do_sample:
-            packed, layout = self._sampling_inputs(step)
-            tokens, token_lp = self._draw(logits, packed, layout=layout)
+            tokens, token_lp = self._run_draw(step, logits, prev_tokens)
             out = out._replace(tokens=tokens, token_logprobs=token_lp)
         if step.want_logprobs:
             top_lp, top_ids, ranks = self._top(logits, out.tokens)
@@ -551,6 +595,27 @@ class ModelRunner:
             self._record_compile(1, groups, time.perf_counter() - start, step.inputs.token_ids.shape[0])
         self.recent.add(seq, out.tokens)
         return out
+
+    def _run_draw(self, step: PreparedStep, logits: jax.Array, prev_tokens: jax.Array | None):
+        """The draw of a step's tokens (and logprobs): first the step's writes into the penalties' counts
+        table, then the draw, which adjusts the logits (biases, penalties) and counts its tokens where the
+        step has any adjustment."""
+        packed, layout = self._sampling_inputs(step)
+        if step.draw_biases is None and step.penalties is None:
+            return self._draw(logits, packed, None, layout=layout)
+        try:
+            prev = self._no_prev_tokens if prev_tokens is None else prev_tokens
+            for w in step.row_writes:
+                self.penalty_counts = self._write_row(self.penalty_counts, np.int32(w.slot), w.row, prev,
+                                                      np.int32(w.pending_row))  # fmt: skip
+            tokens, token_lp, self.penalty_counts = self._draw(logits, packed, self.penalty_counts, layout=layout)
+        except BaseException:
+            # The table may be gone (donated to a call that failed) or hold counts the host does not know of.
+            self.penalty_slots.forget()
+            if self.penalty_counts.is_deleted():
+                self.penalty_counts = self.tp.zeros(self.penalty_counts.shape, jnp.int32, P())
+            raise
+        return tokens, token_lp
 
     def _launch_step(self, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None):
         """The step alone: (its outputs, logits f32[R, V], hidden [T, D] in the model's dtype), all on the
@@ -581,7 +646,7 @@ class ModelRunner:
 
     def _executables(self) -> tuple[Executables, ...]:
         steps = (self._pre, self._layer, self._post) if self.layer_launches else (self._step,)
-        return *steps, self._draw, self._top, self._prompt_lp
+        return *steps, self._draw, self._top, self._prompt_lp, self._write_row
 
     def compile_log(self) -> list[tuple[str, float, float]]:
         """(variant, seconds, started: perf_counter) of every compilation of this runner's functions, the
@@ -711,18 +776,22 @@ class ModelRunner:
         return jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=self._embed.sharding, weak_type=spec.weak_type)
 
     @staticmethod
-    def _sampling_inputs(step: PreparedStep, bias: bool = False) -> tuple[np.ndarray, tuple]:
-        """The draw's (packed, layout) arguments: the step's per-row sampling parameters, with the step's logit
-        biases (with `bias`, zero biases where it has none: the warm-up's other draw of each row count)."""
+    def _sampling_inputs(step: PreparedStep, adjust: bool = False) -> tuple[np.ndarray, tuple]:
+        """The draw's (packed, layout) arguments: the step's per-row sampling parameters, with its logit biases
+        and penalties where it has either (the other one neutral; with `adjust`, both neutral where it has
+        neither: the warm-up's other draw of each row count)."""
         inp = step.inputs
-        ids = values = None
-        if step.draw_biases is not None:
-            ids, values = step.draw_biases
-        elif bias:
-            rows = inp.temperature.shape[0]
-            ids, values = np.zeros((rows, MAX_DRAW_BIASES), np.int32), np.zeros((rows, MAX_DRAW_BIASES), np.float32)
+        rows = inp.temperature.shape[0]
+        extra = ()
+        if adjust or step.draw_biases is not None or step.penalties is not None:
+            bias = step.draw_biases or (np.zeros((rows, MAX_DRAW_BIASES), np.int32),
+                                        np.zeros((rows, MAX_DRAW_BIASES), np.float32))  # fmt: skip
+            penalties = step.penalties or (np.full(rows, -1, np.int32), np.full(rows, -1, np.int32),
+                                           np.zeros(rows, np.float32), np.zeros(rows, np.float32),
+                                           np.ones(rows, np.float32))  # fmt: skip
+            extra = (*bias, *penalties)
         return pack_inputs(
-            SamplingInputs(inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters, inp.min_p, ids, values)
+            SamplingInputs(inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters, inp.min_p, *extra)
         )
 
     def _record_compile(self, count: int, groups: tuple[str, ...], seconds: float, num_tokens: int = 0) -> None:
@@ -848,20 +917,24 @@ class ModelRunner:
             for a, step in tqdm(steps, desc=desc, disable=None if progress else True):
                 out, logits, hidden = self._launch_step(step, a, None)
                 jax.block_until_ready(out)
-                for bias in (False, True):  # (a step with a logit_bias draws with its own layout)
-                    packed, layout = self._sampling_inputs(step, bias)
-                    draws.setdefault((logits.shape, layout), (logits, packed, layout))
+                for adjust in (False, True):  # (a step with a logit_bias or a penalty draws with its own layout)
+                    packed, layout = self._sampling_inputs(step, adjust)
+                    draws.setdefault((logits.shape, layout), (logits, packed, layout, adjust))
                 prompt_lp_args.append((self.params, _spec(hidden), step.inputs.prompt_targets))
             phases["steps_run_s"] = (t2 := time.perf_counter()) - t
             get_all([
-                (self._draw, [((logits, packed), {"layout": layout}) for logits, packed, layout in draws.values()]),
-                (self._top, [((logits, out.tokens), {}) for logits, _, _ in draws.values()]),
+                (self._draw, [((logits, packed, self._counts_if(adjust)), {"layout": layout})
+                              for logits, packed, layout, adjust in draws.values()]),
+                (self._top, [((logits, out.tokens), {}) for logits, *_ in draws.values()]),
                 (self._prompt_lp, [(args, {}) for args in prompt_lp_args]),
             ], cores, device_bytes)  # fmt: skip
             phases["functions_compile_s"] = (t := time.perf_counter()) - t2
             phases["functions_compiled_late"] = self.num_compiled() - late  # (0: all in the steps' wave)
-            for logits, packed, layout in draws.values():
-                jax.block_until_ready((self._draw(logits, packed, layout=layout), self._top(logits, out.tokens)))
+            for logits, packed, layout, adjust in draws.values():  # (an adjusted draw with nothing to adjust or
+                drawn = self._draw(logits, packed, self._counts_if(adjust), layout=layout)  # count: the same table)
+                if adjust:
+                    self.penalty_counts = drawn[2]
+                jax.block_until_ready((drawn, self._top(logits, out.tokens)))
             phases["functions_run_s"] = time.perf_counter() - t
             self.warmup_phases.append(phases)
             if self.num_compiled() > compiled:  # (counted as the step's variants, with the functions' seconds)
@@ -906,12 +979,22 @@ class ModelRunner:
             rows, tokens = step.inputs.logits_indices.shape[0], step.inputs.token_ids.shape[0]
             logits = jax.ShapeDtypeStruct((rows, self.cfg.vocab_size), jnp.float32, sharding=like)
             hidden = jax.ShapeDtypeStruct((tokens, self.cfg.hidden_size), self._hidden_dtype, sharding=like)
-            for bias in (False, True):
-                packed, layout = self._sampling_inputs(step, bias)
-                draws.append(((logits, packed), {"layout": layout}))
+            for adjust in (False, True):
+                packed, layout = self._sampling_inputs(step, adjust)
+                draws.append(((logits, packed, self._counts_if(adjust)), {"layout": layout}))
             tops.append(((logits, self._no_prev_tokens), {}))
             prompt_lps.append(((self.params, hidden, step.inputs.prompt_targets), {}))
-        return [(self._draw, draws), (self._top, tops), (self._prompt_lp, prompt_lps)]
+        write_rows = [(self._write_row_args(), {})]
+        return [(self._draw, draws), (self._top, tops), (self._prompt_lp, prompt_lps), (self._write_row, write_rows)]
+
+    def _counts_if(self, adjust: bool) -> jax.Array | None:
+        """The draw's counts-table argument: the table for a draw that adjusts logits, else None."""
+        return self.penalty_counts if adjust else None
+
+    def _write_row_args(self) -> tuple:
+        """The arguments of a counts-table row write (the warm-up compiles it; it runs none: a row may be live)."""
+        row = np.zeros(self.cfg.vocab_size, np.int32)
+        return self.penalty_counts, np.int32(0), row, self._no_prev_tokens, np.int32(-1)
 
     def _warmup_step(
         self, t: int, adapters: AdapterStacks | None, long: bool = False, split: bool = False, chunk: bool = False

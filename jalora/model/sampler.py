@@ -1,7 +1,29 @@
-"""On-device sampling: greedy, temperature, min-p, top-k, top-p with per-request reproducible keys."""
+"""On-device sampling: greedy, temperature, min-p, top-k, top-p with per-request reproducible keys; the
+penalties over a request's token counts."""
 
 import jax
 import jax.numpy as jnp
+
+# A row of token counts (jalora/engine/penalties.py) holds, per vocabulary entry, how many times the request has
+# generated that token, plus this flag where the token is in its prompt.
+PROMPT_FLAG = 1 << 30
+
+
+def apply_penalties(
+    logits,  # f32[S, V]
+    counts,  # i32[S, V] each row's token counts (PROMPT_FLAG added for its prompt's tokens)
+    presence,  # f32[S]; 0 = off
+    frequency,  # f32[S]; 0 = off
+    repetition,  # f32[S]; 1 = off
+):
+    """The logits with OpenAI's and vLLM's penalties applied, in vLLM's order: a token seen in the prompt or the
+    output has its logit divided by the repetition penalty where positive and multiplied by it where not
+    (transformers' RepetitionPenaltyLogitsProcessor, over prompt and output as vLLM takes it); then each generated
+    token's logit loses frequency * its count and presence once. A row whose penalties are off is unchanged."""
+    generated = (counts & (PROMPT_FLAG - 1)).astype(logits.dtype)
+    rep = repetition[:, None]
+    x = jnp.where(counts != 0, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    return x - frequency[:, None] * generated - presence[:, None] * (generated > 0)
 
 
 def sample(

@@ -39,6 +39,11 @@ def assert_names_the_field_once(err: InvalidRequestError, field: str) -> None:
         ({"min_p": -0.1}, "min_p"),
         ({"min_p": 1.5}, "min_p"),
         ({"min_p": "0.1"}, "min_p"),
+        ({"presence_penalty": 2.5}, "presence_penalty"),
+        ({"frequency_penalty": -2.1}, "frequency_penalty"),
+        ({"frequency_penalty": float("nan")}, "frequency_penalty"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
         ({"min_tokens": 17}, "min_tokens"),  # (past max_tokens 16)
         ({"min_tokens": -1}, "min_tokens"),
         ({"logit_bias": {1: 101}}, "logit_bias"),

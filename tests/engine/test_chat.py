@@ -101,6 +101,14 @@ def test_generation_config_gives_the_defaults_and_eos_ids(tmp_path, llm):
     sampled = _with_generation_config(tmp_path / "s", {"do_sample": True, "temperature": 0.7, "top_k": 20})
     engine = LLM(str(sampled), num_kv_blocks=16, max_num_seqs=2, warmup=False).engine
     assert engine.default_sampling_params() == SamplingParams(temperature=0.7, top_k=20)
+    # repetition_penalty applies greedy or not (transformers' generate and vLLM take it so)
+    penalized = _with_generation_config(tmp_path / "r", {"repetition_penalty": 1.4, "max_new_tokens": 8})
+    engine = LLM(str(penalized), num_kv_blocks=16, max_num_seqs=2, warmup=False)
+    assert engine.engine.default_sampling_params() == SamplingParams(max_tokens=8, repetition_penalty=1.4)
+    (dflt,) = engine.generate([[1, 5, 6, 7]])
+    (explicit,) = llm.generate([[1, 5, 6, 7]], SamplingParams(max_tokens=8, repetition_penalty=1.4))
+    (plain,) = llm.generate([[1, 5, 6, 7]], SamplingParams(max_tokens=8))
+    assert dflt.token_ids == explicit.token_ids != plain.token_ids
     bad = _with_generation_config(tmp_path / "b", {"do_sample": True, "temperature": -1})
     with pytest.raises(InvalidRequestError) as err:
         LLM(str(bad), num_kv_blocks=16, max_num_seqs=2, warmup=False)

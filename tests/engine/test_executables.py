@@ -492,7 +492,7 @@ def test_an_engine_compiles_every_function_with_its_options(tiny_models, monkeyp
     llm = LLM(tiny_models["llama"], warmup=False, layers_per_launch=layers_per_launch, autotune_level=3)
     assert levels == [3]
     runner = llm.engine.runner
-    assert len(runner._executables()) == (6 if layers_per_launch else 4)
+    assert len(runner._executables()) == (7 if layers_per_launch else 5)
     for exe in runner._executables():
         assert exe._compiler_options == {"xla_no_such_option": 1}, exe.name
         assert exe._fingerprint != plain.engine.runner._step._fingerprint

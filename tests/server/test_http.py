@@ -313,8 +313,9 @@ BAD_REQUESTS = {
     "stream_options alone": (_completion(stream_options={"include_usage": True}), 400, "stream_options"),
     "include_usage text": (_completion(stream=True, stream_options={"include_usage": "yes"}), 400,
                            "stream_options.include_usage"),
-    "presence_penalty": (_completion(presence_penalty=0.5), 400, "presence_penalty"),
-    "repetition_penalty": (_completion(repetition_penalty=1.5), 400, "repetition_penalty"),  # (vLLM's extensions)
+    "presence_penalty > 2": (_completion(presence_penalty=2.5), 400, "presence_penalty"),
+    "frequency_penalty string": (_chat(frequency_penalty="1"), 400, "frequency_penalty"),
+    "repetition_penalty 0": (_completion(repetition_penalty=0), 400, "repetition_penalty"),  # (vLLM's extension)
     "min_p > 1": (_completion(min_p=1.5), 400, "min_p"),
     "logit_bias key": (_completion(logit_bias={"t5": 1}), 400, "logit_bias"),
     "logit_bias past 100": (_chat(logit_bias={"5": 101}), 400, "logit_bias"),
@@ -393,6 +394,28 @@ def test_neutral_values_of_unimplemented_parameters_are_served(server, oai):
     full = oai.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=509, extra_body={"ignore_eos": True})
     assert full.usage.completion_tokens == 509 and full.choices[0].finish_reason == "length"
     assert server.server.worker.num_pending == 0
+
+
+def test_penalties_are_served_as_the_engine_applies_them(built, oai):
+    """OpenAI's presence and frequency penalties and vLLM's repetition_penalty: each request's tokens over HTTP are
+    the engine's own with the same parameters (tests/model/test_penalties.py checks those against transformers),
+    greedy and sampled, completions and chat, and they differ from the unpenalized ones."""
+    offline = LLM(built[0], warmup=False, **ENGINE_ARGS)
+    penalties = dict(presence_penalty=1.5, frequency_penalty=0.7, repetition_penalty=1.6)
+    for extra in ({"temperature": 0}, {"temperature": 1.0, "seed": 11}):
+        body = dict(model=MODEL, prompt=[5, 6, 5, 6, 7], max_tokens=12, **extra)
+        got = oai.completions.create(**body, presence_penalty=1.5, frequency_penalty=0.7,
+                                     extra_body={"repetition_penalty": 1.6, "ignore_eos": True})  # fmt: skip
+        params = SamplingParams(max_tokens=12, ignore_eos=True, **extra, **penalties)
+        (want,) = offline.generate([[5, 6, 5, 6, 7]], params)
+        assert got.choices[0].token_ids == want.token_ids
+        plain = oai.completions.create(**body, extra_body={"ignore_eos": True}).choices[0].token_ids
+        assert plain != want.token_ids
+    chat = oai.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "t5 t6 t5"}], max_tokens=6,
+                                       temperature=0, frequency_penalty=2.0)  # fmt: skip
+    ids = offline.engine.apply_chat_template([{"role": "user", "content": "t5 t6 t5"}])
+    (want,) = offline.generate([ids], SamplingParams(max_tokens=6, frequency_penalty=2.0))
+    assert chat.choices[0].token_ids == want.token_ids
 
 
 def test_text_continues_the_prompt_and_text_parts_join_by_lines(oai):

@@ -183,6 +183,12 @@ def test_text_prompt_logprobs_and_tokenize_match_offline(offline, client):
     assert (got.text, got.token_ids, got.finish_reason) == (ref_stop.text, ref_stop.token_ids, "stop")
     assert len(got.token_ids) < 8 and stop not in got.text
 
+    # the penalties travel too: the offline tokens with the same penalties, which differ from the plain ones
+    penalties, again = dict(presence_penalty=1.5, frequency_penalty=0.7, repetition_penalty=1.6), [5, 6, 5, 6, 7]
+    [ref_pen] = offline.generate([again], SamplingParams(max_tokens=12, ignore_eos=True, **penalties))
+    assert client.generate(again, max_tokens=12, ignore_eos=True, **penalties).token_ids == ref_pen.token_ids
+    assert ref_pen.token_ids != client.generate(again, max_tokens=12, ignore_eos=True).token_ids
+
     text = client.generate("t5 t6 t7 t8", max_tokens=4, request_id="mine-1")
     [ref_text] = offline.generate("t5 t6 t7 t8", SamplingParams(max_tokens=4))
     assert text.request_id == "mine-1"
@@ -358,6 +364,10 @@ BAD_GENERATE = {
     "top_p > 1": (_generate_request(token_ids=IDS, sampling=dict(top_p=1.5)), "INVALID_ARGUMENT", "sampling.top_p"),
     "top_k < -1": (_generate_request(token_ids=IDS, sampling=dict(top_k=-2)), "INVALID_ARGUMENT", "sampling.top_k"),
     "min_p > 1": (_generate_request(token_ids=IDS, sampling=dict(min_p=1.5)), "INVALID_ARGUMENT", "sampling.min_p"),
+    "repetition_penalty 0": (_generate_request(token_ids=IDS, sampling=dict(repetition_penalty=0.0)),
+                             "INVALID_ARGUMENT", "sampling.repetition_penalty"),
+    "presence_penalty > 2": (_generate_request(token_ids=IDS, sampling=dict(presence_penalty=3.0)),
+                             "INVALID_ARGUMENT", "sampling.presence_penalty"),
     "stop too long": (_generate_request(token_ids=IDS, sampling=dict(stop=["x" * 300])), "INVALID_ARGUMENT",
                       "sampling.stop"),
     "min_tokens > max_tokens": (_generate_request(token_ids=IDS, sampling=dict(min_tokens=9, max_tokens=2)),
