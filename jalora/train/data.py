@@ -106,6 +106,8 @@ def encode_example(
         except InvalidRequestError as e:
             raise bad(e.field, e.message) from None
         field = "messages"
+    if len(ids) == len(appended):  # (a response with nothing before it has no position to be predicted from)
+        raise bad(field, "has no tokens; the engine refuses an empty prompt too")
     activation = 0
     if invocation is not None:
         found = find_activation(ids, list(invocation))

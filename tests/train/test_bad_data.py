@@ -109,3 +109,18 @@ def test_a_bad_init_adapter_is_named_before_the_model_is_read(text_llama, tmp_pa
             assert cli.main(argv) == 2
             err = capsys.readouterr().err
             assert err.startswith("jalora train: init_adapter: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flags", [[], ["--invocation", JUDGE]])
+def test_a_prompt_without_tokens_is_refused(text_llama, tmp_path, capsys, flags):
+    """A prompt that tokenizes to nothing is refused as the engine refuses it: a plain LoRA's first response token
+    had no position to be predicted from and was learned from a padding position (label position -1)."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(GOOD) + "\n" + json.dumps({"prompt": " ", "response": "w8"}) + "\n")
+    out = tmp_path / "out"
+    code = cli.main(["train", "--model", text_llama, "--data", str(data), "--output-dir", str(out), "--no-progress",
+                     "--max-steps", "1", "--eval-fraction", "0", *flags])  # fmt: skip
+    assert code == 2
+    want = f"jalora train: {data} line 2: prompt: has no tokens; the engine refuses an empty prompt too\n"
+    assert capsys.readouterr().err == want
+    assert not out.exists()
