@@ -191,6 +191,10 @@ class _Checkpoints:
         self.manager.save(step, args=args.Composite(state=args.StandardSave(state), meta=args.JsonSave(meta)))
         self.manager.wait_until_finished()
 
+    def meta(self, step: int) -> dict:
+        """The JSON of step `step` alone (its state is not read)."""
+        return self.manager.restore(step, args=self.ocp.args.Composite(meta=self.ocp.args.JsonRestore())).meta
+
     def restore(self, step: int, abstract_state):
         args = self.ocp.args
         out = self.manager.restore(step, args=args.Composite(state=args.StandardRestore(abstract_state),
@@ -316,12 +320,13 @@ def train_adapter(
     if ckpt is not None and not config.resume:
         ckpt.delete_all()  # starting over: an earlier run's later steps would keep this run's saves out
     if ckpt is not None and config.resume and ckpt.latest() is not None:
-        state, meta = ckpt.restore(ckpt.latest(), {"lora": lora, "opt": opt_state})
-        if meta["fingerprint"] != fingerprint:
+        # The settings first: another rank, other projections or clipping give a state orbax cannot restore into
+        if ckpt.meta(ckpt.latest())["fingerprint"] != fingerprint:
             raise InvalidRequestError(
                 "resume", f"the checkpoint in {config.output_dir} was made with other settings or data; "
                 "train into another output_dir, or pass --no-resume to start over"
             )  # fmt: skip
+        state, meta = ckpt.restore(ckpt.latest(), {"lora": lora, "opt": opt_state})
         lora, opt_state = state["lora"], state["opt"]
         start, history, eval_history = meta["step"], meta["history"], meta["evals"]
 

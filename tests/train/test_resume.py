@@ -89,3 +89,15 @@ def test_no_resume_starts_over_and_can_itself_be_resumed(text_llama, tmp_path):
     keep.write_text("mine")
     train_adapter(data=data, learning_rate=1e-3, resume=False, **settings)
     assert keep.read_text() == "mine"
+
+
+@pytest.mark.parametrize("changes", [{"r": 8}, {"target_modules": ("q_proj",)}, {"max_grad_norm": 0.0}])
+def test_a_checkpoint_of_other_shapes_is_refused_by_its_settings(text_llama, tmp_path, changes):
+    """Another rank, other projections or no clipping (another optimizer state) are the resume error too: the
+    state used to be restored before the settings were compared, and orbax failed on the shapes (ValueError)."""
+    data = _data(tmp_path / "data.jsonl")
+    settings = dict(model=text_llama, data=data, invocation=JUDGE, r=4, max_steps=1, batch_size=4, save_every=1,
+                    eval_fraction=0.0, progress=False, output_dir=str(tmp_path / "out"))  # fmt: skip
+    train_adapter(**settings)
+    with pytest.raises(InvalidRequestError, match="^resume: the checkpoint in .* was made with other settings"):
+        train_adapter(**{**settings, **changes})
