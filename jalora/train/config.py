@@ -102,6 +102,8 @@ class TrainConfig:
                 "must be an integer >= 2")  # fmt: skip
         require(is_int(self.seed) and 0 <= self.seed < 2**32, "seed", f"must be an integer in [0, 2**32), got "
                 f"{self.seed!r:.40}")  # fmt: skip
+        for name in ("append_invocation", "use_rslora", "append_eos", "remat", "resume", "progress"):
+            require(isinstance(getattr(self, name), bool), name, f"must be a bool, got {getattr(self, name)!r:.40}")
         for name, choices in (("dtype", DTYPES), ("save_dtype", SAVE_DTYPES), ("attention", ATTENTION_IMPLS)):
             require(getattr(self, name) in choices, name, f"must be one of {', '.join(choices)}, got "
                     f"{getattr(self, name)!r:.40}")  # fmt: skip

@@ -81,10 +81,12 @@ def test_bad_settings_are_one_error_before_training(text_llama, tmp_path, capsys
 
 
 @pytest.mark.parametrize("field, value", [("save_dtype", "float16"), ("attention", "flash"), ("dtype", "float64"),
-                                          ("seed", 2**32), ("seed", True)])  # fmt: skip
+                                          ("seed", 2**32), ("seed", True), ("use_rslora", "false"),
+                                          ("append_eos", 0), ("resume", None)])  # fmt: skip
 def test_every_setting_is_checked_on_construction(field, value):
     """TrainConfig checks the choices too, not only the command line's parser (save_dtype="float16" used to write
-    float32 silently, attention="flash" to fail inside JAX after the model was read)."""
+    float32 silently, attention="flash" to fail inside JAX after the model was read, use_rslora="false" to train
+    with alpha / sqrt(r) and write an adapter_config.json that jalora refuses to load)."""
     with pytest.raises(InvalidRequestError, match=f"^{field}: "):
         TrainConfig(model="m", data="d", output_dir="o", **{field: value})
 
