@@ -119,17 +119,21 @@ def _prepare(config: TrainConfig) -> _Setup:
     return _Setup(model_dir, cfg, tok, invocation, max_len, train, evals)
 
 
-def _fingerprint(config: TrainConfig) -> str:
-    """What a checkpoint must agree with to be resumed: the settings that change the weights, and the data (by
-    content: the same lines under another path resume)."""
-    ignore = {"output_dir", "eval_every", "save_every", "resume", "progress", "data", "eval_data"}
+def _fingerprint(config: TrainConfig, init: dict | None = None) -> str:
+    """What a checkpoint must agree with to be resumed: the settings that change the weights, and the data and the
+    weights of `init_adapter` (`init`) by content: the same lines or adapter under another path resume."""
+    ignore = {"output_dir", "eval_every", "save_every", "resume", "progress", "data", "eval_data", "init_adapter"}
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignore}
     fields["eval_data"] = config.eval_data is not None
+    fields["init_adapter"] = config.init_adapter is not None
     h = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode())
     for path in (config.data, config.eval_data):
         if path is not None:
             with open(path, "rb") as f:
                 h.update(hashlib.file_digest(f, "sha256").digest())
+    for module in sorted(init or {}):
+        for name in ("A", "B"):
+            h.update(np.ascontiguousarray(init[module][name], np.float32).tobytes())
     return h.hexdigest()
 
 
@@ -312,7 +316,7 @@ def train_adapter(
 
     static = dict(graphdef=graphdef, scaling=config.scaling, attention=_attention_impl(config), remat=config.remat)
     apply = _apply_fn(config, total_steps)
-    fingerprint = _fingerprint(config)
+    fingerprint = _fingerprint(config, init)
     history: list[dict] = []
     eval_history: list[dict] = []
     start = 0

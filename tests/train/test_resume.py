@@ -101,3 +101,23 @@ def test_a_checkpoint_of_other_shapes_is_refused_by_its_settings(text_llama, tmp
     train_adapter(**settings)
     with pytest.raises(InvalidRequestError, match="^resume: the checkpoint in .* was made with other settings"):
         train_adapter(**{**settings, **changes})
+
+
+def test_the_init_adapter_counts_by_content(text_llama, tmp_path):
+    """The adapter a run starts from counts as its data does, by content: other weights under the same path are
+    refused (they used to resume the checkpoint made from the old weights), the same weights under another path
+    resume."""
+    data = _data(tmp_path / "data.jsonl")
+    settings = dict(model=text_llama, data=data, invocation=JUDGE, r=4, max_steps=1, batch_size=4, save_every=1,
+                    eval_fraction=0.0, progress=False)  # fmt: skip
+    init = tmp_path / "init"
+    train_adapter(output_dir=str(init), seed=1, **settings)
+    train_adapter(output_dir=str(tmp_path / "out"), init_adapter=str(init), **settings)
+    shutil.copytree(init, tmp_path / "moved", ignore=shutil.ignore_patterns("checkpoints"))
+    steps = []
+    train_adapter(output_dir=str(tmp_path / "out"), init_adapter=str(tmp_path / "moved"),
+                  callback=lambda step, _: steps.append(step), **settings)  # fmt: skip
+    assert steps == []  # resumed at its last step
+    train_adapter(output_dir=str(init), seed=2, resume=False, **settings)  # other weights under the same path
+    with pytest.raises(InvalidRequestError, match="^resume: the checkpoint in .* was made with other settings"):
+        train_adapter(output_dir=str(tmp_path / "out"), init_adapter=str(init), **settings)
