@@ -411,8 +411,11 @@ class HttpFront:
     async def _texts(self, ids: list[int]) -> list[str]:
         return await self.front.worker.run_host(lambda engine: engine.token_texts(ids))
 
-    async def _logprobs(self, gen: Generation, chat: bool, token_ids, logprobs, offset: int) -> dict | None:
-        """The `logprobs` object of `token_ids` (whose {token: logprob} are `logprobs`), or None."""
+    async def _logprobs(
+        self, gen: Generation, chat: bool, token_ids, logprobs, offset: int, starts: dict[int, int] | None = None
+    ) -> dict | None:
+        """The `logprobs` object of `token_ids` (whose {token: logprob} are `logprobs`), or None; `offset` and
+        `starts` as completion_logprobs takes them."""
         if gen.params.logprobs is None or logprobs is None:
             return None
         alternatives = sorted({t for lp in logprobs for t in lp} | set(token_ids))
@@ -421,7 +424,22 @@ class HttpFront:
         tops = [names] * len(token_ids)
         if chat:
             return chat_logprobs(token_ids, texts, logprobs, tops, gen.params.logprobs)
-        return completion_logprobs(token_ids, texts, logprobs, tops, offset)
+        return completion_logprobs(token_ids, texts, logprobs, tops, offset, starts)
+
+    async def _prompt_starts(self, ids: list[int]) -> dict[int, int]:
+        """Where each prompt token's piece of the prompt's text begins: the length of the text the tokens before it
+        decode to, each token's piece measured after a few tokens before it (as the engine's detokenizer hands
+        out an output's text: a token's own text is not its piece of the text)."""
+
+        def starts(engine) -> dict[int, int]:
+            out, at = {}, 0
+            for i, token in enumerate(ids):
+                out[i] = at
+                window = ids[max(0, i - 8) : i]
+                at += max(0, len(engine.decode([*window, token])) - len(engine.decode(window)))
+            return out
+
+        return await self.front.worker.run_host(starts)
 
     async def _prompt_text(self, gen: Generation) -> str:
         if isinstance(gen.prompt, str):
@@ -456,11 +474,16 @@ class HttpFront:
             }
         else:
             prefix = await self._prompt_text(gen) if gen.echo else ""
-            lp = await self._logprobs(gen, chat, token_ids, logprobs, len(prefix))
+            starts, at, position = {}, len(prefix), 0  # each delta's tokens from where its text begins, as streamed
+            for delta in deltas:
+                starts[position] = at
+                at, position = at + len(delta.text), position + len(delta.token_ids)
+            lp = await self._logprobs(gen, chat, token_ids, logprobs, len(prefix), starts)
             if lp is not None and gen.echo and finished.prompt_logprobs is not None:
                 prompt_ids = finished.prompt_token_ids
                 firsts = [{} if v is None else {t: v} for t, v in zip(prompt_ids, finished.prompt_logprobs)]
-                echoed = await self._logprobs(gen, chat, prompt_ids, firsts, 0)
+                prompt_starts = {i: min(o, len(prefix)) for i, o in (await self._prompt_starts(prompt_ids)).items()}
+                echoed = await self._logprobs(gen, chat, prompt_ids, firsts, 0, prompt_starts)
                 for key in lp:
                     lp[key] = echoed[key] + lp[key]
                 lp["token_logprobs"][0] = None

@@ -334,11 +334,15 @@ def completion_logprobs(
     logprobs: Sequence[dict[int, float]],
     top_texts: Sequence[dict[int, str]],
     offset: int,
+    starts: dict[int, int] | None = None,
 ) -> dict:
     """The legacy completions `logprobs` object: per token its text, logprob, top alternatives and
-    character offset (from `offset`, the characters before the first of these tokens)."""
+    character offset (from `offset`, the characters before the first of these tokens). `starts`: where the
+    text of later pieces begins, by the position of their first token (a whole request's deltas, so that its
+    offsets are those of its streamed deltas: a token's own text is not its piece of the text)."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for token, text, lps, names in zip(token_ids, texts, logprobs, top_texts):
+    for i, (token, text, lps, names) in enumerate(zip(token_ids, texts, logprobs, top_texts)):
+        offset = (starts or {}).get(i, offset)
         out["tokens"].append(text)
         lp = lps.get(token)
         out["token_logprobs"].append(None if lp is None else _logprob(lp))

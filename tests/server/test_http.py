@@ -418,6 +418,23 @@ def test_penalties_are_served_as_the_engine_applies_them(built, oai):
     assert chat.choices[0].token_ids == want.token_ids
 
 
+def test_text_offsets_index_the_text(oai):
+    """Each token's text_offset is where its piece of the choice's text begins (this tokenizer's pieces after the
+    first word start with its space), echoed prompt tokens included; a whole request's offsets are its streamed
+    ones."""
+    kwargs = dict(model=MODEL, max_tokens=4, temperature=0, logprobs=1, extra_body={"ignore_eos": True})
+    for echo in (False, True):
+        choice = oai.completions.create(prompt="t5 t6 t7", echo=echo, **kwargs).choices[0]
+        lp = choice.logprobs
+        assert len(lp.tokens) == (7 if echo else 4)
+        for token, offset in zip(lp.tokens, lp.text_offset):
+            assert choice.text[offset:].lstrip(" ").startswith(token), (echo, lp.tokens, lp.text_offset)
+        assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[-1] < len(choice.text)
+    chunks = list(oai.completions.create(prompt="t5 t6 t7", stream=True, **kwargs))
+    whole = oai.completions.create(prompt="t5 t6 t7", **kwargs).choices[0].logprobs
+    assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == whole.text_offset
+
+
 def test_text_continues_the_prompt_and_text_parts_join_by_lines(oai):
     """A completion's text is what it adds to the prompt's text, so `echo` reads as the whole sequence decoded (this
     tokenizer joins words with spaces: the first word's space is the completion's); a message's text parts are
