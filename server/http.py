@@ -43,6 +43,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from jalora.api.limits import MAX_ERROR_MESSAGE_CHARS, MAX_HTTP_BODY_BYTES, is_adapter_name
+from jalora.engine.chat import prompt_with_invocation
 from jalora.errors import AdapterNotFoundError, InvalidRequestError, InvocationNotFoundError, quoted
 from jalora.outputs import FinishedRequest, RequestDelta
 from server.config import ServerConfig
@@ -442,10 +443,15 @@ class HttpFront:
         return await self.front.worker.run_host(starts)
 
     async def _prompt_text(self, gen: Generation) -> str:
-        if isinstance(gen.prompt, str):
+        """The text of the prompt that the completion continues: with the invocation, where the server appended it."""
+        if isinstance(gen.prompt, str) and not gen.append_invocation:
             return gen.prompt
-        ids = list(gen.prompt)
-        return await self.front.worker.run_host(lambda engine: engine.decode(ids))
+        prompt, adapter = gen.prompt, None if gen.model == self._served else gen.model
+        if not gen.append_invocation:
+            return await self.front.worker.run_host(lambda engine: engine.decode(list(prompt)))
+        return await self.front.worker.run_host(
+            lambda engine: engine.decode(prompt_with_invocation(engine, prompt, None, adapter))
+        )
 
     async def _whole(
         self, request_id: str, gen: Generation, chat: bool, choices: list[list[RequestDelta]], received: float

@@ -169,6 +169,17 @@ def test_missing_invocation_is_400_saying_how_to_fix_it(oai):
     assert appended.choices[0].token_ids == by_hand.choices[0].token_ids and appended.jalora["activation_index"] == 3
 
 
+def test_echo_shows_an_appended_invocation(oai):
+    """With append_invocation the prompt that the completion continues ends with the invocation: echo shows it, whole
+    and streamed, as it shows the invocation of a prompt that holds it."""
+    kwargs = dict(model="judge_a", max_tokens=3, temperature=0, echo=True)
+    for prompt in ("t5 t6 t7", [5, 6, 7]):
+        by_hand = oai.completions.create(prompt="t5 t6 t7 t90 t91", **kwargs).choices[0].text
+        appended = dict(prompt=prompt, extra_body={"append_invocation": True}, **kwargs)
+        assert oai.completions.create(**appended).choices[0].text == by_hand
+        assert "".join(c.choices[0].text for c in oai.completions.create(stream=True, **appended)) == by_hand
+
+
 def test_a_judge_reports_cached_tokens_on_its_second_call(oai, grpc_client):
     """The context's two full blocks (block_size 16) lie before the activation: the first judge call
     computes them, the second finds them, and so does a base call (the base model's KV)."""
