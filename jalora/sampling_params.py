@@ -41,6 +41,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # vLLM's left truncation: the prompt's last k tokens only (-1: as many as max_model_len leaves room for; None: off,
+    # and a longer prompt is refused)
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self):
         # vLLM's other spellings: max_tokens None (up to max_model_len), one stop string, seed -1 (none)
@@ -114,6 +117,9 @@ class SamplingParams:
                     f"must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")  # fmt: skip
         require(is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
                 "must be a finite number > 0 (1: off)")  # fmt: skip
+        k = self.truncate_prompt_tokens
+        require(k is None or (is_int(k) and (k == -1 or 1 <= k <= MAX_INT32)), "truncate_prompt_tokens",
+                f"must be None, -1 (the longest prompt max_model_len takes) or an integer in [1, {MAX_INT32}]")
         p = self.prompt_logprobs
         if p is None:  # vLLM's unset
             self.prompt_logprobs = False

@@ -272,17 +272,18 @@ class EngineWorker:
                                           f"tokens leave room for {room} within max_model_len {limit}")  # fmt: skip
             return encoded
 
+        truncate = params.truncate_prompt_tokens
         self.num_pending += 1  # from here on every outcome reaches the stream, which releases it
         try:
             if isinstance(prompt, str):
                 # Skipped if the call ends while the job waits for a thread: nobody wants the tokens then.
                 def encode_prompt():
-                    return None if stream.aborted else _room(self.engine.encode_prompt(prompt))
+                    return None if stream.aborted else _room(self.engine.encode_prompt(prompt, truncate))
 
                 encode = self._offload(self._host, encode_prompt)
                 encode.add_done_callback(lambda job: self._admit(job, request_id, params, adapter, stream, session))
             else:
-                encoded = _room(self.engine.encode_prompt(prompt))
+                encoded = _room(self.engine.encode_prompt(prompt, truncate))
                 self._put(AddRequest(request_id, encoded, params, adapter, stream, session))
         except Exception as exc:  # the prompt's error, or a stop: that request's alone
             stream._push(exc)

@@ -136,12 +136,15 @@ class Frontend:
             self._max_model_len = (await self.worker.call(lambda engine: engine.info())).max_model_len
         return self._max_model_len
 
-    async def check_token_ids(self, ids: Sequence[int], field: str, length_field: str = "prompt") -> None:
-        """A prompt of token ids: not empty, and shorter than max_model_len (before its values are read)."""
+    async def check_token_ids(
+        self, ids: Sequence[int], field: str, length_field: str = "prompt", truncate: int | None = None
+    ) -> None:
+        """A prompt of token ids: not empty, and shorter than max_model_len (before its values are read) unless
+        the request truncates it (`truncate`: its truncate_prompt_tokens)."""
         n, limit = len(ids), await self.model_len()
         if n == 0:
             raise InvalidRequestError(field, "must not be empty")
-        if n >= limit:
+        if n >= limit and truncate is None:
             raise InvalidRequestError(length_field, f"has {n} tokens; max_model_len is {limit} (room for 1 new token)")
 
     async def session_fields(
@@ -185,7 +188,8 @@ class Frontend:
         the request ends at max_model_len ("length")."""
         if messages is not None or append_invocation:
             invoke = adapter if append_invocation else None
-            prompt = await self.worker.run_host(lambda e: prompt_with_invocation(e, prompt, messages, invoke))
+            truncate = params.truncate_prompt_tokens
+            prompt = await self.worker.run_host(lambda e: prompt_with_invocation(e, prompt, messages, invoke, truncate))
         check = None if max_tokens_field is None else (max_tokens_field, await self.model_len())
         return self.worker.submit(uuid.uuid4().hex, prompt, params, adapter, session, check)
 

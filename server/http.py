@@ -357,7 +357,7 @@ class HttpFront:
             else:
                 gen, ids = parse_completion(body, await self.front.sampling_defaults())
                 if ids is not None:
-                    await self.front.check_token_ids(ids, "prompt")
+                    await self.front.check_token_ids(ids, "prompt", truncate=gen.params.truncate_prompt_tokens)
                 if gen.echo and gen.stream and gen.params.logprobs is not None:
                     raise InvalidRequestError("echo", "with logprobs needs stream: false (prompt logprobs come "
                                               "with the end of the request)")  # fmt: skip
@@ -443,15 +443,20 @@ class HttpFront:
         return await self.front.worker.run_host(starts)
 
     async def _prompt_text(self, gen: Generation) -> str:
-        """The text of the prompt that the completion continues: with the invocation, where the server appended it."""
-        if isinstance(gen.prompt, str) and not gen.append_invocation:
+        """The text of the prompt that the completion continues: with the invocation, where the server appended it,
+        and only its last tokens where the request truncates it (truncate_prompt_tokens)."""
+        truncate = gen.params.truncate_prompt_tokens
+        if isinstance(gen.prompt, str) and not gen.append_invocation and truncate is None:
             return gen.prompt
         prompt, adapter = gen.prompt, None if gen.model == self._served else gen.model
-        if not gen.append_invocation:
-            return await self.front.worker.run_host(lambda engine: engine.decode(list(prompt)))
-        return await self.front.worker.run_host(
-            lambda engine: engine.decode(prompt_with_invocation(engine, prompt, None, adapter))
-        )
+
+        def text(engine) -> str:
+            ids = prompt_with_invocation(engine, prompt, None, adapter, truncate) if gen.append_invocation else prompt
+            if truncate is not None:
+                ids = engine.encode_prompt(ids, truncate).token_ids
+            return engine.decode(list(ids))
+
+        return await self.front.worker.run_host(text)
 
     async def _whole(
         self, request_id: str, gen: Generation, chat: bool, choices: list[list[RequestDelta]], received: float

@@ -41,7 +41,6 @@ _UNSUPPORTED: dict[str, tuple] = {
     "length_penalty": (1,),
     "use_beam_search": (False,),
     "spaces_between_special_tokens": (True,),
-    "truncate_prompt_tokens": (),
     "allowed_token_ids": (),
     "bad_words": ([],),
     "logits_processors": ([],),
@@ -135,13 +134,13 @@ def _model(body: dict) -> str:
 
 def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingParams:
     """SamplingParams from the body's OpenAI parameters (logit_bias and the penalties too, and vLLM's extensions top_k,
-    min_p, min_tokens, repetition_penalty, ignore_eos, include_stop_str_in_output, skip_special_tokens,
-    stop_token_ids); what the body leaves out keeps the engine's defaults, as over gRPC."""
+    min_p, min_tokens, repetition_penalty, truncate_prompt_tokens, ignore_eos, include_stop_str_in_output,
+    skip_special_tokens, stop_token_ids); what the body leaves out keeps the engine's defaults, as over gRPC."""
     kwargs: dict[str, Any] = dataclasses.asdict(defaults)
     max_tokens = _max_tokens_field(body, chat=chat) or "max_tokens"
     renamed = {"max_tokens": max_tokens}
     for name in ("n", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "presence_penalty",
-                 "frequency_penalty", "repetition_penalty"):
+                 "frequency_penalty", "repetition_penalty", "truncate_prompt_tokens"):
         value = _value(body, renamed.get(name, name))
         if value is not None:
             kwargs[name] = value

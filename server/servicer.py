@@ -141,7 +141,9 @@ class JaloraServicer(pb_grpc.JaloraServicer):
         if which == "messages":
             check_messages(_pairs(request.messages), "prompt.messages")
             return None, messages_from_proto(request.messages)
-        await self.front.check_token_ids(request.token_ids.ids, "prompt.token_ids")
+        sampling = request.sampling  # (a prompt it truncates may be longer than the model takes)
+        truncate = sampling.truncate_prompt_tokens if sampling.HasField("truncate_prompt_tokens") else None
+        await self.front.check_token_ids(request.token_ids.ids, "prompt.token_ids", truncate=truncate)
         return list(request.token_ids.ids), None
 
     @unary_call

@@ -98,7 +98,9 @@ class GenerateChunk:
 @dataclasses.dataclass(frozen=True)
 class GenerateResult:
     request_id: str
-    prompt_token_ids: list[int] | None  # the ids sent, when the prompt was given as ids
+    # the ids the model saw, when the prompt was given as ids (truncate_prompt_tokens keeps the last ones: as many as
+    # usage.prompt_tokens counts)
+    prompt_token_ids: list[int] | None
     token_ids: list[int]
     text: str
     finish_reason: str | None
@@ -391,9 +393,12 @@ class _Accumulator:
         last = self.last
         if last is None or not last.finished:
             raise ServerError(grpc.StatusCode.UNKNOWN, "the stream ended without a final message")
+        ids = self.prompt_token_ids
+        if ids is not None and last.usage.prompt_tokens < len(ids):  # (the server kept the last ones)
+            ids = ids[len(ids) - last.usage.prompt_tokens :]
         return GenerateResult(
             request_id=last.request_id,
-            prompt_token_ids=self.prompt_token_ids,
+            prompt_token_ids=ids,
             token_ids=self.token_ids,
             text="".join(self.text),
             finish_reason=last.finish_reason,
@@ -546,6 +551,7 @@ class Client:
         presence_penalty: float | None = None,
         frequency_penalty: float | None = None,
         repetition_penalty: float | None = None,
+        truncate_prompt_tokens: int | None = None,
         stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool | None = None,
@@ -568,7 +574,7 @@ class Client:
             session=session, session_ttl=session_ttl, end_session=end_session, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, logit_bias=logit_bias,
             min_tokens=min_tokens, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-            repetition_penalty=repetition_penalty, stop=stop,
+            repetition_penalty=repetition_penalty, truncate_prompt_tokens=truncate_prompt_tokens, stop=stop,
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
@@ -739,6 +745,7 @@ class AsyncClient:
         presence_penalty: float | None = None,
         frequency_penalty: float | None = None,
         repetition_penalty: float | None = None,
+        truncate_prompt_tokens: int | None = None,
         stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool | None = None,
@@ -756,7 +763,7 @@ class AsyncClient:
             session=session, session_ttl=session_ttl, end_session=end_session, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, logit_bias=logit_bias,
             min_tokens=min_tokens, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-            repetition_penalty=repetition_penalty, stop=stop,
+            repetition_penalty=repetition_penalty, truncate_prompt_tokens=truncate_prompt_tokens, stop=stop,
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip

@@ -121,18 +121,20 @@ def invocation_tokens(engine: Engine, adapter: str | None) -> list[int] | None:
 
 
 def prompt_with_invocation(
-    engine: Engine, prompt: str | Sequence[int] | None, messages, adapter: str | None
+    engine: Engine, prompt: str | Sequence[int] | None, messages, adapter: str | None, truncate: int | None = None
 ) -> list[int]:
     """Token ids of a prompt (text or ids) or of a conversation, ending with the aLoRA adapter's
     invocation when `adapter` is one: for a conversation in place of the template's generation prompt
     (the invocation is the turn the adapter answers in; PEFT advises a role prefix of the chat template
     as an aLoRA's invocation). For the base model and a plain LoRA: the prompt, or the conversation
-    with its generation prompt. Used only where a caller asks for the invocation to be appended."""
+    with its generation prompt. Used only where a caller asks for the invocation to be appended. `truncate`: the
+    request's truncate_prompt_tokens (a text longer than the model takes is then cut, not refused: the prompt
+    with the invocation is cut to its last tokens when it is encoded)."""
     invocation = invocation_tokens(engine, adapter)
     if messages is not None:
         ids = engine.apply_chat_template(messages, add_generation_prompt=invocation is None)
     elif isinstance(prompt, str):
-        ids = engine.encode_prompt(prompt).token_ids  # an oversized text is refused before tokenizing
+        ids = engine.encode_prompt(prompt, truncate).token_ids  # an oversized text is refused before tokenizing
     else:
         ids = list(prompt)
     return ids + (invocation or [])

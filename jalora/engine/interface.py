@@ -119,10 +119,10 @@ class EngineStats:
 
 
 class Engine(Protocol):
-    def encode_prompt(self, prompt: str | Sequence[int]) -> EncodedPrompt:
+    def encode_prompt(self, prompt: str | Sequence[int], truncate: int | None = None) -> EncodedPrompt:
         """Thread-safe. A text prompt tokenized, or token ids checked, and either checked against the
-        model's length (cheap size checks first: an oversized text is refused before it is tokenized).
-        Raises InvalidRequestError."""
+        model's length (cheap size checks first: an oversized text is refused before it is tokenized); with
+        `truncate` (SamplingParams.truncate_prompt_tokens) only its last tokens kept. Raises InvalidRequestError."""
 
     def add_request(
         self,

@@ -529,27 +529,37 @@ class LLMEngine:
 
     # -- requests --------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str | Sequence[int]) -> EncodedPrompt:
+    def encode_prompt(self, prompt: str | Sequence[int], truncate: int | None = None) -> EncodedPrompt:
         """Thread-safe. Tokenizes a text prompt or checks token ids, and checks the length against
         max_model_len. Sizes are checked before anything is done per token: a text of more bytes than a
         prompt that fits can have (`max_prompt_bytes`) is refused untokenized, and a list of ids by its
-        length before its values. Raises InvalidRequestError."""
+        length before its values. With `truncate` (SamplingParams.truncate_prompt_tokens: k, or -1 for
+        max_model_len - 1) only the prompt's last k tokens are kept, as vLLM keeps them, and a longer prompt is
+        no error. Raises InvalidRequestError."""
         too_long = f"max_model_len is {self.max_model_len} (room for 1 new token)"
+        keep = None
+        if truncate is not None:
+            keep = self.max_model_len - 1 if truncate == -1 else truncate
+            if keep >= self.max_model_len:
+                raise InvalidRequestError("truncate_prompt_tokens", f"is {truncate}; {too_long}, so at most "
+                                          f"{self.max_model_len - 1} (or -1)")  # fmt: skip
         if isinstance(prompt, str):
             # len() first: a UTF-8 text has at least as many bytes as characters
-            if len(prompt) > self.max_prompt_bytes or len(prompt.encode()) > self.max_prompt_bytes:
+            if keep is None and (len(prompt) > self.max_prompt_bytes or len(prompt.encode()) > self.max_prompt_bytes):
                 raise InvalidRequestError(
                     "prompt", f"is over {self.max_prompt_bytes} bytes, more than any prompt within {too_long}"
                 )
             ids = self.tokenize(prompt)
         elif isinstance(prompt, list | tuple | np.ndarray):
-            if len(prompt) >= self.max_model_len:
+            if keep is None and len(prompt) >= self.max_model_len:
                 raise InvalidRequestError("prompt", f"has {len(prompt)} tokens; {too_long}")
             ids = self._check_token_ids(prompt)
         else:
             raise InvalidRequestError("prompt", "must be a string or a list of token ids")
         if not ids:
             raise InvalidRequestError("prompt", "is empty")
+        if keep is not None:
+            ids = ids[-keep:]
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError("prompt", f"has {len(ids)} tokens; {too_long}")
         return EncodedPrompt(ids)
@@ -604,7 +614,9 @@ class LLMEngine:
                                       f"logit_bias's {len(params.logit_bias or ())} are more than the draw's "
                                       f"{MAX_DRAW_BIASES}")  # fmt: skip
         ttl = self.sessions.check(session, session_ttl, end_session)
-        ids = (prompt if isinstance(prompt, EncodedPrompt) else self.encode_prompt(prompt)).token_ids
+        if not isinstance(prompt, EncodedPrompt):
+            prompt = self.encode_prompt(prompt, params.truncate_prompt_tokens)
+        ids = prompt.token_ids
         resolved = self.adapters.resolve(adapter, ids)
         seed = params.seed if params.seed is not None else self._rng.randrange(2**32)
         req = Request(request_id, ids, params, seed, self.eos_token_ids, adapter, resolved)

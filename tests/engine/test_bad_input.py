@@ -67,6 +67,10 @@ def assert_names_the_field_once(err: InvalidRequestError, field: str) -> None:
         ({"ignore_eos": "no"}, "ignore_eos"),
         ({"prompt_logprobs": "yes"}, "prompt_logprobs"),
         ({"prompt_logprobs": 5}, "prompt_logprobs"),  # (vLLM's top-5: only each token's own is given)
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": "8"}, "truncate_prompt_tokens"),
+        ({"truncate_prompt_tokens": True}, "truncate_prompt_tokens"),
     ],
 )
 def test_sampling_params_name_the_field(kwargs, field):
@@ -103,6 +107,15 @@ def test_bad_prompts_leave_engine_serving(llm, prompt, field):
     (ok,) = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2))
     assert len(ok.token_ids) == 2
     assert llm.engine.num_free_blocks() == llm.engine.num_total_blocks
+
+
+def test_a_truncation_longer_than_the_model_takes_is_refused(llm):
+    """truncate_prompt_tokens past max_model_len - 1 (128 here) could keep a prompt the model cannot take: refused
+    naming it, even for a short prompt, as vLLM refuses it."""
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2, truncate_prompt_tokens=128))
+    assert_names_the_field_once(e.value, "truncate_prompt_tokens")
+    assert not llm.engine.requests
 
 
 def test_one_bad_prompt_in_a_batch_adds_nothing(llm):

@@ -64,9 +64,9 @@ class HeldEngine:
             gate.entered.release()
             assert gate.release.wait(HANG)
 
-    def encode_prompt(self, prompt):
+    def encode_prompt(self, prompt, truncate=None):
         self._pass("encode_prompt", isinstance(prompt, str) and len(prompt) >= HOLD_BYTES)
-        return self.engine.encode_prompt(prompt)
+        return self.engine.encode_prompt(prompt, truncate)
 
     def tokenize(self, text, *args, **kwargs):
         self._pass("tokenize", len(text) >= HOLD_BYTES)

@@ -446,6 +446,28 @@ def test_text_offsets_index_the_text(oai):
     assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == whole.text_offset
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(oai):
+    """vLLM's truncate_prompt_tokens: a prompt longer than max_model_len (512) is cut to its last k tokens, not
+    refused; the answer is the one to those k tokens sent alone, echo shows them, and with append_invocation the cut
+    prompt still ends with the adapter's invocation."""
+    words = [f"t{5 + i % 80}" for i in range(600)]
+    kwargs = dict(model=MODEL, max_tokens=5, temperature=0)
+    cut = {"ignore_eos": True, "truncate_prompt_tokens": 12}
+    want = oai.completions.create(prompt=" ".join(words[-12:]), extra_body={"ignore_eos": True}, **kwargs).choices[0]
+    ids = [int(w[1:]) for w in words]
+    for prompt in (" ".join(words), ids):
+        got = oai.completions.create(prompt=prompt, echo=True, extra_body=cut, **kwargs)
+        assert got.usage.prompt_tokens == 12 and got.choices[0].token_ids == want.token_ids
+        assert got.choices[0].text == " ".join(words[-12:]) + want.text
+    with pytest.raises(openai.BadRequestError) as err:  # (without it the prompt is refused, as before)
+        oai.completions.create(prompt=ids, **kwargs)
+    assert err.value.body["param"] == "prompt"
+    judged = oai.completions.create(**{**kwargs, "model": "judge_a"}, prompt=" ".join(words), echo=True,
+                                    extra_body={**cut, "append_invocation": True})  # fmt: skip
+    assert judged.choices[0].text.startswith(" ".join(words[-10:]) + " t90 t91")
+    assert judged.usage.prompt_tokens == 12
+
+
 def test_text_continues_the_prompt_and_text_parts_join_by_lines(oai):
     """A completion's text is what it adds to the prompt's text, so `echo` reads as the whole sequence decoded (this
     tokenizer joins words with spaces: the first word's space is the completion's); a message's text parts are

@@ -188,6 +188,11 @@ def test_text_prompt_logprobs_and_tokenize_match_offline(offline, client):
     [ref_pen] = offline.generate([again], SamplingParams(max_tokens=12, ignore_eos=True, **penalties))
     assert client.generate(again, max_tokens=12, ignore_eos=True, **penalties).token_ids == ref_pen.token_ids
     assert ref_pen.token_ids != client.generate(again, max_tokens=12, ignore_eos=True).token_ids
+    # and truncate_prompt_tokens: a prompt longer than max_model_len keeps its last 12 tokens
+    long = [5 + i % 80 for i in range(client.server_info().max_model_len + 40)]
+    cut = client.generate(long, max_tokens=4, truncate_prompt_tokens=12)
+    assert cut.prompt_token_ids == long[-12:]
+    assert cut.token_ids == client.generate(long[-12:], max_tokens=4).token_ids
 
     text = client.generate("t5 t6 t7 t8", max_tokens=4, request_id="mine-1")
     [ref_text] = offline.generate("t5 t6 t7 t8", SamplingParams(max_tokens=4))
