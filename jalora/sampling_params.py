@@ -44,6 +44,8 @@ class SamplingParams:
     # vLLM's left truncation: the prompt's last k tokens only (-1: as many as max_model_len leaves room for; None: off,
     # and a longer prompt is refused)
     truncate_prompt_tokens: int | None = None
+    # vLLM's allowed_token_ids: the draw picks only among these (greedy too; the logprobs stay the model's own)
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self):
         # vLLM's other spellings: max_tokens None (up to max_model_len), one stop string, seed -1 (none)
@@ -117,6 +119,12 @@ class SamplingParams:
                     f"must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]")  # fmt: skip
         require(is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
                 "must be a finite number > 0 (1: off)")  # fmt: skip
+        if self.allowed_token_ids is not None:
+            allowed = self.allowed_token_ids
+            require(isinstance(allowed, list | tuple) and len(allowed) > 0
+                    and all(is_int(t) and 0 <= t <= MAX_INT32 for t in allowed), "allowed_token_ids",
+                    f"must be a non-empty list of token ids (integers in [0, {MAX_INT32}])")  # fmt: skip
+            self.allowed_token_ids = [int(t) for t in allowed]
         k = self.truncate_prompt_tokens
         require(k is None or (is_int(k) and (k == -1 or 1 <= k <= MAX_INT32)), "truncate_prompt_tokens",
                 f"must be None, -1 (the longest prompt max_model_len takes) or an integer in [1, {MAX_INT32}]")
@@ -140,6 +148,12 @@ class SamplingParams:
     def penalized(self) -> bool:
         """Some penalty is on: the draw needs the request's token counts (jalora/engine/model_runner.py)."""
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def needs_token_row(self) -> bool:
+        """The draw reads a row of the request's own token state: its counts (penalties) or the tokens it may not
+        draw (allowed_token_ids); jalora/engine/penalties.py."""
+        return self.penalized or self.allowed_token_ids is not None
 
     def child(self, index: int) -> "SamplingParams":
         """The parameters of completion `index` of n: one completion, and with a seed the seed + index (vLLM's

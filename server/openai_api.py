@@ -41,7 +41,6 @@ _UNSUPPORTED: dict[str, tuple] = {
     "length_penalty": (1,),
     "use_beam_search": (False,),
     "spaces_between_special_tokens": (True,),
-    "allowed_token_ids": (),
     "bad_words": ([],),
     "logits_processors": ([],),
     "guided_json": (),
@@ -134,8 +133,9 @@ def _model(body: dict) -> str:
 
 def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingParams:
     """SamplingParams from the body's OpenAI parameters (logit_bias and the penalties too, and vLLM's extensions top_k,
-    min_p, min_tokens, repetition_penalty, truncate_prompt_tokens, ignore_eos, include_stop_str_in_output,
-    skip_special_tokens, stop_token_ids); what the body leaves out keeps the engine's defaults, as over gRPC."""
+    min_p, min_tokens, repetition_penalty, truncate_prompt_tokens, allowed_token_ids, ignore_eos,
+    include_stop_str_in_output, skip_special_tokens, stop_token_ids); what the body leaves out keeps the engine's
+    defaults, as over gRPC."""
     kwargs: dict[str, Any] = dataclasses.asdict(defaults)
     max_tokens = _max_tokens_field(body, chat=chat) or "max_tokens"
     renamed = {"max_tokens": max_tokens}
@@ -155,6 +155,11 @@ def _sampling(body: dict, defaults: SamplingParams, *, chat: bool) -> SamplingPa
         if not isinstance(bias, dict) or not all(isinstance(t, str) and t.isdecimal() for t in bias):
             raise InvalidRequestError("logit_bias", "must map token ids (as strings) to biases")
         kwargs["logit_bias"] = {int(t): b for t, b in bias.items()}
+    allowed = _value(body, "allowed_token_ids")
+    if allowed is not None:
+        if not isinstance(allowed, list):
+            raise InvalidRequestError("allowed_token_ids", "must be a list of token ids")
+        kwargs["allowed_token_ids"] = allowed
     ids = _value(body, "stop_token_ids")
     if ids is not None:
         if not isinstance(ids, list):

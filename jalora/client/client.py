@@ -261,8 +261,8 @@ def _sampling_message(params: Any, sampling: Mapping[str, Any], field: str = "sa
         if value is None:
             continue
         try:
-            if name == "stop_token_ids":
-                sp.stop_token_ids.extend(value)
+            if name in ("stop_token_ids", "allowed_token_ids"):
+                getattr(sp, name).extend(value)
             elif name == "stop":  # (one string, as vLLM takes it, or a list)
                 sp.stop.extend([value] if isinstance(value, str) else value)
             elif name == "logit_bias":
@@ -552,6 +552,7 @@ class Client:
         frequency_penalty: float | None = None,
         repetition_penalty: float | None = None,
         truncate_prompt_tokens: int | None = None,
+        allowed_token_ids: Sequence[int] | None = None,
         stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool | None = None,
@@ -574,7 +575,8 @@ class Client:
             session=session, session_ttl=session_ttl, end_session=end_session, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, logit_bias=logit_bias,
             min_tokens=min_tokens, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-            repetition_penalty=repetition_penalty, truncate_prompt_tokens=truncate_prompt_tokens, stop=stop,
+            repetition_penalty=repetition_penalty, truncate_prompt_tokens=truncate_prompt_tokens,
+            allowed_token_ids=allowed_token_ids, stop=stop,
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip
@@ -746,6 +748,7 @@ class AsyncClient:
         frequency_penalty: float | None = None,
         repetition_penalty: float | None = None,
         truncate_prompt_tokens: int | None = None,
+        allowed_token_ids: Sequence[int] | None = None,
         stop: str | Sequence[str] | None = None,
         stop_token_ids: Sequence[int] | None = None,
         ignore_eos: bool | None = None,
@@ -763,7 +766,8 @@ class AsyncClient:
             session=session, session_ttl=session_ttl, end_session=end_session, max_tokens=max_tokens,
             temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, logit_bias=logit_bias,
             min_tokens=min_tokens, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
-            repetition_penalty=repetition_penalty, truncate_prompt_tokens=truncate_prompt_tokens, stop=stop,
+            repetition_penalty=repetition_penalty, truncate_prompt_tokens=truncate_prompt_tokens,
+            allowed_token_ids=allowed_token_ids, stop=stop,
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )  # fmt: skip

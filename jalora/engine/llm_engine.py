@@ -606,6 +606,9 @@ class LLMEngine:
         if params.logit_bias and max(params.logit_bias) >= self.model_config.vocab_size:
             raise InvalidRequestError("logit_bias", f"keys must be token ids in [0, {self.model_config.vocab_size}) "
                                       "(the vocabulary)")  # fmt: skip
+        if params.allowed_token_ids and max(params.allowed_token_ids) >= self.model_config.vocab_size:
+            raise InvalidRequestError("allowed_token_ids", f"must be token ids in [0, {self.model_config.vocab_size}) "
+                                      "(the vocabulary)")  # fmt: skip
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", f"{self.config.model} has no tokenizer.json: no text to match them in")
         bans = len(banned_early(params, self.eos_token_ids))

@@ -307,7 +307,8 @@ class ModelRunner:
             x = logits  # (the logprobs stay the model's own, as vLLM's)
             if counts is not None:
                 x = x.at[jnp.arange(x.shape[0])[:, None], sp.bias_ids].add(sp.bias_values)
-                seen = counts[jnp.maximum(sp.penalty_slot, 0)]
+                # (a row without a slot reads zeros: another request's row would carry its disallowed tokens)
+                seen = jnp.where(sp.penalty_slot[:, None] >= 0, counts[jnp.maximum(sp.penalty_slot, 0)], 0)
                 x = apply_penalties(x, seen, sp.presence, sp.frequency, sp.repetition)
             tokens = sample(x, sp.temperature, sp.top_k, sp.top_p, sp.seeds, sp.counters, sp.min_p)
             if counts is None:
@@ -527,13 +528,13 @@ class ModelRunner:
                 bias[0][i, : len(entries)] = [t for t, _ in entries]
                 bias[1][i, : len(entries)] = [b for _, b in entries]
         penalties, writes = None, []
-        if any(p.penalized for p in params):
+        if any(p.needs_token_row for p in params):
             penalties = (np.full(rows, -1, np.int32), np.full(rows, -1, np.int32), np.zeros(rows, np.float32),
                          np.zeros(rows, np.float32), np.ones(rows, np.float32))  # fmt: skip
             in_step = {id(r) for r in reqs}
             for i, r in enumerate(reqs):
                 p = r.params
-                if not p.penalized:
+                if not p.needs_token_row:
                     continue
                 slot = self.penalty_slots.slot(r, in_step, writes)
                 penalties[0][i], penalties[2][i], penalties[3][i], penalties[4][i] = (

@@ -1,4 +1,5 @@
-"""Where the draw finds each penalized request's token counts: one row per slot of a device table.
+"""Where the draw finds each penalized request's token counts: one row per slot of a device table (and the
+tokens a request with allowed_token_ids may not draw, as a flag in the same row).
 
 Penalties (presence, frequency, repetition) need, per request, how many times it generated each token and
 which tokens its prompt holds. Sending them with every step would cost a vocabulary-wide row per request
@@ -22,16 +23,21 @@ import dataclasses
 
 import numpy as np
 
-from jalora.model.sampler import PROMPT_FLAG
+from jalora.model.sampler import DISALLOWED_FLAG, PROMPT_FLAG
 
 
-def counts_row(prompt_token_ids, output_token_ids, vocab_size: int) -> np.ndarray:
+def counts_row(prompt_token_ids, output_token_ids, vocab_size: int, allowed_token_ids=None) -> np.ndarray:
     """i32[vocab_size]: each token's count among `output_token_ids`, PROMPT_FLAG added where it is in the
-    prompt (ids outside the vocabulary are not counted: the model never draws them)."""
+    prompt, and with `allowed_token_ids` DISALLOWED_FLAG added to every other token (ids outside the vocabulary
+    are not counted: the model never draws them)."""
     out = np.asarray(output_token_ids, np.int64)
     row = np.bincount(out[(out >= 0) & (out < vocab_size)], minlength=vocab_size).astype(np.int32)
     prompt = np.asarray(prompt_token_ids, np.int64)
     row[np.unique(prompt[(prompt >= 0) & (prompt < vocab_size)])] += PROMPT_FLAG
+    if allowed_token_ids is not None:
+        disallowed = np.full(vocab_size, DISALLOWED_FLAG, np.int32)
+        disallowed[np.asarray(allowed_token_ids, np.int64)] = 0
+        row += disallowed
     return row
 
 
@@ -70,8 +76,8 @@ class PenaltySlots:
         if self._counted[slot] != req.num_output_tokens_with_pending:
             # (at most one pending token, sampled by the previous step: ModelRunner.prepare checks that)
             pending = req.pending[0][1] if req.pending else -1
-            writes.append(RowWrite(slot, counts_row(req.prompt_token_ids, req.output_token_ids, self.vocab_size),
-                                   pending))  # fmt: skip
+            row = counts_row(req.prompt_token_ids, req.output_token_ids, self.vocab_size, req.params.allowed_token_ids)
+            writes.append(RowWrite(slot, row, pending))
             self._counted[slot] = req.num_output_tokens_with_pending
         return slot
 

@@ -5,13 +5,15 @@ import jax
 import jax.numpy as jnp
 
 # A row of token counts (jalora/engine/penalties.py) holds, per vocabulary entry, how many times the request has
-# generated that token, plus this flag where the token is in its prompt.
+# generated that token, plus PROMPT_FLAG where the token is in its prompt and DISALLOWED_FLAG where it is outside the
+# request's allowed_token_ids.
 PROMPT_FLAG = 1 << 30
+DISALLOWED_FLAG = 1 << 29
 
 
 def apply_penalties(
     logits,  # f32[S, V]
-    counts,  # i32[S, V] each row's token counts (PROMPT_FLAG added for its prompt's tokens)
+    counts,  # i32[S, V] each row's token counts (with PROMPT_FLAG and DISALLOWED_FLAG)
     presence,  # f32[S]; 0 = off
     frequency,  # f32[S]; 0 = off
     repetition,  # f32[S]; 1 = off
@@ -19,11 +21,13 @@ def apply_penalties(
     """The logits with OpenAI's and vLLM's penalties applied, in vLLM's order: a token seen in the prompt or the
     output has its logit divided by the repetition penalty where positive and multiplied by it where not
     (transformers' RepetitionPenaltyLogitsProcessor, over prompt and output as vLLM takes it); then each generated
-    token's logit loses frequency * its count and presence once. A row whose penalties are off is unchanged."""
-    generated = (counts & (PROMPT_FLAG - 1)).astype(logits.dtype)
+    token's logit loses frequency * its count and presence once. A token outside the row's allowed ones is -inf (vLLM
+    masks them first; -inf stays -inf through the rest). A row whose penalties are off is unchanged but for that."""
+    generated = (counts & (DISALLOWED_FLAG - 1)).astype(logits.dtype)
     rep = repetition[:, None]
-    x = jnp.where(counts != 0, jnp.where(logits > 0, logits / rep, logits * rep), logits)
-    return x - frequency[:, None] * generated - presence[:, None] * (generated > 0)
+    x = jnp.where((counts & ~DISALLOWED_FLAG) != 0, jnp.where(logits > 0, logits / rep, logits * rep), logits)
+    x = x - frequency[:, None] * generated - presence[:, None] * (generated > 0)
+    return jnp.where((counts & DISALLOWED_FLAG) != 0, -jnp.inf, x)
 
 
 def sample(

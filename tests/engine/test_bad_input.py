@@ -71,6 +71,9 @@ def assert_names_the_field_once(err: InvalidRequestError, field: str) -> None:
         ({"truncate_prompt_tokens": -2}, "truncate_prompt_tokens"),
         ({"truncate_prompt_tokens": "8"}, "truncate_prompt_tokens"),
         ({"truncate_prompt_tokens": True}, "truncate_prompt_tokens"),
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [3, -1]}, "allowed_token_ids"),
+        ({"allowed_token_ids": 3}, "allowed_token_ids"),
     ],
 )
 def test_sampling_params_name_the_field(kwargs, field):
@@ -115,6 +118,13 @@ def test_a_truncation_longer_than_the_model_takes_is_refused(llm):
     with pytest.raises(InvalidRequestError) as e:
         llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2, truncate_prompt_tokens=128))
     assert_names_the_field_once(e.value, "truncate_prompt_tokens")
+    assert not llm.engine.requests
+
+
+def test_allowed_token_ids_past_the_vocabulary_are_refused(llm):
+    with pytest.raises(InvalidRequestError) as e:
+        llm.generate([[3, 4, 5]], SamplingParams(max_tokens=2, allowed_token_ids=[5, hf_models.VOCAB]))
+    assert_names_the_field_once(e.value, "allowed_token_ids")
     assert not llm.engine.requests
 
 

@@ -26,6 +26,7 @@ KINDS = {
     "min_p": {"temperature": 1.0, "min_p": 0.05},
     "penalties": {"presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 1.2},
     "sampled penalties": {"temperature": 0.8, "repetition_penalty": 0.9, "logit_bias": {3: 2.0}},
+    "allowed tokens": {"allowed_token_ids": [3, 4, 5]},
     "logit bias": {"logit_bias": {3: 2.0}},  # (greedy, yet drawn: the draw adds the bias)
     "sampled logit bias": {"temperature": 0.8, "logit_bias": {3: -1.5, 4: 2.0}},
     "min_tokens": {"min_tokens": 2, "stop_token_ids": [3]},  # (greedy, yet drawn: stop ids banned)

@@ -1,4 +1,5 @@
-"""Presence, frequency and repetition penalties: the logits adjustment against numpy and transformers, and the
+"""Presence, frequency and repetition penalties, and vLLM's allowed_token_ids (a flag in the same rows): the logits
+adjustment against numpy and transformers, and the
 engine's generations against transformers' greedy loop with the same penalties (transformers'
 RepetitionPenaltyLogitsProcessor, and OpenAI's formula for presence and frequency), through the device table of
 token counts: batches mixing penalties, more penalized requests than slots, preemption, chunked prefill, and a
@@ -12,7 +13,7 @@ from transformers import RepetitionPenaltyLogitsProcessor
 
 from jalora import LLM, SamplingParams
 from jalora.engine.penalties import counts_row
-from jalora.model.sampler import PROMPT_FLAG, apply_penalties
+from jalora.model.sampler import DISALLOWED_FLAG, PROMPT_FLAG, apply_penalties
 from tests import hf_models
 
 
@@ -43,6 +44,22 @@ def test_apply_penalties_matches_the_definitions():
 def test_counts_row_counts_output_tokens_and_flags_the_prompts():
     row = counts_row([5, 5, 2], [2, 7, 7, 7], 10)
     assert row.tolist() == [0, 0, 1 + PROMPT_FLAG, 0, 0, PROMPT_FLAG, 0, 3, 0, 0]
+    row = counts_row([5, 5, 2], [2, 7, 7, 7], 10, allowed_token_ids=[7, 1])
+    d = DISALLOWED_FLAG
+    assert row.tolist() == [d, 0, 1 + PROMPT_FLAG + d, d, d, PROMPT_FLAG + d, d, 3, d, d]
+
+
+def test_disallowed_tokens_are_masked_and_the_rest_penalized_as_without_the_flag():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, (2, 12)).astype(np.float32)
+    rows = [counts_row([1, 2], [3, 3, 4], 12), counts_row([1, 2], [3, 3, 4], 12, allowed_token_ids=[2, 3, 5, 9])]
+    args = [jnp.asarray(a, jnp.float32) for a in ([0.5, 0.5], [0.3, 0.3], [1.4, 1.4])]
+    plain, masked = np.asarray(apply_penalties(jnp.asarray(logits), jnp.asarray(np.stack(rows)), *args))
+    want = apply_penalties(jnp.asarray(logits[1:]), jnp.asarray(rows[0][None]), *[a[:1] for a in args])[0]
+    allowed = np.zeros(12, bool)
+    allowed[[2, 3, 5, 9]] = True
+    np.testing.assert_array_equal(masked[allowed], np.asarray(want)[allowed])
+    assert np.all(masked[~allowed] == -np.inf)
 
 
 def oracle_greedy(oracle, prompt, n, repetition=1.0, presence=0.0, frequency=0.0, bias=None, count_last=True):
@@ -176,3 +193,30 @@ def test_seeded_penalized_draws_reproduce_alone_and_batched(tiny_models):
     (unpenalized,) = llm.generate([prompt_of(9)], SamplingParams(max_tokens=16, ignore_eos=True, temperature=1.5,
                                                                  seed=7))  # fmt: skip
     assert unpenalized.token_ids != alone.token_ids
+
+
+def test_allowed_token_ids_match_transformers_restricted_to_them(tiny_models, oracle):
+    """vLLM's allowed_token_ids: greedy, the most likely of the allowed tokens at every step (transformers' logits
+    restricted to them), with penalties too, beside an unrestricted request; sampled, only allowed tokens. End of
+    sequence is not among them here, so only the length ends the request."""
+    prompt, allowed = prompt_of(11), [3, 17, 29, 41, 55, 80]
+    want, seq = [], list(prompt)
+    with torch.no_grad():
+        for _ in range(10):
+            logits = oracle(torch.tensor([seq])).logits[0, -1]
+            want.append(allowed[int(torch.argmax(logits[allowed]))])
+            seq.append(want[-1])
+    llm = LLM(tiny_models["llama"], num_kv_blocks=64, max_num_seqs=8, max_num_batched_tokens=64, warmup=False)
+    params = [SamplingParams(max_tokens=10, allowed_token_ids=allowed, logprobs=0),
+              SamplingParams(max_tokens=10, ignore_eos=True),
+              params_of(CASES[4], 10, allowed_token_ids=allowed),
+              SamplingParams(max_tokens=30, temperature=1.0, seed=2, allowed_token_ids=allowed)]  # fmt: skip
+    restricted, plain, penalized, sampled = llm.generate([prompt] * 4, params)
+    assert restricted.token_ids == want and restricted.finish_reason == "length"
+    assert plain.token_ids == oracle_greedy(oracle, prompt, 10) != want
+    assert set(penalized.token_ids) <= set(allowed) and penalized.token_ids != want
+    assert set(sampled.token_ids) <= set(allowed) and len(set(sampled.token_ids)) > 1
+    with torch.no_grad():  # the logprobs stay the model's own (unrestricted), as vLLM's
+        all_lp = torch.log_softmax(oracle(torch.tensor([prompt + want])).logits[0, len(prompt) - 1 : -1], -1)
+    got = [lp[t] for lp, t in zip(restricted.logprobs, want)]
+    np.testing.assert_allclose(got, all_lp[torch.arange(10), torch.tensor(want)].numpy(), atol=1e-4)

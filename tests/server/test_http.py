@@ -427,6 +427,12 @@ def test_penalties_are_served_as_the_engine_applies_them(built, oai):
     ids = offline.engine.apply_chat_template([{"role": "user", "content": "t5 t6 t5"}])
     (want,) = offline.generate([ids], SamplingParams(max_tokens=6, frequency_penalty=2.0))
     assert chat.choices[0].token_ids == want.token_ids
+    # and vLLM's allowed_token_ids, which rides in the same rows: only those tokens, as the engine picks them
+    allowed = [9, 13, 40, 77]
+    got = oai.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=8, temperature=0,
+                                 extra_body={"allowed_token_ids": allowed, "ignore_eos": True})  # fmt: skip
+    (want,) = offline.generate([[5, 6, 7]], SamplingParams(max_tokens=8, ignore_eos=True, allowed_token_ids=allowed))
+    assert got.choices[0].token_ids == want.token_ids and set(want.token_ids) <= set(allowed)
 
 
 def test_text_offsets_index_the_text(oai):

@@ -188,6 +188,12 @@ def test_text_prompt_logprobs_and_tokenize_match_offline(offline, client):
     [ref_pen] = offline.generate([again], SamplingParams(max_tokens=12, ignore_eos=True, **penalties))
     assert client.generate(again, max_tokens=12, ignore_eos=True, **penalties).token_ids == ref_pen.token_ids
     assert ref_pen.token_ids != client.generate(again, max_tokens=12, ignore_eos=True).token_ids
+    # allowed_token_ids too
+    allowed = [9, 13, 40, 77]
+    [ref_allowed] = offline.generate([again], SamplingParams(max_tokens=8, ignore_eos=True, allowed_token_ids=allowed))
+    assert client.generate(again, max_tokens=8, ignore_eos=True, allowed_token_ids=allowed).token_ids == \
+        ref_allowed.token_ids  # fmt: skip
+    assert set(ref_allowed.token_ids) <= set(allowed)
     # and truncate_prompt_tokens: a prompt longer than max_model_len keeps its last 12 tokens
     long = [5 + i % 80 for i in range(client.server_info().max_model_len + 40)]
     cut = client.generate(long, max_tokens=4, truncate_prompt_tokens=12)
