@@ -582,7 +582,12 @@ class ModelRunner:
         self, seq: int, step: PreparedStep, adapters: AdapterStacks, prev_tokens: jax.Array | None
     ) -> StepOutputs:
         compiled, start = self.num_compiled(), time.perf_counter()
-        out, logits, hidden = self._launch_step(step, adapters, prev_tokens)
+        try:
+            out, logits, hidden = self._launch_step(step, adapters, prev_tokens)
+        except BaseException:
+            if step.row_writes:  # (none written: the book, which counts them, cannot be trusted)
+                self.penalty_slots.forget()
+            raise
         if step.do_sample:
             tokens, token_lp = self._run_draw(step, logits, prev_tokens)
             out = out._replace(tokens=tokens, token_logprobs=token_lp)

@@ -220,3 +220,37 @@ def test_allowed_token_ids_match_transformers_restricted_to_them(tiny_models, or
         all_lp = torch.log_softmax(oracle(torch.tensor([prompt + want])).logits[0, len(prompt) - 1 : -1], -1)
     got = [lp[t] for lp, t in zip(restricted.logprobs, want)]
     np.testing.assert_allclose(got, all_lp[torch.arange(10), torch.tensor(want)].numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_a_launch_that_fails_before_its_draw_leaves_no_stale_row(tiny_models, oracle, monkeypatch, async_scheduling):
+    """A step that fails on its way to the draw (here in the step itself) wrote none of the rows its prepare
+    queued: a request that took another's slot in a prefill chunk (which counts no token) gets its row written
+    when the chunk is run again, not the previous owner's counts."""
+    llm = LLM(tiny_models["llama"], num_kv_blocks=32, max_num_seqs=1, max_num_batched_tokens=16, warmup=False,
+              async_scheduling=async_scheduling)  # fmt: skip
+    engine, case = llm.engine, CASES[4]
+    first, second = prompt_of(9, 3), prompt_of(40, 4)
+    (out,) = llm.generate([first], params_of(case, 12))  # its counts fill the only row
+    assert out.token_ids == oracle_greedy(oracle, first, 12, **case)
+    real, calls = engine.runner._launch_step, {"n": 0}
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the second request's first chunk
+            raise RuntimeError("injected")
+        return real(*args)
+
+    monkeypatch.setattr(engine.runner, "_launch_step", flaky)
+    engine.add_request("r", second, params_of(case, 12))
+    tokens, failed = [], 0
+    while engine.has_unfinished_requests():
+        try:
+            deltas = engine.step()
+        except RuntimeError:
+            failed += 1
+            continue
+        for d in deltas:
+            tokens += d.token_ids
+    assert failed == 1
+    assert tokens == oracle_greedy(oracle, second, 12, **case)
