@@ -817,7 +817,8 @@ class ModelRunner:
         return any(k.is_deleted() or v.is_deleted() for k, v in self.kv_caches)
 
     def reset_kv_cache(self) -> None:
-        """A zeroed cache in place of one that is gone or cannot be trusted."""
+        """A zeroed cache in place of one that is gone or cannot be trusted; the penalties' counts table too,
+        which the same failed launch wrote (its draw's output), every row of it to be written again."""
         if self.leader is None:
             self._zero_kv_cache()
             return
@@ -827,6 +828,8 @@ class ModelRunner:
     def _zero_kv_cache(self) -> None:
         zeros = self.tp.zeros
         self.kv_caches = [tuple(zeros(c.shape, c.dtype, KV_SPEC) for c in kv) for kv in self.kv_caches]
+        self.penalty_counts = zeros(self.penalty_counts.shape, jnp.int32, P())
+        self.penalty_slots.forget()
 
     def gather_kv_blocks(self, blocks: np.ndarray) -> jax.Array:
         """Enqueues a copy of cache blocks `blocks` (i32[n]) for the host tier; returns the device array

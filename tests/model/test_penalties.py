@@ -254,3 +254,31 @@ def test_a_launch_that_fails_before_its_draw_leaves_no_stale_row(tiny_models, or
             tokens += d.token_ids
     assert failed == 1
     assert tokens == oracle_greedy(oracle, second, 12, **case)
+
+
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_a_step_failing_on_the_device_resets_the_counts_table(tiny_models, oracle, monkeypatch, async_scheduling):
+    """A step that fails on the device surfaces when it is read back; the counts table it wrote (its draw's output)
+    is as lost as the KV cache (simulated as the engine's failure tests simulate a lost cache: deleted). The engine
+    rebuilds both: the next steps raise nothing more and the penalized request still gets transformers' tokens."""
+    llm = LLM(tiny_models["llama"], num_kv_blocks=32, max_num_seqs=2, max_num_batched_tokens=64, warmup=False,
+              async_scheduling=async_scheduling)  # fmt: skip
+    engine, runner, case, prompt = llm.engine, llm.engine.runner, CASES[4], prompt_of(10, 5)
+    engine.add_request("r", prompt, params_of(case, 12))
+    tokens = []
+    for _ in range(3):
+        for d in engine.step():
+            tokens += d.token_ids
+
+    def failing(out):
+        runner.penalty_counts.delete()  # (the output of a computation that failed: unusable)
+        raise RuntimeError("device error")
+
+    monkeypatch.setattr(runner, "fetch", failing)
+    with pytest.raises(RuntimeError, match="device error"):
+        engine.step()
+    monkeypatch.undo()
+    while engine.has_unfinished_requests():
+        for d in engine.step():
+            tokens += d.token_ids
+    assert tokens == oracle_greedy(oracle, prompt, 12, **case)
