@@ -558,6 +558,8 @@ class Client:
         ignore_eos: bool | None = None,
         logprobs: int | None = None,
         prompt_logprobs: bool | None = None,
+        include_stop_str_in_output: bool | None = None,
+        skip_special_tokens: bool | None = None,
         request_id: str | None = None,
         session: str | None = None,
         session_ttl: float | None = None,
@@ -579,6 +581,7 @@ class Client:
             allowed_token_ids=allowed_token_ids, stop=stop,
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            include_stop_str_in_output=include_stop_str_in_output, skip_special_tokens=skip_special_tokens,
         )  # fmt: skip
         want_logprobs = request.sampling.HasField("logprobs")
         call = self._stub.Generate(request, timeout=self._timeout(timeout), metadata=self._metadata)
@@ -754,6 +757,8 @@ class AsyncClient:
         ignore_eos: bool | None = None,
         logprobs: int | None = None,
         prompt_logprobs: bool | None = None,
+        include_stop_str_in_output: bool | None = None,
+        skip_special_tokens: bool | None = None,
         request_id: str | None = None,
         session: str | None = None,
         session_ttl: float | None = None,
@@ -770,6 +775,7 @@ class AsyncClient:
             allowed_token_ids=allowed_token_ids, stop=stop,
             stop_token_ids=stop_token_ids,
             ignore_eos=ignore_eos, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            include_stop_str_in_output=include_stop_str_in_output, skip_special_tokens=skip_special_tokens,
         )  # fmt: skip
         want_logprobs = request.sampling.HasField("logprobs")
         call = self._stub.Generate(request, timeout=self._timeout(timeout), metadata=self._metadata)

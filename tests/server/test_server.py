@@ -29,7 +29,15 @@ from jalora.client import AsyncClient, Client, ServerError, with_invocation
 from server import cli
 from server.app import ServerThread
 from server.config import ServerConfig
-from tests.server.support import ADAPTERS, EXTRA_ADAPTER, REPO, STEP_LIMIT, make_model_with_adapters, steps_limited
+from tests.server.support import (
+    ADAPTERS,
+    EXTRA_ADAPTER,
+    REPO,
+    STEP_LIMIT,
+    VOCAB,
+    make_model_with_adapters,
+    steps_limited,
+)
 from tests.waiting import HANG, until
 
 ENGINE_ARGS = dict(max_num_seqs=32, max_num_batched_tokens=256, max_loras=4, max_lora_rank=8)
@@ -204,6 +212,34 @@ def test_text_prompt_logprobs_and_tokenize_match_offline(offline, client):
     [ref_text] = offline.generate("t5 t6 t7 t8", SamplingParams(max_tokens=4))
     assert text.request_id == "mine-1"
     assert text.token_ids == ref_text.token_ids and text.text == ref_text.text
+
+
+def test_text_flags_are_keywords_of_both_clients_like_offline(server, offline, client):
+    """skip_special_tokens and include_stop_str_in_output are keywords of generate / generate_stream as every other
+    sampling field is (generate_stream had no parameter for them: a TypeError, only params= reached them), for the
+    sync and the async client alike; the text is the offline one."""
+    eos = VOCAB - 1  # the special "</s>"
+    special = dict(max_tokens=3, ignore_eos=True, logit_bias={eos: 100.0})  # every token is "</s>"
+    [ref_special] = offline.generate([[5, 6, 7, 8]], SamplingParams(skip_special_tokens=False, **special))
+    assert ref_special.token_ids == [eos] * 3 and ref_special.text.split() == ["</s>"] * 3
+    [free] = offline.generate("t5 t6 t7 t8", SamplingParams(max_tokens=8, ignore_eos=True))
+    stop = free.text.split()[2]  # a word of the answer
+    with_stop = dict(max_tokens=8, ignore_eos=True, stop=stop)
+    [ref_stop] = offline.generate("t5 t6 t7 t8", SamplingParams(include_stop_str_in_output=True, **with_stop))
+    assert ref_stop.text.endswith(stop)
+
+    got = client.generate([5, 6, 7, 8], skip_special_tokens=False, **special)
+    assert (got.token_ids, got.text) == (ref_special.token_ids, ref_special.text)
+    got = client.generate("t5 t6 t7 t8", include_stop_str_in_output=True, **with_stop)
+    assert (got.token_ids, got.text, got.finish_reason) == (ref_stop.token_ids, ref_stop.text, "stop")
+
+    async def run():
+        async with AsyncClient(server.target, timeout=HANG) as c:
+            special_text = await c.generate([5, 6, 7, 8], skip_special_tokens=False, **special)
+            stop_text = await c.generate("t5 t6 t7 t8", include_stop_str_in_output=True, **with_stop)
+            return special_text.text, stop_text.text
+
+    assert asyncio.run(run()) == (ref_special.text, ref_stop.text)
 
 
 def test_chat_renders_the_conversation_like_offline(offline, client):
