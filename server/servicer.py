@@ -107,6 +107,7 @@ class JaloraServicer(pb_grpc.JaloraServicer):
             if len(request.request_id) > MAX_REQUEST_ID_CHARS:
                 raise InvalidRequestError("request_id", f"must be at most {MAX_REQUEST_ID_CHARS} characters")
             prompt, messages = await self._prompt(request)
+            check_stop_token_ids(request.sampling.stop_token_ids, "sampling.stop_token_ids")
             defaults = await self.front.sampling_defaults()
             params = sampling_params_from_proto(request.sampling, defaults)
             judges = []

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from jalora import LLM
+from jalora.api.limits import MAX_STOP_TOKEN_IDS
 from jalora.client import AsyncClient, Client, PipelineJudge, ServerError
 from server.app import ServerThread
 from server.config import ServerConfig
@@ -113,6 +114,20 @@ def test_bad_pipeline_is_refused_naming_the_field(setup, client, judges, code, f
     assert (e.value.code, e.value.field) == (code, field), e.value
     ran = setup[0].server.worker.engine.stats().generation_tokens - before
     assert ran == (2 if field == "prompt" else 0), ran
+    client.server_info()  # queued behind the call's clean-up on the engine thread
+    assert setup[0].server.worker.engine.stats().num_sessions == 0
+
+
+def test_pipeline_base_sampling_is_bounded_as_generates(setup, client):
+    """The base answer's sampling is held to the bounds of Generate's and of each judge's: more than
+    MAX_STOP_TOKEN_IDS stop ids are refused naming the field, before anything runs (the base's were not checked
+    and ran)."""
+    before = setup[0].server.worker.engine.stats().generation_tokens
+    too_many = [1] * (MAX_STOP_TOKEN_IDS + 1)
+    with pytest.raises(ServerError) as e:
+        list(client.pipeline(PROMPT, [PipelineJudge("judge_a")], max_tokens=2, stop_token_ids=too_many))
+    assert (e.value.code, e.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "sampling.stop_token_ids"), e.value
+    assert setup[0].server.worker.engine.stats().generation_tokens == before
     client.server_info()  # queued behind the call's clean-up on the engine thread
     assert setup[0].server.worker.engine.stats().num_sessions == 0
 
