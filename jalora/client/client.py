@@ -302,6 +302,7 @@ class PipelineStage:
     timings: Timings
     activation_index: int | None
     logprobs: list[dict[int, float]] | None = None  # per token of token_ids, when the stage's sampling asked
+    prompt_logprobs: list[dict[int, float]] | None = None  # per prompt token ({} for the first), when asked
 
 
 def pipeline_request(
@@ -328,7 +329,7 @@ def _stage(msg: pb.PipelineResponse) -> PipelineStage:
         request_id=msg.request_id, judge=msg.judge if msg.HasField("judge") else None, adapter=msg.adapter or None,
         token_ids=list(msg.token_ids), text=msg.text, finish_reason=chunk.finish_reason, usage=chunk.usage,
         timings=chunk.timings, activation_index=chunk.activation_index,
-        logprobs=_logprobs(msg.logprobs) if msg.logprobs else None,
+        logprobs=_logprobs(msg.logprobs) if msg.logprobs else None, prompt_logprobs=chunk.prompt_logprobs,
     )  # fmt: skip
 
 

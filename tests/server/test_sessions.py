@@ -132,6 +132,22 @@ def test_pipeline_base_sampling_is_bounded_as_generates(setup, client):
     assert setup[0].server.worker.engine.stats().num_sessions == 0
 
 
+def test_pipeline_stages_carry_prompt_logprobs(client):
+    """A stage whose sampling asks for prompt_logprobs has them, as a Generate of the same prompt does (the server sent
+    them in each stage's completion; PipelineStage had no place for them and dropped them)."""
+    judges = [PipelineJudge("judge_a", sampling=dict(max_tokens=2, prompt_logprobs=True)), PipelineJudge("judge_a")]
+    stages = list(client.pipeline(PROMPT, judges, max_tokens=5, ignore_eos=True, prompt_logprobs=True))
+    base, by_judge = stages[0], {s.judge: s for s in stages[1:]}
+    context = PROMPT + base.token_ids
+    for got, want in ((base, client.generate(PROMPT, max_tokens=5, ignore_eos=True, prompt_logprobs=True)),
+                      (by_judge[0], client.generate(context + INV, "judge_a", max_tokens=2, prompt_logprobs=True))):
+        assert got.token_ids == want.token_ids and len(got.prompt_logprobs) == len(want.prompt_logprobs)
+        assert got.prompt_logprobs[0] == {} and len(want.prompt_logprobs) == got.usage.prompt_tokens
+        for g, w in zip(got.prompt_logprobs, want.prompt_logprobs):
+            assert g.keys() == w.keys() and all(abs(g[t] - w[t]) < 1e-5 for t in w)
+    assert by_judge[1].prompt_logprobs is None  # not asked
+
+
 def test_generate_session_end_session_and_expiry(setup, client):
     server, _, clock = setup[:3]
     engine = server.server.worker.engine
