@@ -119,7 +119,10 @@ async def run_pipeline(
     tasks: dict[asyncio.Future, int] = {}
     try:
         streams.append(await front.start(prompt, messages, params, None, session=session))
-        ids, text, finished, logprobs = await _collect(streams[0])
+        try:
+            ids, text, finished, logprobs = await _collect(streams[0])
+        except InvalidRequestError as e:
+            raise _own_field(e, "") from None
         yield Stage(None, None, ids, text, finished, logprobs)
         context = list(finished.prompt_token_ids) + ids + ([] if turn is None else close_turn(ids, turn))
         for k, (j, inv) in enumerate(zip(judges, invocations)):
@@ -133,9 +136,7 @@ async def run_pipeline(
                 try:
                     ids, text, finished, logprobs = task.result()
                 except InvalidRequestError as e:
-                    if type(e) is InvalidRequestError:  # (a subclass keeps its own status code and field)
-                        raise InvalidRequestError(f"judges[{k}].{e.field}", e.message) from None
-                    raise
+                    raise _own_field(e, f"judges[{k}].") from None
                 yield Stage(k, judges[k].adapter, ids, text, finished, logprobs)
     finally:
         for task in tasks:
@@ -146,6 +147,17 @@ async def run_pipeline(
             front.worker.call_nowait(lambda e: _end_quietly(e, session["session"]))
         except ServerShuttingDownError:
             pass  # the engine thread is stopping: it ends everything itself
+
+
+def _own_field(e: InvalidRequestError, prefix: str) -> InvalidRequestError:
+    """A stage's engine error, naming the PipelineRequest field at fault (`prefix`: "" for the base, "judges[k]."
+    for a judge). The call's session is the server's own: a stage its share cannot hold is refused for its
+    max_tokens (what the caller can change), not for a `session` field the request does not have. A subclass
+    (a missing invocation, ...) keeps its own status code and field."""
+    if type(e) is not InvalidRequestError:
+        return e
+    field = "sampling.max_tokens" if e.field == "session" else e.field
+    return InvalidRequestError(prefix + field, e.message)
 
 
 def _end_quietly(engine, session: str) -> None:

@@ -148,6 +148,22 @@ def test_pipeline_stages_carry_prompt_logprobs(client):
     assert by_judge[1].prompt_logprobs is None  # not asked
 
 
+@pytest.mark.parametrize("base_tokens, judge_tokens, field", [
+    (200, 2, "sampling.max_tokens"),
+    (4, 200, "judges[0].sampling.max_tokens"),
+])  # fmt: skip
+def test_pipeline_past_the_session_share_names_its_own_field(setup, client, base_tokens, judge_tokens, field):
+    """A stage whose max_tokens the call's session could not retain is refused naming that stage's max_tokens, a
+    field of PipelineRequest (it named `session` or `judges[0].session`, which the request does not have: the
+    session is the server's own), and nothing stays retained."""
+    judges = [PipelineJudge("judge_a", sampling=dict(max_tokens=judge_tokens))]
+    with pytest.raises(ServerError) as e:
+        list(client.pipeline(PROMPT, judges, max_tokens=base_tokens))
+    assert (e.value.code, e.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, field), e.value
+    client.server_info()  # queued behind the call's clean-up on the engine thread
+    assert setup[0].server.worker.engine.stats().num_sessions == 0
+
+
 def test_generate_session_end_session_and_expiry(setup, client):
     server, _, clock = setup[:3]
     engine = server.server.worker.engine
