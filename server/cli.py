@@ -971,8 +971,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "token already generated, in [-2, 2] (default: the server's)")  # fmt: skip
     g.add_argument("--frequency-penalty", type=float, default=None, help="subtracted from a generated token's logit "
                    "per time it was generated, in [-2, 2] (default: the server's)")  # fmt: skip
-    g.add_argument("--repetition-penalty", type=float, default=None, help="divides (or, where negative, multiplies) "
-                   "the logits of prompt and generated tokens, 1 = off (default: the server's)")  # fmt: skip
+    g.add_argument("--repetition-penalty", type=float, default=None, help="divides the positive logits (and "
+                   "multiplies the others) of prompt and generated tokens, 1 = off (default: the server's)")
     _client_args(g)
     g.set_defaults(func=_generate)
 

@@ -265,6 +265,11 @@ def _sampling_message(params: Any, sampling: Mapping[str, Any], field: str = "sa
                 getattr(sp, name).extend(value)
             elif name == "stop":  # (one string, as vLLM takes it, or a list)
                 sp.stop.extend([value] if isinstance(value, str) else value)
+            elif name == "prompt_logprobs" and not isinstance(value, bool):
+                # vLLM's count, as SamplingParams reads it: 0 or 1 is each prompt token's own logprob (on)
+                if not _is_token_id(value) or value > 1:
+                    raise ValueError(f"must be true, false, or a count of 0 or 1, got {value!r:.40}")
+                sp.prompt_logprobs = True
             elif name == "logit_bias":
                 if not isinstance(value, Mapping):
                     raise TypeError(f"must map token ids to biases, got {type(value).__name__}")

@@ -23,6 +23,7 @@ import dataclasses
 
 import numpy as np
 
+from jalora.engine.request import Status
 from jalora.model.sampler import DISALLOWED_FLAG, PROMPT_FLAG
 
 
@@ -67,7 +68,7 @@ class PenaltySlots:
         slot = self._slot_of.get(id(req))
         if slot is None or self._owner[slot] is not req:
             free = [s for s in range(len(self._owner)) if self._owner[s] is None or id(self._owner[s]) not in in_step]
-            slot = min(free, key=lambda s: (self._owner[s] is not None, self._used[s]))
+            slot = min(free, key=lambda s: (self._taken(s), self._used[s]))
             if self._owner[slot] is not None:
                 del self._slot_of[id(self._owner[slot])]
             self._owner[slot], self._slot_of[id(req)] = req, slot
@@ -80,6 +81,12 @@ class PenaltySlots:
             writes.append(RowWrite(slot, row, pending))
             self._counted[slot] = req.num_output_tokens_with_pending
         return slot
+
+    def _taken(self, slot: int) -> bool:
+        """The slot's row belongs to a request that may still draw (a free slot or a finished request's goes
+        first)."""
+        owner = self._owner[slot]
+        return owner is not None and owner.status is not Status.FINISHED
 
     def counted(self, slot: int) -> None:
         """The step's draw adds the token it samples for the slot's request to its row."""

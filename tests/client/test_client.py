@@ -73,6 +73,10 @@ def test_sampling_params_that_grpc_cannot_carry_are_refused_not_dropped():
         with pytest.raises(ValueError, match=rf"^judges\[0\]\.sampling\.{name}: "):
             pipeline_request("hi", [PipelineJudge("a", params=SamplingParams(**{name: value}))])
     assert generate_request("hi", params=SamplingParams(n=1, stop=[])).sampling.max_tokens == 16  # defaults pass
+    # prompt_logprobs as a count reads as SamplingParams reads it: 0 or 1 turns them on (it went out as false)
+    for count in (0, 1):
+        assert generate_request("hi", prompt_logprobs=count).sampling.prompt_logprobs is True
+    assert generate_request("hi", prompt_logprobs=False).sampling.prompt_logprobs is False
 
 
 @pytest.mark.parametrize("prompt, sampling, field", [
@@ -84,6 +88,7 @@ def test_sampling_params_that_grpc_cannot_carry_are_refused_not_dropped():
     ([3], {"seed": 2**64}, "sampling.seed"),
     ([3], {"stop_token_ids": [2**40]}, "sampling.stop_token_ids"),
     ([3], {"top_k": "3"}, "sampling.top_k"),
+    ([3], {"prompt_logprobs": 2}, "sampling.prompt_logprobs"),  # (vLLM's count: only 0 or 1, as SamplingParams)
     ([3, None], {}, "prompt"),
     (b"hi", {}, "prompt"),  # (bytes used to be sent as the ids 104, 105)
     ([{"role": "user"}], {}, "prompt[0]"),  # (was a KeyError)

@@ -17,6 +17,23 @@ from jalora.model.sampler import DISALLOWED_FLAG, PROMPT_FLAG, apply_penalties
 from tests import hf_models
 
 
+def test_a_finished_requests_slot_goes_before_a_live_ones():
+    """Slots go to a new request from the free ones first, then the finished requests', then the least recently used
+    live one that is not in the step; the request whose slot is taken has its row written again next time."""
+    from jalora.engine.penalties import PenaltySlots
+    from jalora.engine.request import Request, Status
+
+    slots = PenaltySlots(2, vocab_size=8)
+    params = SamplingParams(presence_penalty=1.0)
+    live, done, new = (Request(name, [1, 2], params, seed=0) for name in ("live", "done", "new"))
+    writes = []
+    assert slots.slot(live, {id(live)}, writes) == 0 and slots.slot(done, {id(done)}, writes) == 1
+    done.status = Status.FINISHED
+    assert slots.slot(new, {id(new)}, writes) == 1  # (the finished one's, though it was used last)
+    assert len(writes) == 3
+    assert slots.slot(live, {id(live)}, writes) == 0 and len(writes) == 3  # (kept: no write)
+
+
 def test_apply_penalties_matches_the_definitions():
     """Against numpy for presence and frequency (OpenAI's formula over the output's counts) and transformers'
     processor for repetition (over prompt and output tokens), on logits of both signs; a row with every penalty
