@@ -763,7 +763,9 @@ def _judge_one(client, question: str, names: list[str], args: argparse.Namespace
     from jalora.client import PipelineJudge
 
     prompt = _as_chat(client, question)
-    judges = [PipelineJudge(name, sampling=dict(max_tokens=args.judge_max_tokens, logprobs=0)) for name in names]
+    # (greedy, as the base: a verdict that a generation_config's do_sample drew would differ run to run)
+    judges = [PipelineJudge(name, sampling=dict(max_tokens=args.judge_max_tokens, logprobs=0, temperature=0.0))
+              for name in names]
     rows = []
     for _ in range(args.rounds):
         stages = sorted(client.pipeline(prompt, judges, max_tokens=args.max_tokens, temperature=0.0),

@@ -1,9 +1,10 @@
 """The Pipeline call: the base answers, then N judges read prompt + answer + their invocation, in parallel.
 
-Everything is checked before the base starts (each judge's adapter is loaded, and an aLoRA judge without
-`invocation_text` has invocation tokens), so a bad judge costs no generation. The call opens a pipeline
-session of its own (jalora/engine/sessions.py): the base's blocks are retained until the judges look
-them up, whatever else the engine runs meanwhile. Each judge's prompt is the base's prompt tokens plus
+Everything is checked before the base starts (each judge's adapter is loaded, an aLoRA judge without
+`invocation_text` has invocation tokens, and the call's session can hold what its stages may come to retain:
+`_check_share`), so a bad judge costs no generation. The call opens a pipeline session of its own
+(jalora/engine/sessions.py; none where the engine's sessions are off): the base's blocks are retained until the
+judges look them up, whatever else the engine runs meanwhile. Each judge's prompt is the base's prompt tokens plus
 its answer tokens plus the invocation (the adapter's tokens, or `invocation_text` tokenized without
 special tokens), so it extends the base's sequence exactly; when the prompt is a conversation, the
 answer's turn is closed first as the chat template closes a turn (its end token, unless the answer ends
@@ -21,7 +22,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from jalora.api.limits import MAX_PIPELINE_JUDGES
-from jalora.engine.chat import close_turn, turn_end
+from jalora.engine.chat import close_turn, prompt_with_invocation, turn_end
 from jalora.errors import AdapterNotFoundError, InvalidRequestError, SessionNotFoundError
 from jalora.outputs import FinishedRequest
 from jalora.sampling_params import SamplingParams
@@ -89,8 +90,11 @@ async def run_pipeline(
 ) -> AsyncIterator[Stage]:
     """Yields the base's Stage, then each judge's as it finishes (see the module's docstring)."""
     check_judges(judges)
-    session = await front.session_fields(f"pipeline-{uuid.uuid4().hex}", session_ttl, False,
-                                         ("session", "session_ttl", "end_session"))  # fmt: skip
+    info = await front.worker.call(lambda engine: engine.info())
+    session = None  # (sessions off: the judges find the base's blocks in the prefix cache, if they are still there)
+    if info.session_max_blocks:
+        session = await front.session_fields(f"pipeline-{uuid.uuid4().hex}", session_ttl, False,
+                                             ("session", "session_ttl", "end_session"))  # fmt: skip
     loaded = {info.name: info for info in await front.list_adapters()}
     for k, j in enumerate(judges):
         if j.adapter is not None and j.adapter not in loaded:
@@ -115,10 +119,16 @@ async def run_pipeline(
             field = f"judges[{k}]." + ("adapter" if j.invocation_text is None else "invocation_text")
             raise InvalidRequestError(field, f"its invocation has {len(inv)} tokens: with the prompt and an answer, "
                                       f"the judge's prompt would reach max_model_len ({limit})")
+    # The base's prompt tokens, up front: the share check needs their count (a conversation in its template)
+    truncate = params.truncate_prompt_tokens
+    base = await front.worker.run_host(lambda e: prompt_with_invocation(e, prompt, messages, None, truncate))
+    closing = 0 if turn is None else len(close_turn([], turn))  # (at most: an answer ending its turn adds less)
+    if session is not None:
+        _check_share(len(base), params, [closing + len(inv) for inv in invocations], [j.params for j in judges], info)
     streams: list[RequestStream] = []
     tasks: dict[asyncio.Future, int] = {}
     try:
-        streams.append(await front.start(prompt, messages, params, None, session=session))
+        streams.append(await front.start(base, None, params, None, session=session))
         try:
             ids, text, finished, logprobs = await _collect(streams[0])
         except InvalidRequestError as e:
@@ -144,9 +154,41 @@ async def run_pipeline(
         for stream in streams:
             stream.abort()
         try:  # queued after the aborts: nothing of the call is left retained
-            front.worker.call_nowait(lambda e: _end_quietly(e, session["session"]))
+            if session is not None:
+                front.worker.call_nowait(lambda e: _end_quietly(e, session["session"]))
         except ServerShuttingDownError:
             pass  # the engine thread is stopping: it ends everything itself
+
+
+def _check_share(prompt_len: int, params: SamplingParams, tails: list[int], judges: list[SamplingParams], info) -> None:
+    """Refuses a call that the engine could refuse midway because its session may not retain what a stage could
+    add (session_max_blocks), before anything runs, naming the max_tokens that tips it over (the judges are
+    submitted in order, so the first whose addition could exceed it). The engine reserves each request's worst
+    case when it is admitted (Sessions.check_share): the base its full blocks of prompt and max_tokens; each judge,
+    once the base has finished, its full blocks past the blocks that the base computed (its context: prompt and an
+    answer of `a` tokens, the last of which has no KV yet), beside those retained blocks and the judges before it.
+    `tails`: the tokens each judge reads after the answer (the turn's close and its invocation). The worst answer
+    length is one of the first `block_size` lengths or of the last before the first judge reaches max_model_len:
+    between those, `block_size` more answer tokens add a block to every judge and one retained block in all."""
+    b, limit, share = info.block_size, info.max_model_len, info.session_max_blocks
+    if (min(prompt_len + params.max_tokens, limit) - 1) // b > share:
+        raise InvalidRequestError("sampling.max_tokens", _share_message(share))
+    longest = max(1, min(params.max_tokens, limit - prompt_len))  # (the answer's length at most)
+    capped = min([longest] + [limit - prompt_len - t for t in tails])  # (where the first judge reaches the limit)
+    lengths = {a for a in (*range(1, b + 1), *range(capped - b, capped + 1)) if 1 <= a <= longest}
+    for k in range(len(tails)):
+        for a in lengths:
+            context = prompt_len + a
+            retained = (context - 1) // b
+            need = retained + sum((min(context + tail + p.max_tokens, limit) - 1) // b - retained
+                                  for tail, p in zip(tails[: k + 1], judges))  # fmt: skip
+            if need > share:
+                raise InvalidRequestError(f"judges[{k}].sampling.max_tokens", _share_message(share))
+
+
+def _share_message(share: int) -> str:
+    return (f"the call's stages could come to retain more KV blocks in its session than a session may ({share}: "
+            "session_cache_share of the cache); ask for fewer tokens")
 
 
 def _own_field(e: InvalidRequestError, prefix: str) -> InvalidRequestError:

@@ -50,6 +50,7 @@ class EngineInfo:
     max_cpu_loras: int = 0  # adapters that may be loaded at once (0: as many as max_loras)
     host_kv_cache_blocks: int = 0  # KV blocks the host-memory tier holds (0: no tier)
     max_new_tokens: int | None = None  # generation_config's max_new_tokens (None: the model sets none)
+    session_max_blocks: int = 0  # KV blocks one pipeline session may come to retain (0: sessions are off)
 
 
 @dataclasses.dataclass(frozen=True)

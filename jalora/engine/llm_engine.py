@@ -476,6 +476,7 @@ class LLMEngine:
             max_cpu_loras=self.adapters.max_cpu_loras,
             host_kv_cache_blocks=0 if self.host_tier is None else self.host_tier.capacity,
             max_new_tokens=self.generation_config.get("max_new_tokens"),
+            session_max_blocks=self.sessions.max_blocks if self.sessions.enabled else 0,
         )
 
     def stats(self) -> EngineStats:

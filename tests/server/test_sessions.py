@@ -164,6 +164,27 @@ def test_pipeline_past_the_session_share_names_its_own_field(setup, client, base
     assert setup[0].server.worker.engine.stats().num_sessions == 0
 
 
+def test_pipeline_that_its_session_could_not_hold_is_refused_before_the_base_runs(setup, client):
+    """Three judges that each fit, but whose worst case together (the base's blocks retained, each judge's own past
+    them, whatever the answer's length) is more than a session may retain (20 blocks here), are refused before any
+    token is generated, naming the judge that tips it over; at one token fewer each, the call is served in full
+    (the engine's own checks, judge by judge, accept every stage: the bound is the engine's, not looser)."""
+    engine = setup[0].server.worker.engine
+    before = engine.stats().generation_tokens
+    judges = [PipelineJudge("judge_a", sampling=dict(max_tokens=46, ignore_eos=True)) for _ in range(3)]
+    stages = []
+    with pytest.raises(ServerError) as e:
+        for stage in client.pipeline(PROMPT, judges, max_tokens=4, ignore_eos=True):
+            stages.append(stage)
+    assert (e.value.code, e.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "judges[2].sampling.max_tokens")
+    assert stages == [] and engine.stats().generation_tokens == before
+    client.server_info()  # queued behind the call's clean-up on the engine thread
+    assert engine.stats().num_sessions == 0
+    judges = [PipelineJudge("judge_a", sampling=dict(max_tokens=41, ignore_eos=True)) for _ in range(3)]
+    stages = list(client.pipeline(PROMPT, judges, max_tokens=4, ignore_eos=True))
+    assert sorted(len(s.token_ids) for s in stages) == [4, 41, 41, 41]
+
+
 def test_generate_session_end_session_and_expiry(setup, client):
     server, _, clock = setup[:3]
     engine = server.server.worker.engine
@@ -243,3 +264,18 @@ def test_pipeline_of_a_conversation(client):
     assert base.token_ids == client.generate(rendered, max_tokens=9, ignore_eos=True).token_ids
     assert judge.activation_index == len(rendered) + 9 and judge.usage.prompt_tokens == len(rendered) + 9 + len(INV)
     assert judge.usage.cached_tokens == (len(rendered) + 9 - 1) // B * B
+
+
+def test_pipeline_without_sessions_runs_its_stages_plainly(setup):
+    """An engine whose sessions are off (session_cache_share 0) still serves Pipeline: the stages are those of the
+    same requests sent alone (it used to fail at the base, on the session the call opened, naming a field the
+    request does not have)."""
+    model_dir, dirs = setup[3], setup[4]
+    llm = LLM(model_dir, **{**ENGINE_ARGS, "session_cache_share": 0.0})
+    llm.load_adapter("judge_a", dirs["judge_a"])
+    with ServerThread(llm.engine, ServerConfig(port=0)) as s, Client(s.target, timeout=HANG) as c:
+        base, judge = c.pipeline(PROMPT, [PipelineJudge("judge_a", sampling=dict(max_tokens=3))], max_tokens=4,
+                                 ignore_eos=True)  # fmt: skip
+        assert base.token_ids == c.generate(PROMPT, max_tokens=4, ignore_eos=True).token_ids
+        assert judge.token_ids == c.generate(PROMPT + base.token_ids + INV, "judge_a", max_tokens=3).token_ids
+        assert s.server.worker.engine.stats().num_sessions == 0
