@@ -65,11 +65,8 @@ class SamplingParams:
                 f"must be an integer in [-1, {MAX_INT32}] (0 or -1 disables)")
         if self.top_k == -1:  # vLLM's other "all tokens"
             self.top_k = 0
-        require(
-            self.seed is None or (is_int(self.seed) and 0 <= self.seed < 2**32),
-            "seed",
-            "must be None or an integer in [0, 2**32)",
-        )
+        require(self.seed is None or (is_int(self.seed) and -(2**63) <= self.seed < 2**63), "seed",
+                "must be None or a 64-bit integer (OpenAI's range)")  # fmt: skip
         require(
             self.logprobs is None or (is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
@@ -157,6 +154,18 @@ class SamplingParams:
 
     def child(self, index: int) -> "SamplingParams":
         """The parameters of completion `index` of n: one completion, and with a seed the seed + index (vLLM's
-        rule, wrapped to 32 bits), so the n completions differ and each reproduces."""
-        seed = None if self.seed is None else (self.seed + index) % 2**32
-        return dataclasses.replace(self, n=1, seed=seed)
+        rule, wrapped to 64 bits), so the n completions differ and each reproduces."""
+        seed = None if self.seed is None else (self.seed + index + 2**63) % 2**64 - 2**63
+        # (-1 would read as "no seed": that completion takes the other end of the range, which no sibling has)
+        return dataclasses.replace(self, n=1, seed=2**63 - 1 if seed == -1 else seed)
+
+    @property
+    def draw_seed(self) -> int | None:
+        """The 32 bits that key the request's draws (the device's seed): a seed below 2**32 itself (what
+        jalora has always drawn with), a larger or negative one its two halves mixed, so that the seeds of
+        n's completions and of neighbouring 64-bit seeds draw apart."""
+        if self.seed is None:
+            return None
+        s = self.seed % 2**64
+        low, high = s & 0xFFFFFFFF, s >> 32
+        return low if high == 0 else (low ^ (high * 0x9E3779B1)) & 0xFFFFFFFF

@@ -622,7 +622,7 @@ class LLMEngine:
             prompt = self.encode_prompt(prompt, params.truncate_prompt_tokens)
         ids = prompt.token_ids
         resolved = self.adapters.resolve(adapter, ids)
-        seed = params.seed if params.seed is not None else self._rng.randrange(2**32)
+        seed = params.draw_seed if params.seed is not None else self._rng.randrange(2**32)
         req = Request(request_id, ids, params, seed, self.eos_token_ids, adapter, resolved)
         first = self.sessions.continues(session)
         if session is not None:

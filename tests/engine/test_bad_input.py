@@ -52,7 +52,8 @@ def assert_names_the_field_once(err: InvalidRequestError, field: str) -> None:
         ({"logit_bias": {1: float("nan")}}, "logit_bias"),
         ({"logit_bias": dict.fromkeys(range(301), 1.0)}, "logit_bias"),
         ({"logprobs": 99}, "logprobs"),
-        ({"seed": -3}, "seed"),
+        ({"seed": 2**63}, "seed"),  # (OpenAI's seeds are 64-bit integers)
+        ({"seed": -(2**63) - 1}, "seed"),
         ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"stop_token_ids": 5}, "stop_token_ids"),
         ({"temperature": None}, "temperature"),

@@ -152,6 +152,22 @@ def test_seeded_requests_reproduce_alone_and_batched(llm):
     assert c.token_ids != a.token_ids  # 12 draws at temperature 1 over 97 tokens: equal only by accident
 
 
+def test_64_bit_seeds_reproduce_and_draw_apart(llm):
+    """OpenAI's seeds are 64-bit integers (negative too): each reproduces, alone or batched, and draws apart from
+    the seed of its low 32 bits and its neighbours; a seed below 2**32 draws as it always has (its own bits key the
+    draw); n's completions of a large seed draw apart too."""
+    assert SamplingParams(seed=123).draw_seed == 123
+    p = dict(max_tokens=10, temperature=1.0, ignore_eos=True)
+    prompt = [3, 4, 5, 6]
+    runs = {s: llm.generate([prompt], SamplingParams(seed=s, **p))[0].token_ids
+            for s in (5, 2**40 + 5, 2**41 + 5, -(2**40), 2**63 - 1)}  # fmt: skip
+    assert len({tuple(t) for t in runs.values()}) == len(runs)
+    batched = llm.generate([[9, 9], prompt], [SamplingParams(max_tokens=4), SamplingParams(seed=2**40 + 5, **p)])
+    assert batched[1].token_ids == runs[2**40 + 5]
+    (out,) = llm.generate([prompt], SamplingParams(n=3, seed=2**40 + 5, **p))
+    assert out.outputs[0].token_ids == runs[2**40 + 5] and len({tuple(c.token_ids) for c in out.outputs}) == 3
+
+
 def test_stop_token(llm):
     """A stop token ends the request at its first occurrence, included. (End-of-sequence ids, which this random
     model never emits by chance, are made certain in test_chat's generation-config test.)"""

@@ -308,7 +308,7 @@ BAD_REQUESTS = {
     "max_completion_tokens 0": (_chat(max_completion_tokens=0), 400, "max_completion_tokens"),
     "temperature < 0": (_completion(temperature=-1), 400, "temperature"),
     "top_p 0": (_completion(top_p=0), 400, "top_p"),
-    "seed < -1": (_completion(seed=-2), 400, "seed"),  # (-1: vLLM's "no seed")
+    "seed past 64 bits": (_completion(seed=2**63), 400, "seed"),  # (OpenAI's seeds are 64-bit integers)
     "top_k past int32": (_completion(top_k=2**31, temperature=1), 400, "top_k"),
     "temperature past a float": (_completion(temperature=10**400), 400, "temperature"),
     "ignore_eos text": (_completion(ignore_eos="no"), 400, "ignore_eos"),

@@ -196,6 +196,9 @@ def test_text_prompt_logprobs_and_tokenize_match_offline(offline, client):
     [ref_pen] = offline.generate([again], SamplingParams(max_tokens=12, ignore_eos=True, **penalties))
     assert client.generate(again, max_tokens=12, ignore_eos=True, **penalties).token_ids == ref_pen.token_ids
     assert ref_pen.token_ids != client.generate(again, max_tokens=12, ignore_eos=True).token_ids
+    # a 64-bit seed (the proto's int64), as offline
+    [ref_seed] = offline.generate([again], SamplingParams(max_tokens=6, temperature=1.0, seed=-(2**40) - 3))
+    assert client.generate(again, max_tokens=6, temperature=1.0, seed=-(2**40) - 3).token_ids == ref_seed.token_ids
     # allowed_token_ids too
     allowed = [9, 13, 40, 77]
     [ref_allowed] = offline.generate([again], SamplingParams(max_tokens=8, ignore_eos=True, allowed_token_ids=allowed))
@@ -423,7 +426,6 @@ BAD_GENERATE = {
                          "sampling.logit_bias"),
     "logit_bias past vocab": (_generate_request(token_ids=IDS, sampling=dict(logit_bias={97: 1.0})),
                               "INVALID_ARGUMENT", "logit_bias"),
-    "seed < -1": (_generate_request(token_ids=IDS, sampling=dict(seed=-2)), "INVALID_ARGUMENT", "sampling.seed"),
     "logprobs 100": (_generate_request(token_ids=IDS, sampling=dict(logprobs=100)), "INVALID_ARGUMENT",
                      "sampling.logprobs"),
     "stop id < 0": (_generate_request(token_ids=IDS, sampling=dict(stop_token_ids=[-3])), "INVALID_ARGUMENT",
