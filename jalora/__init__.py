@@ -2,6 +2,7 @@
 
 from jalora.config import EngineConfig
 from jalora.errors import AdapterNotFoundError, InvalidRequestError, InvocationNotFoundError, SessionNotFoundError
+from jalora.lora_request import LoRARequest
 from jalora.outputs import CompletionOutput, Logprob, RequestDelta, RequestOutput
 from jalora.sampling_params import SamplingParams
 
@@ -9,6 +10,7 @@ __all__ = [
     "LLM",
     "EngineConfig",
     "SamplingParams",
+    "LoRARequest",
     "RequestDelta",
     "RequestOutput",
     "CompletionOutput",

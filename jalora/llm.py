@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -42,6 +42,8 @@ class LLM:
         session: str | None = None,
         session_ttl: float | None = None,
         end_session: bool = False,
+        lora_request=None,
+        use_tqdm: bool | Callable = False,
     ) -> list[RequestOutput]:
         """Runs every prompt to completion (batched together); outputs in prompt order. Without sampling
         parameters a request takes the model's defaults (`engine.default_sampling_params()`).
@@ -52,16 +54,20 @@ class LLM:
 
         A prompt whose parameters ask for `n` > 1 completions runs n requests (`params.child(i)`: with a seed,
         completion i draws with seed + i, as vLLM's); its RequestOutput's `outputs` holds the n completions and
-        its flat fields are the first's."""
+        its flat fields are the first's.
+
+        vLLM's spellings: `lora_request` (a `jalora.LoRARequest`, or anything with vLLM's `lora_name` and
+        `lora_path`; one, or a list with one per prompt, None for the base model) in place of `adapter`, its
+        directory loaded under its name the first time; `use_tqdm` (True, or a tqdm-like class) shows progress."""
         prompts = _prompts(prompts)
         n = len(prompts)
         if sampling_params is None:
             sampling_params = self.engine.default_sampling_params()
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * n
-        adapters = adapter if isinstance(adapter, list) else [adapter] * n
-        for name, values in (("sampling_params", params), ("adapter", adapters)):
-            if len(values) != n:
-                raise InvalidRequestError(name, f"a list must have one entry per prompt: {len(values)} for {n}")
+        if len(params) != n:
+            raise InvalidRequestError("sampling_params", f"a list must have one entry per prompt: {len(params)} for "
+                                      f"{n}")  # fmt: skip
+        adapters = self._adapter_names(adapter, lora_request, n, "prompt")
         opened = session is not None and not self.engine.is_session_live(session)
         if self.engine.has_unfinished_requests():  # their deltas would be consumed here and lost
             raise RuntimeError(
@@ -89,6 +95,7 @@ class LLM:
                 self.engine.end_session(session)
             raise
         final: dict[str, RequestOutput] = {}
+        bar = _progress(use_tqdm, len(running))
         try:
             while running:
                 for delta in self.engine.step():
@@ -96,12 +103,46 @@ class LLM:
                     acc.add(delta)
                     if delta.is_final:
                         final[delta.request_id] = running.pop(delta.request_id).output()
+                        if bar is not None:
+                            bar.update(1)
             while self.engine.has_unfinished_requests():  # async: a step queued behind the last token
                 self.engine.step()
         except BaseException:  # an error or Ctrl-C mid-run: end this call's requests, free their blocks
             self._abort(running)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [_one_output([final[rid] for rid in children]) for children in ids]
+
+    def _adapter_names(self, adapter, lora_request, n: int, per: str) -> list[str | None]:
+        """One adapter name (None: the base model) per prompt, from `adapter` (a name or a list) or vLLM's
+        `lora_request` (one or a list; each directory loaded under its name unless one of that name is loaded)."""
+        field = "adapter" if lora_request is None else "lora_request"
+        if lora_request is not None and adapter is not None:
+            raise InvalidRequestError("lora_request", "give adapter names or vLLM's lora_request, not both")
+        given = adapter if lora_request is None else lora_request
+        names = given if isinstance(given, list) else [given] * n
+        if len(names) != n:
+            raise InvalidRequestError(field, f"a list must have one entry per {per}: {len(names)} for {n}")
+        return names if lora_request is None else self._load_requested(names)
+
+    def _load_requested(self, requests: list) -> list[str | None]:
+        loaded = {info.name for info in self.list_adapters()}
+        names = []
+        for r in requests:
+            if r is None:
+                names.append(None)
+                continue
+            name, path = getattr(r, "lora_name", None), getattr(r, "lora_path", None)
+            if not isinstance(name, str) or not isinstance(path, str):
+                raise InvalidRequestError("lora_request", "must be a jalora.LoRARequest (lora_name, lora_int_id, "
+                                          "lora_path), a list of one per prompt, or None")  # fmt: skip
+            if name not in loaded:
+                self.load_adapter(name, path)
+                loaded.add(name)
+            names.append(name)
+        return names
 
     def chat(
         self,
@@ -109,6 +150,8 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         adapter: str | None | list[str | None] = None,
         with_invocation: bool = True,
+        *,
+        lora_request=None,
         **session,
     ) -> list[RequestOutput]:
         """`generate` for conversations ({'role', 'content'} messages; one conversation or a list),
@@ -118,14 +161,11 @@ class LLM:
         (the assistant's turn begins). For an aLoRA adapter, with `with_invocation`, it ends with the
         adapter's invocation tokens instead: the invocation is the turn the adapter answers in (PEFT
         advises a role prefix of the chat template as an aLoRA's invocation). Without it the
-        conversation must contain the invocation itself. `session`, `session_ttl`, `end_session`: as
-        for `generate`."""
+        conversation must contain the invocation itself. `lora_request` (vLLM's, in place of `adapter`),
+        `session`, `session_ttl`, `end_session`: as for `generate`."""
         if messages and isinstance(messages[0], dict):
             messages = [messages]
-        adapters = adapter if isinstance(adapter, list) else [adapter] * len(messages)
-        if len(adapters) != len(messages):
-            raise InvalidRequestError("adapter", f"a list must have one entry per conversation: {len(adapters)} "
-                                      f"for {len(messages)}")  # fmt: skip
+        adapters = self._adapter_names(adapter, lora_request, len(messages), "conversation")
         prompts = [
             prompt_with_invocation(self.engine, None, conversation, name if with_invocation else None)
             for conversation, name in zip(messages, adapters)
@@ -152,6 +192,17 @@ class LLM:
 
     def list_adapters(self) -> list[AdapterInfo]:
         return self.engine.list_adapters()
+
+
+def _progress(use_tqdm, total: int):
+    """A progress bar over `total` requests where `use_tqdm` asks for one (True: tqdm's; a class: that one)."""
+    if not use_tqdm:
+        return None
+    if callable(use_tqdm):
+        return use_tqdm(total=total, desc="Processed prompts")
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="Processed prompts")
 
 
 def _prompts(prompts) -> list:

@@ -131,3 +131,47 @@ def test_a_failed_batch_leaves_no_session_open(llm):
         llm.generate(["hello there", [99999]], SamplingParams(max_tokens=2), session="s")
     assert llm.engine.stats().num_sessions == 1
     llm.end_session("s")
+
+
+def test_vllms_lora_request_loads_the_adapter_once_and_serves_it():
+    """vLLM's `lora_request=LoRARequest(name, id, path)`: the first call loads the directory under its name, later
+    calls reuse it; the tokens are those of `adapter=name`; a list gives one per prompt (None: the base model), also
+    for chat; with `adapter` too, or an object of another kind, one error naming lora_request. `use_tqdm` takes
+    vLLM's True or a tqdm-like class (here one that counts the requests it is told of)."""
+    from jalora import LoRARequest
+
+    llm = LLM(str(DEFAULT_MODEL_DIR), warmup=False, max_model_len=64, num_kv_blocks=32, block_size=4, max_num_seqs=4)
+    path = str(DEFAULT_MODEL_DIR / "adapters" / "certainty")
+    prompt = [5, 6, 7, 3, 356, 4]  # (ends with the certainty adapter's invocation)
+    params = SamplingParams(max_tokens=4)
+    request = LoRARequest("certainty", 1, path)
+    (first,) = llm.generate([prompt], params, lora_request=request)
+    assert [a.name for a in llm.list_adapters()] == ["certainty"]
+    (again,) = llm.generate([prompt], params, lora_request=request)
+    (named,) = llm.generate([prompt], params, "certainty")
+    (base,) = llm.generate([prompt], params)
+    assert first.token_ids == again.token_ids == named.token_ids != base.token_ids
+    both = llm.generate([prompt, prompt], params, lora_request=[request, None])
+    assert [o.token_ids for o in both] == [named.token_ids, base.token_ids]
+    chat = [{"role": "user", "content": "hello"}]
+    assert llm.chat(chat, params, lora_request=request)[0].token_ids == llm.chat(chat, params, "certainty")[0].token_ids
+    for kwargs in (dict(adapter="certainty", lora_request=request), dict(lora_request="certainty"),
+                   dict(lora_request=[request])):  # fmt: skip
+        with pytest.raises(InvalidRequestError) as err:
+            llm.generate([prompt, prompt], params, **kwargs)
+        assert err.value.field == "lora_request"
+
+    class Counter:
+        def __init__(self, total, desc):
+            self.total, self.n = total, 0
+            Counter.last = self
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            pass
+
+    llm.generate([prompt, prompt], SamplingParams(max_tokens=2, n=2), use_tqdm=Counter)
+    assert (Counter.last.total, Counter.last.n) == (4, 4)
+    assert len(llm.generate([prompt], params, use_tqdm=True)) == 1
