@@ -424,7 +424,8 @@ class HttpFront:
         texts = [names[t] for t in token_ids]
         tops = [names] * len(token_ids)
         if chat:
-            return chat_logprobs(token_ids, texts, logprobs, tops, gen.params.logprobs)
+            raw = await self.front.worker.run_host(lambda engine: engine.token_bytes(alternatives))
+            return chat_logprobs(token_ids, texts, logprobs, tops, gen.params.logprobs, dict(zip(alternatives, raw)))
         return completion_logprobs(token_ids, texts, logprobs, tops, offset, starts)
 
     async def _prompt_starts(self, ids: list[int]) -> dict[int, int]:

@@ -357,17 +357,19 @@ def completion_logprobs(
 
 
 def chat_logprobs(
-    token_ids: Sequence[int], texts: Sequence[str], logprobs: Sequence[dict[int, float]], top_texts, top: int
+    token_ids: Sequence[int], texts: Sequence[str], logprobs: Sequence[dict[int, float]], top_texts, top: int,
+    raw: dict[int, bytes],
 ) -> dict:
-    """The chat `logprobs` object: `content`, one entry per token with its `top_logprobs`."""
+    """The chat `logprobs` object: `content`, one entry per token with its `top_logprobs`; `raw`: each token's
+    own bytes (Engine.token_bytes: a character's tokens add up to its UTF-8, as OpenAI's `bytes` are meant to)."""
 
-    def entry(text: str, lp: float) -> dict:
-        return {"token": text, "logprob": _logprob(lp), "bytes": list(text.encode())}
+    def entry(token: int, text: str, lp: float) -> dict:
+        return {"token": text, "logprob": _logprob(lp), "bytes": list(raw[token])}
 
     content = []
     for token, text, lps, names in zip(token_ids, texts, logprobs, top_texts):
-        item = entry(text, lps.get(token, -9999.0))
+        item = entry(token, text, lps.get(token, -9999.0))
         ranked = sorted(lps.items(), key=lambda kv: kv[1], reverse=True)[:top]
-        item["top_logprobs"] = [entry(names[t], v) for t, v in ranked]
+        item["top_logprobs"] = [entry(t, names[t], v) for t, v in ranked]
         content.append(item)
     return {"content": content}

@@ -82,3 +82,51 @@ class IncrementalDetokenizer:
         if whole.startswith(before):
             return whole[len(before) :]
         return decode(ids, skip_special_tokens=self._skip)
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet reversed: the character that stands for each byte in a byte-level BPE's
+    token strings -> that byte (printable bytes stand for themselves, the others are shifted past 255)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+class TokenBytes:
+    """Each token's own bytes, as OpenAI's chat logprobs give them (`bytes`): for a byte-level BPE the bytes its
+    token string stands for, for a byte-fallback tokenizer a `<0xHH>` token's byte, so that the tokens of one
+    character add up to its UTF-8 bytes even where each alone decodes to U+FFFD; a special token's (or another
+    tokenizer's) the UTF-8 of its text decoded alone."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        import json
+
+        self.tokenizer = tokenizer
+        decoder = json.loads(tokenizer.to_str()).get("decoder") or {}
+        kinds = {d.get("type") for d in decoder.get("decoders", [decoder])}
+        self.byte_level = "ByteLevel" in kinds
+        self.byte_fallback = "ByteFallback" in kinds
+        self.metaspace = "▁" if {"Metaspace", "Replace"} & kinds else None
+        self.alphabet = _byte_level_alphabet() if self.byte_level else {}
+        self.special = {t for t, added in tokenizer.get_added_tokens_decoder().items() if added.special}
+
+    def __call__(self, token_ids) -> list[bytes]:
+        return [self.of(t) for t in token_ids]
+
+    def of(self, token_id: int) -> bytes:
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None or token_id in self.special:
+            return self.tokenizer.decode([token_id], skip_special_tokens=False).encode()
+        if self.byte_level and all(c in self.alphabet for c in piece):
+            return bytes(self.alphabet[c] for c in piece)
+        if self.byte_fallback and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        if self.metaspace is not None:
+            return piece.replace(self.metaspace, " ").encode()
+        return self.tokenizer.decode([token_id], skip_special_tokens=False).encode()

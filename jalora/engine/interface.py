@@ -168,6 +168,10 @@ class Engine(Protocol):
     def token_texts(self, token_ids: Sequence[int]) -> list[str]:
         """Thread-safe. Each token's own text, decoded alone (special tokens kept)."""
 
+    def token_bytes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """Thread-safe. Each token's own bytes: those of one character's tokens add up to its UTF-8 even where each
+        alone decodes to U+FFFD (OpenAI's chat logprobs `bytes`)."""
+
     def apply_chat_template(
         self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True
     ) -> list[int]:

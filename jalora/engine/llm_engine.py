@@ -31,6 +31,7 @@ from jalora.config import EngineConfig
 from jalora.engine import executables, multihost
 from jalora.engine.block_manager import BlockManager
 from jalora.engine.chat import ChatTemplate, read_chat_template
+from jalora.engine.detokenizer import TokenBytes
 from jalora.engine.host_tier import HostKVTier
 from jalora.engine.interface import EncodedPrompt, EngineInfo, EngineStats
 from jalora.engine.model_runner import ModelRunner, StepResult
@@ -219,6 +220,7 @@ class LLMEngine:
             logger.warning("max_model_len %d is above the model's max_position_embeddings %d: positions past it are "
                            "outside what the model was trained on", max_model_len, cfg.max_position_embeddings)
         self.tokenizer = _load_tokenizer(model_dir)
+        self._token_bytes = None if self.tokenizer is None else TokenBytes(self.tokenizer)
         template, special_tokens = read_chat_template(model_dir)
         self.chat_template = None
         if template is not None and self.tokenizer is not None:
@@ -400,6 +402,12 @@ class LLMEngine:
         if self.tokenizer is None:
             return [f"token_id:{t}" for t in token_ids]
         return [self.tokenizer.decode([t], skip_special_tokens=False) for t in token_ids]
+
+    def token_bytes(self, token_ids: Sequence[int]) -> list[bytes]:
+        """Thread-safe. Each token's own bytes (detokenizer.TokenBytes); without a tokenizer its token_texts name."""
+        if self.tokenizer is None:
+            return [text.encode() for text in self.token_texts(token_ids)]
+        return self._token_bytes(token_ids)
 
     def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> list[int]:
         """Thread-safe. Token ids of a conversation rendered with the model's chat template

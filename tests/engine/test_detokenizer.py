@@ -177,3 +177,21 @@ def test_a_stop_tokens_text_is_left_out(llm):
     assert out.token_ids == free.token_ids[: first + 1] and out.finish_reason == "stop"
     assert out.text == TOKENIZER.decode(free.token_ids[:first], skip_special_tokens=True)
     assert free.text.startswith(out.text) and len(free.text) > len(out.text)
+
+
+@pytest.mark.parametrize("tokenizer", [TOKENIZER, BYTE_FALLBACK], ids=["byte-level", "byte-fallback"])
+@pytest.mark.parametrize("text", ["héllo wörld €5 日本 🙂", " a b hello", "ab\u00e9\u00e9lo"])
+def test_token_bytes_add_up_to_the_texts_utf8(tokenizer, text):
+    """OpenAI's chat logprobs `bytes`: each token's own bytes, so that the tokens of a character split over several
+    add up to its UTF-8 (each alone decodes to U+FFFD, whose bytes they gave before); against the text's own UTF-8
+    (a byte-fallback tokenizer's decode drops the first piece's leading space, as `decode` does)."""
+    from jalora.engine.detokenizer import TokenBytes
+
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    joined = b"".join(TokenBytes(tokenizer)(ids))
+    assert joined.decode() == tokenizer.decode(ids) or joined.decode() == " " + tokenizer.decode(ids)
+    assert joined.decode().strip() == text.strip()
+    if any(ord(c) > 127 for c in text):
+        assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # (a token inside a character: the case at stake)
+    special = tokenizer.token_to_id("</s>") if tokenizer is BYTE_FALLBACK else 0
+    assert TokenBytes(tokenizer)([special]) == [tokenizer.decode([special], skip_special_tokens=False).encode()]

@@ -653,3 +653,28 @@ def test_streams_past_the_grace_end_with_an_error_event(tiny):
         with pytest.raises(openai.APIError) as err:
             list(stream)
     assert "server is shutting down: the call did not finish within the 0 s grace" in str(err.value.message)
+
+
+def test_chat_logprobs_bytes_are_each_tokens_own_bytes(tiny):
+    """OpenAI's chat logprobs `bytes`: a byte-level token inside a multi-byte character gives its own byte (so a
+    character's tokens add up to its UTF-8), not the UTF-8 of U+FFFD that the token decodes to alone; top_logprobs'
+    entries too. The answer is held to the byte tokens of "é" and "€" (allowed_token_ids)."""
+    from tokenizers import Tokenizer
+
+    from checkpoints import DEFAULT_MODEL_DIR
+
+    tok = Tokenizer.from_file(str(DEFAULT_MODEL_DIR / "tokenizer.json"))
+    fragments = sorted(set(tok.encode("é€", add_special_tokens=False).ids))
+    assert all(tok.decode([t]) == "\ufffd" for t in fragments)
+    config = ServerConfig(port=0, http_port=0, model_name="tiny")
+    with ServerThread(tiny, config) as s, \
+            openai.OpenAI(base_url=s.http_url, api_key="x", max_retries=0, timeout=HANG) as c:  # fmt: skip
+        out = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=4,
+                                        temperature=1.0, seed=1, logprobs=True, top_logprobs=3,
+                                        extra_body={"allowed_token_ids": fragments})  # fmt: skip
+        choice = out.choices[0]
+        own = dict(zip(fragments, tiny.token_bytes(fragments)))
+        assert [bytes(e.bytes) for e in choice.logprobs.content] == [own[t] for t in choice.token_ids]
+        assert all(len(own[t]) == 1 and own[t][0] >= 0x80 for t in fragments)
+        for entry in choice.logprobs.content:
+            assert all(bytes(top.bytes) != "\ufffd".encode() for top in entry.top_logprobs if top.token == "\ufffd")
