@@ -21,6 +21,8 @@ import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
+import numpy as np
+
 from jalora.api.limits import MAX_PIPELINE_JUDGES
 from jalora.engine.chat import close_turn, prompt_with_invocation, turn_end
 from jalora.errors import AdapterNotFoundError, InvalidRequestError, SessionNotFoundError
@@ -111,20 +113,32 @@ async def run_pipeline(
             invocations.append(await front.worker.run_host(lambda e, t=text: e.tokenize(t, add_special_tokens=False)))
     turn = None if messages is None else await front.worker.run_host(lambda e: turn_end(e, messages))
     # A judge reads at least the prompt, one answer token and its invocation, and adds a token: one whose
-    # invocation cannot fit is refused before the base model runs (a prompt of text counts one token here).
-    shortest = (len(prompt) if prompt is not None and not isinstance(prompt, str) else 1) + 1
+    # invocation cannot fit is refused before the base model runs (a prompt of text counts one token here, and a
+    # prompt the base's truncate_prompt_tokens cuts counts the tokens the base keeps of it).
     limit = await front.model_len()
+    truncate = params.truncate_prompt_tokens
+    shortest = len(prompt) if prompt is not None and not isinstance(prompt, str) else 1
+    if truncate is not None:
+        shortest = min(shortest, limit - 1 if truncate == -1 else truncate)
+    shortest += 1
     for k, (j, inv) in enumerate(zip(judges, invocations)):
         if shortest + len(inv) >= limit:
             field = f"judges[{k}]." + ("adapter" if j.invocation_text is None else "invocation_text")
             raise InvalidRequestError(field, f"its invocation has {len(inv)} tokens: with the prompt and an answer, "
                                       f"the judge's prompt would reach max_model_len ({limit})")
-    # The base's prompt tokens, up front: the share check needs their count (a conversation in its template)
-    truncate = params.truncate_prompt_tokens
-    base = await front.worker.run_host(lambda e: prompt_with_invocation(e, prompt, messages, None, truncate))
+    # The base's prompt tokens, up front: the share check needs their count (a conversation in its template; with
+    # truncate_prompt_tokens only the last tokens, as the engine keeps them of token ids and a conversation too)
+    def base_prompt(engine) -> list[int]:
+        ids = prompt_with_invocation(engine, prompt, messages, None, truncate)
+        return ids if truncate is None else engine.encode_prompt(ids, truncate).token_ids
+
+    base = await front.worker.run_host(base_prompt)
     closing = 0 if turn is None else len(close_turn([], turn))  # (at most: an answer ending its turn adds less)
     if session is not None:
-        _check_share(len(base), params, [closing + len(inv) for inv in invocations], [j.params for j in judges], info)
+        # (a plain LoRA's blocks are keyed by its identity from the first: it finds none of the base's)
+        reuses = [j.adapter is None or loaded[j.adapter].kind == "alora" for j in judges]
+        _check_share(len(base), params, [closing + len(inv) for inv in invocations], [j.params for j in judges],
+                     reuses, info)  # fmt: skip
     streams: list[RequestStream] = []
     tasks: dict[asyncio.Future, int] = {}
     try:
@@ -160,30 +174,32 @@ async def run_pipeline(
             pass  # the engine thread is stopping: it ends everything itself
 
 
-def _check_share(prompt_len: int, params: SamplingParams, tails: list[int], judges: list[SamplingParams], info) -> None:
+def _check_share(
+    prompt_len: int, params: SamplingParams, tails: list[int], judges: list[SamplingParams], reuses: list[bool], info
+) -> None:
     """Refuses a call that the engine could refuse midway because its session may not retain what a stage could
     add (session_max_blocks), before anything runs, naming the max_tokens that tips it over (the judges are
     submitted in order, so the first whose addition could exceed it). The engine reserves each request's worst
     case when it is admitted (Sessions.check_share): the base its full blocks of prompt and max_tokens; each judge,
-    once the base has finished, its full blocks past the blocks that the base computed (its context: prompt and an
-    answer of `a` tokens, the last of which has no KV yet), beside those retained blocks and the judges before it.
-    `tails`: the tokens each judge reads after the answer (the turn's close and its invocation). The worst answer
-    length is one of the first `block_size` lengths or of the last before the first judge reaches max_model_len:
-    between those, `block_size` more answer tokens add a block to every judge and one retained block in all."""
+    once the base has finished, its full blocks less those of its prompt the session retains (`reuses[k]`: the
+    blocks the base computed, its context of prompt and an answer of `a` tokens, the last of which has no KV yet,
+    for a judge of the base model or an aLoRA, whose blocks before its invocation are the base's; none for a plain
+    LoRA), beside those retained blocks and the judges before it. `tails`: the tokens each judge reads after the
+    answer (the turn's close and its invocation). Every answer length is tried (a judge whose prompt the engine
+    refuses for its length at that answer, and those after it, are not admitted there): where judges reach
+    max_model_len the worst length can lie anywhere between the first and the last."""
     b, limit, share = info.block_size, info.max_model_len, info.session_max_blocks
     if (min(prompt_len + params.max_tokens, limit) - 1) // b > share:
         raise InvalidRequestError("sampling.max_tokens", _share_message(share))
-    longest = max(1, min(params.max_tokens, limit - prompt_len))  # (the answer's length at most)
-    capped = min([longest] + [limit - prompt_len - t for t in tails])  # (where the first judge reaches the limit)
-    lengths = {a for a in (*range(1, b + 1), *range(capped - b, capped + 1)) if 1 <= a <= longest}
-    for k in range(len(tails)):
-        for a in lengths:
-            context = prompt_len + a
-            retained = (context - 1) // b
-            need = retained + sum((min(context + tail + p.max_tokens, limit) - 1) // b - retained
-                                  for tail, p in zip(tails[: k + 1], judges))  # fmt: skip
-            if need > share:
-                raise InvalidRequestError(f"judges[{k}].sampling.max_tokens", _share_message(share))
+    context = prompt_len + np.arange(1, max(1, min(params.max_tokens, limit - prompt_len)) + 1, dtype=np.int64)
+    retained = (context - 1) // b
+    need = retained.copy()  # at each answer length, what the session could hold once the judges so far are admitted
+    admitted = np.ones(len(context), bool)  # the answer lengths at which the engine takes every judge's prompt so far
+    for k, (tail, p, reuse) in enumerate(zip(tails, judges, reuses)):
+        admitted &= context + tail < limit
+        need += (np.minimum(context + tail + p.max_tokens, limit) - 1) // b - (retained if reuse else 0)
+        if np.any(admitted & (need > share)):
+            raise InvalidRequestError(f"judges[{k}].sampling.max_tokens", _share_message(share))
 
 
 def _share_message(share: int) -> str:

@@ -17,6 +17,7 @@ import pytest
 from jalora import LLM
 from jalora.api.limits import MAX_STOP_TOKEN_IDS
 from jalora.client import AsyncClient, Client, PipelineJudge, ServerError
+from jalora.errors import InvalidRequestError
 from server.app import ServerThread
 from server.config import ServerConfig
 from tests.server.support import ADAPTERS, make_model_with_adapters
@@ -183,6 +184,93 @@ def test_pipeline_that_its_session_could_not_hold_is_refused_before_the_base_run
     judges = [PipelineJudge("judge_a", sampling=dict(max_tokens=41, ignore_eos=True)) for _ in range(3)]
     stages = list(client.pipeline(PROMPT, judges, max_tokens=4, ignore_eos=True))
     assert sorted(len(s.token_ids) for s in stages) == [4, 41, 41, 41]
+
+
+def test_pipeline_with_a_plain_lora_judge_its_session_could_not_hold_is_refused_before_the_base_runs(setup, client):
+    """A plain LoRA's blocks are keyed by its identity from the first, so its judge finds none of the base's retained
+    blocks and the engine reserves all of its own beside them (21 + 4 tokens: 3 retained, then 19 of the judge's at
+    130 tokens, past the 20 a session may retain): refused before the base runs (it was let through, and the judge
+    refused after the base had generated); at 115 tokens (3 + 17) the call is served in full."""
+    engine = setup[0].server.worker.engine
+    before = engine.stats().generation_tokens
+
+    def judge(max_tokens):
+        return PipelineJudge("plain", invocation_text="t90 t91", sampling=dict(max_tokens=max_tokens, ignore_eos=True))
+
+    stages = []
+    with pytest.raises(ServerError) as e:
+        for stage in client.pipeline(PROMPT, [judge(130)], max_tokens=4, ignore_eos=True):
+            stages.append(stage)
+    assert (e.value.code, e.value.field) == (grpc.StatusCode.INVALID_ARGUMENT, "judges[0].sampling.max_tokens")
+    assert stages == [] and engine.stats().generation_tokens == before
+    client.server_info()  # queued behind the call's clean-up on the engine thread
+    assert engine.stats().num_sessions == 0
+    stages = list(client.pipeline(PROMPT, [judge(115)], max_tokens=4, ignore_eos=True))
+    assert [len(s.token_ids) for s in stages] == [4, 115]
+
+
+def _engine_share_refusal(prompt_len, max_tokens, tails, judge_tokens, reuses, b, limit, share):
+    """The oracle: the engine's own admission, answer length by answer length (Sessions.check_share, judge by judge,
+    each reserving its full blocks less the retained blocks its prompt finds; a judge whose prompt reaches
+    max_model_len is refused for it, with those after it). The first stage it could refuse for the share, or None."""
+    if (min(prompt_len + max_tokens, limit) - 1) // b > share:
+        return "sampling.max_tokens"
+    for a in range(1, min(max_tokens, limit - prompt_len) + 1):
+        retained = (prompt_len + a - 1) // b  # (Sessions.finish: the base's registered blocks)
+        have = retained
+        for k, (tail, m, reuse) in enumerate(zip(tails, judge_tokens, reuses)):
+            if prompt_len + a + tail >= limit:
+                break
+            need = (min(prompt_len + a + tail + m, limit) - 1) // b - (retained if reuse else 0)
+            if have + need > share:
+                return f"judges[{k}].sampling.max_tokens"
+            have += need
+    return None
+
+
+def test_the_up_front_share_check_refuses_exactly_what_the_engine_could():
+    """Against the engine's admission tried at every answer length: the check refuses a call exactly when some answer
+    length gets a stage refused for the share. Two judges that reach max_model_len at 60 tokens each (their blocks
+    stop growing there while the retained ones still grow) are worst at an answer of 5 tokens, neither among the
+    first block_size lengths nor the last (let through, and the second judge refused after the base ran); plain LoRA
+    judges find none of the retained blocks."""
+    import random
+    import types
+
+    from jalora.sampling_params import SamplingParams
+    from server.pipeline import _check_share
+
+    def check(prompt_len, max_tokens, tails, judge_tokens, reuses, b, limit, share):
+        info = types.SimpleNamespace(block_size=b, max_model_len=limit, session_max_blocks=share)
+        try:
+            _check_share(prompt_len, SamplingParams(max_tokens=max_tokens), tails,
+                         [SamplingParams(max_tokens=m) for m in judge_tokens], reuses, info)  # fmt: skip
+        except InvalidRequestError as e:
+            return e.field
+        return None
+
+    case = (46, 29, [2, 3], [8, 16], [True, True], 4, 70, 19)
+    assert _engine_share_refusal(*case) == "judges[1].sampling.max_tokens" == check(*case)
+    rng = random.Random(0)
+    for _ in range(3000):
+        b, limit, judges = rng.choice([2, 4, 8]), rng.randint(10, 80), rng.randint(1, 3)
+        case = (rng.randint(1, limit - 3), rng.randint(1, 80), [rng.randint(1, 4) for _ in range(judges)],
+                [rng.randint(1, 80) for _ in range(judges)], [rng.random() < 0.7 for _ in range(judges)], b, limit,
+                rng.randint(1, 30))  # fmt: skip
+        assert (check(*case) is None) == (_engine_share_refusal(*case) is None), case
+
+
+def test_pipeline_truncates_its_prompt_as_generate_does(client):
+    """truncate_prompt_tokens on the base: a prompt of token ids longer than max_model_len keeps its last 12 tokens,
+    as Generate keeps them, and the judge reads those, the answer and its invocation (the judges were refused,
+    their prompt counted at the ids' full length, and the share check counted those too)."""
+    long = [5 + i % 80 for i in range(client.server_info().max_model_len + 40)]
+    judges = [PipelineJudge("judge_a", sampling=dict(max_tokens=3, ignore_eos=True))]
+    base, judge = client.pipeline(long, judges, max_tokens=4, ignore_eos=True, truncate_prompt_tokens=12)
+    assert base.usage.prompt_tokens == 12
+    assert base.token_ids == client.generate(long[-12:], max_tokens=4, ignore_eos=True).token_ids
+    want = client.generate(long[-12:] + base.token_ids + INV, "judge_a", max_tokens=3, ignore_eos=True)
+    assert judge.token_ids == want.token_ids and judge.usage.prompt_tokens == 12 + 4 + len(INV)
 
 
 def test_generate_session_end_session_and_expiry(setup, client):
