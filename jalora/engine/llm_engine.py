@@ -620,7 +620,11 @@ class LLMEngine:
                                       "(the vocabulary)")  # fmt: skip
         if params.stop and self.tokenizer is None:
             raise InvalidRequestError("stop", f"{self.config.model} has no tokenizer.json: no text to match them in")
-        bans = len(banned_early(params, self.eos_token_ids))
+        early = banned_early(params, self.eos_token_ids)
+        if params.allowed_token_ids and early and set(params.allowed_token_ids) <= set(early):
+            raise InvalidRequestError("allowed_token_ids", f"are all stop or end-of-sequence ids, which min_tokens "
+                                      f"({params.min_tokens}) bans: no token is left to draw")  # fmt: skip
+        bans = len(early)
         if bans + len(params.logit_bias or ()) > MAX_DRAW_BIASES:
             raise InvalidRequestError("min_tokens", f"bans {bans} stop and end-of-sequence ids, which with the "
                                       f"logit_bias's {len(params.logit_bias or ())} are more than the draw's "

@@ -129,6 +129,23 @@ def test_allowed_token_ids_past_the_vocabulary_are_refused(llm):
     assert not llm.engine.requests
 
 
+def test_allowed_token_ids_that_min_tokens_bans_every_one_of_are_refused(llm):
+    """min_tokens bans the stop and end-of-sequence ids: allowed_token_ids of only those leave the draw no token (every
+    logit -inf: it drew token 0, outside the allowed ones), so the request is refused naming allowed_token_ids; one
+    allowed token beside them is drawn."""
+    eos = hf_models.VOCAB - 1
+    for allowed, stops in (([eos], []), ([7], [7]), ([eos, 7], [7])):
+        with pytest.raises(InvalidRequestError) as e:
+            llm.generate([[3, 4, 5]], SamplingParams(max_tokens=4, min_tokens=2, allowed_token_ids=allowed,
+                                                     stop_token_ids=stops))  # fmt: skip
+        assert_names_the_field_once(e.value, "allowed_token_ids")
+        assert not llm.engine.requests
+    (out,) = llm.generate([[3, 4, 5]], SamplingParams(max_tokens=4, min_tokens=2, allowed_token_ids=[eos, 7, 9],
+                                                      stop_token_ids=[7]))  # fmt: skip
+    assert out.token_ids[:2] == [9, 9] and set(out.token_ids) <= {eos, 7, 9}
+    assert llm.engine.num_free_blocks() == llm.engine.num_total_blocks
+
+
 def test_one_bad_prompt_in_a_batch_adds_nothing(llm):
     with pytest.raises(InvalidRequestError):
         llm.generate([[3, 4], [], [5]], SamplingParams(max_tokens=2))
