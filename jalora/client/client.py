@@ -380,9 +380,10 @@ def _chunk(msg: pb.GenerateResponse, want_logprobs: bool) -> GenerateChunk:
 class _Accumulator:
     """Folds a stream of chunks into one GenerateResult."""
 
-    def __init__(self, prompt: Prompt, want_logprobs: bool):
+    def __init__(self, prompt: Prompt, want_logprobs: bool, appended: bool = False):
         ids = not isinstance(prompt, str) and not _is_conversation(prompt)
         self.prompt_token_ids = _token_ids(prompt) if ids else None
+        self.appended = appended  # (append_invocation: the server ended the prompt with an aLoRA's invocation)
         self.token_ids: list[int] = []
         self.text: list[str] = []
         self.logprobs: list[dict[int, float]] | None = [] if want_logprobs else None
@@ -400,8 +401,13 @@ class _Accumulator:
         if last is None or not last.finished:
             raise ServerError(grpc.StatusCode.UNKNOWN, "the stream ended without a final message")
         ids = self.prompt_token_ids
-        if ids is not None and last.usage.prompt_tokens < len(ids):  # (the server kept the last ones)
-            ids = ids[len(ids) - last.usage.prompt_tokens :]
+        # (the server kept the last ones: usage.prompt_tokens, or where it appended an aLoRA's invocation, those before
+        # the invocation, which the prompt tokens count too)
+        kept = last.usage.prompt_tokens
+        if self.appended and last.activation_index is not None:
+            kept = last.activation_index
+        if ids is not None and kept < len(ids):
+            ids = ids[len(ids) - kept :]
         return GenerateResult(
             request_id=last.request_id,
             prompt_token_ids=ids,
@@ -601,7 +607,8 @@ class Client:
 
     def generate(self, prompt: Prompt, adapter: str | None = None, **kwargs: Any) -> GenerateResult:
         """The whole generation (same arguments as `generate_stream`)."""
-        acc = _Accumulator(prompt, kwargs.get("logprobs") is not None or _has_logprobs(kwargs.get("params")))
+        acc = _Accumulator(prompt, kwargs.get("logprobs") is not None or _has_logprobs(kwargs.get("params")),
+                           bool(kwargs.get("append_invocation")))
         for chunk in self.generate_stream(prompt, adapter, **kwargs):
             acc.add(chunk)
         return acc.result()
@@ -794,7 +801,8 @@ class AsyncClient:
             call.cancel()
 
     async def generate(self, prompt: Prompt, adapter: str | None = None, **kwargs: Any) -> GenerateResult:
-        acc = _Accumulator(prompt, kwargs.get("logprobs") is not None or _has_logprobs(kwargs.get("params")))
+        acc = _Accumulator(prompt, kwargs.get("logprobs") is not None or _has_logprobs(kwargs.get("params")),
+                           bool(kwargs.get("append_invocation")))
         stream = self.generate_stream(prompt, adapter, **kwargs)
         try:
             async for chunk in stream:

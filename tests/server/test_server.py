@@ -273,6 +273,11 @@ def test_chat_renders_the_conversation_like_offline(offline, client):
     # append_invocation on a token-id prompt: the same request as appending the tokens by hand.
     again = client.generate([5, 6, 7], "judge_a", append_invocation=True, max_tokens=3)
     assert again.token_ids == client.generate([5, 6, 7, 90, 91], "judge_a", max_tokens=3).token_ids
+    # and with truncate_prompt_tokens: the model sees the last 4 of ids + invocation, so of the ids sent it kept the
+    # last 2 (prompt_token_ids held the last 4 sent, two of which the model never saw)
+    cut = client.generate([5, 6, 7, 8], "judge_a", append_invocation=True, max_tokens=3, truncate_prompt_tokens=4)
+    assert cut.usage.prompt_tokens == 4 and cut.activation_index == 2 and cut.prompt_token_ids == [7, 8]
+    assert cut.token_ids == client.generate([7, 8, 90, 91], "judge_a", max_tokens=3).token_ids
 
 
 def test_step_limit_holds_requests_but_serves_calls(server, client):
