@@ -21,8 +21,6 @@ import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Sequence
 
-import numpy as np
-
 from jalora.api.limits import MAX_PIPELINE_JUDGES
 from jalora.engine.chat import close_turn, prompt_with_invocation, turn_end
 from jalora.errors import AdapterNotFoundError, InvalidRequestError, SessionNotFoundError
@@ -191,15 +189,33 @@ def _check_share(
     b, limit, share = info.block_size, info.max_model_len, info.session_max_blocks
     if (min(prompt_len + params.max_tokens, limit) - 1) // b > share:
         raise InvalidRequestError("sampling.max_tokens", _share_message(share))
-    context = prompt_len + np.arange(1, max(1, min(params.max_tokens, limit - prompt_len)) + 1, dtype=np.int64)
-    retained = (context - 1) // b
-    need = retained.copy()  # at each answer length, what the session could hold once the judges so far are admitted
-    admitted = np.ones(len(context), bool)  # the answer lengths at which the engine takes every judge's prompt so far
-    for k, (tail, p, reuse) in enumerate(zip(tails, judges, reuses)):
-        admitted &= context + tail < limit
-        need += (np.minimum(context + tail + p.max_tokens, limit) - 1) // b - (retained if reuse else 0)
-        if np.any(admitted & (need > share)):
-            raise InvalidRequestError(f"judges[{k}].sampling.max_tokens", _share_message(share))
+    for k in range(len(tails)):
+        stages = list(zip(tails[: k + 1], judges[: k + 1], reuses[: k + 1]))
+        for a in _answer_lengths(prompt_len, params.max_tokens, stages, b, limit):
+            context = prompt_len + a
+            if any(context + tail >= limit for tail, _, _ in stages):
+                continue  # (the engine refuses a judge's prompt for its length at this answer, not for the share)
+            retained = (context - 1) // b
+            need = retained + sum((min(context + tail + p.max_tokens, limit) - 1) // b - (retained if reuse else 0)
+                                  for tail, p, reuse in stages)  # fmt: skip
+            if need > share:
+                raise InvalidRequestError(f"judges[{k}].sampling.max_tokens", _share_message(share))
+
+
+def _answer_lengths(prompt_len: int, max_tokens: int, stages, b: int, limit: int) -> set[int]:
+    """The answer lengths at which the judges' admission can first fail, of all from 1 to the longest answer. Every
+    block count above is (a + constant) // b of the answer length a, so between the lengths where a judge reaches
+    max_model_len or stops fitting it, `b` more answer tokens change the need by the same amount everywhere: each
+    stretch is at its worst within its first or its last `b` lengths."""
+    longest = max(1, min(max_tokens, limit - prompt_len))
+    cuts = {1, longest + 1}
+    for tail, p, _ in stages:  # (the first length at which the judge's blocks stop growing; at which it cannot fit)
+        cuts |= {limit - prompt_len - tail - p.max_tokens, limit - prompt_len - tail}
+    cuts = sorted(c for c in cuts if 1 <= c <= longest + 1)
+    lengths = set()
+    for start, end in zip(cuts, cuts[1:]):
+        lengths |= {*range(start, min(start + b, end)), *range(max(start, end - b), end)}
+    return lengths
 
 
 def _share_message(share: int) -> str:
