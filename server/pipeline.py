@@ -51,7 +51,7 @@ class Stage:
 
 
 def check_judges(judges: Sequence[Judge]) -> None:
-    """What needs no engine: the count, the names, the invocation texts' sizes."""
+    """What needs no engine: the count, the names, the invocation texts' sizes, no truncation of a judge's prompt."""
     if not judges:
         raise InvalidRequestError("judges", "must hold at least one judge")
     if len(judges) > MAX_PIPELINE_JUDGES:
@@ -63,6 +63,9 @@ def check_judges(judges: Sequence[Judge]) -> None:
             if not j.invocation_text:
                 raise InvalidRequestError(f"judges[{k}].invocation_text", "must not be empty (leave it unset)")
             check_text(j.invocation_text, f"judges[{k}].invocation_text")
+        if j.params.truncate_prompt_tokens is not None:  # (a cut judge prompt would not extend the base's sequence)
+            raise InvalidRequestError(f"judges[{k}].sampling.truncate_prompt_tokens", "a judge reads the base's prompt "
+                                      "and answer whole: truncate the base's prompt (sampling.truncate_prompt_tokens)")
 
 
 async def _collect(stream: RequestStream) -> tuple[list[int], str, FinishedRequest, list | None]:

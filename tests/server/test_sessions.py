@@ -101,6 +101,8 @@ def test_pipeline_streams_base_then_judges_that_reuse_its_blocks(setup, client):
         ([PipelineJudge(None)], grpc.StatusCode.INVALID_ARGUMENT, "judges[0].invocation_text"),
         ([PipelineJudge("judge_a", sampling=dict(top_p=2.0))], grpc.StatusCode.INVALID_ARGUMENT,
          "judges[0].sampling.top_p"),
+        ([PipelineJudge("judge_a", sampling=dict(truncate_prompt_tokens=8))], grpc.StatusCode.INVALID_ARGUMENT,
+         "judges[0].sampling.truncate_prompt_tokens"),
         ([PipelineJudge("judge_a", invocation_text="t5")], grpc.StatusCode.FAILED_PRECONDITION, "prompt"),
         ([PipelineJudge("judge_a"), PipelineJudge("judge_a", invocation_text="t90 t91 " + "t5 " * 1000)],
          grpc.StatusCode.INVALID_ARGUMENT, "judges[1].invocation_text"),
