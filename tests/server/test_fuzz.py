@@ -157,6 +157,12 @@ class Fuzzer:
             s.stop_token_ids.extend(self.int32() for _ in range(r.choice([1, 3, MAX_STOP_TOKEN_IDS + 1])))
         if self.chance(0.2):
             s.logprobs = r.choice([0, 1, 5, 20, 21, -1, 2**31 - 1])
+        if self.chance(0.15):  # (the penalties, vLLM's allowed ids and truncation: rows of the draw, a cut prompt)
+            s.presence_penalty, s.repetition_penalty = self.real(), self.real()
+        if self.chance(0.1):
+            s.allowed_token_ids.extend(self.int32() for _ in range(r.choice([1, 3])))
+        if self.chance(0.1):
+            s.truncate_prompt_tokens = r.choice([-2, -1, 0, 1, 5, MAX_MODEL_LEN - 1, MAX_MODEL_LEN, 2**31 - 1])
         s.ignore_eos = self.chance(0.3)
         s.prompt_logprobs = self.chance(0.2)
         return s
