@@ -454,7 +454,10 @@ class HttpFront:
         def text(engine) -> str:
             ids = prompt_with_invocation(engine, prompt, None, adapter, truncate) if gen.append_invocation else prompt
             if truncate is not None:
-                ids = engine.encode_prompt(ids, truncate).token_ids
+                cut = engine.encode_prompt(ids, truncate).token_ids
+                if isinstance(ids, str) and len(cut) == len(engine.tokenize(ids)):
+                    return ids  # (nothing was cut: the text as sent, not its decode)
+                ids = cut
             return engine.decode(list(ids))
 
         return await self.front.worker.run_host(text)

@@ -468,6 +468,8 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(oai):
     with pytest.raises(openai.BadRequestError) as err:  # (without it the prompt is refused, as before)
         oai.completions.create(prompt=ids, **kwargs)
     assert err.value.body["param"] == "prompt"
+    short = oai.completions.create(prompt="t5  t6\tt7", echo=True, extra_body=cut, **kwargs).choices[0]
+    assert short.text.startswith("t5  t6\tt7 ")  # (nothing cut: echo keeps the text as sent, not its decode)
     judged = oai.completions.create(**{**kwargs, "model": "judge_a"}, prompt=" ".join(words), echo=True,
                                     extra_body={**cut, "append_invocation": True})  # fmt: skip
     assert judged.choices[0].text.startswith(" ".join(words[-10:]) + " t90 t91")
