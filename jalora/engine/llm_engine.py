@@ -94,16 +94,18 @@ def _kv_blocks_from_memory(block_bytes: int, fraction: float) -> int | None:
 def memory_floor(config: EngineConfig, cfg: ModelConfig, tp: TensorParallel, max_model_len: int, dtype) -> dict:
     """{what: bytes} each device surely allocates for what the config sizes, known before any weight is read:
     the weights ("model"), the KV cache and a page-table row per sequence of an explicit num_kv_blocks, a
-    float32 logits row per sequence (max_num_seqs), two hidden-state rows per step token
-    (max_num_batched_tokens), and the smallest adapter stack, which loading any adapter allocates at max_loras
-    x max_lora_rank. A floor, not an estimate: the engine needs more (activations, compiled steps), never less."""
+    float32 logits row and an int32 row of token counts (jalora/engine/penalties.py) per sequence (max_num_seqs),
+    two hidden-state rows per step token (max_num_batched_tokens), and the smallest adapter stack, which loading
+    any adapter allocates at max_loras x max_lora_rank. A floor, not an estimate: the engine needs more
+    (activations, compiled steps), never less."""
     item = np.dtype(dtype).itemsize
     floor = {"model": cfg.num_params() * item // tp.size}
     pages = 0
     if config.num_kv_blocks is not None:
         floor["num_kv_blocks"] = config.num_kv_blocks * tp.kv_block_bytes(cfg, config.block_size, dtype)
         pages = -(-min(max_model_len, config.num_kv_blocks * config.block_size) // config.block_size)
-    floor["max_num_seqs"] = config.max_num_seqs * (4 * pages + 4 * cfg.vocab_size)
+    # (per sequence: its page-table row, a float32 logits row and an int32 row of token counts, the penalties')
+    floor["max_num_seqs"] = config.max_num_seqs * (4 * pages + 8 * cfg.vocab_size)
     floor["max_num_batched_tokens"] = config.max_num_batched_tokens * 2 * cfg.hidden_size * item
     smallest = min(din + dout for din, dout in module_dims(cfg).values())
     lora = cfg.num_layers * config.max_loras * config.max_lora_rank * smallest * item // tp.size

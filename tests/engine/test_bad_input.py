@@ -183,8 +183,9 @@ def test_arguments_of_the_wrong_type_name_their_field(llm):
 
 def test_the_memory_floor_is_what_the_engine_allocates_at_least(tiny_models, tmp_path):
     """Each term of the floor against what the engine holds: the weights and the KV cache (equal), a step's page
-    table and the model's logits rows for max_num_seqs, its embedded rows twice for max_num_batched_tokens (the
-    model code's shapes and dtypes), and the adapter stacks a loaded adapter allocates (at least the term)."""
+    table, the model's logits rows and the penalties' rows of token counts for max_num_seqs, its embedded rows twice
+    for max_num_batched_tokens (the model code's shapes and dtypes), and the adapter stacks a loaded adapter
+    allocates (at least the term)."""
     from jalora.engine.llm_engine import memory_floor
     from jalora.model.decoder import embed_tokens, logits_of
 
@@ -199,7 +200,7 @@ def test_the_memory_floor_is_what_the_engine_allocates_at_least(tiny_models, tmp
     hidden = jax.ShapeDtypeStruct((3, cfg.hidden_size), eng.dtype)
     head = jax.ShapeDtypeStruct((cfg.hidden_size, cfg.vocab_size), eng.dtype)
     logits = jax.eval_shape(lambda h, w: logits_of(cfg, w, h), hidden, head)
-    assert floor["max_num_seqs"] == 3 * eng.runner.max_pages * 4 + nbytes(logits)
+    assert floor["max_num_seqs"] == 3 * eng.runner.max_pages * 4 + nbytes(logits) + eng.runner.penalty_counts.nbytes
     embed = jax.ShapeDtypeStruct((cfg.vocab_size, cfg.hidden_size), eng.dtype)
     rows = jax.eval_shape(lambda e, t: embed_tokens(cfg, e, t), embed, jax.ShapeDtypeStruct((32,), jnp.int32))
     assert floor["max_num_batched_tokens"] == 2 * nbytes(rows)
