@@ -25,25 +25,48 @@ if TYPE_CHECKING:
 ROLES_HELP = "a list of {'role': str, 'content': str} messages"
 
 
+def _token_content(value) -> str | None:
+    """A special token of tokenizer_config.json / special_tokens_map.json: a string, or an AddedToken written
+    as a dict ({"__type": "AddedToken", "content": "<s>", ...}, as older Llama-2 files hold them)."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
 def read_chat_template(model_dir: str) -> tuple[str | None, dict]:
-    """(template or None, the special tokens tokenizer_config.json names) of a model directory."""
-    config: dict = {}
-    path = os.path.join(model_dir, "tokenizer_config.json")
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                config = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise InvalidRequestError("tokenizer_config.json", f"cannot read it in {model_dir}: {e}") from e
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    """(template or None, the special tokens tokenizer_config.json names) of a model directory, as transformers
+    reads them: chat_template.jinja before tokenizer_config.json's `chat_template`; special tokens as strings
+    or AddedToken dicts, special_tokens_map.json's over tokenizer_config.json's where the latter has no
+    `added_tokens_decoder` (transformers' legacy merge)."""
+    config = _read_json(model_dir, "tokenizer_config.json")
+    template = None
     jinja = os.path.join(model_dir, "chat_template.jinja")
-    if template is None and os.path.isfile(jinja):
+    if os.path.isfile(jinja):  # (transformers: "they take priority over template entries in the tokenizer config")
         with open(jinja) as f:
             template = f.read()
-    special = {k: v for k, v in config.items() if k.endswith("_token") and isinstance(v, str)}
+    if template is None:
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    entries = dict(config)
+    if "added_tokens_decoder" not in config:
+        entries.update(_read_json(model_dir, "special_tokens_map.json"))
+    special = {k: t for k, v in entries.items() if k.endswith("_token") and (t := _token_content(v)) is not None}
     return template, special
+
+
+def _read_json(model_dir: str, name: str) -> dict:
+    path = os.path.join(model_dir, name)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise InvalidRequestError(name, f"cannot read it in {model_dir}: {e}") from e
+    if not isinstance(value, dict):
+        raise InvalidRequestError(name, f"must hold a JSON object (in {model_dir})")
+    return value
 
 
 def validate_messages(messages) -> list[dict[str, str]]:

@@ -113,3 +113,53 @@ def test_generation_config_gives_the_defaults_and_eos_ids(tmp_path, llm):
     with pytest.raises(InvalidRequestError) as err:
         LLM(str(bad), num_kv_blocks=16, max_num_seqs=2, warmup=False)
     assert err.value.field == "generation_config.json"
+
+
+def _added_token(content: str) -> dict:
+    return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False,
+            "single_word": False}  # fmt: skip
+
+
+def _word_tokenizer(model_dir) -> None:
+    """A tiny word-level tokenizer.json (BOS added by its post-processor) in `model_dir`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    words = ["<unk>", "<s>", "</s>", "user", "assistant", "system", "hello", "there", "short", "T"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(model_dir / "tokenizer.json"))
+
+
+_WORD_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {{ eos_token }} "
+                  "{% endfor %}{% if add_generation_prompt %}assistant{% endif %}")  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", ["added_token_dicts", "special_tokens_map", "jinja_beside_config"])
+def test_template_files_are_read_as_transformers_reads_them(tiny_models, tmp_path, layout):
+    """Special tokens written as AddedToken dicts (Llama-2's tokenizer_config.json) or only in
+    special_tokens_map.json, and a chat_template.jinja beside a tokenizer_config.json template (the file wins in
+    transformers): the rendered ids are AutoTokenizer's. The first two used to render an empty bos_token and
+    eos_token ([5, 6, 3, 6, 7, 4] for [1, 5, 6, 2, 3, 6, 7, 2, 4]), the third the tokenizer_config.json
+    template (its ids where AutoTokenizer's are [1, 6, 9, 6, 7, 9, 8])."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], model)
+    _word_tokenizer(model)
+    special = {"bos_token": _added_token("<s>"), "eos_token": _added_token("</s>"), "unk_token": "<unk>"}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": _WORD_TEMPLATE}
+    if layout == "special_tokens_map":
+        (model / "special_tokens_map.json").write_text(json.dumps(special))
+    else:
+        config.update(special)
+    if layout == "jinja_beside_config":
+        (model / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}{{ m['content'] }} T "
+                                                   "{% endfor %}{% if add_generation_prompt %}short{% endif %}")
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    messages = [{"role": "system", "content": "hello"}, {"role": "user", "content": "hello there"}]
+    llm = LLM(str(model), num_kv_blocks=16, max_num_seqs=2, warmup=False)
+    tok = AutoTokenizer.from_pretrained(model)
+    for add_generation_prompt in (True, False):
+        want = _hf_ids(tok, messages, add_generation_prompt)
+        assert want[0] == 1  # (the template's bos_token)
+        assert llm.engine.apply_chat_template(messages, add_generation_prompt) == want
