@@ -7,6 +7,13 @@ import os
 from jalora.errors import InvalidRequestError
 
 SUPPORTED_MODEL_TYPES = ("llama", "granite", "mistral")
+# What transformers' config class of each family takes for a field config.json leaves out (LlamaConfig,
+# GraniteConfig, MistralConfig); a null num_key_value_heads is num_attention_heads in all three.
+_FAMILY_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048},
+    "granite": {"max_position_embeddings": 2048},
+    "mistral": {"max_position_embeddings": 4096 * 32, "num_key_value_heads": 8, "sliding_window": 4096},
+}
 
 
 # ModelConfig's names that config.json spells otherwise
@@ -116,6 +123,7 @@ class ModelConfig:
             raise InvalidRequestError(
                 "config.model_type", f"{model_type!r} is not supported (supported: {SUPPORTED_MODEL_TYPES})"
             )
+        defaults = _FAMILY_DEFAULTS[model_type]
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
@@ -126,7 +134,9 @@ class ModelConfig:
                 raise InvalidRequestError("config.hidden_act", f"{act!r} is not supported (only silu)")
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-            window = cfg.get("sliding_window") if model_type == "mistral" else None
+            window = cfg.get("sliding_window", defaults.get("sliding_window")) if model_type == "mistral" else None
+            # (transformers' Mistral has no biases: it reads neither field, and ignores bias tensors)
+            biased = model_type != "mistral"
             attention_multiplier = cfg.get("attention_multiplier")
             if attention_multiplier is None and model_type == "granite":
                 attention_multiplier = 1.0  # (transformers' GraniteConfig default; Llama's is 1 / sqrt(head_dim))
@@ -137,14 +147,14 @@ class ModelConfig:
                 intermediate_size=int(cfg["intermediate_size"]),
                 num_layers=int(cfg["num_hidden_layers"]),
                 num_heads=heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                num_kv_heads=int(cfg.get("num_key_value_heads", defaults.get("num_key_value_heads")) or heads),
                 head_dim=int(head_dim),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", defaults["max_position_embeddings"])),
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-                attention_bias=bool(cfg.get("attention_bias", False)),
-                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                attention_bias=biased and bool(cfg.get("attention_bias", False)),
+                mlp_bias=biased and bool(cfg.get("mlp_bias", False)),
                 sliding_window=int(window) if window else None,
                 embedding_multiplier=float(cfg.get("embedding_multiplier", 1.0)),
                 residual_multiplier=float(cfg.get("residual_multiplier", 1.0)),

@@ -75,6 +75,37 @@ def test_rope_parameters_with_top_level_rope_theta(tmp_path):
     _same_as_transformers_or_refused(path, "rope")
 
 
+@pytest.mark.parametrize("family", hf_models.FAMILIES)
+def test_fields_config_json_leaves_out_are_transformers_defaults(tmp_path, family):
+    """A config.json without num_key_value_heads, sliding_window or max_position_embeddings: each family's
+    transformers config class has its own defaults (MistralConfig: 8 KV heads, a 4096-token sliding window and
+    131072 positions; Llama and Granite: 2048 positions). jalora used to read every family as full attention,
+    as many KV heads as heads and 4096 positions (a Mistral model attended past its window beyond 4096 tokens)."""
+    from transformers import AutoConfig
+
+    from jalora.model.config import ModelConfig
+
+    cfg = {"model_type": family, "vocab_size": 97, "hidden_size": 64, "intermediate_size": 96,
+           "num_hidden_layers": 2, "num_attention_heads": 16}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ref, ours = AutoConfig.from_pretrained(tmp_path), ModelConfig.from_dir(str(tmp_path))
+    assert ours.num_kv_heads == ref.num_key_value_heads
+    assert ours.sliding_window == getattr(ref, "sliding_window", None)
+    assert ours.max_position_embeddings == ref.max_position_embeddings
+
+
+def test_mistral_bias_fields_are_not_read(tiny_models, tmp_path):
+    """transformers' Mistral has no biases: attention_bias / mlp_bias in its config.json change nothing, and bias
+    tensors in the checkpoint are ignored (jalora used to add them: a max logprob diff of several nats)."""
+    path = _copy(tiny_models["mistral"], tmp_path / "m", lambda c: c.update(attention_bias=True, mlp_bias=True))
+    weights = load_file(os.path.join(path, "model.safetensors"))
+    for name, t in list(weights.items()):
+        if name.endswith("_proj.weight"):
+            weights[name.replace(".weight", ".bias")] = t[:, 0].clone() + 1.0
+    save_file(weights, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    _same_as_transformers_or_refused(path, "bias")
+
+
 # --- 3. bad files: one InvalidRequestError at construction, never a raw exception / error at compile ----
 
 BAD_CONFIGS = {
