@@ -77,6 +77,7 @@ MISTRAL_LARGE = {
     "num_attention_heads": 96,
     "head_dim": 128,
     "rope_theta": 1000000.0,
+    "sliding_window": None,  # (as the model's config.json says: an absent key is MistralConfig's 4096 window)
     "bos_token_id": 1,
     "eos_token_id": 2,
 }
