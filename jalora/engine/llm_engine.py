@@ -232,6 +232,10 @@ class LLMEngine:
         # often end turns with a token only the latter lists): a request stops at any of them.
         self._default_params = self._sampling_defaults()  # a bad generation_config fails the start
         self.eos_token_ids = tuple(dict.fromkeys(cfg.eos_token_ids + _ids(self.generation_config.get("eos_token_id"))))
+        eos = special_tokens.get("eos_token")
+        if not self.eos_token_ids and eos is not None and self.tokenizer is not None:
+            # Neither file names one: the tokenizer's end-of-sequence token (vLLM's eos, read the same way)
+            self.eos_token_ids = tuple(t for t in [self.tokenizer.token_to_id(eos)] if t is not None)
         self.kernel_plan = KernelPlan.from_config(config)
         self.tp = tp = TensorParallel.create(cfg, config.tensor_parallel_size)  # checked before any weight is read
         # Sizes that cannot fit fail before any weight is read (or a follower joins), not in the warm-up.

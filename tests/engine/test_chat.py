@@ -109,6 +109,14 @@ def test_generation_config_gives_the_defaults_and_eos_ids(tmp_path, llm):
     (explicit,) = llm.generate([[1, 5, 6, 7]], SamplingParams(max_tokens=8, repetition_penalty=1.4))
     (plain,) = llm.generate([[1, 5, 6, 7]], SamplingParams(max_tokens=8))
     assert dflt.token_ids == explicit.token_ids != plain.token_ids
+    # Neither config.json nor generation_config.json names an end-of-sequence token: the tokenizer's is the eos, as
+    # vLLM takes it (the engine had none, and ran every request to its length)
+    bare = _with_generation_config(tmp_path / "e", {})
+    config = json.loads((bare / "config.json").read_text())
+    del config["eos_token_id"]
+    (bare / "config.json").write_text(json.dumps(config))
+    eos_engine = LLM(str(bare), num_kv_blocks=16, max_num_seqs=2, warmup=False).engine
+    assert eos_engine.eos_token_ids == (eos_engine.tokenizer.token_to_id("<|eos|>"),) == (2,)
     bad = _with_generation_config(tmp_path / "b", {"do_sample": True, "temperature": -1})
     with pytest.raises(InvalidRequestError) as err:
         LLM(str(bad), num_kv_blocks=16, max_num_seqs=2, warmup=False)
