@@ -38,7 +38,7 @@ def read_chat_template(model_dir: str) -> tuple[str | None, dict]:
     reads them: chat_template.jinja before tokenizer_config.json's `chat_template`; special tokens as strings
     or AddedToken dicts, special_tokens_map.json's over tokenizer_config.json's where the latter has no
     `added_tokens_decoder` (transformers' legacy merge)."""
-    config = _read_json(model_dir, "tokenizer_config.json")
+    config = read_model_json(model_dir, "tokenizer_config.json")
     template = None
     jinja = os.path.join(model_dir, "chat_template.jinja")
     if os.path.isfile(jinja):  # (transformers: "they take priority over template entries in the tokenizer config")
@@ -50,12 +50,13 @@ def read_chat_template(model_dir: str) -> tuple[str | None, dict]:
             template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     entries = dict(config)
     if "added_tokens_decoder" not in config:
-        entries.update(_read_json(model_dir, "special_tokens_map.json"))
+        entries.update(read_model_json(model_dir, "special_tokens_map.json"))
     special = {k: t for k, v in entries.items() if k.endswith("_token") and (t := _token_content(v)) is not None}
     return template, special
 
 
-def _read_json(model_dir: str, name: str) -> dict:
+def read_model_json(model_dir: str, name: str) -> dict:
+    """A JSON object file of a model directory ({} if absent); InvalidRequestError naming the file otherwise."""
     path = os.path.join(model_dir, name)
     if not os.path.isfile(path):
         return {}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import random
@@ -30,7 +29,7 @@ from jalora.cache import use_compile_cache
 from jalora.config import EngineConfig
 from jalora.engine import executables, multihost
 from jalora.engine.block_manager import BlockManager
-from jalora.engine.chat import ChatTemplate, read_chat_template
+from jalora.engine.chat import ChatTemplate, read_chat_template, read_model_json
 from jalora.engine.detokenizer import TokenBytes
 from jalora.engine.host_tier import HostKVTier
 from jalora.engine.interface import EncodedPrompt, EngineInfo, EngineStats
@@ -160,17 +159,7 @@ def check_memory_floor(floor: dict, limit: int | None) -> None:
 
 def _read_generation_config(model_dir: str) -> dict:
     """generation_config.json of the model directory ({} if absent)."""
-    path = os.path.join(model_dir, "generation_config.json")
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path) as f:
-            gen = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise InvalidRequestError("generation_config.json", f"cannot read it in {model_dir}: {e}") from e
-    if not isinstance(gen, dict):
-        raise InvalidRequestError("generation_config.json", f"must hold a JSON object (in {model_dir})")
-    return gen
+    return read_model_json(model_dir, "generation_config.json")
 
 
 def _ids(value) -> tuple[int, ...]:
