@@ -147,6 +147,18 @@ class StepResult(NamedTuple):
     token_ranks: np.ndarray | None = None  # i32[S]
 
 
+def _no_biases(rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """The draw's biases of `rows` rows that bias nothing (token 0, bias 0), to be filled per request."""
+    return np.zeros((rows, MAX_DRAW_BIASES), np.int32), np.zeros((rows, MAX_DRAW_BIASES), np.float32)
+
+
+def _no_penalties(rows: int) -> tuple[np.ndarray, ...]:
+    """PreparedStep.penalties of `rows` rows without a row of token counts (slot -1, counted nowhere) or a
+    penalty (presence 0, frequency 0, repetition 1), to be filled per request."""
+    return (np.full(rows, -1, np.int32), np.full(rows, -1, np.int32), np.zeros(rows, np.float32),
+            np.zeros(rows, np.float32), np.ones(rows, np.float32))  # fmt: skip
+
+
 def pack_inputs(inp: StepInputs) -> tuple[np.ndarray, tuple]:
     """One int32 buffer holding every host array of a step, and its (static) layout.
 
@@ -520,7 +532,7 @@ class ModelRunner:
 
         bias = None
         if any(r.params.logit_bias or banning(r) for r in reqs):
-            bias = (np.zeros((rows, MAX_DRAW_BIASES), np.int32), np.zeros((rows, MAX_DRAW_BIASES), np.float32))
+            bias = _no_biases(rows)
             for i, r in enumerate(reqs):
                 entries = list((r.params.logit_bias or {}).items())
                 if banning(r):
@@ -529,8 +541,7 @@ class ModelRunner:
                 bias[1][i, : len(entries)] = [b for _, b in entries]
         penalties, writes = None, []
         if any(p.needs_token_row for p in params):
-            penalties = (np.full(rows, -1, np.int32), np.full(rows, -1, np.int32), np.zeros(rows, np.float32),
-                         np.zeros(rows, np.float32), np.ones(rows, np.float32))  # fmt: skip
+            penalties = _no_penalties(rows)
             in_step = {id(r) for r in reqs}
             for i, r in enumerate(reqs):
                 p = r.params
@@ -790,12 +801,7 @@ class ModelRunner:
         rows = inp.temperature.shape[0]
         extra = ()
         if adjust or step.draw_biases is not None or step.penalties is not None:
-            bias = step.draw_biases or (np.zeros((rows, MAX_DRAW_BIASES), np.int32),
-                                        np.zeros((rows, MAX_DRAW_BIASES), np.float32))  # fmt: skip
-            penalties = step.penalties or (np.full(rows, -1, np.int32), np.full(rows, -1, np.int32),
-                                           np.zeros(rows, np.float32), np.zeros(rows, np.float32),
-                                           np.ones(rows, np.float32))  # fmt: skip
-            extra = (*bias, *penalties)
+            extra = (*(step.draw_biases or _no_biases(rows)), *(step.penalties or _no_penalties(rows)))
         return pack_inputs(
             SamplingInputs(inp.temperature, inp.top_k, inp.top_p, inp.seeds, inp.counters, inp.min_p, *extra)
         )
