@@ -44,6 +44,7 @@ from starlette.routing import Route
 
 from jalora.api.limits import MAX_ERROR_MESSAGE_CHARS, MAX_HTTP_BODY_BYTES, is_adapter_name
 from jalora.engine.chat import prompt_with_invocation
+from jalora.engine.detokenizer import CONTEXT_IDS
 from jalora.errors import AdapterNotFoundError, InvalidRequestError, InvocationNotFoundError, quoted
 from jalora.outputs import FinishedRequest, RequestDelta
 from server.config import ServerConfig
@@ -437,7 +438,7 @@ class HttpFront:
             out, at = {}, 0
             for i, token in enumerate(ids):
                 out[i] = at
-                window = ids[max(0, i - 8) : i]
+                window = ids[max(0, i - CONTEXT_IDS) : i]
                 at += max(0, len(engine.decode([*window, token])) - len(engine.decode(window)))
             return out
 

@@ -19,7 +19,7 @@ from tokenizers.decoders import DecodeStream
 
 # Ids before the held-back ones that a window decode starts from, so a tokenizer whose decoder looks
 # at the previous token (leading-space rules) gives the same text as a whole-sequence decode.
-_CONTEXT_IDS = 8
+CONTEXT_IDS = 8
 # The prompt's last ids the stream starts from: the shortest suffix of at least _MIN_PROMPT_IDS ids (at most
 # _MAX_PROMPT_IDS) whose text is whole (no U+FFFD), as vLLM primes its stream; none where no suffix is whole (a
 # prompt ending inside a character, or in a literal U+FFFD): the stream then starts bare, since a window whose
@@ -49,7 +49,7 @@ class IncrementalDetokenizer:
         context = prompt_context(tokenizer, prompt_ids)  # ([] for no prompt: a bare stream)
         self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
         self._held: list[int] = []  # ids pushed since the last text the stream produced
-        self._context: deque[int] = deque(context, maxlen=_CONTEXT_IDS)  # the last ids that did produce text
+        self._context: deque[int] = deque(context, maxlen=CONTEXT_IDS)  # the last ids that did produce text
 
     def push(self, token_id: int) -> str:
         """The text `token_id` completes ("" while it is held back)."""
