@@ -98,7 +98,7 @@ async def run_pipeline(
     if info.session_max_blocks:
         session = await front.session_fields(f"pipeline-{uuid.uuid4().hex}", session_ttl, False,
                                              ("session", "session_ttl", "end_session"))  # fmt: skip
-    loaded = {info.name: info for info in await front.list_adapters()}
+    loaded = {a.name: a for a in await front.list_adapters()}
     for k, j in enumerate(judges):
         if j.adapter is not None and j.adapter not in loaded:
             raise AdapterNotFoundError(j.adapter, f"judges[{k}].adapter")
@@ -116,7 +116,7 @@ async def run_pipeline(
     # A judge reads at least the prompt, one answer token and its invocation, and adds a token: one whose
     # invocation cannot fit is refused before the base model runs (a prompt of text counts one token here, and a
     # prompt the base's truncate_prompt_tokens cuts counts the tokens the base keeps of it).
-    limit = await front.model_len()
+    limit = info.max_model_len
     truncate = params.truncate_prompt_tokens
     shortest = len(prompt) if prompt is not None and not isinstance(prompt, str) else 1
     if truncate is not None:
